@@ -1,0 +1,100 @@
+"""The Broker protocol: what the server needs from a queue engine.
+
+Every engine (memory, sqlite, redis, amqp, sqs) implements this protocol and passes
+tests/conformance/test_broker.py. Messages are opaque bytes to the broker; the server
+encodes a conveyor.internal.v1.TaskMessage into them.
+
+Semantics every engine must keep:
+- publish() is durable when it returns (for durable engines).
+- fetch() hands each ready message to at most one caller while its lease is live. Leased
+  messages whose lease expires come back to the queue (via the engine's own mechanism or
+  recover_expired()) with delivery_count + 1.
+- Higher priority (0..9) is fetched first among ready messages; equal priorities in
+  publish order as far as the engine allows (FIFO is best effort except on sqlite/memory).
+- A message published with delay d is not fetched before d seconds have passed.
+- ack() removes a leased message for good; nack() puts it back (after an optional delay).
+  Acking or nacking a delivery whose lease was lost is a no-op, never an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message to publish. `message_id` is the task id (used for logs and dedup hints)."""
+
+    message_id: str
+    body: bytes
+    delay: float = 0.0
+    priority: int = 0
+    # FIFO message group, honoured by engines that have them (SQS FIFO); others ignore it.
+    group: str = ""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message. `receipt` is the engine's handle for ack/nack/extend."""
+
+    message_id: str
+    body: bytes
+    queue: str
+    receipt: str
+    delivery_count: int = 1
+    # Engine-private state (e.g. an aio-pika message object); never interpreted by the core.
+    handle: object = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    ready: int
+    delayed: int
+    in_flight: int
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Async queue engine."""
+
+    async def connect(self) -> None:
+        """Open connections and create what the engine needs (tables, scripts)."""
+
+    async def close(self) -> None:
+        """Release connections. Leased messages stay leased until their lease expires."""
+
+    async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish a batch to `queue` (created on first use)."""
+
+    async def fetch(
+        self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
+    ) -> list[Delivery]:
+        """Lease up to `max_messages` ready messages; wait up to `wait_seconds` for the first."""
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove leased messages for good."""
+
+    async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        """Return leased messages to their queue, ready again after `delay` seconds."""
+
+    async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
+        """Extend leases to `lease_seconds` from now."""
+
+    async def recover_expired(self) -> int:
+        """Return messages whose lease expired to their queues; returns how many.
+
+        Engines whose server does this by itself (SQS visibility, AMQP connection loss)
+        may return 0. The server calls it periodically; it must be safe to call from many
+        replicas at once.
+        """
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Counts for one queue."""
+
+    async def queues(self) -> list[str]:
+        """Names of the queues this engine knows of."""
+
+    async def purge(self, queue: str) -> int:
+        """Drop every ready and delayed message of `queue`; returns how many."""
