@@ -28,17 +28,17 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12\'\n\x07started\x18\x03 \x01(\x0b\x32\x14.conveyor.v1.StartedH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x12\'\n\x07results\x18\x06 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12%\n\x06reject\x18\x07 \x01(\x0b\x32\x13.conveyor.v1.RejectH\x00\x12\'\n\x07goodbye\x18\x08 \x01(\x0b\x32\x14.conveyor.v1.GoodbyeH\x00\x42\t\n\x07message\"\xf0\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\'\n\x04\x61\x63ks\x18\x04 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"\x9b\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x15\n\rmax_in_flight\x18\x06 \x01(\x05\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\"\xb4\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x05\x12\x11\n\tserver_id\x18\x05 \x01(\t\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\x05\"/\n\x07Started\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"0\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\x0b\n\tHeartbeat\"4\n\x08Progress\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.ProgressItem\"Z\n\x0cProgressItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.Value\"\xd5\x01\n\x0bTaskOutcome\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12%\n\x07outcome\x18\x03 \x01(\x0e\x32\x14.conveyor.v1.Outcome\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x07Results\x12*\n\x08outcomes\x18\x01 \x03(\x0b\x32\x18.conveyor.v1.TaskOutcome\"2\n\x06Reject\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.RejectedTask\"D\n\x0cRejectedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\t\n\x07Goodbye\"\xa3\x01\n\nAssignment\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blease_token\x18\x03 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\"5\n\x0b\x41ssignments\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x1f\n\x0b\x43\x61ncelTasks\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"Y\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.AckStatus\"2\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*v\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x12\x15\n\x11OUTCOME_CANCELLED\x10\x04*y\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x41\x43K_STATUS_STALE_LEASE\x10\x02\x12\x1b\n\x17\x41\x43K_STATUS_ALREADY_DONE\x10\x03\x32Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12\'\n\x07started\x18\x03 \x01(\x0b\x32\x14.conveyor.v1.StartedH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x12\'\n\x07results\x18\x06 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12%\n\x06reject\x18\x07 \x01(\x0b\x32\x13.conveyor.v1.RejectH\x00\x12\'\n\x07goodbye\x18\x08 \x01(\x0b\x32\x14.conveyor.v1.GoodbyeH\x00\x42\t\n\x07message\"\xf0\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\'\n\x04\x61\x63ks\x18\x04 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"\x9b\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x15\n\rmax_in_flight\x18\x06 \x01(\x05\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\"\xb4\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x05\x12\x11\n\tserver_id\x18\x05 \x01(\t\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\x05\"/\n\x07Started\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"0\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\x0b\n\tHeartbeat\"4\n\x08Progress\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.ProgressItem\"Z\n\x0cProgressItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.Value\"\xb6\x02\n\x0bTaskOutcome\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12%\n\x07outcome\x18\x03 \x01(\x0e\x32\x14.conveyor.v1.Outcome\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x07Results\x12*\n\x08outcomes\x18\x01 \x03(\x0b\x32\x18.conveyor.v1.TaskOutcome\"2\n\x06Reject\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.RejectedTask\"D\n\x0cRejectedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\t\n\x07Goodbye\"\xa3\x01\n\nAssignment\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blease_token\x18\x03 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\"5\n\x0b\x41ssignments\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x1f\n\x0b\x43\x61ncelTasks\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"Y\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.AckStatus\"2\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*v\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x12\x15\n\x11OUTCOME_CANCELLED\x10\x04*y\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x41\x43K_STATUS_STALE_LEASE\x10\x02\x12\x1b\n\x17\x41\x43K_STATUS_ALREADY_DONE\x10\x03\x32Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=2221
-  _globals['_OUTCOME']._serialized_end=2339
-  _globals['_ACKSTATUS']._serialized_start=2341
-  _globals['_ACKSTATUS']._serialized_end=2462
+  _globals['_OUTCOME']._serialized_start=2318
+  _globals['_OUTCOME']._serialized_end=2436
+  _globals['_ACKSTATUS']._serialized_start=2438
+  _globals['_ACKSTATUS']._serialized_end=2559
   _globals['_CONNECTREQUEST']._serialized_start=165
   _globals['_CONNECTREQUEST']._serialized_end=518
   _globals['_CONNECTRESPONSE']._serialized_start=521
@@ -60,27 +60,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESSITEM']._serialized_start=1303
   _globals['_PROGRESSITEM']._serialized_end=1393
   _globals['_TASKOUTCOME']._serialized_start=1396
-  _globals['_TASKOUTCOME']._serialized_end=1609
-  _globals['_RESULTS']._serialized_start=1611
-  _globals['_RESULTS']._serialized_end=1664
-  _globals['_REJECT']._serialized_start=1666
-  _globals['_REJECT']._serialized_end=1716
-  _globals['_REJECTEDTASK']._serialized_start=1718
-  _globals['_REJECTEDTASK']._serialized_end=1786
-  _globals['_GOODBYE']._serialized_start=1788
-  _globals['_GOODBYE']._serialized_end=1797
-  _globals['_ASSIGNMENT']._serialized_start=1800
-  _globals['_ASSIGNMENT']._serialized_end=1963
-  _globals['_ASSIGNMENTS']._serialized_start=1965
-  _globals['_ASSIGNMENTS']._serialized_end=2018
-  _globals['_CANCELTASKS']._serialized_start=2020
-  _globals['_CANCELTASKS']._serialized_end=2051
-  _globals['_RESULTACK']._serialized_start=2053
-  _globals['_RESULTACK']._serialized_end=2142
-  _globals['_RESULTACKS']._serialized_start=2144
-  _globals['_RESULTACKS']._serialized_end=2194
-  _globals['_DRAIN']._serialized_start=2196
-  _globals['_DRAIN']._serialized_end=2219
-  _globals['_WORKERSERVICE']._serialized_start=2464
-  _globals['_WORKERSERVICE']._serialized_end=2553
+  _globals['_TASKOUTCOME']._serialized_end=1706
+  _globals['_RESULTS']._serialized_start=1708
+  _globals['_RESULTS']._serialized_end=1761
+  _globals['_REJECT']._serialized_start=1763
+  _globals['_REJECT']._serialized_end=1813
+  _globals['_REJECTEDTASK']._serialized_start=1815
+  _globals['_REJECTEDTASK']._serialized_end=1883
+  _globals['_GOODBYE']._serialized_start=1885
+  _globals['_GOODBYE']._serialized_end=1894
+  _globals['_ASSIGNMENT']._serialized_start=1897
+  _globals['_ASSIGNMENT']._serialized_end=2060
+  _globals['_ASSIGNMENTS']._serialized_start=2062
+  _globals['_ASSIGNMENTS']._serialized_end=2115
+  _globals['_CANCELTASKS']._serialized_start=2117
+  _globals['_CANCELTASKS']._serialized_end=2148
+  _globals['_RESULTACK']._serialized_start=2150
+  _globals['_RESULTACK']._serialized_end=2239
+  _globals['_RESULTACKS']._serialized_start=2241
+  _globals['_RESULTACKS']._serialized_end=2291
+  _globals['_DRAIN']._serialized_start=2293
+  _globals['_DRAIN']._serialized_end=2316
+  _globals['_WORKERSERVICE']._serialized_start=2561
+  _globals['_WORKERSERVICE']._serialized_end=2650
 # @@protoc_insertion_point(module_scope)

@@ -399,6 +399,8 @@ class TaskOutcome(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     lease_token: _builtins.str
     outcome: Global___Outcome.ValueType
@@ -408,6 +410,14 @@ class TaskOutcome(_message.Message):
     def error(self) -> _result_pb2.TaskError: ...
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt began and ended on the worker. A worker that finishes a task before it
+        reported Started may skip Started: the server records both transitions from these.
+        """
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -417,10 +427,12 @@ class TaskOutcome(_message.Message):
         result: _task_pb2.Value | None = ...,
         error: _result_pb2.TaskError | None = ...,
         retry_delay: _duration_pb2.Duration | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "retry_delay", b"retry_delay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease_token", b"lease_token", "outcome", b"outcome", "result", b"result", "retry_delay", b"retry_delay", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "lease_token", b"lease_token", "outcome", b"outcome", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

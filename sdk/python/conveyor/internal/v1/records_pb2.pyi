@@ -168,3 +168,38 @@ class PlanNode(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanNode: _TypeAlias = PlanNode  # noqa: Y015
+
+@_typing.final
+class NodeOutcome(_message.Message):
+    """NodeOutcome is how a finished task or canvas node ended; group members store one each."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    @_builtins.property
+    def value(self) -> _task_pb2.Value: ...
+    @_builtins.property
+    def error(self) -> _result_pb2.TaskError: ...
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeOutcome]:
+        """For a group: each member's outcome, in member order."""
+
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        value: _task_pb2.Value | None = ...,
+        error: _result_pb2.TaskError | None = ...,
+        members: _abc.Iterable[Global___NodeOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "members", b"members", "ok", b"ok", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeOutcome: _TypeAlias = NodeOutcome  # noqa: Y015

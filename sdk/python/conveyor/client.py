@@ -1,0 +1,154 @@
+"""The asyncio client: submit tasks and workflows, read and watch their results."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from conveyor.canvas import Canvas, Sig
+from conveyor.errors import TaskFailed
+from conveyor.values import from_value
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+STATE_NAMES = {value: name.removeprefix("TASK_STATE_") for name, value in result_pb2.TaskState.items()}
+TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
+# GetResult waits server-side at most this long per call; longer waits loop.
+WAIT_SLICE_SECONDS = 60.0
+
+Submittable = Canvas | task_pb2.Signature | workflow_pb2.Workflow
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submission created. `task_id` holds the final result (empty for a bare group)."""
+
+    task_id: str
+    workflow_id: str
+    task_ids: tuple[str, ...]
+
+
+def state_name(state: int) -> str:
+    return STATE_NAMES.get(state, str(state))
+
+
+def to_request(target: Submittable) -> task_service_pb2.SubmitRequest:
+    if isinstance(target, Sig):
+        return task_service_pb2.SubmitRequest(task=target.to_proto())
+    if isinstance(target, task_pb2.Signature):
+        return task_service_pb2.SubmitRequest(task=target)
+    if isinstance(target, workflow_pb2.Workflow):
+        return task_service_pb2.SubmitRequest(workflow=target)
+    return task_service_pb2.SubmitRequest(workflow=target.to_workflow())
+
+
+def value_of(result: result_pb2.TaskResult) -> Any:
+    """The Python value of a finished task, or TaskFailed for a failure or cancellation."""
+    if result.state == result_pb2.TASK_STATE_SUCCESS:
+        return from_value(result.result)
+    raise TaskFailed(
+        result.task_id, state_name(result.state), result.error.type, result.error.message, result.error.traceback
+    )
+
+
+def default_address() -> str:
+    return os.environ.get("CONVEYOR_ADDRESS", DEFAULT_ADDRESS)
+
+
+class Client:
+    """Async client. Use as `async with Client() as client:` or call close()."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address or default_address()
+        token = token or os.environ.get("CONVEYOR_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if channel is None:
+            opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
+            channel = (
+                grpc.aio.secure_channel(self.address, credentials, options=opts)
+                if credentials
+                else grpc.aio.insecure_channel(self.address, options=opts)
+            )
+        self._channel = channel
+        self._stub = task_service_pb2_grpc.TaskServiceStub(channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit(self, target: Submittable | str, *args: Any, **kwargs: Any) -> Submitted:
+        """Submit a task or workflow: submit(sig("add", 1, 2)), submit(chain(...)) or submit("add", 1, 2)."""
+        if isinstance(target, str):
+            target = Sig(target, args, kwargs)
+        elif args or kwargs:
+            raise TypeError("args and kwargs go with a task name; build a sig() for anything else")
+        response = await self._stub.Submit(to_request(target), metadata=self._metadata)
+        return _submitted(response)
+
+    async def submit_batch(self, targets: Iterable[Submittable]) -> list[Submitted]:
+        """Submit many in one round trip; all are accepted or none."""
+        request = task_service_pb2.SubmitBatchRequest(requests=[to_request(t) for t in targets])
+        response = await self._stub.SubmitBatch(request, metadata=self._metadata)
+        return [_submitted(r) for r in response.responses]
+
+    async def get_result(self, task_id: str, wait: float = 0.0) -> result_pb2.TaskResult:
+        """The task's record; with `wait`, waits up to that many seconds for it to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            remaining = max(deadline - loop.time(), 0.0)
+            request = task_service_pb2.GetResultRequest(task_id=task_id)
+            request.wait.FromNanoseconds(int(min(remaining, WAIT_SLICE_SECONDS) * 1e9))
+            response = await self._stub.GetResult(request, metadata=self._metadata)
+            if response.result.state in TERMINAL or remaining <= WAIT_SLICE_SECONDS:
+                return response.result
+
+    async def result(self, task_id: str, timeout: float = 60.0) -> Any:
+        """Wait for the task and return its value; raises TaskFailed or TimeoutError."""
+        result = await self.get_result(task_id, wait=timeout)
+        if result.state not in TERMINAL:
+            raise TimeoutError(f"task {task_id} is still {state_name(result.state)} after {timeout} s")
+        return value_of(result)
+
+    async def watch(
+        self, task_ids: Iterable[str] = (), *, workflow_id: str = "", until_done: bool = True
+    ) -> AsyncIterator[result_pb2.TaskEvent]:
+        """Stream state changes (history first); ends when all are finished unless until_done=False."""
+        request = task_service_pb2.WatchResultsRequest(
+            task_ids=list(task_ids), workflow_id=workflow_id, until_done=until_done
+        )
+        async for response in self._stub.WatchResults(request, metadata=self._metadata):
+            yield response.event
+
+    async def cancel(self, task_or_workflow_id: str) -> list[str]:
+        response = await self._stub.Cancel(
+            task_service_pb2.CancelRequest(id=task_or_workflow_id), metadata=self._metadata
+        )
+        return list(response.cancelled_task_ids)
+
+    async def get_workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
+        return await self._stub.GetWorkflow(
+            task_service_pb2.GetWorkflowRequest(workflow_id=workflow_id), metadata=self._metadata
+        )
+
+
+def _submitted(response: task_service_pb2.SubmitResponse) -> Submitted:
+    return Submitted(response.task_id, response.workflow_id, tuple(response.task_ids))

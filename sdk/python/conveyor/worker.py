@@ -1,0 +1,277 @@
+"""The worker runtime: register tasks with @worker.task, then run() pulls and executes them
+over one bidirectional stream, batching results, sending heartbeats and obeying cancels.
+
+    worker = Worker(queues=["default"], concurrency=8)
+
+    @worker.task("add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    worker.run_forever()   # SIGINT/SIGTERM: finish in-flight tasks, take no new ones
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from conveyor import __version__
+from conveyor.client import default_address
+from conveyor.context import TaskContext
+from conveyor.execution import TaskFunction, execute
+from conveyor.values import to_value
+from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2_grpc
+
+log = logging.getLogger("conveyor.worker")
+F = TypeVar("F", bound=TaskFunction)
+# Reconnect backoff after the stream breaks.
+RECONNECT_INITIAL_SECONDS = 0.2
+RECONNECT_MAX_SECONDS = 5.0
+# How long graceful shutdown waits for in-flight tasks before handing them back.
+DEFAULT_DRAIN_SECONDS = 30.0
+
+
+class Worker:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        queues: Sequence[str] = ("default",),
+        concurrency: int = 8,
+        max_in_flight: int | None = None,
+        worker_id: str = "",
+        drain_timeout: float = DEFAULT_DRAIN_SECONDS,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.address = address or default_address()
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.max_in_flight = max_in_flight or concurrency
+        self.worker_id = worker_id
+        self.drain_timeout = drain_timeout
+        self.tasks: dict[str, TaskFunction] = {}
+        self._credentials = credentials
+        token = token or os.environ.get("CONVEYOR_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="conveyor-task")
+        self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
+        self._unacked: dict[str, w.TaskOutcome] = {}
+        self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
+        self._pending_results: list[w.TaskOutcome] = []
+        self._flush_scheduled = False
+        self._stopping: asyncio.Event | None = None
+        self._heartbeat_seconds = 5.0
+
+    # -- registration ---------------------------------------------------------------------
+
+    def task(self, name: str | None = None) -> Callable[[F], F]:
+        """Register a sync or async function under `name` (default: the function's name)."""
+
+        def register(function: F) -> F:
+            task_name = name or function.__name__
+            if task_name in self.tasks:
+                raise ValueError(f"task {task_name!r} is registered twice")
+            self.tasks[task_name] = function
+            return function
+
+        return register
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then drain gracefully."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+            await self.run()
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        """Begin a graceful stop: say Goodbye, finish in-flight tasks, then disconnect."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect (and reconnect after failures) until stop() is called and work is drained."""
+        self._stopping = asyncio.Event()
+        delay = RECONNECT_INITIAL_SECONDS
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    delay = RECONNECT_INITIAL_SECONDS
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                        raise
+                    log.warning("stream to %s broke (%s); reconnecting in %.1f s", self.address, exc.code(), delay)
+                if self._stopping.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+        finally:
+            for task, context in list(self._running.values()):
+                context.stop()
+                task.cancel()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _session(self) -> None:
+        channel = (
+            grpc.aio.secure_channel(self.address, self._credentials)
+            if self._credentials
+            else grpc.aio.insecure_channel(self.address)
+        )
+        async with channel:
+            stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            self._outbox = asyncio.Queue()
+            self._outbox.put_nowait(w.ConnectRequest(hello=self._hello()))
+            if self._unacked:  # results from before a reconnect; the server decides if they still count
+                self._outbox.put_nowait(w.ConnectRequest(results=w.Results(outcomes=list(self._unacked.values()))))
+            call = stub.Connect(self._requests(self._outbox), metadata=self._metadata)
+            heartbeats = asyncio.create_task(self._heartbeats())
+            drainer = asyncio.create_task(self._drain_on_stop())
+            try:
+                async for message in call:
+                    self._on_message(message)
+            finally:
+                heartbeats.cancel()
+                drainer.cancel()
+                self._outbox.put_nowait(None)
+                self._outbox = None
+
+    def _hello(self) -> w.Hello:
+        return w.Hello(
+            worker_id=self.worker_id, language="python", sdk_version=__version__, queues=self.queues,
+            task_names=sorted(self.tasks), max_in_flight=self.max_in_flight,
+            hostname=socket.gethostname(), pid=os.getpid(),
+        )
+
+    @staticmethod
+    async def _requests(outbox: asyncio.Queue[w.ConnectRequest | None]) -> AsyncIterator[w.ConnectRequest]:
+        while True:
+            message = await outbox.get()
+            if message is None:
+                return
+            yield message
+
+    def _send(self, message: w.ConnectRequest) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_seconds)
+            self._send(w.ConnectRequest(heartbeat=w.Heartbeat()))
+
+    async def _drain_on_stop(self) -> None:
+        """On stop: Goodbye, wait for in-flight tasks (bounded), then close our side."""
+        assert self._stopping is not None
+        await self._stopping.wait()
+        self._send(w.ConnectRequest(goodbye=w.Goodbye()))
+        running = [task for task, _ in self._running.values()]
+        if running:
+            log.info("draining: waiting for %d running tasks", len(running))
+            _, late = await asyncio.wait(running, timeout=self.drain_timeout)
+            if late:
+                log.warning("%d tasks did not finish in %.0f s; handing them back", len(late), self.drain_timeout)
+        self._flush_results()
+        # Give the server a moment to ack the last results before our side closes.
+        for _ in range(50):
+            if not self._unacked:
+                break
+            await asyncio.sleep(0.02)
+        self._send_close()
+
+    def _send_close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+
+    # -- messages from the server -----------------------------------------------------------
+
+    def _on_message(self, message: w.ConnectResponse) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "assignments":
+            for assignment in message.assignments.items:
+                self._start(assignment)
+        elif kind == "acks":
+            for ack in message.acks.acks:
+                held = self._unacked.get(ack.task_id)
+                if held is not None and held.lease_token == ack.lease_token:
+                    del self._unacked[ack.task_id]
+                if ack.status != w.ACK_STATUS_ACCEPTED:
+                    log.info("result of %s not recorded: %s", ack.task_id, w.AckStatus.Name(ack.status))
+        elif kind == "cancel":
+            for task_id in message.cancel.task_ids:
+                running = self._running.get(task_id)
+                if running is not None:
+                    task, context = running
+                    context.stop(by_request=True)
+                    task.cancel()
+        elif kind == "welcome":
+            welcome = message.welcome
+            self.worker_id = welcome.worker_id
+            interval = welcome.heartbeat_interval.seconds + welcome.heartbeat_interval.nanos / 1e9
+            self._heartbeat_seconds = max(interval, 0.05)
+            log.info("connected to %s as %s", self.address, self.worker_id)
+        elif kind == "drain":
+            log.info("server asked to drain: %s", message.drain.reason)
+            self.stop()
+
+    def _start(self, assignment: w.Assignment) -> None:
+        task = assignment.task
+        function = self.tasks.get(task.name)
+        if function is None:
+            reason = f"no task named {task.name!r} is registered on this worker (python; has {sorted(self.tasks)})"
+            self._send(w.ConnectRequest(reject=w.Reject(tasks=[
+                w.RejectedTask(task_id=task.id, lease_token=assignment.lease_token, reason=reason)
+            ])))
+            return
+        context = TaskContext(
+            task_id=task.id, name=task.name, attempt=assignment.attempt, queue=task.queue,
+            headers=dict(task.headers), workflow_id=assignment.workflow_id,
+        )
+        context._report = lambda value: self._progress(assignment, value)
+        runner = asyncio.create_task(self._run_one(function, assignment, context))
+        self._running[task.id] = (runner, context)
+
+    async def _run_one(self, function: TaskFunction, assignment: w.Assignment, context: TaskContext) -> None:
+        try:
+            outcome = await execute(function, assignment, context, self._executor)
+        except asyncio.CancelledError:
+            return  # shutting down: the server hands the task to another worker
+        finally:
+            self._running.pop(assignment.task.id, None)
+        self._unacked[outcome.task_id] = outcome
+        self._pending_results.append(outcome)
+        if not self._flush_scheduled:
+            # Results finishing in the same loop iteration go out as one message.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_results)
+
+    def _flush_results(self) -> None:
+        self._flush_scheduled = False
+        if self._pending_results:
+            self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending_results)))
+            self._pending_results = []
+
+    def _progress(self, assignment: w.Assignment, value: Any) -> None:
+        item = w.ProgressItem(task_id=assignment.task.id, lease_token=assignment.lease_token, progress=to_value(value))
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._send, w.ConnectRequest(progress=w.Progress(items=[item])))

@@ -1,0 +1,67 @@
+"""TaskService: thin gRPC adapter over the core's submit, read, watch and cancel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from conveyor.v1 import task_service_pb2 as t
+from conveyor.v1 import task_service_pb2_grpc
+
+from ..core.cancellation import Canceller
+from ..core.results import ResultReader
+from ..core.submission import Submitter
+from .status import streaming, unary
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# GetResult waits at most this long per call; clients loop for longer waits.
+MAX_WAIT_SECONDS = 300.0
+
+
+def _trace_headers(context: Context) -> dict[str, str]:
+    """W3C trace context sent as gRPC metadata, inherited by submitted tasks."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")}
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(self, submitter: Submitter, reader: ResultReader, canceller: Canceller) -> None:
+        self.submitter = submitter
+        self.reader = reader
+        self.canceller = canceller
+
+    @unary
+    async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
+        (response,) = await self.submitter.submit([request], _trace_headers(context))
+        return response
+
+    @unary
+    async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
+        responses = await self.submitter.submit(request.requests, _trace_headers(context))
+        return t.SubmitBatchResponse(responses=responses)
+
+    @unary
+    async def GetResult(self, request: t.GetResultRequest, context: Context) -> t.GetResultResponse:
+        wait = request.wait.seconds + request.wait.nanos / 1e9
+        if wait < 0:
+            wait = 0.0
+        result = await self.reader.wait(request.task_id, min(wait, MAX_WAIT_SECONDS))
+        return t.GetResultResponse(result=result)
+
+    @streaming
+    async def WatchResults(
+        self, request: t.WatchResultsRequest, context: Context
+    ) -> AsyncIterator[t.WatchResultsResponse]:
+        ids = await self.reader.resolve_ids(request.task_ids, request.workflow_id)
+        until_done = request.until_done if request.HasField("until_done") else True
+        async for event in self.reader.watch(ids, until_done):
+            yield t.WatchResultsResponse(event=event)
+
+    @unary
+    async def Cancel(self, request: t.CancelRequest, context: Context) -> t.CancelResponse:
+        return t.CancelResponse(cancelled_task_ids=await self.canceller.cancel(request.id))
+
+    @unary
+    async def GetWorkflow(self, request: t.GetWorkflowRequest, context: Context) -> t.GetWorkflowResponse:
+        return await self.reader.workflow(request.workflow_id)

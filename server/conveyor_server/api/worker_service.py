@@ -1,0 +1,82 @@
+"""WorkerService: one bidirectional stream per worker, adapted onto WorkerConnections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2_grpc
+
+from ..core.connection import WorkerConnections
+from ..core.errors import CoreError
+from .status import CODES
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Coalesce up to this many ready server messages of one kind into one write.
+MAX_COALESCE = 64
+
+
+class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, connections: WorkerConnections) -> None:
+        self.connections = connections
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[w.ConnectRequest], context: Context
+    ) -> AsyncIterator[w.ConnectResponse]:
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("message") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on the stream must be hello")
+        try:
+            session = self.connections.open(first.hello)
+        except CoreError as exc:
+            await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        reader = asyncio.create_task(self.connections.run(session, requests))
+        try:
+            while True:
+                getter = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    # The worker closed its side: flush what is still owed (acks), then end.
+                    while not session.outbox.empty():
+                        for message in _coalesce(session.outbox.get_nowait(), session.outbox):
+                            yield message
+                    break
+                for message in _coalesce(getter.result(), session.outbox):
+                    yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        if reader.done() and not reader.cancelled() and (exc := reader.exception()) is not None:
+            if isinstance(exc, CoreError):
+                await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            raise exc
+
+
+def _coalesce(first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse]) -> list[w.ConnectResponse]:
+    """Merge queued assignments and acks into as few messages as possible (batching is
+    what makes the stream fast: one write per message dominates the cost)."""
+    merged = [first]
+    for _ in range(MAX_COALESCE):
+        if outbox.empty():
+            break
+        message = outbox.get_nowait()
+        last = merged[-1]
+        kind = message.WhichOneof("message")
+        if kind == last.WhichOneof("message") and kind == "assignments":
+            last.assignments.items.extend(message.assignments.items)
+        elif kind == last.WhichOneof("message") and kind == "acks":
+            last.acks.acks.extend(message.acks.acks)
+        else:
+            merged.append(message)
+    return merged

@@ -1,0 +1,169 @@
+"""Composition root: builds engines, core and gRPC server from Settings, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+from .api.admin_service import AdminServicer
+from .api.task_service import TaskServicer
+from .api.worker_service import WorkerServicer
+from .backends.base import Backend
+from .brokers.base import Broker
+from .config import Settings
+from .core.admin import Admin
+from .core.cancellation import Canceller
+from .core.connection import WorkerConnections
+from .core.dispatch import Dispatcher
+from .core.followups import FollowUps
+from .core.outcomes import OutcomeRecorder
+from .core.publisher import Publisher
+from .core.results import ResultReader
+from .core.sessions import SessionRegistry
+from .core.store import TaskStore
+from .core.submission import Submitter
+from .core.workflow import WorkflowEngine
+from .engines import open_backend, open_broker
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+@dataclass
+class Core:
+    """The server's domain objects, wired together; usable without gRPC in tests."""
+
+    settings: Settings
+    broker: Broker
+    backend: Backend
+    store: TaskStore
+    submitter: Submitter
+    reader: ResultReader
+    canceller: Canceller
+    connections: WorkerConnections
+    registry: SessionRegistry
+    admin: Admin
+    _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None) -> Core:
+        broker = broker or open_broker(settings.broker_url)
+        backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
+        store = TaskStore(backend)
+        publisher = Publisher(broker)
+        workflow = WorkflowEngine(store, publisher)
+        followups = FollowUps(store, publisher, workflow, settings.default_queue)
+        recorder = OutcomeRecorder(store, publisher, followups)
+        dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds)
+        registry = SessionRegistry()
+        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry)
+        submitter = Submitter(settings, store, publisher, workflow)
+        reader = ResultReader(store)
+        canceller = Canceller(store, followups, connections.cancel_running)
+        admin = Admin(broker, store, registry, reader, submitter, settings.server_id)
+        return cls(settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin)
+
+    async def start(self) -> None:
+        await self.broker.connect()
+        await self.backend.connect()
+        self._maintenance.append(asyncio.create_task(self._recover_expired_leases()))
+
+    async def stop(self) -> None:
+        for task in self._maintenance:
+            task.cancel()
+        await asyncio.gather(*self._maintenance, return_exceptions=True)
+        await self.connections.shutdown()
+        await self.broker.close()
+        await self.backend.close()
+
+    async def _recover_expired_leases(self) -> None:
+        """Brings back tasks whose holder vanished (a dead server replica, a hung worker)."""
+        while True:
+            await asyncio.sleep(self.settings.recover_interval_seconds)
+            try:
+                recovered = await self.broker.recover_expired()
+                if recovered:
+                    log.info("returned %d tasks with expired leases to their queues", recovered)
+            except Exception:
+                log.exception("recovering expired leases failed; will retry")
+
+
+class ConveyorServer:
+    """The gRPC server around a Core: task, worker and admin services, health, reflection."""
+
+    def __init__(self, settings: Settings, core: Core | None = None) -> None:
+        if not settings.server_id:
+            settings = settings.replace(server_id=f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+        self.settings = settings
+        self.core = core or Core.build(settings)
+        limit = settings.limits.max_message_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    def _register(self) -> None:
+        core = self.core
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(core.submitter, core.reader, core.canceller), self.server
+        )
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.connections), self.server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core.admin), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+
+    async def start(self) -> int:
+        """Connect the engines and listen; returns the bound port (useful with port 0)."""
+        await self.core.start()
+        self._register()
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("conveyor listening on %s:%d (broker %s, backend %s)", self.settings.host, self.port,
+                 self.settings.broker_url, self.settings.backend_url)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Ask workers to drain, stop accepting calls, then release the engines."""
+        self.core.connections.drain_all("server shutting down")
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.core.stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+

@@ -1,0 +1,210 @@
+"""The `conveyor` command: serve, worker, submit, get, watch, cancel, queues, workers, dead."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from conveyor import Client, Sig, Worker
+from conveyor.client import default_address, state_name
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+
+from . import logs
+from .config import ConfigError, load_settings
+
+
+def _parse_arg(text: str) -> Any:
+    """CLI args are JSON when they parse as JSON (1, 2.5, true, [1,2]), else plain strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _print(message: Any) -> None:
+    print(json_format.MessageToJson(message, indent=2, always_print_fields_with_no_presence=False))
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+async def _serve(args: argparse.Namespace) -> None:
+    from .app import ConveyorServer
+
+    settings = load_settings(args.config)
+    overrides = {k: v for k, v in {
+        "host": args.host, "port": args.port, "broker_url": args.broker, "backend_url": args.backend,
+    }.items() if v is not None}
+    settings = settings.replace(**overrides)
+    logs.configure(settings.log_level, settings.log_json or args.log_json)
+    server = ConveyorServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"conveyor serving on {settings.host}:{server.port}", flush=True)
+    await stop.wait()
+    await server.stop()
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+def _worker(args: argparse.Namespace) -> None:
+    logs.configure(args.log_level, args.log_json)
+    sys.path.insert(0, ".")
+    module = importlib.import_module(args.module)
+    worker = getattr(module, args.attr, None)
+    if not isinstance(worker, Worker):
+        # A module of plain functions: register its public callables by name.
+        worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency)
+        for name in getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")]):
+            function = getattr(module, name)
+            if callable(function) and getattr(function, "__module__", None) == module.__name__:
+                worker.task(name)(function)
+    else:
+        if args.address:
+            worker.address = args.address
+        if args.queue:
+            worker.queues = args.queue
+    worker.run_forever()
+
+
+# -- client commands ------------------------------------------------------------------------
+
+async def _submit(args: argparse.Namespace) -> None:
+    kwargs = dict(item.split("=", 1) for item in args.kw)
+    task = Sig(args.name, tuple(_parse_arg(a) for a in args.args), {k: _parse_arg(v) for k, v in kwargs.items()})
+    task = task.set(queue=args.queue or "", priority=args.priority, countdown=args.countdown)
+    async with Client(args.address) as client:
+        submitted = await client.submit(task)
+        print(submitted.task_id, flush=True)
+        if args.wait is not None:
+            result = await client.get_result(submitted.task_id, wait=args.wait)
+            _print(result)
+
+
+async def _get(args: argparse.Namespace) -> None:
+    async with Client(args.address) as client:
+        _print(await client.get_result(args.id, wait=args.wait))
+
+
+async def _watch(args: argparse.Namespace) -> None:
+    async with Client(args.address) as client:
+        ids = [] if args.workflow else [args.id]
+        async for event in client.watch(ids, workflow_id=args.id if args.workflow else ""):
+            print(f"{event.at.ToJsonString()} {event.task_id} {state_name(event.state)}", flush=True)
+
+
+async def _cancel(args: argparse.Namespace) -> None:
+    async with Client(args.address) as client:
+        for task_id in await client.cancel(args.id):
+            print(task_id)
+
+
+async def _admin(args: argparse.Namespace) -> None:
+    async with grpc.aio.insecure_channel(args.address or default_address()) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        if args.command == "queues":
+            _print(await admin.ListQueues(admin_service_pb2.ListQueuesRequest()))
+        elif args.command == "workers":
+            _print(await admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
+        elif args.command == "purge":
+            _print(await admin.PurgeQueue(admin_service_pb2.PurgeQueueRequest(queue=args.queue_name)))
+        elif args.dead_command == "list":
+            _print(await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue=args.queue or "")))
+        else:
+            _print(await admin.ReplayDeadLetters(
+                admin_service_pb2.ReplayDeadLettersRequest(task_ids=args.ids, queue=args.queue or "")
+            ))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="A gRPC polyglot task server.")
+    parser.add_argument("--address", help="server address for client commands (env CONVEYOR_ADDRESS)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="YAML settings file (env CONVEYOR_CONFIG)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--broker", help="broker URL, e.g. sqlite:///conveyor.db, redis://127.0.0.1:6379/0")
+    serve.add_argument("--backend", help="backend URL, e.g. sqlite:///conveyor.db, redis://127.0.0.1:6379/0")
+
+    worker = commands.add_parser("worker", help="run a Python worker for a module of tasks")
+    worker.add_argument("module", help="module that defines a Worker (or plain task functions)")
+    worker.add_argument("--attr", default="worker", help="name of the Worker object in the module")
+    worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
+    worker.add_argument("--concurrency", type=int, default=8)
+
+    submit = commands.add_parser("submit", help="submit a task: conveyor submit add 1 2")
+    submit.add_argument("name")
+    submit.add_argument("args", nargs="*", help="arguments; JSON where they parse as JSON")
+    submit.add_argument("--kw", action="append", default=[], help="keyword argument key=value")
+    submit.add_argument("--queue")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--countdown", type=float)
+    submit.add_argument("--wait", type=float, help="wait up to this many seconds and print the result")
+
+    get = commands.add_parser("get", help="print a task's result")
+    get.add_argument("id")
+    get.add_argument("--wait", type=float, default=0.0)
+
+    watch = commands.add_parser("watch", help="print a task's (or workflow's) state changes")
+    watch.add_argument("id")
+    watch.add_argument("--workflow", action="store_true", help="the id is a workflow id")
+
+    cancel = commands.add_parser("cancel", help="cancel a task or workflow")
+    cancel.add_argument("id")
+
+    commands.add_parser("queues", help="list queues with their depth")
+    commands.add_parser("workers", help="list connected workers")
+    purge = commands.add_parser("purge", help="drop every queued task of a queue")
+    purge.add_argument("queue_name")
+    dead = commands.add_parser("dead", help="dead letters: tasks that failed for good")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True)
+    dead_list = dead_commands.add_parser("list")
+    dead_list.add_argument("--queue")
+    replay = dead_commands.add_parser("replay")
+    replay.add_argument("ids", nargs="*", help="task ids (default: all)")
+    replay.add_argument("--queue")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is None and args.command == "serve":
+        import os
+
+        args.config = os.environ.get("CONVEYOR_CONFIG")
+    try:
+        if args.command == "worker":
+            _worker(args)
+            return 0
+        handler = {
+            "serve": _serve, "submit": _submit, "get": _get, "watch": _watch, "cancel": _cancel,
+        }.get(args.command, _admin)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(handler(args))
+    except ConfigError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"conveyor: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

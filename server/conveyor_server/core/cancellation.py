@@ -1,0 +1,52 @@
+"""Cancels tasks and workflows. The CANCELLED state is stored, so it survives restarts:
+a queued task is dropped when it comes up, a running one is stopped on its worker."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from conveyor.internal.v1 import records_pb2
+
+from .errors import NotFound
+from .followups import FollowUps
+from .planner import task_ids
+from .records import S, error, is_terminal, transition
+from .store import TaskStore
+
+StopRunning = Callable[[list[str]], Awaitable[None]]
+
+
+class Canceller:
+    def __init__(self, store: TaskStore, followups: FollowUps, stop_running: StopRunning) -> None:
+        self.store = store
+        self.followups = followups
+        self.stop_running = stop_running
+
+    async def cancel(self, target_id: str) -> list[str]:
+        """Cancel a task or every unfinished task of a workflow; returns the ids cancelled."""
+        plan = await self.store.plan(target_id) if target_id.startswith("wf-") else None
+        if plan is not None:
+            ids = task_ids(plan)
+        elif await self.store.get(target_id) is not None:
+            ids = [target_id]
+        else:
+            raise NotFound(f"no task or workflow with id {target_id!r}")
+        cause = error("Cancelled", f"cancelled by request ({target_id})")
+        running: list[str] = []
+
+        def cancel(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            if is_terminal(record):
+                return False
+            if record.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED):
+                running.append(task_id)
+            record.result.error.CopyFrom(cause)
+            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            return True
+
+        cancelled = await self.store.update(ids, cancel)
+        if running:
+            await self.stop_running([t for t in dict.fromkeys(running) if t in cancelled])
+        if plan is None:
+            # One task of a workflow: its workflow moves on as after any failure.
+            await self.followups.after_terminal(list(cancelled.values()))
+        return list(cancelled)

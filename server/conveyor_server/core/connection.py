@@ -1,0 +1,239 @@
+"""One worker's stream: pulls work for it within its window, records what it reports,
+keeps its leases alive, and hands its tasks back when it leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import worker_service_pb2 as w
+
+from ..brokers.base import Broker
+from ..config import Settings
+from .dispatch import Dispatcher, Lease
+from .errors import InvalidArgument
+from .outcomes import OutcomeRecorder
+from .records import S, error
+from .sessions import SessionRegistry, WorkerSession
+from .store import TaskStore
+
+log = logging.getLogger(__name__)
+A = w.AckStatus
+# How long one fetch waits for work before re-checking the session.
+FETCH_WAIT_SECONDS = 1.0
+# Extra time past a task's time limit before the server itself gives up on the attempt.
+TIME_LIMIT_GRACE_SECONDS = 5.0
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+class WorkerConnections:
+    """Everything the server does for connected workers; one instance per server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        store: TaskStore,
+        dispatcher: Dispatcher,
+        recorder: OutcomeRecorder,
+        registry: SessionRegistry,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.store = store
+        self.dispatcher = dispatcher
+        self.recorder = recorder
+        self.registry = registry
+        self._background: set[asyncio.Task[None]] = set()
+
+    def open(self, hello: w.Hello) -> WorkerSession:
+        if hello.max_in_flight < 0:
+            raise InvalidArgument("hello.max_in_flight must be at least 1")
+        for queue in hello.queues:
+            if not queue or len(queue) > 64:
+                raise InvalidArgument(f"hello.queues: invalid queue name {queue[:80]!r}")
+        connected = Timestamp()
+        connected.GetCurrentTime()
+        session = WorkerSession(
+            worker_id=hello.worker_id or f"worker-{uuid.uuid4().hex[:12]}",
+            hello=hello,
+            queues=list(dict.fromkeys(hello.queues)) or [self.settings.default_queue],
+            window=max(hello.max_in_flight, 1),
+            connected_at=connected,
+        )
+        self.registry.add(session)
+        session.send(w.ConnectResponse(welcome=w.Welcome(
+            worker_id=session.worker_id,
+            heartbeat_interval=_duration(self.settings.heartbeat_interval_seconds),
+            lease_duration=_duration(self.settings.lease_seconds),
+            max_message_bytes=self.settings.limits.max_message_bytes,
+            server_id=self.settings.server_id,
+        )))
+        return session
+
+    async def run(self, session: WorkerSession, requests: AsyncIterator[w.ConnectRequest]) -> None:
+        """Serve the session until the worker's stream ends; then hand back what it held."""
+        tasks = [asyncio.create_task(self._pump(session, queue)) for queue in session.queues]
+        tasks.append(asyncio.create_task(self._watchdog(session)))
+        try:
+            async for request in requests:
+                session.last_seen = time.monotonic()
+                await self._handle(session, request)
+        finally:
+            await session.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            leases = self.registry.remove(session)
+            if leases:
+                self._spawn(self._requeue_after_grace(session, leases))
+
+    async def _handle(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+        kind = request.WhichOneof("message")
+        if kind == "results":
+            await self._results(session, request.results)
+        elif kind == "started":
+            await self.recorder.started(request.started.tasks, session.worker_id)
+        elif kind == "heartbeat":
+            await self._heartbeat(session)
+        elif kind == "credit":
+            await session.set_window(request.credit.max_in_flight)
+        elif kind == "progress":
+            await self.recorder.progress(request.progress.items)
+        elif kind == "reject":
+            await self._reject(session, request.reject)
+        elif kind == "goodbye":
+            await session.set_draining()
+        elif kind == "hello":
+            raise InvalidArgument("hello may be sent only once, as the first message")
+
+    async def _pump(self, session: WorkerSession, queue: str) -> None:
+        """Fetch work for one queue whenever the window has room, and send it."""
+        batch = self.settings.assignment_batch
+        while not session.closed:
+            reserved = await session.reserve(batch)
+            if reserved == 0:
+                return
+            claimed = []
+            try:
+                deliveries = await self.broker.fetch(
+                    queue, reserved, self.settings.lease_seconds, FETCH_WAIT_SECONDS
+                )
+                if deliveries and session.closed:
+                    await self.broker.nack(deliveries)
+                    deliveries = []
+                if deliveries:
+                    claimed = await self.dispatcher.claim(deliveries, session.worker_id, time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetching from queue %s for worker %s failed; retrying", queue, session.worker_id)
+                await asyncio.sleep(0.5)
+            finally:
+                await session.settle(reserved, [c.lease for c in claimed])
+            if claimed:
+                session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claimed])))
+
+    async def _results(self, session: WorkerSession, results: w.Results) -> None:
+        statuses = await self.recorder.record(results.outcomes, session.worker_id)
+        resolved = await session.resolve(o.lease_token for o in results.outcomes)
+        resolved_tokens = {lease.token for lease in resolved}
+        for outcome in results.outcomes:
+            if outcome.lease_token not in resolved_tokens:
+                orphan = self.registry.resolve_orphan(outcome.lease_token)
+                if orphan is not None:
+                    resolved.append(orphan)
+        if resolved:
+            await self.broker.ack([lease.delivery for lease in resolved])
+        session.send(w.ConnectResponse(acks=w.ResultAcks(acks=[
+            w.ResultAck(task_id=o.task_id, lease_token=o.lease_token, status=statuses[o.task_id])
+            for o in results.outcomes
+        ])))
+
+    async def _reject(self, session: WorkerSession, reject: w.Reject) -> None:
+        await self.recorder.reject(reject.tasks, session.worker_id)
+        resolved = await session.resolve(t.lease_token for t in reject.tasks)
+        if resolved:
+            await self.broker.ack([lease.delivery for lease in resolved])
+
+    async def _heartbeat(self, session: WorkerSession) -> None:
+        """Extend the worker's leases, stop tasks cancelled elsewhere, enforce time limits."""
+        leases = list(session.leases.values())
+        if not leases:
+            return
+        await self.broker.extend([lease.delivery for lease in leases], self.settings.lease_seconds)
+        loaded = await self.store.load([lease.task_id for lease in leases])
+        cancelled = [
+            lease.task_id for lease in leases
+            if (found := loaded.get(lease.task_id)) is not None
+            and found.record.result.state == S.TASK_STATE_CANCELLED
+        ]
+        if cancelled:
+            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=cancelled)))
+        await self._enforce_time_limits(session, leases)
+
+    async def _enforce_time_limits(self, session: WorkerSession, leases: list[Lease]) -> None:
+        now = time.monotonic()
+        overdue = [
+            lease for lease in leases
+            if lease.time_limit > 0 and now - lease.assigned_at > lease.time_limit + TIME_LIMIT_GRACE_SECONDS
+        ]
+        if not overdue:
+            return
+        cause = error("TimeLimitExceeded", "the attempt ran past its time limit and the worker did not stop it")
+        await self.recorder.fail_leased([(lease.task_id, lease.token) for lease in overdue], cause, session.worker_id)
+        resolved = await session.resolve(lease.token for lease in overdue)
+        await self.broker.ack([lease.delivery for lease in resolved])
+        session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in overdue])))
+
+    async def _watchdog(self, session: WorkerSession) -> None:
+        """A worker silent for a whole lease is hung: stop sending it work."""
+        while not session.closed:
+            await asyncio.sleep(self.settings.heartbeat_interval_seconds)
+            if time.monotonic() - session.last_seen > self.settings.lease_seconds:
+                log.warning("worker %s sent nothing for %.0f s; draining it", session.worker_id,
+                            self.settings.lease_seconds)
+                await session.set_draining()
+                session.send(w.ConnectResponse(drain=w.Drain(reason="no heartbeat within the lease")))
+
+    async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
+        await asyncio.sleep(self.settings.stream_grace_seconds)
+        orphans = self.registry.take_orphans(leases)
+        if orphans:
+            log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
+            await self.broker.nack([lease.delivery for lease in orphans])
+
+    async def cancel_running(self, task_ids: list[str]) -> None:
+        for session, held in self.registry.holding(task_ids).items():
+            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=held)))
+
+    def drain_all(self, reason: str) -> None:
+        for session in list(self.registry.sessions.values()):
+            session.send(w.ConnectResponse(drain=w.Drain(reason=reason)))
+
+    def _spawn(self, coroutine: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        """Return every orphaned lease at once (the server is stopping)."""
+        for task in list(self._background):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._background, return_exceptions=True)
+        orphans = self.registry.take_orphans(list(self.registry._orphans.values()))
+        if orphans:
+            await self.broker.nack([lease.delivery for lease in orphans])

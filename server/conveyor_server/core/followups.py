@@ -1,0 +1,61 @@
+"""What happens after a task ends: its callbacks, and the next move of its workflow."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, task_pb2
+
+from .publisher import Publication, Publisher
+from .records import S, new_record
+from .signatures import error_value, filled, with_leading_arg
+from .store import TaskStore
+from .workflow import WorkflowEngine
+
+
+class FollowUps:
+    def __init__(
+        self, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine, default_queue: str
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.workflow = workflow
+        self.default_queue = default_queue
+        workflow.on_engine_terminal = self.after_terminal
+        workflow.fire_callbacks = self.fire_callbacks
+
+    async def after_terminal(self, records: Sequence[records_pb2.TaskRecord], repair: bool = False) -> None:
+        for record in records:
+            result = record.result
+            if result.state == S.TASK_STATE_SUCCESS and result.signature.on_success:
+                await self.fire_callbacks(
+                    f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id
+                )
+            elif result.state == S.TASK_STATE_FAILURE and result.signature.on_error:
+                await self.fire_callbacks(
+                    f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id
+                )
+            if record.node_id:
+                await self.workflow.on_task_terminal(record, repair)
+
+    async def fire_callbacks(
+        self,
+        id_prefix: str,
+        signatures: Sequence[task_pb2.Signature],
+        argument: task_pb2.Value | result_pb2.TaskError,
+        workflow_id: str,
+    ) -> None:
+        """Submit callbacks under ids derived from their cause, so a repeat fires none twice."""
+        value = argument if isinstance(argument, task_pb2.Value) else error_value(argument, id_prefix)
+        records = [
+            new_record(
+                with_leading_arg(filled(sig, self.default_queue, task_id=f"{id_prefix}{i}"), value),
+                workflow_id=workflow_id,
+            )
+            for i, sig in enumerate(signatures)
+        ]
+        existing = set(await self.store.create(records))
+        await self.publisher.publish(
+            [Publication(r.result.signature, 1, workflow_id) for r in records if r.result.task_id not in existing]
+        )

@@ -1,0 +1,172 @@
+"""Records what workers report: starts, results, failures with retries, rejections.
+
+The first terminal result for the attempt holding the live lease wins; everything else is
+refused with a ResultAck saying why. Retries are re-published with the next attempt number.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, worker_service_pb2
+
+from ..backends.base import Backend
+from .followups import FollowUps
+from .publisher import Publication, Publisher
+from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
+from .retry import attempts_allowed, next_delay, seconds
+from .store import TaskStore
+
+log = logging.getLogger(__name__)
+
+O = worker_service_pb2.Outcome
+A = worker_service_pb2.AckStatus
+# Attempts allowed for a task that asks to be retried but whose policy sets no maximum.
+DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class _Decision:
+    status: worker_service_pb2.AckStatus.ValueType = A.ACK_STATUS_ACCEPTED
+    retry_delay: float = 0.0
+
+
+def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) -> bool:
+    if record.result.state != S.TASK_STATE_RECEIVED:
+        return False
+    record.result.started_at.CopyFrom(at)
+    transition(record, S.TASK_STATE_STARTED, at=at, worker_id=worker_id)
+    return True
+
+
+class OutcomeRecorder:
+    def __init__(self, store: TaskStore, publisher: Publisher, followups: FollowUps) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.followups = followups
+        self.backend: Backend = store.backend
+
+    async def started(self, refs: Sequence[worker_service_pb2.LeaseRef], worker_id: str) -> None:
+        tokens = {ref.task_id: ref.lease_token for ref in refs}
+        at = now()
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            return record.lease_token == tokens[task_id] and mark_started(record, at, worker_id)
+
+        await self.store.update(list(tokens), apply)
+
+    async def progress(self, items: Sequence[worker_service_pb2.ProgressItem]) -> None:
+        by_id = {item.task_id: item for item in items}
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            item = by_id[task_id]
+            if record.lease_token != item.lease_token or is_terminal(record):
+                return False
+            record.result.progress.CopyFrom(item.progress)
+            return True
+
+        await self.store.update(list(by_id), apply)
+
+    async def record(
+        self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str
+    ) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
+        """Apply outcomes; returns the ack status per task id."""
+        by_id = {o.task_id: o for o in outcomes}
+        decisions: dict[str, _Decision] = {}
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            decision = decisions[task_id] = _Decision()
+            outcome = by_id[task_id]
+            if is_terminal(record):
+                decision.status = A.ACK_STATUS_ALREADY_DONE
+                return False
+            if record.lease_token != outcome.lease_token:
+                decision.status = A.ACK_STATUS_STALE_LEASE
+                return False
+            if outcome.HasField("started_at"):
+                mark_started(record, outcome.started_at, worker_id)
+            decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
+            return True
+
+        written = await self.store.update(list(by_id), apply)
+        statuses = {task_id: decisions.get(task_id, _Decision(A.ACK_STATUS_STALE_LEASE)).status for task_id in by_id}
+        await self._after(written, decisions)
+        return statuses
+
+    async def reject(self, rejected: Sequence[worker_service_pb2.RejectedTask], worker_id: str) -> None:
+        """A worker cannot run these (unknown name): fail them now instead of letting them loop."""
+        by_id = {r.task_id: r for r in rejected}
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            item = by_id[task_id]
+            if is_terminal(record) or record.lease_token != item.lease_token:
+                return False
+            cause = error("UnknownTask", f"{item.reason} (worker {worker_id})")
+            record.result.error.CopyFrom(cause)
+            record.attempt_errors.append(cause)
+            transition(record, S.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
+            return True
+
+        written = await self.store.update(list(by_id), apply)
+        await self._after(written, {})
+
+    async def fail_leased(self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str) -> None:
+        """Fail attempts the server gave up on (past their time limit); retries still apply."""
+        outcomes = [
+            worker_service_pb2.TaskOutcome(task_id=t, lease_token=token, outcome=O.OUTCOME_FAILURE, error=cause)
+            for t, token in leases
+        ]
+        await self.record(outcomes, worker_id)
+
+    def _apply_outcome(
+        self, record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, worker_id: str
+    ) -> float:
+        """Move the record to the outcome's state; returns the retry delay when one is due."""
+        result = record.result
+        at = outcome.finished_at if outcome.HasField("finished_at") else now()
+        if outcome.outcome == O.OUTCOME_SUCCESS:
+            result.result.CopyFrom(outcome.result)
+            transition(record, S.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
+            return 0.0
+        if outcome.outcome == O.OUTCOME_CANCELLED:
+            result.error.CopyFrom(error("Cancelled", "stopped by a cancel request"))
+            transition(record, S.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
+            return 0.0
+        cause = outcome.error if outcome.HasField("error") else error("Error", "the task failed without details")
+        record.attempt_errors.append(cause)
+        policy = result.signature.retry
+        allowed = attempts_allowed(policy)
+        if outcome.outcome == O.OUTCOME_RETRY and policy.max_attempts <= 0:
+            allowed = DEFAULT_EXPLICIT_RETRY_ATTEMPTS
+        if result.attempts < allowed:
+            transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
+            if outcome.outcome == O.OUTCOME_RETRY and outcome.HasField("retry_delay"):
+                return seconds(outcome.retry_delay)
+            return next_delay(policy, result.attempts)
+        if outcome.outcome == O.OUTCOME_RETRY:
+            cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
+        result.error.CopyFrom(cause)
+        transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
+        return 0.0
+
+    async def _after(
+        self, written: dict[str, records_pb2.TaskRecord], decisions: dict[str, _Decision]
+    ) -> None:
+        retries = [
+            Publication(r.result.signature, r.result.attempts + 1, r.result.workflow_id, decisions[t].retry_delay)
+            for t, r in written.items()
+            if r.result.state == S.TASK_STATE_RETRY
+        ]
+        if retries:
+            await self.publisher.publish(retries)
+        finished = [r for r in written.values() if is_terminal(r)]
+        for record in finished:
+            if record.result.state == S.TASK_STATE_FAILURE:
+                await self.backend.add_member(DEAD_LETTERS_GROUP, record.result.task_id, record.result.queue.encode())
+        if finished:
+            await self.followups.after_terminal(finished)

@@ -1,0 +1,70 @@
+"""Turns signatures into broker messages and publishes them, one batch per queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import task_pb2
+
+from ..brokers.base import Broker, OutgoingMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    signature: task_pb2.Signature
+    attempt: int = 1
+    workflow_id: str = ""
+    # Seconds before the task may run; None means "as the signature's eta/countdown say".
+    delay: float | None = None
+
+
+def scheduled_delay(signature: task_pb2.Signature, now: float | None = None) -> float:
+    """Seconds until the signature's eta or countdown; 0 when it has neither."""
+    if signature.HasField("countdown"):
+        return max(signature.countdown.seconds + signature.countdown.nanos / 1e9, 0.0)
+    if signature.HasField("eta"):
+        eta = signature.eta.seconds + signature.eta.nanos / 1e9
+        return max(eta - (time.time() if now is None else now), 0.0)
+    return 0.0
+
+
+def encode_message(publication: Publication) -> bytes:
+    return records_pb2.TaskMessage(
+        signature=publication.signature, attempt=publication.attempt, workflow_id=publication.workflow_id
+    ).SerializeToString()
+
+
+def decode_message(body: bytes) -> records_pb2.TaskMessage:
+    message = records_pb2.TaskMessage()
+    message.ParseFromString(body)
+    return message
+
+
+class Publisher:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def publish(self, publications: Sequence[Publication]) -> None:
+        by_queue: dict[str, list[OutgoingMessage]] = defaultdict(list)
+        for publication in publications:
+            signature = publication.signature
+            delay = publication.delay if publication.delay is not None else scheduled_delay(signature)
+            by_queue[signature.queue].append(
+                OutgoingMessage(
+                    message_id=signature.id,
+                    body=encode_message(publication),
+                    delay=delay,
+                    priority=signature.priority,
+                    group=signature.message_group,
+                )
+            )
+        if len(by_queue) == 1:
+            (queue, messages), = by_queue.items()
+            await self.broker.publish(queue, messages)
+        elif by_queue:
+            await asyncio.gather(*(self.broker.publish(q, m) for q, m in by_queue.items()))

@@ -1,0 +1,81 @@
+"""Task records: keys, creation and state transitions (pure functions over protobuf)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, task_pb2
+
+S = result_pb2.TaskState
+TERMINAL_STATES = frozenset({S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED})
+
+
+def task_key(task_id: str) -> str:
+    return f"task:{task_id}"
+
+
+def plan_key(workflow_id: str) -> str:
+    return f"plan:{workflow_id}"
+
+
+def idempotency_key(key: str) -> str:
+    return f"idem:{key}"
+
+
+DEAD_LETTERS_GROUP = "deadletters"
+
+
+def now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def is_terminal(record: records_pb2.TaskRecord) -> bool:
+    return record.result.state in TERMINAL_STATES
+
+
+def new_record(
+    signature: task_pb2.Signature,
+    *,
+    workflow_id: str = "",
+    node_id: str = "",
+    enqueued: bool = True,
+    at: Timestamp | None = None,
+) -> records_pb2.TaskRecord:
+    stamp = at or now()
+    record = records_pb2.TaskRecord(node_id=node_id, enqueued=enqueued)
+    result = record.result
+    result.task_id = signature.id
+    result.name = signature.name
+    result.queue = signature.queue
+    result.workflow_id = workflow_id
+    result.signature.CopyFrom(signature)
+    result.submitted_at.CopyFrom(stamp)
+    transition(record, S.TASK_STATE_PENDING, at=stamp)
+    return record
+
+
+def transition(
+    record: records_pb2.TaskRecord,
+    state: result_pb2.TaskState.ValueType,
+    *,
+    at: Timestamp | None = None,
+    worker_id: str = "",
+    error: result_pb2.TaskError | None = None,
+) -> None:
+    """Move the record to `state` and append the change to its history."""
+    stamp = at or now()
+    result = record.result
+    result.state = state
+    entry = result.history.add(state=state, attempt=result.attempts, worker_id=worker_id)
+    entry.at.CopyFrom(stamp)
+    if error is not None:
+        entry.error.CopyFrom(error)
+    if state in TERMINAL_STATES:
+        result.finished_at.CopyFrom(stamp)
+
+
+def error(kind: str, message: str, traceback: str = "") -> result_pb2.TaskError:
+    return result_pb2.TaskError(type=kind, message=message, traceback=traceback)

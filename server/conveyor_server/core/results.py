@@ -1,0 +1,140 @@
+"""Reading results: get, wait, watch (streams of state changes) and workflow trees."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, task_service_pb2
+
+from .errors import InvalidArgument, NotFound
+from .planner import nodes_by_id, result_task_id, task_ids
+from .records import S, TERMINAL_STATES, is_terminal, task_key
+from .store import TaskStore
+
+# A watch re-reads its tasks at least this often even without a change notification,
+# so a lost notification can delay an event but never lose it.
+RESCAN_SECONDS = 1.0
+MAX_WATCHED_TASKS = 10_000
+
+
+class ResultReader:
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+
+    async def get(self, task_id: str) -> result_pb2.TaskResult:
+        record = await self.store.get(task_id)
+        if record is None:
+            raise NotFound(f"no task with id {task_id!r} (unknown, or its result expired)")
+        return record.result
+
+    async def wait(self, task_id: str, timeout: float) -> result_pb2.TaskResult:
+        """The result once terminal, or as it stands when `timeout` runs out."""
+        result = await self.get(task_id)
+        if result.state in TERMINAL_STATES or timeout <= 0:
+            return result
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                async for _ in self.watch([task_id], until_done=True):
+                    pass
+        return await self.get(task_id)
+
+    async def resolve_ids(self, task_ids_: Sequence[str], workflow_id: str) -> list[str]:
+        ids = list(dict.fromkeys(task_ids_))
+        if workflow_id:
+            plan = await self.store.plan(workflow_id)
+            if plan is None:
+                raise NotFound(f"no workflow with id {workflow_id!r}")
+            ids.extend(t for t in task_ids(plan) if t not in ids)
+        if not ids:
+            raise InvalidArgument("name the task_ids or the workflow_id to watch")
+        if len(ids) > MAX_WATCHED_TASKS:
+            raise InvalidArgument(f"a watch covers at most {MAX_WATCHED_TASKS} tasks; got {len(ids)}")
+        return ids
+
+    async def watch(self, ids: Sequence[str], until_done: bool = True) -> AsyncIterator[result_pb2.TaskEvent]:
+        """Every state change of the tasks, history first; unknown ids are NOT_FOUND."""
+        sent = dict.fromkeys(ids, 0)
+        changed = asyncio.Event()
+        follower = asyncio.create_task(self._follow([task_key(t) for t in ids], changed))
+        try:
+            first = True
+            while True:
+                changed.clear()
+                loaded = await self.store.load(list(ids))
+                if first:
+                    missing = [t for t in ids if t not in loaded]
+                    if missing:
+                        raise NotFound(f"no task with id {missing[0]!r} (unknown, or its result expired)")
+                    first = False
+                for task_id in ids:
+                    found = loaded.get(task_id)
+                    if found is None:
+                        continue
+                    for event in _new_events(found.record, sent[task_id]):
+                        yield event
+                    sent[task_id] = len(found.record.result.history)
+                if until_done and all(t in loaded and is_terminal(loaded[t].record) for t in ids):
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), RESCAN_SECONDS)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def _follow(self, keys: list[str], changed: asyncio.Event) -> None:
+        async for _ in self.store.backend.watch(keys):
+            changed.set()
+
+    async def workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
+        plan = await self.store.plan(workflow_id)
+        if plan is None:
+            raise NotFound(f"no workflow with id {workflow_id!r}")
+        loaded = await self.store.load(task_ids(plan))
+        nodes = nodes_by_id(plan)
+
+        def build(node_id: str) -> task_service_pb2.WorkflowNode:
+            node = nodes[node_id]
+            view = task_service_pb2.WorkflowNode(node_id=node.node_id, kind=node.kind)
+            if node.kind == "task":
+                found = loaded.get(node.task_id)
+                if found is not None:
+                    view.task.CopyFrom(found.record.result)
+                    view.state = found.record.result.state
+                return view
+            view.children.extend(build(child) for child in node.child_ids)
+            view.state = _aggregate([child.state for child in view.children])
+            return view
+
+        return task_service_pb2.GetWorkflowResponse(
+            workflow_id=workflow_id, root=build(plan.root_node_id), result_task_id=result_task_id(plan)
+        )
+
+
+def _new_events(record: records_pb2.TaskRecord, already_sent: int) -> list[result_pb2.TaskEvent]:
+    result = record.result
+    events = []
+    for transition in result.history[already_sent:]:
+        event = result_pb2.TaskEvent(
+            task_id=result.task_id, state=transition.state, workflow_id=result.workflow_id, result=result
+        )
+        event.at.CopyFrom(transition.at)
+        events.append(event)
+    return events
+
+
+def _aggregate(states: Sequence[result_pb2.TaskState.ValueType]) -> result_pb2.TaskState.ValueType:
+    """A canvas node's state: failed or cancelled if any child is, done when all are."""
+    if not states:
+        return S.TASK_STATE_SUCCESS
+    for worst in (S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED):
+        if worst in states:
+            return worst
+    if all(state == S.TASK_STATE_SUCCESS for state in states):
+        return S.TASK_STATE_SUCCESS
+    if all(state == S.TASK_STATE_PENDING for state in states):
+        return S.TASK_STATE_PENDING
+    return S.TASK_STATE_STARTED

@@ -1,0 +1,126 @@
+"""Connected workers: their windows, their leases, and what happens when they leave.
+
+The window invariant: leases held + slots reserved by in-progress fetches never exceed the
+worker's max_in_flight, so the server never has more unresolved tasks on a worker than
+its window. `high_water` records the most it ever held, for tests and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import worker_service_pb2
+
+from .dispatch import Lease
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    worker_id: str
+    hello: worker_service_pb2.Hello
+    queues: list[str]
+    window: int
+    connected_at: Timestamp
+    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse] = field(default_factory=asyncio.Queue)
+    leases: dict[str, Lease] = field(default_factory=dict)
+    reserved: int = 0
+    high_water: int = 0
+    draining: bool = False
+    closed: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.leases)
+
+    def free(self) -> int:
+        return self.window - len(self.leases) - self.reserved
+
+    async def reserve(self, most: int) -> int:
+        """Wait for free window slots and reserve up to `most`; 0 once the session ends."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.closed or (not self.draining and self.free() > 0))
+            if self.closed:
+                return 0
+            granted = min(self.free(), most)
+            self.reserved += granted
+            return granted
+
+    async def settle(self, reserved: int, leases: Iterable[Lease]) -> None:
+        """Turn a reservation into leases (as many as were delivered) and free the rest."""
+        async with self._changed:
+            for lease in leases:
+                self.leases[lease.token] = lease
+            self.reserved -= reserved
+            self.high_water = max(self.high_water, len(self.leases) + self.reserved)
+            self._changed.notify_all()
+
+    async def resolve(self, tokens: Iterable[str]) -> list[Lease]:
+        async with self._changed:
+            resolved = [lease for token in tokens if (lease := self.leases.pop(token, None)) is not None]
+            self._changed.notify_all()
+            return resolved
+
+    async def set_window(self, window: int) -> None:
+        async with self._changed:
+            self.window = max(window, 1)
+            self._changed.notify_all()
+
+    async def set_draining(self) -> None:
+        async with self._changed:
+            self.draining = True
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def send(self, message: worker_service_pb2.ConnectResponse) -> None:
+        self.outbox.put_nowait(message)
+
+
+class SessionRegistry:
+    """Sessions of this server replica, and leases of recently closed ones (their grace)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[int, WorkerSession] = {}
+        self._orphans: dict[str, Lease] = {}
+
+    def add(self, session: WorkerSession) -> None:
+        self.sessions[id(session)] = session
+
+    def remove(self, session: WorkerSession) -> list[Lease]:
+        """Forget a closed session; its leases become orphans until the grace ends."""
+        self.sessions.pop(id(session), None)
+        leases = list(session.leases.values())
+        session.leases.clear()
+        for lease in leases:
+            self._orphans[lease.token] = lease
+        return leases
+
+    def take_orphans(self, leases: Iterable[Lease]) -> list[Lease]:
+        """Claim orphans that nobody resolved during the grace."""
+        return [lease for lease in leases if self._orphans.pop(lease.token, None) is not None]
+
+    def resolve_orphan(self, token: str) -> Lease | None:
+        """A result for a lease of a closed session (the worker reconnected in time)."""
+        return self._orphans.pop(token, None)
+
+    def holding(self, task_ids: Iterable[str]) -> dict[WorkerSession, list[str]]:
+        wanted = set(task_ids)
+        found: dict[WorkerSession, list[str]] = {}
+        for session in self.sessions.values():
+            hits = [lease.task_id for lease in session.leases.values() if lease.task_id in wanted]
+            if hits:
+                found[session] = hits
+        return found

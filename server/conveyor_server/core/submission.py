@@ -1,0 +1,142 @@
+"""Accepts tasks and workflows: validates, stores their records, then publishes them.
+
+A submission is acknowledged only after its records are stored and its first tasks are
+published, so whatever the caller was told is accepted is on the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import task_service_pb2
+
+from ..config import Settings
+from .errors import AlreadyExists, InvalidArgument
+from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
+from .publisher import Publication, Publisher
+from .records import idempotency_key, new_record
+from .signatures import filled
+from .store import TaskStore
+from .validation import check_signature, check_workflow
+from .workflow import WorkflowEngine
+
+
+@dataclass
+class _Prepared:
+    response: task_service_pb2.SubmitResponse
+    record: records_pb2.TaskRecord | None = None
+    workflow: CompiledWorkflow | None = None
+    duplicate_of: str = ""
+
+
+class Submitter:
+    def __init__(
+        self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.workflow = workflow
+
+    async def submit(
+        self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None
+    ) -> list[task_service_pb2.SubmitResponse]:
+        if not requests:
+            raise InvalidArgument("nothing to submit: the batch is empty")
+        prepared = [self._prepare(request, i, len(requests), headers) for i, request in enumerate(requests)]
+        self._check_total(prepared)
+        await self._resolve_idempotency(prepared)
+        fresh = [p for p in prepared if not p.duplicate_of]
+        await self._store(fresh)
+        lone = [p.record for p in fresh if p.record is not None]
+        if lone:
+            await self.publisher.publish([Publication(r.result.signature) for r in lone])
+        for item in fresh:
+            if item.workflow is not None:
+                await self.workflow.start_workflow(item.workflow.plan)
+        return [p.response for p in prepared]
+
+    def _prepare(
+        self, request: task_service_pb2.SubmitRequest, index: int, total: int, headers: Mapping[str, str] | None
+    ) -> _Prepared:
+        where = f"requests[{index}]" if total > 1 else "request"
+        target = request.WhichOneof("target")
+        limits = self.settings.limits
+        if target is None:
+            raise InvalidArgument(f"{where}: set task or workflow")
+        if target == "task" or request.workflow.WhichOneof("kind") == "task":
+            source = request.task if target == "task" else request.workflow.task
+            check_signature(source, limits, f"{where}.task")
+            signature = filled(source, self.settings.default_queue, inherit_headers=headers)
+            response = task_service_pb2.SubmitResponse(task_id=signature.id, task_ids=[signature.id])
+            return _Prepared(response, record=new_record(signature))
+        check_workflow(request.workflow, limits)
+        workflow_id = new_workflow_id()
+        compiled = compile_workflow(
+            request.workflow, workflow_id,
+            lambda sig: filled(sig, self.settings.default_queue, inherit_headers=headers),
+        )
+        response = task_service_pb2.SubmitResponse(
+            task_id=result_task_id(compiled.plan), workflow_id=workflow_id, task_ids=task_ids(compiled.plan)
+        )
+        return _Prepared(response, workflow=compiled)
+
+    def _check_total(self, prepared: Sequence[_Prepared]) -> None:
+        total = sum(len(p.response.task_ids) for p in prepared)
+        if total > self.settings.limits.max_workflow_tasks:
+            raise InvalidArgument(
+                f"the submission holds {total} tasks, over the limit of {self.settings.limits.max_workflow_tasks}"
+            )
+
+    async def _resolve_idempotency(self, prepared: Sequence[_Prepared]) -> None:
+        """A task whose idempotency key was seen within the retention window is not submitted
+        again: the caller gets the first task's id."""
+        keyed = {
+            idempotency_key(p.record.result.signature.idempotency_key): p
+            for p in prepared
+            if p.record is not None and p.record.result.signature.idempotency_key
+        }
+        if not keyed:
+            return
+        backend = self.store.backend
+        existing = set(await backend.insert({k: p.record.result.task_id.encode() for k, p in keyed.items()
+                                             if p.record is not None}))
+        if not existing:
+            return
+        found = await backend.get(list(existing))
+        for key in existing:
+            if key in found:
+                first = found[key].data.decode()
+                item = keyed[key]
+                item.duplicate_of = first
+                item.response.task_id = first
+                del item.response.task_ids[:]
+                item.response.task_ids.append(first)
+
+    async def _store(self, prepared: Sequence[_Prepared]) -> None:
+        records: list[records_pb2.TaskRecord] = []
+        for item in prepared:
+            if item.record is not None:
+                records.append(item.record)
+            elif item.workflow is not None:
+                plan = item.workflow.plan
+                nodes = {n.task_id: n.node_id for n in plan.nodes if n.kind == "task"}
+                records.extend(
+                    new_record(sig, workflow_id=plan.workflow_id, node_id=nodes[task_id], enqueued=False)
+                    for task_id, sig in item.workflow.signatures.items()
+                )
+        ids = [r.result.task_id for r in records]
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("the submission uses the same task id more than once")
+        clashing = await self.store.load(ids)
+        if clashing:
+            raise AlreadyExists(f"task ids already exist: {', '.join(sorted(clashing)[:5])}")
+        for item in prepared:
+            if item.workflow is not None:
+                await self.store.save_plan(item.workflow.plan)
+        existing = await self.store.create(records)
+        if existing:
+            raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
+
