@@ -1,0 +1,280 @@
+"""SQLite result store: one WAL-mode file, durable across restarts, shareable by several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from conveyor_server.brokers.sqlite import SqliteDatabase, sqlite_path, transaction
+
+from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+
+# How often watches look for writes by other connections (other processes, or a broker on the
+# same file); writes through this backend wake them at once.
+_POLL_SECONDS = 0.05
+# Expired rows are invisible at once; this is how often they are actually deleted.
+_SWEEP_SECONDS = 60.0
+
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at);
+CREATE TABLE IF NOT EXISTS members (
+    grp TEXT NOT NULL,
+    member TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (grp, member)
+);
+CREATE INDEX IF NOT EXISTS members_expiry ON members (expires_at);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS claims_expiry ON claims (expires_at);
+COMMIT;
+"""
+
+# An expired row counts as absent: the upsert then replaces it as if new.
+_INSERT = """
+INSERT INTO records (key, data, version, expires_at) VALUES (:key, :data, 1, :expires)
+ON CONFLICT (key) DO UPDATE SET data = excluded.data, version = 1, expires_at = excluded.expires_at
+WHERE records.expires_at <= :now
+"""
+_COMPARE_AND_SET = """
+UPDATE records SET data = :data, version = version + 1, expires_at = :expires
+WHERE key = :key AND version = :version AND expires_at > :now
+"""
+_CLAIM = """
+INSERT INTO claims (key, expires_at) VALUES (:key, :expires)
+ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE claims.expires_at <= :now
+"""
+# json_each takes any number of keys in one bound parameter.
+_GET = """
+SELECT key, data, version FROM records
+WHERE key IN (SELECT value FROM json_each(:keys)) AND expires_at > :now
+"""
+_STAMPS = """
+SELECT key, version, expires_at FROM records
+WHERE key IN (SELECT value FROM json_each(:keys)) AND expires_at > :now
+"""
+# A group lives until ttl after its latest write (members expire together, so a long-running
+# group never loses its early members); delete the groups whose latest write is too old.
+_SWEEP = (
+    "DELETE FROM records WHERE expires_at <= :now",
+    "DELETE FROM claims WHERE expires_at <= :now",
+    """DELETE FROM members WHERE grp IN (
+        SELECT grp FROM members WHERE grp IN (SELECT grp FROM members WHERE expires_at <= :now)
+        GROUP BY grp HAVING MAX(expires_at) <= :now
+    )""",
+)
+
+# (version, expires_at): every write moves expires_at, so this also tells a re-created record apart.
+Stamp = tuple[int, float]
+
+
+def _insert(conn: sqlite3.Connection, records: Mapping[str, bytes], ttl: float) -> list[str]:
+    with transaction(conn):
+        now = time.time()
+        existing: list[str] = []
+        for key, data in records.items():
+            params = {"key": key, "data": data, "expires": now + ttl, "now": now}
+            if conn.execute(_INSERT, params).rowcount == 0:
+                existing.append(key)
+        return existing
+
+
+def _get(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, Versioned]:
+    rows = conn.execute(_GET, {"keys": json.dumps(list(keys)), "now": time.time()})
+    return {key: Versioned(data, version) for key, data, version in rows}
+
+
+def _compare_and_set(conn: sqlite3.Connection, updates: Sequence[Update], ttl: float) -> list[bool]:
+    with transaction(conn):
+        now = time.time()
+        applied: list[bool] = []
+        for u in updates:
+            params = {
+                "key": u.key, "version": u.expected_version, "data": u.data, "expires": now + ttl, "now": now
+            }
+            applied.append(conn.execute(_COMPARE_AND_SET, params).rowcount == 1)
+        return applied
+
+
+def _claim(conn: sqlite3.Connection, key: str, ttl: float) -> bool:
+    now = time.time()
+    # One statement, so atomic across connections and processes without a transaction.
+    return conn.execute(_CLAIM, {"key": key, "expires": now + ttl, "now": now}).rowcount == 1
+
+
+def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: bytes, ttl: float) -> int:
+    with transaction(conn):
+        now = time.time()
+        (latest,) = conn.execute("SELECT MAX(expires_at) FROM members WHERE grp = ?", (group,)).fetchone()
+        if latest is not None and latest <= now:
+            conn.execute("DELETE FROM members WHERE grp = ?", (group,))
+        # The first payload wins; the write still keeps the group alive.
+        conn.execute(
+            "INSERT INTO members (grp, member, payload, expires_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (grp, member) DO UPDATE SET expires_at = excluded.expires_at",
+            (group, member, payload, now + ttl),
+        )
+        count: int = conn.execute("SELECT COUNT(*) FROM members WHERE grp = ?", (group,)).fetchone()[0]
+        return count
+
+
+def _members(conn: sqlite3.Connection, group: str) -> dict[str, bytes]:
+    rows = conn.execute("SELECT member, payload, expires_at FROM members WHERE grp = ?", (group,)).fetchall()
+    if not rows or max(row[2] for row in rows) <= time.time():
+        return {}
+    return {member: payload for member, payload, _ in rows}
+
+
+def _sweep(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        now = time.time()
+        for sql in _SWEEP:
+            conn.execute(sql, {"now": now})
+
+
+def _poll(
+    conn: sqlite3.Connection, keys: Collection[str], seen_version: int | None
+) -> tuple[int, dict[str, Stamp] | None]:
+    """The data version and, when it moved (or `seen_version` is None), the stamps of `keys`."""
+    # data_version changes when any *other* connection commits; our own writes kick the poller.
+    (data_version,) = conn.execute("PRAGMA data_version").fetchone()
+    if data_version == seen_version:
+        return data_version, None
+    rows = conn.execute(_STAMPS, {"keys": json.dumps(list(keys)), "now": time.time()})
+    return data_version, {key: (version, expires_at) for key, version, expires_at in rows}
+
+
+@dataclass(eq=False)
+class _Watcher:
+    keys: frozenset[str]
+    changes: asyncio.Queue[set[str] | None] = field(default_factory=asyncio.Queue)
+    # What this watcher was last told. It starts empty, so every watched key that exists when the
+    # watch starts is reported once: a write racing the start can never be missed.
+    seen: dict[str, Stamp] = field(default_factory=dict)
+
+    def report(self, stamps: Mapping[str, Stamp]) -> None:
+        changed = {key for key in self.keys if stamps.get(key) != self.seen.get(key)}
+        if changed:
+            self.seen = {key: stamps[key] for key in self.keys if key in stamps}
+            self.changes.put_nowait(changed)
+
+
+class SqliteBackend:
+    def __init__(self, path: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+        self._db = SqliteDatabase(path, _SCHEMA)
+        self._ttl = ttl_seconds
+        self._next_sweep = 0.0
+        self._watchers: set[_Watcher] = set()
+        # Set by local writes to watched keys and by new watchers: the poller looks at once.
+        self._kick = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> SqliteBackend:
+        return cls(sqlite_path(url), ttl_seconds)
+
+    async def connect(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.changes.put_nowait(None)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        await self._db.close()
+
+    async def _after_write(self, keys: Collection[str] = ()) -> None:
+        if any(not watcher.keys.isdisjoint(keys) for watcher in self._watchers):
+            self._kick.set()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + _SWEEP_SECONDS
+            await self._db.run(_sweep)
+
+    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+        if not records:
+            return []
+        existing = await self._db.run(lambda conn: _insert(conn, records, self._ttl))
+        await self._after_write(records.keys() - set(existing))
+        return existing
+
+    async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
+        if not keys:
+            return {}
+        return await self._db.run(lambda conn: _get(conn, keys))
+
+    async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
+        if not updates:
+            return []
+        applied = await self._db.run(lambda conn: _compare_and_set(conn, updates, self._ttl))
+        await self._after_write({u.key for u, ok in zip(updates, applied, strict=True) if ok})
+        return applied
+
+    async def add_member(self, group: str, member: str, payload: bytes) -> int:
+        count = await self._db.run(lambda conn: _add_member(conn, group, member, payload, self._ttl))
+        await self._after_write()
+        return count
+
+    async def members(self, group: str) -> dict[str, bytes]:
+        return await self._db.run(lambda conn: _members(conn, group))
+
+    async def remove_member(self, group: str, member: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute("DELETE FROM members WHERE grp = ? AND member = ?", (group, member))
+        )
+
+    async def claim(self, key: str) -> bool:
+        won = await self._db.run(lambda conn: _claim(conn, key, self._ttl))
+        await self._after_write()
+        return won
+
+    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        if self._db.closed:
+            return
+        watcher = _Watcher(frozenset(keys))
+        self._watchers.add(watcher)
+        self._kick.set()
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_loop())
+        try:
+            while True:
+                changed = await watcher.changes.get()
+                while changed is not None and not watcher.changes.empty():
+                    more = watcher.changes.get_nowait()
+                    changed = None if more is None else changed | more
+                if changed is None:
+                    return
+                yield changed
+        finally:
+            self._watchers.discard(watcher)
+
+    async def _poll_loop(self) -> None:
+        """One poller per backend serves every watch; it ends when the last watch does."""
+        data_version: int | None = None
+        while self._watchers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), _POLL_SECONDS)
+            # Cleared before reading, so a write that lands during the read is looked at again.
+            known = None if self._kick.is_set() else data_version
+            self._kick.clear()
+            watchers = list(self._watchers)
+            keys = frozenset().union(*(w.keys for w in watchers))
+            data_version, stamps = await self._db.run(functools.partial(_poll, keys=keys, seen_version=known))
+            if stamps is not None:
+                for watcher in watchers:
+                    watcher.report(stamps)

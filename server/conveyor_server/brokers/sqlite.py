@@ -1,0 +1,299 @@
+"""SQLite broker: one WAL-mode file, durable across restarts, shareable by several processes.
+
+Also home of the small connection helper the SQLite backend reuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from .base import Delivery, OutgoingMessage, QueueStats
+
+T = TypeVar("T")
+
+# How often a waiting fetch looks for work made ready by other processes; work published by
+# this process wakes it at once.
+_POLL_SECONDS = 0.03
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative/file.db` -> `relative/file.db`; `sqlite:////abs/file.db` -> `/abs/file.db`."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or len(parts.path) < 2:
+        raise ValueError(f"expected sqlite:///relative/path or sqlite:////absolute/path, got {url!r}")
+    return unquote(parts.path[1:])
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes
+    # fails with SQLITE_BUSY (without waiting) when another process wrote in between.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SqliteDatabase:
+    """One connection used only by one worker thread, so SQLite never blocks the event loop."""
+
+    def __init__(self, path: str, schema: str) -> None:
+        self._path = path
+        self._schema = schema
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: autocommit, transactions only where we BEGIN them.
+        # timeout: wait up to 30 s for another process's write lock (busy_timeout).
+        conn = sqlite3.connect(self._path, timeout=30.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL survives a process crash; only a power loss may drop the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(self._schema)
+        return conn
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-sqlite")
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"SQLite database {self._path!r} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    async def close(self) -> None:
+        conn, executor = self._conn, self._executor
+        if conn is None or executor is None:
+            return
+        self._conn = self._executor = None
+        # Work queued before close still runs: the executor is FIFO.
+        await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown()
+
+
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    priority INTEGER NOT NULL,
+    -- Due time of a delayed message; NULL once due, so ready rows sit in one ordered index and
+    -- fetch never scans past delayed ones.
+    available_at REAL,
+    lease_until REAL,
+    receipt TEXT,
+    delivery_count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, seq)
+    WHERE available_at IS NULL AND receipt IS NULL;
+CREATE INDEX IF NOT EXISTS messages_delayed ON messages (queue, available_at) WHERE available_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_until) WHERE lease_until IS NOT NULL;
+CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY) WITHOUT ROWID;
+COMMIT;
+"""
+
+_HAS_WORK = """
+SELECT EXISTS (SELECT 1 FROM messages WHERE queue = :queue AND available_at IS NULL AND receipt IS NULL)
+    OR EXISTS (SELECT 1 FROM messages WHERE queue = :queue AND available_at <= :now)
+    OR EXISTS (SELECT 1 FROM messages WHERE lease_until <= :now AND queue = :queue)
+"""
+_PROMOTE_DUE = "UPDATE messages SET available_at = NULL WHERE queue = :queue AND available_at <= :now"
+_RETURN_EXPIRED = """
+UPDATE messages SET receipt = NULL, lease_until = NULL, delivery_count = delivery_count + 1
+WHERE lease_until <= :now
+"""
+# The receipt embeds seq (for an indexed lookup) and a token fresh per lease, so an ack or nack
+# from an earlier lease of the same row matches nothing.
+_LEASE = """
+UPDATE messages SET receipt = seq || '-' || :token, lease_until = :until
+WHERE seq IN (
+    SELECT seq FROM messages WHERE queue = :queue AND available_at IS NULL AND receipt IS NULL
+    ORDER BY priority DESC, seq LIMIT :limit
+)
+RETURNING priority, seq, id, body, receipt, delivery_count
+"""
+_STATS = """
+SELECT
+    (SELECT COUNT(*) FROM messages WHERE queue = :queue AND available_at IS NULL AND receipt IS NULL),
+    (SELECT COUNT(*) FROM messages WHERE queue = :queue AND available_at <= :now),
+    (SELECT COUNT(*) FROM messages WHERE queue = :queue AND available_at > :now),
+    (SELECT COUNT(*) FROM messages WHERE lease_until IS NOT NULL AND queue = :queue)
+"""
+
+
+def _receipt_key(receipt: str) -> tuple[int, str] | None:
+    seq, _, token = receipt.partition("-")
+    return (int(seq), receipt) if seq.isdigit() and token else None
+
+
+def _receipt_keys(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
+    # A receipt this engine never issued cannot hold a live lease: acting on it is a no-op.
+    return [key for key in map(_receipt_key, (d.receipt for d in deliveries)) if key is not None]
+
+
+def _publish(conn: sqlite3.Connection, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+    with transaction(conn):
+        now = time.time()
+        conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+        conn.executemany(
+            "INSERT INTO messages (id, queue, body, priority, available_at, delivery_count)"
+            " VALUES (?, ?, ?, ?, ?, 1)",
+            [
+                (m.message_id, queue, m.body, m.priority, now + m.delay if m.delay > 0 else None)
+                for m in messages
+            ],
+        )
+
+
+def _lease(conn: sqlite3.Connection, queue: str, limit: int, lease_seconds: float) -> list[Delivery]:
+    # A plain read first, so idle pollers in many processes do not contend for the write lock.
+    if not conn.execute(_HAS_WORK, {"queue": queue, "now": time.time()}).fetchone()[0]:
+        return []
+    with transaction(conn):
+        now = time.time()
+        conn.execute(_PROMOTE_DUE, {"queue": queue, "now": now})
+        conn.execute(_RETURN_EXPIRED + " AND queue = :queue", {"queue": queue, "now": now})
+        params = {"token": uuid.uuid4().hex, "until": now + lease_seconds, "queue": queue, "limit": limit}
+        rows = conn.execute(_LEASE, params).fetchall()
+    rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING order is unspecified
+    return [Delivery(row[2], row[3], queue, row[4], row[5]) for row in rows]
+
+
+def _execute_many(conn: sqlite3.Connection, sql: str, params: Sequence[Sequence[Any]]) -> None:
+    with transaction(conn):
+        conn.executemany(sql, params)
+
+
+def _recover(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(_RETURN_EXPIRED + " RETURNING queue", {"now": time.time()})]
+
+
+def _stats(conn: sqlite3.Connection, queue: str) -> QueueStats:
+    ready, due, delayed, in_flight = conn.execute(_STATS, {"queue": queue, "now": time.time()}).fetchone()
+    return QueueStats(ready=ready + due, delayed=delayed, in_flight=in_flight)
+
+
+def _purge(conn: sqlite3.Connection, queue: str) -> int:
+    with transaction(conn):
+        ready = conn.execute(
+            "DELETE FROM messages WHERE queue = ? AND available_at IS NULL AND receipt IS NULL", (queue,)
+        ).rowcount
+        delayed = conn.execute(
+            "DELETE FROM messages WHERE queue = ? AND available_at IS NOT NULL", (queue,)
+        ).rowcount
+    return ready + delayed
+
+
+class SqliteBroker:
+    def __init__(self, path: str) -> None:
+        self._db = SqliteDatabase(path, _SCHEMA)
+        # Per queue, set (and dropped) when this process makes messages ready: wakes waiting fetches.
+        self._arrivals: dict[str, asyncio.Event] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteBroker:
+        return cls(sqlite_path(url))
+
+    async def connect(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+        for queue in list(self._arrivals):
+            self._announce(queue)
+
+    def _announce(self, queue: str) -> None:
+        event = self._arrivals.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        if not messages:
+            return
+        await self._db.run(lambda conn: _publish(conn, queue, messages))
+        if any(m.delay <= 0 for m in messages):
+            self._announce(queue)
+
+    async def fetch(
+        self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
+    ) -> list[Delivery]:
+        if max_messages <= 0:
+            return []
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            # Taken before looking, so a publish while we look still wakes the wait below.
+            arrived = self._arrivals.setdefault(queue, asyncio.Event())
+            taken = await self._db.run(lambda conn: _lease(conn, queue, max_messages, lease_seconds))
+            remaining = deadline - time.monotonic()
+            if taken or remaining <= 0:
+                return taken
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), min(remaining, _POLL_SECONDS))
+            if self._db.closed:
+                return []
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        keys = _receipt_keys(deliveries)
+        if keys:
+            await self._db.run(
+                lambda conn: _execute_many(conn, "DELETE FROM messages WHERE seq = ? AND receipt = ?", keys)
+            )
+
+    async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        keys = _receipt_keys(deliveries)
+        if not keys:
+            return
+        sql = (
+            "UPDATE messages SET receipt = NULL, lease_until = NULL, available_at = ?,"
+            " delivery_count = delivery_count + 1 WHERE seq = ? AND receipt = ?"
+        )
+        available_at = time.time() + delay if delay > 0 else None
+        await self._db.run(lambda conn: _execute_many(conn, sql, [(available_at, *key) for key in keys]))
+        if delay <= 0:
+            for queue in {d.queue for d in deliveries}:
+                self._announce(queue)
+
+    async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
+        keys = _receipt_keys(deliveries)
+        if not keys:
+            return
+        sql = "UPDATE messages SET lease_until = ? WHERE seq = ? AND receipt = ?"
+        until = time.time() + lease_seconds
+        await self._db.run(lambda conn: _execute_many(conn, sql, [(until, *key) for key in keys]))
+
+    async def recover_expired(self) -> int:
+        queues = await self._db.run(_recover)
+        for queue in set(queues):
+            self._announce(queue)
+        return len(queues)
+
+    async def stats(self, queue: str) -> QueueStats:
+        return await self._db.run(lambda conn: _stats(conn, queue))
+
+    async def queues(self) -> list[str]:
+        sql = "SELECT name FROM queues ORDER BY name"
+        return await self._db.run(lambda conn: [row[0] for row in conn.execute(sql)])
+
+    async def purge(self, queue: str) -> int:
+        return await self._db.run(lambda conn: _purge(conn, queue))
