@@ -7,19 +7,20 @@ import asyncio
 import contextlib
 import importlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
-
 from conveyor import Client, Sig, Worker
 from conveyor.client import default_address, state_name
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from google.protobuf import json_format
 
 from . import logs
+from .app import ConveyorServer
 from .config import ConfigError, load_settings
 
 
@@ -38,8 +39,6 @@ def _print(message: Any) -> None:
 # -- serve ----------------------------------------------------------------------------------
 
 async def _serve(args: argparse.Namespace) -> None:
-    from .app import ConveyorServer
-
     settings = load_settings(args.config)
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "broker_url": args.broker, "backend_url": args.backend,
@@ -66,16 +65,13 @@ def _worker(args: argparse.Namespace) -> None:
     worker = getattr(module, args.attr, None)
     if not isinstance(worker, Worker):
         # A module of plain functions: register its public callables by name.
-        worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency)
+        worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency or 8)
         for name in getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")]):
             function = getattr(module, name)
             if callable(function) and getattr(function, "__module__", None) == module.__name__:
                 worker.task(name)(function)
     else:
-        if args.address:
-            worker.address = args.address
-        if args.queue:
-            worker.queues = args.queue
+        worker.configure(args.address, args.queue, args.concurrency)
     worker.run_forever()
 
 
@@ -146,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("module", help="module that defines a Worker (or plain task functions)")
     worker.add_argument("--attr", default="worker", help="name of the Worker object in the module")
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
-    worker.add_argument("--concurrency", type=int, default=8)
+    worker.add_argument("--concurrency", type=int, help="tasks run at once (default: the Worker's own, or 8)")
 
     submit = commands.add_parser("submit", help="submit a task: conveyor submit add 1 2")
     submit.add_argument("name")
@@ -185,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is None and args.command == "serve":
-        import os
-
         args.config = os.environ.get("CONVEYOR_CONFIG")
     try:
         if args.command == "worker":

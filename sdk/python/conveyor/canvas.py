@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
-from conveyor.values import to_value, to_value_map
 from conveyor.v1 import task_pb2, workflow_pb2
+from conveyor.values import to_value, to_value_map
 
 BACKOFF_KINDS = {
     "exponential": task_pb2.BACKOFF_KIND_EXPONENTIAL,

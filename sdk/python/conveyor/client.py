@@ -12,11 +12,10 @@ import grpc
 
 from conveyor.canvas import Canvas, Sig
 from conveyor.errors import TaskFailed
-from conveyor.values import from_value
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
+from conveyor.values import from_value
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-STATE_NAMES = {value: name.removeprefix("TASK_STATE_") for name, value in result_pb2.TaskState.items()}
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
 # GetResult waits server-side at most this long per call; longer waits loop.
 WAIT_SLICE_SECONDS = 60.0
@@ -34,7 +33,11 @@ class Submitted:
 
 
 def state_name(state: int) -> str:
-    return STATE_NAMES.get(state, str(state))
+    """"SUCCESS" for TASK_STATE_SUCCESS; the number for a state this SDK does not know."""
+    try:
+        return result_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(state)
 
 
 def to_request(target: Submittable) -> task_service_pb2.SubmitRequest:
@@ -121,11 +124,11 @@ class Client:
             if response.result.state in TERMINAL or remaining <= WAIT_SLICE_SECONDS:
                 return response.result
 
-    async def result(self, task_id: str, timeout: float = 60.0) -> Any:
+    async def result(self, task_id: str, wait: float = 60.0) -> Any:
         """Wait for the task and return its value; raises TaskFailed or TimeoutError."""
-        result = await self.get_result(task_id, wait=timeout)
+        result = await self.get_result(task_id, wait=wait)
         if result.state not in TERMINAL:
-            raise TimeoutError(f"task {task_id} is still {state_name(result.state)} after {timeout} s")
+            raise TimeoutError(f"task {task_id} is still {state_name(result.state)} after {wait} s")
         return value_of(result)
 
     async def watch(

@@ -23,7 +23,7 @@ class TaskFailed(ConveyorError):
         self.traceback = traceback
 
 
-class Retry(ConveyorError):  # noqa: N818 - reads as `raise Retry(delay=5)` inside a task
+class Retry(ConveyorError):
     """Raise inside a task to run it again after `delay` seconds (bounded by max attempts)."""
 
     def __init__(self, delay: float = 0.0, reason: str = "") -> None:

@@ -16,8 +16,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.context import TaskContext, bind
 from conveyor.errors import Retry, TaskCancelled, TimeLimitExceeded
+from conveyor.v1 import result_pb2
+from conveyor.v1 import worker_service_pb2 as w
 from conveyor.values import from_value, to_value
-from conveyor.v1 import result_pb2, worker_service_pb2 as w
 
 TaskFunction = Callable[..., Any]
 
@@ -59,12 +60,13 @@ async def execute(
         outcome.outcome = w.OUTCOME_RETRY
         outcome.error.CopyFrom(_error(exc, "Retry"))
         outcome.retry_delay.FromNanoseconds(int(max(exc.delay, 0.0) * 1e9))
-    except TimeoutError as exc:
+    except TimeoutError as timeout:
         outcome.outcome = w.OUTCOME_FAILURE
         if deadline.expired():
             context.stop()  # a sync task still running in its thread should stop at its next check
-            exc = TimeLimitExceeded(f"ran longer than its time limit of {limit} s")
-        outcome.error.CopyFrom(_error(exc))
+            outcome.error.CopyFrom(_error(TimeLimitExceeded(f"ran longer than its time limit of {limit} s")))
+        else:
+            outcome.error.CopyFrom(_error(timeout))
     except (asyncio.CancelledError, TaskCancelled):
         if not context.cancelled_by_request:
             raise

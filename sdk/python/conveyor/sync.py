@@ -50,8 +50,8 @@ class SyncClient:
     def get_result(self, task_id: str, wait: float = 0.0) -> result_pb2.TaskResult:
         return self._run(self._client.get_result(task_id, wait))
 
-    def result(self, task_id: str, timeout: float = 60.0) -> Any:
-        return self._run(self._client.result(task_id, timeout))
+    def result(self, task_id: str, wait: float = 60.0) -> Any:
+        return self._run(self._client.result(task_id, wait))
 
     def events(self, task_ids: Iterable[str] = (), *, workflow_id: str = "") -> list[result_pb2.TaskEvent]:
         """Every event until the tasks finish (blocking)."""

@@ -28,9 +28,9 @@ from conveyor import __version__
 from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, execute
-from conveyor.values import to_value
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
+from conveyor.values import to_value
 
 log = logging.getLogger("conveyor.worker")
 F = TypeVar("F", bound=TaskFunction)
@@ -66,7 +66,7 @@ class Worker:
         self._credentials = credentials
         token = token or os.environ.get("CONVEYOR_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="conveyor-task")
+        self._executor: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
         self._unacked: dict[str, w.TaskOutcome] = {}
         self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
@@ -89,6 +89,17 @@ class Worker:
 
         return register
 
+    def configure(
+        self, address: str | None = None, queues: Sequence[str] | None = None, concurrency: int | None = None
+    ) -> None:
+        """Override settings before run() (the CLI applies its flags this way)."""
+        if address:
+            self.address = address
+        if queues:
+            self.queues = list(queues)
+        if concurrency:
+            self.concurrency = self.max_in_flight = concurrency
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def run_forever(self) -> None:
@@ -110,6 +121,7 @@ class Worker:
     async def run(self) -> None:
         """Connect (and reconnect after failures) until stop() is called and work is drained."""
         self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
         delay = RECONNECT_INITIAL_SECONDS
         try:
             while not self._stopping.is_set():
@@ -131,6 +143,7 @@ class Worker:
                 context.stop()
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def _session(self) -> None:
         channel = (
@@ -248,12 +261,15 @@ class Worker:
             headers=dict(task.headers), workflow_id=assignment.workflow_id,
         )
         context._report = lambda value: self._progress(assignment, value)
-        runner = asyncio.create_task(self._run_one(function, assignment, context))
+        assert self._executor is not None
+        runner = asyncio.create_task(self._run_one(function, assignment, context, self._executor))
         self._running[task.id] = (runner, context)
 
-    async def _run_one(self, function: TaskFunction, assignment: w.Assignment, context: TaskContext) -> None:
+    async def _run_one(
+        self, function: TaskFunction, assignment: w.Assignment, context: TaskContext, executor: ThreadPoolExecutor
+    ) -> None:
         try:
-            outcome = await execute(function, assignment, context, self._executor)
+            outcome = await execute(function, assignment, context, executor)
         except asyncio.CancelledError:
             return  # shutting down: the server hands the task to another worker
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
 from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import admin_service_pb2_grpc
 
@@ -13,6 +12,10 @@ from ..core.admin import Admin
 from .status import unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _not_yet(context: Context, what: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this server version yet")
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
@@ -26,6 +29,26 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     @unary
     async def PurgeQueue(self, request: a.PurgeQueueRequest, context: Context) -> a.PurgeQueueResponse:
         return a.PurgeQueueResponse(purged=await self.admin.purge(request.queue))
+
+    async def PauseQueue(self, request: a.PauseQueueRequest, context: Context) -> a.PauseQueueResponse:
+        await _not_yet(context, "pausing queues")
+        return a.PauseQueueResponse()
+
+    async def ResumeQueue(self, request: a.ResumeQueueRequest, context: Context) -> a.ResumeQueueResponse:
+        await _not_yet(context, "resuming queues")
+        return a.ResumeQueueResponse()
+
+    async def CreateSchedule(self, request: a.CreateScheduleRequest, context: Context) -> a.CreateScheduleResponse:
+        await _not_yet(context, "periodic schedules")
+        return a.CreateScheduleResponse()
+
+    async def ListSchedules(self, request: a.ListSchedulesRequest, context: Context) -> a.ListSchedulesResponse:
+        await _not_yet(context, "periodic schedules")
+        return a.ListSchedulesResponse()
+
+    async def DeleteSchedule(self, request: a.DeleteScheduleRequest, context: Context) -> a.DeleteScheduleResponse:
+        await _not_yet(context, "periodic schedules")
+        return a.DeleteScheduleResponse()
 
     @unary
     async def ListWorkers(self, request: a.ListWorkersRequest, context: Context) -> a.ListWorkersResponse:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-
 from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
 
@@ -22,7 +21,10 @@ MAX_WAIT_SECONDS = 300.0
 
 def _trace_headers(context: Context) -> dict[str, str]:
     """W3C trace context sent as gRPC metadata, inherited by submitted tasks."""
-    return {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")}
+    return {
+        k: v for k, v in (context.invocation_metadata() or ())
+        if k in ("traceparent", "tracestate") and isinstance(v, str)
+    }
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):

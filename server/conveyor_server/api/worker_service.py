@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
 
@@ -57,10 +56,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-        if reader.done() and not reader.cancelled() and (exc := reader.exception()) is not None:
-            if isinstance(exc, CoreError):
-                await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
-            raise exc
+        if reader.done() and not reader.cancelled() and (failure := reader.exception()) is not None:
+            if isinstance(failure, CoreError):
+                await context.abort(CODES.get(type(failure), grpc.StatusCode.INVALID_ARGUMENT), str(failure))
+            raise failure
 
 
 def _coalesce(first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse]) -> list[w.ConnectResponse]:

@@ -8,12 +8,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from conveyor.v1 import worker_service_pb2 as w
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..brokers.base import Broker
 from ..config import Settings
@@ -223,8 +223,8 @@ class WorkerConnections:
         for session in list(self.registry.sessions.values()):
             session.send(w.ConnectResponse(drain=w.Drain(reason=reason)))
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

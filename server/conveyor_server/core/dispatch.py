@@ -12,10 +12,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..brokers.base import Broker, Delivery
 from .followups import FollowUps

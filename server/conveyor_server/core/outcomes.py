@@ -10,10 +10,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..backends.base import Backend
 from .followups import FollowUps
@@ -24,7 +23,7 @@ from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
-O = worker_service_pb2.Outcome
+OUTCOME = worker_service_pb2.Outcome
 A = worker_service_pb2.AckStatus
 # Attempts allowed for a task that asks to be retried but whose policy sets no maximum.
 DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
@@ -118,7 +117,7 @@ class OutcomeRecorder:
     async def fail_leased(self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str) -> None:
         """Fail attempts the server gave up on (past their time limit); retries still apply."""
         outcomes = [
-            worker_service_pb2.TaskOutcome(task_id=t, lease_token=token, outcome=O.OUTCOME_FAILURE, error=cause)
+            worker_service_pb2.TaskOutcome(task_id=t, lease_token=token, outcome=OUTCOME.OUTCOME_FAILURE, error=cause)
             for t, token in leases
         ]
         await self.record(outcomes, worker_id)
@@ -129,11 +128,11 @@ class OutcomeRecorder:
         """Move the record to the outcome's state; returns the retry delay when one is due."""
         result = record.result
         at = outcome.finished_at if outcome.HasField("finished_at") else now()
-        if outcome.outcome == O.OUTCOME_SUCCESS:
+        if outcome.outcome == OUTCOME.OUTCOME_SUCCESS:
             result.result.CopyFrom(outcome.result)
             transition(record, S.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
             return 0.0
-        if outcome.outcome == O.OUTCOME_CANCELLED:
+        if outcome.outcome == OUTCOME.OUTCOME_CANCELLED:
             result.error.CopyFrom(error("Cancelled", "stopped by a cancel request"))
             transition(record, S.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
             return 0.0
@@ -141,14 +140,14 @@ class OutcomeRecorder:
         record.attempt_errors.append(cause)
         policy = result.signature.retry
         allowed = attempts_allowed(policy)
-        if outcome.outcome == O.OUTCOME_RETRY and policy.max_attempts <= 0:
+        if outcome.outcome == OUTCOME.OUTCOME_RETRY and policy.max_attempts <= 0:
             allowed = DEFAULT_EXPLICIT_RETRY_ATTEMPTS
         if result.attempts < allowed:
             transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
-            if outcome.outcome == O.OUTCOME_RETRY and outcome.HasField("retry_delay"):
+            if outcome.outcome == OUTCOME.OUTCOME_RETRY and outcome.HasField("retry_delay"):
                 return seconds(outcome.retry_delay)
             return next_delay(policy, result.attempts)
-        if outcome.outcome == O.OUTCOME_RETRY:
+        if outcome.outcome == OUTCOME.OUTCOME_RETRY:
             cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
         result.error.CopyFrom(cause)
         transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)

@@ -11,7 +11,7 @@ from conveyor.v1 import result_pb2, task_service_pb2
 
 from .errors import InvalidArgument, NotFound
 from .planner import nodes_by_id, result_task_id, task_ids
-from .records import S, TERMINAL_STATES, is_terminal, task_key
+from .records import TERMINAL_STATES, S, is_terminal, task_key
 from .store import TaskStore
 
 # A watch re-reads its tasks at least this often even without a change notification,
@@ -30,13 +30,13 @@ class ResultReader:
             raise NotFound(f"no task with id {task_id!r} (unknown, or its result expired)")
         return record.result
 
-    async def wait(self, task_id: str, timeout: float) -> result_pb2.TaskResult:
-        """The result once terminal, or as it stands when `timeout` runs out."""
+    async def wait(self, task_id: str, wait_seconds: float) -> result_pb2.TaskResult:
+        """The result once terminal, or as it stands when `wait_seconds` run out."""
         result = await self.get(task_id)
-        if result.state in TERMINAL_STATES or timeout <= 0:
+        if result.state in TERMINAL_STATES or wait_seconds <= 0:
             return result
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_seconds):
                 async for _ in self.watch([task_id], until_done=True):
                     pass
         return await self.get(task_id)

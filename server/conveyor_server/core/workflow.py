@@ -15,8 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.values import to_jsonable
 from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
+from conveyor.values import to_jsonable
 
 from .planner import nodes_by_id, task_ids
 from .publisher import Publication, Publisher
@@ -99,7 +99,7 @@ class WorkflowEngine:
     ) -> None:
         if node.kind == "task":
             starts.append((node.task_id, value))
-        elif node.kind == "chain" or node.kind == "chord":
+        elif node.kind in {"chain", "chord"}:
             self._collect(nodes, nodes[node.child_ids[0]], value, starts, empty_groups)
         elif not node.child_ids:
             empty_groups.append(node)
