@@ -14,14 +14,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+
 from conveyor import Client, Sig, Worker
 from conveyor.client import default_address, state_name
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
-from google.protobuf import json_format
 
 from . import logs
 from .app import ConveyorServer
 from .config import ConfigError, load_settings
+from .telemetry import configure_tracing
 
 
 def _parse_arg(text: str) -> Any:
@@ -46,6 +48,7 @@ async def _serve(args: argparse.Namespace) -> None:
     settings = settings.replace(**overrides)
     logs.configure(settings.log_level, settings.log_json or args.log_json)
     server = ConveyorServer(settings)
+    tracing_provider = configure_tracing(settings.otlp_endpoint, server.settings.server_id)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,6 +57,8 @@ async def _serve(args: argparse.Namespace) -> None:
     print(f"conveyor serving on {settings.host}:{server.port}", flush=True)
     await stop.wait()
     await server.stop()
+    if tracing_provider is not None:
+        tracing_provider.shutdown()
 
 
 # -- worker ---------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class Settings:
     server_id: str = ""
     log_level: str = "INFO"
     log_json: bool = False
+    # OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (empty: OTEL_EXPORTER_OTLP_ENDPOINT or none).
+    otlp_endpoint: str = ""
     limits: Limits = field(default_factory=Limits)
 
     def replace(self, **changes: Any) -> Settings:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
 
+from conveyor import tracing
 from conveyor.canvas import Canvas, Sig
 from conveyor.errors import TaskFailed
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
@@ -103,14 +105,21 @@ class Client:
             target = Sig(target, args, kwargs)
         elif args or kwargs:
             raise TypeError("args and kwargs go with a task name; build a sig() for anything else")
-        response = await self._stub.Submit(to_request(target), metadata=self._metadata)
+        request = to_request(target)
+        name = request.task.name if request.HasField("task") else "workflow"
+        with tracing.span(f"submit {name}", kind=SpanKind.CLIENT):
+            response = await self._stub.Submit(request, metadata=self._traced_metadata())
         return _submitted(response)
 
     async def submit_batch(self, targets: Iterable[Submittable]) -> list[Submitted]:
         """Submit many in one round trip; all are accepted or none."""
         request = task_service_pb2.SubmitBatchRequest(requests=[to_request(t) for t in targets])
-        response = await self._stub.SubmitBatch(request, metadata=self._metadata)
+        with tracing.span("submit batch", kind=SpanKind.CLIENT):
+            response = await self._stub.SubmitBatch(request, metadata=self._traced_metadata())
         return [_submitted(r) for r in response.responses]
+
+    def _traced_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (*self._metadata, *tracing.inject().items())
 
     async def get_result(self, task_id: str, wait: float = 0.0) -> result_pb2.TaskResult:
         """The task's record; with `wait`, waits up to that many seconds for it to finish."""

@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from conveyor import __version__
+from conveyor import __version__, tracing
 from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, execute
@@ -268,8 +269,13 @@ class Worker:
     async def _run_one(
         self, function: TaskFunction, assignment: w.Assignment, context: TaskContext, executor: ThreadPoolExecutor
     ) -> None:
+        task = assignment.task
+        attributes: dict[str, str | int] = {"conveyor.task_id": task.id, "conveyor.attempt": assignment.attempt}
         try:
-            outcome = await execute(function, assignment, context, executor)
+            with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
+                outcome = await execute(function, assignment, context, executor)
+                if outcome.outcome != w.OUTCOME_SUCCESS:
+                    span.set_status(Status(StatusCode.ERROR, outcome.error.message))
         except asyncio.CancelledError:
             return  # shutting down: the server hands the task to another worker
         finally:

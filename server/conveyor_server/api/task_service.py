@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
+
+from conveyor import tracing
 from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
 
@@ -19,11 +22,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_WAIT_SECONDS = 300.0
 
 
-def _trace_headers(context: Context) -> dict[str, str]:
-    """W3C trace context sent as gRPC metadata, inherited by submitted tasks."""
+def _caller_trace(context: Context) -> dict[str, str]:
+    """W3C trace context the caller sent as gRPC metadata."""
     return {
         k: v for k, v in (context.invocation_metadata() or ())
-        if k in ("traceparent", "tracestate") and isinstance(v, str)
+        if k in tracing.TRACE_HEADERS and isinstance(v, str)
     }
 
 
@@ -35,12 +38,14 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
-        (response,) = await self.submitter.submit([request], _trace_headers(context))
+        with tracing.span("submit", _caller_trace(context), SpanKind.SERVER):
+            (response,) = await self.submitter.submit([request], tracing.inject())
         return response
 
     @unary
     async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
-        responses = await self.submitter.submit(request.requests, _trace_headers(context))
+        with tracing.span("submit batch", _caller_trace(context), SpanKind.SERVER):
+            responses = await self.submitter.submit(request.requests, tracing.inject())
         return t.SubmitBatchResponse(responses=responses)
 
     @unary

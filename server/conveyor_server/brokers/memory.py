@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -94,10 +95,8 @@ class MemoryBroker:
                 return taken
             if target.delayed:
                 remaining = min(remaining, max(target.delayed[0][0] - time.monotonic(), 0.001))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(target.arrived.wait(), remaining)
-            except TimeoutError:
-                pass
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:

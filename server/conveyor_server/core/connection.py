@@ -11,9 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from conveyor.v1 import worker_service_pb2 as w
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import worker_service_pb2 as w
 
 from ..brokers.base import Broker
 from ..config import Settings

@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..brokers.base import Broker, Delivery
 from .followups import FollowUps
@@ -100,6 +102,11 @@ class Dispatcher:
                 workflow_id=record.result.workflow_id,
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
+            with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers,
+                              attributes={"conveyor.task_id": task_id, "conveyor.attempt": message.attempt,
+                                          "conveyor.worker_id": worker_id}):
+                # The worker's execute span becomes a child of this dispatch.
+                tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
                 task_id, tokens[task_id], message.attempt, delivery,
                 limit.seconds + limit.nanos / 1e9, now,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
@@ -30,11 +30,13 @@ class FollowUps:
             result = record.result
             if result.state == S.TASK_STATE_SUCCESS and result.signature.on_success:
                 await self.fire_callbacks(
-                    f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id
+                    f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id,
+                    result.signature.headers,
                 )
             elif result.state == S.TASK_STATE_FAILURE and result.signature.on_error:
                 await self.fire_callbacks(
-                    f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id
+                    f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id,
+                    result.signature.headers,
                 )
             if record.node_id:
                 await self.workflow.on_task_terminal(record, repair)
@@ -45,12 +47,16 @@ class FollowUps:
         signatures: Sequence[task_pb2.Signature],
         argument: task_pb2.Value | result_pb2.TaskError,
         workflow_id: str,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Submit callbacks under ids derived from their cause, so a repeat fires none twice."""
+        """Submit callbacks under ids derived from their cause, so a repeat fires none twice.
+        They inherit the cause's trace context (`headers`) and so join its trace."""
         value = argument if isinstance(argument, task_pb2.Value) else error_value(argument, id_prefix)
         records = [
             new_record(
-                with_leading_arg(filled(sig, self.default_queue, task_id=f"{id_prefix}{i}"), value),
+                with_leading_arg(
+                    filled(sig, self.default_queue, task_id=f"{id_prefix}{i}", inherit_headers=headers), value
+                ),
                 workflow_id=workflow_id,
             )
             for i, sig in enumerate(signatures)

@@ -10,9 +10,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..backends.base import Backend
 from .followups import FollowUps
@@ -156,16 +158,20 @@ class OutcomeRecorder:
     async def _after(
         self, written: dict[str, records_pb2.TaskRecord], decisions: dict[str, _Decision]
     ) -> None:
-        retries = [
-            Publication(r.result.signature, r.result.attempts + 1, r.result.workflow_id, decisions[t].retry_delay)
-            for t, r in written.items()
-            if r.result.state == S.TASK_STATE_RETRY
-        ]
-        if retries:
-            await self.publisher.publish(retries)
-        finished = [r for r in written.values() if is_terminal(r)]
-        for record in finished:
-            if record.result.state == S.TASK_STATE_FAILURE:
-                await self.backend.add_member(DEAD_LETTERS_GROUP, record.result.task_id, record.result.queue.encode())
-        if finished:
-            await self.followups.after_terminal(finished)
+        """Per recorded outcome, inside its "result" span (child of the task's trace): publish
+        the retry, or list the dead letter and run the follow-ups."""
+        for task_id, record in written.items():
+            result = record.result
+            attributes: dict[str, str | int] = {"conveyor.task_id": task_id, "conveyor.state": S.Name(result.state),
+                          "conveyor.attempt": result.attempts}
+            with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
+                if result.state == S.TASK_STATE_RETRY:
+                    await self.publisher.publish([Publication(
+                        result.signature, result.attempts + 1, result.workflow_id, decisions[task_id].retry_delay
+                    )])
+                    continue
+                if not is_terminal(record):
+                    continue
+                if result.state == S.TASK_STATE_FAILURE:
+                    await self.backend.add_member(DEAD_LETTERS_GROUP, task_id, result.queue.encode())
+                await self.followups.after_terminal([record])

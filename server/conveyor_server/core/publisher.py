@@ -8,6 +8,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import SpanKind
+
+from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
 
@@ -63,8 +66,12 @@ class Publisher:
                     group=signature.message_group,
                 )
             )
-        if len(by_queue) == 1:
-            (queue, messages), = by_queue.items()
+        if by_queue:
+            await asyncio.gather(*(self._publish(q, m) for q, m in by_queue.items()))
+
+    async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
+        attributes: dict[str, str | int] = {
+            "messaging.destination.name": queue, "messaging.batch.message_count": len(messages)
+        }
+        with tracing.span(f"enqueue {queue}", kind=SpanKind.PRODUCER, attributes=attributes):
             await self.broker.publish(queue, messages)
-        elif by_queue:
-            await asyncio.gather(*(self.broker.publish(q, m) for q, m in by_queue.items()))

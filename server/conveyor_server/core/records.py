@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 S = result_pb2.TaskState
 TERMINAL_STATES = frozenset({S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
-from conveyor.v1 import task_pb2
 from google.protobuf.duration_pb2 import Duration
+
+from conveyor.v1 import task_pb2
 
 B = task_pb2.BackoffKind
 DEFAULT_INITIAL_SECONDS = 1.0

@@ -13,8 +13,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from conveyor.v1 import worker_service_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import worker_service_pb2
 
 from .dispatch import Lease
 

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
@@ -241,7 +242,8 @@ class WorkflowEngine:
     ) -> None:
         if node.on_error and self.fire_callbacks is not None:
             await self.fire_callbacks(
-                f"{plan.workflow_id}.{node.node_id}.err", list(node.on_error), outcome.error, plan.workflow_id
+                f"{plan.workflow_id}.{node.node_id}.err", list(node.on_error), outcome.error, plan.workflow_id,
+                tracing.inject(),
             )
 
 

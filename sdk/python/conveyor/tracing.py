@@ -1,0 +1,48 @@
+"""OpenTelemetry glue shared by the client, the worker runtime and the server.
+
+Trace context travels as W3C `traceparent`/`tracestate`: in gRPC metadata from a client to
+the server, and in each Signature's headers from there on, so it crosses queues, workflow
+steps, retries and languages. Without an OpenTelemetry SDK configured every span is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def tracer(name: str = "conveyor") -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject(carrier: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The current context as W3C headers (empty when there is no valid span)."""
+    headers: dict[str, str] = {}
+    _PROPAGATOR.inject(headers)
+    if carrier is not None:
+        carrier.update(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str]) -> otel_context.Context:
+    return _PROPAGATOR.extract({k: v for k, v in headers.items() if k in TRACE_HEADERS})
+
+
+@contextmanager
+def span(
+    name: str, parent_headers: Mapping[str, str] | None = None, kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Attributes = None,
+) -> Iterator[Span]:
+    """A current span, child of the context in `parent_headers` (or of the current span)."""
+    parent = extract(parent_headers) if parent_headers else None
+    with tracer().start_as_current_span(name, context=parent, kind=kind, attributes=attributes) as current:
+        yield current
