@@ -1,0 +1,445 @@
+"""Memcached result store (aiomcache).
+
+Keys are `{prefix}:{kind}:{name}`, or `{prefix}:{kind}#{sha1(name)}` when the name is too
+long or has bytes memcached keys cannot hold (space, control, non-ASCII); deterministic, so
+every replica finds the same item.
+
+- record `r`: 8-byte big-endian version + data. insert is `add`; compare-and-set is
+  gets + cas, retried only while the version still matches.
+- group `g`: an index {generation, names, touched} updated by a gets/cas loop; each payload
+  is a marker item `m` keyed by (generation, member) and written with `add`, so the first
+  payload wins and the index stays small. A new generation after the group expires keeps old
+  markers from leaking into a new group. Markers live twice the TTL and are touched again
+  when the group outlives half of it, so a marker never vanishes before its index.
+- claim `c`: `add`.
+
+Every write sets the expiry. Memcached counts whole seconds on a clock that ticks once a
+second, so the TTL is rounded up plus one second (an item lives at least the TTL and at most
+two seconds more); times beyond 30 days are sent as absolute timestamps, as memcached
+requires. Values are limited by the server's item size: run memcached with `-I 8m` (the
+default is 1 MB). Memcached may evict items under memory pressure; give it enough `-m`.
+
+watch() polls: one meta-get (`mg key c`, memcached >= 1.6) per watched key every 50 ms on a
+dedicated connection, comparing CAS tokens, which change on every write and cost no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Self, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import aiomcache
+
+from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+POLL_SECONDS = 0.05
+DEFAULT_PORT = 11211
+MAX_KEY_BYTES = 250
+# Relative expiry times above this are read by memcached as Unix timestamps.
+MAX_RELATIVE_EXPTIME = 30 * 24 * 3600
+# Keys per get / meta-get round trip.
+_CHUNK = 200
+# A CAS loop only retries after another writer succeeded, so this is never reached in practice.
+_MAX_RACES = 10_000
+_VERSION = struct.Struct(">Q")
+
+
+def _exptime(seconds: float) -> int:
+    # Memcached's clock ticks once a second, so N can end up to a second early: add one.
+    whole = math.ceil(seconds) + 1
+    return whole if whole <= MAX_RELATIVE_EXPTIME else int(time.time()) + whole
+
+
+def _safe(name: str) -> bool:
+    return all("!" <= char <= "~" for char in name)
+
+
+def _pack(version: int, data: bytes) -> bytes:
+    return _VERSION.pack(version) + data
+
+
+def _unpack(value: bytes) -> Versioned:
+    return Versioned(value[_VERSION.size :], _VERSION.unpack_from(value)[0])
+
+
+@dataclass
+class _Index:
+    """A group's member names; payloads live in marker items of its generation."""
+
+    generation: str = field(default_factory=lambda: uuid.uuid4().hex)
+    touched: float = field(default_factory=time.time)
+    names: dict[str, None] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({"g": self.generation, "t": self.touched, "m": list(self.names)}).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> _Index:
+        raw = json.loads(value)
+        return cls(str(raw["g"]), float(raw["t"]), dict.fromkeys(raw["m"]))
+
+
+class _Watcher:
+    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        self.keys = keys
+        self.pending: set[str] = set()
+        self.closed = False
+        self._wake = asyncio.Event()
+
+    def notify(self, key: str) -> None:
+        self.pending.add(key)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def next(self) -> set[str] | None:
+        while not self.pending:
+            if self.closed:
+                return None
+            await self._wake.wait()
+            self._wake.clear()
+        changed, self.pending = self.pending, set()
+        return changed
+
+
+Fetch = Callable[[list[str]], Awaitable[dict[str, Hashable]]]
+
+
+class _PollFeed:
+    """Polls a fingerprint of every watched key for all watchers of one backend."""
+
+    def __init__(self, fetch: Fetch, interval: float = POLL_SECONDS) -> None:
+        self._fetch = fetch
+        self._interval = interval
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._seen: dict[str, Hashable] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, watcher: _Watcher) -> None:
+        new = [key for key in watcher.keys if key not in self._watchers]
+        for key in watcher.keys:
+            self._watchers.setdefault(key, set()).add(watcher)
+        if new:
+            # The baseline is read before the first yield, so a later write always differs.
+            found = await self._fetch(new)
+            for key in new:
+                self._seen.setdefault(key, found.get(key))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="conveyor-memcached-watch")
+
+    def remove(self, watcher: _Watcher) -> None:
+        for key in watcher.keys:
+            watchers = self._watchers.get(key)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watchers[key]
+                    self._seen.pop(key, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while self._watchers:
+            await asyncio.sleep(self._interval)
+            keys = list(self._watchers)
+            try:
+                found = await self._fetch(keys)
+            except Exception as exc:
+                log.warning("memcached watch poll failed (%s); retrying", exc)
+                continue
+            for key in keys:
+                if key not in self._watchers:
+                    continue
+                current = found.get(key)
+                if key in self._seen and self._seen[key] != current:
+                    for watcher in self._watchers[key]:
+                        watcher.notify(key)
+                self._seen[key] = current
+
+
+class _CasReader:
+    """Meta-get of CAS tokens on a dedicated connection (aiomcache has no meta commands)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._lock = asyncio.Lock()
+
+    async def tokens(self, keys: list[bytes]) -> list[int | None]:
+        async with self._lock:
+            try:
+                return await self._tokens(keys)
+            except BaseException:
+                # A half-read reply would poison the next request: start over.
+                self.close()
+                raise
+
+    async def _tokens(self, keys: list[bytes]) -> list[int | None]:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self._host, self._port)
+        reader, writer = self._streams
+        writer.write(b"".join(b"mg " + key + b" c\r\n" for key in keys) + b"mn\r\n")
+        await writer.drain()
+        found: list[int | None] = []
+        while (line := await reader.readline()) != b"MN\r\n":
+            if line.startswith(b"HD "):
+                found.append(int(line.split()[1][1:]))
+            elif line == b"EN\r\n":
+                found.append(None)
+            else:
+                raise ConnectionError(f"unexpected memcached reply {line!r}")
+        if len(found) != len(keys):
+            raise ConnectionError("memcached meta-get reply count mismatch")
+        return found
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+class MemcachedBackend:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        prefix: str = "conveyor",
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        pool_size: int = 16,
+    ) -> None:
+        if not prefix or not _safe(prefix) or len(prefix) > 100:
+            raise ValueError(f"memcached prefix {prefix!r}: use 1-100 printable ASCII characters, no spaces")
+        self._host = host
+        self._port = port
+        self._prefix = prefix
+        self._ttl = ttl_seconds
+        self._pool_size = pool_size
+        self._client: aiomcache.Client | None = None
+        self._cas_reader: _CasReader | None = None
+        self._feed: _PollFeed | None = None
+        self._watchers: set[_Watcher] = set()
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
+        """memcached://host:port?prefix=name&pool_size=16."""
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        return cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or DEFAULT_PORT,
+            query.get("prefix", "conveyor"),
+            ttl_seconds,
+            int(query.get("pool_size", "16")),
+        )
+
+    @property
+    def _mc(self) -> aiomcache.Client:
+        if self._client is None:
+            raise RuntimeError("MemcachedBackend is not connected")
+        return self._client
+
+    def _key(self, kind: str, name: str) -> bytes:
+        plain = f"{self._prefix}:{kind}:{name}"
+        if _safe(name) and len(plain) <= MAX_KEY_BYTES:
+            return plain.encode()
+        # ':' vs '#' after the kind keeps hashed keys apart from plain ones.
+        return f"{self._prefix}:{kind}#{hashlib.sha1(name.encode()).hexdigest()}".encode()
+
+    def _marker(self, generation: str, member: str) -> bytes:
+        return self._key("m", f"{generation}:{member}")
+
+    @staticmethod
+    async def _safely(call: Awaitable[T]) -> T:
+        # aiomcache returns a connection to its pool even when a call is cancelled
+        # mid-reply; shielding lets the call finish so the connection stays in sync.
+        return await asyncio.shield(call)
+
+    async def connect(self) -> None:
+        client = aiomcache.Client(self._host, self._port, pool_size=self._pool_size)
+        await client.version()
+        self._client = client
+        self._cas_reader = _CasReader(self._host, self._port)
+
+    async def close(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.close()
+        if self._feed is not None:
+            await self._feed.close()
+            self._feed = None
+        if self._cas_reader is not None:
+            self._cas_reader.close()
+            self._cas_reader = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+        exptime = _exptime(self._ttl)
+        keys = list(records)
+        adds = (self._mc.add(self._key("r", key), _pack(1, records[key]), exptime) for key in keys)
+        added = await asyncio.gather(*(self._safely(add) for add in adds))
+        return [key for key, ok in zip(keys, added, strict=True) if not ok]
+
+    async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, Versioned] = {}
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start : start + _CHUNK]
+            values = await self._safely(self._mc.multi_get(*(self._key("r", key) for key in chunk)))
+            for key, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    found[key] = _unpack(value)
+        return found
+
+    async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
+        # Different keys run concurrently; updates of one key run in order.
+        applied = [False] * len(updates)
+        by_key: dict[str, list[int]] = {}
+        for index, update in enumerate(updates):
+            by_key.setdefault(update.key, []).append(index)
+
+        async def apply(indexes: list[int]) -> None:
+            for index in indexes:
+                applied[index] = await self._compare_and_set_one(updates[index])
+
+        await asyncio.gather(*(apply(indexes) for indexes in by_key.values()))
+        return applied
+
+    async def _compare_and_set_one(self, update: Update) -> bool:
+        key = self._key("r", update.key)
+        value = _pack(update.expected_version + 1, update.data)
+        for _ in range(_MAX_RACES):
+            current, token = await self._safely(self._mc.gets(key))
+            if current is None or token is None or _unpack(current).version != update.expected_version:
+                return False
+            if await self._safely(self._mc.cas(key, value, token, _exptime(self._ttl))):
+                return True
+            # Another write won the race; it bumped the version unless the record expired and
+            # was inserted again, so read again instead of failing.
+        return False
+
+    async def add_member(self, group: str, member: str, payload: bytes) -> int:
+        key = self._key("g", group)
+        for _ in range(_MAX_RACES):
+            current, token = await self._safely(self._mc.gets(key))
+            index = _Index() if current is None else _Index.decode(current)
+            # First payload wins within this generation of the group.
+            marker = self._marker(index.generation, member)
+            await self._safely(self._mc.add(marker, payload, self._marker_exptime()))
+            index.names[member] = None
+            if await self._write_index(key, index, token if current is not None else None):
+                return len(index.names)
+        raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
+
+    async def _write_index(self, key: bytes, index: _Index, token: int | None) -> bool:
+        """Store the index (add when new, else cas); keeps the markers outliving it."""
+        now = time.time()
+        if now - index.touched > self._ttl / 2:
+            await asyncio.gather(
+                *(
+                    self._safely(self._mc.touch(self._marker(index.generation, name), self._marker_exptime()))
+                    for name in index.names
+                )
+            )
+            index.touched = now
+        value, exptime = index.encode(), _exptime(self._ttl)
+        if token is None:
+            return await self._safely(self._mc.add(key, value, exptime))
+        return await self._safely(self._mc.cas(key, value, token, exptime))
+
+    def _marker_exptime(self) -> int:
+        # Twice the TTL, refreshed every half TTL: a marker always outlives its index.
+        return _exptime(2 * self._ttl)
+
+    async def members(self, group: str) -> dict[str, bytes]:
+        current = await self._safely(self._mc.get(self._key("g", group)))
+        if current is None:
+            return {}
+        index = _Index.decode(current)
+        names = list(index.names)
+        found: dict[str, bytes] = {}
+        for start in range(0, len(names), _CHUNK):
+            chunk = names[start : start + _CHUNK]
+            markers = list(dict.fromkeys(self._marker(index.generation, name) for name in chunk))
+            values = dict(zip(markers, await self._safely(self._mc.multi_get(*markers)), strict=True))
+            for name in chunk:
+                payload = values[self._marker(index.generation, name)]
+                if payload is not None:
+                    found[name] = payload
+        return found
+
+    async def remove_member(self, group: str, member: str) -> None:
+        key = self._key("g", group)
+        for _ in range(_MAX_RACES):
+            current, token = await self._safely(self._mc.gets(key))
+            if current is None or token is None:
+                return
+            index = _Index.decode(current)
+            if member not in index.names:
+                return
+            del index.names[member]
+            if await self._write_index(key, index, token):
+                await self._safely(self._mc.delete(self._marker(index.generation, member)))
+                return
+        raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
+
+    async def claim(self, key: str) -> bool:
+        return await self._safely(self._mc.add(self._key("c", key), b"1", _exptime(self._ttl)))
+
+    async def _cas_tokens(self, keys: list[str]) -> dict[str, Hashable]:
+        """CAS token per existing record; it changes on every write, even a re-insert."""
+        if self._cas_reader is None:
+            raise RuntimeError("MemcachedBackend is not connected")
+        found: dict[str, Hashable] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            tokens = await self._cas_reader.tokens([self._key("r", key) for key in chunk])
+            found.update((key, token) for key, token in zip(chunk, tokens, strict=True) if token is not None)
+        return found
+
+    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        watcher = _Watcher(frozenset(keys))
+        self._watchers.add(watcher)
+        feed: _PollFeed | None = None
+        try:
+            if watcher.keys:
+                if self._feed is None:
+                    self._feed = _PollFeed(self._cas_tokens)
+                feed = self._feed
+                try:
+                    await feed.add(watcher)
+                except Exception:
+                    if watcher.closed:  # close() raced the start
+                        return
+                    raise
+                # Anything may have changed before the first poll.
+                yield set(watcher.keys)
+            while (changed := await watcher.next()) is not None:
+                yield changed
+        finally:
+            self._watchers.discard(watcher)
+            if feed is not None:
+                feed.remove(watcher)
