@@ -1,0 +1,257 @@
+'use strict';
+// The Node client: submit tasks and workflows, read, watch and cancel them (TaskService).
+//
+//   const client = new Client('127.0.0.1:50051');
+//   const { taskId } = await client.submit('add', [1, 2]);
+//   for await (const event of client.watch([taskId])) console.log(event.state, event.result.value);
+//   client.close();
+
+const { load, metadataFor, defaultAddress, grpc } = require('./proto');
+const {
+  toValues, toValueMap, fromValue, toDate, duration, timestamp,
+} = require('./values');
+const { injectHeaders } = require('./tracing');
+
+const TERMINAL = new Set(['SUCCESS', 'FAILURE', 'CANCELLED']);
+// GetResult waits server-side at most this long per call; longer waits loop.
+const WAIT_SLICE_SECONDS = 60;
+const BACKOFF_KINDS = {
+  exponential: 'BACKOFF_KIND_EXPONENTIAL', fibonacci: 'BACKOFF_KIND_FIBONACCI', fixed: 'BACKOFF_KIND_FIXED',
+};
+const FAILURE_POLICIES = { fail: 'CHORD_FAILURE_POLICY_FAIL', continue: 'CHORD_FAILURE_POLICY_CONTINUE' };
+
+/** A task ended in FAILURE or CANCELLED (thrown by client.result()). */
+class TaskFailed extends Error {
+  constructor(result) {
+    const error = result.error || {};
+    super(`task ${result.taskId} ended ${result.state}: ${error.type || ''}: ${error.message || ''}`);
+    this.name = 'TaskFailed';
+    this.taskId = result.taskId;
+    this.state = result.state;
+    this.errorType = error.type || '';
+    this.errorMessage = error.message || '';
+    this.traceback = error.traceback || '';
+    this.result = result;
+  }
+}
+
+/** "SUCCESS" for "TASK_STATE_SUCCESS". */
+function stateName(state) {
+  return String(state).replace(/^TASK_STATE_/, '');
+}
+
+// -- canvas -------------------------------------------------------------------------------------
+
+/**
+ * One task call. options: id, queue, priority (0-9), countdown (s), eta (Date), timeLimit (s),
+ * retry {maxAttempts, backoff: 'exponential'|'fibonacci'|'fixed', initial, max, jitter},
+ * immutable, idempotencyKey, headers, messageGroup, onSuccess [sig], onError [sig].
+ */
+function sig(name, args = [], kwargs = {}, options = {}) {
+  return { kind: 'task', name, args, kwargs, options };
+}
+
+/** An immutable signature: it ignores the previous chain step's result. */
+function si(name, args = [], kwargs = {}, options = {}) {
+  return sig(name, args, kwargs, { ...options, immutable: true });
+}
+
+const chain = (...steps) => ({ kind: 'chain', steps: steps.flat() });
+const group = (...members) => ({ kind: 'group', members: members.flat() });
+/** chord(group(...) or [members], callback, {failurePolicy: 'fail' | 'continue'}) */
+function chord(header, callback, { failurePolicy = 'fail' } = {}) {
+  const members = Array.isArray(header) ? header : header.members;
+  return { kind: 'chord', members, callback, failurePolicy };
+}
+
+function toSignature(node) {
+  const o = node.options || {};
+  const signature = {
+    id: o.id || '',
+    name: node.name,
+    queue: o.queue || '',
+    args: toValues(node.args),
+    kwargs: toValueMap(node.kwargs),
+    headers: injectHeaders({ ...(o.headers || {}) }),
+    priority: o.priority || 0,
+    immutable: Boolean(o.immutable),
+    idempotency_key: o.idempotencyKey || '',
+    message_group: o.messageGroup || '',
+    on_success: (o.onSuccess || []).map(toSignature),
+    on_error: (o.onError || []).map(toSignature),
+  };
+  if (o.countdown != null) signature.countdown = duration(o.countdown);
+  if (o.eta != null) signature.eta = timestamp(o.eta);
+  if (o.timeLimit != null) signature.time_limit = duration(o.timeLimit);
+  if (o.retry) {
+    const r = o.retry;
+    signature.retry = {
+      max_attempts: r.maxAttempts ?? 3,
+      backoff: BACKOFF_KINDS[r.backoff || 'exponential'],
+      initial: duration(r.initial ?? 1),
+      max: duration(r.max ?? 3600),
+      jitter: r.jitter ?? 0,
+    };
+  }
+  return signature;
+}
+
+function toWorkflow(node) {
+  switch (node.kind) {
+    case 'task':
+      return { task: toSignature(node) };
+    case 'chain':
+      return { chain: { steps: node.steps.map(toWorkflow) } };
+    case 'group':
+      return { group: { members: node.members.map(toWorkflow) } };
+    case 'chord':
+      return {
+        chord: {
+          header: { members: node.members.map(toWorkflow) },
+          callback: toWorkflow(node.callback),
+          failure_policy: FAILURE_POLICIES[node.failurePolicy] || FAILURE_POLICIES.fail,
+        },
+      };
+    default:
+      throw new TypeError(`not a task or workflow: ${JSON.stringify(node)}`);
+  }
+}
+
+// -- results ------------------------------------------------------------------------------------
+
+function toError(error) {
+  return error ? { type: error.type, message: error.message, traceback: error.traceback } : null;
+}
+
+/** A TaskResult as plain JavaScript: state names without prefix, `value` decoded, Dates. */
+function toResult(r) {
+  if (!r) return null;
+  const state = stateName(r.state);
+  return {
+    taskId: r.task_id,
+    name: r.name,
+    queue: r.queue,
+    state,
+    value: state === 'SUCCESS' ? fromValue(r.result) : undefined,
+    error: toError(r.error),
+    attempts: r.attempts,
+    workerId: r.worker_id,
+    workflowId: r.workflow_id,
+    submittedAt: toDate(r.submitted_at),
+    startedAt: toDate(r.started_at),
+    finishedAt: toDate(r.finished_at),
+    progress: fromValue(r.progress),
+    history: (r.history || []).map((h) => ({
+      state: stateName(h.state), at: toDate(h.at), attempt: h.attempt, workerId: h.worker_id, error: toError(h.error),
+    })),
+    raw: r,
+  };
+}
+
+function toEvent(e) {
+  return {
+    taskId: e.task_id, state: stateName(e.state), at: toDate(e.at), workflowId: e.workflow_id, result: toResult(e.result),
+  };
+}
+
+function toSubmitted(r) {
+  return { taskId: r.task_id, workflowId: r.workflow_id, taskIds: [...r.task_ids] };
+}
+
+class Client {
+  /**
+   * @param {string} [address] host:port (default CONVEYOR_ADDRESS or 127.0.0.1:50051)
+   * @param {object} [options] {token, credentials, channelOptions}
+   */
+  constructor(address, options = {}) {
+    this.address = address || defaultAddress();
+    const { TaskService } = load();
+    this._stub = new TaskService(this.address, options.credentials || grpc.credentials.createInsecure(), {
+      'grpc.max_receive_message_length': 64 * 1024 * 1024,
+      ...(options.channelOptions || {}),
+    });
+    this._token = options.token;
+  }
+
+  close() {
+    this._stub.close();
+  }
+
+  _unary(method, request, deadlineSeconds) {
+    const callOptions = deadlineSeconds ? { deadline: new Date(Date.now() + deadlineSeconds * 1000) } : {};
+    return new Promise((resolve, reject) => {
+      this._stub[method](request, metadataFor(this._token), callOptions, (err, response) => {
+        if (err) reject(err);
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Submit one task: submit('add', [1, 2], {}, {queue: 'math'}) -> {taskId, workflowId, taskIds}. */
+  async submit(name, args = [], kwargs = {}, options = {}) {
+    const target = typeof name === 'string' ? sig(name, args, kwargs, options) : name;
+    return this.submitWorkflow(target);
+  }
+
+  /** Submit a sig(), chain(), group() or chord(). */
+  async submitWorkflow(node) {
+    const request = node.kind === 'task' ? { task: toSignature(node) } : { workflow: toWorkflow(node) };
+    return toSubmitted(await this._unary('Submit', request));
+  }
+
+  /** Submit many in one round trip; all are accepted or none. */
+  async submitBatch(nodes) {
+    const requests = nodes.map((node) => (node.kind === 'task' ? { task: toSignature(node) } : { workflow: toWorkflow(node) }));
+    const response = await this._unary('SubmitBatch', { requests });
+    return response.responses.map(toSubmitted);
+  }
+
+  /** The task's record; with waitSeconds, waits up to that long for a terminal state. */
+  async getResult(taskId, waitSeconds = 0) {
+    const deadline = Date.now() + waitSeconds * 1000;
+    for (;;) {
+      const remaining = Math.max((deadline - Date.now()) / 1000, 0);
+      const slice = Math.min(remaining, WAIT_SLICE_SECONDS);
+      const response = await this._unary('GetResult', { task_id: taskId, wait: duration(slice) }, slice + 30);
+      const result = toResult(response.result);
+      if (TERMINAL.has(result.state) || remaining <= WAIT_SLICE_SECONDS) return result;
+    }
+  }
+
+  /** Wait for the task and return its value; throws TaskFailed, or an Error on timeout. */
+  async result(taskId, waitSeconds = 60) {
+    const result = await this.getResult(taskId, waitSeconds);
+    if (!TERMINAL.has(result.state)) throw new Error(`task ${taskId} is still ${result.state} after ${waitSeconds} s`);
+    if (result.state !== 'SUCCESS') throw new TaskFailed(result);
+    return result.value;
+  }
+
+  /**
+   * Stream state changes (what happened so far first) as an async iterator of
+   * {taskId, state, at, workflowId, result}. Ends when every watched task is finished unless
+   * untilDone is false; leaving the loop early cancels the stream.
+   */
+  async* watch(taskIds = [], { workflowId = '', untilDone = true } = {}) {
+    const request = { task_ids: [...taskIds], workflow_id: workflowId, until_done: untilDone };
+    const call = this._stub.WatchResults(request, metadataFor(this._token));
+    try {
+      for await (const response of call) yield toEvent(response.event);
+    } finally {
+      call.cancel();
+    }
+  }
+
+  /** Cancel a task or a whole workflow; returns the ids that moved to CANCELLED. */
+  async cancel(id) {
+    const response = await this._unary('Cancel', { id });
+    return [...response.cancelled_task_ids];
+  }
+
+  async getWorkflow(workflowId) {
+    return this._unary('GetWorkflow', { workflow_id: workflowId });
+  }
+}
+
+module.exports = {
+  Client, TaskFailed, sig, si, chain, group, chord, toResult, toEvent, toSignature, toWorkflow, stateName, TERMINAL,
+};

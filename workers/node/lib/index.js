@@ -1,0 +1,13 @@
+'use strict';
+
+const worker = require('./worker');
+const client = require('./client');
+const values = require('./values');
+
+module.exports = {
+  ...worker,
+  ...client,
+  toValue: values.toValue,
+  fromValue: values.fromValue,
+  UnencodableValue: values.UnencodableValue,
+};

@@ -1,0 +1,508 @@
+'use strict';
+// The Node worker runtime: the same protocol as sdk/python/conveyor/worker.py.
+//
+//   const worker = new Worker({ address: '127.0.0.1:50051', queues: ['default'], concurrency: 8 });
+//   worker.task('add', async ([x, y]) => x + y);
+//   process.on('SIGTERM', () => worker.stop());
+//   await worker.run();
+//
+// One bidirectional stream (WorkerService.Connect) carries everything: Hello/Welcome, heartbeats,
+// batched Assignments in, batched Started/Results/Reject out (whatever is ready in one event-loop
+// turn goes out as one message per kind), Cancel, ResultAck and Drain. Results stay buffered until
+// the server acks them and are sent again after a reconnect.
+
+const os = require('node:os');
+const { load, metadataFor, defaultAddress, grpc } = require('./proto');
+const { toValue, fromValues, fromValueMap, timestamp, duration, durationSeconds } = require('./values');
+const { inTaskSpan } = require('./tracing');
+
+const SDK_VERSION = require('../package.json').version;
+
+const RECONNECT_INITIAL_SECONDS = 0.2;
+const RECONNECT_MAX_SECONDS = 5.0;
+const DEFAULT_DRAIN_SECONDS = 30.0;
+// After the last results of a graceful stop, wait this long at most for their acks.
+const ACK_WAIT_MS = 1000;
+// Status codes that reconnecting cannot fix.
+const FATAL_CODES = new Set([
+  grpc.status.INVALID_ARGUMENT, grpc.status.PERMISSION_DENIED,
+  grpc.status.UNAUTHENTICATED, grpc.status.FAILED_PRECONDITION,
+]);
+
+/** Throw inside a task to run it again after `delay` seconds (bounded by the task's max attempts). */
+class Retry extends Error {
+  constructor(delay = 0, reason = '') {
+    super(reason || `retry requested in ${delay} s`);
+    this.name = 'Retry';
+    this.delay = delay;
+    this.reason = reason;
+  }
+}
+
+/** The reason of ctx.signal when the server cancelled the task. */
+class TaskCancelled extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'TaskCancelled';
+  }
+}
+
+/** The reason of ctx.signal when the task ran past its time limit. */
+class TimeLimitExceeded extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'TimeLimitExceeded';
+  }
+}
+
+function taskError(err, type) {
+  if (err instanceof Error) {
+    return { type: type || err.name || err.constructor?.name || 'Error', message: String(err.message ?? ''), traceback: err.stack || '' };
+  }
+  return { type: type || 'Error', message: String(err), traceback: '' };
+}
+
+function defaultLogger() {
+  const quiet = ['warn', 'error'].includes(String(process.env.CONVEYOR_LOG_LEVEL || '').toLowerCase());
+  const line = (level, args) => `${new Date().toISOString()} ${level} conveyor.worker ${args.join(' ')}`;
+  return {
+    debug: () => {},
+    info: (...args) => { if (!quiet) console.log(line('INFO', args)); },
+    warn: (...args) => console.warn(line('WARNING', args)),
+    error: (...args) => console.error(line('ERROR', args)),
+  };
+}
+
+class Worker {
+  /**
+   * @param {object} [options]
+   * @param {string} [options.address]      host:port (default CONVEYOR_ADDRESS or 127.0.0.1:50051)
+   * @param {string[]} [options.queues]     queues to pull from (default ["default"])
+   * @param {number} [options.concurrency]  tasks run at once; also the window (max_in_flight)
+   * @param {string} [options.workerId]     stable id; the server assigns one when empty
+   * @param {number} [options.drainTimeout] seconds stop() waits for in-flight tasks
+   * @param {string} [options.token]        bearer token (default CONVEYOR_TOKEN)
+   * @param {object} [options.credentials]  grpc.credentials.createSsl(...) for TLS
+   * @param {object} [options.logger]       {debug, info, warn, error}
+   */
+  constructor(options = {}) {
+    const { address, queues, concurrency = 8, workerId = '', drainTimeout = DEFAULT_DRAIN_SECONDS } = options;
+    if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError('concurrency must be an integer >= 1');
+    this.address = address || defaultAddress();
+    this.queues = queues && queues.length ? [...queues] : ['default'];
+    this.concurrency = concurrency;
+    this.workerId = workerId;
+    this.drainTimeout = drainTimeout;
+    this.tasks = new Map();
+    this.log = options.logger || defaultLogger();
+    this._credentials = options.credentials || grpc.credentials.createInsecure();
+    this._token = options.token;
+    this._channelOptions = options.channelOptions || {};
+
+    this._stub = null;
+    this._call = null; // the live stream, or null between connections
+    this._running = new Map(); // task id -> entry
+    this._waiting = []; // assignments beyond `concurrency` (only after a reconnect)
+    this._unacked = new Map(); // task id -> TaskOutcome not yet acked
+    this._pendingResults = [];
+    this._pendingStarted = [];
+    this._pendingRejects = [];
+    this._flushScheduled = false;
+    this._heartbeatTimer = null;
+    this._heartbeatSeconds = 5;
+    this._stopping = false;
+    this._runningLoop = false;
+    this._wake = null; // resolves the reconnect backoff sleep
+    this._idleWaiters = [];
+  }
+
+  // -- registration ---------------------------------------------------------------------------
+
+  /**
+   * Register `fn(args, kwargs, ctx)` under `name`; it may be async. ctx has taskId, name,
+   * attempt, queue, headers, workflowId, signal (an AbortSignal: cancel or time limit),
+   * cancelled and progress(value). Its return value is the result.
+   */
+  task(name, fn) {
+    if (typeof name === 'function') [name, fn] = [name.name, name];
+    if (!name || typeof fn !== 'function') throw new TypeError('worker.task(name, fn) needs a name and a function');
+    if (this.tasks.has(name)) throw new Error(`task ${JSON.stringify(name)} is registered twice`);
+    this.tasks.set(name, fn);
+    return this;
+  }
+
+  /** Change the window (and local concurrency) while running. */
+  setConcurrency(concurrency) {
+    if (!Number.isInteger(concurrency) || concurrency < 1) throw new RangeError('concurrency must be an integer >= 1');
+    this.concurrency = concurrency;
+    this._send({ credit: { max_in_flight: concurrency } });
+    this._startWaiting();
+  }
+
+  // -- lifecycle ------------------------------------------------------------------------------
+
+  /** Connect (and reconnect after failures) until stop() is called and work is drained. */
+  async run() {
+    if (this._runningLoop) throw new Error('worker.run() is already running');
+    this._runningLoop = true;
+    this._stopping = false;
+    const { WorkerService } = load();
+    this._stub = new WorkerService(this.address, this._credentials, {
+      'grpc.max_receive_message_length': 64 * 1024 * 1024,
+      ...this._channelOptions,
+    });
+    let delay = RECONNECT_INITIAL_SECONDS;
+    try {
+      while (!this._stopping) {
+        let welcomed = false;
+        try {
+          welcomed = await this._session();
+        } catch (err) {
+          welcomed = err.welcomed;
+          if (FATAL_CODES.has(err.code)) throw err;
+          if (!this._stopping) {
+            this.log.warn(`stream to ${this.address} broke (${grpc.status[err.code] ?? err.code}: ${err.details || err.message});`,
+              `reconnecting in ${(welcomed ? RECONNECT_INITIAL_SECONDS : delay).toFixed(1)} s`);
+          }
+        }
+        if (this._stopping) break;
+        if (welcomed) delay = RECONNECT_INITIAL_SECONDS;
+        await this._sleep(delay);
+        delay = Math.min(delay * 2, RECONNECT_MAX_SECONDS);
+      }
+    } finally {
+      this._stopHeartbeats();
+      for (const entry of this._running.values()) entry.abort('shutdown', new TaskCancelled('the worker stopped'));
+      this._running.clear();
+      this._waiting = [];
+      this._stub.close();
+      this._stub = null;
+      this._runningLoop = false;
+      this.log.info('worker stopped');
+    }
+  }
+
+  /** Graceful stop: Goodbye, finish in-flight tasks (up to drainTimeout), report them, disconnect. */
+  stop() {
+    if (this._stopping) return;
+    this._stopping = true;
+    if (this._wake) this._wake();
+    if (this._call) this._drain(this._call).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
+  }
+
+  _sleep(seconds) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, seconds * 1000);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this._wake = done;
+    }).finally(() => { this._wake = null; });
+  }
+
+  /** One stream; resolves (true when welcomed) when the server ends it, rejects when it breaks. */
+  _session() {
+    return new Promise((resolve, reject) => {
+      let welcomed = false;
+      let settled = false;
+      const call = this._stub.Connect(metadataFor(this._token));
+      const finish = (err) => {
+        if (settled) return;
+        settled = true;
+        if (this._call === call) this._call = null;
+        this._stopHeartbeats();
+        // Started/Reject for this stream's leases mean nothing to the next one; results stay in _unacked.
+        this._pendingStarted = [];
+        this._pendingRejects = [];
+        this._pendingResults = [];
+        if (err) {
+          err.welcomed = welcomed;
+          reject(err);
+        } else {
+          resolve(welcomed);
+        }
+      };
+      call.on('data', (message) => {
+        if (message.message === 'welcome') welcomed = true;
+        try {
+          this._onMessage(message);
+        } catch (err) {
+          this.log.error(`handling a ${message.message} message failed: ${err.stack || err}`);
+        }
+      });
+      call.on('error', (err) => finish(err));
+      call.on('end', () => finish(null));
+      call.on('status', (status) => { if (status.code === grpc.status.OK) finish(null); });
+
+      this._call = call;
+      this._write(call, { hello: this._hello() });
+      if (this._unacked.size) {
+        // Results from before a reconnect; the server decides whether they still count.
+        this._write(call, { results: { outcomes: [...this._unacked.values()] } });
+      }
+      if (this._stopping) this._drain(call).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
+    });
+  }
+
+  _hello() {
+    return {
+      worker_id: this.workerId,
+      language: 'node',
+      sdk_version: `conveyor-node/${SDK_VERSION} node/${process.versions.node}`,
+      queues: this.queues,
+      task_names: [...this.tasks.keys()].sort(),
+      max_in_flight: this.concurrency,
+      hostname: os.hostname(),
+      pid: process.pid,
+    };
+  }
+
+  _write(call, message) {
+    try {
+      call.write(message);
+    } catch (err) {
+      this.log.warn(`could not write ${Object.keys(message)[0]}: ${err.message}`);
+    }
+  }
+
+  _send(message) {
+    if (this._call) this._write(this._call, message);
+  }
+
+  _startHeartbeats() {
+    this._stopHeartbeats();
+    this._heartbeatTimer = setInterval(() => this._send({ heartbeat: {} }), this._heartbeatSeconds * 1000);
+  }
+
+  _stopHeartbeats() {
+    if (this._heartbeatTimer) clearInterval(this._heartbeatTimer);
+    this._heartbeatTimer = null;
+  }
+
+  async _drain(call) {
+    this._write(call, { goodbye: {} });
+    const busy = this._running.size + this._waiting.length;
+    if (busy) {
+      this.log.info(`draining: waiting for ${busy} tasks`);
+      const idle = await this._idle(this.drainTimeout * 1000);
+      if (!idle) {
+        this.log.warn(`${this._running.size} tasks did not finish in ${this.drainTimeout} s; handing them back`);
+        for (const entry of this._running.values()) entry.abort('shutdown', new TaskCancelled('the worker stopped'));
+      }
+    }
+    this._flush();
+    const deadline = Date.now() + ACK_WAIT_MS;
+    while (this._unacked.size && this._call === call && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    if (this._call === call) call.end(); // the server then ends its side and run() returns
+  }
+
+  _idle(timeoutMs) {
+    if (this._running.size + this._waiting.length === 0) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this._idleWaiters.push(() => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+  }
+
+  // -- messages from the server -----------------------------------------------------------------
+
+  _onMessage(message) {
+    switch (message.message) {
+      case 'welcome': {
+        const { welcome } = message;
+        this.workerId = welcome.worker_id;
+        this._heartbeatSeconds = Math.max(durationSeconds(welcome.heartbeat_interval) || 5, 0.05);
+        this._startHeartbeats();
+        this.log.info(`connected to ${this.address} as ${this.workerId}`,
+          `(queues ${this.queues.join(',')}; tasks ${[...this.tasks.keys()].join(',')})`);
+        break;
+      }
+      case 'assignments':
+        for (const assignment of message.assignments.items) this._accept(assignment);
+        break;
+      case 'cancel':
+        for (const taskId of message.cancel.task_ids) {
+          const entry = this._running.get(taskId);
+          if (entry) entry.abort('request', new TaskCancelled(`task ${taskId} was cancelled`));
+          const queued = this._waiting.findIndex((a) => a.task.id === taskId);
+          if (queued >= 0) {
+            const [assignment] = this._waiting.splice(queued, 1);
+            const now = timestamp();
+            this._report({ task_id: taskId, lease_token: assignment.lease_token, outcome: 'OUTCOME_CANCELLED', started_at: now, finished_at: now });
+          }
+        }
+        break;
+      case 'acks':
+        for (const ack of message.acks.acks) {
+          const held = this._unacked.get(ack.task_id);
+          if (held && held.lease_token === ack.lease_token) this._unacked.delete(ack.task_id);
+          if (ack.status !== 'ACK_STATUS_ACCEPTED') this.log.info(`result of ${ack.task_id} not recorded: ${ack.status}`);
+        }
+        break;
+      case 'drain':
+        this.log.info(`server asked to drain: ${message.drain.reason}`);
+        this.stop();
+        break;
+      default:
+        this.log.debug(`ignoring unknown message ${message.message}`);
+    }
+  }
+
+  _accept(assignment) {
+    const { task } = assignment;
+    if (!this.tasks.has(task.name)) {
+      const known = [...this.tasks.keys()].sort().map((n) => `'${n}'`).join(', ');
+      this._pendingRejects.push({
+        task_id: task.id,
+        lease_token: assignment.lease_token,
+        reason: `no task named '${task.name}' is registered on this worker (node; has [${known}])`,
+      });
+      this._scheduleFlush();
+      return;
+    }
+    if (this._running.size >= this.concurrency) {
+      this._waiting.push(assignment); // only after a reconnect can the server send past our window
+      return;
+    }
+    this._start(assignment);
+  }
+
+  _startWaiting() {
+    while (this._waiting.length && this._running.size < this.concurrency) this._start(this._waiting.shift());
+  }
+
+  _start(assignment) {
+    const { task } = assignment;
+    const controller = new AbortController();
+    const entry = {
+      assignment,
+      stoppedBy: null, // 'request' | 'time_limit' | 'shutdown'
+      abort(by, reason) {
+        if (entry.stoppedBy) return;
+        entry.stoppedBy = by;
+        controller.abort(reason);
+      },
+    };
+    const ctx = {
+      taskId: task.id,
+      name: task.name,
+      attempt: assignment.attempt,
+      queue: task.queue,
+      headers: { ...task.headers },
+      workflowId: assignment.workflow_id,
+      leaseToken: assignment.lease_token,
+      signal: controller.signal,
+      get cancelled() { return controller.signal.aborted; },
+      progress: (value) => this._send({
+        progress: { items: [{ task_id: task.id, lease_token: assignment.lease_token, progress: toValue(value) }] },
+      }),
+      worker: this,
+    };
+    this._running.set(task.id, entry);
+    this._pendingStarted.push({ task_id: task.id, lease_token: assignment.lease_token });
+    this._scheduleFlush();
+    this._execute(this.tasks.get(task.name), assignment, ctx, entry, controller.signal)
+      .then((outcome) => this._finish(entry, outcome))
+      .catch((err) => {
+        this.log.error(`task ${task.id} broke the runtime: ${err.stack || err}`);
+        this._finish(entry, null);
+      });
+  }
+
+  async _execute(fn, assignment, ctx, entry, signal) {
+    const { task } = assignment;
+    const outcome = { task_id: task.id, lease_token: assignment.lease_token, started_at: timestamp() };
+    const limit = durationSeconds(task.time_limit);
+    let timer = null;
+    let onAbort = null;
+    const stopped = new Promise((_, reject) => {
+      onAbort = () => reject(signal.reason);
+      signal.addEventListener('abort', onAbort, { once: true });
+    });
+    stopped.catch(() => {});
+    try {
+      if (limit > 0) {
+        timer = setTimeout(
+          () => entry.abort('time_limit', new TimeLimitExceeded(`ran longer than its time limit of ${limit} s`)),
+          limit * 1000,
+        );
+      }
+      const attributes = {
+        'conveyor.task.id': task.id, 'conveyor.task.name': task.name,
+        'conveyor.task.attempt': assignment.attempt, 'conveyor.queue': task.queue,
+      };
+      const value = await inTaskSpan(task.name, ctx.headers, attributes, () => Promise.race([
+        (async () => fn(fromValues(task.args), fromValueMap(task.kwargs), ctx))(),
+        stopped,
+      ]));
+      outcome.result = toValue(value);
+      outcome.outcome = 'OUTCOME_SUCCESS';
+    } catch (err) {
+      if (entry.stoppedBy === 'shutdown') return null; // not reported: the server hands the task on
+      if (entry.stoppedBy === 'request') {
+        outcome.outcome = 'OUTCOME_CANCELLED';
+      } else if (entry.stoppedBy === 'time_limit') {
+        outcome.outcome = 'OUTCOME_FAILURE';
+        outcome.error = taskError(signal.reason, 'TimeLimitExceeded');
+      } else if (err instanceof Retry) {
+        outcome.outcome = 'OUTCOME_RETRY';
+        outcome.error = taskError(err, 'Retry');
+        outcome.retry_delay = duration(err.delay);
+      } else {
+        outcome.outcome = 'OUTCOME_FAILURE';
+        outcome.error = taskError(err);
+      }
+    } finally {
+      if (timer) clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
+    }
+    outcome.finished_at = timestamp();
+    return outcome;
+  }
+
+  _finish(entry, outcome) {
+    const taskId = entry.assignment.task.id;
+    if (this._running.get(taskId) === entry) this._running.delete(taskId);
+    if (outcome) this._report(outcome);
+    this._startWaiting();
+    if (this._running.size + this._waiting.length === 0) {
+      const waiters = this._idleWaiters.splice(0);
+      for (const wake of waiters) wake();
+    }
+  }
+
+  _report(outcome) {
+    this._unacked.set(outcome.task_id, outcome);
+    this._pendingResults.push(outcome);
+    this._scheduleFlush();
+  }
+
+  _scheduleFlush() {
+    if (this._flushScheduled) return;
+    // Everything that becomes ready in this turn of the event loop goes out together.
+    this._flushScheduled = true;
+    setImmediate(() => this._flush());
+  }
+
+  _flush() {
+    this._flushScheduled = false;
+    const results = this._pendingResults.splice(0);
+    const started = this._pendingStarted.splice(0);
+    const rejects = this._pendingRejects.splice(0);
+    if (!this._call) return; // results stay in _unacked and go out after the reconnect
+    if (rejects.length) this._send({ reject: { tasks: rejects } });
+    // A task that already finished reports its start in its outcome (started_at).
+    const finished = new Set(results.map((o) => o.lease_token));
+    const starts = started.filter((ref) => !finished.has(ref.lease_token));
+    if (starts.length) this._send({ started: { tasks: starts } });
+    if (results.length) this._send({ results: { outcomes: results } });
+  }
+}
+
+module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded };
