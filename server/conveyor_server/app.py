@@ -157,8 +157,8 @@ class ConveyorServer:
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Ask workers to drain, stop accepting calls, then release the engines."""
-        self.core.connections.drain_all("server shutting down")
+        """Stop accepting calls and release the engines. Workers are not told to drain: their
+        streams end and they reconnect (to another replica, or to this one once restarted)."""
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from conveyor_server.backends.base import Backend
 from conveyor_server.brokers.base import Broker
 from conveyor_server.engines import open_backend, open_broker

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conveyor import Client
 
+from conveyor import Client
 from tests.support.processes import Proc, Server
 
 # Output of every process a test started, printed when the test fails.

@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
+
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
 from conveyor.values import from_value, to_value

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conveyor import Client, sig, state_name
-from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc
-from conveyor_server.app import ConveyorServer
-from conveyor_server.config import Limits, Settings
 from google.protobuf import descriptor_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conveyor import Client, sig, state_name
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor_server.app import ConveyorServer
+from conveyor_server.config import Limits, Settings
 from tests.support.processes import REPO, Proc, Server, WorkerProc
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from conveyor import Client, chain, chord, group, si, sig, state_name
 from conveyor.errors import TaskFailed
 from conveyor.v1 import workflow_pb2
-
 from tests.support.processes import Proc, Server, WorkerProc, wait_for_workers
 
 pytestmark = pytest.mark.timeout(180)

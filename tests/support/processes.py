@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
 import grpc
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 START_SECONDS = 20.0
@@ -137,3 +139,41 @@ def wait_for_workers(address: str, count: int, seconds: float = START_SECONDS) -
                 return
             time.sleep(0.05)
     raise RuntimeError(f"only {connected} of {count} workers connected to {address} in {seconds} s")
+
+
+def run_cli(address: str, *args: str, timeout: float = 60.0) -> str:
+    """Run a `conveyor` client command as its own OS process; returns what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor_server.cli", "--address", address, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"conveyor {' '.join(args)} exited with {done.returncode}:\n{done.stderr}")
+    return done.stdout
+
+
+def log_lines(path: Path, prefix: str) -> list[str]:
+    """Lines of a CONVEYOR_TEST_LOG file that start with `prefix` (see tests/e2e/workload.py)."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.startswith(prefix)]
+
+
+def wait_until(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:
+    """Poll `condition` until it is truthy; AssertionError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {seconds} s")
+
+
+async def eventually(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:
+    """`wait_until` for async tests: polls without blocking the event loop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not met within {seconds} s")

@@ -1,6 +1,7 @@
 import datetime as dt
 
 import pytest
+
 from conveyor import RetryPolicy, chain, chord, group, si, sig
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor_server.config import Limits

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from conveyor_server.config import ConfigError, Settings, load_settings
 
 

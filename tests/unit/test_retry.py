@@ -1,9 +1,10 @@
 import random
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
+
 from conveyor.v1 import task_pb2
 from conveyor_server.core.retry import attempts_allowed, base_delay, next_delay
-from google.protobuf.duration_pb2 import Duration
 
 
 def policy(

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from conveyor.errors import UnencodableValue
 from conveyor.values import from_value, to_jsonable, to_value
 

@@ -40,6 +40,9 @@ RECONNECT_INITIAL_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 5.0
 # How long graceful shutdown waits for in-flight tasks before handing them back.
 DEFAULT_DRAIN_SECONDS = 30.0
+# Tasks still running this long after they began are reported as STARTED (in one batch);
+# quicker ones skip it, their result carries started_at instead.
+STARTED_REPORT_SECONDS = 0.02
 
 
 class Worker:
@@ -73,6 +76,8 @@ class Worker:
         self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
         self._pending_results: list[w.TaskOutcome] = []
         self._flush_scheduled = False
+        self._pending_started: dict[str, w.LeaseRef] = {}
+        self._started_scheduled = False
         self._stopping: asyncio.Event | None = None
         self._heartbeat_seconds = 5.0
 
@@ -265,6 +270,16 @@ class Worker:
         assert self._executor is not None
         runner = asyncio.create_task(self._run_one(function, assignment, context, self._executor))
         self._running[task.id] = (runner, context)
+        self._pending_started[task.id] = w.LeaseRef(task_id=task.id, lease_token=assignment.lease_token)
+        if not self._started_scheduled:
+            self._started_scheduled = True
+            asyncio.get_running_loop().call_later(STARTED_REPORT_SECONDS, self._flush_started)
+
+    def _flush_started(self) -> None:
+        self._started_scheduled = False
+        if self._pending_started:
+            self._send(w.ConnectRequest(started=w.Started(tasks=list(self._pending_started.values()))))
+            self._pending_started = {}
 
     async def _run_one(
         self, function: TaskFunction, assignment: w.Assignment, context: TaskContext, executor: ThreadPoolExecutor
@@ -280,6 +295,7 @@ class Worker:
             return  # shutting down: the server hands the task to another worker
         finally:
             self._running.pop(assignment.task.id, None)
+            self._pending_started.pop(assignment.task.id, None)
         self._unacked[outcome.task_id] = outcome
         self._pending_results.append(outcome)
         if not self._flush_scheduled:

@@ -58,7 +58,8 @@ class MemoryBroker:
             heapq.heappush(queue.delayed, (time.monotonic() + delay, entry.sort_key[1], entry))
         else:
             heapq.heappush(queue.ready, entry)
-            queue.arrived.set()
+        # Wake waiting fetches: a new delayed entry may be due before the time they wait for.
+        queue.arrived.set()
 
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         target = self._queue(queue)

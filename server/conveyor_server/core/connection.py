@@ -60,8 +60,8 @@ class WorkerConnections:
         self._background: set[asyncio.Task[None]] = set()
 
     def open(self, hello: w.Hello) -> WorkerSession:
-        if hello.max_in_flight < 0:
-            raise InvalidArgument("hello.max_in_flight must be at least 1")
+        if hello.max_in_flight < 1:
+            raise InvalidArgument(f"hello.max_in_flight must be at least 1, got {hello.max_in_flight}")
         for queue in hello.queues:
             if not queue or len(queue) > 64:
                 raise InvalidArgument(f"hello.queues: invalid queue name {queue[:80]!r}")
@@ -219,10 +219,6 @@ class WorkerConnections:
     async def cancel_running(self, task_ids: list[str]) -> None:
         for session, held in self.registry.holding(task_ids).items():
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=held)))
-
-    def drain_all(self, reason: str) -> None:
-        for session in list(self.registry.sessions.values()):
-            session.send(w.ConnectResponse(drain=w.Drain(reason=reason)))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)

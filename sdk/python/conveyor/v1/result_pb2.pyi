@@ -224,7 +224,9 @@ class TaskEvent(_message.Message):
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def result(self) -> Global___TaskResult:
-        """The task's record as of this event."""
+        """The task's record when the event was read; it may already be ahead of this event (a
+        STARTED event read after the task finished carries the finished record). Use `state`.
+        """
 
     def __init__(
         self,
