@@ -22,6 +22,9 @@ from conveyor.v1 import (
 )
 
 from .api.admin_service import AdminServicer
+from .api.auth import Authenticator, AuthInterceptor
+from .api.decoding import DecodeGuardInterceptor
+from .api.ratelimit import SubmitRateLimiter
 from .api.task_service import TaskServicer
 from .api.worker_service import WorkerServicer
 from .backends.base import Backend
@@ -33,15 +36,20 @@ from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
 from .core.outcomes import OutcomeRecorder
+from .core.pauses import QueuePauses
 from .core.publisher import Publisher
 from .core.results import ResultReader
+from .core.schedules import Schedules
 from .core.sessions import SessionRegistry
 from .core.store import TaskStore
 from .core.submission import Submitter
 from .core.workflow import WorkflowEngine
 from .engines import open_backend, open_broker
+from .metrics import ServerMetrics
+from .security import check_exposure, server_credentials
 
 log = logging.getLogger(__name__)
+METRICS_REFRESH_SECONDS = 5.0
 
 SERVICE_NAMES = (
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
@@ -64,36 +72,48 @@ class Core:
     connections: WorkerConnections
     registry: SessionRegistry
     admin: Admin
+    metrics: ServerMetrics
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None) -> Core:
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
+        metrics = ServerMetrics()
         store = TaskStore(backend)
         publisher = Publisher(broker)
         workflow = WorkflowEngine(store, publisher)
         followups = FollowUps(store, publisher, workflow, settings.default_queue)
-        recorder = OutcomeRecorder(store, publisher, followups)
+        recorder = OutcomeRecorder(store, publisher, followups, metrics.attempt_ended)
         dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds)
         registry = SessionRegistry()
-        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry)
-        submitter = Submitter(settings, store, publisher, workflow)
+        pauses = QueuePauses(backend, settings.result_ttl_seconds)
+        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses)
+        submitter = Submitter(settings, store, publisher, workflow, metrics.tasks_submitted)
         reader = ResultReader(store)
         canceller = Canceller(store, followups, connections.cancel_running)
-        admin = Admin(broker, store, registry, reader, submitter, settings.server_id)
-        return cls(settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin)
+        schedules = Schedules(backend, submitter, settings)
+        admin = Admin(broker, store, registry, reader, submitter, settings.server_id, pauses, schedules)
+        return cls(
+            settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics
+        )
 
     async def start(self) -> None:
         await self.broker.connect()
         await self.backend.connect()
         self._maintenance.append(asyncio.create_task(self._recover_expired_leases()))
+        self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
+        if self.settings.metrics_port:
+            self._maintenance.append(asyncio.create_task(
+                self.metrics.refresh_forever(self.broker, self.registry, METRICS_REFRESH_SECONDS)
+            ))
 
     async def stop(self) -> None:
         for task in self._maintenance:
             task.cancel()
         await asyncio.gather(*self._maintenance, return_exceptions=True)
         await self.connections.shutdown()
+        self.metrics.close()
         await self.broker.close()
         await self.backend.close()
 
@@ -117,8 +137,12 @@ class ConveyorServer:
             settings = settings.replace(server_id=f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
         self.settings = settings
         self.core = core or Core.build(settings)
+        check_exposure(settings)
+        self.credentials = server_credentials(settings)  # read now: a bad path fails at startup
         limit = settings.limits.max_message_bytes
-        self.server = grpc.aio.server(options=[
+        self.authenticator = Authenticator(settings.security.tokens)
+        interceptors = [AuthInterceptor(self.authenticator), DecodeGuardInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 20_000),
@@ -127,13 +151,19 @@ class ConveyorServer:
         ])
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port = 0
 
     def _register(self) -> None:
         core = self.core
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(core.submitter, core.reader, core.canceller), self.server
+            TaskServicer(core.submitter, core.reader, core.canceller, self.authenticator, SubmitRateLimiter(
+                self.settings.security.submit_rate_per_second, self.settings.security.submit_burst
+            )),
+            self.server,
         )
-        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.connections), self.server)
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(core.connections, self.authenticator), self.server
+        )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core.admin), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -146,12 +176,17 @@ class ConveyorServer:
         await self.core.start()
         self._register()
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        self.port = (
+            self.server.add_secure_port(address, self.credentials) if self.credentials
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self.server.start()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_port:
+            self.metrics_port = self.core.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         log.info("conveyor listening on %s:%d (broker %s, backend %s)", self.settings.host, self.port,
                  self.settings.broker_url, self.settings.backend_url)
         return self.port

@@ -1,10 +1,12 @@
-"""The `conveyor` command: serve, worker, submit, get, watch, cancel, queues, workers, dead."""
+"""The `conveyor` command: serve, worker, submit, get, watch, cancel, and the admin commands
+queues, workers, purge, pause, resume, inspect, dead and schedule."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -18,6 +20,7 @@ from google.protobuf import json_format
 
 from conveyor import Client, Sig, Worker
 from conveyor.client import default_address, state_name
+from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 from . import logs
@@ -113,14 +116,22 @@ async def _cancel(args: argparse.Namespace) -> None:
 
 
 async def _admin(args: argparse.Namespace) -> None:
-    async with grpc.aio.insecure_channel(args.address or default_address()) as channel:
-        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+    async with open_channel(args.address or default_address()) as channel:
+        admin = _Authorized(admin_service_pb2_grpc.AdminServiceStub(channel))
         if args.command == "queues":
             _print(await admin.ListQueues(admin_service_pb2.ListQueuesRequest()))
         elif args.command == "workers":
             _print(await admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
         elif args.command == "purge":
             _print(await admin.PurgeQueue(admin_service_pb2.PurgeQueueRequest(queue=args.queue_name)))
+        elif args.command == "pause":
+            _print(await admin.PauseQueue(admin_service_pb2.PauseQueueRequest(queue=args.queue_name)))
+        elif args.command == "resume":
+            _print(await admin.ResumeQueue(admin_service_pb2.ResumeQueueRequest(queue=args.queue_name)))
+        elif args.command == "inspect":
+            _print(await admin.InspectTask(admin_service_pb2.InspectTaskRequest(task_id=args.id)))
+        elif args.command == "schedule":
+            await _schedule(admin, args)
         elif args.dead_command == "list":
             _print(await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue=args.queue or "")))
         else:
@@ -129,11 +140,56 @@ async def _admin(args: argparse.Namespace) -> None:
             ))
 
 
+class _Authorized:
+    """Calls a stub's methods with the bearer token (CONVEYOR_TOKEN / --token) attached."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return functools.partial(method, metadata=bearer_metadata(None))
+
+
+def _apply_connection_flags(args: argparse.Namespace) -> None:
+    """--token and --tls-* reach every client and worker through the environment they read."""
+    for flag, variable in (("token", "CONVEYOR_TOKEN"), ("tls_ca", "CONVEYOR_TLS_CA"),
+                           ("tls_cert", "CONVEYOR_TLS_CERT"), ("tls_key", "CONVEYOR_TLS_KEY")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[variable] = value
+
+
+MISSED_TICKS = {
+    "skip": admin_service_pb2.MISSED_TICKS_SKIP,
+    "run-once": admin_service_pb2.MISSED_TICKS_RUN_ONCE,
+}
+
+
+async def _schedule(admin: Any, args: argparse.Namespace) -> None:
+    if args.schedule_command == "add":
+        kwargs = dict(item.split("=", 1) for item in args.kw)
+        task = Sig(args.task, tuple(_parse_arg(a) for a in args.args), {k: _parse_arg(v) for k, v in kwargs.items()})
+        task = task.set(queue=args.queue or "", priority=args.priority)
+        schedule = admin_service_pb2.Schedule(
+            name=args.name, cron=args.cron, task=task.to_proto(), missed_ticks=MISSED_TICKS[args.missed]
+        )
+        _print(await admin.CreateSchedule(admin_service_pb2.CreateScheduleRequest(schedule=schedule)))
+    elif args.schedule_command == "list":
+        _print(await admin.ListSchedules(admin_service_pb2.ListSchedulesRequest()))
+    else:
+        _print(await admin.DeleteSchedule(admin_service_pb2.DeleteScheduleRequest(name=args.name)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="A gRPC polyglot task server.")
     parser.add_argument("--address", help="server address for client commands (env CONVEYOR_ADDRESS)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    parser.add_argument("--token", help="bearer token for client, worker and admin commands (env CONVEYOR_TOKEN)")
+    parser.add_argument("--tls-ca", help="CA bundle to verify the server: turns on TLS (env CONVEYOR_TLS_CA)")
+    parser.add_argument("--tls-cert", help="client certificate for mTLS (env CONVEYOR_TLS_CERT)")
+    parser.add_argument("--tls-key", help="client key for mTLS (env CONVEYOR_TLS_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server")
@@ -173,6 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("workers", help="list connected workers")
     purge = commands.add_parser("purge", help="drop every queued task of a queue")
     purge.add_argument("queue_name")
+    pause = commands.add_parser("pause", help="stop handing out a queue's tasks (it still accepts new ones)")
+    pause.add_argument("queue_name")
+    resume = commands.add_parser("resume", help="hand out a paused queue's tasks again")
+    resume.add_argument("queue_name")
+    inspect = commands.add_parser("inspect", help="print everything the server knows about a task")
+    inspect.add_argument("id")
+    schedule = commands.add_parser("schedule", help="periodic tasks: add, list, delete")
+    schedule_commands = schedule.add_subparsers(dest="schedule_command", required=True)
+    schedule_add = schedule_commands.add_parser(
+        "add", help='add or replace a schedule: conveyor schedule add nightly "0 3 * * *" cleanup'
+    )
+    schedule_add.add_argument("name")
+    schedule_add.add_argument("cron", help="5 fields in UTC (minute hour day month weekday), or 6 with leading seconds")
+    schedule_add.add_argument("task", help="task name")
+    schedule_add.add_argument("args", nargs="*", help="arguments; JSON where they parse as JSON")
+    schedule_add.add_argument("--kw", action="append", default=[], help="keyword argument key=value")
+    schedule_add.add_argument("--queue")
+    schedule_add.add_argument("--priority", type=int, default=0)
+    schedule_add.add_argument("--missed", choices=sorted(MISSED_TICKS), default="skip",
+                              help="after downtime: skip missed ticks (default) or run once for them")
+    schedule_commands.add_parser("list")
+    schedule_delete = schedule_commands.add_parser("delete")
+    schedule_delete.add_argument("name")
     dead = commands.add_parser("dead", help="dead letters: tasks that failed for good")
     dead_commands = dead.add_subparsers(dest="dead_command", required=True)
     dead_list = dead_commands.add_parser("list")
@@ -185,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _apply_connection_flags(args)
     if getattr(args, "config", None) is None and args.command == "serve":
         args.config = os.environ.get("CONVEYOR_CONFIG")
     try:

@@ -4,6 +4,7 @@ then by command-line flags (applied by the CLI)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,35 @@ class Limits:
     max_workflow_depth: int = 32
 
 
+ROLES = ("client", "worker", "admin")
+
+
+@dataclass(frozen=True)
+class Token:
+    """A bearer token, stored as the SHA-256 hex digest of the secret (never the secret)."""
+
+    name: str
+    role: str
+    sha256: str
+    # For worker tokens: the only queues it may pull from (empty: any).
+    queues: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Security:
+    # No tokens: every caller may do everything (fine on loopback, refused on a public address).
+    tokens: tuple[Token, ...] = ()
+    # TLS: server certificate chain and key (PEM files). A client CA turns on mTLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Listen on a non-loopback address without tokens only when this says so.
+    allow_public_without_auth: bool = False
+    # Tasks per second each token (or each peer, without auth) may submit; 0 is unlimited.
+    submit_rate_per_second: float = 0.0
+    submit_burst: int = 1000
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -48,6 +78,8 @@ class Settings:
     assignment_batch: int = 100
     # How often leases whose holder vanished are recovered.
     recover_interval_seconds: float = 1.0
+    # How often each replica looks for due periodic schedules (and how soon a tick fires).
+    schedule_tick_seconds: float = 1.0
     default_queue: str = "default"
     server_id: str = ""
     log_level: str = "INFO"
@@ -55,12 +87,43 @@ class Settings:
     # OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (empty: OTEL_EXPORTER_OTLP_ENDPOINT or none).
     otlp_endpoint: str = ""
     limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
+    # Prometheus metrics on http://metrics_host:metrics_port/metrics (0: off).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
+def _tokens(name: str, raw: Any) -> tuple[Token, ...]:
+    """Tokens come as a list of mappings (YAML) or as that list in JSON (environment)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"setting {name!r} must be a JSON list of tokens: {exc}") from exc
+    if not isinstance(raw, list):
+        raise ConfigError(f"setting {name!r} must be a list of tokens")
+    tokens = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or not {"name", "role", "sha256"} <= set(item):
+            raise ConfigError(f"{name}[{i}] needs name, role and sha256 (and, for workers, optional queues)")
+        if item["role"] not in ROLES:
+            raise ConfigError(f"{name}[{i}]: role {item['role']!r} is not one of {', '.join(ROLES)}")
+        digest = str(item["sha256"]).lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(f"{name}[{i}]: sha256 must be 64 hex digits (sha256sum of the secret)")
+        unknown = set(item) - {"name", "role", "sha256", "queues"}
+        if unknown:
+            raise ConfigError(f"{name}[{i}]: unknown keys {sorted(unknown)}")
+        tokens.append(Token(str(item["name"]), item["role"], digest, tuple(item.get("queues") or ())))
+    return tuple(tokens)
+
+
 def _coerce(name: str, current: Any, raw: Any) -> Any:
+    if name == "tokens":
+        return _tokens(name, raw)
     kind = type(current)
     try:
         if kind is bool:

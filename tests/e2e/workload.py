@@ -110,3 +110,58 @@ def stamp(label: str) -> float:
     now = time.time()
     _log(f"stamp {label} {current_task().task_id} at={now:.3f}")
     return now
+
+
+# -- reliability and chaos tests ----------------------------------------------------------------
+
+@worker.task("chaos")
+def chaos(index: int, seconds: float) -> int:
+    """Logs each run (a task may run again after its worker was killed), then sleeps."""
+    _log(f"chaos {current_task().task_id} attempt={current_task().attempt} pid={os.getpid()}")
+    time.sleep(seconds)
+    return index
+
+
+@worker.task("nap")
+async def nap(label: str, seconds: float) -> str:
+    """An async task that logs when it starts, ends, or is cancelled."""
+    _log(f"nap-start {label} {current_task().task_id} pid={os.getpid()}")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _log(f"nap-cancelled {label} {current_task().task_id} pid={os.getpid()}")
+        raise
+    _log(f"nap-end {label} {current_task().task_id} pid={os.getpid()}")
+    return label
+
+
+@worker.task("nap_sync")
+def nap_sync(label: str, seconds: float) -> str:
+    """A sync task (run in a thread) that checks for cancellation and logs like `nap`."""
+    context = current_task()
+    _log(f"nap-start {label} {context.task_id} pid={os.getpid()}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if context.cancelled:
+            _log(f"nap-cancelled {label} {context.task_id} pid={os.getpid()}")
+            context.check_cancelled()
+        time.sleep(0.01)
+    _log(f"nap-end {label} {context.task_id} pid={os.getpid()}")
+    return label
+
+
+@worker.task("fragile")
+def fragile(path: str) -> str:
+    """Fails until the file `path` exists (a dead letter that a fix lets succeed on replay)."""
+    _log(f"fragile {current_task().task_id}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing")
+    return "fixed"
+
+
+@worker.task("retry_in")
+def retry_in(delay: float) -> None:
+    """Always asks to run again after `delay` seconds, logging when each attempt ran."""
+    context = current_task()
+    _log(f"retry_in {context.task_id} attempt={context.attempt} at={time.time():.3f}")
+    raise Retry(delay=delay)

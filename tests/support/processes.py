@@ -85,11 +85,15 @@ class Proc:
 
 
 class Server(Proc):
-    """`conveyor serve`; with no broker/backend it runs on its defaults (SQLite in `cwd`)."""
+    """`conveyor serve`; with no broker/backend it runs on its defaults (SQLite in `cwd`).
+
+    With `wait=False` the constructor returns at once: register the process for cleanup, then
+    call wait_ready(), so a server that never gets ready is still stopped.
+    """
 
     def __init__(self, log_dir: Path, broker: str | None = None, backend: str | None = None,
                  port: int | None = None, env: dict[str, str] | None = None, name: str = "server",
-                 cwd: Path = REPO) -> None:
+                 cwd: Path = REPO, wait: bool = True) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "conveyor_server.cli", "serve", "--port", str(self.port)]
@@ -98,7 +102,8 @@ class Server(Proc):
         if backend:
             argv += ["--backend", backend]
         super().__init__(argv, log_dir / f"{name}-{self.port}.log", env, cwd)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_SECONDS

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind
 from conveyor import tracing
 from conveyor.canvas import Canvas, Sig
 from conveyor.errors import TaskFailed
+from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
 from conveyor.values import from_value
 
@@ -78,15 +79,10 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.address = address or default_address()
-        token = token or os.environ.get("CONVEYOR_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         if channel is None:
             opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
-            channel = (
-                grpc.aio.secure_channel(self.address, credentials, options=opts)
-                if credentials
-                else grpc.aio.insecure_channel(self.address, options=opts)
-            )
+            channel = open_channel(self.address, credentials, opts)
         self._channel = channel
         self._stub = task_service_pb2_grpc.TaskServiceStub(channel)
 

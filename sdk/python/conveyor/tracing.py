@@ -20,6 +20,13 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 
+def enabled() -> bool:
+    """True once an OpenTelemetry SDK is installed; until then spans are skipped entirely
+    (not even no-op spans: the hot path should not pay for tracing nobody records)."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def tracer(name: str = "conveyor") -> trace.Tracer:
     return trace.get_tracer(name)
 
@@ -43,6 +50,9 @@ def span(
     attributes: Attributes = None,
 ) -> Iterator[Span]:
     """A current span, child of the context in `parent_headers` (or of the current span)."""
+    if not enabled():
+        yield trace.INVALID_SPAN
+        return
     parent = extract(parent_headers) if parent_headers else None
     with tracer().start_as_current_span(name, context=parent, kind=kind, attributes=attributes) as current:
         yield current

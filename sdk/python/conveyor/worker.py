@@ -29,6 +29,7 @@ from conveyor import __version__, tracing
 from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, execute
+from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
 from conveyor.values import to_value
@@ -68,8 +69,7 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.tasks: dict[str, TaskFunction] = {}
         self._credentials = credentials
-        token = token or os.environ.get("CONVEYOR_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
         self._unacked: dict[str, w.TaskOutcome] = {}
@@ -80,6 +80,8 @@ class Worker:
         self._started_scheduled = False
         self._stopping: asyncio.Event | None = None
         self._heartbeat_seconds = 5.0
+        # Set by the server's Welcome, which carries the heartbeat interval to use.
+        self._welcomed = asyncio.Event()
 
     # -- registration ---------------------------------------------------------------------
 
@@ -152,14 +154,11 @@ class Worker:
             self._executor = None
 
     async def _session(self) -> None:
-        channel = (
-            grpc.aio.secure_channel(self.address, self._credentials)
-            if self._credentials
-            else grpc.aio.insecure_channel(self.address)
-        )
+        channel = open_channel(self.address, self._credentials)
         async with channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
             self._outbox = asyncio.Queue()
+            self._welcomed = asyncio.Event()
             self._outbox.put_nowait(w.ConnectRequest(hello=self._hello()))
             if self._unacked:  # results from before a reconnect; the server decides if they still count
                 self._outbox.put_nowait(w.ConnectRequest(results=w.Results(outcomes=list(self._unacked.values()))))
@@ -195,6 +194,8 @@ class Worker:
             self._outbox.put_nowait(message)
 
     async def _heartbeats(self) -> None:
+        # Not before the Welcome: sleeping the default interval first could outlast a short lease.
+        await self._welcomed.wait()
         while True:
             await asyncio.sleep(self._heartbeat_seconds)
             self._send(w.ConnectRequest(heartbeat=w.Heartbeat()))
@@ -204,12 +205,14 @@ class Worker:
         assert self._stopping is not None
         await self._stopping.wait()
         self._send(w.ConnectRequest(goodbye=w.Goodbye()))
-        running = [task for task, _ in self._running.values()]
-        if running:
-            log.info("draining: waiting for %d running tasks", len(running))
-            _, late = await asyncio.wait(running, timeout=self.drain_timeout)
-            if late:
-                log.warning("%d tasks did not finish in %.0f s; handing them back", len(late), self.drain_timeout)
+        if self._running:
+            log.info("draining: waiting for %d running tasks", len(self._running))
+        # Assignments the server sent before it saw the goodbye start late: wait for them too.
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout
+        while self._running and (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait([task for task, _ in self._running.values()], timeout=remaining)
+        if self._running:
+            log.warning("%d tasks did not finish in %.0f s; handing them back", len(self._running), self.drain_timeout)
         self._flush_results()
         # Give the server a moment to ack the last results before our side closes.
         for _ in range(50):
@@ -248,6 +251,7 @@ class Worker:
             self.worker_id = welcome.worker_id
             interval = welcome.heartbeat_interval.seconds + welcome.heartbeat_interval.nanos / 1e9
             self._heartbeat_seconds = max(interval, 0.05)
+            self._welcomed.set()
             log.info("connected to %s as %s", self.address, self.worker_id)
         elif kind == "drain":
             log.info("server asked to drain: %s", message.drain.reason)

@@ -1,4 +1,4 @@
-"""AdminService: queues, workers, task inspection and dead letters for operators."""
+"""AdminService: queues, workers, task inspection, dead letters and schedules for operators."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ from .status import unary
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def _not_yet(context: Context, what: str) -> None:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this server version yet")
-
-
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, admin: Admin) -> None:
         self.admin = admin
@@ -31,24 +27,30 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def PurgeQueue(self, request: a.PurgeQueueRequest, context: Context) -> a.PurgeQueueResponse:
         return a.PurgeQueueResponse(purged=await self.admin.purge(request.queue))
 
+    @unary
     async def PauseQueue(self, request: a.PauseQueueRequest, context: Context) -> a.PauseQueueResponse:
-        await _not_yet(context, "pausing queues")
+        """Stop handing out the queue's tasks (on every replica, within a second); it still accepts tasks."""
+        await self.admin.pause(request.queue)
         return a.PauseQueueResponse()
 
+    @unary
     async def ResumeQueue(self, request: a.ResumeQueueRequest, context: Context) -> a.ResumeQueueResponse:
-        await _not_yet(context, "resuming queues")
+        """Hand out the queue's tasks again; resuming a queue that is not paused is fine."""
+        await self.admin.resume(request.queue)
         return a.ResumeQueueResponse()
 
+    @unary
     async def CreateSchedule(self, request: a.CreateScheduleRequest, context: Context) -> a.CreateScheduleResponse:
-        await _not_yet(context, "periodic schedules")
-        return a.CreateScheduleResponse()
+        """Store a schedule; a schedule with the same name is replaced."""
+        return a.CreateScheduleResponse(schedule=await self.admin.schedules.create(request.schedule))
 
+    @unary
     async def ListSchedules(self, request: a.ListSchedulesRequest, context: Context) -> a.ListSchedulesResponse:
-        await _not_yet(context, "periodic schedules")
-        return a.ListSchedulesResponse()
+        return a.ListSchedulesResponse(schedules=await self.admin.schedules.all())
 
+    @unary
     async def DeleteSchedule(self, request: a.DeleteScheduleRequest, context: Context) -> a.DeleteScheduleResponse:
-        await _not_yet(context, "periodic schedules")
+        await self.admin.schedules.delete(request.name)
         return a.DeleteScheduleResponse()
 
     @unary

@@ -15,6 +15,8 @@ from conveyor.v1 import task_service_pb2_grpc
 from ..core.cancellation import Canceller
 from ..core.results import ResultReader
 from ..core.submission import Submitter
+from .auth import Authenticator
+from .ratelimit import SubmitRateLimiter
 from .status import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -30,22 +32,43 @@ def _caller_trace(context: Context) -> dict[str, str]:
     }
 
 
+def _caller(context: Context, authenticator: Authenticator) -> str:
+    """Who is submitting, for rate limits: the token's name, else the peer's address."""
+    identity = authenticator.identify(context.invocation_metadata())
+    if identity is not None:
+        return identity.name
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
-    def __init__(self, submitter: Submitter, reader: ResultReader, canceller: Canceller) -> None:
+    def __init__(
+        self, submitter: Submitter, reader: ResultReader, canceller: Canceller,
+        authenticator: Authenticator | None = None, limiter: SubmitRateLimiter | None = None,
+    ) -> None:
         self.submitter = submitter
         self.reader = reader
         self.canceller = canceller
+        self.authenticator = authenticator or Authenticator(())
+        self.limiter = limiter or SubmitRateLimiter(0, 1)
+
+    def _limit(self, context: Context, tasks: int) -> None:
+        self.limiter.take(_caller(context, self.authenticator), tasks)
 
     @unary
     async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
-        with tracing.span("submit", _caller_trace(context), SpanKind.SERVER):
-            (response,) = await self.submitter.submit([request], tracing.inject())
+        self._limit(context, 1)
+        caller = _caller_trace(context)
+        with tracing.span("submit", caller, SpanKind.SERVER):
+            (response,) = await self.submitter.submit([request], tracing.inject() or caller)
         return response
 
     @unary
     async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
-        with tracing.span("submit batch", _caller_trace(context), SpanKind.SERVER):
-            responses = await self.submitter.submit(request.requests, tracing.inject())
+        self._limit(context, len(request.requests))
+        caller = _caller_trace(context)
+        with tracing.span("submit batch", caller, SpanKind.SERVER):
+            responses = await self.submitter.submit(request.requests, tracing.inject() or caller)
         return t.SubmitBatchResponse(responses=responses)
 
     @unary

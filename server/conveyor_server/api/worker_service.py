@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from conveyor.v1 import worker_service_pb2_grpc
 
 from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
+from .auth import Authenticator
 from .status import CODES
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -22,8 +22,9 @@ MAX_COALESCE = 64
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, connections: WorkerConnections) -> None:
+    def __init__(self, connections: WorkerConnections, authenticator: Authenticator | None = None) -> None:
         self.connections = connections
+        self.authenticator = authenticator or Authenticator(())
 
     async def Connect(
         self, request_iterator: AsyncIterator[w.ConnectRequest], context: Context
@@ -35,6 +36,13 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             return
         if first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on the stream must be hello")
+        identity = self.authenticator.identify(context.invocation_metadata())
+        queues = list(first.hello.queues) or [self.connections.settings.default_queue]
+        if identity is not None and not identity.may_serve(queues):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token {identity.name!r} may serve queues {list(identity.queues)}, not {queues}",
+            )
         try:
             session = self.connections.open(first.hello)
         except CoreError as exc:
@@ -55,8 +63,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     yield message
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # The reader's own error (if any) is examined below, not raised from here.
+            await asyncio.gather(reader, return_exceptions=True)
         if reader.done() and not reader.cancelled() and (failure := reader.exception()) is not None:
             if isinstance(failure, CoreError):
                 await context.abort(CODES.get(type(failure), grpc.StatusCode.INVALID_ARGUMENT), str(failure))

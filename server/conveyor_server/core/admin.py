@@ -1,17 +1,18 @@
-"""Operator views and actions: queue depths, connected workers, dead letters and replay."""
+"""Operator views and actions: queue depths, pause/resume, connected workers, dead letters and
+replay, periodic schedules."""
 
 from __future__ import annotations
 
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2
 
 from ..brokers.base import Broker
-from .errors import InvalidArgument
+from .pauses import QueuePauses, check_queue
 from .records import DEAD_LETTERS_GROUP, S
 from .results import ResultReader
+from .schedules import Schedules
 from .sessions import SessionRegistry
 from .store import TaskStore
 from .submission import Submitter
-from .validation import QUEUE_NAME
 
 DEFAULT_LIST_LIMIT = 100
 
@@ -19,7 +20,7 @@ DEFAULT_LIST_LIMIT = 100
 class Admin:
     def __init__(
         self, broker: Broker, store: TaskStore, registry: SessionRegistry, reader: ResultReader,
-        submitter: Submitter, server_id: str,
+        submitter: Submitter, server_id: str, pauses: QueuePauses, schedules: Schedules,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -27,20 +28,31 @@ class Admin:
         self.reader = reader
         self.submitter = submitter
         self.server_id = server_id
+        self.pauses = pauses
+        self.schedules = schedules
 
     async def queues(self) -> list[admin_service_pb2.QueueInfo]:
+        """Every queue the broker knows of, and every paused queue (even an empty one)."""
+        paused = await self.pauses.refresh()
+        known = set(await self.broker.queues())
         infos = []
-        for name in await self.broker.queues():
-            stats = await self.broker.stats(name)
-            infos.append(admin_service_pb2.QueueInfo(
-                name=name, ready=stats.ready, delayed=stats.delayed, in_flight=stats.in_flight
-            ))
+        for name in sorted(known | paused):
+            info = admin_service_pb2.QueueInfo(name=name, paused=name in paused)
+            if name in known:
+                stats = await self.broker.stats(name)
+                info.ready, info.delayed, info.in_flight = stats.ready, stats.delayed, stats.in_flight
+            infos.append(info)
         return infos
 
     async def purge(self, queue: str) -> int:
-        if not QUEUE_NAME.match(queue):
-            raise InvalidArgument(f"invalid queue name {queue[:80]!r}")
+        check_queue(queue)
         return await self.broker.purge(queue)
+
+    async def pause(self, queue: str) -> None:
+        await self.pauses.pause(queue)
+
+    async def resume(self, queue: str) -> None:
+        await self.pauses.resume(queue)
 
     def workers(self) -> list[admin_service_pb2.WorkerInfo]:
         return [

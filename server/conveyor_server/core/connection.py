@@ -21,6 +21,7 @@ from ..config import Settings
 from .dispatch import Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder
+from .pauses import QueuePauses
 from .records import S, error
 from .sessions import SessionRegistry, WorkerSession
 from .store import TaskStore
@@ -50,6 +51,7 @@ class WorkerConnections:
         dispatcher: Dispatcher,
         recorder: OutcomeRecorder,
         registry: SessionRegistry,
+        pauses: QueuePauses,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -57,6 +59,7 @@ class WorkerConnections:
         self.dispatcher = dispatcher
         self.recorder = recorder
         self.registry = registry
+        self.pauses = pauses
         self._background: set[asyncio.Task[None]] = set()
 
     def open(self, hello: w.Hello) -> WorkerSession:
@@ -93,13 +96,18 @@ class WorkerConnections:
                 session.last_seen = time.monotonic()
                 await self._handle(session, request)
         finally:
-            await session.close()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            leases = self.registry.remove(session)
-            if leases:
-                self._spawn(self._requeue_after_grace(session, leases))
+            # Shielded: when the call is cancelled again while this cleanup awaits, the leases must
+            # still leave the dead session and go back to the queue after the grace.
+            await asyncio.shield(self._spawn(self._leave(session, tasks)))
+
+    async def _leave(self, session: WorkerSession, tasks: list[asyncio.Task[None]]) -> None:
+        await session.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        leases = self.registry.remove(session)
+        if leases:
+            self._spawn(self._requeue_after_grace(session, leases))
 
     async def _handle(self, session: WorkerSession, request: w.ConnectRequest) -> None:
         kind = request.WhichOneof("message")
@@ -124,6 +132,9 @@ class WorkerConnections:
         """Fetch work for one queue whenever the window has room, and send it."""
         batch = self.settings.assignment_batch
         while not session.closed:
+            if await self.pauses.is_paused(queue):
+                await self.pauses.wait_for_change()
+                continue
             reserved = await session.reserve(batch)
             if reserved == 0:
                 return
@@ -132,7 +143,8 @@ class WorkerConnections:
                 deliveries = await self.broker.fetch(
                     queue, reserved, self.settings.lease_seconds, FETCH_WAIT_SECONDS
                 )
-                if deliveries and session.closed:
+                # Paused (or the worker left, or said goodbye) while this fetch waited: hand the tasks back.
+                if deliveries and (session.closed or session.draining or await self.pauses.is_paused(queue)):
                     await self.broker.nack(deliveries)
                     deliveries = []
                 if deliveries:
@@ -220,10 +232,11 @@ class WorkerConnections:
         for session, held in self.registry.holding(task_ids).items():
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=held)))
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def shutdown(self) -> None:
         """Return every orphaned lease at once (the server is stopping)."""

@@ -7,7 +7,7 @@ refused with a ResultAck saying why. Retries are re-published with the next atte
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -46,10 +46,14 @@ def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) 
 
 
 class OutcomeRecorder:
-    def __init__(self, store: TaskStore, publisher: Publisher, followups: FollowUps) -> None:
+    def __init__(
+        self, store: TaskStore, publisher: Publisher, followups: FollowUps,
+        on_attempt_ended: Callable[[records_pb2.TaskRecord], None] | None = None,
+    ) -> None:
         self.store = store
         self.publisher = publisher
         self.followups = followups
+        self.on_attempt_ended = on_attempt_ended
         self.backend: Backend = store.backend
 
     async def started(self, refs: Sequence[worker_service_pb2.LeaseRef], worker_id: str) -> None:
@@ -162,6 +166,8 @@ class OutcomeRecorder:
         the retry, or list the dead letter and run the follow-ups."""
         for task_id, record in written.items():
             result = record.result
+            if self.on_attempt_ended is not None:
+                self.on_attempt_ended(record)
             attributes: dict[str, str | int] = {"conveyor.task_id": task_id, "conveyor.state": S.Name(result.state),
                           "conveyor.attempt": result.attempts}
             with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):

@@ -7,7 +7,22 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
 
-S = result_pb2.TaskState
+
+class S:
+    """TaskState values as plain attributes: the generated enum wrapper resolves each
+    attribute through __getattr__, which shows up in profiles of the hot path."""
+
+    TASK_STATE_UNSPECIFIED = result_pb2.TASK_STATE_UNSPECIFIED
+    TASK_STATE_PENDING = result_pb2.TASK_STATE_PENDING
+    TASK_STATE_RECEIVED = result_pb2.TASK_STATE_RECEIVED
+    TASK_STATE_STARTED = result_pb2.TASK_STATE_STARTED
+    TASK_STATE_RETRY = result_pb2.TASK_STATE_RETRY
+    TASK_STATE_SUCCESS = result_pb2.TASK_STATE_SUCCESS
+    TASK_STATE_FAILURE = result_pb2.TASK_STATE_FAILURE
+    TASK_STATE_CANCELLED = result_pb2.TASK_STATE_CANCELLED
+    Name = staticmethod(result_pb2.TaskState.Name)
+
+
 TERMINAL_STATES = frozenset({S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED})
 
 

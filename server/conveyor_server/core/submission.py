@@ -6,7 +6,7 @@ published, so whatever the caller was told is accepted is on the broker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
@@ -33,12 +33,14 @@ class _Prepared:
 
 class Submitter:
     def __init__(
-        self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine
+        self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine,
+        on_submitted: Callable[[list[records_pb2.TaskRecord]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
         self.workflow = workflow
+        self.on_submitted = on_submitted
 
     async def submit(
         self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None
@@ -56,6 +58,8 @@ class Submitter:
         for item in fresh:
             if item.workflow is not None:
                 await self.workflow.start_workflow(item.workflow.plan)
+        if self.on_submitted is not None:
+            self.on_submitted(lone)
         return [p.response for p in prepared]
 
     def _prepare(
@@ -92,28 +96,28 @@ class Submitter:
 
     async def _resolve_idempotency(self, prepared: Sequence[_Prepared]) -> None:
         """A task whose idempotency key was seen within the retention window is not submitted
-        again: the caller gets the first task's id."""
-        keyed = {
-            idempotency_key(p.record.result.signature.idempotency_key): p
-            for p in prepared
-            if p.record is not None and p.record.result.signature.idempotency_key
-        }
+        again: the caller gets the first task's id. Repeats of a key within one batch count too."""
+        keyed: dict[str, _Prepared] = {}
+        repeats: list[tuple[str, _Prepared]] = []
+        for p in prepared:
+            if p.record is not None and p.record.result.signature.idempotency_key:
+                key = idempotency_key(p.record.result.signature.idempotency_key)
+                if key in keyed:
+                    repeats.append((key, p))
+                else:
+                    keyed[key] = p
         if not keyed:
             return
         backend = self.store.backend
         existing = set(await backend.insert({k: p.record.result.task_id.encode() for k, p in keyed.items()
                                              if p.record is not None}))
-        if not existing:
-            return
-        found = await backend.get(list(existing))
+        found = await backend.get(list(existing)) if existing else {}
         for key in existing:
             if key in found:
-                first = found[key].data.decode()
-                item = keyed[key]
-                item.duplicate_of = first
-                item.response.task_id = first
-                del item.response.task_ids[:]
-                item.response.task_ids.append(first)
+                _same_as(keyed[key], found[key].data.decode())
+        for key, item in repeats:
+            first = keyed[key]
+            _same_as(item, first.duplicate_of or first.response.task_id)
 
     async def _store(self, prepared: Sequence[_Prepared]) -> None:
         records: list[records_pb2.TaskRecord] = []
@@ -140,3 +144,10 @@ class Submitter:
         if existing:
             raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
 
+
+def _same_as(item: _Prepared, first: str) -> None:
+    """Answer `item` with the task `first` instead of submitting it."""
+    item.duplicate_of = first
+    item.response.task_id = first
+    del item.response.task_ids[:]
+    item.response.task_ids.append(first)
