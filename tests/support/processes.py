@@ -20,6 +20,8 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 START_SECONDS = 20.0
+# Processes of the running test; the e2e conftest prints their logs when the test fails.
+SHOWN_ON_FAILURE: list[Proc] = []
 
 
 def free_port() -> int:

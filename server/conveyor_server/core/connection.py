@@ -215,7 +215,8 @@ class WorkerConnections:
         """A worker silent for a whole lease is hung: stop sending it work."""
         while not session.closed:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
-            if time.monotonic() - session.last_seen > self.settings.lease_seconds:
+            silent = time.monotonic() - session.last_seen > self.settings.lease_seconds
+            if silent and not session.draining:  # tell it once
                 log.warning("worker %s sent nothing for %.0f s; draining it", session.worker_id,
                             self.settings.lease_seconds)
                 await session.set_draining()

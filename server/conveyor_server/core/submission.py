@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_service_pb2
 
+from ..backends.base import Update
 from ..config import Settings
 from .errors import AlreadyExists, InvalidArgument
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
@@ -112,12 +113,22 @@ class Submitter:
         existing = set(await backend.insert({k: p.record.result.task_id.encode() for k, p in keyed.items()
                                              if p.record is not None}))
         found = await backend.get(list(existing)) if existing else {}
-        for key in existing:
-            if key in found:
-                _same_as(keyed[key], found[key].data.decode())
+        first_ids = {key: found[key].data.decode() for key in existing if key in found}
+        # A key whose task was never stored (the server died between the two writes) is taken
+        # over by this submission instead of pointing at nothing.
+        stored = await self.store.load(list(first_ids.values()))
+        takeovers = [
+            Update(key, found[key].version, keyed[key].response.task_id.encode())
+            for key, first in first_ids.items() if first not in stored
+        ]
+        applied = await backend.compare_and_set(takeovers) if takeovers else []
+        taken = {u.key for u, ok in zip(takeovers, applied, strict=True) if ok}
+        for key, first in first_ids.items():
+            if key not in taken:
+                _same_as(keyed[key], first)
         for key, item in repeats:
-            first = keyed[key]
-            _same_as(item, first.duplicate_of or first.response.task_id)
+            original = keyed[key]
+            _same_as(item, original.duplicate_of or original.response.task_id)
 
     async def _store(self, prepared: Sequence[_Prepared]) -> None:
         records: list[records_pb2.TaskRecord] = []
