@@ -103,6 +103,9 @@ async def test_stale_receipt_is_a_noop(broker: Broker, queue: str) -> None:
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
 
 
+SQS_BAND = {p: 0 if p <= 2 else 1 if p <= 6 else 2 for p in range(10)}
+
+
 async def test_priority_order(broker: Broker, broker_url: str, queue: str) -> None:
     published = [
         OutgoingMessage(f"p{priority}-{n}", b"x", priority=priority)
@@ -116,6 +119,10 @@ async def test_priority_order(broker: Broker, broker_url: str, queue: str) -> No
         assert batch, f"only {len(fetched)} of {len(published)} messages came back"
         fetched += batch
     priorities = [int(d.message_id[1]) for d in fetched]
+    if broker_url.startswith("sqs:") and "bands=10" not in broker_url:
+        # SQS has no priorities: its broker keeps three band queues (0-2, 3-6, 7-9) by default,
+        # so order is promised between bands, not within one.
+        priorities = [SQS_BAND[p] for p in priorities]
     assert priorities == sorted(priorities, reverse=True)
     if broker_url.startswith(("memory:", "sqlite:")):  # the engines that promise FIFO
         assert ids(fetched) == ["p9-2", "p9-6", "p5-1", "p5-4", "p1-3", "p0-0", "p0-5"]

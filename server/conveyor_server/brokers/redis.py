@@ -1,0 +1,518 @@
+"""Redis broker (redis.asyncio): crash-safe queues with leases, priorities and delays.
+
+Layout per queue `q` (all keys share the hash tag `{prefix:q}`, so one queue lives in one
+cluster slot and every script touches one slot):
+
+- `msg`     hash   id -> body
+- `meta`    hash   id -> "<priority>:<message_id>"
+- `dc`      hash   id -> deliveries so far (incremented by each fetch)
+- `lease`   zset   id -> lease deadline (ms, Redis server clock)
+- `delayed` zset   id -> due time (ms, Redis server clock)
+- `r0`..`r9` lists of ready ids, one per priority: FIFO within a priority, higher first.
+
+Ids are broker-made UUIDs, so a task republished under the same message_id never collides
+with an older copy still leased. A receipt is "<id>:<dc>": the delivery count changes on
+every lease, so a stale ack/nack/extend after a re-lease matches nothing and is a no-op.
+
+Every state change is one Lua script, so several server replicas can fetch, recover and
+forward delayed messages at once without double delivery. Time comes from Redis `TIME`,
+so replicas with skewed clocks agree on leases and due times. Waiting fetches wake on a
+pub/sub signal (`prefix:signal:q`) and fall back to a bounded poll if a signal is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from .base import Delivery, OutgoingMessage, QueueStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "conveyor"
+# Messages per publish script call: keeps each script short so Redis stays responsive.
+PUBLISH_CHUNK = 500
+# Ids moved per forwarder / recovery / purge script call, for the same reason.
+BATCH = 1000
+# Upper bound on a waiting fetch's sleep, in case a pub/sub signal was lost.
+POLL_SECONDS = 1.0
+
+_LUA_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function ready(id)
+  local meta = redis.call('HGET', KEYS[2], id)
+  if meta then
+    redis.call('RPUSH', KEYS[6 + tonumber(string.sub(meta, 1, 1))], id)
+    return true
+  end
+  return false
+end
+local function forward(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, limit)
+  if #due == 0 then return 0 end
+  redis.call('ZREM', KEYS[5], unpack(due))
+  for _, id in ipairs(due) do ready(id) end
+  return #due
+end
+local function leased(id, dc)
+  return redis.call('ZSCORE', KEYS[4], id) and redis.call('HGET', KEYS[3], id) == dc
+end
+"""
+
+# ARGV: channel, then (id, meta, delay_ms, body) per message.
+_PUBLISH = """
+local now = nil
+for i = 2, #ARGV, 4 do
+  local id, delay = ARGV[i], tonumber(ARGV[i + 2])
+  redis.call('HSET', KEYS[1], id, ARGV[i + 3])
+  redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+  if delay > 0 then
+    now = now or now_ms()
+    redis.call('ZADD', KEYS[5], now + delay, id)
+  else
+    ready(id)
+  end
+end
+if #ARGV > 1 then redis.call('PUBLISH', ARGV[1], '1') end
+return 0
+"""
+
+# ARGV: max, lease_ms, forward limit. Returns {now, next due or -1, (id, meta, dc, body)...}.
+_FETCH = """
+local now = now_ms()
+forward(now, tonumber(ARGV[3]))
+local want = tonumber(ARGV[1])
+local deadline = now + tonumber(ARGV[2])
+local out = {now, -1}
+for p = 9, 0, -1 do
+  if want <= 0 then break end
+  local ids = redis.call('LPOP', KEYS[6 + p], want)
+  if ids then
+    for _, id in ipairs(ids) do
+      local body = redis.call('HGET', KEYS[1], id)
+      if body then
+        local dc = redis.call('HINCRBY', KEYS[3], id, 1)
+        redis.call('ZADD', KEYS[4], deadline, id)
+        local n = #out
+        out[n + 1] = id
+        out[n + 2] = redis.call('HGET', KEYS[2], id)
+        out[n + 3] = dc
+        out[n + 4] = body
+        want = want - 1
+      end
+    end
+  end
+end
+if #out == 2 then
+  local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  if #first > 0 then out[2] = tonumber(first[2]) end
+end
+return out
+"""
+
+# ARGV: (id, dc) pairs.
+_ACK = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  if leased(id, ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[4], id)
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: channel, delay_ms, (id, dc) pairs.
+_NACK = """
+local delay = tonumber(ARGV[2])
+local now = now_ms()
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  if leased(id, ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[4], id)
+    if delay > 0 then redis.call('ZADD', KEYS[5], now + delay, id) else ready(id) end
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('PUBLISH', ARGV[1], '1') end
+return n
+"""
+
+# ARGV: lease_ms, (id, dc) pairs.
+_EXTEND = """
+local deadline = now_ms() + tonumber(ARGV[1])
+local n = 0
+for i = 2, #ARGV, 2 do
+  if leased(ARGV[i], ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: channel, limit. Returns {recovered, forwarded}.
+_RECOVER = """
+local now = now_ms()
+local limit = tonumber(ARGV[2])
+local forwarded = forward(now, limit)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[4], unpack(expired))
+  for _, id in ipairs(expired) do ready(id) end
+end
+if #expired + forwarded > 0 then redis.call('PUBLISH', ARGV[1], '1') end
+return {#expired, forwarded}
+"""
+
+# ARGV: forward limit. Returns {ready, delayed, in_flight}.
+_STATS = """
+forward(now_ms(), tonumber(ARGV[1]))
+local ready_count = 0
+for p = 0, 9 do ready_count = ready_count + redis.call('LLEN', KEYS[6 + p]) end
+return {ready_count, redis.call('ZCARD', KEYS[5]), redis.call('ZCARD', KEYS[4])}
+"""
+
+# ARGV: limit. Drops up to `limit` ready or delayed messages; returns how many.
+_PURGE = """
+local limit = tonumber(ARGV[1])
+local dropped = {}
+for p = 9, 0, -1 do
+  if #dropped >= limit then break end
+  local ids = redis.call('LPOP', KEYS[6 + p], limit - #dropped)
+  if ids then for _, id in ipairs(ids) do dropped[#dropped + 1] = id end end
+end
+if #dropped < limit then
+  local ids = redis.call('ZRANGE', KEYS[5], 0, limit - #dropped - 1)
+  if #ids > 0 then
+    redis.call('ZREM', KEYS[5], unpack(ids))
+    for _, id in ipairs(ids) do dropped[#dropped + 1] = id end
+  end
+end
+if #dropped > 0 then
+  redis.call('HDEL', KEYS[1], unpack(dropped))
+  redis.call('HDEL', KEYS[2], unpack(dropped))
+  redis.call('HDEL', KEYS[3], unpack(dropped))
+end
+return #dropped
+"""
+
+_SCRIPTS = {
+    "publish": _PUBLISH,
+    "fetch": _FETCH,
+    "ack": _ACK,
+    "nack": _NACK,
+    "extend": _EXTEND,
+    "recover": _RECOVER,
+    "stats": _STATS,
+    "purge": _PURGE,
+}
+
+_Call = tuple[str, list[str], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """Key names of one queue, in the KEYS order every script expects."""
+
+    all: list[str]
+
+    @classmethod
+    def of(cls, prefix: str, queue: str) -> _Keys:
+        base = f"{prefix}:{{{queue}}}:"
+        names = ["msg", "meta", "dc", "lease", "delayed", *(f"r{p}" for p in range(10))]
+        return cls([base + name for name in names])
+
+
+def _ms(seconds: float) -> int:
+    # Round up so a delay or lease is never shorter than asked.
+    return max(0, -int(-seconds * 1000 // 1))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
+
+
+def _split_receipt(receipt: str) -> tuple[str, str]:
+    message_id, _, count = receipt.partition(":")
+    return message_id, count
+
+
+class RedisBroker:
+    """Broker on Redis ≥ 5 (scripts use TIME, which needs effect replication)."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, poll_seconds: float = POLL_SECONDS) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._poll_seconds = poll_seconds
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._shas: dict[str, str] = {}
+        self._registered: set[str] = set()
+        # queue -> event set (and replaced) by the next signal; see _signal().
+        self._events: dict[str, asyncio.Event] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """`redis://host:port/db?prefix=NAME&poll=1.0`; other query options go to redis-py.
+
+        `poll` bounds how long a waiting fetch sleeps without a signal (a lost pub/sub message).
+        """
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        options = dict(query)
+        rest = [(key, value) for key, value in query if key not in {"prefix", "poll"}]
+        client_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        return cls(
+            client_url,
+            prefix=options.get("prefix") or DEFAULT_PREFIX,
+            poll_seconds=float(options.get("poll", POLL_SECONDS)),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._client = aioredis.Redis.from_url(self._url)
+        await self._load_scripts()
+        self._pubsub = self._client.pubsub()
+        await self._pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
+        # Wait for the confirmation, so no signal sent after connect() returns is missed.
+        while True:
+            message = await self._pubsub.get_message(timeout=5.0)
+            if message is None or message["type"] == "psubscribe":
+                break
+        self._listener = asyncio.create_task(self._listen(), name="conveyor-redis-signals")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._wake_all()
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisBroker is not connected; call connect() first")
+        return self._client
+
+    # -- scripts -----------------------------------------------------------------------------
+
+    async def _load_scripts(self) -> None:
+        for name, body in _SCRIPTS.items():
+            self._shas[name] = await self._redis.script_load(_LUA_PRELUDE + body)
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return (await self._eval_many([(name, keys, args)]))[0]
+
+    async def _eval_many(self, calls: Sequence[_Call], register: Sequence[str] = ()) -> list[Any]:
+        """Runs scripts in one round trip; reloads them once if Redis lost its script cache."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for queue in register:
+                pipe.sadd(self._registry, queue)
+            for name, keys, args in calls:
+                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        results = results[len(register):]
+        if any(isinstance(result, NoScriptError) for result in results):
+            # Redis restarted or SCRIPT FLUSH ran; the failed scripts did not run at all.
+            await self._load_scripts()
+            for index, result in enumerate(results):
+                if isinstance(result, NoScriptError):
+                    name, keys, args = calls[index]
+                    results[index] = await self._redis.evalsha(self._shas[name], len(keys), *keys, *args)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    # -- naming ------------------------------------------------------------------------------
+
+    @property
+    def _registry(self) -> str:
+        return f"{self._prefix}:queues"
+
+    @property
+    def _channel_prefix(self) -> str:
+        return f"{self._prefix}:signal:"
+
+    def _channel(self, queue: str) -> str:
+        return self._channel_prefix + queue
+
+    def _keys(self, queue: str) -> list[str]:
+        return _Keys.of(self._prefix, queue).all
+
+    def _register(self, queue: str) -> list[str]:
+        """Queues to add to the registry set with the next command (once per process)."""
+        if queue in self._registered:
+            return []
+        self._registered.add(queue)
+        return [queue]
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _signal(self, queue: str) -> asyncio.Event:
+        """The event the next signal for `queue` sets. Take it *before* checking the queue."""
+        event = self._events.get(queue)
+        if event is None:
+            event = self._events[queue] = asyncio.Event()
+        return event
+
+    def _wake(self, queue: str) -> None:
+        event = self._events.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    def _wake_all(self) -> None:
+        for queue in list(self._events):
+            self._wake(queue)
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection lost: redis-py resubscribes on the next read
+                log.warning("redis signal listener: %s; retrying in %.1fs", exc, backoff)
+                self._wake_all()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if message is not None and message.get("type") == "pmessage":
+                channel = message["channel"]
+                name = channel.decode() if isinstance(channel, bytes) else str(channel)
+                self._wake(name[len(self._channel_prefix):])
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        keys = self._keys(queue)
+        calls: list[_Call] = []
+        for start in range(0, len(messages), PUBLISH_CHUNK):
+            args: list[Any] = [self._channel(queue)]
+            for message in messages[start:start + PUBLISH_CHUNK]:
+                priority = min(max(message.priority, 0), 9)
+                meta = f"{priority}:{message.message_id}"
+                args += [uuid.uuid4().hex, meta, _ms(message.delay), message.body]
+            calls.append(("publish", keys, args))
+        await self._eval_many(calls, register=self._register(queue))
+
+    async def fetch(
+        self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
+    ) -> list[Delivery]:
+        if max_messages <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait_seconds, 0.0)
+        keys = self._keys(queue)
+        args = [max_messages, _ms(lease_seconds), BATCH]
+        while True:
+            signal = self._signal(queue)
+            reply = (await self._eval_many([("fetch", keys, args)], register=self._register(queue)))[0]
+            deliveries = self._deliveries(queue, reply[2:])
+            remaining = deadline - loop.time()
+            if deliveries or remaining <= 0:
+                return deliveries
+            timeout = min(remaining, self._poll_seconds)
+            now_ms, next_due = int(reply[0]), int(reply[1])
+            if next_due >= 0:
+                timeout = min(timeout, max((next_due - now_ms) / 1000, 0.001))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signal.wait(), timeout)
+
+    @staticmethod
+    def _deliveries(queue: str, flat: list[Any]) -> list[Delivery]:
+        deliveries = []
+        for index in range(0, len(flat), 4):
+            broker_id = flat[index].decode()
+            message_id = flat[index + 1].decode().partition(":")[2]
+            count = int(flat[index + 2])
+            receipt = f"{broker_id}:{count}"
+            deliveries.append(Delivery(message_id, bytes(flat[index + 3]), queue, receipt, count))
+        return deliveries
+
+    @staticmethod
+    def _by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
+        """queue -> flat (id, dc) ARGV pairs."""
+        grouped: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            grouped.setdefault(delivery.queue, []).extend(_split_receipt(delivery.receipt))
+        return grouped
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        grouped = self._by_queue(deliveries)
+        await self._eval_many([("ack", self._keys(queue), pairs) for queue, pairs in grouped.items()])
+
+    async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        grouped = self._by_queue(deliveries)
+        await self._eval_many([
+            ("nack", self._keys(queue), [self._channel(queue), _ms(delay), *pairs])
+            for queue, pairs in grouped.items()
+        ])
+
+    async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
+        grouped = self._by_queue(deliveries)
+        await self._eval_many([
+            ("extend", self._keys(queue), [_ms(lease_seconds), *pairs]) for queue, pairs in grouped.items()
+        ])
+
+    async def recover_expired(self) -> int:
+        pending = await self.queues()
+        recovered = 0
+        while pending:
+            replies = await self._eval_many([
+                ("recover", self._keys(queue), [self._channel(queue), BATCH]) for queue in pending
+            ])
+            recovered += sum(int(reply[0]) for reply in replies)
+            # Another round only for queues that filled a whole batch.
+            pending = [
+                queue for queue, reply in zip(pending, replies, strict=True)
+                if max(int(reply[0]), int(reply[1])) >= BATCH
+            ]
+        return recovered
+
+    async def stats(self, queue: str) -> QueueStats:
+        ready, delayed, in_flight = await self._eval("stats", self._keys(queue), [BATCH])
+        return QueueStats(ready=int(ready), delayed=int(delayed), in_flight=int(in_flight))
+
+    async def queues(self) -> list[str]:
+        members = await self._redis.smembers(self._registry)
+        return sorted(member.decode() if isinstance(member, bytes) else str(member) for member in members)
+
+    async def purge(self, queue: str) -> int:
+        keys = self._keys(queue)
+        purged = 0
+        while True:
+            dropped = int(await self._eval("purge", keys, [BATCH]))
+            purged += dropped
+            if dropped < BATCH:
+                return purged
