@@ -26,7 +26,6 @@ dedicated connection, comparing CAS tokens, which change on every write and cost
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,19 +33,20 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aiomcache
 
+from ._common import compare_and_set_per_key
+from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-POLL_SECONDS = 0.05
 DEFAULT_PORT = 11211
 MAX_KEY_BYTES = 250
 # Relative expiry times above this are read by memcached as Unix timestamps.
@@ -91,92 +91,6 @@ class _Index:
     def decode(cls, value: bytes) -> _Index:
         raw = json.loads(value)
         return cls(str(raw["g"]), float(raw["t"]), dict.fromkeys(raw["m"]))
-
-
-class _Watcher:
-    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
-
-    def __init__(self, keys: frozenset[str]) -> None:
-        self.keys = keys
-        self.pending: set[str] = set()
-        self.closed = False
-        self._wake = asyncio.Event()
-
-    def notify(self, key: str) -> None:
-        self.pending.add(key)
-        self._wake.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    async def next(self) -> set[str] | None:
-        while not self.pending:
-            if self.closed:
-                return None
-            await self._wake.wait()
-            self._wake.clear()
-        changed, self.pending = self.pending, set()
-        return changed
-
-
-Fetch = Callable[[list[str]], Awaitable[dict[str, Hashable]]]
-
-
-class _PollFeed:
-    """Polls a fingerprint of every watched key for all watchers of one backend."""
-
-    def __init__(self, fetch: Fetch, interval: float = POLL_SECONDS) -> None:
-        self._fetch = fetch
-        self._interval = interval
-        self._watchers: dict[str, set[_Watcher]] = {}
-        self._seen: dict[str, Hashable] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def add(self, watcher: _Watcher) -> None:
-        new = [key for key in watcher.keys if key not in self._watchers]
-        for key in watcher.keys:
-            self._watchers.setdefault(key, set()).add(watcher)
-        if new:
-            # The baseline is read before the first yield, so a later write always differs.
-            found = await self._fetch(new)
-            for key in new:
-                self._seen.setdefault(key, found.get(key))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="conveyor-memcached-watch")
-
-    def remove(self, watcher: _Watcher) -> None:
-        for key in watcher.keys:
-            watchers = self._watchers.get(key)
-            if watchers is not None:
-                watchers.discard(watcher)
-                if not watchers:
-                    del self._watchers[key]
-                    self._seen.pop(key, None)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while self._watchers:
-            await asyncio.sleep(self._interval)
-            keys = list(self._watchers)
-            try:
-                found = await self._fetch(keys)
-            except Exception as exc:
-                log.warning("memcached watch poll failed (%s); retrying", exc)
-                continue
-            for key in keys:
-                if key not in self._watchers:
-                    continue
-                current = found.get(key)
-                if key in self._seen and self._seen[key] != current:
-                    for watcher in self._watchers[key]:
-                        watcher.notify(key)
-                self._seen[key] = current
 
 
 class _CasReader:
@@ -239,8 +153,7 @@ class MemcachedBackend:
         self._pool_size = pool_size
         self._client: aiomcache.Client | None = None
         self._cas_reader: _CasReader | None = None
-        self._feed: _PollFeed | None = None
-        self._watchers: set[_Watcher] = set()
+        self._hub = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
@@ -284,11 +197,7 @@ class MemcachedBackend:
         self._cas_reader = _CasReader(self._host, self._port)
 
     async def close(self) -> None:
-        for watcher in list(self._watchers):
-            watcher.close()
-        if self._feed is not None:
-            await self._feed.close()
-            self._feed = None
+        await self._hub.close()
         if self._cas_reader is not None:
             self._cas_reader.close()
             self._cas_reader = None
@@ -316,17 +225,7 @@ class MemcachedBackend:
 
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
         # Different keys run concurrently; updates of one key run in order.
-        applied = [False] * len(updates)
-        by_key: dict[str, list[int]] = {}
-        for index, update in enumerate(updates):
-            by_key.setdefault(update.key, []).append(index)
-
-        async def apply(indexes: list[int]) -> None:
-            for index in indexes:
-                applied[index] = await self._compare_and_set_one(updates[index])
-
-        await asyncio.gather(*(apply(indexes) for indexes in by_key.values()))
-        return applied
+        return await compare_and_set_per_key(updates, self._compare_and_set_one)
 
     async def _compare_and_set_one(self, update: Update) -> bool:
         key = self._key("r", update.key)
@@ -420,26 +319,8 @@ class MemcachedBackend:
             found.update((key, token) for key, token in zip(chunk, tokens, strict=True) if token is not None)
         return found
 
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
-        watcher = _Watcher(frozenset(keys))
-        self._watchers.add(watcher)
-        feed: _PollFeed | None = None
-        try:
-            if watcher.keys:
-                if self._feed is None:
-                    self._feed = _PollFeed(self._cas_tokens)
-                feed = self._feed
-                try:
-                    await feed.add(watcher)
-                except Exception:
-                    if watcher.closed:  # close() raced the start
-                        return
-                    raise
-                # Anything may have changed before the first poll.
-                yield set(watcher.keys)
-            while (changed := await watcher.next()) is not None:
-                yield changed
-        finally:
-            self._watchers.discard(watcher)
-            if feed is not None:
-                feed.remove(watcher)
+    async def _open_feed(self) -> Feed:
+        return PollFeed(self._cas_tokens, "memcached")
+
+    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        return self._hub.watch(keys)

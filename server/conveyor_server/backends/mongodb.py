@@ -26,10 +26,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 from bson import Binary
 from pymongo import AsyncMongoClient, ReturnDocument
@@ -37,26 +37,18 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
+from ._common import compare_and_set_per_key, split_prefix
+from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
-POLL_SECONDS = 0.05
 MAX_AWAIT_MS = 1000
 # Keys per find(): keeps $in lists and replies small.
 _CHUNK = 1000
 _WATCHED_OPS = ["insert", "update", "replace"]
-
-
-def _split_prefix(url: str, default: str = "conveyor") -> tuple[str, str]:
-    """Remove `prefix` from the query string (pymongo rejects unknown URI options)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in query if name == "prefix"), default)
-    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 def _collection_base(prefix: str) -> str:
@@ -79,75 +71,13 @@ def _chunks(keys: Sequence[str]) -> list[list[str]]:
     return [unique[start : start + _CHUNK] for start in range(0, len(unique), _CHUNK)]
 
 
-class _Watcher:
-    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
-
-    def __init__(self, keys: frozenset[str]) -> None:
-        self.keys = keys
-        self.pending: set[str] = set()
-        self.closed = False
-        self._wake = asyncio.Event()
-
-    def notify(self, keys: Collection[str]) -> None:
-        self.pending.update(keys)
-        self._wake.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    async def next(self) -> set[str] | None:
-        while not self.pending:
-            if self.closed:
-                return None
-            await self._wake.wait()
-            self._wake.clear()
-        changed, self.pending = self.pending, set()
-        return changed
-
-
-class _Registry:
-    """Watchers by key, shared by both feeds."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, set[_Watcher]] = {}
-
-    def add(self, watcher: _Watcher) -> list[str]:
-        """Register; returns the keys nobody watched before."""
-        new = [key for key in watcher.keys if key not in self.by_key]
-        for key in watcher.keys:
-            self.by_key.setdefault(key, set()).add(watcher)
-        return new
-
-    def remove(self, watcher: _Watcher) -> list[str]:
-        """Unregister; returns the keys nobody watches any more."""
-        gone: list[str] = []
-        for key in watcher.keys:
-            watchers = self.by_key.get(key)
-            if watchers is not None:
-                watchers.discard(watcher)
-                if not watchers:
-                    del self.by_key[key]
-                    gone.append(key)
-        return gone
-
-    def dispatch(self, key: str) -> None:
-        for watcher in self.by_key.get(key, ()):
-            watcher.notify((key,))
-
-    def dispatch_all(self) -> None:
-        for watchers in list(self.by_key.values()):
-            for watcher in watchers:
-                watcher.notify(watcher.keys)
-
-
 class _StreamFeed:
     """One change stream on the records collection, fanned out to watchers by key."""
 
     def __init__(self, records: AsyncCollection[Doc], stream: AsyncChangeStream[Doc]) -> None:
         self._records = records
         self._stream = stream
-        self._registry = _Registry()
+        self._registry = Registry()
         self._task = asyncio.create_task(self._run(), name="conveyor-mongo-watch")
 
     @staticmethod
@@ -158,11 +88,11 @@ class _StreamFeed:
         ]
         return await records.watch(pipeline, max_await_time_ms=MAX_AWAIT_MS)
 
-    async def add(self, watcher: _Watcher) -> None:
+    async def add(self, watcher: Watcher) -> None:
         # The stream is already open, so every write after this point reaches the watcher.
         self._registry.add(watcher)
 
-    async def remove(self, watcher: _Watcher) -> None:
+    async def remove(self, watcher: Watcher) -> None:
         self._registry.remove(watcher)
 
     async def close(self) -> None:
@@ -201,71 +131,18 @@ class _StreamFeed:
         self._registry.dispatch_all()
 
 
-Fetch = Callable[[list[str]], Awaitable[dict[str, Hashable]]]
-
-
-class _PollFeed:
-    """Polls a fingerprint of every watched key, for servers without change streams."""
-
-    def __init__(self, fetch: Fetch, interval: float = POLL_SECONDS) -> None:
-        self._fetch = fetch
-        self._interval = interval
-        self._registry = _Registry()
-        self._seen: dict[str, Hashable] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def add(self, watcher: _Watcher) -> None:
-        new = self._registry.add(watcher)
-        if new:
-            # The baseline is read before the first yield, so a later write always differs.
-            found = await self._fetch(new)
-            for key in new:
-                self._seen.setdefault(key, found.get(key))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="conveyor-poll-watch")
-
-    async def remove(self, watcher: _Watcher) -> None:
-        for key in self._registry.remove(watcher):
-            self._seen.pop(key, None)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while self._registry.by_key:
-            await asyncio.sleep(self._interval)
-            keys = list(self._registry.by_key)
-            try:
-                found = await self._fetch(keys)
-            except Exception as exc:
-                log.warning("watch poll failed (%s); retrying", exc)
-                continue
-            for key in keys:
-                if key not in self._registry.by_key:
-                    continue
-                current = found.get(key)
-                if key in self._seen and self._seen[key] != current:
-                    self._registry.dispatch(key)
-                self._seen[key] = current
-
-
 class MongoBackend:
     def __init__(self, url: str, prefix: str = "conveyor", ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._base = _collection_base(prefix)
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
         self._client: AsyncMongoClient[Doc] | None = None
-        self._feed: _StreamFeed | _PollFeed | None = None
-        self._feed_lock = asyncio.Lock()
-        self._watchers: set[_Watcher] = set()
+        self._hub = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
         """mongodb://host:port/dbname?prefix=name (default database and prefix "conveyor")."""
-        clean, prefix = _split_prefix(url)
+        clean, prefix = split_prefix(url)
         return cls(clean, prefix, ttl_seconds)
 
     async def connect(self) -> None:
@@ -284,11 +161,7 @@ class MongoBackend:
         self._client = client
 
     async def close(self) -> None:
-        for watcher in list(self._watchers):
-            watcher.close()
-        if self._feed is not None:
-            await self._feed.close()
-            self._feed = None
+        await self._hub.close()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -343,17 +216,7 @@ class MongoBackend:
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
         # update_one per record, concurrently: a bulk_write reports only totals, not which
         # update matched. Updates of one key run in order, as the protocol requires.
-        applied = [False] * len(updates)
-        by_key: dict[str, list[int]] = {}
-        for index, update in enumerate(updates):
-            by_key.setdefault(update.key, []).append(index)
-
-        async def apply(indexes: list[int]) -> None:
-            for index in indexes:
-                applied[index] = await self._compare_and_set_one(updates[index])
-
-        await asyncio.gather(*(apply(indexes) for indexes in by_key.values()))
-        return applied
+        return await compare_and_set_per_key(updates, self._compare_and_set_one)
 
     async def _compare_and_set_one(self, update: Update) -> bool:
         result = await self._records.update_one(
@@ -426,36 +289,14 @@ class MongoBackend:
                 found[doc["_id"]] = (doc["version"], doc["exp"])
         return found
 
-    async def _open_feed(self) -> _StreamFeed | _PollFeed:
-        """Detect once whether the server has change streams."""
-        async with self._feed_lock:
-            if self._feed is None:
-                try:
-                    stream = await _StreamFeed.open(self._records)
-                    self._feed = _StreamFeed(self._records, stream)
-                except OperationFailure as exc:
-                    log.info("mongodb change streams unavailable (%s); polling instead", exc)
-                    self._feed = _PollFeed(self._versions)
-            return self._feed
-
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
-        watcher = _Watcher(frozenset(keys))
-        self._watchers.add(watcher)
-        feed: _StreamFeed | _PollFeed | None = None
+    async def _open_feed(self) -> Feed:
+        """Detect once (per feed) whether the server has change streams."""
         try:
-            if watcher.keys:
-                feed = await self._open_feed()
-                try:
-                    await feed.add(watcher)
-                except Exception:
-                    if watcher.closed:  # close() raced the start
-                        return
-                    raise
-                # Anything may have changed before the feed saw this watcher.
-                yield set(watcher.keys)
-            while (changed := await watcher.next()) is not None:
-                yield changed
-        finally:
-            self._watchers.discard(watcher)
-            if feed is not None and feed is self._feed:
-                await feed.remove(watcher)
+            stream = await _StreamFeed.open(self._records)
+        except OperationFailure as exc:
+            log.info("mongodb change streams unavailable (%s); polling instead", exc)
+            return PollFeed(self._versions, "mongodb")
+        return _StreamFeed(self._records, stream)
+
+    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        return self._hub.watch(keys)

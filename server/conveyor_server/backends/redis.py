@@ -20,11 +20,12 @@ import logging
 import math
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from ._common import split_prefix
+from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,6 @@ return redis.call('HLEN', KEYS[1])
 """
 
 
-def _split_prefix(url: str, default: str = "conveyor") -> tuple[str, str]:
-    """Remove `prefix` from the query string: redis-py passes unknown params to connections."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in query if name == "prefix"), default)
-    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -97,40 +89,13 @@ def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-class _Watcher:
-    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
-
-    def __init__(self, keys: frozenset[str]) -> None:
-        self.keys = keys
-        self.pending: set[str] = set()
-        self.closed = False
-        self._wake = asyncio.Event()
-
-    def notify(self, key: str) -> None:
-        self.pending.add(key)
-        self._wake.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    async def next(self) -> set[str] | None:
-        while not self.pending:
-            if self.closed:
-                return None
-            await self._wake.wait()
-            self._wake.clear()
-        changed, self.pending = self.pending, set()
-        return changed
-
-
 class _Subscriptions:
-    """One pub/sub connection shared by every watch() of a backend, ref-counted per channel."""
+    """The pub/sub feed: one connection shared by every watch() of a backend, one channel per key."""
 
     def __init__(self, client: aioredis.Redis, channel_prefix: str) -> None:
         self._pubsub: PubSub = client.pubsub()
         self._prefix = channel_prefix.encode()
-        self._listeners: dict[bytes, set[_Watcher]] = {}
+        self._registry = Registry()
         # Futures resolved by the server's subscribe confirmation, in send order.
         self._pending: dict[bytes, list[asyncio.Future[None]]] = {}
         self._lock = asyncio.Lock()
@@ -139,20 +104,18 @@ class _Subscriptions:
     def _channel(self, key: str) -> bytes:
         return self._prefix + key.encode()
 
-    async def add(self, watcher: _Watcher) -> None:
+    async def add(self, watcher: Watcher) -> None:
         """Return once Redis confirms every channel, so no later PUBLISH can be missed."""
         loop = asyncio.get_running_loop()
         waits: list[asyncio.Future[None]] = []
         async with self._lock:  # keeps SUBSCRIBE/UNSUBSCRIBE in the order we decided them
             asked: dict[bytes, asyncio.Future[None]] = {}
-            for key in watcher.keys:
+            for key in self._registry.add(watcher):
                 channel = self._channel(key)
-                listeners = self._listeners.setdefault(channel, set())
-                if not listeners:
-                    asked[channel] = loop.create_future()
-                    self._pending.setdefault(channel, []).append(asked[channel])
-                listeners.add(watcher)
-                waits.extend(self._pending.get(channel, ()))
+                asked[channel] = loop.create_future()
+                self._pending.setdefault(channel, []).append(asked[channel])
+            for key in watcher.keys:
+                waits.extend(self._pending.get(self._channel(key), ()))
             if asked:
                 try:
                     await self._pubsub.subscribe(*asked)
@@ -164,7 +127,7 @@ class _Subscriptions:
         if waits:
             await asyncio.gather(*(asyncio.shield(wait) for wait in waits))
 
-    def _forget(self, watcher: _Watcher, asked: dict[bytes, asyncio.Future[None]]) -> None:
+    def _forget(self, watcher: Watcher, asked: dict[bytes, asyncio.Future[None]]) -> None:
         """Undo add() after a failed SUBSCRIBE."""
         for channel, wait in asked.items():
             waits = self._pending.get(channel, [])
@@ -172,26 +135,11 @@ class _Subscriptions:
                 waits.remove(wait)
             if not waits:
                 self._pending.pop(channel, None)
-        for key in watcher.keys:
-            channel = self._channel(key)
-            listeners = self._listeners.get(channel)
-            if listeners is not None:
-                listeners.discard(watcher)
-                if not listeners:
-                    del self._listeners[channel]
+        self._registry.remove(watcher)
 
-    async def remove(self, watcher: _Watcher) -> None:
+    async def remove(self, watcher: Watcher) -> None:
         async with self._lock:
-            gone: list[bytes] = []
-            for key in watcher.keys:
-                channel = self._channel(key)
-                listeners = self._listeners.get(channel)
-                if listeners is None:
-                    continue
-                listeners.discard(watcher)
-                if not listeners:
-                    del self._listeners[channel]
-                    gone.append(channel)
+            gone = [self._channel(key) for key in self._registry.remove(watcher)]
             if gone and self._pubsub.connection is not None:
                 try:
                     await self._pubsub.unsubscribe(*gone)
@@ -204,9 +152,7 @@ class _Subscriptions:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        for listeners in self._listeners.values():
-            for watcher in listeners:
-                watcher.close()
+        self._registry.close_all()
         for waits in self._pending.values():
             for wait in waits:
                 if not wait.done():
@@ -241,9 +187,7 @@ class _Subscriptions:
             # the outage were not delivered, so report the key as possibly changed.
         elif kind != "message":
             return
-        key = channel[len(self._prefix) :].decode()
-        for watcher in self._listeners.get(channel, ()):
-            watcher.notify(key)
+        self._registry.dispatch(channel[len(self._prefix) :].decode())
 
 
 class RedisBackend:
@@ -252,13 +196,12 @@ class RedisBackend:
         self._prefix = prefix
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
         self._client: aioredis.Redis | None = None
-        self._subs: _Subscriptions | None = None
-        self._watchers: set[_Watcher] = set()
+        self._hub = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
         """redis://host:port/db?prefix=name (default prefix "conveyor")."""
-        clean, prefix = _split_prefix(url)
+        clean, prefix = split_prefix(url)
         return cls(clean, prefix, ttl_seconds)
 
     @property
@@ -282,11 +225,7 @@ class RedisBackend:
         self._add_member = client.register_script(_ADD_MEMBER)
 
     async def close(self) -> None:
-        for watcher in list(self._watchers):
-            watcher.close()
-        if self._subs is not None:
-            await self._subs.close()
-            self._subs = None
+        await self._hub.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -344,28 +283,8 @@ class RedisBackend:
         won = await self._redis.set(f"{self._prefix}:c:{key}", b"1", nx=True, px=self._ttl_ms)
         return bool(won)
 
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
-        watcher = _Watcher(frozenset(keys))
-        self._watchers.add(watcher)
-        subs: _Subscriptions | None = None
-        try:
-            if watcher.keys:
-                if self._subs is None:
-                    self._subs = _Subscriptions(self._redis, f"{self._prefix}:w:")
-                subs = self._subs
-                try:
-                    await subs.add(watcher)
-                except Exception:
-                    if watcher.closed:
-                        return
-                    raise
-                if watcher.closed:
-                    return
-                # Anything may have changed before the subscription was live.
-                yield set(watcher.keys)
-            while (changed := await watcher.next()) is not None:
-                yield changed
-        finally:
-            self._watchers.discard(watcher)
-            if subs is not None and subs is self._subs:
-                await subs.remove(watcher)
+    async def _open_feed(self) -> Feed:
+        return _Subscriptions(self._redis, f"{self._prefix}:w:")
+
+    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        return self._hub.watch(keys)

@@ -1,0 +1,42 @@
+"""Small helpers shared by the networked backends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .base import Update
+
+DEFAULT_PREFIX = "conveyor"
+
+
+def split_prefix(url: str, default: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """Take `prefix` out of the URL's query string; returns (the URL without it, the prefix).
+
+    Client libraries must not see it: redis-py passes unknown parameters to connections and
+    pymongo rejects unknown URI options.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((value for name, value in query if name == "prefix"), default)
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+async def compare_and_set_per_key(
+    updates: Sequence[Update], apply_one: Callable[[Update], Awaitable[bool]]
+) -> list[bool]:
+    """compare_and_set() for engines that write one record at a time: different keys run
+    concurrently, updates of one key run in order (as the protocol requires)."""
+    applied = [False] * len(updates)
+    by_key: dict[str, list[int]] = {}
+    for index, update in enumerate(updates):
+        by_key.setdefault(update.key, []).append(index)
+
+    async def apply(indexes: list[int]) -> None:
+        for index in indexes:
+            applied[index] = await apply_one(updates[index])
+
+    await asyncio.gather(*(apply(indexes) for indexes in by_key.values()))
+    return applied

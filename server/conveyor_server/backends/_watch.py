@@ -1,0 +1,204 @@
+"""The watch() machinery shared by the networked backends (redis, mongodb, memcached).
+
+Each backend has one `WatchHub`. Every watch() gets a `Watcher`; the hub registers it with
+the backend's single `Feed`, which learns of changes its own way (Redis pub/sub, a MongoDB
+change stream, or `PollFeed`, which compares a fingerprint per key) and notifies the watchers
+of the keys that changed. A `Registry` maps keys to the watchers that want them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+
+
+class Watcher:
+    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        self.keys = keys
+        self.pending: set[str] = set()
+        self.closed = False
+        self._wake = asyncio.Event()
+
+    def notify(self, keys: Iterable[str]) -> None:
+        self.pending.update(keys)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def next(self) -> set[str] | None:
+        """The keys changed since the last call; None once closed and drained."""
+        while not self.pending:
+            if self.closed:
+                return None
+            await self._wake.wait()
+            self._wake.clear()
+        changed, self.pending = self.pending, set()
+        return changed
+
+
+class Registry:
+    """Watchers by key, for a feed that fans changes out."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, set[Watcher]] = {}
+
+    def add(self, watcher: Watcher) -> list[str]:
+        """Register; returns the keys nobody watched before."""
+        new = [key for key in watcher.keys if key not in self.by_key]
+        for key in watcher.keys:
+            self.by_key.setdefault(key, set()).add(watcher)
+        return new
+
+    def remove(self, watcher: Watcher) -> list[str]:
+        """Unregister; returns the keys nobody watches any more."""
+        gone: list[str] = []
+        for key in watcher.keys:
+            watchers = self.by_key.get(key)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self.by_key[key]
+                    gone.append(key)
+        return gone
+
+    def dispatch(self, key: str) -> None:
+        """Tell the watchers of `key` that it may have changed."""
+        for watcher in self.by_key.get(key, ()):
+            watcher.notify((key,))
+
+    def dispatch_all(self) -> None:
+        """Tell every watcher that all its keys may have changed (after missing changes)."""
+        for watchers in list(self.by_key.values()):
+            for watcher in watchers:
+                watcher.notify(watcher.keys)
+
+    def close_all(self) -> None:
+        for watchers in self.by_key.values():
+            for watcher in watchers:
+                watcher.close()
+
+
+class Feed(Protocol):
+    """Where a backend's changes come from; one per backend, shared by every watch()."""
+
+    async def add(self, watcher: Watcher) -> None:
+        """Register `watcher`; once this returns, no later write to its keys can be missed."""
+
+    async def remove(self, watcher: Watcher) -> None:
+        """Unregister `watcher`."""
+
+    async def close(self) -> None:
+        """Stop the feed's reader."""
+
+
+# Reads a fingerprint per existing key (absent keys are left out); it changes on every write.
+Fetch = Callable[[list[str]], Awaitable[dict[str, Hashable]]]
+
+
+class PollFeed:
+    """Polls a fingerprint of every watched key for all watchers of one backend."""
+
+    def __init__(self, fetch: Fetch, engine: str, interval: float = POLL_SECONDS) -> None:
+        self._fetch = fetch
+        self._engine = engine
+        self._interval = interval
+        self._registry = Registry()
+        self._seen: dict[str, Hashable] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, watcher: Watcher) -> None:
+        new = self._registry.add(watcher)
+        if new:
+            # The baseline is read before the first yield, so a later write always differs.
+            found = await self._fetch(new)
+            for key in new:
+                self._seen.setdefault(key, found.get(key))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"conveyor-{self._engine}-poll-watch")
+
+    async def remove(self, watcher: Watcher) -> None:
+        for key in self._registry.remove(watcher):
+            self._seen.pop(key, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while self._registry.by_key:
+            await asyncio.sleep(self._interval)
+            keys = list(self._registry.by_key)
+            try:
+                found = await self._fetch(keys)
+            except Exception as exc:
+                log.warning("%s watch poll failed (%s); retrying", self._engine, exc)
+                continue
+            for key in keys:
+                if key not in self._registry.by_key:
+                    continue
+                current = found.get(key)
+                if key in self._seen and self._seen[key] != current:
+                    self._registry.dispatch(key)
+                self._seen[key] = current
+
+
+class WatchHub:
+    """A backend's watch(): its open watchers and its one feed, opened on first use."""
+
+    def __init__(self, open_feed: Callable[[], Awaitable[Feed]]) -> None:
+        self._open_feed = open_feed
+        self._feed: Feed | None = None
+        self._feed_lock = asyncio.Lock()
+        self._watchers: set[Watcher] = set()
+
+    async def _feed_once(self) -> Feed:
+        async with self._feed_lock:
+            if self._feed is None:
+                self._feed = await self._open_feed()
+            return self._feed
+
+    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        """The Backend.watch() contract: the first yield is every key, then what changed."""
+        watcher = Watcher(frozenset(keys))
+        self._watchers.add(watcher)
+        feed: Feed | None = None
+        try:
+            if watcher.keys:
+                feed = await self._feed_once()
+                try:
+                    await feed.add(watcher)
+                except Exception:
+                    if watcher.closed:  # close() raced the start
+                        return
+                    raise
+                if watcher.closed:
+                    return
+                # Anything may have changed before the feed saw this watcher.
+                yield set(watcher.keys)
+            while (changed := await watcher.next()) is not None:
+                yield changed
+        finally:
+            self._watchers.discard(watcher)
+            if feed is not None and feed is self._feed:
+                await feed.remove(watcher)
+
+    async def close(self) -> None:
+        """End every watch() and stop the feed; a later watch() opens a new feed."""
+        for watcher in list(self._watchers):
+            watcher.close()
+        if self._feed is not None:
+            feed, self._feed = self._feed, None
+            await feed.close()
