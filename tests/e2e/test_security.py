@@ -22,7 +22,7 @@ from conveyor_server.app import ConveyorServer
 from conveyor_server.config import ConfigError, Limits, Security, Settings, Token
 from conveyor_server.logs import JsonFormatter
 from tests.support.certs import make_pki
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 
 SECRETS = {"client": "c-secret", "worker": "w-secret", "admin": "a-secret"}
 
@@ -203,3 +203,25 @@ def test_json_logs_are_one_object_per_line() -> None:
     assert entry["level"] == "warning"
     assert entry["msg"] == "lease of t1 expired"
     assert entry["ts"].endswith("Z")
+
+
+async def test_the_cli_speaks_mtls_with_a_token(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    security = Security(
+        tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca),
+        tokens=(token("client"),),
+    )
+    server = ConveyorServer(memory_settings(security=security))
+    port = await server.start()
+    address = f"localhost:{port}"
+    flags = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    try:
+        task_id = (await asyncio.to_thread(
+            run_cli, address, *flags, "--token", SECRETS["client"], "submit", "add", "1", "2"
+        )).strip()
+        printed = await asyncio.to_thread(run_cli, address, *flags, "--token", SECRETS["client"], "get", task_id)
+        assert json.loads(printed)["taskId"] == task_id
+        with pytest.raises(RuntimeError, match="UNAUTHENTICATED"):
+            await asyncio.to_thread(run_cli, address, *flags, "get", task_id)
+    finally:
+        await server.stop()

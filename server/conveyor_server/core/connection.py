@@ -27,7 +27,6 @@ from .sessions import SessionRegistry, WorkerSession
 from .store import TaskStore
 
 log = logging.getLogger(__name__)
-A = w.AckStatus
 # How long one fetch waits for work before re-checking the session.
 FETCH_WAIT_SECONDS = 1.0
 # Extra time past a task's time limit before the server itself gives up on the attempt.

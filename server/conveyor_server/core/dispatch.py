@@ -8,7 +8,7 @@ tasks the follow-ups are repeated idempotently, which repairs a crash in that wi
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,7 +78,7 @@ class Dispatcher:
             if is_terminal(record):
                 return False
             message = messages[task_id][1]
-            token = tokens[task_id] = uuid.uuid4().hex
+            token = tokens[task_id] = secrets.token_hex(16)
             record.lease_token = token
             record.enqueued = True
             record.result.attempts = message.attempt

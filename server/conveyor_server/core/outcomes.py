@@ -25,15 +25,13 @@ from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
-OUTCOME = worker_service_pb2.Outcome
-A = worker_service_pb2.AckStatus
 # Attempts allowed for a task that asks to be retried but whose policy sets no maximum.
 DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
 class _Decision:
-    status: worker_service_pb2.AckStatus.ValueType = A.ACK_STATUS_ACCEPTED
+    status: worker_service_pb2.AckStatus.ValueType = worker_service_pb2.ACK_STATUS_ACCEPTED
     retry_delay: float = 0.0
 
 
@@ -88,10 +86,10 @@ class OutcomeRecorder:
             decision = decisions[task_id] = _Decision()
             outcome = by_id[task_id]
             if is_terminal(record):
-                decision.status = A.ACK_STATUS_ALREADY_DONE
+                decision.status = worker_service_pb2.ACK_STATUS_ALREADY_DONE
                 return False
             if record.lease_token != outcome.lease_token:
-                decision.status = A.ACK_STATUS_STALE_LEASE
+                decision.status = worker_service_pb2.ACK_STATUS_STALE_LEASE
                 return False
             if outcome.HasField("started_at"):
                 mark_started(record, outcome.started_at, worker_id)
@@ -99,7 +97,8 @@ class OutcomeRecorder:
             return True
 
         written = await self.store.update(list(by_id), apply)
-        statuses = {task_id: decisions.get(task_id, _Decision(A.ACK_STATUS_STALE_LEASE)).status for task_id in by_id}
+        missing = _Decision(worker_service_pb2.ACK_STATUS_STALE_LEASE)  # no record: nothing to accept it
+        statuses = {task_id: decisions.get(task_id, missing).status for task_id in by_id}
         await self._after(written, decisions)
         return statuses
 
@@ -123,7 +122,9 @@ class OutcomeRecorder:
     async def fail_leased(self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str) -> None:
         """Fail attempts the server gave up on (past their time limit); retries still apply."""
         outcomes = [
-            worker_service_pb2.TaskOutcome(task_id=t, lease_token=token, outcome=OUTCOME.OUTCOME_FAILURE, error=cause)
+            worker_service_pb2.TaskOutcome(
+                task_id=t, lease_token=token, outcome=worker_service_pb2.OUTCOME_FAILURE, error=cause
+            )
             for t, token in leases
         ]
         await self.record(outcomes, worker_id)
@@ -134,11 +135,11 @@ class OutcomeRecorder:
         """Move the record to the outcome's state; returns the retry delay when one is due."""
         result = record.result
         at = outcome.finished_at if outcome.HasField("finished_at") else now()
-        if outcome.outcome == OUTCOME.OUTCOME_SUCCESS:
+        if outcome.outcome == worker_service_pb2.OUTCOME_SUCCESS:
             result.result.CopyFrom(outcome.result)
             transition(record, S.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
             return 0.0
-        if outcome.outcome == OUTCOME.OUTCOME_CANCELLED:
+        if outcome.outcome == worker_service_pb2.OUTCOME_CANCELLED:
             result.error.CopyFrom(error("Cancelled", "stopped by a cancel request"))
             transition(record, S.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
             return 0.0
@@ -146,14 +147,14 @@ class OutcomeRecorder:
         record.attempt_errors.append(cause)
         policy = result.signature.retry
         allowed = attempts_allowed(policy)
-        if outcome.outcome == OUTCOME.OUTCOME_RETRY and policy.max_attempts <= 0:
+        if outcome.outcome == worker_service_pb2.OUTCOME_RETRY and policy.max_attempts <= 0:
             allowed = DEFAULT_EXPLICIT_RETRY_ATTEMPTS
         if result.attempts < allowed:
             transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
-            if outcome.outcome == OUTCOME.OUTCOME_RETRY and outcome.HasField("retry_delay"):
+            if outcome.outcome == worker_service_pb2.OUTCOME_RETRY and outcome.HasField("retry_delay"):
                 return seconds(outcome.retry_delay)
             return next_delay(policy, result.attempts)
-        if outcome.outcome == OUTCOME.OUTCOME_RETRY:
+        if outcome.outcome == worker_service_pb2.OUTCOME_RETRY:
             cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
         result.error.CopyFrom(cause)
         transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
