@@ -18,15 +18,13 @@ from conveyor.context import TaskContext, bind
 from conveyor.errors import Retry, TaskCancelled, TimeLimitExceeded
 from conveyor.v1 import result_pb2
 from conveyor.v1 import worker_service_pb2 as w
-from conveyor.values import from_value, to_value
+from conveyor.values import from_value, timestamp_now, to_value
 
 TaskFunction = Callable[..., Any]
 
 
 def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    return timestamp_now()
 
 
 def _error(exc: BaseException, kind: str | None = None) -> result_pb2.TaskError:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.errors import UnencodableValue
 from conveyor.v1 import task_pb2
@@ -65,3 +68,10 @@ def to_jsonable(value: task_pb2.Value) -> Any:
     if kind == "bytes_value":
         return {"$bytes": base64.b64encode(value.bytes_value).decode("ascii")}
     return from_value(value)
+
+
+def timestamp_now() -> Timestamp:
+    """The current time as a Timestamp; cheaper than Timestamp.GetCurrentTime(), which goes
+    through datetime and shows up in profiles of the task hot path."""
+    ns = time.time_ns()
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)

@@ -12,11 +12,10 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
+from conveyor.values import timestamp_now
 
 from ..brokers.base import Broker, Delivery
 from .followups import FollowUps
@@ -71,8 +70,7 @@ class Dispatcher:
                 messages[task_id] = (delivery, message)
         await self._restore_missing(messages)
         tokens: dict[str, str] = {}
-        stamp = Timestamp()
-        stamp.GetCurrentTime()
+        stamp = timestamp_now()
 
         def receive(task_id: str, record: records_pb2.TaskRecord) -> bool:
             if is_terminal(record):

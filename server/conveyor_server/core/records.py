@@ -6,6 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
+from conveyor.values import timestamp_now
 
 
 class S:
@@ -42,9 +43,7 @@ DEAD_LETTERS_GROUP = "deadletters"
 
 
 def now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    return timestamp_now()
 
 
 def is_terminal(record: records_pb2.TaskRecord) -> bool:
