@@ -215,3 +215,11 @@ async def test_expiry(backend_url: str, prefix: str) -> None:
         assert await engine.claim(claim) is True
     finally:
         await engine.close()
+
+
+async def test_a_burst_of_concurrent_operations_waits_instead_of_failing(backend: Backend, prefix: str) -> None:
+    # More concurrent calls than a default client pool holds (redis-py's is 100).
+    key = f"{prefix}burst"
+    await backend.insert({key: b"x"})
+    results = await asyncio.gather(*(backend.get([key]) for _ in range(300)))
+    assert all(found[key].data == b"x" for found in results)

@@ -24,6 +24,7 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from ..redis_pool import open_redis
 from ._common import split_prefix
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -217,7 +218,7 @@ class RedisBackend:
         return f"{self._prefix}:g:{group}"
 
     async def connect(self) -> None:
-        client = aioredis.Redis.from_url(self._url, health_check_interval=_HEALTH_CHECK_SECONDS)
+        client = open_redis(self._url, health_check_interval=_HEALTH_CHECK_SECONDS)
         await client.ping()
         self._client = client
         self._insert = client.register_script(_INSERT)

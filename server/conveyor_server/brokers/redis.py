@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from ..redis_pool import open_redis
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ class RedisBroker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._client = aioredis.Redis.from_url(self._url)
+        self._client = open_redis(self._url)
         await self._load_scripts()
         self._pubsub = self._client.pubsub()
         await self._pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")

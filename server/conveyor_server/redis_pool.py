@@ -1,0 +1,20 @@
+"""The Redis client both Redis engines use: a blocking connection pool, so a burst of
+concurrent operations waits for a free connection instead of failing (redis-py's default
+pool raises "Too many connections" past 100)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+MAX_CONNECTIONS = 256
+# How long an operation may wait for a free connection before it fails.
+WAIT_SECONDS = 30.0
+
+
+def open_redis(url: str, **options: Any) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=WAIT_SECONDS, **options
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
