@@ -93,6 +93,9 @@ class MemoryBackend:
         entry = (frozenset(keys), queue)
         self._watchers.add(entry)
         try:
+            # Everything once, now that changes are tracked: a write that raced the caller's
+            # first read is not missed (the other engines start the same way).
+            yield set(keys)
             while True:
                 changed = await queue.get()
                 if changed is None:
