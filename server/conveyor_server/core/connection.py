@@ -159,7 +159,11 @@ class WorkerConnections:
                 session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claimed])))
 
     async def _results(self, session: WorkerSession, results: w.Results) -> None:
-        statuses = await self.recorder.record(results.outcomes, session.worker_id)
+        known = {
+            o.task_id: lease.written for o in results.outcomes
+            if (lease := session.leases.get(o.lease_token)) is not None and lease.written is not None
+        }
+        statuses = await self.recorder.record(results.outcomes, session.worker_id, known)
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
         resolved_tokens = {lease.token for lease in resolved}
         for outcome in results.outcomes:

@@ -21,7 +21,7 @@ from ..brokers.base import Broker, Delivery
 from .followups import FollowUps
 from .publisher import decode_message
 from .records import S, is_terminal, new_record, transition
-from .store import TaskStore
+from .store import Loaded, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class Lease:
     # Seconds the attempt may run (0: no limit) and when it was handed out (monotonic).
     time_limit: float
     assigned_at: float
+    # The record as this dispatch wrote it: the result's compare-and-set starts from it
+    # instead of reading the record again (a newer version only costs a retry).
+    written: Loaded | None = None
 
 
 @dataclass(slots=True)
@@ -68,7 +71,7 @@ class Dispatcher:
                 duplicates.append(delivery)
             else:
                 messages[task_id] = (delivery, message)
-        await self._restore_missing(messages)
+        loaded = await self._restore_missing(messages)
         tokens: dict[str, str] = {}
         stamp = timestamp_now()
 
@@ -84,14 +87,15 @@ class Dispatcher:
             transition(record, S.TASK_STATE_RECEIVED, at=stamp, worker_id=worker_id)
             return True
 
-        written = await self.store.update(list(messages), receive)
+        written = await self.store.update_loaded(list(messages), receive, known=loaded)
         claimed: list[Claimed] = []
         ended: list[Delivery] = []
         for task_id, (delivery, message) in messages.items():
-            record = written.get(task_id)
-            if record is None:
+            stored = written.get(task_id)
+            if stored is None:
                 ended.append(delivery)
                 continue
+            record = stored.record
             limit = record.result.signature.time_limit
             assignment = worker_service_pb2.Assignment(
                 task=record.result.signature,
@@ -107,19 +111,24 @@ class Dispatcher:
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
                 task_id, tokens[task_id], message.attempt, delivery,
-                limit.seconds + limit.nanos / 1e9, now,
+                limit.seconds + limit.nanos / 1e9, now, stored,
             )))
         if ended or duplicates:
             await self._drop(ended, duplicates)
         return claimed
 
-    async def _restore_missing(self, messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]]) -> None:
-        """A queued task whose record expired gets its record back: nothing accepted is lost."""
+    async def _restore_missing(
+        self, messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]]
+    ) -> dict[str, Loaded] | None:
+        """A queued task whose record expired gets its record back: nothing accepted is lost.
+        Returns the records as read, for the update that follows (None after a restore)."""
         loaded = await self.store.load(list(messages))
         missing = [m for task_id, (_, m) in messages.items() if task_id not in loaded]
-        if missing:
-            log.warning("recreating %d expired task records from their queued messages", len(missing))
-            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
+        if not missing:
+            return loaded
+        log.warning("recreating %d expired task records from their queued messages", len(missing))
+        await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
+        return None
 
     async def _drop(self, ended: list[Delivery], duplicates: list[Delivery]) -> None:
         await self.broker.ack([*ended, *duplicates])

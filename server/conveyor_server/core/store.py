@@ -61,35 +61,48 @@ class TaskStore:
         return loaded.record if loaded else None
 
     async def update(
-        self, task_ids: Sequence[str], mutate: Callable[[str, records_pb2.TaskRecord], bool]
+        self, task_ids: Sequence[str], mutate: Callable[[str, records_pb2.TaskRecord], bool],
+        known: dict[str, Loaded] | None = None,
     ) -> dict[str, records_pb2.TaskRecord]:
+        written = await self.update_loaded(task_ids, mutate, known)
+        return {task_id: loaded.record for task_id, loaded in written.items()}
+
+    async def update_loaded(
+        self, task_ids: Sequence[str], mutate: Callable[[str, records_pb2.TaskRecord], bool],
+        known: dict[str, Loaded] | None = None,
+    ) -> dict[str, Loaded]:
         """Read, mutate and conditionally write each record until it sticks.
 
         Returns the records that this call changed, as written. `mutate` may run more than
         once for a record (after losing a race); it must decide from the record alone.
+        `known` holds records the caller just read: the first round uses them instead of
+        reading again (a stale one only costs a lost compare-and-set and a re-read).
         """
-        written: dict[str, records_pb2.TaskRecord] = {}
+        written: dict[str, Loaded] = {}
         pending = list(dict.fromkeys(task_ids))
         for _ in range(MAX_CAS_ROUNDS):
             if not pending:
                 return written
-            loaded = await self.load(pending)
+            if known is not None and all(task_id in known for task_id in pending):
+                loaded, known = known, None
+            else:
+                loaded, known = await self.load(pending), None
             updates: list[Update] = []
-            candidates: list[tuple[str, records_pb2.TaskRecord]] = []
+            candidates: list[tuple[str, Loaded]] = []
             for task_id in pending:
                 current = loaded.get(task_id)
                 if current is None:
                     continue
                 if mutate(task_id, current.record):
                     updates.append(Update(task_key(task_id), current.version, current.record.SerializeToString()))
-                    candidates.append((task_id, current.record))
+                    candidates.append((task_id, current))
             if not updates:
                 return written
             applied = await self.backend.compare_and_set(updates)
             pending = []
-            for (task_id, record), ok in zip(candidates, applied, strict=True):
+            for (task_id, current), ok in zip(candidates, applied, strict=True):
                 if ok:
-                    written[task_id] = record
+                    written[task_id] = Loaded(current.record, current.version + 1)
                 else:
                     pending.append(task_id)
         raise ConflictError(f"records kept changing under concurrent writers: {pending[:5]}")
