@@ -248,6 +248,6 @@ class WorkerConnections:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._background, return_exceptions=True)
-        orphans = self.registry.take_orphans(list(self.registry._orphans.values()))
+        orphans = self.registry.take_all_orphans()
         if orphans:
             await self.broker.nack([lease.delivery for lease in orphans])

@@ -89,11 +89,11 @@ class Dispatcher:
 
         written = await self.store.update_loaded(list(messages), receive, known=loaded)
         claimed: list[Claimed] = []
-        ended: list[Delivery] = []
+        ended: dict[str, Delivery] = {}
         for task_id, (delivery, message) in messages.items():
             stored = written.get(task_id)
             if stored is None:
-                ended.append(delivery)
+                ended[task_id] = delivery
                 continue
             record = stored.record
             limit = record.result.signature.time_limit
@@ -114,7 +114,7 @@ class Dispatcher:
                 limit.seconds + limit.nanos / 1e9, now, stored,
             )))
         if ended or duplicates:
-            await self._drop(ended, duplicates)
+            await self._drop(ended, duplicates, loaded or {})
         return claimed
 
     async def _restore_missing(
@@ -130,13 +130,19 @@ class Dispatcher:
         await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
         return None
 
-    async def _drop(self, ended: list[Delivery], duplicates: list[Delivery]) -> None:
-        await self.broker.ack([*ended, *duplicates])
-        ended_ids = [decode_message(d.body).signature.id for d in ended]
+    async def _drop(
+        self, ended: dict[str, Delivery], duplicates: list[Delivery], read: dict[str, Loaded]
+    ) -> None:
+        """Ack what will not run; repeat the follow-ups of tasks that ended (ended records do
+        not change, so the read made for the claim still holds for them)."""
+        await self.broker.ack([*ended.values(), *duplicates])
+        unread = [task_id for task_id in ended if task_id not in read]
+        records = {**read, **(await self.store.load(unread) if unread else {})}
         finished = [
-            loaded.record
-            for loaded in (await self.store.load(ended_ids)).values()
-            if loaded.record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
+            records[task_id].record
+            for task_id in ended
+            if task_id in records
+            and records[task_id].record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
         ]
         if finished:
             await self.followups.after_terminal(finished, repair=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,8 +18,22 @@ class CompiledWorkflow:
     signatures: dict[str, task_pb2.Signature] = field(default_factory=dict)
 
 
+# Plans never change once compiled, so their node index is built once per workflow, not on
+# every task completion (a 10,000-member group would otherwise rebuild it 10,000 times).
+_INDEX_CACHE_SIZE = 1024
+_indexes: OrderedDict[tuple[str, int], dict[str, records_pb2.PlanNode]] = OrderedDict()
+
+
 def nodes_by_id(plan: records_pb2.WorkflowPlan) -> dict[str, records_pb2.PlanNode]:
-    return {node.node_id: node for node in plan.nodes}
+    key = (plan.workflow_id, len(plan.nodes))
+    index = _indexes.get(key)
+    if index is None:
+        index = _indexes[key] = {node.node_id: node for node in plan.nodes}
+        if len(_indexes) > _INDEX_CACHE_SIZE:
+            _indexes.popitem(last=False)
+    else:
+        _indexes.move_to_end(key)
+    return index
 
 
 def compile_workflow(

@@ -112,6 +112,12 @@ class SessionRegistry:
         """Claim orphans that nobody resolved during the grace."""
         return [lease for lease in leases if self._orphans.pop(lease.token, None) is not None]
 
+    def take_all_orphans(self) -> list[Lease]:
+        """Every orphan still waiting for its grace (the server is stopping)."""
+        orphans = list(self._orphans.values())
+        self._orphans.clear()
+        return orphans
+
     def resolve_orphan(self, token: str) -> Lease | None:
         """A result for a lease of a closed session (the worker reconnected in time)."""
         return self._orphans.pop(token, None)
