@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from ..redis_pool import open_redis
+from ._wakeups import Wakeups
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,8 @@ class RedisBroker:
         self._listener: asyncio.Task[None] | None = None
         self._shas: dict[str, str] = {}
         self._registered: set[str] = set()
-        # queue -> event set (and replaced) by the next signal; see _signal().
-        self._events: dict[str, asyncio.Event] = {}
+        # Waiting fetches, woken by the pub/sub signal of their queue.
+        self._wakeups = Wakeups()
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -315,7 +316,7 @@ class RedisBroker:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        self._wake_all()
+        self._wakeups.wake_all()
 
     @property
     def _redis(self) -> aioredis.Redis:
@@ -378,22 +379,6 @@ class RedisBroker:
 
     # -- signals -----------------------------------------------------------------------------
 
-    def _signal(self, queue: str) -> asyncio.Event:
-        """The event the next signal for `queue` sets. Take it *before* checking the queue."""
-        event = self._events.get(queue)
-        if event is None:
-            event = self._events[queue] = asyncio.Event()
-        return event
-
-    def _wake(self, queue: str) -> None:
-        event = self._events.pop(queue, None)
-        if event is not None:
-            event.set()
-
-    def _wake_all(self) -> None:
-        for queue in list(self._events):
-            self._wake(queue)
-
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
@@ -404,14 +389,14 @@ class RedisBroker:
                 raise
             except Exception as exc:  # connection lost: redis-py resubscribes on the next read
                 log.warning("redis signal listener: %s; retrying in %.1fs", exc, backoff)
-                self._wake_all()
+                self._wakeups.wake_all()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if message is not None and message.get("type") == "pmessage":
                 channel = message["channel"]
                 name = channel.decode() if isinstance(channel, bytes) else str(channel)
-                self._wake(name[len(self._channel_prefix):])
+                self._wakeups.wake(name[len(self._channel_prefix):])
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -437,7 +422,7 @@ class RedisBroker:
         keys = self._keys(queue)
         args = [max_messages, _ms(lease_seconds), BATCH]
         while True:
-            signal = self._signal(queue)
+            signal = self._wakeups.signal(queue)
             reply = (await self._eval_many([("fetch", keys, args)], register=self._register(queue)))[0]
             deliveries = self._deliveries(queue, reply[2:])
             remaining = deadline - loop.time()

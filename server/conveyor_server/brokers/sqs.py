@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aioboto3
 
+from ._wakeups import Wakeups
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class SqsBroker:
         # Messages a long poll received after its fetch returned: queue -> handles.
         self._buffer: dict[str, list[_Handle]] = {}
         self._polls: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._arrived: dict[str, asyncio.Event] = {}
+        self._arrived = Wakeups()
         self._forwarded_at: dict[str, float] = {}
         # SQS MessageId -> handle, for messages received here whose lease may be live.
         self._held: dict[str, _Handle] = {}
@@ -406,7 +407,7 @@ class SqsBroker:
             return
         await self._send(urls, [_Outgoing.of(handle) for handle in handles])
         await self._delete(handles)
-        self._wake(queue)
+        self._arrived.wake(queue)
 
     async def _forward_due(self, queue: str, urls: _Urls) -> None:
         """Short-polls the delay queue for due messages (at most every FORWARD_INTERVAL)."""
@@ -433,7 +434,7 @@ class SqsBroker:
         deadline = loop.time() + max(wait_seconds, 0.0)
         urls = await self._queue_urls(queue)
         while True:
-            arrived = self._signal(queue)  # taken before looking, so no arrival is missed
+            arrived = self._arrived.signal(queue)  # taken before looking, so no arrival is missed
             handles = await self._take_buffered(queue, max_messages, lease_seconds)
             # While every band is long-polled, anything new reaches the buffer by itself;
             # short polls on top would only multiply requests (one per waiting fetch).
@@ -458,18 +459,6 @@ class SqsBroker:
         count += int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
         body = base64.b64decode(message["Body"])
         return Delivery(_attribute(message, A_ID), body, queue, handle.receipt, count, handle)
-
-    def _signal(self, queue: str) -> asyncio.Event:
-        """The event the next finished poll of `queue` sets (then replaces)."""
-        event = self._arrived.get(queue)
-        if event is None:
-            event = self._arrived[queue] = asyncio.Event()
-        return event
-
-    def _wake(self, queue: str) -> None:
-        event = self._arrived.pop(queue, None)
-        if event is not None:
-            event.set()
 
     def _polling(self, queue: str) -> bool:
         """Whether a long poll is running on every band and on the delay queue."""
@@ -502,7 +491,7 @@ class SqsBroker:
             log.warning("SQS long poll of %s failed: %s", url, exc)
             await asyncio.sleep(0.5)
         # Wake waiting fetches even when empty: they look again and restart the polls.
-        self._wake(queue)
+        self._arrived.wake(queue)
 
     async def _take_buffered(self, queue: str, max_messages: int, lease_seconds: float) -> list[_Handle]:
         """Hands out polled messages (high band first), renewing their lease from now."""
