@@ -270,7 +270,8 @@ class Worker:
             task_id=task.id, name=task.name, attempt=assignment.attempt, queue=task.queue,
             headers=dict(task.headers), workflow_id=assignment.workflow_id,
         )
-        context._report = lambda value: self._progress(assignment, value)
+        loop = asyncio.get_running_loop()
+        context._report = lambda value: self._progress(loop, assignment, value)
         assert self._executor is not None
         runner = asyncio.create_task(self._run_one(function, assignment, context, self._executor))
         self._running[task.id] = (runner, context)
@@ -313,7 +314,7 @@ class Worker:
             self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending_results)))
             self._pending_results = []
 
-    def _progress(self, assignment: w.Assignment, value: Any) -> None:
+    def _progress(self, loop: asyncio.AbstractEventLoop, assignment: w.Assignment, value: Any) -> None:
+        """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
         item = w.ProgressItem(task_id=assignment.task.id, lease_token=assignment.lease_token, progress=to_value(value))
-        loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._send, w.ConnectRequest(progress=w.Progress(items=[item])))
