@@ -15,13 +15,13 @@ For each system in turn, this process is the client and everything else is a sep
   on a Redis broker with the Results middleware on Redis.
 
 Concurrency is the same everywhere: `--concurrency` (8) task slots in one worker process, as
-threads. Conveyor's worker runs sync tasks on a pool of that many threads and its window is the
-same size; Dramatiq runs `--threads 8`; Celery runs `--pool threads --concurrency 8` by default,
-so that each system has exactly one worker process. `--celery-pool prefork` gives Celery's own
-default instead (8 child processes, which on a 2-core machine mostly adds context switches).
-Prefetch stays at each system's default (Conveyor: window = concurrency; Celery: 4 per slot;
-Dramatiq: 2 per thread). Celery runs without gossip, mingle and heartbeats, as it is usually
-deployed; this only helps Celery.
+threads. Conveyor's worker runs sync tasks on a pool of that many threads; Dramatiq runs
+`--threads 8`; Celery runs `--pool threads --concurrency 8` by default, so that each system has
+exactly one worker process. `--celery-pool prefork` gives Celery's own default instead (8 child
+processes, which on a 2-core machine mostly adds context switches). Prefetch stays at each
+system's default: Conveyor and Celery hold 4 tasks per slot (a window of 32), Dramatiq 2 per
+thread; `--conveyor-prefetch 1` shows Conveyor with a window of just its 8 slots. Celery runs
+without gossip, mingle and heartbeats, as it is usually deployed; this only helps Celery.
 
 Measurements, in this order:
 
@@ -81,6 +81,7 @@ from bench import procstat
 from bench.peers import PREFIX_ENV, QUEUE, URL_ENV
 from conveyor import Client, sig
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
+from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import REPO, Proc, Server, WorkerProc, wait_for_workers
 
 SYSTEMS = ("conveyor", "celery", "dramatiq")
@@ -266,7 +267,7 @@ class ConveyorRun:
         self.url = url
         self.prefix = prefix
         self.workdir = workdir
-        self.worker_desc = f"1 process, {args.concurrency} threads, window {args.concurrency}"
+        self.worker_desc = f"1 process, {args.concurrency} threads, window {args.concurrency * args.conveyor_prefetch}"
         self.server: Server | None = None
         self.worker: WorkerProc | None = None
         self.ids: list[str] = []
@@ -275,7 +276,8 @@ class ConveyorRun:
         engine = f"{self.url}?prefix={self.prefix}"
         self.server = Server(self.workdir, engine, engine, env={"CONVEYOR_LOG_LEVEL": "WARNING"})
         self.worker = WorkerProc(self.workdir, self.server.address, module="bench.noop_worker",
-                                 concurrency=self.args.concurrency, env={"CONVEYOR_LOG_LEVEL": "WARNING"})
+                                 concurrency=self.args.concurrency, prefetch=self.args.conveyor_prefetch,
+                                 env={"CONVEYOR_LOG_LEVEL": "WARNING"})
         wait_for_workers(self.server.address, 1)
 
     def procs(self) -> dict[str, int | None]:
@@ -598,6 +600,8 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks in the throughput phase")
     parser.add_argument("--latency-tasks", type=int, default=1_000, help="sequential tasks in the latency phase")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in each system's worker process")
+    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH,
+                        help="tasks Conveyor's worker holds per slot (its default, as Celery's, is 4)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=10, help="Redis DB of Conveyor; Celery and Dramatiq use the next two")

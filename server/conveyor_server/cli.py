@@ -22,6 +22,7 @@ from conveyor import Client, Sig, Worker
 from conveyor.client import default_address, state_name
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from conveyor.worker import DEFAULT_PREFETCH
 
 from . import logs
 from .app import ConveyorServer
@@ -73,13 +74,14 @@ def _worker(args: argparse.Namespace) -> None:
     worker = getattr(module, args.attr, None)
     if not isinstance(worker, Worker):
         # A module of plain functions: register its public callables by name.
-        worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency or 8)
+        worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency or 8,
+                        prefetch=args.prefetch or DEFAULT_PREFETCH)
         for name in getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")]):
             function = getattr(module, name)
             if callable(function) and getattr(function, "__module__", None) == module.__name__:
                 worker.task(name)(function)
     else:
-        worker.configure(args.address, args.queue, args.concurrency)
+        worker.configure(args.address, args.queue, args.concurrency, args.prefetch)
     worker.run_forever()
 
 
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--attr", default="worker", help="name of the Worker object in the module")
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     worker.add_argument("--concurrency", type=int, help="tasks run at once (default: the Worker's own, or 8)")
+    worker.add_argument("--prefetch", type=int, help=f"tasks held per slot, so the next is ready when one ends "
+                        f"(default: the Worker's own, or {DEFAULT_PREFETCH}; 1 for long tasks)")
 
     submit = commands.add_parser("submit", help="submit a task: conveyor submit add 1 2")
     submit.add_argument("name")

@@ -226,11 +226,15 @@ async def test_a_hung_worker_is_drained_and_its_lease_expires(
 # -- time limits --------------------------------------------------------------------------------
 
 async def test_the_server_fails_an_attempt_its_worker_does_not_stop(server: Server, client: Client) -> None:
-    # This worker keeps its lease alive with heartbeats but never reports: the server gives up
-    # on the attempt once it runs past its time limit (plus the server's grace) and cancels it.
+    # This worker starts the task and keeps its lease alive with heartbeats but never reports a
+    # result: the server gives up on the attempt once it runs past its time limit (plus the
+    # server's grace) and cancels it.
     async with RawWorker(server.address, "stuck", heartbeat=0.2) as stuck:
         submitted = await client.submit(sig("nap", "stuck", 60).set(queue="stuck", time_limit=0.5))
         held = await stuck.assignment()
+        stuck.send(w.ConnectRequest(started=w.Started(tasks=[
+            w.LeaseRef(task_id=held.task.id, lease_token=held.lease_token)
+        ])))
         result = await client.get_result(submitted.task_id, wait=20)
         assert state_name(result.state) == "FAILURE"
         assert result.error.type == "TimeLimitExceeded"

@@ -76,6 +76,16 @@ async def execute(
     return outcome
 
 
+def cancelled_before_start(assignment: w.Assignment) -> w.TaskOutcome:
+    """The outcome of a prefetched task cancelled while it waited for a slot."""
+    outcome = w.TaskOutcome(
+        task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=w.OUTCOME_CANCELLED
+    )
+    outcome.started_at.CopyFrom(_now())
+    outcome.finished_at.CopyFrom(outcome.started_at)
+    return outcome
+
+
 async def _call(
     function: TaskFunction, args: list[Any], kwargs: dict[str, Any], context: TaskContext, executor: Executor
 ) -> Any:

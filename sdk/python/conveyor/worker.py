@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from conveyor import __version__, tracing
 from conveyor.client import default_address
 from conveyor.context import TaskContext
-from conveyor.execution import TaskFunction, execute
+from conveyor.execution import TaskFunction, cancelled_before_start, execute
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
@@ -44,6 +44,9 @@ DEFAULT_DRAIN_SECONDS = 30.0
 # Tasks still running this long after they began are reported as STARTED (in one batch);
 # quicker ones skip it, their result carries started_at instead.
 STARTED_REPORT_SECONDS = 0.02
+# Assignments held per task slot, as Celery's default prefetch multiplier: the next tasks are
+# already here when a slot frees up. 1 suits long tasks (none wait behind a busy slot).
+DEFAULT_PREFETCH = 4
 
 
 class Worker:
@@ -53,6 +56,7 @@ class Worker:
         *,
         queues: Sequence[str] = ("default",),
         concurrency: int = 8,
+        prefetch: int = DEFAULT_PREFETCH,
         max_in_flight: int | None = None,
         worker_id: str = "",
         drain_timeout: float = DEFAULT_DRAIN_SECONDS,
@@ -61,16 +65,23 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
         self.address = address or default_address()
         self.queues = list(queues)
         self.concurrency = concurrency
-        self.max_in_flight = max_in_flight or concurrency
+        self.prefetch = prefetch
+        # The window: tasks assigned to this worker and not yet reported. Those beyond
+        # `concurrency` wait here for a slot; their STARTED and time limit begin when they run.
+        self._fixed_window = max_in_flight
+        self.max_in_flight = max_in_flight or concurrency * prefetch
         self.worker_id = worker_id
         self.drain_timeout = drain_timeout
         self.tasks: dict[str, TaskFunction] = {}
         self._credentials = credentials
         self._metadata = bearer_metadata(token)
         self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
         self._unacked: dict[str, w.TaskOutcome] = {}
         self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
@@ -98,7 +109,8 @@ class Worker:
         return register
 
     def configure(
-        self, address: str | None = None, queues: Sequence[str] | None = None, concurrency: int | None = None
+        self, address: str | None = None, queues: Sequence[str] | None = None, concurrency: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         """Override settings before run() (the CLI applies its flags this way)."""
         if address:
@@ -106,7 +118,10 @@ class Worker:
         if queues:
             self.queues = list(queues)
         if concurrency:
-            self.concurrency = self.max_in_flight = concurrency
+            self.concurrency = concurrency
+        if prefetch:
+            self.prefetch = prefetch
+        self.max_in_flight = self._fixed_window or self.concurrency * self.prefetch
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -130,6 +145,7 @@ class Worker:
         """Connect (and reconnect after failures) until stop() is called and work is drained."""
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
+        self._slots = asyncio.Semaphore(self.concurrency)
         delay = RECONNECT_INITIAL_SECONDS
         try:
             while not self._stopping.is_set():
@@ -275,7 +291,10 @@ class Worker:
         assert self._executor is not None
         runner = asyncio.create_task(self._run_one(function, assignment, context, self._executor))
         self._running[task.id] = (runner, context)
-        self._pending_started[task.id] = w.LeaseRef(task_id=task.id, lease_token=assignment.lease_token)
+
+    def _mark_started(self, assignment: w.Assignment) -> None:
+        task_id = assignment.task.id
+        self._pending_started[task_id] = w.LeaseRef(task_id=task_id, lease_token=assignment.lease_token)
         if not self._started_scheduled:
             self._started_scheduled = True
             asyncio.get_running_loop().call_later(STARTED_REPORT_SECONDS, self._flush_started)
@@ -291,13 +310,18 @@ class Worker:
     ) -> None:
         task = assignment.task
         attributes: dict[str, str | int] = {"conveyor.task_id": task.id, "conveyor.attempt": assignment.attempt}
+        assert self._slots is not None
         try:
-            with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
-                outcome = await execute(function, assignment, context, executor)
-                if outcome.outcome != w.OUTCOME_SUCCESS:
-                    span.set_status(Status(StatusCode.ERROR, outcome.error.message))
+            async with self._slots:
+                self._mark_started(assignment)
+                with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
+                    outcome = await execute(function, assignment, context, executor)
+                    if outcome.outcome != w.OUTCOME_SUCCESS:
+                        span.set_status(Status(StatusCode.ERROR, outcome.error.message))
         except asyncio.CancelledError:
-            return  # shutting down: the server hands the task to another worker
+            if not context.cancelled_by_request:
+                return  # shutting down: the server hands the task to another worker
+            outcome = cancelled_before_start(assignment)
         finally:
             self._running.pop(assignment.task.id, None)
             self._pending_started.pop(assignment.task.id, None)

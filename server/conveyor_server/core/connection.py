@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -113,6 +113,7 @@ class WorkerConnections:
         if kind == "results":
             await self._results(session, request.results)
         elif kind == "started":
+            self._clock_starts(session, request.started.tasks)
             await self.recorder.started(request.started.tasks, session.worker_id)
         elif kind == "heartbeat":
             await self._heartbeat(session)
@@ -200,11 +201,22 @@ class WorkerConnections:
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=cancelled)))
         await self._enforce_time_limits(session, leases)
 
+    @staticmethod
+    def _clock_starts(session: WorkerSession, refs: Sequence[w.LeaseRef]) -> None:
+        now = time.monotonic()
+        for ref in refs:
+            lease = session.leases.get(ref.lease_token)
+            if lease is not None and lease.started_at is None:
+                lease.started_at = now
+
     async def _enforce_time_limits(self, session: WorkerSession, leases: list[Lease]) -> None:
+        """Fail attempts running past their limit that the worker did not stop. The clock starts
+        at the worker's Started report: before it, a prefetched task is waiting for a slot."""
         now = time.monotonic()
         overdue = [
             lease for lease in leases
-            if lease.time_limit > 0 and now - lease.assigned_at > lease.time_limit + TIME_LIMIT_GRACE_SECONDS
+            if lease.time_limit > 0 and lease.started_at is not None
+            and now - lease.started_at > lease.time_limit + TIME_LIMIT_GRACE_SECONDS
         ]
         if not overdue:
             return

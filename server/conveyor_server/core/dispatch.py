@@ -40,6 +40,9 @@ class Lease:
     # The record as this dispatch wrote it: the result's compare-and-set starts from it
     # instead of reading the record again (a newer version only costs a retry).
     written: Loaded | None = None
+    # When the worker reported the attempt running (monotonic); the server's time-limit
+    # backstop counts from here, since a prefetched task may wait in the worker for a slot.
+    started_at: float | None = None
 
 
 @dataclass(slots=True)
