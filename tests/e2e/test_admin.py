@@ -104,7 +104,7 @@ def test_pause_refuses_a_bad_queue_name(server: Server) -> None:
 # -- queues, workers, inspect, purge ------------------------------------------------------------
 
 async def test_queue_depths_and_worker_in_flight(tmp_path: Path, procs: list[Proc], server: Server) -> None:
-    procs.append(WorkerProc(tmp_path, server.address, queues=("busy",), concurrency=2))
+    procs.append(WorkerProc(tmp_path, server.address, queues=("busy",), concurrency=2, prefetch=1))
     wait_for_workers(server.address, 1)
     async with Client(server.address) as client:
         ids = [(await client.submit(sig("sleep", 4).set(queue="busy"))).task_id for _ in range(5)]

@@ -103,8 +103,9 @@ def running_cluster(directory: Path, broker: str, backend: str, replicas: int) -
             servers.append(server)
         workers: list[WorkerProc] = []
         for index, server in enumerate(servers):
+            # No prefetch: one worker holding every task would hide the other replica's dispatch.
             worker = WorkerProc(directory, server.address, env={"CONVEYOR_TEST_LOG": str(log_file)},
-                                name=f"worker-{index}")
+                                name=f"worker-{index}", prefetch=1)
             started.append(worker)
             workers.append(worker)
         for server, worker in zip(servers, workers, strict=True):

@@ -96,8 +96,8 @@ async def test_worker_window_is_never_exceeded(tmp_path: Path, procs: list[Proc]
             for item in submitted:
                 assert (await client.get_result(item.task_id, wait=30)).state == result_pb2.TASK_STATE_SUCCESS
         (session,) = server.core.registry.sessions.values()
-        assert session.window == 4
-        assert session.high_water == 4, "the worker's window was filled but never exceeded"
+        assert session.window == 16, "4 slots, each prefetching 4 tasks"
+        assert session.high_water == 16, "the worker's window was filled but never exceeded"
     finally:
         await server.stop()
 

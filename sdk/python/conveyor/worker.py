@@ -313,6 +313,8 @@ class Worker:
         assert self._slots is not None
         try:
             async with self._slots:
+                if self._stopping is not None and self._stopping.is_set():
+                    return  # draining: never started, so it goes back to the queue when the stream closes
                 self._mark_started(assignment)
                 with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
                     outcome = await execute(function, assignment, context, executor)
