@@ -160,11 +160,7 @@ class WorkerConnections:
                 session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claimed])))
 
     async def _results(self, session: WorkerSession, results: w.Results) -> None:
-        known = {
-            o.task_id: lease.written for o in results.outcomes
-            if (lease := session.leases.get(o.lease_token)) is not None and lease.written is not None
-        }
-        statuses = await self.recorder.record(results.outcomes, session.worker_id, known)
+        statuses = await self.recorder.record(results.outcomes, session.worker_id)
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
         resolved_tokens = {lease.token for lease in resolved}
         for outcome in results.outcomes:

@@ -37,9 +37,6 @@ class Lease:
     # Seconds the attempt may run (0: no limit) and when it was handed out (monotonic).
     time_limit: float
     assigned_at: float
-    # The record as this dispatch wrote it: the result's compare-and-set starts from it
-    # instead of reading the record again (a newer version only costs a retry).
-    written: Loaded | None = None
     # When the worker reported the attempt running (monotonic); the server's time-limit
     # backstop counts from here, since a prefetched task may wait in the worker for a slot.
     started_at: float | None = None
@@ -113,20 +110,22 @@ class Dispatcher:
                 # The worker's execute span becomes a child of this dispatch.
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
-                task_id, tokens[task_id], message.attempt, delivery,
-                limit.seconds + limit.nanos / 1e9, now, stored,
+                task_id, tokens[task_id], message.attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
             )))
         if ended or duplicates:
-            await self._drop(ended, duplicates, loaded or {})
+            await self._drop(ended, duplicates, messages)
         return claimed
 
     async def _restore_missing(
         self, messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]]
     ) -> dict[str, Loaded] | None:
         """A queued task whose record expired gets its record back: nothing accepted is lost.
-        Returns the records as read, for the update that follows (None after a restore)."""
-        loaded = await self.store.load(list(messages))
-        missing = [m for task_id, (_, m) in messages.items() if task_id not in loaded]
+        Returns the records as read, for the update that follows (None after a restore); the
+        store already holds the records this process wrote last, which need no read."""
+        loaded = await self.store.load([task_id for task_id in messages if not self.store.remembers(task_id)])
+        missing = [
+            m for task_id, (_, m) in messages.items() if task_id not in loaded and not self.store.remembers(task_id)
+        ]
         if not missing:
             return loaded
         log.warning("recreating %d expired task records from their queued messages", len(missing))
@@ -134,18 +133,21 @@ class Dispatcher:
         return None
 
     async def _drop(
-        self, ended: dict[str, Delivery], duplicates: list[Delivery], read: dict[str, Loaded]
+        self, ended: dict[str, Delivery], duplicates: list[Delivery],
+        messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]],
     ) -> None:
-        """Ack what will not run; repeat the follow-ups of tasks that ended (ended records do
-        not change, so the read made for the claim still holds for them)."""
-        await self.broker.ack([*ended.values(), *duplicates])
-        unread = [task_id for task_id in ended if task_id not in read]
-        records = {**read, **(await self.store.load(unread) if unread else {})}
+        """Ack what will not run and repeat the follow-ups of tasks that ended. A record that
+        vanished since the claim read it (it expired) is restored and its message returned to
+        the queue instead: nothing accepted is lost."""
+        records = await self.store.load(list(ended))
+        vanished = {task_id: delivery for task_id, delivery in ended.items() if task_id not in records}
+        await self.broker.ack([d for task_id, d in ended.items() if task_id not in vanished] + duplicates)
+        if vanished:
+            await self._restore_missing({task_id: messages[task_id] for task_id in vanished})
+            await self.broker.nack(list(vanished.values()))
         finished = [
-            records[task_id].record
-            for task_id in ended
-            if task_id in records
-            and records[task_id].record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
+            found.record for found in records.values()
+            if found.record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
         ]
         if finished:
             await self.followups.after_terminal(finished, repair=True)

@@ -21,7 +21,7 @@ from .followups import FollowUps
 from .publisher import Publication, Publisher
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
 from .retry import attempts_allowed, next_delay, seconds
-from .store import Loaded, TaskStore
+from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class OutcomeRecorder:
         await self.store.update(list(by_id), apply)
 
     async def record(
-        self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str,
-        known: dict[str, Loaded] | None = None,
+        self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str
     ) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
         """Apply outcomes; returns the ack status per task id."""
         by_id = {o.task_id: o for o in outcomes}
@@ -97,7 +96,7 @@ class OutcomeRecorder:
             decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
             return True
 
-        written = await self.store.update(list(by_id), apply, known=known)
+        written = await self.store.update(list(by_id), apply)
         missing = _Decision(worker_service_pb2.ACK_STATUS_STALE_LEASE)  # no record: nothing to accept it
         statuses = {task_id: decisions.get(task_id, missing).status for task_id in by_id}
         await self._after(written, decisions)

@@ -1,9 +1,18 @@
-"""Typed access to task records and workflow plans over any Backend."""
+"""Typed access to task records and workflow plans over any Backend.
+
+The store remembers the records this process wrote last (a bounded cache of their bytes and
+versions): a read-modify-write starts from that copy instead of reading the backend again,
+and a stale copy (another replica wrote since) only costs a lost compare-and-set and a re-read.
+Callers in this process can also be told as soon as a record is written here, which spares a
+waiting GetResult the backend's change feed (that feed still covers other replicas' writes).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
@@ -18,6 +27,11 @@ MAX_CAS_ROUNDS = 20
 
 # A mutation edits the record in place and says whether it changed anything.
 Mutation = Callable[[records_pb2.TaskRecord], bool]
+# Records remembered as last written here: enough for every task in flight at high load,
+# a few MB of memory.
+RECENT_RECORDS = 20_000
+# Called with each record as this process wrote it; must only read it.
+WriteListener = Callable[[records_pb2.TaskRecord], None]
 
 
 @dataclass(slots=True)
@@ -37,24 +51,64 @@ def _parse(data: bytes) -> records_pb2.TaskRecord:
 
 
 class TaskStore:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, recent_records: int = RECENT_RECORDS) -> None:
         self.backend = backend
         # Plans never change once written, so every replica may cache them.
         self._plans: dict[str, records_pb2.WorkflowPlan] = {}
+        self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._recent_limit = recent_records
+        self._listeners: dict[str, list[WriteListener]] = {}
 
     async def create(self, records: Iterable[records_pb2.TaskRecord]) -> list[str]:
         """Insert new records; returns the task ids that already existed (left unchanged)."""
-        encoded = {task_key(r.result.task_id): r.SerializeToString() for r in records}
+        by_id = {r.result.task_id: r for r in records}
+        encoded = {task_key(task_id): r.SerializeToString() for task_id, r in by_id.items()}
         if not encoded:
             return []
-        existing = await self.backend.insert(encoded)
-        return [key.removeprefix("task:") for key in existing]
+        existing = {key.removeprefix("task:") for key in await self.backend.insert(encoded)}
+        for task_id, record in by_id.items():
+            if task_id not in existing:
+                self._wrote(task_id, record, encoded[task_key(task_id)], 1)
+        return [task_id for task_id in by_id if task_id in existing]
 
     async def load(self, task_ids: Sequence[str]) -> dict[str, Loaded]:
+        """The records as the backend holds them now."""
         if not task_ids:
             return {}
         found = await self.backend.get([task_key(t) for t in task_ids])
         return {key.removeprefix("task:"): Loaded(_parse(v.data), v.version) for key, v in found.items()}
+
+    def remembers(self, task_id: str) -> bool:
+        """True when this process wrote the record lately (an update need not read it first)."""
+        return task_id in self._recent
+
+    def _remembered(self, task_ids: Iterable[str]) -> dict[str, Loaded]:
+        found: dict[str, Loaded] = {}
+        for task_id in task_ids:
+            hit = self._recent.get(task_id)
+            if hit is not None:
+                found[task_id] = Loaded(_parse(hit[0]), hit[1])
+        return found
+
+    def _wrote(self, task_id: str, record: records_pb2.TaskRecord, data: bytes, version: int) -> None:
+        self._recent[task_id] = (data, version)
+        self._recent.move_to_end(task_id)
+        if len(self._recent) > self._recent_limit:
+            self._recent.popitem(last=False)
+        for listener in self._listeners.get(task_id, ()):
+            listener(record)
+
+    @contextmanager
+    def on_write(self, task_id: str, listener: WriteListener) -> Iterator[None]:
+        """Call `listener` with the record each time this process writes it, while inside."""
+        self._listeners.setdefault(task_id, []).append(listener)
+        try:
+            yield
+        finally:
+            listeners = self._listeners[task_id]
+            listeners.remove(listener)
+            if not listeners:
+                del self._listeners[task_id]
 
     async def get(self, task_id: str) -> records_pb2.TaskRecord | None:
         loaded = (await self.load([task_id])).get(task_id)
@@ -75,20 +129,25 @@ class TaskStore:
 
         Returns the records that this call changed, as written. `mutate` may run more than
         once for a record (after losing a race); it must decide from the record alone.
-        `known` holds records the caller just read: the first round uses them instead of
-        reading again (a stale one only costs a lost compare-and-set and a re-read).
+        The first round starts from `known` (records the caller just read) and this process's
+        own last writes; later rounds, after a lost compare-and-set, read the backend. A mutation
+        that declines a remembered copy is asked again on a fresh read, since that copy may be
+        stale.
         """
         written: dict[str, Loaded] = {}
         pending = list(dict.fromkeys(task_ids))
+        loaded = {task_id: found for task_id, found in (known or {}).items() if task_id in pending}
+        remembered = self._remembered(task_id for task_id in pending if task_id not in loaded)
+        loaded.update(remembered)
+        unread = [task_id for task_id in pending if task_id not in loaded]
         for _ in range(MAX_CAS_ROUNDS):
             if not pending:
                 return written
-            if known is not None and all(task_id in known for task_id in pending):
-                loaded, known = known, None
-            else:
-                loaded, known = await self.load(pending), None
+            if unread:
+                loaded.update(await self.load(unread))
             updates: list[Update] = []
             candidates: list[tuple[str, Loaded]] = []
+            recheck: list[str] = []
             for task_id in pending:
                 current = loaded.get(task_id)
                 if current is None:
@@ -96,15 +155,18 @@ class TaskStore:
                 if mutate(task_id, current.record):
                     updates.append(Update(task_key(task_id), current.version, current.record.SerializeToString()))
                     candidates.append((task_id, current))
-            if not updates:
-                return written
-            applied = await self.backend.compare_and_set(updates)
-            pending = []
-            for (task_id, current), ok in zip(candidates, applied, strict=True):
+                elif task_id in remembered:
+                    recheck.append(task_id)
+            applied = await self.backend.compare_and_set(updates) if updates else []
+            pending, remembered, loaded = recheck, {}, {}
+            for (task_id, current), update, ok in zip(candidates, updates, applied, strict=True):
                 if ok:
                     written[task_id] = Loaded(current.record, current.version + 1)
+                    self._wrote(task_id, current.record, update.data, current.version + 1)
                 else:
+                    self._recent.pop(task_id, None)
                     pending.append(task_id)
+            unread = pending
         raise ConflictError(f"records kept changing under concurrent writers: {pending[:5]}")
 
     async def save_plan(self, plan: records_pb2.WorkflowPlan) -> bool:
