@@ -31,15 +31,42 @@ class ResultReader:
         return record.result
 
     async def wait(self, task_id: str, wait_seconds: float) -> result_pb2.TaskResult:
-        """The result once terminal, or as it stands when `wait_seconds` run out."""
-        result = await self.get(task_id)
-        if result.state in TERMINAL_STATES or wait_seconds <= 0:
-            return result
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_seconds):
-                async for _ in self.watch([task_id], until_done=True):
-                    pass
+        """The result once terminal, or as it stands when `wait_seconds` run out.
+
+        A result this server records arrives straight from the store; the backend's change
+        feed covers results recorded by other replicas.
+        """
+        loop = asyncio.get_running_loop()
+        written_here: asyncio.Future[result_pb2.TaskResult | None] = loop.create_future()
+
+        def on_write(record: records_pb2.TaskRecord) -> None:
+            if is_terminal(record) and not written_here.done():
+                written_here.set_result(_copy(record.result))
+
+        with self.store.on_write(task_id, on_write):
+            result = await self.get(task_id)
+            if result.state in TERMINAL_STATES or wait_seconds <= 0:
+                return result
+            if (found := written_here.result() if written_here.done() else None) is not None:
+                return found
+            elsewhere = asyncio.create_task(self._terminal_result(task_id))
+            try:
+                done, _ = await asyncio.wait({written_here, elsewhere}, timeout=wait_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Unsubscribing from the change feed must not delay the answer.
+                elsewhere.cancel()
+                _detach(elsewhere)
+        for finished in done:
+            if (found := finished.result()) is not None:
+                return found
         return await self.get(task_id)
+
+    async def _terminal_result(self, task_id: str) -> result_pb2.TaskResult | None:
+        last = None
+        async for event in self.watch([task_id], until_done=True):
+            last = event.result
+        return last
 
     async def resolve_ids(self, task_ids_: Sequence[str], workflow_id: str) -> list[str]:
         ids = list(dict.fromkeys(task_ids_))
@@ -112,6 +139,27 @@ class ResultReader:
         return task_service_pb2.GetWorkflowResponse(
             workflow_id=workflow_id, root=build(plan.root_node_id), result_task_id=result_task_id(plan)
         )
+
+
+# Watches being cancelled in the background; held so they are not garbage-collected midway.
+_DETACHED: set[asyncio.Task[result_pb2.TaskResult | None]] = set()
+
+
+def _detach(task: asyncio.Task[result_pb2.TaskResult | None]) -> None:
+    _DETACHED.add(task)
+    task.add_done_callback(_finished_detached)
+
+
+def _finished_detached(task: asyncio.Task[result_pb2.TaskResult | None]) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved, so a failed watch is not reported as never awaited
+
+
+def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
+    copied = result_pb2.TaskResult()
+    copied.CopyFrom(result)
+    return copied
 
 
 def _new_events(record: records_pb2.TaskRecord, already_sent: int) -> list[result_pb2.TaskEvent]:
