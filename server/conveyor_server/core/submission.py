@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import task_service_pb2
+from conveyor.v1 import task_pb2, task_service_pb2
 
 from ..backends.base import Update
 from ..config import Settings
@@ -30,6 +30,8 @@ class _Prepared:
     record: records_pb2.TaskRecord | None = None
     workflow: CompiledWorkflow | None = None
     duplicate_of: str = ""
+    # The caller chose some task ids (ids the server makes are fresh UUIDs and cannot clash).
+    chosen_ids: bool = False
 
 
 class Submitter:
@@ -76,17 +78,21 @@ class Submitter:
             check_signature(source, limits, f"{where}.task")
             signature = filled(source, self.settings.default_queue, inherit_headers=headers)
             response = task_service_pb2.SubmitResponse(task_id=signature.id, task_ids=[signature.id])
-            return _Prepared(response, record=new_record(signature))
+            return _Prepared(response, record=new_record(signature), chosen_ids=bool(source.id))
         check_workflow(request.workflow, limits)
         workflow_id = new_workflow_id()
-        compiled = compile_workflow(
-            request.workflow, workflow_id,
-            lambda sig: filled(sig, self.settings.default_queue, inherit_headers=headers),
-        )
+        chosen: list[str] = []
+
+        def fill(sig: task_pb2.Signature) -> task_pb2.Signature:
+            if sig.id:
+                chosen.append(sig.id)
+            return filled(sig, self.settings.default_queue, inherit_headers=headers)
+
+        compiled = compile_workflow(request.workflow, workflow_id, fill)
         response = task_service_pb2.SubmitResponse(
             task_id=result_task_id(compiled.plan), workflow_id=workflow_id, task_ids=task_ids(compiled.plan)
         )
-        return _Prepared(response, workflow=compiled)
+        return _Prepared(response, workflow=compiled, chosen_ids=bool(chosen))
 
     def _check_total(self, prepared: Sequence[_Prepared]) -> None:
         total = sum(len(p.response.task_ids) for p in prepared)
@@ -145,7 +151,8 @@ class Submitter:
         ids = [r.result.task_id for r in records]
         if len(set(ids)) != len(ids):
             raise InvalidArgument("the submission uses the same task id more than once")
-        clashing = await self.store.load(ids)
+        # Checked before anything is written, so a rejected batch leaves nothing behind.
+        clashing = await self.store.load(ids) if any(item.chosen_ids for item in prepared) else {}
         if clashing:
             raise AlreadyExists(f"task ids already exist: {', '.join(sorted(clashing)[:5])}")
         for item in prepared:
