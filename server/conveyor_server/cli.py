@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from conveyor import Client, Sig, Worker
+from conveyor import loop as event_loop
 from conveyor.client import default_address, state_name
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serve": _serve, "submit": _submit, "get": _get, "watch": _watch, "cancel": _cancel,
         }.get(args.command, _admin)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(handler(args))
+            event_loop.run(handler(args))
     except ConfigError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from conveyor import __version__, tracing
+from conveyor import loop as event_loop
 from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, cancelled_before_start, execute
@@ -134,7 +135,7 @@ class Worker:
                 loop.add_signal_handler(sig, self.stop)
             await self.run()
 
-        asyncio.run(main())
+        event_loop.run(main())
 
     def stop(self) -> None:
         """Begin a graceful stop: say Goodbye, finish in-flight tasks, then disconnect."""

@@ -18,7 +18,7 @@ from conveyor.v1 import worker_service_pb2 as w
 
 from ..brokers.base import Broker
 from ..config import Settings
-from .dispatch import Dispatcher, Lease
+from .dispatch import Claim, Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder
 from .pauses import QueuePauses
@@ -138,7 +138,7 @@ class WorkerConnections:
             reserved = await session.reserve(batch)
             if reserved == 0:
                 return
-            claimed = []
+            claim = None
             try:
                 deliveries = await self.broker.fetch(
                     queue, reserved, self.settings.lease_seconds, FETCH_WAIT_SECONDS
@@ -148,18 +148,47 @@ class WorkerConnections:
                     await self.broker.nack(deliveries)
                     deliveries = []
                 if deliveries:
-                    claimed = await self.dispatcher.claim(deliveries, session.worker_id, time.monotonic())
+                    claim = await self.dispatcher.claim(deliveries, session.worker_id, time.monotonic())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("fetching from queue %s for worker %s failed; retrying", queue, session.worker_id)
                 await asyncio.sleep(0.5)
             finally:
-                await session.settle(reserved, [c.lease for c in claimed])
-            if claimed:
-                session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claimed])))
+                await session.settle(reserved, claim.leases if claim else [])
+            if claim is not None:
+                await self._send_claimed(session, claim)
+
+    async def _send_claimed(self, session: WorkerSession, claim: Claim) -> None:
+        """Send the assignments, then make their leases valid while the worker starts on them."""
+        if claim.claimed:
+            session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claim.claimed])))
+        try:
+            withdrawn = await self.dispatcher.record(claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recording %d assignments for worker %s failed; handing them back",
+                          len(claim.claimed), session.worker_id)
+            withdrawn = await session.resolve(lease.token for lease in claim.leases)
+            with contextlib.suppress(Exception):
+                await self.broker.nack([lease.delivery for lease in withdrawn])
+        else:
+            withdrawn = await session.resolve(lease.token for lease in withdrawn)
+        finally:
+            for lease in claim.leases:
+                if not lease.recorded.done():
+                    lease.recorded.set_result(None)
+        if withdrawn:
+            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])))
 
     async def _results(self, session: WorkerSession, results: w.Results) -> None:
+        unrecorded = [
+            lease.recorded for o in results.outcomes
+            if (lease := session.leases.get(o.lease_token)) is not None and not lease.recorded.done()
+        ]
+        if unrecorded:  # a quick task can finish before its RECEIVED is written
+            await asyncio.gather(*unrecorded)
         statuses = await self.recorder.record(results.outcomes, session.worker_id)
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
         resolved_tokens = {lease.token for lease in resolved}

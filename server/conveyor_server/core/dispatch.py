@@ -1,4 +1,11 @@
-"""Turns leased broker messages into worker assignments.
+"""Turns leased broker messages into worker assignments, in two steps.
+
+`claim` decides which tasks may run and builds their assignments from records it already has
+(this process's own last writes) or reads; the caller sends them at once. `record` then writes
+RECEIVED with each lease token while the worker starts: that write is off the path from submit
+to result. A task found ended by then (cancelled by another replica a moment before) is
+withdrawn: its lease is dropped and the worker told to cancel it. Results for a lease wait for
+its `recorded` future, so a result never races the write that makes its lease valid.
 
 A message whose task already ended (a duplicate, a cancelled task, or a redelivery after
 the server died between recording a result and acking) is acked and dropped; for ended
@@ -7,10 +14,11 @@ tasks the follow-ups are repeated idempotently, which repairs a crash in that wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
@@ -25,6 +33,8 @@ from .store import Loaded, TaskStore
 
 log = logging.getLogger(__name__)
 
+_Messages = dict[str, tuple[Delivery, records_pb2.TaskMessage]]
+
 
 @dataclass(slots=True)
 class Lease:
@@ -37,6 +47,8 @@ class Lease:
     # Seconds the attempt may run (0: no limit) and when it was handed out (monotonic).
     time_limit: float
     assigned_at: float
+    # Done once RECEIVED (with this lease's token) is written, or the lease withdrawn.
+    recorded: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # When the worker reported the attempt running (monotonic); the server's time-limit
     # backstop counts from here, since a prefetched task may wait in the worker for a slot.
     started_at: float | None = None
@@ -48,6 +60,22 @@ class Claimed:
     lease: Lease
 
 
+@dataclass(slots=True)
+class Claim:
+    """Assignments to send now, and what `Dispatcher.record` needs to make them valid."""
+
+    claimed: list[Claimed]
+    worker_id: str
+    messages: _Messages
+    read: dict[str, Loaded]
+    ended: dict[str, Delivery]
+    duplicates: list[Delivery]
+
+    @property
+    def leases(self) -> list[Lease]:
+        return [c.lease for c in self.claimed]
+
+
 class Dispatcher:
     def __init__(self, store: TaskStore, broker: Broker, followups: FollowUps, lease_seconds: float) -> None:
         self.store = store
@@ -55,9 +83,9 @@ class Dispatcher:
         self.followups = followups
         self.lease_seconds = lease_seconds
 
-    async def claim(self, deliveries: Sequence[Delivery], worker_id: str, now: float) -> list[Claimed]:
-        """Record RECEIVED for each delivered task and build its assignment; drop the rest."""
-        messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]] = {}
+    async def claim(self, deliveries: Sequence[Delivery], worker_id: str, now: float) -> Claim:
+        """Build an assignment for each delivered task that has not ended."""
+        messages: _Messages = {}
         duplicates: list[Delivery] = []
         for delivery in deliveries:
             try:
@@ -71,37 +99,27 @@ class Dispatcher:
                 duplicates.append(delivery)
             else:
                 messages[task_id] = (delivery, message)
-        loaded = await self._restore_missing(messages)
-        tokens: dict[str, str] = {}
+        read = await self._restore_missing(messages)
+        records = {**read, **self.store.remembered(t for t in messages if t not in read)}
+        if evicted := [t for t in messages if t not in records]:  # forgotten while the others were read
+            read.update(await self.store.load(evicted))
+            records.update(read)
         stamp = timestamp_now()
-
-        def receive(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if is_terminal(record):
-                return False
-            message = messages[task_id][1]
-            token = tokens[task_id] = secrets.token_hex(16)
-            record.lease_token = token
-            record.enqueued = True
-            record.result.attempts = message.attempt
-            record.result.worker_id = worker_id
-            transition(record, S.TASK_STATE_RECEIVED, at=stamp, worker_id=worker_id)
-            return True
-
-        written = await self.store.update_loaded(list(messages), receive, known=loaded)
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
         for task_id, (delivery, message) in messages.items():
-            stored = written.get(task_id)
-            if stored is None:
+            found = records.get(task_id)
+            if found is None or is_terminal(found.record):
                 ended[task_id] = delivery
                 continue
-            record = stored.record
-            limit = record.result.signature.time_limit
+            # From the message, not the record: a remembered record may predate the arguments a
+            # workflow step got from its predecessor on another replica; its message has them.
+            limit = message.signature.time_limit
             assignment = worker_service_pb2.Assignment(
-                task=record.result.signature,
+                task=message.signature,
                 attempt=message.attempt,
-                lease_token=tokens[task_id],
-                workflow_id=record.result.workflow_id,
+                lease_token=secrets.token_hex(16),
+                workflow_id=message.workflow_id,
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
             with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers,
@@ -110,32 +128,47 @@ class Dispatcher:
                 # The worker's execute span becomes a child of this dispatch.
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
-                task_id, tokens[task_id], message.attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
+                task_id, assignment.lease_token, message.attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
             )))
-        if ended or duplicates:
-            await self._drop(ended, duplicates, messages)
-        return claimed
+        return Claim(claimed, worker_id, messages, read, ended, duplicates)
 
-    async def _restore_missing(
-        self, messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]]
-    ) -> dict[str, Loaded] | None:
+    async def record(self, claim: Claim) -> list[Lease]:
+        """Write RECEIVED for the claimed tasks and drop what will not run; returns the leases
+        withdrawn because their task ended meanwhile. Does not resolve `recorded`."""
+        tokens = {c.lease.task_id: c.lease.token for c in claim.claimed}
+        attempts = {c.lease.task_id: c.lease.attempt for c in claim.claimed}
+        stamp = timestamp_now()
+
+        def receive(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            if is_terminal(record):
+                return False
+            record.lease_token = tokens[task_id]
+            record.enqueued = True
+            record.result.attempts = attempts[task_id]
+            record.result.worker_id = claim.worker_id
+            transition(record, S.TASK_STATE_RECEIVED, at=stamp, worker_id=claim.worker_id)
+            return True
+
+        written = await self.store.update_loaded(list(tokens), receive, known=claim.read)
+        withdrawn = [c.lease for c in claim.claimed if c.lease.task_id not in written]
+        ended = {**claim.ended, **{lease.task_id: lease.delivery for lease in withdrawn}}
+        if ended or claim.duplicates:
+            await self._drop(ended, claim.duplicates, claim.messages)
+        return withdrawn
+
+    async def _restore_missing(self, messages: _Messages) -> dict[str, Loaded]:
         """A queued task whose record expired gets its record back: nothing accepted is lost.
-        Returns the records as read, for the update that follows (None after a restore); the
-        store already holds the records this process wrote last, which need no read."""
-        loaded = await self.store.load([task_id for task_id in messages if not self.store.remembers(task_id)])
-        missing = [
-            m for task_id, (_, m) in messages.items() if task_id not in loaded and not self.store.remembers(task_id)
-        ]
-        if not missing:
-            return loaded
-        log.warning("recreating %d expired task records from their queued messages", len(missing))
-        await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
-        return None
+        Returns the records it read; those this process wrote last (restored ones included)
+        are not read, the store remembers them."""
+        unknown = [task_id for task_id in messages if not self.store.remembers(task_id)]
+        loaded = await self.store.load(unknown)
+        missing = [messages[task_id][1] for task_id in unknown if task_id not in loaded]
+        if missing:
+            log.warning("recreating %d expired task records from their queued messages", len(missing))
+            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
+        return loaded
 
-    async def _drop(
-        self, ended: dict[str, Delivery], duplicates: list[Delivery],
-        messages: dict[str, tuple[Delivery, records_pb2.TaskMessage]],
-    ) -> None:
+    async def _drop(self, ended: dict[str, Delivery], duplicates: list[Delivery], messages: _Messages) -> None:
         """Ack what will not run and repeat the follow-ups of tasks that ended. A record that
         vanished since the claim read it (it expired) is restored and its message returned to
         the queue instead: nothing accepted is lost."""

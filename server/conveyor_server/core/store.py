@@ -82,7 +82,8 @@ class TaskStore:
         """True when this process wrote the record lately (an update need not read it first)."""
         return task_id in self._recent
 
-    def _remembered(self, task_ids: Iterable[str]) -> dict[str, Loaded]:
+    def remembered(self, task_ids: Iterable[str]) -> dict[str, Loaded]:
+        """This process's last writes of these records (fresh copies), where it has them."""
         found: dict[str, Loaded] = {}
         for task_id in task_ids:
             hit = self._recent.get(task_id)
@@ -137,7 +138,7 @@ class TaskStore:
         written: dict[str, Loaded] = {}
         pending = list(dict.fromkeys(task_ids))
         loaded = {task_id: found for task_id, found in (known or {}).items() if task_id in pending}
-        remembered = self._remembered(task_id for task_id in pending if task_id not in loaded)
+        remembered = self.remembered(task_id for task_id in pending if task_id not in loaded)
         loaded.update(remembered)
         unread = [task_id for task_id in pending if task_id not in loaded]
         for _ in range(MAX_CAS_ROUNDS):
