@@ -48,18 +48,16 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         except CoreError as exc:
             await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         reader = asyncio.create_task(self.connections.run(session, requests))
+        # When the worker closes its side, what is still owed (acks) goes out, then the stream ends.
+        reader.add_done_callback(lambda _: session.end_outbox())
         try:
-            while True:
-                getter = asyncio.ensure_future(session.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    # The worker closed its side: flush what is still owed (acks), then end.
-                    while not session.outbox.empty():
-                        for message in _coalesce(session.outbox.get_nowait(), session.outbox):
-                            yield message
+            ended = False
+            while not ended:
+                ready = await session.outbox.get()
+                if ready is None:
                     break
-                for message in _coalesce(getter.result(), session.outbox):
+                merged, ended = _coalesce(ready, session.outbox)
+                for message in merged:
                     yield message
         finally:
             reader.cancel()
@@ -71,14 +69,19 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             raise failure
 
 
-def _coalesce(first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse]) -> list[w.ConnectResponse]:
+def _coalesce(
+    first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse | None]
+) -> tuple[list[w.ConnectResponse], bool]:
     """Merge queued assignments and acks into as few messages as possible (batching is
-    what makes the stream fast: one write per message dominates the cost)."""
+    what makes the stream fast: one write per message dominates the cost). Also says
+    whether the end of the stream was reached."""
     merged = [first]
     for _ in range(MAX_COALESCE):
         if outbox.empty():
             break
         message = outbox.get_nowait()
+        if message is None:
+            return merged, True
         last = merged[-1]
         kind = message.WhichOneof("message")
         if kind == last.WhichOneof("message") and kind == "assignments":
@@ -87,4 +90,4 @@ def _coalesce(first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse]
             last.acks.acks.extend(message.acks.acks)
         else:
             merged.append(message)
-    return merged
+    return merged, False

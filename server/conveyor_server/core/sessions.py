@@ -29,7 +29,8 @@ class WorkerSession:
     queues: list[str]
     window: int
     connected_at: Timestamp
-    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse] = field(default_factory=asyncio.Queue)
+    # Messages for the worker; None marks the end of the stream.
+    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     leases: dict[str, Lease] = field(default_factory=dict)
     reserved: int = 0
     high_water: int = 0
@@ -87,6 +88,10 @@ class WorkerSession:
 
     def send(self, message: worker_service_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
+
+    def end_outbox(self) -> None:
+        """No more messages: the stream's writer sends what is queued, then finishes."""
+        self.outbox.put_nowait(None)
 
 
 class SessionRegistry:
