@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -24,11 +24,14 @@ from .outcomes import OutcomeRecorder
 from .pauses import QueuePauses
 from .records import S, error
 from .sessions import SessionRegistry, WorkerSession
-from .store import TaskStore
+from .store import Loaded, TaskStore
 
 log = logging.getLogger(__name__)
 # How long one fetch waits for work before re-checking the session.
 FETCH_WAIT_SECONDS = 1.0
+# RECEIVED is written this long after dispatch unless the task's result (or a report about
+# it) comes first and takes it along; the worker's STARTED report waits 20 ms likewise.
+RECEIVED_DELAY_SECONDS = 0.02
 # Extra time past a task's time limit before the server itself gives up on the attempt.
 TIME_LIMIT_GRACE_SECONDS = 5.0
 
@@ -114,12 +117,14 @@ class WorkerConnections:
             await self._results(session, request.results)
         elif kind == "started":
             self._clock_starts(session, request.started.tasks)
+            await self._ensure_recorded(session, (ref.lease_token for ref in request.started.tasks))
             await self.recorder.started(request.started.tasks, session.worker_id)
         elif kind == "heartbeat":
             await self._heartbeat(session)
         elif kind == "credit":
             await session.set_window(request.credit.max_in_flight)
         elif kind == "progress":
+            await self._ensure_recorded(session, (item.lease_token for item in request.progress.items))
             await self.recorder.progress(request.progress.items)
         elif kind == "reject":
             await self._reject(session, request.reject)
@@ -160,36 +165,77 @@ class WorkerConnections:
                 await self._send_claimed(session, claim)
 
     async def _send_claimed(self, session: WorkerSession, claim: Claim) -> None:
-        """Send the assignments, then make their leases valid while the worker starts on them."""
+        """Send the assignments; RECEIVED follows with their results, or after a moment."""
         if claim.claimed:
             session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claim.claimed])))
+            await self._record_receipts(session, claim.replacing, claim.read)
+            self._spawn(self._record_later(session, claim))
         try:
-            withdrawn = await self.dispatcher.record(claim)
+            await self.dispatcher.drop_unrunnable(claim)
+        except Exception:  # their leases expire and bring them back
+            log.exception("dropping %d ended or duplicate messages failed", len(claim.ended) + len(claim.duplicates))
+
+    async def _record_later(self, session: WorkerSession, claim: Claim) -> None:
+        await asyncio.sleep(RECEIVED_DELAY_SECONDS)
+        await self._record_receipts(session, [lease for lease in claim.leases if lease.receipt_pending], claim.read)
+
+    async def _record_receipts(
+        self, session: WorkerSession, leases: list[Lease], known: dict[str, Loaded] | None = None
+    ) -> None:
+        """Write RECEIVED for leases whose result has not come yet."""
+        if not leases:
+            return
+        for lease in leases:
+            lease.receipt_pending = False
+        try:
+            withdrawn = await self.dispatcher.record(leases, session.worker_id, known)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("recording %d assignments for worker %s failed; handing them back",
-                          len(claim.claimed), session.worker_id)
-            withdrawn = await session.resolve(lease.token for lease in claim.leases)
+                          len(leases), session.worker_id)
+            withdrawn = await session.resolve(lease.token for lease in leases)
             with contextlib.suppress(Exception):
                 await self.broker.nack([lease.delivery for lease in withdrawn])
         else:
             withdrawn = await session.resolve(lease.token for lease in withdrawn)
         finally:
-            for lease in claim.leases:
+            for lease in leases:
                 if not lease.recorded.done():
                     lease.recorded.set_result(None)
         if withdrawn:
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])))
 
+    async def _ensure_recorded(self, session: WorkerSession, tokens: Iterable[str]) -> None:
+        """Before a report is checked against the record: its lease's RECEIVED is written."""
+        leases = [lease for token in tokens if (lease := session.leases.get(token)) is not None]
+        await self._record_receipts(session, [lease for lease in leases if lease.receipt_pending])
+        waiting = [lease.recorded for lease in leases if not lease.recorded.done()]
+        if waiting:
+            await asyncio.gather(*waiting)
+
     async def _results(self, session: WorkerSession, results: w.Results) -> None:
-        unrecorded = [
-            lease.recorded for o in results.outcomes
-            if (lease := session.leases.get(o.lease_token)) is not None and not lease.recorded.done()
-        ]
-        if unrecorded:  # a quick task can finish before its RECEIVED is written
-            await asyncio.gather(*unrecorded)
-        statuses = await self.recorder.record(results.outcomes, session.worker_id)
+        # A result that comes before its lease's RECEIVED was written brings it along: one write.
+        # The lease may be a closed session's, when the worker reconnected and resent it.
+        receipts: dict[str, Lease] = {}
+        waiting: list[asyncio.Future[None]] = []
+        for outcome in results.outcomes:
+            lease = session.leases.get(outcome.lease_token) or self.registry.orphan(outcome.lease_token)
+            if lease is None:
+                continue
+            if lease.receipt_pending:
+                lease.receipt_pending = False
+                receipts[outcome.task_id] = lease
+            elif not lease.recorded.done():
+                waiting.append(lease.recorded)
+        if waiting:
+            await asyncio.gather(*waiting)
+        try:
+            statuses = await self.recorder.record(results.outcomes, session.worker_id, receipts)
+        finally:
+            for lease in receipts.values():
+                if not lease.recorded.done():
+                    lease.recorded.set_result(None)
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
         resolved_tokens = {lease.token for lease in resolved}
         for outcome in results.outcomes:
@@ -205,6 +251,7 @@ class WorkerConnections:
         ])))
 
     async def _reject(self, session: WorkerSession, reject: w.Reject) -> None:
+        await self._ensure_recorded(session, (task.lease_token for task in reject.tasks))
         await self.recorder.reject(reject.tasks, session.worker_id)
         resolved = await session.resolve(t.lease_token for t in reject.tasks)
         if resolved:
@@ -246,6 +293,7 @@ class WorkerConnections:
         if not overdue:
             return
         cause = error("TimeLimitExceeded", "the attempt ran past its time limit and the worker did not stop it")
+        await self._ensure_recorded(session, (lease.token for lease in overdue))
         await self.recorder.fail_leased([(lease.task_id, lease.token) for lease in overdue], cause, session.worker_id)
         resolved = await session.resolve(lease.token for lease in overdue)
         await self.broker.ack([lease.delivery for lease in resolved])

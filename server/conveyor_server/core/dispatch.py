@@ -1,11 +1,14 @@
-"""Turns leased broker messages into worker assignments, in two steps.
+"""Turns leased broker messages into worker assignments.
 
-`claim` decides which tasks may run and builds their assignments from records it already has
-(this process's own last writes) or reads; the caller sends them at once. `record` then writes
-RECEIVED with each lease token while the worker starts: that write is off the path from submit
-to result. A task found ended by then (cancelled by another replica a moment before) is
-withdrawn: its lease is dropped and the worker told to cancel it. Results for a lease wait for
-its `recorded` future, so a result never races the write that makes its lease valid.
+`claim` decides which tasks may run and builds their assignments from the messages; the
+caller sends them at once. RECEIVED, which makes a lease token valid in the record, is written
+later: a quick task's result arrives first and both go into one write (as a task quicker than
+the worker's STARTED report skips that report); a slower task gets RECEIVED from `record`
+after a short delay. A lease that replaces an earlier one (a redelivery, a retry) gets its
+RECEIVED at once, so that results under the earlier lease are refused from then on. Anything
+that checks a lease token against the record (a result, a Started or progress report) first
+makes sure its RECEIVED is written or is being written with it. A task found ended when its RECEIVED is written (cancelled by another replica a
+moment before) is withdrawn: its message is acked and the worker told to cancel it.
 
 A message whose task already ended (a duplicate, a cancelled task, or a redelivery after
 the server died between recording a result and acking) is acked and dropped; for ended
@@ -19,6 +22,8 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
@@ -47,7 +52,11 @@ class Lease:
     # Seconds the attempt may run (0: no limit) and when it was handed out (monotonic).
     time_limit: float
     assigned_at: float
-    # Done once RECEIVED (with this lease's token) is written, or the lease withdrawn.
+    # When it was handed out, for the RECEIVED transition.
+    dispatched_at: Timestamp = field(default_factory=Timestamp)
+    # True until a write of RECEIVED for this lease begins (alone, or with the result).
+    receipt_pending: bool = True
+    # Done once that write has ended (or the lease was withdrawn).
     recorded: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # When the worker reported the attempt running (monotonic); the server's time-limit
     # backstop counts from here, since a prefetched task may wait in the worker for a slot.
@@ -62,18 +71,31 @@ class Claimed:
 
 @dataclass(slots=True)
 class Claim:
-    """Assignments to send now, and what `Dispatcher.record` needs to make them valid."""
+    """Assignments to send now, and the messages that will not run."""
 
     claimed: list[Claimed]
-    worker_id: str
-    messages: _Messages
     read: dict[str, Loaded]
     ended: dict[str, Delivery]
     duplicates: list[Delivery]
+    # Leases that replace an earlier one (a redelivery, a retry): their RECEIVED is written at
+    # once, so that results under the earlier lease are refused from now on.
+    replacing: list[Lease]
 
     @property
     def leases(self) -> list[Lease]:
         return [c.lease for c in self.claimed]
+
+
+def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) -> bool:
+    """RECEIVED with the lease's token; False (and no change) when the task already ended."""
+    if is_terminal(record):
+        return False
+    record.lease_token = lease.token
+    record.enqueued = True
+    record.result.attempts = lease.attempt
+    record.result.worker_id = worker_id
+    transition(record, S.TASK_STATE_RECEIVED, at=lease.dispatched_at, worker_id=worker_id)
+    return True
 
 
 class Dispatcher:
@@ -129,31 +151,28 @@ class Dispatcher:
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
                 task_id, assignment.lease_token, message.attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
+                dispatched_at=stamp,
             )))
-        return Claim(claimed, worker_id, messages, read, ended, duplicates)
+        replacing = [c.lease for c in claimed if records[c.lease.task_id].record.lease_token]
+        return Claim(claimed, read, ended, duplicates, replacing)
 
-    async def record(self, claim: Claim) -> list[Lease]:
-        """Write RECEIVED for the claimed tasks and drop what will not run; returns the leases
-        withdrawn because their task ended meanwhile. Does not resolve `recorded`."""
-        tokens = {c.lease.task_id: c.lease.token for c in claim.claimed}
-        attempts = {c.lease.task_id: c.lease.attempt for c in claim.claimed}
-        stamp = timestamp_now()
+    async def drop_unrunnable(self, claim: Claim) -> None:
+        """Ack the claim's duplicates and the messages of tasks that already ended."""
+        if claim.ended or claim.duplicates:
+            await self._drop(claim.ended, claim.duplicates)
 
-        def receive(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if is_terminal(record):
-                return False
-            record.lease_token = tokens[task_id]
-            record.enqueued = True
-            record.result.attempts = attempts[task_id]
-            record.result.worker_id = claim.worker_id
-            transition(record, S.TASK_STATE_RECEIVED, at=stamp, worker_id=claim.worker_id)
-            return True
-
-        written = await self.store.update_loaded(list(tokens), receive, known=claim.read)
-        withdrawn = [c.lease for c in claim.claimed if c.lease.task_id not in written]
-        ended = {**claim.ended, **{lease.task_id: lease.delivery for lease in withdrawn}}
-        if ended or claim.duplicates:
-            await self._drop(ended, claim.duplicates, claim.messages)
+    async def record(
+        self, leases: Sequence[Lease], worker_id: str, known: dict[str, Loaded] | None = None
+    ) -> list[Lease]:
+        """Write RECEIVED for these leases; returns those withdrawn because their task ended
+        meanwhile (their messages are acked). Does not resolve `recorded`."""
+        by_id = {lease.task_id: lease for lease in leases}
+        written = await self.store.update_loaded(
+            list(by_id), lambda task_id, record: mark_received(record, by_id[task_id], worker_id), known=known
+        )
+        withdrawn = [lease for lease in leases if lease.task_id not in written]
+        if withdrawn:
+            await self._drop({lease.task_id: lease.delivery for lease in withdrawn}, [])
         return withdrawn
 
     async def _restore_missing(self, messages: _Messages) -> dict[str, Loaded]:
@@ -168,7 +187,7 @@ class Dispatcher:
             await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
         return loaded
 
-    async def _drop(self, ended: dict[str, Delivery], duplicates: list[Delivery], messages: _Messages) -> None:
+    async def _drop(self, ended: dict[str, Delivery], duplicates: list[Delivery]) -> None:
         """Ack what will not run and repeat the follow-ups of tasks that ended. A record that
         vanished since the claim read it (it expired) is restored and its message returned to
         the queue instead: nothing accepted is lost."""
@@ -176,7 +195,7 @@ class Dispatcher:
         vanished = {task_id: delivery for task_id, delivery in ended.items() if task_id not in records}
         await self.broker.ack([d for task_id, d in ended.items() if task_id not in vanished] + duplicates)
         if vanished:
-            await self._restore_missing({task_id: messages[task_id] for task_id in vanished})
+            await self._restore_missing({t: (d, decode_message(d.body)) for t, d in vanished.items()})
             await self.broker.nack(list(vanished.values()))
         finished = [
             found.record for found in records.values()

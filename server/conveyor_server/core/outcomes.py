@@ -7,7 +7,7 @@ refused with a ResultAck saying why. Retries are re-published with the next atte
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +17,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
 
 from ..backends.base import Backend
+from .dispatch import Lease, mark_received
 from .followups import FollowUps
 from .publisher import Publication, Publisher
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
@@ -76,11 +77,14 @@ class OutcomeRecorder:
         await self.store.update(list(by_id), apply)
 
     async def record(
-        self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str
+        self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str,
+        receipts: Mapping[str, Lease] | None = None,
     ) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
-        """Apply outcomes; returns the ack status per task id."""
+        """Apply outcomes; returns the ack status per task id. `receipts` holds the leases whose
+        RECEIVED is not written yet: it is written along with their outcome."""
         by_id = {o.task_id: o for o in outcomes}
         decisions: dict[str, _Decision] = {}
+        receipts = receipts or {}
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             decision = decisions[task_id] = _Decision()
@@ -88,6 +92,9 @@ class OutcomeRecorder:
             if is_terminal(record):
                 decision.status = worker_service_pb2.ACK_STATUS_ALREADY_DONE
                 return False
+            receipt = receipts.get(task_id)
+            if receipt is not None and receipt.token == outcome.lease_token:
+                mark_received(record, receipt, worker_id)
             if record.lease_token != outcome.lease_token:
                 decision.status = worker_service_pb2.ACK_STATUS_STALE_LEASE
                 return False

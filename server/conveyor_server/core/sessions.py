@@ -123,6 +123,10 @@ class SessionRegistry:
         self._orphans.clear()
         return orphans
 
+    def orphan(self, token: str) -> Lease | None:
+        """The closed session's lease with this token, still in its grace."""
+        return self._orphans.get(token)
+
     def resolve_orphan(self, token: str) -> Lease | None:
         """A result for a lease of a closed session (the worker reconnected in time)."""
         return self._orphans.pop(token, None)
