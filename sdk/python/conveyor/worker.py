@@ -45,6 +45,8 @@ DEFAULT_DRAIN_SECONDS = 30.0
 # Tasks still running this long after they began are reported as STARTED (in one batch);
 # quicker ones skip it, their result carries started_at instead.
 STARTED_REPORT_SECONDS = 0.02
+# While other tasks are running, a result waits this long for theirs to share its message.
+RESULT_LINGER_SECONDS = 0.002
 # Assignments held per task slot, as Celery's default prefetch multiplier: the next tasks are
 # already here when a slot frees up. 1 suits long tasks (none wait behind a busy slot).
 DEFAULT_PREFETCH = 4
@@ -88,6 +90,7 @@ class Worker:
         self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
         self._pending_results: list[w.TaskOutcome] = []
         self._flush_scheduled = False
+        self._linger: asyncio.TimerHandle | None = None
         self._pending_started: dict[str, w.LeaseRef] = {}
         self._started_scheduled = False
         self._stopping: asyncio.Event | None = None
@@ -330,13 +333,23 @@ class Worker:
             self._pending_started.pop(assignment.task.id, None)
         self._unacked[outcome.task_id] = outcome
         self._pending_results.append(outcome)
-        if not self._flush_scheduled:
-            # Results finishing in the same loop iteration go out as one message.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_results)
+        loop = asyncio.get_running_loop()
+        if not self._running or len(self._pending_results) >= self.concurrency:
+            # Nothing else is about to finish, or a batch is full: send now, with whatever else
+            # finishes in this loop iteration.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_results)
+        elif self._linger is None:
+            # Other tasks are running: results that end within a moment share one message
+            # (and one write on the server) with this one.
+            self._linger = loop.call_later(RESULT_LINGER_SECONDS, self._flush_results)
 
     def _flush_results(self) -> None:
         self._flush_scheduled = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self._pending_results:
             self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending_results)))
             self._pending_results = []

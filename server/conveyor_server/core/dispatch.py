@@ -7,8 +7,9 @@ the worker's STARTED report skips that report); a slower task gets RECEIVED from
 after a short delay. A lease that replaces an earlier one (a redelivery, a retry) gets its
 RECEIVED at once, so that results under the earlier lease are refused from then on. Anything
 that checks a lease token against the record (a result, a Started or progress report) first
-makes sure its RECEIVED is written or is being written with it. A task found ended when its RECEIVED is written (cancelled by another replica a
-moment before) is withdrawn: its message is acked and the worker told to cancel it.
+makes sure its RECEIVED is written or is being written with it. A task found ended when its
+RECEIVED is written (cancelled by another replica a moment before) is withdrawn: its message
+is acked and the worker told to cancel it.
 
 A message whose task already ended (a duplicate, a cancelled task, or a redelivery after
 the server died between recording a result and acking) is acked and dropped; for ended
