@@ -155,12 +155,10 @@ class ConveyorServer:
 
     def _register(self) -> None:
         core = self.core
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(core.submitter, core.reader, core.canceller, self.authenticator, SubmitRateLimiter(
-                self.settings.security.submit_rate_per_second, self.settings.security.submit_burst
-            )),
-            self.server,
-        )
+        self.tasks = TaskServicer(core.submitter, core.reader, core.canceller, self.authenticator, SubmitRateLimiter(
+            self.settings.security.submit_rate_per_second, self.settings.security.submit_burst
+        ))
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(self.tasks, self.server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(core.connections, self.authenticator), self.server
         )
@@ -196,6 +194,7 @@ class ConveyorServer:
         streams end and they reconnect (to another replica, or to this one once restarted)."""
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.tasks.end_sessions()
         await self.server.stop(grace)
         await self.core.stop()
 

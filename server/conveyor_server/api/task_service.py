@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -13,10 +14,12 @@ from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
 
 from ..core.cancellation import Canceller
+from ..core.errors import InvalidArgument
 from ..core.results import ResultReader
 from ..core.submission import Submitter
 from .auth import Authenticator
 from .ratelimit import SubmitRateLimiter
+from .session import SessionCalls
 from .status import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,6 +54,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self.canceller = canceller
         self.authenticator = authenticator or Authenticator(())
         self.limiter = limiter or SubmitRateLimiter(0, 1)
+        self._stopping = asyncio.Event()
+
+    def end_sessions(self) -> None:
+        """The server is stopping: sessions answer the calls they have and end, so an idle
+        client does not hold the shutdown for its whole grace."""
+        self._stopping.set()
 
     def _limit(self, context: Context, tasks: int) -> None:
         self.limiter.take(_caller(context, self.authenticator), tasks)
@@ -58,9 +67,11 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     @unary
     async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
         self._limit(context, 1)
-        caller = _caller_trace(context)
-        with tracing.span("submit", caller, SpanKind.SERVER):
-            (response,) = await self.submitter.submit([request], tracing.inject() or caller)
+        return await self._submit(request, _caller_trace(context))
+
+    async def _submit(self, request: t.SubmitRequest, caller_trace: Mapping[str, str]) -> t.SubmitResponse:
+        with tracing.span("submit", caller_trace, SpanKind.SERVER):
+            (response,) = await self.submitter.submit([request], tracing.inject() or caller_trace)
         return response
 
     @unary
@@ -73,11 +84,30 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def GetResult(self, request: t.GetResultRequest, context: Context) -> t.GetResultResponse:
+        return await self._get_result(request)
+
+    async def _get_result(self, request: t.GetResultRequest) -> t.GetResultResponse:
         wait = request.wait.seconds + request.wait.nanos / 1e9
         if wait < 0:
             wait = 0.0
         result = await self.reader.wait(request.task_id, min(wait, MAX_WAIT_SECONDS))
         return t.GetResultResponse(result=result)
+
+    async def Session(
+        self, requests: AsyncIterator[t.SessionRequest], context: Context
+    ) -> AsyncIterator[t.SessionResponse]:
+        calls = SessionCalls(self._answer, _caller(context, self.authenticator), self._stopping)
+        async for reply in calls.serve(requests):
+            yield reply
+
+    async def _answer(self, request: t.SessionRequest, caller: str) -> t.SessionResponse:
+        kind = request.WhichOneof("call")
+        if kind == "submit":
+            self.limiter.take(caller, 1)
+            return t.SessionResponse(submit=await self._submit(request.submit, request.trace_context))
+        if kind == "get_result":
+            return t.SessionResponse(get_result=await self._get_result(request.get_result))
+        raise InvalidArgument("a session request must set submit or get_result")
 
     @streaming
     async def WatchResults(

@@ -65,6 +65,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.GetWorkflowRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.GetWorkflowResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/conveyor.v1.TaskService/Session',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.SessionRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -113,6 +118,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
+        matched by call_id. A message on an open stream costs about half a unary call, so clients
+        that submit and wait often use it; the calls mean exactly what the unary ones do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.GetWorkflow,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.GetWorkflowRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.GetWorkflowResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.SessionRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class TaskService:
             '/conveyor.v1.TaskService/GetWorkflow',
             conveyor_dot_v1_dot_task__service__pb2.GetWorkflowRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.GetWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/conveyor.v1.TaskService/Session',
+            conveyor_dot_v1_dot_task__service__pb2.SessionRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

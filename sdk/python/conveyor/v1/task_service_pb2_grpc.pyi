@@ -45,6 +45,11 @@ class TaskServiceStub:
     """Cancel a task or a whole workflow."""
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetWorkflowRequest, _task_service_pb2.GetWorkflowResponse]
     """Read a workflow's tree with the state of each task."""
+    Session: _grpc.StreamStreamMultiCallable[_task_service_pb2.SessionRequest, _task_service_pb2.SessionResponse]
+    """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
+    matched by call_id. A message on an open stream costs about half a unary call, so clients
+    that submit and wait often use it; the calls mean exactly what the unary ones do.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -63,6 +68,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Cancel a task or a whole workflow."""
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetWorkflowRequest, _task_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
     """Read a workflow's tree with the state of each task."""
+    Session: _aio.StreamStreamMultiCallable[_task_service_pb2.SessionRequest, _task_service_pb2.SessionResponse]  # type: ignore[assignment]
+    """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
+    matched by call_id. A message on an open stream costs about half a unary call, so clients
+    that submit and wait often use it; the calls mean exactly what the unary ones do.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is how producers submit work and follow its results."""
@@ -114,5 +124,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.GetWorkflowResponse, _abc.Awaitable[_task_service_pb2.GetWorkflowResponse]]:
         """Read a workflow's tree with the state of each task."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_task_service_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_service_pb2.SessionResponse], _abc.AsyncIterator[_task_service_pb2.SessionResponse]]:
+        """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
+        matched by call_id. A message on an open stream costs about half a unary call, so clients
+        that submit and wait often use it; the calls mean exactly what the unary ones do.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

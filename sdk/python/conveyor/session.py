@@ -1,0 +1,101 @@
+"""Submit and GetResult calls multiplexed over one TaskService.Session stream.
+
+A message on an open stream costs about half a unary call, which is most of a quick task's
+round trip. The stream opens on the first call and again after it breaks; a call in flight
+when it breaks fails with the stream's error, as a unary call would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+import grpc
+
+from conveyor.v1 import task_service_pb2 as t
+from conveyor.v1 import task_service_pb2_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+Stream = grpc.aio.StreamStreamCall[t.SessionRequest, t.SessionResponse]
+
+
+def _status(code: int) -> grpc.StatusCode:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
+def call_error(error: t.CallError) -> grpc.aio.AioRpcError:
+    """The exception the unary call would have raised."""
+    return grpc.aio.AioRpcError(_status(error.code), grpc.aio.Metadata(), grpc.aio.Metadata(), error.message)
+
+
+class Session:
+    def __init__(self, stub: task_service_pb2_grpc.TaskServiceAsyncStub, metadata: Metadata) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._ids = itertools.count(1)
+        self._stream: Stream | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[t.SessionResponse]] = {}
+        self._writing = asyncio.Lock()
+
+    async def call(self, request: t.SessionRequest) -> t.SessionResponse:
+        """Send one call and wait for its answer; raises AioRpcError as the unary call would."""
+        request.call_id = next(self._ids)
+        answer: asyncio.Future[t.SessionResponse] = asyncio.get_running_loop().create_future()
+        self._pending[request.call_id] = answer
+        try:
+            async with self._writing:
+                stream = self._open()
+                await stream.write(request)
+            response = await answer
+        finally:
+            self._pending.pop(request.call_id, None)
+        if response.HasField("error"):
+            raise call_error(response.error)
+        return response
+
+    def _open(self) -> Stream:
+        stream = self._stream
+        if stream is None or stream.done():
+            stream = self._stream = self._stub.Session(metadata=self._metadata)
+            self._reader = asyncio.create_task(self._read(stream), name="conveyor-session")
+        return stream
+
+    async def _read(self, stream: Stream) -> None:
+        failure: BaseException | None = None
+        try:
+            async for response in stream:
+                answer = self._pending.get(response.call_id)
+                if answer is not None and not answer.done():
+                    answer.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            failure = grpc.aio.AioRpcError(
+                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "the client closed its session"
+            )
+            raise
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            failure = failure or grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                "the server ended the session",
+            )
+            for answer in self._pending.values():
+                if not answer.done():
+                    answer.set_exception(failure)
+
+    async def close(self) -> None:
+        stream, reader = self._stream, self._reader
+        self._stream = self._reader = None
+        if stream is not None:
+            stream.cancel()
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader

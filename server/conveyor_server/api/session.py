@@ -1,0 +1,77 @@
+"""TaskService.Session: many Submit and GetResult calls over one stream, each answered as
+soon as it is done (in any order) and matched to its request by call_id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from conveyor.v1 import task_service_pb2 as t
+
+from ..core.errors import CoreError
+from .status import CODES
+
+log = logging.getLogger(__name__)
+
+Answer = Callable[[t.SessionRequest, str], Awaitable[t.SessionResponse]]
+
+
+class SessionCalls:
+    """The calls of one session stream; `caller` names its client for rate limits."""
+
+    def __init__(self, answer: Answer, caller: str, stopping: asyncio.Event) -> None:
+        self._answer = answer
+        self._caller = caller
+        self._stopping = stopping
+        self._replies: asyncio.Queue[t.SessionResponse | None] = asyncio.Queue()
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def serve(self, requests: AsyncIterator[t.SessionRequest]) -> AsyncIterator[t.SessionResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        stopper = asyncio.create_task(self._stop_reading_on_shutdown(reader))
+        try:
+            while (reply := await self._replies.get()) is not None:
+                yield reply
+            if not reader.cancelled():
+                await reader  # a broken request stream ends the session with its error
+        finally:
+            stopper.cancel()
+            reader.cancel()
+            for call in self._running:
+                call.cancel()
+
+    async def _stop_reading_on_shutdown(self, reader: asyncio.Task[None]) -> None:
+        await self._stopping.wait()
+        reader.cancel()
+
+    async def _read(self, requests: AsyncIterator[t.SessionRequest]) -> None:
+        try:
+            async for request in requests:
+                call = asyncio.create_task(self._call(request))
+                self._running.add(call)
+                call.add_done_callback(self._running.discard)
+        finally:
+            # The client is done sending, or the server is stopping: answer what was asked,
+            # then end the stream.
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+            self._replies.put_nowait(None)
+
+    async def _call(self, request: t.SessionRequest) -> None:
+        try:
+            reply = await self._answer(request, self._caller)
+        except CoreError as exc:
+            reply = _error(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        except Exception:
+            log.exception("session call %d failed", request.call_id)
+            reply = _error(grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log")
+        reply.call_id = request.call_id
+        self._replies.put_nowait(reply)
+
+
+def _error(code: grpc.StatusCode, message: str) -> t.SessionResponse:
+    number: int = code.value[0]
+    return t.SessionResponse(error=t.CallError(code=number, message=message))
