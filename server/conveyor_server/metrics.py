@@ -4,7 +4,9 @@ workers and in-flight tasks. Served on metrics_host:metrics_port when metrics_po
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -43,21 +45,32 @@ class ServerMetrics:
         )
         self.workers = Gauge("conveyor_workers", "Workers connected to this replica", registry=r)
         self.in_flight = Gauge("conveyor_in_flight", "Tasks held by workers of this replica", registry=r)
+        # Labelled children, looked up once per label set: this runs for every task.
+        self._outcome_of: dict[tuple[str, int], Any] = {}
+        self._timings_of: dict[str, tuple[Any, Any]] = {}
 
     def tasks_submitted(self, records: list[records_pb2.TaskRecord]) -> None:
-        for record in records:
-            self.submitted.labels(record.result.queue).inc()
+        for queue, count in collections.Counter(record.result.queue for record in records).items():
+            self.submitted.labels(queue).inc(count)
 
     def attempt_ended(self, record: records_pb2.TaskRecord) -> None:
         result = record.result
-        state = result_pb2.TaskState.Name(result.state).removeprefix("TASK_STATE_").lower()
-        self.outcomes.labels(result.name, state).inc()
-        if result.HasField("started_at") and result.HasField("finished_at"):
-            self.runtime.labels(result.name).observe(max(_seconds(result.finished_at) - _seconds(result.started_at), 0))
-        if result.HasField("finished_at"):
-            self.latency.labels(result.name).observe(
-                max(_seconds(result.finished_at) - _seconds(result.submitted_at), 0)
+        outcome = self._outcome_of.get((result.name, result.state))
+        if outcome is None:
+            state = result_pb2.TaskState.Name(result.state).removeprefix("TASK_STATE_").lower()
+            outcome = self._outcome_of[(result.name, result.state)] = self.outcomes.labels(result.name, state)
+        outcome.inc()
+        timings = self._timings_of.get(result.name)
+        if timings is None:
+            timings = self._timings_of[result.name] = (
+                self.runtime.labels(result.name), self.latency.labels(result.name)
             )
+        runtime, latency = timings
+        if result.HasField("finished_at"):
+            finished = _seconds(result.finished_at)
+            if result.HasField("started_at"):
+                runtime.observe(max(finished - _seconds(result.started_at), 0))
+            latency.observe(max(finished - _seconds(result.submitted_at), 0))
 
     async def refresh(self, broker: Broker, sessions: SessionRegistry) -> None:
         """Gauges that are read, not counted: queue depths and this replica's workers."""

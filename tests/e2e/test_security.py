@@ -193,6 +193,7 @@ async def test_prometheus_metrics() -> None:
     assert 'conveyor_task_outcomes_total{name="double",state="success"} 3.0' in text
     assert 'conveyor_task_outcomes_total{name="broken",state="failure"} 1.0' in text
     assert 'conveyor_task_latency_seconds_count{name="double"} 3.0' in text
+    assert 'conveyor_task_runtime_seconds_count{name="broken"} 1.0' in text
     assert 'conveyor_queue_depth{kind="ready",queue="default"} 0.0' in text
     assert "conveyor_workers 1.0" in text
 
