@@ -49,7 +49,7 @@ class Session:
         self._pending[request.call_id] = answer
         try:
             async with self._writing:
-                stream = self._open()
+                stream = await self._open()
                 await stream.write(request)
             response = await answer
         finally:
@@ -58,10 +58,19 @@ class Session:
             raise call_error(response.error)
         return response
 
-    def _open(self) -> Stream:
+    async def _open(self) -> Stream:
         stream = self._stream
         if stream is None or stream.done():
-            stream = self._stream = self._stub.Session(metadata=self._metadata)
+            stream = self._stub.Session(metadata=self._metadata)
+            # The server answers a new session with its headers at once. Waiting for them means
+            # a refused session (a bad token) reports the server's status: a write racing the
+            # refusal would only see gRPC's "Internal error from Core".
+            await stream.initial_metadata()
+            if stream.done():
+                raise grpc.aio.AioRpcError(
+                    await stream.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await stream.details()
+                )
+            self._stream = stream
             self._reader = asyncio.create_task(self._read(stream), name="conveyor-session")
         return stream
 

@@ -96,6 +96,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def Session(
         self, requests: AsyncIterator[t.SessionRequest], context: Context
     ) -> AsyncIterator[t.SessionResponse]:
+        await context.send_initial_metadata(())  # tells the client the session is accepted
         calls = SessionCalls(self._answer, _caller(context, self.authenticator), self._stopping)
         async for reply in calls.serve(requests):
             yield reply
