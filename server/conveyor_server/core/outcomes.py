@@ -6,6 +6,7 @@ refused with a ResultAck saying why. Retries are re-published with the next atte
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class OutcomeRecorder:
         written = await self.store.update(list(by_id), apply)
         missing = _Decision(worker_service_pb2.ACK_STATUS_STALE_LEASE)  # no record: nothing to accept it
         statuses = {task_id: decisions.get(task_id, missing).status for task_id in by_id}
+        await asyncio.sleep(0)  # clients waiting for these results get them before the follow-ups run
         await self._after(written, decisions)
         return statuses
 

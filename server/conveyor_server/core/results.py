@@ -54,11 +54,16 @@ class ResultReader:
             result = mine.record.result if mine is not None else await self.get(task_id)
             if result.state in TERMINAL_STATES or wait_seconds <= 0:
                 return result
-            if (found := written_here.result() if written_here.done() else None) is not None:
-                return found
-            elsewhere = asyncio.create_task(self._terminal_result(task_id, FEED_AFTER_SECONDS))
+            deadline = loop.time() + wait_seconds
+            # Most results are recorded here within a moment: wait for that alone first (no task,
+            # no subscription), then follow the change feed too.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(FEED_AFTER_SECONDS, wait_seconds)):
+                    if (found := await asyncio.shield(written_here)) is not None:
+                        return found
+            elsewhere = asyncio.create_task(self._terminal_result(task_id))
             try:
-                done, _ = await asyncio.wait({written_here, elsewhere}, timeout=wait_seconds,
+                done, _ = await asyncio.wait({written_here, elsewhere}, timeout=max(deadline - loop.time(), 0),
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 # Unsubscribing from the change feed must not delay the answer.
@@ -69,8 +74,7 @@ class ResultReader:
                 return found
         return await self.get(task_id)
 
-    async def _terminal_result(self, task_id: str, after: float) -> result_pb2.TaskResult | None:
-        await asyncio.sleep(after)
+    async def _terminal_result(self, task_id: str) -> result_pb2.TaskResult | None:
         last = None
         async for event in self.watch([task_id], until_done=True):
             last = event.result
