@@ -27,9 +27,13 @@ def _status(code: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def _rpc_error(code: grpc.StatusCode, details: str | None) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 def call_error(error: t.CallError) -> grpc.aio.AioRpcError:
     """The exception the unary call would have raised."""
-    return grpc.aio.AioRpcError(_status(error.code), grpc.aio.Metadata(), grpc.aio.Metadata(), error.message)
+    return _rpc_error(_status(error.code), error.message)
 
 
 class Session:
@@ -67,9 +71,7 @@ class Session:
             # refusal would only see gRPC's "Internal error from Core".
             await stream.initial_metadata()
             if stream.done():
-                raise grpc.aio.AioRpcError(
-                    await stream.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await stream.details()
-                )
+                raise _rpc_error(await stream.code(), await stream.details())
             self._stream = stream
             self._reader = asyncio.create_task(self._read(stream), name="conveyor-session")
         return stream
@@ -84,17 +86,12 @@ class Session:
         except grpc.aio.AioRpcError as exc:
             failure = exc
         except asyncio.CancelledError:
-            failure = grpc.aio.AioRpcError(
-                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "the client closed its session"
-            )
+            failure = _rpc_error(grpc.StatusCode.CANCELLED, "the client closed its session")
             raise
         finally:
             if self._stream is stream:
                 self._stream = None
-            failure = failure or grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                "the server ended the session",
-            )
+            failure = failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "the server ended the session")
             for answer in self._pending.values():
                 if not answer.done():
                     answer.set_exception(failure)

@@ -12,7 +12,7 @@ import grpc
 from conveyor.v1 import task_service_pb2 as t
 
 from ..core.errors import CoreError
-from .status import CODES
+from .status import status_of
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class SessionCalls:
         try:
             reply = await self._answer(request, self._caller)
         except CoreError as exc:
-            reply = _error(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            reply = _error(status_of(exc), str(exc))
         except Exception:
             log.exception("session call %d failed", request.call_id)
             reply = _error(grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log")

@@ -24,8 +24,13 @@ CODES: dict[type[errors.CoreError], grpc.StatusCode] = {
 R = TypeVar("R")
 
 
+def status_of(exc: errors.CoreError) -> grpc.StatusCode:
+    """The gRPC status a refusal is reported with."""
+    return CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT)
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: errors.CoreError) -> None:
-    await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+    await context.abort(status_of(exc), str(exc))
 
 
 def unary(

@@ -14,7 +14,7 @@ from conveyor.v1 import worker_service_pb2_grpc
 from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
 from .auth import Authenticator
-from .status import CODES
+from .status import status_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Coalesce up to this many ready server messages of one kind into one write.
@@ -46,7 +46,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         try:
             session = self.connections.open(first.hello)
         except CoreError as exc:
-            await context.abort(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            await context.abort(status_of(exc), str(exc))
         reader = asyncio.create_task(self.connections.run(session, requests))
         # When the worker closes its side, what is still owed (acks) goes out, then the stream ends.
         reader.add_done_callback(lambda _: session.end_outbox())
@@ -65,7 +65,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             await asyncio.gather(reader, return_exceptions=True)
         if reader.done() and not reader.cancelled() and (failure := reader.exception()) is not None:
             if isinstance(failure, CoreError):
-                await context.abort(CODES.get(type(failure), grpc.StatusCode.INVALID_ARGUMENT), str(failure))
+                await context.abort(status_of(failure), str(failure))
             raise failure
 
 

@@ -42,6 +42,19 @@ def _duration(seconds: float) -> Duration:
     return duration
 
 
+def _recorded(leases: Iterable[Lease]) -> None:
+    """The write of these leases' RECEIVED has ended: wake whoever waits for it."""
+    for lease in leases:
+        if not lease.recorded.done():
+            lease.recorded.set_result(None)
+
+
+async def _until_recorded(leases: Iterable[Lease]) -> None:
+    waiting = [lease.recorded for lease in leases if not lease.recorded.done()]
+    if waiting:
+        await asyncio.gather(*waiting)
+
+
 class WorkerConnections:
     """Everything the server does for connected workers; one instance per server."""
 
@@ -200,9 +213,7 @@ class WorkerConnections:
         else:
             withdrawn = await session.resolve(lease.token for lease in withdrawn)
         finally:
-            for lease in leases:
-                if not lease.recorded.done():
-                    lease.recorded.set_result(None)
+            _recorded(leases)
         if withdrawn:
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])))
 
@@ -210,15 +221,13 @@ class WorkerConnections:
         """Before a report is checked against the record: its lease's RECEIVED is written."""
         leases = [lease for token in tokens if (lease := session.leases.get(token)) is not None]
         await self._record_receipts(session, [lease for lease in leases if lease.receipt_pending])
-        waiting = [lease.recorded for lease in leases if not lease.recorded.done()]
-        if waiting:
-            await asyncio.gather(*waiting)
+        await _until_recorded(leases)
 
     async def _results(self, session: WorkerSession, results: w.Results) -> None:
         # A result that comes before its lease's RECEIVED was written brings it along: one write.
         # The lease may be a closed session's, when the worker reconnected and resent it.
         receipts: dict[str, Lease] = {}
-        waiting: list[asyncio.Future[None]] = []
+        being_recorded: list[Lease] = []
         for outcome in results.outcomes:
             lease = session.leases.get(outcome.lease_token) or self.registry.orphan(outcome.lease_token)
             if lease is None:
@@ -226,16 +235,13 @@ class WorkerConnections:
             if lease.receipt_pending:
                 lease.receipt_pending = False
                 receipts[outcome.task_id] = lease
-            elif not lease.recorded.done():
-                waiting.append(lease.recorded)
-        if waiting:
-            await asyncio.gather(*waiting)
+            else:
+                being_recorded.append(lease)
+        await _until_recorded(being_recorded)
         try:
             statuses = await self.recorder.record(results.outcomes, session.worker_id, receipts)
         finally:
-            for lease in receipts.values():
-                if not lease.recorded.done():
-                    lease.recorded.set_result(None)
+            _recorded(receipts.values())
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
         resolved_tokens = {lease.token for lease in resolved}
         for outcome in results.outcomes:
