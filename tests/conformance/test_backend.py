@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection
+import contextlib
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from pathlib import Path
+
+import pytest
+import redis.exceptions
 
 from conveyor_server.backends.base import Backend, Update, Versioned
+from conveyor_server.backends.memcached import MemcachedBackend
+from conveyor_server.backends.memory import MemoryBackend
+from conveyor_server.backends.mongodb import MongoBackend
+from conveyor_server.backends.redis import RedisBackend
+from conveyor_server.backends.sqlite import SqliteBackend
 from conveyor_server.engines import open_backend
+from tests.fixtures.broker_services import LOOPBACK
 
 # Every byte value, and a payload past typical single-frame / single-page sizes.
 ALL_BYTES = bytes(range(256))
 LARGE = ALL_BYTES * 400
+
+
+def every_engine_implements_the_protocol(
+    memory: MemoryBackend, sqlite: SqliteBackend, redis: RedisBackend, mongodb: MongoBackend, mc: MemcachedBackend
+) -> list[Backend]:
+    """Never called: mypy checks here that each engine's signatures match the protocol."""
+    return [memory, sqlite, redis, mongodb, mc]
+
+
+# Engines with one-second expiry granularity keep a 1 s TTL item for up to 3 s.
+EXPIRY_WAIT_SECONDS = 4.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = EXPIRY_WAIT_SECONDS) -> bool:
+    """Whether check() becomes true within `seconds` (polled every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+@contextlib.asynccontextmanager
+async def short_lived(backend_url: str) -> AsyncIterator[Backend]:
+    """A second instance of the engine whose TTL is one second."""
+    engine = open_backend(backend_url, ttl_seconds=1)
+    await engine.connect()
+    try:
+        yield engine
+    finally:
+        await engine.close()
 
 
 class Watching:
@@ -223,3 +269,271 @@ async def test_a_burst_of_concurrent_operations_waits_instead_of_failing(backend
     await backend.insert({key: b"x"})
     results = await asyncio.gather(*(backend.get([key]) for _ in range(300)))
     assert all(found[key].data == b"x" for found in results)
+
+
+async def test_kept_records_groups_and_claims_outlive_the_ttl(backend_url: str, prefix: str) -> None:
+    async with short_lived(backend_url) as engine:
+        kept, cas_kept, expiring = prefix + "kept", prefix + "cas-kept", prefix + "expiring"
+        group, claim = prefix + "group", prefix + "claim"
+        try:
+            await engine.insert({kept: b"live"}, keep=True)
+            await engine.insert({cas_kept: b"v1"})
+            assert await engine.compare_and_set([Update(cas_kept, 1, b"v2", keep=True)]) == [True]
+            assert await engine.add_member(group, "m1", b"p1", keep=True) == 1
+            assert await engine.claim(claim, keep=True) is True
+            # Written after everything kept: once it has expired, their TTL would have passed too.
+            await engine.insert({expiring: b"result"})
+
+            async def expiring_gone() -> bool:
+                return not await engine.get([expiring])
+
+            assert await eventually(expiring_gone)
+            await asyncio.sleep(1.0)  # and a whole TTL more, for good measure
+            assert await engine.get([kept, cas_kept, expiring]) == {
+                kept: Versioned(b"live", 1),
+                cas_kept: Versioned(b"v2", 2),
+            }
+            assert await engine.members(group) == {"m1": b"p1"}
+            assert await engine.claim(claim) is False
+        finally:
+            await engine.expire(records=[kept, cas_kept], groups=[group], claims=[claim])
+
+
+async def test_a_later_write_without_keep_starts_the_ttl(backend_url: str, prefix: str) -> None:
+    async with short_lived(backend_url) as engine:
+        record, group = prefix + "record", prefix + "group"
+        await engine.insert({record: b"queued"}, keep=True)
+        await engine.add_member(group, "m1", b"p1", keep=True)
+        assert await engine.add_member(group, "m2", b"p2", keep=True) == 2
+
+        assert await engine.compare_and_set([Update(record, 1, b"done")]) == [True]
+        # A duplicate add is a write too: the group now expires.
+        assert await engine.add_member(group, "m1", b"ignored") == 2
+
+        async def both_gone() -> bool:
+            return not await engine.get([record]) and not await engine.members(group)
+
+        assert await eventually(both_gone)
+        # Gone means gone: a new group of that name starts empty.
+        assert await engine.add_member(group, "m3", b"p3") == 1
+        assert await engine.members(group) == {"m3": b"p3"}
+
+
+async def test_expire_starts_the_ttl_of_kept_keys(backend_url: str, prefix: str) -> None:
+    async with short_lived(backend_url) as engine:
+        record, group, claim = prefix + "record", prefix + "group", prefix + "claim"
+        await engine.insert({record: b"done"}, keep=True)
+        await engine.add_member(group, "m1", b"p1", keep=True)
+        assert await engine.claim(claim, keep=True) is True
+
+        await engine.expire(records=[record], groups=[group], claims=[claim])
+        await engine.expire(records=[record], groups=[group], claims=[claim])  # idempotent
+        assert await engine.get([record]) == {record: Versioned(b"done", 1)}  # not at once
+
+        async def all_gone() -> bool:
+            return not await engine.get([record]) and not await engine.members(group)
+
+        assert await eventually(all_gone)
+        assert await engine.claim(claim) is True  # the old claim expired too
+
+
+async def test_expire_of_missing_keys_is_a_no_op(backend: Backend, prefix: str) -> None:
+    missing = [prefix + "missing"]
+    await backend.expire()
+    await backend.expire(records=missing, groups=missing, claims=missing)
+    assert await backend.get(missing) == {}
+    assert await backend.members(missing[0]) == {}
+    assert await backend.claim(missing[0]) is True
+    assert await backend.add_member(missing[0], "m1", b"p1") == 1
+
+
+# Names out of order, with non-ASCII ones: pages follow code point order (Python's str order).
+PAGED_NAMES = [f"member-{i:03}" for i in range(40)] + ["A", "Z", "a", "z", "é", "\uffff", "😀", "~", "0"]
+
+
+async def test_members_are_read_in_pages_by_name(backend: Backend, prefix: str) -> None:
+    group = prefix + "group"
+    names = random.Random(7).sample(PAGED_NAMES, len(PAGED_NAMES))
+    for name in names:
+        await backend.add_member(group, name, name.encode())
+    ordered = sorted(names)
+
+    everything = await backend.members(group)
+    assert list(everything) == ordered
+    assert all(payload == name.encode() for name, payload in everything.items())
+
+    pages: list[list[str]] = []
+    after = ""
+    while page := await backend.members(group, after=after, limit=7):
+        assert len(page) <= 7
+        pages.append(list(page))
+        after = pages[-1][-1]
+    assert [name for page in pages for name in page] == ordered
+    assert [len(page) for page in pages] == [7] * 7
+
+    # `after` need not be a member; limit 0 means all; past the end there is nothing.
+    assert list(await backend.members(group, after="member-0195")) == [n for n in ordered if n > "member-0195"]
+    assert list(await backend.members(group, after="member-010", limit=2)) == ["member-011", "member-012"]
+    assert await backend.members(group, after=ordered[-1]) == {}
+    assert await backend.members(prefix + "no-such-group", limit=5) == {}
+
+    await backend.remove_member(group, "member-011")
+    assert list(await backend.members(group, after="member-010", limit=2)) == ["member-012", "member-013"]
+
+
+async def test_member_counts_stay_exact_under_concurrent_adds(backend: Backend, prefix: str) -> None:
+    group = prefix + "group"
+    # 50 concurrent adds of 40 distinct members (10 duplicates), like redelivered chord members.
+    members = [f"m{i % 40:02}" for i in range(50)]
+    random.Random(3).shuffle(members)
+    counts = await asyncio.gather(*(backend.add_member(group, m, m.encode(), keep=True) for m in members))
+    assert max(counts) == 40
+    assert all(1 <= count <= 40 for count in counts)
+    assert await backend.add_member(group, "m00", b"again") == 40
+    assert sorted(await backend.members(group)) == sorted(set(members))
+
+    await asyncio.gather(*(backend.remove_member(group, f"m{i:02}") for i in range(0, 40, 2)))
+    assert await backend.add_member(group, "m01", b"again") == 20
+    assert await backend.add_member(group, "new", b"new") == 21
+    await backend.expire(groups=[group])
+
+
+async def test_member_counts_stay_exact_across_instances(shared_backend_url: str, prefix: str) -> None:
+    first, second = open_backend(shared_backend_url), open_backend(shared_backend_url)
+    await first.connect()
+    await second.connect()
+    try:
+        group = prefix + "group"
+        adds = [(engine, f"m{i % 40:02}") for i in range(60) for engine in (first, second)][:100]
+        counts = await asyncio.gather(*(engine.add_member(group, m, b"p") for engine, m in adds))
+        assert max(counts) == 40
+        # Exactly one add may see the last member arrive first... or several, but never more than 40.
+        assert all(1 <= count <= 40 for count in counts)
+        assert await first.add_member(group, "m00", b"p") == 40
+        assert await second.add_member(group, "extra", b"p") == 41
+        assert len(await first.members(group)) == 41
+
+        # Removals and adds from both at once: 41 - 20 + 10.
+        await asyncio.gather(
+            *(engine.remove_member(group, f"m{i:02}") for i in range(20) for engine in (first, second)),
+            *((first, second)[i % 2].add_member(group, f"n{i}", b"p") for i in range(10)),
+        )
+        assert await second.add_member(group, "extra", b"p") == 31
+        assert len(await first.members(group)) == 31
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_redis_gives_up_on_a_silent_peer(prefix: str) -> None:
+    """A peer that accepts and never answers (a dead host behind a live TCP stack) fails a call
+    within the socket timeout instead of hanging it, and the timeout comes from the URL."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = RedisBackend.from_url(f"redis://{LOOPBACK}:{port}/0?socket_timeout=0.5&socket_connect_timeout=0.5")
+    started = time.monotonic()
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await asyncio.wait_for(engine.connect(), 10)
+        assert time.monotonic() - started < 5
+        assert accepted, "the client never reached the silent peer"
+    finally:
+        await engine.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_mongodb_counts_stay_exact_when_a_replica_dies_between_its_writes(
+    mongodb_backend_url: str, prefix: str
+) -> None:
+    """MongoDB has no multi-document atomicity here: a member insert and the count update are two
+    writes. A replica that dies between them must leave neither a lost nor a double count."""
+    engine = MongoBackend.from_url(mongodb_backend_url)
+    await engine.connect()
+    group = prefix + "chord"
+    try:
+        assert await engine.add_member(group, "m0", b"p0") == 1
+        doc = await engine._groups.find_one({"_id": group})
+        assert doc is not None
+        gen = doc["gen"]
+        # A replica inserted m1 into the next slot and died before counting it.
+        await engine._members.insert_one({"g": group, "gen": gen, "m": "m1", "i": 2, "p": b"p1"})
+        assert await engine.add_member(group, "m2", b"p2") == 3
+        # m3 likewise; then m3's redelivery is counted once, not twice and not never.
+        await engine._members.insert_one({"g": group, "gen": gen, "m": "m3", "i": 4, "p": b"p3"})
+        assert await engine.add_member(group, "m3", b"again") == 4
+        # A removal died after turning m2 into hole number 1: the next duplicate add settles it.
+        await engine._members.update_one({"g": group, "gen": gen, "m": "m2"}, {"$set": {"m": 1}, "$unset": {"p": ""}})
+        assert await engine.add_member(group, "m0", b"again") == 3
+        assert await engine.members(group) == {"m0": b"p0", "m1": b"p1", "m3": b"p3"}
+    finally:
+        await engine.expire(groups=[group])
+        await engine.close()
+
+
+# -- upgrades: groups written by the previous layout of each engine are read by the new one ----
+
+
+async def test_sqlite_migrates_groups_of_the_old_layout(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE members (grp TEXT NOT NULL, member TEXT NOT NULL, payload BLOB NOT NULL,"
+            " expires_at REAL NOT NULL, PRIMARY KEY (grp, member))"
+        )
+        later = time.time() + 3600
+        conn.executemany(
+            "INSERT INTO members VALUES (?, ?, ?, ?)",
+            [("schedules", "b", b"2", later), ("schedules", "a", b"1", later), ("gone", "x", b"", 1.0)],
+        )
+    engine = SqliteBackend(str(path))
+    await engine.connect()
+    try:
+        assert await engine.members("schedules") == {"a": b"1", "b": b"2"}
+        assert await engine.members("gone") == {}
+        assert await engine.add_member("schedules", "c", b"3") == 3
+    finally:
+        await engine.close()
+
+
+async def test_redis_reads_groups_of_the_old_layout(redis_backend_url: str, prefix: str) -> None:
+    engine = RedisBackend.from_url(redis_backend_url)
+    await engine.connect()
+    group = prefix + "schedules"
+    hash_key, index_key = engine._group(group)
+    try:
+        await engine._redis.hset(hash_key, mapping={"b": b"2", "a": b"1", "c": b"3"})  # no name index
+        await engine._redis.pexpire(hash_key, 60_000)
+        assert await engine.members(group, limit=2) == {"a": b"1", "b": b"2"}
+        assert await engine.members(group, after="b") == {"c": b"3"}
+        assert 0 < await engine._redis.pttl(index_key) <= 60_000
+        assert await engine.add_member(group, "d", b"4") == 4
+    finally:
+        await engine._redis.delete(hash_key, index_key)
+        await engine.close()
+
+
+async def test_mongodb_migrates_groups_of_the_old_layout(mongodb_backend_url: str, prefix: str) -> None:
+    engine = MongoBackend.from_url(mongodb_backend_url)
+    await engine.connect()
+    group = prefix + "schedules"
+    try:
+        # One document per group, members as fields: "k" + the percent-encoded name.
+        await engine._groups.insert_one(
+            {"_id": group, "m": {"kb%2Ex": b"2", "ka": b"1"}, "n": 2, "exp": int(time.time() * 1000) + 60_000}
+        )
+        assert await engine.members(group) == {"a": b"1", "b.x": b"2"}
+        assert await engine.add_member(group, "a", b"again") == 2
+        assert await engine.add_member(group, "c", b"3") == 3
+        await engine.remove_member(group, "b.x")
+        assert await engine.members(group) == {"a": b"1", "c": b"3"}
+    finally:
+        await engine.expire(groups=[group])
+        await engine.close()

@@ -10,9 +10,27 @@ Semantics every engine must keep:
   the stored version equals the expected one and then bumps it by one. This is the single
   primitive that makes "first terminal result wins" true across replicas.
 - add_member() is idempotent per (group, member): the first payload wins, duplicates do not
-  change the count. claim() returns True to exactly one caller per key.
-- Every write (insert, compare_and_set, add_member, claim) keeps the key alive for
-  `ttl_seconds` from now (the engine's constructor takes it); after that it may vanish.
+  change the count. The count it returns is exact: the number of distinct members at one
+  moment between this call's add and its return, also when many replicas add to one group at
+  once and when a replica died mid-add. So once every member is in, some add returns the
+  full count, and no add ever returns more members than the group has (a chord fires on
+  this). Its cost does not grow with the size of the group (except where an engine's
+  docstring says so). claim() returns True to exactly one caller per key.
+- members() reads a group in pages: ordered by member name (code point order, as Python
+  sorts str), strictly after `after` ("" starts at the first member), at most `limit` (0 = all).
+- Expiry. The engine's constructor takes `ttl_seconds`. Every write sets the expiry of what it
+  wrote, by its `keep` flag:
+  - keep=False (the default): the key may vanish `ttl_seconds` after this write.
+  - keep=True: the key never expires, until a later write with keep=False or expire().
+  The writes are insert() (each record it creates), compare_and_set() (each applied Update,
+  by its own `keep`), add_member() (the whole group, also when the member was already there)
+  and a successful claim(). A write that changes nothing (an insert of an existing key, a
+  failed compare-and-set, a lost claim) leaves the expiry as it was; remove_member() does not
+  change whether a group is kept.
+  expire() starts the TTL now for records, groups and claims, kept or not; it is idempotent
+  and ignores keys that do not exist (or have already expired).
+  Live state (queued, delayed, running, mid-workflow) is written with keep=True, so no TTL can
+  remove it; a result starts its TTL when its task ends.
 - watch() sees writes made by any process or replica sharing the engine.
 """
 
@@ -33,11 +51,15 @@ class Versioned:
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """One conditional write: store `data` at `key` if its version is `expected_version`."""
+    """One conditional write: store `data` at `key` if its version is `expected_version`.
+
+    keep=True leaves the record without expiry; keep=False starts its TTL at this write.
+    """
 
     key: str
     expected_version: int
     data: bytes
+    keep: bool = False
 
 
 @runtime_checkable
@@ -50,8 +72,8 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release connections; ends any running watch() iterators."""
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
-        """Create records that do not exist yet, at version 1.
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        """Create records that do not exist yet, at version 1 (kept, or expiring, by `keep`).
 
         Returns the keys that already existed; those are left unchanged.
         """
@@ -62,20 +84,30 @@ class Backend(Protocol):
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
         """Apply each update whose expected version matches; one bool per update, in order."""
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
         """Record `member` of `group` with `payload` (first write wins).
 
-        Returns how many distinct members the group has after the call.
+        Returns how many distinct members the group has after the call. keep=True: the group
+        does not expire (until a write with keep=False or expire()); keep=False: it may vanish
+        `ttl_seconds` after this call.
         """
 
-    async def members(self, group: str) -> dict[str, bytes]:
-        """Every member of `group` with its payload."""
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
+        """Members of `group` with their payloads, ordered by name, strictly after `after`
+        ("" = from the first), at most `limit` of them (0 = all)."""
 
     async def remove_member(self, group: str, member: str) -> None:
         """Forget one member (no-op when absent)."""
 
-    async def claim(self, key: str) -> bool:
-        """Atomically claim `key`: True for exactly one caller, False for every other."""
+    async def claim(self, key: str, keep: bool = False) -> bool:
+        """Atomically claim `key`: True for exactly one caller, False for every other.
+
+        The winner's `keep` decides whether the claim expires `ttl_seconds` from now.
+        """
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        """Start the TTL now (`ttl_seconds` from now) for these record keys, group names and
+        claim keys, kept or not. Missing ones are ignored; calling it again restarts the TTL."""
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         """Yield sets of keys (among `keys`) that may have changed since the last yield.

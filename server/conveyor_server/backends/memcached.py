@@ -6,18 +6,31 @@ every replica finds the same item.
 
 - record `r`: 8-byte big-endian version + data. insert is `add`; compare-and-set is
   gets + cas, retried only while the version still matches.
-- group `g`: an index {generation, names, touched} updated by a gets/cas loop; each payload
-  is a marker item `m` keyed by (generation, member) and written with `add`, so the first
-  payload wins and the index stays small. A new generation after the group expires keeps old
-  markers from leaking into a new group. Markers live twice the TTL and are touched again
-  when the group outlives half of it, so a marker never vanishes before its index.
+- group `g`: an index {generation, names, touched, kept} updated by a gets/cas loop; each
+  payload is a marker item `m` keyed by (generation, member) and written with `add`, so the
+  first payload wins and the index holds only names. A new generation after the group
+  expires keeps old markers from leaking into a new group. Markers of an expiring group live
+  twice the TTL and are touched again when the group outlives half of it, so a marker never
+  vanishes before its index; markers of a kept group never expire.
+  The count is exact (the index is the truth, changed only by cas), but the index is one item
+  rewritten by every add: an add costs O(group size) in bytes, and a group holds as many
+  names as fit in one item (about 200,000 names of 36 characters with `-I 8m`). members()
+  pages by sorting the names client-side and fetching only the page's markers.
 - claim `c`: `add`.
 
-Every write sets the expiry. Memcached counts whole seconds on a clock that ticks once a
-second, so the TTL is rounded up plus one second (an item lives at least the TTL and at most
-two seconds more); times beyond 30 days are sent as absolute timestamps, as memcached
-requires. Values are limited by the server's item size: run memcached with `-I 8m` (the
-default is 1 MB). Memcached may evict items under memory pressure; give it enough `-m`.
+Every write sets the expiry: exptime 0 (never) for a kept item, the TTL otherwise; expire()
+is a `touch` (a cas of the index for a group). remove_member() rewrites the index too, so it
+restarts an expiring group's TTL. Memcached counts whole seconds on a clock that ticks once a second, so the TTL
+is rounded up plus one second (an item lives at least the TTL and at most two seconds more);
+times beyond 30 days are sent as absolute timestamps, as memcached requires. Values are
+limited by the server's item size: run memcached with `-I 8m` (the default is 1 MB).
+
+Approximations: memcached is a cache. It may evict any item under memory pressure, kept
+items included (they are merely never *expired*), and loses everything on restart; give it
+enough `-m` and use another engine where live state must survive. When a group switches
+between kept and expiring, its markers are touched one by one (O(group size), once per
+switch): kept before the index says so, expiring only after; if a keep=True and a keep=False
+write to one group race, a marker may be left expiring under a kept index.
 
 watch() polls: one meta-get (`mg key c`, memcached >= 1.6) per watched key every 50 ms on a
 dedicated connection, comparing CAS tokens, which change on every write and cost no data.
@@ -83,14 +96,17 @@ class _Index:
     generation: str = field(default_factory=lambda: uuid.uuid4().hex)
     touched: float = field(default_factory=time.time)
     names: dict[str, None] = field(default_factory=dict)
+    # Whether the index (and so every marker) is stored without expiry.
+    kept: bool = False
 
     def encode(self) -> bytes:
-        return json.dumps({"g": self.generation, "t": self.touched, "m": list(self.names)}).encode()
+        raw = {"g": self.generation, "t": self.touched, "m": list(self.names), "k": self.kept}
+        return json.dumps(raw).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> _Index:
         raw = json.loads(value)
-        return cls(str(raw["g"]), float(raw["t"]), dict.fromkeys(raw["m"]))
+        return cls(str(raw["g"]), float(raw["t"]), dict.fromkeys(raw["m"]), bool(raw.get("k", False)))
 
 
 class _CasReader:
@@ -205,8 +221,11 @@ class MemcachedBackend:
             await self._client.close()
             self._client = None
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
-        exptime = _exptime(self._ttl)
+    def _exptime(self, keep: bool) -> int:
+        return 0 if keep else _exptime(self._ttl)
+
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        exptime = self._exptime(keep)
         keys = list(records)
         adds = (self._mc.add(self._key("r", key), _pack(1, records[key]), exptime) for key in keys)
         added = await asyncio.gather(*(self._safely(add) for add in adds))
@@ -234,51 +253,65 @@ class MemcachedBackend:
             current, token = await self._safely(self._mc.gets(key))
             if current is None or token is None or _unpack(current).version != update.expected_version:
                 return False
-            if await self._safely(self._mc.cas(key, value, token, _exptime(self._ttl))):
+            if await self._safely(self._mc.cas(key, value, token, self._exptime(update.keep))):
                 return True
             # Another write won the race; it bumped the version unless the record expired and
             # was inserted again, so read again instead of failing.
         return False
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
         key = self._key("g", group)
         for _ in range(_MAX_RACES):
             current, token = await self._safely(self._mc.gets(key))
             index = _Index() if current is None else _Index.decode(current)
             # First payload wins within this generation of the group.
             marker = self._marker(index.generation, member)
-            await self._safely(self._mc.add(marker, payload, self._marker_exptime()))
+            await self._safely(self._mc.add(marker, payload, 0 if keep else self._marker_exptime()))
             index.names[member] = None
-            if await self._write_index(key, index, token if current is not None else None):
+            if await self._write_index(key, index, token if current is not None else None, keep):
                 return len(index.names)
         raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
 
-    async def _write_index(self, key: bytes, index: _Index, token: int | None) -> bool:
-        """Store the index (add when new, else cas); keeps the markers outliving it."""
+    async def _write_index(self, key: bytes, index: _Index, token: int | None, keep: bool) -> bool:
+        """Store the index (add when new, else cas), kept or expiring; keeps the markers
+        outliving it."""
         now = time.time()
-        if now - index.touched > self._ttl / 2:
-            await asyncio.gather(
-                *(
-                    self._safely(self._mc.touch(self._marker(index.generation, name), self._marker_exptime()))
-                    for name in index.names
-                )
-            )
+        refresh = not keep and (index.kept or now - index.touched > self._ttl / 2)
+        if keep and not index.kept:
+            # Before the index says kept: a marker must never expire under a kept index.
+            await self._touch_markers(index, 0)
+        index.kept = keep
+        if refresh:
             index.touched = now
-        value, exptime = index.encode(), _exptime(self._ttl)
+        value, exptime = index.encode(), self._exptime(keep)
         if token is None:
-            return await self._safely(self._mc.add(key, value, exptime))
-        return await self._safely(self._mc.cas(key, value, token, exptime))
+            stored = await self._safely(self._mc.add(key, value, exptime))
+        else:
+            stored = await self._safely(self._mc.cas(key, value, token, exptime))
+        if stored and refresh:
+            # After: only once this (expiring) state is the stored one.
+            await self._touch_markers(index, self._marker_exptime())
+        return stored
+
+    async def _touch_markers(self, index: _Index, exptime: int) -> None:
+        names = list(index.names)
+        for start in range(0, len(names), _CHUNK):
+            chunk = names[start : start + _CHUNK]
+            touches = (self._mc.touch(self._marker(index.generation, name), exptime) for name in chunk)
+            await asyncio.gather(*(self._safely(touch) for touch in touches))
 
     def _marker_exptime(self) -> int:
         # Twice the TTL, refreshed every half TTL: a marker always outlives its index.
         return _exptime(2 * self._ttl)
 
-    async def members(self, group: str) -> dict[str, bytes]:
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
         current = await self._safely(self._mc.get(self._key("g", group)))
         if current is None:
             return {}
         index = _Index.decode(current)
-        names = list(index.names)
+        names = sorted(name for name in index.names if name > after or not after)
+        if limit > 0:
+            names = names[:limit]
         found: dict[str, bytes] = {}
         for start in range(0, len(names), _CHUNK):
             chunk = names[start : start + _CHUNK]
@@ -300,13 +333,33 @@ class MemcachedBackend:
             if member not in index.names:
                 return
             del index.names[member]
-            if await self._write_index(key, index, token):
+            if await self._write_index(key, index, token, index.kept):
                 await self._safely(self._mc.delete(self._marker(index.generation, member)))
                 return
         raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
 
-    async def claim(self, key: str) -> bool:
-        return await self._safely(self._mc.add(self._key("c", key), b"1", _exptime(self._ttl)))
+    async def claim(self, key: str, keep: bool = False) -> bool:
+        return await self._safely(self._mc.add(self._key("c", key), b"1", self._exptime(keep)))
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        exptime = self._exptime(False)
+        keys = [self._key("r", key) for key in records] + [self._key("c", key) for key in claims]
+        for start in range(0, len(keys), _CHUNK):
+            # touch on a missing key is a no-op (NOT_FOUND).
+            touches = (self._mc.touch(key, exptime) for key in keys[start : start + _CHUNK])
+            await asyncio.gather(*(self._safely(touch) for touch in touches))
+        for group in dict.fromkeys(groups):
+            await self._expire_group(group)
+
+    async def _expire_group(self, group: str) -> None:
+        key = self._key("g", group)
+        for _ in range(_MAX_RACES):
+            current, token = await self._safely(self._mc.gets(key))
+            if current is None or token is None:
+                return
+            if await self._write_index(key, _Index.decode(current), token, keep=False):
+                return
+        raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
 
     async def _cas_tokens(self, keys: list[str]) -> dict[str, Hashable]:
         """CAS token per existing record; it changes on every write, even a re-insert."""

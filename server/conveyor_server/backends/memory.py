@@ -1,19 +1,34 @@
-"""In-process result store for tests and single-process use; nothing survives a restart."""
+"""In-process result store for tests and single-process use; nothing survives a restart.
+
+Expiry is exact (monotonic clock; a kept key has an infinite deadline). Expired records and
+claims are dropped when next looked at; an expired group when next written or read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+
+
+@dataclass
+class _Group:
+    expires: float
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    # Member names in order, for paging; kept sorted as members come and go.
+    names: list[str] = field(default_factory=list)
 
 
 class MemoryBackend:
     def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._ttl = ttl_seconds
         self._records: dict[str, tuple[Versioned, float]] = {}
-        self._groups: dict[str, dict[str, bytes]] = {}
+        self._groups: dict[str, _Group] = {}
         self._claims: dict[str, float] = {}
         self._watchers: set[tuple[frozenset[str], asyncio.Queue[set[str] | None]]] = set()
 
@@ -24,6 +39,9 @@ class MemoryBackend:
         for _, queue in list(self._watchers):
             queue.put_nowait(None)
 
+    def _expires(self, keep: bool) -> float:
+        return math.inf if keep else time.monotonic() + self._ttl
+
     def _live(self, key: str) -> Versioned | None:
         found = self._records.get(key)
         if found is None:
@@ -33,15 +51,22 @@ class MemoryBackend:
             return None
         return found[0]
 
+    def _group(self, group: str) -> _Group | None:
+        found = self._groups.get(group)
+        if found is not None and found.expires <= time.monotonic():
+            del self._groups[group]
+            return None
+        return found
+
     def _changed(self, keys: set[str]) -> None:
         for watched, queue in self._watchers:
             hits = keys & watched
             if hits:
                 queue.put_nowait(hits)
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         existing: list[str] = []
-        expires = time.monotonic() + self._ttl
+        expires = self._expires(keep)
         for key, data in records.items():
             if self._live(key) is not None:
                 existing.append(key)
@@ -60,33 +85,58 @@ class MemoryBackend:
 
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
         applied: list[bool] = []
-        expires = time.monotonic() + self._ttl
         for update in updates:
             current = self._live(update.key)
             ok = current is not None and current.version == update.expected_version
             if ok and current is not None:
-                self._records[update.key] = (Versioned(update.data, current.version + 1), expires)
+                record = Versioned(update.data, current.version + 1)
+                self._records[update.key] = (record, self._expires(update.keep))
             applied.append(ok)
         self._changed({u.key for u, ok in zip(updates, applied, strict=True) if ok})
         return applied
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
-        members = self._groups.setdefault(group, {})
-        members.setdefault(member, payload)
-        return len(members)
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        found = self._group(group)
+        if found is None:
+            found = self._groups[group] = _Group(0.0)
+        found.expires = self._expires(keep)
+        if member not in found.payloads:
+            found.payloads[member] = payload
+            bisect.insort(found.names, member)
+        return len(found.payloads)
 
-    async def members(self, group: str) -> dict[str, bytes]:
-        return dict(self._groups.get(group, {}))
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
+        found = self._group(group)
+        if found is None:
+            return {}
+        start = bisect.bisect_right(found.names, after) if after else 0
+        names = found.names[start : start + limit] if limit > 0 else found.names[start:]
+        return {name: found.payloads[name] for name in names}
 
     async def remove_member(self, group: str, member: str) -> None:
-        self._groups.get(group, {}).pop(member, None)
+        found = self._group(group)
+        if found is not None and found.payloads.pop(member, None) is not None:
+            del found.names[bisect.bisect_left(found.names, member)]
 
-    async def claim(self, key: str) -> bool:
-        now = time.monotonic()
-        if self._claims.get(key, 0.0) > now:
+    async def claim(self, key: str, keep: bool = False) -> bool:
+        if self._claims.get(key, 0.0) > time.monotonic():
             return False
-        self._claims[key] = now + self._ttl
+        self._claims[key] = self._expires(keep)
         return True
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        expires = self._expires(False)
+        for key in records:
+            record = self._live(key)
+            if record is not None:
+                self._records[key] = (record, expires)
+        for name in groups:
+            found = self._group(name)
+            if found is not None:
+                found.expires = expires
+        for key in claims:
+            if self._claims.get(key, 0.0) > time.monotonic():
+                self._claims[key] = expires
 
     async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         queue: asyncio.Queue[set[str] | None] = asyncio.Queue()

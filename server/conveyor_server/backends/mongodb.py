@@ -1,16 +1,34 @@
 """MongoDB result store (pymongo's asyncio client).
 
-Collections `{prefix}_records`, `{prefix}_groups` and `{prefix}_claims`, one document per
-key. Every document carries `exp` (epoch milliseconds, used by every filter, because a TTL
-monitor deletes only about once a minute) and `expires_at` (a Date for the TTL index that
-eventually deletes it).
+Collections `{prefix}_records`, `{prefix}_claims`, `{prefix}_groups` and `{prefix}_members`.
+A record or claim that expires carries `exp` (epoch milliseconds, used by every filter,
+because a TTL monitor deletes only about once a minute) and `expires_at` (a Date for the TTL
+index that eventually deletes it); a kept one has neither, so the TTL monitor never touches
+it and every "live" filter accepts it.
 
-- records: {_id: key, data, version, exp, expires_at}; compare-and-set is one
+- records: {_id: key, data, version[, exp, expires_at]}; compare-and-set is one
   update_one({_id, version: expected}) with $inc, atomic per document.
-- groups: {_id: group, m: {member: payload}, n: count, ...}; a member is added by one
-  find_one_and_update whose filter requires the member to be absent, so the first payload
-  wins and `n` moves with it.
-- claims: {_id: key, ...}; insert_one, a duplicate key means someone else won.
+- claims: {_id: key[, exp, expires_at]}; insert_one, a duplicate key means someone else won.
+- groups: one small document per group, {_id: group, gen, n, h[, exp]}, and one document per
+  member in `members`, {g: group, gen, m: name, i: slot, p: payload}, with unique indexes on
+  (g, gen, m) and (g, gen, i). `gen` is new each time a group is created, so the members of
+  an expired group never leak into its successor.
+
+Exact counts without transactions: each member takes the next slot `i` (n + 1); the unique
+index lets only one member have a slot, so slots are dense, 1..N, whatever races between
+replicas. `n` in the group document is the slot count as far as it has been confirmed; anyone
+who finds slot n + 1 taken moves `n` on ($max), so a replica that died between inserting its
+member and moving `n` leaves nothing wrong behind: the next add (or a retry of the same add)
+moves it on. A removal turns the member's document into a hole: its `m` becomes the next hole
+number (an int, claimed through the same unique index; names are strings, so the two never
+meet) and `h` counts holes the same way. The count is n - h, read from the group document
+that the add's final update returns, so an add costs three round trips (read the group,
+insert, update) at any group size. Replicas race only for the next slot; within a process
+adds (and removals) to one group take turns, so they do not race each other. A removal
+counts once `h` moves: if its replica dies in between, the member is already out of
+members() but still counted until the group's next removal or duplicate add.
+Group documents expire by `exp` only (no TTL index): each backend sweeps expired groups and
+their members about once a minute, from its writes.
 
 watch() uses one change stream per backend (filtered locally by key) and falls back to
 polling versions where the server has no change streams (a standalone mongod). Tested
@@ -26,18 +44,19 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Collection, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from bson import Binary
-from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from ._common import compare_and_set_per_key, split_prefix
+from ._common import KeyedLocks, compare_and_set_per_key, split_prefix
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
@@ -49,6 +68,10 @@ MAX_AWAIT_MS = 1000
 # Keys per find(): keeps $in lists and replies small.
 _CHUNK = 1000
 _WATCHED_OPS = ["insert", "update", "replace"]
+# How often a backend deletes expired groups and their members.
+_SWEEP_SECONDS = 60.0
+# A race for a slot is only lost to a replica that won one, so this is never reached in practice.
+_MAX_RACES = 10_000
 
 
 def _collection_base(prefix: str) -> str:
@@ -57,18 +80,35 @@ def _collection_base(prefix: str) -> str:
     return base if re.match(r"[A-Za-z_]", base) else f"c{base}"
 
 
-def _member_field(member: str) -> str:
-    """A field name for any member string ('.' and '$' are special in field paths)."""
-    return "k" + quote(member, safe="").replace(".", "%2E")
-
-
-def _member_name(field: str) -> str:
+def _legacy_member_name(field: str) -> str:
+    """A member's name from a field of the old one-document-per-group layout."""
     return unquote(field[1:])
 
 
 def _chunks(keys: Sequence[str]) -> list[list[str]]:
     unique = list(dict.fromkeys(keys))
     return [unique[start : start + _CHUNK] for start in range(0, len(unique), _CHUNK)]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _live(conditions: Doc) -> Doc:
+    """Filter: `conditions`, on a document that is kept (no `exp`) or not expired yet.
+
+    An explicit $and: nx-27017 ignores the other fields of a write's filter next to a top-level $or.
+    """
+    return {"$and": [conditions, {"$or": [{"exp": {"$exists": False}}, {"exp": {"$gt": _now_ms()}}]}]}
+
+
+def _dead() -> Doc:
+    return {"exp": {"$lte": _now_ms()}}
+
+
+def _is_live(doc: Doc) -> bool:
+    exp = doc.get("exp")
+    return exp is None or int(exp) > _now_ms()
 
 
 class _StreamFeed:
@@ -131,6 +171,7 @@ class _StreamFeed:
         self._registry.dispatch_all()
 
 
+
 class MongoBackend:
     def __init__(self, url: str, prefix: str = "conveyor", ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
@@ -138,6 +179,9 @@ class MongoBackend:
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
         self._client: AsyncMongoClient[Doc] | None = None
         self._hub = WatchHub(self._open_feed)
+        self._locks = KeyedLocks()
+        self._next_sweep = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
@@ -150,11 +194,18 @@ class MongoBackend:
         database = client.get_default_database("conveyor")
         self._records = database[f"{self._base}_records"]
         self._groups = database[f"{self._base}_groups"]
+        self._members = database[f"{self._base}_members"]
         self._claims = database[f"{self._base}_claims"]
         try:
             await database.command("ping")
-            for collection in (self._records, self._groups, self._claims):
+            for collection in (self._records, self._claims):
                 await collection.create_index("expires_at", expireAfterSeconds=0)
+            await self._groups.create_index("exp")
+            for field in ("m", "i"):
+                keys = [("g", ASCENDING), ("gen", ASCENDING), (field, ASCENDING)]
+                await self._members.create_index(keys, unique=True)
+            async for legacy in self._groups.find({"m": {"$exists": True}}):
+                await self._migrate_group(legacy)
         except BaseException:
             await client.close()
             raise
@@ -162,39 +213,43 @@ class MongoBackend:
 
     async def close(self) -> None:
         await self._hub.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     def _expiry(self) -> Doc:
-        """Fields that keep a document alive for the TTL from now."""
-        now_ms = int(time.time() * 1000)
-        exp = now_ms + self._ttl_ms
+        """Fields that make a document expire the TTL from now."""
+        exp = _now_ms() + self._ttl_ms
         return {"exp": exp, "expires_at": datetime.fromtimestamp(exp / 1000, UTC)}
 
-    @staticmethod
-    def _live() -> Doc:
-        return {"exp": {"$gt": int(time.time() * 1000)}}
+    def _expiry_update(self, keep: bool, update: Doc) -> Doc:
+        """`update` plus the operators that keep the document, or make it expire the TTL from now."""
+        if keep:
+            return {**update, "$unset": {"exp": "", "expires_at": ""}}
+        return {**update, "$set": {**update.get("$set", {}), **self._expiry()}}
 
-    @staticmethod
-    def _dead() -> Doc:
-        return {"exp": {"$lte": int(time.time() * 1000)}}
+    # -- records and claims --------------------------------------------------------------
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         keys = list(records)
-        clashes = await self._insert_new(keys, records)
+        clashes = await self._insert_new(keys, records, keep)
         if clashes:
             # A clash with an expired document the TTL monitor has not removed yet is no clash.
-            purged = await self._records.delete_many({"_id": {"$in": clashes}, **self._dead()})
+            purged = await self._records.delete_many({"_id": {"$in": clashes}, **_dead()})
             if purged.deleted_count:
-                clashes = await self._insert_new(clashes, records)
+                clashes = await self._insert_new(clashes, records, keep)
         return clashes
 
-    async def _insert_new(self, keys: list[str], records: Mapping[str, bytes]) -> list[str]:
+    async def _insert_new(self, keys: list[str], records: Mapping[str, bytes], keep: bool) -> list[str]:
         """insert_many(ordered=False); returns the keys that hit a duplicate _id."""
         if not keys:
             return []  # insert_many refuses an empty list
-        expiry = self._expiry()
+        expiry = {} if keep else self._expiry()
         docs = [{"_id": key, "data": Binary(records[key]), "version": 1, **expiry} for key in keys]
         try:
             await self._records.insert_many(docs, ordered=False)
@@ -208,7 +263,7 @@ class MongoBackend:
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
         found: dict[str, Versioned] = {}
         for chunk in _chunks(keys):
-            cursor = self._records.find({"_id": {"$in": chunk}, **self._live()}, {"data": 1, "version": 1})
+            cursor = self._records.find(_live({"_id": {"$in": chunk}}), {"data": 1, "version": 1})
             async for doc in cursor:
                 found[doc["_id"]] = Versioned(bytes(doc["data"]), int(doc["version"]))
         return found
@@ -219,74 +274,201 @@ class MongoBackend:
         return await compare_and_set_per_key(updates, self._compare_and_set_one)
 
     async def _compare_and_set_one(self, update: Update) -> bool:
+        change = {"$set": {"data": Binary(update.data)}, "$inc": {"version": 1}}
         result = await self._records.update_one(
-            {"_id": update.key, "version": update.expected_version, **self._live()},
-            {"$set": {"data": Binary(update.data), **self._expiry()}, "$inc": {"version": 1}},
+            _live({"_id": update.key, "version": update.expected_version}),
+            self._expiry_update(update.keep, change),
         )
         return result.matched_count == 1
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
-        field = f"m.{_member_field(member)}"
-        for _ in range(5):
-            expiry = self._expiry()
-            try:
-                # Matches only a live group without this member; otherwise upserts, which
-                # clashes on _id when the group exists (nx-27017 returns None instead).
-                doc = await self._groups.find_one_and_update(
-                    {"_id": group, field: {"$exists": False}, **self._live()},
-                    {"$set": {field: Binary(payload), **expiry}, "$inc": {"n": 1}},
-                    projection={"n": 1},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
-            except DuplicateKeyError:
-                doc = None
-            if doc is None:
-                # Already a member (the first payload stays): only refresh the expiry.
-                doc = await self._groups.find_one_and_update(
-                    {"_id": group, field: {"$exists": True}, **self._live()},
-                    {"$set": expiry},
-                    projection={"n": 1},
-                    return_document=ReturnDocument.AFTER,
-                )
-            if doc is not None:
-                return int(doc["n"])
-            # Neither matched: the group has expired but is still stored (or changed between
-            # the two calls). Drop it if expired and try again.
-            await self._groups.delete_one({"_id": group, **self._dead()})
-        raise RuntimeError(f"could not add member {member!r} to group {group!r}")
-
-    async def members(self, group: str) -> dict[str, bytes]:
-        doc = await self._groups.find_one({"_id": group, **self._live()}, {"m": 1})
-        if doc is None:
-            return {}
-        stored: Doc = doc.get("m", {})
-        return {_member_name(field): bytes(payload) for field, payload in stored.items()}
-
-    async def remove_member(self, group: str, member: str) -> None:
-        field = f"m.{_member_field(member)}"
-        await self._groups.update_one(
-            {"_id": group, field: {"$exists": True}}, {"$unset": {field: ""}, "$inc": {"n": -1}}
-        )
-
-    async def claim(self, key: str) -> bool:
+    async def claim(self, key: str, keep: bool = False) -> bool:
         for _ in range(2):
             try:
-                await self._claims.insert_one({"_id": key, **self._expiry()})
+                await self._claims.insert_one({"_id": key, **({} if keep else self._expiry())})
                 return True
             except DuplicateKeyError:
-                purged = await self._claims.delete_one({"_id": key, **self._dead()})
+                purged = await self._claims.delete_one({"_id": key, **_dead()})
                 if not purged.deleted_count:
                     return False
         return False
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        expiry = self._expiry()
+        for collection, keys, fields in (
+            (self._records, records, expiry),
+            (self._claims, claims, expiry),
+            (self._groups, groups, {"exp": expiry["exp"]}),
+        ):
+            for chunk in _chunks(keys):
+                await collection.update_many(_live({"_id": {"$in": chunk}}), {"$set": fields})
+        if groups:
+            self._maybe_sweep()
+
+    # -- groups --------------------------------------------------------------------------
+
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        async with self._locks.hold(f"add:{group}"):
+            for _ in range(_MAX_RACES):
+                doc = await self._open_group(group, keep)
+                gen, slot = doc["gen"], int(doc["n"]) + 1
+                try:
+                    new = {"g": group, "gen": gen, "m": member, "i": slot, "p": Binary(payload)}
+                    await self._members.insert_one(new)
+                except DuplicateKeyError:
+                    if await self._members.find_one({"g": group, "gen": gen, "m": member}, {"_id": 1}):
+                        # Already a member (the first payload stays): count, after moving `n`
+                        # past a slot whose adder may have died before it could.
+                        return await self._settle(group, gen, keep)
+                    await self._settle(group, gen, None)  # another replica took the slot
+                    continue
+                self._maybe_sweep()
+                settled = await self._groups.find_one_and_update(
+                    {"_id": group, "gen": gen},
+                    self._group_expiry_update(keep, {"$max": {"n": slot}}),
+                    projection={"n": 1, "h": 1},
+                    return_document=ReturnDocument.AFTER,
+                )
+                if settled is not None:
+                    return int(settled["n"]) - int(settled["h"])
+                # The group expired and was swept under us: start again in a new one.
+                await self._members.delete_many({"g": group, "gen": gen})
+        raise RuntimeError(f"mongodb group {group!r}: too many concurrent writers")
+
+    def _group_expiry_update(self, keep: bool, update: Doc) -> Doc:
+        if keep:
+            return {**update, "$unset": {"exp": ""}}
+        return {**update, "$set": {"exp": _now_ms() + self._ttl_ms}}
+
+    async def _open_group(self, group: str, keep: bool) -> Doc:
+        """The live group document, created (in a new generation) when there is none."""
+        for _ in range(_MAX_RACES):
+            doc = await self._groups.find_one({"_id": group})
+            if doc is not None and "m" in doc:
+                await self._migrate_group(doc)
+                continue
+            if doc is not None and _is_live(doc):
+                return doc
+            if doc is not None:
+                await self._drop_group(group, doc["gen"])
+            new: Doc = {"_id": group, "gen": uuid.uuid4().hex, "n": 0, "h": 0}
+            if not keep:
+                new["exp"] = _now_ms() + self._ttl_ms
+            try:
+                await self._groups.insert_one(new)
+                return new
+            except DuplicateKeyError:
+                continue  # another replica created it first
+        raise RuntimeError(f"mongodb group {group!r}: too many concurrent writers")
+
+    async def _settle(self, group: str, gen: str, keep: bool | None) -> int:
+        """Move `n` and `h` past every taken slot and hole; set the expiry unless keep is None.
+
+        Returns the count (n - h), or 0 if the group is gone.
+        """
+        doc = await self._groups.find_one({"_id": group, "gen": gen}, {"n": 1, "h": 1})
+        if doc is None:
+            return 0
+        n, h = int(doc["n"]), int(doc["h"])
+        while True:
+            found = await self._members.find(
+                {"$and": [{"g": group, "gen": gen}, {"$or": [{"i": n + 1}, {"m": h + 1}]}]}, {"i": 1, "m": 1}
+            ).to_list()
+            more_n = any(d.get("i") == n + 1 for d in found)
+            more_h = any(isinstance(d.get("m"), int) and d["m"] == h + 1 for d in found)
+            if not (more_n or more_h):
+                break
+            n, h = n + more_n, h + more_h
+        update: Doc = {"$max": {"n": n, "h": h}}
+        if keep is not None:
+            update = self._group_expiry_update(keep, update)
+        settled = await self._groups.find_one_and_update(
+            {"_id": group, "gen": gen}, update, projection={"n": 1, "h": 1}, return_document=ReturnDocument.AFTER
+        )
+        return 0 if settled is None else int(settled["n"]) - int(settled["h"])
+
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
+        doc = await self._groups.find_one(_live({"_id": group}), {"gen": 1, "m": 1})
+        if doc is None:
+            return {}
+        if "m" in doc:
+            await self._migrate_group(doc)
+            return await self.members(group, after, limit)
+        # {"$gt": name} (or {"$gte": ""}) matches strings only: holes (int names) stay out.
+        names = {"$gt": after} if after else {"$gte": ""}
+        cursor = self._members.find({"g": group, "gen": doc["gen"], "m": names}, {"m": 1, "p": 1}).sort("m", 1)
+        if limit > 0:
+            cursor = cursor.limit(limit)
+        return {found["m"]: bytes(found["p"]) async for found in cursor}
+
+    async def remove_member(self, group: str, member: str) -> None:
+        async with self._locks.hold(f"remove:{group}"):
+            for _ in range(_MAX_RACES):
+                doc = await self._groups.find_one(_live({"_id": group}), {"gen": 1, "h": 1, "m": 1})
+                if doc is None:
+                    return
+                if "m" in doc:
+                    await self._migrate_group(doc)
+                    continue
+                gen, hole = doc["gen"], int(doc["h"]) + 1
+                try:
+                    turned = await self._members.update_one(
+                        {"g": group, "gen": gen, "m": member}, {"$set": {"m": hole}, "$unset": {"p": ""}}
+                    )
+                except DuplicateKeyError:
+                    await self._settle(group, gen, None)  # another replica took the hole number
+                    continue
+                if turned.matched_count:
+                    await self._groups.update_one({"_id": group, "gen": gen}, {"$max": {"h": hole}})
+                return
+        raise RuntimeError(f"mongodb group {group!r}: too many concurrent writers")
+
+    async def _drop_group(self, group: str, gen: str) -> None:
+        """Delete an expired group's members, then the group document (if still that one)."""
+        await self._members.delete_many({"g": group, "gen": gen})
+        await self._groups.delete_one({"_id": group, "gen": gen, **_dead()})
+
+    def _maybe_sweep(self) -> None:
+        if time.monotonic() < self._next_sweep or (self._sweeper is not None and not self._sweeper.done()):
+            return
+        self._next_sweep = time.monotonic() + _SWEEP_SECONDS
+        self._sweeper = asyncio.create_task(self._sweep(), name="conveyor-mongo-sweep")
+
+    async def _sweep(self) -> None:
+        try:
+            async for doc in self._groups.find(_dead(), {"gen": 1}).limit(_CHUNK):
+                if "gen" in doc:
+                    await self._drop_group(doc["_id"], doc["gen"])
+        except PyMongoError as exc:
+            log.warning("mongodb group sweep failed (%s); trying again later", exc)
+
+    async def _migrate_group(self, legacy: Doc) -> None:
+        """Turn a group of the old layout ({_id, m: {field: payload}, n, exp, expires_at}) into
+        member documents. Idempotent; when replicas race, one conversion wins."""
+        stored: Doc = legacy.get("m", {})
+        gen = uuid.uuid4().hex
+        names = sorted((_legacy_member_name(field), payload) for field, payload in stored.items())
+        docs = [
+            {"g": legacy["_id"], "gen": gen, "m": name, "i": slot, "p": payload}
+            for slot, (name, payload) in enumerate(names, 1)
+        ]
+        for start in range(0, len(docs), _CHUNK):
+            await self._members.insert_many(docs[start : start + _CHUNK], ordered=False)
+        converted = await self._groups.update_one(
+            {"_id": legacy["_id"], "m": {"$exists": True}},
+            {"$set": {"gen": gen, "n": len(docs), "h": 0}, "$unset": {"m": "", "expires_at": ""}},
+        )
+        if not converted.matched_count:
+            await self._members.delete_many({"g": legacy["_id"], "gen": gen})
+
+    # -- watch ---------------------------------------------------------------------------
 
     async def _versions(self, keys: list[str]) -> dict[str, Hashable]:
         """(version, exp) changes on every write, including a re-insert after expiry."""
         found: dict[str, Hashable] = {}
         for chunk in _chunks(keys):
-            cursor = self._records.find({"_id": {"$in": chunk}, **self._live()}, {"version": 1, "exp": 1})
+            cursor = self._records.find(_live({"_id": {"$in": chunk}}), {"version": 1, "exp": 1})
             async for doc in cursor:
-                found[doc["_id"]] = (doc["version"], doc["exp"])
+                found[doc["_id"]] = (doc["version"], doc.get("exp"))
         return found
 
     async def _open_feed(self) -> Feed:

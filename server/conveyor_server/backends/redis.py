@@ -2,14 +2,21 @@
 
 Layout, all under `{prefix}:`:
 - `r:{key}`  record hash {d: data, v: version}
-- `g:{group}` group hash {member: payload}
+- `g:{group}` group hash {member: payload}; HLEN is the count
+- `gi:{group}` sorted set of the group's member names, all at score 0, so ZRANGEBYLEX pages
+  through them in byte (hence code point) order; written with the hash in one script
 - `c:{key}`  chord claim, SET NX
 - channel `w:{key}` gets a PUBLISH after every successful record write.
 
 Writes run as Lua scripts so the version check, the write, the expiry and the PUBLISH are
-one atomic step; a batch of records is one EVALSHA. One channel per key means Redis only
+one atomic step; a batch of records is one EVALSHA. A kept key has no TTL (PERSIST, or SET
+without PX); expire() is one PEXPIRE per key. One channel per key means Redis only
 delivers a change to the replicas watching that key, and one shared pub/sub connection per
 backend serves every watch(), so a watch of 1,000 keys is one SUBSCRIBE command.
+
+Every connection has socket and connect timeouts (5 s; `socket_timeout` and
+`socket_connect_timeout` in the URL's query override them, in seconds), so a dead peer fails
+a call instead of hanging it; nothing is retried here, the core decides that.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from typing import Any, Self
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ..redis_pool import open_redis
 from ._common import split_prefix
@@ -37,34 +46,42 @@ _CHUNK = 500
 # would otherwise block the reader forever and every watch would miss changes.
 _READ_SECONDS = 1.0
 _HEALTH_CHECK_SECONDS = 15
+# Defaults for a dead TCP peer; the URL's query can override them.
+SOCKET_TIMEOUT_SECONDS = 5.0
+SOCKET_CONNECT_TIMEOUT_SECONDS = 5.0
+# Member names per ZRANGEBYLEX + HMGET: bounds one script's run and reply.
+_PAGE = 1000
 
-# KEYS: record keys. ARGV: ttl_ms, channel prefix, record-prefix length, data...
-# Returns the 1-based indexes of keys that already existed.
+# In every script, a ttl_ms of 0 means keep: the key is left without expiry (PERSIST).
+
+# KEYS: record keys. ARGV: ttl_ms (0 = keep), channel prefix, record-prefix length, data...
+# Returns the 1-based indexes of keys that already existed (left unchanged).
 _INSERT = """
-local ttl, chan, cut = ARGV[1], ARGV[2], tonumber(ARGV[3]) + 1
+local ttl, chan, cut = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]) + 1
 local existed = {}
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
     existed[#existed + 1] = i
   else
     redis.call('HSET', key, 'd', ARGV[3 + i], 'v', 1)
-    redis.call('PEXPIRE', key, ttl)
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
     redis.call('PUBLISH', chan .. string.sub(key, cut), '')
   end
 end
 return existed
 """
 
-# KEYS: record keys. ARGV: ttl_ms, channel prefix, record-prefix length, then
-# (expected version, data) per key. Returns 1/0 per key, applied in order.
+# KEYS: record keys. ARGV: channel prefix, record-prefix length, then
+# (expected version, data, ttl_ms (0 = keep)) per key. Returns 1/0 per key, applied in order.
 _COMPARE_AND_SET = """
-local ttl, chan, cut = ARGV[1], ARGV[2], tonumber(ARGV[3]) + 1
+local chan, cut = ARGV[1], tonumber(ARGV[2]) + 1
 local applied = {}
 for i, key in ipairs(KEYS) do
   local current = redis.call('HGET', key, 'v')
-  if current and tonumber(current) == tonumber(ARGV[2 + 2 * i]) then
-    redis.call('HSET', key, 'd', ARGV[3 + 2 * i], 'v', tonumber(current) + 1)
-    redis.call('PEXPIRE', key, ttl)
+  if current and tonumber(current) == tonumber(ARGV[3 * i]) then
+    redis.call('HSET', key, 'd', ARGV[3 * i + 1], 'v', tonumber(current) + 1)
+    local ttl = tonumber(ARGV[3 * i + 2])
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
     redis.call('PUBLISH', chan .. string.sub(key, cut), '')
     applied[i] = 1
   else
@@ -74,11 +91,49 @@ end
 return applied
 """
 
-# KEYS: group hash. ARGV: member, payload, ttl_ms. Returns the member count.
+# KEYS: group hash, group name index. ARGV: member, payload, ttl_ms (0 = keep).
+# Returns the member count (HLEN: O(1) at any group size).
 _ADD_MEMBER = """
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], 0, ARGV[1])
+end
+local ttl = tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
+end
 return redis.call('HLEN', KEYS[1])
+"""
+
+# KEYS: group hash, group name index. ARGV: member. Returns 1 if it was a member.
+_REMOVE_MEMBER = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS: group hash, group name index. ARGV: after ('' = from the first), limit (> 0).
+# Returns {names, payloads}: up to `limit` names after `after`, in order, with their payloads.
+# A group written before the index existed gets its index (re)built here, once.
+_MEMBERS = """
+local hash, index = KEYS[1], KEYS[2]
+if redis.call('ZCARD', index) ~= redis.call('HLEN', hash) then
+  redis.call('DEL', index)
+  local names = redis.call('HKEYS', hash)
+  for i = 1, #names, 1000 do
+    local args = {}
+    for j = i, math.min(i + 999, #names) do
+      args[#args + 1] = 0
+      args[#args + 1] = names[j]
+    end
+    redis.call('ZADD', index, unpack(args))
+  end
+  local ttl = redis.call('PTTL', hash)
+  if ttl > 0 then redis.call('PEXPIRE', index, ttl) end
+end
+local low = '-'
+if ARGV[1] ~= '' then low = '(' .. ARGV[1] end
+local names = redis.call('ZRANGEBYLEX', index, low, '+', 'LIMIT', 0, tonumber(ARGV[2]))
+if #names == 0 then return {{}, {}} end
+return {names, redis.call('HMGET', hash, unpack(names))}
 """
 
 
@@ -214,16 +269,33 @@ class RedisBackend:
     def _record(self, key: str) -> str:
         return f"{self._prefix}:r:{key}"
 
-    def _group(self, group: str) -> str:
-        return f"{self._prefix}:g:{group}"
+    def _group(self, group: str) -> list[str]:
+        """The group's keys: its hash of payloads and its index of names."""
+        return [f"{self._prefix}:g:{group}", f"{self._prefix}:gi:{group}"]
+
+    def _claim(self, key: str) -> str:
+        return f"{self._prefix}:c:{key}"
 
     async def connect(self) -> None:
-        client = open_redis(self._url, health_check_interval=_HEALTH_CHECK_SECONDS)
-        await client.ping()
+        # The URL's query (socket_timeout=..., socket_connect_timeout=...) wins over these.
+        client = open_redis(
+            self._url,
+            health_check_interval=_HEALTH_CHECK_SECONDS,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
         self._client = client
         self._insert = client.register_script(_INSERT)
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
         self._add_member = client.register_script(_ADD_MEMBER)
+        self._remove_member = client.register_script(_REMOVE_MEMBER)
+        self._members = client.register_script(_MEMBERS)
 
     async def close(self) -> None:
         await self._hub.close()
@@ -233,14 +305,17 @@ class RedisBackend:
 
     def _script_head(self) -> list[str | int | bytes]:
         # Lua's string.sub counts bytes, so the record prefix length is in bytes too.
-        return [self._ttl_ms, f"{self._prefix}:w:", len(self._record("").encode())]
+        return [f"{self._prefix}:w:", len(self._record("").encode())]
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+    def _ttl(self, keep: bool) -> int:
+        return 0 if keep else self._ttl_ms
+
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         keys = list(records)
         existing: list[str] = []
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
-            args: list[str | int | bytes] = [*self._script_head(), *(records[key] for key in chunk)]
+            args: list[str | int | bytes] = [self._ttl(keep), *self._script_head(), *(records[key] for key in chunk)]
             found = await self._insert(keys=[self._record(key) for key in chunk], args=args)
             existing.extend(chunk[int(index) - 1] for index in found)
         return existing
@@ -264,25 +339,43 @@ class RedisBackend:
             chunk = updates[start : start + _CHUNK]
             args: list[str | int | bytes] = self._script_head()
             for update in chunk:
-                args += [update.expected_version, update.data]
+                args += [update.expected_version, update.data, self._ttl(update.keep)]
             result = await self._compare_and_set(keys=[self._record(u.key) for u in chunk], args=args)
             applied.extend(bool(flag) for flag in result)
         return applied
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
-        count = await self._add_member(keys=[self._group(group)], args=[member, payload, self._ttl_ms])
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        count = await self._add_member(keys=self._group(group), args=[member, payload, self._ttl(keep)])
         return int(count)
 
-    async def members(self, group: str) -> dict[str, bytes]:
-        found = await self._redis.hgetall(self._group(group))
-        return {_text(member): _bytes(payload) for member, payload in found.items()}
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
+        # Page by page, so no single script blocks Redis for a whole large group.
+        found: dict[str, bytes] = {}
+        while True:
+            page = min(limit - len(found), _PAGE) if limit > 0 else _PAGE
+            names, payloads = await self._members(keys=self._group(group), args=[after, page])
+            for name, payload in zip(names, payloads, strict=True):
+                if payload is not None:
+                    found[_text(name)] = _bytes(payload)
+            if len(names) < page or (limit > 0 and len(found) >= limit):
+                return found
+            after = _text(names[-1])
 
     async def remove_member(self, group: str, member: str) -> None:
-        await self._redis.hdel(self._group(group), member)
+        await self._remove_member(keys=self._group(group), args=[member])
 
-    async def claim(self, key: str) -> bool:
-        won = await self._redis.set(f"{self._prefix}:c:{key}", b"1", nx=True, px=self._ttl_ms)
+    async def claim(self, key: str, keep: bool = False) -> bool:
+        won = await self._redis.set(self._claim(key), b"1", nx=True, px=None if keep else self._ttl_ms)
         return bool(won)
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        keys = [self._record(key) for key in records] + [self._claim(key) for key in claims]
+        keys += [key for group in groups for key in self._group(group)]
+        for start in range(0, len(keys), _CHUNK):
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys[start : start + _CHUNK]:
+                pipe.pexpire(key, self._ttl_ms)  # a no-op on a missing key
+            await pipe.execute()
 
     async def _open_feed(self) -> Feed:
         return _Subscriptions(self._redis, f"{self._prefix}:w:")

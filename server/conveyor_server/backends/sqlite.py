@@ -1,4 +1,12 @@
-"""SQLite result store: one WAL-mode file, durable across restarts, shareable by several processes."""
+"""SQLite result store: one WAL-mode file, durable across restarts, shareable by several processes.
+
+Tables: `records` (key, data, version, expires_at), `claims` (key, expires_at), `groups` (grp,
+size, expires_at) and `group_members` (grp, member, payload; primary key (grp, member), so a
+page of a group is one index range). A kept row has expires_at = +inf, which every "live"
+filter and the sweep already treat as never. A group keeps its member count in its `groups`
+row, updated in the same transaction as the member, so add_member() costs the same at 10 or
+10 million members. A file from before `groups` existed is migrated once, at connect().
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -20,6 +29,8 @@ from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 _POLL_SECONDS = 0.05
 # Expired rows are invisible at once; this is how often they are actually deleted.
 _SWEEP_SECONDS = 60.0
+# expires_at of a kept row.
+_KEEP = math.inf
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -30,14 +41,14 @@ CREATE TABLE IF NOT EXISTS records (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at);
-CREATE TABLE IF NOT EXISTS members (
+CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, size INTEGER NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS groups_expiry ON groups (expires_at);
+CREATE TABLE IF NOT EXISTS group_members (
     grp TEXT NOT NULL,
     member TEXT NOT NULL,
     payload BLOB NOT NULL,
-    expires_at REAL NOT NULL,
     PRIMARY KEY (grp, member)
 );
-CREATE INDEX IF NOT EXISTS members_expiry ON members (expires_at);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS claims_expiry ON claims (expires_at);
 COMMIT;
@@ -66,27 +77,64 @@ _STAMPS = """
 SELECT key, version, expires_at FROM records
 WHERE key IN (SELECT value FROM json_each(:keys)) AND expires_at > :now
 """
-# A group lives until ttl after its latest write (members expire together, so a long-running
-# group never loses its early members); delete the groups whose latest write is too old.
+# Members expire with their group (one expires_at in `groups`), so a long-running group never
+# loses its early members.
 _SWEEP = (
     "DELETE FROM records WHERE expires_at <= :now",
     "DELETE FROM claims WHERE expires_at <= :now",
-    """DELETE FROM members WHERE grp IN (
-        SELECT grp FROM members WHERE grp IN (SELECT grp FROM members WHERE expires_at <= :now)
-        GROUP BY grp HAVING MAX(expires_at) <= :now
-    )""",
+    "DELETE FROM group_members WHERE grp IN (SELECT grp FROM groups WHERE expires_at <= :now)",
+    "DELETE FROM groups WHERE expires_at <= :now",
 )
+# expire(): only live rows, so an expired row that is not swept yet stays expired.
+_EXPIRE = {
+    "records": "UPDATE records SET expires_at = :expires"
+    " WHERE key IN (SELECT value FROM json_each(:names)) AND expires_at > :now",
+    "groups": "UPDATE groups SET expires_at = :expires"
+    " WHERE grp IN (SELECT value FROM json_each(:names)) AND expires_at > :now",
+    "claims": "UPDATE claims SET expires_at = :expires"
+    " WHERE key IN (SELECT value FROM json_each(:names)) AND expires_at > :now",
+}
+# A page of a group; the primary key (grp, member) serves it as one range, in BINARY (UTF-8
+# byte, hence code point) order. LIMIT -1 means no limit.
+_PAGE = "SELECT member, payload FROM group_members WHERE grp = :grp {} ORDER BY member LIMIT :limit"
+_PAGE_FIRST = _PAGE.format("")
+_PAGE_AFTER = _PAGE.format("AND member > :after")
 
 # (version, expires_at): every write moves expires_at, so this also tells a re-created record apart.
 Stamp = tuple[int, float]
 
 
-def _insert(conn: sqlite3.Connection, records: Mapping[str, bytes], ttl: float) -> list[str]:
+def _expires_at(now: float, ttl: float, keep: bool) -> float:
+    return _KEEP if keep else now + ttl
+
+
+def _has_old_members(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'members'").fetchone() is not None
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Move groups from the old `members` table (each row carrying the group's expiry)."""
+    if not _has_old_members(conn):
+        return  # the usual case: no write lock taken
+    with transaction(conn):
+        if not _has_old_members(conn):
+            return  # another process migrated it first
+        conn.execute(
+            "INSERT OR IGNORE INTO groups (grp, size, expires_at)"
+            " SELECT grp, COUNT(*), MAX(expires_at) FROM members GROUP BY grp"
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO group_members (grp, member, payload) SELECT grp, member, payload FROM members"
+        )
+        conn.execute("DROP TABLE members")
+
+
+def _insert(conn: sqlite3.Connection, records: Mapping[str, bytes], ttl: float, keep: bool) -> list[str]:
     with transaction(conn):
         now = time.time()
         existing: list[str] = []
         for key, data in records.items():
-            params = {"key": key, "data": data, "expires": now + ttl, "now": now}
+            params = {"key": key, "data": data, "expires": _expires_at(now, ttl, keep), "now": now}
             if conn.execute(_INSERT, params).rowcount == 0:
                 existing.append(key)
         return existing
@@ -103,39 +151,70 @@ def _compare_and_set(conn: sqlite3.Connection, updates: Sequence[Update], ttl: f
         applied: list[bool] = []
         for u in updates:
             params = {
-                "key": u.key, "version": u.expected_version, "data": u.data, "expires": now + ttl, "now": now
+                "key": u.key, "version": u.expected_version, "data": u.data,
+                "expires": _expires_at(now, ttl, u.keep), "now": now,
             }
             applied.append(conn.execute(_COMPARE_AND_SET, params).rowcount == 1)
         return applied
 
 
-def _claim(conn: sqlite3.Connection, key: str, ttl: float) -> bool:
+def _claim(conn: sqlite3.Connection, key: str, ttl: float, keep: bool) -> bool:
     now = time.time()
     # One statement, so atomic across connections and processes without a transaction.
-    return conn.execute(_CLAIM, {"key": key, "expires": now + ttl, "now": now}).rowcount == 1
+    return conn.execute(_CLAIM, {"key": key, "expires": _expires_at(now, ttl, keep), "now": now}).rowcount == 1
 
 
-def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: bytes, ttl: float) -> int:
+def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: bytes, ttl: float, keep: bool) -> int:
     with transaction(conn):
         now = time.time()
-        (latest,) = conn.execute("SELECT MAX(expires_at) FROM members WHERE grp = ?", (group,)).fetchone()
-        if latest is not None and latest <= now:
-            conn.execute("DELETE FROM members WHERE grp = ?", (group,))
-        # The first payload wins; the write still keeps the group alive.
+        row = conn.execute("SELECT size, expires_at FROM groups WHERE grp = ?", (group,)).fetchone()
+        size = 0
+        if row is not None and row[1] <= now:
+            # Expired but not swept yet: it starts again empty (a one-off cost).
+            conn.execute("DELETE FROM group_members WHERE grp = ?", (group,))
+        elif row is not None:
+            size = row[0]
+        # The first payload wins; the write still sets the group's expiry.
+        added = conn.execute(
+            "INSERT INTO group_members (grp, member, payload) VALUES (?, ?, ?) ON CONFLICT (grp, member) DO NOTHING",
+            (group, member, payload),
+        ).rowcount
+        size += added
         conn.execute(
-            "INSERT INTO members (grp, member, payload, expires_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (grp, member) DO UPDATE SET expires_at = excluded.expires_at",
-            (group, member, payload, now + ttl),
+            "INSERT INTO groups (grp, size, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (grp) DO UPDATE SET size = excluded.size, expires_at = excluded.expires_at",
+            (group, size, _expires_at(now, ttl, keep)),
         )
-        count: int = conn.execute("SELECT COUNT(*) FROM members WHERE grp = ?", (group,)).fetchone()[0]
-        return count
+        return size
 
 
-def _members(conn: sqlite3.Connection, group: str) -> dict[str, bytes]:
-    rows = conn.execute("SELECT member, payload, expires_at FROM members WHERE grp = ?", (group,)).fetchall()
-    if not rows or max(row[2] for row in rows) <= time.time():
-        return {}
-    return {member: payload for member, payload, _ in rows}
+def _remove_member(conn: sqlite3.Connection, group: str, member: str) -> None:
+    with transaction(conn):
+        gone = conn.execute("DELETE FROM group_members WHERE grp = ? AND member = ?", (group, member)).rowcount
+        if gone:
+            conn.execute("UPDATE groups SET size = size - 1 WHERE grp = ?", (group,))
+
+
+def _members(conn: sqlite3.Connection, group: str, after: str, limit: int) -> dict[str, bytes]:
+    # One read transaction, so the group cannot expire (and be swept) between the two reads.
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute("SELECT expires_at FROM groups WHERE grp = ?", (group,)).fetchone()
+        if row is None or row[0] <= time.time():
+            return {}
+        params = {"grp": group, "after": after, "limit": limit if limit > 0 else -1}
+        rows = conn.execute(_PAGE_AFTER if after else _PAGE_FIRST, params)
+        return {member: payload for member, payload in rows}
+    finally:
+        conn.execute("COMMIT")
+
+
+def _expire(conn: sqlite3.Connection, names: Mapping[str, Sequence[str]], ttl: float) -> None:
+    with transaction(conn):
+        now = time.time()
+        for table, keys in names.items():
+            if keys:
+                conn.execute(_EXPIRE[table], {"names": json.dumps(list(keys)), "expires": now + ttl, "now": now})
 
 
 def _sweep(conn: sqlite3.Connection) -> None:
@@ -188,6 +267,7 @@ class SqliteBackend:
 
     async def connect(self) -> None:
         await self._db.open()
+        await self._db.run(_migrate)
 
     async def close(self) -> None:
         for watcher in self._watchers:
@@ -206,10 +286,10 @@ class SqliteBackend:
             self._next_sweep = time.monotonic() + _SWEEP_SECONDS
             await self._db.run(_sweep)
 
-    async def insert(self, records: Mapping[str, bytes]) -> list[str]:
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         if not records:
             return []
-        existing = await self._db.run(lambda conn: _insert(conn, records, self._ttl))
+        existing = await self._db.run(lambda conn: _insert(conn, records, self._ttl, keep))
         await self._after_write(records.keys() - set(existing))
         return existing
 
@@ -225,23 +305,28 @@ class SqliteBackend:
         await self._after_write({u.key for u, ok in zip(updates, applied, strict=True) if ok})
         return applied
 
-    async def add_member(self, group: str, member: str, payload: bytes) -> int:
-        count = await self._db.run(lambda conn: _add_member(conn, group, member, payload, self._ttl))
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        count = await self._db.run(lambda conn: _add_member(conn, group, member, payload, self._ttl, keep))
         await self._after_write()
         return count
 
-    async def members(self, group: str) -> dict[str, bytes]:
-        return await self._db.run(lambda conn: _members(conn, group))
+    async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
+        return await self._db.run(lambda conn: _members(conn, group, after, limit))
 
     async def remove_member(self, group: str, member: str) -> None:
-        await self._db.run(
-            lambda conn: conn.execute("DELETE FROM members WHERE grp = ? AND member = ?", (group, member))
-        )
+        await self._db.run(lambda conn: _remove_member(conn, group, member))
 
-    async def claim(self, key: str) -> bool:
-        won = await self._db.run(lambda conn: _claim(conn, key, self._ttl))
+    async def claim(self, key: str, keep: bool = False) -> bool:
+        won = await self._db.run(lambda conn: _claim(conn, key, self._ttl, keep))
         await self._after_write()
         return won
+
+    async def expire(self, records: Sequence[str] = (), groups: Sequence[str] = (), claims: Sequence[str] = ()) -> None:
+        if not (records or groups or claims):
+            return
+        names = {"records": records, "groups": groups, "claims": claims}
+        await self._db.run(lambda conn: _expire(conn, names, self._ttl))
+        await self._after_write()
 
     async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         if self._db.closed:
