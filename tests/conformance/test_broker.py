@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conveyor_server.brokers.base import Broker, Delivery, OutgoingMessage, QueueStats
+from conveyor_server.brokers.redis import (
+    SIGNAL_READ_SECONDS,
+    SOCKET_CONNECT_TIMEOUT_SECONDS,
+    SOCKET_TIMEOUT_SECONDS,
+    RedisBroker,
+    check_version,
+)
 from conveyor_server.engines import open_broker
+from tests.fixtures.broker_services import drop_redis_prefix
 
 LEASE = 30.0
 
@@ -177,7 +195,10 @@ async def test_purge_and_stats(broker: Broker, queue: str) -> None:
     [leased] = await broker.fetch(queue, 1, LEASE, wait_seconds=2)
     assert await broker.stats(queue) == QueueStats(ready=2, delayed=2, in_flight=1)
 
-    assert await broker.purge(queue) == 4
+    purged = await broker.purge(queue)
+    # The ids of what was dropped (the leased message is kept, and not listed).
+    assert len(purged) == 4
+    assert set(purged) == {"ready0", "ready1", "ready2", "later0", "later1"} - {leased.message_id}
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=1)
     await broker.ack([leased])
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
@@ -228,3 +249,125 @@ async def test_empty_batches_are_noops(broker: Broker, queue: str) -> None:
     await broker.nack([])
     await broker.extend([], LEASE)
     assert await broker.fetch(queue, 10, LEASE) == []
+
+
+# -- Redis only: the queue registry, the version check, timeouts ------------------------------
+
+@pytest.fixture
+async def redis_parts(redis_broker_url: str) -> AsyncIterator[tuple[str, str]]:
+    """(broker URL, prefix): a prefix of this test's own under the session's, dropped after it,
+    so deleting its registry key disturbs no other test."""
+    parts = urlsplit(redis_broker_url)
+    session_prefix = dict(parse_qsl(parts.query))["prefix"]
+    prefix = f"{session_prefix}:own{uuid.uuid4().hex[:8]}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "prefix"] + [("prefix", prefix)])
+    yield urlunsplit(parts._replace(query=query)), prefix
+    drop_redis_prefix(urlunsplit(parts._replace(query="")), prefix)
+
+
+async def _drop_registry(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(urlunsplit(urlsplit(url)._replace(query="")))
+    try:
+        assert await client.delete(f"{prefix}:queues") == 1
+    finally:
+        await client.aclose()
+
+
+async def test_redis_recovers_a_lease_fetched_after_the_registry_was_lost(
+    redis_parts: tuple[str, str], queue: str
+) -> None:
+    url, prefix = redis_parts
+    broker = RedisBroker.from_url(url)
+    await broker.connect()
+    try:
+        await broker.recover_expired()  # the first call of a process also scans; this test is about fetch
+        await broker.publish(queue, messages(1))
+        await _drop_registry(url, prefix)
+
+        [first] = await broker.fetch(queue, 10, 0.3, wait_seconds=2)
+        await asyncio.sleep(0.5)
+        assert await broker.recover_expired() == 1
+        [again] = await broker.fetch(queue, 10, LEASE, wait_seconds=2)
+        assert (again.message_id, again.delivery_count) == (first.message_id, 2)
+    finally:
+        await broker.close()
+
+
+async def test_redis_publish_registers_its_queue_again(redis_parts: tuple[str, str], queue: str) -> None:
+    url, prefix = redis_parts
+    broker = RedisBroker.from_url(url)
+    await broker.connect()
+    try:
+        await broker.publish(queue, messages(1))
+        await _drop_registry(url, prefix)
+        assert queue not in await broker.queues()
+        await broker.publish(queue, messages(1, "n"))
+        assert queue in await broker.queues()
+    finally:
+        await broker.close()
+
+
+async def test_redis_a_new_process_recovers_leases_of_an_unregistered_queue(
+    redis_parts: tuple[str, str], queue: str
+) -> None:
+    url, prefix = redis_parts
+    crashed = RedisBroker.from_url(url)
+    await crashed.connect()
+    try:
+        await crashed.publish(queue, messages(1))
+        [lost] = await crashed.fetch(queue, 10, 0.3, wait_seconds=2)
+    finally:
+        await crashed.close()
+    await _drop_registry(url, prefix)
+    await asyncio.sleep(0.5)
+
+    restarted = RedisBroker.from_url(url)
+    await restarted.connect()
+    try:
+        assert await restarted.recover_expired() == 1  # found by its lease key
+        assert queue in await restarted.queues()
+        [again] = await restarted.fetch(queue, 10, LEASE, wait_seconds=2)
+        assert (again.message_id, again.delivery_count) == (lost.message_id, 2)
+    finally:
+        await restarted.close()
+
+
+def test_redis_versions_before_6_2_are_refused() -> None:
+    for version in ("7.0.15", "6.2.0", "6.2", "8", "7.2.4-rc1"):
+        check_version(version)
+    for version in ("6.0.16", "5.0.14", ""):
+        with pytest.raises(RuntimeError, match=rf"needs Redis >= 6\.2 .*runs Redis .*{re.escape(version)}"):
+            check_version(version)
+
+
+async def test_redis_connections_have_socket_timeouts(redis_parts: tuple[str, str]) -> None:
+    url, _ = redis_parts
+    broker = RedisBroker.from_url(url)
+    await broker.connect()
+    try:
+        options = broker._redis.connection_pool.connection_kwargs
+        assert options["socket_timeout"] == SOCKET_TIMEOUT_SECONDS
+        assert options["socket_connect_timeout"] == SOCKET_CONNECT_TIMEOUT_SECONDS
+        # The longest read this broker makes waits less than the socket timeout allows.
+        assert SIGNAL_READ_SECONDS < SOCKET_TIMEOUT_SECONDS
+    finally:
+        await broker.close()
+
+
+async def test_redis_a_peer_that_never_answers_fails_the_call() -> None:
+    # A listening socket nobody reads: TCP connects, then no reply ever comes.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        broker = RedisBroker.from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.2")
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.wait_for(broker.connect(), 30)
+        assert time.monotonic() - started < 20  # redis-py's own retries, then the error
+
+
+def test_redis_busy_loading_is_a_connection_error() -> None:
+    # Redis answers LOADING while it replays its AOF after a restart; redis-py raises
+    # BusyLoadingError, which callers must treat as the connection error it is.
+    assert issubclass(BusyLoadingError, RedisConnectionError)

@@ -17,8 +17,11 @@ Approximations, inherent to AMQP 0-9-1:
 - stats(): `ready` is RabbitMQ's count of ready messages; `in_flight` and `delayed` count
   only this process's leases and delayed publishes (delay queues are shared by all queues).
 - queues() lists queues this process has used; AMQP cannot list queues.
-- purge() drops ready messages in RabbitMQ and, through a purge time kept in this process,
-  delayed ones that reach this process later; other replicas still deliver those.
+- purge() takes and acks the ready messages (reading each one's AMQP message_id, so it can
+  return the ids) and, through a purge time kept in this process, drops delayed ones that
+  were still delayed at the purge when they reach this process later; other replicas still
+  deliver those. The ids it returns for delayed messages are those this process published
+  (delay queues cannot be read); delayed messages of other replicas are dropped unlisted.
 - delivery_count is exact across nack/recovery (a header); a broker redelivery after a
   connection loss adds 1 however many times it happened.
 - RabbitMQ's `consumer_timeout` (default 30 min) closes a channel holding a delivery unacked
@@ -171,8 +174,9 @@ class AmqpBroker:
         self._declared: set[str] = set()
         self._delay_declared: dict[int, tuple[float, AbstractExchange]] = {}
         self._leases: dict[str, _Lease] = {}
-        # queue -> loop-time due of delayed publishes made here (for stats and purge).
-        self._delayed: dict[str, list[float]] = {}
+        # queue -> (wall-clock due ms, message id) of delayed publishes made here (stats, purge).
+        self._delayed: dict[str, list[tuple[int, str]]] = {}
+        self._delayed_prune_at: dict[str, int] = {}
         self._purged_at: dict[str, int] = {}
         self._known: set[str] = set()
 
@@ -267,7 +271,7 @@ class AmqpBroker:
             if copy.due_ms is not None and copy.due_ms > now_ms:
                 headers[H_DUE] = copy.due_ms
                 exchange = await self._delay_exchange(quantize_delay_ms((copy.due_ms - now_ms) / 1000))
-                self._track_delayed(queue, (copy.due_ms - now_ms) / 1000)
+                self._track_delayed(queue, copy.message_id, copy.due_ms)
             message = aio_pika.Message(
                 copy.body,
                 headers=headers,
@@ -283,11 +287,13 @@ class AmqpBroker:
                 for exchange, message in sends[start:start + PUBLISH_CONCURRENCY]
             ))
 
-    def _track_delayed(self, queue: str, delay: float) -> None:
-        now = asyncio.get_running_loop().time()
-        pending = [due for due in self._delayed.get(queue, []) if due > now]
-        pending.append(now + delay)
-        self._delayed[queue] = pending
+    def _track_delayed(self, queue: str, message_id: str, due_ms: int) -> None:
+        pending = self._delayed.setdefault(queue, [])
+        if len(pending) >= self._delayed_prune_at.get(queue, 1024):
+            now_ms = _now_ms()
+            pending[:] = [item for item in pending if item[0] > now_ms]
+            self._delayed_prune_at[queue] = max(1024, 2 * len(pending))
+        pending.append((due_ms, message_id))
 
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         await self._declare(queue)
@@ -352,8 +358,9 @@ class AmqpBroker:
             message = IncomingMessage(raw, no_ack=False)
             headers = message.headers or {}
             due = _int(headers.get(H_DUE))
-            if due is not None and (_int(headers.get(H_ENQUEUED)) or 0) < self._purged_at.get(queue, -1):
-                # Was delayed when the queue was purged here: drop it.
+            purged_at = self._purged_at.get(queue, -1)
+            if due is not None and (_int(headers.get(H_ENQUEUED)) or 0) < purged_at < due:
+                # Was still delayed when the queue was purged here: drop it.
                 with contextlib.suppress(Exception):
                     await message.ack()
                 continue
@@ -434,27 +441,48 @@ class AmqpBroker:
 
     # -- inspection --------------------------------------------------------------------------
 
-    def _pending_delayed(self, queue: str) -> int:
-        now = asyncio.get_running_loop().time()
-        return sum(1 for due in self._delayed.get(queue, []) if due > now)
+    def _pending_delayed(self, queue: str) -> list[str]:
+        """Ids of the delayed publishes made here that are not due yet."""
+        now_ms = _now_ms()
+        return [message_id for due_ms, message_id in self._delayed.get(queue, []) if due_ms > now_ms]
 
     async def stats(self, queue: str) -> QueueStats:
         ready = await self._declare(queue, force=True)
         in_flight = sum(1 for lease in self._leases.values() if lease.queue == queue and not lease.lost)
-        return QueueStats(ready=ready, delayed=self._pending_delayed(queue), in_flight=in_flight)
+        return QueueStats(ready=ready, delayed=len(self._pending_delayed(queue)), in_flight=in_flight)
 
     async def queues(self) -> list[str]:
         return sorted(self._known)
 
-    async def purge(self, queue: str) -> int:
-        await self._declare(queue)
-        publisher, _ = self._channels()
-        target = await publisher.get_queue(self._name(queue), ensure=False)
-        purged = await target.purge()
+    async def purge(self, queue: str) -> list[str]:
+        # The purge time first: a delayed message still delayed now is dropped when it arrives.
+        self._purged_at[queue] = _now_ms()
         delayed = self._pending_delayed(queue)
         self._delayed.pop(queue, None)
-        self._purged_at[queue] = _now_ms()
-        return int(purged.message_count or 0) + delayed
+        ready = await self._take_ready(queue)
+        return list(dict.fromkeys(ready + [message_id for message_id in delayed if message_id]))
+
+    async def _take_ready(self, queue: str) -> list[str]:
+        """Consumes and acks the messages ready when it starts; returns their message ids.
+
+        queue.purge() would only count them. Messages published meanwhile may be taken too;
+        the loop stops after as many as were ready, so steady publishing cannot keep it going.
+        """
+        left = await self._declare(queue, force=True)
+        taken: list[str] = []
+        while left > 0:
+            want = min(left, MAX_PREFETCH)
+            received = await self._receive(queue, want, want, 0.0)
+            if not received:
+                break  # other consumers took the rest
+            for raw in received:
+                message = IncomingMessage(raw, no_ack=False)
+                if message.message_id:
+                    taken.append(message.message_id)
+                with contextlib.suppress(Exception):  # channel gone: RabbitMQ keeps it; a later purge gets it
+                    await message.ack()
+            left -= len(received)
+        return taken
 
 
 def _int(value: object) -> int | None:

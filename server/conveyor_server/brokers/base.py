@@ -14,6 +14,8 @@ Semantics every engine must keep:
 - A message published with delay d is not fetched before d seconds have passed.
 - ack() removes a leased message for good; nack() puts it back (after an optional delay).
   Acking or nacking a delivery whose lease was lost is a no-op, never an error.
+- purge() drops ready and delayed messages (never leased ones) and returns the message ids
+  of what it dropped, so the server can end those tasks instead of leaving them PENDING.
 """
 
 from __future__ import annotations
@@ -96,5 +98,12 @@ class Broker(Protocol):
     async def queues(self) -> list[str]:
         """Names of the queues this engine knows of."""
 
-    async def purge(self, queue: str) -> int:
-        """Drop every ready and delayed message of `queue`; returns how many."""
+    async def purge(self, queue: str) -> list[str]:
+        """Drop every ready and delayed message of `queue`; returns their message ids.
+
+        The ids are the `OutgoingMessage.message_id`s (task ids) the messages were published
+        with, so the caller can end their records; leased messages are kept and not listed.
+        An id is read from where the engine keeps it beside the body, never by decoding a
+        body. An engine that drops messages it cannot read (AMQP delay queues, SQS delayed
+        messages) lists those this process published; its module docstring says so.
+        """

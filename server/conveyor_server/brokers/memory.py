@@ -140,9 +140,10 @@ class MemoryBroker:
     async def queues(self) -> list[str]:
         return sorted(self._queues)
 
-    async def purge(self, queue: str) -> int:
+    async def purge(self, queue: str) -> list[str]:
         target = self._queue(queue)
-        purged = len(target.ready) + len(target.delayed)
+        purged = [entry.message_id for entry in sorted(target.ready)]
+        purged += [entry.message_id for _, _, entry in sorted(target.delayed)]
         target.ready.clear()
         target.delayed.clear()
         return purged

@@ -10,6 +10,12 @@ cluster slot and every script touches one slot):
 - `delayed` zset   id -> due time (ms, Redis server clock)
 - `r0`..`r9` lists of ready ids, one per priority: FIFO within a priority, higher first.
 
+Queue names are kept in the set `prefix:queues` (the registry), which recover_expired() and
+queues() read. Losing that key must not strand a lease, so every publish, fetch and extend
+adds its queue again (an SADD in the same round trip as the script; a no-op when present),
+and the first recover_expired() of a process also finds queues by their lease keys (one
+SCAN), so a restarted replica recovers the leases of a queue nobody touches any more.
+
 Ids are broker-made UUIDs, so a task republished under the same message_id never collides
 with an older copy still leased. A receipt is "<id>:<dc>": the delivery count changes on
 every lease, so a stale ack/nack/extend after a re-lease matches nothing and is a no-op.
@@ -18,6 +24,14 @@ Every state change is one Lua script, so several server replicas can fetch, reco
 forward delayed messages at once without double delivery. Time comes from Redis `TIME`,
 so replicas with skewed clocks agree on leases and due times. Waiting fetches wake on a
 pub/sub signal (`prefix:signal:q`) and fall back to a bounded poll if a signal is lost.
+
+Needs Redis >= 6.2 (`LPOP key count`); connect() checks the server's version and refuses an
+older one. Every command has a socket timeout (`socket_timeout`, `socket_connect_timeout`
+in the URL override the defaults below), so a dead peer fails a call instead of hanging it;
+no command blocks on the server (no BLPOP), and the pub/sub reader waits in slices shorter
+than the socket timeout. A Redis still loading its data after a restart answers `LOADING`,
+which redis-py raises as `BusyLoadingError`, a subclass of its `ConnectionError`: callers
+see it as the connection error it is.
 """
 
 from __future__ import annotations
@@ -47,6 +61,17 @@ PUBLISH_CHUNK = 500
 BATCH = 1000
 # Upper bound on a waiting fetch's sleep, in case a pub/sub signal was lost.
 POLL_SECONDS = 1.0
+# LPOP with a count (fetch, purge) came in Redis 6.2.
+MIN_REDIS_VERSION = (6, 2)
+# A call on a dead peer fails after this long instead of hanging (URL options override them).
+SOCKET_TIMEOUT_SECONDS = 5.0
+SOCKET_CONNECT_TIMEOUT_SECONDS = 3.0
+# The pub/sub reader waits this long per read: below the socket timeout, and often enough
+# for redis-py to PING the connection (health checks), so a dead one is noticed.
+SIGNAL_READ_SECONDS = 1.0
+HEALTH_CHECK_SECONDS = 15
+# Keys per SCAN call when looking for queues by their lease keys.
+SCAN_COUNT = 1000
 
 _LUA_PRELUDE = """
 local function now_ms()
@@ -192,7 +217,7 @@ for p = 0, 9 do ready_count = ready_count + redis.call('LLEN', KEYS[6 + p]) end
 return {ready_count, redis.call('ZCARD', KEYS[5]), redis.call('ZCARD', KEYS[4])}
 """
 
-# ARGV: limit. Drops up to `limit` ready or delayed messages; returns how many.
+# ARGV: limit. Drops up to `limit` ready or delayed messages; returns their metas.
 _PURGE = """
 local limit = tonumber(ARGV[1])
 local dropped = {}
@@ -208,12 +233,14 @@ if #dropped < limit then
     for _, id in ipairs(ids) do dropped[#dropped + 1] = id end
   end
 end
+local metas = {}
 if #dropped > 0 then
+  metas = redis.call('HMGET', KEYS[2], unpack(dropped))
   redis.call('HDEL', KEYS[1], unpack(dropped))
   redis.call('HDEL', KEYS[2], unpack(dropped))
   redis.call('HDEL', KEYS[3], unpack(dropped))
 end
-return #dropped
+return {#dropped, metas}
 """
 
 _SCRIPTS = {
@@ -257,8 +284,32 @@ def _split_receipt(receipt: str) -> tuple[str, str]:
     return message_id, count
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """"7.0.15" -> (7, 0, 15); stops at the first part that is not a number."""
+    parts: list[int] = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def check_version(version: str) -> None:
+    """Raises RuntimeError unless `version` (INFO's redis_version) is at least MIN_REDIS_VERSION."""
+    needed = ".".join(map(str, MIN_REDIS_VERSION))
+    if _version(version) < MIN_REDIS_VERSION:
+        raise RuntimeError(
+            f"the Redis broker needs Redis >= {needed} (it uses LPOP with a count); "
+            f"the server runs Redis {version or 'of an unknown version'}"
+        )
+
+
 class RedisBroker:
-    """Broker on Redis ≥ 5 (scripts use TIME, which needs effect replication)."""
+    """Broker on Redis >= 6.2 (LPOP with a count; scripts use TIME, which needs effect replication)."""
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, poll_seconds: float = POLL_SECONDS) -> None:
         self._url = url
@@ -268,7 +319,8 @@ class RedisBroker:
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._shas: dict[str, str] = {}
-        self._registered: set[str] = set()
+        # Whether this process looked for queues by their lease keys yet (first recovery).
+        self._scanned = False
         # Waiting fetches, woken by the pub/sub signal of their queue.
         self._wakeups = Wakeups()
 
@@ -292,7 +344,19 @@ class RedisBroker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._client = open_redis(self._url)
+        client = open_redis(
+            self._url,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
+            health_check_interval=HEALTH_CHECK_SECONDS,
+        )
+        try:
+            info = await client.info("server")
+            check_version(_text(info.get("redis_version", "")))
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
         await self._load_scripts()
         self._pubsub = self._client.pubsub()
         await self._pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
@@ -334,7 +398,9 @@ class RedisBroker:
         return (await self._eval_many([(name, keys, args)]))[0]
 
     async def _eval_many(self, calls: Sequence[_Call], register: Sequence[str] = ()) -> list[Any]:
-        """Runs scripts in one round trip; reloads them once if Redis lost its script cache."""
+        """Runs scripts in one round trip; reloads them once if Redis lost its script cache.
+
+        `register`: queues to add to the registry set in the same round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for queue in register:
                 pipe.sadd(self._registry, queue)
@@ -370,12 +436,12 @@ class RedisBroker:
     def _keys(self, queue: str) -> list[str]:
         return _Keys.of(self._prefix, queue).all
 
-    def _register(self, queue: str) -> list[str]:
-        """Queues to add to the registry set with the next command (once per process)."""
-        if queue in self._registered:
-            return []
-        self._registered.add(queue)
-        return [queue]
+    def _queue_of(self, lease_key: str) -> str | None:
+        """`prefix:{q}:lease` -> `q`; None for a key of another layout."""
+        head, tail = f"{self._prefix}:{{", "}:lease"
+        if lease_key.startswith(head) and lease_key.endswith(tail) and len(lease_key) > len(head) + len(tail):
+            return lease_key[len(head):-len(tail)]
+        return None
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -383,7 +449,10 @@ class RedisBroker:
         backoff = 0.1
         while True:
             try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                # A bounded read, below the socket timeout: an idle connection is not an error.
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=SIGNAL_READ_SECONDS
+                )
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -410,7 +479,8 @@ class RedisBroker:
                 meta = f"{priority}:{message.message_id}"
                 args += [uuid.uuid4().hex, meta, _ms(message.delay), message.body]
             calls.append(("publish", keys, args))
-        await self._eval_many(calls, register=self._register(queue))
+        # Registered on every publish, so a lost registry key comes back with the next one.
+        await self._eval_many(calls, register=[queue])
 
     async def fetch(
         self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
@@ -423,7 +493,9 @@ class RedisBroker:
         args = [max_messages, _ms(lease_seconds), BATCH]
         while True:
             signal = self._wakeups.signal(queue)
-            reply = (await self._eval_many([("fetch", keys, args)], register=self._register(queue)))[0]
+            # Registered on every fetch too: a message leased here is recoverable even when the
+            # registry key went missing after it was published.
+            reply = (await self._eval_many([("fetch", keys, args)], register=[queue]))[0]
             deliveries = self._deliveries(queue, reply[2:])
             remaining = deadline - loop.time()
             if deliveries or remaining <= 0:
@@ -467,11 +539,28 @@ class RedisBroker:
 
     async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
         grouped = self._by_queue(deliveries)
-        await self._eval_many([
-            ("extend", self._keys(queue), [_ms(lease_seconds), *pairs]) for queue, pairs in grouped.items()
-        ])
+        await self._eval_many(
+            [("extend", self._keys(queue), [_ms(lease_seconds), *pairs]) for queue, pairs in grouped.items()],
+            register=list(grouped),
+        )
+
+    async def _rediscover(self) -> None:
+        """Adds to the registry every queue that has a lease key (one SCAN of the database)."""
+        pattern = f"{_glob_escape(self._prefix)}:{{*}}:lease"
+        found: set[str] = set()
+        async for key in self._redis.scan_iter(match=pattern, count=SCAN_COUNT, _type="zset"):
+            queue = self._queue_of(_text(key))
+            if queue is not None:
+                found.add(queue)
+        if found:
+            await self._redis.sadd(self._registry, *found)
 
     async def recover_expired(self) -> int:
+        if not self._scanned:
+            # Once per process: a queue whose registry entry was lost and that nobody publishes
+            # to or fetches from any more still has its expired leases recovered.
+            await self._rediscover()
+            self._scanned = True
         pending = await self.queues()
         recovered = 0
         while pending:
@@ -492,13 +581,14 @@ class RedisBroker:
 
     async def queues(self) -> list[str]:
         members = await self._redis.smembers(self._registry)
-        return sorted(member.decode() if isinstance(member, bytes) else str(member) for member in members)
+        return sorted(_text(member) for member in members)
 
-    async def purge(self, queue: str) -> int:
+    async def purge(self, queue: str) -> list[str]:
         keys = self._keys(queue)
-        purged = 0
+        purged: list[str] = []
         while True:
-            dropped = int(await self._eval("purge", keys, [BATCH]))
-            purged += dropped
-            if dropped < BATCH:
+            dropped, metas = await self._eval("purge", keys, [BATCH])
+            # meta is "<priority>:<message_id>"; a missing one (never expected) is skipped.
+            purged += [_text(meta).partition(":")[2] for meta in metas if meta is not None]
+            if int(dropped) < BATCH:
                 return purged

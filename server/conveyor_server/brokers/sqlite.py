@@ -194,15 +194,16 @@ def _stats(conn: sqlite3.Connection, queue: str) -> QueueStats:
     return QueueStats(ready=ready + due, delayed=delayed, in_flight=in_flight)
 
 
-def _purge(conn: sqlite3.Connection, queue: str) -> int:
+def _purge(conn: sqlite3.Connection, queue: str) -> list[str]:
     with transaction(conn):
         ready = conn.execute(
-            "DELETE FROM messages WHERE queue = ? AND available_at IS NULL AND receipt IS NULL", (queue,)
-        ).rowcount
+            "DELETE FROM messages WHERE queue = ? AND available_at IS NULL AND receipt IS NULL RETURNING id",
+            (queue,),
+        ).fetchall()
         delayed = conn.execute(
-            "DELETE FROM messages WHERE queue = ? AND available_at IS NOT NULL", (queue,)
-        ).rowcount
-    return ready + delayed
+            "DELETE FROM messages WHERE queue = ? AND available_at IS NOT NULL RETURNING id", (queue,)
+        ).fetchall()
+    return [row[0] for row in ready + delayed]
 
 
 class SqliteBroker:
@@ -295,5 +296,5 @@ class SqliteBroker:
         sql = "SELECT name FROM queues ORDER BY name"
         return await self._db.run(lambda conn: [row[0] for row in conn.execute(sql)])
 
-    async def purge(self, queue: str) -> int:
+    async def purge(self, queue: str) -> list[str]:
         return await self._db.run(lambda conn: _purge(conn, queue))

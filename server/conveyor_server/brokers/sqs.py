@@ -22,6 +22,12 @@ whose lease has passed by this process's clock is not acked/nacked/extended, sin
 moto) may honour an old receipt handle. delivery_count = ApproximateReceiveCount plus the
 deliveries of earlier copies (carried in an attribute by nack-with-delay copies).
 
+purge() receives and deletes the visible messages of every band and of the delay queue,
+reading each one's id attribute, then purges the delay queue (PurgeQueue) for the messages
+still delayed, which SQS lets nobody read: the ids it returns for those are the ones this
+process sent (kept here with their due time); delayed messages sent by other replicas are
+dropped unlisted, and one a forwarder is moving at that moment may survive the purge.
+
 While a fetch waits it long-polls every band and the delay queue at once; what a poll gets
 after its fetch returned is kept for the next fetch (or reappears when its visibility ends).
 Bodies travel base64-encoded; the task id and the rest travel as message attributes.
@@ -66,6 +72,7 @@ POOL = 128  # HTTP connections: short calls plus long polls
 FORWARD_VISIBILITY = 60  # seconds a forwarder owns a delay-queue message
 FORWARD_INTERVAL = 0.1  # a busy fetcher looks at the delay queue at most this often
 FORWARD_LIMIT = 100  # delay-queue messages forwarded per look
+PURGE_RECEIVERS = 4  # parallel receive-and-delete loops per SQS queue while purging
 A_ID, A_DELIVERIES = "conveyor-id", "conveyor-deliveries"
 A_DUE, A_PRIORITY, A_GROUP = "conveyor-due", "conveyor-priority", "conveyor-group"
 TAG_QUEUE = "conveyor-queue"
@@ -133,6 +140,7 @@ class _Outgoing:
 
 @dataclass(frozen=True, slots=True)
 class _Urls:
+    queue: str
     bands: list[str]
     delay: str
 
@@ -168,6 +176,10 @@ class SqsBroker:
         # SQS MessageId -> handle, for messages received here whose lease may be live.
         self._held: dict[str, _Handle] = {}
         self._held_prune_at = 1024
+        # queue -> (wall-clock due ms, message id) of what this process sent to the delay queue:
+        # purge() cannot read delayed messages, so this is how it names the ones it drops.
+        self._delayed: dict[str, list[tuple[int, str]]] = {}
+        self._delayed_prune_at: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -268,7 +280,7 @@ class SqsBroker:
                 *(self._create(self._sqs_name(queue, self._band_suffix(band)), queue, fifo=self._fifo)
                   for band in range(len(self._bands))),
             )
-            urls = self._urls[queue] = _Urls(bands=list(created[1:]), delay=created[0])
+            urls = self._urls[queue] = _Urls(queue, bands=list(created[1:]), delay=created[0])
             self._creating.pop(queue, None)
             return urls
 
@@ -319,11 +331,21 @@ class SqsBroker:
         for message in messages:
             if message.due_ms is not None and message.due_ms <= now_ms:
                 message.due_ms = None
+            if message.due_ms is not None:
+                self._track_delayed(urls.queue, message.message_id, message.due_ms)
             url = urls.delay if message.due_ms is not None else urls.bands[self._band(message.priority)]
             by_url.setdefault(url, []).append(self._entry(len(by_url.get(url, [])), message, now_ms))
         await asyncio.gather(*(
             self._send_batch(url, batch) for url, entries in by_url.items() for batch in self._batches(entries)
         ))
+
+    def _track_delayed(self, queue: str, message_id: str, due_ms: int) -> None:
+        pending = self._delayed.setdefault(queue, [])
+        if len(pending) >= self._delayed_prune_at.get(queue, 1024):
+            now_ms = _now_ms()
+            pending[:] = [item for item in pending if item[0] > now_ms]
+            self._delayed_prune_at[queue] = max(1024, 2 * len(pending))
+        pending.append((due_ms, message_id))
 
     async def _send_batch(self, url: str, entries: list[dict[str, Any]]) -> None:
         for _ in range(3):
@@ -645,25 +667,37 @@ class SqsBroker:
             # SQS allows one purge a minute per queue; the running one does the job.
             log.warning("SQS purge of %s already in progress", url)
 
-    async def _purge_band(self, url: str) -> int:
-        """Drops the ready messages of one band and keeps the leased ones."""
-        visible, _, invisible = await self._counts(url)
-        if invisible == 0:
-            await self._purge_queue(url)  # nothing leased: the fast way
-            return visible
-        dropped = 0
+    async def _take_visible(self, url: str) -> list[str]:
+        """Receives and deletes visible messages of one SQS queue until none is left; returns
+        their ids. Leased (invisible) ones stay. PurgeQueue would be faster but names nothing.
+        An empty short poll is confirmed by a 1 s long poll: a short poll of SQS samples only
+        some of its servers, so it can come back empty while messages remain."""
+        ids: list[str] = []
+        wait = 0
         while True:
-            handles, came = await self._receive(url, 0, MAX_BATCH, FORWARD_VISIBILITY)
+            handles, came = await self._receive(url, 0, MAX_BATCH, FORWARD_VISIBILITY, wait)
             await self._delete(handles)
-            dropped += len(handles)
-            if came == 0:
-                return dropped
+            ids += [_attribute(handle.message, A_ID) for handle in handles]
+            if came:
+                wait = 0
+            elif wait:
+                return ids
+            else:
+                wait = 1
 
-    async def purge(self, queue: str) -> int:
+    async def _take_all_visible(self, url: str) -> list[str]:
+        taken = await asyncio.gather(*(self._take_visible(url) for _ in range(PURGE_RECEIVERS)))
+        return [message_id for ids in taken for message_id in ids]
+
+    async def purge(self, queue: str) -> list[str]:
         urls = await self._queue_urls(queue)
+        now_ms = _now_ms()
+        # Sent from here and not due: invisible in the delay queue, dropped by its PurgeQueue.
+        delayed = [message_id for due_ms, message_id in self._delayed.pop(queue, []) if due_ms > now_ms]
         buffered = self._buffer.pop(queue, [])
         await self._delete(buffered)
-        visible, delayed, moving = await self._counts(urls.delay)
+        taken = await asyncio.gather(*(self._take_all_visible(url) for url in [urls.delay, *urls.bands]))
         await self._purge_queue(urls.delay)
-        dropped = await asyncio.gather(*(self._purge_band(url) for url in urls.bands))
-        return len(buffered) + visible + delayed + moving + sum(dropped)
+        ids = [_attribute(handle.message, A_ID) for handle in buffered]
+        ids += [message_id for batch in taken for message_id in batch] + delayed
+        return list(dict.fromkeys(message_id for message_id in ids if message_id))
