@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from google.protobuf import json_format
@@ -27,8 +31,12 @@ from conveyor.worker import DEFAULT_PREFETCH
 
 from . import logs
 from .app import ConveyorServer
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings
+from .engine_errors import transient_cause
+from .engines import EngineError
 from .telemetry import configure_tracing
+
+log = logging.getLogger(__name__)
 
 
 def _parse_arg(text: str) -> Any:
@@ -45,16 +53,90 @@ def _print(message: Any) -> None:
 
 # -- serve ----------------------------------------------------------------------------------
 
+class StartupError(Exception):
+    """`conveyor serve` cannot start for a reason the user can fix; printed as one line."""
+
+
+REASONS = {
+    errno.EADDRINUSE: "address in use",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "permission denied",
+}
+
+
+def check_listen(host: str, port: int) -> None:
+    """StartupError when the server cannot listen on host:port. gRPC only says "Failed to
+    bind" (and logs to stderr), so the address is tried first with a plain socket."""
+    where = f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise StartupError(f"cannot listen on {where}: the port must be between 0 and 65535")
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise StartupError(f"cannot listen on {where}: unknown host ({reason})") from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                failures.append(exc)
+    # Some of the host's addresses taken is enough to refuse: clients would reach two servers.
+    taken = [f for f in failures if f.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if taken or (failures and len(failures) == len(found)):
+        failure = (taken or failures)[0]
+        reason = REASONS.get(failure.errno or 0) or (failure.strerror or str(failure)).lower()
+        raise StartupError(f"cannot listen on {where}: {reason}")
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, fit for a message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _startup_error(exc: Exception, settings: Settings) -> StartupError | None:
+    """The one-line explanation of a failed start, when it is the user's to fix."""
+    cause = transient_cause(exc)
+    if cause is not None:
+        kind = type(cause)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        return StartupError(
+            f"cannot reach the broker ({_redacted(settings.broker_url)}) or backend "
+            f"({_redacted(settings.backend_url)}): {name}: {' '.join(str(cause).split())}"
+        )
+    if isinstance(exc, OSError) and str(exc).startswith("cannot listen on"):  # from ConveyorServer.start
+        check_listen(settings.host, settings.port)  # raises with the reason when it can tell
+        return StartupError(str(exc))
+    return None
+
+
 async def _serve(args: argparse.Namespace) -> None:
     settings = load_settings(args.config)
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "broker_url": args.broker, "backend_url": args.backend,
     }.items() if v is not None}
     settings = settings.replace(**overrides)
+    check_listen(settings.host, settings.port)  # before the engines: a port in use fails at once
     logs.configure(settings.log_level, settings.log_json or args.log_json)
     server = ConveyorServer(settings)
     tracing_provider = configure_tracing(settings.otlp_endpoint, server.settings.server_id)
-    await server.start()
+    try:
+        await server.start()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await server.core.stop()  # release what started before the failure
+        if tracing_provider is not None:
+            tracing_provider.shutdown()
+        known = _startup_error(exc, settings)
+        if known is None:
+            raise
+        log.debug("startup failed", exc_info=exc)
+        raise known from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -281,9 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         }.get(args.command, _admin)
         with contextlib.suppress(KeyboardInterrupt):
             event_loop.run(handler(args))
-    except ConfigError as exc:
+    except (ConfigError, EngineError) as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 1
     except grpc.aio.AioRpcError as exc:
         print(f"conveyor: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -110,7 +110,7 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     try:
         async with Client(f"localhost:{port}", credentials=channel_credentials(str(pki.ca))) as client:
             assert (await client.submit("add", 1, 2)).task_id
-        async with Client(f"localhost:{port}") as plaintext:
+        async with Client(f"localhost:{port}", max_retry_seconds=0) as plaintext:  # refused: no retries
             assert await _code(plaintext.submit("add", 1, 2)) == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop()
@@ -121,7 +121,7 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     port = await server.start()
     try:
         anonymous = channel_credentials(str(pki.ca))
-        async with Client(f"localhost:{port}", credentials=anonymous) as client:
+        async with Client(f"localhost:{port}", credentials=anonymous, max_retry_seconds=0) as client:
             assert await _code(client.submit("add", 1, 2)) == grpc.StatusCode.UNAVAILABLE
         with_cert = channel_credentials(str(pki.ca), str(pki.client_cert), str(pki.client_key))
         async with Client(f"localhost:{port}", credentials=with_cert) as client:

@@ -87,7 +87,7 @@ async def test_a_call_on_a_broken_session_fails_and_the_next_one_reconnects() ->
     settings = Settings(port=0, broker_url="memory://", backend_url="memory://")
     first = ConveyorServer(settings)
     port = await first.start()
-    client = Client(f"127.0.0.1:{port}")
+    client = Client(f"127.0.0.1:{port}", max_retry_seconds=0)  # see the failure, not the SDK's retries
     try:
         submitted = await client.submit("add", 1, 2)
         waiting = asyncio.create_task(client.get_result(submitted.task_id, wait=30))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.trace import SpanKind
@@ -23,8 +25,37 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
 # GetResult waits server-side at most this long per call; longer waits loop.
 WAIT_SLICE_SECONDS = 60.0
+# Trailing metadata in which the server suggests how long to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# A wait may also be cut short by a proxy's or load balancer's deadline: it is only a read.
+UNAVAILABLE_OR_DEADLINE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 Submittable = Canvas | task_pb2.Signature | workflow_pb2.Workflow
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallRetry:
+    """How the client retries a call that found the server, its broker or its backend out of
+    reach (UNAVAILABLE): exponential backoff with jitter, for at most `max_seconds` per call.
+
+    The n-th retry waits `initial * multiplier**n` seconds (at most `max_backoff`), less a
+    random part of up to `jitter` of it, and at least what the server asked for. `max_seconds=0`
+    turns retries off. (Named apart from `RetryPolicy`, which says how a failing *task* reruns.)
+    """
+
+    max_seconds: float = 30.0
+    initial: float = 0.1
+    multiplier: float = 2.0
+    max_backoff: float = 5.0
+    jitter: float = 0.5
+
+    def backoff(self, retries: int, asked: float = 0.0) -> float:
+        """Seconds to wait before retry number `retries` (from 0); `asked`: the server's hint."""
+        delay = min(self.max_backoff, self.initial * self.multiplier ** min(retries, 64))
+        delay *= 1.0 - self.jitter * random.random()
+        return max(delay, asked)
 
 
 @dataclass(frozen=True)
@@ -67,8 +98,100 @@ def default_address() -> str:
     return os.environ.get("CONVEYOR_ADDRESS", DEFAULT_ADDRESS)
 
 
+def with_task_ids(request: task_service_pb2.SubmitRequest) -> task_service_pb2.SubmitRequest:
+    """Gives every task the submission creates an id (a UUID where the caller left it empty),
+    so that a retried submit is recognised: the server refuses ids it already stored."""
+    if request.HasField("task"):
+        _fill_id(request.task)
+    elif request.HasField("workflow"):
+        for signature in _task_nodes(request.workflow):
+            _fill_id(signature)
+    return request
+
+
+def _fill_id(signature: task_pb2.Signature) -> None:
+    if not signature.id:
+        signature.id = str(uuid.uuid4())
+
+
+def _task_nodes(node: workflow_pb2.Workflow) -> list[task_pb2.Signature]:
+    """The tasks of a workflow, depth first (the order of SubmitResponse.task_ids)."""
+    kind = node.WhichOneof("kind")
+    if kind == "task":
+        return [node.task]
+    children: Sequence[workflow_pb2.Workflow] = ()
+    if kind == "chain":
+        children = node.chain.steps
+    elif kind == "group":
+        children = node.group.members
+    elif kind == "chord":
+        children = [*node.chord.header.members, node.chord.callback]
+    return [signature for child in children for signature in _task_nodes(child)]
+
+
+def _result_task(node: workflow_pb2.Workflow) -> str:
+    """The task whose result is the workflow's (empty for a group), as the server picks it."""
+    kind = node.WhichOneof("kind")
+    if kind == "task":
+        return node.task.id
+    if kind == "chain" and node.chain.steps:
+        return _result_task(node.chain.steps[-1])
+    if kind == "chord":
+        return _result_task(node.chord.callback)
+    return ""
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float:
+    """The server's suggested pause in seconds (0 without one)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(float(value) / 1000.0, 0.0)
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
+
+
+class _Retries:
+    """The retry budget of one call: which codes are retried, until when, and the pause."""
+
+    def __init__(self, policy: CallRetry, codes: frozenset[grpc.StatusCode], at_least: float = 0.0) -> None:
+        self._policy = policy
+        self._codes = codes
+        self._loop = asyncio.get_running_loop()
+        self._budget = max(policy.max_seconds, at_least) if policy.max_seconds > 0 else 0.0
+        self.retried = 0
+        self._until = self._loop.time() + self._budget
+
+    def reset(self) -> None:
+        """The call made progress (a watch got an event): the budget starts over."""
+        self.retried = 0
+        self._until = self._loop.time() + self._budget
+
+    async def pause(self, error: grpc.aio.AioRpcError) -> bool:
+        """Wait before the next try; False when `error` is final (its code, or time is up)."""
+        remaining = self._until - self._loop.time()
+        if error.code() not in self._codes or remaining <= 0:
+            return False
+        await asyncio.sleep(min(self._policy.backoff(self.retried, _retry_after(error)), remaining))
+        self.retried += 1
+        return True
+
+
 class Client:
-    """Async client. Use as `async with Client() as client:` or call close()."""
+    """Async client. Use as `async with Client() as client:` or call close().
+
+    Calls that find the server, or its broker or backend, out of reach (gRPC UNAVAILABLE) are
+    retried with exponential backoff and jitter for up to `max_retry_seconds` (default 30 s;
+    0 turns retries off), or as `retry=CallRetry(...)` says. Retried are the calls that are
+    safe to repeat: submit() and submit_batch() (each task gets a client-side UUID when its id
+    is empty, so a submit that reached the server before the error is recognised: its retry's
+    ALREADY_EXISTS counts as success), get_result() (which also retries DEADLINE_EXCEEDED, and
+    keeps trying for as long as its `wait`), watch() (it subscribes again and skips the
+    events it already gave) and cancel() (a retry after a cancel that was applied returns
+    only what it still cancelled). A caller's own timeout (asyncio.timeout, wait_for) ends the
+    retries with the call. Other errors are raised at once as grpc.aio.AioRpcError.
+    """
 
     def __init__(
         self,
@@ -78,9 +201,14 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        retry: CallRetry | None = None,
+        max_retry_seconds: float | None = None,
     ) -> None:
         self.address = address or default_address()
         self._metadata = bearer_metadata(token)
+        self.retry = retry or CallRetry()
+        if max_retry_seconds is not None:
+            self.retry = replace(self.retry, max_seconds=max_retry_seconds)
         if channel is None:
             opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
             channel = open_channel(self.address, credentials, opts)
@@ -105,19 +233,53 @@ class Client:
             target = Sig(target, args, kwargs)
         elif args or kwargs:
             raise TypeError("args and kwargs go with a task name; build a sig() for anything else")
-        request = to_request(target)
+        request = with_task_ids(to_request(target))
         name = request.task.name if request.HasField("task") else "workflow"
         with tracing.span(f"submit {name}", kind=SpanKind.CLIENT):
             call = task_service_pb2.SessionRequest(submit=request, trace_context=tracing.inject())
-            response = (await self._session.call(call)).submit
-        return _submitted(response)
+
+            async def send() -> list[Submitted]:
+                return [_submitted((await self._session.call(call)).submit)]
+
+            (submitted,) = await self._submit_retrying(send, [request])
+        return submitted
 
     async def submit_batch(self, targets: Iterable[Submittable]) -> list[Submitted]:
         """Submit many in one round trip; all are accepted or none."""
-        request = task_service_pb2.SubmitBatchRequest(requests=[to_request(t) for t in targets])
+        requests = [with_task_ids(to_request(t)) for t in targets]
+        request = task_service_pb2.SubmitBatchRequest(requests=requests)
         with tracing.span("submit batch", kind=SpanKind.CLIENT):
-            response = await self._stub.SubmitBatch(request, metadata=self._traced_metadata())
-        return [_submitted(r) for r in response.responses]
+
+            async def send() -> list[Submitted]:
+                response = await self._stub.SubmitBatch(request, metadata=self._traced_metadata())
+                return [_submitted(r) for r in response.responses]
+
+            return await self._submit_retrying(send, requests)
+
+    async def _submit_retrying(
+        self, send: Callable[[], Awaitable[list[Submitted]]], requests: Sequence[task_service_pb2.SubmitRequest]
+    ) -> list[Submitted]:
+        retries = _Retries(self.retry, UNAVAILABLE)
+        while True:
+            try:
+                return await send()
+            except grpc.aio.AioRpcError as error:
+                if retries.retried and error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # An earlier try stored the tasks before its answer was lost.
+                    return [await self._already_submitted(r) for r in requests]
+                if not await retries.pause(error):
+                    raise
+
+    async def _already_submitted(self, request: task_service_pb2.SubmitRequest) -> Submitted:
+        """What the server answered the submit of `request` with (its ids are all set)."""
+        if request.HasField("task"):
+            return Submitted(request.task.id, "", (request.task.id,))
+        workflow = request.workflow
+        ids = tuple(signature.id for signature in _task_nodes(workflow))
+        if workflow.WhichOneof("kind") == "task":
+            return Submitted(ids[0], "", ids)
+        stored = await self.get_result(ids[0])  # the workflow's id is the server's choice
+        return Submitted(_result_task(workflow), stored.workflow_id, ids)
 
     def _traced_metadata(self) -> tuple[tuple[str, str], ...]:
         return (*self._metadata, *tracing.inject().items())
@@ -126,11 +288,17 @@ class Client:
         """The task's record; with `wait`, waits up to that many seconds for it to finish."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        retries = _Retries(self.retry, UNAVAILABLE_OR_DEADLINE, at_least=wait)
         while True:
             remaining = max(deadline - loop.time(), 0.0)
             request = task_service_pb2.GetResultRequest(task_id=task_id)
             request.wait.FromNanoseconds(int(min(remaining, WAIT_SLICE_SECONDS) * 1e9))
-            response = (await self._session.call(task_service_pb2.SessionRequest(get_result=request))).get_result
+            try:
+                response = (await self._session.call(task_service_pb2.SessionRequest(get_result=request))).get_result
+            except grpc.aio.AioRpcError as error:
+                if await retries.pause(error):
+                    continue
+                raise
             if response.result.state in TERMINAL or remaining <= WAIT_SLICE_SECONDS:
                 return response.result
 
@@ -144,23 +312,50 @@ class Client:
     async def watch(
         self, task_ids: Iterable[str] = (), *, workflow_id: str = "", until_done: bool = True
     ) -> AsyncIterator[result_pb2.TaskEvent]:
-        """Stream state changes (history first); ends when all are finished unless until_done=False."""
+        """Stream state changes (history first); ends when all are finished unless until_done=False.
+
+        A stream that breaks is opened again; the server replays each task's history, and the
+        events already given are skipped."""
         request = task_service_pb2.WatchResultsRequest(
             task_ids=list(task_ids), workflow_id=workflow_id, until_done=until_done
         )
-        async for response in self._stub.WatchResults(request, metadata=self._metadata):
-            yield response.event
+        given: dict[str, int] = {}  # events given so far, per task (each history only grows)
+        retries = _Retries(self.retry, UNAVAILABLE)
+        while True:
+            replayed: dict[str, int] = {}
+            try:
+                async for response in self._stub.WatchResults(request, metadata=self._metadata):
+                    event = response.event
+                    replayed[event.task_id] = seen = replayed.get(event.task_id, 0) + 1
+                    if seen <= given.get(event.task_id, 0):
+                        continue
+                    given[event.task_id] = seen
+                    retries.reset()
+                    yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                if not await retries.pause(error):
+                    raise
 
     async def cancel(self, task_or_workflow_id: str) -> list[str]:
-        response = await self._stub.Cancel(
-            task_service_pb2.CancelRequest(id=task_or_workflow_id), metadata=self._metadata
-        )
+        """Cancel a task or a workflow's remaining tasks; returns the ids that moved to CANCELLED."""
+        request = task_service_pb2.CancelRequest(id=task_or_workflow_id)
+        response = await self._unary(lambda: self._stub.Cancel(request, metadata=self._metadata))
         return list(response.cancelled_task_ids)
 
     async def get_workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
-        return await self._stub.GetWorkflow(
-            task_service_pb2.GetWorkflowRequest(workflow_id=workflow_id), metadata=self._metadata
-        )
+        request = task_service_pb2.GetWorkflowRequest(workflow_id=workflow_id)
+        return await self._unary(lambda: self._stub.GetWorkflow(request, metadata=self._metadata))
+
+    async def _unary(self, call: Callable[[], Awaitable[T]]) -> T:
+        """An idempotent call, retried while UNAVAILABLE."""
+        retries = _Retries(self.retry, UNAVAILABLE)
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                if not await retries.pause(error):
+                    raise
 
 
 def _submitted(response: task_service_pb2.SubmitResponse) -> Submitted:

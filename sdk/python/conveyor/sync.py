@@ -14,7 +14,12 @@ T = TypeVar("T")
 
 
 class SyncClient:
-    """Runs an asyncio Client on a private event loop thread."""
+    """Runs an asyncio Client on a private event loop thread.
+
+    `options` are the Client's keyword options: token, credentials, options, and how calls
+    that meet an unreachable server or engine are retried (`max_retry_seconds=30.0`, or
+    `retry=CallRetry(...)`; see Client).
+    """
 
     def __init__(self, address: str | None = None, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()

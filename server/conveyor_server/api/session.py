@@ -11,8 +11,7 @@ import grpc
 
 from conveyor.v1 import task_service_pb2 as t
 
-from ..core.errors import CoreError
-from .status import status_of
+from .status import Refusal, refusal
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,12 @@ class SessionCalls:
     async def _call(self, request: t.SessionRequest) -> None:
         try:
             reply = await self._answer(request, self._caller)
-        except CoreError as exc:
-            reply = _error(status_of(exc), str(exc))
-        except Exception:
-            log.exception("session call %d failed", request.call_id)
-            reply = _error(grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log")
+        except Exception as exc:  # a refusal, an engine out of reach (UNAVAILABLE), or a bug
+            reported = refusal(exc)
+            if reported is None:
+                log.exception("session call %d failed", request.call_id)
+                reported = Refusal(grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log")
+            reply = _error(reported.code, reported.message)
         reply.call_id = request.call_id
         self._replies.put_nowait(reply)
 

@@ -14,7 +14,7 @@ from conveyor.v1 import worker_service_pb2_grpc
 from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
 from .auth import Authenticator
-from .status import status_of
+from .status import abort, status_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Coalesce up to this many ready server messages of one kind into one write.
@@ -64,8 +64,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             # The reader's own error (if any) is examined below, not raised from here.
             await asyncio.gather(reader, return_exceptions=True)
         if reader.done() and not reader.cancelled() and (failure := reader.exception()) is not None:
-            if isinstance(failure, CoreError):
-                await context.abort(status_of(failure), str(failure))
+            if isinstance(failure, Exception) and not isinstance(failure, grpc.RpcError):
+                # A refusal, an engine out of reach (UNAVAILABLE), or a bug (logged once).
+                await abort(context, failure, "WorkerService.Connect")
             raise failure
 
 

@@ -2,7 +2,8 @@
 
 
 class CoreError(Exception):
-    """Base of errors a caller caused (as opposed to engine faults)."""
+    """Base of errors the API reports with a status of their own: what a caller caused, and
+    `Unavailable` for an engine out of reach (a fault the caller may retry)."""
 
 
 class InvalidArgument(CoreError):
@@ -23,3 +24,10 @@ class FailedPrecondition(CoreError):
 
 class ResourceExhausted(CoreError):
     pass
+
+
+class Unavailable(CoreError):
+    """A broker or backend is out of reach for now: the caller may retry the same call.
+
+    Raise it where the core knows an engine failed transiently (an engine's own connection
+    errors are recognised by `conveyor_server.engine_errors.is_transient` without it)."""
