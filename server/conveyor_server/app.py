@@ -35,9 +35,11 @@ from .core.cancellation import Canceller
 from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
+from .core.outbox import Outbox
 from .core.outcomes import OutcomeRecorder
 from .core.pauses import QueuePauses
 from .core.publisher import Publisher
+from .core.reconciler import Reconciler
 from .core.results import ResultReader
 from .core.schedules import Schedules
 from .core.sessions import SessionRegistry
@@ -73,6 +75,8 @@ class Core:
     registry: SessionRegistry
     admin: Admin
     metrics: ServerMetrics
+    outbox: Outbox
+    reconciler: Reconciler
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -84,24 +88,28 @@ class Core:
         publisher = Publisher(broker)
         workflow = WorkflowEngine(store, publisher)
         followups = FollowUps(store, publisher, workflow, settings.default_queue)
-        recorder = OutcomeRecorder(store, publisher, followups, metrics.attempt_ended)
+        outbox = Outbox(backend)
+        reconciler = Reconciler(outbox, store, publisher, workflow, followups, settings.outbox_grace_seconds)
+        recorder = OutcomeRecorder(store, followups, metrics.attempt_ended)
         dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds)
         registry = SessionRegistry()
         pauses = QueuePauses(backend, settings.result_ttl_seconds)
         connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses)
-        submitter = Submitter(settings, store, publisher, workflow, metrics.tasks_submitted)
+        submitter = Submitter(settings, store, publisher, workflow, outbox, metrics.tasks_submitted)
         reader = ResultReader(store)
-        canceller = Canceller(store, followups, connections.cancel_running)
+        canceller = Canceller(store, followups, outbox, connections.cancel_running)
         schedules = Schedules(backend, submitter, settings)
-        admin = Admin(broker, store, registry, reader, submitter, settings.server_id, pauses, schedules)
+        admin = Admin(broker, store, registry, reader, submitter, settings.server_id, pauses, schedules, canceller)
         return cls(
-            settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics
+            settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics,
+            outbox, reconciler,
         )
 
     async def start(self) -> None:
         await self.broker.connect()
         await self.backend.connect()
         self._maintenance.append(asyncio.create_task(self._recover_expired_leases()))
+        self._maintenance.append(asyncio.create_task(self.reconciler.run(self.settings.reconcile_interval_seconds)))
         self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
         if self.settings.metrics_port:
             self._maintenance.append(asyncio.create_task(
@@ -113,6 +121,7 @@ class Core:
             task.cancel()
         await asyncio.gather(*self._maintenance, return_exceptions=True)
         await self.connections.shutdown()
+        await self.outbox.drain()
         self.metrics.close()
         await self.broker.close()
         await self.backend.close()
@@ -148,6 +157,9 @@ class ConveyorServer:
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC sets SO_REUSEPORT by default: a second server on this port would start and the
+            # kernel would split clients between the two. Off, a port in use is an error.
+            ("grpc.so_reuseport", 0),
         ])
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -174,12 +186,15 @@ class ConveyorServer:
         await self.core.start()
         self._register()
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = (
-            self.server.add_secure_port(address, self.credentials) if self.credentials
-            else self.server.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self.server.add_secure_port(address, self.credentials) if self.credentials
+                else self.server.add_insecure_port(address)
+            )
+        except RuntimeError:  # gRPC's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"cannot listen on {address}")
         await self.server.start()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -67,7 +67,7 @@ class Settings:
     port: int = 50051
     broker_url: str = "sqlite:///conveyor.db"
     backend_url: str = "sqlite:///conveyor.db"
-    # How long results are kept after their last change.
+    # How long results are kept after their task (or its workflow) ends.
     result_ttl_seconds: float = 86_400.0
     # A lease lasts this long unless the worker's heartbeats extend it.
     lease_seconds: float = 30.0
@@ -78,6 +78,10 @@ class Settings:
     assignment_batch: int = 100
     # How often leases whose holder vanished are recovered.
     recover_interval_seconds: float = 1.0
+    # Work promised in the outbox (publishes, follow-ups) and not confirmed within this grace
+    # is done by the reconciler, which looks every reconcile_interval_seconds.
+    outbox_grace_seconds: float = 10.0
+    reconcile_interval_seconds: float = 2.0
     # How often each replica looks for due periodic schedules (and how soon a tick fires).
     schedule_tick_seconds: float = 1.0
     default_queue: str = "default"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2
 
 from ..brokers.base import Broker
+from .cancellation import Canceller
 from .pauses import QueuePauses, check_queue
 from .records import DEAD_LETTERS_GROUP, S
 from .results import ResultReader
@@ -15,12 +16,17 @@ from .store import TaskStore
 from .submission import Submitter
 
 DEFAULT_LIST_LIMIT = 100
+# Dead letters read from their index per backend call.
+DEAD_LETTER_PAGE = 1_000
+# Purged tasks ended per batch of record reads and writes.
+PURGE_END_BATCH = 500
 
 
 class Admin:
     def __init__(
         self, broker: Broker, store: TaskStore, registry: SessionRegistry, reader: ResultReader,
         submitter: Submitter, server_id: str, pauses: QueuePauses, schedules: Schedules,
+        canceller: Canceller,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -30,6 +36,7 @@ class Admin:
         self.server_id = server_id
         self.pauses = pauses
         self.schedules = schedules
+        self.canceller = canceller
 
     async def queues(self) -> list[admin_service_pb2.QueueInfo]:
         """Every queue the broker knows of, and every paused queue (even an empty one)."""
@@ -45,8 +52,14 @@ class Admin:
         return infos
 
     async def purge(self, queue: str) -> int:
+        """Drop the queue's ready and delayed tasks and end them (CANCELLED, error type "Purged",
+        follow-ups run), so no wait, chain or chord on them is left hanging; returns how many."""
         check_queue(queue)
-        return await self.broker.purge(queue)
+        dropped = await self.broker.purge(queue)
+        unique = list(dict.fromkeys(dropped))
+        for start in range(0, len(unique), PURGE_END_BATCH):
+            await self.canceller.end_purged(unique[start:start + PURGE_END_BATCH], queue)
+        return len(dropped)
 
     async def pause(self, queue: str) -> None:
         await self.pauses.pause(queue)
@@ -68,13 +81,22 @@ class Admin:
         return await self.reader.get(task_id)
 
     async def dead_letters(self, queue: str, limit: int) -> list[result_pb2.TaskResult]:
-        members = await self.store.backend.members(DEAD_LETTERS_GROUP)
-        ids = [task_id for task_id, q in members.items() if not queue or q.decode() == queue]
-        loaded = await self.store.load(ids)
-        found = [
-            loaded[t].record.result for t in ids
-            if t in loaded and loaded[t].record.result.state == S.TASK_STATE_FAILURE
-        ]
+        """Tasks that failed for good, oldest first. The index is read a page at a time, and
+        entries whose record has expired (the result TTL) are dropped from it as they are met,
+        so the index keeps only what can still be shown."""
+        backend = self.store.backend
+        found: list[result_pb2.TaskResult] = []
+        after = ""
+        while page := await backend.members(DEAD_LETTERS_GROUP, after=after, limit=DEAD_LETTER_PAGE):
+            after = max(page)
+            loaded = await self.store.load(list(page))
+            for task_id, member_queue in page.items():
+                if task_id not in loaded:
+                    await backend.remove_member(DEAD_LETTERS_GROUP, task_id)
+                    continue
+                result = loaded[task_id].record.result
+                if result.state == S.TASK_STATE_FAILURE and (not queue or member_queue.decode() == queue):
+                    found.append(result)
         found.sort(key=lambda r: (r.finished_at.seconds, r.finished_at.nanos))
         return found[: limit or DEFAULT_LIST_LIMIT]
 

@@ -9,6 +9,7 @@ from conveyor.internal.v1 import records_pb2
 
 from .errors import NotFound
 from .followups import FollowUps
+from .outbox import FOLLOW_UPS, Outbox
 from .planner import task_ids
 from .records import S, error, is_terminal, transition
 from .store import TaskStore
@@ -17,9 +18,10 @@ StopRunning = Callable[[list[str]], Awaitable[None]]
 
 
 class Canceller:
-    def __init__(self, store: TaskStore, followups: FollowUps, stop_running: StopRunning) -> None:
+    def __init__(self, store: TaskStore, followups: FollowUps, outbox: Outbox, stop_running: StopRunning) -> None:
         self.store = store
         self.followups = followups
+        self.outbox = outbox
         self.stop_running = stop_running
 
     async def cancel(self, target_id: str) -> list[str]:
@@ -43,10 +45,41 @@ class Canceller:
             transition(record, S.TASK_STATE_CANCELLED, error=cause)
             return True
 
+        # Promised before the records change: if the follow-ups below do not complete (an
+        # engine error, a crash), the reconciler runs them.
+        entry_id = await self.outbox.promise(FOLLOW_UPS, ids) if plan is None else ""
         cancelled = await self.store.update(ids, cancel)
         if running:
             await self.stop_running([t for t in dict.fromkeys(running) if t in cancelled])
         if plan is None:
             # One task of a workflow: its workflow moves on as after any failure.
             await self.followups.after_terminal(list(cancelled.values()))
+            self.outbox.confirm(entry_id)
+        else:
+            await self.followups.workflow.finished(plan)
         return list(cancelled)
+
+    async def end_purged(self, task_ids: list[str], queue: str) -> list[str]:
+        """End the tasks whose messages a purge of `queue` dropped: CANCELLED with error type
+        "Purged", then their follow-ups (callbacks, the next move of their workflow), so waits,
+        chains and chords on them end. Terminal records are left alone; returns the ids ended."""
+        cause = error("Purged", f"dropped from queue {queue!r} by a purge")
+        running: list[str] = []
+
+        def end(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            if is_terminal(record):
+                return False
+            if record.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED):
+                running.append(task_id)
+            record.result.error.CopyFrom(cause)
+            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            return True
+
+        # As in cancel(): promised first, so the reconciler runs the follow-ups if these do not.
+        entry_id = await self.outbox.promise(FOLLOW_UPS, task_ids)
+        ended = await self.store.update(task_ids, end)
+        if running:
+            await self.stop_running([t for t in dict.fromkeys(running) if t in ended])
+        await self.followups.after_terminal(list(ended.values()))
+        self.outbox.confirm(entry_id)
+        return list(ended)

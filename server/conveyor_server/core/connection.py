@@ -1,5 +1,10 @@
 """One worker's stream: pulls work for it within its window, records what it reports,
-keeps its leases alive, and hands its tasks back when it leaves."""
+keeps its leases alive, and hands its tasks back when it leaves.
+
+A short engine outage does not end the stream: fetching pauses and retries, reports that
+could not be recorded are retried with backoff (the worker waits for their acks), and
+heartbeats that fail are skipped; the broker's own leases cover the gap.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -16,11 +21,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import worker_service_pb2 as w
 
-from ..brokers.base import Broker
+from ..brokers.base import Broker, Delivery
 from ..config import Settings
+from ..engine_errors import is_transient
 from .dispatch import Claim, Dispatcher, Lease
 from .errors import InvalidArgument
-from .outcomes import OutcomeRecorder
+from .outcomes import OutcomeRecorder, Recorded
 from .pauses import QueuePauses
 from .records import S, error
 from .sessions import SessionRegistry, WorkerSession
@@ -34,6 +40,9 @@ FETCH_WAIT_SECONDS = 1.0
 RECEIVED_DELAY_SECONDS = 0.02
 # Extra time past a task's time limit before the server itself gives up on the attempt.
 TIME_LIMIT_GRACE_SECONDS = 5.0
+# Backoff while an engine is unreachable: the first retry, and the cap.
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
 
 
 def _duration(seconds: float) -> Duration:
@@ -53,6 +62,20 @@ async def _until_recorded(leases: Iterable[Lease]) -> None:
     waiting = [lease.recorded for lease in leases if not lease.recorded.done()]
     if waiting:
         await asyncio.gather(*waiting)
+
+
+async def settle(broker: Broker, leases: Sequence[Lease], requeue: Mapping[str, float]) -> None:
+    """Ack the messages of leases whose outcome and follow-ups are durable; hand the others
+    back to the broker with their delay (a retry's wait, or a repair's)."""
+    done = [lease.delivery for lease in leases if lease.task_id not in requeue]
+    if done:
+        await broker.ack(done)
+    by_delay: dict[float, list[Delivery]] = {}
+    for lease in leases:
+        if lease.task_id in requeue:
+            by_delay.setdefault(requeue[lease.task_id], []).append(lease.delivery)
+    for delay, deliveries in by_delay.items():
+        await broker.nack(deliveries, delay)
 
 
 class WorkerConnections:
@@ -109,7 +132,7 @@ class WorkerConnections:
         try:
             async for request in requests:
                 session.last_seen = time.monotonic()
-                await self._handle(session, request)
+                await self._handle_through_outages(session, request)
         finally:
             # Shielded: when the call is cancelled again while this cleanup awaits, the leases must
             # still leave the dead session and go back to the queue after the grace.
@@ -123,6 +146,26 @@ class WorkerConnections:
         leases = self.registry.remove(session)
         if leases:
             self._spawn(self._requeue_after_grace(session, leases))
+
+    async def _handle_through_outages(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+        """Handle one message; an engine error does not end the stream. Results are retried
+        until recorded (the worker waits for their acks); other reports are best effort."""
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await self._handle(session, request)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if request.WhichOneof("message") != "results" or session.closed:
+                    log.warning("worker %s: %s report skipped, an engine is unreachable (%s: %s)",
+                                session.worker_id, request.WhichOneof("message"), type(exc).__name__, exc)
+                    return
+                log.warning("worker %s: recording results failed, an engine is unreachable (%s: %s); "
+                            "retrying in %.1f s", session.worker_id, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     async def _handle(self, session: WorkerSession, request: w.ConnectRequest) -> None:
         kind = request.WhichOneof("message")
@@ -157,6 +200,7 @@ class WorkerConnections:
             if reserved == 0:
                 return
             claim = None
+            deliveries: list[Delivery] = []
             try:
                 deliveries = await self.broker.fetch(
                     queue, reserved, self.settings.lease_seconds, FETCH_WAIT_SECONDS
@@ -169,8 +213,15 @@ class WorkerConnections:
                     claim = await self.dispatcher.claim(deliveries, session.worker_id, time.monotonic())
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("fetching from queue %s for worker %s failed; retrying", queue, session.worker_id)
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning("fetching from queue %s for worker %s failed (%s: %s); retrying",
+                                queue, session.worker_id, type(exc).__name__, exc)
+                else:
+                    log.exception("fetching from queue %s for worker %s failed; retrying", queue, session.worker_id)
+                if deliveries:  # fetched but not claimed: hand them back now, not after a whole lease
+                    with contextlib.suppress(Exception):
+                        await self.broker.nack(deliveries)
                 await asyncio.sleep(0.5)
             finally:
                 await session.settle(reserved, claim.leases if claim else [])
@@ -204,7 +255,14 @@ class WorkerConnections:
             withdrawn = await self.dispatcher.record(leases, session.worker_id, known)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc):
+                # The engine is away: the tasks run on, and their results bring RECEIVED along.
+                for lease in leases:
+                    lease.receipt_pending = True
+                log.warning("recording %d assignments for worker %s failed (%s: %s); their results will",
+                            len(leases), session.worker_id, type(exc).__name__, exc)
+                return
             log.exception("recording %d assignments for worker %s failed; handing them back",
                           len(leases), session.worker_id)
             withdrawn = await session.resolve(lease.token for lease in leases)
@@ -239,7 +297,11 @@ class WorkerConnections:
                 being_recorded.append(lease)
         await _until_recorded(being_recorded)
         try:
-            statuses = await self.recorder.record(results.outcomes, session.worker_id, receipts)
+            recorded = await self.recorder.record(results.outcomes, session.worker_id, receipts)
+        except BaseException:
+            for lease in receipts.values():  # not written: a retry of this report writes it
+                lease.receipt_pending = True
+            raise
         finally:
             _recorded(receipts.values())
         resolved = await session.resolve(o.lease_token for o in results.outcomes)
@@ -249,19 +311,21 @@ class WorkerConnections:
                 orphan = self.registry.resolve_orphan(outcome.lease_token)
                 if orphan is not None:
                     resolved.append(orphan)
-        if resolved:
-            await self.broker.ack([lease.delivery for lease in resolved])
+        # A result that finds its task ended may be a report resent after a failed write whose
+        # follow-ups never ran: its message goes back through dispatch, which repairs them.
+        requeue = {task_id: 0.0 for task_id, status in recorded.statuses.items()
+                   if status == w.ACK_STATUS_ALREADY_DONE}
+        await settle(self.broker, resolved, {**requeue, **recorded.requeue})
         session.send(w.ConnectResponse(acks=w.ResultAcks(acks=[
-            w.ResultAck(task_id=o.task_id, lease_token=o.lease_token, status=statuses[o.task_id])
+            w.ResultAck(task_id=o.task_id, lease_token=o.lease_token, status=recorded.statuses[o.task_id])
             for o in results.outcomes
         ])))
 
     async def _reject(self, session: WorkerSession, reject: w.Reject) -> None:
         await self._ensure_recorded(session, (task.lease_token for task in reject.tasks))
-        await self.recorder.reject(reject.tasks, session.worker_id)
+        recorded = await self.recorder.reject(reject.tasks, session.worker_id)
         resolved = await session.resolve(t.lease_token for t in reject.tasks)
-        if resolved:
-            await self.broker.ack([lease.delivery for lease in resolved])
+        await settle(self.broker, resolved, recorded.requeue)
 
     async def _heartbeat(self, session: WorkerSession) -> None:
         """Extend the worker's leases, stop tasks cancelled elsewhere, enforce time limits."""
@@ -300,9 +364,11 @@ class WorkerConnections:
             return
         cause = error("TimeLimitExceeded", "the attempt ran past its time limit and the worker did not stop it")
         await self._ensure_recorded(session, (lease.token for lease in overdue))
-        await self.recorder.fail_leased([(lease.task_id, lease.token) for lease in overdue], cause, session.worker_id)
+        recorded: Recorded = await self.recorder.fail_leased(
+            [(lease.task_id, lease.token) for lease in overdue], cause, session.worker_id
+        )
         resolved = await session.resolve(lease.token for lease in overdue)
-        await self.broker.ack([lease.delivery for lease in resolved])
+        await settle(self.broker, resolved, recorded.requeue)
         session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in overdue])))
 
     async def _watchdog(self, session: WorkerSession) -> None:

@@ -11,9 +11,12 @@ makes sure its RECEIVED is written or is being written with it. A task found end
 RECEIVED is written (cancelled by another replica a moment before) is withdrawn: its message
 is acked and the worker told to cancel it.
 
-A message whose task already ended (a duplicate, a cancelled task, or a redelivery after
-the server died between recording a result and acking) is acked and dropped; for ended
-tasks the follow-ups are repeated idempotently, which repairs a crash in that window.
+Whether a task may run is decided on a fresh read of its record, never on this process's
+remembered copy: another replica may have cancelled it since. A message whose task already
+ended (a duplicate, a cancelled task, or a redelivery after the server died between recording
+a result and acking) is dropped: for ended tasks the follow-ups are first repeated
+idempotently (repair), and the message is acked only once they are done. A retry's message
+that comes back before its next attempt is due is handed back with the remaining delay.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from .followups import FollowUps
 from .publisher import decode_message
 from .records import S, is_terminal, new_record, transition
 from .store import Loaded, TaskStore
+
+_RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+# Ended tasks whose repair failed (an engine error) come back for another try after this long.
+REPAIR_RETRY_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,8 @@ class Claim:
     read: dict[str, Loaded]
     ended: dict[str, Delivery]
     duplicates: list[Delivery]
+    # Retries that came back before their next attempt is due, with the seconds still to wait.
+    early: list[tuple[Delivery, float]]
     # Leases that replace an earlier one (a redelivery, a retry): their RECEIVED is written at
     # once, so that results under the earlier lease are refused from now on.
     replacing: list[Lease]
@@ -122,43 +131,69 @@ class Dispatcher:
                 duplicates.append(delivery)
             else:
                 messages[task_id] = (delivery, message)
-        read = await self._restore_missing(messages)
-        records = {**read, **self.store.remembered(t for t in messages if t not in read)}
-        if evicted := [t for t in messages if t not in records]:  # forgotten while the others were read
-            read.update(await self.store.load(evicted))
-            records.update(read)
+        records = await self._read(messages)
         stamp = timestamp_now()
+        wall = stamp.seconds + stamp.nanos / 1e9
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
+        early: list[tuple[Delivery, float]] = []
         for task_id, (delivery, message) in messages.items():
             found = records.get(task_id)
             if found is None or is_terminal(found.record):
                 ended[task_id] = delivery
                 continue
+            record = found.record
+            if record.result.state in _RUNNING and record.lease_token and delivery.delivery_count <= 1:
+                # A first delivery of a task that some worker holds: a second copy of its
+                # message (a publish repeated after an error). The copy held is the one that
+                # comes back, redelivered, if that worker is lost.
+                duplicates.append(delivery)
+                continue
+            attempt = max(message.attempt, record.result.attempts, 1)
+            if record.result.state == S.TASK_STATE_RETRY:
+                due = record.retry_at.seconds + record.retry_at.nanos / 1e9 - wall
+                if due > 0:
+                    early.append((delivery, due))
+                    continue
+                attempt = record.result.attempts + 1
             # From the message, not the record: a remembered record may predate the arguments a
             # workflow step got from its predecessor on another replica; its message has them.
             limit = message.signature.time_limit
             assignment = worker_service_pb2.Assignment(
                 task=message.signature,
-                attempt=message.attempt,
+                attempt=attempt,
                 lease_token=secrets.token_hex(16),
                 workflow_id=message.workflow_id,
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
             with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers,
-                              attributes={"conveyor.task_id": task_id, "conveyor.attempt": message.attempt,
+                              attributes={"conveyor.task_id": task_id, "conveyor.attempt": attempt,
                                           "conveyor.worker_id": worker_id}):
                 # The worker's execute span becomes a child of this dispatch.
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
-                task_id, assignment.lease_token, message.attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
+                task_id, assignment.lease_token, attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
                 dispatched_at=stamp,
             )))
         replacing = [c.lease for c in claimed if records[c.lease.task_id].record.lease_token]
-        return Claim(claimed, read, ended, duplicates, replacing)
+        return Claim(claimed, records, ended, duplicates, early, replacing)
+
+    async def _read(self, messages: _Messages) -> dict[str, Loaded]:
+        """Fresh records of the messages' tasks; a queued task whose record is missing (it
+        expired, or the backend lost it) gets it back from its message: nothing accepted is lost."""
+        read = await self.store.load(list(messages))
+        missing = [message for task_id, (_, message) in messages.items() if task_id not in read]
+        if missing:
+            log.warning("recreating %d missing task records from their queued messages", len(missing))
+            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
+            read.update(await self.store.load([m.signature.id for m in missing]))
+        return read
 
     async def drop_unrunnable(self, claim: Claim) -> None:
-        """Ack the claim's duplicates and the messages of tasks that already ended."""
+        """Hand back retries that came early; repair the follow-ups of ended tasks and ack
+        their messages, and ack duplicates."""
+        for delivery, delay in claim.early:
+            await self.broker.nack([delivery], delay)
         if claim.ended or claim.duplicates:
             await self._drop(claim.ended, claim.duplicates)
 
@@ -176,31 +211,32 @@ class Dispatcher:
             await self._drop({lease.task_id: lease.delivery for lease in withdrawn}, [])
         return withdrawn
 
-    async def _restore_missing(self, messages: _Messages) -> dict[str, Loaded]:
-        """A queued task whose record expired gets its record back: nothing accepted is lost.
-        Returns the records it read; those this process wrote last (restored ones included)
-        are not read, the store remembers them."""
-        unknown = [task_id for task_id in messages if not self.store.remembers(task_id)]
-        loaded = await self.store.load(unknown)
-        missing = [messages[task_id][1] for task_id in unknown if task_id not in loaded]
-        if missing:
-            log.warning("recreating %d expired task records from their queued messages", len(missing))
-            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
-        return loaded
-
     async def _drop(self, ended: dict[str, Delivery], duplicates: list[Delivery]) -> None:
-        """Ack what will not run and repeat the follow-ups of tasks that ended. A record that
-        vanished since the claim read it (it expired) is restored and its message returned to
-        the queue instead: nothing accepted is lost."""
+        """Repeat the follow-ups of tasks that ended, then ack their messages (and the
+        duplicates). A record that vanished since the claim read it is restored and its message
+        returned to the queue; a repair that fails returns the message for another try."""
+        if duplicates:
+            await self.broker.ack(duplicates)
+        if not ended:
+            return
         records = await self.store.load(list(ended))
-        vanished = {task_id: delivery for task_id, delivery in ended.items() if task_id not in records}
-        await self.broker.ack([d for task_id, d in ended.items() if task_id not in vanished] + duplicates)
+        vanished = [task_id for task_id in ended if task_id not in records]
         if vanished:
-            await self._restore_missing({t: (d, decode_message(d.body)) for t, d in vanished.items()})
-            await self.broker.nack(list(vanished.values()))
+            messages = [decode_message(ended[task_id].body) for task_id in vanished]
+            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in messages)
+            await self.broker.nack([ended[task_id] for task_id in vanished])
         finished = [
             found.record for found in records.values()
             if found.record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
         ]
-        if finished:
-            await self.followups.after_terminal(finished, repair=True)
+        try:
+            if finished:
+                await self.followups.after_terminal(finished, repair=True)
+        except Exception as exc:
+            log.warning("repairing the follow-ups of %d ended tasks failed (%s: %s); retrying later",
+                        len(finished), type(exc).__name__, exc)
+            await self.broker.nack([ended[r.result.task_id] for r in finished], REPAIR_RETRY_SECONDS)
+            settled = [task_id for task_id in records if task_id not in {r.result.task_id for r in finished}]
+        else:
+            settled = list(records)
+        await self.broker.ack([ended[task_id] for task_id in settled])

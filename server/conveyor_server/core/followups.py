@@ -1,4 +1,9 @@
-"""What happens after a task ends: its callbacks, and the next move of its workflow."""
+"""What happens after a task ends: its callbacks, and the next move of its workflow.
+
+Every step is idempotent, so the whole pass may run again (`repair=True`) after a crash or an
+engine error stopped it: the broker message of the task that ended is acked only once its
+follow-ups are done, and comes back for repair otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
 
-from .publisher import Publication, Publisher
+from .confirmed import publish_confirmed, unconfirmed
+from .publisher import Publisher
 from .records import S, new_record
 from .signatures import error_value, filled, with_leading_arg
 from .store import TaskStore
@@ -31,12 +37,12 @@ class FollowUps:
             if result.state == S.TASK_STATE_SUCCESS and result.signature.on_success:
                 await self.fire_callbacks(
                     f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id,
-                    result.signature.headers,
+                    result.signature.headers, repair,
                 )
             elif result.state == S.TASK_STATE_FAILURE and result.signature.on_error:
                 await self.fire_callbacks(
                     f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id,
-                    result.signature.headers,
+                    result.signature.headers, repair,
                 )
             if record.node_id:
                 await self.workflow.on_task_terminal(record, repair)
@@ -48,9 +54,11 @@ class FollowUps:
         argument: task_pb2.Value | result_pb2.TaskError,
         workflow_id: str,
         headers: Mapping[str, str] | None = None,
+        repair: bool = False,
     ) -> None:
         """Submit callbacks under ids derived from their cause, so a repeat fires none twice.
-        They inherit the cause's trace context (`headers`) and so join its trace."""
+        They inherit the cause's trace context (`headers`) and so join its trace. On repair,
+        callbacks created by an earlier pass but not confirmed as published are sent again."""
         value = argument if isinstance(argument, task_pb2.Value) else error_value(argument, id_prefix)
         records = [
             new_record(
@@ -62,6 +70,8 @@ class FollowUps:
             for i, sig in enumerate(signatures)
         ]
         existing = set(await self.store.create(records))
-        await self.publisher.publish(
-            [Publication(r.result.signature, 1, workflow_id) for r in records if r.result.task_id not in existing]
-        )
+        fresh = [r for r in records if r.result.task_id not in existing]
+        if repair and existing:
+            earlier = await self.store.load(list(existing))
+            fresh.extend(found.record for found in earlier.values() if unconfirmed(found.record))
+        await publish_confirmed(self.store, self.publisher, fresh, workflow_id)

@@ -1,15 +1,20 @@
 """Records what workers report: starts, results, failures with retries, rejections.
 
 The first terminal result for the attempt holding the live lease wins; everything else is
-refused with a ResultAck saying why. Retries are re-published with the next attempt number.
+refused with a ResultAck saying why. A retry clears the lease (results of the failed attempt
+are stale from then on) and its message goes back to the broker, delayed until the next
+attempt is due. A message is acked only once its result and follow-ups are durable; when a
+follow-up fails, the message is handed back and comes back for repair.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,7 +25,6 @@ from conveyor.v1 import result_pb2, worker_service_pb2
 from ..backends.base import Backend
 from .dispatch import Lease, mark_received
 from .followups import FollowUps
-from .publisher import Publication, Publisher
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
 from .retry import attempts_allowed, next_delay, seconds
 from .store import TaskStore
@@ -29,12 +33,26 @@ log = logging.getLogger(__name__)
 
 # Attempts allowed for a task that asks to be retried but whose policy sets no maximum.
 DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
+# A task whose follow-ups failed (an engine error) comes back for repair after this long.
+REPAIR_DELAY_SECONDS = 1.0
+AckStatus: TypeAlias = worker_service_pb2.AckStatus.ValueType
+ACCEPTED = worker_service_pb2.ACK_STATUS_ACCEPTED
 
 
 @dataclass(slots=True)
 class _Decision:
-    status: worker_service_pb2.AckStatus.ValueType = worker_service_pb2.ACK_STATUS_ACCEPTED
+    status: AckStatus = ACCEPTED
     retry_delay: float = 0.0
+
+
+@dataclass(slots=True)
+class Recorded:
+    """What became of reported outcomes."""
+
+    statuses: dict[str, AckStatus] = field(default_factory=dict)
+    # Task id -> delay: messages to hand back to the broker instead of acking (a retry waits
+    # there for its next attempt; a task whose follow-ups failed comes back for repair).
+    requeue: dict[str, float] = field(default_factory=dict)
 
 
 def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) -> bool:
@@ -47,11 +65,10 @@ def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) 
 
 class OutcomeRecorder:
     def __init__(
-        self, store: TaskStore, publisher: Publisher, followups: FollowUps,
+        self, store: TaskStore, followups: FollowUps,
         on_attempt_ended: Callable[[records_pb2.TaskRecord], None] | None = None,
     ) -> None:
         self.store = store
-        self.publisher = publisher
         self.followups = followups
         self.on_attempt_ended = on_attempt_ended
         self.backend: Backend = store.backend
@@ -80,9 +97,10 @@ class OutcomeRecorder:
     async def record(
         self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str,
         receipts: Mapping[str, Lease] | None = None,
-    ) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
-        """Apply outcomes; returns the ack status per task id. `receipts` holds the leases whose
-        RECEIVED is not written yet: it is written along with their outcome."""
+    ) -> Recorded:
+        """Apply outcomes; returns the ack status per task id and the messages to hand back.
+        `receipts` holds the leases whose RECEIVED is not written yet: it is written along
+        with their outcome."""
         by_id = {o.task_id: o for o in outcomes}
         decisions: dict[str, _Decision] = {}
         receipts = receipts or {}
@@ -96,7 +114,7 @@ class OutcomeRecorder:
             receipt = receipts.get(task_id)
             if receipt is not None and receipt.token == outcome.lease_token:
                 mark_received(record, receipt, worker_id)
-            if record.lease_token != outcome.lease_token:
+            if not record.lease_token or record.lease_token != outcome.lease_token:
                 decision.status = worker_service_pb2.ACK_STATUS_STALE_LEASE
                 return False
             if outcome.HasField("started_at"):
@@ -105,30 +123,42 @@ class OutcomeRecorder:
             return True
 
         written = await self.store.update(list(by_id), apply)
-        missing = _Decision(worker_service_pb2.ACK_STATUS_STALE_LEASE)  # no record: nothing to accept it
-        statuses = {task_id: decisions.get(task_id, missing).status for task_id in by_id}
+        recorded = Recorded()
+        for task_id in by_id:
+            # A decision counts only if its write stuck: one from a round that lost its
+            # compare-and-set, or whose record was not found again, accepted nothing.
+            decision = decisions.get(task_id)
+            status = decision.status if decision is not None else worker_service_pb2.ACK_STATUS_STALE_LEASE
+            if status == ACCEPTED and task_id not in written:
+                status = worker_service_pb2.ACK_STATUS_STALE_LEASE
+            recorded.statuses[task_id] = status
         await asyncio.sleep(0)  # clients waiting for these results get them before the follow-ups run
-        await self._after(written, decisions)
-        return statuses
+        await self._after(written, decisions, recorded)
+        return recorded
 
-    async def reject(self, rejected: Sequence[worker_service_pb2.RejectedTask], worker_id: str) -> None:
+    async def reject(self, rejected: Sequence[worker_service_pb2.RejectedTask], worker_id: str) -> Recorded:
         """A worker cannot run these (unknown name): fail them now instead of letting them loop."""
         by_id = {r.task_id: r for r in rejected}
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             item = by_id[task_id]
-            if is_terminal(record) or record.lease_token != item.lease_token:
+            if is_terminal(record) or not record.lease_token or record.lease_token != item.lease_token:
                 return False
             cause = error("UnknownTask", f"{item.reason} (worker {worker_id})")
             record.result.error.CopyFrom(cause)
             record.attempt_errors.append(cause)
+            record.lease_token = ""
             transition(record, S.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
             return True
 
         written = await self.store.update(list(by_id), apply)
-        await self._after(written, {})
+        recorded = Recorded()
+        await self._after(written, {}, recorded)
+        return recorded
 
-    async def fail_leased(self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str) -> None:
+    async def fail_leased(
+        self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str
+    ) -> Recorded:
         """Fail attempts the server gave up on (past their time limit); retries still apply."""
         outcomes = [
             worker_service_pb2.TaskOutcome(
@@ -136,7 +166,7 @@ class OutcomeRecorder:
             )
             for t, token in leases
         ]
-        await self.record(outcomes, worker_id)
+        return await self.record(outcomes, worker_id)
 
     def _apply_outcome(
         self, record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, worker_id: str
@@ -160,9 +190,14 @@ class OutcomeRecorder:
             allowed = DEFAULT_EXPLICIT_RETRY_ATTEMPTS
         if result.attempts < allowed:
             transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
+            # The failed attempt's lease ends here: a result it sends again is stale.
+            record.lease_token = ""
             if outcome.outcome == worker_service_pb2.OUTCOME_RETRY and outcome.HasField("retry_delay"):
-                return seconds(outcome.retry_delay)
-            return next_delay(policy, result.attempts)
+                delay = seconds(outcome.retry_delay)
+            else:
+                delay = next_delay(policy, result.attempts)
+            record.retry_at.FromNanoseconds(time.time_ns() + int(delay * 1e9))
+            return delay
         if outcome.outcome == worker_service_pb2.OUTCOME_RETRY:
             cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
         result.error.CopyFrom(cause)
@@ -170,10 +205,11 @@ class OutcomeRecorder:
         return 0.0
 
     async def _after(
-        self, written: dict[str, records_pb2.TaskRecord], decisions: dict[str, _Decision]
+        self, written: dict[str, records_pb2.TaskRecord], decisions: dict[str, _Decision], recorded: Recorded
     ) -> None:
-        """Per recorded outcome, inside its "result" span (child of the task's trace): publish
-        the retry, or list the dead letter and run the follow-ups."""
+        """Per recorded outcome, inside its "result" span (child of the task's trace): hand a
+        retry's message back with its delay, or list the dead letter and run the follow-ups.
+        A follow-up that fails marks its task for repair instead of failing the report."""
         for task_id, record in written.items():
             result = record.result
             if self.on_attempt_ended is not None:
@@ -182,12 +218,15 @@ class OutcomeRecorder:
                           "conveyor.attempt": result.attempts}
             with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
                 if result.state == S.TASK_STATE_RETRY:
-                    await self.publisher.publish([Publication(
-                        result.signature, result.attempts + 1, result.workflow_id, decisions[task_id].retry_delay
-                    )])
+                    recorded.requeue[task_id] = decisions[task_id].retry_delay
                     continue
                 if not is_terminal(record):
                     continue
-                if result.state == S.TASK_STATE_FAILURE:
-                    await self.backend.add_member(DEAD_LETTERS_GROUP, task_id, result.queue.encode())
-                await self.followups.after_terminal([record])
+                try:
+                    if result.state == S.TASK_STATE_FAILURE:
+                        await self.backend.add_member(DEAD_LETTERS_GROUP, task_id, result.queue.encode())
+                    await self.followups.after_terminal([record])
+                except Exception as exc:
+                    log.warning("follow-ups of task %s failed (%s: %s); its message comes back for repair",
+                                task_id, type(exc).__name__, exc)
+                    recorded.requeue[task_id] = REPAIR_DELAY_SECONDS

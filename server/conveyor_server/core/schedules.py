@@ -12,9 +12,9 @@ atomic insert, so exactly one submission per tick is accepted; the others get Al
 and count the tick as fired. Winning the tick and creating its task are one write, so there
 is no separate claim to lose: a replica that dies before that write leaves the tick to the
 next replica that looks; one that dies after it has fired the tick, and nobody fires it
-again. (A replica that dies between storing the task and publishing it leaves the task
-pending, as for any submission.) Only after firing is the schedule's next_run_at moved
-forward, by a compare-and-set that at most one replica wins.
+again. (A replica that dies between storing the task and publishing it leaves an outbox
+entry behind, as any submission does, and the reconciler publishes the task.) Only after
+firing is the schedule's next_run_at moved forward, by a compare-and-set that at most one replica wins.
 
 Missed ticks: a tick is *missed* when no replica got to it within `grace` seconds of its time
 (no server was running). SKIP (the default) drops missed ticks and waits for the next one;

@@ -5,6 +5,10 @@ versions): a read-modify-write starts from that copy instead of reading the back
 and a stale copy (another replica wrote since) only costs a lost compare-and-set and a re-read.
 Callers in this process can also be told as soon as a record is written here, which spares a
 waiting GetResult the backend's change feed (that feed still covers other replicas' writes).
+
+Expiry: the result TTL starts when a task ends. A record is written with no expiry while its
+task is live (queued, delayed, running, retrying) and, for a workflow's own tasks, until the
+workflow ends (the workflow engine then starts the TTL of its records, plan and groups).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from conveyor.internal.v1 import records_pb2
 
 from ..backends.base import Backend, Update
-from .records import plan_key, task_key
+from .records import is_terminal, plan_key, task_key
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ Mutation = Callable[[records_pb2.TaskRecord], bool]
 RECENT_RECORDS = 20_000
 # Called with each record as this process wrote it; must only read it.
 WriteListener = Callable[[records_pb2.TaskRecord], None]
+# Plans cached per process (they never change); the oldest are read again when needed.
+CACHED_PLANS = 1_000
 
 
 @dataclass(slots=True)
@@ -44,6 +50,12 @@ class ConflictError(RuntimeError):
     """A record kept changing under a conditional write."""
 
 
+def keeps(record: records_pb2.TaskRecord) -> bool:
+    """True while the record must not expire: its task is live, or it is a step of a workflow
+    (kept until the workflow ends)."""
+    return not is_terminal(record) or bool(record.node_id)
+
+
 def _parse(data: bytes) -> records_pb2.TaskRecord:
     record = records_pb2.TaskRecord()
     record.ParseFromString(data)
@@ -51,21 +63,25 @@ def _parse(data: bytes) -> records_pb2.TaskRecord:
 
 
 class TaskStore:
-    def __init__(self, backend: Backend, recent_records: int = RECENT_RECORDS) -> None:
+    def __init__(
+        self, backend: Backend, recent_records: int = RECENT_RECORDS, cached_plans: int = CACHED_PLANS
+    ) -> None:
         self.backend = backend
-        # Plans never change once written, so every replica may cache them.
-        self._plans: dict[str, records_pb2.WorkflowPlan] = {}
+        # Plans never change once written, so every replica may cache them (the latest few).
+        self._plans: OrderedDict[str, records_pb2.WorkflowPlan] = OrderedDict()
+        self._plans_limit = cached_plans
         self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._recent_limit = recent_records
         self._listeners: dict[str, list[WriteListener]] = {}
 
     async def create(self, records: Iterable[records_pb2.TaskRecord]) -> list[str]:
-        """Insert new records; returns the task ids that already existed (left unchanged)."""
+        """Insert new records; returns the task ids that already existed (left unchanged).
+        New records are live (PENDING), so they do not expire."""
         by_id = {r.result.task_id: r for r in records}
         encoded = {task_key(task_id): r.SerializeToString() for task_id, r in by_id.items()}
         if not encoded:
             return []
-        existing = {key.removeprefix("task:") for key in await self.backend.insert(encoded)}
+        existing = {key.removeprefix("task:") for key in await self.backend.insert(encoded, keep=True)}
         for task_id, record in by_id.items():
             if task_id not in existing:
                 self._wrote(task_id, record, encoded[task_key(task_id)], 1)
@@ -154,7 +170,9 @@ class TaskStore:
                 if current is None:
                     continue
                 if mutate(task_id, current.record):
-                    updates.append(Update(task_key(task_id), current.version, current.record.SerializeToString()))
+                    updates.append(Update(
+                        task_key(task_id), current.version, current.record.SerializeToString(), keeps(current.record)
+                    ))
                     candidates.append((task_id, current))
                 elif task_id in remembered:
                     recheck.append(task_id)
@@ -171,18 +189,25 @@ class TaskStore:
         raise ConflictError(f"records kept changing under concurrent writers: {pending[:5]}")
 
     async def save_plan(self, plan: records_pb2.WorkflowPlan) -> bool:
-        existing = await self.backend.insert({plan_key(plan.workflow_id): plan.SerializeToString()})
-        self._plans[plan.workflow_id] = plan
+        existing = await self.backend.insert({plan_key(plan.workflow_id): plan.SerializeToString()}, keep=True)
+        self._cache_plan(plan)
         return not existing
+
+    def _cache_plan(self, plan: records_pb2.WorkflowPlan) -> None:
+        self._plans[plan.workflow_id] = plan
+        self._plans.move_to_end(plan.workflow_id)
+        if len(self._plans) > self._plans_limit:
+            self._plans.popitem(last=False)
 
     async def plan(self, workflow_id: str) -> records_pb2.WorkflowPlan | None:
         cached = self._plans.get(workflow_id)
         if cached is not None:
+            self._plans.move_to_end(workflow_id)
             return cached
         found = await self.backend.get([plan_key(workflow_id)])
         if plan_key(workflow_id) not in found:
             return None
         plan = records_pb2.WorkflowPlan()
         plan.ParseFromString(found[plan_key(workflow_id)].data)
-        self._plans[workflow_id] = plan
+        self._cache_plan(plan)
         return plan

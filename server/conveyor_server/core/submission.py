@@ -1,11 +1,15 @@
 """Accepts tasks and workflows: validates, stores their records, then publishes them.
 
-A submission is acknowledged only after its records are stored and its first tasks are
-published, so whatever the caller was told is accepted is on the broker.
+Accepted means it will run. Before any record is written, an outbox entry names what the
+submission will publish; a submission is acknowledged once its records are stored. A publish
+that fails then (the broker is down, the server dies) leaves the entry behind, and the
+reconciler on some replica publishes the submission's tasks later. The entry is removed once
+this server has published them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +19,7 @@ from conveyor.v1 import task_pb2, task_service_pb2
 from ..backends.base import Update
 from ..config import Settings
 from .errors import AlreadyExists, InvalidArgument
+from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
 from .publisher import Publication, Publisher
 from .records import idempotency_key, new_record
@@ -22,6 +27,8 @@ from .signatures import filled
 from .store import TaskStore
 from .validation import check_signature, check_workflow
 from .workflow import WorkflowEngine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,12 +44,13 @@ class _Prepared:
 class Submitter:
     def __init__(
         self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine,
-        on_submitted: Callable[[list[records_pb2.TaskRecord]], None] | None = None,
+        outbox: Outbox, on_submitted: Callable[[list[records_pb2.TaskRecord]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
         self.workflow = workflow
+        self.outbox = outbox
         self.on_submitted = on_submitted
 
     async def submit(
@@ -54,13 +62,29 @@ class Submitter:
         self._check_total(prepared)
         await self._resolve_idempotency(prepared)
         fresh = [p for p in prepared if not p.duplicate_of]
-        await self._store(fresh)
+        if not fresh:
+            return [p.response for p in prepared]
+        records = await self._checked_records(fresh)
         lone = [p.record for p in fresh if p.record is not None]
-        if lone:
-            await self.publisher.publish([Publication(r.result.signature) for r in lone])
-        for item in fresh:
-            if item.workflow is not None:
-                await self.workflow.start_workflow(item.workflow.plan)
+        plans = [p.workflow.plan for p in fresh if p.workflow is not None]
+        entry_id = new_entry_id()
+        for record in lone:
+            record.outbox_id = entry_id
+        await self.outbox.promise(
+            PUBLISH, [r.result.task_id for r in lone], [plan.workflow_id for plan in plans], entry_id
+        )
+        await self._write(plans, records)
+        # Accepted from here on: the records and the promise to publish them are durable.
+        try:
+            if lone:
+                await self.publisher.publish([Publication(r.result.signature) for r in lone])
+            for plan in plans:
+                await self.workflow.start_workflow(plan)
+        except Exception as exc:
+            log.warning("publishing submission %s failed (%s: %s); the reconciler will publish it",
+                        entry_id, type(exc).__name__, exc)
+        else:
+            self.outbox.confirm(entry_id)
         if self.on_submitted is not None:
             self.on_submitted(lone)
         return [p.response for p in prepared]
@@ -136,7 +160,8 @@ class Submitter:
             original = keyed[key]
             _same_as(item, original.duplicate_of or original.response.task_id)
 
-    async def _store(self, prepared: Sequence[_Prepared]) -> None:
+    async def _checked_records(self, prepared: Sequence[_Prepared]) -> list[records_pb2.TaskRecord]:
+        """Every record the submission creates, once its task ids are known to be free."""
         records: list[records_pb2.TaskRecord] = []
         for item in prepared:
             if item.record is not None:
@@ -155,11 +180,15 @@ class Submitter:
         clashing = await self.store.load(ids) if any(item.chosen_ids for item in prepared) else {}
         if clashing:
             raise AlreadyExists(f"task ids already exist: {', '.join(sorted(clashing)[:5])}")
-        for item in prepared:
-            if item.workflow is not None:
-                await self.store.save_plan(item.workflow.plan)
+        return records
+
+    async def _write(self, plans: Sequence[records_pb2.WorkflowPlan], records: list[records_pb2.TaskRecord]) -> None:
+        for plan in plans:
+            await self.store.save_plan(plan)
         existing = await self.store.create(records)
         if existing:
+            # Taken since the check (a concurrent submit): the records this call did create stay
+            # under its outbox entry and will run; the caller learns of the clash.
             raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
 
 

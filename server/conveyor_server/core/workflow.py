@@ -4,8 +4,12 @@ It is driven by terminal task results and uses only the Backend primitives (reco
 compare-and-set, idempotent group members, one-time claims), so every engine gets workflows.
 
 Idempotency: starting a task flips its record's `enqueued` flag with compare-and-set before
-publishing, so a node is started once however often its predecessor is reported. Group
+publishing and sets `published` after (core/confirmed.py), so a node is started once however
+often its predecessor is reported, and repair resends only what may not have gone out. Group
 members are a set keyed by member index; a group completes once (claim).
+
+Expiry: a workflow's plan, its tasks' records, its group sets and claims never expire while it
+runs; when its root node ends, their result TTL starts.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 
+from .confirmed import publish_confirmed, unconfirmed
 from .planner import nodes_by_id, task_ids
-from .publisher import Publication, Publisher
-from .records import S, error, is_terminal, transition
+from .publisher import Publisher
+from .records import S, error, is_terminal, plan_key, task_key, transition
 from .signatures import with_leading_arg
 from .store import TaskStore
 
@@ -30,7 +35,7 @@ log = logging.getLogger(__name__)
 Nodes = dict[str, records_pb2.PlanNode]
 NodeOutcome = records_pb2.NodeOutcome
 # Runs the usual follow-ups (callbacks, workflow) of records that the engine itself ended.
-TerminalHook = Callable[[Sequence[records_pb2.TaskRecord]], Awaitable[None]]
+TerminalHook = Callable[[Sequence[records_pb2.TaskRecord], bool], Awaitable[None]]
 
 
 def outcome_of(record: records_pb2.TaskRecord) -> NodeOutcome:
@@ -67,9 +72,9 @@ class WorkflowEngine:
         self.on_engine_terminal: TerminalHook | None = None
         self.fire_callbacks: Callable[..., Awaitable[None]] | None = None
 
-    async def start_workflow(self, plan: records_pb2.WorkflowPlan) -> None:
+    async def start_workflow(self, plan: records_pb2.WorkflowPlan, repair: bool = False) -> None:
         nodes = nodes_by_id(plan)
-        await self._start(plan, nodes, nodes[plan.root_node_id], None, repair=False)
+        await self._start(plan, nodes, nodes[plan.root_node_id], None, repair)
 
     async def on_task_terminal(self, record: records_pb2.TaskRecord, repair: bool = False) -> None:
         plan = await self.store.plan(record.result.workflow_id)
@@ -114,7 +119,7 @@ class WorkflowEngine:
         inputs = dict(starts)
 
         def mark_enqueued(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if record.enqueued or is_terminal(record):
+            if record.enqueued or is_terminal(record) or record.result.workflow_id != workflow_id:
                 return False
             record.enqueued = True
             signature = with_leading_arg(record.result.signature, inputs[task_id])
@@ -124,14 +129,13 @@ class WorkflowEngine:
 
         launched = await self.store.update(list(inputs), mark_enqueued)
         if repair:
-            # The first attempt may have died between marking and publishing: publish again
-            # whatever is marked but has not begun (a duplicate is safe, a loss is not).
+            # The first pass may have stopped between marking and publishing: publish again
+            # what is marked but not confirmed as published.
             for task_id, loaded in (await self.store.load(list(inputs))).items():
-                if task_id not in launched and loaded.record.result.state == S.TASK_STATE_PENDING:
-                    launched[task_id] = loaded.record
-        await self.publisher.publish(
-            [Publication(r.result.signature, 1, workflow_id) for r in launched.values()]
-        )
+                record = loaded.record
+                if task_id not in launched and record.result.workflow_id == workflow_id and unconfirmed(record):
+                    launched[task_id] = record
+        await publish_confirmed(self.store, self.publisher, list(launched.values()), workflow_id)
 
     # -- finishing nodes ------------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class WorkflowEngine:
         outcome: NodeOutcome, repair: bool,
     ) -> None:
         if not node.parent_id:
+            await self.finished(plan)
             return
         parent = nodes[node.parent_id]
         if parent.kind == "chain":
@@ -162,7 +167,7 @@ class WorkflowEngine:
             return
         remaining = [t for child in chain.child_ids[step.index + 1:] for t in task_ids(plan, child)]
         await self._cancel_unstarted(remaining, f"an earlier step of chain {chain.node_id} failed")
-        await self._fire_errors(plan, chain, outcome)
+        await self._fire_errors(plan, chain, outcome, repair)
         await self._node_done(plan, nodes, chain, outcome, repair)
 
     async def _group_member_done(
@@ -170,11 +175,11 @@ class WorkflowEngine:
         member: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool,
     ) -> None:
         backend = self.store.backend
-        members_key = f"grp:{plan.workflow_id}:{group.node_id}"
-        count = await backend.add_member(members_key, str(member.index), outcome.SerializeToString())
+        members_key = _members_key(plan.workflow_id, group.node_id)
+        count = await backend.add_member(members_key, str(member.index), outcome.SerializeToString(), keep=True)
         if count < len(group.child_ids):
             return
-        if not await backend.claim(f"done:{plan.workflow_id}:{group.node_id}") and not repair:
+        if not await backend.claim(_done_key(plan.workflow_id, group.node_id), keep=True) and not repair:
             return
         payloads = await backend.members(members_key)
         members = []
@@ -185,7 +190,7 @@ class WorkflowEngine:
         member_tasks = [_first_task(plan, nodes, child) for child in group.child_ids]
         combined = combine_members(members, member_tasks)
         if not combined.ok:
-            await self._fire_errors(plan, group, combined)
+            await self._fire_errors(plan, group, combined, repair)
         await self._node_done(plan, nodes, group, combined, repair)
 
     async def _chord_part_done(
@@ -200,14 +205,15 @@ class WorkflowEngine:
         if outcome.ok or policy == workflow_pb2.ChordFailurePolicy.CHORD_FAILURE_POLICY_CONTINUE:
             await self._start(plan, nodes, callback, outcome.value, repair)
             return
-        await self._fail_node(plan, nodes, callback, error("ChordMemberFailed", outcome.error.message))
+        await self._fail_node(plan, nodes, callback, error("ChordMemberFailed", outcome.error.message), repair)
 
     async def _fail_node(
         self, plan: records_pb2.WorkflowPlan, nodes: Nodes, node: records_pb2.PlanNode,
-        cause: result_pb2.TaskError,
+        cause: result_pb2.TaskError, repair: bool,
     ) -> None:
         """End a node that will not run as failed: its entry tasks fail, and their follow-ups
-        carry the failure through the rest of the node as any failure would."""
+        carry the failure through the rest of the node as any failure would. On repair, the
+        follow-ups of entries failed by an earlier pass run again too (idempotently)."""
         entries: list[tuple[str, task_pb2.Value | None]] = []
         empty_groups: list[records_pb2.PlanNode] = []
         self._collect(nodes, node, None, entries, empty_groups)
@@ -219,11 +225,16 @@ class WorkflowEngine:
             transition(record, S.TASK_STATE_FAILURE, error=cause)
             return True
 
-        failed = await self.store.update([task_id for task_id, _ in entries], fail)
+        entry_ids = [task_id for task_id, _ in entries]
+        failed = await self.store.update(entry_ids, fail)
+        if repair:
+            for task_id, loaded in (await self.store.load(entry_ids)).items():
+                if task_id not in failed and loaded.record.result.state == S.TASK_STATE_FAILURE:
+                    failed[task_id] = loaded.record
         if failed and self.on_engine_terminal is not None:
-            await self.on_engine_terminal(list(failed.values()))
+            await self.on_engine_terminal(list(failed.values()), repair)
         for group in empty_groups:
-            await self._node_done(plan, nodes, group, NodeOutcome(ok=False, error=cause), repair=False)
+            await self._node_done(plan, nodes, group, NodeOutcome(ok=False, error=cause), repair)
 
     async def _cancel_unstarted(self, task_ids_: Sequence[str], reason: str) -> None:
         cause = error("Cancelled", reason)
@@ -238,13 +249,30 @@ class WorkflowEngine:
         await self.store.update(list(task_ids_), cancel)
 
     async def _fire_errors(
-        self, plan: records_pb2.WorkflowPlan, node: records_pb2.PlanNode, outcome: NodeOutcome
+        self, plan: records_pb2.WorkflowPlan, node: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool
     ) -> None:
         if node.on_error and self.fire_callbacks is not None:
             await self.fire_callbacks(
                 f"{plan.workflow_id}.{node.node_id}.err", list(node.on_error), outcome.error, plan.workflow_id,
-                tracing.inject(),
+                tracing.inject(), repair,
             )
+
+    async def finished(self, plan: records_pb2.WorkflowPlan) -> None:
+        """The workflow ended: the result TTL of its records, plan, groups and claims starts."""
+        nodes = [n for n in plan.nodes if n.kind in ("group", "chord")]
+        await self.store.backend.expire(
+            records=[plan_key(plan.workflow_id), *(task_key(t) for t in task_ids(plan))],
+            groups=[_members_key(plan.workflow_id, n.node_id) for n in nodes],
+            claims=[_done_key(plan.workflow_id, n.node_id) for n in nodes],
+        )
+
+
+def _members_key(workflow_id: str, node_id: str) -> str:
+    return f"grp:{workflow_id}:{node_id}"
+
+
+def _done_key(workflow_id: str, node_id: str) -> str:
+    return f"done:{workflow_id}:{node_id}"
 
 
 def _first_task(plan: records_pb2.WorkflowPlan, nodes: Nodes, node_id: str) -> str:

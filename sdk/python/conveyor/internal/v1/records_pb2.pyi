@@ -9,7 +9,9 @@ from conveyor.v1 import task_pb2 as _task_pb2
 from conveyor.v1 import workflow_pb2 as _workflow_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +22,27 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OutboxKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutboxKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutboxKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTBOX_KIND_UNSPECIFIED: _OutboxKind.ValueType  # 0
+    OUTBOX_KIND_PUBLISH: _OutboxKind.ValueType  # 1
+    """Publish the named tasks that are still PENDING and start the named workflows."""
+    OUTBOX_KIND_FOLLOW_UPS: _OutboxKind.ValueType  # 2
+    """Run the follow-ups (callbacks, workflow moves) of the named ended tasks."""
+
+class OutboxKind(_OutboxKind, metaclass=_OutboxKindEnumTypeWrapper): ...
+
+OUTBOX_KIND_UNSPECIFIED: OutboxKind.ValueType  # 0
+OUTBOX_KIND_PUBLISH: OutboxKind.ValueType  # 1
+"""Publish the named tasks that are still PENDING and start the named workflows."""
+OUTBOX_KIND_FOLLOW_UPS: OutboxKind.ValueType  # 2
+"""Run the follow-ups (callbacks, workflow moves) of the named ended tasks."""
+Global___OutboxKind: _TypeAlias = OutboxKind  # noqa: Y015
 
 @_typing.final
 class TaskRecord(_message.Message):
@@ -35,17 +58,30 @@ class TaskRecord(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     ENQUEUED_FIELD_NUMBER: _builtins.int
     ATTEMPT_ERRORS_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    RETRY_AT_FIELD_NUMBER: _builtins.int
+    OUTBOX_ID_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
     """Workflow plan node of this task (empty for a lone task)."""
     enqueued: _builtins.bool
     """The task was published to its queue (a workflow step waits unpublished until its turn)."""
+    published: _builtins.bool
+    """A follow-up (workflow step, callback) whose publish was confirmed. Repair republishes a
+    follow-up that is enqueued but not published, and never one that is.
+    """
+    outbox_id: _builtins.str
+    """The outbox entry that submitted this task; the reconciler publishes only its own tasks."""
     @_builtins.property
     def result(self) -> _result_pb2.TaskResult: ...
     @_builtins.property
     def attempt_errors(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskError]:
         """The attempt's errors, oldest first."""
+
+    @_builtins.property
+    def retry_at(self) -> _timestamp_pb2.Timestamp:
+        """RETRY: when the next attempt is due (its message waits in the broker until then)."""
 
     def __init__(
         self,
@@ -55,14 +91,56 @@ class TaskRecord(_message.Message):
         node_id: _builtins.str = ...,
         enqueued: _builtins.bool = ...,
         attempt_errors: _abc.Iterable[_result_pb2.TaskError] | None = ...,
+        published: _builtins.bool = ...,
+        retry_at: _timestamp_pb2.Timestamp | None = ...,
+        outbox_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "enqueued", b"enqueued", "lease_token", b"lease_token", "node_id", b"node_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "enqueued", b"enqueued", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskRecord: _TypeAlias = TaskRecord  # noqa: Y015
+
+@_typing.final
+class OutboxEntry(_message.Message):
+    """OutboxEntry is a durable promise, written before the records it covers: whatever it names
+    is published (or its follow-ups run) by the reconciler unless the writer confirms it first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    WORKFLOW_IDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    kind: Global___OutboxKind.ValueType
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PUBLISH: the lone tasks to publish while PENDING; FOLLOW_UPS: the ended tasks."""
+
+    @_builtins.property
+    def workflow_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PUBLISH: the workflows to start."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___OutboxKind.ValueType = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        workflow_ids: _abc.Iterable[_builtins.str] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "kind", b"kind", "task_ids", b"task_ids", "workflow_ids", b"workflow_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboxEntry: _TypeAlias = OutboxEntry  # noqa: Y015
 
 @_typing.final
 class TaskMessage(_message.Message):

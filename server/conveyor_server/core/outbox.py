@@ -1,0 +1,80 @@
+"""The outbox: durable promises of work that must still happen (publishes, follow-ups).
+
+An entry is written (never expiring) before the records it covers, and removed once the work
+is confirmed. Whatever a crash or an engine error leaves behind is found by the reconciler
+(`core/reconciler.py`) on any replica and done again, idempotently. Entries are members of one
+backend group, so listing them needs no scan of the records; the group holds only work in
+progress, which keeps it small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import TypeAlias
+
+from conveyor.internal.v1 import records_pb2
+
+from ..backends.base import Backend
+from .records import now
+
+log = logging.getLogger(__name__)
+
+OUTBOX_GROUP = "outbox"
+Kind: TypeAlias = records_pb2.OutboxKind.ValueType
+PUBLISH = records_pb2.OUTBOX_KIND_PUBLISH
+FOLLOW_UPS = records_pb2.OUTBOX_KIND_FOLLOW_UPS
+
+
+def new_entry_id() -> str:
+    return f"ob-{uuid.uuid4().hex}"
+
+
+class Outbox:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        # Confirmations are removed in the background: a confirmed entry that lingers costs
+        # at most one idempotent repeat, while the caller's answer does not wait for it.
+        self._removals: set[asyncio.Task[None]] = set()
+
+    async def promise(
+        self, kind: Kind, task_ids: Sequence[str] = (), workflow_ids: Sequence[str] = (), entry_id: str = ""
+    ) -> str:
+        """Durably record the promise; returns the entry id to confirm it with."""
+        entry_id = entry_id or new_entry_id()
+        entry = records_pb2.OutboxEntry(kind=kind, task_ids=task_ids, workflow_ids=workflow_ids, created_at=now())
+        await self.backend.add_member(OUTBOX_GROUP, entry_id, entry.SerializeToString(), keep=True)
+        return entry_id
+
+    def confirm(self, entry_id: str) -> None:
+        """The promised work is done: forget the entry (in the background)."""
+        task = asyncio.create_task(self._remove(entry_id))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def remove(self, entry_id: str) -> None:
+        await self.backend.remove_member(OUTBOX_GROUP, entry_id)
+
+    async def _remove(self, entry_id: str) -> None:
+        try:
+            await self.remove(entry_id)
+        except Exception:  # the reconciler finds it and repeats the (done) work harmlessly
+            log.warning("could not remove confirmed outbox entry %s; the reconciler will", entry_id)
+
+    async def entries(self, older_than: float, at: float) -> list[tuple[str, records_pb2.OutboxEntry]]:
+        """Entries created more than `older_than` seconds before `at` (epoch seconds)."""
+        found: list[tuple[str, records_pb2.OutboxEntry]] = []
+        for entry_id, payload in (await self.backend.members(OUTBOX_GROUP)).items():
+            entry = records_pb2.OutboxEntry()
+            entry.ParseFromString(payload)
+            created = entry.created_at.seconds + entry.created_at.nanos / 1e9
+            if at - created >= older_than:
+                found.append((entry_id, entry))
+        return found
+
+    async def drain(self) -> None:
+        """Wait for pending confirmations (at shutdown)."""
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
