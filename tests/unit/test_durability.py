@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
+from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
 from conveyor_server.app import Core
 from conveyor_server.backends.base import Update, Versioned
 from conveyor_server.backends.memory import MemoryBackend
@@ -29,6 +29,7 @@ from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.outbox import OUTBOX_GROUP
 from conveyor_server.core.records import plan_key, task_key
+from conveyor_server.core.schedules import Schedules
 from conveyor_server.core.store import TaskStore
 
 S = result_pb2
@@ -221,6 +222,29 @@ async def test_a_submit_whose_publish_fails_is_accepted_and_published_by_the_rec
     assert await drain(engines.core) == 1
     assert await state(engines.core, "t1") == "TASK_STATE_SUCCESS"
     assert not await engines.backend.members(OUTBOX_GROUP), "the kept promise is forgotten"
+
+
+async def test_a_repeat_with_the_same_idempotency_key_gets_the_task_that_will_run(engines: Engines) -> None:
+    engines.broker.fail_publishes = 1
+    [first] = await submit(engines.core, lone(task(idempotency_key="k1")))
+    [again] = await submit(engines.core, lone(task(idempotency_key="k1")))
+    assert again.task_id == first.task_id
+    await make_due(engines)
+    assert await drain(engines.core) == 1
+    assert await state(engines.core, first.task_id) == "TASK_STATE_SUCCESS"
+
+
+async def test_a_cron_tick_whose_publish_fails_still_runs(engines: Engines) -> None:
+    clock = Clock(now=60.0)
+    scheduler = Schedules(engines.backend, engines.core.submitter, engines.core.settings, clock)
+    await scheduler.create(admin_service_pb2.Schedule(name="tick", cron="* * * * *", task=task("stamp")))
+    clock.now = 120.2
+    engines.broker.fail_publishes = 1
+    [task_id] = await scheduler.run_due()
+    assert engines.broker.published[task_id] == 0
+    assert await scheduler.run_due() == [], "the tick counts as fired ..."
+    await make_due(engines)
+    assert engines.broker.published[task_id] == 1, "... and its task runs after all"
 
 
 async def test_a_workflow_whose_first_publish_fails_is_started_by_the_reconciler(engines: Engines) -> None:
