@@ -121,6 +121,7 @@ class Core:
             task.cancel()
         await asyncio.gather(*self._maintenance, return_exceptions=True)
         await self.connections.shutdown()
+        await self.submitter.close()
         await self.outbox.drain()
         self.metrics.close()
         await self.broker.close()

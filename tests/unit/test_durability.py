@@ -24,7 +24,7 @@ from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.brokers.base import Delivery, OutgoingMessage
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
-from conveyor_server.core import dispatch, outcomes
+from conveyor_server.core import confirmed, dispatch, outcomes
 from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.outbox import OUTBOX_GROUP
@@ -110,6 +110,7 @@ def quick_repairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages handed back for repair come back at once (a second in production)."""
     monkeypatch.setattr(outcomes, "REPAIR_DELAY_SECONDS", 0.0)
     monkeypatch.setattr(dispatch, "REPAIR_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.0)
 
 
 @pytest.fixture
@@ -208,10 +209,25 @@ async def make_due(engines: Engines) -> None:
 # -- 1. accepted means it will run ------------------------------------------------------------
 
 
-async def test_a_submit_whose_publish_fails_is_accepted_and_published_by_the_reconciler(engines: Engines) -> None:
-    engines.broker.fail_publishes = 1
+async def test_a_submit_whose_publish_fails_is_accepted_and_published_by_its_server_soon(engines: Engines) -> None:
+    engines.broker.fail_publishes = 2
     [response] = await submit(engines.core, lone(task(task_id="t1")))
     assert response.task_id == "t1"
+    assert engines.broker.published["t1"] == 0
+    for _ in range(150):  # retried with backoff: 0.1 s, then 0.2 s
+        if engines.broker.published["t1"]:
+            break
+        await asyncio.sleep(0.02)
+    assert engines.broker.published["t1"] == 1
+    await engines.core.outbox.drain()
+    assert not await engines.backend.members(OUTBOX_GROUP)
+    assert await drain(engines.core) == 1
+
+
+async def test_a_submit_whose_server_died_before_publishing_is_published_by_the_reconciler(engines: Engines) -> None:
+    engines.broker.fail_publishes = 1
+    await submit(engines.core, lone(task(task_id="t1")))
+    await engines.core.submitter.close()  # the server dies: no retry of its own
     assert engines.broker.published["t1"] == 0
     assert (await engines.backend.members(OUTBOX_GROUP)), "the promise to publish is durable"
 
@@ -227,6 +243,7 @@ async def test_a_submit_whose_publish_fails_is_accepted_and_published_by_the_rec
 async def test_a_repeat_with_the_same_idempotency_key_gets_the_task_that_will_run(engines: Engines) -> None:
     engines.broker.fail_publishes = 1
     [first] = await submit(engines.core, lone(task(idempotency_key="k1")))
+    await engines.core.submitter.close()  # the server dies: no retry of its own
     [again] = await submit(engines.core, lone(task(idempotency_key="k1")))
     assert again.task_id == first.task_id
     await make_due(engines)
@@ -241,6 +258,7 @@ async def test_a_cron_tick_whose_publish_fails_still_runs(engines: Engines) -> N
     clock.now = 120.2
     engines.broker.fail_publishes = 1
     [task_id] = await scheduler.run_due()
+    await engines.core.submitter.close()  # the server dies: no retry of its own
     assert engines.broker.published[task_id] == 0
     assert await scheduler.run_due() == [], "the tick counts as fired ..."
     await make_due(engines)
@@ -250,6 +268,7 @@ async def test_a_cron_tick_whose_publish_fails_still_runs(engines: Engines) -> N
 async def test_a_workflow_whose_first_publish_fails_is_started_by_the_reconciler(engines: Engines) -> None:
     engines.broker.fail_publishes = 1
     await submit(engines.core, chain(task(task_id="a"), task(task_id="b")))
+    await engines.core.submitter.close()  # the server dies: no retry of its own
     await make_due(engines)
     assert await drain(engines.core) == 2
     assert dict(engines.broker.published) == {"a": 1, "b": 1}
@@ -325,6 +344,45 @@ async def test_repair_does_not_resend_a_callback_that_is_queued(engines: Engines
         )
     assert engines.broker.published["cb"] == 1, "a queued callback is not sent again"
     assert await drain(engines.core) == 1
+
+
+async def _chord_with_an_unconfirmed_callback(engines: Engines) -> list[records_pb2.TaskRecord]:
+    """A chord whose callback was claimed but whose publish failed; returns its members' records."""
+    members = [task(task_id=f"m{i}") for i in range(2)]
+    await submit(engines.core, chord(members, task(task_id="cb")))
+    engines.broker.fail_publishes = 1
+    await work(engines.core)
+    record = await engines.core.store.get("cb")
+    assert record is not None and record.enqueued and not record.published
+    loaded = await engines.core.store.load(["m0", "m1"])
+    return [found.record for found in loaded.values()]
+
+
+async def test_two_repairs_at_once_resend_an_unconfirmed_callback_once(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.2)
+    members = await _chord_with_an_unconfirmed_callback(engines)
+    await asyncio.sleep(0.3)  # the claim is stale now: its claimer failed
+    followups = engines.core.connections.dispatcher.followups
+    # Both members' messages came back at once (their follow-ups failed in an outage).
+    outcomes_ = await asyncio.gather(
+        *(followups.after_terminal([member], repair=True) for member in members), return_exceptions=True
+    )
+    assert engines.broker.published["cb"] == 1
+    # The other one saw the takeover and will look again later (its message is handed back).
+    assert all(o is None or isinstance(o, confirmed.RepairPending) for o in outcomes_)
+
+
+async def test_repair_leaves_a_fresh_claim_to_its_claimer(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members = await _chord_with_an_unconfirmed_callback(engines)
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 60.0)
+    followups = engines.core.connections.dispatcher.followups
+    with pytest.raises(confirmed.RepairPending):
+        await followups.after_terminal(members[:1], repair=True)
+    assert engines.broker.published["cb"] == 0, "not while its claimer may still publish it"
 
 
 async def test_a_second_copy_of_a_running_task_is_dropped_not_run(engines: Engines) -> None:

@@ -164,6 +164,8 @@ class WorkerConnections:
                     return
                 log.warning("worker %s: recording results failed, an engine is unreachable (%s: %s); "
                             "retrying in %.1f s", session.worker_id, type(exc).__name__, exc, delay)
+            # The server is the one not listening meanwhile: the worker is not silent.
+            session.last_seen = time.monotonic()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 

@@ -35,6 +35,7 @@ from conveyor.v1 import worker_service_pb2
 from conveyor.values import timestamp_now
 
 from ..brokers.base import Broker, Delivery
+from .confirmed import RepairPending
 from .followups import FollowUps
 from .publisher import decode_message
 from .records import S, is_terminal, new_record, transition
@@ -233,8 +234,9 @@ class Dispatcher:
             if finished:
                 await self.followups.after_terminal(finished, repair=True)
         except Exception as exc:
-            log.warning("repairing the follow-ups of %d ended tasks failed (%s: %s); retrying later",
-                        len(finished), type(exc).__name__, exc)
+            level = logging.INFO if isinstance(exc, RepairPending) else logging.WARNING
+            log.log(level, "repairing the follow-ups of %d ended tasks: %s: %s; trying again later",
+                    len(finished), type(exc).__name__, exc)
             await self.broker.nack([ended[r.result.task_id] for r in finished], REPAIR_RETRY_SECONDS)
             settled = [task_id for task_id in records if task_id not in {r.result.task_id for r in finished}]
         else:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
 
-from .confirmed import publish_confirmed, unconfirmed
+from .confirmed import publish_confirmed, take_over
 from .publisher import Publisher
 from .records import S, new_record
 from .signatures import error_value, filled, with_leading_arg
@@ -73,5 +73,5 @@ class FollowUps:
         fresh = [r for r in records if r.result.task_id not in existing]
         if repair and existing:
             earlier = await self.store.load(list(existing))
-            fresh.extend(found.record for found in earlier.values() if unconfirmed(found.record))
+            fresh.extend(await take_over(self.store, [found.record for found in earlier.values()]))
         await publish_confirmed(self.store, self.publisher, fresh, workflow_id)

@@ -50,7 +50,9 @@ class Reconciler:
     async def reconcile_once(self) -> int:
         """Keep every overdue promise; returns how many entries were settled."""
         at = self.clock()
-        period = int(at // self.grace_seconds)
+        # An entry is taken by one replica per period; one whose keeping failed is tried again
+        # in the next period (by any replica).
+        period = int(at // max(self.grace_seconds / 4, 1.0))
         settled = 0
         for entry_id, entry in await self.outbox.entries(self.grace_seconds, at):
             if not await self.store.backend.claim(f"reconcile:{entry_id}:{period}"):

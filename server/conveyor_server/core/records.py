@@ -60,6 +60,8 @@ def new_record(
 ) -> records_pb2.TaskRecord:
     stamp = at or now()
     record = records_pb2.TaskRecord(node_id=node_id, enqueued=enqueued)
+    if enqueued:
+        record.enqueued_at.CopyFrom(stamp)
     result = record.result
     result.task_id = signature.id
     result.name = signature.name

@@ -3,15 +3,19 @@
 Accepted means it will run. Before any record is written, an outbox entry names what the
 submission will publish; a submission is acknowledged once its records are stored. A publish
 that fails then (the broker is down, the server dies) leaves the entry behind, and the
-reconciler on some replica publishes the submission's tasks later. The entry is removed once
-this server has published them.
+server retries the publish with backoff during `outbox_grace_seconds`, and past that grace the
+reconciler on any replica publishes the submission's tasks (as it does when this server dies).
+The entry is removed once the tasks are out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, task_service_pb2
@@ -29,6 +33,9 @@ from .validation import check_signature, check_workflow
 from .workflow import WorkflowEngine
 
 log = logging.getLogger(__name__)
+# A publish that failed is retried here with this backoff (first delay, cap) during the grace.
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Submitter:
         self.workflow = workflow
         self.outbox = outbox
         self.on_submitted = on_submitted
+        self._background: set[asyncio.Task[None]] = set()
 
     async def submit(
         self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None
@@ -75,19 +83,51 @@ class Submitter:
         )
         await self._write(plans, records)
         # Accepted from here on: the records and the promise to publish them are durable.
+        if not await self._publish(entry_id, lone, plans, repair=False):
+            self._spawn(self._publish_later(entry_id, lone, plans))
+        if self.on_submitted is not None:
+            self.on_submitted(lone)
+        return [p.response for p in prepared]
+
+    async def _publish(
+        self, entry_id: str, lone: Sequence[records_pb2.TaskRecord], plans: Sequence[records_pb2.WorkflowPlan],
+        repair: bool,
+    ) -> bool:
+        """Publish an accepted submission; True once it is out (and its outbox entry let go)."""
         try:
             if lone:
                 await self.publisher.publish([Publication(r.result.signature) for r in lone])
             for plan in plans:
-                await self.workflow.start_workflow(plan)
+                await self.workflow.start_workflow(plan, repair)
         except Exception as exc:
-            log.warning("publishing submission %s failed (%s: %s); the reconciler will publish it",
-                        entry_id, type(exc).__name__, exc)
-        else:
-            self.outbox.confirm(entry_id)
-        if self.on_submitted is not None:
-            self.on_submitted(lone)
-        return [p.response for p in prepared]
+            log.warning("publishing submission %s failed (%s: %s); retrying", entry_id, type(exc).__name__, exc)
+            return False
+        self.outbox.confirm(entry_id)
+        return True
+
+    async def _publish_later(
+        self, entry_id: str, lone: Sequence[records_pb2.TaskRecord], plans: Sequence[records_pb2.WorkflowPlan],
+    ) -> None:
+        """Retry a failed publish with backoff while the outbox grace lasts; after that the
+        reconciler (on any replica) has it, as it would if this process had died."""
+        delay = RETRY_FIRST_SECONDS
+        deadline = time.monotonic() + self.settings.outbox_grace_seconds
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            if await self._publish(entry_id, lone, plans, repair=True):
+                return
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Stop retrying (the server is stopping): the reconciler takes over what is left."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _prepare(
         self, request: task_service_pb2.SubmitRequest, index: int, total: int, headers: Mapping[str, str] | None

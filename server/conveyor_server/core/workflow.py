@@ -23,7 +23,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 
-from .confirmed import publish_confirmed, unconfirmed
+from .confirmed import publish_confirmed, take_over
 from .planner import nodes_by_id, task_ids
 from .publisher import Publisher
 from .records import S, error, is_terminal, plan_key, task_key, transition
@@ -122,6 +122,7 @@ class WorkflowEngine:
             if record.enqueued or is_terminal(record) or record.result.workflow_id != workflow_id:
                 return False
             record.enqueued = True
+            record.enqueued_at.GetCurrentTime()
             signature = with_leading_arg(record.result.signature, inputs[task_id])
             if signature is not record.result.signature:
                 record.result.signature.CopyFrom(signature)
@@ -131,10 +132,11 @@ class WorkflowEngine:
         if repair:
             # The first pass may have stopped between marking and publishing: publish again
             # what is marked but not confirmed as published.
-            for task_id, loaded in (await self.store.load(list(inputs))).items():
-                record = loaded.record
-                if task_id not in launched and record.result.workflow_id == workflow_id and unconfirmed(record):
-                    launched[task_id] = record
+            earlier = [
+                loaded.record for task_id, loaded in (await self.store.load(list(inputs))).items()
+                if task_id not in launched and loaded.record.result.workflow_id == workflow_id
+            ]
+            launched.update((r.result.task_id, r) for r in await take_over(self.store, earlier))
         await publish_confirmed(self.store, self.publisher, list(launched.values()), workflow_id)
 
     # -- finishing nodes ------------------------------------------------------------------

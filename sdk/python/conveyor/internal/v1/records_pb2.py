@@ -28,25 +28,25 @@ from conveyor.v1 import workflow_pb2 as conveyor_dot_v1_dot_workflow__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/internal/v1/records.proto\x12\x14\x63onveyor.internal.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\nTaskRecord\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nqueued\x18\x04 \x01(\x08\x12.\n\x0e\x61ttempt_errors\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskError\x12\x11\n\tpublished\x18\x06 \x01(\x08\x12,\n\x08retry_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toutbox_id\x18\x08 \x01(\t\"\x95\x01\n\x0bOutboxEntry\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .conveyor.internal.v1.OutboxKind\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x14\n\x0cworkflow_ids\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x0bTaskMessage\x12)\n\tsignature\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\"\x8f\x01\n\x0cWorkflowPlan\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0croot_node_id\x18\x02 \x01(\t\x12-\n\x05nodes\x18\x03 \x03(\x0b\x32\x1e.conveyor.internal.v1.PlanNode\x12%\n\x06source\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.Workflow\"\xd2\x01\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x11\n\tchild_ids\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x37\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy\x12(\n\x08on_error\x18\x08 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x97\x01\n\x0bNodeOutcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x32\n\x07members\x18\x04 \x03(\x0b\x32!.conveyor.internal.v1.NodeOutcome*^\n\nOutboxKind\x12\x1b\n\x17OUTBOX_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTBOX_KIND_PUBLISH\x10\x01\x12\x1a\n\x16OUTBOX_KIND_FOLLOW_UPS\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/internal/v1/records.proto\x12\x14\x63onveyor.internal.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\nTaskRecord\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nqueued\x18\x04 \x01(\x08\x12.\n\x0e\x61ttempt_errors\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskError\x12\x11\n\tpublished\x18\x06 \x01(\x08\x12,\n\x08retry_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toutbox_id\x18\x08 \x01(\t\x12/\n\x0b\x65nqueued_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x0bOutboxEntry\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .conveyor.internal.v1.OutboxKind\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x14\n\x0cworkflow_ids\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x0bTaskMessage\x12)\n\tsignature\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\"\x8f\x01\n\x0cWorkflowPlan\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0croot_node_id\x18\x02 \x01(\t\x12-\n\x05nodes\x18\x03 \x03(\x0b\x32\x1e.conveyor.internal.v1.PlanNode\x12%\n\x06source\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.Workflow\"\xd2\x01\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x11\n\tchild_ids\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x37\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy\x12(\n\x08on_error\x18\x08 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x97\x01\n\x0bNodeOutcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x32\n\x07members\x18\x04 \x03(\x0b\x32!.conveyor.internal.v1.NodeOutcome*^\n\nOutboxKind\x12\x1b\n\x17OUTBOX_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTBOX_KIND_PUBLISH\x10\x01\x12\x1a\n\x16OUTBOX_KIND_FOLLOW_UPS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.internal.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTBOXKIND']._serialized_start=1176
-  _globals['_OUTBOXKIND']._serialized_end=1270
+  _globals['_OUTBOXKIND']._serialized_start=1225
+  _globals['_OUTBOXKIND']._serialized_end=1319
   _globals['_TASKRECORD']._serialized_start=172
-  _globals['_TASKRECORD']._serialized_end=413
-  _globals['_OUTBOXENTRY']._serialized_start=416
-  _globals['_OUTBOXENTRY']._serialized_end=565
-  _globals['_TASKMESSAGE']._serialized_start=567
-  _globals['_TASKMESSAGE']._serialized_end=661
-  _globals['_WORKFLOWPLAN']._serialized_start=664
-  _globals['_WORKFLOWPLAN']._serialized_end=807
-  _globals['_PLANNODE']._serialized_start=810
-  _globals['_PLANNODE']._serialized_end=1020
-  _globals['_NODEOUTCOME']._serialized_start=1023
-  _globals['_NODEOUTCOME']._serialized_end=1174
+  _globals['_TASKRECORD']._serialized_end=462
+  _globals['_OUTBOXENTRY']._serialized_start=465
+  _globals['_OUTBOXENTRY']._serialized_end=614
+  _globals['_TASKMESSAGE']._serialized_start=616
+  _globals['_TASKMESSAGE']._serialized_end=710
+  _globals['_WORKFLOWPLAN']._serialized_start=713
+  _globals['_WORKFLOWPLAN']._serialized_end=856
+  _globals['_PLANNODE']._serialized_start=859
+  _globals['_PLANNODE']._serialized_end=1069
+  _globals['_NODEOUTCOME']._serialized_start=1072
+  _globals['_NODEOUTCOME']._serialized_end=1223
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,7 @@ class TaskRecord(_message.Message):
     PUBLISHED_FIELD_NUMBER: _builtins.int
     RETRY_AT_FIELD_NUMBER: _builtins.int
     OUTBOX_ID_FIELD_NUMBER: _builtins.int
+    ENQUEUED_AT_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
@@ -83,6 +84,10 @@ class TaskRecord(_message.Message):
     def retry_at(self) -> _timestamp_pb2.Timestamp:
         """RETRY: when the next attempt is due (its message waits in the broker until then)."""
 
+    @_builtins.property
+    def enqueued_at(self) -> _timestamp_pb2.Timestamp:
+        """When `enqueued` was set: repair leaves a younger unconfirmed claim to its claimer."""
+
     def __init__(
         self,
         *,
@@ -94,10 +99,11 @@ class TaskRecord(_message.Message):
         published: _builtins.bool = ...,
         retry_at: _timestamp_pb2.Timestamp | None = ...,
         outbox_id: _builtins.str = ...,
+        enqueued_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "enqueued", b"enqueued", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
