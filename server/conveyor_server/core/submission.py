@@ -26,7 +26,7 @@ from .errors import AlreadyExists, InvalidArgument
 from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
 from .publisher import Publication, Publisher
-from .records import idempotency_key, new_record
+from .records import S, error, idempotency_key, new_record, plan_key, transition
 from .signatures import filled
 from .store import TaskStore
 from .validation import check_signature, check_workflow
@@ -44,8 +44,6 @@ class _Prepared:
     record: records_pb2.TaskRecord | None = None
     workflow: CompiledWorkflow | None = None
     duplicate_of: str = ""
-    # The caller chose some task ids (ids the server makes are fresh UUIDs and cannot clash).
-    chosen_ids: bool = False
 
 
 class Submitter:
@@ -72,7 +70,7 @@ class Submitter:
         fresh = [p for p in prepared if not p.duplicate_of]
         if not fresh:
             return [p.response for p in prepared]
-        records = await self._checked_records(fresh)
+        records = self._records(fresh)
         lone = [p.record for p in fresh if p.record is not None]
         plans = [p.workflow.plan for p in fresh if p.workflow is not None]
         entry_id = new_entry_id()
@@ -81,7 +79,7 @@ class Submitter:
         await self.outbox.promise(
             PUBLISH, [r.result.task_id for r in lone], [plan.workflow_id for plan in plans], entry_id
         )
-        await self._write(plans, records)
+        await self._write(entry_id, plans, records)
         # Accepted from here on: the records and the promise to publish them are durable.
         if not await self._publish(entry_id, lone, plans, repair=False):
             self._spawn(self._publish_later(entry_id, lone, plans))
@@ -142,21 +140,18 @@ class Submitter:
             check_signature(source, limits, f"{where}.task")
             signature = filled(source, self.settings.default_queue, inherit_headers=headers)
             response = task_service_pb2.SubmitResponse(task_id=signature.id, task_ids=[signature.id])
-            return _Prepared(response, record=new_record(signature), chosen_ids=bool(source.id))
+            return _Prepared(response, record=new_record(signature))
         check_workflow(request.workflow, limits)
         workflow_id = new_workflow_id()
-        chosen: list[str] = []
 
         def fill(sig: task_pb2.Signature) -> task_pb2.Signature:
-            if sig.id:
-                chosen.append(sig.id)
             return filled(sig, self.settings.default_queue, inherit_headers=headers)
 
         compiled = compile_workflow(request.workflow, workflow_id, fill)
         response = task_service_pb2.SubmitResponse(
             task_id=result_task_id(compiled.plan), workflow_id=workflow_id, task_ids=task_ids(compiled.plan)
         )
-        return _Prepared(response, workflow=compiled, chosen_ids=bool(chosen))
+        return _Prepared(response, workflow=compiled)
 
     def _check_total(self, prepared: Sequence[_Prepared]) -> None:
         total = sum(len(p.response.task_ids) for p in prepared)
@@ -200,8 +195,8 @@ class Submitter:
             original = keyed[key]
             _same_as(item, original.duplicate_of or original.response.task_id)
 
-    async def _checked_records(self, prepared: Sequence[_Prepared]) -> list[records_pb2.TaskRecord]:
-        """Every record the submission creates, once its task ids are known to be free."""
+    def _records(self, prepared: Sequence[_Prepared]) -> list[records_pb2.TaskRecord]:
+        """Every record the submission creates."""
         records: list[records_pb2.TaskRecord] = []
         for item in prepared:
             if item.record is not None:
@@ -216,20 +211,34 @@ class Submitter:
         ids = [r.result.task_id for r in records]
         if len(set(ids)) != len(ids):
             raise InvalidArgument("the submission uses the same task id more than once")
-        # Checked before anything is written, so a rejected batch leaves nothing behind.
-        clashing = await self.store.load(ids) if any(item.chosen_ids for item in prepared) else {}
-        if clashing:
-            raise AlreadyExists(f"task ids already exist: {', '.join(sorted(clashing)[:5])}")
         return records
 
-    async def _write(self, plans: Sequence[records_pb2.WorkflowPlan], records: list[records_pb2.TaskRecord]) -> None:
+    async def _write(
+        self, entry_id: str, plans: Sequence[records_pb2.WorkflowPlan], records: list[records_pb2.TaskRecord]
+    ) -> None:
+        """Store plans and records. Ids are not read first: the insert itself finds those that
+        exist (a resubmission, a clash), and then the whole submission is refused: what it did
+        create ends CANCELLED, its plans expire and its outbox entry goes, so nothing runs."""
         for plan in plans:
             await self.store.save_plan(plan)
         existing = await self.store.create(records)
-        if existing:
-            # Taken since the check (a concurrent submit): the records this call did create stay
-            # under its outbox entry and will run; the caller learns of the clash.
-            raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
+        if not existing:
+            return
+        taken = set(existing)
+        cause = error("AlreadyExists", f"refused with its submission: task ids already exist: {existing[0]}")
+
+        def abandon(_: str, record: records_pb2.TaskRecord) -> bool:
+            if record.result.state != S.TASK_STATE_PENDING:
+                return False
+            record.result.error.CopyFrom(cause)
+            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            return True
+
+        await self.store.update([r.result.task_id for r in records if r.result.task_id not in taken], abandon)
+        if plans:
+            await self.store.backend.expire(records=[plan_key(plan.workflow_id) for plan in plans])
+        await self.outbox.remove(entry_id)
+        raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
 
 
 def _same_as(item: _Prepared, first: str) -> None:
