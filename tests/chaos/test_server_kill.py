@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conveyor import Client, sig
-from tests.chaos.checks import assert_each_succeeded_once, run_counts, started_count
+from tests.chaos.checks import assert_each_succeeded_once, started_count
 from tests.chaos.conftest import FAST_RECOVERY
 from tests.support.processes import Proc, Server, WorkerProc, eventually, wait_for_workers
 
@@ -76,7 +76,6 @@ async def test_kill_9_the_server_mid_run_and_restart_it(
 
     server.restart()
     async with Client(server.address) as client:
-        await assert_each_succeeded_once(client, [s.task_id for s in submitted])
-    counts = run_counts(log_file)
+        counts = await assert_each_succeeded_once(client, [s.task_id for s in submitted], log_file)
     assert sum(counts.values()) == TASKS, "every task ran"
     print(f"runs per task: {dict(sorted(counts.items()))}")

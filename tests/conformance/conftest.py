@@ -17,7 +17,9 @@ from conveyor_server.backends.base import Backend
 from conveyor_server.brokers.base import Broker
 from conveyor_server.engines import open_backend, open_broker
 
-BROKER_ENGINES = ["memory", "sqlite", "redis", "amqp", "sqs"]
+# sqs runs on moto with receives serialised; sqs_racy without (duplicate deliveries, as real SQS
+# standard queues have); sqs_fifo and sqs_bands10 with the URL options fifo=1 and bands=10.
+BROKER_ENGINES = ["memory", "sqlite", "redis", "amqp", "sqs", "sqs_racy", "sqs_fifo", "sqs_bands10"]
 BACKEND_ENGINES = ["memory", "sqlite", "redis", "mongodb", "memcached"]
 
 
@@ -56,8 +58,30 @@ def sqlite_backend_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'backend.db'}"
 
 
+# Known gaps of an engine variant: (engine, test) -> (reason, strict). The test still runs, as
+# an expected failure (XPASS in the summary once it passes: then drop the entry); a strict one
+# that passes fails the run. Not strict while the SQS broker is being reworked.
+_FIFO_GROUP = ("SQS FIFO: the broker puts messages without a group in one group ('default'), and SQS hands "
+               "out nothing more of a group while any of it is leased, so a fetch gets at most one "
+               "receive's worth (10) until those are acked")
+KNOWN_GAPS: dict[tuple[str, str], tuple[str, bool]] = {
+    ("sqs_fifo", "test_batches"): (_FIFO_GROUP, False),
+    ("sqs_fifo", "test_two_consumers_never_share_a_lease"): (_FIFO_GROUP, False),
+    ("sqs_fifo", "test_shorter_delay_first"): (_FIFO_GROUP, False),
+    ("sqs_fifo", "test_purge_and_stats"): (_FIFO_GROUP + "; purge cannot take the ready ones behind a lease", False),
+    ("sqs_fifo", "test_lease_expiry_brings_message_back"): (
+        "SQS FIFO on moto: a message leased for 0.5 s (1 s in SQS) comes back at once, with a second receive", False),
+    ("sqs_bands10", "test_shorter_delay_first"): (
+        "SQS bands=10: the fetch that gets the 0.3 s message returns only with the 1.2 s one too", False),
+}
+
+
 @pytest.fixture(params=BROKER_ENGINES)
 def broker_url(request: pytest.FixtureRequest) -> str:
+    gap = KNOWN_GAPS.get((request.param, request.node.originalname))
+    if gap is not None:
+        reason, strict = gap
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=strict))
     return _engine_url(request, f"{request.param}_broker_url")
 
 

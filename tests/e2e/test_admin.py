@@ -20,8 +20,8 @@ from tests.support.processes import (
     WorkerProc,
     log_lines,
     run_cli,
+    wait_for,
     wait_for_workers,
-    wait_until,
 )
 
 S = result_pb2.TaskState
@@ -108,7 +108,7 @@ async def test_queue_depths_and_worker_in_flight(tmp_path: Path, procs: list[Pro
     wait_for_workers(server.address, 1)
     async with Client(server.address) as client:
         ids = [(await client.submit(sig("sleep", 4).set(queue="busy"))).task_id for _ in range(5)]
-        wait_until(lambda: queue_info(server.address, "busy").get("inFlight") == "2", 20, "two tasks leased")
+        wait_for(lambda: queue_info(server.address, "busy").get("inFlight") == "2", 20, "two tasks leased")
         assert queue_info(server.address, "busy") == {"name": "busy", "ready": "3", "inFlight": "2"}
         (worker,) = cli_json(server.address, "workers")["workers"]
         assert worker["queues"] == ["busy"]
@@ -165,7 +165,7 @@ def test_a_schedule_fires_once_per_tick_across_two_replicas(tmp_path: Path, proc
     assert created["cron"] == "*/2 * * * * *"
     assert created["missedTicks"] == "MISSED_TICKS_SKIP"
     assert created["task"]["queue"] == "default"
-    wait_until(lambda: len(fired_ticks(log, "every2")) >= 5, 30, "five ticks fired")
+    wait_for(lambda: len(fired_ticks(log, "every2")) >= 5, 30, "five ticks fired")
 
     listed = cli_json(one.address, "schedule", "list")["schedules"]
     assert [s["name"] for s in listed] == ["every2"]

@@ -1,9 +1,16 @@
 """Property tests: random and malformed messages at every RPC. The server never crashes,
-always answers with a deliberate status, and never loses a task it accepted."""
+always answers with a deliberate status, and never loses a task it accepted: after each fuzzing
+test a worker subscribed to every accepted queue runs whatever comes, and every accepted id
+must reach a terminal state (those of a submission with an ETA in the future are cancelled
+first, and must end CANCELLED). Each test checks its own submissions, so any order works."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +22,7 @@ from hypothesis import strategies as st
 
 from conveyor.v1 import (
     admin_service_pb2,
+    result_pb2,
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
@@ -22,7 +30,7 @@ from conveyor.v1 import (
     worker_service_pb2_grpc,
     workflow_pb2,
 )
-from tests.support.processes import Server, serving
+from tests.support.processes import Server, serving, wait_for
 
 # Statuses the server chooses on purpose; UNKNOWN or INTERNAL would mean an unhandled error.
 DELIBERATE = {
@@ -31,6 +39,10 @@ DELIBERATE = {
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
 }
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# How long the accepted tasks of one test may take to end, once a worker runs them.
+DRAIN_SECONDS = 60.0
+S = result_pb2.TaskState
+TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +60,122 @@ def channel(server: Server) -> Iterator[grpc.Channel]:
         yield opened
 
 
-accepted: list[str] = []
+class Accepted:
+    """What a test's submissions got accepted: task ids, the queues they use, and the ids of
+    submissions that have an ETA in the future somewhere (those may wait, and are cancelled)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.queues: set[str] = set()
+        self.waiting: set[str] = set()
+
+    def add(self, request: task_service_pb2.SubmitRequest, task_ids: Iterable[str]) -> None:
+        ids = list(task_ids)
+        self.ids += ids
+        signatures = list(_signatures(request))
+        self.queues |= {s.queue or "default" for s in signatures}
+        now = time.time()
+        if any(s.HasField("eta") and s.eta.seconds + s.eta.nanos / 1e9 > now - 1 for s in signatures):
+            self.waiting |= set(ids)
+
+
+def _signatures(request: task_service_pb2.SubmitRequest) -> Iterator[task_pb2.Signature]:
+    if request.HasField("task"):
+        yield request.task
+    if request.HasField("workflow"):
+        yield from _workflow_signatures(request.workflow)
+
+
+def _workflow_signatures(flow: workflow_pb2.Workflow) -> Iterator[task_pb2.Signature]:
+    kind = flow.WhichOneof("kind")
+    if kind == "task":
+        yield flow.task
+    elif kind == "chain":
+        for step in flow.chain.steps:
+            yield from _workflow_signatures(step)
+    elif kind == "group":
+        for member in flow.group.members:
+            yield from _workflow_signatures(member)
+    elif kind == "chord":
+        for member in flow.chord.header.members:
+            yield from _workflow_signatures(member)
+        yield from _workflow_signatures(flow.chord.callback)
+
+
+def assert_all_end(channel: grpc.Channel, accepted: Accepted) -> None:
+    """Run every accepted task (a raw worker that succeeds at anything, on every accepted queue),
+    cancel what waits for a future ETA, and require every accepted id to reach a terminal state."""
+    assert accepted.ids, "the fuzzing accepted some tasks"
+    tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+
+    def states() -> dict[str, int]:
+        found: dict[str, int] = {}
+        for task_id in set(accepted.ids):
+            reply = tasks.GetResult(task_service_pb2.GetResultRequest(task_id=task_id), timeout=10)  # NOT_FOUND raises
+            found[task_id] = reply.result.state
+        return found
+
+    def unfinished() -> set[str]:
+        return {task_id for task_id, state in states().items() if state not in TERMINAL}
+
+    def explain(task_ids: set[str]) -> str:
+        replies = [tasks.GetResult(task_service_pb2.GetResultRequest(task_id=t), timeout=10).result
+                   for t in sorted(task_ids)[:5]]
+        return "; ".join(f"{r.task_id} {r.name!r} on {r.queue!r}: {S.Name(r.state)}" for r in replies)
+
+    # One worker per queue: a worker on several queues may starve some of them (its window is
+    # reserved by one queue's waiting fetch at a time), which is not what this test is about.
+    with contextlib.ExitStack() as workers:
+        for name in sorted(accepted.queues):
+            workers.enter_context(_RunAnything(channel, name))
+        try:
+            wait_for(lambda: not unfinished() - accepted.waiting, DRAIN_SECONDS, "every task without an ETA ended")
+            for task_id in unfinished():
+                tasks.Cancel(task_service_pb2.CancelRequest(id=task_id), timeout=10)
+            wait_for(lambda: not unfinished(), DRAIN_SECONDS, "every accepted task ended")
+        except AssertionError as failed:
+            left = unfinished()
+            raise AssertionError(f"{failed}: {len(left)} of {len(set(accepted.ids))} not: {explain(left)}") from None
+
+
+class _RunAnything:
+    """A worker on the raw protocol, in a thread: every assignment succeeds at once."""
+
+    def __init__(self, channel: grpc.Channel, queue_name: str) -> None:
+        self._outbox: queue.Queue[worker_service_pb2.ConnectRequest | None] = queue.Queue()
+        self._outbox.put(worker_service_pb2.ConnectRequest(hello=worker_service_pb2.Hello(
+            language="python-fuzz", queues=[queue_name], max_in_flight=100)))
+        self._call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(self._requests())
+        self.error: grpc.RpcError | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> _RunAnything:
+        self._reader.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._outbox.put(None)
+        self._call.cancel()
+        self._reader.join(10)
+        assert self.error is None, f"the worker's stream failed: {self.error}"
+
+    def _requests(self) -> Iterator[worker_service_pb2.ConnectRequest]:
+        while (message := self._outbox.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                if message.WhichOneof("message") != "assignments":
+                    continue
+                outcomes = [worker_service_pb2.TaskOutcome(
+                    task_id=item.task.id, lease_token=item.lease_token, outcome=worker_service_pb2.OUTCOME_SUCCESS,
+                    result=task_pb2.Value(int_value=1),
+                ) for item in message.assignments.items]
+                self._outbox.put(worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=outcomes)))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.error = error
 
 texts = st.text(max_size=40) | st.sampled_from(["add", "default", " ", "a b", "\x00", "x" * 300])
 values = st.one_of(
@@ -88,10 +215,17 @@ workflows = st.recursive(
     ),
     max_leaves=12,
 )
+# Well-formed submissions too, so that every run accepts some tasks whose fate it then checks.
+valid_requests = st.builds(task_service_pb2.SubmitRequest, task=st.builds(
+    task_pb2.Signature, name=st.sampled_from(["add", "echo"]), queue=st.sampled_from(["", "fuzz-a", "fuzz-b"]),
+    args=st.lists(st.builds(task_pb2.Value, int_value=st.integers(-100, 100)), max_size=2),
+    priority=st.integers(0, 9),
+))
 requests = st.one_of(
     st.builds(task_service_pb2.SubmitRequest, task=signatures),
     st.builds(task_service_pb2.SubmitRequest, workflow=workflows),
     st.just(task_service_pb2.SubmitRequest()),
+    valid_requests,
 )
 
 
@@ -100,29 +234,42 @@ def _deliberate(error: grpc.RpcError) -> None:
     assert error.details(), "a refusal must say why"
 
 
-@FUZZ
-@given(request=requests)
-def test_submit_answers_or_refuses_clearly(channel: grpc.Channel, request: task_service_pb2.SubmitRequest) -> None:
+def test_submit_answers_or_refuses_clearly_and_loses_nothing(channel: grpc.Channel) -> None:
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    try:
-        response = stub.Submit(request, timeout=10)
-    except grpc.RpcError as error:
-        _deliberate(error)
-        return
-    accepted.extend(response.task_ids)
+    accepted = Accepted()
+
+    @FUZZ
+    @given(request=requests)
+    def submit(request: task_service_pb2.SubmitRequest) -> None:
+        try:
+            response = stub.Submit(request, timeout=10)
+        except grpc.RpcError as error:
+            _deliberate(error)
+            return
+        accepted.add(request, response.task_ids)
+
+    submit()
+    assert_all_end(channel, accepted)
 
 
-@FUZZ
-@given(batch=st.lists(requests, max_size=5))
-def test_batches_are_all_or_nothing(channel: grpc.Channel, batch: list[task_service_pb2.SubmitRequest]) -> None:
+def test_batches_are_all_or_nothing_and_lose_nothing(channel: grpc.Channel) -> None:
     stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    try:
-        response = stub.SubmitBatch(task_service_pb2.SubmitBatchRequest(requests=batch), timeout=10)
-    except grpc.RpcError as error:
-        _deliberate(error)
-        return
-    assert len(response.responses) == len(batch)
-    accepted.extend(t for r in response.responses for t in r.task_ids)
+    accepted = Accepted()
+
+    @FUZZ
+    @given(batch=st.lists(requests, max_size=5) | st.lists(valid_requests, min_size=1, max_size=5))
+    def submit_batch(batch: list[task_service_pb2.SubmitRequest]) -> None:
+        try:
+            response = stub.SubmitBatch(task_service_pb2.SubmitBatchRequest(requests=batch), timeout=10)
+        except grpc.RpcError as error:
+            _deliberate(error)
+            return
+        assert len(response.responses) == len(batch)
+        for request, reply in zip(batch, response.responses, strict=True):
+            accepted.add(request, reply.task_ids)
+
+    submit_batch()
+    assert_all_end(channel, accepted)
 
 
 READ_CALLS: list[tuple[str, Any]] = [
@@ -182,11 +329,13 @@ def test_worker_streams_with_random_messages(
     stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
     # Queues named here are fuzz-only: the stream must not take the accepted tasks.
     safe = [_confine(m) for m in messages]
+    # The client half-closes after its messages: the server must answer that by ending the
+    # stream (or refuse a message), never leave it hanging until the deadline.
     try:
-        for _ in stub.Connect(iter(safe), timeout=3):
+        for _ in stub.Connect(iter(safe), timeout=10):
             pass
     except grpc.RpcError as error:
-        assert error.code() in DELIBERATE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}, error
+        _deliberate(error)
 
 
 def _confine(message: worker_service_pb2.ConnectRequest) -> worker_service_pb2.ConnectRequest:
@@ -196,9 +345,6 @@ def _confine(message: worker_service_pb2.ConnectRequest) -> worker_service_pb2.C
     return message
 
 
-def test_the_server_is_alive_and_lost_nothing(server: Server, channel: grpc.Channel) -> None:
+def test_the_server_is_alive(server: Server) -> None:
     assert serving(server.address)
-    stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    assert accepted, "the fuzzing accepted some tasks"
-    for task_id in set(accepted):
-        stub.GetResult(task_service_pb2.GetResultRequest(task_id=task_id), timeout=10)  # NOT_FOUND would raise
+    assert server.alive()

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conveyor import Client, RetryPolicy, Worker, chord, current_task, sig
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
+from tests.support.processes import eventually
 
 EXPORTER = InMemorySpanExporter()
 
@@ -60,6 +61,11 @@ def by_id(spans: list[ReadableSpan]) -> dict[int, ReadableSpan]:
     return {s.context.span_id: s for s in spans}
 
 
+def finished(exporter: InMemorySpanExporter, name: str) -> int:
+    """How many spans named `name` have ended."""
+    return sum(span.name == name for span in exporter.get_finished_spans())
+
+
 def parent_name(span: ReadableSpan, index: dict[int, ReadableSpan]) -> str:
     assert span.parent is not None, f"{span.name} has no parent"
     return index[span.parent.span_id].name
@@ -72,7 +78,8 @@ async def test_chord_with_a_retry_is_one_trace(address: str, exporter: InMemoryS
     async with Client(address) as client:
         submitted = await client.submit(flow)
         assert await client.result(submitted.task_id, wait=20) == 13
-    await asyncio.sleep(0.2)  # the last result span closes right after the result is stored
+    # The last result span closes right after the result is stored.
+    await eventually(lambda: finished(exporter, "result total") == 1, 10, "the callback's result span ended")
 
     spans = list(exporter.get_finished_spans())
     names = sorted(s.name for s in spans)
@@ -104,7 +111,7 @@ async def test_chain_steps_and_callbacks_share_the_trace(address: str, exporter:
         first = await client.submit(sig("square", 2) | sig("square") | sig("square").link(sig("square")))
         assert await client.result(first.task_id, wait=20) == 256
         assert await client.result(f"{first.task_id}.ok0", wait=20) == 256 * 256
-    await asyncio.sleep(0.2)
+    await eventually(lambda: finished(exporter, "result square") == 4, 10, "the four result spans ended")
     spans = list(exporter.get_finished_spans())
     assert len({s.context.trace_id for s in spans}) == 1
     assert len([s for s in spans if s.name == "execute square"]) == 4
