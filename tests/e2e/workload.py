@@ -165,3 +165,33 @@ def retry_in(delay: float) -> None:
     context = current_task()
     _log(f"retry_in {context.task_id} attempt={context.attempt} at={time.time():.3f}")
     raise Retry(delay=delay)
+
+
+# -- fault-injection suite (tests/faults/) ------------------------------------------------------
+# One line per execution: "fault <kind> <task id> attempt=<n> pid=<pid> at=<unix time>", so the
+# harness counts executions (not states) per task, chord member and chord callback.
+
+def _fault_log(kind: str) -> None:
+    context = current_task()
+    _log(f"fault {kind} {context.task_id} attempt={context.attempt} pid={os.getpid()} at={time.time():.3f}")
+
+
+@worker.task("fault_task")
+def fault_task(index: int, seconds: float) -> int:
+    _fault_log("task")
+    time.sleep(seconds)
+    return index
+
+
+@worker.task("fault_member")
+def fault_member(index: int, seconds: float) -> int:
+    _fault_log("member")
+    time.sleep(seconds)
+    return index
+
+
+@worker.task("fault_callback")
+def fault_callback(results: list[int]) -> int:
+    """A chord callback: logs its own execution, so callbacks are counted by execution."""
+    _fault_log("callback")
+    return sum(results)
