@@ -46,6 +46,8 @@ NETWORK_ERRNOS = frozenset({
 # ClientError codes (and exception class names) of SQS and AWS in general worth a retry.
 AWS_TRANSIENT_CODES = frozenset({
     "QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AWS.SimpleQueueService.QueueDoesNotExist",
+    # A queue deleted in the last 60 s cannot be created again yet (the SQS broker re-creates lost queues).
+    "QueueDeletedRecently", "AWS.SimpleQueueService.QueueDeletedRecently",
     "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
     "TooManyRequestsException", "RequestLimitExceeded", "SlowDown", "ServiceUnavailable", "InternalError",
     "InternalFailure", "RequestTimeout", "RequestTimeoutException", "KMS.ThrottlingException",

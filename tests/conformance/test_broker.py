@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiormq
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from conveyor_server.brokers import amqp as amqp_module
+from conveyor_server.brokers import sqs as sqs_module
+from conveyor_server.brokers.amqp import (
+    RECONNECT_FIRST_SECONDS,
+    RECONNECT_MAX_SECONDS,
+    REFUSED_RETRY_SECONDS,
+    AmqpBroker,
+    quantize_delay_ms,
+    reconnect_delay,
+)
 from conveyor_server.brokers.base import Broker, Delivery, OutgoingMessage, QueueStats
 from conveyor_server.brokers.redis import (
     SIGNAL_READ_SECONDS,
@@ -24,8 +37,12 @@ from conveyor_server.brokers.redis import (
     RedisBroker,
     check_version,
 )
+from conveyor_server.brokers.sqs import SqsBroker
+from conveyor_server.engine_errors import is_transient
 from conveyor_server.engines import open_broker
 from tests.fixtures.broker_services import drop_redis_prefix
+from tests.fixtures.rabbitmq_node import RabbitNode
+from tests.support.proxy import TcpProxy
 
 LEASE = 30.0
 
@@ -218,8 +235,14 @@ async def test_two_consumers_never_share_a_lease(shared_broker_url: str, queue: 
             return taken
 
         one, two = await asyncio.gather(consume(first), consume(second))
-        assert len(one) + len(two) == 200
         assert set(one) | set(two) == {f"m{i}" for i in range(200)}
+        if may_deliver_twice(shared_broker_url):
+            # SQS standard queues deliver at least once: now and then a message reaches two
+            # receivers (moto without its receive lock too). The server drops the second copy
+            # (tests/chaos/test_duplicate_delivery.py); here it only must not be lost.
+            print(f"delivered twice: {len(one) + len(two) - 200}")
+        else:
+            assert len(one) + len(two) == 200
     finally:
         await first.close()
         await second.close()
@@ -249,6 +272,36 @@ async def test_empty_batches_are_noops(broker: Broker, queue: str) -> None:
     await broker.nack([])
     await broker.extend([], LEASE)
     assert await broker.fetch(queue, 10, LEASE) == []
+
+
+def may_deliver_twice(broker_url: str) -> bool:
+    """SQS standard queues promise at-least-once delivery, not exactly once."""
+    return broker_url.startswith("sqs:") and "fifo=1" not in broker_url
+
+
+# -- SQS FIFO (fifo=1): order within a message group ------------------------------------------
+
+@pytest.mark.xfail(reason="SQS fifo=1: a publish of more than 10 messages sends its batches in parallel, so a "
+                          "group's order across batches is lost (seen: a0-a3, then a7 before a4)", strict=False)
+async def test_sqs_fifo_keeps_the_order_of_each_message_group(sqs_fifo_broker_url: str, queue: str) -> None:
+    broker = open_broker(sqs_fifo_broker_url)
+    await broker.connect()
+    try:
+        published = [OutgoingMessage(f"{group}{i}", f"{group}{i}".encode(), group=group)
+                     for i in range(12) for group in ("a", "b", "c")]
+        await broker.publish(queue, published)
+        taken: list[Delivery] = []
+        while len(taken) < len(published):
+            batch = await broker.fetch(queue, 4, LEASE, wait_seconds=2)
+            assert batch, f"only {len(taken)} of {len(published)} messages came back"
+            taken += batch
+            await broker.ack(batch)
+        for group in ("a", "b", "c"):
+            assert [d.message_id for d in taken if d.message_id.startswith(group)] == [
+                f"{group}{i}" for i in range(12)], f"group {group} out of order"
+        assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+    finally:
+        await broker.close()
 
 
 # -- Redis only: the queue registry, the version check, timeouts ------------------------------
@@ -371,3 +424,413 @@ def test_redis_busy_loading_is_a_connection_error() -> None:
     # Redis answers LOADING while it replays its AOF after a restart; redis-py raises
     # BusyLoadingError, which callers must treat as the connection error it is.
     assert issubclass(BusyLoadingError, RedisConnectionError)
+
+
+# -- AMQP only: outages, cancelled calls, quorum queues ---------------------------------------
+
+def _amqp_url(url: str, address: str | None = None, **options: str) -> str:
+    """`url` pointed at `address` (host:port) and with `options` set in its query."""
+    parts = urlsplit(url)
+    if address is not None:
+        parts = parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@{address}")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in options] + list(options.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def _drop_amqp_names(url: str, queues: Sequence[str], exchanges: Sequence[str] = ()) -> None:
+    connection = await aiormq.connect(url.split("?", maxsplit=1)[0])
+    try:
+        channel = await connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def _fails_fast(call: asyncio.Future[object] | Awaitable[object], seconds: float = 1.0) -> BaseException:
+    """The transient error `call` raised, within `seconds`."""
+    started = time.monotonic()
+    with pytest.raises(Exception) as raised:
+        await asyncio.wait_for(call, seconds)
+    assert is_transient(raised.value), repr(raised.value)
+    assert time.monotonic() - started < seconds
+    return raised.value
+
+
+async def _until_published(broker: Broker, queue: str, message: OutgoingMessage, seconds: float) -> float:
+    """Publishes as soon as the broker takes it; returns how long that took."""
+    started = time.monotonic()
+    while True:
+        try:
+            await broker.publish(queue, [message])
+            return time.monotonic() - started
+        except Exception as exc:
+            assert is_transient(exc), repr(exc)
+            assert time.monotonic() - started < seconds, f"still failing after {seconds} s: {exc!r}"
+            await asyncio.sleep(0.02)
+
+
+def test_amqp_reconnect_waits_grow_from_100_ms_with_jitter_up_to_a_cap() -> None:
+    lowest = [reconnect_delay(n, refused=False, draw=lambda: 0.0) for n in range(12)]
+    highest = [reconnect_delay(n, refused=False, draw=lambda: 1.0) for n in range(12)]
+    assert highest[0] == pytest.approx(RECONNECT_FIRST_SECONDS)
+    assert lowest[0] == pytest.approx(RECONNECT_FIRST_SECONDS / 2)
+    assert highest[:5] == pytest.approx([RECONNECT_FIRST_SECONDS * 2**n for n in range(5)])
+    assert max(highest) == pytest.approx(RECONNECT_MAX_SECONDS)
+    assert (lowest[-1], highest[-1]) == pytest.approx((RECONNECT_MAX_SECONDS / 2, RECONNECT_MAX_SECONDS))
+    # Nothing listening on the port: polled at a short interval, which costs RabbitMQ nothing.
+    assert reconnect_delay(30, refused=True) <= REFUSED_RETRY_SECONDS
+
+
+async def test_amqp_calls_fail_fast_while_rabbitmq_is_unreachable_and_resume_after(
+    amqp_broker_url: str, queue: str
+) -> None:
+    with TcpProxy("127.0.0.1", urlsplit(amqp_broker_url).port or 5672) as proxy:
+        broker = AmqpBroker.from_url(_amqp_url(amqp_broker_url, proxy.address))
+        await broker.connect()
+        try:
+            await broker.publish(queue, messages(2))
+            [held] = await broker.fetch(queue, 1, LEASE, wait_seconds=2)
+            waiting = asyncio.ensure_future(broker.fetch(f"{queue}-idle", 10, LEASE, wait_seconds=10))
+            await asyncio.sleep(0.3)
+
+            proxy.cut()
+            await _fails_fast(waiting)
+            await _fails_fast(broker.publish(queue, messages(1, "during")))
+            await _fails_fast(broker.fetch(queue, 10, LEASE, wait_seconds=5))
+            await _fails_fast(broker.stats(queue))
+            await _fails_fast(broker.purge(queue))
+            # The held delivery's channel died with the connection: it is lost, and settling it is a no-op.
+            await broker.ack([held])
+            await broker.nack([held], delay=1)
+            await broker.extend([held], LEASE)
+            assert await broker.recover_expired() == 0
+
+            await asyncio.sleep(1.0)
+            proxy.restore()
+            await _until_published(broker, queue, OutgoingMessage("after", b"x"), RECONNECT_MAX_SECONDS + 3)
+            fetched = await broker.fetch(queue, 10, LEASE, wait_seconds=2)
+            counts = {d.message_id: d.delivery_count for d in fetched}
+            # The held one comes back as a redelivery; the other was never delivered.
+            assert counts == {"after": 1, "m0": 1, "m1": 1, held.message_id: 2}
+            await broker.ack(fetched)
+            assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+        finally:
+            await broker.close()
+
+
+async def test_amqp_a_publish_rabbitmq_never_confirms_fails_instead_of_hanging(
+    amqp_broker_url: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(amqp_module, "PUBLISH_STALL_SECONDS", 0.5)
+    with TcpProxy("127.0.0.1", urlsplit(amqp_broker_url).port or 5672) as proxy:
+        broker = AmqpBroker.from_url(_amqp_url(amqp_broker_url, proxy.address))
+        await broker.connect()
+        try:
+            await broker.publish(queue, messages(1, "before"))
+            proxy.delay(3.0)  # a link that stalls: nothing is confirmed for 3 s
+            started = time.monotonic()
+            with pytest.raises(TimeoutError) as raised:
+                await broker.publish(queue, messages(1, "stalled"))
+            assert is_transient(raised.value) and time.monotonic() - started < 2.5
+            proxy.delay(0)
+            await asyncio.sleep(3.5)  # the stalled frames arrive late: the connection is still fine
+            await broker.publish(queue, messages(1, "after"))
+            fetched = await broker.fetch(queue, 10, LEASE, wait_seconds=2)
+            # At least once: the stalled publish did reach RabbitMQ, late.
+            assert sorted(ids(fetched)) == ["after0", "before0", "stalled0"]
+            await broker.ack(fetched)
+        finally:
+            await broker.close()
+
+
+@pytest.mark.slow
+async def test_amqp_a_restarted_node_is_back_in_use_within_a_second_of_answering(
+    rabbitmq_node: RabbitNode, queue: str
+) -> None:
+    broker = AmqpBroker.from_url(_amqp_url(rabbitmq_node.url, prefix="restart"))
+    await broker.connect()
+    try:
+        await broker.publish(queue, [OutgoingMessage("kept", b"persistent")])
+        await asyncio.to_thread(rabbitmq_node.stop)
+        await _fails_fast(broker.publish(queue, messages(1)))
+        await asyncio.to_thread(rabbitmq_node.start)  # returns once the node answers AMQP
+
+        took = await _until_published(broker, queue, OutgoingMessage("after", b"x"), 5.0)
+        print(f"\npublishing again {took:.2f} s after the node answered")
+        assert took < 1.0
+        fetched = await broker.fetch(queue, 10, LEASE, wait_seconds=2)
+        assert sorted(d.message_id for d in fetched) == ["after", "kept"]  # durable queue, persistent message
+        await broker.ack(fetched)
+    finally:
+        await broker.close()
+
+
+async def test_amqp_a_cancelled_fetch_closes_no_channel_and_hands_its_messages_back(
+    amqp_broker_url: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = AmqpBroker.from_url(amqp_broker_url)
+    await broker.connect()
+    try:
+        await broker.publish(queue, messages(50))
+        [held] = await broker.fetch(queue, 1, LEASE, wait_seconds=2)
+        channels = dict(broker._channels)
+        returned: list[Delivery] = []
+        for attempt in range(150):
+            # Cancelled at every stage: while declaring, starting the consumer, collecting, cancelling it.
+            fetching = asyncio.ensure_future(broker.fetch(queue, 5, LEASE, wait_seconds=1.0))
+            for _ in range(attempt % 9):
+                await asyncio.sleep(0)
+            if attempt % 10 == 9:
+                await asyncio.sleep(0.002 * (attempt % 4))
+            fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                returned += await fetching  # it may have finished first
+        await asyncio.sleep(0.3)
+
+        assert all(broker._channels[role] is channel and not channel.is_closed for role, channel in channels.items())
+        assert not [r for r in caplog.records if "Closing channel" in r.getMessage()]
+        await broker.ack([held, *returned])  # still live: its channel never closed
+        rest: list[Delivery] = []
+        while batch := await broker.fetch(queue, 100, LEASE, wait_seconds=0.5):
+            rest += batch
+        assert len(rest) + len(returned) == 49
+        await broker.ack(rest)
+        assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+    finally:
+        await broker.close()
+
+
+@dataclass
+class _QuorumRun:
+    url: str
+    prefix: str
+    queues: list[str] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+
+
+@pytest.fixture
+async def quorum(amqp_broker_url: str) -> AsyncIterator[_QuorumRun]:
+    """The session's RabbitMQ with `queue_type=quorum` and a prefix of this test's own (under the
+    session's, so the session teardown would drop it too); what it names is deleted after the test."""
+    session_prefix = dict(parse_qsl(urlsplit(amqp_broker_url).query))["prefix"]
+    prefix = f"{session_prefix}.qq{uuid.uuid4().hex[:6]}"
+    run = _QuorumRun(_amqp_url(amqp_broker_url, prefix=prefix, queue_type="quorum"), prefix)
+    yield run
+    delayed = [f"{prefix}.delay.{quantize_delay_ms(d)}" for d in run.delays]
+    await _drop_amqp_names(amqp_broker_url, [f"{prefix}.q.{q}" for q in run.queues] + delayed, delayed)
+
+
+async def test_amqp_quorum_queues_on_request_without_priorities(quorum: _QuorumRun, queue: str) -> None:
+    quorum.queues.append(queue)
+    quorum.delays += [0.3, 0.5]
+    broker = AmqpBroker.from_url(quorum.url)
+    await broker.connect()
+    try:
+        published = [OutgoingMessage(f"p{p}", b"x", priority=p) for p in (0, 9, 5)]
+        await broker.publish(queue, [*published, OutgoingMessage("later", b"y", delay=0.3)])
+        first = await broker.fetch(queue, 10, LEASE, wait_seconds=2)
+        # Quorum queues take no x-max-priority: priorities are not promised (FIFO before RabbitMQ 4.0).
+        assert sorted(ids(first)) == ["p0", "p5", "p9"]
+        [later] = await broker.fetch(queue, 10, LEASE, wait_seconds=5)
+        assert later.message_id == "later"
+
+        await broker.nack([later], delay=0.5)
+        [again] = await broker.fetch(queue, 10, LEASE, wait_seconds=5)
+        assert (again.message_id, again.delivery_count) == ("later", 2)
+        await broker.ack([*first, again])
+        assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+    finally:
+        await broker.close()
+
+    # It is a quorum queue: declaring it as a classic one is refused...
+    connection = await aiormq.connect(_amqp_url(quorum.url).split("?", maxsplit=1)[0])
+    try:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match=r"x-queue-type|x-max-priority"):
+            await channel.queue_declare(f"{quorum.prefix}.q.{queue}", durable=True, arguments={"x-max-priority": 10})
+    finally:
+        await connection.close()
+    # ...and a classic broker on the same prefix says what to do, with an error that is not transient.
+    classic = AmqpBroker.from_url(_amqp_url(quorum.url, queue_type="classic"))
+    await classic.connect()
+    try:
+        with pytest.raises(RuntimeError, match="another prefix") as raised:
+            await classic.fetch(queue, 1, LEASE)
+        assert not is_transient(raised.value)
+    finally:
+        await classic.close()
+
+
+def test_amqp_an_unknown_queue_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="queue_type"):
+        AmqpBroker.from_url("amqp://guest:guest@127.0.0.1:5672/?queue_type=stream")
+
+
+# -- SQS only: queues that vanish, an endpoint out of reach, late answers, a racing nack ----
+
+@pytest.fixture
+async def sqs(sqs_broker_url: str) -> AsyncIterator[SqsBroker]:
+    broker = SqsBroker.from_url(sqs_broker_url)
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+async def _lose_sqs_queues(broker: SqsBroker, queue: str) -> None:
+    """Deletes the SQS queues behind `queue`, as a deleted queue, a region failover or a moto
+    restart loses them (with what they held)."""
+    urls = broker._urls[queue]
+    for url in [urls.delay, *urls.bands]:
+        await broker._sqs.delete_queue(QueueUrl=url)
+
+
+async def test_sqs_creates_its_queues_again_when_they_are_gone(sqs: SqsBroker, queue: str) -> None:
+    await sqs.publish(queue, messages(3, "old"))
+    [held] = await sqs.fetch(queue, 1, LEASE, wait_seconds=2)
+    await _lose_sqs_queues(sqs, queue)
+
+    assert await sqs.fetch(queue, 10, LEASE) == []  # the queues are back, empty: what they held is lost
+    await sqs.publish(queue, messages(2, "new"))
+    fetched = await sqs.fetch(queue, 10, LEASE, wait_seconds=2)
+    assert sorted(ids(fetched)) == ["new0", "new1"]
+    # The delivery from the lost queue: every call with it is a no-op, none raises.
+    await sqs.extend([held], LEASE)
+    await sqs.ack([held, *fetched])
+    assert await sqs.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+
+    await _lose_sqs_queues(sqs, queue)
+    await sqs.publish(queue, messages(1, "again", delay=0.5))  # the delay queue comes back too
+    [later] = await sqs.fetch(queue, 10, LEASE, wait_seconds=5)
+    assert later.message_id == "again0"
+
+
+async def test_sqs_a_waiting_fetch_survives_the_loss_of_its_queues(
+    sqs: SqsBroker, sqs_broker_url: str, queue: str
+) -> None:
+    assert await sqs.fetch(queue, 10, LEASE) == []
+    await _lose_sqs_queues(sqs, queue)
+    waiting = asyncio.create_task(sqs.fetch(queue, 10, LEASE, wait_seconds=10))
+    await asyncio.sleep(1.5)  # its long polls meet the missing queues
+    other = SqsBroker.from_url(sqs_broker_url)
+    await other.connect()
+    try:
+        await other.publish(queue, messages(1))
+    finally:
+        await other.close()
+    assert ids(await asyncio.wait_for(waiting, 10)) == ["m0"]
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_sqs_calls_fail_fast_while_the_endpoint_is_unreachable(queue: str) -> None:
+    broker = SqsBroker.from_url(f"sqs://?endpoint=http://127.0.0.1:{_closed_port()}&prefix=unreachable")
+    await broker.connect()
+    try:
+        for call in (broker.publish(queue, messages(1)), broker.fetch(queue, 10, LEASE, wait_seconds=5)):
+            started = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                await asyncio.wait_for(call, 10)
+            assert is_transient(raised.value), repr(raised.value)
+            assert time.monotonic() - started < 3  # one retry after at most a second's backoff
+    finally:
+        await broker.close()
+
+
+async def test_sqs_an_endpoint_that_never_answers_fails_the_call(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqs_module, "READ_TIMEOUT", 0.5)
+    # A listening socket nobody reads: TCP connects, then no reply ever comes.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        broker = SqsBroker.from_url(f"sqs://?endpoint=http://127.0.0.1:{silent.getsockname()[1]}&prefix=silent")
+        await broker.connect()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                await asyncio.wait_for(broker.publish(queue, messages(1)), 20)
+            assert is_transient(raised.value), repr(raised.value)
+            assert time.monotonic() - started < 5
+        finally:
+            await broker.close()
+
+
+async def test_sqs_a_message_received_after_its_lease_passed_is_renewed_before_it_is_handed_out(
+    sqs: SqsBroker, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow SQS: the answer to the receive comes after the 1 s lease has run out by the
+    # broker's clock. Handed out like that, the delivery could not be acked (a stale lease),
+    # and SQS would hand it out again while its task runs.
+    await sqs.publish(queue, messages(1))
+    request = sqs._request
+
+    async def late(method: str, poll: bool, params: dict[str, object]) -> object:
+        reply = await request(method, poll, params)
+        if method == "receive_message" and reply.get("Messages"):
+            await asyncio.sleep(1.2)
+        return reply
+
+    monkeypatch.setattr(sqs, "_request", late)
+    [delivery] = await sqs.fetch(queue, 10, 1.0, wait_seconds=2)
+    monkeypatch.setattr(sqs, "_request", request)
+
+    await sqs.ack([delivery])  # not a no-op: its lease was renewed
+    await asyncio.sleep(1.5)
+    assert await sqs.fetch(queue, 10, LEASE, wait_seconds=1) == []
+    assert await sqs.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+
+
+async def test_sqs_a_nacked_message_goes_to_a_receive_that_races_the_nack(
+    sqs: SqsBroker, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's stream dropped: its tasks are nacked while other fetches receive. SQS made the
+    # message visible, its answer to the nack is still on the way, and a receive gets the
+    # message: that is a redelivery to hand out, not a second copy of a lease held here (which
+    # would leave the message invisible, and its task waiting, for a whole lease).
+    await sqs.publish(queue, messages(1))
+    [delivery] = await sqs.fetch(queue, 10, LEASE, wait_seconds=2)
+    request = sqs._request
+
+    async def slow_answer(method: str, poll: bool, params: dict[str, object]) -> object:
+        reply = await request(method, poll, params)
+        if method == "change_message_visibility_batch":
+            await asyncio.sleep(1.5)
+        return reply
+
+    monkeypatch.setattr(sqs, "_request", slow_answer)
+    nacking = asyncio.create_task(sqs.nack([delivery]))
+    await asyncio.sleep(0.5)
+    [again] = await sqs.fetch(queue, 10, LEASE, wait_seconds=0.5)
+    assert not nacking.done(), "the receive was meant to race the nack"
+    await nacking
+    assert (again.message_id, again.delivery_count) == (delivery.message_id, 2)
+
+
+async def test_sqs_ack_does_not_wait_for_sqs_and_stats_see_it_done(
+    sqs: SqsBroker, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sqs.publish(queue, messages(20))
+    fetched = await sqs.fetch(queue, 20, LEASE, wait_seconds=2)
+    request = sqs._request
+
+    async def slow_delete(method: str, poll: bool, params: dict[str, object]) -> object:
+        if method == "delete_message_batch":
+            await asyncio.sleep(1.0)
+        return await request(method, poll, params)
+
+    monkeypatch.setattr(sqs, "_request", slow_delete)
+    started = time.monotonic()
+    await sqs.ack(fetched)
+    assert time.monotonic() - started < 0.5
+    await sqs.ack(fetched)  # the leases are given up: again is a no-op
+    assert await sqs.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+    assert time.monotonic() - started >= 1.0

@@ -17,10 +17,23 @@ SQS queues behind one conveyor queue `q` (names `<prefix>-<q>-<suffix>`):
   messages without touching leased ones, and makes stats() exact up to SQS's approximation.
 
 Lease: the visibility timeout, rounded up to whole seconds. SQS returns an expired message
-by itself, so recover_expired() only forwards due delayed messages and returns 0. A delivery
-whose lease has passed by this process's clock is not acked/nacked/extended, since SQS (and
-moto) may honour an old receipt handle. delivery_count = ApproximateReceiveCount plus the
-deliveries of earlier copies (carried in an attribute by nack-with-delay copies).
+by itself, so recover_expired() only forwards due delayed messages and returns 0. A lease
+runs from just before the request that took or renewed it (this process's clock), and a
+delivery whose lease has passed by that clock is not acked/nacked/extended, since SQS (and
+moto) may honour an old receipt handle. So fetch never hands out a message whose lease is
+mostly gone (an SQS that answered late, a message a long poll kept): it renews that lease
+first, and leaves out one SQS will not renew (SQS brings it back by itself). nack() without
+a delay gives the lease up before it makes the message visible, so a receive racing it takes
+the message at once. ack() gives the lease up at once and deletes in the background (stats(),
+purge() and close() wait for those deletes), so reporting results never waits for SQS.
+delivery_count = ApproximateReceiveCount plus the deliveries of earlier copies (carried in an
+attribute by nack-with-delay copies).
+
+Outages. Calls have connect and read timeouts and one retry, so an unreachable endpoint fails
+them within seconds with botocore's connection errors (transient: engine_errors.py). A call
+that meets a queue that does not exist (any more: deleted, a region failover, a restarted moto)
+creates the conveyor queue's SQS queues again, as they were created, and is retried once; the
+messages that were in them are gone (the server's repair publishes their tasks again).
 
 purge() receives and deletes the visible messages of every band and of the delay queue,
 reading each one's id attribute, then purges the delay queue (PurgeQueue) for the messages
@@ -28,8 +41,10 @@ still delayed, which SQS lets nobody read: the ids it returns for those are the 
 process sent (kept here with their due time); delayed messages sent by other replicas are
 dropped unlisted, and one a forwarder is moving at that moment may survive the purge.
 
-While a fetch waits it long-polls every band and the delay queue at once; what a poll gets
-after its fetch returned is kept for the next fetch (or reappears when its visibility ends).
+A fetch receives from every band at once (keeping for the next fetch what lower bands gave
+beyond its need) and looks at the delay queue meanwhile. While a fetch waits it long-polls
+every band and the delay queue at once; what a poll gets after its fetch returned is kept for
+the next fetch (or reappears when its visibility ends).
 Bodies travel base64-encoded; the task id and the rest travel as message attributes.
 """
 
@@ -52,6 +67,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aioboto3
 
+from ..engine_errors import is_transient
 from ._wakeups import Wakeups
 from .base import Delivery, OutgoingMessage, QueueStats
 
@@ -68,11 +84,22 @@ MAX_WAIT = 20  # long-polling cap
 MAX_BATCH_BYTES = 250_000  # under SendMessageBatch's 256 KiB total
 NAME_LIMIT = 80
 CONCURRENCY = 32  # parallel short calls
-POOL = 128  # HTTP connections: short calls plus long polls
+POOL = 64  # HTTP connections for short calls
+POLL_POOL = 128  # HTTP connections for long polls (each holds one for up to MAX_WAIT)
+# Timeouts and retries: an unreachable endpoint fails a short call within a few seconds
+# (refused at once: about one second, the retry's backoff), never hangs it.
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 10.0  # short calls; long polls wait up to MAX_WAIT on top
+ATTEMPTS = 2  # botocore "standard" retries: the first try and one retry
+# Handed-out leases keep at least this share of their length; shorter ones are renewed first.
+LEASE_FLOOR = 0.5
+LATE_LOG_SECONDS = 30.0  # at most one "SQS answered late" warning per this long
 FORWARD_VISIBILITY = 60  # seconds a forwarder owns a delay-queue message
 FORWARD_INTERVAL = 0.1  # a busy fetcher looks at the delay queue at most this often
 FORWARD_LIMIT = 100  # delay-queue messages forwarded per look
 PURGE_RECEIVERS = 4  # parallel receive-and-delete loops per SQS queue while purging
+# Error codes of a queue that does not exist (SQS's JSON and query protocols).
+QUEUE_GONE = frozenset({"QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue"})
 A_ID, A_DELIVERIES = "conveyor-id", "conveyor-deliveries"
 A_DUE, A_PRIORITY, A_GROUP = "conveyor-due", "conveyor-priority", "conveyor-group"
 TAG_QUEUE = "conveyor-queue"
@@ -99,6 +126,17 @@ def _attribute(message: dict[str, Any], name: str, default: str = "") -> str:
     return str(message.get("MessageAttributes", {}).get(name, {}).get("StringValue", default))
 
 
+def _alive(handle: _Handle, now: float) -> bool:
+    """Whether this process still holds the lease of `handle` (by its own clock)."""
+    return not handle.settled and handle.deadline > now
+
+
+def _queue_gone(exc: Exception) -> bool:
+    """Whether `exc` is SQS saying the queue of the call does not exist."""
+    response: Any = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")) in QUEUE_GONE
+
+
 @dataclass(slots=True)
 class _Handle:
     """Engine state of one received message: where it lives and until when this process owns it."""
@@ -108,6 +146,7 @@ class _Handle:
     band: int
     deadline: float  # loop time
     message: dict[str, Any] = field(default_factory=dict, repr=False)
+    settled: bool = False  # acked or given back: its lease is over for good
 
 
 @dataclass(slots=True)
@@ -143,6 +182,11 @@ class _Urls:
     queue: str
     bands: list[str]
     delay: str
+    created_at: float = 0.0  # loop time
+
+    def url(self, role: int) -> str:
+        """The URL of band `role`, or of the delay queue for -1."""
+        return self.delay if role < 0 else self.bands[role]
 
 
 class SqsBroker:
@@ -165,8 +209,14 @@ class SqsBroker:
         self._bands = BAND_LAYOUTS[bands]
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._poller: Any = None  # a client of its own for long polls (a longer read timeout)
         self._urls: dict[str, _Urls] = {}
         self._creating: dict[str, asyncio.Lock] = {}
+        # SQS queue URL -> (conveyor queue, band or -1 for the delay queue), to create again.
+        self._owners: dict[str, tuple[str, int]] = {}
+        self._late_logged_at = -math.inf
+        # Deletes of acked messages still running (see ack()).
+        self._deleting: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(CONCURRENCY)
         # Messages a long poll received after its fetch returned: queue -> handles.
         self._buffer: dict[str, list[_Handle]] = {}
@@ -206,20 +256,26 @@ class SqsBroker:
 
     async def connect(self) -> None:
         self._stack = contextlib.AsyncExitStack()
+        self._client = await self._stack.enter_async_context(self._new_client(READ_TIMEOUT, POOL, ATTEMPTS))
+        # A failed long poll is not retried here: the waiting fetch polls again.
+        self._poller = await self._stack.enter_async_context(self._new_client(MAX_WAIT + READ_TIMEOUT, POLL_POOL, 1))
+
+    def _new_client(self, read_timeout: float, pool: int, attempts: int) -> Any:
         extra: dict[str, Any] = {}
         if self._credentials is not None:
             extra = {"aws_access_key_id": self._credentials[0], "aws_secret_access_key": self._credentials[1]}
         # botocore ships no type information; importing it this way keeps mypy strict quiet.
         config_class = importlib.import_module("botocore.config").Config
-        # Long polls hold a pooled connection each for up to 20 s: leave room for them.
-        config = config_class(max_pool_connections=POOL, retries={"max_attempts": 5, "mode": "standard"})
-        self._client = await self._stack.enter_async_context(
-            aioboto3.Session().client(
-                "sqs", endpoint_url=self._endpoint, region_name=self._region, config=config, **extra
-            )
+        config = config_class(
+            max_pool_connections=pool, connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+        )
+        return aioboto3.Session().client(
+            "sqs", endpoint_url=self._endpoint, region_name=self._region, config=config, **extra
         )
 
     async def close(self) -> None:
+        await self._acked()
         for task in self._polls.values():
             task.cancel()
         for task in list(self._polls.values()):
@@ -229,7 +285,7 @@ class SqsBroker:
         self._buffer.clear()
         if self._stack is not None:
             await self._stack.aclose()
-        self._stack = self._client = None
+        self._stack = self._client = self._poller = None
 
     @property
     def _sqs(self) -> Any:
@@ -237,9 +293,37 @@ class SqsBroker:
             raise RuntimeError("SqsBroker is not connected; call connect() first")
         return self._client
 
-    async def _call(self, method: str, **params: Any) -> Any:
+    async def _call(self, method: str, *, poll: bool = False, **params: Any) -> Any:
+        """One SQS call (`poll`: a long poll, on its own client and outside the concurrency
+        limit, whose slots it would hold for seconds while idle). When the queue of the call
+        does not exist, its conveyor queue's SQS queues are created again and the call is
+        retried once."""
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._request(method, poll, params)
+        except Exception as exc:
+            if "QueueUrl" not in params or not _queue_gone(exc):
+                raise
+            url = await self._recreate(str(params["QueueUrl"]), started, exc)
+        return await self._request(method, poll, {**params, "QueueUrl": url})
+
+    async def _request(self, method: str, poll: bool, params: dict[str, Any]) -> Any:
+        if poll:
+            if self._poller is None:
+                raise RuntimeError("SqsBroker is not connected; call connect() first")
+            return await self._poller.receive_message(**params)
         async with self._limit:
             return await getattr(self._sqs, method)(**params)
+
+    async def _recreate(self, url: str, since: float, exc: Exception) -> str:
+        """The URL standing for `url` once its conveyor queue's SQS queues exist again: created
+        here, unless another call did that after `since` (the failed call's start)."""
+        owner = self._owners.get(url)
+        if owner is None:  # not one of ours (a listing's): nothing to create
+            raise exc
+        queue, role = owner
+        urls = await self._create_queues(queue, since)
+        return urls.url(role)
 
     # -- naming ------------------------------------------------------------------------------
 
@@ -269,19 +353,30 @@ class SqsBroker:
         urls = self._urls.get(queue)
         if urls is not None:
             return urls
+        return await self._create_queues(queue)
+
+    async def _create_queues(self, queue: str, lost_since: float | None = None) -> _Urls:
+        """Creates the band queues and the delay queue of `queue` (CreateQueue is idempotent).
+        With `lost_since`, they were found missing by a call that started then: created again
+        unless that was done after it."""
         # One creation per queue at a time: concurrent fetches of a new queue would each
         # create the same four SQS queues.
         async with self._creating.setdefault(queue, asyncio.Lock()):
             urls = self._urls.get(queue)
-            if urls is not None:
+            if urls is not None and (lost_since is None or urls.created_at > lost_since):
                 return urls
+            if urls is not None:
+                log.warning("the SQS queues of %s are gone (deleted, or lost by the endpoint); creating them "
+                            "again: the messages they held are lost", queue)
+            created_at = asyncio.get_running_loop().time()
             created = await asyncio.gather(
                 self._create(self._sqs_name(queue, "-d"), queue, fifo=False),
                 *(self._create(self._sqs_name(queue, self._band_suffix(band)), queue, fifo=self._fifo)
                   for band in range(len(self._bands))),
             )
-            urls = self._urls[queue] = _Urls(queue, bands=list(created[1:]), delay=created[0])
-            self._creating.pop(queue, None)
+            urls = self._urls[queue] = _Urls(queue, bands=list(created[1:]), delay=created[0], created_at=created_at)
+            self._owners[urls.delay] = (queue, -1)
+            self._owners.update((url, (queue, band)) for band, url in enumerate(urls.bands))
             return urls
 
     # -- sending -----------------------------------------------------------------------------
@@ -382,8 +477,7 @@ class SqsBroker:
             "VisibilityTimeout": _seconds(visibility, MAX_VISIBILITY), "MessageAttributeNames": ["All"],
             "MessageSystemAttributeNames": ["ApproximateReceiveCount", "MessageGroupId"],
         }
-        # Long polls skip the semaphore: they would hold its slots for seconds while idle.
-        reply = await (self._sqs.receive_message(**params) if wait else self._call("receive_message", **params))
+        reply = await self._call("receive_message", poll=wait > 0, **params)
         items = reply.get("Messages", [])
         return self._hold([_Handle(url, item["ReceiptHandle"], band, deadline, item) for item in items]), len(items)
 
@@ -395,13 +489,13 @@ class SqsBroker:
         """
         now = asyncio.get_running_loop().time()
         if len(self._held) > self._held_prune_at:
-            self._held = {key: held for key, held in self._held.items() if held.deadline > now}
+            self._held = {key: held for key, held in self._held.items() if _alive(held, now)}
             self._held_prune_at = max(1024, 2 * len(self._held))
         fresh = []
         for handle in handles:
             key = str(handle.message.get("MessageId", handle.receipt))
             held = self._held.get(key)
-            if held is not None and held.deadline > now:
+            if held is not None and _alive(held, now):
                 held.receipt = handle.receipt
                 continue
             self._held[key] = handle
@@ -409,19 +503,27 @@ class SqsBroker:
         return fresh
 
     async def _drain(self, urls: _Urls, want: int, lease_seconds: float) -> list[_Handle]:
-        """Short-polls the bands, highest first, for up to `want` messages."""
-        taken: list[_Handle] = []
+        """Short-polls the bands for up to `want` messages: one receive of every band at once
+        (an empty band costs a request, not a round trip), then wider rounds on the bands that
+        came back full, highest first. Returns them highest band first; lower bands may give
+        more than `want` (the caller keeps those for the next fetch)."""
+        first = await asyncio.gather(*(
+            self._receive(url, band, want, lease_seconds) for band, url in enumerate(urls.bands)
+        ))
+        taken = [handle for handles, _ in first for handle in handles]
         for band, url in enumerate(urls.bands):
-            parallel = 1
+            if first[band][1] < min(want, MAX_BATCH):
+                continue  # that band had no more
+            parallel = 2
             while len(taken) < want:
-                # Start with one receive; widen only while every receive comes back full.
+                # Widen only while every receive comes back full.
                 counts = [len(chunk) for chunk in _chunks(range(want - len(taken)), MAX_BATCH)][:parallel]
                 rounds = await asyncio.gather(*(self._receive(url, band, count, lease_seconds) for count in counts))
                 taken += [handle for handles, _ in rounds for handle in handles]
                 if sum(came for _, came in rounds) < sum(counts):
                     break
                 parallel *= 2
-        return taken
+        return sorted(taken, key=lambda handle: handle.band)
 
     async def _forward(self, queue: str, urls: _Urls, handles: list[_Handle]) -> None:
         """Moves delay-queue messages on: due ones to their band, others round the delay queue."""
@@ -457,12 +559,16 @@ class SqsBroker:
         urls = await self._queue_urls(queue)
         while True:
             arrived = self._arrived.signal(queue)  # taken before looking, so no arrival is missed
-            handles = await self._take_buffered(queue, max_messages, lease_seconds)
+            handles = self._take_buffered(queue, max_messages)
             # While every band is long-polled, anything new reaches the buffer by itself;
             # short polls on top would only multiply requests (one per waiting fetch).
             if len(handles) < max_messages and not self._polling(queue):
-                await self._forward_due(queue, urls)
-                handles += await self._drain(urls, max_messages - len(handles), lease_seconds)
+                handles = sorted(handles + await self._drain_and_forward(queue, urls, max_messages - len(handles),
+                                                                         lease_seconds), key=lambda h: h.band)
+                if len(handles) > max_messages:
+                    self._buffer.setdefault(queue, []).extend(handles[max_messages:])
+                    handles = handles[:max_messages]
+            handles = await self._with_lease(handles, lease_seconds)
             if handles:
                 return [self._delivery(queue, handle) for handle in handles]
             remaining = deadline - loop.time()
@@ -473,6 +579,41 @@ class SqsBroker:
                 await asyncio.wait_for(arrived.wait(), remaining)
             except TimeoutError:
                 return []
+
+    async def _drain_and_forward(self, queue: str, urls: _Urls, want: int, lease_seconds: float) -> list[_Handle]:
+        """_drain, while the delay queue is looked at for due messages (a failure there only
+        delays them: recover_expired() and the next fetch look again)."""
+        forwarded, drained = await asyncio.gather(
+            self._forward_due(queue, urls), self._drain(urls, want, lease_seconds), return_exceptions=True,
+        )
+        if isinstance(drained, BaseException):
+            raise drained
+        if isinstance(forwarded, BaseException):
+            log.warning("forwarding due delayed messages of %s failed (%s: %s); will retry",
+                        queue, type(forwarded).__name__, forwarded)
+        return drained
+
+    async def _with_lease(self, handles: list[_Handle], lease_seconds: float) -> list[_Handle]:
+        """The handles to hand out, each with at least LEASE_FLOOR of the lease left (and not
+        much more than asked): the others are renewed first, once. A delivery handed out with
+        its lease over by this process's clock could not be acked, extended or nacked (see
+        _live): SQS would hand it out again while it runs. One SQS does not renew (it was
+        received again elsewhere) stays out: SQS brings it back."""
+        if not handles:
+            return []
+        now = asyncio.get_running_loop().time()
+        short = [h for h in handles if not LEASE_FLOOR * lease_seconds <= h.deadline - now <= 2 * lease_seconds]
+        if not short:
+            return handles
+        ended = sum(1 for h in short if h.deadline <= now)
+        if ended and now - self._late_logged_at > LATE_LOG_SECONDS:
+            self._late_logged_at = now
+            log.warning("SQS answered after the %.1f s lease of %d messages had passed; renewing them before "
+                        "handing them out (a slow endpoint, or leases too short for it)", lease_seconds, ended)
+        kept = {id(h) for h in handles} - {id(h) for h in short}
+        kept |= {id(h) for h in await self._set_visibility(short, lease_seconds)}
+        now = asyncio.get_running_loop().time()
+        return [h for h in handles if id(h) in kept and _alive(h, now)]
 
     @staticmethod
     def _delivery(queue: str, handle: _Handle) -> Delivery:
@@ -510,21 +651,22 @@ class SqsBroker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the waiting fetch polls again on its next round
-            log.warning("SQS long poll of %s failed: %s", url, exc)
+            # An endpoint out of reach fails every poll: the fetch that waits reports that.
+            log.log(logging.DEBUG if is_transient(exc) else logging.WARNING,
+                    "SQS long poll of %s failed (%s: %s)", url, type(exc).__name__, exc)
             await asyncio.sleep(0.5)
         # Wake waiting fetches even when empty: they look again and restart the polls.
         self._arrived.wake(queue)
 
-    async def _take_buffered(self, queue: str, max_messages: int, lease_seconds: float) -> list[_Handle]:
-        """Hands out polled messages (high band first), renewing their lease from now."""
+    def _take_buffered(self, queue: str, max_messages: int) -> list[_Handle]:
+        """Takes polled messages whose lease still runs, high band first (fetch renews those
+        whose lease is short)."""
         now = asyncio.get_running_loop().time()
-        buffered = sorted((h for h in self._buffer.pop(queue, []) if h.deadline > now), key=lambda h: h.band)
+        buffered = sorted((h for h in self._buffer.pop(queue, []) if _alive(h, now)), key=lambda h: h.band)
         taken, rest = buffered[:max_messages], buffered[max_messages:]
         if rest:
             self._buffer[queue] = rest
-        if not taken:
-            return []
-        return await self._set_visibility(taken, lease_seconds)
+        return taken
 
     # -- settling ----------------------------------------------------------------------------
 
@@ -536,8 +678,17 @@ class SqsBroker:
         return groups
 
     async def _set_visibility(self, handles: Sequence[_Handle], seconds: float) -> list[_Handle]:
-        """ChangeMessageVisibilityBatch; returns the handles SQS accepted (deadline renewed)."""
+        """Renews leases to `seconds` from now; returns the handles SQS accepted (deadline
+        renewed, unless settled meanwhile: an ack or nack that raced this call wins)."""
         deadline = asyncio.get_running_loop().time() + seconds
+        accepted = await self._change_visibility(handles, seconds)
+        for handle in accepted:
+            if not handle.settled:
+                handle.deadline = deadline
+        return [handle for handle in accepted if not handle.settled]
+
+    async def _change_visibility(self, handles: Sequence[_Handle], seconds: float) -> list[_Handle]:
+        """ChangeMessageVisibilityBatch; returns the handles SQS accepted."""
         visibility = _seconds(seconds, MAX_VISIBILITY)
         chunks = [(url, chunk) for url, group in self._by_url(handles).items() for chunk in _chunks(group, MAX_BATCH)]
         replies = await asyncio.gather(*(
@@ -548,17 +699,20 @@ class SqsBroker:
             )
             for url, chunk in chunks
         ))
-        accepted = []
-        for (_, chunk), reply in zip(chunks, replies, strict=True):
-            for item in reply.get("Successful", []):
-                handle = chunk[int(item["Id"][1:])]
-                handle.deadline = deadline
-                accepted.append(handle)
-        return accepted
+        return [
+            chunk[int(item["Id"][1:])]
+            for (_, chunk), reply in zip(chunks, replies, strict=True) for item in reply.get("Successful", [])
+        ]
+
+    @staticmethod
+    def _settle(handles: Sequence[_Handle]) -> None:
+        """These leases are over for good: later calls with their deliveries are no-ops."""
+        for handle in handles:
+            handle.settled = True
+            handle.deadline = 0.0
 
     async def _delete(self, handles: Sequence[_Handle]) -> None:
-        for handle in handles:
-            handle.deadline = 0.0  # settled: later calls with this delivery are no-ops
+        self._settle(handles)
         await asyncio.gather(*(
             self._call(
                 "delete_message_batch", QueueUrl=url,
@@ -572,21 +726,45 @@ class SqsBroker:
         now = asyncio.get_running_loop().time()
         return [
             (delivery, delivery.handle) for delivery in deliveries
-            if isinstance(delivery.handle, _Handle) and delivery.handle.deadline > now
+            if isinstance(delivery.handle, _Handle) and _alive(delivery.handle, now)
         ]
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        await self._delete([handle for _, handle in self._live(deliveries)])
+        """Gives the leases up at once and deletes the messages in the background: the caller
+        (a worker's results report) does not wait for SQS. stats(), purge() and close() wait
+        for those deletes. One that fails leaves its message to come back when its lease ends;
+        its task has ended by then, so the server drops it and acks it again."""
+        handles = [handle for _, handle in self._live(deliveries)]
+        if not handles:
+            return
+        self._settle(handles)
+        task = asyncio.create_task(self._delete_acked(handles))
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
+
+    async def _delete_acked(self, handles: list[_Handle]) -> None:
+        try:
+            await self._delete(handles)
+        except Exception as exc:
+            log.warning("deleting %d acked SQS messages failed (%s: %s); they come back when their lease ends "
+                        "and are dropped then", len(handles), type(exc).__name__, exc)
+
+    async def _acked(self) -> None:
+        """Waits for the deletes of the messages acked so far."""
+        if self._deleting:
+            await asyncio.gather(*list(self._deleting), return_exceptions=True)
 
     async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
         live = self._live(deliveries)
         if not live:
             return
         if delay <= 0:
+            # Given up before the message is visible again: a receive racing this call (a
+            # waiting fetch, another worker's) may get it back at once, and must not take it
+            # for a second copy of a lease still held here (see _hold).
             handles = [handle for _, handle in live]
-            await self._set_visibility(handles, 0)
-            for handle in handles:
-                handle.deadline = 0.0
+            self._settle(handles)
+            await self._change_visibility(handles, 0)
             return
         # A copy through the delay queue, carrying the deliveries so far; then the original goes.
         due_ms = _now_ms() + math.ceil(delay * 1000)
@@ -609,9 +787,17 @@ class SqsBroker:
 
     async def recover_expired(self) -> int:
         # SQS itself makes a message visible again when its visibility timeout ends; what is
-        # left to do here is moving due delayed messages of the queues used here.
+        # left to do here is moving due delayed messages of the queues used here (an endpoint
+        # out of reach: the next call tries again).
         for queue, urls in list(self._urls.items()):
-            await self._forward_due(queue, urls)
+            try:
+                await self._forward_due(queue, urls)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("forwarding due delayed messages of %s failed (%s: %s); will retry",
+                            queue, type(exc).__name__, exc)
+                return 0
         return 0
 
     # -- inspection --------------------------------------------------------------------------
@@ -633,6 +819,7 @@ class SqsBroker:
         )
 
     async def stats(self, queue: str) -> QueueStats:
+        await self._acked()
         urls = await self._queue_urls(queue)
         delay, *bands = await asyncio.gather(self._counts(urls.delay), *(self._counts(url) for url in urls.bands))
         buffered = len(self._buffer.get(queue, []))
@@ -690,6 +877,7 @@ class SqsBroker:
         return [message_id for ids in taken for message_id in ids]
 
     async def purge(self, queue: str) -> list[str]:
+        await self._acked()
         urls = await self._queue_urls(queue)
         now_ms = _now_ms()
         # Sent from here and not due: invisible in the delay queue, dropped by its PurgeQueue.

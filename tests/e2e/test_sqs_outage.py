@@ -1,0 +1,284 @@
+"""SQS as the broker when things go wrong, end to end: a server and workers as real processes on
+moto (in a process of its own, on a port of its own) and a Redis backend (a prefix of its own).
+
+- The SQS endpoint goes away mid-load and comes back empty (a restarted moto loses its queues, as
+  a deleted queue or a region failover would): while it is away, calls that need the broker are
+  UNAVAILABLE, never UNKNOWN, and submits are still accepted (published later); once it is back,
+  the server creates its queues again and work resumes: new submits run, and so do those accepted
+  during the outage. Tasks whose messages vanished with the old queues stay PENDING until the
+  server's repair publishes them again; the test prints how many.
+- A worker is killed with SIGKILL: the server gives its tasks back when its stream drops (after
+  the stream grace), so they are dispatched again within seconds, not after a 30 s lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import re
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from conveyor import Client, chord, group, sig, state_name
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    result_pb2,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
+from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, port_open, with_prefix
+from tests.support.processes import (
+    RUN_ID,
+    Proc,
+    Server,
+    WorkerProc,
+    eventually,
+    free_port,
+    log_lines,
+    wait_for,
+    wait_for_workers,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+TASKS = 500
+TASK_SECONDS = 0.02
+CHORDS = 3
+MEMBERS = 10
+OUTAGE_SECONDS = 4.0
+# How long work may take to resume once the endpoint is back, and to finish.
+RESUME_SECONDS = 60.0
+# The server's own settings, but a quicker repair of failed publishes.
+SERVER_ENV = {"CONVEYOR_RECONCILE_INTERVAL_SECONDS": "1"}
+TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
+
+MOTO = ("import sys, threading; from tests.fixtures.broker_services import start_moto; "
+        "start_moto(int(sys.argv[1])); threading.Event().wait()")
+
+
+class Moto:
+    """moto's SQS (patched as the tests patch it) in a process of its own, on a port it keeps
+    across restarts. moto holds its queues in memory: a restart loses them."""
+
+    def __init__(self, log_dir: Path, procs: list[Proc]) -> None:
+        self.log_dir = log_dir
+        self.procs = procs
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: Proc | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = Proc([sys.executable, "-c", MOTO, str(self.port)], self.log_dir / f"moto-{self.starts}.log")
+        self.procs.append(self.proc)
+        wait_for(lambda: port_open(self.port) or not self.proc or not self.proc.alive(), 60, "moto listening")
+        assert self.proc.alive(), self.proc.output()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill9()
+        self.proc.stop()
+
+    def queue_names(self, prefix: str) -> list[str]:
+        boto3: Any = importlib.import_module("boto3")  # untyped
+        client = boto3.client("sqs", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        urls = client.list_queues(QueueNamePrefix=prefix).get("QueueUrls", [])
+        return sorted(str(url).rsplit("/", 1)[-1] for url in urls)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """SQS queue and Redis key prefix of this test; its Redis keys are dropped afterwards."""
+    chosen = f"{RUN_ID}-sqo{uuid.uuid4().hex[:6]}"
+    yield chosen
+    drop_redis_prefix(ensure_redis(), chosen)
+
+
+@pytest.fixture
+def moto(tmp_path: Path, procs: list[Proc]) -> Moto:
+    started = Moto(tmp_path, procs)
+    started.start()
+    return started
+
+
+def broker_url(moto: Moto, prefix: str) -> str:
+    return f"sqs://?endpoint={moto.endpoint}&region=us-east-1&prefix={prefix}"
+
+
+class Calls:
+    """Raw gRPC calls whose status codes the test collects (the SDK would retry UNAVAILABLE)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        self.admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        self.codes: Counter[str] = Counter()
+        self.accepted: list[str] = []
+        self.slowest = 0.0  # seconds, of a call that failed
+
+    async def submit(self, task_id: str) -> None:
+        signature = task_pb2.Signature(id=task_id, name="add", args=[task_pb2.Value(int_value=1),
+                                                                     task_pb2.Value(int_value=2)])
+        try:
+            await self.tasks.Submit(task_service_pb2.SubmitRequest(task=signature), timeout=15)
+        except grpc.aio.AioRpcError as refused:
+            self.codes[f"submit {refused.code().name}"] += 1
+        else:
+            self.codes["submit OK"] += 1
+            self.accepted.append(task_id)
+
+    async def list_queues(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.admin.ListQueues(admin_service_pb2.ListQueuesRequest(), timeout=15)
+        except grpc.aio.AioRpcError as refused:
+            self.codes[f"list_queues {refused.code().name}"] += 1
+            self.slowest = max(self.slowest, time.monotonic() - started)
+        else:
+            self.codes["list_queues OK"] += 1
+
+
+async def states(client: Client, task_ids: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for offset in range(0, len(task_ids), 100):
+        chunk = task_ids[offset:offset + 100]
+        results = await asyncio.gather(*(client.get_result(task_id) for task_id in chunk))
+        found.update((task_id, state_name(result.state)) for task_id, result in zip(chunk, results, strict=True))
+    return found
+
+
+async def all_succeed(client: Client, task_ids: list[str], seconds: float) -> None:
+    async def succeeded() -> bool:
+        return set((await states(client, task_ids)).values()) == {"SUCCESS"}
+
+    deadline = time.monotonic() + seconds
+    while not await succeeded():
+        assert time.monotonic() < deadline, f"not all SUCCESS: {Counter((await states(client, task_ids)).values())}"
+        await asyncio.sleep(0.5)
+
+
+async def test_sqs_queues_lost_in_an_outage_are_created_again_and_work_resumes(
+    tmp_path: Path, procs: list[Proc], moto: Moto, prefix: str
+) -> None:
+    log_file = tmp_path / "events.log"
+    log_file.touch()
+    server = Server(tmp_path, broker_url(moto, prefix), with_prefix(ensure_redis(), prefix), env=SERVER_ENV,
+                    wait=False)
+    procs.append(server)
+    server.wait_ready()
+    procs.extend(WorkerProc(tmp_path, server.address, concurrency=8, env={"CONVEYOR_TEST_LOG": str(log_file)},
+                            name=f"worker-{i}") for i in range(2))
+    wait_for_workers(server.address, 2)
+
+    async with Client(server.address) as client, grpc.aio.insecure_channel(server.address) as channel:
+        calls = Calls(channel)
+        task_ids = [f"{prefix}-t{i}" for i in range(TASKS)]
+        for offset in range(0, TASKS, 100):
+            await client.submit_batch(sig("chaos", i, TASK_SECONDS).set(id=task_ids[i])
+                                      for i in range(offset, min(offset + 100, TASKS)))
+        chords = [await client.submit(chord(group(sig("member", j) for j in range(MEMBERS)), sig("collect")))
+                  for _ in range(CHORDS)]
+        await eventually(lambda: len(log_lines(log_file, "chaos ")) >= TASKS // 4, 60, "a quarter of the tasks ran")
+        assert len(log_lines(log_file, "chaos ")) < TASKS, "the outage came too late to hit the load"
+
+        moto.kill()
+        outage_began = time.monotonic()
+        during = [f"{prefix}-during{i}" for i in range(5)]
+        for task_id in during:
+            await calls.submit(task_id)
+            await calls.list_queues()
+        ran_by_then = len(log_lines(log_file, "chaos "))
+        await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - outage_began)))
+        moto.start()  # on the same port, with no queues
+
+        # The server finds its queues gone and creates them again (bands and delay queue).
+        await eventually(lambda: len(moto.queue_names(prefix)) == 4, 30, "the server's 4 SQS queues created again")
+        after = [f"{prefix}-after{i}" for i in range(20)]
+        for task_id in after:
+            await calls.submit(task_id)
+        await all_succeed(client, after, RESUME_SECONDS)
+        await all_succeed(client, calls.accepted, RESUME_SECONDS)  # accepted in the outage: published now
+        await calls.list_queues()
+
+        # What the lost queues held stays PENDING until the server's repair publishes it again.
+        await asyncio.sleep(3)
+        final = await states(client, task_ids)
+        callbacks = await states(client, [c.task_id for c in chords])
+
+    summary = Counter(final.values())
+    print(f"outage {OUTAGE_SECONDS:.0f} s after {ran_by_then} of {TASKS} tasks ran; calls: {dict(calls.codes)} "
+          f"(failed within {calls.slowest:.1f} s); "
+          f"tasks accepted before it now {dict(summary)}; chord callbacks {dict(Counter(callbacks.values()))}; "
+          f"SQS queues {moto.queue_names(prefix)}")
+    assert not [code for code in calls.codes if code.endswith("UNKNOWN")], calls.codes
+    # During the outage: what needs the broker now is UNAVAILABLE; a submit is accepted or UNAVAILABLE.
+    assert calls.codes["list_queues UNAVAILABLE"] == len(during), calls.codes
+    assert calls.slowest < 5, f"a call took {calls.slowest:.1f} s to fail: an unreachable endpoint must fail fast"
+    assert calls.codes["submit OK"] + calls.codes["submit UNAVAILABLE"] == len(during) + len(after), calls.codes
+    assert set(summary) <= {"SUCCESS", "PENDING"}, summary
+    assert "creating them again" in server.output()
+    assert "Traceback" not in server.output()
+
+
+def worker_id(worker: WorkerProc) -> str:
+    found = re.search(r"connected to \S+ as (\S+)", worker.output())
+    assert found, worker.output()
+    return found.group(1)
+
+
+async def test_sqs_a_killed_workers_tasks_are_dispatched_again_within_seconds(
+    tmp_path: Path, procs: list[Proc], moto: Moto, prefix: str
+) -> None:
+    # The server's defaults: a 30 s lease, heartbeats every 5 s, a 2 s grace after a stream drops.
+    server = Server(tmp_path, broker_url(moto, prefix), with_prefix(ensure_redis(), prefix), wait=False)
+    procs.append(server)
+    server.wait_ready()
+    log_file = tmp_path / "events.log"
+    log_file.touch()
+    workers = [WorkerProc(tmp_path, server.address, concurrency=4, prefetch=2,
+                          env={"CONVEYOR_TEST_LOG": str(log_file)}, name=f"worker-{i}") for i in range(3)]
+    procs.extend(workers)
+    wait_for_workers(server.address, 3)
+    victim = workers[0]
+    wait_for(lambda: "connected to" in victim.output(), 20, "the victim's id in its log")
+    victim_id = worker_id(victim)
+
+    async with Client(server.address) as client:
+        submitted = await client.submit_batch(sig("chaos", i, 0.5) for i in range(120))
+        task_ids = [s.task_id for s in submitted]
+        await eventually(lambda: sum(f"pid={victim.pid}" in line for line in log_lines(log_file, "chaos ")) >= 4,
+                         60, "the victim is running tasks")
+        victim.kill9()
+        killed_at = time.time()
+        await all_succeed(client, task_ids, 120)
+        results = await asyncio.gather(*(client.get_result(task_id) for task_id in task_ids))
+
+    back: list[float] = []
+    for result in results:
+        received = [(t.at.seconds + t.at.nanos / 1e9, t.worker_id) for t in result.history
+                    if t.state == result_pb2.TASK_STATE_RECEIVED]
+        if any(worker == victim_id for _, worker in received):
+            again = [at for at, worker in received if worker != victim_id and at > killed_at]
+            if again:
+                back.append(min(again) - killed_at)
+        terminal = [t for t in result.history if t.state in TERMINAL]
+        assert len(terminal) == 1, f"{result.task_id}: {len(terminal)} terminal transitions"
+    runs = Counter(Counter(line.split(" ")[1] for line in log_lines(log_file, "chaos ")).values())
+    print(f"{len(back)} tasks the killed worker held were dispatched again after: median "
+          f"{statistics.median(back):.1f} s, max {max(back):.1f} s; runs per task {dict(sorted(runs.items()))}")
+    assert back, "the victim held no task when it was killed"
+    # Given back when its stream dropped (2 s grace), not when a 30 s lease ran out.
+    assert statistics.median(back) < 8, back
+    assert max(back) < 20, back
