@@ -39,6 +39,16 @@ def _one_redis(rig: Rig) -> RedisServer:
     return rig.redis("redis")
 
 
+def _engines(rig: Rig, engine: str) -> tuple[str, str]:
+    """(broker URL, backend URL) on a private Redis, or on the embedded SQLite default (one file
+    in the scenario's directory, shared by its replicas)."""
+    if engine == "sqlite":
+        url = f"sqlite:///{rig.workdir / 'conveyor.db'}"
+        return url, url
+    redis = _one_redis(rig)
+    return redis.url(prefix=rig.prefix("q")), redis.url(prefix=rig.prefix("r"))
+
+
 def _serve_on(rig: Rig, broker: str, backend: str, workers: int, name: str = "server") -> Server:
     server = rig.server(broker, backend, name=name)
     for i in range(workers):
@@ -114,15 +124,17 @@ class ReplicaKill(Scenario):
 
     name = "replica-kill"
 
-    def __init__(self, down_seconds: float = 5.0, at_fraction: float = 0.4) -> None:
+    def __init__(self, down_seconds: float = 5.0, at_fraction: float = 0.4, engine: str = "redis") -> None:
         self.down_seconds = down_seconds
         self.at_fraction = at_fraction
-        self.description = f"kill -9 of replica A of 2 (shared Redis), restarted after {down_seconds} s"
+        self.engine = engine
+        if engine != "redis":
+            self.name = f"replica-kill-{engine}"
+        self.description = f"kill -9 of replica A of 2 (shared {engine}), restarted after {down_seconds} s"
         self.victim: Server | None = None
 
     def setup(self, rig: Rig) -> None:
-        redis = _one_redis(rig)
-        broker, backend = redis.url(prefix=rig.prefix("q")), redis.url(prefix=rig.prefix("r"))
+        broker, backend = _engines(rig, self.engine)
         self.victim = _serve_on(rig, broker, backend, 1, name="replica-a")
         _serve_on(rig, broker, backend, 1, name="replica-b")
 
@@ -138,17 +150,21 @@ class WorkerKill(Scenario):
 
     name = "worker-kill"
 
-    def __init__(self, every_seconds: float = 2.0, workers: int = 3, max_kills: int = 15) -> None:
+    def __init__(
+        self, every_seconds: float = 2.0, workers: int = 3, max_kills: int = 15, engine: str = "redis"
+    ) -> None:
         self.every_seconds = every_seconds
         self.workers = workers
         self.max_kills = max_kills
-        self.description = f"kill -9 a worker (of {workers}) every {every_seconds} s, replaced each time"
+        self.engine = engine
+        if engine != "redis":
+            self.name = f"worker-kill-{engine}"
+        self.description = f"kill -9 a worker (of {workers}) every {every_seconds} s, replaced each time ({engine})"
         self.address = ""
 
     def setup(self, rig: Rig) -> None:
-        redis = _one_redis(rig)
-        self.address = _serve_on(rig, redis.url(prefix=rig.prefix("q")), redis.url(prefix=rig.prefix("r")),
-                                 self.workers).address
+        broker, backend = _engines(rig, self.engine)
+        self.address = _serve_on(rig, broker, backend, self.workers).address
 
     async def inject(self, run: Run) -> None:
         rig = run.rig
@@ -219,4 +235,6 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "replica-kill": ReplicaKill,
     "worker-kill": WorkerKill,
     "cancel-replicas": CancelAcrossReplicas,
+    "replica-kill-sqlite": lambda: ReplicaKill(engine="sqlite"),
+    "worker-kill-sqlite": lambda: WorkerKill(engine="sqlite"),
 }

@@ -11,6 +11,7 @@ from tests.faults.scenarios import ReplicaKill
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-async def test_kill_9_of_one_of_two_replicas_loses_nothing(run_fault: RunFault) -> None:
-    row = await run_fault(ReplicaKill())
+@pytest.mark.parametrize("engine", ["redis", "sqlite"])
+async def test_kill_9_of_one_of_two_replicas_loses_nothing(run_fault: RunFault, engine: str) -> None:
+    row = await run_fault(ReplicaKill(engine=engine))
     assert_no_loss(row)

@@ -10,8 +10,9 @@ from tests.faults.scenarios import WorkerKill
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
+@pytest.mark.parametrize("engine", ["redis", "sqlite"])
 async def test_killing_a_worker_every_2_s_loses_nothing_and_runs_each_chord_callback_once(
-    run_fault: RunFault,
+    run_fault: RunFault, engine: str
 ) -> None:
-    row = await run_fault(WorkerKill())
+    row = await run_fault(WorkerKill(engine=engine))
     assert_no_loss(row)
