@@ -22,7 +22,7 @@ from conveyor.v1 import task_pb2, task_service_pb2
 
 from ..backends.base import Update
 from ..config import Settings
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
 from .publisher import Publication, Publisher
@@ -175,17 +175,20 @@ class Submitter:
         if not keyed:
             return
         backend = self.store.backend
-        existing = set(await backend.insert({k: p.record.result.task_id.encode() for k, p in keyed.items()
-                                             if p.record is not None}))
+        at = time.time()
+        existing = set(await backend.insert({k: _key_value(p.response.task_id, at) for k, p in keyed.items()}))
         found = await backend.get(list(existing)) if existing else {}
-        first_ids = {key: found[key].data.decode() for key in existing if key in found}
+        firsts = {key: _parse_key_value(found[key].data) for key in existing if key in found}
+        first_ids = {key: first for key, (first, _) in firsts.items()}
         # A key whose task was never stored (the server died between the two writes) is taken
-        # over by this submission instead of pointing at nothing.
+        # over by this submission instead of pointing at nothing, once it is older than the
+        # outbox grace; a younger one may belong to a submission still writing its records.
         stored = await self.store.load(list(first_ids.values()))
-        takeovers = [
-            Update(key, found[key].version, keyed[key].response.task_id.encode())
-            for key, first in first_ids.items() if first not in stored
-        ]
+        unstored = [key for key, first in first_ids.items() if first not in stored]
+        if in_progress := [key for key in unstored if at - firsts[key][1] < self.settings.outbox_grace_seconds]:
+            raise Unavailable(f"a submission with idempotency key {in_progress[0].removeprefix('idem:')!r} "
+                              "is being stored right now; retry")
+        takeovers = [Update(key, found[key].version, _key_value(keyed[key].response.task_id, at)) for key in unstored]
         applied = await backend.compare_and_set(takeovers) if takeovers else []
         taken = {u.key for u, ok in zip(takeovers, applied, strict=True) if ok}
         for key, first in first_ids.items():
@@ -239,6 +242,16 @@ class Submitter:
             await self.store.backend.expire(records=[plan_key(plan.workflow_id) for plan in plans])
         await self.outbox.remove(entry_id)
         raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
+
+
+def _key_value(task_id: str, at: float) -> bytes:
+    """What an idempotency key holds: the task id and when the key was taken."""
+    return f"{task_id}\n{at:.3f}".encode()
+
+
+def _parse_key_value(data: bytes) -> tuple[str, float]:
+    task_id, _, at = data.decode().partition("\n")
+    return task_id, float(at) if at else 0.0  # a key written before times were kept counts as old
 
 
 def _same_as(item: _Prepared, first: str) -> None:
