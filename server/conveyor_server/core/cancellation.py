@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2
 
 from .errors import NotFound
 from .followups import FollowUps
@@ -34,36 +35,33 @@ class Canceller:
         else:
             raise NotFound(f"no task or workflow with id {target_id!r}")
         cause = error("Cancelled", f"cancelled by request ({target_id})")
-        running: list[str] = []
-
-        def cancel(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if is_terminal(record):
-                return False
-            if record.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED):
-                running.append(task_id)
-            record.result.error.CopyFrom(cause)
-            transition(record, S.TASK_STATE_CANCELLED, error=cause)
-            return True
-
-        # Promised before the records change: if the follow-ups below do not complete (an
-        # engine error, a crash), the reconciler runs them.
-        entry_id = await self.outbox.promise(FOLLOW_UPS, ids) if plan is None else ""
-        cancelled = await self.store.update(ids, cancel)
-        if running:
-            await self.stop_running([t for t in dict.fromkeys(running) if t in cancelled])
-        if plan is None:
-            # One task of a workflow: its workflow moves on as after any failure.
-            await self.followups.after_terminal(list(cancelled.values()))
-            self.outbox.confirm(entry_id)
-        else:
+        if plan is not None:
+            cancelled = await self._end(ids, cause)
             await self.followups.workflow.finished(plan)
-        return list(cancelled)
+            return list(cancelled)
+        # One task (perhaps of a workflow: its workflow moves on as after any failure).
+        return list(await self._end_with_follow_ups(ids, cause))
 
     async def end_purged(self, task_ids: list[str], queue: str) -> list[str]:
         """End the tasks whose messages a purge of `queue` dropped: CANCELLED with error type
         "Purged", then their follow-ups (callbacks, the next move of their workflow), so waits,
         chains and chords on them end. Terminal records are left alone; returns the ids ended."""
         cause = error("Purged", f"dropped from queue {queue!r} by a purge")
+        return list(await self._end_with_follow_ups(task_ids, cause))
+
+    async def _end_with_follow_ups(
+        self, ids: list[str], cause: result_pb2.TaskError
+    ) -> dict[str, records_pb2.TaskRecord]:
+        # Promised before the records change: if the follow-ups below do not complete (an
+        # engine error, a crash), the reconciler runs them.
+        entry_id = await self.outbox.promise(FOLLOW_UPS, ids)
+        ended = await self._end(ids, cause)
+        await self.followups.after_terminal(list(ended.values()))
+        self.outbox.confirm(entry_id)
+        return ended
+
+    async def _end(self, ids: list[str], cause: result_pb2.TaskError) -> dict[str, records_pb2.TaskRecord]:
+        """CANCELLED with `cause` for every task not ended yet; running ones are told to stop."""
         running: list[str] = []
 
         def end(task_id: str, record: records_pb2.TaskRecord) -> bool:
@@ -75,11 +73,7 @@ class Canceller:
             transition(record, S.TASK_STATE_CANCELLED, error=cause)
             return True
 
-        # As in cancel(): promised first, so the reconciler runs the follow-ups if these do not.
-        entry_id = await self.outbox.promise(FOLLOW_UPS, task_ids)
-        ended = await self.store.update(task_ids, end)
+        ended = await self.store.update(ids, end)
         if running:
             await self.stop_running([t for t in dict.fromkeys(running) if t in ended])
-        await self.followups.after_terminal(list(ended.values()))
-        self.outbox.confirm(entry_id)
-        return list(ended)
+        return ended
