@@ -185,10 +185,14 @@ class Dispatcher:
         read = await self.store.load(list(messages))
         missing = [message for task_id, (_, message) in messages.items() if task_id not in read]
         if missing:
-            log.warning("recreating %d missing task records from their queued messages", len(missing))
-            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in missing)
+            await self._recreate(missing)
             read.update(await self.store.load([m.signature.id for m in missing]))
         return read
+
+    async def _recreate(self, messages: Sequence[records_pb2.TaskMessage]) -> None:
+        """Give queued tasks whose records are gone their records back, from their messages."""
+        log.warning("recreating %d missing task records from their queued messages", len(messages))
+        await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in messages)
 
     async def drop_unrunnable(self, claim: Claim) -> None:
         """Hand back retries that came early; repair the follow-ups of ended tasks and ack
@@ -223,8 +227,7 @@ class Dispatcher:
         records = await self.store.load(list(ended))
         vanished = [task_id for task_id in ended if task_id not in records]
         if vanished:
-            messages = [decode_message(ended[task_id].body) for task_id in vanished]
-            await self.store.create(new_record(m.signature, workflow_id=m.workflow_id) for m in messages)
+            await self._recreate([decode_message(ended[task_id].body) for task_id in vanished])
             await self.broker.nack([ended[task_id] for task_id in vanished])
         finished = [
             found.record for found in records.values()
