@@ -90,6 +90,7 @@ from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed, 
 from pamqp.commands import Basic
 
 from ..engine_errors import is_transient
+from ._delayed import PublishedDelays
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -310,8 +311,7 @@ class AmqpBroker:
         self._delay_declared: dict[int, float] = {}
         self._leases: dict[str, _Lease] = {}
         # queue -> (wall-clock due ms, message id) of delayed publishes made here (stats, purge).
-        self._delayed: dict[str, list[tuple[int, str]]] = {}
-        self._delayed_prune_at: dict[str, int] = {}
+        self._delayed = PublishedDelays()
         self._purged_at: dict[str, int] = {}
         self._known: set[str] = set()
 
@@ -575,7 +575,7 @@ class AmqpBroker:
             if copy.due_ms is not None and copy.due_ms > now_ms:
                 headers[H_DUE] = copy.due_ms
                 exchange = await self._delay_exchange(quantize_delay_ms((copy.due_ms - now_ms) / 1000))
-                self._track_delayed(queue, copy.message_id, copy.due_ms)
+                self._delayed.track(queue, copy.message_id, copy.due_ms)
             properties = Basic.Properties(
                 headers=headers, message_id=copy.message_id, priority=min(max(copy.priority, 0), 9),
                 delivery_mode=2,  # persistent
@@ -638,14 +638,6 @@ class AmqpBroker:
                 raise ConnectionError(f"RabbitMQ did not confirm a message for {target} ({result!r})")
         if returned:
             raise _Unroutable(f"RabbitMQ returned {returned} messages for {target} as unroutable")
-
-    def _track_delayed(self, queue: str, message_id: str, due_ms: int) -> None:
-        pending = self._delayed.setdefault(queue, [])
-        if len(pending) >= self._delayed_prune_at.get(queue, 1024):
-            now_ms = _now_ms()
-            pending[:] = [item for item in pending if item[0] > now_ms]
-            self._delayed_prune_at[queue] = max(1024, 2 * len(pending))
-        pending.append((due_ms, message_id))
 
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         await self._declare(queue)
@@ -860,15 +852,10 @@ class AmqpBroker:
 
     # -- inspection --------------------------------------------------------------------------
 
-    def _pending_delayed(self, queue: str) -> list[str]:
-        """Ids of the delayed publishes made here that are not due yet."""
-        now_ms = _now_ms()
-        return [message_id for due_ms, message_id in self._delayed.get(queue, []) if due_ms > now_ms]
-
     async def stats(self, queue: str) -> QueueStats:
         ready = await self._declare(queue, force=True)
         in_flight = sum(1 for lease in self._leases.values() if lease.queue == queue and not lease.lost)
-        return QueueStats(ready=ready, delayed=len(self._pending_delayed(queue)), in_flight=in_flight)
+        return QueueStats(ready=ready, delayed=len(self._delayed.not_due(queue)), in_flight=in_flight)
 
     async def queues(self) -> list[str]:
         return sorted(self._known)
@@ -876,8 +863,7 @@ class AmqpBroker:
     async def purge(self, queue: str) -> list[str]:
         # The purge time first: a delayed message still delayed now is dropped when it arrives.
         self._purged_at[queue] = _now_ms()
-        delayed = self._pending_delayed(queue)
-        self._delayed.pop(queue, None)
+        delayed = self._delayed.take(queue)
         ready = await self._take_ready(queue)
         return list(dict.fromkeys(ready + [message_id for message_id in delayed if message_id]))
 

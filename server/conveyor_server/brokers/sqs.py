@@ -68,6 +68,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aioboto3
 
 from ..engine_errors import is_transient
+from ._delayed import PublishedDelays
 from ._wakeups import Wakeups
 from .base import Delivery, OutgoingMessage, QueueStats
 
@@ -228,8 +229,7 @@ class SqsBroker:
         self._held_prune_at = 1024
         # queue -> (wall-clock due ms, message id) of what this process sent to the delay queue:
         # purge() cannot read delayed messages, so this is how it names the ones it drops.
-        self._delayed: dict[str, list[tuple[int, str]]] = {}
-        self._delayed_prune_at: dict[str, int] = {}
+        self._delayed = PublishedDelays()
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -427,20 +427,12 @@ class SqsBroker:
             if message.due_ms is not None and message.due_ms <= now_ms:
                 message.due_ms = None
             if message.due_ms is not None:
-                self._track_delayed(urls.queue, message.message_id, message.due_ms)
+                self._delayed.track(urls.queue, message.message_id, message.due_ms)
             url = urls.delay if message.due_ms is not None else urls.bands[self._band(message.priority)]
             by_url.setdefault(url, []).append(self._entry(len(by_url.get(url, [])), message, now_ms))
         await asyncio.gather(*(
             self._send_batch(url, batch) for url, entries in by_url.items() for batch in self._batches(entries)
         ))
-
-    def _track_delayed(self, queue: str, message_id: str, due_ms: int) -> None:
-        pending = self._delayed.setdefault(queue, [])
-        if len(pending) >= self._delayed_prune_at.get(queue, 1024):
-            now_ms = _now_ms()
-            pending[:] = [item for item in pending if item[0] > now_ms]
-            self._delayed_prune_at[queue] = max(1024, 2 * len(pending))
-        pending.append((due_ms, message_id))
 
     async def _send_batch(self, url: str, entries: list[dict[str, Any]]) -> None:
         for _ in range(3):
@@ -879,9 +871,8 @@ class SqsBroker:
     async def purge(self, queue: str) -> list[str]:
         await self._acked()
         urls = await self._queue_urls(queue)
-        now_ms = _now_ms()
         # Sent from here and not due: invisible in the delay queue, dropped by its PurgeQueue.
-        delayed = [message_id for due_ms, message_id in self._delayed.pop(queue, []) if due_ms > now_ms]
+        delayed = self._delayed.take(queue)
         buffered = self._buffer.pop(queue, [])
         await self._delete(buffered)
         taken = await asyncio.gather(*(self._take_all_visible(url) for url in [urls.delay, *urls.bands]))
