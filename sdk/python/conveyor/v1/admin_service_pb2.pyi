@@ -7,6 +7,7 @@ from collections import abc as _abc
 from conveyor.v1 import result_pb2 as _result_pb2
 from conveyor.v1 import task_pb2 as _task_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -53,6 +54,7 @@ class QueueInfo(_message.Message):
     DELAYED_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
+    UNROUTABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ready: _builtins.int
     """Ready to be handed out now."""
@@ -61,6 +63,10 @@ class QueueInfo(_message.Message):
     in_flight: _builtins.int
     """Leased to workers."""
     paused: _builtins.bool
+    unroutable: _builtins.int
+    """Waiting for a worker that registered their task names: tasks the answering server turned
+    away lately because none of its workers on this queue can run them (they wait, never fail).
+    """
     def __init__(
         self,
         *,
@@ -69,10 +75,11 @@ class QueueInfo(_message.Message):
         delayed: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         paused: _builtins.bool = ...,
+        unroutable: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delayed", b"delayed", "in_flight", b"in_flight", "name", b"name", "paused", b"paused", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delayed", b"delayed", "in_flight", b"in_flight", "name", b"name", "paused", b"paused", "ready", b"ready", "unroutable", b"unroutable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,3 +578,453 @@ class DeleteScheduleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class RepairTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Only this queue's tasks (empty: every queue)."""
+    dry_run: _builtins.bool
+    """List what would be republished without doing it."""
+    force: _builtins.bool
+    """Republish even where the messages a queue holds (ready and delayed) could still be the
+    tasks' own (a backlog), and tasks repaired moments ago.
+    """
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """Only tasks with no sign of life for this long: queued (or due to retry) this long past
+        their ETA, or running with no lease renewal. A running task needs at least the server's
+        repair_after whatever this says. Required, not negative.
+        """
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        queue: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "force", b"force", "older_than", b"older_than", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairTasksRequest: _TypeAlias = RepairTasksRequest  # noqa: Y015
+
+@_typing.final
+class RepairedTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    name: _builtins.str
+    queue: _builtins.str
+    state: _result_pb2.TaskState.ValueType
+    @_builtins.property
+    def age(self) -> _duration_pb2.Duration:
+        """Since its last sign of life (queued, lease renewed, retry due)."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        queue: _builtins.str = ...,
+        state: _result_pb2.TaskState.ValueType = ...,
+        age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "name", b"name", "queue", b"queue", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairedTask: _TypeAlias = RepairedTask  # noqa: Y015
+
+@_typing.final
+class RepairTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    checked: _builtins.int
+    """Live tasks looked at."""
+    held: _builtins.int
+    """Looked lost but left alone: the messages their queue holds could still be theirs (a
+    backlog; use force).
+    """
+    dry_run: _builtins.bool
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepairedTask]:
+        """Republished (with dry_run: would be)."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___RepairedTask] | None = ...,
+        checked: _builtins.int = ...,
+        held: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "dry_run", b"dry_run", "held", b"held", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairTasksResponse: _TypeAlias = RepairTasksResponse  # noqa: Y015
+
+@_typing.final
+class ListRegisteredTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRegisteredTasksRequest: _TypeAlias = ListRegisteredTasksRequest  # noqa: Y015
+
+@_typing.final
+class RegisteredTask(_message.Message):
+    """RegisteredTask is one task name of the registry, as its workers declared it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CALL_SCHEMA_FIELD_NUMBER: _builtins.int
+    SCHEMA_VARIANTS_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    WORKER_IDS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    """The description and call schema of the newest registration (among live workers when
+    there are any); see TaskInfo.
+    """
+    call_schema: _builtins.str
+    schema_variants: _builtins.int
+    """Distinct call schemas among its registrations: more than 1 while workers with different
+    versions of the task run side by side (a strict submit then needs to match one of them).
+    """
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Queues and languages of its workers (the live ones when there are any)."""
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def worker_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live workers that registered it: connected to some replica and seen within three
+        heartbeat intervals. Empty: known, but no worker that can run it is connected now.
+        """
+
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """The last time a worker that registered it was seen."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        call_schema: _builtins.str = ...,
+        schema_variants: _builtins.int = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        worker_ids: _abc.Iterable[_builtins.str] | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_schema", b"call_schema", "description", b"description", "languages", b"languages", "last_seen", b"last_seen", "name", b"name", "queues", b"queues", "schema_variants", b"schema_variants", "worker_ids", b"worker_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisteredTask: _TypeAlias = RegisteredTask  # noqa: Y015
+
+@_typing.final
+class ListRegisteredTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegisteredTask]:
+        """Ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___RegisteredTask] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRegisteredTasksResponse: _TypeAlias = ListRegisteredTasksResponse  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit is a token bucket on one task name, enforced at dispatch by every replica: a
+    task over it waits in its queue until the bucket has a token (it is never failed for it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    PER_KEY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The task name (Signature.name) it applies to."""
+    rate: _builtins.str
+    """"<count>/<unit>" with unit s, m or h (or second, minute, hour), e.g. "100/s", "10/m",
+    "1000/h"; the count may have a fraction ("0.5/s").
+    """
+    burst: _builtins.int
+    """Tasks that may start at once after a quiet spell: the bucket's size. 0: one second's
+    worth of the rate, and at least 1.
+    """
+    per_key: _builtins.bool
+    """One bucket per Signature.rate_limit_key instead of one for the whole name: each key (a
+    customer, say) gets the full rate.
+    """
+    source: _builtins.str
+    """Output only: "admin" for a stored limit (SetRateLimit), "config" for one from the
+    answering server's config file.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rate: _builtins.str = ...,
+        burst: _builtins.int = ...,
+        per_key: _builtins.bool = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "name", b"name", "per_key", b"per_key", "rate", b"rate", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class SetRateLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___RateLimit: ...
+    def __init__(
+        self,
+        *,
+        limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetRateLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """As stored, with the burst it gets."""
+
+    def __init__(
+        self,
+        *,
+        limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsRequest: _TypeAlias = ListRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """By name."""
+
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsResponse: _TypeAlias = ListRateLimitsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRateLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRateLimitRequest: _TypeAlias = DeleteRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRateLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRateLimitResponse: _TypeAlias = DeleteRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
+    SUBMITTED_AFTER_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BEFORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    OLDEST_FIRST_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """Only this queue's tasks (empty: every queue)."""
+    name: _builtins.str
+    """Only tasks of this name (Signature.name; empty: every name)."""
+    id_prefix: _builtins.str
+    """Only task ids that start with this."""
+    page_size: _builtins.int
+    """Tasks per page: 0 means 50; at most 1000."""
+    page_token: _builtins.str
+    """The previous response's next_page_token; empty for the first page."""
+    oldest_first: _builtins.bool
+    """Oldest first instead of newest first."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_result_pb2.TaskState.ValueType]:
+        """Any of these states (empty: every state)."""
+
+    @_builtins.property
+    def submitted_after(self) -> _timestamp_pb2.Timestamp:
+        """Submitted at or after this time (unset: no bound)."""
+
+    @_builtins.property
+    def submitted_before(self) -> _timestamp_pb2.Timestamp:
+        """Submitted before this time (unset: no bound)."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[_result_pb2.TaskState.ValueType] | None = ...,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        id_prefix: _builtins.str = ...,
+        submitted_after: _timestamp_pb2.Timestamp | None = ...,
+        submitted_before: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        oldest_first: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["submitted_after", b"submitted_after", "submitted_before", b"submitted_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id_prefix", b"id_prefix", "name", b"name", "oldest_first", b"oldest_first", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue", "states", b"states", "submitted_after", b"submitted_after", "submitted_before", b"submitted_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty when there is no more. A page may hold fewer
+    than page_size tasks (even none) while this is set: the index bounds each scan.
+    """
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskResult]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[_result_pb2.TaskResult] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015

@@ -90,6 +90,36 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.RepairTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/RepairTasks',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.RepairTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.RepairTasksResponse.FromString,
+                _registered_method=True)
+        self.ListRegisteredTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListRegisteredTasks',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksResponse.FromString,
+                _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/SetRateLimit',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListRateLimits',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.DeleteRateLimit = channel.unary_unary(
+                '/conveyor.v1.AdminService/DeleteRateLimit',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListTasks',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -162,6 +192,62 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairTasks(self, request, context):
+        """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
+        deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
+        Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRegisteredTasks(self, request, context):
+        """The task registry: every task name workers registered (on any replica) within the
+        registry's retention, with its description, call schema, queues, languages and live
+        workers. Errors: UNAVAILABLE (the backend is unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimit(self, request, context):
+        """Stores a rate limit on a task name, replacing the name's earlier one; every replica
+        applies it at dispatch within a second. Tasks over it wait in their queue, never failed.
+        Errors: INVALID_ARGUMENT (an empty name, a rate that is not like "100/s", "10/m" or
+        "1000/h", a negative burst), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """Every rate limit in force: those stored by SetRateLimit, and those of the answering
+        server's config file (`rate_limits:`) for names without a stored one.
+        Errors: UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRateLimit(self, request, context):
+        """Removes the stored rate limit of a task name (a config file's limit for the name, if any,
+        applies again). Errors: NOT_FOUND (no stored limit for the name), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Tasks by state, queue, name, id prefix and submission time, newest first (or oldest
+        first), a page at a time, read through the backend's task index (the records are the
+        truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
+        page_size over 1000, a page_token this server did not give out, submitted_after not before
+        submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +305,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'RepairTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairTasks,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.RepairTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.RepairTasksResponse.SerializeToString,
+            ),
+            'ListRegisteredTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRegisteredTasks,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'DeleteRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +635,168 @@ class AdminService:
             '/conveyor.v1.AdminService/DeleteSchedule',
             conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/RepairTasks',
+            conveyor_dot_v1_dot_admin__service__pb2.RepairTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.RepairTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRegisteredTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListRegisteredTasks',
+            conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListRegisteredTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/SetRateLimit',
+            conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListRateLimits',
+            conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/DeleteRateLimit',
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListTasks',
+            conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

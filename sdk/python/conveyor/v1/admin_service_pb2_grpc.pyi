@@ -44,6 +44,38 @@ class AdminServiceStub:
     CreateSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateScheduleRequest, _admin_service_pb2.CreateScheduleResponse]
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSchedulesRequest, _admin_service_pb2.ListSchedulesResponse]
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteScheduleRequest, _admin_service_pb2.DeleteScheduleResponse]
+    RepairTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]
+    """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
+    deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
+    Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
+    """
+    ListRegisteredTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListRegisteredTasksRequest, _admin_service_pb2.ListRegisteredTasksResponse]
+    """The task registry: every task name workers registered (on any replica) within the
+    registry's retention, with its description, call schema, queues, languages and live
+    workers. Errors: UNAVAILABLE (the backend is unreachable).
+    """
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetRateLimitRequest, _admin_service_pb2.SetRateLimitResponse]
+    """Stores a rate limit on a task name, replacing the name's earlier one; every replica
+    applies it at dispatch within a second. Tasks over it wait in their queue, never failed.
+    Errors: INVALID_ARGUMENT (an empty name, a rate that is not like "100/s", "10/m" or
+    "1000/h", a negative burst), UNAVAILABLE.
+    """
+    ListRateLimits: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]
+    """Every rate limit in force: those stored by SetRateLimit, and those of the answering
+    server's config file (`rate_limits:`) for names without a stored one.
+    Errors: UNAVAILABLE.
+    """
+    DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteRateLimitRequest, _admin_service_pb2.DeleteRateLimitResponse]
+    """Removes the stored rate limit of a task name (a config file's limit for the name, if any,
+    applies again). Errors: NOT_FOUND (no stored limit for the name), UNAVAILABLE.
+    """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListTasksRequest, _admin_service_pb2.ListTasksResponse]
+    """Tasks by state, queue, name, id prefix and submission time, newest first (or oldest
+    first), a page at a time, read through the backend's task index (the records are the
+    truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
+    page_size over 1000, a page_token this server did not give out, submitted_after not before
+    submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -61,6 +93,38 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateScheduleRequest, _admin_service_pb2.CreateScheduleResponse]  # type: ignore[assignment]
     ListSchedules: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSchedulesRequest, _admin_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteScheduleRequest, _admin_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    RepairTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]  # type: ignore[assignment]
+    """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
+    deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
+    Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
+    """
+    ListRegisteredTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListRegisteredTasksRequest, _admin_service_pb2.ListRegisteredTasksResponse]  # type: ignore[assignment]
+    """The task registry: every task name workers registered (on any replica) within the
+    registry's retention, with its description, call schema, queues, languages and live
+    workers. Errors: UNAVAILABLE (the backend is unreachable).
+    """
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetRateLimitRequest, _admin_service_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """Stores a rate limit on a task name, replacing the name's earlier one; every replica
+    applies it at dispatch within a second. Tasks over it wait in their queue, never failed.
+    Errors: INVALID_ARGUMENT (an empty name, a rate that is not like "100/s", "10/m" or
+    "1000/h", a negative burst), UNAVAILABLE.
+    """
+    ListRateLimits: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
+    """Every rate limit in force: those stored by SetRateLimit, and those of the answering
+    server's config file (`rate_limits:`) for names without a stored one.
+    Errors: UNAVAILABLE.
+    """
+    DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteRateLimitRequest, _admin_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
+    """Removes the stored rate limit of a task name (a config file's limit for the name, if any,
+    applies again). Errors: NOT_FOUND (no stored limit for the name), UNAVAILABLE.
+    """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListTasksRequest, _admin_service_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """Tasks by state, queue, name, id prefix and submission time, newest first (or oldest
+    first), a page at a time, read through the backend's task index (the records are the
+    truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
+    page_size over 1000, a page_token this server did not give out, submitted_after not before
+    submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators: queues, workers, dead letters and periodic tasks."""
@@ -141,5 +205,73 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.DeleteScheduleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_admin_service_pb2.DeleteScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepairTasks(
+        self,
+        request: _admin_service_pb2.RepairTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RepairTasksResponse, _abc.Awaitable[_admin_service_pb2.RepairTasksResponse]]:
+        """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
+        deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
+        Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRegisteredTasks(
+        self,
+        request: _admin_service_pb2.ListRegisteredTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListRegisteredTasksResponse, _abc.Awaitable[_admin_service_pb2.ListRegisteredTasksResponse]]:
+        """The task registry: every task name workers registered (on any replica) within the
+        registry's retention, with its description, call schema, queues, languages and live
+        workers. Errors: UNAVAILABLE (the backend is unreachable).
+        """
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _admin_service_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetRateLimitResponse, _abc.Awaitable[_admin_service_pb2.SetRateLimitResponse]]:
+        """Stores a rate limit on a task name, replacing the name's earlier one; every replica
+        applies it at dispatch within a second. Tasks over it wait in their queue, never failed.
+        Errors: INVALID_ARGUMENT (an empty name, a rate that is not like "100/s", "10/m" or
+        "1000/h", a negative burst), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRateLimits(
+        self,
+        request: _admin_service_pb2.ListRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_admin_service_pb2.ListRateLimitsResponse]]:
+        """Every rate limit in force: those stored by SetRateLimit, and those of the answering
+        server's config file (`rate_limits:`) for names without a stored one.
+        Errors: UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRateLimit(
+        self,
+        request: _admin_service_pb2.DeleteRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeleteRateLimitResponse, _abc.Awaitable[_admin_service_pb2.DeleteRateLimitResponse]]:
+        """Removes the stored rate limit of a task name (a config file's limit for the name, if any,
+        applies again). Errors: NOT_FOUND (no stored limit for the name), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _admin_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListTasksResponse, _abc.Awaitable[_admin_service_pb2.ListTasksResponse]]:
+        """Tasks by state, queue, name, id prefix and submission time, newest first (or oldest
+        first), a page at a time, read through the backend's task index (the records are the
+        truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
+        page_size over 1000, a page_token this server did not give out, submitted_after not before
+        submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

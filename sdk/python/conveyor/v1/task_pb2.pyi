@@ -189,6 +189,13 @@ class Signature(_message.Message):
     ON_SUCCESS_FIELD_NUMBER: _builtins.int
     ON_ERROR_FIELD_NUMBER: _builtins.int
     MESSAGE_GROUP_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    UNIQUE_FOR_FIELD_NUMBER: _builtins.int
+    UNIQUE_KEY_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Assigned by the server (a UUID) when empty."""
     name: _builtins.str
@@ -203,6 +210,24 @@ class Signature(_message.Message):
     """Submitting twice with the same key returns the first task's id."""
     message_group: _builtins.str
     """FIFO message group, for brokers that have them (SQS FIFO queues)."""
+    parent_id: _builtins.str
+    """The task that submitted this one from inside its run (the SDKs fill it in); empty otherwise."""
+    unique_key: _builtins.str
+    """The unique key (default: the task name, queue, args and kwargs); used only with unique_for."""
+    rate_limit_key: _builtins.str
+    """Rate limits (AdminService.SetRateLimit, `conveyor limits set`) set for this task's name
+    with per_key count tasks per value of this key (a customer id, say): each key gets its
+    own token bucket at the limit's rate. Empty: the tasks without a key share one bucket.
+    Ignored when the name's limit is not per key, or it has none.
+    """
+    concurrency_key: _builtins.str
+    """At most concurrency_limit tasks with the same concurrency_key run at once, across every
+    server replica and worker; the others wait in their queue (they are never failed for it).
+    A task holds its slot from dispatch until its attempt ends (a result, a retry, a
+    cancel); a crashed worker's tasks keep theirs until their lease lapses and they run
+    again. Both must be set for the limit to apply: a key with concurrency_limit 0 runs freely.
+    """
+    concurrency_limit: _builtins.int
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     @_builtins.property
@@ -233,6 +258,20 @@ class Signature(_message.Message):
     def on_error(self) -> _containers.RepeatedCompositeFieldContainer[Global___Signature]:
         """Run after this task fails for good; each receives the error as a JSON object."""
 
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
+        """Soft limit for one attempt, counted from the moment it starts running: the task gets an
+        exception it can catch (Python: SoftTimeLimitExceeded) to clean up; time_limit still
+        applies after it, so set it below time_limit.
+        """
+
+    @_builtins.property
+    def unique_for(self) -> _duration_pb2.Duration:
+        """A unique task: while a task with the same unique key is queued or running, and for at
+        most this long after it was submitted, a submit of this one returns that task's id
+        instead (released as soon as the task ends; capped by the server's result TTL).
+        """
+
     def __init__(
         self,
         *,
@@ -252,11 +291,55 @@ class Signature(_message.Message):
         on_success: _abc.Iterable[Global___Signature] | None = ...,
         on_error: _abc.Iterable[Global___Signature] | None = ...,
         message_group: _builtins.str = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
+        parent_id: _builtins.str = ...,
+        unique_for: _duration_pb2.Duration | None = ...,
+        unique_key: _builtins.str = ...,
+        rate_limit_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "retry", b"retry", "time_limit", b"time_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "countdown", b"countdown", "eta", b"eta", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "priority", b"priority", "queue", b"queue", "retry", b"retry", "time_limit", b"time_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "countdown", b"countdown", "eta", b"eta", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for", "unique_key", b"unique_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Signature: _TypeAlias = Signature  # noqa: Y015
+
+@_typing.final
+class TaskInfo(_message.Message):
+    """TaskInfo describes one task a worker can run, for the server's task registry (Hello.tasks,
+    AdminService.ListTasks). Strict submits are checked against it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CALL_SCHEMA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The task name, as in Signature.name."""
+    description: _builtins.str
+    """What the task does, for people (the Python SDK uses the docstring's first line)."""
+    call_schema: _builtins.str
+    """JSON Schema (draft 2020-12 unless it names another in "$schema"), as JSON text, of one
+    call: the object {"args": [...], "kwargs": {...}} made of a Signature's args and kwargs,
+    each Value as JSON (int64 as an integer, double as a number, bytes as base64 text, a
+    json_value as what it holds). "integer" means an int64 value, never a double.
+    Empty: any call is accepted.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        call_schema: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_schema", b"call_schema", "description", b"description", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015

@@ -10,6 +10,7 @@ from conveyor.v1 import workflow_pb2 as _workflow_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -121,17 +122,21 @@ class CallError(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     message: _builtins.str
+    retry_after_ms: _builtins.int
+    """When to retry, as a unary call's `retry-after-ms` trailer (and RetryInfo) says; 0: no hint."""
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,25 +148,116 @@ class SubmitRequest(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    strict: _builtins.bool
+    """Check every task of the submission against the task registry (workers' Hello.tasks) before
+    accepting it, as the server-wide `strict_tasks` setting does for all submits: a name no
+    worker registered, or args and kwargs that do not match the task's call_schema, is refused
+    with INVALID_ARGUMENT naming the task and the field. (A json_value that is not valid JSON
+    is refused in every mode.)
+    """
     @_builtins.property
     def task(self) -> _task_pb2.Signature: ...
     @_builtins.property
     def workflow(self) -> _workflow_pb2.Workflow: ...
+    @_builtins.property
+    def options(self) -> Global___CanvasOptions:
+        """Options for the whole task or workflow, as Celery's canvas.apply_async(args, kwargs, **options)."""
+
     def __init__(
         self,
         *,
         task: _task_pb2.Signature | None = ...,
         workflow: _workflow_pb2.Workflow | None = ...,
+        strict: _builtins.bool = ...,
+        options: Global___CanvasOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "task", b"task", "workflow", b"workflow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "target", b"target", "task", b"task", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "task", b"task", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "strict", b"strict", "target", b"target", "task", b"task", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["task", "workflow"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class CanvasOptions(_message.Message):
+    """CanvasOptions apply to everything a SubmitRequest holds. The first tasks are those that start
+    when the submission does: a lone task, a chain's first step, every member of a group, every
+    member of a chord's header (recursively).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class KwargsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _task_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _task_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    ETA_FIELD_NUMBER: _builtins.int
+    COUNTDOWN_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue of every task and callback that names none."""
+    priority: _builtins.int
+    """The priority (1-9) of every task and callback that sets none (0)."""
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Value]:
+        """Prepended to the args of each first task that is not immutable (a chain's result reaches its
+        next step before these).
+        """
+
+    @_builtins.property
+    def kwargs(self) -> _containers.MessageMap[_builtins.str, _task_pb2.Value]:
+        """Merged into the kwargs of each first task that is not immutable; these win over the task's own."""
+
+    @_builtins.property
+    def eta(self) -> _timestamp_pb2.Timestamp:
+        """When the submission starts: set on each first task that has neither eta nor countdown. Set
+        one of the two.
+        """
+
+    @_builtins.property
+    def countdown(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        args: _abc.Iterable[_task_pb2.Value] | None = ...,
+        kwargs: _abc.Mapping[_builtins.str, _task_pb2.Value] | None = ...,
+        queue: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        eta: _timestamp_pb2.Timestamp | None = ...,
+        countdown: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "countdown", b"countdown", "eta", b"eta", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanvasOptions: _TypeAlias = CanvasOptions  # noqa: Y015
 
 @_typing.final
 class SubmitResponse(_message.Message):
@@ -171,7 +267,10 @@ class SubmitResponse(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     TASK_IDS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
-    """The task id (for a task) or the id of the task whose result is the workflow's result."""
+    """The task id (for a task) or the id of the task whose result is the workflow's result (empty
+    when that result is a list: a group, or a chain ending in one). GetResult on workflow_id
+    reads any workflow's whole result.
+    """
     workflow_id: _builtins.str
     """Set for a workflow."""
     @_builtins.property
@@ -240,6 +339,10 @@ class GetResultRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """A task id, or a workflow id: then the result is the whole workflow's (task_id set to the
+    workflow id): a group's list of member results, a chain's last step's value, a chord's
+    callback's; a failed or cancelled workflow carries the error of the task that ended it.
+    """
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """Wait up to this long for a terminal state; zero returns at once."""
@@ -286,7 +389,9 @@ class WatchResultsRequest(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     UNTIL_DONE_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
-    """Watch every task of this workflow."""
+    """Watch every task of this workflow (a workflow without tasks, such as an empty group, ends
+    the stream at once).
+    """
     until_done: _builtins.bool
     """End the stream when every watched task is terminal (default true when unset)."""
     @_builtins.property

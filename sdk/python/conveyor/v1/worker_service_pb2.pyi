@@ -181,6 +181,8 @@ class Hello(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    MAX_RECEIVE_BYTES_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id chosen by the worker; the server assigns one when empty."""
     language: _builtins.str
@@ -190,13 +192,27 @@ class Hello(_message.Message):
     """Most unresolved tasks the worker holds at once (its window); at least 1."""
     hostname: _builtins.str
     pid: _builtins.int
+    max_receive_bytes: _builtins.int
+    """Largest message the worker accepts, in bytes (its channel's max receive size). The server
+    never sends it a larger one: it splits Assignments batches to fit. 0: gRPC's default, 4 MiB.
+    """
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues to pull from ("default" when empty)."""
 
     @_builtins.property
     def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Task names this worker can run; informational, unknown names are rejected per task."""
+        """Task names this worker can run: the server sends it only tasks with these names (routing by
+        task name). Empty: any task (the worker rejects those it cannot run).
+        """
+
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskInfo]:
+        """What each task does and the calls it accepts (a JSON Schema), for the server's task
+        registry: `conveyor tasks` lists them and strict submits are checked against them. A name
+        in task_names without an entry here is registered without a schema (any call). Errors:
+        INVALID_ARGUMENT when an entry has no name, or a call_schema is not a valid JSON Schema.
+        """
 
     def __init__(
         self,
@@ -209,10 +225,12 @@ class Hello(_message.Message):
         max_in_flight: _builtins.int = ...,
         hostname: _builtins.str = ...,
         pid: _builtins.int = ...,
+        max_receive_bytes: _builtins.int = ...,
+        tasks: _abc.Iterable[_task_pb2.TaskInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "language", b"language", "max_in_flight", b"max_in_flight", "pid", b"pid", "queues", b"queues", "sdk_version", b"sdk_version", "task_names", b"task_names", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "language", b"language", "max_in_flight", b"max_in_flight", "max_receive_bytes", b"max_receive_bytes", "pid", b"pid", "queues", b"queues", "sdk_version", b"sdk_version", "task_names", b"task_names", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,7 +480,9 @@ Global___Results: _TypeAlias = Results  # noqa: Y015
 
 @_typing.final
 class Reject(_message.Message):
-    """Reject hands tasks back that this worker cannot run (e.g. an unknown task name)."""
+    """Reject hands tasks back that this worker cannot run (e.g. an unknown task name): each goes
+    back to its queue for another worker; a task rejected 5 times fails with UnknownTask.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -535,10 +555,16 @@ class Assignment(_message.Message):
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """1 for the first attempt."""
     lease_token: _builtins.str
     workflow_id: _builtins.str
+    deliveries: _builtins.int
+    """Deliveries of this attempt to a worker so far, this one included (1 on the first); a task
+    whose workers keep dying without an outcome is failed after max_deliveries. 0 when the
+    server does not count them.
+    """
     @_builtins.property
     def task(self) -> _task_pb2.Signature: ...
     @_builtins.property
@@ -551,10 +577,11 @@ class Assignment(_message.Message):
         lease_token: _builtins.str = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         workflow_id: _builtins.str = ...,
+        deliveries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deliveries", b"deliveries", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

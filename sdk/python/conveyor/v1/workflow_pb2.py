@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/workflow.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\"\xa9\x01\n\x08Workflow\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12#\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.ChainH\x00\x12#\n\x05group\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.GroupH\x00\x12#\n\x05\x63hord\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.ChordH\x00\x42\x06\n\x04kind\"W\n\x05\x43hain\x12$\n\x05steps\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\"Y\n\x05Group\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x8d\x01\n\x05\x43hord\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Group\x12\'\n\x08\x63\x61llback\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x37\n\x0e\x66\x61ilure_policy\x18\x03 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy*|\n\x12\x43hordFailurePolicy\x12$\n CHORD_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HORD_FAILURE_POLICY_FAIL\x10\x01\x12!\n\x1d\x43HORD_FAILURE_POLICY_CONTINUE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/workflow.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\"\xa9\x01\n\x08Workflow\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12#\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.ChainH\x00\x12#\n\x05group\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.GroupH\x00\x12#\n\x05\x63hord\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.ChordH\x00\x42\x06\n\x04kind\"\x83\x01\n\x05\x43hain\x12$\n\x05steps\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\xb6\x01\n\x05Group\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12/\n\x0fon_member_error\x18\x04 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x8d\x01\n\x05\x43hord\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Group\x12\'\n\x08\x63\x61llback\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x37\n\x0e\x66\x61ilure_policy\x18\x03 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy*|\n\x12\x43hordFailurePolicy\x12$\n CHORD_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HORD_FAILURE_POLICY_FAIL\x10\x01\x12!\n\x1d\x43HORD_FAILURE_POLICY_CONTINUE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.workflow_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHORDFAILUREPOLICY']._serialized_start=563
-  _globals['_CHORDFAILUREPOLICY']._serialized_end=687
+  _globals['_CHORDFAILUREPOLICY']._serialized_start=702
+  _globals['_CHORDFAILUREPOLICY']._serialized_end=826
   _globals['_WORKFLOW']._serialized_start=68
   _globals['_WORKFLOW']._serialized_end=237
-  _globals['_CHAIN']._serialized_start=239
-  _globals['_CHAIN']._serialized_end=326
-  _globals['_GROUP']._serialized_start=328
-  _globals['_GROUP']._serialized_end=417
-  _globals['_CHORD']._serialized_start=420
-  _globals['_CHORD']._serialized_end=561
+  _globals['_CHAIN']._serialized_start=240
+  _globals['_CHAIN']._serialized_end=371
+  _globals['_GROUP']._serialized_start=374
+  _globals['_GROUP']._serialized_end=556
+  _globals['_CHORD']._serialized_start=559
+  _globals['_CHORD']._serialized_end=700
 # @@protoc_insertion_point(module_scope)

@@ -88,21 +88,31 @@ class Chain(_message.Message):
 
     STEPS_FIELD_NUMBER: _builtins.int
     ON_ERROR_FIELD_NUMBER: _builtins.int
+    ON_SUCCESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]: ...
     @_builtins.property
     def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
-        """Run when a step fails for good; each receives the error as a JSON object."""
+        """Run when a step fails for good; each receives the error as a JSON object whose task_id is
+        the task that failed.
+        """
+
+    @_builtins.property
+    def on_success(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
+        """Run when the chain succeeds, with its result (the last step's) as leading arg (Celery's
+        chain.link).
+        """
 
     def __init__(
         self,
         *,
         steps: _abc.Iterable[Global___Workflow] | None = ...,
         on_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        on_success: _abc.Iterable[_task_pb2.Signature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["on_error", b"on_error", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["on_error", b"on_error", "on_success", b"on_success", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -110,25 +120,47 @@ Global___Chain: _TypeAlias = Chain  # noqa: Y015
 
 @_typing.final
 class Group(_message.Message):
-    """Group runs its members in parallel; its result is the list of member results in member order."""
+    """Group runs its members in parallel; its result is the list of member results in member order
+    (a member that is itself a group gives a nested list).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMBERS_FIELD_NUMBER: _builtins.int
     ON_ERROR_FIELD_NUMBER: _builtins.int
+    ON_SUCCESS_FIELD_NUMBER: _builtins.int
+    ON_MEMBER_ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]: ...
     @_builtins.property
-    def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]: ...
+    def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
+        """Run once when the group ends with a failed member, with a GroupMemberFailed error that
+        names every failed member (task_id: the first failed task).
+        """
+
+    @_builtins.property
+    def on_success(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
+        """Run when every member succeeded, with the list of member results as leading arg (Celery's
+        group.link, which runs after the whole group here).
+        """
+
+    @_builtins.property
+    def on_member_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
+        """Run once per failed member, as it fails, with that member's error (Celery's group.link_error,
+        which calls its errback for each failed task).
+        """
+
     def __init__(
         self,
         *,
         members: _abc.Iterable[Global___Workflow] | None = ...,
         on_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        on_success: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        on_member_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "on_error", b"on_error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "on_error", b"on_error", "on_member_error", b"on_member_error", "on_success", b"on_success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

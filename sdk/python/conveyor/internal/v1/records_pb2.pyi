@@ -44,6 +44,38 @@ OUTBOX_KIND_FOLLOW_UPS: OutboxKind.ValueType  # 2
 """Run the follow-ups (callbacks, workflow moves) of the named ended tasks."""
 Global___OutboxKind: _TypeAlias = OutboxKind  # noqa: Y015
 
+class _PlanNodeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlanNodeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanNodeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLAN_NODE_KIND_UNSPECIFIED: _PlanNodeKind.ValueType  # 0
+    """A plan stored before kinds were an enum: its kind is in `legacy_kind`."""
+    PLAN_NODE_KIND_TASK: _PlanNodeKind.ValueType  # 1
+    """One task (a leaf)."""
+    PLAN_NODE_KIND_CHAIN: _PlanNodeKind.ValueType  # 2
+    """Children one after another, each result passed to the next."""
+    PLAN_NODE_KIND_GROUP: _PlanNodeKind.ValueType  # 3
+    """Children in parallel; the result is the list of theirs."""
+    PLAN_NODE_KIND_CHORD: _PlanNodeKind.ValueType  # 4
+    """A group (child 0), then a callback (child 1) with the group's list."""
+
+class PlanNodeKind(_PlanNodeKind, metaclass=_PlanNodeKindEnumTypeWrapper):
+    """PlanNodeKind is what a plan node is (core/canvas/ holds one module per kind)."""
+
+PLAN_NODE_KIND_UNSPECIFIED: PlanNodeKind.ValueType  # 0
+"""A plan stored before kinds were an enum: its kind is in `legacy_kind`."""
+PLAN_NODE_KIND_TASK: PlanNodeKind.ValueType  # 1
+"""One task (a leaf)."""
+PLAN_NODE_KIND_CHAIN: PlanNodeKind.ValueType  # 2
+"""Children one after another, each result passed to the next."""
+PLAN_NODE_KIND_GROUP: PlanNodeKind.ValueType  # 3
+"""Children in parallel; the result is the list of theirs."""
+PLAN_NODE_KIND_CHORD: PlanNodeKind.ValueType  # 4
+"""A group (child 0), then a callback (child 1) with the group's list."""
+Global___PlanNodeKind: _TypeAlias = PlanNodeKind  # noqa: Y015
+
 @_typing.final
 class TaskRecord(_message.Message):
     """Storage formats of the server. Not part of the public API; may change between releases.
@@ -62,6 +94,11 @@ class TaskRecord(_message.Message):
     RETRY_AT_FIELD_NUMBER: _builtins.int
     OUTBOX_ID_FIELD_NUMBER: _builtins.int
     ENQUEUED_AT_FIELD_NUMBER: _builtins.int
+    REPAIRS_FIELD_NUMBER: _builtins.int
+    REPAIRED_AT_FIELD_NUMBER: _builtins.int
+    LEASE_RENEWED_AT_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    REJECTS_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
@@ -74,6 +111,19 @@ class TaskRecord(_message.Message):
     """
     outbox_id: _builtins.str
     """The outbox entry that submitted this task; the reconciler publishes only its own tasks."""
+    repairs: _builtins.int
+    """Times the repair of lost messages republished this task, and the last time: repeated
+    repairs of one task are spaced exponentially (core/repair.py).
+    """
+    deliveries: _builtins.int
+    """Deliveries of the current attempt (1 once it is first received). One that comes back
+    without an outcome was lost with its worker or server; after max_deliveries of those the
+    task fails for good with WorkerLost, so a task that kills its workers cannot loop.
+    """
+    rejects: _builtins.int
+    """Times a worker rejected the task (it lacked the name it registered): each hands it back to
+    the queue; past a few the task fails with UnknownTask instead of bouncing forever.
+    """
     @_builtins.property
     def result(self) -> _result_pb2.TaskResult: ...
     @_builtins.property
@@ -88,6 +138,14 @@ class TaskRecord(_message.Message):
     def enqueued_at(self) -> _timestamp_pb2.Timestamp:
         """When `enqueued` was set: repair leaves a younger unconfirmed claim to its claimer."""
 
+    @_builtins.property
+    def repaired_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lease_renewed_at(self) -> _timestamp_pb2.Timestamp:
+        """RECEIVED/STARTED: the last time a heartbeat showed the lease live, stamped only when the
+        previous sign of life is older than half of repair_after (short tasks never get one).
+        """
+
     def __init__(
         self,
         *,
@@ -100,10 +158,15 @@ class TaskRecord(_message.Message):
         retry_at: _timestamp_pb2.Timestamp | None = ...,
         outbox_id: _builtins.str = ...,
         enqueued_at: _timestamp_pb2.Timestamp | None = ...,
+        repairs: _builtins.int = ...,
+        repaired_at: _timestamp_pb2.Timestamp | None = ...,
+        lease_renewed_at: _timestamp_pb2.Timestamp | None = ...,
+        deliveries: _builtins.int = ...,
+        rejects: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,8 +220,14 @@ class TaskMessage(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    REPAIRS_LEASE_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     workflow_id: _builtins.str
+    repairs_lease: _builtins.str
+    """Set on a repair's copy of a running task whose lease showed no sign of life: the lease
+    token it found stale. Dispatch lets this first delivery replace that lease (and only
+    that one, and only if it was not renewed since the repair).
+    """
     @_builtins.property
     def signature(self) -> _task_pb2.Signature: ...
     def __init__(
@@ -167,10 +236,11 @@ class TaskMessage(_message.Message):
         signature: _task_pb2.Signature | None = ...,
         attempt: _builtins.int = ...,
         workflow_id: _builtins.str = ...,
+        repairs_lease: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "signature", b"signature", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "repairs_lease", b"repairs_lease", "signature", b"signature", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,41 +283,59 @@ class PlanNode(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
-    KIND_FIELD_NUMBER: _builtins.int
+    LEGACY_KIND_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     CHILD_IDS_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     ON_ERROR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ON_SUCCESS_FIELD_NUMBER: _builtins.int
+    ON_MEMBER_ERROR_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
-    kind: _builtins.str
-    """"task", "chain", "group" or "chord"."""
+    legacy_kind: _builtins.str
+    """The kind as a name ("task", "chain", "group", "chord"): the only kind of plans stored before
+    `kind` existed, which are read through it. Still written, so that replicas of the previous
+    release can drive new plans during a rolling upgrade; drop it one release later.
+    """
     parent_id: _builtins.str
     index: _builtins.int
     """Position in the parent (step, member; for a chord 0 is the header, 1 the callback)."""
     task_id: _builtins.str
     """Task nodes: the task id."""
     failure_policy: _workflow_pb2.ChordFailurePolicy.ValueType
+    kind: Global___PlanNodeKind.ValueType
     @_builtins.property
     def child_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]: ...
+    def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
+        """Canvas callbacks: on_error once when the node fails; on_success with its result; for a group,
+        on_member_error once per failed member (each with that member's error).
+        """
+
+    @_builtins.property
+    def on_success(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]: ...
+    @_builtins.property
+    def on_member_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]: ...
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
-        kind: _builtins.str = ...,
+        legacy_kind: _builtins.str = ...,
         parent_id: _builtins.str = ...,
         index: _builtins.int = ...,
         child_ids: _abc.Iterable[_builtins.str] | None = ...,
         task_id: _builtins.str = ...,
         failure_policy: _workflow_pb2.ChordFailurePolicy.ValueType = ...,
         on_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        kind: Global___PlanNodeKind.ValueType = ...,
+        on_success: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        on_member_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "failure_policy", b"failure_policy", "index", b"index", "kind", b"kind", "node_id", b"node_id", "on_error", b"on_error", "parent_id", b"parent_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "failure_policy", b"failure_policy", "index", b"index", "kind", b"kind", "legacy_kind", b"legacy_kind", "node_id", b"node_id", "on_error", b"on_error", "on_member_error", b"on_member_error", "on_success", b"on_success", "parent_id", b"parent_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,7 +351,17 @@ class NodeOutcome(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
+    task_id: _builtins.str
+    """A failure: the task that failed (the first failed member's, for a group), which error
+    callbacks are told. Empty in outcomes stored before it existed.
+    """
+    state: _result_pb2.TaskState.ValueType
+    """SUCCESS, FAILURE or CANCELLED (a failure whose every cause was cancelled). Unspecified in
+    outcomes stored before it existed (read `ok`).
+    """
     @_builtins.property
     def value(self) -> _task_pb2.Value: ...
     @_builtins.property
@@ -279,11 +377,119 @@ class NodeOutcome(_message.Message):
         value: _task_pb2.Value | None = ...,
         error: _result_pb2.TaskError | None = ...,
         members: _abc.Iterable[Global___NodeOutcome] | None = ...,
+        task_id: _builtins.str = ...,
+        state: _result_pb2.TaskState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "members", b"members", "ok", b"ok", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "members", b"members", "ok", b"ok", "state", b"state", "task_id", b"task_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeOutcome: _TypeAlias = NodeOutcome  # noqa: Y015
+
+@_typing.final
+class PublishedTasks(_message.Message):
+    """PublishedTasks is one member of the repair index: tasks published together, by queue. The
+    index keeps one backend group per time bucket (`published:<start>:<seconds>`), so the
+    repair of lost messages finds what was published long ago without scanning the records.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueTasks]: ...
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___QueueTasks] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishedTasks: _TypeAlias = PublishedTasks  # noqa: Y015
+
+@_typing.final
+class QueueTasks(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueTasks: _TypeAlias = QueueTasks  # noqa: Y015
+
+@_typing.final
+class TaskRegistration(_message.Message):
+    """TaskRegistration is one worker connection's entry in the task registry: a member of the
+    backend group "task-registry" named "<connection_id>.<generation>" (core/task_registry.py).
+    The connection's replica rewrites it under the next generation every heartbeat interval
+    (add the new member, then remove the old), so readers never see a gap.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    SEEN_AT_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """Chosen by the replica for this connection; a reconnect is a new connection."""
+    generation: _builtins.int
+    worker_id: _builtins.str
+    language: _builtins.str
+    server_id: _builtins.str
+    gone: _builtins.bool
+    """The connection ended: kept (never live) so that its task names stay known for the
+    registry's retention, until a live registration covers them.
+    """
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskInfo]: ...
+    @_builtins.property
+    def seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When the replica last saw the connection open: live while recent (three heartbeat intervals)."""
+
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        language: _builtins.str = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        tasks: _abc.Iterable[_task_pb2.TaskInfo] | None = ...,
+        server_id: _builtins.str = ...,
+        seen_at: _timestamp_pb2.Timestamp | None = ...,
+        gone: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_at", b"seen_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "generation", b"generation", "gone", b"gone", "language", b"language", "queues", b"queues", "seen_at", b"seen_at", "server_id", b"server_id", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskRegistration: _TypeAlias = TaskRegistration  # noqa: Y015
