@@ -1,5 +1,6 @@
-"""The fault-injection scenarios of tests/faults/ as a table: what each fault cost in lost, stuck and
-duplicated work, and how long the system took to recover.
+"""The fault-injection scenarios of tests/faults/ as the engine x outage table: per engine and outage, what
+was submitted and succeeded, what was lost, stuck or ran twice, whether every chord callback ran exactly
+once, and the time to resume (from the engine's return to the first task that started after it).
 
     python bench/faults.py                                  # every scenario
     python bench/faults.py worker-kill broker-cut           # a subset, by name (repeat a name to rerun it)
@@ -7,10 +8,12 @@ duplicated work, and how long the system took to recover.
     python bench/faults.py --list                           # the scenarios and what each does
     CONVEYOR_FAULTS_CODE=/tmp/head python bench/faults.py   # servers and workers from another checkout
 
-Each scenario starts its own private redis-servers (AOF on, fsync always), TCP proxies, `conveyor serve`
-replicas and `conveyor worker` processes under a temporary directory (kept with --keep), runs the load with
-its fault, and stops everything. The columns are described in tests/faults/row.py. Exits 1 when any
-scenario lost, stranded or double-fired something (the same checks the tests assert).
+Each scenario starts its own private engines (redis-servers with AOF on and fsync always, nx-27017,
+memcached, or a SQLite file), TCP proxies, `conveyor serve` replicas and `conveyor worker` processes under a
+temporary directory (kept with --keep), runs the load with its fault, and stops everything. The columns are
+described in tests/faults/row.py; each scenario's detailed row is printed as it ends. Exits 1 when any
+scenario lost, stranded or double-fired something (the same checks the tests assert). The RabbitMQ and SQS
+brokers' own outages are tests/e2e/test_amqp_outage.py and tests/e2e/test_sqs_outage.py.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.faults.harness import Load, Row, format_table, run_scenario
+from tests.faults.harness import Load, Row, run_scenario
 from tests.faults.rig import code_under_test
+from tests.faults.row import format_engine_table
 from tests.faults.scenarios import SCENARIOS
 
 
@@ -51,7 +55,7 @@ async def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.list:
         for name, factory in SCENARIOS.items():
-            print(f"{name:<16} {factory().description}")
+            print(f"{name:<22} {factory().description}")
         return 0
     unknown = [n for n in args.scenarios if n not in SCENARIOS]
     if unknown:
@@ -76,7 +80,7 @@ async def main(argv: list[str]) -> int:
     finally:
         if not args.keep and all(r.ok for r in rows):
             shutil.rmtree(root, ignore_errors=True)
-    print(format_table(rows))
+    print(format_engine_table(rows))
     failed = [r.scenario for r in rows if not r.ok]
     if failed:
         print(f"\nFAILED: {', '.join(failed)} (logs kept in {root})")

@@ -537,3 +537,79 @@ async def test_mongodb_migrates_groups_of_the_old_layout(mongodb_backend_url: st
     finally:
         await engine.expire(groups=[group])
         await engine.close()
+
+
+# -- token buckets (rate limits) --------------------------------------------------------------------
+
+# A refill so slow that no token comes back while a test runs: 100 s per token.
+SLOW_RATE = 0.01
+
+
+async def test_a_token_bucket_starts_full_and_grants_whole_tokens(backend: Backend, prefix: str) -> None:
+    bucket = prefix + "bucket"
+    assert await backend.take_tokens(bucket, SLOW_RATE, 5, 3) == (3, 0.0)
+    granted, wait = await backend.take_tokens(bucket, SLOW_RATE, 5, 5)
+    assert granted == 2, "only what was left"
+    assert 90 < wait <= 100, f"a whole token takes 100 s at this rate, not {wait}"
+    granted, wait = await backend.take_tokens(bucket, SLOW_RATE, 5, 1)
+    assert granted == 0 and 90 < wait <= 100
+    # Buckets are separate, and asking for nothing takes nothing.
+    assert await backend.take_tokens(prefix + "other", SLOW_RATE, 5, 5) == (5, 100.0)
+    assert (await backend.take_tokens(prefix + "third", SLOW_RATE, 5, 0))[0] == 0
+    assert (await backend.take_tokens(prefix + "third", SLOW_RATE, 5, 5))[0] == 5
+
+
+async def test_a_token_bucket_refills_at_its_rate_up_to_its_burst(backend: Backend, prefix: str) -> None:
+    bucket = prefix + "bucket"
+    drained_before = time.monotonic()
+    assert (await backend.take_tokens(bucket, 20.0, 2, 2))[0] == 2
+    granted, wait = await backend.take_tokens(bucket, 20.0, 2, 1)
+    if not granted:  # (a busy machine may take the 50 ms a token needs between two calls)
+        assert 0 < wait <= 0.05
+    assert await eventually(lambda: _granted(backend.take_tokens(bucket, 20.0, 2, 1)), 2.0)
+    assert time.monotonic() - drained_before >= 0.05, "a token came back before 1/rate had passed"
+    # Idle for what would be 10 tokens: the bucket holds no more than its burst.
+    await asyncio.sleep(0.5)
+    assert (await backend.take_tokens(bucket, 20.0, 2, 10))[0] == 2
+
+
+async def test_a_token_bucket_uses_the_rate_of_each_call(backend: Backend, prefix: str) -> None:
+    bucket = prefix + "bucket"
+    assert (await backend.take_tokens(bucket, SLOW_RATE, 1, 1))[0] == 1
+    # The limit was raised: the next token comes at the new rate.
+    granted, wait = await backend.take_tokens(bucket, 50.0, 1, 1)
+    assert granted == 1 or 0 < wait <= 0.02
+    assert await eventually(lambda: _granted(backend.take_tokens(bucket, 50.0, 1, 1)), 2.0)
+
+
+async def _granted(taking: Awaitable[tuple[int, float]]) -> bool:
+    return (await taking)[0] == 1
+
+
+async def test_concurrent_takes_never_grant_more_than_the_bucket_holds(backend: Backend, prefix: str) -> None:
+    bucket = prefix + "bucket"
+    taken = await asyncio.gather(*(backend.take_tokens(bucket, SLOW_RATE, 50, 3) for _ in range(30)))
+    assert sum(granted for granted, _ in taken) == 50
+    assert all(wait > 90 for granted, wait in taken if granted < 3), "a refused take says when to come back"
+
+
+async def test_takes_from_two_instances_share_one_bucket(shared_backend_url: str, prefix: str) -> None:
+    first, second = open_backend(shared_backend_url), open_backend(shared_backend_url)
+    await first.connect()
+    await second.connect()
+    try:
+        bucket = prefix + "bucket"
+        takes = [engine.take_tokens(bucket, SLOW_RATE, 100, 3) for _ in range(25) for engine in (first, second)]
+        taken = await asyncio.gather(*takes)
+        assert sum(granted for granted, _ in taken) == 100, "each token granted once, across instances"
+        assert (await first.take_tokens(bucket, SLOW_RATE, 100, 1))[0] == 0
+        assert (await second.take_tokens(bucket, SLOW_RATE, 100, 1))[0] == 0
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_token_bucket_refuses_a_nonsensical_limit(backend: Backend, prefix: str) -> None:
+    for rate, burst, wanted in ((0.0, 1.0, 1), (-1.0, 1.0, 1), (float("inf"), 1.0, 1), (1.0, 0.5, 1), (1.0, 1.0, -1)):
+        with pytest.raises(ValueError):
+            await backend.take_tokens(prefix + "bucket", rate, burst, wanted)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -16,18 +17,21 @@ from tests.faults.harness import Load, Row, Scenario, run_scenario
 from tests.faults.rig import code_under_test
 from tests.support.processes import Proc
 
-RunFault = Callable[[Scenario], Awaitable[Row]]
+
+class RunFault(Protocol):
+    def __call__(self, scenario: Scenario, load: Load | None = None) -> Awaitable[Row]: ...
 
 
 @pytest.fixture
 def run_fault(tmp_path: Path, procs: list[Proc]) -> Iterator[RunFault]:
-    """`row = await run_fault(scenario)`: the row is printed (shown with -s or on failure)."""
+    """`row = await run_fault(scenario)` (or `run_fault(scenario, load)`, a load other than the default, which
+    the scenario may still tune): the row is printed (shown with -s or on failure)."""
     cleanups: list[Callable[[], None]] = []
 
-    async def run(scenario: Scenario) -> Row:
-        load = scenario.tune(Load())
-        print(f"\n{scenario.description}\nload: {load.describe()}\ncode under test: {code_under_test()}")
-        row = await run_scenario(scenario, tmp_path, procs=procs, cleanups=cleanups)
+    async def run(scenario: Scenario, load: Load | None = None) -> Row:
+        tuned = scenario.tune(load or Load())  # as run_scenario will
+        print(f"\n{scenario.description}\nload: {tuned.describe()}\ncode under test: {code_under_test()}")
+        row = await run_scenario(scenario, tmp_path, load, procs=procs, cleanups=cleanups)
         print(row.report())
         return row
 

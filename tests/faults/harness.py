@@ -164,10 +164,13 @@ class Run:
 
 
 class Scenario:
-    """One fault: subclasses set `name` and `description` and implement `setup` and `inject`."""
+    """One fault: subclasses set `name` and `description` (and, for the engine x outage table, `engine` and
+    `outage`) and implement `setup` and `inject`."""
 
     name = "scenario"
     description = ""
+    engine = ""
+    outage = ""
 
     def tune(self, load: Load) -> Load:
         """The load this scenario runs (most run the default)."""
@@ -227,7 +230,9 @@ async def _drive(scenario: Scenario, rig: Rig) -> Row:
             run.notes.append(f"processes that exited by themselves: {exited}")
         final = await clients.states(accepted)
         evidence = _evidence(run, accepted, final)
-        row = count(Row(scenario.name, recover_seconds=recover, notes=run.notes, fault_error=fault_error), evidence)
+        row = count(Row(scenario.name, scenario.engine, scenario.outage, recover_seconds=recover,
+                        resume_seconds=_resumed(run), client_errors=clients.transient_errors.copy(),
+                        notes=run.notes, fault_error=fault_error), evidence)
         write_outcomes(rig.workdir / "outcomes.csv", run.plan, evidence)
         _describe_fault_window(row, run)
         if clients.transient_errors:
@@ -286,6 +291,13 @@ async def _wait_terminal(run: Run, ids: Sequence[str]) -> float | None:
             return None
         await asyncio.sleep(POLL_SECONDS)
     return None
+
+
+def _resumed(run: Run) -> float | None:
+    """Seconds from the fault's end to the first execution that started after it (None: none did)."""
+    assert run.fault_ended is not None
+    end = run.fault_ended
+    return min((e.at - end for e in run.log.refresh() if e.at >= end), default=None)
 
 
 def _describe_fault_window(row: Row, run: Run) -> None:

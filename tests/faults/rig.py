@@ -1,5 +1,5 @@
-"""What a fault scenario starts: private redis-servers, TCP proxies, `conveyor serve` replicas and
-`conveyor worker` processes; `Rig.close()` stops all of it whatever happened.
+"""What a fault scenario starts: private redis-servers, nx-27017 and memcached servers, TCP proxies,
+`conveyor serve` replicas and `conveyor worker` processes; `Rig.close()` stops all of it whatever happened.
 
 Servers run with FAST_RECOVERY (short leases and graces, tests/chaos/conftest.py). Set CONVEYOR_FAULTS_CODE to
 run servers and workers from another checkout (see `code_env`).
@@ -13,10 +13,13 @@ import re
 import signal
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tests.chaos.conftest import FAST_RECOVERY
 from tests.faults.load import Load
+from tests.fixtures.backend_services import Service, start_memcached, start_nx27017
 from tests.support.processes import Proc, Server, WorkerProc, wait_for_workers
 from tests.support.proxy import TcpProxy
 from tests.support.redis_server import RedisServer
@@ -44,6 +47,38 @@ def code_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
+class EngineProcess:
+    """An nx-27017 or memcached server a scenario can kill and start again on the same port (and data), or
+    freeze (SIGSTOP: its port still accepts connections, nothing answers) and thaw (SIGCONT)."""
+
+    def __init__(self, start: Callable[[int | None], Service]) -> None:
+        self._start = start
+        self.service = start(None)
+        port = urlsplit(self.service.url).port
+        assert port is not None
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def kill(self) -> None:
+        self.service.kill()
+
+    def start(self) -> None:
+        """Start again on the same port; returns once it answers."""
+        self.service = self._start(self.port)
+
+    def freeze(self) -> None:
+        self.service.send(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.service.send(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.service.kill()  # SIGKILL ends a frozen process too
+
+
 class Rig:
     """Everything one scenario starts; `close()` stops all of it, whatever happened.
 
@@ -59,6 +94,7 @@ class Rig:
         self.log_path = workdir / "executions.log"
         self.log_path.touch()
         self.redises: list[RedisServer] = []
+        self.engines: list[EngineProcess] = []
         self.proxies: list[TcpProxy] = []
         self.servers: list[Server] = []
         self.workers: list[WorkerProc] = []
@@ -72,6 +108,22 @@ class Rig:
         server.start()
         return server
 
+    def nx27017(self, name: str) -> EngineProcess:
+        """A private nx-27017 (the MongoDB wire protocol on a SQLite file in `name/`)."""
+        directory = self.workdir / name
+        directory.mkdir()
+        return self._engine(lambda port: start_nx27017(directory, port=port))
+
+    def memcached(self, name: str) -> EngineProcess:
+        directory = self.workdir / name
+        directory.mkdir()
+        return self._engine(lambda port: start_memcached(log_dir=directory, port=port))
+
+    def _engine(self, start: Callable[[int | None], Service]) -> EngineProcess:
+        engine = EngineProcess(start)
+        self.engines.append(engine)
+        return engine
+
     def proxy(self, port: int) -> TcpProxy:
         proxy = TcpProxy("127.0.0.1", port)
         self.proxies.append(proxy)
@@ -80,9 +132,11 @@ class Rig:
     def prefix(self, kind: str) -> str:
         return f"f{kind}-{self.run_id}"
 
-    def server(self, broker: str, backend: str, name: str = "server", for_clients: bool = True) -> Server:
-        """A replica on these engines; clients submit to and read from it unless `for_clients` is False."""
-        server = Server(self.workdir, broker, backend, env={**FAST_RECOVERY, **code_env()}, name=name,
+    def server(self, broker: str, backend: str, name: str = "server", for_clients: bool = True,
+               env: dict[str, str] | None = None) -> Server:
+        """A replica on these engines; clients submit to and read from it unless `for_clients` is False. `env`
+        adds to (or overrides) FAST_RECOVERY."""
+        server = Server(self.workdir, broker, backend, env={**FAST_RECOVERY, **(env or {}), **code_env()}, name=name,
                         cwd=self.workdir, wait=False)
         self.servers.append(server)
         self.procs.append(server)
@@ -121,6 +175,8 @@ class Rig:
             proxy.stop()
         for redis in self.redises:
             redis.stop(signal.SIGKILL)
+        for engine in self.engines:
+            engine.close()
 
     def server_log_excerpt(self, limit: int = 8) -> list[str]:
         """Distinct warning/error lines of every server log (timestamps cut), most frequent first."""

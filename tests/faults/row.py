@@ -14,6 +14,13 @@
 - cancel / late (cancel scenario): targets that ended CANCELLED / targets that started after their Cancel
   returned.
 - recover_s: seconds from the end of the fault until every accepted id was terminal ("-": never).
+- resume_s: seconds from the end of the fault (an engine's return) to the first execution that started after
+  it ("-": nothing ran after it, the load had run by then). Executions are logged as they start and the load's
+  tasks last 5 ms, so this is the next task's completion within a few ms.
+- client_errors: the status codes the client's calls got, by call (a transient one is retried with the same
+  ids); an engine outage must show as UNAVAILABLE, never UNKNOWN.
+
+`format_engine_table` prints the rows as the engine x outage table of bench/faults.py.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ TERMINAL_NAMES = frozenset({"SUCCESS", "FAILURE", "CANCELLED"})
 @dataclass
 class Row:
     scenario: str
+    # For the engine x outage table: which engine the fault hit (and how the others were set up), and how.
+    engine: str = ""
+    outage: str = ""
     submitted: int = 0
     refused: int = 0
     succeeded: int = 0
@@ -44,7 +54,11 @@ class Row:
     callbacks_fired: int = 0
     callbacks_expected: int = 0
     callback_extra: int = 0
+    # Chord callbacks that ran exactly once (a re-run explained by a killed worker counts as once).
+    callbacks_once: int = 0
     recover_seconds: float | None = None
+    resume_seconds: float | None = None
+    client_errors: Counter[str] = field(default_factory=Counter)
     wall_seconds: float = 0.0
     cancelled: int = 0
     started_after_cancel: int = 0
@@ -63,6 +77,10 @@ class Row:
                 f"{self.stuck:>5} {self.duplicates:>5} {callbacks:>9} {self.callback_extra:>8} {self.cancelled:>6} "
                 f"{self.started_after_cancel:>5} {recover:>9} {self.wall_seconds:>6.1f}")
 
+    def unexpected_client_errors(self) -> dict[str, int]:
+        """Client call failures other than UNAVAILABLE (keys like "submit DEADLINE_EXCEEDED")."""
+        return {call: n for call, n in self.client_errors.items() if not call.endswith(" UNAVAILABLE")}
+
     @property
     def ok(self) -> bool:
         return (not self.fault_error and self.submitted > 0 and self.refused == 0 and self.lost == 0 and self.stuck == 0
@@ -73,6 +91,8 @@ class Row:
         lines = [Row.HEADER, self.line()]
         if self.fault_error:
             lines.append(f"  FAULT NOT INJECTED: {self.fault_error}")
+        if self.resume_seconds is not None:
+            lines.append(f"  resumed {self.resume_seconds:.2f} s after the fault ended")
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  {kind} ({len(items)}): {items[:12]}" for kind, items in self.problems.items()]
         return "\n".join(lines)
@@ -80,6 +100,28 @@ class Row:
 
 def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([Row.HEADER, *(r.line() for r in rows)])
+
+
+ENGINE_COLUMNS = ("engine", "outage", "submitted", "succeeded", "lost", "stuck", "duplicated", "callbacks once",
+                  "time to resume")
+
+
+def format_engine_table(rows: Sequence[Row]) -> str:
+    """The engine x outage table: one line per row, columns sized to their contents."""
+    cells = [ENGINE_COLUMNS] + [
+        (r.engine or r.scenario, r.outage or "-", str(r.submitted), str(r.succeeded), str(r.lost), str(r.stuck),
+         str(r.duplicates), f"{r.callbacks_once}/{r.callbacks_expected}",
+         "-" if r.resume_seconds is None else f"{r.resume_seconds:.2f} s")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(ENGINE_COLUMNS))]
+
+    def aligned(line: tuple[str, ...]) -> str:
+        # Text columns left-aligned, numbers right-aligned.
+        padded = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join(aligned(line) for line in cells)
 
 
 @dataclass
@@ -161,6 +203,7 @@ def _count_callbacks(row: Row, evidence: Evidence) -> None:
         row.callbacks_fired += 1
         unexplained = [later for earlier, later in itertools.pairwise(runs)
                        if earlier.pid not in evidence.killed_worker_pids]
+        row.callbacks_once += not unexplained
         detail = f"{ids.callback}: " + ", ".join(f"attempt={e.attempt} pid={e.pid} at={e.at:.3f}" for e in runs)
         if unexplained:
             row.callback_extra += len(unexplained)

@@ -240,6 +240,9 @@ class Server(Proc):
             argv += ["--broker", broker]
         if backend:
             argv += ["--backend", backend]
+        # No dashboard on the machine's port 8080 unless a test asks for one: a test server must
+        # not take the port a real server (or another run) wants.
+        env = {"CONVEYOR_HTTP_PORT": "0", **(env or {})}
         super().__init__(argv, log_dir / f"{name}-{self.port}.log", env, cwd)
         if wait:
             self.wait_ready()

@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable
 from typing import Protocol
 
+from ._common import Backoff
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
@@ -138,14 +140,23 @@ class PollFeed:
                 await self._task
 
     async def _run(self) -> None:
+        # While the engine is away, polls back off (and log once per attempt, not 20 times a second); a
+        # key that changed meanwhile still differs from what was seen, so the first poll that succeeds
+        # reports it.
+        backoff = Backoff()
+        delay = self._interval
         while self._registry.by_key:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(delay)
             keys = list(self._registry.by_key)
             try:
                 found = await self._fetch(keys)
             except Exception as exc:
-                log.warning("%s watch poll failed (%s); retrying", self._engine, exc)
+                delay = backoff.next()
+                log.warning("%s watch poll failed (%s: %s); retrying in %.2f s", self._engine, type(exc).__name__,
+                            exc, delay)
                 continue
+            backoff.reset()
+            delay = self._interval
             for key in keys:
                 if key not in self._registry.by_key:
                     continue

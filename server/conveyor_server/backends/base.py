@@ -32,6 +32,10 @@ Semantics every engine must keep:
   Live state (queued, delayed, running, mid-workflow) is written with keep=True, so no TTL can
   remove it; a result starts its TTL when its task ends.
 - watch() sees writes made by any process or replica sharing the engine.
+- take_tokens() is a token bucket (rate limits) shared by every process using the engine: each
+  call refills the bucket for the time passed and takes whole tokens in one atomic step, so
+  replicas taking at once never get more than the bucket held. Buckets need no expiry flag:
+  one never seen, or idle long enough to be full, is full, and the engine may forget it then.
 """
 
 from __future__ import annotations
@@ -117,3 +121,15 @@ class Backend(Protocol):
         consumer stops iterating.
         """
         ...
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        """Take up to `wanted` whole tokens from `bucket`, atomically across every process
+        sharing the engine. The bucket holds at most `burst` (>= 1) tokens and gains
+        `rate_per_second` (> 0) per second, by the values of this call (a changed limit applies
+        at once); a bucket never seen is full.
+
+        Returns (granted, wait): how many were taken (0..wanted), and the seconds until the
+        bucket holds a whole token again (0 while one is left). Time is the engine's own clock
+        where it has one (Redis), otherwise the caller's wall clock; a clock that went back
+        counts as no time passed.
+        """

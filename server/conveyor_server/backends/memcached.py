@@ -34,6 +34,13 @@ write to one group race, a marker may be left expiring under a kept index.
 
 watch() polls: one meta-get (`mg key c`, memcached >= 1.6) per watched key every 50 ms on a
 dedicated connection, comparing CAS tokens, which change on every write and cost no data.
+
+Timeouts: aiomcache has none, so a frozen server (SIGSTOP, a hung host: its port accepts
+connections, nothing answers) hung every call, and with them the pool, for as long as it
+stayed frozen. Here a call that holds a connection `timeout` seconds (default 2; the URL's
+`timeout=`) without its reply fails with TimeoutError and its connection is closed, not reused
+(its reply may still come); connecting has the same bound. Callers see a transient error
+(UNAVAILABLE) and retry.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ from typing import Self, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aiomcache
+from aiomcache.pool import Connection, MemcachePool
 
+from . import _tokens
 from ._common import compare_and_set_per_key
 from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -69,6 +78,8 @@ _CHUNK = 200
 # A CAS loop only retries after another writer succeeded, so this is never reached in practice.
 _MAX_RACES = 10_000
 _VERSION = struct.Struct(">Q")
+# How long a call may wait for its reply (or a connection) before it fails.
+CALL_TIMEOUT_SECONDS = 2.0
 
 
 def _exptime(seconds: float) -> int:
@@ -109,19 +120,61 @@ class _Index:
         return cls(str(raw["g"]), float(raw["t"]), dict.fromkeys(raw["m"]), bool(raw.get("k", False)))
 
 
+class _DeadlinePool(MemcachePool):
+    """aiomcache's pool, where a call gets `timeout` seconds to connect and `timeout` seconds, from when it
+    took its connection, to be done with it; past that its connection is broken: the call fails at once
+    (TimeoutError, or ConnectionResetError mid-write) and aiomcache closes the connection instead of
+    pooling it again."""
+
+    def __init__(self, host: str, port: int, size: int, timeout: float) -> None:
+        super().__init__(host, port, minsize=size, maxsize=size)
+        self._timeout = timeout
+        self._deadlines: dict[Connection, asyncio.TimerHandle] = {}
+
+    async def _create_new_conn(self) -> Connection | None:
+        async with asyncio.timeout(self._timeout):
+            return await super()._create_new_conn()
+
+    async def acquire(self) -> Connection:
+        conn = await super().acquire()
+        self._deadlines[conn] = asyncio.get_running_loop().call_later(self._timeout, self._expire, conn)
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        deadline = self._deadlines.pop(conn, None)
+        if deadline is not None:
+            deadline.cancel()
+        super().release(conn)
+
+    def _expire(self, conn: Connection) -> None:
+        self._deadlines.pop(conn, None)
+        conn.reader.set_exception(TimeoutError(f"memcached sent no reply within {self._timeout} s"))
+        conn.writer.close()
+
+
+class _Client(aiomcache.Client):
+    """aiomcache's client on a `_DeadlinePool`."""
+
+    def __init__(self, host: str, port: int, pool_size: int, timeout: float) -> None:
+        super().__init__(host, port, pool_size=pool_size)
+        self._pool = _DeadlinePool(host, port, pool_size, timeout)
+
+
 class _CasReader:
     """Meta-get of CAS tokens on a dedicated connection (aiomcache has no meta commands)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, timeout: float) -> None:
         self._host = host
         self._port = port
+        self._timeout = timeout
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
 
     async def tokens(self, keys: list[bytes]) -> list[int | None]:
         async with self._lock:
             try:
-                return await self._tokens(keys)
+                async with asyncio.timeout(self._timeout):
+                    return await self._tokens(keys)
             except BaseException:
                 # A half-read reply would poison the next request: start over.
                 self.close()
@@ -159,6 +212,7 @@ class MemcachedBackend:
         prefix: str = "conveyor",
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         pool_size: int = 16,
+        timeout: float = CALL_TIMEOUT_SECONDS,
     ) -> None:
         if not prefix or not _safe(prefix) or len(prefix) > 100:
             raise ValueError(f"memcached prefix {prefix!r}: use 1-100 printable ASCII characters, no spaces")
@@ -167,13 +221,14 @@ class MemcachedBackend:
         self._prefix = prefix
         self._ttl = ttl_seconds
         self._pool_size = pool_size
+        self._timeout = timeout
         self._client: aiomcache.Client | None = None
         self._cas_reader: _CasReader | None = None
         self._hub = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
-        """memcached://host:port?prefix=name&pool_size=16."""
+        """memcached://host:port?prefix=name&pool_size=16&timeout=2 (seconds)."""
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         return cls(
@@ -182,6 +237,7 @@ class MemcachedBackend:
             query.get("prefix", "conveyor"),
             ttl_seconds,
             int(query.get("pool_size", "16")),
+            float(query.get("timeout", CALL_TIMEOUT_SECONDS)),
         )
 
     @property
@@ -207,10 +263,14 @@ class MemcachedBackend:
         return await asyncio.shield(call)
 
     async def connect(self) -> None:
-        client = aiomcache.Client(self._host, self._port, pool_size=self._pool_size)
-        await client.version()
+        client = _Client(self._host, self._port, self._pool_size, self._timeout)
+        try:
+            await client.version()
+        except BaseException:
+            await client.close()
+            raise
         self._client = client
-        self._cas_reader = _CasReader(self._host, self._port)
+        self._cas_reader = _CasReader(self._host, self._port, self._timeout)
 
     async def close(self) -> None:
         await self._hub.close()
@@ -377,3 +437,29 @@ class MemcachedBackend:
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         return self._hub.watch(keys)
+
+    # -- token buckets (rate limits) ------------------------------------------------------
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        """Item `tb` holds {t: tokens, u: when counted (wall clock)}, changed by a gets/cas loop
+        (`add` for a new bucket); it expires once the bucket would be full again."""
+        _tokens.check_bucket(rate_per_second, burst, wanted)
+        key = self._key("tb", bucket)
+        exptime = _exptime(_tokens.full_after(rate_per_second, burst))
+        for _ in range(_MAX_RACES):
+            current, token = await self._safely(self._mc.gets(key))
+            now = time.time()
+            tokens = burst
+            if current is not None:
+                state = json.loads(current)
+                tokens = _tokens.refill(float(state["t"]), float(state["u"]), now, rate_per_second, burst)
+            taken = _tokens.take(tokens, wanted, rate_per_second)
+            value = json.dumps({"t": taken.left, "u": now}).encode()
+            if current is None or token is None:
+                stored = await self._safely(self._mc.add(key, value, exptime))
+            else:
+                stored = await self._safely(self._mc.cas(key, value, token, exptime))
+            if stored:
+                return taken.granted, taken.wait
+            # Another replica took tokens (or made the bucket) first: count again from its state.
+        raise RuntimeError(f"memcached token bucket {bucket!r}: too many concurrent writers")

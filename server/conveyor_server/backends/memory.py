@@ -13,7 +13,9 @@ import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ._tokens import TokenBuckets
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .memory_task_index import MemoryTaskIndex
 
 
 @dataclass
@@ -158,3 +160,23 @@ class MemoryBackend:
                 yield changed
         finally:
             self._watchers.discard(entry)
+
+    # -- token buckets (rate limits) ------------------------------------------------------
+
+    # Made on first use; a test may set its own first, with a clock it controls.
+    token_buckets: TokenBuckets | None = None
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        if self.token_buckets is None:
+            self.token_buckets = TokenBuckets()
+        return self.token_buckets.take(bucket, rate_per_second, burst, wanted)
+
+    # -- task index (listing tasks: backends/task_index.py) -------------------------------
+
+    _task_index: MemoryTaskIndex | None = None
+
+    def task_index(self) -> MemoryTaskIndex:
+        """One per backend, shared by every core that uses it (a scan per query)."""
+        if self._task_index is None:
+            self._task_index = MemoryTaskIndex(self._ttl)
+        return self._task_index

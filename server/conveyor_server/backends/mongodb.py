@@ -33,7 +33,13 @@ their members about once a minute, from its writes.
 watch() uses one change stream per backend (filtered locally by key) and falls back to
 polling versions where the server has no change streams (a standalone mongod). Tested
 against nx-27017 too: it ignores maxAwaitTimeMS, so an idle getMore returns at once; the
-stream reader then sleeps between getMores instead of spinning.
+stream reader then sleeps between getMores instead of spinning. A stream that breaks (the
+server restarted, or stopped answering) is reopened with jittered exponential backoff, and
+every watcher is told that all its keys may have changed.
+
+An unreachable or frozen server fails a call within seconds, so clients get UNAVAILABLE while
+it is away (pymongo's own defaults wait 30 s for a server and forever for a reply): the client
+gets `CLIENT_TIMEOUTS_MS` unless the URL's query sets those options itself.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from bson import Binary
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
@@ -56,9 +62,11 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from ._common import KeyedLocks, compare_and_set_per_key, split_prefix
+from . import _tokens
+from ._common import Backoff, KeyedLocks, compare_and_set_per_key, split_prefix
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .mongodb_task_index import MongoTaskIndex
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,13 @@ _WATCHED_OPS = ["insert", "update", "replace"]
 _SWEEP_SECONDS = 60.0
 # A race for a slot is only lost to a replica that won one, so this is never reached in practice.
 _MAX_RACES = 10_000
+# pymongo's defaults wait 30 s for a reachable server, 20 s for a connection and forever for a reply, so a
+# call to a server that went away hung past any client's deadline. These fail it within seconds (below a
+# client's deadline: it gets UNAVAILABLE and retries). A call waits 1 s for a server that is known to be
+# down (pymongo checks it every 0.5 s meanwhile, so calls resume within a second of its return), 5 s for
+# a connection and its handshake (the monitor's check too: a server slow under load is not marked down),
+# and 5 s for a reply (a frozen server).
+CLIENT_TIMEOUTS_MS = {"serverSelectionTimeoutMS": 1000, "connectTimeoutMS": 5000, "socketTimeoutMS": 5000}
 
 
 def _collection_base(prefix: str) -> str:
@@ -83,6 +98,12 @@ def _collection_base(prefix: str) -> str:
 def _legacy_member_name(field: str) -> str:
     """A member's name from a field of the old one-document-per-group layout."""
     return unquote(field[1:])
+
+
+def client_timeouts(url: str) -> dict[str, Any]:
+    """CLIENT_TIMEOUTS_MS less the options the URL sets (option names are case-insensitive)."""
+    given = {name.lower() for name, _ in parse_qsl(urlsplit(url).query)}
+    return {name: ms for name, ms in CLIENT_TIMEOUTS_MS.items() if name.lower() not in given}
 
 
 def _chunks(keys: Sequence[str]) -> list[list[str]]:
@@ -98,6 +119,9 @@ def _live(conditions: Doc) -> Doc:
     """Filter: `conditions`, on a document that is kept (no `exp`) or not expired yet.
 
     An explicit $and: nx-27017 ignores the other fields of a write's filter next to a top-level $or.
+    For writes only: nx-27017 runs a find() with this filter as a scan of the whole collection (some
+    40 us a document, so 100 ms a read at a few thousand records), so reads select by `_id` alone
+    and check `_is_live` on what comes back.
     """
     return {"$and": [conditions, {"$or": [{"exp": {"$exists": False}}, {"exp": {"$gt": _now_ms()}}]}]}
 
@@ -147,8 +171,8 @@ class _StreamFeed:
             started = time.monotonic()
             try:
                 change = await self._stream.try_next()
-            except PyMongoError as exc:
-                log.warning("mongodb change stream failed (%s); reopening", exc)
+            except Exception as exc:  # whatever broke the stream, the feed must go on: reopen it
+                log.warning("mongodb change stream failed (%s: %s); reopening", type(exc).__name__, exc)
                 await self._reopen()
                 continue
             if change is not None:
@@ -160,13 +184,15 @@ class _StreamFeed:
     async def _reopen(self) -> None:
         with contextlib.suppress(PyMongoError):
             await self._stream.close()
+        backoff = Backoff()
         while True:
             try:
                 self._stream = await self.open(self._records)
                 break
-            except PyMongoError as exc:
-                log.warning("mongodb change stream reopen failed (%s)", exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                delay = backoff.next()
+                log.warning("mongodb change stream reopen failed (%s); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
         # Changes made while the stream was down were not seen.
         self._registry.dispatch_all()
 
@@ -190,7 +216,7 @@ class MongoBackend:
         return cls(clean, prefix, ttl_seconds)
 
     async def connect(self) -> None:
-        client: AsyncMongoClient[Doc] = AsyncMongoClient(self._url, tz_aware=True)
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(self._url, tz_aware=True, **client_timeouts(self._url))
         database = client.get_default_database("conveyor")
         self._records = database[f"{self._base}_records"]
         self._groups = database[f"{self._base}_groups"]
@@ -263,9 +289,9 @@ class MongoBackend:
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
         found: dict[str, Versioned] = {}
         for chunk in _chunks(keys):
-            cursor = self._records.find(_live({"_id": {"$in": chunk}}), {"data": 1, "version": 1})
-            async for doc in cursor:
-                found[doc["_id"]] = Versioned(bytes(doc["data"]), int(doc["version"]))
+            async for doc in self._records.find({"_id": {"$in": chunk}}, {"data": 1, "version": 1, "exp": 1}):
+                if _is_live(doc):
+                    found[doc["_id"]] = Versioned(bytes(doc["data"]), int(doc["version"]))
         return found
 
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
@@ -387,8 +413,8 @@ class MongoBackend:
         return 0 if settled is None else int(settled["n"]) - int(settled["h"])
 
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
-        doc = await self._groups.find_one(_live({"_id": group}), {"gen": 1, "m": 1})
-        if doc is None:
+        doc = await self._groups.find_one({"_id": group}, {"gen": 1, "m": 1, "exp": 1})
+        if doc is None or not _is_live(doc):
             return {}
         if "m" in doc:
             await self._migrate_group(doc)
@@ -403,8 +429,8 @@ class MongoBackend:
     async def remove_member(self, group: str, member: str) -> None:
         async with self._locks.hold(f"remove:{group}"):
             for _ in range(_MAX_RACES):
-                doc = await self._groups.find_one(_live({"_id": group}), {"gen": 1, "h": 1, "m": 1})
-                if doc is None:
+                doc = await self._groups.find_one({"_id": group}, {"gen": 1, "h": 1, "m": 1, "exp": 1})
+                if doc is None or not _is_live(doc):
                     return
                 if "m" in doc:
                     await self._migrate_group(doc)
@@ -466,9 +492,9 @@ class MongoBackend:
         """(version, exp) changes on every write, including a re-insert after expiry."""
         found: dict[str, Hashable] = {}
         for chunk in _chunks(keys):
-            cursor = self._records.find(_live({"_id": {"$in": chunk}}), {"version": 1, "exp": 1})
-            async for doc in cursor:
-                found[doc["_id"]] = (doc["version"], doc.get("exp"))
+            async for doc in self._records.find({"_id": {"$in": chunk}}, {"version": 1, "exp": 1}):
+                if _is_live(doc):
+                    found[doc["_id"]] = (doc["version"], doc.get("exp"))
         return found
 
     async def _open_feed(self) -> Feed:
@@ -482,3 +508,41 @@ class MongoBackend:
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         return self._hub.watch(keys)
+
+    # -- token buckets (rate limits) ------------------------------------------------------
+
+    _token_index_ready: bool = False
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        """Collection `{prefix}_buckets`: {_id: bucket, t: tokens, u: when counted (wall clock),
+        v: version, expires_at}, changed by a compare-and-set loop on `v` (an insert for a new
+        bucket). A document expires (TTL index) once the bucket would be full again."""
+        _tokens.check_bucket(rate_per_second, burst, wanted)
+        buckets: AsyncCollection[Doc] = self._records.database[f"{self._base}_buckets"]
+        if not self._token_index_ready:
+            await buckets.create_index("expires_at", expireAfterSeconds=0)
+            self._token_index_ready = True
+        full_after = _tokens.full_after(rate_per_second, burst)
+        for _ in range(_MAX_RACES):
+            doc = await buckets.find_one({"_id": bucket})
+            now = time.time()
+            tokens = burst if doc is None else _tokens.refill(float(doc["t"]), float(doc["u"]), now, rate_per_second,
+                                                              burst)
+            taken = _tokens.take(tokens, wanted, rate_per_second)
+            state = {"t": taken.left, "u": now, "expires_at": datetime.fromtimestamp(now + full_after, UTC)}
+            if doc is None:
+                try:
+                    await buckets.insert_one({"_id": bucket, "v": 1, **state})
+                except DuplicateKeyError:
+                    continue  # another replica made it first: take from its state
+                return taken.granted, taken.wait
+            written = await buckets.update_one({"_id": bucket, "v": doc["v"]}, {"$set": state, "$inc": {"v": 1}})
+            if written.matched_count:
+                return taken.granted, taken.wait
+            # Another replica took tokens first: count again from its state.
+        raise RuntimeError(f"mongodb token bucket {bucket!r}: too many concurrent writers")
+
+    # -- task index (listing tasks: backends/mongodb_task_index.py) ------------------------
+
+    def task_index(self) -> MongoTaskIndex:
+        return MongoTaskIndex(lambda: self._records.database, self._base, self._ttl_ms / 1000)

@@ -32,11 +32,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from ..redis_pool import open_redis
-from ._common import split_prefix
+from ._common import Backoff, split_prefix
+from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .redis_task_index import RedisTaskIndex
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,7 @@ class _Subscriptions:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _read(self) -> None:
+        backoff = Backoff()
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=_READ_SECONDS)
@@ -224,9 +228,11 @@ class _Subscriptions:
             except Exception as exc:
                 # redis-py reconnects and resubscribes on the next read; the resubscribe
                 # confirmations below then mark every key as changed.
-                log.warning("redis watch connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(0.5)
+                delay = backoff.next()
+                log.warning("redis watch connection lost (%s); reconnecting in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
                 continue
+            backoff.reset()
             if message is not None:
                 self._dispatch(message)
 
@@ -382,3 +388,42 @@ class RedisBackend:
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         return self._hub.watch(keys)
+
+    # -- token buckets (rate limits) ------------------------------------------------------
+
+    # KEYS: bucket hash {t: tokens, u: when counted, in seconds of the Redis server's clock}.
+    # ARGV: rate_per_second, burst, wanted. Returns {granted, wait in seconds (as text: Lua
+    # numbers come back as truncated integers)}. The hash expires once the bucket would be
+    # full again, when a missing bucket means the same.
+    _TAKE_TOKENS = """
+local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 't', 'u')
+local tokens = burst
+if state[1] and state[2] then
+  tokens = math.min(burst, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate)
+end
+local granted = math.max(0, math.min(wanted, math.floor(tokens + 1e-9)))
+tokens = tokens - granted
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'u', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst / rate + 1) * 1000))
+local wait = 0
+if tokens + 1e-9 < 1 then wait = (1 - tokens) / rate end
+return {granted, string.format('%.17g', wait)}
+"""
+    _token_script: AsyncScript | None = None
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        check_bucket(rate_per_second, burst, wanted)
+        script = self._token_script
+        if script is None or script.registered_client is not self._redis:  # made again after a reconnect
+            script = self._token_script = self._redis.register_script(self._TAKE_TOKENS)
+        args: list[str | int] = [repr(float(rate_per_second)), repr(float(burst)), wanted]
+        granted, wait = await script(keys=[f"{self._prefix}:tb:{bucket}"], args=args)
+        return int(granted), float(wait)
+
+    # -- task index (listing tasks: backends/redis_task_index.py) --------------------------
+
+    def task_index(self) -> RedisTaskIndex:
+        return RedisTaskIndex(lambda: self._redis, self._prefix, self._ttl_ms / 1000)

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from conveyor_server.brokers.sqlite import SqliteDatabase, sqlite_path, transaction
 
+from . import _tokens
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .sqlite_task_index import SqliteTaskIndex
 
 # How often watches look for writes by other connections (other processes, or a broker on the
 # same file); writes through this backend wake them at once.
@@ -363,3 +365,53 @@ class SqliteBackend:
             if stamps is not None:
                 for watcher in watchers:
                     watcher.report(stamps)
+
+    # -- token buckets (rate limits) ------------------------------------------------------
+
+    # Created on first use (files from before rate limits need no migration). A bucket row is
+    # deleted once it would be full again (`full_at`): then it reads as full anyway.
+    _TOKEN_TABLE = (
+        "CREATE TABLE IF NOT EXISTS token_buckets"
+        " (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL, full_at REAL NOT NULL)"
+    )
+    _TOKEN_WRITE = (
+        "INSERT INTO token_buckets (bucket, tokens, updated, full_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (bucket) DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated,"
+        " full_at = excluded.full_at"
+    )
+    _token_table_ready: bool = False
+    _token_sweep_at: float = 0.0
+
+    async def take_tokens(self, bucket: str, rate_per_second: float, burst: float, wanted: int) -> tuple[int, float]:
+        _tokens.check_bucket(rate_per_second, burst, wanted)
+        create, sweep = not self._token_table_ready, time.monotonic() >= self._token_sweep_at
+        if sweep:
+            self._token_sweep_at = time.monotonic() + _SWEEP_SECONDS
+        taken = await self._db.run(
+            lambda conn: self._take_tokens(conn, bucket, rate_per_second, burst, wanted, create, sweep)
+        )
+        self._token_table_ready = True
+        return taken
+
+    @classmethod
+    def _take_tokens(
+        cls, conn: sqlite3.Connection, bucket: str, rate: float, burst: float, wanted: int, create: bool, sweep: bool,
+    ) -> tuple[int, float]:
+        if create:
+            conn.execute(cls._TOKEN_TABLE)
+        # One IMMEDIATE transaction: the read, the refill and the write are one step for every
+        # process on the file.
+        with transaction(conn):
+            now = time.time()
+            if sweep:
+                conn.execute("DELETE FROM token_buckets WHERE full_at <= ?", (now,))
+            row = conn.execute("SELECT tokens, updated FROM token_buckets WHERE bucket = ?", (bucket,)).fetchone()
+            tokens = burst if row is None else _tokens.refill(row[0], row[1], now, rate, burst)
+            taken = _tokens.take(tokens, wanted, rate)
+            conn.execute(cls._TOKEN_WRITE, (bucket, taken.left, now, now + _tokens.full_after(rate, burst)))
+        return taken.granted, taken.wait
+
+    # -- task index (listing tasks: backends/sqlite_task_index.py) -------------------------
+
+    def task_index(self) -> SqliteTaskIndex:
+        return SqliteTaskIndex(self._db, self._ttl)
