@@ -7,6 +7,7 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,24 +32,35 @@ from .backends.base import Backend
 from .brokers.base import Broker
 from .config import Settings
 from .core.admin import Admin
+from .core.admission import Admission
 from .core.cancellation import Canceller
 from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
+from .core.limits import ConcurrencySlots, DispatchLimits, RateLimiter, RateLimitTable, configured_limits
 from .core.outbox import Outbox
 from .core.outcomes import OutcomeRecorder
 from .core.pauses import QueuePauses
+from .core.publish_index import PublishIndex, bucket_seconds_for
 from .core.publisher import Publisher
 from .core.reconciler import Reconciler
+from .core.repair import Repairer, with_repair_after
 from .core.results import ResultReader
 from .core.schedules import Schedules
 from .core.sessions import SessionRegistry
 from .core.store import TaskStore
 from .core.submission import Submitter
+from .core.task_index import TaskIndexer
+from .core.task_registry import TaskRegistry
+from .core.task_schemas import SubmitChecks
 from .core.workflow import WorkflowEngine
 from .engines import open_backend, open_broker
+from .http.exposure import check_http_exposure
 from .metrics import ServerMetrics
 from .security import check_exposure, server_credentials
+
+if TYPE_CHECKING:
+    from .http.server import DashboardServer
 
 log = logging.getLogger(__name__)
 METRICS_REFRESH_SECONDS = 5.0
@@ -77,32 +89,51 @@ class Core:
     metrics: ServerMetrics
     outbox: Outbox
     reconciler: Reconciler
+    repairer: Repairer
+    task_registry: TaskRegistry
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None) -> Core:
+        settings = with_repair_after(settings)
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
         store = TaskStore(backend)
-        publisher = Publisher(broker)
+        indexer = TaskIndexer.for_backend(store, backend, settings.task_index)
+        if indexer.enabled:
+            store.write_hook = indexer.note
+        index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds))
+        publisher = Publisher(broker, on_published=index.note)
         workflow = WorkflowEngine(store, publisher)
         followups = FollowUps(store, publisher, workflow, settings.default_queue)
         outbox = Outbox(backend)
-        reconciler = Reconciler(outbox, store, publisher, workflow, followups, settings.outbox_grace_seconds)
+        repairer = Repairer(store, broker, publisher, index, settings.repair_after_seconds)
+        reconciler = Reconciler(
+            outbox, store, publisher, workflow, followups, settings.outbox_grace_seconds, repairer
+        )
         recorder = OutcomeRecorder(store, followups, metrics.attempt_ended)
-        dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds)
+        rate_limits = RateLimitTable(backend, configured_limits(settings.rate_limits))
+        limits = DispatchLimits(rate_limits, RateLimiter(backend), ConcurrencySlots(store))
+        dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds, settings.max_deliveries, limits)
         registry = SessionRegistry()
         pauses = QueuePauses(backend, settings.result_ttl_seconds)
-        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses)
-        submitter = Submitter(settings, store, publisher, workflow, outbox, metrics.tasks_submitted)
+        tasks = TaskRegistry(
+            backend, settings.server_id, settings.heartbeat_interval_seconds, settings.task_registry_retention_seconds
+        )
+        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses, tasks)
+        submitter = Submitter(settings, store, publisher, workflow, outbox, metrics.tasks_submitted,
+                              Admission(broker, settings.queue_limits), SubmitChecks(tasks, settings.strict_tasks))
         reader = ResultReader(store)
         canceller = Canceller(store, followups, outbox, connections.cancel_running)
         schedules = Schedules(backend, submitter, settings)
-        admin = Admin(broker, store, registry, reader, submitter, settings.server_id, pauses, schedules, canceller)
+        admin = Admin(
+            broker, store, registry, reader, submitter, settings.server_id, pauses, schedules, canceller, repairer,
+            tasks, rate_limits=rate_limits, indexer=indexer,
+        )
         return cls(
             settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics,
-            outbox, reconciler,
+            outbox, reconciler, repairer, tasks,
         )
 
     async def start(self) -> None:
@@ -111,6 +142,7 @@ class Core:
         self._maintenance.append(asyncio.create_task(self._recover_expired_leases()))
         self._maintenance.append(asyncio.create_task(self.reconciler.run(self.settings.reconcile_interval_seconds)))
         self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
+        self._maintenance.append(asyncio.create_task(self.task_registry.run()))
         if self.settings.metrics_port:
             self._maintenance.append(asyncio.create_task(
                 self.metrics.refresh_forever(self.broker, self.registry, METRICS_REFRESH_SECONDS)
@@ -123,6 +155,9 @@ class Core:
         await self.connections.shutdown()
         await self.submitter.close()
         await self.outbox.drain()
+        await self.repairer.index.close()
+        await self.task_registry.close()
+        await self.admin.indexer.close()
         self.metrics.close()
         await self.broker.close()
         await self.backend.close()
@@ -148,6 +183,7 @@ class ConveyorServer:
         self.settings = settings
         self.core = core or Core.build(settings)
         check_exposure(settings)
+        check_http_exposure(settings)
         self.credentials = server_credentials(settings)  # read now: a bad path fails at startup
         limit = settings.limits.max_message_bytes
         self.authenticator = Authenticator(settings.security.tokens)
@@ -165,6 +201,9 @@ class ConveyorServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        # The dashboard and HTTP API (http/), when http_port is set; its bound port (0: not served).
+        self.http: DashboardServer | None = None
+        self.http_port = 0
 
     def _register(self) -> None:
         core = self.core
@@ -201,6 +240,8 @@ class ConveyorServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port:
             self.metrics_port = self.core.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        if self.settings.http_port:
+            await self._start_http()
         log.info("conveyor listening on %s:%d (broker %s, backend %s)", self.settings.host, self.port,
                  self.settings.broker_url, self.settings.backend_url)
         return self.port
@@ -211,8 +252,21 @@ class ConveyorServer:
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.tasks.end_sessions()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.core.stop()
+
+    async def _start_http(self) -> None:
+        # Imported here: worker processes load this module too and never serve HTTP.
+        from .http.server import DashboardServer  # noqa: PLC0415
+
+        self.http = DashboardServer(self.settings, self.core, self.authenticator)
+        try:
+            self.http_port = await self.http.start()
+        except BaseException:
+            await self.server.stop(0)
+            raise
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

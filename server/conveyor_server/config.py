@@ -32,7 +32,15 @@ class Limits:
     max_workflow_depth: int = 32
 
 
-ROLES = ("client", "worker", "admin")
+@dataclass(frozen=True)
+class QueueLimit:
+    """Admission control of one queue (core/admission.py)."""
+
+    # Most ready tasks the queue holds before submit answers RESOURCE_EXHAUSTED (0: no limit).
+    max_depth: int = 0
+
+
+ROLES = ("client", "worker", "admin", "viewer")
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,8 @@ class Token:
     name: str
     role: str
     sha256: str
-    # For worker tokens: the only queues it may pull from (empty: any).
+    # The only queues the token may use (empty: any): a worker pulls only from these, a client
+    # submits to, reads and cancels only tasks of these.
     queues: tuple[str, ...] = ()
 
 
@@ -82,8 +91,22 @@ class Settings:
     # is done by the reconciler, which looks every reconcile_interval_seconds.
     outbox_grace_seconds: float = 10.0
     reconcile_interval_seconds: float = 2.0
+    # A live task with no sign of life for this long (queued past its ETA, due to retry, or
+    # running with no lease renewal) has lost its broker message and is republished by the
+    # reconciler. 0: four lease lengths. Must exceed two heartbeat intervals.
+    repair_after_seconds: float = 0.0
+    # Deliveries of one attempt that may end without an outcome (the worker or its server lost
+    # mid-run) before the task fails for good with WorkerLost: a task that kills its workers
+    # cannot loop forever.
+    max_deliveries: int = 3
     # How often each replica looks for due periodic schedules (and how soon a tick fires).
     schedule_tick_seconds: float = 1.0
+    # Check every submit as SubmitRequest.strict does: refuse task names no worker registered and
+    # args that do not match the task's declared schema (core/task_schemas.py).
+    strict_tasks: bool = False
+    # A task name whose workers have all left stays in the task registry (known to strict
+    # submits, listed by `conveyor tasks`) this long after its last worker was seen.
+    task_registry_retention_seconds: float = 86_400.0
     default_queue: str = "default"
     server_id: str = ""
     log_level: str = "INFO"
@@ -91,10 +114,27 @@ class Settings:
     # OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (empty: OTEL_EXPORTER_OTLP_ENDPOINT or none).
     otlp_endpoint: str = ""
     limits: Limits = field(default_factory=Limits)
+    # Per queue admission limits, e.g. {"emails": QueueLimit(max_depth=100_000)}.
+    queue_limits: Mapping[str, QueueLimit] = field(default_factory=dict)
+    # Rate limits by task name, applied at dispatch: name -> "100/s" (or "10/m", "1000/h"), or
+    # name -> {rate, burst, per_key}. Limits stored through AdminService win for their names.
+    rate_limits: Mapping[str, Any] = field(default_factory=dict)
     security: Security = field(default_factory=Security)
     # Prometheus metrics on http://metrics_host:metrics_port/metrics (0: off).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # The dashboard and HTTP/JSON API (docs/dashboard.md) on http://http_host:http_port; 0 turns
+    # it off. A public host needs tokens, as for gRPC. While the default port 8080 is taken (a
+    # second server on this machine) the server runs without it and says so; any other port
+    # must be free.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # A task's trace id links here, "{trace_id}" replaced: e.g. http://localhost:16686/trace/{trace_id}
+    # (Jaeger). Empty: the trace id is shown as text.
+    http_trace_url: str = ""
+    # Keep the task index that ListTasks and the dashboard's task list read (false: no listing,
+    # and none of its writes).
+    task_index: bool = True
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -112,7 +152,7 @@ def _tokens(name: str, raw: Any) -> tuple[Token, ...]:
     tokens = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping) or not {"name", "role", "sha256"} <= set(item):
-            raise ConfigError(f"{name}[{i}] needs name, role and sha256 (and, for workers, optional queues)")
+            raise ConfigError(f"{name}[{i}] needs name, role and sha256 (and optional queues)")
         if item["role"] not in ROLES:
             raise ConfigError(f"{name}[{i}]: role {item['role']!r} is not one of {', '.join(ROLES)}")
         digest = str(item["sha256"]).lower()
@@ -125,9 +165,53 @@ def _tokens(name: str, raw: Any) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+def _queue_limits(name: str, raw: Any) -> dict[str, QueueLimit]:
+    """A mapping of queue -> {max_depth: N} (YAML), or that mapping in JSON (environment)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"setting {name!r} must be a JSON object of queue limits: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"setting {name!r} must map queue names to limits, e.g. {{emails: {{max_depth: 1000}}}}")
+    limits: dict[str, QueueLimit] = {}
+    for queue, values in raw.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{name}.{queue} must be a mapping such as {{max_depth: 1000}}")
+        limit = _apply(QueueLimit(), values, f"{name}.{queue}")
+        if limit.max_depth < 0:
+            raise ConfigError(f"{name}.{queue}.max_depth must be 0 (no limit) or more, got {limit.max_depth}")
+        limits[str(queue)] = limit
+    return limits
+
+
+def _rate_limits(name: str, raw: Any) -> dict[str, Any]:
+    """A mapping of task name -> "100/s" or {rate, burst, per_key} (YAML), or that mapping in
+    JSON (environment); checked here, so a bad spec stops the server at startup."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"setting {name!r} must be a JSON object of rate limits: {exc}") from exc
+    if not isinstance(raw, Mapping) or not all(isinstance(spec, str | Mapping) for spec in raw.values()):
+        raise ConfigError(f"setting {name!r} must map task names to rates, e.g. {{send_email: 100/s}}")
+    from .core.errors import InvalidArgument  # noqa: PLC0415 - the core imports this module
+    from .core.limits import configured_limits  # noqa: PLC0415
+
+    try:
+        configured_limits(raw)
+    except (InvalidArgument, TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: {exc}") from exc
+    return {str(task): spec for task, spec in raw.items()}
+
+
 def _coerce(name: str, current: Any, raw: Any) -> Any:
     if name == "tokens":
         return _tokens(name, raw)
+    if name == "queue_limits":
+        return _queue_limits(name, raw)
+    if name == "rate_limits":
+        return _rate_limits(name, raw)
     kind = type(current)
     try:
         if kind is bool:

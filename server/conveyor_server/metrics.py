@@ -41,7 +41,9 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(
-            "conveyor_queue_depth", "Tasks per queue: ready, delayed or in flight", ["queue", "kind"], registry=r
+            "conveyor_queue_depth",
+            "Tasks per queue: ready, delayed, in flight, or unroutable (no worker here registered their names)",
+            ["queue", "kind"], registry=r,
         )
         self.workers = Gauge("conveyor_workers", "Workers connected to this replica", registry=r)
         self.in_flight = Gauge("conveyor_in_flight", "Tasks held by workers of this replica", registry=r)
@@ -79,6 +81,7 @@ class ServerMetrics:
             self.queue_depth.labels(queue, "ready").set(stats.ready)
             self.queue_depth.labels(queue, "delayed").set(stats.delayed)
             self.queue_depth.labels(queue, "in_flight").set(stats.in_flight)
+            self.queue_depth.labels(queue, "unroutable").set(sessions.unroutable.count(queue))
         self.workers.set(len(sessions.sessions))
         self.in_flight.set(sum(s.in_flight for s in sessions.sessions.values()))
 

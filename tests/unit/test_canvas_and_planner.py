@@ -5,6 +5,7 @@ import pytest
 from conveyor import RetryPolicy, chain, chord, group, si, sig
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor_server.config import Limits
+from conveyor_server.core.canvas import kind_of
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.planner import compile_workflow, new_workflow_id, result_task_id, task_ids
 from conveyor_server.core.signatures import filled, with_leading_arg
@@ -39,7 +40,7 @@ def test_chains_flatten_like_celery() -> None:
 def test_plan_of_a_nested_canvas() -> None:
     flow = chain(sig("a"), group(sig("b"), chain(sig("c"), sig("d"))), chord([sig("x"), sig("y")], sig("cb")))
     compiled = compile_workflow(flow.to_workflow(), new_workflow_id(), fill)  # plans are cached by id
-    kinds = [n.kind for n in compiled.plan.nodes]
+    kinds = [kind_of(n).label for n in compiled.plan.nodes]
     assert kinds == ["chain", "task", "group", "task", "chain", "task", "task", "chord", "group", "task", "task",
                      "task"]
     names = [compiled.signatures[t].name for t in task_ids(compiled.plan)]

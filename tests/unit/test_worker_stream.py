@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_pb2
-from conveyor_server.core import connection
+from conveyor_server.core import connection, outcomes
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.sessions import SessionRegistry, WorkerSession
+from tests.support.wait import wait_for
 from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -161,19 +162,48 @@ async def test_progress_is_stored_under_the_live_lease_only(replicas: Replicas) 
     assert not loaded["t2"].record.result.HasField("progress")
 
 
-async def test_a_rejected_task_fails_as_unknown_and_its_message_is_acked(replicas: Replicas) -> None:
+async def test_a_rejected_task_goes_back_to_its_queue_for_another_worker(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1", "t2")
     reject = W.Reject(tasks=[W.RejectedTask(task_id="t1", lease_token=tokens["t1"], reason="no task named noop"),
                              W.RejectedTask(task_id="t2", lease_token="stale", reason="x")])
     await handle(replicas, session, reject=reject)
     record = await replicas.a.store.get("t1")
-    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
-    assert record.result.error.type == "UnknownTask"
-    assert record.result.error.message == "no task named noop (worker w1)"
-    assert not record.lease_token and list(record.attempt_errors) == [record.result.error]
+    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_RECEIVED"
+    assert not record.lease_token and record.rejects == 1
+    assert record.deliveries == 0, "a rejected delivery ran nothing: it is not counted"
     assert await state(replicas, "t2") == "TASK_STATE_RECEIVED"
     assert [lease.task_id for lease in session.leases.values()] == ["t2"]
-    assert (await replicas.broker.stats(QUEUE)).in_flight == 1
+    stats = await replicas.broker.stats(QUEUE)
+    assert stats.in_flight == 1 and stats.ready + stats.delayed == 1
+    # Another worker takes it (after a short delay); a new lease, counted as its first delivery.
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0, wait_seconds=5.0)
+    claim = await replicas.a.connections.dispatcher.claim(deliveries, "w2", time.monotonic())
+    await replicas.a.connections.dispatcher.record(claim.leases, "w2", claim.read)
+    assert [lease.task_id for lease in claim.leases] == ["t1"]
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.deliveries == 1 and record.lease_token == claim.leases[0].token
+
+
+async def test_a_task_rejected_again_and_again_fails_as_unknown(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    for rejection in range(1, outcomes.MAX_REJECTS + 1):
+        deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0, wait_seconds=10.0)
+        claim = await replicas.a.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
+        await replicas.a.connections.dispatcher.record(claim.leases, "w1", claim.read)
+        await session.settle(0, claim.leases)
+        token = claim.leases[0].token
+        await handle(replicas, session, reject=W.Reject(tasks=[
+            W.RejectedTask(task_id="t1", lease_token=token, reason="no task named noop")
+        ]))
+        rejected = await replicas.a.store.get("t1")
+        assert rejected is not None and rejected.rejects == rejection
+    record = await replicas.a.store.get("t1")
+    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
+    assert record.result.error.type == "UnknownTask"
+    assert record.result.error.message == f"no task named noop (worker w1; rejected {outcomes.MAX_REJECTS} times)"
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.delayed, stats.in_flight) == (0, 0, 0)
 
 
 async def test_credit_resizes_the_window_and_goodbye_drains(replicas: Replicas) -> None:
@@ -209,12 +239,36 @@ async def test_results_are_retried_through_an_outage_and_other_reports_skipped(
     assert await state(replicas, "t1") == "TASK_STATE_RECEIVED"
 
     replicas.a.store._recent.clear()
-    replicas.backend.fail_reads = 2
+    replicas.backend.fail_reads = 10**9  # down until the engine comes back below
     result = W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)
+    # The stream is not held up by the retries: the call returns, and a heartbeat that comes
+    # meanwhile is handled (it extends the leases, so they do not lapse during an outage).
     await connections._handle_through_outages(session, W.ConnectRequest(results=W.Results(outcomes=[result])))
-    assert replicas.backend.fail_reads == 0
+    extended: list[int] = []
+    monkeypatch.setattr(replicas.broker, "extend", lambda deliveries, seconds: _count(extended, deliveries))
+    await connections._handle_through_outages(session, W.ConnectRequest(heartbeat=W.Heartbeat()))
+    assert extended == [1], "the heartbeat was handled while the results waited"
+    assert await state_now(replicas, "t1") == "TASK_STATE_RECEIVED"
+    replicas.backend.fail_reads = 0  # the engine is back
+
+    async def recorded() -> bool:
+        return await state(replicas, "t1") == "TASK_STATE_SUCCESS"
+
+    await wait_for(recorded, 10, "the results recorded once the engine answers")
     assert [a.status for m in sent(session) for a in m.acks.acks] == [W.ACK_STATUS_ACCEPTED]
-    assert await state(replicas, "t1") == "TASK_STATE_SUCCESS"
+
+
+async def state_now(replicas: Replicas, task_id: str) -> str:
+    """The record's state, read while the backend's reads still fail for everyone else."""
+    failing, replicas.backend.fail_reads = replicas.backend.fail_reads, 0
+    try:
+        return await state(replicas, task_id)
+    finally:
+        replicas.backend.fail_reads = failing
+
+
+async def _count(extended: list[int], deliveries: Sequence[object]) -> None:
+    extended.append(len(deliveries))
 
 
 async def test_a_bug_is_not_mistaken_for_an_outage(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,21 @@
-"""AdminService: queues, workers, task inspection, dead letters and schedules for operators."""
+"""AdminService: queues, workers, task inspection, dead letters, schedules and the repair of lost
+messages, for operators."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import admin_service_pb2_grpc
 
+from ..backends.task_index import TaskQuery
 from ..core.admin import Admin
+from ..core.limits import RateLimit, rate_limit
+from ..core.task_index import ListingUnsupported
 from .status import unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -58,6 +64,13 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return a.ListWorkersResponse(workers=self.admin.workers())
 
     @unary
+    async def ListRegisteredTasks(
+        self, request: a.ListRegisteredTasksRequest, context: Context
+    ) -> a.ListRegisteredTasksResponse:
+        """The task registry: every task name workers registered on any replica, with its schema."""
+        return a.ListRegisteredTasksResponse(tasks=await self.admin.registered_tasks())
+
+    @unary
     async def InspectTask(self, request: a.InspectTaskRequest, context: Context) -> a.InspectTaskResponse:
         return a.InspectTaskResponse(result=await self.admin.inspect(request.task_id))
 
@@ -73,3 +86,64 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> a.ReplayDeadLettersResponse:
         replayed = await self.admin.replay(list(request.task_ids), request.queue)
         return a.ReplayDeadLettersResponse(task_ids=replayed)
+
+    @unary
+    async def RepairTasks(self, request: a.RepairTasksRequest, context: Context) -> a.RepairTasksResponse:
+        """Republish tasks whose messages look lost; with dry_run, only list them."""
+        older_than = _seconds(request.older_than) if request.HasField("older_than") else None
+        report = await self.admin.repair(older_than, request.queue, request.dry_run, request.force)
+        response = a.RepairTasksResponse(checked=report.checked, held=report.held, dry_run=request.dry_run)
+        for repaired in report.repaired:
+            result = repaired.record.result
+            item = response.tasks.add(task_id=result.task_id, name=result.name, queue=result.queue, state=result.state)
+            item.age.FromNanoseconds(int(repaired.age * 1e9))
+        return response
+
+    @unary
+    async def SetRateLimit(self, request: a.SetRateLimitRequest, context: Context) -> a.SetRateLimitResponse:
+        """Store a rate limit on a task name; every replica applies it within a second."""
+        given = request.limit
+        stored = await self.admin.set_rate_limit(rate_limit(given.name, given.rate, given.burst, given.per_key))
+        return a.SetRateLimitResponse(limit=_rate_limit(stored))
+
+    @unary
+    async def ListRateLimits(self, request: a.ListRateLimitsRequest, context: Context) -> a.ListRateLimitsResponse:
+        return a.ListRateLimitsResponse(limits=[_rate_limit(limit) for limit in await self.admin.list_rate_limits()])
+
+    @unary
+    async def DeleteRateLimit(
+        self, request: a.DeleteRateLimitRequest, context: Context
+    ) -> a.DeleteRateLimitResponse:
+        await self.admin.delete_rate_limit(request.name)
+        return a.DeleteRateLimitResponse()
+
+    @unary
+    async def ListTasks(self, request: a.ListTasksRequest, context: Context) -> a.ListTasksResponse:
+        """A page of tasks matching the filters, through the backend's task index."""
+        try:
+            page = await self.admin.list_tasks(task_query(request), request.page_token)
+        except ListingUnsupported as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        return a.ListTasksResponse(tasks=[r.result for r in page.records], next_page_token=page.next_page_token)
+
+
+def task_query(request: a.ListTasksRequest) -> TaskQuery:
+    return TaskQuery(
+        states=frozenset(request.states), queue=request.queue, name=request.name, id_prefix=request.id_prefix,
+        since_us=_micros(request.submitted_after) if request.HasField("submitted_after") else None,
+        until_us=_micros(request.submitted_before) if request.HasField("submitted_before") else None,
+        limit=request.page_size, oldest_first=request.oldest_first,
+    )
+
+
+def _micros(stamp: Timestamp) -> int:
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
+
+
+def _rate_limit(limit: RateLimit) -> a.RateLimit:
+    return a.RateLimit(name=limit.name, rate=limit.rate, burst=limit.burst, per_key=limit.per_key,
+                       source=limit.source.value)
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9

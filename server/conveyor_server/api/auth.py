@@ -1,7 +1,8 @@
 """Bearer-token authentication and per-role authorization for every RPC.
 
 Roles: `client` may use TaskService, `worker` may use WorkerService (only on the queues its
-token names), `admin` may use everything. Health and reflection stay open so load balancers
+token names), `viewer` may call the read-only methods (VIEWER_METHODS: what the dashboard shows),
+`admin` may use everything. Health and reflection stay open so load balancers
 and grpcurl can probe. Tokens are configured as SHA-256 digests; secrets are never stored.
 """
 
@@ -27,6 +28,14 @@ ROLE_FOR_SERVICE = {
     "conveyor.v1.WorkerService": "worker",
     "conveyor.v1.AdminService": "admin",
 }
+# What a `viewer` token may call: reads, never a change.
+VIEWER_METHODS = frozenset(
+    [f"/conveyor.v1.AdminService/{name}" for name in (
+        "ListQueues", "ListWorkers", "InspectTask", "ListDeadLetters", "ListSchedules", "ListRegisteredTasks",
+        "ListRateLimits", "ListTasks",
+    )]
+    + [f"/conveyor.v1.TaskService/{name}" for name in ("GetResult", "WatchResults", "GetWorkflow")]
+)
 Metadata = Iterable[tuple[str, str | bytes]] | None
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 
@@ -82,6 +91,14 @@ class Authenticator:
         identity = self.identify(metadata)
         assert identity is not None
         needed = ROLE_FOR_SERVICE.get(service, "admin")
+        if identity.role == "viewer":
+            if method in VIEWER_METHODS:
+                return identity
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token {identity.name!r} has role 'viewer', which may only read; {method} needs role "
+                f"{needed!r} or 'admin'",
+            )
         if identity.role not in (needed, "admin"):
             raise AuthError(
                 grpc.StatusCode.PERMISSION_DENIED,

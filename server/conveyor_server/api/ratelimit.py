@@ -1,14 +1,55 @@
-"""Per-caller token buckets for submissions: RESOURCE_EXHAUSTED past the configured rate."""
+"""Per-caller token buckets for submissions: RESOURCE_EXHAUSTED past the configured rate.
+
+A submission is charged one token per task it holds: a workflow's every task (chain steps,
+group and chord members, callbacks), and each task of a batch; so a rate of 5/s admits five
+tasks a second, not five calls of a thousand-member group each.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
 
 from ..core.errors import ResourceExhausted
 
 # Buckets idle this long are forgotten, so many short-lived peers cannot grow the table.
 IDLE_SECONDS = 600.0
+
+
+def tasks_in(requests: Iterable[task_service_pb2.SubmitRequest]) -> int:
+    """How many tasks these submissions hold: every signature in them (link callbacks too)."""
+    count = 0
+    pending: list[Message] = list(requests)
+    while pending:  # a loop, not recursion: the request is not validated yet, so not its depth either
+        node = pending.pop()
+        if isinstance(node, task_pb2.Signature):
+            count += 1
+            pending.extend(node.on_success)
+            pending.extend(node.on_error)
+        elif isinstance(node, task_service_pb2.SubmitRequest):
+            target = node.WhichOneof("target")
+            if target is not None:
+                pending.append(getattr(node, target))
+        elif isinstance(node, workflow_pb2.Workflow):
+            kind = node.WhichOneof("kind")
+            if kind is not None:
+                pending.append(getattr(node, kind))
+        elif isinstance(node, workflow_pb2.Chain):
+            pending.extend(node.steps)
+            pending.extend(node.on_error)
+        elif isinstance(node, workflow_pb2.Group):
+            pending.extend(node.members)
+            pending.extend(node.on_error)
+        elif isinstance(node, workflow_pb2.Chord):
+            pending.append(node.header)
+            if node.HasField("callback"):
+                pending.append(node.callback)
+    return count
 
 
 @dataclass(slots=True)
@@ -35,6 +76,11 @@ class SubmitRateLimiter:
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         if tasks > bucket.tokens:
+            if tasks > self.burst:
+                raise ResourceExhausted(
+                    f"submit rate limit for {caller!r} is {self.rate:g} tasks/s (burst {self.burst}); a submission "
+                    f"of {tasks} tasks can never fit: split it into parts of at most {self.burst} tasks"
+                )
             wait = (tasks - bucket.tokens) / self.rate
             raise ResourceExhausted(
                 f"submit rate limit for {caller!r} is {self.rate:g} tasks/s (burst {self.burst}); "

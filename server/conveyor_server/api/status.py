@@ -31,6 +31,7 @@ CODES: dict[type[errors.CoreError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # How long a client should wait before retrying a call that met an unreachable engine.
@@ -65,6 +66,9 @@ def refusal(exc: BaseException) -> Refusal | None:
         if code == grpc.StatusCode.UNAVAILABLE:
             message = f"{exc}; retry"
             return Refusal(code, message, retry_metadata(code, message))
+        if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds > 0:
+            delay_ms = max(int(exc.retry_after_seconds * 1000), 1)
+            return Refusal(code, str(exc), retry_metadata(code, str(exc), delay_ms))
         return Refusal(code, str(exc))
     cause = transient_cause(exc)
     if cause is None:
@@ -79,15 +83,15 @@ def unexpected(exc: BaseException, where: str) -> Refusal:
     return Refusal(grpc.StatusCode.UNKNOWN, f"Unexpected {_describe(exc)}; see the server log")
 
 
-def retry_metadata(code: grpc.StatusCode, message: str) -> Metadata:
-    """Trailing metadata that asks the client to retry in about RETRY_DELAY_MS."""
-    metadata: Metadata = ((RETRY_AFTER_KEY, str(RETRY_DELAY_MS)),)
-    details = _status_details(code, message)
+def retry_metadata(code: grpc.StatusCode, message: str, delay_ms: int = RETRY_DELAY_MS) -> Metadata:
+    """Trailing metadata that asks the client to retry in about `delay_ms`."""
+    metadata: Metadata = ((RETRY_AFTER_KEY, str(delay_ms)),)
+    details = _status_details(code, message, delay_ms)
     return (*metadata, (STATUS_DETAILS_KEY, details)) if details else metadata
 
 
-@functools.cache
-def _retry_info() -> Any:
+@functools.lru_cache(maxsize=64)
+def _retry_info(delay_ms: int) -> Any:
     """A packed google.rpc.RetryInfo, or None without googleapis-common-protos."""
     try:
         from google.protobuf import any_pb2  # noqa: PLC0415
@@ -95,15 +99,15 @@ def _retry_info() -> Any:
     except ImportError:
         return None
     info = error_details_pb2.RetryInfo()
-    info.retry_delay.FromMilliseconds(RETRY_DELAY_MS)
+    info.retry_delay.FromMilliseconds(delay_ms)
     packed = any_pb2.Any()
     packed.Pack(info)
     return packed
 
 
-def _status_details(code: grpc.StatusCode, message: str) -> bytes:
+def _status_details(code: grpc.StatusCode, message: str, delay_ms: int) -> bytes:
     """A serialized google.rpc.Status with RetryInfo (what grpcio-status's to_status sends)."""
-    info = _retry_info()
+    info = _retry_info(delay_ms)
     if info is None:
         return b""
     from google.rpc import status_pb2  # noqa: PLC0415 - installed with error_details_pb2

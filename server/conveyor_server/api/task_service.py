@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -14,11 +14,11 @@ from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
 
 from ..core.cancellation import Canceller
-from ..core.errors import InvalidArgument
+from ..core.errors import InvalidArgument, PermissionDenied
 from ..core.results import ResultReader
 from ..core.submission import Submitter
 from .auth import Authenticator
-from .ratelimit import SubmitRateLimiter
+from .ratelimit import SubmitRateLimiter, tasks_in
 from .session import SessionCalls
 from .status import streaming, unary
 
@@ -33,6 +33,14 @@ def _caller_trace(context: Context) -> dict[str, str]:
         k: v for k, v in (context.invocation_metadata() or ())
         if k in tracing.TRACE_HEADERS and isinstance(v, str)
     }
+
+
+def _scope(context: Context, authenticator: Authenticator) -> frozenset[str]:
+    """The queues a client token is limited to (empty: any queue)."""
+    identity = authenticator.identify(context.invocation_metadata())
+    if identity is None or identity.role == "admin":
+        return frozenset()
+    return frozenset(identity.queues)
 
 
 def _caller(context: Context, authenticator: Authenticator) -> str:
@@ -64,29 +72,45 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def _limit(self, context: Context, tasks: int) -> None:
         self.limiter.take(_caller(context, self.authenticator), tasks)
 
+    async def _check_scope(self, scope: frozenset[str], task_ids: Sequence[str]) -> None:
+        """A token limited to some queues may read and cancel only the tasks of those queues."""
+        if not scope:
+            return
+        for task_id in task_ids:
+            queue = (await self.reader.get(task_id)).queue
+            if queue not in scope:
+                raise PermissionDenied(
+                    f"task {task_id!r} is on queue {queue!r}; this token may use only queues {sorted(scope)}"
+                )
+
     @unary
     async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
-        self._limit(context, 1)
-        return await self._submit(request, _caller_trace(context))
+        self._limit(context, tasks_in([request]))
+        return await self._submit(request, _caller_trace(context), _scope(context, self.authenticator))
 
-    async def _submit(self, request: t.SubmitRequest, caller_trace: Mapping[str, str]) -> t.SubmitResponse:
+    async def _submit(
+        self, request: t.SubmitRequest, caller_trace: Mapping[str, str], scope: frozenset[str]
+    ) -> t.SubmitResponse:
         with tracing.span("submit", caller_trace, SpanKind.SERVER):
-            (response,) = await self.submitter.submit([request], tracing.inject() or caller_trace)
+            (response,) = await self.submitter.submit([request], tracing.inject() or caller_trace, scope)
         return response
 
     @unary
     async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
-        self._limit(context, len(request.requests))
+        self._limit(context, tasks_in(request.requests))
         caller = _caller_trace(context)
         with tracing.span("submit batch", caller, SpanKind.SERVER):
-            responses = await self.submitter.submit(request.requests, tracing.inject() or caller)
+            responses = await self.submitter.submit(
+                request.requests, tracing.inject() or caller, _scope(context, self.authenticator)
+            )
         return t.SubmitBatchResponse(responses=responses)
 
     @unary
     async def GetResult(self, request: t.GetResultRequest, context: Context) -> t.GetResultResponse:
-        return await self._get_result(request)
+        return await self._get_result(request, _scope(context, self.authenticator))
 
-    async def _get_result(self, request: t.GetResultRequest) -> t.GetResultResponse:
+    async def _get_result(self, request: t.GetResultRequest, scope: frozenset[str]) -> t.GetResultResponse:
+        await self._check_scope(scope, [request.task_id])
         wait = request.wait.seconds + request.wait.nanos / 1e9
         if wait < 0:
             wait = 0.0
@@ -97,17 +121,22 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, requests: AsyncIterator[t.SessionRequest], context: Context
     ) -> AsyncIterator[t.SessionResponse]:
         await context.send_initial_metadata(())  # tells the client the session is accepted
-        calls = SessionCalls(self._answer, _caller(context, self.authenticator), self._stopping)
+        scope = _scope(context, self.authenticator)
+
+        async def answer(request: t.SessionRequest, caller: str) -> t.SessionResponse:
+            return await self._answer(request, caller, scope)
+
+        calls = SessionCalls(answer, _caller(context, self.authenticator), self._stopping)
         async for reply in calls.serve(requests):
             yield reply
 
-    async def _answer(self, request: t.SessionRequest, caller: str) -> t.SessionResponse:
+    async def _answer(self, request: t.SessionRequest, caller: str, scope: frozenset[str]) -> t.SessionResponse:
         kind = request.WhichOneof("call")
         if kind == "submit":
-            self.limiter.take(caller, 1)
-            return t.SessionResponse(submit=await self._submit(request.submit, request.trace_context))
+            self.limiter.take(caller, tasks_in([request.submit]))
+            return t.SessionResponse(submit=await self._submit(request.submit, request.trace_context, scope))
         if kind == "get_result":
-            return t.SessionResponse(get_result=await self._get_result(request.get_result))
+            return t.SessionResponse(get_result=await self._get_result(request.get_result, scope))
         raise InvalidArgument("a session request must set submit or get_result")
 
     @streaming
@@ -115,14 +144,23 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: t.WatchResultsRequest, context: Context
     ) -> AsyncIterator[t.WatchResultsResponse]:
         ids = await self.reader.resolve_ids(request.task_ids, request.workflow_id)
+        await self._check_scope(_scope(context, self.authenticator), ids)
         until_done = request.until_done if request.HasField("until_done") else True
         async for event in self.reader.watch(ids, until_done):
             yield t.WatchResultsResponse(event=event)
 
     @unary
     async def Cancel(self, request: t.CancelRequest, context: Context) -> t.CancelResponse:
+        scope = _scope(context, self.authenticator)
+        if scope:
+            workflow = request.id.startswith("wf-")
+            targets = await self.reader.resolve_ids([] if workflow else [request.id], request.id if workflow else "")
+            await self._check_scope(scope, targets)
         return t.CancelResponse(cancelled_task_ids=await self.canceller.cancel(request.id))
 
     @unary
     async def GetWorkflow(self, request: t.GetWorkflowRequest, context: Context) -> t.GetWorkflowResponse:
+        scope = _scope(context, self.authenticator)
+        if scope:
+            await self._check_scope(scope, await self.reader.resolve_ids([], request.workflow_id))
         return await self.reader.workflow(request.workflow_id)

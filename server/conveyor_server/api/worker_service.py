@@ -13,6 +13,7 @@ from conveyor.v1 import worker_service_pb2_grpc
 
 from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
+from ..core.sizing import DEFAULT_WORKER_RECEIVE_BYTES, ENVELOPE_BYTES
 from .auth import Authenticator
 from .status import abort, status_of
 
@@ -56,7 +57,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 ready = await session.outbox.get()
                 if ready is None:
                     break
-                merged, ended = _coalesce(ready, session.outbox)
+                merged, ended = _coalesce(ready, session.outbox, session.hello.max_receive_bytes)
                 for message in merged:
                     yield message
         finally:
@@ -71,12 +72,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
 
 def _coalesce(
-    first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse | None]
+    first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse | None], max_receive_bytes: int
 ) -> tuple[list[w.ConnectResponse], bool]:
     """Merge queued assignments and acks into as few messages as possible (batching is
-    what makes the stream fast: one write per message dominates the cost). Also says
-    whether the end of the stream was reached."""
+    what makes the stream fast: one write per message dominates the cost), never making an
+    assignments message larger than the worker can receive. Also says whether the end of the
+    stream was reached."""
+    budget = (max_receive_bytes or DEFAULT_WORKER_RECEIVE_BYTES) - ENVELOPE_BYTES
     merged = [first]
+    assigned = first.ByteSize() if first.WhichOneof("message") == "assignments" else 0
     for _ in range(MAX_COALESCE):
         if outbox.empty():
             break
@@ -85,8 +89,14 @@ def _coalesce(
             return merged, True
         last = merged[-1]
         kind = message.WhichOneof("message")
-        if kind == last.WhichOneof("message") and kind == "assignments":
-            last.assignments.items.extend(message.assignments.items)
+        if kind == "assignments":
+            size = message.ByteSize()
+            if last.WhichOneof("message") == "assignments" and assigned + size <= budget:
+                last.assignments.items.extend(message.assignments.items)
+                assigned += size
+            else:
+                merged.append(message)
+                assigned = size
         elif kind == last.WhichOneof("message") and kind == "acks":
             last.acks.acks.extend(message.acks.acks)
         else:

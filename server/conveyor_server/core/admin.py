@@ -1,19 +1,27 @@
-"""Operator views and actions: queue depths, pause/resume, connected workers, dead letters and
-replay, periodic schedules."""
+"""Operator views and actions: queue depths, pause/resume, connected workers, the task
+registry, dead letters and replay, periodic schedules, repair of lost messages."""
 
 from __future__ import annotations
 
+import math
+
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2
 
+from ..backends.task_index import TaskQuery
 from ..brokers.base import Broker
 from .cancellation import Canceller
+from .errors import InvalidArgument, NotFound
+from .limits import RateLimit, RateLimitTable
 from .pauses import QueuePauses, check_queue
 from .records import DEAD_LETTERS_GROUP, S
+from .repair import Repairer, RepairReport
 from .results import ResultReader
 from .schedules import Schedules
 from .sessions import SessionRegistry
 from .store import TaskStore
 from .submission import Submitter
+from .task_index import TaskIndexer, TaskPage
+from .task_registry import TaskRegistry
 
 DEFAULT_LIST_LIMIT = 100
 # Dead letters read from their index per backend call.
@@ -26,8 +34,12 @@ class Admin:
     def __init__(
         self, broker: Broker, store: TaskStore, registry: SessionRegistry, reader: ResultReader,
         submitter: Submitter, server_id: str, pauses: QueuePauses, schedules: Schedules,
-        canceller: Canceller,
+        canceller: Canceller, repairer: Repairer, tasks: TaskRegistry | None = None,
+        rate_limits: RateLimitTable | None = None, indexer: TaskIndexer | None = None,
     ) -> None:
+        self.indexer = indexer or TaskIndexer(store, None)
+        self.rate_limits = rate_limits or RateLimitTable(store.backend)
+        self.tasks = tasks
         self.broker = broker
         self.store = store
         self.registry = registry
@@ -37,6 +49,7 @@ class Admin:
         self.pauses = pauses
         self.schedules = schedules
         self.canceller = canceller
+        self.repairer = repairer
 
     async def queues(self) -> list[admin_service_pb2.QueueInfo]:
         """Every queue the broker knows of, and every paused queue (even an empty one)."""
@@ -44,7 +57,9 @@ class Admin:
         known = set(await self.broker.queues())
         infos = []
         for name in sorted(known | paused):
-            info = admin_service_pb2.QueueInfo(name=name, paused=name in paused)
+            info = admin_service_pb2.QueueInfo(
+                name=name, paused=name in paused, unroutable=self.registry.unroutable.count(name)
+            )
             if name in known:
                 stats = await self.broker.stats(name)
                 info.ready, info.delayed, info.in_flight = stats.ready, stats.delayed, stats.in_flight
@@ -66,6 +81,10 @@ class Admin:
 
     async def resume(self, queue: str) -> None:
         await self.pauses.resume(queue)
+
+    async def registered_tasks(self) -> list[admin_service_pb2.RegisteredTask]:
+        """The task registry, as every replica's workers declared it (core/task_registry.py)."""
+        return await self.tasks.listed() if self.tasks is not None else []
 
     def workers(self) -> list[admin_service_pb2.WorkerInfo]:
         return [
@@ -122,3 +141,50 @@ class Admin:
         for task_id in task_ids:
             await self.store.backend.remove_member(DEAD_LETTERS_GROUP, task_id)
         return [r.task_id for r in responses]
+
+    async def repair(self, older_than: float | None, queue: str, dry_run: bool, force: bool) -> RepairReport:
+        """Republish live tasks with no sign of life for `older_than` seconds (see core/repair.py)."""
+        if older_than is None:
+            raise InvalidArgument("older_than is required: how long a task must show no sign of life, e.g. 600s")
+        if not math.isfinite(older_than) or older_than < 0:
+            raise InvalidArgument(f"older_than must be a duration of 0 s or more, got {older_than:g} s")
+        if queue:
+            check_queue(queue)
+        return await self.repairer.repair_now(older_than, queue, dry_run, force)
+
+    # -- rate limits (core/limits/) -------------------------------------------------------
+
+    async def set_rate_limit(self, limit: RateLimit) -> RateLimit:
+        """Store a checked rate limit (core.limits.rate_limit), replacing the name's earlier one."""
+        return await self.rate_limits.set(limit)
+
+    async def list_rate_limits(self) -> list[RateLimit]:
+        return await self.rate_limits.all()
+
+    async def delete_rate_limit(self, name: str) -> None:
+        await self.rate_limits.delete(name)
+
+    # -- listing tasks, dead letters and schedules by hand (core/task_index.py) -------------
+
+    async def list_tasks(self, query: TaskQuery, page_token: str = "") -> TaskPage:
+        """A page of tasks through the backend's task index (ListingUnsupported without one)."""
+        return await self.indexer.find(query, page_token)
+
+    async def forget_dead_letters(self, task_ids: list[str]) -> None:
+        """Take tasks off the dead-letter list without replaying them (their records stay until
+        they expire). Ids that are not on it are ignored."""
+        for task_id in dict.fromkeys(task_ids):
+            await self.store.backend.remove_member(DEAD_LETTERS_GROUP, task_id)
+
+    async def run_schedule_now(self, name: str) -> str:
+        """Submit a schedule's task once, now, outside its cron; returns the new task's id."""
+        schedule = next((s for s in await self.schedules.all() if s.name == name), None)
+        if schedule is None:
+            raise NotFound(f"no schedule named {name!r}")
+        signature = task_pb2.Signature()
+        signature.CopyFrom(schedule.task)
+        signature.id = ""
+        signature.idempotency_key = ""
+        (response,) = await self.submitter.submit([task_service_pb2.SubmitRequest(task=signature)])
+        return response.task_id
+

@@ -19,18 +19,23 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2 as w
 
 from ..brokers.base import Broker, Delivery
 from ..config import Settings
 from ..engine_errors import is_transient
-from .dispatch import Claim, Dispatcher, Lease
+from .dispatch import REPAIR_RETRY_SECONDS, Claim, Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder, Recorded
 from .pauses import QueuePauses
 from .records import S, error
+from .repair import stamp_live_leases
+from .routing import bounce_delay
 from .sessions import SessionRegistry, WorkerSession
+from .sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from .store import Loaded, TaskStore
+from .task_registry import TaskRegistry
 
 log = logging.getLogger(__name__)
 # How long one fetch waits for work before re-checking the session.
@@ -41,6 +46,8 @@ RECEIVED_DELAY_SECONDS = 0.02
 # Extra time past a task's time limit before the server itself gives up on the attempt.
 TIME_LIMIT_GRACE_SECONDS = 5.0
 # Backoff while an engine is unreachable: the first retry, and the cap.
+# A task too large for the worker it was fetched for waits this long before another try.
+OVERSIZED_RETRY_SECONDS = 1.0
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 
@@ -67,13 +74,18 @@ async def _until_recorded(leases: Iterable[Lease]) -> None:
 async def settle(broker: Broker, leases: Sequence[Lease], requeue: Mapping[str, float]) -> None:
     """Ack the messages of leases whose outcome and follow-ups are durable; hand the others
     back to the broker with their delay (a retry's wait, or a repair's)."""
-    done = [lease.delivery for lease in leases if lease.task_id not in requeue]
+    await settle_messages(broker, {lease.task_id: lease.delivery for lease in leases}, requeue)
+
+
+async def settle_messages(broker: Broker, messages: Mapping[str, Delivery], requeue: Mapping[str, float]) -> None:
+    """`settle` for messages by task id."""
+    done = [delivery for task_id, delivery in messages.items() if task_id not in requeue]
     if done:
         await broker.ack(done)
     by_delay: dict[float, list[Delivery]] = {}
-    for lease in leases:
-        if lease.task_id in requeue:
-            by_delay.setdefault(requeue[lease.task_id], []).append(lease.delivery)
+    for task_id, delivery in messages.items():
+        if task_id in requeue:
+            by_delay.setdefault(requeue[task_id], []).append(delivery)
     for delay, deliveries in by_delay.items():
         await broker.nack(deliveries, delay)
 
@@ -90,6 +102,7 @@ class WorkerConnections:
         recorder: OutcomeRecorder,
         registry: SessionRegistry,
         pauses: QueuePauses,
+        tasks: TaskRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -98,6 +111,8 @@ class WorkerConnections:
         self.recorder = recorder
         self.registry = registry
         self.pauses = pauses
+        # The task registry across replicas: what each worker's Hello declares.
+        self.tasks = tasks
         self._background: set[asyncio.Task[None]] = set()
 
     def open(self, hello: w.Hello) -> WorkerSession:
@@ -115,6 +130,8 @@ class WorkerConnections:
             window=max(hello.max_in_flight, 1),
             connected_at=connected,
         )
+        if self.tasks is not None:
+            self.tasks.joined(session)  # first: a Hello it refuses leaves nothing behind
         self.registry.add(session)
         session.send(w.ConnectResponse(welcome=w.Welcome(
             worker_id=session.worker_id,
@@ -144,29 +161,47 @@ class WorkerConnections:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         leases = self.registry.remove(session)
+        if self.tasks is not None:
+            self.tasks.left(session)
         if leases:
             self._spawn(self._requeue_after_grace(session, leases))
 
     async def _handle_through_outages(self, session: WorkerSession, request: w.ConnectRequest) -> None:
         """Handle one message; an engine error does not end the stream. Results are retried
-        until recorded (the worker waits for their acks); other reports are best effort."""
+        until recorded (the worker waits for their acks), in the background: the stream reads
+        on meanwhile, so heartbeats keep extending the worker's leases and show it alive (a
+        results write held up inline made leases lapse and tasks run twice). Other reports are
+        best effort."""
+        try:
+            await self._handle(session, request)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if request.WhichOneof("message") != "results" or session.closed:
+                log.warning("worker %s: %s report skipped, an engine is unreachable (%s: %s)",
+                            session.worker_id, request.WhichOneof("message"), type(exc).__name__, exc)
+                return
+            log.warning("worker %s: recording results failed, an engine is unreachable (%s: %s); "
+                        "retrying in the background", session.worker_id, type(exc).__name__, exc)
+            self._spawn(self._retry_results(session, request))
+
+    async def _retry_results(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+        """Record results an engine outage refused, with backoff, while the session lasts (after
+        it, the worker sends them again on its next stream)."""
         delay = RETRY_FIRST_SECONDS
-        while True:
+        while not session.closed:
+            await asyncio.sleep(delay)
             try:
                 await self._handle(session, request)
                 return
             except Exception as exc:
                 if not is_transient(exc):
-                    raise
-                if request.WhichOneof("message") != "results" or session.closed:
-                    log.warning("worker %s: %s report skipped, an engine is unreachable (%s: %s)",
-                                session.worker_id, request.WhichOneof("message"), type(exc).__name__, exc)
+                    log.exception("worker %s: recording results failed; ending its stream so that it "
+                                  "reconnects and sends them again", session.worker_id)
+                    session.end_outbox()
                     return
-                log.warning("worker %s: recording results failed, an engine is unreachable (%s: %s); "
-                            "retrying in %.1f s", session.worker_id, type(exc).__name__, exc, delay)
-            # The server is the one not listening meanwhile: the worker is not silent.
-            session.last_seen = time.monotonic()
-            await asyncio.sleep(delay)
+                log.warning("worker %s: recording results failed again (%s: %s); retrying in %.1f s",
+                            session.worker_id, type(exc).__name__, exc, min(delay * 2, RETRY_MAX_SECONDS))
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     async def _handle(self, session: WorkerSession, request: w.ConnectRequest) -> None:
@@ -194,7 +229,10 @@ class WorkerConnections:
     async def _pump(self, session: WorkerSession, queue: str) -> None:
         """Fetch work for one queue whenever the window has room, and send it."""
         batch = self.settings.assignment_batch
+        turned_away = 0  # fetches in a row that brought only tasks this worker cannot run
         while not session.closed:
+            if turned_away:
+                await asyncio.sleep(bounce_delay(turned_away))
             if await self.pauses.is_paused(queue):
                 await self.pauses.wait_for_change()
                 continue
@@ -212,7 +250,9 @@ class WorkerConnections:
                     await self.broker.nack(deliveries)
                     deliveries = []
                 if deliveries:
-                    claim = await self.dispatcher.claim(deliveries, session.worker_id, time.monotonic())
+                    claim = await self.dispatcher.claim(
+                        deliveries, session.worker_id, time.monotonic(), session.can_run
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -229,17 +269,94 @@ class WorkerConnections:
                 await session.settle(reserved, claim.leases if claim else [])
             if claim is not None:
                 await self._send_claimed(session, claim)
+                if claim.elsewhere:
+                    await self._pass_on(queue, claim.elsewhere)
+                if claim.limited:
+                    await self._hold_back(claim.limited)
+                turned_away = turned_away + 1 if claim.elsewhere and not claim.claimed else 0
+
+    async def _pass_on(self, queue: str, elsewhere: list[tuple[Delivery, records_pb2.TaskMessage]]) -> None:
+        """Hand back tasks this worker cannot run, for a worker that registered their names;
+        the longer one has waited for such a worker, the later it is offered again."""
+        by_delay: dict[float, list[Delivery]] = {}
+        for delivery, message in elsewhere:
+            if not self.registry.runner_for(queue, message.signature.name):
+                self.registry.unroutable.turned_away(queue, message.signature.id)
+            by_delay.setdefault(bounce_delay(delivery.delivery_count), []).append(delivery)
+        try:
+            for delay, deliveries in by_delay.items():
+                await self.broker.nack(deliveries, delay)
+        except Exception as exc:  # their leases lapse and bring them back
+            log.warning("handing back %d tasks for other workers failed: %s: %s", len(elsewhere),
+                        type(exc).__name__, exc)
+
+    async def _hold_back(self, limited: list[tuple[Delivery, float]]) -> None:
+        """Hand back tasks over a rate limit or without a slot of their concurrency key, each to
+        be offered again after its delay (core/limits/)."""
+        by_delay: dict[float, list[Delivery]] = {}
+        for delivery, delay in limited:
+            by_delay.setdefault(delay, []).append(delivery)
+        try:
+            for delay, deliveries in by_delay.items():
+                await self.broker.nack(deliveries, delay)
+        except Exception as exc:  # their leases lapse and bring them back
+            log.warning("handing back %d tasks held by limits failed: %s: %s", len(limited), type(exc).__name__, exc)
+
+    def _attempts_ended(self, leases: Iterable[Lease]) -> None:
+        """These leases' attempts ended (or never began): free their concurrency slots, in the background."""
+        held = [lease for lease in leases if lease.concurrency_key]
+        if held and self.dispatcher.limits is not None:
+            self._spawn(self.dispatcher.limits.release(held))
 
     async def _send_claimed(self, session: WorkerSession, claim: Claim) -> None:
         """Send the assignments; RECEIVED follows with their results, or after a moment."""
         if claim.claimed:
-            session.send(w.ConnectResponse(assignments=w.Assignments(items=[c.assignment for c in claim.claimed])))
+            for claimed in claim.claimed:
+                self.registry.unroutable.routed(claimed.assignment.task.queue, claimed.lease.task_id)
+            batches, oversized = split_to_fit([c.assignment for c in claim.claimed], session.hello.max_receive_bytes)
+            if oversized:
+                await self._hand_back_oversized(session, claim, {a.lease_token for a in oversized})
+            for batch in batches:
+                session.send(w.ConnectResponse(assignments=w.Assignments(items=batch)))
             await self._record_receipts(session, claim.replacing, claim.read)
             self._spawn(self._record_later(session, claim))
         try:
             await self.dispatcher.drop_unrunnable(claim)
         except Exception:  # their leases expire and bring them back
             log.exception("dropping %d ended or duplicate messages failed", len(claim.ended) + len(claim.duplicates))
+        if claim.exhausted:
+            await self._give_up(claim.exhausted)
+
+    async def _hand_back_oversized(self, session: WorkerSession, claim: Claim, tokens: set[str]) -> None:
+        """Tasks too large for this worker's receive limit go back to the queue for another."""
+        leases = [lease for lease in claim.leases if lease.token in tokens]
+        for lease in leases:
+            lease.receipt_pending = False
+        _recorded(leases)
+        claim.replacing = [lease for lease in claim.replacing if lease.token not in tokens]
+        log.warning("worker %s receives at most %d bytes: tasks %s are larger; handing them back for another worker",
+                    session.worker_id, session.hello.max_receive_bytes or DEFAULT_WORKER_RECEIVE_BYTES,
+                    ", ".join(lease.task_id for lease in leases[:5]))
+        await session.resolve(tokens)
+        self._attempts_ended(leases)
+        await self.broker.nack([lease.delivery for lease in leases], OVERSIZED_RETRY_SECONDS)
+
+    async def _give_up(self, exhausted: dict[str, tuple[str, Delivery]]) -> None:
+        """Fail for good the tasks whose deliveries were all lost, and settle their messages."""
+        log.warning("failing %d tasks whose last %d deliveries were lost with their workers: %s",
+                    len(exhausted), self.dispatcher.max_deliveries, ", ".join(list(exhausted)[:5]))
+        messages = {task_id: delivery for task_id, (_, delivery) in exhausted.items()}
+        try:
+            recorded = await self.recorder.give_up(
+                {task_id: token for task_id, (token, _) in exhausted.items()}, self.dispatcher.max_deliveries
+            )
+        except Exception as exc:  # they come back and are given up on then
+            log.warning("failing %d exhausted tasks: %s: %s; trying again later", len(exhausted),
+                        type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await self.broker.nack(list(messages.values()), REPAIR_RETRY_SECONDS)
+            return
+        await settle_messages(self.broker, messages, recorded.requeue)
 
     async def _record_later(self, session: WorkerSession, claim: Claim) -> None:
         await asyncio.sleep(RECEIVED_DELAY_SECONDS)
@@ -274,6 +391,7 @@ class WorkerConnections:
             withdrawn = await session.resolve(lease.token for lease in withdrawn)
         finally:
             _recorded(leases)
+        self._attempts_ended(withdrawn)
         if withdrawn:
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])))
 
@@ -313,6 +431,7 @@ class WorkerConnections:
                 orphan = self.registry.resolve_orphan(outcome.lease_token)
                 if orphan is not None:
                     resolved.append(orphan)
+        self._attempts_ended(resolved)
         # A result that finds its task ended may be a report resent after a failed write whose
         # follow-ups never ran: its message goes back through dispatch, which repairs them.
         requeue = {task_id: 0.0 for task_id, status in recorded.statuses.items()
@@ -327,6 +446,7 @@ class WorkerConnections:
         await self._ensure_recorded(session, (task.lease_token for task in reject.tasks))
         recorded = await self.recorder.reject(reject.tasks, session.worker_id)
         resolved = await session.resolve(t.lease_token for t in reject.tasks)
+        self._attempts_ended(resolved)
         await settle(self.broker, resolved, recorded.requeue)
 
     async def _heartbeat(self, session: WorkerSession) -> None:
@@ -344,6 +464,9 @@ class WorkerConnections:
         if cancelled:
             session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=cancelled)))
         await self._enforce_time_limits(session, leases)
+        # Long tasks show their lease live on the record, so the repair of lost messages leaves them be.
+        await stamp_live_leases(self.store, [(lease.task_id, lease.token) for lease in leases], loaded,
+                                self.settings.repair_after_seconds)
 
     @staticmethod
     def _clock_starts(session: WorkerSession, refs: Sequence[w.LeaseRef]) -> None:
@@ -370,6 +493,7 @@ class WorkerConnections:
             [(lease.task_id, lease.token) for lease in overdue], cause, session.worker_id
         )
         resolved = await session.resolve(lease.token for lease in overdue)
+        self._attempts_ended(resolved)
         await settle(self.broker, resolved, recorded.requeue)
         session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in overdue])))
 

@@ -17,6 +17,15 @@ ended (a duplicate, a cancelled task, or a redelivery after the server died betw
 a result and acking) is dropped: for ended tasks the follow-ups are first repeated
 idempotently (repair), and the message is acked only once they are done. A retry's message
 that comes back before its next attempt is due is handed back with the remaining delay.
+
+Deliveries are counted: a message that comes back for a task still RECEIVED or STARTED under
+an earlier lease was lost with its worker (or that worker's server) mid-run; the record notes a
+WorkerLost for it, and after `max_deliveries` such deliveries of one attempt the task is not run
+again but fails for good (`Claim.exhausted`), so a task that kills its workers cannot loop.
+
+Limits come last (core/limits/): of the tasks that may run, those over a rate limit or without
+a free slot of their concurrency key are not assigned but wait in their queue (`Claim.limited`,
+each with its delay); a task is never failed for a limit.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -38,12 +48,18 @@ from ..brokers.base import Broker, Delivery
 from .confirmed import RepairPending
 from .followups import FollowUps
 from .publisher import decode_message
-from .records import S, is_terminal, new_record, transition
+from .records import S, error, is_terminal, new_record, transition
+from .repair import replaces_stale_lease
 from .store import Loaded, TaskStore
+
+if TYPE_CHECKING:
+    from .limits import DispatchLimits
 
 _RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
 # Ended tasks whose repair failed (an engine error) come back for another try after this long.
 REPAIR_RETRY_SECONDS = 2.0
+# Deliveries of one attempt that may end without an outcome before the task fails for good.
+DEFAULT_MAX_DELIVERIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +86,8 @@ class Lease:
     # When the worker reported the attempt running (monotonic); the server's time-limit
     # backstop counts from here, since a prefetched task may wait in the worker for a slot.
     started_at: float | None = None
+    # The concurrency key whose slot this attempt holds (core/limits/); empty: none.
+    concurrency_key: str = ""
 
 
 @dataclass(slots=True)
@@ -90,7 +108,14 @@ class Claim:
     early: list[tuple[Delivery, float]]
     # Leases that replace an earlier one (a redelivery, a retry): their RECEIVED is written at
     # once, so that results under the earlier lease are refused from now on.
-    replacing: list[Lease]
+    replacing: list[Lease] = field(default_factory=list)
+    # Tasks whose deliveries were all lost (max_deliveries): to fail for good, by task id, with
+    # the lease token of the last lost delivery and the message.
+    exhausted: dict[str, tuple[str, Delivery]] = field(default_factory=dict)
+    # Messages of tasks this worker did not register (core/routing.py), with their task names.
+    elsewhere: list[tuple[Delivery, records_pb2.TaskMessage]] = field(default_factory=list)
+    # Messages of tasks held back by a rate limit or a concurrency key, with how long each waits.
+    limited: list[tuple[Delivery, float]] = field(default_factory=list)
 
     @property
     def leases(self) -> list[Lease]:
@@ -101,6 +126,14 @@ def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) 
     """RECEIVED with the lease's token; False (and no change) when the task already ended."""
     if is_terminal(record):
         return False
+    if record.result.state in _RUNNING and record.lease_token and record.lease_token != lease.token:
+        record.attempt_errors.append(error(
+            "WorkerLost",
+            f"delivery {record.deliveries} of attempt {record.result.attempts} ended without an outcome: "
+            "its worker (or that worker's server) was lost mid-run",
+        ))
+    if record.lease_token != lease.token:
+        record.deliveries += 1
     record.lease_token = lease.token
     record.enqueued = True
     record.result.attempts = lease.attempt
@@ -110,16 +143,26 @@ def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) 
 
 
 class Dispatcher:
-    def __init__(self, store: TaskStore, broker: Broker, followups: FollowUps, lease_seconds: float) -> None:
+    def __init__(
+        self, store: TaskStore, broker: Broker, followups: FollowUps, lease_seconds: float,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES, limits: DispatchLimits | None = None,
+    ) -> None:
         self.store = store
         self.broker = broker
         self.followups = followups
         self.lease_seconds = lease_seconds
+        self.max_deliveries = max(max_deliveries, 1)
+        self.limits = limits
 
-    async def claim(self, deliveries: Sequence[Delivery], worker_id: str, now: float) -> Claim:
-        """Build an assignment for each delivered task that has not ended."""
+    async def claim(
+        self, deliveries: Sequence[Delivery], worker_id: str, now: float,
+        can_run: Callable[[str], bool] = lambda name: True,
+    ) -> Claim:
+        """Build an assignment for each delivered task that has not ended and that the worker
+        can run (`can_run(task name)`; the others are left in `Claim.elsewhere`)."""
         messages: _Messages = {}
         duplicates: list[Delivery] = []
+        elsewhere: list[tuple[Delivery, records_pb2.TaskMessage]] = []
         for delivery in deliveries:
             try:
                 message = decode_message(delivery.body)
@@ -130,6 +173,8 @@ class Dispatcher:
             task_id = message.signature.id
             if task_id in messages:
                 duplicates.append(delivery)
+            elif not can_run(message.signature.name):
+                elsewhere.append((delivery, message))
             else:
                 messages[task_id] = (delivery, message)
         records = await self._read(messages)
@@ -138,17 +183,23 @@ class Dispatcher:
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
         early: list[tuple[Delivery, float]] = []
+        exhausted: dict[str, tuple[str, Delivery]] = {}
         for task_id, (delivery, message) in messages.items():
             found = records.get(task_id)
             if found is None or is_terminal(found.record):
                 ended[task_id] = delivery
                 continue
             record = found.record
-            if record.result.state in _RUNNING and record.lease_token and delivery.delivery_count <= 1:
+            if (record.result.state in _RUNNING and record.lease_token and delivery.delivery_count <= 1
+                    and not replaces_stale_lease(record, message)):
                 # A first delivery of a task that some worker holds: a second copy of its
                 # message (a publish repeated after an error). The copy held is the one that
-                # comes back, redelivered, if that worker is lost.
+                # comes back, redelivered, if that worker is lost. A repair's copy made for a
+                # lease that showed no sign of life (its message was lost) replaces that lease.
                 duplicates.append(delivery)
+                continue
+            if record.result.state in _RUNNING and record.lease_token and record.deliveries >= self.max_deliveries:
+                exhausted[task_id] = (record.lease_token, delivery)
                 continue
             attempt = max(message.attempt, record.result.attempts, 1)
             if record.result.state == S.TASK_STATE_RETRY:
@@ -165,6 +216,7 @@ class Dispatcher:
                 attempt=attempt,
                 lease_token=secrets.token_hex(16),
                 workflow_id=message.workflow_id,
+                deliveries=record.deliveries + 1,  # as RECEIVED will count this one
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
             with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers,
@@ -176,8 +228,11 @@ class Dispatcher:
                 task_id, assignment.lease_token, attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
                 dispatched_at=stamp,
             )))
+        limited: list[tuple[Delivery, float]] = []
+        if self.limits is not None and claimed:
+            claimed, limited = await self.limits.admit(claimed)
         replacing = [c.lease for c in claimed if records[c.lease.task_id].record.lease_token]
-        return Claim(claimed, records, ended, duplicates, early, replacing)
+        return Claim(claimed, records, ended, duplicates, early, replacing, exhausted, elsewhere, limited)
 
     async def _read(self, messages: _Messages) -> dict[str, Loaded]:
         """Fresh records of the messages' tasks; a queued task whose record is missing (it

@@ -23,6 +23,14 @@ class FailedPrecondition(CoreError):
 
 
 class ResourceExhausted(CoreError):
+    """Over a limit for now; `retry_after_seconds` (when set) tells the caller when to retry."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class PermissionDenied(CoreError):
     pass
 
 

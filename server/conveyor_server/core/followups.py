@@ -42,7 +42,7 @@ class FollowUps:
             elif result.state == S.TASK_STATE_FAILURE and result.signature.on_error:
                 await self.fire_callbacks(
                     f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id,
-                    result.signature.headers, repair,
+                    result.signature.headers, repair, failed_task_id=result.task_id,
                 )
             if record.node_id:
                 await self.workflow.on_task_terminal(record, repair)
@@ -55,11 +55,14 @@ class FollowUps:
         workflow_id: str,
         headers: Mapping[str, str] | None = None,
         repair: bool = False,
+        *,
+        failed_task_id: str = "",
     ) -> None:
         """Submit callbacks under ids derived from their cause, so a repeat fires none twice.
+        An error reaches them as a JSON object naming the task that failed (`failed_task_id`).
         They inherit the cause's trace context (`headers`) and so join its trace. On repair,
         callbacks created by an earlier pass but not confirmed as published are sent again."""
-        value = argument if isinstance(argument, task_pb2.Value) else error_value(argument, id_prefix)
+        value = argument if isinstance(argument, task_pb2.Value) else error_value(argument, failed_task_id)
         records = [
             new_record(
                 with_leading_arg(

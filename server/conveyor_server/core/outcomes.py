@@ -27,12 +27,16 @@ from .dispatch import Lease, mark_received
 from .followups import FollowUps
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
 from .retry import attempts_allowed, next_delay, seconds
+from .routing import bounce_delay
 from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
 # Attempts allowed for a task that asks to be retried but whose policy sets no maximum.
 DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
+# Rejections of one task (by workers that registered its name but could not run it) before it
+# fails with UnknownTask.
+MAX_REJECTS = 5
 # A task whose follow-ups failed (an engine error) comes back for repair after this long.
 REPAIR_DELAY_SECONDS = 1.0
 AckStatus: TypeAlias = worker_service_pb2.AckStatus.ValueType
@@ -137,21 +141,52 @@ class OutcomeRecorder:
         return recorded
 
     async def reject(self, rejected: Sequence[worker_service_pb2.RejectedTask], worker_id: str) -> Recorded:
-        """A worker cannot run these (unknown name): fail them now instead of letting them loop."""
+        """A worker cannot run these (it lacks the name): hand each back to its queue for another
+        worker (that delivery ran nothing, so it is not counted), and fail it with UnknownTask
+        once it has been rejected MAX_REJECTS times, instead of letting it bounce forever."""
         by_id = {r.task_id: r for r in rejected}
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             item = by_id[task_id]
             if is_terminal(record) or not record.lease_token or record.lease_token != item.lease_token:
                 return False
-            cause = error("UnknownTask", f"{item.reason} (worker {worker_id})")
+            record.rejects += 1
+            record.lease_token = ""
+            if record.rejects < MAX_REJECTS:
+                record.deliveries = max(record.deliveries - 1, 0)
+                return True
+            cause = error("UnknownTask", f"{item.reason} (worker {worker_id}; rejected {record.rejects} times)")
             record.result.error.CopyFrom(cause)
             record.attempt_errors.append(cause)
-            record.lease_token = ""
             transition(record, S.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
             return True
 
         written = await self.store.update(list(by_id), apply)
+        recorded = Recorded()
+        for task_id, record in written.items():
+            if not is_terminal(record):
+                recorded.requeue[task_id] = bounce_delay(record.rejects)
+        await self._after({t: r for t, r in written.items() if is_terminal(r)}, {}, recorded)
+        return recorded
+
+    async def give_up(self, exhausted: Mapping[str, str], max_deliveries: int) -> Recorded:
+        """Fail for good the tasks (task id -> lease token of their last delivery) whose every
+        delivery of an attempt was lost with its worker: no retry, a dead letter, follow-ups as
+        for any failure. A task that ended meanwhile, or got another lease, is left alone."""
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            if is_terminal(record) or record.lease_token != exhausted[task_id]:
+                return False
+            cause = error("WorkerLost", f"gave up after {record.deliveries} deliveries of attempt "
+                          f"{record.result.attempts} ended without an outcome (max_deliveries is {max_deliveries}): "
+                          "the task kills or hangs its workers")
+            record.attempt_errors.append(cause)
+            record.result.error.CopyFrom(cause)
+            record.lease_token = ""
+            transition(record, S.TASK_STATE_FAILURE, error=cause)
+            return True
+
+        written = await self.store.update(list(exhausted), apply)
         recorded = Recorded()
         await self._after(written, {}, recorded)
         return recorded
@@ -192,6 +227,7 @@ class OutcomeRecorder:
             transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
             # The failed attempt's lease ends here: a result it sends again is stale.
             record.lease_token = ""
+            record.deliveries = 0  # the next attempt counts its own deliveries
             if outcome.outcome == worker_service_pb2.OUTCOME_RETRY and outcome.HasField("retry_delay"):
                 delay = seconds(outcome.retry_delay)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.trace import SpanKind
@@ -24,6 +24,8 @@ class Publication:
     workflow_id: str = ""
     # Seconds before the task may run; None means "as the signature's eta/countdown say".
     delay: float | None = None
+    # A repair's copy of a running task: the stale lease it may replace (core/repair.py).
+    repairs_lease: str = ""
 
 
 def scheduled_delay(signature: task_pb2.Signature, now: float | None = None) -> float:
@@ -38,7 +40,8 @@ def scheduled_delay(signature: task_pb2.Signature, now: float | None = None) -> 
 
 def encode_message(publication: Publication) -> bytes:
     return records_pb2.TaskMessage(
-        signature=publication.signature, attempt=publication.attempt, workflow_id=publication.workflow_id
+        signature=publication.signature, attempt=publication.attempt, workflow_id=publication.workflow_id,
+        repairs_lease=publication.repairs_lease,
     ).SerializeToString()
 
 
@@ -48,15 +51,23 @@ def decode_message(body: bytes) -> records_pb2.TaskMessage:
     return message
 
 
+# Told of each publish call that succeeded: its task ids by queue, and the seconds before the
+# first of them may run. Must not block: the publish index (core/publish_index.py) buffers.
+PublishListener = Callable[[Mapping[str, Sequence[str]], float], None]
+
+
 class Publisher:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, on_published: PublishListener | None = None) -> None:
         self.broker = broker
+        self.on_published = on_published
 
     async def publish(self, publications: Sequence[Publication]) -> None:
         by_queue: dict[str, list[OutgoingMessage]] = defaultdict(list)
+        earliest = float("inf")
         for publication in publications:
             signature = publication.signature
             delay = publication.delay if publication.delay is not None else scheduled_delay(signature)
+            earliest = min(earliest, delay)
             by_queue[signature.queue].append(
                 OutgoingMessage(
                     message_id=signature.id,
@@ -66,8 +77,11 @@ class Publisher:
                     group=signature.message_group,
                 )
             )
-        if by_queue:
-            await asyncio.gather(*(self._publish(q, m) for q, m in by_queue.items()))
+        if not by_queue:
+            return
+        await asyncio.gather(*(self._publish(q, m) for q, m in by_queue.items()))
+        if self.on_published is not None:
+            self.on_published({q: [m.message_id for m in ms] for q, ms in by_queue.items()}, earliest)
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         attributes: dict[str, str | int] = {

@@ -5,6 +5,9 @@ an engine failed under it), takes each one for this grace period with an atomic 
 replicas do not repeat each other), does the promised work idempotently, and removes the entry.
 Publishing again a task its writer did publish before dying makes a second message; dispatch
 drops a second copy of a task already running, and a task already ended is never run again.
+
+Each pass then runs the repair of lost messages (core/repair.py): live tasks published long
+ago that show no sign of life are published again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .followups import FollowUps
 from .outbox import FOLLOW_UPS, Outbox
 from .publisher import Publication, Publisher
 from .records import S, is_terminal
+from .repair import Repairer
 from .store import TaskStore
 from .workflow import WorkflowEngine
 
@@ -29,7 +33,8 @@ log = logging.getLogger(__name__)
 class Reconciler:
     def __init__(
         self, outbox: Outbox, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine,
-        followups: FollowUps, grace_seconds: float, clock: Callable[[], float] = time.time,
+        followups: FollowUps, grace_seconds: float, repairer: Repairer | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.outbox = outbox
         self.store = store
@@ -37,6 +42,7 @@ class Reconciler:
         self.workflow = workflow
         self.followups = followups
         self.grace_seconds = grace_seconds
+        self.repairer = repairer
         self.clock = clock
 
     async def run(self, interval_seconds: float) -> None:
@@ -46,6 +52,12 @@ class Reconciler:
                 await self.reconcile_once()
             except Exception as exc:
                 log.warning("reconciling the outbox failed (%s: %s); will retry", type(exc).__name__, exc)
+            if self.repairer is None:
+                continue
+            try:
+                await self.repairer.repair_due()
+            except Exception as exc:
+                log.warning("repairing lost messages failed (%s: %s); will retry", type(exc).__name__, exc)
 
     async def reconcile_once(self) -> int:
         """Keep every overdue promise; returns how many entries were settled."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
@@ -37,6 +39,15 @@ def plan_key(workflow_id: str) -> str:
 
 def idempotency_key(key: str) -> str:
     return f"idem:{key}"
+
+
+def unique_key(signature: task_pb2.Signature) -> str:
+    """The key of a unique task: its own unique_key, or a digest of what it runs and where."""
+    if signature.unique_key:
+        return f"unique:{signature.unique_key}"
+    call = task_pb2.Signature(name=signature.name, queue=signature.queue, args=signature.args,
+                              kwargs=signature.kwargs)
+    return f"unique:{hashlib.sha256(call.SerializeToString(deterministic=True)).hexdigest()}"
 
 
 DEAD_LETTERS_GROUP = "deadletters"

@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.v1 import worker_service_pb2
 
 from .dispatch import Lease
+from .routing import Unroutable
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,18 @@ class WorkerSession:
     closed: bool = False
     last_seen: float = field(default_factory=time.monotonic)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    task_names: frozenset[str] = field(init=False)
 
     @property
     def in_flight(self) -> int:
         return len(self.leases)
+
+    def __post_init__(self) -> None:
+        # The names this worker registered; empty: it takes any task.
+        self.task_names = frozenset(self.hello.task_names)
+
+    def can_run(self, name: str) -> bool:
+        return not self.task_names or name in self.task_names
 
     def free(self) -> int:
         return self.window - len(self.leases) - self.reserved
@@ -100,6 +109,13 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.sessions: dict[int, WorkerSession] = {}
         self._orphans: dict[str, Lease] = {}
+        self.unroutable = Unroutable()
+
+    def runner_for(self, queue: str, name: str) -> bool:
+        """True when a live worker of this replica on `queue` can run tasks named `name`."""
+        return any(
+            not s.closed and not s.draining and queue in s.queues and s.can_run(name) for s in self.sessions.values()
+        )
 
     def add(self, session: WorkerSession) -> None:
         self.sessions[id(session)] = session

@@ -73,6 +73,8 @@ class TaskStore:
         self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._recent_limit = recent_records
         self._listeners: dict[str, list[WriteListener]] = {}
+        # Called with every record this process writes (the task index: core/task_index.py).
+        self.write_hook: WriteListener | None = None
 
     async def create(self, records: Iterable[records_pb2.TaskRecord]) -> list[str]:
         """Insert new records; returns the task ids that already existed (left unchanged).
@@ -114,6 +116,8 @@ class TaskStore:
             self._recent.popitem(last=False)
         for listener in self._listeners.get(task_id, ()):
             listener(record)
+        if self.write_hook is not None:
+            self.write_hook(record)
 
     @contextmanager
     def on_write(self, task_id: str, listener: WriteListener) -> Iterator[None]:

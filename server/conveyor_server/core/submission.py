@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,16 @@ from conveyor.v1 import task_pb2, task_service_pb2
 
 from ..backends.base import Update
 from ..config import Settings
-from .errors import AlreadyExists, InvalidArgument, Unavailable
+from .admission import Admission
+from .canvas.options import apply_options
+from .errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
 from .publisher import Publication, Publisher
-from .records import S, error, idempotency_key, new_record, plan_key, transition
-from .signatures import filled
-from .store import TaskStore
+from .records import S, error, idempotency_key, is_terminal, new_record, plan_key, transition, unique_key
+from .signatures import filled, queues_named
+from .store import Loaded, TaskStore
+from .task_schemas import SubmitChecks
 from .validation import check_signature, check_workflow
 from .workflow import WorkflowEngine
 
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 # A publish that failed is retried here with this backoff (first delay, cap) during the grace.
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
+# How long a submit waits for the holder of a key it met (one taken moments ago by another
+# submission) to be stored, before it tells its caller to retry.
+KEY_WAIT_FIRST_SECONDS = 0.01
+KEY_WAIT_SECONDS = 0.5
 
 
 @dataclass
@@ -50,8 +57,12 @@ class Submitter:
     def __init__(
         self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine,
         outbox: Outbox, on_submitted: Callable[[list[records_pb2.TaskRecord]], None] | None = None,
+        admission: Admission | None = None, checks: SubmitChecks | None = None,
     ) -> None:
         self.settings = settings
+        self.admission = admission
+        # Args that are JSON must be; strict submits must match the task registry.
+        self.checks = checks
         self.store = store
         self.publisher = publisher
         self.workflow = workflow
@@ -60,17 +71,32 @@ class Submitter:
         self._background: set[asyncio.Task[None]] = set()
 
     async def submit(
-        self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None
+        self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None,
+        queues: Collection[str] = (),
     ) -> list[task_service_pb2.SubmitResponse]:
+        """Accept the requests; `queues`, when given, are the only queues the caller may use."""
         if not requests:
             raise InvalidArgument("nothing to submit: the batch is empty")
         prepared = [self._prepare(request, i, len(requests), headers) for i, request in enumerate(requests)]
         self._check_total(prepared)
+        if self.checks is not None:
+            await self.checks.check(requests)
         await self._resolve_idempotency(prepared)
+        await self._resolve_unique(prepared)
         fresh = [p for p in prepared if not p.duplicate_of]
         if not fresh:
             return [p.response for p in prepared]
         records = self._records(fresh)
+        used = {r.result.queue for r in records}
+        if queues:
+            used |= {q for request in requests for q in queues_named(request, self.settings.default_queue)}
+        if queues and not used <= set(queues):
+            raise PermissionDenied(
+                f"this token may submit only to queues {sorted(queues)}; "
+                f"the submission uses {sorted(used - set(queues))}"
+            )
+        if self.admission is not None:
+            await self.admission.admit(used)
         lone = [p.record for p in fresh if p.record is not None]
         plans = [p.workflow.plan for p in fresh if p.workflow is not None]
         entry_id = new_entry_id()
@@ -135,6 +161,7 @@ class Submitter:
         limits = self.settings.limits
         if target is None:
             raise InvalidArgument(f"{where}: set task or workflow")
+        apply_options(request, where)
         if target == "task" or request.workflow.WhichOneof("kind") == "task":
             source = request.task if target == "task" else request.workflow.task
             check_signature(source, limits, f"{where}.task")
@@ -163,15 +190,42 @@ class Submitter:
     async def _resolve_idempotency(self, prepared: Sequence[_Prepared]) -> None:
         """A task whose idempotency key was seen within the retention window is not submitted
         again: the caller gets the first task's id. Repeats of a key within one batch count too."""
+
+        def key_of(signature: task_pb2.Signature) -> str | None:
+            return idempotency_key(signature.idempotency_key) if signature.idempotency_key else None
+
+        await self._resolve_keys(prepared, key_of, lambda holder, at: True)
+
+    async def _resolve_unique(self, prepared: Sequence[_Prepared]) -> None:
+        """A unique task is not submitted while another with its unique key is live (queued,
+        delayed, running) and younger than its `unique_for`: the caller gets that task's id."""
+
+        def key_of(signature: task_pb2.Signature) -> str | None:
+            return unique_key(signature) if signature.HasField("unique_for") else None
+
+        def holds(holder: records_pb2.TaskRecord, at: float) -> bool:
+            submitted = holder.result.submitted_at.seconds + holder.result.submitted_at.nanos / 1e9
+            lasts = holder.result.signature.unique_for.ToNanoseconds() / 1e9
+            return not is_terminal(holder) and at < submitted + lasts
+
+        await self._resolve_keys([p for p in prepared if not p.duplicate_of], key_of, holds)
+
+    async def _resolve_keys(
+        self, prepared: Sequence[_Prepared], key_of: Callable[[task_pb2.Signature], str | None],
+        holds: Callable[[records_pb2.TaskRecord, float], bool],
+    ) -> None:
+        """Lone tasks that name a key (`key_of`) take it, or get the id of the task holding it
+        while `holds(holder, now)`; a key whose holder no longer holds it is taken over."""
         keyed: dict[str, _Prepared] = {}
         repeats: list[tuple[str, _Prepared]] = []
         for p in prepared:
-            if p.record is not None and p.record.result.signature.idempotency_key:
-                key = idempotency_key(p.record.result.signature.idempotency_key)
-                if key in keyed:
-                    repeats.append((key, p))
-                else:
-                    keyed[key] = p
+            key = key_of(p.record.result.signature) if p.record is not None else None
+            if key is None:
+                continue
+            if key in keyed:
+                repeats.append((key, p))
+            else:
+                keyed[key] = p
         if not keyed:
             return
         backend = self.store.backend
@@ -183,12 +237,12 @@ class Submitter:
         # A key whose task was never stored (the server died between the two writes) is taken
         # over by this submission instead of pointing at nothing, once it is older than the
         # outbox grace; a younger one may belong to a submission still writing its records.
-        stored = await self.store.load(list(first_ids.values()))
+        stored = await self._holders(first_ids, firsts, at)
         unstored = [key for key, first in first_ids.items() if first not in stored]
-        if in_progress := [key for key in unstored if at - firsts[key][1] < self.settings.outbox_grace_seconds]:
-            raise Unavailable(f"a submission with idempotency key {in_progress[0].removeprefix('idem:')!r} "
-                              "is being stored right now; retry")
-        takeovers = [Update(key, found[key].version, _key_value(keyed[key].response.task_id, at)) for key in unstored]
+        released = [key for key, first in first_ids.items() if first in stored and not holds(stored[first].record, at)]
+        takeovers = [
+            Update(key, found[key].version, _key_value(keyed[key].response.task_id, at)) for key in unstored + released
+        ]
         applied = await backend.compare_and_set(takeovers) if takeovers else []
         taken = {u.key for u, ok in zip(takeovers, applied, strict=True) if ok}
         for key, first in first_ids.items():
@@ -198,6 +252,28 @@ class Submitter:
             original = keyed[key]
             _same_as(item, original.duplicate_of or original.response.task_id)
 
+    async def _holders(
+        self, first_ids: Mapping[str, str], firsts: Mapping[str, tuple[str, float]], at: float
+    ) -> dict[str, Loaded]:
+        """The stored records of the keys' holders. A holder taken moments ago may belong to a
+        submission still writing its records: it gets a moment to finish, and if it does not,
+        the caller is told to retry (UNAVAILABLE) rather than given an id that may never exist."""
+        delay = KEY_WAIT_FIRST_SECONDS
+        deadline = time.monotonic() + KEY_WAIT_SECONDS
+        while True:
+            stored = await self.store.load(list(first_ids.values()))
+            in_progress = [
+                key for key, first in first_ids.items()
+                if first not in stored and at - firsts[key][1] < self.settings.outbox_grace_seconds
+            ]
+            if not in_progress:
+                return stored
+            if time.monotonic() + delay > deadline:
+                raise Unavailable(f"a submission with key {in_progress[0].partition(':')[2]!r} "
+                                  "is being stored right now; retry")
+            await asyncio.sleep(delay)
+            delay *= 2
+
     def _records(self, prepared: Sequence[_Prepared]) -> list[records_pb2.TaskRecord]:
         """Every record the submission creates."""
         records: list[records_pb2.TaskRecord] = []
@@ -206,7 +282,7 @@ class Submitter:
                 records.append(item.record)
             elif item.workflow is not None:
                 plan = item.workflow.plan
-                nodes = {n.task_id: n.node_id for n in plan.nodes if n.kind == "task"}
+                nodes = {n.task_id: n.node_id for n in plan.nodes if n.task_id}
                 records.extend(
                     new_record(sig, workflow_id=plan.workflow_id, node_id=nodes[task_id], enqueued=False)
                     for task_id, sig in item.workflow.signatures.items()

@@ -1,12 +1,15 @@
-"""The workflow engine: advances chains, counts groups and fires chord callbacks.
+"""The workflow engine: starts workflows and moves them on as their tasks end.
 
 It is driven by terminal task results and uses only the Backend primitives (records with
 compare-and-set, idempotent group members, one-time claims), so every engine gets workflows.
+What a node does when a child ends is its primitive's (core/canvas/: chain, group, chord); the
+engine starts tasks, ends nodes that will not run, and submits canvas callbacks.
 
 Idempotency: starting a task flips its record's `enqueued` flag with compare-and-set before
 publishing and sets `published` after (core/confirmed.py), so a node is started once however
 often its predecessor is reported, and repair resends only what may not have gone out. Group
-members are a set keyed by member index; a group completes once (claim).
+members are a set keyed by member index; a group completes once (claim). Callbacks get ids
+derived from their node, so a repeat submits none twice.
 
 Expiry: a workflow's plan, its tasks' records, its group sets and claims never expire while it
 runs; when its root node ends, their result TTL starts.
@@ -14,58 +17,53 @@ runs; when its root node ends, their result TTL starts.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
-from conveyor.values import to_jsonable
+from conveyor.v1 import result_pb2, task_pb2
 
+from .canvas import Drive, NodeOutcome, combine_members, nodes_by_id, outcome_of, primitive_of, task_ids
 from .confirmed import publish_confirmed, take_over
-from .planner import nodes_by_id, task_ids
 from .publisher import Publisher
 from .records import S, error, is_terminal, plan_key, task_key, transition
 from .signatures import with_leading_arg
 from .store import TaskStore
 
+__all__ = ["WorkflowEngine", "combine_members", "outcome_of"]
+
 log = logging.getLogger(__name__)
 
-Nodes = dict[str, records_pb2.PlanNode]
-NodeOutcome = records_pb2.NodeOutcome
+PlanNode = records_pb2.PlanNode
 # Runs the usual follow-ups (callbacks, workflow) of records that the engine itself ended.
 TerminalHook = Callable[[Sequence[records_pb2.TaskRecord], bool], Awaitable[None]]
 
 
-def outcome_of(record: records_pb2.TaskRecord) -> NodeOutcome:
-    result = record.result
-    if result.state == S.TASK_STATE_SUCCESS:
-        return NodeOutcome(ok=True, value=result.result)
-    if result.state == S.TASK_STATE_CANCELLED:
-        return NodeOutcome(ok=False, error=result.error if result.HasField("error") else error(
-            "Cancelled", f"task {result.task_id} was cancelled"))
-    return NodeOutcome(ok=False, error=result.error)
+class _Starts:
+    """canvas.base.Starts: what starting a node begins, gathered for one batch."""
 
+    def __init__(self, drive: Drive) -> None:
+        self.nodes = drive.nodes
+        self.tasks: list[tuple[str, task_pb2.Value | None]] = []
+        self.finished: list[tuple[PlanNode, NodeOutcome]] = []
 
-def combine_members(members: Sequence[NodeOutcome], member_tasks: Sequence[str]) -> NodeOutcome:
-    """A group's outcome: the JSON list of member results; failed members as error objects."""
-    values = []
-    failures = []
-    for index, member in enumerate(members):
-        if member.ok:
-            values.append(to_jsonable(member.value))
-        else:
-            values.append({"error": {"type": member.error.type, "message": member.error.message}})
-            failures.append(f"member {index} ({member_tasks[index]}): {member.error.type}: {member.error.message}")
-    combined = NodeOutcome(ok=not failures, members=members)
-    combined.value.json_value = json.dumps(values)
-    if failures:
-        combined.error.CopyFrom(error("GroupMemberFailed", "; ".join(failures)))
-    return combined
+    def child(self, node_id: str) -> PlanNode:
+        return self.nodes[node_id]
+
+    def node(self, node: PlanNode, value: task_pb2.Value | None) -> None:
+        primitive_of(node).start(node, value, self)
+
+    def task(self, task_id: str, value: task_pb2.Value | None) -> None:
+        self.tasks.append((task_id, value))
+
+    def done(self, node: PlanNode, outcome: NodeOutcome) -> None:
+        self.finished.append((node, outcome))
 
 
 class WorkflowEngine:
+    """canvas.base.Engine."""
+
     def __init__(self, store: TaskStore, publisher: Publisher) -> None:
         self.store = store
         self.publisher = publisher
@@ -73,49 +71,28 @@ class WorkflowEngine:
         self.fire_callbacks: Callable[..., Awaitable[None]] | None = None
 
     async def start_workflow(self, plan: records_pb2.WorkflowPlan, repair: bool = False) -> None:
-        nodes = nodes_by_id(plan)
-        await self._start(plan, nodes, nodes[plan.root_node_id], None, repair)
+        drive = Drive(plan, nodes_by_id(plan), repair)
+        await self.start(drive, drive.nodes[plan.root_node_id], None)
 
     async def on_task_terminal(self, record: records_pb2.TaskRecord, repair: bool = False) -> None:
         plan = await self.store.plan(record.result.workflow_id)
         if plan is None:
             log.warning("workflow %s of task %s has no plan", record.result.workflow_id, record.result.task_id)
             return
-        nodes = nodes_by_id(plan)
-        await self._node_done(plan, nodes, nodes[record.node_id], outcome_of(record), repair)
+        drive = Drive(plan, nodes_by_id(plan), repair)
+        await self.node_done(drive, drive.nodes[record.node_id], outcome_of(record))
 
     # -- starting nodes -------------------------------------------------------------------
 
-    async def _start(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, node: records_pb2.PlanNode,
-        value: task_pb2.Value | None, repair: bool,
-    ) -> None:
-        starts: list[tuple[str, task_pb2.Value | None]] = []
-        empty_groups: list[records_pb2.PlanNode] = []
-        self._collect(nodes, node, value, starts, empty_groups)
-        await self._launch(plan.workflow_id, starts, repair)
-        for group in empty_groups:
-            done = NodeOutcome(ok=True)
-            done.value.json_value = "[]"
-            await self._node_done(plan, nodes, group, done, repair)
+    async def start(self, drive: Drive, node: PlanNode, value: task_pb2.Value | None) -> None:
+        starts = _Starts(drive)
+        starts.node(node, value)
+        await self._launch(drive, starts.tasks)
+        for done, outcome in starts.finished:
+            await self.node_done(drive, done, outcome)
 
-    def _collect(
-        self, nodes: Nodes, node: records_pb2.PlanNode, value: task_pb2.Value | None,
-        starts: list[tuple[str, task_pb2.Value | None]], empty_groups: list[records_pb2.PlanNode],
-    ) -> None:
-        if node.kind == "task":
-            starts.append((node.task_id, value))
-        elif node.kind in {"chain", "chord"}:
-            self._collect(nodes, nodes[node.child_ids[0]], value, starts, empty_groups)
-        elif not node.child_ids:
-            empty_groups.append(node)
-        else:
-            for child in node.child_ids:
-                self._collect(nodes, nodes[child], value, starts, empty_groups)
-
-    async def _launch(
-        self, workflow_id: str, starts: Sequence[tuple[str, task_pb2.Value | None]], repair: bool
-    ) -> None:
+    async def _launch(self, drive: Drive, starts: Sequence[tuple[str, task_pb2.Value | None]]) -> None:
+        workflow_id = drive.workflow_id
         inputs = dict(starts)
 
         def mark_enqueued(task_id: str, record: records_pb2.TaskRecord) -> bool:
@@ -129,7 +106,7 @@ class WorkflowEngine:
             return True
 
         launched = await self.store.update(list(inputs), mark_enqueued)
-        if repair:
+        if drive.repair:
             # The first pass may have stopped between marking and publishing: publish again
             # what is marked but not confirmed as published.
             earlier = [
@@ -141,84 +118,19 @@ class WorkflowEngine:
 
     # -- finishing nodes ------------------------------------------------------------------
 
-    async def _node_done(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, node: records_pb2.PlanNode,
-        outcome: NodeOutcome, repair: bool,
-    ) -> None:
+    async def node_done(self, drive: Drive, node: PlanNode, outcome: NodeOutcome) -> None:
         if not node.parent_id:
-            await self.finished(plan)
+            await self.finished(drive.plan)
             return
-        parent = nodes[node.parent_id]
-        if parent.kind == "chain":
-            await self._chain_step_done(plan, nodes, parent, node, outcome, repair)
-        elif parent.kind == "group":
-            await self._group_member_done(plan, nodes, parent, node, outcome, repair)
-        else:
-            await self._chord_part_done(plan, nodes, parent, node, outcome, repair)
+        parent = drive.nodes[node.parent_id]
+        await primitive_of(parent).child_done(self, drive, parent, node, outcome)
 
-    async def _chain_step_done(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, chain: records_pb2.PlanNode,
-        step: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool,
-    ) -> None:
-        if outcome.ok:
-            if step.index + 1 < len(chain.child_ids):
-                next_step = nodes[chain.child_ids[step.index + 1]]
-                await self._start(plan, nodes, next_step, outcome.value, repair)
-            else:
-                await self._node_done(plan, nodes, chain, outcome, repair)
-            return
-        remaining = [t for child in chain.child_ids[step.index + 1:] for t in task_ids(plan, child)]
-        await self._cancel_unstarted(remaining, f"an earlier step of chain {chain.node_id} failed")
-        await self._fire_errors(plan, chain, outcome, repair)
-        await self._node_done(plan, nodes, chain, outcome, repair)
-
-    async def _group_member_done(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, group: records_pb2.PlanNode,
-        member: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool,
-    ) -> None:
-        backend = self.store.backend
-        members_key = _members_key(plan.workflow_id, group.node_id)
-        count = await backend.add_member(members_key, str(member.index), outcome.SerializeToString(), keep=True)
-        if count < len(group.child_ids):
-            return
-        if not await backend.claim(_done_key(plan.workflow_id, group.node_id), keep=True) and not repair:
-            return
-        payloads = await backend.members(members_key)
-        members = []
-        for index in range(len(group.child_ids)):
-            member_outcome = NodeOutcome()
-            member_outcome.ParseFromString(payloads[str(index)])
-            members.append(member_outcome)
-        member_tasks = [_first_task(plan, nodes, child) for child in group.child_ids]
-        combined = combine_members(members, member_tasks)
-        if not combined.ok:
-            await self._fire_errors(plan, group, combined, repair)
-        await self._node_done(plan, nodes, group, combined, repair)
-
-    async def _chord_part_done(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, chord: records_pb2.PlanNode,
-        part: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool,
-    ) -> None:
-        if part.index == 1:
-            await self._node_done(plan, nodes, chord, outcome, repair)
-            return
-        callback = nodes[chord.child_ids[1]]
-        policy = chord.failure_policy
-        if outcome.ok or policy == workflow_pb2.ChordFailurePolicy.CHORD_FAILURE_POLICY_CONTINUE:
-            await self._start(plan, nodes, callback, outcome.value, repair)
-            return
-        await self._fail_node(plan, nodes, callback, error("ChordMemberFailed", outcome.error.message), repair)
-
-    async def _fail_node(
-        self, plan: records_pb2.WorkflowPlan, nodes: Nodes, node: records_pb2.PlanNode,
-        cause: result_pb2.TaskError, repair: bool,
-    ) -> None:
+    async def fail_node(self, drive: Drive, node: PlanNode, cause: result_pb2.TaskError) -> None:
         """End a node that will not run as failed: its entry tasks fail, and their follow-ups
         carry the failure through the rest of the node as any failure would. On repair, the
         follow-ups of entries failed by an earlier pass run again too (idempotently)."""
-        entries: list[tuple[str, task_pb2.Value | None]] = []
-        empty_groups: list[records_pb2.PlanNode] = []
-        self._collect(nodes, node, None, entries, empty_groups)
+        starts = _Starts(drive)
+        starts.node(node, None)
 
         def fail(_: str, record: records_pb2.TaskRecord) -> bool:
             if is_terminal(record) or record.enqueued:
@@ -227,18 +139,18 @@ class WorkflowEngine:
             transition(record, S.TASK_STATE_FAILURE, error=cause)
             return True
 
-        entry_ids = [task_id for task_id, _ in entries]
+        entry_ids = [task_id for task_id, _ in starts.tasks]
         failed = await self.store.update(entry_ids, fail)
-        if repair:
+        if drive.repair:
             for task_id, loaded in (await self.store.load(entry_ids)).items():
                 if task_id not in failed and loaded.record.result.state == S.TASK_STATE_FAILURE:
                     failed[task_id] = loaded.record
         if failed and self.on_engine_terminal is not None:
-            await self.on_engine_terminal(list(failed.values()), repair)
-        for group in empty_groups:
-            await self._node_done(plan, nodes, group, NodeOutcome(ok=False, error=cause), repair)
+            await self.on_engine_terminal(list(failed.values()), drive.repair)
+        for empty, _ in starts.finished:
+            await self.node_done(drive, empty, NodeOutcome(ok=False, error=cause, state=S.TASK_STATE_FAILURE))
 
-    async def _cancel_unstarted(self, task_ids_: Sequence[str], reason: str) -> None:
+    async def cancel_unstarted(self, task_ids_: Sequence[str], reason: str) -> None:
         cause = error("Cancelled", reason)
 
         def cancel(_: str, record: records_pb2.TaskRecord) -> bool:
@@ -250,36 +162,26 @@ class WorkflowEngine:
 
         await self.store.update(list(task_ids_), cancel)
 
-    async def _fire_errors(
-        self, plan: records_pb2.WorkflowPlan, node: records_pb2.PlanNode, outcome: NodeOutcome, repair: bool
+    async def fire(
+        self, drive: Drive, node: PlanNode, suffix: str, callbacks: Sequence[task_pb2.Signature],
+        outcome: NodeOutcome,
     ) -> None:
-        if node.on_error and self.fire_callbacks is not None:
-            await self.fire_callbacks(
-                f"{plan.workflow_id}.{node.node_id}.err", list(node.on_error), outcome.error, plan.workflow_id,
-                tracing.inject(), repair,
-            )
+        if not callbacks or self.fire_callbacks is None:
+            return
+        argument = outcome.value if outcome.ok else outcome.error
+        await self.fire_callbacks(
+            f"{drive.workflow_id}.{node.node_id}.{suffix}", list(callbacks), argument, drive.workflow_id,
+            tracing.inject(), drive.repair, failed_task_id=outcome.task_id,
+        )
 
     async def finished(self, plan: records_pb2.WorkflowPlan) -> None:
         """The workflow ended: the result TTL of its records, plan, groups and claims starts."""
-        nodes = [n for n in plan.nodes if n.kind in ("group", "chord")]
+        groups: list[str] = []
+        claims: list[str] = []
+        for node in plan.nodes:
+            node_groups, node_claims = primitive_of(node).stored_keys(plan.workflow_id, node)
+            groups.extend(node_groups)
+            claims.extend(node_claims)
         await self.store.backend.expire(
-            records=[plan_key(plan.workflow_id), *(task_key(t) for t in task_ids(plan))],
-            groups=[_members_key(plan.workflow_id, n.node_id) for n in nodes],
-            claims=[_done_key(plan.workflow_id, n.node_id) for n in nodes],
+            records=[plan_key(plan.workflow_id), *(task_key(t) for t in task_ids(plan))], groups=groups, claims=claims,
         )
-
-
-def _members_key(workflow_id: str, node_id: str) -> str:
-    return f"grp:{workflow_id}:{node_id}"
-
-
-def _done_key(workflow_id: str, node_id: str) -> str:
-    return f"done:{workflow_id}:{node_id}"
-
-
-def _first_task(plan: records_pb2.WorkflowPlan, nodes: Nodes, node_id: str) -> str:
-    """The task that starts a node: a chain's first step, a group's first member."""
-    node = nodes[node_id]
-    while node.kind != "task" and node.child_ids:
-        node = nodes[node.child_ids[0]]
-    return node.task_id if node.kind == "task" else ""

@@ -1,0 +1,321 @@
+"""Repair of lost messages: republishes live tasks whose broker message is gone (a flushed
+Redis, a deleted RabbitMQ queue, a lost SQS queue).
+
+A live task shows signs of life: a queued one is waiting in its queue, a running one has a
+lease that heartbeats renew (`stamp_live_leases` writes `lease_renewed_at` when the previous
+sign is older than half of repair_after, so short tasks never pay). A task with no sign of
+life for `repair_after` seconds looks lost:
+- PENDING: since it was published (enqueued), and never before its ETA;
+- RETRY: since its next attempt was due (`retry_at`);
+- RECEIVED/STARTED: since its last transition or lease renewal (never less than the server's
+  repair_after, whatever a manual repair asks).
+
+Candidates come from the publish index (core/publish_index.py), never from a scan. Each pass
+takes the buckets that ended repair_after ago (each claimed per period, so replicas do not
+repeat each other), reads their tasks' records in batches, and then: ended tasks are done;
+tasks still waiting for their time (an ETA, a retry, a live lease) are carried into the
+bucket of the time they would look lost; tasks that look lost are republished with the same
+message as before (a running task's copy names the stale lease it may replace); the old
+buckets are retired.
+
+Backlog safety: a queued task behind a long backlog shows no sign of life either. So a
+queue's candidates are republished only when the messages the queue holds (ready and delayed)
+are fewer than the candidates: then some messages must be missing (the copies of those that
+were not are dropped at dispatch as duplicates). Otherwise they are carried forward and
+checked again later. Repeated repairs of one task are spaced exponentially (`repairs`,
+`repaired_at`, written with compare-and-set, which also makes one of two concurrent repairs
+the one that republishes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.internal.v1 import records_pb2
+
+from ..brokers.base import Broker
+from ..config import ConfigError, Settings
+from .publish_index import Bucket, PublishIndex
+from .publisher import Publication, Publisher
+from .records import TERMINAL_STATES, S
+from .store import Loaded, TaskStore
+
+log = logging.getLogger(__name__)
+
+# repair_after when the setting is 0, in lease lengths.
+DEFAULT_LEASES = 4
+# Records read (and republished) per backend call.
+LOAD_BATCH = 500
+# Bounds of one automatic pass; what is left waits for the next.
+MAX_BUCKETS_PER_PASS = 64
+MAX_TASKS_PER_PASS = 50_000
+# Repeated repairs of one task wait repair_after, then twice that, ... up to 2**MAX_DOUBLINGS times.
+MAX_DOUBLINGS = 10
+_RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+
+
+def with_repair_after(settings: Settings) -> Settings:
+    """The settings with the repair_after in effect (0 means four lease lengths), checked."""
+    configured = settings.repair_after_seconds
+    repair_after = configured or DEFAULT_LEASES * settings.lease_seconds
+    if not math.isfinite(repair_after) or repair_after <= 2 * settings.heartbeat_interval_seconds:
+        raise ConfigError(
+            f"setting 'repair_after_seconds' must exceed two heartbeat intervals "
+            f"({2 * settings.heartbeat_interval_seconds:g} s), or be 0 for four lease lengths; got {configured:g}"
+        )
+    return settings.replace(repair_after_seconds=repair_after)
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def _last_change(record: records_pb2.TaskRecord) -> float:
+    history = record.result.history
+    return _seconds(history[-1].at) if history else 0.0
+
+
+def _eta(record: records_pb2.TaskRecord) -> float:
+    signature = record.result.signature
+    if signature.HasField("countdown"):
+        return _seconds(record.enqueued_at) + signature.countdown.seconds + signature.countdown.nanos / 1e9
+    return _seconds(signature.eta) if signature.HasField("eta") else 0.0
+
+
+def last_sign_of_life(record: records_pb2.TaskRecord) -> float:
+    """Epoch seconds of the latest sign that the task is being looked after."""
+    state = record.result.state
+    if state == S.TASK_STATE_PENDING:
+        return max(_seconds(record.enqueued_at), _last_change(record), _eta(record))
+    if state == S.TASK_STATE_RETRY:
+        return max(_seconds(record.retry_at), _last_change(record))
+    return max(_last_change(record), _seconds(record.lease_renewed_at))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    lost: bool
+    # When it looks lost (if nothing changes), and how long since its last sign of life.
+    due: float
+    age: float
+
+
+def judge(
+    record: records_pb2.TaskRecord, at: float, after: float, lease_after: float, backoff: bool = True
+) -> Verdict | None:
+    """Whether a task looks lost at `at`; None when it needs no watching (ended, or a workflow
+    step not started yet)."""
+    state = record.result.state
+    if state in TERMINAL_STATES or not record.enqueued or state == S.TASK_STATE_UNSPECIFIED:
+        return None
+    since = last_sign_of_life(record)
+    due = since + (lease_after if state in _RUNNING else after)
+    if backoff and record.repairs:
+        due = max(due, _seconds(record.repaired_at) + after * 2 ** min(record.repairs - 1, MAX_DOUBLINGS))
+    return Verdict(at >= due, due, at - since)
+
+
+def replaces_stale_lease(record: records_pb2.TaskRecord, message: records_pb2.TaskMessage) -> bool:
+    """A repair's copy of a running task may replace the lease that the repair found stale,
+    unless that lease was replaced or renewed since (dispatch asks, for a first delivery)."""
+    return (bool(message.repairs_lease) and message.repairs_lease == record.lease_token
+            and _seconds(record.lease_renewed_at) <= _seconds(record.repaired_at))
+
+
+def _needs_stamp(record: records_pb2.TaskRecord, token: str, at: float, repair_after: float) -> bool:
+    return (record.result.state in _RUNNING and record.lease_token == token
+            and at - max(_last_change(record), _seconds(record.lease_renewed_at)) >= repair_after / 2)
+
+
+async def stamp_live_leases(
+    store: TaskStore, leases: Sequence[tuple[str, str]], loaded: Mapping[str, Loaded], repair_after: float,
+    at: float | None = None,
+) -> None:
+    """On a heartbeat: mark these (task id, lease token) leases live on records whose last sign
+    of life is older than half of repair_after; one batched compare-and-set, usually none."""
+    at = time.time() if at is None else at
+    tokens = {
+        task_id: token for task_id, token in leases
+        if (found := loaded.get(task_id)) is not None and _needs_stamp(found.record, token, at, repair_after)
+    }
+    if not tokens:
+        return
+
+    def stamp(task_id: str, record: records_pb2.TaskRecord) -> bool:
+        if not _needs_stamp(record, tokens[task_id], at, repair_after):
+            return False
+        record.lease_renewed_at.FromNanoseconds(int(at * 1e9))
+        return True
+
+    await store.update_loaded(list(tokens), stamp, known={task_id: loaded[task_id] for task_id in tokens})
+
+
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    record: records_pb2.TaskRecord
+    age: float
+
+
+@dataclass(slots=True)
+class RepairReport:
+    repaired: list[Repaired] = field(default_factory=list)
+    checked: int = 0
+    # Looked lost, but the messages their queue holds could still be theirs.
+    held: int = 0
+    carried: int = 0
+
+
+@dataclass(slots=True)
+class _Sorted:
+    """One pass's tasks, sorted by what becomes of them."""
+
+    lost: dict[str, list[tuple[Loaded, Verdict]]] = field(default_factory=lambda: defaultdict(list))
+    # Next look -> queue -> task ids.
+    waiting: dict[float, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    checked: int = 0
+
+
+class Repairer:
+    def __init__(
+        self, store: TaskStore, broker: Broker, publisher: Publisher, index: PublishIndex, repair_after: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.publisher = publisher
+        self.index = index
+        self.repair_after = repair_after
+        self.clock = clock
+
+    async def repair_due(self) -> RepairReport:
+        """The reconciler's pass: the buckets that ended repair_after ago and no other replica
+        took this period; they are retired once their tasks are settled."""
+        at = self.clock()
+        period = int(at // max(self.repair_after / 4, 1.0))
+        mine: list[Bucket] = []
+        tasks: dict[str, str] = {}
+        for bucket in await self.index.buckets_until(at - self.repair_after, MAX_BUCKETS_PER_PASS):
+            if len(tasks) >= MAX_TASKS_PER_PASS:
+                break
+            if await self.store.backend.claim(f"repair:{bucket.name}:{period}"):
+                mine.append(bucket)
+                tasks.update(await self.index.tasks([bucket]))
+        if not mine:
+            return RepairReport()
+        report = await self._repair(tasks, at, self.repair_after, carry=True)
+        await self.index.flush()  # the republished tasks are in the index before their old entries go
+        await self.index.retire(mine)
+        if report.repaired or report.held:
+            log.log(logging.WARNING if report.repaired else logging.INFO,
+                    "repair of lost messages: republished %d tasks with no sign of life for %g s (%d checked, "
+                    "%d held back behind a backlog)", len(report.repaired), self.repair_after, report.checked,
+                    report.held)
+        return report
+
+    async def repair_now(
+        self, older_than: float, queue: str = "", dry_run: bool = False, force: bool = False
+    ) -> RepairReport:
+        """An operator's repair of tasks with no sign of life for `older_than` seconds (of one
+        queue, when given). `force` republishes regardless of backlogs and recent repairs."""
+        at = self.clock()
+        # Every bucket begun by now, not only those ended `older_than` ago: a task's entry may
+        # be a recent one (carried forward) though its last sign of life is old.
+        tasks = await self.index.tasks(await self.index.buckets_until(at, begun=True))
+        if queue:
+            tasks = {task_id: q for task_id, q in tasks.items() if q == queue}
+        report = await self._repair(tasks, at, older_than, dry_run=dry_run, force=force)
+        if not dry_run:
+            await self.index.flush()
+        return report
+
+    async def _repair(
+        self, tasks: Mapping[str, str], at: float, after: float, carry: bool = False, dry_run: bool = False,
+        force: bool = False,
+    ) -> RepairReport:
+        found = await self._sort(list(tasks), at, after, force)
+        report = RepairReport(checked=found.checked)
+        for queue, lost in found.lost.items():
+            if force or await self._held_by(queue) < len(lost):
+                report.repaired += await self._republish(lost, at, after, dry_run, force)
+            else:
+                report.held += len(lost)
+                found.waiting[at][queue].extend(loaded.record.result.task_id for loaded, _ in lost)
+        if carry:
+            report.carried = await self._carry(found.waiting, at, after)
+        return report
+
+    async def _held_by(self, queue: str) -> int:
+        """Messages the queue holds that could be its candidates: ready ones, and delayed ones
+        (a task handed back by dispatch for a rate limit or a worker that knows its name waits
+        there, not only ETAs and retries)."""
+        stats = await self.broker.stats(queue)
+        return stats.ready + stats.delayed
+
+    async def _sort(self, task_ids: Sequence[str], at: float, after: float, force: bool) -> _Sorted:
+        found = _Sorted()
+        lease_after = max(after, self.repair_after)
+        for start in range(0, len(task_ids), LOAD_BATCH):
+            for task_id, loaded in (await self.store.load(task_ids[start:start + LOAD_BATCH])).items():
+                verdict = judge(loaded.record, at, after, lease_after, backoff=not force)
+                if verdict is None:
+                    continue
+                found.checked += 1
+                queue = loaded.record.result.queue
+                if verdict.lost:
+                    found.lost[queue].append((loaded, verdict))
+                else:
+                    found.waiting[verdict.due][queue].append(task_id)
+        return found
+
+    async def _republish(
+        self, lost: Sequence[tuple[Loaded, Verdict]], at: float, after: float, dry_run: bool, force: bool
+    ) -> list[Repaired]:
+        """Republish what still looks lost on a fresh read; each task is taken by a
+        compare-and-set of its repair count, so one of two concurrent repairs sends it."""
+        ages = {loaded.record.result.task_id: verdict.age for loaded, verdict in lost}
+        if dry_run:
+            return [Repaired(loaded.record, verdict.age) for loaded, verdict in lost]
+        lease_after = max(after, self.repair_after)
+
+        def take(_: str, record: records_pb2.TaskRecord) -> bool:
+            verdict = judge(record, at, after, lease_after, backoff=not force)
+            if verdict is None or not verdict.lost:
+                return False
+            record.repairs += 1
+            record.repaired_at.FromNanoseconds(int(at * 1e9))
+            return True
+
+        repaired: list[Repaired] = []
+        for start in range(0, len(lost), LOAD_BATCH):
+            known = {loaded.record.result.task_id: loaded for loaded, _ in lost[start:start + LOAD_BATCH]}
+            taken = await self.store.update(list(known), take, known=known)
+            if taken:
+                await self.publisher.publish([_publication(record) for record in taken.values()])
+            repaired += (Repaired(record, ages[task_id]) for task_id, record in taken.items())
+        return repaired
+
+    async def _carry(self, waiting: Mapping[float, Mapping[str, list[str]]], at: float, after: float) -> int:
+        """Note still-live tasks again, in the bucket whose processing comes when they would
+        look lost (never the current bucket's predecessors)."""
+        by_bucket: dict[Bucket, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for due, queues in waiting.items():
+            bucket = Bucket.at(max(due - after, at), self.index.bucket_seconds)
+            for queue, ids in queues.items():
+                by_bucket[bucket][queue].extend(ids)
+        for bucket, queues in sorted(by_bucket.items()):
+            await self.index.add(bucket, queues)
+        return sum(len(ids) for queues in waiting.values() for ids in queues.values())
+
+
+def _publication(record: records_pb2.TaskRecord) -> Publication:
+    """The task's message as first published; a running task's copy names its stale lease."""
+    result = record.result
+    stale = record.lease_token if result.state in _RUNNING else ""
+    return Publication(result.signature, max(result.attempts, 1), result.workflow_id, delay=0.0, repairs_lease=stale)

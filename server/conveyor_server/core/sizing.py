@@ -1,0 +1,49 @@
+"""Assignments messages that fit what a worker can receive.
+
+A worker announces its largest receivable message in Hello (`max_receive_bytes`); a batch of
+legal tasks (each under the submit limits) can still add up to more, and a message over the
+worker's limit kills its stream, so every Assignments message is cut to fit. A single task too
+large for the worker is left out, for another worker to take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from conveyor.v1 import worker_service_pb2 as w
+
+# What a worker that says nothing accepts: gRPC's default receive limit.
+DEFAULT_WORKER_RECEIVE_BYTES = 4 * 1024 * 1024
+# Room for the ConnectResponse and Assignments framing around the items.
+ENVELOPE_BYTES = 64
+
+
+def _encoded_item_size(assignment: w.Assignment) -> int:
+    """Bytes one item adds to an Assignments message: tag, length prefix, body."""
+    size = assignment.ByteSize()
+    return 1 + (size.bit_length() + 6) // 7 + size
+
+
+def split_to_fit(
+    assignments: Sequence[w.Assignment], max_bytes: int
+) -> tuple[list[list[w.Assignment]], list[w.Assignment]]:
+    """Batches in order, each encoding to at most `max_bytes` (0: the gRPC default), and the
+    assignments that do not fit even alone."""
+    budget = (max_bytes or DEFAULT_WORKER_RECEIVE_BYTES) - ENVELOPE_BYTES
+    batches: list[list[w.Assignment]] = []
+    oversized: list[w.Assignment] = []
+    current: list[w.Assignment] = []
+    used = 0
+    for assignment in assignments:
+        size = _encoded_item_size(assignment)
+        if size > budget:
+            oversized.append(assignment)
+            continue
+        if current and used + size > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(assignment)
+        used += size
+    if current:
+        batches.append(current)
+    return batches, oversized

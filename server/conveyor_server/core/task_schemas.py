@@ -1,0 +1,198 @@
+"""Submit-time checks of task calls against what workers declared.
+
+In every mode: a json_value must hold valid JSON (strict: no NaN or Infinity), or the submit is
+refused before a worker meets it. With `strict` (per SubmitRequest, or the server-wide
+`strict_tasks` setting), every task of the submission (each step, member, callback and link of
+a workflow) must also be one that some worker registered (core/task_registry.py), called as its
+call schema says; else INVALID_ARGUMENT names the task and the field:
+
+    request.task.args[1]: 'abc' is not of type 'integer' (task 'add')
+
+A task that receives the previous result as its first arg (a chain step after the first, a
+chord callback, an on_success or on_error link; unless immutable) is checked with that arg
+taken as given: it is not known at submit. When workers of one name declare different schemas
+(a rolling deploy), a call that matches any of them is accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
+
+from .call_schemas import BadJson, BadSchema, call_of, compiled, mismatch, parse_json
+from .errors import InvalidArgument
+from .task_registry import KnownTask, Snapshot, TaskRegistry
+
+# A strict submit that would be refused reads the registry again first (unless its snapshot is
+# younger than this): a worker that connected to another replica a moment ago counts, and a
+# client sending bad calls in a loop costs at most 20 registry reads a second.
+RELOAD_BEFORE_REFUSING_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    signature: task_pb2.Signature
+    # Where the signature sits in the request, e.g. request.workflow.chain[1].
+    where: str
+    # It receives a previous result as its first arg.
+    leading: bool
+
+
+def calls_of(request: task_service_pb2.SubmitRequest, where: str) -> Iterator[Call]:
+    """Every task call a (structurally valid) request holds, callbacks and links included."""
+    if request.WhichOneof("target") == "task":
+        yield from _signature_calls(request.task, f"{where}.task", leading=False)
+    elif request.WhichOneof("target") == "workflow":
+        yield from _workflow_calls(request.workflow, f"{where}.workflow", leading=False)
+
+
+def _signature_calls(signature: task_pb2.Signature, where: str, leading: bool) -> Iterator[Call]:
+    yield Call(signature, where, leading and not signature.immutable)
+    for i, link in enumerate(signature.on_success):
+        yield from _signature_calls(link, f"{where}.on_success[{i}]", leading=True)
+    for i, link in enumerate(signature.on_error):
+        yield from _signature_calls(link, f"{where}.on_error[{i}]", leading=True)
+
+
+def _workflow_calls(node: workflow_pb2.Workflow, where: str, leading: bool) -> Iterator[Call]:
+    kind = node.WhichOneof("kind")
+    if kind == "task":
+        yield from _signature_calls(node.task, where, leading)
+    elif kind == "chain":
+        for i, step in enumerate(node.chain.steps):
+            yield from _workflow_calls(step, f"{where}.chain[{i}]", leading or i > 0)
+        for i, callback in enumerate(node.chain.on_error):
+            yield from _signature_calls(callback, f"{where}.chain.on_error[{i}]", leading=True)
+    elif kind == "group":
+        for i, member in enumerate(node.group.members):
+            yield from _workflow_calls(member, f"{where}.group[{i}]", leading)
+        for i, callback in enumerate(node.group.on_error):
+            yield from _signature_calls(callback, f"{where}.group.on_error[{i}]", leading=True)
+    elif kind == "chord":
+        for i, member in enumerate(node.chord.header.members):
+            yield from _workflow_calls(member, f"{where}.chord.header[{i}]", leading)
+        yield from _workflow_calls(node.chord.callback, f"{where}.chord.callback", leading=True)
+
+
+def all_json_valid(request: task_service_pb2.SubmitRequest) -> bool:
+    """True when every json_value in the request is valid JSON: the quick walk, which names
+    nothing (check_json_values does, for a request that fails it)."""
+    if request.WhichOneof("target") == "task":
+        return _signature_json_valid(request.task)
+    return _workflow_json_valid(request.workflow)
+
+
+def _signature_json_valid(signature: task_pb2.Signature) -> bool:
+    for value in signature.args:
+        if value.WhichOneof("kind") == "json_value" and not _is_json(value.json_value):
+            return False
+    if signature.kwargs:
+        for value in signature.kwargs.values():
+            if value.WhichOneof("kind") == "json_value" and not _is_json(value.json_value):
+                return False
+    links = signature.on_success or signature.on_error
+    return not links or all(_signature_json_valid(s) for s in (*signature.on_success, *signature.on_error))
+
+
+def _workflow_json_valid(node: workflow_pb2.Workflow) -> bool:
+    kind = node.WhichOneof("kind")
+    if kind == "task":
+        return _signature_json_valid(node.task)
+    if kind == "chain":
+        steps, callbacks = node.chain.steps, node.chain.on_error
+    elif kind == "group":
+        steps, callbacks = node.group.members, node.group.on_error
+    elif kind == "chord":
+        return all(_workflow_json_valid(m) for m in node.chord.header.members) and _workflow_json_valid(
+            node.chord.callback)
+    else:
+        return True
+    return all(_workflow_json_valid(s) for s in steps) and all(_signature_json_valid(c) for c in callbacks)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        parse_json(text)
+    except BadJson:
+        return False
+    return True
+
+
+def check_json_values(call: Call) -> None:
+    """Refuse a json_value of the call that is not valid JSON, naming its field."""
+    signature = call.signature
+    for i, value in enumerate(signature.args):
+        if value.WhichOneof("kind") == "json_value":
+            _check_json(value.json_value, call, f"args[{i}]")
+    for key, value in signature.kwargs.items():
+        if value.WhichOneof("kind") == "json_value":
+            _check_json(value.json_value, call, f"kwargs[{key!r}]")
+
+
+def _check_json(text: str, call: Call, field: str) -> None:
+    try:
+        parse_json(text)
+    except BadJson as exc:
+        raise InvalidArgument(f"{call.where}.{field}: json_value is not valid JSON ({exc})") from None
+
+
+def call_problem(known: KnownTask, call: Call) -> str | None:
+    """How the call breaks every schema its task's workers declared; None when it matches one."""
+    schemas = known.call_schemas()
+    if "" in schemas:
+        return None
+    instance = call_of(call.signature, call.leading)
+    first: str | None = None
+    for text in schemas:
+        try:
+            problem = mismatch(compiled(text), instance, call.leading)
+        except BadSchema:  # checked at Hello; a schema that cannot be compiled constrains nothing
+            return None
+        if problem is None:
+            return None
+        first = first or problem
+    return first
+
+
+def first_problem(snapshot: Snapshot, calls: Sequence[Call]) -> str | None:
+    for call in calls:
+        name = call.signature.name
+        known = snapshot.tasks.get(name)
+        if known is None:
+            return f"{call.where}: no worker has registered task {name!r} (a strict submit needs one)"
+        problem = call_problem(known, call)
+        if problem is not None:
+            return f"{call.where}.{problem} (task {name!r})"
+    return None
+
+
+class SubmitChecks:
+    """The checks Submitter.submit runs on every submission."""
+
+    def __init__(self, registry: TaskRegistry, strict_tasks: bool) -> None:
+        self.registry = registry
+        self.strict_tasks = strict_tasks
+
+    async def check(self, requests: Sequence[task_service_pb2.SubmitRequest]) -> None:
+        strict: list[Call] = []
+        for index, request in enumerate(requests):
+            if not (self.strict_tasks or request.strict) and all_json_valid(request):
+                continue  # the common case, on every submit: no Call objects, no field names
+            calls = list(calls_of(request, f"requests[{index}]" if len(requests) > 1 else "request"))
+            for call in calls:
+                check_json_values(call)
+            if self.strict_tasks or request.strict:
+                strict.extend(calls)
+        if strict:
+            await self._check_registered(strict)
+
+    async def _check_registered(self, calls: Sequence[Call]) -> None:
+        snapshot = await self.registry.current()
+        problem = first_problem(snapshot, calls)
+        if problem is not None and time.monotonic() - snapshot.loaded_at > RELOAD_BEFORE_REFUSING_SECONDS:
+            problem = first_problem(await self.registry.load(), calls)
+        if problem is not None:
+            raise InvalidArgument(problem)

@@ -1,0 +1,92 @@
+"""Routing by task name on the memory engines (issue #15): a worker gets only tasks it
+registered; the others go back to their queue for a worker that did, and a task no worker here
+can run waits (counted as unroutable), it is never failed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conveyor.v1 import result_pb2
+from conveyor_server.core.routing import BOUNCE_FIRST_SECONDS, BOUNCE_MAX_SECONDS, Unroutable, bounce_delay
+from tests.unit.replicas import Replicas, W, quick_repairs, replicas, sent
+from tests.unit.test_durability import QUEUE, lone, submit, task
+
+__all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
+S = result_pb2
+
+
+def test_the_bounce_delay_doubles_per_bounce_up_to_a_cap() -> None:
+    assert [bounce_delay(n) for n in (0, 1, 2, 3)] == [BOUNCE_FIRST_SECONDS, BOUNCE_FIRST_SECONDS,
+                                                        2 * BOUNCE_FIRST_SECONDS, 4 * BOUNCE_FIRST_SECONDS]
+    assert bounce_delay(50) == bounce_delay(10_000) == BOUNCE_MAX_SECONDS
+
+
+def test_unroutable_tasks_are_counted_until_routed_or_forgotten() -> None:
+    now = [100.0]
+    unroutable = Unroutable(clock=lambda: now[0])
+    unroutable.turned_away("q", "t1")
+    unroutable.turned_away("q", "t2")
+    unroutable.turned_away("q", "t2")
+    unroutable.turned_away("other", "t3")
+    assert (unroutable.count("q"), unroutable.count("other"), unroutable.count("none")) == (2, 1, 0)
+    unroutable.routed("q", "t1")
+    assert unroutable.count("q") == 1
+    now[0] += 60  # not turned away again for a long while: some replica's worker took it
+    assert unroutable.count("q") == 0
+
+
+def hello(worker_id: str, *names: str) -> W.Hello:
+    return W.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10, task_names=list(names))
+
+
+async def test_a_worker_is_assigned_only_the_tasks_it_registered(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(name="py.add", task_id="p1")), lone(task(name="node.mul", task_id="n1")))
+    connections = replicas.a.connections
+    python = connections.open(hello("py", "py.add"))
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    claim = await connections.dispatcher.claim(deliveries, "py", time.monotonic(), python.can_run)
+    assert [c.lease.task_id for c in claim.claimed] == ["p1"]
+    assert [message.signature.name for _, message in claim.elsewhere] == ["node.mul"]
+    record = await replicas.a.store.get("n1")
+    assert record is not None and record.result.state == S.TASK_STATE_PENDING and record.deliveries == 0
+
+    # No worker here registered node.mul: it waits in the queue, unroutable, and is not failed.
+    await connections._pass_on(QUEUE, claim.elsewhere)
+    assert replicas.a.registry.unroutable.count(QUEUE) == 1
+    [info] = [q for q in await replicas.a.admin.queues() if q.name == QUEUE]
+    assert info.unroutable == 1 and info.ready + info.delayed == 1
+
+    # A Node worker connects: the task goes to it, and no longer counts as unroutable.
+    node = connections.open(hello("node", "node.mul"))
+    sent(node)
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0, wait_seconds=5.0)
+    claim = await connections.dispatcher.claim(deliveries, "node", time.monotonic(), node.can_run)
+    assert [c.lease.task_id for c in claim.claimed] == ["n1"] and claim.elsewhere == []
+    await node.settle(0, claim.leases)
+    await connections._send_claimed(node, claim)
+    assert replicas.a.registry.unroutable.count(QUEUE) == 0
+
+
+async def test_a_task_another_local_worker_can_run_is_not_unroutable(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1")))
+    connections = replicas.a.connections
+    python = connections.open(hello("py", "py.add"))
+    connections.open(hello("node", "node.mul"))
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    claim = await connections.dispatcher.claim(deliveries, "py", time.monotonic(), python.can_run)
+    await connections._pass_on(QUEUE, claim.elsewhere)
+    assert replicas.a.registry.unroutable.count(QUEUE) == 0
+    stats = await replicas.broker.stats(QUEUE)
+    assert stats.in_flight == 0 and stats.ready + stats.delayed == 1
+
+
+@pytest.mark.parametrize("names", [(), ("py.add", "node.mul")])
+async def test_a_worker_that_lists_no_names_or_the_right_ones_takes_the_task(replicas: Replicas,
+                                                                            names: tuple[str, ...]) -> None:
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1")))
+    session = replicas.a.connections.open(hello("w", *names))
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    claim = await replicas.a.connections.dispatcher.claim(deliveries, "w", time.monotonic(), session.can_run)
+    assert [c.lease.task_id for c in claim.claimed] == ["n1"]
