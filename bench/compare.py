@@ -18,7 +18,8 @@ Concurrency is the same everywhere: `--concurrency` (8) task slots in one worker
 threads. Conveyor's worker runs sync tasks on a pool of that many threads; Dramatiq runs
 `--threads 8`; Celery runs `--pool threads --concurrency 8` by default, so that each system has
 exactly one worker process. `--celery-pool prefork` gives Celery's own default instead (8 child
-processes, which on a 2-core machine mostly adds context switches). Prefetch stays at each
+processes, which on a 2-core machine mostly adds context switches), and `--pool processes` runs
+Conveyor's tasks in its processes pool (8 child processes) instead of threads. Prefetch stays at each
 system's default: Conveyor and Celery hold 4 tasks per slot (a window of 32), Dramatiq 2 per
 thread; `--conveyor-prefetch 1` shows Conveyor with a window of just its 8 slots. Celery runs
 without gossip, mingle and heartbeats, as it is usually deployed; this only helps Celery.
@@ -267,7 +268,8 @@ class ConveyorRun:
         self.url = url
         self.prefix = prefix
         self.workdir = workdir
-        self.worker_desc = f"1 process, {args.concurrency} threads, window {args.concurrency * args.conveyor_prefetch}"
+        slots = f"{args.concurrency} threads" if args.pool == "threads" else f"{args.concurrency} children"
+        self.worker_desc = f"1 process, {slots}, window {args.concurrency * args.conveyor_prefetch}"
         self.server: Server | None = None
         self.worker: WorkerProc | None = None
         self.ids: list[str] = []
@@ -277,7 +279,7 @@ class ConveyorRun:
         self.server = Server(self.workdir, engine, engine, env={"CONVEYOR_LOG_LEVEL": "WARNING"})
         self.worker = WorkerProc(self.workdir, self.server.address, module="bench.noop_worker",
                                  concurrency=self.args.concurrency, prefetch=self.args.conveyor_prefetch,
-                                 env={"CONVEYOR_LOG_LEVEL": "WARNING"})
+                                 env={"CONVEYOR_LOG_LEVEL": "WARNING", "CONVEYOR_BENCH_POOL": self.args.pool})
         wait_for_workers(self.server.address, 1)
 
     def procs(self) -> dict[str, int | None]:
@@ -608,6 +610,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per Conveyor SubmitBatch call")
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between completion checks")
     parser.add_argument("--celery-pool", default="threads", choices=["threads", "prefork", "solo"])
+    parser.add_argument("--pool", default="threads", choices=["threads", "processes"],
+                        help="Conveyor's worker pool: threads, or processes (a child process per slot, as "
+                             "Celery's prefork)")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the Conveyor "
                                           "server during the throughput phase")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")

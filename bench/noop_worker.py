@@ -1,8 +1,11 @@
-"""The worker the benchmarks run: `conveyor worker bench.noop_worker`."""
+"""The worker the benchmarks run: `conveyor worker bench.noop_worker`. CONVEYOR_BENCH_POOL picks
+its pool (threads by default; bench/compare.py --pool processes sets it)."""
+
+import os
 
 from conveyor import Worker
 
-worker = Worker(concurrency=64)
+worker = Worker(concurrency=64, pool=os.environ.get("CONVEYOR_BENCH_POOL", "threads"))  # type: ignore[arg-type]
 
 
 @worker.task("noop")

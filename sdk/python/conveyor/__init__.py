@@ -3,26 +3,54 @@
 __version__ = "0.1.0"
 
 from conveyor.canvas import RetryPolicy, Sig, chain, chord, group, si, sig
-from conveyor.client import CallRetry, Client, Submitted, state_name, value_of
+from conveyor.client import CallRetry, Client, State, Submitted, state_name, value_of
 from conveyor.context import TaskContext, current_task
-from conveyor.errors import ConveyorError, Retry, TaskCancelled, TaskFailed, TimeLimitExceeded
-from conveyor.sync import SyncClient
+from conveyor.errors import (
+    AlreadyExists,
+    ConveyorError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Retry,
+    RpcFailed,
+    SoftTimeLimitExceeded,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    TimeLimitExceeded,
+    Unavailable,
+    WorkerLost,
+)
+from conveyor.sync import SyncClient, SyncSubmitted
 from conveyor.worker import Worker
 
 __all__ = [
+    "AlreadyExists",
     "CallRetry",
     "Client",
     "ConveyorError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "PermissionDenied",
+    "ResourceExhausted",
     "Retry",
     "RetryPolicy",
+    "RpcFailed",
     "Sig",
+    "SoftTimeLimitExceeded",
+    "State",
     "Submitted",
     "SyncClient",
+    "SyncSubmitted",
     "TaskCancelled",
     "TaskContext",
     "TaskFailed",
+    "TaskNotFound",
     "TimeLimitExceeded",
+    "Unavailable",
     "Worker",
+    "WorkerLost",
     "chain",
     "chord",
     "current_task",

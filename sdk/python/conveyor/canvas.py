@@ -2,6 +2,10 @@
 
     chain(sig("add", 1, 2), sig("mul", 10))
     chord(group(sig("fetch", u) for u in urls), sig("merge"))
+
+Callbacks: `.link(cb)` runs `cb` with the result on success, `.link_error(cb)` with the error (a
+JSON object: task_id, type, message, traceback) on failure, on tasks, chains, groups and chords
+(a chord's go to its callback, as Celery's do). docs/canvas.md has the semantics.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from typing import Any, Literal, Union
 
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor.values import to_value, to_value_map
+
+# The server's default max_workflow_depth: a canvas nesting deeper (each chain, group or chord
+# level counts, a chord's header two, each level of callbacks one) is refused before it is built.
+MAX_DEPTH = 32
 
 BACKOFF_KINDS = {
     "exponential": task_pb2.BACKOFF_KIND_EXPONENTIAL,
@@ -54,16 +62,22 @@ class Sig:
     eta: dt.datetime | None = None
     retry: RetryPolicy | None = None
     time_limit: float | None = None
+    # Seconds after the start at which the task gets SoftTimeLimitExceeded (below time_limit).
+    soft_time_limit: float | None = None
     immutable: bool = False
     idempotency_key: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     message_group: str = ""
     on_success: tuple[Sig, ...] = ()
     on_error: tuple[Sig, ...] = ()
+    # Seconds during which a submit of an equal task (same unique_key, or name, queue and
+    # arguments) returns the live one's id instead (released when it ends).
+    unique_for: float | None = None
+    unique_key: str = ""
 
     def set(self, **options: Any) -> Sig:
         """A copy with options changed: queue, priority, countdown, eta, retry, time_limit,
-        immutable, idempotency_key, headers, id, message_group."""
+        soft_time_limit, immutable, idempotency_key, headers, id, message_group, unique_for, unique_key."""
         return replace(self, **options)
 
     def link(self, callback: Sig) -> Sig:
@@ -93,6 +107,11 @@ class Sig:
             signature.retry.CopyFrom(self.retry.to_proto())
         if self.time_limit is not None:
             signature.time_limit.FromNanoseconds(int(self.time_limit * 1e9))
+        if self.soft_time_limit is not None:
+            signature.soft_time_limit.FromNanoseconds(int(self.soft_time_limit * 1e9))
+        if self.unique_for is not None:
+            signature.unique_for.FromNanoseconds(int(self.unique_for * 1e9))
+            signature.unique_key = self.unique_key
         return signature
 
     def to_workflow(self) -> workflow_pb2.Workflow:
@@ -112,9 +131,17 @@ def si(name: str, *args: Any, **kwargs: Any) -> Sig:
 @dataclass(frozen=True)
 class Chain:
     steps: tuple[Canvas, ...]
+    # Run once when a step fails for good, with its error.
     on_error: tuple[Sig, ...] = ()
+    # Run with the chain's result (its last step's) when it succeeds.
+    on_success: tuple[Sig, ...] = ()
+
+    def link(self, callback: Sig) -> Chain:
+        """Run `callback` with the chain's result when it succeeds (Celery's chain.link)."""
+        return replace(self, on_success=(*self.on_success, callback))
 
     def link_error(self, callback: Sig) -> Chain:
+        """Run `callback` once with the error of the step that failed."""
         return replace(self, on_error=(*self.on_error, callback))
 
     def __or__(self, other: Canvas) -> Chain:
@@ -122,21 +149,41 @@ class Chain:
 
     def to_workflow(self) -> workflow_pb2.Workflow:
         return workflow_pb2.Workflow(chain=workflow_pb2.Chain(
-            steps=[s.to_workflow() for s in self.steps], on_error=[s.to_proto() for s in self.on_error]
+            steps=[s.to_workflow() for s in self.steps], on_error=[s.to_proto() for s in self.on_error],
+            on_success=[s.to_proto() for s in self.on_success],
         ))
 
 
 @dataclass(frozen=True)
 class Group:
     members: tuple[Canvas, ...]
+    # Run once when the group ends with failed members, with a GroupMemberFailed error.
     on_error: tuple[Sig, ...] = ()
+    # Run with the list of member results once every member succeeded.
+    on_success: tuple[Sig, ...] = ()
+    # Run once per failed member, as it fails, with that member's error (Celery's errbacks).
+    on_member_error: tuple[Sig, ...] = ()
+
+    def link(self, callback: Sig) -> Group:
+        """Run `callback` with the list of results once every member succeeded (Celery's
+        group.link, which runs after the whole group here, not after its first member)."""
+        return replace(self, on_success=(*self.on_success, callback))
+
+    def link_error(self, callback: Sig, per_member: bool = False) -> Group:
+        """Run `callback` with the error when the group fails: once, naming every failed member
+        (default), or with `per_member=True` once per failed member, as Celery does."""
+        if per_member:
+            return replace(self, on_member_error=(*self.on_member_error, callback))
+        return replace(self, on_error=(*self.on_error, callback))
 
     def __or__(self, other: Canvas) -> Chain:
         return chain(self, other)
 
     def to_proto(self) -> workflow_pb2.Group:
         return workflow_pb2.Group(
-            members=[m.to_workflow() for m in self.members], on_error=[s.to_proto() for s in self.on_error]
+            members=[m.to_workflow() for m in self.members], on_error=[s.to_proto() for s in self.on_error],
+            on_success=[s.to_proto() for s in self.on_success],
+            on_member_error=[s.to_proto() for s in self.on_member_error],
         )
 
     def to_workflow(self) -> workflow_pb2.Workflow:
@@ -148,6 +195,15 @@ class Chord:
     header: Group
     callback: Canvas
     failure_policy: Literal["fail", "continue"] = "fail"
+
+    def link(self, callback: Sig) -> Chord:
+        """Run `callback` with the chord's result: linked to its callback, as in Celery."""
+        return replace(self, callback=self.callback.link(callback))
+
+    def link_error(self, callback: Sig) -> Chord:
+        """Run `callback` when the chord fails: linked to its callback (Celery links a chord's
+        errback to its body), which fails with ChordMemberFailed when a header member failed."""
+        return replace(self, callback=self.callback.link_error(callback))
 
     def __or__(self, other: Canvas) -> Chain:
         return chain(self, other)
@@ -170,7 +226,7 @@ def chain(*steps: Canvas | Iterable[Canvas]) -> Chain:
     """Steps in order; each result is the next step's first arg (unless immutable)."""
     flat: list[Canvas] = []
     for step in steps:
-        if isinstance(step, Chain) and not step.on_error:
+        if isinstance(step, Chain) and not step.on_error and not step.on_success:
             flat.extend(step.steps)  # chain(chain(a, b), c) is chain(a, b, c), as in Celery
         elif isinstance(step, Sig | Chain | Group | Chord):
             flat.append(step)
@@ -195,3 +251,47 @@ def chord(
 ) -> Chord:
     """Run `header` (a group), then `callback` once with the list of member results."""
     return Chord(header if isinstance(header, Group) else group(header), callback, failure_policy)
+
+
+def depth_of(target: Canvas | task_pb2.Signature | workflow_pb2.Workflow, limit: int = MAX_DEPTH) -> int:
+    """How deep `target` nests, counted as the server counts (the root is 1; a chain step or
+    group member one more, a chord header member two, each level of callbacks one), without
+    recursion: a canvas 500 levels deep is measured, not a RecursionError. Stops counting past
+    `limit` (the result is then `limit + 1`)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(target, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend(_parts(node, depth))
+    return deepest
+
+
+def check_depth(target: Canvas | task_pb2.Signature | workflow_pb2.Workflow) -> None:
+    """Refuse a canvas the server would refuse for its depth (and that protobuf could not carry
+    much deeper), with a clear error instead of a DecodeError or RecursionError."""
+    if depth_of(target) > MAX_DEPTH:
+        raise ValueError(
+            f"the canvas nests more than {MAX_DEPTH} levels deep (each chain, group or chord level "
+            f"counts, and each level of callbacks); the server's default max_workflow_depth is {MAX_DEPTH}"
+        )
+
+
+def _parts(node: Any, depth: int) -> list[tuple[Any, int]]:
+    """The children of one node, with their depths."""
+    if isinstance(node, Sig | task_pb2.Signature):
+        return [(c, depth + 1) for c in (*node.on_success, *node.on_error)]
+    if isinstance(node, Chain | workflow_pb2.Chain):
+        return [(c, depth + 1) for c in (*node.steps, *node.on_error, *node.on_success)]
+    if isinstance(node, Group | workflow_pb2.Group):
+        return [(c, depth + 1) for c in (*node.members, *node.on_error, *node.on_success, *node.on_member_error)]
+    if isinstance(node, Chord | workflow_pb2.Chord):
+        return [*_parts(node.header, depth + 1), (node.callback, depth + 1)]
+    if isinstance(node, workflow_pb2.Workflow):
+        kind = node.WhichOneof("kind")
+        if kind == "task":
+            return _parts(node.task, depth)
+        return [] if kind is None else [(getattr(node, kind), depth)]
+    return []

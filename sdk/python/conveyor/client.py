@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import enum
 import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.canvas import Canvas, Sig
-from conveyor.errors import TaskFailed
+from conveyor.canvas import Canvas, Sig, check_depth
+from conveyor.context import running_task_id
+from conveyor.errors import TaskFailed, rpc_failed
 from conveyor.session import Session
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
-from conveyor.values import from_value
+from conveyor.values import from_value, to_value, to_value_map
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
@@ -28,6 +31,8 @@ WAIT_SLICE_SECONDS = 60.0
 # Trailing metadata in which the server suggests how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
 UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# A submit is also retried when the server is over a limit and says when to try again.
+SUBMIT_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # A wait may also be cut short by a proxy's or load balancer's deadline: it is only a read.
 UNAVAILABLE_OR_DEADLINE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -58,13 +63,65 @@ class CallRetry:
         return max(delay, asked)
 
 
+class State(enum.IntEnum):
+    """Where a task is in its life (TaskState in result.proto); compares equal to the wire numbers."""
+
+    UNSPECIFIED = result_pb2.TASK_STATE_UNSPECIFIED
+    PENDING = result_pb2.TASK_STATE_PENDING
+    RECEIVED = result_pb2.TASK_STATE_RECEIVED
+    STARTED = result_pb2.TASK_STATE_STARTED
+    RETRY = result_pb2.TASK_STATE_RETRY
+    SUCCESS = result_pb2.TASK_STATE_SUCCESS
+    FAILURE = result_pb2.TASK_STATE_FAILURE
+    CANCELLED = result_pb2.TASK_STATE_CANCELLED
+
+    @property
+    def done(self) -> bool:
+        """SUCCESS, FAILURE or CANCELLED: the task will not change again."""
+        return int(self) in TERMINAL
+
+
 @dataclass(frozen=True)
 class Submitted:
-    """What a submission created. `task_id` holds the final result (empty for a bare group)."""
+    """A handle on what a submission created. `task_id` is the task whose result is the final
+    one (empty when that result is a list: a group, or a chain ending in one); `result_id`
+    reads the whole result of any submission. From an async Client:
+    `await submitted.result(timeout=10)`, `await submitted.state()`, `await submitted.cancel()`,
+    `async for event in submitted.watch()`."""
 
     task_id: str
     workflow_id: str
     task_ids: tuple[str, ...]
+    client: Client | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def result_id(self) -> str:
+        """The workflow id for a workflow (GetResult on it gives the whole canvas's value, and a
+        failed chain's own error), else the task id."""
+        return self.workflow_id or self.task_id
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("this Submitted was made by hand: pass it to a Client's result(), watch() or cancel()")
+        return self.client
+
+    async def result(self, timeout: float = 60.0) -> Any:  # noqa: ASYNC109 - a wait the server serves
+        """The value once it finished; TaskFailed if it failed, TimeoutError after `timeout` s."""
+        return await self._client().result(self, wait=timeout)
+
+    async def state(self) -> State:
+        """Its state now (a workflow's: the state of the task that gives its result)."""
+        return State((await self._client().get_result(self.result_id)).state)
+
+    async def cancel(self) -> list[str]:
+        """Cancel it (a workflow: its remaining tasks); the ids that moved to CANCELLED."""
+        return await self._client().cancel(self.result_id)
+
+    def watch(self) -> AsyncIterator[result_pb2.TaskEvent]:
+        """Its state changes (a workflow's: every task's), history first, until it finished."""
+        if self.workflow_id:
+            return self._client().watch(workflow_id=self.workflow_id)
+        return self._client().watch([self.task_id])
 
 
 def state_name(state: int) -> str:
@@ -75,7 +132,29 @@ def state_name(state: int) -> str:
         return str(state)
 
 
+# What submit(canvas, ...) takes besides the canvas: Celery's apply_async(args, kwargs, **options).
+CANVAS_OPTIONS = ("args", "kwargs", "queue", "priority", "countdown", "eta")
+
+
+def canvas_options(
+    args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, queue: str = "", priority: int = 0,
+    countdown: float | None = None, eta: dt.datetime | None = None,
+) -> task_service_pb2.CanvasOptions:
+    """Options for a whole submission (see task_service.proto's CanvasOptions): args and kwargs
+    for its first tasks, queue and priority for every task that sets none, and a start time."""
+    options = task_service_pb2.CanvasOptions(
+        args=[to_value(a) for a in args], kwargs=to_value_map(kwargs or {}), queue=queue, priority=priority,
+    )
+    if countdown is not None:
+        options.countdown.FromNanoseconds(int(countdown * 1e9))
+    if eta is not None:
+        aware = eta if eta.tzinfo else eta.replace(tzinfo=dt.UTC)
+        options.eta.FromDatetime(aware.astimezone(dt.UTC).replace(tzinfo=None))
+    return options
+
+
 def to_request(target: Submittable) -> task_service_pb2.SubmitRequest:
+    check_depth(target)
     if isinstance(target, Sig):
         return task_service_pb2.SubmitRequest(task=target.to_proto())
     if isinstance(target, task_pb2.Signature):
@@ -100,18 +179,22 @@ def default_address() -> str:
 
 def with_task_ids(request: task_service_pb2.SubmitRequest) -> task_service_pb2.SubmitRequest:
     """Gives every task the submission creates an id (a UUID where the caller left it empty),
-    so that a retried submit is recognised: the server refuses ids it already stored."""
+    so that a retried submit is recognised: the server refuses ids it already stored. Inside a
+    running task, that task becomes their parent (TaskContext.parent_id)."""
+    parent_id = running_task_id()
     if request.HasField("task"):
-        _fill_id(request.task)
+        _fill_id(request.task, parent_id)
     elif request.HasField("workflow"):
         for signature in _task_nodes(request.workflow):
-            _fill_id(signature)
+            _fill_id(signature, parent_id)
     return request
 
 
-def _fill_id(signature: task_pb2.Signature) -> None:
+def _fill_id(signature: task_pb2.Signature, parent_id: str) -> None:
     if not signature.id:
         signature.id = str(uuid.uuid4())
+    if parent_id and not signature.parent_id:
+        signature.parent_id = parent_id
 
 
 def _task_nodes(node: workflow_pb2.Workflow) -> list[task_pb2.Signature]:
@@ -171,9 +254,12 @@ class _Retries:
     async def pause(self, error: grpc.aio.AioRpcError) -> bool:
         """Wait before the next try; False when `error` is final (its code, or time is up)."""
         remaining = self._until - self._loop.time()
+        asked = _retry_after(error)
         if error.code() not in self._codes or remaining <= 0:
             return False
-        await asyncio.sleep(min(self._policy.backoff(self.retried, _retry_after(error)), remaining))
+        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not asked:
+            return False  # over a limit with no hint of when: retrying would only add load
+        await asyncio.sleep(min(self._policy.backoff(self.retried, asked), remaining))
         self.retried += 1
         return True
 
@@ -190,7 +276,13 @@ class Client:
     keeps trying for as long as its `wait`), watch() (it subscribes again and skips the
     events it already gave) and cancel() (a retry after a cancel that was applied returns
     only what it still cancelled). A caller's own timeout (asyncio.timeout, wait_for) ends the
-    retries with the call. Other errors are raised at once as grpc.aio.AioRpcError.
+    retries with the call. Other errors are raised at once. Errors are the SDK's own
+    (conveyor.errors: TaskNotFound, InvalidArgument, PermissionDenied, ResourceExhausted,
+    Unavailable, ... all RpcFailed and ConveyorError), which are also grpc.aio.AioRpcError.
+
+    With no address, the client reads CONVEYOR_ADDRESS (default 127.0.0.1:50051), and without
+    `token` or `credentials` CONVEYOR_TOKEN and CONVEYOR_TLS_CA/_CERT/_KEY, as the CLI does.
+    `strict_tasks=True` makes every submit refuse a task name no worker registered.
     """
 
     def __init__(
@@ -203,8 +295,11 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         retry: CallRetry | None = None,
         max_retry_seconds: float | None = None,
+        strict_tasks: bool = False,
     ) -> None:
         self.address = address or default_address()
+        # Every submit asks the server to refuse task names no worker registered (SubmitRequest.strict).
+        self.strict_tasks = strict_tasks
         self._metadata = bearer_metadata(token)
         self.retry = retry or CallRetry()
         if max_retry_seconds is not None:
@@ -228,18 +323,32 @@ class Client:
         await self._channel.close()
 
     async def submit(self, target: Submittable | str, *args: Any, **kwargs: Any) -> Submitted:
-        """Submit a task or workflow: submit(sig("add", 1, 2)), submit(chain(...)) or submit("add", 1, 2)."""
+        """Submit a task or workflow: submit(sig("add", 1, 2)), submit(chain(...)) or submit("add", 1, 2).
+
+        With a sig or canvas, keyword options apply to the whole of it, as Celery's
+        canvas.apply_async(args, kwargs, **options): `args` (prepended) and `kwargs` (merged)
+        go to its first tasks, `queue` and `priority` to every task that sets none, `countdown`
+        or `eta` delays its start: submit(chain(sig("add", 1), sig("mul", 3)), args=(2,), queue="math")."""
+        options = None
         if isinstance(target, str):
             target = Sig(target, args, kwargs)
-        elif args or kwargs:
-            raise TypeError("args and kwargs go with a task name; build a sig() for anything else")
+        elif args or set(kwargs) - set(CANVAS_OPTIONS):
+            raise TypeError(
+                f"with a sig or canvas, submit() takes only the options {', '.join(CANVAS_OPTIONS)}; "
+                "task args go with a task name or in the sig()"
+            )
+        elif kwargs:
+            options = canvas_options(**kwargs)
         request = with_task_ids(to_request(target))
+        request.strict = self.strict_tasks
+        if options is not None:
+            request.options.CopyFrom(options)
         name = request.task.name if request.HasField("task") else "workflow"
         with tracing.span(f"submit {name}", kind=SpanKind.CLIENT):
             call = task_service_pb2.SessionRequest(submit=request, trace_context=tracing.inject())
 
             async def send() -> list[Submitted]:
-                return [_submitted((await self._session.call(call)).submit)]
+                return [self._submitted((await self._session.call(call)).submit)]
 
             (submitted,) = await self._submit_retrying(send, [request])
         return submitted
@@ -247,19 +356,21 @@ class Client:
     async def submit_batch(self, targets: Iterable[Submittable]) -> list[Submitted]:
         """Submit many in one round trip; all are accepted or none."""
         requests = [with_task_ids(to_request(t)) for t in targets]
+        for each in requests:
+            each.strict = self.strict_tasks
         request = task_service_pb2.SubmitBatchRequest(requests=requests)
         with tracing.span("submit batch", kind=SpanKind.CLIENT):
 
             async def send() -> list[Submitted]:
                 response = await self._stub.SubmitBatch(request, metadata=self._traced_metadata())
-                return [_submitted(r) for r in response.responses]
+                return [self._submitted(r) for r in response.responses]
 
             return await self._submit_retrying(send, requests)
 
     async def _submit_retrying(
         self, send: Callable[[], Awaitable[list[Submitted]]], requests: Sequence[task_service_pb2.SubmitRequest]
     ) -> list[Submitted]:
-        retries = _Retries(self.retry, UNAVAILABLE)
+        retries = _Retries(self.retry, SUBMIT_RETRIED)
         while True:
             try:
                 return await send()
@@ -268,18 +379,18 @@ class Client:
                     # An earlier try stored the tasks before its answer was lost.
                     return [await self._already_submitted(r) for r in requests]
                 if not await retries.pause(error):
-                    raise
+                    raise rpc_failed(error) from None
 
     async def _already_submitted(self, request: task_service_pb2.SubmitRequest) -> Submitted:
         """What the server answered the submit of `request` with (its ids are all set)."""
         if request.HasField("task"):
-            return Submitted(request.task.id, "", (request.task.id,))
+            return Submitted(request.task.id, "", (request.task.id,), self)
         workflow = request.workflow
         ids = tuple(signature.id for signature in _task_nodes(workflow))
         if workflow.WhichOneof("kind") == "task":
-            return Submitted(ids[0], "", ids)
+            return Submitted(ids[0], "", ids, self)
         stored = await self.get_result(ids[0])  # the workflow's id is the server's choice
-        return Submitted(_result_task(workflow), stored.workflow_id, ids)
+        return Submitted(_result_task(workflow), stored.workflow_id, ids, self)
 
     def _traced_metadata(self) -> tuple[tuple[str, str], ...]:
         return (*self._metadata, *tracing.inject().items())
@@ -298,12 +409,16 @@ class Client:
             except grpc.aio.AioRpcError as error:
                 if await retries.pause(error):
                     continue
-                raise
+                raise rpc_failed(error) from None
             if response.result.state in TERMINAL or remaining <= WAIT_SLICE_SECONDS:
                 return response.result
 
-    async def result(self, task_id: str, wait: float = 60.0) -> Any:
-        """Wait for the task and return its value; raises TaskFailed or TimeoutError."""
+    async def result(self, task_id: str | Submitted, wait: float = 60.0) -> Any:
+        """Wait for the task and return its value; raises TaskFailed or TimeoutError. A workflow
+        id (or a Submitted) gives the whole workflow's value: a group's list, a chain's last
+        step's value, a chord's callback's; TaskFailed carries the error that ended it."""
+        if isinstance(task_id, Submitted):
+            task_id = task_id.result_id
         result = await self.get_result(task_id, wait=wait)
         if result.state not in TERMINAL:
             raise TimeoutError(f"task {task_id} is still {state_name(result.state)} after {wait} s")
@@ -335,7 +450,13 @@ class Client:
                 return
             except grpc.aio.AioRpcError as error:
                 if not await retries.pause(error):
-                    raise
+                    raise rpc_failed(error) from None
+
+    async def events(
+        self, task_ids: Iterable[str] = (), *, workflow_id: str = ""
+    ) -> list[result_pb2.TaskEvent]:
+        """Every event of the tasks (or workflow) until they finished: watch() as a list."""
+        return [event async for event in self.watch(task_ids, workflow_id=workflow_id)]
 
     async def cancel(self, task_or_workflow_id: str) -> list[str]:
         """Cancel a task or a workflow's remaining tasks; returns the ids that moved to CANCELLED."""
@@ -355,8 +476,7 @@ class Client:
                 return await call()
             except grpc.aio.AioRpcError as error:
                 if not await retries.pause(error):
-                    raise
+                    raise rpc_failed(error) from None
 
-
-def _submitted(response: task_service_pb2.SubmitResponse) -> Submitted:
-    return Submitted(response.task_id, response.workflow_id, tuple(response.task_ids))
+    def _submitted(self, response: task_service_pb2.SubmitResponse) -> Submitted:
+        return Submitted(response.task_id, response.workflow_id, tuple(response.task_ids), self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 
 class ConveyorError(Exception):
     """Base class of every Conveyor SDK error."""
@@ -38,3 +40,71 @@ class TaskCancelled(ConveyorError):
 
 class TimeLimitExceeded(ConveyorError):
     """The task ran past its time limit."""
+
+
+class SoftTimeLimitExceeded(ConveyorError):
+    """Raised inside a task that ran past its soft time limit; catch it to clean up before the
+    hard limit (`time_limit`) stops the task. Uncaught, the attempt fails with this error."""
+
+
+class WorkerLost(ConveyorError):
+    """The process running a task died before the task ended (the error type of that attempt)."""
+
+
+class RpcFailed(ConveyorError, grpc.aio.AioRpcError):
+    """A call the server (or the network) refused, after any retries. Still a
+    grpc.aio.AioRpcError: `.code()`, `.details()` and `.trailing_metadata()` work as before.
+    Its subclasses name the usual codes; other codes raise RpcFailed itself."""
+
+    def __str__(self) -> str:
+        return f"{self.code().name}: {self.details()}"
+
+
+class TaskNotFound(RpcFailed):
+    """NOT_FOUND: no task, workflow or other record with that id or name."""
+
+
+class InvalidArgument(RpcFailed):
+    """INVALID_ARGUMENT: the request is malformed; details() says which field and why."""
+
+
+class AlreadyExists(RpcFailed):
+    """ALREADY_EXISTS: a task with that id was already stored."""
+
+
+class FailedPrecondition(RpcFailed):
+    """FAILED_PRECONDITION: the request is valid but not in the record's current state."""
+
+
+class PermissionDenied(RpcFailed):
+    """PERMISSION_DENIED or UNAUTHENTICATED: the token is missing, wrong or lacks the scope."""
+
+
+class ResourceExhausted(RpcFailed):
+    """RESOURCE_EXHAUSTED: over a limit (size, rate, admission); the server may say when to retry."""
+
+
+class Unavailable(RpcFailed):
+    """UNAVAILABLE or DEADLINE_EXCEEDED: the server, its broker or backend stayed out of reach."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcFailed]] = {
+    grpc.StatusCode.NOT_FOUND: TaskNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def rpc_failed(error: grpc.aio.AioRpcError) -> RpcFailed:
+    """The SDK's exception for a gRPC error: the class of its code, carrying the same status."""
+    if isinstance(error, RpcFailed):
+        return error
+    kind = _BY_CODE.get(error.code(), RpcFailed)
+    return kind(error.code(), error.initial_metadata(), error.trailing_metadata(), error.details(),
+                error.debug_error_string())

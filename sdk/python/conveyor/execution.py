@@ -1,98 +1,113 @@
-"""Runs one assignment: decodes its args, calls the task (async or in a thread), enforces
-the time limit and turns the ending into a TaskOutcome."""
+"""How one run of a task ended (an Ending, which crosses process boundaries), and how a sync task
+function is called so that nothing it raises, BaseException included, escapes as anything but
+a failed Ending."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
-import inspect
+import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.context import TaskContext, bind
-from conveyor.errors import Retry, TaskCancelled, TimeLimitExceeded
-from conveyor.v1 import result_pb2
+from conveyor.errors import Retry, TimeLimitExceeded, WorkerLost
+from conveyor.v1 import result_pb2, task_pb2
 from conveyor.v1 import worker_service_pb2 as w
-from conveyor.values import from_value, timestamp_now, to_value
+from conveyor.values import from_value, to_value
 
 TaskFunction = Callable[..., Any]
 
 
-def _now() -> Timestamp:
-    return timestamp_now()
+@dataclass(slots=True)
+class Ending:
+    """The end of one run: the outcome, when it started and ended (seconds since the epoch),
+    and the result or the error."""
+
+    outcome: int
+    started_at: float
+    finished_at: float
+    result: task_pb2.Value | None = None
+    error: result_pb2.TaskError | None = None
+    retry_delay: float = 0.0
+
+    @property
+    def runtime(self) -> float:
+        return max(self.finished_at - self.started_at, 0.0)
 
 
-def _error(exc: BaseException, kind: str | None = None) -> result_pb2.TaskError:
+def task_error(exc: BaseException, kind: str | None = None) -> result_pb2.TaskError:
     return result_pb2.TaskError(
-        type=kind or type(exc).__name__,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
+        type=kind or type(exc).__name__, message=str(exc), traceback="".join(traceback.format_exception(exc)),
     )
 
 
-async def execute(
-    function: TaskFunction,
-    assignment: w.Assignment,
-    context: TaskContext,
-    executor: Executor,
-) -> w.TaskOutcome:
-    task = assignment.task
-    outcome = w.TaskOutcome(task_id=task.id, lease_token=assignment.lease_token)
-    outcome.started_at.CopyFrom(_now())
-    limit = task.time_limit.seconds + task.time_limit.nanos / 1e9 if task.HasField("time_limit") else None
-    deadline = asyncio.timeout(None)
+def succeeded(value: Any, started_at: float) -> Ending:
     try:
-        args = [from_value(v) for v in task.args]
-        kwargs = {k: from_value(v) for k, v in task.kwargs.items()}
-        deadline = asyncio.timeout(limit or None)
-        async with deadline:
-            value = await _call(function, args, kwargs, context, executor)
-        outcome.result.CopyFrom(to_value(value))
-        outcome.outcome = w.OUTCOME_SUCCESS
-    except Retry as exc:
-        outcome.outcome = w.OUTCOME_RETRY
-        outcome.error.CopyFrom(_error(exc, "Retry"))
-        outcome.retry_delay.FromNanoseconds(int(max(exc.delay, 0.0) * 1e9))
-    except TimeoutError as timeout:
-        outcome.outcome = w.OUTCOME_FAILURE
-        if deadline.expired():
-            context.stop()  # a sync task still running in its thread should stop at its next check
-            outcome.error.CopyFrom(_error(TimeLimitExceeded(f"ran longer than its time limit of {limit} s")))
-        else:
-            outcome.error.CopyFrom(_error(timeout))
-    except (asyncio.CancelledError, TaskCancelled):
-        if not context.cancelled_by_request:
-            raise
-        outcome.outcome = w.OUTCOME_CANCELLED
-    except Exception as exc:
-        outcome.outcome = w.OUTCOME_FAILURE
-        outcome.error.CopyFrom(_error(exc))
-    outcome.finished_at.CopyFrom(_now())
+        result = to_value(value)
+    except Exception as exc:  # an unencodable result fails the task, with the reason
+        return ended_by(exc, started_at)
+    return Ending(w.OUTCOME_SUCCESS, started_at, time.time(), result=result)
+
+
+def ended_by(exc: BaseException, started_at: float) -> Ending:
+    """The Ending of a task that raised `exc`: a retry it asked for, else a failure."""
+    if isinstance(exc, Retry):
+        return Ending(w.OUTCOME_RETRY, started_at, time.time(), error=task_error(exc, "Retry"),
+                      retry_delay=max(exc.delay, 0.0))
+    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=task_error(exc))
+
+
+def _stopped_error(exc: BaseException) -> result_pb2.TaskError:
+    """The error of a task stopped from outside: no traceback, it raised nothing."""
+    return result_pb2.TaskError(type=type(exc).__name__, message=str(exc))
+
+
+def time_limit_exceeded(limit: float, started_at: float) -> Ending:
+    error = _stopped_error(TimeLimitExceeded(f"ran longer than its time limit of {limit:g} s"))
+    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=error)
+
+
+def cancelled(started_at: float | None = None) -> Ending:
+    now = time.time()
+    return Ending(w.OUTCOME_CANCELLED, now if started_at is None else started_at, now)
+
+
+def worker_lost(detail: str, started_at: float) -> Ending:
+    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=_stopped_error(WorkerLost(detail)))
+
+
+def to_outcome(assignment: w.Assignment, ending: Ending) -> w.TaskOutcome:
+    outcome = w.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=ending.outcome)  # type: ignore[arg-type]
+    outcome.started_at.FromNanoseconds(int(ending.started_at * 1e9))
+    outcome.finished_at.FromNanoseconds(int(ending.finished_at * 1e9))
+    if ending.result is not None:
+        outcome.result.CopyFrom(ending.result)
+    if ending.error is not None:
+        outcome.error.CopyFrom(ending.error)
+    if ending.outcome == w.OUTCOME_RETRY:
+        outcome.retry_delay.FromNanoseconds(int(ending.retry_delay * 1e9))
     return outcome
 
 
-def cancelled_before_start(assignment: w.Assignment) -> w.TaskOutcome:
-    """The outcome of a prefetched task cancelled while it waited for a slot."""
-    outcome = w.TaskOutcome(
-        task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=w.OUTCOME_CANCELLED
-    )
-    outcome.started_at.CopyFrom(_now())
-    outcome.finished_at.CopyFrom(outcome.started_at)
-    return outcome
+def arguments(task: task_pb2.Signature) -> tuple[list[Any], dict[str, Any]]:
+    return [from_value(v) for v in task.args], {k: from_value(v) for k, v in task.kwargs.items()}
 
 
-async def _call(
-    function: TaskFunction, args: list[Any], kwargs: dict[str, Any], context: TaskContext, executor: Executor
-) -> Any:
-    if inspect.iscoroutinefunction(function):
-        bind(context)
-        return await function(*args, **kwargs)
-    snapshot = contextvars.copy_context()
-    snapshot.run(bind, context)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, functools.partial(snapshot.run, function, *args, **kwargs))
+def call_sync(
+    function: TaskFunction, task: task_pb2.Signature, context: TaskContext,
+    passthrough: tuple[type[BaseException], ...] = (),
+) -> Ending:
+    """Run a sync task here (a pool thread or a child process). SystemExit, KeyboardInterrupt and
+    any other BaseException end the task, never the worker; `passthrough` is what the caller
+    uses to stop a task and must see."""
+    started_at = time.time()
+    bind(context)
+    try:
+        args, kwargs = arguments(task)
+        value = function(*args, **kwargs)
+    except passthrough:
+        raise
+    except BaseException as exc:  # a task's failure, whatever it raised
+        return ended_by(exc, started_at)
+    return succeeded(value, started_at)

@@ -27,13 +27,14 @@ def _status(code: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _rpc_error(code: grpc.StatusCode, details: str | None) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+def _rpc_error(code: grpc.StatusCode, details: str | None, retry_after_ms: int = 0) -> grpc.aio.AioRpcError:
+    trailers = grpc.aio.Metadata(("retry-after-ms", str(retry_after_ms))) if retry_after_ms else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details)
 
 
 def call_error(error: t.CallError) -> grpc.aio.AioRpcError:
-    """The exception the unary call would have raised."""
-    return _rpc_error(_status(error.code), error.message)
+    """The exception the unary call would have raised (its retry hint included)."""
+    return _rpc_error(_status(error.code), error.message, error.retry_after_ms)
 
 
 class Session:

@@ -1,7 +1,8 @@
-"""The worker runtime: register tasks with @worker.task, then run() pulls and executes them
-over one bidirectional stream, batching results, sending heartbeats and obeying cancels.
+"""The worker runtime: register tasks with @worker.task, then run() pulls them over one
+bidirectional stream and hands them to its execution pool (conveyor.pools: threads, child
+processes or the event loop), batching results, sending heartbeats and obeying cancels.
 
-    worker = Worker(queues=["default"], concurrency=8)
+    worker = Worker(queues=["default"], concurrency=8)     # pool="threads" | "processes" | "async"
 
     @worker.task("add")
     def add(x: int, y: int) -> int:
@@ -14,22 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from conveyor import __version__, tracing
+from conveyor import __version__, tracing, worker_log
 from conveyor import loop as event_loop
 from conveyor.client import default_address
 from conveyor.context import TaskContext
-from conveyor.execution import TaskFunction, cancelled_before_start, execute
+from conveyor.execution import TaskFunction, to_outcome
+from conveyor.pools.base import POOL_KINDS, Pool, PoolKind, TaskCall, make_pool
+from conveyor.schema import task_infos
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.v1 import worker_service_pb2_grpc
@@ -50,6 +53,9 @@ RESULT_LINGER_SECONDS = 0.002
 # Assignments held per task slot, as Celery's default prefetch multiplier: the next tasks are
 # already here when a slot frees up. 1 suits long tasks (none wait behind a busy slot).
 DEFAULT_PREFETCH = 4
+# Largest message the worker accepts (announced in Hello; the server splits batches to fit).
+# gRPC's own default, 4 MiB, is less than a few tasks with args near the 1 MiB limit.
+DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 
 class Worker:
@@ -65,15 +71,26 @@ class Worker:
         drain_timeout: float = DEFAULT_DRAIN_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        pool: PoolKind = "threads",
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if max_receive_bytes < 4 * 1024 * 1024:
+            raise ValueError("max_receive_bytes must be at least 4 MiB (gRPC's default)")
         self.address = address or default_address()
         self.queues = list(queues)
         self.concurrency = concurrency
         self.prefetch = prefetch
+        # Where tasks run (see conveyor.pools); the child limits apply to the processes pool.
+        self.pool: PoolKind = _checked_pool(pool)
+        self.max_tasks_per_child = _positive_or_none("max_tasks_per_child", max_tasks_per_child)
+        self.max_memory_per_child = _positive_or_none("max_memory_per_child", max_memory_per_child)
+        self.max_receive_bytes = max_receive_bytes
         # The window: tasks assigned to this worker and not yet reported. Those beyond
         # `concurrency` wait here for a slot; their STARTED and time limit begin when they run.
         self._fixed_window = max_in_flight
@@ -81,11 +98,12 @@ class Worker:
         self.worker_id = worker_id
         self.drain_timeout = drain_timeout
         self.tasks: dict[str, TaskFunction] = {}
+        # Descriptions given to task(); the others default to their docstring's first line.
+        self.descriptions: dict[str, str] = {}
         self._credentials = credentials
         self._metadata = bearer_metadata(token)
-        self._executor: ThreadPoolExecutor | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
+        self._pool: Pool | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._unacked: dict[str, w.TaskOutcome] = {}
         self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
         self._pending_results: list[w.TaskOutcome] = []
@@ -100,21 +118,26 @@ class Worker:
 
     # -- registration ---------------------------------------------------------------------
 
-    def task(self, name: str | None = None) -> Callable[[F], F]:
-        """Register a sync or async function under `name` (default: the function's name)."""
+    def task(self, name: str | None = None, *, description: str | None = None) -> Callable[[F], F]:
+        """Register a sync or async function under `name` (default: the function's name). The
+        server's task registry gets its description (default: the docstring's first line) and a
+        JSON Schema of its calls derived from its type hints (conveyor.schema)."""
 
         def register(function: F) -> F:
             task_name = name or function.__name__
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is registered twice")
             self.tasks[task_name] = function
+            if description is not None:
+                self.descriptions[task_name] = description
             return function
 
         return register
 
     def configure(
         self, address: str | None = None, queues: Sequence[str] | None = None, concurrency: int | None = None,
-        prefetch: int | None = None,
+        prefetch: int | None = None, pool: PoolKind | None = None, *,
+        max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
     ) -> None:
         """Override settings before run() (the CLI applies its flags this way)."""
         if address:
@@ -125,6 +148,12 @@ class Worker:
             self.concurrency = concurrency
         if prefetch:
             self.prefetch = prefetch
+        if pool:
+            self.pool = _checked_pool(pool)
+        if max_tasks_per_child:
+            self.max_tasks_per_child = _positive_or_none("max_tasks_per_child", max_tasks_per_child)
+        if max_memory_per_child:
+            self.max_memory_per_child = _positive_or_none("max_memory_per_child", max_memory_per_child)
         self.max_in_flight = self._fixed_window or self.concurrency * self.prefetch
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -148,8 +177,13 @@ class Worker:
     async def run(self) -> None:
         """Connect (and reconnect after failures) until stop() is called and work is drained."""
         self._stopping = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
-        self._slots = asyncio.Semaphore(self.concurrency)
+        pool = self._pool = make_pool(
+            self.pool, self.concurrency, dict(self.tasks),
+            max_tasks_per_child=self.max_tasks_per_child, max_memory_per_child=self.max_memory_per_child,
+        )
+        await pool.start()
+        worker_log.banner(__version__, self.address, self.queues, pool.describe(), self.concurrency, self.prefetch,
+                          self.max_in_flight, self.tasks)
         delay = RECONNECT_INITIAL_SECONDS
         try:
             while not self._stopping.is_set():
@@ -160,6 +194,8 @@ class Worker:
                     if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                                       grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
                         raise
+                    if self._welcomed.is_set():
+                        delay = RECONNECT_INITIAL_SECONDS  # a healthy connection broke: start the backoff over
                     log.warning("stream to %s broke (%s); reconnecting in %.1f s", self.address, exc.code(), delay)
                 if self._stopping.is_set():
                     break
@@ -167,14 +203,14 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
-            for task, context in list(self._running.values()):
-                context.stop()
+            for task in list(self._running.values()):
                 task.cancel()
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+            await pool.close()
+            self._pool = None
 
     async def _session(self) -> None:
-        channel = open_channel(self.address, self._credentials)
+        channel = open_channel(self.address, self._credentials,
+                               [("grpc.max_receive_message_length", self.max_receive_bytes)])
         async with channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
             self._outbox = asyncio.Queue()
@@ -197,8 +233,9 @@ class Worker:
     def _hello(self) -> w.Hello:
         return w.Hello(
             worker_id=self.worker_id, language="python", sdk_version=__version__, queues=self.queues,
-            task_names=sorted(self.tasks), max_in_flight=self.max_in_flight,
-            hostname=socket.gethostname(), pid=os.getpid(),
+            task_names=sorted(self.tasks), tasks=task_infos(self.tasks, self.descriptions),
+            max_in_flight=self.max_in_flight,
+            hostname=socket.gethostname(), pid=os.getpid(), max_receive_bytes=self.max_receive_bytes,
         )
 
     @staticmethod
@@ -224,13 +261,15 @@ class Worker:
         """On stop: Goodbye, wait for in-flight tasks (bounded), then close our side."""
         assert self._stopping is not None
         await self._stopping.wait()
+        if self._pool is not None:
+            self._pool.drain()  # tasks still waiting for a slot never start: the server hands them on
         self._send(w.ConnectRequest(goodbye=w.Goodbye()))
         if self._running:
             log.info("draining: waiting for %d running tasks", len(self._running))
         # Assignments the server sent before it saw the goodbye start late: wait for them too.
         deadline = asyncio.get_running_loop().time() + self.drain_timeout
         while self._running and (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            await asyncio.wait([task for task, _ in self._running.values()], timeout=remaining)
+            await asyncio.wait(list(self._running.values()), timeout=remaining)
         if self._running:
             log.warning("%d tasks did not finish in %.0f s; handing them back", len(self._running), self.drain_timeout)
         self._flush_results()
@@ -260,12 +299,9 @@ class Worker:
                 if ack.status != w.ACK_STATUS_ACCEPTED:
                     log.info("result of %s not recorded: %s", ack.task_id, w.AckStatus.Name(ack.status))
         elif kind == "cancel":
-            for task_id in message.cancel.task_ids:
-                running = self._running.get(task_id)
-                if running is not None:
-                    task, context = running
-                    context.stop(by_request=True)
-                    task.cancel()
+            if self._pool is not None:
+                for task_id in message.cancel.task_ids:
+                    self._pool.cancel(task_id)
         elif kind == "welcome":
             welcome = message.welcome
             self.worker_id = welcome.worker_id
@@ -286,15 +322,12 @@ class Worker:
                 w.RejectedTask(task_id=task.id, lease_token=assignment.lease_token, reason=reason)
             ])))
             return
-        context = TaskContext(
-            task_id=task.id, name=task.name, attempt=assignment.attempt, queue=task.queue,
-            headers=dict(task.headers), workflow_id=assignment.workflow_id,
-        )
+        context = TaskContext.of(assignment)
         loop = asyncio.get_running_loop()
-        context._report = lambda value: self._progress(loop, assignment, value)
-        assert self._executor is not None
-        runner = asyncio.create_task(self._run_one(function, assignment, context, self._executor))
-        self._running[task.id] = (runner, context)
+        context._report = functools.partial(self._progress, loop, assignment)
+        call = TaskCall(assignment, context, function, functools.partial(self._mark_started, assignment))
+        worker_log.received(context)
+        self._running[task.id] = asyncio.create_task(self._run_one(call))
 
     def _mark_started(self, assignment: w.Assignment) -> None:
         task_id = assignment.task.id
@@ -309,28 +342,25 @@ class Worker:
             self._send(w.ConnectRequest(started=w.Started(tasks=list(self._pending_started.values()))))
             self._pending_started = {}
 
-    async def _run_one(
-        self, function: TaskFunction, assignment: w.Assignment, context: TaskContext, executor: ThreadPoolExecutor
-    ) -> None:
-        task = assignment.task
-        attributes: dict[str, str | int] = {"conveyor.task_id": task.id, "conveyor.attempt": assignment.attempt}
-        assert self._slots is not None
+    async def _run_one(self, call: TaskCall) -> None:
+        task = call.assignment.task
+        attributes: dict[str, str | int] = {"conveyor.task_id": task.id, "conveyor.attempt": call.assignment.attempt}
+        assert self._pool is not None
         try:
-            async with self._slots:
-                if self._stopping is not None and self._stopping.is_set():
-                    return  # draining: never started, so it goes back to the queue when the stream closes
-                self._mark_started(assignment)
-                with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
-                    outcome = await execute(function, assignment, context, executor)
-                    if outcome.outcome != w.OUTCOME_SUCCESS:
-                        span.set_status(Status(StatusCode.ERROR, outcome.error.message))
+            with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:
+                ending = await self._pool.run(call)
+                if ending is not None and ending.error is not None:
+                    span.set_status(Status(StatusCode.ERROR, ending.error.message))
         except asyncio.CancelledError:
-            if not context.cancelled_by_request:
-                return  # shutting down: the server hands the task to another worker
-            outcome = cancelled_before_start(assignment)
+            return  # shutting down: the server hands the task to another worker
         finally:
-            self._running.pop(assignment.task.id, None)
-            self._pending_started.pop(assignment.task.id, None)
+            if self._running.get(task.id) is asyncio.current_task():
+                del self._running[task.id]
+            self._pending_started.pop(task.id, None)
+        if ending is None:
+            return  # never started (draining): it goes back to the queue when the stream closes
+        worker_log.ended(call.context, ending)
+        outcome = to_outcome(call.assignment, ending)
         self._unacked[outcome.task_id] = outcome
         self._pending_results.append(outcome)
         loop = asyncio.get_running_loop()
@@ -358,3 +388,16 @@ class Worker:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
         item = w.ProgressItem(task_id=assignment.task.id, lease_token=assignment.lease_token, progress=to_value(value))
         loop.call_soon_threadsafe(self._send, w.ConnectRequest(progress=w.Progress(items=[item])))
+
+
+def _checked_pool(pool: str) -> PoolKind:
+    for kind in POOL_KINDS:
+        if pool == kind:
+            return kind
+    raise ValueError(f"pool must be one of {', '.join(POOL_KINDS)}, not {pool!r}")
+
+
+def _positive_or_none(name: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1 (or None: no limit)")
+    return value

@@ -43,7 +43,7 @@ function stateName(state) {
 // -- canvas -------------------------------------------------------------------------------------
 
 /**
- * One task call. options: id, queue, priority (0-9), countdown (s), eta (Date), timeLimit (s),
+ * One task call. options: id, queue, priority (0-9), countdown (s), eta (Date), timeLimit (s), softTimeLimit (s),
  * retry {maxAttempts, backoff: 'exponential'|'fibonacci'|'fixed', initial, max, jitter},
  * immutable, idempotencyKey, headers, messageGroup, onSuccess [sig], onError [sig].
  */
@@ -60,8 +60,37 @@ const chain = (...steps) => ({ kind: 'chain', steps: steps.flat() });
 const group = (...members) => ({ kind: 'group', members: members.flat() });
 /** chord(group(...) or [members], callback, {failurePolicy: 'fail' | 'continue'}) */
 function chord(header, callback, { failurePolicy = 'fail' } = {}) {
-  const members = Array.isArray(header) ? header : header.members;
-  return { kind: 'chord', members, callback, failurePolicy };
+  const headerGroup = Array.isArray(header) ? group(header) : header;
+  return { kind: 'chord', members: headerGroup.members, header: headerGroup, callback, failurePolicy };
+}
+
+/**
+ * A copy of `node` that runs `callback` with its result on success: a task's, a chain's (its last
+ * step's), a group's (the list, once every member succeeded); a chord's goes to its callback.
+ */
+function link(node, callback) {
+  if (node.kind === 'task') {
+    const options = node.options || {};
+    return { ...node, options: { ...options, onSuccess: [...(options.onSuccess || []), callback] } };
+  }
+  if (node.kind === 'chord') return { ...node, callback: link(node.callback, callback) };
+  return { ...node, onSuccess: [...(node.onSuccess || []), callback] };
+}
+
+/**
+ * A copy of `node` that runs `callback` with the error (a JSON object: task_id, type, message,
+ * traceback) on failure. For a group, once (default) or with {perMember: true} once per failed member.
+ */
+function linkError(node, callback, { perMember = false } = {}) {
+  if (node.kind === 'task') {
+    const options = node.options || {};
+    return { ...node, options: { ...options, onError: [...(options.onError || []), callback] } };
+  }
+  if (node.kind === 'chord') return { ...node, callback: linkError(node.callback, callback) };
+  if (perMember && node.kind === 'group') {
+    return { ...node, onMemberError: [...(node.onMemberError || []), callback] };
+  }
+  return { ...node, onError: [...(node.onError || []), callback] };
 }
 
 function toSignature(node) {
@@ -83,6 +112,7 @@ function toSignature(node) {
   if (o.countdown != null) signature.countdown = duration(o.countdown);
   if (o.eta != null) signature.eta = timestamp(o.eta);
   if (o.timeLimit != null) signature.time_limit = duration(o.timeLimit);
+  if (o.softTimeLimit != null) signature.soft_time_limit = duration(o.softTimeLimit);
   if (o.retry) {
     const r = o.retry;
     signature.retry = {
@@ -101,13 +131,13 @@ function toWorkflow(node) {
     case 'task':
       return { task: toSignature(node) };
     case 'chain':
-      return { chain: { steps: node.steps.map(toWorkflow) } };
+      return { chain: { steps: node.steps.map(toWorkflow), ...callbacksOf(node) } };
     case 'group':
-      return { group: { members: node.members.map(toWorkflow) } };
+      return { group: toGroup(node) };
     case 'chord':
       return {
         chord: {
-          header: { members: node.members.map(toWorkflow) },
+          header: toGroup(node.header || { members: node.members }),
           callback: toWorkflow(node.callback),
           failure_policy: FAILURE_POLICIES[node.failurePolicy] || FAILURE_POLICIES.fail,
         },
@@ -115,6 +145,32 @@ function toWorkflow(node) {
     default:
       throw new TypeError(`not a task or workflow: ${JSON.stringify(node)}`);
   }
+}
+
+function callbacksOf(node) {
+  return { on_success: (node.onSuccess || []).map(toSignature), on_error: (node.onError || []).map(toSignature) };
+}
+
+function toGroup(node) {
+  return {
+    members: node.members.map(toWorkflow),
+    ...callbacksOf(node),
+    on_member_error: (node.onMemberError || []).map(toSignature),
+  };
+}
+
+/**
+ * Options for a whole submission, as Celery's apply_async(args, kwargs, **options): args (prepended)
+ * and kwargs (merged) for its first tasks, queue and priority for every task that sets none, and
+ * countdown (s) or eta (Date) for its start.
+ */
+function toCanvasOptions(o) {
+  const options = {
+    args: toValues(o.args || []), kwargs: toValueMap(o.kwargs || {}), queue: o.queue || '', priority: o.priority || 0,
+  };
+  if (o.countdown != null) options.countdown = duration(o.countdown);
+  if (o.eta != null) options.eta = timestamp(o.eta);
+  return options;
 }
 
 // -- results ------------------------------------------------------------------------------------
@@ -155,7 +211,8 @@ function toEvent(e) {
 }
 
 function toSubmitted(r) {
-  return { taskId: r.task_id, workflowId: r.workflow_id, taskIds: [...r.task_ids] };
+  // resultId reads the whole result of any submission (the workflow id for a workflow).
+  return { taskId: r.task_id, workflowId: r.workflow_id, taskIds: [...r.task_ids], resultId: r.workflow_id || r.task_id };
 }
 
 class Client {
@@ -193,9 +250,13 @@ class Client {
     return this.submitWorkflow(target);
   }
 
-  /** Submit a sig(), chain(), group() or chord(). */
-  async submitWorkflow(node) {
+  /**
+   * Submit a sig(), chain(), group() or chord(); `options` ({args, kwargs, queue, priority, countdown, eta})
+   * apply to the whole of it (see toCanvasOptions).
+   */
+  async submitWorkflow(node, options = null) {
     const request = node.kind === 'task' ? { task: toSignature(node) } : { workflow: toWorkflow(node) };
+    if (options) request.options = toCanvasOptions(options);
     return toSubmitted(await this._unary('Submit', request));
   }
 
@@ -218,7 +279,10 @@ class Client {
     }
   }
 
-  /** Wait for the task and return its value; throws TaskFailed, or an Error on timeout. */
+  /**
+   * Wait for the task and return its value; throws TaskFailed, or an Error on timeout. A workflow id
+   * gives the whole workflow's value (a group's list, a chain's last value, a chord's callback's).
+   */
   async result(taskId, waitSeconds = 60) {
     const result = await this.getResult(taskId, waitSeconds);
     if (!TERMINAL.has(result.state)) throw new Error(`task ${taskId} is still ${result.state} after ${waitSeconds} s`);
@@ -253,5 +317,6 @@ class Client {
 }
 
 module.exports = {
-  Client, TaskFailed, sig, si, chain, group, chord, toResult, toEvent, toSignature, toWorkflow, stateName, TERMINAL,
+  Client, TaskFailed, sig, si, chain, group, chord, link, linkError, toResult, toEvent, toSignature, toWorkflow,
+  toCanvasOptions, stateName, TERMINAL,
 };

@@ -55,6 +55,16 @@ class TimeLimitExceeded extends Error {
   }
 }
 
+/** The reason of ctx.softSignal when the task ran past its soft time limit (time to clean up). */
+class SoftTimeLimitExceeded extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'SoftTimeLimitExceeded';
+  }
+}
+
+const DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024;
+
 function taskError(err, type) {
   if (err instanceof Error) {
     return { type: type || err.name || err.constructor?.name || 'Error', message: String(err.message ?? ''), traceback: err.stack || '' };
@@ -94,6 +104,7 @@ class Worker {
     this.workerId = workerId;
     this.drainTimeout = drainTimeout;
     this.tasks = new Map();
+    this.taskInfos = new Map(); // name -> TaskInfo sent in Hello
     this.log = options.logger || defaultLogger();
     this._credentials = options.credentials || grpc.credentials.createInsecure();
     this._token = options.token;
@@ -120,14 +131,31 @@ class Worker {
 
   /**
    * Register `fn(args, kwargs, ctx)` under `name`; it may be async. ctx has taskId, name,
-   * attempt, queue, headers, workflowId, signal (an AbortSignal: cancel or time limit),
-   * cancelled and progress(value). Its return value is the result.
+   * attempt, deliveries, queue, priority, headers, workflowId, parentId, timeLimit and
+   * softTimeLimit (seconds or null), signal (an AbortSignal: cancel or time limit), softSignal
+   * (aborted at the soft time limit), cancelled and progress(value). Its return value is the result.
+   *
+   * options, for the server's task registry (`conveyor tasks`, strict submits):
+   *   description  what the task does, for people;
+   *   schema       a JSON Schema (an object, or its JSON text) of one call: the object
+   *                {args: [...], kwargs: {...}} that fn receives, e.g.
+   *                {properties: {args: {prefixItems: [{type: 'integer'}, {type: 'integer'}], minItems: 2}}}.
    */
-  task(name, fn) {
-    if (typeof name === 'function') [name, fn] = [name.name, name];
+  task(name, fn, options = {}) {
+    if (typeof name === 'function') [name, fn, options] = [name.name, name, fn || {}];
     if (!name || typeof fn !== 'function') throw new TypeError('worker.task(name, fn) needs a name and a function');
     if (this.tasks.has(name)) throw new Error(`task ${JSON.stringify(name)} is registered twice`);
+    const { description = '', schema = null } = options;
+    let callSchema = '';
+    if (schema != null) {
+      callSchema = typeof schema === 'string' ? schema : JSON.stringify(schema);
+      const parsed = JSON.parse(callSchema); // throws on text that is not JSON
+      if (typeof parsed !== 'boolean' && (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed))) {
+        throw new TypeError(`the schema of task ${JSON.stringify(name)} must be a JSON Schema object`);
+      }
+    }
     this.tasks.set(name, fn);
+    this.taskInfos.set(name, { name, description: String(description), call_schema: callSchema });
     return this;
   }
 
@@ -148,7 +176,7 @@ class Worker {
     this._stopping = false;
     const { WorkerService } = load();
     this._stub = new WorkerService(this.address, this._credentials, {
-      'grpc.max_receive_message_length': 64 * 1024 * 1024,
+      'grpc.max_receive_message_length': DEFAULT_MAX_RECEIVE_BYTES,
       ...this._channelOptions,
     });
     let delay = RECONNECT_INITIAL_SECONDS;
@@ -252,9 +280,12 @@ class Worker {
       sdk_version: `conveyor-node/${SDK_VERSION} node/${process.versions.node}`,
       queues: this.queues,
       task_names: [...this.tasks.keys()].sort(),
+      tasks: [...this.taskInfos.keys()].sort().map((name) => this.taskInfos.get(name)),
       max_in_flight: this.concurrency,
       hostname: os.hostname(),
       pid: process.pid,
+      // The server splits assignment batches to fit what this channel accepts.
+      max_receive_bytes: this._channelOptions['grpc.max_receive_message_length'] || DEFAULT_MAX_RECEIVE_BYTES,
     };
   }
 
@@ -380,7 +411,9 @@ class Worker {
   _start(assignment) {
     const { task } = assignment;
     const controller = new AbortController();
+    const soft = new AbortController();
     const entry = {
+      soft,
       assignment,
       stoppedBy: null, // 'request' | 'time_limit' | 'shutdown'
       abort(by, reason) {
@@ -396,8 +429,14 @@ class Worker {
       queue: task.queue,
       headers: { ...task.headers },
       workflowId: assignment.workflow_id,
+      parentId: task.parent_id || '',
+      deliveries: assignment.deliveries || 0,
+      priority: task.priority || 0,
+      timeLimit: durationSeconds(task.time_limit) || null,
+      softTimeLimit: durationSeconds(task.soft_time_limit) || null,
       leaseToken: assignment.lease_token,
       signal: controller.signal,
+      softSignal: soft.signal,
       get cancelled() { return controller.signal.aborted; },
       progress: (value) => this._send({
         progress: { items: [{ task_id: task.id, lease_token: assignment.lease_token, progress: toValue(value) }] },
@@ -419,7 +458,9 @@ class Worker {
     const { task } = assignment;
     const outcome = { task_id: task.id, lease_token: assignment.lease_token, started_at: timestamp() };
     const limit = durationSeconds(task.time_limit);
+    const softLimit = durationSeconds(task.soft_time_limit);
     let timer = null;
+    let softTimer = null;
     let onAbort = null;
     const stopped = new Promise((_, reject) => {
       onAbort = () => reject(signal.reason);
@@ -427,6 +468,12 @@ class Worker {
     });
     stopped.catch(() => {});
     try {
+      if (softLimit > 0 && !(limit > 0 && softLimit >= limit)) {
+        softTimer = setTimeout(
+          () => entry.soft.abort(new SoftTimeLimitExceeded(`ran past its soft time limit of ${softLimit} s`)),
+          softLimit * 1000,
+        );
+      }
       if (limit > 0) {
         timer = setTimeout(
           () => entry.abort('time_limit', new TimeLimitExceeded(`ran longer than its time limit of ${limit} s`)),
@@ -460,6 +507,7 @@ class Worker {
       }
     } finally {
       if (timer) clearTimeout(timer);
+      if (softTimer) clearTimeout(softTimer);
       signal.removeEventListener('abort', onAbort);
     }
     outcome.finished_at = timestamp();
@@ -505,4 +553,4 @@ class Worker {
   }
 }
 
-module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded };
+module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded };
