@@ -485,11 +485,12 @@ async def test_dead_letters_are_listed_and_replayed_through_admin_and_cli(
         listed = await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue="fragile"))
         assert {t.task_id for t in listed.tasks} == {retried.task_id, once.task_id}
         assert all(t.error.type == "FileNotFoundError" for t in listed.tasks)
-        by_cli = json.loads(run_cli(server.address, "dead", "list", "--queue", "fragile"))
+        by_cli = json.loads(run_cli(server.address, "-o", "json", "dead", "list", "--queue", "fragile"))
         assert {t["taskId"] for t in by_cli["tasks"]} == {retried.task_id, once.task_id}
 
         fix.touch()  # the cause is fixed: replays succeed
-        (replayed_by_cli,) = json.loads(run_cli(server.address, "dead", "replay", retried.task_id))["taskIds"]
+        replayed_json = run_cli(server.address, "-o", "json", "dead", "replay", retried.task_id)
+        (replayed_by_cli,) = json.loads(replayed_json)["taskIds"]
         assert replayed_by_cli not in {retried.task_id, once.task_id}
         assert await client.result(replayed_by_cli, wait=20) == "fixed"
         replayed = await admin.ReplayDeadLetters(admin_service_pb2.ReplayDeadLettersRequest(queue="fragile"))
@@ -498,7 +499,7 @@ async def test_dead_letters_are_listed_and_replayed_through_admin_and_cli(
 
         remaining = await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue="fragile"))
         assert list(remaining.tasks) == []
-        assert json.loads(run_cli(server.address, "dead", "list")).get("tasks", []) == []
+        assert json.loads(run_cli(server.address, "-o", "json", "dead", "list"))["tasks"] == []
 
 
 # -- graceful drain -----------------------------------------------------------------------------

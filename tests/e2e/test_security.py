@@ -220,7 +220,9 @@ async def test_the_cli_speaks_mtls_with_a_token(tmp_path: Path) -> None:
         task_id = (await asyncio.to_thread(
             run_cli, address, *flags, "--token", SECRETS["client"], "submit", "add", "1", "2"
         )).strip()
-        printed = await asyncio.to_thread(run_cli, address, *flags, "--token", SECRETS["client"], "get", task_id)
+        printed = await asyncio.to_thread(
+            run_cli, address, *flags, "--token", SECRETS["client"], "-o", "json", "get", task_id
+        )
         assert json.loads(printed)["taskId"] == task_id
         with pytest.raises(RuntimeError, match="UNAUTHENTICATED"):
             await asyncio.to_thread(run_cli, address, *flags, "get", task_id)
