@@ -8,15 +8,22 @@ ids): every accepted task reaches SUCCESS, every chord callback ran exactly once
 probe lists the queues, which needs the broker, throughout the outage: it gets UNAVAILABLE), no worker stream is
 aborted, and work resumes within RESUME_SECONDS of the node answering again. The measurements are printed (run
 with -s to see them).
+
+A deleted queue is a loss RabbitMQ does not come back from: the task queue is deleted mid-load (its ready and
+unacked messages with it) and the server declares it again on its next use. The tasks whose messages went with
+it are republished by the server's repair of lost messages (a short `repair_after_seconds` here): every
+accepted task still reaches SUCCESS and every chord callback runs exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
+import aio_pika
 import grpc
 import pytest
 
@@ -25,7 +32,7 @@ from tests.faults.harness import Load, Rig, Run, Scenario, blocking, run_scenari
 from tests.faults.load import ExecutionLog
 from tests.faults.row import Row
 from tests.fixtures.rabbitmq_node import RabbitNode
-from tests.support.processes import Proc
+from tests.support.processes import Proc, Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -38,6 +45,9 @@ PROBE_EVERY_SECONDS = 0.1
 # reconciler (after its grace), so the run ends some 10 s after the node is back.
 LOAD = Load(tasks=1000, chords=5, members=10, task_seconds=0.1, submit_seconds=6.0, concurrency=4,
             stuck_after_seconds=90.0)
+# The repair of lost messages acts after 3 s without a sign of life (the rig's servers heartbeat every 0.5 s).
+QUICK_REPAIR_SECONDS = "3"
+REPAIRED = re.compile(r"repair of lost messages: republished (\d+) tasks")
 
 
 class RabbitRestart(Scenario):
@@ -145,3 +155,56 @@ async def test_a_rabbitmq_restart_mid_load_loses_nothing_and_work_resumes_within
     # No worker stream was aborted: the same streams before and after.
     assert scenario.streams_before and scenario.streams_after == scenario.streams_before, report
     assert resumed <= RESUME_SECONDS, f"work resumed only {resumed:.2f} s after RabbitMQ was back\n{report}"
+
+
+class RabbitQueueDeleted(Scenario):
+    name = "rabbitmq-queue-deleted"
+    description = "the task queue deleted in RabbitMQ mid-load, its ready and unacked messages with it"
+
+    def __init__(self, node: RabbitNode, at_fraction: float = 0.5) -> None:
+        self.node = node
+        self.at_fraction = at_fraction
+        self.queue_name = ""
+        self.deleted = 0  # ready messages RabbitMQ dropped with the queue
+        self.server: Server | None = None
+
+    def setup(self, rig: Rig) -> None:
+        backend = rig.redis("backend-redis")
+        self.queue_name = f"{rig.prefix('q')}.q.{rig.queue}"  # the broker's `<prefix>.q.<queue>`
+        self.server = rig.server(f"{self.node.url}?prefix={rig.prefix('q')}", backend.url(prefix=rig.prefix("r")))
+        for i in range(rig.load.workers):
+            rig.worker(self.server.address, name=f"worker-{i}")
+        rig.wait_for_workers(self.server.address, rig.load.workers)
+
+    async def inject(self, run: Run) -> None:
+        await run.until(lambda: run.submitted_fraction >= self.at_fraction, 60, "load submitted")
+        run.fault_began(self.description)
+        connection = await aio_pika.connect(self.node.url)
+        try:
+            channel = await connection.channel()
+            deleted = await channel.queue_delete(self.queue_name)
+            self.deleted = int(deleted.message_count or 0)
+        finally:
+            await connection.close()
+        run.fault_over()
+        run.notes.append(f"deleted {self.queue_name} with {self.deleted} ready messages")
+
+
+async def test_a_rabbitmq_queue_deleted_mid_load_is_repaired_and_loses_nothing(
+    rabbitmq_node: RabbitNode, tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONVEYOR_REPAIR_AFTER_SECONDS", QUICK_REPAIR_SECONDS)  # the rig's servers inherit it
+    scenario = RabbitQueueDeleted(rabbitmq_node)
+    row: Row = await run_scenario(scenario, tmp_path, LOAD, procs=procs)
+    assert scenario.server is not None
+    republished = sum(int(n) for n in REPAIRED.findall(scenario.server.output()))
+    report = row.report()
+    print(f"\n{scenario.description}\n{report}\nthe repair republished {republished} tasks")
+
+    assert row.fault_error == "", report
+    assert scenario.deleted > 0, f"the queue was empty when deleted: the test proved nothing\n{report}"
+    assert row.submitted > 0 and row.refused == 0, report
+    assert row.lost == 0 and row.stuck == 0, f"accepted tasks not SUCCESS:\n{report}"
+    assert row.callbacks_fired == row.callbacks_expected > 0, f"chord callbacks never ran:\n{report}"
+    assert row.callback_extra == 0, f"chord callbacks ran more than once:\n{report}"
+    assert republished >= scenario.deleted, report

@@ -274,6 +274,20 @@ class TestBackendReplicas:
                 # The same chord again, submitted and read the other way round.
                 await check_chord(b, a, backend_replicas, size=size)
 
+    async def test_a_unique_task_submitted_through_both_replicas_runs_once(self, backend_replicas: Cluster) -> None:
+        first, second = backend_replicas.servers
+        label = f"unique-{time.monotonic_ns()}"
+        task = sig("nap", label, 2.0).set(unique_for=60)
+        with logs_on_failure(backend_replicas):
+            async with Client(first.address) as a, Client(second.address) as b:
+                answers = await asyncio.gather(*(client.submit(task) for client in (a, b, a, b)))
+                assert len({s.task_id for s in answers}) == 1, f"one task for four submits: {answers}"
+                assert await b.result(answers[0].task_id, wait=WAIT) == label
+                again = await b.submit(task)  # it ended: the key is free
+                assert again.task_id != answers[0].task_id
+                assert await a.result(again.task_id, wait=WAIT) == label
+                assert len(backend_replicas.lines(f"nap-start {label} ")) == 2
+
 
 # -- issue 6: any broker with any backend -------------------------------------------------------------
 

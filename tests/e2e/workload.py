@@ -167,6 +167,13 @@ def retry_in(delay: float) -> None:
     raise Retry(delay=delay)
 
 
+@worker.task("crash_worker")
+def crash_worker(code: int) -> None:
+    """A poison task: ends the whole worker process, as a segfault or a stray os._exit would."""
+    _log(f"crash_worker {current_task().task_id} pid={os.getpid()}")
+    os._exit(code)
+
+
 # -- fault-injection suite (tests/faults/) ------------------------------------------------------
 # One line per execution: "fault <kind> <task id> attempt=<n> pid=<pid> at=<unix time>", so the
 # harness counts executions (not states) per task, chord member and chord callback.

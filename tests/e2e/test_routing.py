@@ -1,0 +1,55 @@
+"""Routing by task name, end to end (issue #15): a Python and a Node worker on one queue, each
+with its own task names, run mixed-language chains without a single UnknownTask; a task no
+worker can run waits, shown as unroutable, and runs once a worker that has it connects."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from conveyor import Client, chain, sig, state_name
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from tests.e2e.test_node import NodeWorker, pytestmark
+from tests.support.processes import Proc, Server, WorkerProc, eventually, wait_for_workers
+
+__all__ = ["pytestmark"]  # skipped without node, as tests/e2e/test_node.py
+CHAINS = 100
+
+
+def unroutable(address: str, queue: str = "default") -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = admin_service_pb2_grpc.AdminServiceStub(channel).ListQueues(
+            admin_service_pb2.ListQueuesRequest(), timeout=10
+        )
+    return sum(q.unroutable for q in reply.queues if q.name == queue)
+
+
+async def test_mixed_language_chains_on_one_queue_all_succeed(
+    tmp_path: Path, procs: list[Proc], sqlite_server: Server, client: Client
+) -> None:
+    procs.append(WorkerProc(tmp_path, sqlite_server.address, module="tests.e2e.py_tasks", name="py-worker"))
+    procs.append(NodeWorker(tmp_path, sqlite_server.address, queues=("default",)))
+    wait_for_workers(sqlite_server.address, 2)
+    submitted = await client.submit_batch(
+        chain(sig("py.add", i, 1), sig("node.mul", 10), sig("py.add", 5)) for i in range(CHAINS)
+    )
+    results = await asyncio.gather(*(client.result(s.task_id, wait=60) for s in submitted))
+    assert results == [(i + 1) * 10 + 5 for i in range(CHAINS)]
+
+
+async def test_a_task_no_worker_can_run_waits_as_unroutable_then_runs(
+    tmp_path: Path, procs: list[Proc], sqlite_server: Server, client: Client
+) -> None:
+    procs.append(WorkerProc(tmp_path, sqlite_server.address, module="tests.e2e.py_tasks", name="py-worker"))
+    wait_for_workers(sqlite_server.address, 1)
+    waiting = await client.submit(sig("node.mul", 6, 7))
+    await eventually(lambda: unroutable(sqlite_server.address) == 1, 20, "turned away by the Python worker")
+    assert await client.result((await client.submit(sig("py.add", 1, 2))).task_id, wait=20) == 3
+    result = await client.get_result(waiting.task_id)
+    assert state_name(result.state) in {"PENDING", "RECEIVED"}, "it waits, it is not failed"
+
+    procs.append(NodeWorker(tmp_path, sqlite_server.address, queues=("default",)))
+    assert await client.result(waiting.task_id, wait=30) == 42
+    assert unroutable(sqlite_server.address) == 0
