@@ -13,6 +13,7 @@ from conveyor_server.app import ConveyorServer, Core
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
+from tests.support.wait import wait_for
 
 
 async def test_a_task_cancelled_on_another_replica_is_withdrawn_from_the_worker() -> None:
@@ -45,15 +46,14 @@ async def test_a_task_cancelled_on_another_replica_is_withdrawn_from_the_worker(
             assert state_name(result.state) == "CANCELLED"
             if began.is_set():  # it was sent before RECEIVED was refused, and then stopped
                 await asyncio.wait_for(stopped.wait(), 10)
-            for _ in range(200):
+
+            async def queue_empty() -> bool:
                 async with open_channel(here) as channel:
                     admin = admin_service_pb2_grpc.AdminServiceStub(channel)
                     queues = (await admin.ListQueues(admin_service_pb2.ListQueuesRequest())).queues
-                depth = [q.ready + q.in_flight for q in queues if q.name == "default"]
-                if depth == [0]:
-                    break
-                await asyncio.sleep(0.05)
-            assert depth == [0], "the withdrawn task's message was acked"
+                return [q.ready + q.in_flight for q in queues if q.name == "default"] == [0]
+
+            await wait_for(queue_empty, 10.0, "the withdrawn task's message acked (default queue empty)")
             final = await client_there.get_result(submitted.task_id)
             assert [state_name(t.state) for t in final.history] == ["PENDING", "CANCELLED"]
     finally:

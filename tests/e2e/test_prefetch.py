@@ -11,9 +11,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor import Client, Worker, state_name
-from conveyor.v1 import result_pb2
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
+from tests.support.wait import wait_for
 
 
 def _seconds(stamp: Timestamp) -> float:
@@ -63,12 +63,11 @@ async def test_prefetched_tasks_wait_for_a_slot_and_can_be_cancelled_there(addre
         async with Client(address) as client:
             first, second, third = [await client.submit("hold") for _ in range(3)]
             # All three are assigned to this one worker (window 3), but only the first runs.
-            for _ in range(200):
-                states = [(await client.get_result(t.task_id)).state for t in (first, second, third)]
-                if states == [result_pb2.TASK_STATE_STARTED] + [result_pb2.TASK_STATE_RECEIVED] * 2:
-                    break
-                await asyncio.sleep(0.02)
-            assert [state_name(s) for s in states] == ["STARTED", "RECEIVED", "RECEIVED"]
+            async def one_runs_two_wait() -> bool:
+                states = [state_name((await client.get_result(t.task_id)).state) for t in (first, second, third)]
+                return states == ["STARTED", "RECEIVED", "RECEIVED"]
+
+            await wait_for(one_runs_two_wait, 10.0, "the first task STARTED and the two prefetched RECEIVED")
 
             assert third.task_id in await client.cancel(third.task_id)
             cancelled = await client.get_result(third.task_id, wait=10)

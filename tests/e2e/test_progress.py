@@ -7,6 +7,7 @@ import asyncio
 from conveyor import Client, Worker, current_task
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
+from tests.support.wait import wait_for
 
 
 async def test_progress_from_sync_and_async_tasks() -> None:
@@ -33,11 +34,11 @@ async def test_progress_from_sync_and_async_tasks() -> None:
             assert await client.result(finished.task_id, wait=10) == "ok"
             assert (await client.get_result(finished.task_id)).progress.json_value == '{"done":1,"of":2}'
             waiting = await client.submit("async_steps")
-            for _ in range(100):
-                if (await client.get_result(waiting.task_id)).progress.int_value == 50:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await client.get_result(waiting.task_id)).progress.int_value == 50
+
+            async def half_done() -> bool:
+                return (await client.get_result(waiting.task_id)).progress.int_value == 50
+
+            await wait_for(half_done, 10.0, "the running task's progress stored")
             release.set()
             assert await client.result(waiting.task_id, wait=10) == "ok"
     finally:

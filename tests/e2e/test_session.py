@@ -4,15 +4,18 @@ answered in any order, fail exactly as the unary calls do, and survive a server 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import grpc
 import pytest
 
 from conveyor import Client, Worker, sig, state_name
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-from conveyor_server.app import ConveyorServer
+from conveyor_server.app import ConveyorServer, Core
+from conveyor_server.backends.memory import MemoryBackend
+from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
+from tests.support.processes import eventually
 
 
 @pytest.fixture
@@ -83,15 +86,29 @@ async def test_session_errors_are_the_unary_errors(server: ConveyorServer) -> No
         await stream.done_writing()
 
 
+class WatchedBackend(MemoryBackend):
+    """The memory backend, counting change-feed subscriptions: a GetResult that waits on the
+    server makes one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches = 0
+
+    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        self.watches += 1
+        return super().watch(keys)
+
+
 async def test_a_call_on_a_broken_session_fails_and_the_next_one_reconnects() -> None:
     settings = Settings(port=0, broker_url="memory://", backend_url="memory://")
-    first = ConveyorServer(settings)
+    backend = WatchedBackend()
+    first = ConveyorServer(settings, Core.build(settings, broker=MemoryBroker(), backend=backend))
     port = await first.start()
     client = Client(f"127.0.0.1:{port}", max_retry_seconds=0)  # see the failure, not the SDK's retries
     try:
         submitted = await client.submit("add", 1, 2)
         waiting = asyncio.create_task(client.get_result(submitted.task_id, wait=30))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: backend.watches, 10.0, "the server waiting in GetResult")
         await first.stop(grace=0.2)  # the waiting call is cut off, as in a crash
         with pytest.raises(grpc.aio.AioRpcError):
             await waiting

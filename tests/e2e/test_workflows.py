@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -12,8 +10,8 @@ import pytest
 
 from conveyor import Client, chain, chord, group, si, sig, state_name
 from conveyor.errors import TaskFailed
-from conveyor.v1 import workflow_pb2
-from tests.support.processes import Proc, Server, WorkerProc, settled, wait_for_workers
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
+from tests.support.processes import Proc, Server, WorkerProc, eventually, settled, wait_for_workers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,7 +84,7 @@ async def test_chord_failure_policies_and_error_callbacks(
         await client.result(failing.task_id, wait=30)
     assert failed.value.error_type == "ChordMemberFailed"
     assert "member two broke" in failed.value.message
-    await _wait_for(lambda: lines(log_file, "error ChordMemberFailed"))
+    await eventually(lambda: lines(log_file, "error ChordMemberFailed"), 20.0, "the chord's error callback ran")
 
     continuing = await client.submit(chord(members, sig("collect"), failure_policy="continue"))
     partial = await client.result(continuing.task_id, wait=30)
@@ -103,7 +101,7 @@ async def test_on_error_callbacks_of_a_task_and_a_chain(
         await client.result(task.task_id, wait=30)
     flow = chain(sig("add", 1, 2), si("fail", "step two failed"), sig("add", 5)).link_error(sig("record_error"))
     submitted = await client.submit(flow)
-    await _wait_for(lambda: lines(log_file, "error ValueError step two failed"))
+    await eventually(lambda: lines(log_file, "error ValueError step two failed"), 20.0, "the chain's error callback")
     assert lines(log_file, "error ValueError lone failure")
     tree = await client.get_workflow(submitted.workflow_id)
     states = [state_name(step.state) for step in tree.root.children]
@@ -140,10 +138,26 @@ async def test_workflow_limits_are_invalid_argument(sqlite_server: Server, clien
     deep = sig("leaf").to_workflow()
     for _ in range(40):
         deep = workflow_pb2.Workflow(chain=workflow_pb2.Chain(steps=[deep]))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await client.submit(deep)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "deeper than the limit" in (raised.value.details() or "")
+    with pytest.raises(ValueError, match="nests more than 32 levels deep"):
+        await client.submit(deep)  # the SDK refuses it itself
+    # Callbacks count toward the limits too: 60 levels of them, or 50,000 on one task.
+    nested = task_pb2.Signature(name="leaf")
+    innermost = nested
+    for _ in range(60):
+        innermost = innermost.on_success.add(name="cb")
+    many = task_pb2.Signature(name="leaf", on_success=[task_pb2.Signature(name="cb") for _ in range(50_000)])
+    refused = [
+        (task_service_pb2.SubmitRequest(workflow=deep), "deeper than the limit of 32 (max_workflow_depth"),
+        (task_service_pb2.SubmitRequest(task=nested), "deeper than the limit of 32 (max_workflow_depth"),
+        (task_service_pb2.SubmitRequest(task=many), "50001 tasks, over the limit of 10000 (max_workflow_tasks"),
+    ]
+    async with grpc.aio.insecure_channel(sqlite_server.address) as channel:
+        stub = task_service_pb2_grpc.TaskServiceStub(channel)  # past the SDK's own check
+        for request, limit in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Submit(request)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert limit in (raised.value.details() or "")
 
 
 async def test_two_replicas_over_one_store_fire_a_chord_once(
@@ -166,12 +180,3 @@ async def test_two_replicas_over_one_store_fire_a_chord_once(
     pids = {line.split("pid=")[1] for line in lines(log_file, "member")}
     assert len(pids) == 2, "members finished on workers of both replicas"
 
-
-async def _wait_for(condition: Callable[[], object], seconds: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while loop.time() < deadline:
-        if condition():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not met in time")

@@ -4,7 +4,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import task_pb2
-from conveyor_server.core.retry import attempts_allowed, base_delay, next_delay
+from conveyor_server.core.retry import attempts_allowed, base_delay, next_delay, seconds
 
 
 def policy(
@@ -43,3 +43,24 @@ def test_attempts_allowed_counts_the_first() -> None:
 
 def test_huge_attempt_numbers_do_not_overflow() -> None:
     assert base_delay(policy(task_pb2.BACKOFF_KIND_EXPONENTIAL), 10_000) == 100
+
+
+def test_durations_count_their_nanoseconds() -> None:
+    assert seconds(Duration(seconds=1, nanos=500_000_000)) == 1.5
+    assert base_delay(policy(task_pb2.BACKOFF_KIND_FIXED, initial=0.25), 1) == 0.25
+
+
+def test_the_exponent_stops_growing_at_62() -> None:
+    tiny = task_pb2.RetryPolicy(backoff=task_pb2.BACKOFF_KIND_EXPONENTIAL)
+    tiny.initial.CopyFrom(Duration(nanos=1))
+    tiny.max.CopyFrom(Duration(seconds=10**11))  # a cap far above 2**63 ns
+    assert base_delay(tiny, 63) == base_delay(tiny, 100) == 2**62 * 1e-9
+
+
+def test_jitter_adds_the_generators_draw_to_the_base_delay() -> None:
+    p = policy(task_pb2.BACKOFF_KIND_FIXED, initial=10, jitter=0.5)
+    assert next_delay(p, 1, random.Random(7)) == 10 + random.Random(7).uniform(-5, 5)
+
+
+def test_a_delay_below_a_second_is_kept() -> None:
+    assert next_delay(policy(task_pb2.BACKOFF_KIND_FIXED, initial=0.1), 1) == 0.1

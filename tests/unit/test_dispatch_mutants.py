@@ -1,0 +1,57 @@
+"""Dispatch: the edges mutation testing found unpinned (a record restored from its message keeps
+its workflow, receipts written from what the claim read, the attempt of a redelivered retry).
+
+On the shared memory engines of tests/unit/replicas.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, task_pb2
+from conveyor_server.core.connection import settle
+from conveyor_server.core.publisher import Publication
+from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.test_durability import QUEUE, lone, submit, task
+
+__all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
+S = result_pb2
+
+
+async def test_a_record_restored_from_its_message_keeps_the_messages_workflow(replicas: Replicas) -> None:
+    publisher = replicas.a.connections.dispatcher.followups.publisher
+    await publisher.publish([Publication(task(task_id="lost"), 1, "wf-of-lost")])  # its record is gone
+    claim = await lease_all(replicas.a)
+    assert [c.assignment.workflow_id for c in claim.claimed] == ["wf-of-lost"]
+    record = await replicas.a.store.get("lost")
+    assert record is not None and record.result.workflow_id == "wf-of-lost"
+
+
+async def test_receipts_are_written_from_the_records_the_claim_read(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    dispatcher = replicas.b.connections.dispatcher  # it remembers nothing of t1
+    claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    replicas.backend.fail_reads = 1_000
+    assert await dispatcher.record(claim.leases, "w1", claim.read) == []
+    replicas.backend.fail_reads = 0
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+
+
+def due_now(_: str, record: records_pb2.TaskRecord) -> bool:
+    record.retry_at.Clear()
+    return True
+
+
+async def test_a_retry_redelivered_after_its_worker_was_lost_is_still_its_attempt(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
+    first = await lease_all(replicas.a)
+    recorded = await replicas.a.connections.recorder.record([outcome(first, "t1", W.OUTCOME_FAILURE)], "w1")
+    await settle(replicas.broker, first.leases, dict.fromkeys(recorded.requeue, 0.0))  # due at once
+    await replicas.a.store.update(["t1"], due_now)
+    second = await lease_all(replicas.a)
+    assert [lease.attempt for lease in second.leases] == [2]
+    await settle(replicas.broker, second.leases, {"t1": 0.0})  # its worker is lost: the message comes back
+    third = await lease_all(replicas.a)
+    assert [lease.attempt for lease in third.leases] == [2]

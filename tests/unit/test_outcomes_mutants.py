@@ -1,0 +1,166 @@
+"""Reported outcomes: the edges mutation testing found unpinned (what each history entry says,
+reports that must change nothing, the hook an ended attempt calls, rejections after the end).
+
+On the shared memory engines of tests/unit/replicas.py.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import result_pb2, task_pb2
+from conveyor_server.core.connection import settle
+from conveyor_server.core.outcomes import MAX_REJECTS, OutcomeRecorder
+from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.test_durability import lone, submit, task
+
+__all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
+S = result_pb2
+STARTED, FINISHED = Timestamp(seconds=1_700_000_000), Timestamp(seconds=1_700_000_005)
+
+
+async def record_of(replicas: Replicas, task_id: str) -> records_pb2.TaskRecord:
+    record = await replicas.a.store.get(task_id)
+    assert record is not None
+    return record
+
+
+async def version(replicas: Replicas, task_id: str) -> int:
+    return (await replicas.a.store.load([task_id]))[task_id].version
+
+
+def entries(record: records_pb2.TaskRecord) -> list[tuple[str, str, int, str]]:
+    """The history as (state, worker, seconds, error type)."""
+    return [
+        (S.TaskState.Name(h.state).removeprefix("TASK_STATE_"), h.worker_id, h.at.seconds, h.error.type)
+        for h in record.result.history
+    ]
+
+
+# -- what the history says -------------------------------------------------------------------------
+
+async def test_each_step_of_an_attempt_names_its_worker_and_the_workers_times(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a, "w1")
+    await replicas.a.connections.recorder.started([W.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)], "w1")
+    recorder = replicas.a.connections.recorder
+    await recorder.record([outcome(claim, "t1", finished_at=FINISHED)], "w1")
+    record = await record_of(replicas, "t1")
+    _pending, received, started, succeeded = entries(record)
+    assert (received[0], received[1]) == ("RECEIVED", "w1")
+    assert record.result.history[1].at == claim.leases[0].dispatched_at  # when it was handed out
+    assert (started[0], started[1]) == ("STARTED", "w1")
+    assert succeeded == ("SUCCESS", "w1", FINISHED.seconds, "")
+
+
+async def test_a_started_time_reported_with_the_outcome_is_the_started_entrys(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a, "w1")
+    boom = result_pb2.TaskError(type="Boom", message="m")
+    reported = outcome(claim, "t1", W.OUTCOME_FAILURE, error=boom, started_at=STARTED, finished_at=FINISHED)
+    await replicas.a.connections.recorder.record([reported], "w1")
+    assert entries(await record_of(replicas, "t1"))[-2:] == [
+        ("STARTED", "w1", STARTED.seconds, ""), ("FAILURE", "w1", FINISHED.seconds, "Boom"),
+    ]
+
+
+async def test_a_retry_entry_carries_the_reported_time_and_error(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
+    claim = await lease_all(replicas.a, "w1")
+    boom = result_pb2.TaskError(type="Boom", message="m")
+    await replicas.a.connections.recorder.record(
+        [outcome(claim, "t1", W.OUTCOME_FAILURE, error=boom, finished_at=FINISHED)], "w1"
+    )
+    assert entries(await record_of(replicas, "t1"))[-1] == ("RETRY", "w1", FINISHED.seconds, "Boom")
+
+
+async def test_a_task_given_up_by_the_server_is_failed_in_the_name_of_its_worker(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a, "w1")
+    cause = result_pb2.TaskError(type="TimeLimitExceeded", message="over 1 s")
+    await replicas.a.connections.recorder.fail_leased([("t1", claim.leases[0].token)], cause, "w1")
+    assert entries(await record_of(replicas, "t1"))[-1][:2] == ("FAILURE", "w1")
+
+
+async def test_a_task_rejected_too_often_fails_in_the_name_of_the_last_rejecting_worker(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    for _ in range(MAX_REJECTS):
+        claim = await lease_all(replicas.a, "w1")
+        rejected = W.RejectedTask(task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop")
+        recorded = await replicas.a.connections.recorder.reject([rejected], "w1")
+        await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))  # back at once
+    last = entries(await record_of(replicas, "t1"))[-1]
+    assert last[:2] == ("FAILURE", "w1") and last[3] == "UnknownTask"
+
+
+# -- reports that change nothing -------------------------------------------------------------------
+
+async def test_a_repeated_started_report_and_stale_progress_write_nothing(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a, "w1")
+    ref = W.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)
+    recorder = replicas.a.connections.recorder
+    await recorder.started([ref], "w1")
+    written = await version(replicas, "t1")
+    await recorder.started([ref], "w1")
+    await recorder.progress([W.ProgressItem(task_id="t1", lease_token="stale", progress=task_pb2.Value(int_value=1))])
+    assert await version(replicas, "t1") == written
+
+
+async def test_reports_for_an_ended_task_or_a_stale_lease_end_no_attempt(replicas: Replicas) -> None:
+    ended: list[str] = []
+    core = replicas.a
+    followups = core.connections.dispatcher.followups
+    recorder = OutcomeRecorder(core.store, followups, lambda r: ended.append(r.result.task_id))
+    await submit(core, lone(task(task_id="done")), lone(task(task_id="live")))
+    claim = await lease_all(core, "w1")
+    assert (await recorder.record([outcome(claim, "done")], "w1")).statuses == {"done": W.ACK_STATUS_ACCEPTED}
+    assert ended == ["done"]
+    written = await version(replicas, "done")
+    again = await recorder.record([outcome(claim, "done")], "w1")
+    stale = W.TaskOutcome(task_id="live", lease_token="not-its-lease", outcome=W.OUTCOME_SUCCESS)
+    refused = await recorder.record([stale], "w1")
+    assert again.statuses == {"done": W.ACK_STATUS_ALREADY_DONE}
+    assert refused.statuses == {"live": W.ACK_STATUS_STALE_LEASE}
+    assert ended == ["done"], "no attempt ended with those reports"
+    assert await version(replicas, "done") == written
+
+
+async def test_a_rejection_after_the_task_ended_or_with_a_stale_lease_changes_nothing(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="done")), lone(task(task_id="live")))
+    claim = await lease_all(replicas.a, "w1")
+    recorder = replicas.a.connections.recorder
+    await recorder.record([outcome(claim, "done")], "w1")
+    tokens = {lease.task_id: lease.token for lease in claim.leases}
+    rejected = await recorder.reject([
+        W.RejectedTask(task_id="done", lease_token=tokens["done"], reason="late"),
+        W.RejectedTask(task_id="live", lease_token="stale", reason="late"),
+    ], "w1")
+    assert rejected.requeue == {}
+    done = await record_of(replicas, "done")
+    assert done.result.state == S.TASK_STATE_SUCCESS and done.rejects == 0
+
+
+# -- attempts and retries ----------------------------------------------------------------------------
+
+async def test_a_task_allowed_one_attempt_that_asks_for_a_retry_fails_for_good(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=1))))
+    claim = await lease_all(replicas.a, "w1")
+    retry = outcome(claim, "t1", W.OUTCOME_RETRY, retry_delay=Duration(seconds=0))
+    recorded = await replicas.a.connections.recorder.record([retry], "w1")
+    assert recorded.requeue == {}
+    record = await record_of(replicas, "t1")
+    assert record.result.state == S.TASK_STATE_FAILURE and record.result.error.type == "MaxRetriesExceeded"
+
+
+async def test_a_retry_in_a_batch_does_not_stop_the_follow_ups_of_the_outcomes_after_it(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="a", retry=task_pb2.RetryPolicy(max_attempts=3))))
+    await submit(replicas.a, lone(task(task_id="b", on_success=[task(name="next")])))
+    claim = await lease_all(replicas.a, "w1")
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(claim, "a", W.OUTCOME_FAILURE), outcome(claim, "b")], "w1"
+    )
+    assert set(recorded.requeue) == {"a"}
+    assert replicas.broker.published["b.ok0"] == 1

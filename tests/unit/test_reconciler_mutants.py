@@ -1,0 +1,126 @@
+"""The reconciler: the edges mutation testing found unpinned (periods in which one replica holds
+an entry, passes that go on past an entry held elsewhere or failing, follow-ups kept as a
+repair, only a promise's own pending tasks republished, the loop).
+
+On the shared memory engines of tests/unit/replicas.py, with a reconciler built here on an
+injected clock and its own grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from conveyor_server.app import Core
+from conveyor_server.core import confirmed
+from conveyor_server.core.outbox import PUBLISH
+from conveyor_server.core.reconciler import Reconciler
+from tests.support.processes import eventually
+from tests.unit.replicas import Replicas, quick_repairs, replicas
+from tests.unit.test_durability import Clock, Outage, lone, submit, task
+from tests.unit.test_workflow_engine import chain_of, flow, step
+
+__all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
+
+
+def reconciler(core: Core, grace: float, clock: Clock) -> Reconciler:
+    followups = core.connections.dispatcher.followups
+    return Reconciler(core.outbox, core.store, followups.publisher, followups.workflow, followups, grace, clock=clock)
+
+
+def period_start(length: float) -> float:
+    """The start of a period of `length` seconds well after every entry made so far."""
+    return math.floor((time.time() + 100) / length) * length
+
+
+async def promise_publish(replicas: Replicas, *task_ids: str) -> list[str]:
+    """The promises these (submitted, still pending) tasks were written under, left behind as
+    if their writer died before confirming them; one entry each."""
+    await replicas.a.outbox.drain()
+    entries = []
+    for task_id in task_ids:
+        record = await replicas.a.store.get(task_id)
+        assert record is not None
+        entries.append(await replicas.a.outbox.promise(PUBLISH, [task_id], entry_id=record.outbox_id))
+    return entries
+
+
+@pytest.mark.parametrize(
+    ("grace", "first", "second", "retried"),
+    [
+        (8.0, 0.0, 1.7, False),  # periods of grace/4 = 2 s: 1.7 s later is the same period
+        (8.0, 0.0, 2.0, True),
+        (4.0, 0.2, 1.2, True),  # periods are at least 1 s, here exactly 1 s
+    ],
+)
+async def test_an_entry_whose_keeping_failed_is_tried_again_in_the_next_period(
+    replicas: Replicas, grace: float, first: float, second: float, retried: bool
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    start = period_start(max(grace / 4, 1.0))
+    clock = Clock(start + first)
+    keeper = reconciler(replicas.b, grace, clock)
+    replicas.broker.fail_publishes = 1
+    assert await keeper.reconcile_once() == 0
+    clock.now = start + second
+    assert await keeper.reconcile_once() == (1 if retried else 0)
+
+
+async def test_a_pass_goes_on_past_an_entry_held_elsewhere_or_failing_and_counts_what_it_kept(
+    replicas: Replicas,
+) -> None:
+    for task_id in ("t1", "t2", "t3"):
+        await submit(replicas.a, lone(task(task_id=task_id)))  # one promise each
+    first, _, third = sorted(await promise_publish(replicas, "t1", "t2", "t3"))
+    clock = Clock(period_start(2.0))
+    keeper = reconciler(replicas.b, 8.0, clock)
+    period = int(clock.now // 2.0)
+    assert await replicas.backend.claim(f"reconcile:{first}:{period}")  # another replica has it
+    replicas.broker.fail_publishes = 1  # the second entry's publish fails
+    assert await keeper.reconcile_once() == 1
+    clock.now += 2.0
+    assert await keeper.reconcile_once() == 2  # the first (its holder died) and the second
+    assert third not in dict(await replicas.a.outbox.entries(0.0, clock.now))
+
+
+async def test_a_promise_republishes_its_own_pending_tasks_only(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="mine")))
+    await submit(replicas.a, lone(task(task_id="other")))
+    [entry_id] = await promise_publish(replicas, "mine")
+    await replicas.a.outbox.promise(PUBLISH, ["other"], entry_id=entry_id)  # it names "other" too
+    before = dict(replicas.broker.published)
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    assert await keeper.reconcile_once() == 1
+    assert replicas.broker.published["mine"] == before["mine"] + 1
+    assert replicas.broker.published["other"] == before["other"], "its task belongs to another promise"
+
+
+async def test_follow_ups_kept_by_the_reconciler_resend_what_their_first_pass_claimed(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.0)
+    await submit(replicas.a, flow(chain_of(step("a"), step("b"), on_error=[task(name="alert")])))
+    replicas.broker.fail_publishes = 1  # the error callback's publish, when "a" is cancelled
+    with pytest.raises(Outage):
+        await replicas.a.canceller.cancel("a")
+    assert not [t for t, n in replicas.broker.published.items() if ".err" in t and n]
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    assert await keeper.reconcile_once() == 1
+    assert sum(n for t, n in replicas.broker.published.items() if ".err" in t) == 1
+
+
+async def test_the_loop_keeps_overdue_promises(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    published = replicas.broker.published["t1"]
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    loop = asyncio.create_task(keeper.run(0.01))
+    try:
+        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 10.0, "the loop kept the promise")
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

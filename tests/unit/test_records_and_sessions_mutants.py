@@ -1,0 +1,77 @@
+"""Records, errors and worker sessions: the edges mutation testing found unpinned (what a new
+record and a transition write, a session's reservations and high-water mark, leaving twice)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
+from conveyor_server.brokers.base import Delivery
+from conveyor_server.core.dispatch import Lease
+from conveyor_server.core.records import error, new_record, transition
+from conveyor_server.core.sessions import SessionRegistry, WorkerSession
+
+S = result_pb2
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+def test_an_error_keeps_its_traceback() -> None:
+    expected = result_pb2.TaskError(type="Boom", message="m", traceback="Traceback ...")
+    assert error("Boom", "m", "Traceback ...") == expected
+
+
+def test_a_new_lone_task_record_belongs_to_no_workflow_and_starts_its_history_when_submitted() -> None:
+    stamp = Timestamp(seconds=1_700_000_000, nanos=5)
+    record = new_record(task_pb2.Signature(name="n", id="t1"), at=stamp)
+    assert record.result.workflow_id == ""
+    assert record.result.submitted_at == stamp
+    assert [(h.state, h.at) for h in record.result.history] == [(S.TASK_STATE_PENDING, stamp)]
+
+
+def test_a_transition_records_the_attempt_and_the_worker_or_no_worker() -> None:
+    record = new_record(task_pb2.Signature(name="n", id="t1"))
+    record.result.attempts = 2
+    transition(record, S.TASK_STATE_STARTED, worker_id="w7")
+    transition(record, S.TASK_STATE_RETRY)
+    started, retry = record.result.history[-2:]
+    assert (started.state, started.attempt, started.worker_id) == (S.TASK_STATE_STARTED, 2, "w7")
+    assert (retry.state, retry.attempt, retry.worker_id) == (S.TASK_STATE_RETRY, 2, "")
+
+
+# -- worker sessions -------------------------------------------------------------------------------
+
+def session(window: int) -> WorkerSession:
+    return WorkerSession("w1", worker_service_pb2.Hello(), ["q"], window, Timestamp())
+
+
+def lease(token: str) -> Lease:
+    return Lease(token, token, 1, Delivery(token, b"", "q", token), 0.0, 0.0)
+
+
+async def test_reservations_add_up_within_the_window() -> None:
+    worker = session(window=4)
+    assert await worker.reserve(1) == 1
+    assert await worker.reserve(2) == 2
+    assert worker.free() == 1
+    assert await worker.reserve(5) == 1
+
+
+async def test_the_high_water_mark_counts_leases_and_slots_still_reserved() -> None:
+    worker = session(window=4)
+    await worker.reserve(3)
+    await worker.settle(1, [lease("a")])
+    assert worker.high_water == 3  # one lease held, two slots still reserved by other fetches
+
+
+async def test_leaving_twice_and_taking_a_lease_that_is_no_orphan_are_harmless() -> None:
+    registry = SessionRegistry()
+    worker = session(window=2)
+    registry.add(worker)
+    await worker.reserve(1)
+    await worker.settle(1, [lease("a")])
+    assert [o.token for o in registry.remove(worker)] == ["a"]
+    assert registry.remove(worker) == []
+    assert registry.take_orphans([lease("never-orphaned")]) == []
+    assert [o.token for o in registry.take_orphans([lease("a")])] == ["a"]
+    assert registry.take_orphans([lease("a")]) == []

@@ -1,0 +1,156 @@
+"""Submitting: the edges mutation testing found unpinned (workflow steps filled like lone tasks,
+errors that name the bad request, a publish retried in the background and stopped at close,
+what a refused submission leaves behind).
+
+On the shared memory engines of tests/unit/replicas.py; background retries run for real with
+their first delay set to zero, and are waited for with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
+from conveyor_server.core import confirmed, submission
+from conveyor_server.core.errors import AlreadyExists, InvalidArgument
+from conveyor_server.core.outbox import OUTBOX_GROUP, PUBLISH
+from conveyor_server.core.submission import Submitter
+from tests.support.processes import eventually
+from tests.unit.replicas import Replicas, quick_repairs, replicas, short_lived
+from tests.unit.test_durability import chain, lone, submit, task
+
+__all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
+S = result_pb2
+WF = workflow_pb2
+# Long enough for a background retry that should not happen to have happened.
+SETTLE_SECONDS = 0.1
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed publish is retried at once (0.1 s in production), and a repair may take over a
+    claim at once (the claimer is this same submission)."""
+    monkeypatch.setattr(submission, "RETRY_FIRST_SECONDS", 0.0)
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.0)
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What the event loop reports as unhandled during the test (it should be nothing)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    yield reported
+    loop.set_exception_handler(previous)
+
+
+def retries() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").endswith("_publish_later")]
+
+
+# -- what is stored ------------------------------------------------------------------------------
+
+async def test_workflow_steps_get_the_default_queue_and_the_callers_trace(replicas: Replicas) -> None:
+    steps = [WF.Workflow(task=task_pb2.Signature(name="noop", id=i)) for i in ("a", "b")]
+    await replicas.a.submitter.submit(
+        [task_service_pb2.SubmitRequest(workflow=WF.Workflow(chain=WF.Chain(steps=steps)))],
+        {"traceparent": "caller"},
+    )
+    for task_id in ("a", "b"):
+        record = await replicas.a.store.get(task_id)
+        assert record is not None
+        assert record.result.queue == "default"
+        assert dict(record.result.signature.headers) == {"traceparent": "caller"}
+
+
+async def test_a_bad_task_is_named_by_its_place_in_the_batch(replicas: Replicas) -> None:
+    with pytest.raises(InvalidArgument, match=r"^requests\[1\]\.task: name is empty"):
+        await submit(replicas.a, lone(task()), lone(task(name="")))
+    with pytest.raises(InvalidArgument, match=r"^request\.task: name is empty"):
+        await submit(replicas.a, lone(task(name="")))
+
+
+async def test_the_hook_given_at_construction_hears_of_every_accepted_lone_task(replicas: Replicas) -> None:
+    heard: list[str] = []
+    core = replicas.a
+    submitter = Submitter(
+        core.settings, core.store, core.submitter.publisher, core.submitter.workflow, core.outbox,
+        lambda records: heard.extend(r.result.task_id for r in records),
+    )
+    await submitter.submit([lone(task(task_id="t1")), lone(task(task_id="t2"))])
+    assert heard == ["t1", "t2"]
+
+
+# -- publishing, and retrying a failed publish ----------------------------------------------------
+
+async def test_a_published_submission_is_not_published_again(
+    replicas: Replicas, loop_errors: list[dict[str, Any]]
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await asyncio.sleep(SETTLE_SECONDS)  # a retry, were one started, would have run by now
+    assert replicas.broker.published["t1"] == 1
+    assert not retries()
+    assert loop_errors == []
+
+
+async def test_a_workflow_whose_first_publish_failed_is_started_by_the_retry(
+    replicas: Replicas, loop_errors: list[dict[str, Any]]
+) -> None:
+    replicas.broker.fail_publishes = 1
+    await submit(replicas.a, chain(task(task_id="a"), task(task_id="b")))
+    assert replicas.broker.published["a"] == 0
+    await eventually(lambda: replicas.broker.published["a"] == 1, 10.0, "the retry published the first step")
+    await eventually(lambda: not retries(), 10.0, "the retry ended")
+    await replicas.a.outbox.drain()
+    assert await replicas.backend.members(OUTBOX_GROUP) == {}
+    assert replicas.broker.published["b"] == 0
+    assert loop_errors == [], "a finished retry leaves nothing behind to report"
+
+
+async def test_a_failed_publish_is_promised_in_the_outbox_as_a_publish_of_its_tasks(replicas: Replicas) -> None:
+    replicas.broker.fail_publishes = 1_000
+    await submit(replicas.a, lone(task(task_id="t1")), chain(task(task_id="a"), task(task_id="b")))
+    [(_, entry)] = await replicas.a.outbox.entries(0.0, time.time() + 1)
+    assert entry.kind == PUBLISH
+    assert list(entry.task_ids) == ["t1"] and len(entry.workflow_ids) == 1
+    await replicas.a.submitter.close()
+
+
+async def test_close_returns_once_every_retry_has_stopped(replicas: Replicas) -> None:
+    replicas.broker.fail_publishes = 1_000
+    await submit(replicas.a, lone(task(task_id="t1")))
+    assert retries()
+    await replicas.a.submitter.close()
+    assert all(t.done() for t in retries())
+    published = replicas.broker.fail_publishes
+    await asyncio.sleep(SETTLE_SECONDS)
+    assert replicas.broker.fail_publishes == published, "no publish is tried after close"
+
+
+# -- a refused submission ------------------------------------------------------------------------
+
+async def test_the_tasks_of_a_refused_submission_end_cancelled_saying_why(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="x")))
+    with pytest.raises(AlreadyExists):
+        await submit(replicas.b, lone(task(task_id="y")), lone(task(task_id="x")))
+    record = await replicas.a.store.get("y")
+    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED
+    why = result_pb2.TaskError(type="AlreadyExists", message="refused with its submission: task ids already exist: x")
+    assert record.result.error == why
+    assert record.result.history[-1].state == S.TASK_STATE_CANCELLED and record.result.history[-1].error == why
+
+
+async def test_the_plan_of_a_refused_workflow_expires(
+    short_lived: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(short_lived.a, lone(task(task_id="x")))
+    monkeypatch.setattr(submission, "new_workflow_id", lambda: "wf-refused")
+    with pytest.raises(AlreadyExists):
+        await submit(short_lived.a, chain(task(task_id="y"), task(task_id="x")))
+    assert await short_lived.b.store.plan("wf-refused") is None
