@@ -229,6 +229,9 @@ class WorkerConnections:
     async def _pump(self, session: WorkerSession, queue: str) -> None:
         """Fetch work for one queue whenever the window has room, and send it."""
         batch = self.settings.assignment_batch
+        # While its queue is empty, a pump waits in fetch holding only its share of the window:
+        # holding all of it starved the worker's other queues for as long as this one was empty.
+        idle = False
         turned_away = 0  # fetches in a row that brought only tasks this worker cannot run
         while not session.closed:
             if turned_away:
@@ -236,7 +239,8 @@ class WorkerConnections:
             if await self.pauses.is_paused(queue):
                 await self.pauses.wait_for_change()
                 continue
-            reserved = await session.reserve(batch)
+            share = max(1, session.window // max(len(session.queues), 1))
+            reserved = await session.reserve(min(batch, share) if idle else batch)
             if reserved == 0:
                 return
             claim = None
@@ -267,6 +271,9 @@ class WorkerConnections:
                 await asyncio.sleep(0.5)
             finally:
                 await session.settle(reserved, claim.leases if claim else [])
+            idle = not deliveries
+            if idle:
+                await asyncio.sleep(0)  # the other queues' pumps take the freed slots first
             if claim is not None:
                 await self._send_claimed(session, claim)
                 if claim.elsewhere:
