@@ -12,7 +12,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_pb2
@@ -79,12 +78,6 @@ async def test_a_served_stream_hands_out_the_tasks_of_every_queue_it_named(repli
     assert await assigned_within(replicas, session, {"on-q1", "on-q2"}, 10.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a worker's pumps share its window, and a pump whose queue is empty reserves the whole "
-    "free window (up to assignment_batch) for its long-poll, settles and reserves it again at once; "
-    "with a window <= assignment_batch the other queue's pump never gets a slot (on the memory "
-    "engines not at all; with a backend that does I/O, only when a pause refresh yields)"
-))
 async def test_a_worker_on_two_queues_gets_the_second_queues_task_with_a_window_below_the_batch(
     replicas: Replicas,
 ) -> None:

@@ -529,34 +529,3 @@ async def test_a_pump_of_a_paused_queue_hands_out_nothing(replicas: Replicas) ->
     await session.close()
     await asyncio.wait_for(pump, 5)
 
-
-# -- several queues ------------------------------------------------------------------------------
-
-
-async def test_a_worker_on_two_queues_gets_the_tasks_of_the_second_while_the_first_is_empty(
-    replicas: Replicas,
-) -> None:
-    """Each queue's pump waits in fetch holding only its share of the window: one whose
-    queue is empty used to hold the whole window and starve the other queues for good."""
-    signature = task(task_id="t2")
-    signature.queue = "second"
-    await submit(replicas.a, lone(signature))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=["first", "second"], max_in_flight=4))
-    sent(session)  # the Welcome
-    stop = asyncio.Event()
-
-    async def requests() -> AsyncIterator[W.ConnectRequest]:
-        await stop.wait()
-        return
-        yield  # an async generator that sends nothing until the test ends
-
-    running = asyncio.create_task(replicas.a.connections.run(session, requests()))
-    try:
-        async def assigned() -> list[str]:
-            return [a.task.id for m in list(session.outbox._queue) if m is not None  # type: ignore[attr-defined]
-                    for a in m.assignments.items]
-
-        assert await wait_for(assigned, 5, "the second queue's task assigned") == ["t2"]
-    finally:
-        stop.set()
-        await running
