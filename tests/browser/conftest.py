@@ -20,6 +20,8 @@ from conveyor import SyncClient
 from tests.support.processes import REPO, Server, WorkerProc, free_port, wait_for
 
 SCREENSHOTS = REPO / "build" / "screenshots"
+# Assertions wait this long for the page (5 s by default): CI machines are slow and shared.
+expect.set_options(timeout=20_000)
 ADMIN_SECRET = "browser-admin-secret"
 VIEWER_SECRET = "browser-viewer-secret"
 
@@ -74,7 +76,9 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: the sync Playwright API keeps an event loop running in this thread
+# while it is open, and asyncio tests in other modules could not start theirs.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:

@@ -464,3 +464,21 @@ async def test_every_route_is_in_the_openapi_document(api: Api) -> None:
     documented = {(op.method, op.path) for op in OPERATIONS}
     assert served == documented
     assert set(document["paths"]) == {path for _, path in documented}
+
+
+async def test_the_server_stops_while_a_page_follows_a_stream() -> None:
+    server = await start_server(Security())
+    local = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10)
+    try:
+        async with local.stream("GET", "/api/v1/events/queues") as stream:
+            lines = stream.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+            begun = asyncio.get_running_loop().time()
+            await server.stop()
+            assert asyncio.get_running_loop().time() - begun < 5, "an open stream held the shutdown"
+            async with asyncio.timeout(5):
+                async for _ in lines:  # the stream ends with the server
+                    pass
+    finally:
+        await local.aclose()

@@ -137,6 +137,8 @@ class TaskIndexer:
         result = record.result
         task_id = result.task_id
         held = self._pending.get(task_id)
+        if held is not None and held[0] == result.state:
+            return  # noted as it is (a write that did not change the state)
         if held is None and len(self._pending) >= MAX_PENDING:
             self._dropped += 1
             return
