@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
@@ -287,9 +288,15 @@ class WorkerConnections:
         the longer one has waited for such a worker, the later it is offered again."""
         by_delay: dict[float, list[Delivery]] = {}
         for delivery, message in elsewhere:
-            if not self.registry.runner_for(queue, message.signature.name):
+            if self.registry.runner_for(queue, message.signature.name):
+                # At once: it wakes the fetch of the worker that can run it, while this pump
+                # pauses. (Handed back with a delay, it came due just as this pump woke again,
+                # and two workers passed each other's tasks back and forth for good.)
+                delay = 0.0
+            else:
                 self.registry.unroutable.turned_away(queue, message.signature.id)
-            by_delay.setdefault(bounce_delay(delivery.delivery_count), []).append(delivery)
+                delay = round(bounce_delay(delivery.delivery_count) * random.uniform(0.5, 1.5), 3)
+            by_delay.setdefault(delay, []).append(delivery)
         try:
             for delay, deliveries in by_delay.items():
                 await self.broker.nack(deliveries, delay)
