@@ -12,19 +12,35 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_pb2
 from conveyor_server.app import Core
 from conveyor_server.config import Settings
 from conveyor_server.core import connection
+from conveyor_server.core.connection import settle
+from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
-from tests.unit.replicas import Replicas, W, quick_repairs, replicas
-from tests.unit.test_durability import lone, submit
+from conveyor_server.core.store import ConflictError
+from tests.support.processes import eventually
+from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas
+from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_worker_stream import handle, holding
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 S = result_pb2
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, object]]]:
+    """What the event loop reports as unhandled during the test (it should be nothing)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    yield reported
+    loop.set_exception_handler(previous)
 
 
 async def test_the_welcome_names_the_server_its_message_limit_and_exact_intervals(replicas: Replicas) -> None:
@@ -117,3 +133,177 @@ def test_a_window_of_one_stays_one_and_a_worker_without_an_id_gets_a_short_rando
     session = replicas.a.connections.open(W.Hello(max_in_flight=1))
     assert session.window == 1
     assert re.fullmatch(r"worker-[0-9a-f]{12}", session.worker_id)
+
+
+# -- results, rejections and receipts ----------------------------------------------------------------
+
+async def unreceived(replicas: Replicas, *task_ids: str) -> tuple[WorkerSession, dict[str, Lease]]:
+    """A session holding fresh leases on `task_ids` whose RECEIVED is not written yet."""
+    await submit(replicas.a, *(lone(task(task_id=t)) for t in task_ids))
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    await session.outbox.get()  # the Welcome
+    dispatcher = replicas.a.connections.dispatcher
+    claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    await session.settle(0, claim.leases)
+    return session, {lease.task_id: lease for lease in claim.leases}
+
+
+def success(lease: Lease) -> W.Results:
+    done = W.TaskOutcome(task_id=lease.task_id, lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
+    return W.Results(outcomes=[done])
+
+
+def acked(session: WorkerSession) -> dict[str, int]:
+    statuses: dict[str, int] = {}
+    while not session.outbox.empty():
+        message = session.outbox.get_nowait()
+        if message is not None:
+            statuses.update((a.task_id, a.status) for a in message.acks.acks)
+    return statuses
+
+
+async def test_a_result_waits_for_the_received_write_of_its_lease_in_flight(replicas: Replicas) -> None:
+    session, leases = await unreceived(replicas, "t1")
+    lease = leases["t1"]
+    lease.receipt_pending = False  # its RECEIVED write has begun, in the background
+    reporting = asyncio.create_task(replicas.a.connections._results(session, success(lease)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not reporting.done(), "the result waits for the RECEIVED write"
+    await replicas.a.connections.dispatcher.record([lease], "w1")
+    lease.recorded.set_result(None)
+    await asyncio.wait_for(reporting, 5)
+    assert acked(session) == {"t1": W.ACK_STATUS_ACCEPTED}
+
+
+async def test_a_result_written_with_its_receipt_is_written_with_it_again_after_a_failed_write(
+    replicas: Replicas,
+) -> None:
+    session, leases = await unreceived(replicas, "t1")
+    replicas.backend.lose_cas = 10_000  # every conditional write loses
+    with pytest.raises(ConflictError):
+        await replicas.a.connections._results(session, success(leases["t1"]))
+    replicas.backend.lose_cas = 0
+    await replicas.a.connections._results(session, success(leases["t1"]))  # the worker's retry
+    assert acked(session) == {"t1": W.ACK_STATUS_ACCEPTED}
+
+
+async def test_a_result_with_an_unknown_lease_does_not_keep_the_next_ones_receipt_back(replicas: Replicas) -> None:
+    session, leases = await unreceived(replicas, "t1")
+    unknown = W.TaskOutcome(task_id="t1", lease_token="not-a-lease", outcome=W.OUTCOME_SUCCESS)
+    results = W.Results(outcomes=[unknown, *success(leases["t1"]).outcomes])
+    await replicas.a.connections._results(session, results)
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == S.TASK_STATE_SUCCESS
+
+
+async def test_a_rejection_before_the_received_write_still_hands_the_task_back(replicas: Replicas) -> None:
+    session, leases = await unreceived(replicas, "t1")
+    rejected = W.RejectedTask(task_id="t1", lease_token=leases["t1"].token, reason="no task named noop")
+    await replicas.a.connections._handle(session, W.ConnectRequest(reject=W.Reject(tasks=[rejected])))
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.rejects == 1 and not record.lease_token
+
+
+# -- leaving and stopping ------------------------------------------------------------------------------
+
+def pending_tasks(*names: str) -> list[asyncio.Task[object]]:
+    return [
+        t for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "").rpartition(".")[2] in names
+    ]
+
+
+async def test_a_stopping_server_hands_back_the_leases_of_a_worker_that_left_and_leaves_nothing_running(
+    replicas: Replicas, loop_errors: list[dict[str, object]],
+) -> None:
+    connections = replicas.a.connections
+    connections.settings = connections.settings.replace(stream_grace_seconds=3600.0)
+    session, _ = await holding(replicas, "t1", "t2")
+
+    async def nothing() -> AsyncIterator[W.ConnectRequest]:
+        return
+        yield  # an async generator
+
+    await connections.run(session, nothing())  # the worker left: its leases wait out the grace
+    assert not pending_tasks("_pump", "_watchdog"), "leaving ends the session's pumps and watchdog"
+    assert pending_tasks("_requeue_after_grace")
+    await connections.shutdown()
+    assert not pending_tasks("_requeue_after_grace")
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.in_flight) == (2, 0), "handed back at once, not after the grace"
+    await asyncio.sleep(0)  # done-callbacks run
+    assert loop_errors == []
+
+
+async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas: Replicas) -> None:
+    connections = replicas.a.connections
+    connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
+    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
+    done = asyncio.Event()
+
+    async def silent() -> AsyncIterator[W.ConnectRequest]:
+        await done.wait()
+        return
+        yield  # an async generator
+
+    served = asyncio.create_task(connections.run(session, silent()))
+    try:
+        await eventually(lambda: session.draining, 10.0, "the silent worker drained")
+    finally:
+        done.set()
+        await asyncio.wait_for(served, 10)
+
+
+async def test_a_result_resent_on_a_new_session_under_the_old_sessions_unwritten_lease_is_taken(
+    replicas: Replicas,
+) -> None:
+    session, leases = await unreceived(replicas, "t1")
+    replicas.a.registry.remove(session)  # the stream broke; the worker reconnects
+    again = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    await again.outbox.get()  # the Welcome
+    await replicas.a.connections._results(again, success(leases["t1"]))
+    assert acked(again) == {"t1": W.ACK_STATUS_ACCEPTED}
+
+
+async def test_settling_hands_a_retry_back_with_its_delay(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a)
+    await settle(replicas.broker, claim.leases, {"t1": 60.0})
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.delayed) == (0, 1)
+
+
+async def pumped(replicas: Replicas, session: WorkerSession) -> W.ConnectResponse | None:
+    """Run one pump of `session` on QUEUE until it sent something (or a moment passed)."""
+    pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+    try:
+        return await asyncio.wait_for(session.outbox.get(), 2.0)
+    except TimeoutError:
+        return None
+    finally:
+        await session.close()
+        await asyncio.wait_for(pump, 5)
+
+
+async def test_a_pump_acks_the_message_of_a_task_that_ended_meanwhile(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await replicas.a.canceller.cancel("t1")  # its message is still queued
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
+    await session.outbox.get()  # the Welcome
+    assert await pumped(replicas, session) is None, "nothing to run"
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.in_flight) == (0, 0), "the ended task's message is acked"
+
+
+async def test_a_pump_that_takes_over_a_lost_workers_task_records_the_new_lease_at_once(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    first = await lease_all(replicas.a)  # RECEIVED by a worker that is then lost
+    await replicas.broker.nack([first.leases[0].delivery], 0.0)  # its message comes back
+    session = replicas.a.connections.open(W.Hello(worker_id="w2", queues=[QUEUE], max_in_flight=2))
+    await session.outbox.get()  # the Welcome
+    message = await pumped(replicas, session)
+    assert message is not None
+    [assignment] = message.assignments.items
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.lease_token == assignment.lease_token, "the lost worker's lease is stale now"

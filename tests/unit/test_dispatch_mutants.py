@@ -55,3 +55,20 @@ async def test_a_retry_redelivered_after_its_worker_was_lost_is_still_its_attemp
     await settle(replicas.broker, second.leases, {"t1": 0.0})  # its worker is lost: the message comes back
     third = await lease_all(replicas.a)
     assert [lease.attempt for lease in third.leases] == [2]
+
+
+async def test_ended_tasks_whose_repair_fails_come_back_and_the_others_are_acked(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="done", on_success=[task(name="next")])), lone(task(task_id="gone")))
+    first = await lease_all(replicas.a)
+    replicas.broker.fail_publishes = 1  # the callback's publish: "done" needs a repair
+    await replicas.a.connections.recorder.record([outcome(first, "done")], "w1")
+    await replicas.a.canceller.cancel("gone")
+    await settle(replicas.broker, first.leases, {"done": 0.0, "gone": 0.0})  # both messages come back
+    dispatcher = replicas.a.connections.dispatcher
+    again = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    assert sorted(again.ended) == ["done", "gone"]
+    await dispatcher.drop_unrunnable(again)  # the repair meets the callback's claim, moments old
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.in_flight) == (1, 0), "gone's message acked, done's handed back for repair"
+    [back] = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    assert back.message_id == "done"

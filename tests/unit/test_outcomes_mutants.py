@@ -164,3 +164,23 @@ async def test_a_retry_in_a_batch_does_not_stop_the_follow_ups_of_the_outcomes_a
     )
     assert set(recorded.requeue) == {"a"}
     assert replicas.broker.published["b.ok0"] == 1
+
+
+async def test_a_result_for_a_task_without_a_record_is_a_stale_lease(replicas: Replicas) -> None:
+    unknown = W.TaskOutcome(task_id="never-submitted", lease_token="t", outcome=W.OUTCOME_SUCCESS)
+    recorded = await replicas.a.connections.recorder.record([unknown], "w1")
+    assert recorded.statuses == {"never-submitted": W.ACK_STATUS_STALE_LEASE}
+
+
+async def test_a_task_failed_by_rejections_whose_follow_ups_fail_comes_back_for_repair(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", on_error=[task(name="alert")])))
+    recorder = replicas.a.connections.recorder
+    for rejection in range(1, MAX_REJECTS + 1):
+        claim = await lease_all(replicas.a, "w1")
+        if rejection == MAX_REJECTS:
+            replicas.broker.fail_publishes = 1  # the error callback's publish
+        rejected = W.RejectedTask(task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop")
+        recorded = await recorder.reject([rejected], "w1")
+        await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))
+    assert (await record_of(replicas, "t1")).result.state == S.TASK_STATE_FAILURE
+    assert set(recorded.requeue) == {"t1"}, "its message comes back so the follow-ups are repaired"
