@@ -61,10 +61,12 @@ REPAIRED = re.compile(r"repair of lost messages: republished (\d+) tasks")
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
+def prefix(procs: list[Proc]) -> Iterator[str]:
     """Redis key prefix of this test (broker: `<prefix>-q`, backend: `<prefix>-r`); dropped afterwards."""
     chosen = f"{RUN_ID}-rep{uuid.uuid4().hex[:6]}"
     yield chosen
+    for proc in reversed(procs):  # first, or a server still running writes keys after the drop
+        proc.stop()
     drop_redis_prefix(ensure_redis(), chosen)
 
 

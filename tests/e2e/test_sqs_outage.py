@@ -109,10 +109,12 @@ class Moto:
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
+def prefix(procs: list[Proc]) -> Iterator[str]:
     """SQS queue and Redis key prefix of this test; its Redis keys are dropped afterwards."""
     chosen = f"{RUN_ID}-sqo{uuid.uuid4().hex[:6]}"
     yield chosen
+    for proc in reversed(procs):  # first, or a server still running writes keys after the drop
+        proc.stop()
     drop_redis_prefix(ensure_redis(), chosen)
 
 

@@ -28,10 +28,12 @@ OUTAGE_SECONDS = 10.0
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url(procs: list[Proc]) -> Iterator[str]:
     """The shared Redis, and a key prefix that is dropped afterwards."""
     url, prefix = os.environ.get("CONVEYOR_TEST_REDIS_URL") or ensure_redis(), session_prefix("un")
     yield with_prefix(url, prefix)
+    for proc in reversed(procs):  # first, or a server still running writes keys after the drop
+        proc.stop()
     drop_redis_prefix(url, prefix)
 
 

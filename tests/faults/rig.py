@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -47,6 +48,17 @@ def code_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is in state T (stopped); /proc/PID/task/TID/stat's third field."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, IndexError):
+            continue
+    return bool(states) and all(state == "T" for state in states)
+
+
 class EngineProcess:
     """An nx-27017 or memcached server a scenario can kill and start again on the same port (and data), or
     freeze (SIGSTOP: its port still accepts connections, nothing answers) and thaw (SIGCONT)."""
@@ -70,7 +82,13 @@ class EngineProcess:
         self.service = self._start(self.port)
 
     def freeze(self) -> None:
+        """SIGSTOP, then wait until every thread of the server is stopped: the signal is delivered
+        asynchronously, and a call sent in between would still be answered."""
         self.service.send(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(self.service.process.pid):
+            assert time.monotonic() < deadline, "the engine did not stop within 5 s of SIGSTOP"
+            time.sleep(0.005)
 
     def thaw(self) -> None:
         self.service.send(signal.SIGCONT)
