@@ -16,7 +16,6 @@ touches the shared Redis or RabbitMQ, and a crash of ours cannot hurt another te
 - redis-backend-10s / mongodb-backend-10s / memcached-backend-10s: 1 server; the broker on a private Redis that
   stays up, the backend on its own engine, out for 10 s while chords complete (see BackendOutage for how each
   engine is stopped).
-  The 10 s outages run their server with a 20 s lease (OUTAGE_SERVER_ENV says why).
 - sqlite-lock: 2 replicas on the embedded default (one SQLite file, broker and backend); another connection
   holds the file's write lock (BEGIN EXCLUSIVE) for 3 s.
 
@@ -44,14 +43,6 @@ from tests.support.sqlite_lock import SqliteWriteLock
 OUTAGE_SECONDS = 3.0
 # An engine's own outage (issue #22): stopped this long mid-load, then back.
 ENGINE_OUTAGE_SECONDS = 10.0
-# Servers facing a 10 s outage get a lease longer than it, as the default (30 s) is, instead of FAST_RECOVERY's 3 s:
-# - While a worker's results cannot be recorded, the server retries them and handles none of that worker's other
-#   messages, heartbeats included (core/connection.py), so its leases are not extended: past a lease the broker
-#   hands the tasks out again and they run twice (at-least-once allows it, but a chord callback must run once).
-# - The server's watchdog counts that time as the worker's silence and, past a lease, drains the worker, which
-#   then exits; a backend call may take its client's timeout (seconds) to fail.
-# Both are the core's to fix (reported); with a 3 s lease a 10 s outage shows them, with a 20 s lease it does not.
-OUTAGE_SERVER_ENV = {"CONVEYOR_LEASE_SECONDS": "20"}
 # The embedded default's: its file locked this long.
 SQLITE_LOCK_SECONDS = 3.0
 # How long a fault waits for its moment (so much submitted, so much run) before giving up.
@@ -98,9 +89,8 @@ class RedisRestart(Scenario):
 
     def setup(self, rig: Rig) -> None:
         self.redis = _one_redis(rig)
-        env = OUTAGE_SERVER_ENV if self.down_seconds >= ENGINE_OUTAGE_SECONDS else None
         _serve_on(rig, self.redis.url(prefix=rig.prefix("q")), self.redis.url(prefix=rig.prefix("r")),
-                  rig.load.workers, env=env)
+                  rig.load.workers)
 
     async def inject(self, run: Run) -> None:
         redis = self.redis
@@ -307,7 +297,7 @@ class BackendOutage(Scenario):
     def setup(self, rig: Rig) -> None:
         broker = rig.redis("broker-redis").url(prefix=rig.prefix("q"))
         backend = self._backend(rig)
-        _serve_on(rig, broker, backend, rig.load.workers, env=OUTAGE_SERVER_ENV)
+        _serve_on(rig, broker, backend, rig.load.workers)
 
     def _backend(self, rig: Rig) -> str:
         """Start the backend engine; set `down` and `up`; return the server's backend URL."""
