@@ -30,13 +30,14 @@ from .api.task_service import TaskServicer
 from .api.worker_service import WorkerServicer
 from .backends.base import Backend
 from .brokers.base import Broker
-from .config import Settings
+from .config import Settings, with_data_dir
 from .core.admin import Admin
 from .core.admission import Admission
 from .core.cancellation import Canceller
 from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
+from .core.inspection import Inspector
 from .core.limits import ConcurrencySlots, DispatchLimits, RateLimiter, RateLimitTable, configured_limits
 from .core.outbox import Outbox
 from .core.outcomes import OutcomeRecorder
@@ -95,7 +96,7 @@ class Core:
 
     @classmethod
     def build(cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None) -> Core:
-        settings = with_repair_after(settings)
+        settings = with_repair_after(with_data_dir(settings))
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
@@ -130,6 +131,7 @@ class Core:
         admin = Admin(
             broker, store, registry, reader, submitter, settings.server_id, pauses, schedules, canceller, repairer,
             tasks, rate_limits=rate_limits, indexer=indexer,
+            inspector=Inspector(store, reader, registry, settings.lease_seconds),
         )
         return cls(
             settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics,

@@ -1,5 +1,5 @@
 """The `conveyor` command: serve, worker, submit, get, watch, cancel, and the admin commands
-queues, workers, tasks, purge, pause, resume, inspect, dead, schedule and repair."""
+queues, queue, workers, tasks, purge, pause, resume, inspect, dead, schedule, repair and config."""
 
 from __future__ import annotations
 
@@ -33,14 +33,16 @@ from conveyor import loop as event_loop
 from conveyor.client import TERMINAL, default_address, state_name
 from conveyor.pools.base import POOL_KINDS
 from conveyor.tls import bearer_metadata, open_channel
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, task_service_pb2
 from conveyor.values import from_value
 from conveyor.worker import DEFAULT_PREFETCH
 
 from . import cli_output as out
 from . import logs
 from .app import ConveyorServer
-from .config import ConfigError, Settings, load_settings
+from .cli_workflow import is_workflow_id, workflow_json, workflow_text
+from .config import ConfigError, Settings, load_settings, with_data_dir
+from .config_example import EXAMPLE as CONFIG_EXAMPLE
 from .engine_errors import transient_cause
 from .engines import EngineError
 from .telemetry import configure_tracing
@@ -160,8 +162,9 @@ async def _serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"cannot read the config file {args.config}: {exc.strerror or exc}") from None
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "broker_url": args.broker, "backend_url": args.backend,
+        "data_dir": args.data_dir,
     }.items() if v is not None}
-    settings = settings.replace(**overrides)
+    settings = with_data_dir(settings.replace(**overrides))
     if args.http is not None:
         http_host, http_port = http_address(args.http, settings.http_host)
         settings = settings.replace(http_host=http_host, http_port=http_port)
@@ -275,7 +278,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
         "queue": args.queue or "", "priority": args.priority, "countdown": args.countdown, "eta": args.eta,
         "time_limit": args.time_limit, "idempotency_key": args.idempotency_key or "",
-        "headers": _pairs("--header", args.header),
+        "headers": _pairs("--header", args.header), "expires": args.expires, "ignore_result": args.ignore_result,
     }
     if args.retries is not None or args.backoff is not None:
         attempts = RetryPolicy().max_attempts if args.retries is None else args.retries + 1
@@ -296,7 +299,7 @@ async def _submit(args: argparse.Namespace) -> int:
 
 def _show_result(args: argparse.Namespace, result: result_pb2.TaskResult, waited: float | None) -> int:
     """Print a task's result (its value alone, or the record with -o json); the exit code:
-    0 SUCCESS, 1 FAILURE or CANCELLED, 2 still running after a wait."""
+    0 SUCCESS, 1 FAILURE, CANCELLED or EXPIRED, 2 still running after a wait."""
     state = state_name(result.state)
     if args.output == "json":
         print(out.dumps(out.plain(result)), flush=True)
@@ -319,23 +322,51 @@ def _show_result(args: argparse.Namespace, result: result_pb2.TaskResult, waited
 
 async def _get(args: argparse.Namespace) -> int:
     async with Client(args.address) as client:
-        return _show_result(args, await client.get_result(args.id, wait=args.wait or 0.0), args.wait)
+        result = await client.get_result(args.id, wait=args.wait or 0.0)
+        if not is_workflow_id(args.id):
+            return _show_result(args, result, args.wait)
+        return _show_workflow(args, await client.get_workflow(args.id), result, args.wait)
+
+
+def _show_workflow(args: argparse.Namespace, workflow: task_service_pb2.GetWorkflowResponse,
+                   overall: result_pb2.TaskResult, waited: float | None) -> int:
+    """Print a workflow as a tree (nested with -o json); the exit code as for a task's result."""
+    print(out.dumps(workflow_json(workflow, overall)) if args.output == "json" else workflow_text(workflow, overall),
+          flush=True)
+    if overall.state == result_pb2.TASK_STATE_SUCCESS:
+        return 0
+    if overall.state in TERMINAL:
+        return 1
+    if waited:
+        print(f"conveyor: workflow {workflow.workflow_id} is still {state_name(overall.state)} after {waited:g} s",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 async def _watch(args: argparse.Namespace) -> None:
     async with Client(args.address) as client:
-        workflow = args.workflow or args.id.startswith("wf-")
+        workflow = args.workflow or is_workflow_id(args.id)
         ids = [] if workflow else [args.id]
         async for event in client.watch(ids, workflow_id=args.id if workflow else ""):
             if args.output == "json":
                 print(json.dumps(out.plain(event), ensure_ascii=False), flush=True)
             else:
-                print(f"{event.at.ToJsonString()} {event.task_id} {state_name(event.state)}", flush=True)
+                line = f"{event.at.ToJsonString()} {event.task_id} {state_name(event.state)} {event.result.name}"
+                print(line.rstrip(), flush=True)
+        if workflow:  # it ended: the whole tree, as `get` shows it (one JSON line with -o json)
+            tree, overall = await client.get_workflow(args.id), await client.get_result(args.id)
+            print(json.dumps({"workflow": workflow_json(tree, overall)}, ensure_ascii=False) if args.output == "json"
+                  else workflow_text(tree, overall), flush=True)
 
 
 async def _cancel(args: argparse.Namespace) -> None:
     async with Client(args.address) as client:
         cancelled = await client.cancel(args.id)
+        if is_workflow_id(args.id):
+            tree, overall = await client.get_workflow(args.id), await client.get_result(args.id)
+            _show_cancelled_workflow(args, cancelled, tree, overall)
+            return
     if args.output == "json":
         print(out.dumps({"cancelledTaskIds": cancelled}), flush=True)
     elif not cancelled:
@@ -344,12 +375,27 @@ async def _cancel(args: argparse.Namespace) -> None:
         print("\n".join(cancelled), flush=True)
 
 
+def _show_cancelled_workflow(args: argparse.Namespace, cancelled: list[str],
+                             tree: task_service_pb2.GetWorkflowResponse, overall: result_pb2.TaskResult) -> None:
+    """What a workflow's cancel did, then the workflow's tree as it stands."""
+    if args.output == "json":
+        print(out.dumps({"cancelledTaskIds": cancelled, "workflow": workflow_json(tree, overall)}), flush=True)
+        return
+    done = f"cancelled {len(cancelled)} of its tasks" if cancelled else "nothing to cancel: every task had ended"
+    print(f"{done}\n{workflow_text(tree, overall)}", flush=True)
+
+
+async def _config(args: argparse.Namespace) -> None:
+    print(CONFIG_EXAMPLE, end="", flush=True)
+
+
 async def _admin(args: argparse.Namespace) -> None:
     async with open_channel(args.address or default_address()) as channel:
         admin = _Authorized(admin_service_pb2_grpc.AdminServiceStub(channel))
         if args.command == "queues":
-            queues = await admin.ListQueues(admin_service_pb2.ListQueuesRequest())
-            _emit(args, queues, out.queues_table(list(queues.queues)))
+            queues = await admin.ListQueues(admin_service_pb2.ListQueuesRequest(active_only=not args.all))
+            _emit(args, queues, out.queues_table(list(queues.queues)) if queues.queues or args.all
+                  else "no active queues (conveyor queues --all lists every queue)")
         elif args.command == "workers":
             workers = await admin.ListWorkers(admin_service_pb2.ListWorkersRequest())
             _emit(args, workers, out.workers_table(list(workers.workers)))
@@ -365,20 +411,38 @@ async def _admin(args: argparse.Namespace) -> None:
             _emit(args, resumed, f"resumed queue {args.queue_name}")
         elif args.command == "inspect":
             inspected = await admin.InspectTask(admin_service_pb2.InspectTaskRequest(task_id=args.id))
-            _emit(args, inspected, out.task_text(inspected.result))
+            _emit(args, inspected, out.inspection_text(inspected))
         elif args.command == "schedule":
             await _schedule(admin, args)
-        elif args.dead_command == "list":
-            dead = await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue=args.queue or ""))
-            full = "\n\n".join(out.task_text(task) for task in dead.tasks) or "no dead letters"
-            _emit(args, dead, full if args.full else out.dead_table(list(dead.tasks)))
+        elif args.command == "queue":
+            await _queue(admin, args)
         else:
-            replayed = await admin.ReplayDeadLetters(
-                admin_service_pb2.ReplayDeadLettersRequest(task_ids=args.ids, queue=args.queue or "")
-            )
-            ids = list(replayed.task_ids)
-            _emit(args, replayed, "\n".join([f"replayed {len(ids)} dead letters as new tasks:", *ids])
-                  if ids else "no dead letters to replay")
+            await _dead(admin, args)
+
+
+async def _queue(admin: Any, args: argparse.Namespace) -> None:
+    """`conveyor queue delete NAME [--force]`."""
+    deleted = await admin.DeleteQueue(admin_service_pb2.DeleteQueueRequest(queue=args.queue_name, force=args.force))
+    purged = f" (purged {deleted.purged} tasks first)" if deleted.purged else ""
+    _emit(args, deleted, f"deleted queue {args.queue_name}{purged}")
+
+
+async def _dead(admin: Any, args: argparse.Namespace) -> None:
+    """`conveyor dead list | replay | delete`."""
+    if args.dead_command == "list":
+        dead = await admin.ListDeadLetters(admin_service_pb2.ListDeadLettersRequest(queue=args.queue or ""))
+        full = "\n\n".join(out.task_text(task) for task in dead.tasks) or "no dead letters"
+        _emit(args, dead, full if args.full else out.dead_table(list(dead.tasks)))
+    elif args.dead_command == "delete":
+        deleted = await admin.DeleteDeadLetter(admin_service_pb2.DeleteDeadLetterRequest(task_id=args.id))
+        _emit(args, deleted, f"deleted dead letter {args.id}")
+    else:
+        replayed = await admin.ReplayDeadLetters(
+            admin_service_pb2.ReplayDeadLettersRequest(task_ids=args.ids, queue=args.queue or "")
+        )
+        ids = list(replayed.task_ids)
+        _emit(args, replayed, "\n".join([f"replayed {len(ids)} dead letters as new tasks:", *ids])
+              if ids else "no dead letters to replay")
 
 
 # -- repair -----------------------------------------------------------------------------------
@@ -554,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--broker", help="broker URL, e.g. sqlite:///conveyor.db, redis://127.0.0.1:6379/0")
     serve.add_argument("--backend", help="backend URL, e.g. sqlite:///conveyor.db, redis://127.0.0.1:6379/0")
+    serve.add_argument("--data-dir", metavar="DIR", help="where the default SQLite broker and backend keep "
+                       "their file, conveyor.db (default: the current directory; env CONVEYOR_DATA_DIR)")
     serve.add_argument("--http", metavar="[HOST:]PORT",
                        help="the dashboard and HTTP API (default 127.0.0.1:8080; 0 turns them off)")
 
@@ -590,23 +656,36 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--backoff", choices=("exponential", "fibonacci", "fixed"),
                         help="how the pause between retries grows (default: exponential)")
     submit.add_argument("--idempotency-key", metavar="KEY", help="a second submit with this key returns the first task")
+    submit.add_argument("--expires", type=float, metavar="SECONDS",
+                        help="not started this long after submit, the task never runs and ends EXPIRED")
+    submit.add_argument("--ignore-result", action="store_true", help="do not store the task's return value")
     submit.add_argument("--header", action="append", default=[], metavar="K=V", help="task header (repeatable)")
     submit.add_argument("--wait", type=float, metavar="SECONDS",
-                        help="wait this long and print the result; exit 0 SUCCESS, 1 FAILURE/CANCELLED, 2 timed out")
+                        help="wait this long and print the result; "
+                             "exit 0 SUCCESS, 1 FAILURE/CANCELLED/EXPIRED, 2 timed out")
 
-    get = commands.add_parser("get", help="print a task's result (its value; the record with -o json)")
+    get = commands.add_parser("get", help="print a task's result (its value; the record with -o json), "
+                              "or a workflow's tree (a wf-... id)")
     get.add_argument("id")
     get.add_argument("--wait", type=float, metavar="SECONDS",
-                     help="wait this long for it to finish; exit 0 SUCCESS, 1 FAILURE/CANCELLED, 2 timed out")
+                     help="wait this long for it to finish; exit 0 SUCCESS, 1 FAILURE/CANCELLED/EXPIRED, 2 timed out")
 
-    watch = commands.add_parser("watch", help="print a task's (or workflow's) state changes")
+    watch = commands.add_parser("watch", help="print a task's (or workflow's) state changes; a workflow's tree "
+                                "once it ended")
     watch.add_argument("id")
     watch.add_argument("--workflow", action="store_true", help="the id is a workflow id (implied by a wf- prefix)")
 
-    cancel = commands.add_parser("cancel", help="cancel a task or workflow")
+    cancel = commands.add_parser("cancel", help="cancel a task or workflow (a wf-... id: then print its tree)")
     cancel.add_argument("id")
 
-    commands.add_parser("queues", help="list queues with their depth")
+    queues = commands.add_parser("queues", help="list active queues (with tasks, workers or a pause) and their depth")
+    queues.add_argument("--all", action="store_true", help="every queue the broker knows of, idle ones too")
+    queue = commands.add_parser("queue", help="manage one queue: delete")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
+    queue_delete = queue_commands.add_parser("delete", help="delete an empty queue (it leaves `conveyor queues --all`)")
+    queue_delete.add_argument("queue_name")
+    queue_delete.add_argument("--force", action="store_true",
+                              help="purge its ready and delayed tasks first (they end CANCELLED)")
     commands.add_parser("workers", help="list connected workers")
     tasks = commands.add_parser(
         "tasks", help="list registered tasks: name, live workers, queues, languages, schema, description"
@@ -620,8 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     pause.add_argument("queue_name")
     resume = commands.add_parser("resume", help="hand out a paused queue's tasks again")
     resume.add_argument("queue_name")
-    inspect = commands.add_parser("inspect", help="print everything the server knows about a task")
+    inspect = commands.add_parser("inspect", help="print everything the server knows about a task: its record, "
+                                  "lease holder and expiry, deliveries, workflow node, pending follow-ups")
     inspect.add_argument("id")
+    config = commands.add_parser("config", help="server configuration: example")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("example", help="print a commented config file with every setting at its default "
+                               "(conveyor config example > conveyor.yaml)")
     schedule = commands.add_parser("schedule", help="periodic tasks: add, list, delete")
     schedule_commands = schedule.add_subparsers(dest="schedule_command", required=True)
     schedule_add = schedule_commands.add_parser(
@@ -644,9 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     dead_list = dead_commands.add_parser("list", help="one line per dead letter: id, name, queue, time, error")
     dead_list.add_argument("--queue")
     dead_list.add_argument("--full", action="store_true", help="every dead letter's whole record")
-    replay = dead_commands.add_parser("replay")
-    replay.add_argument("ids", nargs="*", help="task ids (default: all)")
-    replay.add_argument("--queue")
+    replay = dead_commands.add_parser(
+        "replay", help="run dead letters again as new tasks; replaying one twice creates one task"
+    )
+    replay.add_argument("ids", nargs="*", help="dead letters' task ids (default: every dead letter)")
+    replay.add_argument("--queue", help="without ids: only this queue's dead letters")
+    dead_delete = dead_commands.add_parser("delete", help="take a dead letter off the list without replaying it")
+    dead_delete.add_argument("id")
     repair = commands.add_parser(
         "repair", help="republish tasks whose broker message was lost (a flushed, deleted or lost queue)"
     )
@@ -717,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker(args)
         handler = {
             "serve": _serve, "submit": _submit, "get": _get, "watch": _watch, "cancel": _cancel,
-            "repair": _repair, "tasks": _tasks, "limits": _limits,
+            "repair": _repair, "tasks": _tasks, "limits": _limits, "config": _config,
         }.get(args.command, _admin)
         with contextlib.suppress(KeyboardInterrupt):
             return event_loop.run(handler(args)) or 0

@@ -135,8 +135,8 @@ def schedules_table(schedules: Sequence[admin_service_pb2.Schedule]) -> str:
     return table(rows)
 
 
-def task_text(result: result_pb2.TaskResult) -> str:
-    """A task's record as `key: value` lines, its result or error last."""
+def task_text(result: result_pb2.TaskResult, extra: Sequence[str] = ()) -> str:
+    """A task's record as `key: value` lines, its result or error and `extra` lines last, then its history."""
     lines = [f"id:        {result.task_id}", f"name:      {result.name or '-'}", f"queue:     {result.queue or '-'}",
              f"state:     {state_name(result.state)}", f"attempts:  {result.attempts}"]
     if result.workflow_id:
@@ -151,6 +151,24 @@ def task_text(result: result_pb2.TaskResult) -> str:
         lines.append(f"result:    {value_text(from_value(result.result))}")
     elif result.error.type or result.error.message:
         lines.append(f"error:     {result.error.type}: {result.error.message}")
+    lines += extra
     for transition in result.history:
         lines.append(f"  {timestamp(transition.at)}  {state_name(transition.state)}")
     return "\n".join(lines)
+
+
+def inspection_text(inspected: admin_service_pb2.InspectTaskResponse) -> str:
+    """`conveyor inspect`: the record as task_text shows it, and what the server knows beyond it."""
+    result = inspected.result
+    if result.task_id.startswith("wf-"):
+        return task_text(result)  # a workflow's combined result has no lease or record of its own
+    lease = "-"
+    if inspected.lease_holder:
+        lease = f"held by {inspected.lease_holder} until {timestamp(inspected.lease_expires_at) or '-'}"
+    extra = [f"lease:     {lease}", f"deliveries: {inspected.deliveries}",
+             f"enqueued:  {'yes' if inspected.enqueued else 'no'}"]
+    if inspected.workflow_node_id:
+        extra.append(f"node:      {inspected.workflow_node_id}")
+    pending = "pending (promised, not yet done)" if inspected.follow_ups_pending else "none pending"
+    extra.append(f"follow-ups: {pending}")
+    return task_text(result, extra)

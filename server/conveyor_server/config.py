@@ -10,10 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
 ENV_PREFIX = "CONVEYOR_"
+# The embedded default broker and backend: one SQLite file, in data_dir when that is set.
+SQLITE_FILE = "conveyor.db"
+DEFAULT_SQLITE_URL = f"sqlite:///{SQLITE_FILE}"
 
 
 class ConfigError(ValueError):
@@ -74,8 +78,11 @@ class Security:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
-    broker_url: str = "sqlite:///conveyor.db"
-    backend_url: str = "sqlite:///conveyor.db"
+    broker_url: str = DEFAULT_SQLITE_URL
+    backend_url: str = DEFAULT_SQLITE_URL
+    # Where the embedded SQLite default (a broker_url or backend_url left as it is) keeps its
+    # file, conveyor.db; created if missing. Empty: the directory the server starts in.
+    data_dir: str = ""
     # How long results are kept after their task (or its workflow) ends.
     result_ttl_seconds: float = 86_400.0
     # A lease lasts this long unless the worker's heartbeats extend it.
@@ -138,6 +145,23 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def with_data_dir(settings: Settings) -> Settings:
+    """The settings with the embedded SQLite default moved into data_dir (a URL set to anything
+    else is left alone), the directory created."""
+    if not settings.data_dir:
+        return settings
+    directory = Path(settings.data_dir).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the data directory {directory}: {exc.strerror or exc}") from None
+    url = f"sqlite:///{quote(str(directory.absolute() / SQLITE_FILE))}"
+    return settings.replace(
+        broker_url=url if settings.broker_url == DEFAULT_SQLITE_URL else settings.broker_url,
+        backend_url=url if settings.backend_url == DEFAULT_SQLITE_URL else settings.backend_url,
+    )
 
 
 def _tokens(name: str, raw: Any) -> tuple[Token, ...]:

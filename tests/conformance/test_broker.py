@@ -29,7 +29,7 @@ from conveyor_server.brokers.amqp import (
     quantize_delay_ms,
     reconnect_delay,
 )
-from conveyor_server.brokers.base import Broker, Delivery, OutgoingMessage, QueueStats
+from conveyor_server.brokers.base import Broker, Delivery, OutgoingMessage, QueueDeletionUnsupported, QueueStats
 from conveyor_server.brokers.redis import (
     SIGNAL_READ_SECONDS,
     SOCKET_CONNECT_TIMEOUT_SECONDS,
@@ -219,6 +219,27 @@ async def test_purge_and_stats(broker: Broker, queue: str) -> None:
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=1)
     await broker.ack([leased])
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+
+
+async def test_only_an_empty_queue_is_deleted(broker: Broker, broker_url: str, queue: str) -> None:
+    if broker_url.startswith("sqs"):
+        with pytest.raises(QueueDeletionUnsupported, match="does not delete queues"):
+            await broker.delete_queue(queue)
+        return
+    await broker.publish(queue, messages(1, "ready"))
+    await broker.publish(queue, messages(1, "later", delay=60))
+    [leased] = await broker.fetch(queue, 1, LEASE, wait_seconds=2)
+    assert not await broker.delete_queue(queue), "ready and delayed messages"
+    await broker.purge(queue)
+    assert not await broker.delete_queue(queue), "a leased message"
+    assert queue in await broker.queues()
+    await broker.ack([leased])
+    assert await broker.delete_queue(queue)
+    assert queue not in await broker.queues()
+    assert await broker.delete_queue(queue), "an unknown queue is deleted already"
+    await broker.publish(queue, messages(1, "again"))
+    assert queue in await broker.queues(), "a publish creates it again"
+    assert ids(await broker.fetch(queue, 1, LEASE, wait_seconds=2)) == ["again0"]
 
 
 async def test_two_consumers_never_share_a_lease(shared_broker_url: str, queue: str) -> None:

@@ -34,7 +34,7 @@ def cli_json(address: str, *args: str) -> Any:
 
 
 def queue_info(address: str, name: str) -> dict[str, Any]:
-    for queue in cli_json(address, "queues")["queues"]:
+    for queue in cli_json(address, "queues", "--all")["queues"]:  # idle queues too
         if queue["name"] == name:
             return dict(queue)
     return {}

@@ -9,46 +9,19 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conveyor import __version__
-from tests.support.processes import REPO, Server, WorkerProc, wait_for, wait_for_workers
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def lines(self) -> list[str]:
-        return self.out.splitlines()
-
-
-def conveyor(*args: str, address: str | None = None, timeout: float = 60.0) -> Ran:
-    """Run `conveyor ARGS` (the global --address, when given, after the subcommand as users may)."""
-    argv = [sys.executable, "-m", "conveyor_server.cli", *args, *(["--address", address] if address else [])]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
-    return Ran(done.returncode, done.stdout, done.stderr)
+from tests.support.cli import conveyor, sqlite_server_with_worker
+from tests.support.processes import REPO, Server, wait_for
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server (SQLite) with one worker on the default queue, shared by this module's tests."""
-    tmp = tmp_path_factory.mktemp("cli")
-    url = f"sqlite:///{tmp / 'conveyor.db'}"
-    started = Server(tmp, url, url)
-    worker = WorkerProc(tmp, started.address)
-    try:
-        wait_for_workers(started.address, 1)
-        yield started
-    finally:
-        worker.stop()
-        started.stop()
+    yield from sqlite_server_with_worker(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture
@@ -132,7 +105,7 @@ def test_queue_and_admin_commands_say_what_happened(idle: Server) -> None:
     address = idle.address
     assert conveyor("workers", address=address).out == "no workers connected\n"
     assert conveyor("dead", "list", address=address).out == "no dead letters\n"
-    assert conveyor("queues", address=address).out == "no queues\n"
+    assert conveyor("queues", address=address).out == "no active queues (conveyor queues --all lists every queue)\n"
     assert conveyor("pause", "mail", address=address).out.startswith("paused queue mail")
     (row,) = conveyor("queues", address=address).lines[1:]
     assert row.split() == ["mail", "0", "0", "0", "0", "yes"]

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_service_pb2, workflow_pb2
+from conveyor.v1.task_pb2 import Signature
 from conveyor_server.core import admin, results
-from conveyor_server.core.errors import InvalidArgument, NotFound
+from conveyor_server.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from conveyor_server.core.outbox import OUTBOX_GROUP
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.results import MAX_WATCHED_TASKS, _aggregate
+from conveyor_server.core.withdrawn import WITHDRAWN_GROUP
 from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, run_all, run_ready, sent
 from tests.unit.test_durability import QUEUE, Outage, chain, lone, submit, task
 
@@ -212,7 +215,9 @@ async def test_a_replayed_dead_letter_runs_again_as_a_new_task(replicas: Replica
     assert record is not None and record.result.name == "noop" and record.result.state == S.TASK_STATE_PENDING
     assert not record.result.signature.idempotency_key
     assert (await run_ready(replicas.a)).keys() == {new_id}
-    assert await replicas.a.admin.replay(["unknown"], "") == []
+    assert await replicas.b.admin.replay(["d1"], "") == [new_id], "a second replay finds the first one's task"
+    with pytest.raises(NotFound, match="no task with id 'unknown'"):
+        await replicas.a.admin.replay(["unknown"], "")
 
 
 async def test_a_purge_ends_its_tasks_in_batches_and_stops_running_ones(
@@ -257,12 +262,82 @@ async def test_dead_letters_are_read_from_the_first_whatever_their_ids(replicas:
     assert sorted(r.task_id for r in await replicas.a.admin.dead_letters("", 0)) == ["0-first", "z-last"]
 
 
-async def test_a_replay_of_named_dead_letters_skips_unknown_ids(replicas: Replicas) -> None:
-    await submit(replicas.a, lone(task(task_id="d1")), lone(task(task_id="d2")))
+async def test_a_replay_of_named_dead_letters_refuses_any_other_id_and_replays_nothing(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="d1")), lone(task(task_id="d2")), lone(task(task_id="ok")))
     await run_ready(replicas.a, fail={"d1", "d2"})
-    replayed = await replicas.a.admin.replay(["unknown", "d2"], "")
-    assert len(replayed) == 1 and len(replayed[0]) == 36, "a fresh id"
+    with pytest.raises(NotFound, match="'unknown'"):
+        await replicas.a.admin.replay(["d2", "unknown"], "")
+    with pytest.raises(FailedPrecondition, match="'ok' is SUCCESS, not a dead letter"):
+        await replicas.a.admin.replay(["d2", "ok"], "")
+    assert [r.task_id for r in await replicas.a.admin.dead_letters("", 0)] == ["d1", "d2"], "nothing replayed"
+    replayed = await replicas.a.admin.replay(["d2", "d2"], "")
+    assert len(replayed) == 1 and len(replayed[0]) == 36, "one fresh id"
     assert [r.task_id for r in await replicas.a.admin.dead_letters("", 0)] == ["d1"]
+
+
+async def test_a_deleted_dead_letter_leaves_the_list_and_is_not_replayed(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="d1")), lone(task(task_id="ok")))
+    await run_ready(replicas.a, fail={"d1"})
+    await replicas.b.admin.delete_dead_letter("d1")
+    assert await replicas.a.admin.dead_letters("", 0) == []
+    with pytest.raises(FailedPrecondition, match="'d1' is not a dead letter"):
+        await replicas.a.admin.delete_dead_letter("d1")
+    with pytest.raises(FailedPrecondition, match="deleted from the list"):
+        await replicas.a.admin.replay(["d1"], "")
+    with pytest.raises(FailedPrecondition, match="'ok' is SUCCESS"):
+        await replicas.a.admin.delete_dead_letter("ok")
+    with pytest.raises(NotFound):
+        await replicas.a.admin.delete_dead_letter("unknown")
+
+
+async def test_a_dead_letter_is_found_on_the_list_among_ids_that_sort_close_to_it(replicas: Replicas) -> None:
+    backend = replicas.backend
+    for member in ("d", "d0", "d1-", "d10", "d2", "e"):
+        await backend.add_member(DEAD_LETTERS_GROUP, member, b"default")
+    dead = replicas.a.admin.dead
+    assert [await dead.listed(m) for m in ("d1", "d10", "d", "e", "d1-", "c", "f")] == [
+        False, True, True, True, True, False, False]
+
+
+async def test_only_active_queues_are_listed_when_asked(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")), lone(Signature(name="noop", id="idle", queue="idle")),
+                 lone(Signature(name="noop", id="served", queue="served")))
+    await run_all(replicas.a)  # empties QUEUE; idle and served are not fetched by this worker
+    await replicas.a.admin.purge("idle")
+    await replicas.a.admin.purge("served")
+    await replicas.a.admin.pause("paused")
+    replicas.a.connections.open(W.Hello(worker_id="w9", queues=["served"], max_in_flight=1))
+    everything = [q.name for q in await replicas.a.admin.queues()]
+    assert {QUEUE, "idle", "served", "paused"} <= set(everything)
+    assert [q.name for q in await replicas.a.admin.queues(active_only=True)] == ["paused", "served"]
+
+
+async def test_a_cancelled_queued_task_is_not_counted_as_ready_or_delayed(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="kept")), lone(task(task_id="gone")),
+                 lone(task(task_id="later", countdown=Duration(seconds=600))))
+    await replicas.a.canceller.cancel("gone")
+    await replicas.b.canceller.cancel("later")
+    (info,) = [q for q in await replicas.b.admin.queues() if q.name == QUEUE]
+    assert (info.ready, info.delayed) == (1, 0)
+    assert (await run_ready(replicas.a)).keys() == {"kept"}, "the cancelled message is dropped, not run"
+    assert list(await replicas.backend.members(WITHDRAWN_GROUP)) == ["later"], "dropped: no longer counted out"
+    await replicas.a.admin.purge(QUEUE)
+    assert await replicas.backend.members(WITHDRAWN_GROUP) == {}, "purged: its message is gone too"
+
+
+async def test_a_queue_is_deleted_only_when_empty_or_purged_first(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(Signature(name="noop", id="q1", queue="full")))
+    with pytest.raises(FailedPrecondition, match=r"queue 'full' is not empty \(1 ready, 0 delayed, 0 in flight\)"):
+        await replicas.a.admin.delete_queue("full", force=False)
+    assert await replicas.b.admin.delete_queue("full", force=True) == 1
+    assert "full" not in [q.name for q in await replicas.a.admin.queues()]
+    record = await replicas.a.store.get("q1")
+    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED, "purged, so nothing waits on it"
+    with pytest.raises(NotFound, match="no queue named 'full'"):
+        await replicas.a.admin.delete_queue("full", force=False)
+    await replicas.a.admin.pause("held")
+    assert await replicas.a.admin.delete_queue("held", force=False) == 0
+    assert await replicas.a.admin.pauses.refresh() == set(), "a deleted queue's pause goes with it"
 
 
 async def test_a_result_recorded_here_answers_a_wait_without_the_change_feed(

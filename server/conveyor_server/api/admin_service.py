@@ -13,6 +13,7 @@ from conveyor.v1 import admin_service_pb2 as a
 from conveyor.v1 import admin_service_pb2_grpc
 
 from ..backends.task_index import TaskQuery
+from ..brokers.base import QueueDeletionUnsupported
 from ..core.admin import Admin
 from ..core.limits import RateLimit, rate_limit
 from ..core.task_index import ListingUnsupported
@@ -27,7 +28,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     @unary
     async def ListQueues(self, request: a.ListQueuesRequest, context: Context) -> a.ListQueuesResponse:
-        return a.ListQueuesResponse(queues=await self.admin.queues())
+        return a.ListQueuesResponse(queues=await self.admin.queues(request.active_only))
 
     @unary
     async def PurgeQueue(self, request: a.PurgeQueueRequest, context: Context) -> a.PurgeQueueResponse:
@@ -72,7 +73,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     @unary
     async def InspectTask(self, request: a.InspectTaskRequest, context: Context) -> a.InspectTaskResponse:
-        return a.InspectTaskResponse(result=await self.admin.inspect(request.task_id))
+        return await self.admin.inspection(request.task_id)
 
     @unary
     async def ListDeadLetters(
@@ -86,6 +87,22 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> a.ReplayDeadLettersResponse:
         replayed = await self.admin.replay(list(request.task_ids), request.queue)
         return a.ReplayDeadLettersResponse(task_ids=replayed)
+
+    @unary
+    async def DeleteDeadLetter(
+        self, request: a.DeleteDeadLetterRequest, context: Context
+    ) -> a.DeleteDeadLetterResponse:
+        await self.admin.delete_dead_letter(request.task_id)
+        return a.DeleteDeadLetterResponse()
+
+    @unary
+    async def DeleteQueue(self, request: a.DeleteQueueRequest, context: Context) -> a.DeleteQueueResponse:
+        """Delete an empty queue; with force, purge its ready and delayed tasks first."""
+        try:
+            purged = await self.admin.delete_queue(request.queue, request.force)
+        except QueueDeletionUnsupported as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        return a.DeleteQueueResponse(purged=purged)
 
     @unary
     async def RepairTasks(self, request: a.RepairTasksRequest, context: Context) -> a.RepairTasksResponse:

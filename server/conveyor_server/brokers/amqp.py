@@ -860,6 +860,15 @@ class AmqpBroker:
     async def queues(self) -> list[str]:
         return sorted(self._known)
 
+    async def delete_queue(self, queue: str) -> bool:
+        """Forgets the name in this process (queues() lists the queues this process used); the
+        RabbitMQ queue, empty, stays: consumers of other processes may still hold it."""
+        stats = await self.stats(queue)
+        if stats.ready + stats.delayed + stats.in_flight:
+            return False
+        self._known.discard(queue)
+        return True
+
     async def purge(self, queue: str) -> list[str]:
         # The purge time first: a delayed message still delayed now is dropped when it arrives.
         self._purged_at[queue] = _now_ms()

@@ -16,6 +16,8 @@ Semantics every engine must keep:
   Acking or nacking a delivery whose lease was lost is a no-op, never an error.
 - purge() drops ready and delayed messages (never leased ones) and returns the message ids
   of what it dropped, so the server can end those tasks instead of leaving them PENDING.
+- delete_queue() forgets an empty queue (it leaves queues() until a publish creates it again)
+  and refuses, changing nothing, while the queue holds any message: ready, delayed or leased.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Delivery:
     delivery_count: int = 1
     # Engine-private state (e.g. an aio-pika message object); never interpreted by the core.
     handle: object = field(default=None, repr=False, compare=False)
+
+
+class QueueDeletionUnsupported(Exception):
+    """The engine cannot delete queues (delete_queue); the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,11 @@ class Broker(Protocol):
 
     async def queues(self) -> list[str]:
         """Names of the queues this engine knows of."""
+
+    async def delete_queue(self, queue: str) -> bool:
+        """Forget `queue` when it holds no message (ready, delayed or leased); returns whether
+        it did. False changes nothing. A queue the engine does not know is forgotten already
+        (True). Raises QueueDeletionUnsupported on an engine that cannot delete queues."""
 
     async def purge(self, queue: str) -> list[str]:
         """Drop every ready and delayed message of `queue`; returns their message ids.

@@ -140,6 +140,13 @@ class MemoryBroker:
     async def queues(self) -> list[str]:
         return sorted(self._queues)
 
+    async def delete_queue(self, queue: str) -> bool:
+        target = self._queues.get(queue)
+        if target is not None and (target.ready or target.delayed or target.leased):
+            return False
+        self._queues.pop(queue, None)
+        return True
+
     async def purge(self, queue: str) -> list[str]:
         target = self._queue(queue)
         purged = [entry.message_id for entry in sorted(target.ready)]

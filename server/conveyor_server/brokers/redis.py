@@ -583,6 +583,17 @@ class RedisBroker:
         members = await self._redis.smembers(self._registry)
         return sorted(_text(member) for member in members)
 
+    async def delete_queue(self, queue: str) -> bool:
+        if _holds_messages(await self.stats(queue)):
+            return False
+        await self._redis.srem(self._registry, queue)
+        # The registry and the queue's keys are in different slots, so no one script sees both:
+        # a publish between the two reads keeps its queue listed.
+        if _holds_messages(await self.stats(queue)):
+            await self._redis.sadd(self._registry, queue)
+            return False
+        return True
+
     async def purge(self, queue: str) -> list[str]:
         keys = self._keys(queue)
         purged: list[str] = []
@@ -592,3 +603,7 @@ class RedisBroker:
             purged += [_text(meta).partition(":")[2] for meta in metas if meta is not None]
             if int(dropped) < BATCH:
                 return purged
+
+
+def _holds_messages(stats: QueueStats) -> bool:
+    return stats.ready + stats.delayed + stats.in_flight > 0

@@ -206,6 +206,14 @@ def _purge(conn: sqlite3.Connection, queue: str) -> list[str]:
     return [row[0] for row in ready + delayed]
 
 
+def _delete_queue(conn: sqlite3.Connection, queue: str) -> bool:
+    with transaction(conn):
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ?)", (queue,)).fetchone()[0]:
+            return False
+        conn.execute("DELETE FROM queues WHERE name = ?", (queue,))
+    return True
+
+
 class SqliteBroker:
     def __init__(self, path: str) -> None:
         self._db = SqliteDatabase(path, _SCHEMA)
@@ -295,6 +303,9 @@ class SqliteBroker:
     async def queues(self) -> list[str]:
         sql = "SELECT name FROM queues ORDER BY name"
         return await self._db.run(lambda conn: [row[0] for row in conn.execute(sql)])
+
+    async def delete_queue(self, queue: str) -> bool:
+        return await self._db.run(lambda conn: _delete_queue(conn, queue))
 
     async def purge(self, queue: str) -> list[str]:
         return await self._db.run(lambda conn: _purge(conn, queue))

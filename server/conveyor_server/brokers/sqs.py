@@ -70,7 +70,7 @@ import aioboto3
 from ..engine_errors import is_transient
 from ._delayed import PublishedDelays
 from ._wakeups import Wakeups
-from .base import Delivery, OutgoingMessage, QueueStats
+from .base import Delivery, OutgoingMessage, QueueDeletionUnsupported, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -808,6 +808,12 @@ class SqsBroker:
             int(attributes.get("ApproximateNumberOfMessages", 0)),
             int(attributes.get("ApproximateNumberOfMessagesDelayed", 0)),
             int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        )
+
+    async def delete_queue(self, queue: str) -> bool:
+        raise QueueDeletionUnsupported(
+            "the SQS broker does not delete queues: SQS refuses to create a queue again for 60 s after "
+            f"deleting it, which would refuse submissions; delete the SQS queues of {queue!r} by hand"
         )
 
     async def stats(self, queue: str) -> QueueStats:

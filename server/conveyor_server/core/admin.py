@@ -9,10 +9,15 @@ from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb
 
 from ..backends.task_index import TaskQuery
 from ..brokers.base import Broker
+from ..config import Settings
+from . import withdrawn
 from .cancellation import Canceller
+from .dead_letters import DeadLetters
 from .errors import InvalidArgument, NotFound
+from .inspection import Inspector
 from .limits import RateLimit, RateLimitTable
 from .pauses import QueuePauses, check_queue
+from .queue_deletion import active_queue, delete_queue
 from .records import DEAD_LETTERS_GROUP, S
 from .repair import Repairer, RepairReport
 from .results import ResultReader
@@ -36,7 +41,9 @@ class Admin:
         submitter: Submitter, server_id: str, pauses: QueuePauses, schedules: Schedules,
         canceller: Canceller, repairer: Repairer, tasks: TaskRegistry | None = None,
         rate_limits: RateLimitTable | None = None, indexer: TaskIndexer | None = None,
+        inspector: Inspector | None = None,
     ) -> None:
+        self.inspector = inspector or Inspector(store, reader, registry, Settings().lease_seconds)
         self.indexer = indexer or TaskIndexer(store, None)
         self.rate_limits = rate_limits or RateLimitTable(store.backend)
         self.tasks = tasks
@@ -50,19 +57,41 @@ class Admin:
         self.schedules = schedules
         self.canceller = canceller
         self.repairer = repairer
+        self.dead = DeadLetters(store, submitter)
 
-    async def queues(self) -> list[admin_service_pb2.QueueInfo]:
-        """Every queue the broker knows of, and every paused queue (even an empty one)."""
+    async def queues(self, active_only: bool = False) -> list[admin_service_pb2.QueueInfo]:
+        """Every queue the broker knows of, every paused queue and every queue a live worker
+        serves (even an empty one); with `active_only`, those with tasks, a pause or a live
+        worker (see active_queue)."""
+        served = await self._served_queues()
+        infos = await self._all_queues(served)
+        return [info for info in infos if active_queue(info, served)] if active_only else infos
+
+    async def _served_queues(self) -> set[str]:
+        """Queues a live worker serves: this replica's, and any replica's the registry knows."""
+        served = {queue for session in self.registry.sessions.values() for queue in session.queues}
+        for task in await self.registered_tasks():
+            if task.worker_ids:
+                served.update(task.queues)
+        return served
+
+    async def delete_queue(self, queue: str, force: bool) -> int:
+        """Forget an empty queue (see core/queue_deletion.py); returns how many tasks `force` purged."""
+        return await delete_queue(self.broker, self.pauses, self.purge, queue, force)
+
+    async def _all_queues(self, served: set[str]) -> list[admin_service_pb2.QueueInfo]:
         paused = await self.pauses.refresh()
         known = set(await self.broker.queues())
+        cancelled = await withdrawn.counts(self.store.backend)
         infos = []
-        for name in sorted(known | paused):
+        for name in sorted(known | paused | served):
             info = admin_service_pb2.QueueInfo(
                 name=name, paused=name in paused, unroutable=self.registry.unroutable.count(name)
             )
             if name in known:
                 stats = await self.broker.stats(name)
                 info.ready, info.delayed, info.in_flight = stats.ready, stats.delayed, stats.in_flight
+                withdrawn.count_out(info, cancelled.get(name))
             infos.append(info)
         return infos
 
@@ -74,6 +103,7 @@ class Admin:
         unique = list(dict.fromkeys(dropped))
         for start in range(0, len(unique), PURGE_END_BATCH):
             await self.canceller.end_purged(unique[start:start + PURGE_END_BATCH], queue)
+        await withdrawn.purged(self.store.backend, queue)
         return len(dropped)
 
     async def pause(self, queue: str) -> None:
@@ -99,6 +129,10 @@ class Admin:
     async def inspect(self, task_id: str) -> result_pb2.TaskResult:
         return await self.reader.get(task_id)
 
+    async def inspection(self, task_id: str) -> admin_service_pb2.InspectTaskResponse:
+        """The result and what the server knows beyond it: lease, deliveries, node, follow-ups."""
+        return await self.inspector.inspect(task_id)
+
     async def dead_letters(self, queue: str, limit: int) -> list[result_pb2.TaskResult]:
         """Tasks that failed for good, oldest first. The index is read a page at a time, and
         entries whose record has expired (the result TTL) are dropped from it as they are met,
@@ -120,9 +154,19 @@ class Admin:
         return found[: limit or DEFAULT_LIST_LIMIT]
 
     async def replay(self, task_ids: list[str], queue: str) -> list[str]:
-        """Submit each dead letter again as a new task (fresh id, same call) and forget it."""
-        if not task_ids:
-            task_ids = [r.task_id for r in await self.dead_letters(queue, 10_000)]
+        """Submit dead letters again as new tasks (same call) and take them off the list: those
+        named (each must be one; see core/dead_letters.py), else every one (of `queue`)."""
+        if task_ids:
+            return await self.dead.replay(task_ids)
+        listed = [r.task_id for r in await self.dead_letters(queue, 10_000)]
+        return await self.dead.replay(listed, checked=True)
+
+    async def delete_dead_letter(self, task_id: str) -> None:
+        await self.dead.delete(task_id)
+
+    async def resubmit(self, task_ids: list[str]) -> list[str]:
+        """Submit ended tasks' calls again as new tasks (fresh ids), whatever their state, and
+        take them off the dead letters; unknown ids are skipped."""
         loaded = await self.store.load(task_ids)
         requests = []
         for task_id in task_ids:

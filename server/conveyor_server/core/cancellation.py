@@ -14,6 +14,7 @@ from .outbox import FOLLOW_UPS, Outbox
 from .planner import task_ids
 from .records import S, error, is_terminal, transition
 from .store import TaskStore
+from .withdrawn import queued, withdraw
 
 StopRunning = Callable[[list[str]], Awaitable[None]]
 
@@ -47,33 +48,42 @@ class Canceller:
         "Purged", then their follow-ups (callbacks, the next move of their workflow), so waits,
         chains and chords on them end. Terminal records are left alone; returns the ids ended."""
         cause = error("Purged", f"dropped from queue {queue!r} by a purge")
-        return list(await self._end_with_follow_ups(task_ids, cause))
+        return list(await self._end_with_follow_ups(task_ids, cause, messages_left=False))
 
     async def _end_with_follow_ups(
-        self, ids: list[str], cause: result_pb2.TaskError
+        self, ids: list[str], cause: result_pb2.TaskError, messages_left: bool = True,
     ) -> dict[str, records_pb2.TaskRecord]:
         # Promised before the records change: if the follow-ups below do not complete (an
         # engine error, a crash), the reconciler runs them.
         entry_id = await self.outbox.promise(FOLLOW_UPS, ids)
-        ended = await self._end(ids, cause)
+        ended = await self._end(ids, cause, messages_left)
         await self.followups.after_terminal(list(ended.values()))
         self.outbox.confirm(entry_id)
         return ended
 
-    async def _end(self, ids: list[str], cause: result_pb2.TaskError) -> dict[str, records_pb2.TaskRecord]:
-        """CANCELLED with `cause` for every task not ended yet; running ones are told to stop."""
+    async def _end(
+        self, ids: list[str], cause: result_pb2.TaskError, messages_left: bool = True,
+    ) -> dict[str, records_pb2.TaskRecord]:
+        """CANCELLED with `cause` for every task not ended yet; running ones are told to stop.
+        `messages_left`: queued ones keep their message, so they are counted out of their
+        queue's numbers until it is dropped (core/withdrawn.py)."""
         running: list[str] = []
+        waiting: dict[str, records_pb2.TaskRecord] = {}
 
         def end(task_id: str, record: records_pb2.TaskRecord) -> bool:
             if is_terminal(record):
                 return False
             if record.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED):
                 running.append(task_id)
+            if messages_left and queued(record):
+                waiting[task_id] = records_pb2.TaskRecord()
+                waiting[task_id].CopyFrom(record)  # before the transition: its due time
             record.result.error.CopyFrom(cause)
             transition(record, S.TASK_STATE_CANCELLED, error=cause)
             return True
 
         ended = await self.store.update(ids, end)
+        await withdraw(self.store.backend, [record for task_id, record in waiting.items() if task_id in ended])
         if running:
             await self.stop_running([t for t in dict.fromkeys(running) if t in ended])
         return ended

@@ -89,12 +89,19 @@ Global___QueueInfo: _TypeAlias = QueueInfo  # noqa: Y015
 class ListQueuesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    active_only: _builtins.bool
+    """Only queues with tasks (ready, delayed, in flight or unroutable), a connected worker, or
+    a pause; false lists every queue the broker knows of.
+    """
     def __init__(
         self,
+        *,
+        active_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,16 +334,46 @@ class InspectTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    LEASE_HOLDER_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NODE_ID_FIELD_NUMBER: _builtins.int
+    ENQUEUED_FIELD_NUMBER: _builtins.int
+    FOLLOW_UPS_PENDING_FIELD_NUMBER: _builtins.int
+    lease_holder: _builtins.str
+    """RECEIVED/STARTED: the worker holding the current attempt's lease (empty otherwise)."""
+    deliveries: _builtins.int
+    """Deliveries of the current attempt (a worker or server lost mid-run adds one)."""
+    workflow_node_id: _builtins.str
+    """The task's node in its workflow's plan (empty for a lone task)."""
+    enqueued: _builtins.bool
+    """The task was published to its queue (a workflow step waits unpublished until its turn)."""
+    follow_ups_pending: _builtins.bool
+    """The task ended and its follow-ups (callbacks, the workflow's next step) are promised but
+    not confirmed done yet: the reconciler runs them if their writer does not.
+    """
     @_builtins.property
     def result(self) -> _result_pb2.TaskResult: ...
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When that lease runs out unless the worker's heartbeats extend it: from the latest sign of
+        life this server knows (exact on the replica the worker is connected to).
+        """
+
     def __init__(
         self,
         *,
         result: _result_pb2.TaskResult | None = ...,
+        lease_holder: _builtins.str = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        deliveries: _builtins.int = ...,
+        workflow_node_id: _builtins.str = ...,
+        enqueued: _builtins.bool = ...,
+        follow_ups_pending: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "enqueued", b"enqueued", "follow_ups_pending", b"follow_ups_pending", "lease_expires_at", b"lease_expires_at", "lease_holder", b"lease_holder", "result", b"result", "workflow_node_id", b"workflow_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,7 +431,10 @@ class ReplayDeadLettersRequest(_message.Message):
     queue: _builtins.str
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty replays every dead letter (of `queue`, when set)."""
+        """Empty replays every dead letter (of `queue`, when set). Each id must be a dead letter:
+        NOT_FOUND for an unknown id, FAILED_PRECONDITION for a task that is not one (nothing is
+        replayed then). Replaying a dead letter again returns the task its first replay created.
+        """
 
     def __init__(
         self,
@@ -417,7 +457,7 @@ class ReplayDeadLettersResponse(_message.Message):
     TASK_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """New task ids, one per replayed task."""
+        """New task ids, one per replayed task (in the order of task_ids when they are given)."""
 
     def __init__(
         self,
@@ -1028,3 +1068,80 @@ class ListTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDeadLetterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeadLetterRequest: _TypeAlias = DeleteDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDeadLetterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeadLetterResponse: _TypeAlias = DeleteDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class DeleteQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    force: _builtins.bool
+    """Purge the queue's ready and delayed tasks first (they end CANCELLED, error type "Purged")."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteQueueRequest: _TypeAlias = DeleteQueueRequest  # noqa: Y015
+
+@_typing.final
+class DeleteQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_FIELD_NUMBER: _builtins.int
+    purged: _builtins.int
+    """Tasks purged first (with force)."""
+    def __init__(
+        self,
+        *,
+        purged: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged", b"purged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteQueueResponse: _TypeAlias = DeleteQueueResponse  # noqa: Y015

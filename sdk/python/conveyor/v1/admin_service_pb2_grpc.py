@@ -120,6 +120,16 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.DeleteDeadLetter = channel.unary_unary(
+                '/conveyor.v1.AdminService/DeleteDeadLetter',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.DeleteQueue = channel.unary_unary(
+                '/conveyor.v1.AdminService/DeleteQueue',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -248,6 +258,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDeadLetter(self, request, context):
+        """Takes one dead letter off the list without replaying it (its record stays until it
+        expires). Errors: INVALID_ARGUMENT (no task_id), NOT_FOUND (no task with that id),
+        FAILED_PRECONDITION (the task is not a dead letter), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQueue(self, request, context):
+        """Deletes a queue the broker knows of and that holds no task (ready, delayed or leased): it
+        leaves ListQueues until a task is submitted to it again. With force, its ready and delayed
+        tasks are purged first (as PurgeQueue does). Errors: INVALID_ARGUMENT (a bad queue name),
+        NOT_FOUND (no such queue), FAILED_PRECONDITION (it holds tasks, or leased ones with force),
+        UNIMPLEMENTED (the broker cannot delete queues: SQS), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +365,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'DeleteDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDeadLetter,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterResponse.SerializeToString,
+            ),
+            'DeleteQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQueue,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -797,6 +837,60 @@ class AdminService:
             '/conveyor.v1.AdminService/ListTasks',
             conveyor_dot_v1_dot_admin__service__pb2.ListTasksRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/DeleteDeadLetter',
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/DeleteQueue',
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.DeleteQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

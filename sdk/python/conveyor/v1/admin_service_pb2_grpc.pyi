@@ -76,6 +76,18 @@ class AdminServiceStub:
     page_size over 1000, a page_token this server did not give out, submitted_after not before
     submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
     """
+    DeleteDeadLetter: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteDeadLetterRequest, _admin_service_pb2.DeleteDeadLetterResponse]
+    """Takes one dead letter off the list without replaying it (its record stays until it
+    expires). Errors: INVALID_ARGUMENT (no task_id), NOT_FOUND (no task with that id),
+    FAILED_PRECONDITION (the task is not a dead letter), UNAVAILABLE.
+    """
+    DeleteQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteQueueRequest, _admin_service_pb2.DeleteQueueResponse]
+    """Deletes a queue the broker knows of and that holds no task (ready, delayed or leased): it
+    leaves ListQueues until a task is submitted to it again. With force, its ready and delayed
+    tasks are purged first (as PurgeQueue does). Errors: INVALID_ARGUMENT (a bad queue name),
+    NOT_FOUND (no such queue), FAILED_PRECONDITION (it holds tasks, or leased ones with force),
+    UNIMPLEMENTED (the broker cannot delete queues: SQS), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -124,6 +136,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
     page_size over 1000, a page_token this server did not give out, submitted_after not before
     submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+    """
+    DeleteDeadLetter: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteDeadLetterRequest, _admin_service_pb2.DeleteDeadLetterResponse]  # type: ignore[assignment]
+    """Takes one dead letter off the list without replaying it (its record stays until it
+    expires). Errors: INVALID_ARGUMENT (no task_id), NOT_FOUND (no task with that id),
+    FAILED_PRECONDITION (the task is not a dead letter), UNAVAILABLE.
+    """
+    DeleteQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteQueueRequest, _admin_service_pb2.DeleteQueueResponse]  # type: ignore[assignment]
+    """Deletes a queue the broker knows of and that holds no task (ready, delayed or leased): it
+    leaves ListQueues until a task is submitted to it again. With force, its ready and delayed
+    tasks are purged first (as PurgeQueue does). Errors: INVALID_ARGUMENT (a bad queue name),
+    NOT_FOUND (no such queue), FAILED_PRECONDITION (it holds tasks, or leased ones with force),
+    UNIMPLEMENTED (the broker cannot delete queues: SQS), UNAVAILABLE.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -272,6 +296,30 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         truth: a task shows its state as stored). Errors: INVALID_ARGUMENT (an unknown state, a
         page_size over 1000, a page_token this server did not give out, submitted_after not before
         submitted_before), UNIMPLEMENTED (the backend keeps no task index: Memcached), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDeadLetter(
+        self,
+        request: _admin_service_pb2.DeleteDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeleteDeadLetterResponse, _abc.Awaitable[_admin_service_pb2.DeleteDeadLetterResponse]]:
+        """Takes one dead letter off the list without replaying it (its record stays until it
+        expires). Errors: INVALID_ARGUMENT (no task_id), NOT_FOUND (no task with that id),
+        FAILED_PRECONDITION (the task is not a dead letter), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteQueue(
+        self,
+        request: _admin_service_pb2.DeleteQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeleteQueueResponse, _abc.Awaitable[_admin_service_pb2.DeleteQueueResponse]]:
+        """Deletes a queue the broker knows of and that holds no task (ready, delayed or leased): it
+        leaves ListQueues until a task is submitted to it again. With force, its ready and delayed
+        tasks are purged first (as PurgeQueue does). Errors: INVALID_ARGUMENT (a bad queue name),
+        NOT_FOUND (no such queue), FAILED_PRECONDITION (it holds tasks, or leased ones with force),
+        UNIMPLEMENTED (the broker cannot delete queues: SQS), UNAVAILABLE.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

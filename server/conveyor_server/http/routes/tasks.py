@@ -110,7 +110,7 @@ async def retry(request: Request) -> Response:
     if not is_terminal(record):
         raise FailedPrecondition(f"task {task_id!r} has not ended ({convert.state_name(record.result.state)}); "
                                  "only an ended task can be retried")
-    (new_id,) = await core.admin.replay([task_id], "")
+    (new_id,) = await core.admin.resubmit([task_id])
     return JSONResponse({"task_id": new_id, "retry_of": task_id}, status_code=201)
 
 
