@@ -6,10 +6,15 @@ On the shared memory engines of tests/unit/replicas.py.
 
 from __future__ import annotations
 
+import logging
 import time
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
+from conveyor_server.core import dispatch
 from conveyor_server.core.connection import settle
 from conveyor_server.core.publisher import Publication
 from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
@@ -72,3 +77,78 @@ async def test_ended_tasks_whose_repair_fails_come_back_and_the_others_are_acked
     assert (stats.ready, stats.in_flight) == (1, 0), "gone's message acked, done's handed back for repair"
     [back] = await replicas.broker.fetch(QUEUE, 10, 30.0)
     assert back.message_id == "done"
+
+
+async def test_a_message_whose_repair_fails_comes_back_only_after_the_repair_delay(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "REPAIR_RETRY_SECONDS", 60.0)  # as in production, not at once
+    await submit(replicas.a, lone(task(task_id="done", on_success=[task(name="next")])))
+    first = await lease_all(replicas.a)
+    replicas.broker.fail_publishes = 1  # the callback's publish: "done" needs a repair
+    await replicas.a.connections.recorder.record([outcome(first, "done")], "w1")
+    await settle(replicas.broker, first.leases, {"done": 0.0})
+    dispatcher = replicas.a.connections.dispatcher
+    again = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    await dispatcher.drop_unrunnable(again)  # the repair meets the callback's claim, moments old
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.delayed, stats.in_flight) == (0, 1, 0)
+
+
+async def test_a_second_copy_fetched_before_the_first_copys_receipt_is_a_duplicate(replicas: Replicas) -> None:
+    # A follow-up published twice (its confirmation failed, repair published it again): both copies
+    # reach two pumps of one replica before the first copy's RECEIVED is written.
+    await submit(replicas.a, lone(task(task_id="cb")))
+    await replicas.a.connections.dispatcher.followups.publisher.publish([Publication(task(task_id="cb"), 1, "")])
+    dispatcher = replicas.a.connections.dispatcher
+    first = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w1", time.monotonic())
+    second = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w2", time.monotonic())
+    assert [lease.task_id for lease in first.leases] == ["cb"]
+    assert second.leases == [] and len(second.duplicates) == 1
+
+
+async def test_a_task_handed_out_again_after_its_lease_ended_is_not_a_duplicate(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    dispatcher = replicas.a.connections.dispatcher
+    first = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w1", time.monotonic())
+    dispatcher.released(first.leases)  # e.g. handed back as too large for its worker
+    await dispatcher.followups.publisher.publish([Publication(task(task_id="t1"), 1, "")])  # a first delivery
+    again = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w2", time.monotonic())
+    assert [lease.task_id for lease in again.leases] == ["t1"]
+
+
+async def test_a_hand_out_older_than_half_a_lease_no_longer_blocks_a_copy(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    dispatcher = replicas.a.connections.dispatcher
+    await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w1", time.monotonic())
+    await dispatcher.followups.publisher.publish([Publication(task(task_id="t1"), 1, "")])
+    later = time.monotonic() + dispatcher.lease_seconds / 2 + 1  # its RECEIVED decides by now
+    again = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 1, 30.0), "w2", later)
+    assert [lease.task_id for lease in again.leases] == ["t1"]
+
+
+async def test_a_retry_claimed_exactly_at_its_due_time_runs(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
+    first = await lease_all(replicas.a)
+    recorded = await replicas.a.connections.recorder.record([outcome(first, "t1", W.OUTCOME_FAILURE)], "w1")
+    await settle(replicas.broker, first.leases, dict.fromkeys(recorded.requeue, 0.0))  # back at once
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == S.TASK_STATE_RETRY
+    due = Timestamp()
+    due.CopyFrom(record.retry_at)
+    monkeypatch.setattr(dispatch, "timestamp_now", lambda: due)  # the claim happens at the due time
+    dispatcher = replicas.a.connections.dispatcher
+    claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    assert ([lease.task_id for lease in claim.leases], claim.early) == (["t1"], [])
+
+
+async def test_a_claim_of_tasks_whose_records_exist_recreates_none(
+    replicas: Replicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    with caplog.at_level(logging.WARNING, logger=dispatch.__name__):
+        claim = await lease_all(replicas.a)
+    assert [lease.task_id for lease in claim.leases] == ["t1"]
+    assert "recreating" not in caplog.text

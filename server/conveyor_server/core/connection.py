@@ -318,6 +318,8 @@ class WorkerConnections:
 
     def _attempts_ended(self, leases: Iterable[Lease]) -> None:
         """These leases' attempts ended (or never began): free their concurrency slots, in the background."""
+        leases = list(leases)
+        self.dispatcher.released(leases)
         held = [lease for lease in leases if lease.concurrency_key]
         if held and self.dispatcher.limits is not None:
             self._spawn(self.dispatcher.limits.release(held))
@@ -340,6 +342,8 @@ class WorkerConnections:
             log.exception("dropping %d ended or duplicate messages failed", len(claim.ended) + len(claim.duplicates))
         if claim.exhausted:
             await self._give_up(claim.exhausted)
+        if claim.expired:
+            await self._expire(claim.expired)
 
     async def _hand_back_oversized(self, session: WorkerSession, claim: Claim, tokens: set[str]) -> None:
         """Tasks too large for this worker's receive limit go back to the queue for another."""
@@ -367,6 +371,18 @@ class WorkerConnections:
         except Exception as exc:  # they come back and are given up on then
             log.warning("failing %d exhausted tasks: %s: %s; trying again later", len(exhausted),
                         type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await self.broker.nack(list(messages.values()), REPAIR_RETRY_SECONDS)
+            return
+        await settle_messages(self.broker, messages, recorded.requeue)
+
+    async def _expire(self, expired: dict[str, tuple[str, Delivery]]) -> None:
+        """End EXPIRED the tasks dispatch found past their expiry, and settle their messages."""
+        messages = {task_id: delivery for task_id, (_, delivery) in expired.items()}
+        try:
+            recorded = await self.recorder.expire({task_id: token for task_id, (token, _) in expired.items()})
+        except Exception as exc:  # they come back and expire then
+            log.warning("expiring %d tasks: %s: %s; trying again later", len(expired), type(exc).__name__, exc)
             with contextlib.suppress(Exception):
                 await self.broker.nack(list(messages.values()), REPAIR_RETRY_SECONDS)
             return
@@ -525,6 +541,7 @@ class WorkerConnections:
     async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
         await asyncio.sleep(self.settings.stream_grace_seconds)
         orphans = self.registry.take_orphans(leases)
+        self.dispatcher.released(orphans)
         if orphans:
             log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
             await self.broker.nack([lease.delivery for lease in orphans])

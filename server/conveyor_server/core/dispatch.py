@@ -23,6 +23,9 @@ an earlier lease was lost with its worker (or that worker's server) mid-run; the
 WorkerLost for it, and after `max_deliveries` such deliveries of one attempt the task is not run
 again but fails for good (`Claim.exhausted`), so a task that kills its workers cannot loop.
 
+A task past its expiry (core/expiry.py), or a retry due after it, is not sent either: it is
+left in `Claim.expired`, to end EXPIRED with the follow-ups of a failure.
+
 Limits come last (core/limits/): of the tasks that may run, those over a rate limit or without
 a free slot of their concurrency key are not assigned but wait in their queue (`Claim.limited`,
 each with its delay); a task is never failed for a limit.
@@ -33,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,10 +48,12 @@ from conveyor.v1 import worker_service_pb2
 from conveyor.values import timestamp_now
 
 from ..brokers.base import Broker, Delivery
+from . import withdrawn
 from .confirmed import RepairPending
+from .expiry import is_expired
 from .followups import FollowUps
 from .publisher import decode_message
-from .records import S, error, is_terminal, new_record, transition
+from .records import FAILED_STATES, S, error, is_terminal, new_record, transition
 from .repair import replaces_stale_lease
 from .store import Loaded, TaskStore
 
@@ -116,6 +121,9 @@ class Claim:
     elsewhere: list[tuple[Delivery, records_pb2.TaskMessage]] = field(default_factory=list)
     # Messages of tasks held back by a rate limit or a concurrency key, with how long each waits.
     limited: list[tuple[Delivery, float]] = field(default_factory=list)
+    # Tasks past their expiry, not to run: to end EXPIRED, by task id, with the lease token their
+    # record held (empty: none) and the message.
+    expired: dict[str, tuple[str, Delivery]] = field(default_factory=dict)
 
     @property
     def leases(self) -> list[Lease]:
@@ -153,6 +161,12 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.max_deliveries = max(max_deliveries, 1)
         self.limits = limits
+        # Attempts this replica handed out whose lease has not ended: task id -> (attempt, when,
+        # monotonic). A second copy of a task's message (a follow-up published again because its
+        # confirmation failed) can be fetched before the first copy's RECEIVED is written, when
+        # the record cannot tell yet that the task is held; this can.
+        self._handed_out: dict[str, tuple[int, float]] = {}
+        self._pruned_at = 0.0
 
     async def claim(
         self, deliveries: Sequence[Delivery], worker_id: str, now: float,
@@ -184,6 +198,7 @@ class Dispatcher:
         ended: dict[str, Delivery] = {}
         early: list[tuple[Delivery, float]] = []
         exhausted: dict[str, tuple[str, Delivery]] = {}
+        expired: dict[str, tuple[str, Delivery]] = {}
         for task_id, (delivery, message) in messages.items():
             found = records.get(task_id)
             if found is None or is_terminal(found.record):
@@ -201,6 +216,9 @@ class Dispatcher:
             if record.result.state in _RUNNING and record.lease_token and record.deliveries >= self.max_deliveries:
                 exhausted[task_id] = (record.lease_token, delivery)
                 continue
+            if is_expired(message.signature, record, wall):
+                expired[task_id] = (record.lease_token, delivery)
+                continue
             attempt = max(message.attempt, record.result.attempts, 1)
             if record.result.state == S.TASK_STATE_RETRY:
                 due = record.retry_at.seconds + record.retry_at.nanos / 1e9 - wall
@@ -208,6 +226,11 @@ class Dispatcher:
                     early.append((delivery, due))
                     continue
                 attempt = record.result.attempts + 1
+            if (delivery.delivery_count <= 1 and self._holds(task_id, attempt, now)
+                    and not replaces_stale_lease(record, message)):
+                duplicates.append(delivery)  # as above: the copy held comes back if its worker is lost
+                continue
+            self._handed_out[task_id] = (attempt, now)
             # From the message, not the record: a remembered record may predate the arguments a
             # workflow step got from its predecessor on another replica; its message has them.
             limit = message.signature.time_limit
@@ -230,9 +253,30 @@ class Dispatcher:
             )))
         limited: list[tuple[Delivery, float]] = []
         if self.limits is not None and claimed:
-            claimed, limited = await self.limits.admit(claimed)
+            admitted, limited = await self.limits.admit(claimed)
+            kept = {id(c) for c in admitted}
+            self.released(c.lease for c in claimed if id(c) not in kept)
+            claimed = admitted
         replacing = [c.lease for c in claimed if records[c.lease.task_id].record.lease_token]
-        return Claim(claimed, records, ended, duplicates, early, replacing, exhausted, elsewhere, limited)
+        return Claim(claimed, records, ended, duplicates, early, replacing, exhausted, elsewhere, limited, expired)
+
+    def _holds(self, task_id: str, attempt: int, now: float) -> bool:
+        """Whether this replica handed out this attempt of the task and its lease has not ended.
+        Past half a lease an entry is ignored (and pruned): RECEIVED is written by then, so the
+        record tells, and an entry a lost path never released cannot block the task for good."""
+        horizon = self.lease_seconds / 2
+        if now - self._pruned_at > horizon:
+            self._handed_out = {k: v for k, v in self._handed_out.items() if now - v[1] <= horizon}
+            self._pruned_at = now
+        held = self._handed_out.get(task_id)
+        return held is not None and held[0] == attempt and now - held[1] <= horizon
+
+    def released(self, leases: Iterable[Lease]) -> None:
+        """These leases ended (a result, a hand-back, a lost worker): their tasks may be handed out again."""
+        for lease in leases:
+            held = self._handed_out.get(lease.task_id)
+            if held is not None and held[0] == lease.attempt:
+                del self._handed_out[lease.task_id]
 
     async def _read(self, messages: _Messages) -> dict[str, Loaded]:
         """Fresh records of the messages' tasks; a queued task whose record is missing (it
@@ -286,7 +330,7 @@ class Dispatcher:
             await self.broker.nack([ended[task_id] for task_id in vanished])
         finished = [
             found.record for found in records.values()
-            if found.record.result.state in (S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE)
+            if found.record.result.state == S.TASK_STATE_SUCCESS or found.record.result.state in FAILED_STATES
         ]
         try:
             if finished:
@@ -300,3 +344,4 @@ class Dispatcher:
         else:
             settled = list(records)
         await self.broker.ack([ended[task_id] for task_id in settled])
+        await withdrawn.dropped(self.store.backend, settled)
