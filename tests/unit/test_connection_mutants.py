@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_pb2
 from conveyor_server.app import Core
+from conveyor_server.brokers.base import Delivery
 from conveyor_server.config import Settings
 from conveyor_server.core import connection
 from conveyor_server.core.connection import settle
@@ -24,7 +27,7 @@ from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
 from tests.support.processes import eventually
-from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas
+from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_worker_stream import handle, holding
 
@@ -102,6 +105,67 @@ async def test_a_worker_on_two_queues_gets_the_second_queues_task_with_a_window_
     assert await assigned_within(replicas, session, {"on-q1", "on-q2"}, 1.5)
 
 
+async def pumping_until_handed_back(
+    replicas: Replicas, session: WorkerSession, meanwhile: Callable[[], Awaitable[None]]
+) -> bool:
+    """Run the session's pump while `meanwhile` happens during its fetch of a ready task; True
+    when the pump handed the fetched task back rather than sending it to the worker."""
+    broker, nacked = replicas.broker, asyncio.Event()
+    fetch, nack = broker.fetch, broker.nack
+
+    async def fetch_then(*args: Any) -> list[Delivery]:
+        deliveries = await fetch(*args)
+        await meanwhile()
+        return deliveries
+
+    async def nack_and_tell(deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        await nack(deliveries, delay)
+        nacked.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(broker, "fetch", fetch_then)
+        patch.setattr(broker, "nack", nack_and_tell)
+        pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+        await eventually(lambda: nacked.is_set() or not session.outbox.empty(), 10.0, "the fetched task handled")
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+    return nacked.is_set() and session.outbox.empty()
+
+
+@pytest.mark.parametrize("event", ["closed", "draining", "paused"])
+async def test_a_task_fetched_while_the_worker_left_said_goodbye_or_its_queue_paused_goes_back(
+    replicas: Replicas, event: str
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    await session.outbox.get()  # the Welcome
+    happen = {"closed": session.close, "draining": session.set_draining,
+              "paused": lambda: replicas.a.connections.pauses.pause(QUEUE)}[event]
+    assert await pumping_until_handed_back(replicas, session, happen)
+
+
+async def test_a_pump_whose_claim_and_hand_back_both_fail_keeps_fetching(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    claims: list[object] = []
+
+    async def broken(*args: object) -> None:
+        claims.append(args)
+        raise RuntimeError("not an outage (injected)")
+
+    monkeypatch.setattr(replicas.a.connections.dispatcher, "claim", broken)
+    monkeypatch.setattr(replicas.broker, "nack", broken)  # its lease lapses and brings the task back
+    pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+    await eventually(lambda: len(claims) == 2, 10.0, "the claim and the hand-back tried")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not pump.done(), "the pump waits and fetches again"
+    pump.cancel()
+    await asyncio.gather(pump, return_exceptions=True)
+
+
 # -- messages on the stream --------------------------------------------------------------------------
 
 async def test_acks_name_the_lease_and_started_entries_the_worker(replicas: Replicas) -> None:
@@ -129,6 +193,39 @@ async def test_a_short_time_limit_is_enforced_in_the_workers_name_and_says_why(r
     assert record.result.history[-1].worker_id == "w1"
 
 
+async def test_an_attempt_exactly_at_its_time_limit_and_grace_is_not_failed_yet(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, tokens = await holding(replicas, "quick", time_limit=Duration(nanos=500_000_000))
+    now = 1_000.0
+    monkeypatch.setattr(connection, "time", SimpleNamespace(monotonic=lambda: now))
+    session.leases[tokens["quick"]].started_at = now - 0.5 - connection.TIME_LIMIT_GRACE_SECONDS
+    await handle(replicas, session, heartbeat=W.Heartbeat())
+    record = await replicas.a.store.get("quick")
+    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+
+
+async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(heartbeat_interval_seconds=0.001, lease_seconds=30.0)
+    core = Core.build(settings, broker=replicas.broker, backend=replicas.backend)
+    session = core.connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session.last_seen = 1_000.0
+    draining_at_look: list[bool] = []
+
+    def monotonic() -> float:  # the watchdog's first look is exactly one lease on, later ones a second more
+        draining_at_look.append(session.draining)
+        return 1_000.0 + 30.0 + (1.0 if len(draining_at_look) > 1 else 0.0)
+
+    monkeypatch.setattr(connection, "time", SimpleNamespace(monotonic=monotonic))
+    watchdog = asyncio.create_task(core.connections._watchdog(session))
+    await eventually(lambda: len(draining_at_look) >= 3, 10.0, "three looks of the watchdog")
+    assert draining_at_look[:3] == [False, False, True], "drained at the look after the lease, not at its exact end"
+    await session.close()
+    await asyncio.wait_for(watchdog, 5)
+
+
 def test_a_window_of_one_stays_one_and_a_worker_without_an_id_gets_a_short_random_one(replicas: Replicas) -> None:
     session = replicas.a.connections.open(W.Hello(max_in_flight=1))
     assert session.window == 1
@@ -146,6 +243,37 @@ async def unreceived(replicas: Replicas, *task_ids: str) -> tuple[WorkerSession,
     claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
     await session.settle(0, claim.leases)
     return session, {lease.task_id: lease for lease in claim.leases}
+
+
+async def test_a_delayed_receipt_is_written_from_the_records_the_claim_read(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "RECEIVED_DELAY_SECONDS", 0.0)
+    await submit(replicas.a, lone(task(task_id="t1")))
+    connections = replicas.b.connections  # its store remembers nothing of t1
+    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    claim = await connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    await session.settle(0, claim.leases)
+    replicas.backend.fail_reads = 1_000  # a read now would fail: only the claim's own read serves
+    await connections._record_later(session, claim)
+    replicas.backend.fail_reads = 0
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+
+
+async def test_receipts_that_cannot_be_recorded_are_cancelled_even_when_handing_them_back_fails(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, leases = await unreceived(replicas, "t1")
+
+    async def broken(*_: object) -> None:
+        raise RuntimeError("not an outage (injected)")
+
+    monkeypatch.setattr(replicas.a.connections.dispatcher, "record", broken)
+    monkeypatch.setattr(replicas.broker, "nack", broken)  # the lease lapses and brings it back instead
+    await replicas.a.connections._record_receipts(session, [leases["t1"]])
+    [message] = sent(session)
+    assert list(message.cancel.task_ids) == ["t1"]
 
 
 def success(lease: Lease) -> W.Results:

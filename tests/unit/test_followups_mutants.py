@@ -43,6 +43,14 @@ async def test_a_cancelled_task_fires_no_error_callback_and_a_failed_one_no_succ
     assert await replicas.a.store.load(["cancelled.err0", "failed.ok0"]) == {}
 
 
+async def test_an_error_callback_joins_the_trace_of_the_task_that_failed(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1", on_error=[task(name="alert")], headers={"traceparent": "tp"})))
+    await run_all(replicas.a, fail={"t1"})
+    alert = await replicas.a.store.get("t1.err0")
+    assert alert is not None
+    assert alert.result.signature.headers["traceparent"] == "tp"
+
+
 async def test_a_callback_of_a_workflow_step_goes_out_as_part_of_the_workflow(replicas: Replicas) -> None:
     [response] = await submit(replicas.a, flow(chain_of(step("a", on_success=[task(name="cb")]), step("b"))))
     await run_ready(replicas.a)

@@ -6,13 +6,17 @@ On the shared memory engines of tests/unit/replicas.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
+from conveyor_server.backends.base import Update
 from conveyor_server.core.connection import settle
 from conveyor_server.core.outcomes import MAX_REJECTS, OutcomeRecorder
+from conveyor_server.core.records import task_key
 from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
@@ -170,6 +174,22 @@ async def test_a_result_for_a_task_without_a_record_is_a_stale_lease(replicas: R
     unknown = W.TaskOutcome(task_id="never-submitted", lease_token="t", outcome=W.OUTCOME_SUCCESS)
     recorded = await replicas.a.connections.recorder.record([unknown], "w1")
     assert recorded.statuses == {"never-submitted": W.ACK_STATUS_STALE_LEASE}
+
+
+async def test_a_result_whose_record_vanished_after_a_lost_write_is_a_stale_lease(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a)
+    backend = replicas.backend
+
+    async def lose_and_vanish(updates: Sequence[Update]) -> list[bool]:
+        # The outcome was accepted from the record read, but its write loses to a concurrent
+        # writer and the record is gone when read again: nothing was recorded.
+        backend.hide.add(task_key("t1"))
+        return [False] * len(updates)
+
+    backend.compare_and_set = lose_and_vanish  # type: ignore[method-assign]
+    recorded = await replicas.a.connections.recorder.record([outcome(claim, "t1")], "w1")
+    assert recorded.statuses == {"t1": W.ACK_STATUS_STALE_LEASE}
 
 
 async def test_a_task_failed_by_rejections_whose_follow_ups_fail_comes_back_for_repair(replicas: Replicas) -> None:

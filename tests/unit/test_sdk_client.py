@@ -115,7 +115,7 @@ async def test_the_address_comes_from_the_environment(monkeypatch: pytest.Monkey
 def test_states_are_an_enum_that_keeps_the_wire_numbers() -> None:
     assert int(State.SUCCESS) == 5 and State(7) is State.CANCELLED
     assert state_name(State.FAILURE) == "FAILURE"
-    assert [s.name for s in State if s.done] == ["SUCCESS", "FAILURE", "CANCELLED"]
+    assert [s.name for s in State if s.done] == ["SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"]
 
 
 def _public(kind: type) -> set[str]:

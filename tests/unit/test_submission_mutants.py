@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -144,6 +144,32 @@ async def test_the_tasks_of_a_refused_submission_end_cancelled_saying_why(replic
     why = result_pb2.TaskError(type="AlreadyExists", message="refused with its submission: task ids already exist: x")
     assert record.result.error == why
     assert record.result.history[-1].state == S.TASK_STATE_CANCELLED and record.result.history[-1].error == why
+
+
+class Gate(asyncio.Event):
+    """An event that also tells when someone began waiting for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        self.reached.set()
+        return await super().wait()
+
+
+async def test_a_task_of_a_refused_submission_cancelled_meanwhile_is_not_written_again(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="x")))
+    inserted = Gate()
+    replicas.backend.hold_after_insert("task:y", inserted)
+    refused = asyncio.create_task(submit(replicas.b, lone(task(task_id="y")), lone(task(task_id="x"))))
+    await inserted.reached.wait()  # y is stored; the refusal waits at the gate
+    await replicas.a.canceller.cancel("y")  # before the refusal gets to it
+    cancelled = (await replicas.a.store.load(["y"]))["y"].version
+    inserted.set()
+    with pytest.raises(AlreadyExists):
+        await refused
+    assert (await replicas.a.store.load(["y"]))["y"].version == cancelled
 
 
 async def test_the_plan_of_a_refused_workflow_expires(

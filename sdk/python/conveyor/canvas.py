@@ -11,9 +11,12 @@ JSON object: task_id, type, message, traceback) on failure, on tasks, chains, gr
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor.values import to_value, to_value_map
@@ -74,10 +77,17 @@ class Sig:
     # arguments) returns the live one's id instead (released when it ends).
     unique_for: float | None = None
     unique_key: str = ""
+    # Not started by then, it never runs and ends EXPIRED: seconds from submission (a number) or
+    # a point in time (a datetime; naive means UTC), as Celery's `expires`.
+    expires: float | dt.datetime | None = None
+    # Do not store the task's return value (it ends SUCCESS without one); result() then raises
+    # ResultIgnored, while its state can still be waited for.
+    ignore_result: bool = False
 
     def set(self, **options: Any) -> Sig:
         """A copy with options changed: queue, priority, countdown, eta, retry, time_limit,
-        soft_time_limit, immutable, idempotency_key, headers, id, message_group, unique_for, unique_key."""
+        soft_time_limit, immutable, idempotency_key, headers, id, message_group, unique_for, unique_key,
+        expires, ignore_result."""
         return replace(self, **options)
 
     def link(self, callback: Sig) -> Sig:
@@ -97,7 +107,10 @@ class Sig:
             kwargs=to_value_map(self.kwargs), headers=self.headers, priority=self.priority,
             immutable=self.immutable, idempotency_key=self.idempotency_key, message_group=self.message_group,
             on_success=[s.to_proto() for s in self.on_success], on_error=[s.to_proto() for s in self.on_error],
+            ignore_result=self.ignore_result,
         )
+        if self.expires is not None:
+            signature.expires_at.CopyFrom(expires_at(self.expires))
         if self.countdown is not None:
             signature.countdown.FromNanoseconds(int(self.countdown * 1e9))
         if self.eta is not None:
@@ -116,6 +129,17 @@ class Sig:
 
     def to_workflow(self) -> workflow_pb2.Workflow:
         return workflow_pb2.Workflow(task=self.to_proto())
+
+
+def expires_at(expires: float | dt.datetime) -> Timestamp:
+    """The absolute expiry of `expires`: seconds from now, or a datetime (naive means UTC)."""
+    stamp = Timestamp()
+    if isinstance(expires, dt.datetime):
+        aware = expires if expires.tzinfo else expires.replace(tzinfo=dt.UTC)
+        stamp.FromDatetime(aware.astimezone(dt.UTC).replace(tzinfo=None))
+    else:
+        stamp.FromNanoseconds(time.time_ns() + int(expires * 1e9))
+    return stamp
 
 
 def sig(name: str, *args: Any, **kwargs: Any) -> Sig:

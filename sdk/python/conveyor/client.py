@@ -18,14 +18,17 @@ from opentelemetry.trace import SpanKind
 from conveyor import tracing
 from conveyor.canvas import Canvas, Sig, check_depth
 from conveyor.context import running_task_id
-from conveyor.errors import TaskFailed, rpc_failed
+from conveyor.errors import ResultIgnored, TaskFailed, rpc_failed
 from conveyor.session import Session
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
 from conveyor.values import from_value, to_value, to_value_map
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
+TERMINAL = {
+    result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED,
+    result_pb2.TASK_STATE_EXPIRED,
+}
 # GetResult waits server-side at most this long per call; longer waits loop.
 WAIT_SLICE_SECONDS = 60.0
 # Trailing metadata in which the server suggests how long to wait before retrying.
@@ -74,10 +77,12 @@ class State(enum.IntEnum):
     SUCCESS = result_pb2.TASK_STATE_SUCCESS
     FAILURE = result_pb2.TASK_STATE_FAILURE
     CANCELLED = result_pb2.TASK_STATE_CANCELLED
+    # Not started by its expiry (Sig expires): it never ran.
+    EXPIRED = result_pb2.TASK_STATE_EXPIRED
 
     @property
     def done(self) -> bool:
-        """SUCCESS, FAILURE or CANCELLED: the task will not change again."""
+        """SUCCESS, FAILURE, CANCELLED or EXPIRED: the task will not change again."""
         return int(self) in TERMINAL
 
 
@@ -106,7 +111,8 @@ class Submitted:
         return self.client
 
     async def result(self, timeout: float = 60.0) -> Any:  # noqa: ASYNC109 - a wait the server serves
-        """The value once it finished; TaskFailed if it failed, TimeoutError after `timeout` s."""
+        """The value once it finished; TaskFailed if it failed, ResultIgnored if it ignores its
+        result (use state() for those), TimeoutError after `timeout` s."""
         return await self._client().result(self, wait=timeout)
 
     async def state(self) -> State:
@@ -165,8 +171,11 @@ def to_request(target: Submittable) -> task_service_pb2.SubmitRequest:
 
 
 def value_of(result: result_pb2.TaskResult) -> Any:
-    """The Python value of a finished task, or TaskFailed for a failure or cancellation."""
+    """The Python value of a finished task; TaskFailed for a failure, cancellation or expiry;
+    ResultIgnored for a task submitted with ignore_result (its value was not stored)."""
     if result.state == result_pb2.TASK_STATE_SUCCESS:
+        if result.signature.ignore_result:
+            raise ResultIgnored(result.task_id)
         return from_value(result.result)
     raise TaskFailed(
         result.task_id, state_name(result.state), result.error.type, result.error.message, result.error.traceback
@@ -414,7 +423,8 @@ class Client:
                 return response.result
 
     async def result(self, task_id: str | Submitted, wait: float = 60.0) -> Any:
-        """Wait for the task and return its value; raises TaskFailed or TimeoutError. A workflow
+        """Wait for the task and return its value; raises TaskFailed, ResultIgnored (a task that
+        ignores its result, once it succeeded) or TimeoutError. A workflow
         id (or a Submitted) gives the whole workflow's value: a group's list, a chain's last
         step's value, a chord's callback's; TaskFailed carries the error that ended it."""
         if isinstance(task_id, Submitted):

@@ -14,7 +14,7 @@ class UnencodableValue(ConveyorError, TypeError):
 
 
 class TaskFailed(ConveyorError):
-    """A task ended in FAILURE or CANCELLED; raised by AsyncResult-style helpers."""
+    """A task ended in FAILURE, CANCELLED or EXPIRED; raised by AsyncResult-style helpers."""
 
     def __init__(self, task_id: str, state: str, error_type: str, message: str, traceback: str = "") -> None:
         super().__init__(f"task {task_id} ended {state}: {error_type}: {message}")
@@ -25,6 +25,16 @@ class TaskFailed(ConveyorError):
         self.traceback = traceback
 
 
+class ResultIgnored(ConveyorError):
+    """A task submitted with ignore_result ended SUCCESS, but its value was not stored, so there
+    is no result to return; wait for its state instead (`Submitted.state()`, `get_result`)."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} ignores its result (submitted with ignore_result): its value was not "
+                         "stored; wait for its state with get_result() or Submitted.state() instead")
+        self.task_id = task_id
+
+
 class Retry(ConveyorError):
     """Raise inside a task to run it again after `delay` seconds (bounded by max attempts)."""
 
@@ -32,6 +42,18 @@ class Retry(ConveyorError):
         super().__init__(reason or f"retry requested in {delay} s")
         self.delay = delay
         self.reason = reason
+
+
+class Reject(ConveyorError):
+    """Raise inside a task to refuse it (Celery's `Reject`). requeue=False: the task fails for
+    good with a "Rejected" error, never retried (on_error callbacks run; it is a dead letter).
+    requeue=True: it goes back to its queue and the same attempt runs again later, on any
+    worker; not a failure, but a task requeued 10 times fails with "Rejected"."""
+
+    def __init__(self, reason: str = "", requeue: bool = False) -> None:
+        super().__init__(reason or ("requeued by the task" if requeue else "rejected by the task"))
+        self.reason = reason
+        self.requeue = requeue
 
 
 class TaskCancelled(ConveyorError):

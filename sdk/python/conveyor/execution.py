@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.context import TaskContext, bind
-from conveyor.errors import Retry, TimeLimitExceeded, WorkerLost
+from conveyor.errors import Reject, Retry, TimeLimitExceeded, WorkerLost
 from conveyor.v1 import result_pb2, task_pb2
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.values import from_value, to_value
@@ -51,10 +51,13 @@ def succeeded(value: Any, started_at: float) -> Ending:
 
 
 def ended_by(exc: BaseException, started_at: float) -> Ending:
-    """The Ending of a task that raised `exc`: a retry it asked for, else a failure."""
+    """The Ending of a task that raised `exc`: a retry or reject it asked for, else a failure."""
     if isinstance(exc, Retry):
         return Ending(w.OUTCOME_RETRY, started_at, time.time(), error=task_error(exc, "Retry"),
                       retry_delay=max(exc.delay, 0.0))
+    if isinstance(exc, Reject):
+        outcome = w.OUTCOME_REQUEUED if exc.requeue else w.OUTCOME_REJECTED
+        return Ending(outcome, started_at, time.time(), error=task_error(exc, "Rejected"))
     return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=task_error(exc))
 
 

@@ -46,6 +46,11 @@ def ended(context: TaskContext, ending: Ending) -> None:
                  ending.error.message if ending.error else "")
     elif ending.outcome == w.OUTCOME_CANCELLED:
         log.info("task %s[%s] cancelled after %s", name, task_id, took)
+    elif ending.outcome in (w.OUTCOME_REJECTED, w.OUTCOME_REQUEUED):
+        # The task refused itself on purpose: no traceback.
+        action = "requeued itself" if ending.outcome == w.OUTCOME_REQUEUED else "rejected itself"
+        log.info("task %s[%s] %s after %s: %s", name, task_id, action, took,
+                 ending.error.message if ending.error else "")
     else:
         error = ending.error
         kind, message, trace = (error.type, error.message, error.traceback.rstrip()) if error else ("", "", "")

@@ -73,7 +73,7 @@ end
 # keeps a batch cheap. Returns the number of entries the trim forgot.
 _WRITE = _FORGET + """
 local p, now, ttl, cap, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local terminal = {['5'] = true, ['6'] = true, ['7'] = true}
+local terminal = {['5'] = true, ['6'] = true, ['7'] = true, ['8'] = true}
 local items = cjson.decode(ARGV[6])
 if #items > 0 then
   local ids = {}

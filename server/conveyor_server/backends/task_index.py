@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-# States that end a task (conveyor.v1.TaskState SUCCESS, FAILURE, CANCELLED): their entries expire.
-TERMINAL_STATES = frozenset({5, 6, 7})
+# States that end a task (conveyor.v1.TaskState SUCCESS, FAILURE, CANCELLED, EXPIRED): their entries expire.
+TERMINAL_STATES = frozenset({5, 6, 7, 8})
 
 
 # Not frozen: one is made for each record the server writes, and a frozen dataclass's __init__

@@ -14,7 +14,7 @@ from conveyor.v1 import result_pb2, task_pb2
 
 from .confirmed import publish_confirmed, take_over
 from .publisher import Publisher
-from .records import S, new_record
+from .records import FAILED_STATES, S, new_record
 from .signatures import error_value, filled, with_leading_arg
 from .store import TaskStore
 from .workflow import WorkflowEngine
@@ -39,7 +39,7 @@ class FollowUps:
                     f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id,
                     result.signature.headers, repair,
                 )
-            elif result.state == S.TASK_STATE_FAILURE and result.signature.on_error:
+            elif result.state in FAILED_STATES and result.signature.on_error:
                 await self.fire_callbacks(
                     f"{result.task_id}.err", list(result.signature.on_error), result.error, result.workflow_id,
                     result.signature.headers, repair, failed_task_id=result.task_id,

@@ -24,6 +24,7 @@ from conveyor.v1 import result_pb2, worker_service_pb2
 
 from ..backends.base import Backend
 from .dispatch import Lease, mark_received
+from .expiry import is_expired, mark_expired
 from .followups import FollowUps
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
 from .retry import attempts_allowed, next_delay, seconds
@@ -37,6 +38,9 @@ DEFAULT_EXPLICIT_RETRY_ATTEMPTS = 3
 # Rejections of one task (by workers that registered its name but could not run it) before it
 # fails with UnknownTask.
 MAX_REJECTS = 5
+# Times a task may send itself back to its queue (Reject(requeue=True)) before it fails with
+# Rejected: a task that always requeues itself cannot loop forever.
+MAX_REQUEUES = 10
 # A task whose follow-ups failed (an engine error) comes back for repair after this long.
 REPAIR_DELAY_SECONDS = 1.0
 AckStatus: TypeAlias = worker_service_pb2.AckStatus.ValueType
@@ -47,6 +51,8 @@ ACCEPTED = worker_service_pb2.ACK_STATUS_ACCEPTED
 class _Decision:
     status: AckStatus = ACCEPTED
     retry_delay: float = 0.0
+    # The task asked to go back to its queue: its message is handed back after retry_delay.
+    requeue: bool = False
 
 
 @dataclass(slots=True)
@@ -123,7 +129,11 @@ class OutcomeRecorder:
                 return False
             if outcome.HasField("started_at"):
                 mark_started(record, outcome.started_at, worker_id)
-            decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
+            if outcome.outcome == worker_service_pb2.OUTCOME_REQUEUED:
+                decision.requeue = _requeue(record, outcome, worker_id)
+                decision.retry_delay = bounce_delay(record.requeues)
+            else:
+                decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
             return True
 
         written = await self.store.update(list(by_id), apply)
@@ -191,6 +201,22 @@ class OutcomeRecorder:
         await self._after(written, {}, recorded)
         return recorded
 
+    async def expire(self, expired: Mapping[str, str]) -> Recorded:
+        """End EXPIRED the tasks (task id -> lease token their record held when dispatch found
+        them past their expiry) that were not sent to a worker: follow-ups as for any failure,
+        no dead letter. A task that ended meanwhile, or got another lease, is left alone."""
+
+        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            if is_terminal(record) or record.lease_token != expired[task_id]:
+                return False
+            mark_expired(record)
+            return True
+
+        written = await self.store.update(list(expired), apply)
+        recorded = Recorded()
+        await self._after(written, {}, recorded)
+        return recorded
+
     async def fail_leased(
         self, leases: Sequence[tuple[str, str]], cause: result_pb2.TaskError, worker_id: str
     ) -> Recorded:
@@ -210,7 +236,8 @@ class OutcomeRecorder:
         result = record.result
         at = outcome.finished_at if outcome.HasField("finished_at") else now()
         if outcome.outcome == worker_service_pb2.OUTCOME_SUCCESS:
-            result.result.CopyFrom(outcome.result)
+            if not result.signature.ignore_result:  # an ignored result ends without a value
+                result.result.CopyFrom(outcome.result)
             transition(record, S.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
             return 0.0
         if outcome.outcome == worker_service_pb2.OUTCOME_CANCELLED:
@@ -218,6 +245,9 @@ class OutcomeRecorder:
             transition(record, S.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
             return 0.0
         cause = outcome.error if outcome.HasField("error") else error("Error", "the task failed without details")
+        if outcome.outcome == worker_service_pb2.OUTCOME_REJECTED:
+            _fail_rejected(record, cause, at, worker_id)  # no retry: the task refused itself
+            return 0.0
         record.attempt_errors.append(cause)
         policy = result.signature.retry
         allowed = attempts_allowed(policy)
@@ -233,6 +263,9 @@ class OutcomeRecorder:
             else:
                 delay = next_delay(policy, result.attempts)
             record.retry_at.FromNanoseconds(time.time_ns() + int(delay * 1e9))
+            if is_expired(result.signature, record, time.time()):
+                mark_expired(record)  # the next attempt would be due past its expiry: none runs
+                return 0.0
             return delay
         if outcome.outcome == worker_service_pb2.OUTCOME_RETRY:
             cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
@@ -253,7 +286,8 @@ class OutcomeRecorder:
             attributes: dict[str, str | int] = {"conveyor.task_id": task_id, "conveyor.state": S.Name(result.state),
                           "conveyor.attempt": result.attempts}
             with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
-                if result.state == S.TASK_STATE_RETRY:
+                decision = decisions.get(task_id)
+                if result.state == S.TASK_STATE_RETRY or (decision is not None and decision.requeue):
                     recorded.requeue[task_id] = decisions[task_id].retry_delay
                     continue
                 if not is_terminal(record):
@@ -266,3 +300,32 @@ class OutcomeRecorder:
                     log.warning("follow-ups of task %s failed (%s: %s); its message comes back for repair",
                                 task_id, type(exc).__name__, exc)
                     recorded.requeue[task_id] = REPAIR_DELAY_SECONDS
+
+
+def _fail_rejected(
+    record: records_pb2.TaskRecord, cause: result_pb2.TaskError, at: Timestamp, worker_id: str
+) -> None:
+    """FAILURE for good with a "Rejected" error: a rejected task is never retried."""
+    rejected = result_pb2.TaskError()
+    rejected.CopyFrom(cause)
+    rejected.type = rejected.type or "Rejected"
+    record.attempt_errors.append(rejected)
+    record.result.error.CopyFrom(rejected)
+    transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=rejected)
+
+
+def _requeue(record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, worker_id: str) -> bool:
+    """The task asked to go back to its queue: end its lease and hand the message back, so the
+    same attempt runs again (as Celery redelivers the same message); True when it goes back.
+    That delivery ended with an outcome, so it does not count toward max_deliveries. Past
+    MAX_REQUEUES the task fails with Rejected instead."""
+    record.lease_token = ""
+    record.requeues += 1
+    if record.requeues < MAX_REQUEUES:
+        record.deliveries = max(record.deliveries - 1, 0)
+        return True
+    reason = outcome.error.message if outcome.HasField("error") and outcome.error.message else "requeued"
+    cause = error("Rejected", f"{reason} (requeued itself {record.requeues} times; the limit is {MAX_REQUEUES})")
+    at = outcome.finished_at if outcome.HasField("finished_at") else now()
+    _fail_rejected(record, cause, at, worker_id)
+    return False

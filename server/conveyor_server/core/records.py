@@ -23,10 +23,15 @@ class S:
     TASK_STATE_SUCCESS = result_pb2.TASK_STATE_SUCCESS
     TASK_STATE_FAILURE = result_pb2.TASK_STATE_FAILURE
     TASK_STATE_CANCELLED = result_pb2.TASK_STATE_CANCELLED
+    TASK_STATE_EXPIRED = result_pb2.TASK_STATE_EXPIRED
     Name = staticmethod(result_pb2.TaskState.Name)
 
 
-TERMINAL_STATES = frozenset({S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED})
+TERMINAL_STATES = frozenset({
+    S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED, S.TASK_STATE_EXPIRED,
+})
+# Terminal states that count as a failure for on_error callbacks and the task's workflow.
+FAILED_STATES = frozenset({S.TASK_STATE_FAILURE, S.TASK_STATE_EXPIRED})
 
 
 def task_key(task_id: str) -> str:

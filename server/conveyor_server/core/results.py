@@ -279,8 +279,12 @@ def _workflow_task_result(
     if outcome.ok:
         result.state = S.TASK_STATE_SUCCESS
         result.result.CopyFrom(outcome.value)
+        final = records.get(outcome.task_id)
+        if final is not None and final.result.signature.ignore_result:
+            result.signature.ignore_result = True  # so that clients know the value was not kept
     else:
-        result.state = S.TASK_STATE_CANCELLED if outcome.state == S.TASK_STATE_CANCELLED else S.TASK_STATE_FAILURE
+        ended_as = (S.TASK_STATE_CANCELLED, S.TASK_STATE_EXPIRED)
+        result.state = outcome.state if outcome.state in ended_as else S.TASK_STATE_FAILURE
         result.error.CopyFrom(outcome.error)
     finished = [r.finished_at for r in results if r.HasField("finished_at")]
     if finished:
@@ -292,7 +296,7 @@ def _aggregate(states: Sequence[result_pb2.TaskState.ValueType]) -> result_pb2.T
     """A canvas node's state: failed or cancelled if any child is, done when all are."""
     if not states:
         return S.TASK_STATE_SUCCESS
-    for worst in (S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED):
+    for worst in (S.TASK_STATE_FAILURE, S.TASK_STATE_EXPIRED, S.TASK_STATE_CANCELLED):
         if worst in states:
             return worst
     if all(state == S.TASK_STATE_SUCCESS for state in states):

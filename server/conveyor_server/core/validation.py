@@ -80,6 +80,7 @@ def _check_one(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
     _check_schedule(sig, where)
     _check_retry(sig.retry, where)
     _check_time_limits(sig, where)
+    _check_result_options(sig, where)
 
 
 def _check_sizes(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
@@ -136,6 +137,17 @@ def _check_schedule(sig: task_pb2.Signature, where: str) -> None:
             raise InvalidArgument(f"{where}: countdown is negative")
         if seconds > MAX_ETA_SECONDS:
             raise InvalidArgument(f"{where}: countdown is more than a year")
+
+
+def _check_result_options(sig: task_pb2.Signature, where: str) -> None:
+    """expires_at must be a valid time (one already past is accepted: the task ends EXPIRED);
+    a task that ignores its result has no value to hand to on_success callbacks."""
+    if sig.HasField("expires_at") and (sig.expires_at.seconds <= 0 or not 0 <= sig.expires_at.nanos < 1_000_000_000):
+        raise InvalidArgument(f"{where}: expires_at {sig.expires_at.seconds}s {sig.expires_at.nanos}ns is not a "
+                              "valid time (seconds since 1970)")
+    if sig.ignore_result and sig.on_success:
+        raise InvalidArgument(f"{where}: ignore_result is set, so there is no result to pass to its on_success "
+                              "callbacks; drop one of them")
 
 
 def _check_retry(retry: task_pb2.RetryPolicy, where: str) -> None:

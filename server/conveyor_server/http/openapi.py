@@ -36,7 +36,7 @@ BOOL: JSON = {"type": "boolean"}
 TIME: JSON = {"type": ["string", "null"], "format": "date-time"}
 ANY: JSON = {"description": "Any JSON value (bytes as {\"$bytes\": base64})"}
 STATE: JSON = {"type": "string", "enum": ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE",
-                                           "CANCELLED"]}
+                                           "CANCELLED", "EXPIRED"]}
 TASK_ERROR: JSON = {"oneOf": [obj(type=STR, message=STR, traceback=STR), {"type": "null"}]}
 
 SCHEMAS: dict[str, JSON] = {

@@ -12,7 +12,7 @@ const {
 } = require('./values');
 const { injectHeaders } = require('./tracing');
 
-const TERMINAL = new Set(['SUCCESS', 'FAILURE', 'CANCELLED']);
+const TERMINAL = new Set(['SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED']);
 // GetResult waits server-side at most this long per call; longer waits loop.
 const WAIT_SLICE_SECONDS = 60;
 const BACKOFF_KINDS = {
@@ -20,7 +20,7 @@ const BACKOFF_KINDS = {
 };
 const FAILURE_POLICIES = { fail: 'CHORD_FAILURE_POLICY_FAIL', continue: 'CHORD_FAILURE_POLICY_CONTINUE' };
 
-/** A task ended in FAILURE or CANCELLED (thrown by client.result()). */
+/** A task ended in FAILURE, CANCELLED or EXPIRED (thrown by client.result()). */
 class TaskFailed extends Error {
   constructor(result) {
     const error = result.error || {};
@@ -35,6 +35,16 @@ class TaskFailed extends Error {
   }
 }
 
+/** A task submitted with ignoreResult succeeded, but its value was not stored (thrown by client.result()). */
+class ResultIgnored extends Error {
+  constructor(taskId) {
+    super(`task ${taskId} ignores its result (submitted with ignoreResult): its value was not stored; `
+      + 'wait for its state with getResult() instead');
+    this.name = 'ResultIgnored';
+    this.taskId = taskId;
+  }
+}
+
 /** "SUCCESS" for "TASK_STATE_SUCCESS". */
 function stateName(state) {
   return String(state).replace(/^TASK_STATE_/, '');
@@ -45,7 +55,8 @@ function stateName(state) {
 /**
  * One task call. options: id, queue, priority (0-9), countdown (s), eta (Date), timeLimit (s), softTimeLimit (s),
  * retry {maxAttempts, backoff: 'exponential'|'fibonacci'|'fixed', initial, max, jitter},
- * immutable, idempotencyKey, headers, messageGroup, onSuccess [sig], onError [sig].
+ * immutable, idempotencyKey, headers, messageGroup, onSuccess [sig], onError [sig],
+ * expires (s from submit, or a Date: not started by then, it ends EXPIRED), ignoreResult (its value is not stored).
  */
 function sig(name, args = [], kwargs = {}, options = {}) {
   return { kind: 'task', name, args, kwargs, options };
@@ -108,7 +119,11 @@ function toSignature(node) {
     message_group: o.messageGroup || '',
     on_success: (o.onSuccess || []).map(toSignature),
     on_error: (o.onError || []).map(toSignature),
+    ignore_result: Boolean(o.ignoreResult),
   };
+  if (o.expires != null) {
+    signature.expires_at = timestamp(o.expires instanceof Date ? o.expires : Date.now() + o.expires * 1000);
+  }
   if (o.countdown != null) signature.countdown = duration(o.countdown);
   if (o.eta != null) signature.eta = timestamp(o.eta);
   if (o.timeLimit != null) signature.time_limit = duration(o.timeLimit);
@@ -287,6 +302,7 @@ class Client {
     const result = await this.getResult(taskId, waitSeconds);
     if (!TERMINAL.has(result.state)) throw new Error(`task ${taskId} is still ${result.state} after ${waitSeconds} s`);
     if (result.state !== 'SUCCESS') throw new TaskFailed(result);
+    if (result.raw.signature && result.raw.signature.ignore_result) throw new ResultIgnored(result.taskId);
     return result.value;
   }
 
@@ -317,6 +333,6 @@ class Client {
 }
 
 module.exports = {
-  Client, TaskFailed, sig, si, chain, group, chord, link, linkError, toResult, toEvent, toSignature, toWorkflow,
+  Client, TaskFailed, ResultIgnored, sig, si, chain, group, chord, link, linkError, toResult, toEvent, toSignature, toWorkflow,
   toCanvasOptions, stateName, TERMINAL,
 };

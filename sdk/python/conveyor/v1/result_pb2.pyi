@@ -39,6 +39,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_SUCCESS: _TaskState.ValueType  # 5
     TASK_STATE_FAILURE: _TaskState.ValueType  # 6
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 7
+    TASK_STATE_EXPIRED: _TaskState.ValueType  # 8
+    """Not started by its Signature's expires_at (a retry due past it included): it never ran,
+    or never ran again. Terminal, and a failure for workflows and on_error callbacks.
+    """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is where a task is in its life."""
@@ -55,6 +59,10 @@ TASK_STATE_RETRY: TaskState.ValueType  # 4
 TASK_STATE_SUCCESS: TaskState.ValueType  # 5
 TASK_STATE_FAILURE: TaskState.ValueType  # 6
 TASK_STATE_CANCELLED: TaskState.ValueType  # 7
+TASK_STATE_EXPIRED: TaskState.ValueType  # 8
+"""Not started by its Signature's expires_at (a retry due past it included): it never ran,
+or never ran again. Terminal, and a failure for workflows and on_error callbacks.
+"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final
@@ -155,11 +163,11 @@ class TaskResult(_message.Message):
     """Empty for a task submitted on its own."""
     @_builtins.property
     def result(self) -> _task_pb2.Value:
-        """Set on SUCCESS."""
+        """Set on SUCCESS, unless the task ignores its result (Signature.ignore_result)."""
 
     @_builtins.property
     def error(self) -> Global___TaskError:
-        """Set on FAILURE (the last attempt's error)."""
+        """Set on FAILURE (the last attempt's error), and on CANCELLED and EXPIRED with the reason."""
 
     @_builtins.property
     def submitted_at(self) -> _timestamp_pb2.Timestamp: ...

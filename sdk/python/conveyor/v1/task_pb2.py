@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63onveyor/v1/task.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x05Value\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x12\x14\n\njson_value\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12)\n\x07\x62\x61\x63koff\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.BackoffKind\x12*\n\x07initial\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xe3\x06\n\tSignature\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12 \n\x04\x61rgs\x18\x04 \x03(\x0b\x32\x12.conveyor.v1.Value\x12\x32\n\x06kwargs\x18\x05 \x03(\x0b\x32\".conveyor.v1.Signature.KwargsEntry\x12\x34\n\x07headers\x18\x06 \x03(\x0b\x32#.conveyor.v1.Signature.HeadersEntry\x12\'\n\x03\x65ta\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tcountdown\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\t \x01(\x05\x12\'\n\x05retry\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12-\n\ntime_limit\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\timmutable\x18\x0c \x01(\x08\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\x12*\n\non_success\x18\x0e \x03(\x0b\x32\x16.conveyor.v1.Signature\x12(\n\x08on_error\x18\x0f \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x15\n\rmessage_group\x18\x10 \x01(\t\x12\x32\n\x0fsoft_time_limit\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tparent_id\x18\x12 \x01(\t\x12-\n\nunique_for\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nunique_key\x18\x14 \x01(\t\x12\x16\n\x0erate_limit_key\x18\x15 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x16 \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18\x17 \x01(\x05\x1a\x41\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61ll_schema\x18\x03 \x01(\t*}\n\x0b\x42\x61\x63koffKind\x12\x1c\n\x18\x42\x41\x43KOFF_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42\x41\x43KOFF_KIND_EXPONENTIAL\x10\x01\x12\x1a\n\x16\x42\x41\x43KOFF_KIND_FIBONACCI\x10\x02\x12\x16\n\x12\x42\x41\x43KOFF_KIND_FIXED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63onveyor/v1/task.proto\x12\x0b\x63onveyor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x05Value\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x12\x14\n\njson_value\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12)\n\x07\x62\x61\x63koff\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.BackoffKind\x12*\n\x07initial\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xaa\x07\n\tSignature\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12 \n\x04\x61rgs\x18\x04 \x03(\x0b\x32\x12.conveyor.v1.Value\x12\x32\n\x06kwargs\x18\x05 \x03(\x0b\x32\".conveyor.v1.Signature.KwargsEntry\x12\x34\n\x07headers\x18\x06 \x03(\x0b\x32#.conveyor.v1.Signature.HeadersEntry\x12\'\n\x03\x65ta\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tcountdown\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\t \x01(\x05\x12\'\n\x05retry\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12-\n\ntime_limit\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\timmutable\x18\x0c \x01(\x08\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\x12*\n\non_success\x18\x0e \x03(\x0b\x32\x16.conveyor.v1.Signature\x12(\n\x08on_error\x18\x0f \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x15\n\rmessage_group\x18\x10 \x01(\t\x12\x32\n\x0fsoft_time_limit\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tparent_id\x18\x12 \x01(\t\x12-\n\nunique_for\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nunique_key\x18\x14 \x01(\t\x12\x16\n\x0erate_limit_key\x18\x15 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x16 \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18\x17 \x01(\x05\x12.\n\nexpires_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rignore_result\x18\x19 \x01(\x08\x1a\x41\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61ll_schema\x18\x03 \x01(\t*}\n\x0b\x42\x61\x63koffKind\x12\x1c\n\x18\x42\x41\x43KOFF_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42\x41\x43KOFF_KIND_EXPONENTIAL\x10\x01\x12\x1a\n\x16\x42\x41\x43KOFF_KIND_FIBONACCI\x10\x02\x12\x16\n\x12\x42\x41\x43KOFF_KIND_FIXED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNATURE_KWARGSENTRY']._serialized_options = b'8\001'
   _globals['_SIGNATURE_HEADERSENTRY']._loaded_options = None
   _globals['_SIGNATURE_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_BACKOFFKIND']._serialized_start=1377
-  _globals['_BACKOFFKIND']._serialized_end=1502
+  _globals['_BACKOFFKIND']._serialized_start=1448
+  _globals['_BACKOFFKIND']._serialized_end=1573
   _globals['_VALUE']._serialized_start=105
   _globals['_VALUE']._serialized_end=256
   _globals['_RETRYPOLICY']._serialized_start=259
   _globals['_RETRYPOLICY']._serialized_end=437
   _globals['_SIGNATURE']._serialized_start=440
-  _globals['_SIGNATURE']._serialized_end=1307
-  _globals['_SIGNATURE_KWARGSENTRY']._serialized_start=1194
-  _globals['_SIGNATURE_KWARGSENTRY']._serialized_end=1259
-  _globals['_SIGNATURE_HEADERSENTRY']._serialized_start=1261
-  _globals['_SIGNATURE_HEADERSENTRY']._serialized_end=1307
-  _globals['_TASKINFO']._serialized_start=1309
-  _globals['_TASKINFO']._serialized_end=1375
+  _globals['_SIGNATURE']._serialized_end=1378
+  _globals['_SIGNATURE_KWARGSENTRY']._serialized_start=1265
+  _globals['_SIGNATURE_KWARGSENTRY']._serialized_end=1330
+  _globals['_SIGNATURE_HEADERSENTRY']._serialized_start=1332
+  _globals['_SIGNATURE_HEADERSENTRY']._serialized_end=1378
+  _globals['_TASKINFO']._serialized_start=1380
+  _globals['_TASKINFO']._serialized_end=1446
 # @@protoc_insertion_point(module_scope)

@@ -196,6 +196,8 @@ class Signature(_message.Message):
     RATE_LIMIT_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    IGNORE_RESULT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Assigned by the server (a UUID) when empty."""
     name: _builtins.str
@@ -228,6 +230,10 @@ class Signature(_message.Message):
     again. Both must be set for the limit to apply: a key with concurrency_limit 0 runs freely.
     """
     concurrency_limit: _builtins.int
+    ignore_result: _builtins.bool
+    """The worker's return value is not stored: the task ends SUCCESS without a result, and
+    reading its result is refused by the SDKs (its state can still be waited for).
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     @_builtins.property
@@ -272,6 +278,12 @@ class Signature(_message.Message):
         instead (released as soon as the task ends; capped by the server's result TTL).
         """
 
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """A task not started by this time is never run: it ends EXPIRED (error type "Expired"),
+        and so does a retry due after it. Checked when the task is dispatched to a worker.
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +310,12 @@ class Signature(_message.Message):
         rate_limit_key: _builtins.str = ...,
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        ignore_result: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "countdown", b"countdown", "eta", b"eta", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for", "unique_key", b"unique_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "ignore_result", b"ignore_result", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for", "unique_key", b"unique_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,6 +37,15 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """The task asked to run again after retry_delay (bounded by max attempts)."""
     OUTCOME_CANCELLED: _Outcome.ValueType  # 4
     """Stopped because of a Cancel."""
+    OUTCOME_REJECTED: _Outcome.ValueType  # 5
+    """The task rejected itself (Python: `raise Reject(reason)`): it fails for good with its error
+    (type "Rejected" when empty), without retries; on_error callbacks run and it is a dead letter.
+    """
+    OUTCOME_REQUEUED: _Outcome.ValueType  # 6
+    """The task asked to go back to its queue (Python: `raise Reject(reason, requeue=True)`): the
+    same attempt runs again later, on any worker; not a failure. A task requeued 10 times fails
+    with a "Rejected" error instead of looping forever.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome is what one attempt ended with."""
@@ -49,6 +58,15 @@ OUTCOME_RETRY: Outcome.ValueType  # 3
 """The task asked to run again after retry_delay (bounded by max attempts)."""
 OUTCOME_CANCELLED: Outcome.ValueType  # 4
 """Stopped because of a Cancel."""
+OUTCOME_REJECTED: Outcome.ValueType  # 5
+"""The task rejected itself (Python: `raise Reject(reason)`): it fails for good with its error
+(type "Rejected" when empty), without retries; on_error callbacks run and it is a dead letter.
+"""
+OUTCOME_REQUEUED: Outcome.ValueType  # 6
+"""The task asked to go back to its queue (Python: `raise Reject(reason, requeue=True)`): the
+same attempt runs again later, on any worker; not a failure. A task requeued 10 times fails
+with a "Rejected" error instead of looping forever.
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 class _AckStatus:

@@ -55,7 +55,7 @@ def states(request: Request, name: str = "state") -> frozenset[int]:
             number = state_number(part)
             if number is None or number == 0:
                 raise bad(f"{name} {part!r} is not a task state (PENDING, RECEIVED, STARTED, RETRY, SUCCESS, "
-                          "FAILURE, CANCELLED)")
+                          "FAILURE, CANCELLED, EXPIRED)")
             found.add(number)
     return frozenset(found)
 

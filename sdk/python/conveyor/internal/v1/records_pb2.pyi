@@ -99,6 +99,7 @@ class TaskRecord(_message.Message):
     LEASE_RENEWED_AT_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     REJECTS_FIELD_NUMBER: _builtins.int
+    REQUEUES_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
@@ -123,6 +124,10 @@ class TaskRecord(_message.Message):
     rejects: _builtins.int
     """Times a worker rejected the task (it lacked the name it registered): each hands it back to
     the queue; past a few the task fails with UnknownTask instead of bouncing forever.
+    """
+    requeues: _builtins.int
+    """Times the task itself asked to go back to its queue (OUTCOME_REQUEUED); past a cap it fails
+    with a "Rejected" error instead of requeueing itself forever.
     """
     @_builtins.property
     def result(self) -> _result_pb2.TaskResult: ...
@@ -163,10 +168,11 @@ class TaskRecord(_message.Message):
         lease_renewed_at: _timestamp_pb2.Timestamp | None = ...,
         deliveries: _builtins.int = ...,
         rejects: _builtins.int = ...,
+        requeues: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "requeues", b"requeues", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,7 @@
 import { follow, get, post } from "../api.js";
 import { act, badge, button, h, json, when } from "../ui.js";
 
-const TERMINAL = new Set(["SUCCESS", "FAILURE", "CANCELLED"]);
+const TERMINAL = new Set(["SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"]);
 
 function timeline(history) {
   return h("div", { class: "timeline", "data-test": "timeline" }, history.map((step) =>

@@ -4,7 +4,7 @@
 import { follow, get, query } from "../api.js";
 import { badge, h, table, when, shortId } from "../ui.js";
 
-const STATES = ["", "PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED"];
+const STATES = ["", "PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"];
 
 function localToIso(value) {
   return value ? new Date(value).toISOString() : "";

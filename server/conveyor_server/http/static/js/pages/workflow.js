@@ -4,7 +4,7 @@ import { follow, get, post } from "../api.js";
 import { act, badge, button, h } from "../ui.js";
 import { drawGraph } from "../graph.js";
 
-const LEGEND = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED"];
+const LEGEND = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"];
 
 export async function render(view, [workflowId]) {
   const holder = h("div", { "data-test": "workflow" });
@@ -15,7 +15,8 @@ export async function render(view, [workflowId]) {
       (r) => `Cancelled ${r.cancelled_task_ids.length} task(s)`), { class: "admin-only danger", "data-test": "cancel-workflow" });
     holder.replaceChildren(
       h("h1", {}, `Workflow`, h("span", { class: "mono muted" }, workflowId), badge(graph.root.state),
-        graph.root.state === "SUCCESS" || graph.root.state === "FAILURE" || graph.root.state === "CANCELLED" ? "" : cancel),
+        graph.root.state === "SUCCESS" || graph.root.state === "FAILURE" || graph.root.state === "CANCELLED" ||
+        graph.root.state === "EXPIRED" ? "" : cancel),
       h("div", { class: "legend" }, LEGEND.map((s) => badge(s))),
       drawGraph(graph.root),
       graph.result_task_id ? h("p", {}, "Result: ", h("a", { href: `#/tasks/${graph.result_task_id}` }, graph.result_task_id)) : "");
