@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from conveyor import Client
+from tests.e2e.test_engines import FAST
+from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, session_prefix, with_prefix
 from tests.support.processes import Proc, Server
+
+# Starts two replicas with these extra environment variables (server settings); returns them.
+StartReplicas = Callable[[Mapping[str, str]], tuple[Server, Server]]
 
 
 @pytest.fixture
@@ -23,3 +28,27 @@ def sqlite_server(tmp_path: Path, procs: list[Proc]) -> Server:
 async def client(sqlite_server: Server) -> AsyncIterator[Client]:
     async with Client(sqlite_server.address) as c:
         yield c
+
+
+@pytest.fixture
+def redis_replicas(tmp_path: Path, procs: list[Proc]) -> Iterator[StartReplicas]:
+    """Starts two `conveyor serve` replicas sharing one Redis as broker and backend, under a key
+    prefix of this test's own. At teardown every process of the test is stopped (workers first:
+    they were started after the servers), then the prefix's keys are dropped, so nothing writes
+    them again once they are gone."""
+    url, prefix = ensure_redis(), session_prefix("rr")
+
+    def start(env: Mapping[str, str]) -> tuple[Server, Server]:
+        replicas = []
+        for index in range(2):
+            server = Server(tmp_path, with_prefix(url, f"{prefix}-broker"), with_prefix(url, f"{prefix}-backend"),
+                            env={**FAST, **env}, name=f"replica-{index}", wait=False)
+            procs.append(server)  # stopped even if it never gets ready
+            server.wait_ready()
+            replicas.append(server)
+        return replicas[0], replicas[1]
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+    drop_redis_prefix(url, prefix)

@@ -1,13 +1,15 @@
-"""Issue #15 items 6 and 7, through a real gRPC server: a queue past its max_depth refuses
-submits with RESOURCE_EXHAUSTED and a RetryInfo hint (and the SDK rides it out within its
-retry budget once workers drain the queue); a client token scoped to queues submits to, reads
-and cancels only tasks of those queues."""
+"""Issue #15 items 6 and 7, through a real gRPC server (in process on memory engines, and two
+`conveyor serve` replicas sharing Redis, each test using both): a queue past its max_depth
+refuses submits with RESOURCE_EXHAUSTED and a RetryInfo hint (and the SDK rides it out within
+its retry budget once workers drain the queue); a client token scoped to queues submits to,
+reads and cancels only tasks of those queues."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import pytest
@@ -16,8 +18,10 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from conveyor import Client, Worker, chain, sig
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import ConfigError, QueueLimit, Security, Settings, Token, load_settings
+from tests.e2e.conftest import StartReplicas
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+ENGINES = ["memory", "redis"]
 DEPTH = 5
 SECRETS = {"payroll": "p-secret", "any": "a-secret"}
 
@@ -26,12 +30,28 @@ def settings(**changes: object) -> Settings:
     return Settings(port=0, broker_url="memory://", backend_url="memory://").replace(**changes)
 
 
-@pytest.fixture
-async def limited() -> AsyncIterator[str]:
-    server = ConveyorServer(settings(queue_limits={"small": QueueLimit(max_depth=DEPTH)}))
+async def two_addresses(
+    request: pytest.FixtureRequest, configured: Settings, env: Mapping[str, str]
+) -> AsyncIterator[tuple[str, str]]:
+    """One in-process server on memory engines with `configured` (its address twice), or two
+    replicas sharing Redis with the same settings given as `env`."""
+    if request.param == "redis":
+        start: StartReplicas = request.getfixturevalue("redis_replicas")
+        first, second = start(env)
+        yield first.address, second.address
+        return
+    server = ConveyorServer(configured)
     port = await server.start()
-    yield f"127.0.0.1:{port}"
+    yield f"127.0.0.1:{port}", f"127.0.0.1:{port}"
     await server.stop()
+
+
+@pytest.fixture(params=ENGINES)
+async def limited(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
+    configured = settings(queue_limits={"small": QueueLimit(max_depth=DEPTH)})
+    env = {"CONVEYOR_QUEUE_LIMITS": json.dumps({"small": {"max_depth": DEPTH}})}
+    async for addresses in two_addresses(request, configured, env):
+        yield addresses
 
 
 def retry_delay_of(error: grpc.aio.AioRpcError) -> float:
@@ -45,13 +65,14 @@ def retry_delay_of(error: grpc.aio.AioRpcError) -> float:
     return seconds
 
 
-async def test_a_full_queue_refuses_with_retry_info_and_admits_after_draining(limited: str) -> None:
-    async with Client(limited, max_retry_seconds=0) as client:
+async def test_a_full_queue_refuses_with_retry_info_and_admits_after_draining(limited: tuple[str, str]) -> None:
+    first, second = limited
+    async with Client(first, max_retry_seconds=0) as client, Client(second, max_retry_seconds=0) as other:
         for i in range(DEPTH):
             await client.submit(sig("add", i, 1).set(queue="small"))
         await asyncio.sleep(0.6)  # the server reads queue depths at most every 0.5 s
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # a unary call: RetryInfo in its status
-            await client.submit_batch([sig("add", 9, 9).set(queue="small")])
+            await other.submit_batch([sig("add", 9, 9).set(queue="small")])  # the depth is the broker's
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"holds {DEPTH} ready tasks, at its max_depth of {DEPTH}" in (refused.value.details() or "")
         assert retry_delay_of(refused.value) == 1.0
@@ -60,16 +81,16 @@ async def test_a_full_queue_refuses_with_retry_info_and_admits_after_draining(li
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(refused.value.trailing_metadata() or ())["retry-after-ms"] == "1000"
         # Other queues are not limited.
-        await client.submit(sig("add", 1, 1).set(queue="other"))
+        await other.submit(sig("add", 1, 1).set(queue="other"))
 
-    # A client that retries rides it out: a worker drains the queue meanwhile.
-    worker = Worker(limited, queues=["small"], concurrency=2)
+    # A client that retries rides it out: a worker (of the other replica) drains the queue meanwhile.
+    worker = Worker(second, queues=["small"], concurrency=2)
 
     @worker.task("add")
     def add(x: int, y: int) -> int:
         return x + y
 
-    async with Client(limited, max_retry_seconds=20) as client:
+    async with Client(first, max_retry_seconds=20) as client:
         running = asyncio.create_task(worker.run())
         try:
             submitted = await client.submit(sig("add", 20, 22).set(queue="small"))
@@ -92,13 +113,13 @@ def token(name: str, role: str, queues: tuple[str, ...]) -> Token:
     return Token(name, role, hashlib.sha256(SECRETS[name].encode()).hexdigest(), queues)
 
 
-@pytest.fixture
-async def scoped() -> AsyncIterator[str]:
+@pytest.fixture(params=ENGINES)
+async def scoped(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
     tokens = (token("payroll", "client", ("payroll",)), token("any", "client", ()))
-    server = ConveyorServer(settings(security=Security(tokens=tokens)))
-    port = await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop()
+    as_json = [{"name": t.name, "role": t.role, "sha256": t.sha256, "queues": list(t.queues)} for t in tokens]
+    env = {"CONVEYOR_SECURITY__TOKENS": json.dumps(as_json)}
+    async for addresses in two_addresses(request, settings(security=Security(tokens=tokens)), env):
+        yield addresses
 
 
 async def _denied(call: object) -> str:
@@ -108,8 +129,9 @@ async def _denied(call: object) -> str:
     return raised.value.details() or ""
 
 
-async def test_a_client_token_scoped_to_queues_uses_only_those(scoped: str) -> None:
-    async with Client(scoped, token=SECRETS["any"]) as anyone, Client(scoped, token=SECRETS["payroll"]) as payroll:
+async def test_a_client_token_scoped_to_queues_uses_only_those(scoped: tuple[str, str]) -> None:
+    first, second = scoped
+    async with Client(first, token=SECRETS["any"]) as anyone, Client(second, token=SECRETS["payroll"]) as payroll:
         other = await anyone.submit(sig("add", 1, 2))  # on "default"
         other_flow = await anyone.submit(chain(sig("add", 1, 2), sig("add", 3)))
         mine = await payroll.submit(sig("add", 1, 2).set(queue="payroll"))

@@ -1,6 +1,7 @@
 """Routing by task name, end to end (issue #15): a Python and a Node worker on one queue, each
-with its own task names, run mixed-language chains without a single UnknownTask; a task no
-worker can run waits, shown as unroutable, and runs once a worker that has it connects."""
+with its own task names, run mixed-language chains without a single UnknownTask, on the SQLite
+default and on two replicas sharing Redis (a worker on each, chains submitted through both); a
+task no worker can run waits, shown as unroutable, and runs once a worker that has it connects."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 
 from conveyor import Client, chain, sig, state_name
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
@@ -16,6 +18,16 @@ from tests.support.processes import Proc, Server, WorkerProc, eventually, wait_f
 
 __all__ = ["pytestmark"]  # skipped without node, as tests/e2e/test_node.py
 CHAINS = 100
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def two_addresses(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """Where the two workers and clients connect: one SQLite server, or two Redis replicas."""
+    if request.param == "sqlite":
+        server: Server = request.getfixturevalue("sqlite_server")
+        return server.address, server.address
+    first, second = request.getfixturevalue("redis_replicas")({})
+    return first.address, second.address
 
 
 def unroutable(address: str, queue: str = "default") -> int:
@@ -27,16 +39,24 @@ def unroutable(address: str, queue: str = "default") -> int:
 
 
 async def test_mixed_language_chains_on_one_queue_all_succeed(
-    tmp_path: Path, procs: list[Proc], sqlite_server: Server, client: Client
+    tmp_path: Path, procs: list[Proc], two_addresses: tuple[str, str]
 ) -> None:
-    procs.append(WorkerProc(tmp_path, sqlite_server.address, module="tests.e2e.py_tasks", name="py-worker"))
-    procs.append(NodeWorker(tmp_path, sqlite_server.address, queues=("default",)))
-    wait_for_workers(sqlite_server.address, 2)
-    submitted = await client.submit_batch(
-        chain(sig("py.add", i, 1), sig("node.mul", 10), sig("py.add", 5)) for i in range(CHAINS)
-    )
-    results = await asyncio.gather(*(client.result(s.task_id, wait=60) for s in submitted))
-    assert results == [(i + 1) * 10 + 5 for i in range(CHAINS)]
+    first, second = two_addresses
+    procs.append(WorkerProc(tmp_path, first, module="tests.e2e.py_tasks", name="py-worker"))
+    procs.append(NodeWorker(tmp_path, second, queues=("default",)))
+    for address in {first, second}:
+        wait_for_workers(address, 2 if first == second else 1)
+    async with Client(first) as a, Client(second) as b:
+        halves = await asyncio.gather(*(
+            via.submit_batch(chain(sig("py.add", i, 1), sig("node.mul", 10), sig("py.add", 5))
+                             for i in range(start, CHAINS, 2))
+            for via, start in ((a, 0), (b, 1))
+        ))
+        # Each chain's result read through the replica it was not submitted to.
+        results = await asyncio.gather(
+            *(b.result(s.task_id, wait=60) for s in halves[0]), *(a.result(s.task_id, wait=60) for s in halves[1])
+        )
+    assert results == [(i + 1) * 10 + 5 for i in [*range(0, CHAINS, 2), *range(1, CHAINS, 2)]]
 
 
 async def test_a_task_no_worker_can_run_waits_as_unroutable_then_runs(

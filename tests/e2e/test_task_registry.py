@@ -27,7 +27,7 @@ from conveyor import Client, chain, sig, state_name
 from conveyor.client import to_request
 from conveyor.session import Session
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, task_pb2, task_service_pb2, task_service_pb2_grpc
-from tests.e2e.test_engines import FAST, unique_prefix
+from tests.e2e.conftest import StartReplicas
 from tests.e2e.test_node import NODE, pytestmark
 from tests.support.processes import REPO, Proc, Server, WorkerProc, eventually, run_cli, wait_for_workers
 
@@ -136,18 +136,9 @@ async def test_tasks_are_listed_and_strict_submits_refuse_unknown_names_and_bad_
 
 
 async def test_two_replicas_on_redis_share_the_registry_and_check_every_submit(
-    request: pytest.FixtureRequest, tmp_path: Path, procs: list[Proc]
+    tmp_path: Path, procs: list[Proc], redis_replicas: StartReplicas
 ) -> None:
-    broker = unique_prefix(request.getfixturevalue("redis_broker_url"))
-    backend = unique_prefix(request.getfixturevalue("redis_backend_url"))
-    env = {**FAST, "CONVEYOR_STRICT_TASKS": "true"}
-    replicas = []
-    for index in range(2):
-        server = Server(tmp_path, broker, backend, env=env, name=f"replica-{index}", wait=False)
-        procs.append(server)
-        server.wait_ready()
-        replicas.append(server)
-    first, second = replicas
+    replicas = first, second = redis_replicas({"CONVEYOR_STRICT_TASKS": "true"})
     procs.append(WorkerProc(tmp_path, first.address, module="tests.e2e.py_tasks", name="py-worker"))
     procs.append(TypedNodeWorker(tmp_path, second.address))
     wait_for_workers(first.address, 1)
