@@ -276,6 +276,25 @@ async def test_receipts_that_cannot_be_recorded_are_cancelled_even_when_handing_
     assert list(message.cancel.task_ids) == ["t1"]
 
 
+async def test_the_lease_replacing_a_lost_workers_is_recorded_at_once_from_the_claims_read(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    lost = await lease_all(replicas.a, "w0")
+    await settle(replicas.broker, lost.leases, {"t1": 0.0})  # its worker is lost: the message comes back
+    connections = replicas.b.connections  # its store remembers nothing of t1
+    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    claim = await connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    await session.settle(0, claim.leases)
+    assert claim.replacing == claim.leases
+    replicas.backend.fail_reads = 1_000  # a read now would fail: only the claim's own read serves
+    await connections._send_claimed(session, claim)
+    replicas.backend.fail_reads = 0
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.lease_token == claim.leases[0].token
+    await connections.shutdown()
+
+
 def success(lease: Lease) -> W.Results:
     done = W.TaskOutcome(task_id=lease.task_id, lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
     return W.Results(outcomes=[done])
