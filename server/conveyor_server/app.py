@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from conveyor.v1 import (
     admin_service_pb2,
@@ -26,6 +25,7 @@ from .api.admin_service import AdminServicer
 from .api.auth import Authenticator, AuthInterceptor
 from .api.decoding import DecodeGuardInterceptor
 from .api.ratelimit import SubmitRateLimiter
+from .api.reflection import enable_reflection
 from .api.task_service import TaskServicer
 from .api.worker_service import WorkerServicer
 from .backends.base import Backend
@@ -218,10 +218,7 @@ class ConveyorServer:
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core.admin), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
 
     async def start(self) -> int:
         """Connect the engines and listen; returns the bound port (useful with port 0)."""

@@ -31,10 +31,11 @@ from google.protobuf.duration_pb2 import Duration
 from conveyor import Client, RetryPolicy, Sig, Worker, __version__
 from conveyor import loop as event_loop
 from conveyor.client import TERMINAL, default_address, state_name
+from conveyor.otel_env import configure_from_env
 from conveyor.pools.base import POOL_KINDS
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, task_service_pb2
-from conveyor.values import from_value
+from conveyor.values import from_value, seconds_of
 from conveyor.worker import DEFAULT_PREFETCH
 
 from . import cli_output as out
@@ -264,7 +265,13 @@ def _worker(args: argparse.Namespace) -> int:
         worker.configure(args.address, args.queue, args.concurrency, args.prefetch, args.pool,
                          max_tasks_per_child=args.max_tasks_per_child,
                          max_memory_per_child=args.max_memory_per_child and args.max_memory_per_child * 2**20)
-        worker.run_forever()
+        # After the module is imported: tracing it sets up itself is kept.
+        tracing_provider = configure_from_env("conveyor-worker")
+        try:
+            worker.run_forever()
+        finally:
+            if tracing_provider is not None:
+                tracing_provider.shutdown()  # flushes the spans still batched
     except (WorkerNotFound, ValueError) as exc:  # ValueError: a setting or pool the tasks cannot use
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
@@ -492,7 +499,7 @@ async def _repair(args: argparse.Namespace) -> None:
     async with open_channel(args.address or default_address()) as channel:
         reply = await _Authorized(admin_service_pb2_grpc.AdminServiceStub(channel)).RepairTasks(request)
     for task in reply.tasks:
-        age = format_age(task.age.seconds + task.age.nanos / 1e9)
+        age = format_age(seconds_of(task.age))
         print(f"{task.task_id}  {task.name}  {task.queue}  {state_name(task.state)}  {age}")
     verb = "would republish" if reply.dry_run else "republished"
     held = f", {reply.held} held back behind a backlog" if reply.held else ""
@@ -519,7 +526,7 @@ def tasks_table(tasks: Sequence[admin_service_pb2.RegisteredTask], now: float | 
     at = time.time() if now is None else now
     rows = [("NAME", "LIVE", "QUEUES", "LANGUAGES", "LAST SEEN", "SCHEMA", "DESCRIPTION")]
     for task in tasks:
-        seen = at - (task.last_seen.seconds + task.last_seen.nanos / 1e9)
+        seen = at - seconds_of(task.last_seen)
         schema = "-" if not task.call_schema else "typed" if task.schema_variants <= 1 else (
             f"{task.schema_variants} variants")
         rows.append((

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from conveyor.client import state_name
 from conveyor.v1 import admin_service_pb2, result_pb2
-from conveyor.values import from_value
+from conveyor.values import from_value, seconds_of
 
 _VALUE = "conveyor.v1.Value"
 _TIMESTAMP = "google.protobuf.Timestamp"
@@ -57,7 +57,7 @@ def _scalar(field: Any, value: Any) -> Any:  # Any: the stubs type descriptors a
     if full_name == _TIMESTAMP:
         return timestamp(value)
     if full_name == _DURATION:
-        return value.seconds + value.nanos / 1e9
+        return seconds_of(value)
     return plain(value)
 
 

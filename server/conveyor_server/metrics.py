@@ -12,16 +12,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2
+from conveyor.values import seconds_of
 
 from .brokers.base import Broker
 from .core.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
-
-
-def _seconds(stamp: object) -> float:
-    return stamp.seconds + stamp.nanos / 1e9  # type: ignore[attr-defined,no-any-return]
 
 
 class ServerMetrics:
@@ -69,10 +66,10 @@ class ServerMetrics:
             )
         runtime, latency = timings
         if result.HasField("finished_at"):
-            finished = _seconds(result.finished_at)
+            finished = seconds_of(result.finished_at)
             if result.HasField("started_at"):
-                runtime.observe(max(finished - _seconds(result.started_at), 0))
-            latency.observe(max(finished - _seconds(result.submitted_at), 0))
+                runtime.observe(max(finished - seconds_of(result.started_at), 0))
+            latency.observe(max(finished - seconds_of(result.submitted_at), 0))
 
     async def refresh(self, broker: Broker, sessions: SessionRegistry) -> None:
         """Gauges that are read, not counted: queue depths and this replica's workers."""

@@ -60,7 +60,7 @@ def retry_delay_of(error: grpc.aio.AioRpcError) -> float:
     assert isinstance(raw, bytes), "a RetryInfo detail"
     status = status_pb2.Status.FromString(raw)
     info = error_details_pb2.RetryInfo()
-    assert status.details[0].Unpack(info)
+    assert [detail.Unpack(info) for detail in status.details if detail.Is(info.DESCRIPTOR)] == [True]
     seconds: float = info.retry_delay.ToTimedelta().total_seconds()
     return seconds
 

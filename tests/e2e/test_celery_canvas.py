@@ -3,8 +3,8 @@
 translated to Conveyor's SDK and run end to end (a server and a worker process) on SQLite and on
 Redis (broker and backend, with a key prefix of their own).
 
-Task replacement, map/starmap/chunks and priorities are left out (not built yet). Where Conveyor
-differs from Celery on purpose, the test says so and docs/canvas.md lists it: nested groups keep
+Task replacement and priorities are left out (not built yet); map, starmap and chunks come last.
+Where Conveyor differs from Celery on purpose, the test says so and docs/canvas.md lists it: nested groups keep
 their nesting (Celery flattens a group that is a group's only content), a failed chain step
 cancels the steps after it, a group's error callback runs once unless `per_member=True`, and a
 failed chord reads as ChordMemberFailed (naming the members' errors) rather than the first error.
@@ -409,3 +409,25 @@ class TestCeleryCanvas:
         before = asyncio.get_running_loop().time()
         assert await canvas.run(sig("add", 1) | sig("add", 2), args=(10,), countdown=1.0) == 13
         assert asyncio.get_running_loop().time() - before >= 1.0
+
+    # -- map, starmap, chunks (Celery's task.map, task.starmap, task.chunks) -----------------------
+
+    async def test_map_and_starmap_give_one_result_per_item(self, canvas: Canvases) -> None:
+        assert await canvas.run(sig("identity").map([1, "a", None, [2]], chunk_size=3)) == [1, "a", None, [2]]
+        assert await canvas.run(sig("add").starmap([(1, 2), (3, 4), ("a", "b")])) == [3, 7, "ab"]
+        assert await canvas.run(sig("add").starmap([(1, 2), (3, 4)], chunk_size=1) | sig("tsum")) == 10
+
+    async def test_chunks_of_ten_thousand_items_run_as_bounded_chunk_tasks(self, canvas: Canvases) -> None:
+        submitted = await canvas.client.submit(sig("add").chunks(((i, i) for i in range(10_000)), 100))
+        assert len(submitted.task_ids) == 100
+        result = await canvas.client.result(submitted, wait=WAIT)
+        assert result == [[2 * i for i in range(start, start + 100)] for start in range(0, 10_000, 100)]
+        first = await canvas.client.get_result(submitted.task_ids[0])
+        assert len(first.signature.args) == 100, "a chunk task's message holds its own items only"
+
+    async def test_a_failed_map_item_fails_the_map_and_its_error_callback_runs_once(self, canvas: Canvases) -> None:
+        name = label()
+        failed = await canvas.fails(sig("fail").map([1, 2, 3], chunk_size=2).link_error(sig("note_error", name)))
+        assert failed.error_type == "GroupMemberFailed" and "ExpectedException" in str(failed)
+        [line] = await canvas.errors(name, 1)
+        assert line.endswith(" GroupMemberFailed")

@@ -98,6 +98,13 @@ async def test_chord_members_on_node_callback_on_python(
     assert result == {"results": [0, 10, 20, 30, 40, 50], "types": ["int"] * 6}
 
 
+async def test_a_starmap_runs_its_chunks_on_node(client: Client, node_worker: NodeWorker) -> None:
+    chunked = await client.submit(on_node("node.mul").chunks([(i, 10) for i in range(5)], 2))
+    assert await client.result(chunked, wait=30) == [[0, 10], [20, 30], [40]]
+    mapped = await client.submit(on_node("node.upper").map(["a", "b", "c"], chunk_size=2))
+    assert await client.result(mapped, wait=30) == ["A", "B", "C"]
+
+
 def test_node_client_watches_a_python_task(sqlite_server: Server, py_worker: WorkerProc) -> None:
     assert NODE is not None
     done = subprocess.run(

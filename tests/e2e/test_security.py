@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conveyor import Client, Worker, sig
+from conveyor import Client, ResourceExhausted, Worker, sig
 from conveyor.tls import channel_credentials
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, task_pb2, worker_service_pb2, worker_service_pb2_grpc
 from conveyor_server.app import ConveyorServer
@@ -147,12 +147,14 @@ async def test_submit_rate_and_message_size_limits() -> None:
     ))
     port = await server.start()
     try:
-        async with Client(f"127.0.0.1:{port}") as client:
+        # No retries: this client would otherwise wait out the refusal's retry hint.
+        async with Client(f"127.0.0.1:{port}", max_retry_seconds=0) as client:
             await client.submit_batch(sig("noop") for _ in range(5))
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
+            with pytest.raises(ResourceExhausted) as raised:
                 await client.submit("noop")
             assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "5 tasks/s" in (raised.value.details() or "")
+            assert raised.value.retry_after is not None and 0 < raised.value.retry_after <= 0.2
             await asyncio.sleep(0.5)  # the bucket refills at 5/s
             await client.submit("noop")
             huge = task_pb2.Signature(name="noop", args=[task_pb2.Value(bytes_value=b"x" * 100_000)])
@@ -180,7 +182,8 @@ async def test_prometheus_metrics() -> None:
         async with Client(f"127.0.0.1:{port}") as client:
             done = [await client.submit("double", i) for i in range(3)]
             failed = await client.submit("broken")
-            for item in [*done, failed]:
+            chained = await client.submit(sig("double", 1) | sig("double"))  # a workflow's tasks count too
+            for item in [*done, failed, chained]:
                 await client.get_result(item.task_id, wait=10)
         await server.core.metrics.refresh(server.core.broker, server.core.registry)
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
@@ -189,10 +192,10 @@ async def test_prometheus_metrics() -> None:
         worker.stop()
         await running
         await server.stop()
-    assert 'conveyor_tasks_submitted_total{queue="default"} 4.0' in text
-    assert 'conveyor_task_outcomes_total{name="double",state="success"} 3.0' in text
+    assert 'conveyor_tasks_submitted_total{queue="default"} 6.0' in text
+    assert 'conveyor_task_outcomes_total{name="double",state="success"} 5.0' in text
     assert 'conveyor_task_outcomes_total{name="broken",state="failure"} 1.0' in text
-    assert 'conveyor_task_latency_seconds_count{name="double"} 3.0' in text
+    assert 'conveyor_task_latency_seconds_count{name="double"} 5.0' in text
     assert 'conveyor_task_runtime_seconds_count{name="broken"} 1.0' in text
     assert 'conveyor_queue_depth{kind="ready",queue="default"} 0.0' in text
     assert "conveyor_workers 1.0" in text

@@ -87,7 +87,7 @@ class StandInContext:
     def invocation_metadata(self) -> Sequence[tuple[str, str]]:
         return self.metadata
 
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: object = ()) -> NoReturn:
         raise Aborted(code, details)
 
 

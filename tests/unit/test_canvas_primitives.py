@@ -76,7 +76,7 @@ async def whole_result(replicas: Replicas, workflow_id: str, wait: float = 0.0) 
 # -- one exhaustive workflow model --------------------------------------------------------------
 
 def test_every_kind_has_its_primitive_and_its_workflow_oneof() -> None:
-    assert {k.label for k in Kind} == {"task", "chain", "group", "chord"}
+    assert {k.label for k in Kind} == {"task", "chain", "group", "chord", "map"}
     for kind in Kind:
         assert primitive(kind) is not None
         assert workflow_kind(WF.Workflow(**{kind.label: {}})) is kind  # type: ignore[arg-type]

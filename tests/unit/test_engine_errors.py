@@ -357,7 +357,7 @@ def _retry_delay(metadata: tuple[tuple[str, str | bytes], ...]) -> float:
     assert isinstance(details, bytes)
     status = status_pb2.Status.FromString(details)
     info = error_details_pb2.RetryInfo()
-    assert status.details[0].Unpack(info)
+    assert [detail.Unpack(info) for detail in status.details if detail.Is(info.DESCRIPTOR)] == [True]
     return float(info.retry_delay.ToMilliseconds()) / 1000
 
 
@@ -380,5 +380,6 @@ def test_unavailable_from_the_core_is_reported_unavailable_and_a_bug_is_not_reco
     assert _retry_delay(reported.trailing_metadata) == 1.0
     refused = refusal(errors.NotFound("no task"))
     assert refused is not None
-    assert (refused.code, refused.trailing_metadata) == (grpc.StatusCode.NOT_FOUND, ())
+    assert (refused.code, refused.retry_after_ms) == (grpc.StatusCode.NOT_FOUND, 0)
+    assert RETRY_AFTER_KEY not in dict(refused.trailing_metadata)
     assert refusal(RuntimeError("bug")) is None

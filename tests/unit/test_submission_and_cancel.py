@@ -322,7 +322,7 @@ def test_workflow_depth_counts_each_level_and_a_chords_header_as_two() -> None:
 
 
 @pytest.mark.parametrize(("workflow", "message"), [
-    (WF.Workflow(), "^workflow: empty workflow node; set task, chain, group or chord$"),
+    (WF.Workflow(), "^workflow: empty workflow node; set task, chain, group, chord or map$"),
     (node(chord=WF.Chord(header=WF.Group(members=[leaf()]))), "^workflow: a chord needs a callback$"),
     (node(group=WF.Group(members=[leaf(), leaf("")])), r"^workflow.group\[1\]: name is empty"),
     (node(chord=WF.Chord(header=WF.Group(members=[leaf("")]), callback=leaf())), r"^workflow.chord.header\[0\]: "),

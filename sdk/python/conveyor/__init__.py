@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from conveyor.canvas import RetryPolicy, Sig, chain, chord, group, si, sig
 from conveyor.client import CallRetry, Client, State, Submitted, state_name, value_of
 from conveyor.context import TaskContext, current_task
+from conveyor.error_details import FieldViolation
 from conveyor.errors import (
     AlreadyExists,
     ConveyorError,
@@ -33,6 +34,7 @@ __all__ = [
     "Client",
     "ConveyorError",
     "FailedPrecondition",
+    "FieldViolation",
     "InvalidArgument",
     "PermissionDenied",
     "Reject",

@@ -24,6 +24,8 @@ from conveyor.values import to_value, to_value_map
 # The server's default max_workflow_depth: a canvas nesting deeper (each chain, group or chord
 # level counts, a chord's header two, each level of callbacks one) is refused before it is built.
 MAX_DEPTH = 32
+# Items per chunk task of Sig.map and Sig.starmap (the server's default too).
+DEFAULT_CHUNK_SIZE = 100
 
 BACKOFF_KINDS = {
     "exponential": task_pb2.BACKOFF_KIND_EXPONENTIAL,
@@ -129,6 +131,21 @@ class Sig:
 
     def to_workflow(self) -> workflow_pb2.Workflow:
         return workflow_pb2.Workflow(task=self.to_proto())
+
+    def map(self, items: Iterable[Any], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Map:
+        """Call this task once per item (Celery's task.map); the result is the list of results,
+        one per item. The server runs the calls in chunk tasks of `chunk_size` items each."""
+        return Map(self, tuple(items), star=False, chunk_size=chunk_size)
+
+    def starmap(self, items: Iterable[Iterable[Any]], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Map:
+        """Call this task once per item with the item as its positional args (Celery's
+        task.starmap); the result is the list of results, one per item."""
+        return Map(self, tuple(tuple(i) for i in items), star=True, chunk_size=chunk_size)
+
+    def chunks(self, items: Iterable[Iterable[Any]], n: int) -> Map:
+        """Split `items` (each a tuple of positional args) into tasks of `n` items each (Celery's
+        task.chunks); the result is one list of results per chunk."""
+        return Map(self, tuple(tuple(i) for i in items), star=True, chunk_size=n, nested=True)
 
 
 def expires_at(expires: float | dt.datetime) -> Timestamp:
@@ -243,7 +260,45 @@ class Chord:
         ))
 
 
-Canvas = Union[Sig, Chain, Group, Chord]  # noqa: UP007 - a runtime alias used in isinstance-free code
+@dataclass(frozen=True)
+class Map:
+    """`task` called once per item, run by the server in chunk tasks of `chunk_size` items (each
+    chunk task's message holds only its items). Build one with Sig.map, .starmap or .chunks."""
+
+    task: Sig
+    items: tuple[Any, ...]
+    # Each item is a tuple of positional args (starmap, chunks); else each is the only arg.
+    star: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # One list of results per chunk (chunks); else one flat list, one result per item.
+    nested: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {self.chunk_size}")
+        if self.task.args:
+            raise ValueError("a mapped task takes no args of its own: the items are its calls' args")
+
+    def link(self, callback: Sig) -> Chain:
+        """Run `callback` with the map's result (a chain of the map alone carries it)."""
+        return Chain((self,), on_success=(callback,))
+
+    def link_error(self, callback: Sig) -> Chain:
+        """Run `callback` once with the error of the first failed chunk's group failure."""
+        return Chain((self,), on_error=(callback,))
+
+    def __or__(self, other: Canvas) -> Chain:
+        return chain(self, other)
+
+    def to_workflow(self) -> workflow_pb2.Workflow:
+        items = [to_value(list(i) if self.star else i) for i in self.items]
+        template = self.task.set(immutable=True).to_proto()  # chunks ignore a previous result
+        return workflow_pb2.Workflow(map=workflow_pb2.Map(
+            task=template, items=items, star=self.star, chunk_size=self.chunk_size, nested=self.nested,
+        ))
+
+
+Canvas = Union[Sig, Chain, Group, Chord, Map]  # noqa: UP007 - a runtime alias used in isinstance-free code
 
 
 def chain(*steps: Canvas | Iterable[Canvas]) -> Chain:
@@ -252,7 +307,7 @@ def chain(*steps: Canvas | Iterable[Canvas]) -> Chain:
     for step in steps:
         if isinstance(step, Chain) and not step.on_error and not step.on_success:
             flat.extend(step.steps)  # chain(chain(a, b), c) is chain(a, b, c), as in Celery
-        elif isinstance(step, Sig | Chain | Group | Chord):
+        elif isinstance(step, Sig | Chain | Group | Chord | Map):
             flat.append(step)
         else:
             flat.extend(step)
@@ -263,7 +318,7 @@ def group(*members: Canvas | Iterable[Canvas]) -> Group:
     """Members in parallel; the result is the list of member results in member order."""
     flat: list[Canvas] = []
     for member in members:
-        if isinstance(member, Sig | Chain | Group | Chord):
+        if isinstance(member, Sig | Chain | Group | Chord | Map):
             flat.append(member)
         else:
             flat.extend(member)
@@ -313,6 +368,8 @@ def _parts(node: Any, depth: int) -> list[tuple[Any, int]]:
         return [(c, depth + 1) for c in (*node.members, *node.on_error, *node.on_success, *node.on_member_error)]
     if isinstance(node, Chord | workflow_pb2.Chord):
         return [*_parts(node.header, depth + 1), (node.callback, depth + 1)]
+    if isinstance(node, Map | workflow_pb2.Map):
+        return [(node.task, depth + 1)]  # its chunk tasks, one level down as a group's members
     if isinstance(node, workflow_pb2.Workflow):
         kind = node.WhichOneof("kind")
         if kind == "task":

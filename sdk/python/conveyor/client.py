@@ -16,13 +16,13 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.canvas import Canvas, Sig, check_depth
+from conveyor.canvas import DEFAULT_CHUNK_SIZE, Canvas, Sig, check_depth
 from conveyor.context import running_task_id
-from conveyor.errors import ResultIgnored, TaskFailed, rpc_failed
+from conveyor.errors import ConveyorError, ResultIgnored, TaskFailed, rpc_failed
 from conveyor.session import Session
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
-from conveyor.values import from_value, to_value, to_value_map
+from conveyor.values import from_value, set_seconds, to_value, to_value_map
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TERMINAL = {
@@ -152,7 +152,7 @@ def canvas_options(
         args=[to_value(a) for a in args], kwargs=to_value_map(kwargs or {}), queue=queue, priority=priority,
     )
     if countdown is not None:
-        options.countdown.FromNanoseconds(int(countdown * 1e9))
+        set_seconds(options.countdown, countdown)
     if eta is not None:
         aware = eta if eta.tzinfo else eta.replace(tzinfo=dt.UTC)
         options.eta.FromDatetime(aware.astimezone(dt.UTC).replace(tzinfo=None))
@@ -207,18 +207,37 @@ def _fill_id(signature: task_pb2.Signature, parent_id: str) -> None:
 
 
 def _task_nodes(node: workflow_pb2.Workflow) -> list[task_pb2.Signature]:
-    """The tasks of a workflow, depth first (the order of SubmitResponse.task_ids)."""
+    """The tasks of a workflow, depth first (the order of SubmitResponse.task_ids); a map's
+    task stands for its chunk tasks (its id names them)."""
     kind = node.WhichOneof("kind")
     if kind == "task":
         return [node.task]
-    children: Sequence[workflow_pb2.Workflow] = ()
+    if kind == "map":
+        return [node.map.task]
+    return [signature for child in _children(node) for signature in _task_nodes(child)]
+
+
+def _task_ids(node: workflow_pb2.Workflow) -> tuple[str, ...]:
+    """The ids of the workflow's tasks as the server lists them: a map's chunk tasks are
+    `<its task's id>.c<index>`."""
+    kind = node.WhichOneof("kind")
+    if kind == "task":
+        return (node.task.id,)
+    if kind == "map":
+        size = node.map.chunk_size or DEFAULT_CHUNK_SIZE
+        return tuple(f"{node.map.task.id}.c{i}" for i in range(-(-len(node.map.items) // size)))
+    return tuple(task_id for child in _children(node) for task_id in _task_ids(child))
+
+
+def _children(node: workflow_pb2.Workflow) -> Sequence[workflow_pb2.Workflow]:
+    kind = node.WhichOneof("kind")
     if kind == "chain":
-        children = node.chain.steps
-    elif kind == "group":
-        children = node.group.members
-    elif kind == "chord":
-        children = [*node.chord.header.members, node.chord.callback]
-    return [signature for child in children for signature in _task_nodes(child)]
+        return node.chain.steps
+    if kind == "group":
+        return node.group.members
+    if kind == "chord":
+        return [*node.chord.header.members, node.chord.callback]
+    return ()
 
 
 def _result_task(node: workflow_pb2.Workflow) -> str:
@@ -395,9 +414,11 @@ class Client:
         if request.HasField("task"):
             return Submitted(request.task.id, "", (request.task.id,), self)
         workflow = request.workflow
-        ids = tuple(signature.id for signature in _task_nodes(workflow))
+        ids = _task_ids(workflow)
         if workflow.WhichOneof("kind") == "task":
             return Submitted(ids[0], "", ids, self)
+        if not ids:
+            raise ConveyorError("the submit's answer was lost and its workflow holds no task to find it by")
         stored = await self.get_result(ids[0])  # the workflow's id is the server's choice
         return Submitted(_result_task(workflow), stored.workflow_id, ids, self)
 
@@ -412,7 +433,7 @@ class Client:
         while True:
             remaining = max(deadline - loop.time(), 0.0)
             request = task_service_pb2.GetResultRequest(task_id=task_id)
-            request.wait.FromNanoseconds(int(min(remaining, WAIT_SLICE_SECONDS) * 1e9))
+            set_seconds(request.wait, min(remaining, WAIT_SLICE_SECONDS))
             try:
                 response = (await self._session.call(task_service_pb2.SessionRequest(get_result=request))).get_result
             except grpc.aio.AioRpcError as error:

@@ -8,16 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.duration_pb2 import Duration
-
 from conveyor.errors import SoftTimeLimitExceeded, TaskCancelled
 from conveyor.v1 import worker_service_pb2 as w
+from conveyor.values import seconds_of
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("conveyor_task")
-
-
-def seconds(duration: Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
 
 
 @dataclass
@@ -51,7 +46,7 @@ class TaskContext:
             task_id=task.id, name=task.name, attempt=assignment.attempt, queue=task.queue,
             headers=dict(task.headers), workflow_id=assignment.workflow_id, parent_id=task.parent_id,
             deliveries=assignment.deliveries, priority=task.priority,
-            time_limit=seconds(task.time_limit) or None, soft_time_limit=seconds(task.soft_time_limit) or None,
+            time_limit=seconds_of(task.time_limit) or None, soft_time_limit=seconds_of(task.soft_time_limit) or None,
         )
 
     @property

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import grpc
+
+from .error_details import ErrorDetails, FieldViolation, details_of
 
 
 class ConveyorError(Exception):
@@ -80,6 +84,31 @@ class RpcFailed(ConveyorError, grpc.aio.AioRpcError):
 
     def __str__(self) -> str:
         return f"{self.code().name}: {self.details()}"
+
+    @functools.cached_property
+    def error_details(self) -> ErrorDetails:
+        """The google.rpc details of the status (docs/errors.md); empty without any."""
+        return details_of(self)
+
+    @property
+    def reason(self) -> str:
+        """ErrorInfo.reason: the stable UPPER_SNAKE code of this kind of error ("" without one)."""
+        return self.error_details.reason
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """ErrorInfo.metadata: ids that help, such as task_id or queue."""
+        return self.error_details.metadata
+
+    @property
+    def field_violations(self) -> tuple[FieldViolation, ...]:
+        """BadRequest's field violations (INVALID_ARGUMENT): which request field, and why."""
+        return self.error_details.field_violations
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asks to wait before retrying (RetryInfo), or None without a hint."""
+        return self.error_details.retry_after
 
 
 class TaskNotFound(RpcFailed):

@@ -14,7 +14,7 @@ from conveyor.context import TaskContext, bind
 from conveyor.errors import Reject, Retry, TimeLimitExceeded, WorkerLost
 from conveyor.v1 import result_pb2, task_pb2
 from conveyor.v1 import worker_service_pb2 as w
-from conveyor.values import from_value, to_value
+from conveyor.values import from_value, set_seconds, to_value
 
 TaskFunction = Callable[..., Any]
 
@@ -82,19 +82,40 @@ def worker_lost(detail: str, started_at: float) -> Ending:
 
 def to_outcome(assignment: w.Assignment, ending: Ending) -> w.TaskOutcome:
     outcome = w.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=ending.outcome)  # type: ignore[arg-type]
-    outcome.started_at.FromNanoseconds(int(ending.started_at * 1e9))
-    outcome.finished_at.FromNanoseconds(int(ending.finished_at * 1e9))
+    set_seconds(outcome.started_at, ending.started_at)
+    set_seconds(outcome.finished_at, ending.finished_at)
     if ending.result is not None:
         outcome.result.CopyFrom(ending.result)
     if ending.error is not None:
         outcome.error.CopyFrom(ending.error)
     if ending.outcome == w.OUTCOME_RETRY:
-        outcome.retry_delay.FromNanoseconds(int(ending.retry_delay * 1e9))
+        set_seconds(outcome.retry_delay, ending.retry_delay)
     return outcome
 
 
 def arguments(task: task_pb2.Signature) -> tuple[list[Any], dict[str, Any]]:
     return [from_value(v) for v in task.args], {k: from_value(v) for k, v in task.kwargs.items()}
+
+
+# A chunk task of a map (docs/canvas.md): "map" (each arg is one call's arg) or "starmap" (each
+# arg is one call's list of args). The task is called once per item; its result is the list.
+MAP_HEADER = "conveyor-map"
+
+Call = tuple[list[Any], dict[str, Any]]
+
+
+def item_calls(task: task_pb2.Signature) -> list[Call] | None:
+    """The calls of a chunk task, one per item, in order; None for a plain task."""
+    mode = task.headers.get(MAP_HEADER)
+    if mode is None:
+        return None
+    items, kwargs = arguments(task)
+    if mode == "starmap":
+        for index, item in enumerate(items):
+            if not isinstance(item, list):
+                raise TypeError(f"starmap item {index} is {type(item).__name__}, not a list of args")
+        return [(item, kwargs) for item in items]
+    return [([item], kwargs) for item in items]
 
 
 def call_sync(
@@ -107,8 +128,12 @@ def call_sync(
     started_at = time.time()
     bind(context)
     try:
-        args, kwargs = arguments(task)
-        value = function(*args, **kwargs)
+        each = item_calls(task)
+        if each is None:
+            args, kwargs = arguments(task)
+            value = function(*args, **kwargs)
+        else:
+            value = [function(*args, **kwargs) for args, kwargs in each]
     except passthrough:
         raise
     except BaseException as exc:  # a task's failure, whatever it raised

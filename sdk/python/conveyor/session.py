@@ -16,6 +16,8 @@ import grpc
 from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
 
+from .error_details import status_trailer
+
 Metadata = tuple[tuple[str, str], ...]
 Stream = grpc.aio.StreamStreamCall[t.SessionRequest, t.SessionResponse]
 
@@ -33,8 +35,13 @@ def _rpc_error(code: grpc.StatusCode, details: str | None, retry_after_ms: int =
 
 
 def call_error(error: t.CallError) -> grpc.aio.AioRpcError:
-    """The exception the unary call would have raised (its retry hint included)."""
-    return _rpc_error(_status(error.code), error.message, error.retry_after_ms)
+    """The exception the unary call would have raised (its retry hint and details included)."""
+    code = _status(error.code)
+    if not error.details:
+        return _rpc_error(code, error.message, error.retry_after_ms)
+    hint = (("retry-after-ms", str(error.retry_after_ms)),) if error.retry_after_ms else ()
+    trailers = grpc.aio.Metadata(*hint, status_trailer(code, error.message, error.details))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, error.message)
 
 
 class Session:
@@ -72,7 +79,10 @@ class Session:
             # refusal would only see gRPC's "Internal error from Core".
             await stream.initial_metadata()
             if stream.done():
-                raise _rpc_error(await stream.code(), await stream.details())
+                trailers = await stream.trailing_metadata()
+                raise grpc.aio.AioRpcError(
+                    await stream.code(), grpc.aio.Metadata(), trailers or grpc.aio.Metadata(), await stream.details()
+                )
             self._stream = stream
             self._reader = asyncio.create_task(self._read(stream), name="conveyor-session")
         return stream

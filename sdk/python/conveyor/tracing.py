@@ -18,6 +18,16 @@ from opentelemetry.util.types import Attributes
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 TRACE_HEADERS = ("traceparent", "tracestate")
+# A chord callback's header: its members' span contexts (space-separated `traceparent` values),
+# which become span links. Bounded so a huge chord cannot grow a task's headers without end.
+LINKS_HEADER = "conveyor-trace-links"
+MAX_LINKS = 128
+
+# messaging.operation.type (OpenTelemetry messaging semantic conventions) of each span Conveyor
+# makes, by messaging.operation.name. Shared with the Node worker and documented for others.
+OPERATION_TYPES = {
+    "submit": "send", "enqueue": "send", "dispatch": "receive", "execute": "process", "result": "settle",
+}
 
 
 def enabled() -> bool:
@@ -44,6 +54,33 @@ def extract(headers: Mapping[str, str]) -> otel_context.Context:
     return _PROPAGATOR.extract({k: v for k, v in headers.items() if k in TRACE_HEADERS})
 
 
+def task_attributes(
+    operation: str, task_id: str, name: str, queue: str = "", attempt: int = 0,
+) -> dict[str, str | int]:
+    """The attribute scheme every Conveyor span of one task uses, in every language."""
+    attributes: dict[str, str | int] = {
+        "messaging.system": "conveyor",
+        "messaging.operation.type": OPERATION_TYPES[operation],
+        "messaging.operation.name": operation,
+        "messaging.message.id": task_id,
+        "messaging.destination.name": queue or "default",
+        "conveyor.task.name": name,
+    }
+    if attempt:
+        attributes["conveyor.attempt"] = attempt
+    return attributes
+
+
+def links_from(headers: Mapping[str, str]) -> list[trace.Link]:
+    """Span links to the span contexts listed in a task's LINKS_HEADER (a chord's members)."""
+    links: list[trace.Link] = []
+    for traceparent in headers.get(LINKS_HEADER, "").split()[:MAX_LINKS]:
+        linked = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
+        if linked.is_valid:
+            links.append(trace.Link(linked))
+    return links
+
+
 # What span() gives when tracing is off: reusable, and cheaper than a generator per call.
 _NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 
@@ -52,7 +89,8 @@ def span(
     name: str, parent_headers: Mapping[str, str] | None = None, kind: SpanKind = SpanKind.INTERNAL,
     attributes: Attributes = None,
 ) -> AbstractContextManager[Span]:
-    """A current span, child of the context in `parent_headers` (or of the current span)."""
+    """A current span, child of the context in `parent_headers` (or of the current span), linked
+    to the span contexts those headers list under LINKS_HEADER."""
     if not enabled():
         return _NO_SPAN
     return _recorded_span(name, parent_headers, kind, attributes)
@@ -63,5 +101,8 @@ def _recorded_span(
     name: str, parent_headers: Mapping[str, str] | None, kind: SpanKind, attributes: Attributes
 ) -> Iterator[Span]:
     parent = extract(parent_headers) if parent_headers else None
-    with tracer().start_as_current_span(name, context=parent, kind=kind, attributes=attributes) as current:
+    links = links_from(parent_headers) if parent_headers else None
+    with tracer().start_as_current_span(
+        name, context=parent, kind=kind, attributes=attributes, links=links,
+    ) as current:
         yield current

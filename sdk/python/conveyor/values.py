@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.errors import UnencodableValue
@@ -75,3 +76,13 @@ def timestamp_now() -> Timestamp:
     through datetime and shows up in profiles of the task hot path."""
     ns = time.time_ns()
     return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def seconds_of(value: Duration | Timestamp) -> float:
+    """A Duration's length, or a Timestamp's Unix time, in seconds."""
+    return value.seconds + value.nanos / 1e9
+
+
+def set_seconds(value: Duration | Timestamp, seconds: float) -> None:
+    """Sets a Duration's length, or a Timestamp's Unix time, to `seconds` (truncated to the nanosecond)."""
+    value.FromNanoseconds(int(seconds * 1e9))

@@ -344,7 +344,7 @@ class Worker:
 
     async def _run_one(self, call: TaskCall) -> None:
         task = call.assignment.task
-        attributes: dict[str, str | int] = {"conveyor.task_id": task.id, "conveyor.attempt": call.assignment.attempt}
+        attributes = tracing.task_attributes("execute", task.id, task.name, task.queue, call.assignment.attempt)
         assert self._pool is not None
         try:
             with tracing.span(f"execute {task.name}", task.headers, SpanKind.CONSUMER, attributes) as span:

@@ -17,7 +17,10 @@ from ..brokers.base import QueueDeletionUnsupported
 from ..core.admin import Admin
 from ..core.limits import RateLimit, rate_limit
 from ..core.task_index import ListingUnsupported
-from .status import unary
+from .status import Refusal, refuse, unary
+
+# ErrorInfo.reason of a call the configured broker or index cannot serve.
+UNSUPPORTED = "NOT_SUPPORTED_BY_BACKEND"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -101,7 +104,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         try:
             purged = await self.admin.delete_queue(request.queue, request.force)
         except QueueDeletionUnsupported as exc:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+            await refuse(context, Refusal(grpc.StatusCode.UNIMPLEMENTED, str(exc), reason=UNSUPPORTED))
         return a.DeleteQueueResponse(purged=purged)
 
     @unary
@@ -140,7 +143,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         try:
             page = await self.admin.list_tasks(task_query(request), request.page_token)
         except ListingUnsupported as exc:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+            await refuse(context, Refusal(grpc.StatusCode.UNIMPLEMENTED, str(exc), reason=UNSUPPORTED))
         return a.ListTasksResponse(tasks=[r.result for r in page.records], next_page_token=page.next_page_token)
 
 

@@ -17,6 +17,8 @@ from typing import Any, TypeAlias
 import grpc
 
 from ..config import Token
+from .status import Refusal
+from .status import refuse as refuse_call
 
 OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",
@@ -111,7 +113,7 @@ def _refusal(handler: Handler, error: AuthError) -> Handler:
     """A handler of the same shape as `handler` that only refuses."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(error.code, str(error))
+        await refuse_call(context, Refusal(error.code, str(error), error.code.name))
 
     serializers = {
         "request_deserializer": handler.request_deserializer,

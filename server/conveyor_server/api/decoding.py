@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .auth import Handler
+from .status import Refusal, refuse
 
 
 class _Undecodable:
@@ -30,7 +31,9 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Undecodable) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {bad.error}")
+    await refuse(context, Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {bad.error}", reason="MALFORMED_REQUEST"
+    ))
 
 
 def _guard(handler: Handler) -> Handler:

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
 
+from ..core.canvas.map import chunk_count
 from ..core.errors import ResourceExhausted
 
 # Buckets idle this long are forgotten, so many short-lived peers cannot grow the table.
@@ -45,6 +46,8 @@ def tasks_in(requests: Iterable[task_service_pb2.SubmitRequest]) -> int:
         elif isinstance(node, workflow_pb2.Group):
             pending.extend(node.members)
             pending.extend(node.on_error)
+        elif isinstance(node, workflow_pb2.Map):
+            count += chunk_count(node)
         elif isinstance(node, workflow_pb2.Chord):
             pending.append(node.header)
             if node.HasField("callback"):
@@ -79,12 +82,14 @@ class SubmitRateLimiter:
             if tasks > self.burst:
                 raise ResourceExhausted(
                     f"submit rate limit for {caller!r} is {self.rate:g} tasks/s (burst {self.burst}); a submission "
-                    f"of {tasks} tasks can never fit: split it into parts of at most {self.burst} tasks"
+                    f"of {tasks} tasks can never fit: split it into parts of at most {self.burst} tasks",
+                    reason="SUBMISSION_TOO_LARGE", metadata={"caller": caller, "burst": str(self.burst)},
                 )
             wait = (tasks - bucket.tokens) / self.rate
             raise ResourceExhausted(
                 f"submit rate limit for {caller!r} is {self.rate:g} tasks/s (burst {self.burst}); "
-                f"{tasks} tasks would exceed it, retry in {wait:.2f} s"
+                f"{tasks} tasks would exceed it, retry in {wait:.2f} s",
+                retry_after_seconds=wait, reason="RATE_LIMITED", metadata={"caller": caller},
             )
         bucket.tokens -= tasks
 

@@ -11,7 +11,7 @@ import grpc
 
 from conveyor.v1 import task_service_pb2 as t
 
-from .status import RETRY_AFTER_KEY, Refusal, refusal
+from .status import INTERNAL_ERROR, Refusal, refusal
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,17 @@ class SessionCalls:
             reported = refusal(exc)
             if reported is None:
                 log.exception("session call %d failed", request.call_id)
-                reported = Refusal(grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log")
-            reply = _error(reported.code, reported.message, _retry_after_ms(reported))
+                reported = Refusal(
+                    grpc.StatusCode.INTERNAL, "the server failed to answer this call; see its log", INTERNAL_ERROR
+                )
+            reply = _error(reported)
         reply.call_id = request.call_id
         self._replies.put_nowait(reply)
 
 
-def _retry_after_ms(reported: Refusal) -> int:
-    """The retry hint a unary call would carry in its trailers (0: none)."""
-    for key, value in reported.trailing_metadata:
-        if key == RETRY_AFTER_KEY and isinstance(value, str):
-            return int(value)
-    return 0
-
-
-def _error(code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> t.SessionResponse:
-    number: int = code.value[0]
-    return t.SessionResponse(error=t.CallError(code=number, message=message, retry_after_ms=retry_after_ms))
+def _error(reported: Refusal) -> t.SessionResponse:
+    """The answer to a refused call: its status, retry hint and details, as a unary call's."""
+    status = reported.status
+    return t.SessionResponse(error=t.CallError(
+        code=status.code, message=status.message, retry_after_ms=reported.retry_after_ms, details=status.details,
+    ))

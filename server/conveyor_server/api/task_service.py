@@ -12,6 +12,7 @@ from opentelemetry.trace import SpanKind
 from conveyor import tracing
 from conveyor.v1 import task_service_pb2 as t
 from conveyor.v1 import task_service_pb2_grpc
+from conveyor.values import seconds_of
 
 from ..core.cancellation import Canceller
 from ..core.errors import InvalidArgument, PermissionDenied
@@ -111,7 +112,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     async def _get_result(self, request: t.GetResultRequest, scope: frozenset[str]) -> t.GetResultResponse:
         await self._check_scope(scope, [request.task_id])
-        wait = request.wait.seconds + request.wait.nanos / 1e9
+        wait = seconds_of(request.wait)
         if wait < 0:
             wait = 0.0
         result = await self.reader.wait(request.task_id, min(wait, MAX_WAIT_SECONDS))

@@ -15,7 +15,7 @@ from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
 from ..core.sizing import DEFAULT_WORKER_RECEIVE_BYTES, ENVELOPE_BYTES
 from .auth import Authenticator
-from .status import abort, status_of
+from .status import Refusal, abort, refuse
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Coalesce up to this many ready server messages of one kind into one write.
@@ -36,18 +36,22 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         except StopAsyncIteration:
             return
         if first.WhichOneof("message") != "hello":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message on the stream must be hello")
+            await refuse(context, Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION, "the first message on the stream must be hello",
+                reason="HELLO_REQUIRED",
+            ))
         identity = self.authenticator.identify(context.invocation_metadata())
         queues = list(first.hello.queues) or [self.connections.settings.default_queue]
         if identity is not None and not identity.may_serve(queues):
-            await context.abort(
+            await refuse(context, Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"token {identity.name!r} may serve queues {list(identity.queues)}, not {queues}",
-            )
+                reason="QUEUE_NOT_PERMITTED", metadata={"token": identity.name, "queue": ",".join(queues)},
+            ))
         try:
             session = self.connections.open(first.hello)
         except CoreError as exc:
-            await context.abort(status_of(exc), str(exc))
+            await abort(context, exc, "WorkerService.Connect")
         reader = asyncio.create_task(self.connections.run(session, requests))
         # When the worker closes its side, what is still owed (acks) goes out, then the stream ends.
         reader.add_done_callback(lambda _: session.end_outbox())

@@ -47,6 +47,7 @@ PREFIX_SCAN_COUNT = 20_000
 # A UUID (as the server assigns ids): a prefix this long is looked up as an id first.
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
+# A prelude, not a script: forget(p, id) removes one task from every set and hash under prefix p.
 _FORGET = """
 local function forget(p, id)
   local entry = redis.call('HGET', p .. 'e', id)
@@ -126,13 +127,13 @@ end
 return forgotten
 """
 
-# ARGV: prefix, ids... Forgets them.
+# KEYS: none. ARGV: prefix, ids... Forgets them. Returns 0.
 _DROP = _FORGET + """
 for i = 2, #ARGV do forget(ARGV[1], ARGV[i]) end
 return 0
 """
 
-# ARGV: prefix, candidate set suffixes (a JSON array), oldest_first (0/1), limit, budget,
+# KEYS: none. ARGV: prefix, candidate set suffixes (a JSON array), oldest_first (0/1), limit, budget,
 # cursor us ('' = none), cursor id, since_us ('' = open), until_us ('' = open),
 # states (','-separated, '' = any), queue, name, now_ms, trim_batch. Forgets up to trim_batch
 # expired entries first, so a read never shows one (also when nothing was written lately).
@@ -212,7 +213,7 @@ out[1] = 1
 return out
 """
 
-# ARGV: prefix, ids... Returns id, state, entry JSON of those that are in the index.
+# KEYS: none. ARGV: prefix, ids... Returns id, state, entry JSON of those that are in the index.
 _ENTRIES = """
 local p = ARGV[1]
 local ids = {}

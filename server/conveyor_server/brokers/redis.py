@@ -46,6 +46,7 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from ..redis_pool import open_redis
@@ -73,6 +74,11 @@ HEALTH_CHECK_SECONDS = 15
 # Keys per SCAN call when looking for queues by their lease keys.
 SCAN_COUNT = 1000
 
+# Every broker script runs on one queue and gets that queue's keys as KEYS, in _Keys order:
+# KEYS[1] msg, KEYS[2] meta, KEYS[3] dc, KEYS[4] lease, KEYS[5] delayed, KEYS[6..15] r0..r9.
+# Each script is sent with this prelude in front: now_ms() (the Redis clock), ready(id) (push a
+# stored message onto its priority's list), forward(now, limit) (move due delayed messages to
+# ready, returns how many) and leased(id, dc) (whether that delivery still holds its lease).
 _LUA_PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -98,7 +104,9 @@ local function leased(id, dc)
 end
 """
 
-# ARGV: channel, then (id, meta, delay_ms, body) per message.
+# PUBLISH -- store messages; each is ready now or delayed by its delay_ms.
+# KEYS: the queue's keys. ARGV: channel, then (id, meta, delay_ms, body) per message.
+# Returns 0. Signals the channel when it stored anything.
 _PUBLISH = """
 local now = nil
 for i = 2, #ARGV, 4 do
@@ -116,7 +124,10 @@ if #ARGV > 1 then redis.call('PUBLISH', ARGV[1], '1') end
 return 0
 """
 
-# ARGV: max, lease_ms, forward limit. Returns {now, next due or -1, (id, meta, dc, body)...}.
+# FETCH -- forward due messages, then lease up to `max` ready ones, highest priority first.
+# KEYS: the queue's keys. ARGV: max, lease_ms, forward limit.
+# Returns {now_ms, next due time in ms (-1 if none, or if anything was leased), then
+# (id, meta, dc, body) per leased message}.
 _FETCH = """
 local now = now_ms()
 forward(now, tonumber(ARGV[3]))
@@ -149,7 +160,8 @@ end
 return out
 """
 
-# ARGV: (id, dc) pairs.
+# ACK -- delete the messages whose delivery still holds its lease.
+# KEYS: the queue's keys. ARGV: (id, dc) pairs. Returns the number deleted.
 _ACK = """
 local n = 0
 for i = 1, #ARGV, 2 do
@@ -165,7 +177,9 @@ end
 return n
 """
 
-# ARGV: channel, delay_ms, (id, dc) pairs.
+# NACK -- give leased messages back: ready now, or delayed by delay_ms.
+# KEYS: the queue's keys. ARGV: channel, delay_ms, (id, dc) pairs.
+# Returns the number given back. Signals the channel when that is more than 0.
 _NACK = """
 local delay = tonumber(ARGV[2])
 local now = now_ms()
@@ -182,7 +196,8 @@ if n > 0 then redis.call('PUBLISH', ARGV[1], '1') end
 return n
 """
 
-# ARGV: lease_ms, (id, dc) pairs.
+# EXTEND -- move the lease deadline of held deliveries to now + lease_ms.
+# KEYS: the queue's keys. ARGV: lease_ms, (id, dc) pairs. Returns the number extended.
 _EXTEND = """
 local deadline = now_ms() + tonumber(ARGV[1])
 local n = 0
@@ -195,7 +210,9 @@ end
 return n
 """
 
-# ARGV: channel, limit. Returns {recovered, forwarded}.
+# RECOVER -- make up to `limit` expired leases ready again and forward up to `limit` due messages.
+# KEYS: the queue's keys. ARGV: channel, limit.
+# Returns {recovered, forwarded}. Signals the channel when either is more than 0.
 _RECOVER = """
 local now = now_ms()
 local limit = tonumber(ARGV[2])
@@ -209,7 +226,8 @@ if #expired + forwarded > 0 then redis.call('PUBLISH', ARGV[1], '1') end
 return {#expired, forwarded}
 """
 
-# ARGV: forward limit. Returns {ready, delayed, in_flight}.
+# STATS -- forward due messages, then count.
+# KEYS: the queue's keys. ARGV: forward limit. Returns {ready, delayed, in_flight}.
 _STATS = """
 forward(now_ms(), tonumber(ARGV[1]))
 local ready_count = 0
@@ -217,7 +235,8 @@ for p = 0, 9 do ready_count = ready_count + redis.call('LLEN', KEYS[6 + p]) end
 return {ready_count, redis.call('ZCARD', KEYS[5]), redis.call('ZCARD', KEYS[4])}
 """
 
-# ARGV: limit. Drops up to `limit` ready or delayed messages; returns their metas.
+# PURGE -- drop up to `limit` ready or delayed messages (leased ones stay).
+# KEYS: the queue's keys. ARGV: limit. Returns {number dropped, their metas}.
 _PURGE = """
 local limit = tonumber(ARGV[1])
 local dropped = {}
@@ -318,7 +337,7 @@ class RedisBroker:
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self._shas: dict[str, str] = {}
+        self._scripts: dict[str, AsyncScript] = {}
         # Whether this process looked for queues by their lease keys yet (first recovery).
         self._scanned = False
         # Waiting fetches, woken by the pub/sub signal of their queue.
@@ -391,8 +410,11 @@ class RedisBroker:
     # -- scripts -----------------------------------------------------------------------------
 
     async def _load_scripts(self) -> None:
+        """Registers every script with this connection's client and loads it into Redis now,
+        so the first calls run in one round trip."""
         for name, body in _SCRIPTS.items():
-            self._shas[name] = await self._redis.script_load(_LUA_PRELUDE + body)
+            script = self._scripts[name] = self._redis.register_script(_LUA_PRELUDE + body)
+            await self._redis.script_load(script.script)
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return (await self._eval_many([(name, keys, args)]))[0]
@@ -400,12 +422,14 @@ class RedisBroker:
     async def _eval_many(self, calls: Sequence[_Call], register: Sequence[str] = ()) -> list[Any]:
         """Runs scripts in one round trip; reloads them once if Redis lost its script cache.
 
-        `register`: queues to add to the registry set in the same round trip."""
+        `register`: queues to add to the registry set in the same round trip. The pipeline sends
+        EVALSHA itself: a registered script run on a pipeline would first ask SCRIPT EXISTS, one
+        more round trip on every call."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for queue in register:
                 pipe.sadd(self._registry, queue)
             for name, keys, args in calls:
-                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         results = results[len(register):]
         if any(isinstance(result, NoScriptError) for result in results):
@@ -414,7 +438,7 @@ class RedisBroker:
             for index, result in enumerate(results):
                 if isinstance(result, NoScriptError):
                     name, keys, args = calls[index]
-                    results[index] = await self._redis.evalsha(self._shas[name], len(keys), *keys, *args)
+                    results[index] = await self._scripts[name](keys=keys, args=args)
         for result in results:
             if isinstance(result, Exception):
                 raise result

@@ -224,7 +224,7 @@ class Admin:
         """Submit a schedule's task once, now, outside its cron; returns the new task's id."""
         schedule = next((s for s in await self.schedules.all() if s.name == name), None)
         if schedule is None:
-            raise NotFound(f"no schedule named {name!r}")
+            raise NotFound(f"no schedule named {name!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name})
         signature = task_pb2.Signature()
         signature.CopyFrom(schedule.task)
         signature.id = ""

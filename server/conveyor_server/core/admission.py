@@ -45,6 +45,7 @@ class Admission:
                     f"queue {queue!r} holds {depth} ready tasks, at its max_depth of {limit.max_depth}; "
                     f"retry in {RETRY_AFTER_SECONDS:g} s",
                     retry_after_seconds=RETRY_AFTER_SECONDS,
+                    reason="QUEUE_FULL", metadata={"queue": queue, "max_depth": str(limit.max_depth)},
                 )
 
     async def _ready(self, queue: str) -> int:

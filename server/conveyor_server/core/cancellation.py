@@ -34,7 +34,9 @@ class Canceller:
         elif await self.store.get(target_id) is not None:
             ids = [target_id]
         else:
-            raise NotFound(f"no task or workflow with id {target_id!r}")
+            raise NotFound(
+                f"no task or workflow with id {target_id!r}", reason="TASK_NOT_FOUND", metadata={"task_id": target_id}
+            )
         cause = error("Cancelled", f"cancelled by request ({target_id})")
         if plan is not None:
             cancelled = await self._end(ids, cause)

@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2 as w
+from conveyor.values import set_seconds
 
 from ..brokers.base import Broker, Delivery
 from ..config import Settings
@@ -55,7 +56,7 @@ RETRY_MAX_SECONDS = 2.0
 
 def _duration(seconds: float) -> Duration:
     duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
+    set_seconds(duration, seconds)
     return duration
 
 

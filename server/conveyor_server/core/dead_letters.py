@@ -99,7 +99,10 @@ class DeadLetters:
             return
         record = await self.store.get(task_id)
         if record is None:
-            raise NotFound(f"no task with id {task_id!r} (unknown, or its record expired)")
+            raise NotFound(
+                f"no task with id {task_id!r} (unknown, or its record expired)",
+                reason="TASK_NOT_FOUND", metadata={"task_id": task_id},
+            )
         if record.result.state == S.TASK_STATE_FAILURE:
             raise FailedPrecondition(f"task {task_id!r} is not a dead letter (any more): it was replayed or deleted")
         raise FailedPrecondition(f"task {task_id!r} is {state_name(record.result.state)}, not a dead letter")
@@ -109,7 +112,10 @@ def _check_failed(task_id: str, found: Loaded | None) -> None:
     if not task_id:
         raise InvalidArgument("task_ids holds an empty id")
     if found is None:
-        raise NotFound(f"no task with id {task_id!r} (unknown, or its record expired): nothing replayed")
+        raise NotFound(
+            f"no task with id {task_id!r} (unknown, or its record expired): nothing replayed",
+            reason="TASK_NOT_FOUND", metadata={"task_id": task_id},
+        )
     state = found.record.result.state
     if state != S.TASK_STATE_FAILURE:
         raise FailedPrecondition(

@@ -242,9 +242,11 @@ class Dispatcher:
                 deliveries=record.deliveries + 1,  # as RECEIVED will count this one
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
-            with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers,
-                              attributes={"conveyor.task_id": task_id, "conveyor.attempt": attempt,
-                                          "conveyor.worker_id": worker_id}):
+            attributes = tracing.task_attributes(
+                "dispatch", task_id, assignment.task.name, assignment.task.queue, attempt
+            )
+            attributes["conveyor.worker.id"] = worker_id
+            with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers, attributes=attributes):
                 # The worker's execute span becomes a child of this dispatch.
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(

@@ -8,21 +8,16 @@ comes up, instead of waiting for a run that will never happen.
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
+from conveyor.values import seconds_of
 
 from .records import S, error, transition
 
 
-def _seconds(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
-
-
 def expiry_of(signature: task_pb2.Signature) -> float | None:
     """The expiry in epoch seconds, None when the task has none."""
-    return _seconds(signature.expires_at) if signature.HasField("expires_at") else None
+    return seconds_of(signature.expires_at) if signature.HasField("expires_at") else None
 
 
 def is_expired(signature: task_pb2.Signature, record: records_pb2.TaskRecord, wall: float) -> bool:
@@ -33,7 +28,7 @@ def is_expired(signature: task_pb2.Signature, record: records_pb2.TaskRecord, wa
         return False
     if wall >= expires:
         return True
-    return record.result.state == S.TASK_STATE_RETRY and _seconds(record.retry_at) >= expires
+    return record.result.state == S.TASK_STATE_RETRY and seconds_of(record.retry_at) >= expires
 
 
 def mark_expired(record: records_pb2.TaskRecord) -> None:

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2
+from conveyor.values import seconds_of
 
 from .outbox import FOLLOW_UPS, Outbox
 from .records import S
@@ -47,8 +48,8 @@ class Inspector:
     def _lease_expiry(self, task_id: str, record: records_pb2.TaskRecord) -> Timestamp:
         """The latest sign of life plus a lease: a heartbeat of the holder connected to this
         replica, else what the record holds (a renewal, or the RECEIVED/STARTED transition)."""
-        signs = [_seconds(record.lease_renewed_at)]
-        signs += [_seconds(t.at) for t in record.result.history if t.state in LEASED]
+        signs = [seconds_of(record.lease_renewed_at)]
+        signs += [seconds_of(t.at) for t in record.result.history if t.state in LEASED]
         for session in self.registry.holding([task_id]):
             signs.append(time.time() - (time.monotonic() - session.last_seen))
         expiry = Timestamp()
@@ -59,6 +60,3 @@ class Inspector:
         entries = await Outbox(self.store.backend).entries(0.0, math.inf)  # every entry, whatever its age
         return any(entry.kind == FOLLOW_UPS and task_id in entry.task_ids for _, entry in entries)
 
-
-def _seconds(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9

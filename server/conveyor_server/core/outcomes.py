@@ -283,8 +283,8 @@ class OutcomeRecorder:
             result = record.result
             if self.on_attempt_ended is not None:
                 self.on_attempt_ended(record)
-            attributes: dict[str, str | int] = {"conveyor.task_id": task_id, "conveyor.state": S.Name(result.state),
-                          "conveyor.attempt": result.attempts}
+            attributes = tracing.task_attributes("result", task_id, result.name, result.queue, result.attempts)
+            attributes["conveyor.task.state"] = S.Name(result.state)
             with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
                 decision = decisions.get(task_id)
                 if result.state == S.TASK_STATE_RETRY or (decision is not None and decision.requeue):

@@ -46,7 +46,7 @@ class _Planner:
     def add(self, child: workflow_pb2.Workflow, parent_id: str, index: int) -> str:
         kind = workflow_kind(child)
         if kind is None:
-            raise InvalidArgument("empty workflow node; set task, chain, group or chord")
+            raise InvalidArgument("empty workflow node; set task, chain, group, chord or map")
         plan = self.compiled.plan
         node = plan.nodes.add(node_id=f"n{len(plan.nodes)}", parent_id=parent_id, index=index)
         set_kind(node, kind)

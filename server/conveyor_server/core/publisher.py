@@ -85,7 +85,9 @@ class Publisher:
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         attributes: dict[str, str | int] = {
-            "messaging.destination.name": queue, "messaging.batch.message_count": len(messages)
+            "messaging.system": "conveyor", "messaging.operation.type": tracing.OPERATION_TYPES["enqueue"],
+            "messaging.operation.name": "enqueue", "messaging.destination.name": queue,
+            "messaging.batch.message_count": len(messages),
         }
         with tracing.span(f"enqueue {queue}", kind=SpanKind.PRODUCER, attributes=attributes):
             await self.broker.publish(queue, messages)

@@ -30,7 +30,7 @@ async def delete_queue(broker: Broker, pauses: QueuePauses, purge: Purge, queue:
     check_queue(queue)
     paused = queue in await pauses.refresh()
     if queue not in await broker.queues() and not paused:
-        raise NotFound(f"no queue named {queue!r}")
+        raise NotFound(f"no queue named {queue!r}", reason="QUEUE_NOT_FOUND", metadata={"queue": queue})
     purged = 0
     deleted = await broker.delete_queue(queue)
     if not deleted and force:

@@ -36,9 +36,8 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.internal.v1 import records_pb2
+from conveyor.values import seconds_of, set_seconds
 
 from ..brokers.base import Broker
 from ..config import ConfigError, Settings
@@ -73,30 +72,26 @@ def with_repair_after(settings: Settings) -> Settings:
     return settings.replace(repair_after_seconds=repair_after)
 
 
-def _seconds(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
-
-
 def _last_change(record: records_pb2.TaskRecord) -> float:
     history = record.result.history
-    return _seconds(history[-1].at) if history else 0.0
+    return seconds_of(history[-1].at) if history else 0.0
 
 
 def _eta(record: records_pb2.TaskRecord) -> float:
     signature = record.result.signature
     if signature.HasField("countdown"):
-        return _seconds(record.enqueued_at) + signature.countdown.seconds + signature.countdown.nanos / 1e9
-    return _seconds(signature.eta) if signature.HasField("eta") else 0.0
+        return seconds_of(record.enqueued_at) + seconds_of(signature.countdown)
+    return seconds_of(signature.eta) if signature.HasField("eta") else 0.0
 
 
 def last_sign_of_life(record: records_pb2.TaskRecord) -> float:
     """Epoch seconds of the latest sign that the task is being looked after."""
     state = record.result.state
     if state == S.TASK_STATE_PENDING:
-        return max(_seconds(record.enqueued_at), _last_change(record), _eta(record))
+        return max(seconds_of(record.enqueued_at), _last_change(record), _eta(record))
     if state == S.TASK_STATE_RETRY:
-        return max(_seconds(record.retry_at), _last_change(record))
-    return max(_last_change(record), _seconds(record.lease_renewed_at))
+        return max(seconds_of(record.retry_at), _last_change(record))
+    return max(_last_change(record), seconds_of(record.lease_renewed_at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +113,7 @@ def judge(
     since = last_sign_of_life(record)
     due = since + (lease_after if state in _RUNNING else after)
     if backoff and record.repairs:
-        due = max(due, _seconds(record.repaired_at) + after * 2 ** min(record.repairs - 1, MAX_DOUBLINGS))
+        due = max(due, seconds_of(record.repaired_at) + after * 2 ** min(record.repairs - 1, MAX_DOUBLINGS))
     return Verdict(at >= due, due, at - since)
 
 
@@ -126,12 +121,12 @@ def replaces_stale_lease(record: records_pb2.TaskRecord, message: records_pb2.Ta
     """A repair's copy of a running task may replace the lease that the repair found stale,
     unless that lease was replaced or renewed since (dispatch asks, for a first delivery)."""
     return (bool(message.repairs_lease) and message.repairs_lease == record.lease_token
-            and _seconds(record.lease_renewed_at) <= _seconds(record.repaired_at))
+            and seconds_of(record.lease_renewed_at) <= seconds_of(record.repaired_at))
 
 
 def _needs_stamp(record: records_pb2.TaskRecord, token: str, at: float, repair_after: float) -> bool:
     return (record.result.state in _RUNNING and record.lease_token == token
-            and at - max(_last_change(record), _seconds(record.lease_renewed_at)) >= repair_after / 2)
+            and at - max(_last_change(record), seconds_of(record.lease_renewed_at)) >= repair_after / 2)
 
 
 async def stamp_live_leases(
@@ -151,7 +146,7 @@ async def stamp_live_leases(
     def stamp(task_id: str, record: records_pb2.TaskRecord) -> bool:
         if not _needs_stamp(record, tokens[task_id], at, repair_after):
             return False
-        record.lease_renewed_at.FromNanoseconds(int(at * 1e9))
+        set_seconds(record.lease_renewed_at, at)
         return True
 
     await store.update_loaded(list(tokens), stamp, known={task_id: loaded[task_id] for task_id in tokens})
@@ -289,7 +284,7 @@ class Repairer:
             if verdict is None or not verdict.lost:
                 return False
             record.repairs += 1
-            record.repaired_at.FromNanoseconds(int(at * 1e9))
+            set_seconds(record.repaired_at, at)
             return True
 
         repaired: list[Repaired] = []

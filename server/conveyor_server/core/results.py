@@ -40,7 +40,10 @@ class ResultReader:
             return await self.workflow_result(plan)
         record = await self.store.get(task_id)
         if record is None:
-            raise NotFound(f"no task with id {task_id!r} (unknown, or its result expired)")
+            raise NotFound(
+                f"no task with id {task_id!r} (unknown, or its result expired)",
+                reason="TASK_NOT_FOUND", metadata={"task_id": task_id},
+            )
         return record.result
 
     async def wait(self, task_id: str, wait_seconds: float) -> result_pb2.TaskResult:
@@ -154,7 +157,10 @@ class ResultReader:
         if workflow_id:
             plan = await self.store.plan(workflow_id)
             if plan is None:
-                raise NotFound(f"no workflow with id {workflow_id!r}")
+                raise NotFound(
+                    f"no workflow with id {workflow_id!r}",
+                    reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": workflow_id},
+                )
             ids.extend(t for t in task_ids(plan) if t not in ids)
         elif not ids:
             raise InvalidArgument("name the task_ids or the workflow_id to watch")
@@ -178,7 +184,10 @@ class ResultReader:
                 if first:
                     missing = [t for t in ids if t not in loaded]
                     if missing:
-                        raise NotFound(f"no task with id {missing[0]!r} (unknown, or its result expired)")
+                        raise NotFound(
+                            f"no task with id {missing[0]!r} (unknown, or its result expired)",
+                            reason="TASK_NOT_FOUND", metadata={"task_id": missing[0]},
+                        )
                     first = False
                 for task_id in ids:
                     found = loaded.get(task_id)
@@ -204,7 +213,10 @@ class ResultReader:
     async def workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
         plan = await self.store.plan(workflow_id)
         if plan is None:
-            raise NotFound(f"no workflow with id {workflow_id!r}")
+            raise NotFound(
+                f"no workflow with id {workflow_id!r}",
+                reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": workflow_id},
+            )
         loaded = await self.store.load(task_ids(plan))
         nodes = nodes_by_id(plan)
 

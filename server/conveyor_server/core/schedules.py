@@ -222,7 +222,9 @@ class Schedules:
         stored = (await self._load([name])).get(name)
         indexed = name in await self._names()
         if not indexed and (stored is None or stored.deleted):
-            raise NotFound(f"no schedule named {name[:80]!r}")
+            raise NotFound(
+                f"no schedule named {name[:80]!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name[:200]}
+            )
         await self.backend.remove_member(SCHEDULES_GROUP, name)
         for _ in range(MAX_CAS_ROUNDS):
             if stored is None or stored.deleted:

@@ -110,7 +110,7 @@ class Submitter:
         if not await self._publish(entry_id, lone, plans, repair=False):
             self._spawn(self._publish_later(entry_id, lone, plans))
         if self.on_submitted is not None:
-            self.on_submitted(lone)
+            self.on_submitted(records)  # workflows' tasks too, not only lone tasks
         return [p.response for p in prepared]
 
     async def _publish(

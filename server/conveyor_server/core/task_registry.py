@@ -35,6 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2, task_pb2
+from conveyor.values import seconds_of, set_seconds
 
 from ..backends.base import Backend
 from .call_schemas import BadSchema, check_task_info
@@ -53,12 +54,10 @@ CLOSE_SECONDS = 2.0
 
 def _stamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
+    set_seconds(stamp, seconds)
     return stamp
 
 
-def _seconds(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
 
 
 def member_name(registration: records_pb2.TaskRegistration) -> str:
@@ -259,7 +258,7 @@ class TaskRegistry:
             held = newest.get(registration.connection_id)
             if held is None or held[0].generation < registration.generation:
                 newest[registration.connection_id] = (
-                    registration, self._live(registration, now), _seconds(registration.seen_at)
+                    registration, self._live(registration, now), seconds_of(registration.seen_at)
                 )
         for connection in self._connections.values():  # open on this replica: seen now
             session = connection.session
@@ -274,7 +273,7 @@ class TaskRegistry:
         return self._snapshot
 
     def _live(self, registration: records_pb2.TaskRegistration, now: float) -> bool:
-        return not registration.gone and now - _seconds(registration.seen_at) <= self.stale_after
+        return not registration.gone and now - seconds_of(registration.seen_at) <= self.stale_after
 
     async def listed(self) -> list[admin_service_pb2.RegisteredTask]:
         """Every known task, by name, as read now."""
@@ -312,7 +311,7 @@ class TaskRegistry:
         """A gone or stale entry past the retention, or whose every task name a live one has."""
         if self._live(registration, now):
             return False
-        expired = now - _seconds(registration.seen_at) > self.retention_seconds
+        expired = now - seconds_of(registration.seen_at) > self.retention_seconds
         return expired or all(info.name in covered for info in registration.tasks)
 
     async def run(self) -> None:

@@ -16,11 +16,14 @@ taken as given: it is not known at submit. When workers of one name declare diff
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from conveyor.errors import UnencodableValue
 from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
+from conveyor.values import to_value
 
 from .call_schemas import BadJson, BadSchema, call_of, compiled, mismatch, parse_json
 from .errors import InvalidArgument
@@ -75,6 +78,21 @@ def _workflow_calls(node: workflow_pb2.Workflow, where: str, leading: bool) -> I
         for i, member in enumerate(node.chord.header.members):
             yield from _workflow_calls(member, f"{where}.chord.header[{i}]", leading)
         yield from _workflow_calls(node.chord.callback, f"{where}.chord.callback", leading=True)
+    elif kind == "map":
+        yield from _item_calls(node.map, f"{where}.map")
+
+
+def _item_calls(map_: workflow_pb2.Map, where: str) -> Iterator[Call]:
+    """A map's calls, one per item, as its chunk tasks will make them."""
+    for i, item in enumerate(map_.items):
+        args = [item]  # a starmap item that is not a list is checked as it stands (and refused)
+        if map_.star and item.WhichOneof("kind") == "json_value" and _is_json(item.json_value):
+            listed = parse_json(item.json_value)
+            if isinstance(listed, list):
+                with contextlib.suppress(UnencodableValue):
+                    args = [to_value(arg) for arg in listed]
+        call = task_pb2.Signature(name=map_.task.name, args=args, kwargs=map_.task.kwargs)
+        yield Call(call, f"{where}.items[{i}]", leading=False)
 
 
 def all_json_valid(request: task_service_pb2.SubmitRequest) -> bool:
@@ -108,6 +126,9 @@ def _workflow_json_valid(node: workflow_pb2.Workflow) -> bool:
     elif kind == "chord":
         return all(_workflow_json_valid(m) for m in node.chord.header.members) and _workflow_json_valid(
             node.chord.callback)
+    elif kind == "map":
+        items = task_pb2.Signature(args=node.map.items)
+        return _signature_json_valid(node.map.task) and _signature_json_valid(items)
     else:
         return True
     return all(_workflow_json_valid(s) for s in steps) and all(_signature_json_valid(c) for c in callbacks)

@@ -65,17 +65,32 @@ def check_signature(sig: task_pb2.Signature, limits: Limits, where: str = "task"
 def _check_one(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
     """One signature's own fields (its callbacks are checked by the walk)."""
     if not sig.name:
-        raise InvalidArgument(f"{where}: name is empty; set the task name the workers registered")
+        raise InvalidArgument(
+            f"{where}: name is empty; set the task name the workers registered",
+            field=f"{where}.name",
+        )
     if not TASK_NAME.match(sig.name):
-        raise InvalidArgument(f"{where}: name {sig.name[:80]!r} has whitespace or control characters")
+        raise InvalidArgument(
+            f"{where}: name {sig.name[:80]!r} has whitespace or control characters",
+            field=f"{where}.name",
+        )
     if sig.id and not TASK_ID.match(sig.id):
-        raise InvalidArgument(f"{where}: id {sig.id[:80]!r} must be 1-128 of [A-Za-z0-9_.:-]")
+        raise InvalidArgument(f"{where}: id {sig.id[:80]!r} must be 1-128 of [A-Za-z0-9_.:-]", field=f"{where}.id")
     if sig.queue and not QUEUE_NAME.match(sig.queue):
-        raise InvalidArgument(f"{where}: queue {sig.queue[:80]!r} must be 1-64 of [A-Za-z0-9_.-]")
+        raise InvalidArgument(
+            f"{where}: queue {sig.queue[:80]!r} must be 1-64 of [A-Za-z0-9_.-]",
+            field=f"{where}.queue",
+        )
     if not 0 <= sig.priority <= MAX_PRIORITY:
-        raise InvalidArgument(f"{where}: priority {sig.priority} is outside 0..{MAX_PRIORITY}")
+        raise InvalidArgument(
+            f"{where}: priority {sig.priority} is outside 0..{MAX_PRIORITY}",
+            field=f"{where}.priority",
+        )
     if sig.parent_id and not TASK_ID.match(sig.parent_id):
-        raise InvalidArgument(f"{where}: parent_id {sig.parent_id[:80]!r} must be 1-128 of [A-Za-z0-9_.:-]")
+        raise InvalidArgument(
+            f"{where}: parent_id {sig.parent_id[:80]!r} must be 1-128 of [A-Za-z0-9_.:-]",
+            field=f"{where}.parent_id",
+        )
     _check_sizes(sig, limits, where)
     _check_schedule(sig, where)
     _check_retry(sig.retry, where)
@@ -108,9 +123,9 @@ def _check_time_limits(sig: task_pb2.Signature, where: str) -> None:
     hard = sig.time_limit.ToTimedelta().total_seconds()
     soft = sig.soft_time_limit.ToTimedelta().total_seconds()
     if hard < 0:
-        raise InvalidArgument(f"{where}: time_limit is negative")
+        raise InvalidArgument(f"{where}: time_limit is negative", field=f"{where}.time_limit")
     if soft < 0:
-        raise InvalidArgument(f"{where}: soft_time_limit is negative")
+        raise InvalidArgument(f"{where}: soft_time_limit is negative", field=f"{where}.soft_time_limit")
     if soft and hard and soft >= hard:
         raise InvalidArgument(
             f"{where}: soft_time_limit ({soft:g} s) must be below time_limit ({hard:g} s), which stops the task"
@@ -165,6 +180,11 @@ def check_workflow(workflow: workflow_pb2.Workflow, limits: Limits) -> int:
     _check_count(workflow, limits, "workflow", "workflow")
     walk = _Walk(limits)
     walk.node(workflow, 1, "workflow")
+    if walk.count > limits.max_workflow_tasks:  # maps expand: more tasks than the messages held
+        raise InvalidArgument(
+            f"workflow: workflow expands into {walk.count} tasks, over the limit of {limits.max_workflow_tasks} "
+            "(max_workflow_tasks; callbacks count as tasks)"
+        )
     return walk.count
 
 
@@ -192,7 +212,7 @@ class _Walk:
         self._check_depth(depth, where, "workflow nests")
         kind = workflow_kind(workflow)
         if kind is None:
-            raise InvalidArgument(f"{where}: empty workflow node; set task, chain, group or chord")
+            raise InvalidArgument(f"{where}: empty workflow node; set task, chain, group, chord or map")
         primitive(kind).check(workflow, self, depth, where)
 
     def task(self, signature: task_pb2.Signature, depth: int, where: str) -> None:
@@ -212,6 +232,14 @@ class _Walk:
     def callbacks(self, signatures: Sequence[task_pb2.Signature], depth: int, where: str) -> None:
         for i, callback in enumerate(signatures):
             self.task(callback, depth, f"{where}[{i}]")
+
+    def planned_tasks(self, count: int, where: str) -> None:
+        if self.count + count > self.limits.max_workflow_tasks:
+            before = f" ({self.count + count} with the tasks before it)" if self.count else ""
+            raise InvalidArgument(
+                f"{_short(where)}: expands into {count} tasks{before}, over the limit of "
+                f"{self.limits.max_workflow_tasks} (max_workflow_tasks; use bigger chunks)"
+            )
 
     def _check_depth(self, depth: int, where: str, what: str) -> None:
         if depth > self.limits.max_workflow_depth:

@@ -13,11 +13,9 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2
+from conveyor.values import seconds_of
 
 from ..backends.base import Backend
 from .records import S
@@ -43,11 +41,11 @@ def queued(record: records_pb2.TaskRecord) -> bool:
 def due_at(record: records_pb2.TaskRecord) -> float:
     """Epoch seconds when a queued task's message turns ready (0: it is ready)."""
     if record.result.state == S.TASK_STATE_RETRY:
-        return _seconds(record.retry_at)
+        return seconds_of(record.retry_at)
     signature = record.result.signature
     if signature.HasField("countdown"):
-        return _seconds(record.enqueued_at) + _seconds(signature.countdown)
-    return _seconds(signature.eta) if signature.HasField("eta") else 0.0
+        return seconds_of(record.enqueued_at) + seconds_of(signature.countdown)
+    return seconds_of(signature.eta) if signature.HasField("eta") else 0.0
 
 
 async def withdraw(backend: Backend, records: Iterable[records_pb2.TaskRecord]) -> None:
@@ -99,6 +97,3 @@ def count_out(info: admin_service_pb2.QueueInfo, withdrawn: Withdrawn | None) ->
         info.ready = max(info.ready - withdrawn.ready, 0)
         info.delayed = max(info.delayed - withdrawn.delayed, 0)
 
-
-def _seconds(value: Timestamp | Duration) -> float:
-    return value.seconds + value.nanos / 1e9

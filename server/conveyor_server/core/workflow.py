@@ -84,16 +84,21 @@ class WorkflowEngine:
 
     # -- starting nodes -------------------------------------------------------------------
 
-    async def start(self, drive: Drive, node: PlanNode, value: task_pb2.Value | None) -> None:
+    async def start(
+        self, drive: Drive, node: PlanNode, value: task_pb2.Value | None, trace_links: Sequence[str] = (),
+    ) -> None:
         starts = _Starts(drive)
         starts.node(node, value)
-        await self._launch(drive, starts.tasks)
+        await self._launch(drive, starts.tasks, trace_links)
         for done, outcome in starts.finished:
             await self.node_done(drive, done, outcome)
 
-    async def _launch(self, drive: Drive, starts: Sequence[tuple[str, task_pb2.Value | None]]) -> None:
+    async def _launch(
+        self, drive: Drive, starts: Sequence[tuple[str, task_pb2.Value | None]], trace_links: Sequence[str] = (),
+    ) -> None:
         workflow_id = drive.workflow_id
         inputs = dict(starts)
+        links = " ".join(trace_links[:tracing.MAX_LINKS])
 
         def mark_enqueued(task_id: str, record: records_pb2.TaskRecord) -> bool:
             if record.enqueued or is_terminal(record) or record.result.workflow_id != workflow_id:
@@ -103,6 +108,8 @@ class WorkflowEngine:
             signature = with_leading_arg(record.result.signature, inputs[task_id])
             if signature is not record.result.signature:
                 record.result.signature.CopyFrom(signature)
+            if links:
+                record.result.signature.headers[tracing.LINKS_HEADER] = links
             return True
 
         launched = await self.store.update(list(inputs), mark_enqueued)

@@ -10,13 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2
-from conveyor.values import to_jsonable
+from conveyor.values import seconds_of, to_jsonable
 
 JSON = dict[str, Any]
 STATE_PREFIX = "TASK_STATE_"
@@ -42,12 +41,8 @@ def when(stamp: Timestamp, present: bool = True) -> str | None:
     """RFC 3339 in UTC with milliseconds; None for an unset field."""
     if not present or (stamp.seconds == 0 and stamp.nanos == 0):
         return None
-    moment = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+    moment = datetime.fromtimestamp(seconds_of(stamp), UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def seconds(duration: Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
 
 
 def trace_id(headers: Mapping[str, str]) -> str:
@@ -67,8 +62,8 @@ def signature(sig: task_pb2.Signature) -> JSON:
         "headers": dict(sorted(sig.headers.items())),
         "priority": sig.priority,
         "eta": when(sig.eta, sig.HasField("eta")),
-        "countdown": seconds(sig.countdown) if sig.HasField("countdown") else None,
-        "time_limit": seconds(sig.time_limit) if sig.HasField("time_limit") else None,
+        "countdown": seconds_of(sig.countdown) if sig.HasField("countdown") else None,
+        "time_limit": seconds_of(sig.time_limit) if sig.HasField("time_limit") else None,
         "max_attempts": sig.retry.max_attempts if sig.HasField("retry") else None,
         "idempotency_key": sig.idempotency_key,
         "parent_id": sig.parent_id,

@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from conveyor.values import set_seconds
+
 from . import convert
 from .sampler import Sample, counter_totals
 
@@ -80,7 +82,7 @@ def _wall(monotonic: float) -> str | None:
     from google.protobuf.timestamp_pb2 import Timestamp  # noqa: PLC0415 - tiny, used here only
 
     stamp = Timestamp()
-    stamp.FromNanoseconds(int((time.time() - (time.monotonic() - monotonic)) * 1e9))
+    set_seconds(stamp, time.time() - (time.monotonic() - monotonic))
     return convert.when(stamp)
 
 

@@ -7,6 +7,7 @@
 //   client.close();
 
 const { load, metadataFor, defaultAddress, grpc } = require('./proto');
+const { withErrorDetails } = require('./errors');
 const {
   toValues, toValueMap, fromValue, toDate, duration, timestamp,
 } = require('./values');
@@ -75,6 +76,36 @@ function chord(header, callback, { failurePolicy = 'fail' } = {}) {
   return { kind: 'chord', members: headerGroup.members, header: headerGroup, callback, failurePolicy };
 }
 
+// Items per chunk task of map() and starmap() (the server's default too).
+const DEFAULT_CHUNK_SIZE = 100;
+
+/**
+ * `task` (a sig() without args) called once per item, as Celery's task.map: the result is one value
+ * per item. The server runs the calls in chunk tasks of `chunkSize` items (each message holds its own).
+ */
+function map(task, items, { chunkSize = DEFAULT_CHUNK_SIZE } = {}) {
+  return mapNode(task, items, { star: false, chunkSize, nested: false });
+}
+
+/** As map(), each item being an array of positional args (Celery's task.starmap). */
+function starmap(task, items, { chunkSize = DEFAULT_CHUNK_SIZE } = {}) {
+  return mapNode(task, items, { star: true, chunkSize, nested: false });
+}
+
+/** Celery's task.chunks(items, n): items (arrays of args) in tasks of n; the result is one array per chunk. */
+function chunks(task, items, n) {
+  return mapNode(task, items, { star: true, chunkSize: n, nested: true });
+}
+
+function mapNode(task, items, { star, chunkSize, nested }) {
+  if (!task || task.kind !== 'task') throw new TypeError('map, starmap and chunks take a sig()');
+  if (task.args.length) throw new TypeError("a mapped task takes no args of its own: the items are its calls' args");
+  if (!Number.isInteger(chunkSize) || chunkSize < 1) {
+    throw new RangeError(`chunkSize must be an integer of at least 1, not ${chunkSize}`);
+  }
+  return { kind: 'map', task, items: [...items], star, chunkSize, nested };
+}
+
 /**
  * A copy of `node` that runs `callback` with its result on success: a task's, a chain's (its last
  * step's), a group's (the list, once every member succeeded); a chord's goes to its callback.
@@ -85,6 +116,7 @@ function link(node, callback) {
     return { ...node, options: { ...options, onSuccess: [...(options.onSuccess || []), callback] } };
   }
   if (node.kind === 'chord') return { ...node, callback: link(node.callback, callback) };
+  if (node.kind === 'map') return link(chain(node), callback); // a map carries no callbacks itself
   return { ...node, onSuccess: [...(node.onSuccess || []), callback] };
 }
 
@@ -98,6 +130,7 @@ function linkError(node, callback, { perMember = false } = {}) {
     return { ...node, options: { ...options, onError: [...(options.onError || []), callback] } };
   }
   if (node.kind === 'chord') return { ...node, callback: linkError(node.callback, callback) };
+  if (node.kind === 'map') return linkError(chain(node), callback);
   if (perMember && node.kind === 'group') {
     return { ...node, onMemberError: [...(node.onMemberError || []), callback] };
   }
@@ -155,6 +188,17 @@ function toWorkflow(node) {
           header: toGroup(node.header || { members: node.members }),
           callback: toWorkflow(node.callback),
           failure_policy: FAILURE_POLICIES[node.failurePolicy] || FAILURE_POLICIES.fail,
+        },
+      };
+    case 'map':
+      return {
+        map: {
+          // Immutable: its chunks ignore a previous chain step's result.
+          task: toSignature({ ...node.task, options: { ...(node.task.options || {}), immutable: true } }),
+          items: toValues(node.star ? node.items.map((item) => [...item]) : node.items),
+          star: node.star,
+          chunk_size: node.chunkSize,
+          nested: node.nested,
         },
       };
     default:
@@ -253,7 +297,7 @@ class Client {
     const callOptions = deadlineSeconds ? { deadline: new Date(Date.now() + deadlineSeconds * 1000) } : {};
     return new Promise((resolve, reject) => {
       this._stub[method](request, metadataFor(this._token), callOptions, (err, response) => {
-        if (err) reject(err);
+        if (err) reject(withErrorDetails(err));
         else resolve(response);
       });
     });
@@ -316,6 +360,8 @@ class Client {
     const call = this._stub.WatchResults(request, metadataFor(this._token));
     try {
       for await (const response of call) yield toEvent(response.event);
+    } catch (error) {
+      throw withErrorDetails(error);
     } finally {
       call.cancel();
     }
@@ -333,6 +379,6 @@ class Client {
 }
 
 module.exports = {
-  Client, TaskFailed, ResultIgnored, sig, si, chain, group, chord, link, linkError, toResult, toEvent, toSignature, toWorkflow,
+  Client, TaskFailed, ResultIgnored, sig, si, chain, group, chord, map, starmap, chunks, link, linkError, toResult, toEvent, toSignature, toWorkflow,
   toCanvasOptions, stateName, TERMINAL,
 };

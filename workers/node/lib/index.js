@@ -3,6 +3,7 @@
 const worker = require('./worker');
 const client = require('./client');
 const values = require('./values');
+const errors = require('./errors');
 
 module.exports = {
   ...worker,
@@ -10,4 +11,5 @@ module.exports = {
   toValue: values.toValue,
   fromValue: values.fromValue,
   UnencodableValue: values.UnencodableValue,
+  withErrorDetails: errors.withErrorDetails,
 };

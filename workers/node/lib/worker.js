@@ -14,7 +14,7 @@
 const os = require('node:os');
 const { load, metadataFor, defaultAddress, grpc } = require('./proto');
 const { toValue, fromValues, fromValueMap, timestamp, duration, durationSeconds } = require('./values');
-const { inTaskSpan } = require('./tracing');
+const tracing = require('./tracing');
 
 const SDK_VERSION = require('../package.json').version;
 
@@ -174,6 +174,7 @@ class Worker {
     if (this._runningLoop) throw new Error('worker.run() is already running');
     this._runningLoop = true;
     this._stopping = false;
+    tracing.startFromEnv(); // spans go where the standard OTEL_* variables say
     const { WorkerService } = load();
     this._stub = new WorkerService(this.address, this._credentials, {
       'grpc.max_receive_message_length': DEFAULT_MAX_RECEIVE_BYTES,
@@ -206,6 +207,7 @@ class Worker {
       this._stub.close();
       this._stub = null;
       this._runningLoop = false;
+      await tracing.shutdown(); // flushes the spans still batched
       this.log.info('worker stopped');
     }
   }
@@ -480,12 +482,9 @@ class Worker {
           limit * 1000,
         );
       }
-      const attributes = {
-        'conveyor.task.id': task.id, 'conveyor.task.name': task.name,
-        'conveyor.task.attempt': assignment.attempt, 'conveyor.queue': task.queue,
-      };
-      const value = await inTaskSpan(task.name, ctx.headers, attributes, () => Promise.race([
-        (async () => fn(fromValues(task.args), fromValueMap(task.kwargs), ctx))(),
+      const attributes = tracing.taskAttributes('execute', task, assignment.attempt);
+      const value = await tracing.inTaskSpan(task.name, ctx.headers, attributes, () => Promise.race([
+        callTask(fn, task, ctx),
         stopped,
       ]));
       outcome.result = toValue(value);
@@ -553,4 +552,24 @@ class Worker {
   }
 }
 
-module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded };
+// A chunk task of a map (docs/canvas.md) carries this header: "map" (each arg is one call's arg)
+// or "starmap" (each arg is one call's list of args). The task runs once per item, in order.
+const MAP_HEADER = 'conveyor-map';
+
+/** Run `fn` as the task asks: once, or once per item of a map's chunk (the result is the list). */
+async function callTask(fn, task, ctx) {
+  const args = fromValues(task.args);
+  const kwargs = fromValueMap(task.kwargs);
+  const mode = (task.headers || {})[MAP_HEADER];
+  if (mode === undefined) return fn(args, kwargs, ctx);
+  const results = [];
+  for (const [index, item] of args.entries()) {
+    if (mode === 'starmap' && !Array.isArray(item)) {
+      throw new TypeError(`starmap item ${index} is ${typeof item}, not a list of args`);
+    }
+    results.push(await fn(mode === 'starmap' ? item : [item], kwargs, ctx));
+  }
+  return results;
+}
+
+module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded, callTask };

@@ -17,7 +17,7 @@ from typing import Any
 
 from conveyor.context import TaskContext, bind, soft_limit_message
 from conveyor.errors import SoftTimeLimitExceeded
-from conveyor.execution import Ending, TaskFunction, arguments, ended_by, succeeded
+from conveyor.execution import Call, Ending, TaskFunction, arguments, ended_by, item_calls, succeeded
 from conveyor.v1 import task_pb2
 
 # The message of the cancellation that means "soft time limit" (Task.cancel(msg=SOFT_LIMIT)).
@@ -59,8 +59,12 @@ async def call_async(function: TaskFunction, task: task_pb2.Signature, context: 
     started_at = time.time()
     bind(context)
     try:
-        args, kwargs = arguments(task)
-        value = await SoftLimited(function(*args, **kwargs), context.soft_time_limit)
+        each = item_calls(task)
+        if each is None:
+            args, kwargs = arguments(task)
+            value = await SoftLimited(function(*args, **kwargs), context.soft_time_limit)
+        else:
+            value = await SoftLimited(_call_each(function, each), context.soft_time_limit)
     except asyncio.CancelledError as exc:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -70,3 +74,7 @@ async def call_async(function: TaskFunction, task: task_pb2.Signature, context: 
         return ended_by(exc, started_at)
     return succeeded(value, started_at)
 
+
+async def _call_each(function: TaskFunction, calls: list[Call]) -> list[Any]:
+    """A map's chunk: one await per item, in order (the soft limit covers the whole chunk)."""
+    return [await function(*args, **kwargs) for args, kwargs in calls]

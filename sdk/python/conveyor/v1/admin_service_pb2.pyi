@@ -30,6 +30,7 @@ class _MissedTicks:
 class _MissedTicksEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissedTicks.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     MISSED_TICKS_UNSPECIFIED: _MissedTicks.ValueType  # 0
+    """Not set: SKIP."""
     MISSED_TICKS_SKIP: _MissedTicks.ValueType  # 1
     """Skip them (the default)."""
     MISSED_TICKS_RUN_ONCE: _MissedTicks.ValueType  # 2
@@ -39,6 +40,7 @@ class MissedTicks(_MissedTicks, metaclass=_MissedTicksEnumTypeWrapper):
     """MissedTicks is what a schedule does about ticks missed while no server ran."""
 
 MISSED_TICKS_UNSPECIFIED: MissedTicks.ValueType  # 0
+"""Not set: SKIP."""
 MISSED_TICKS_SKIP: MissedTicks.ValueType  # 1
 """Skip them (the default)."""
 MISSED_TICKS_RUN_ONCE: MissedTicks.ValueType  # 2
@@ -47,6 +49,8 @@ Global___MissedTicks: _TypeAlias = MissedTicks  # noqa: Y015
 
 @_typing.final
 class QueueInfo(_message.Message):
+    """QueueInfo is one queue and its counts."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -56,6 +60,7 @@ class QueueInfo(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     UNROUTABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The queue's name."""
     ready: _builtins.int
     """Ready to be handed out now."""
     delayed: _builtins.int
@@ -63,6 +68,7 @@ class QueueInfo(_message.Message):
     in_flight: _builtins.int
     """Leased to workers."""
     paused: _builtins.bool
+    """Paused by PauseQueue: its tasks are not handed out."""
     unroutable: _builtins.int
     """Waiting for a worker that registered their task names: tasks the answering server turned
     away lately because none of its workers on this queue can run them (they wait, never fail).
@@ -87,6 +93,8 @@ Global___QueueInfo: _TypeAlias = QueueInfo  # noqa: Y015
 
 @_typing.final
 class ListQueuesRequest(_message.Message):
+    """ListQueuesRequest filters ListQueues."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
@@ -109,11 +117,15 @@ Global___ListQueuesRequest: _TypeAlias = ListQueuesRequest  # noqa: Y015
 
 @_typing.final
 class ListQueuesResponse(_message.Message):
+    """ListQueuesResponse lists queues."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueInfo]: ...
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueInfo]:
+        """The queues."""
+
     def __init__(
         self,
         *,
@@ -129,10 +141,13 @@ Global___ListQueuesResponse: _TypeAlias = ListQueuesResponse  # noqa: Y015
 
 @_typing.final
 class PurgeQueueRequest(_message.Message):
+    """PurgeQueueRequest names the queue to purge."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """The queue's name."""
     def __init__(
         self,
         *,
@@ -148,10 +163,13 @@ Global___PurgeQueueRequest: _TypeAlias = PurgeQueueRequest  # noqa: Y015
 
 @_typing.final
 class PurgeQueueResponse(_message.Message):
+    """PurgeQueueResponse says how much was purged."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PURGED_FIELD_NUMBER: _builtins.int
     purged: _builtins.int
+    """Tasks dropped from the queue."""
     def __init__(
         self,
         *,
@@ -167,10 +185,13 @@ Global___PurgeQueueResponse: _TypeAlias = PurgeQueueResponse  # noqa: Y015
 
 @_typing.final
 class PauseQueueRequest(_message.Message):
+    """PauseQueueRequest names the queue to pause."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """The queue's name."""
     def __init__(
         self,
         *,
@@ -186,6 +207,8 @@ Global___PauseQueueRequest: _TypeAlias = PauseQueueRequest  # noqa: Y015
 
 @_typing.final
 class PauseQueueResponse(_message.Message):
+    """PauseQueueResponse is empty: the queue is paused."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -201,10 +224,13 @@ Global___PauseQueueResponse: _TypeAlias = PauseQueueResponse  # noqa: Y015
 
 @_typing.final
 class ResumeQueueRequest(_message.Message):
+    """ResumeQueueRequest names the queue to resume."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """The queue's name."""
     def __init__(
         self,
         *,
@@ -220,6 +246,8 @@ Global___ResumeQueueRequest: _TypeAlias = ResumeQueueRequest  # noqa: Y015
 
 @_typing.final
 class ResumeQueueResponse(_message.Message):
+    """ResumeQueueResponse is empty: the queue is resumed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -235,6 +263,8 @@ Global___ResumeQueueResponse: _TypeAlias = ResumeQueueResponse  # noqa: Y015
 
 @_typing.final
 class WorkerInfo(_message.Message):
+    """WorkerInfo is one connected worker."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
@@ -246,15 +276,25 @@ class WorkerInfo(_message.Message):
     SERVER_ID_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
+    """The worker's id (Welcome.worker_id)."""
     language: _builtins.str
+    """Hello.language, e.g. "python"."""
     max_in_flight: _builtins.int
+    """Its window: the most unresolved tasks it may hold."""
     in_flight: _builtins.int
+    """Unresolved tasks it holds now."""
     server_id: _builtins.str
+    """The server replica it is connected to."""
     hostname: _builtins.str
+    """Hello.hostname."""
     @_builtins.property
-    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The queues it pulls from."""
+
     @_builtins.property
-    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def connected_at(self) -> _timestamp_pb2.Timestamp:
+        """When its stream opened."""
+
     def __init__(
         self,
         *,
@@ -277,6 +317,8 @@ Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):
+    """ListWorkersRequest is empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -292,11 +334,15 @@ Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
 
 @_typing.final
 class ListWorkersResponse(_message.Message):
+    """ListWorkersResponse lists workers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]: ...
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """The workers."""
+
     def __init__(
         self,
         *,
@@ -312,10 +358,13 @@ Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
 
 @_typing.final
 class InspectTaskRequest(_message.Message):
+    """InspectTaskRequest names the task to inspect."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """A task id (a workflow id gives the workflow's result alone)."""
     def __init__(
         self,
         *,
@@ -331,6 +380,8 @@ Global___InspectTaskRequest: _TypeAlias = InspectTaskRequest  # noqa: Y015
 
 @_typing.final
 class InspectTaskResponse(_message.Message):
+    """InspectTaskResponse is a task's record and its dispatch details."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
@@ -353,7 +404,9 @@ class InspectTaskResponse(_message.Message):
     not confirmed done yet: the reconciler runs them if their writer does not.
     """
     @_builtins.property
-    def result(self) -> _result_pb2.TaskResult: ...
+    def result(self) -> _result_pb2.TaskResult:
+        """The task's record."""
+
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When that lease runs out unless the worker's heartbeats extend it: from the latest sign of
@@ -381,6 +434,8 @@ Global___InspectTaskResponse: _TypeAlias = InspectTaskResponse  # noqa: Y015
 
 @_typing.final
 class ListDeadLettersRequest(_message.Message):
+    """ListDeadLettersRequest filters ListDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
@@ -388,6 +443,7 @@ class ListDeadLettersRequest(_message.Message):
     queue: _builtins.str
     """Empty lists every queue."""
     limit: _builtins.int
+    """At most this many (0: 100)."""
     def __init__(
         self,
         *,
@@ -404,11 +460,15 @@ Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y0
 
 @_typing.final
 class ListDeadLettersResponse(_message.Message):
+    """ListDeadLettersResponse lists dead letters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskResult]: ...
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskResult]:
+        """The dead letters' records, oldest first."""
+
     def __init__(
         self,
         *,
@@ -424,11 +484,14 @@ Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: 
 
 @_typing.final
 class ReplayDeadLettersRequest(_message.Message):
+    """ReplayDeadLettersRequest says which dead letters to replay."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_IDS_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """With task_ids empty: only this queue's dead letters (empty: every queue)."""
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty replays every dead letter (of `queue`, when set). Each id must be a dead letter:
@@ -452,6 +515,8 @@ Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa
 
 @_typing.final
 class ReplayDeadLettersResponse(_message.Message):
+    """ReplayDeadLettersResponse names the new tasks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_IDS_FIELD_NUMBER: _builtins.int
@@ -474,6 +539,8 @@ Global___ReplayDeadLettersResponse: _TypeAlias = ReplayDeadLettersResponse  # no
 
 @_typing.final
 class Schedule(_message.Message):
+    """Schedule submits a task on a cron schedule; one replica fires each tick."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -483,15 +550,25 @@ class Schedule(_message.Message):
     NEXT_RUN_AT_FIELD_NUMBER: _builtins.int
     LAST_RUN_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Unique name: 1-64 characters of [A-Za-z0-9_.-]."""
     cron: _builtins.str
     """Five-field cron expression, in UTC."""
     missed_ticks: Global___MissedTicks.ValueType
+    """What to do about ticks missed while no server ran (SKIP when unset)."""
     @_builtins.property
-    def task(self) -> _task_pb2.Signature: ...
+    def task(self) -> _task_pb2.Signature:
+        """The task to submit on every tick; its id, eta and idempotency_key must be empty (each run gets
+        the id cron-<name>-<tick>).
+        """
+
     @_builtins.property
-    def next_run_at(self) -> _timestamp_pb2.Timestamp: ...
+    def next_run_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the next tick."""
+
     @_builtins.property
-    def last_run_at(self) -> _timestamp_pb2.Timestamp: ...
+    def last_run_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the last tick that fired (unset before the first)."""
+
     def __init__(
         self,
         *,
@@ -512,11 +589,15 @@ Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
 
 @_typing.final
 class CreateScheduleRequest(_message.Message):
+    """CreateScheduleRequest carries the schedule to store."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def schedule(self) -> Global___Schedule: ...
+    def schedule(self) -> Global___Schedule:
+        """The schedule; next_run_at and last_run_at are ignored."""
+
     def __init__(
         self,
         *,
@@ -532,11 +613,15 @@ Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
 
 @_typing.final
 class CreateScheduleResponse(_message.Message):
+    """CreateScheduleResponse is the schedule as stored."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def schedule(self) -> Global___Schedule: ...
+    def schedule(self) -> Global___Schedule:
+        """As stored, with its next_run_at."""
+
     def __init__(
         self,
         *,
@@ -552,6 +637,8 @@ Global___CreateScheduleResponse: _TypeAlias = CreateScheduleResponse  # noqa: Y0
 
 @_typing.final
 class ListSchedulesRequest(_message.Message):
+    """ListSchedulesRequest is empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -567,11 +654,15 @@ Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
 
 @_typing.final
 class ListSchedulesResponse(_message.Message):
+    """ListSchedulesResponse lists schedules."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]: ...
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """The schedules."""
+
     def __init__(
         self,
         *,
@@ -587,10 +678,13 @@ Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
 
 @_typing.final
 class DeleteScheduleRequest(_message.Message):
+    """DeleteScheduleRequest names the schedule to delete."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The schedule's name."""
     def __init__(
         self,
         *,
@@ -606,6 +700,8 @@ Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
 
 @_typing.final
 class DeleteScheduleResponse(_message.Message):
+    """DeleteScheduleResponse is empty: the schedule is gone."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -621,6 +717,8 @@ Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y0
 
 @_typing.final
 class RepairTasksRequest(_message.Message):
+    """RepairTasksRequest says which lost-looking tasks to republish."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OLDER_THAN_FIELD_NUMBER: _builtins.int
@@ -660,6 +758,8 @@ Global___RepairTasksRequest: _TypeAlias = RepairTasksRequest  # noqa: Y015
 
 @_typing.final
 class RepairedTask(_message.Message):
+    """RepairedTask is one task RepairTasks republished (or would)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -668,9 +768,13 @@ class RepairedTask(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     AGE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id."""
     name: _builtins.str
+    """The task name."""
     queue: _builtins.str
+    """The task's queue."""
     state: _result_pb2.TaskState.ValueType
+    """The task's state when it was looked at."""
     @_builtins.property
     def age(self) -> _duration_pb2.Duration:
         """Since its last sign of life (queued, lease renewed, retry due)."""
@@ -694,6 +798,8 @@ Global___RepairedTask: _TypeAlias = RepairedTask  # noqa: Y015
 
 @_typing.final
 class RepairTasksResponse(_message.Message):
+    """RepairTasksResponse reports what RepairTasks did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASKS_FIELD_NUMBER: _builtins.int
@@ -707,6 +813,7 @@ class RepairTasksResponse(_message.Message):
     backlog; use force).
     """
     dry_run: _builtins.bool
+    """The request's dry_run: nothing was republished."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepairedTask]:
         """Republished (with dry_run: would be)."""
@@ -729,6 +836,8 @@ Global___RepairTasksResponse: _TypeAlias = RepairTasksResponse  # noqa: Y015
 
 @_typing.final
 class ListRegisteredTasksRequest(_message.Message):
+    """ListRegisteredTasksRequest is empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -757,11 +866,13 @@ class RegisteredTask(_message.Message):
     WORKER_IDS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The task name."""
     description: _builtins.str
     """The description and call schema of the newest registration (among live workers when
     there are any); see TaskInfo.
     """
     call_schema: _builtins.str
+    """JSON Schema of a call (see TaskInfo.call_schema); empty: any call."""
     schema_variants: _builtins.int
     """Distinct call schemas among its registrations: more than 1 while workers with different
     versions of the task run side by side (a strict submit then needs to match one of them).
@@ -771,7 +882,9 @@ class RegisteredTask(_message.Message):
         """Queues and languages of its workers (the live ones when there are any)."""
 
     @_builtins.property
-    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Hello.language of those workers."""
+
     @_builtins.property
     def worker_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Live workers that registered it: connected to some replica and seen within three
@@ -804,6 +917,8 @@ Global___RegisteredTask: _TypeAlias = RegisteredTask  # noqa: Y015
 
 @_typing.final
 class ListRegisteredTasksResponse(_message.Message):
+    """ListRegisteredTasksResponse is the task registry."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASKS_FIELD_NUMBER: _builtins.int
@@ -874,11 +989,15 @@ Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class SetRateLimitRequest(_message.Message):
+    """SetRateLimitRequest carries the limit to store."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def limit(self) -> Global___RateLimit: ...
+    def limit(self) -> Global___RateLimit:
+        """The limit; source is ignored."""
+
     def __init__(
         self,
         *,
@@ -894,6 +1013,8 @@ Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
 
 @_typing.final
 class SetRateLimitResponse(_message.Message):
+    """SetRateLimitResponse is the limit as stored."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
@@ -916,6 +1037,8 @@ Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
 
 @_typing.final
 class ListRateLimitsRequest(_message.Message):
+    """ListRateLimitsRequest is empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -931,6 +1054,8 @@ Global___ListRateLimitsRequest: _TypeAlias = ListRateLimitsRequest  # noqa: Y015
 
 @_typing.final
 class ListRateLimitsResponse(_message.Message):
+    """ListRateLimitsResponse lists the limits in force."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMITS_FIELD_NUMBER: _builtins.int
@@ -953,10 +1078,13 @@ Global___ListRateLimitsResponse: _TypeAlias = ListRateLimitsResponse  # noqa: Y0
 
 @_typing.final
 class DeleteRateLimitRequest(_message.Message):
+    """DeleteRateLimitRequest names the task whose stored limit goes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The task name."""
     def __init__(
         self,
         *,
@@ -972,6 +1100,8 @@ Global___DeleteRateLimitRequest: _TypeAlias = DeleteRateLimitRequest  # noqa: Y0
 
 @_typing.final
 class DeleteRateLimitResponse(_message.Message):
+    """DeleteRateLimitResponse is empty: the stored limit is gone."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -987,6 +1117,8 @@ Global___DeleteRateLimitResponse: _TypeAlias = DeleteRateLimitResponse  # noqa: 
 
 @_typing.final
 class ListTasksRequest(_message.Message):
+    """ListTasksRequest filters and pages ListTasks; filters combine (all must match)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATES_FIELD_NUMBER: _builtins.int
@@ -1045,6 +1177,8 @@ Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
 
 @_typing.final
 class ListTasksResponse(_message.Message):
+    """ListTasksResponse is one page of tasks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASKS_FIELD_NUMBER: _builtins.int
@@ -1054,7 +1188,9 @@ class ListTasksResponse(_message.Message):
     than page_size tasks (even none) while this is set: the index bounds each scan.
     """
     @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskResult]: ...
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskResult]:
+        """The page's tasks, in the requested order."""
+
     def __init__(
         self,
         *,
@@ -1071,10 +1207,13 @@ Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
 
 @_typing.final
 class DeleteDeadLetterRequest(_message.Message):
+    """DeleteDeadLetterRequest names the dead letter to drop."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The dead letter's task id; required."""
     def __init__(
         self,
         *,
@@ -1090,6 +1229,8 @@ Global___DeleteDeadLetterRequest: _TypeAlias = DeleteDeadLetterRequest  # noqa: 
 
 @_typing.final
 class DeleteDeadLetterResponse(_message.Message):
+    """DeleteDeadLetterResponse is empty: the task is off the list."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1105,11 +1246,14 @@ Global___DeleteDeadLetterResponse: _TypeAlias = DeleteDeadLetterResponse  # noqa
 
 @_typing.final
 class DeleteQueueRequest(_message.Message):
+    """DeleteQueueRequest names the queue to delete."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """The queue's name."""
     force: _builtins.bool
     """Purge the queue's ready and delayed tasks first (they end CANCELLED, error type "Purged")."""
     def __init__(
@@ -1128,6 +1272,8 @@ Global___DeleteQueueRequest: _TypeAlias = DeleteQueueRequest  # noqa: Y015
 
 @_typing.final
 class DeleteQueueResponse(_message.Message):
+    """DeleteQueueResponse says what went with the queue."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PURGED_FIELD_NUMBER: _builtins.int

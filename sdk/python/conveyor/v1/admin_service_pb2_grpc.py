@@ -137,67 +137,89 @@ class AdminServiceServicer:
     """
 
     def ListQueues(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every queue the broker knows of, every paused queue and every queue a live worker serves, with
+        its counts. Errors: UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PurgeQueue(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Drops a queue's ready and delayed tasks and ends them CANCELLED (error type "Purged"; their
+        follow-ups run, so nothing waits on them). Leased tasks are left alone. Errors:
+        INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PauseQueue(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops handing out a queue's tasks, on every replica within a second; the queue still accepts
+        tasks. Errors: INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResumeQueue(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Hands out a paused queue's tasks again; resuming a queue that is not paused is fine. Errors:
+        INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The workers connected to the answering server replica (not to other replicas).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def InspectTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A task's record and what the server knows beyond it: lease, deliveries, workflow node, pending
+        follow-ups. Errors: NOT_FOUND (no task with that id), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeadLetters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Dead letters: tasks that failed for good (state FAILURE), oldest first by finish time, while
+        their records last (the result TTL). Errors: UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReplayDeadLetters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Submits dead letters again as new tasks (the same call) and takes them off the list. Errors:
+        NOT_FOUND, FAILED_PRECONDITION (see task_ids), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateSchedule(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stores a periodic task; a schedule with the same name is replaced (its last_run_at is kept).
+        Errors: INVALID_ARGUMENT (a bad name or cron expression, no task, a task with an id, eta or
+        idempotency_key set), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSchedules(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every stored schedule. Errors: UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSchedule(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
+        name), UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,16 +34,47 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     ListQueues: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListQueuesRequest, _admin_service_pb2.ListQueuesResponse]
+    """Every queue the broker knows of, every paused queue and every queue a live worker serves, with
+    its counts. Errors: UNAVAILABLE.
+    """
     PurgeQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeQueueRequest, _admin_service_pb2.PurgeQueueResponse]
+    """Drops a queue's ready and delayed tasks and ends them CANCELLED (error type "Purged"; their
+    follow-ups run, so nothing waits on them). Leased tasks are left alone. Errors:
+    INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     PauseQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PauseQueueRequest, _admin_service_pb2.PauseQueueResponse]
+    """Stops handing out a queue's tasks, on every replica within a second; the queue still accepts
+    tasks. Errors: INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     ResumeQueue: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]
+    """Hands out a paused queue's tasks again; resuming a queue that is not paused is fine. Errors:
+    INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]
+    """The workers connected to the answering server replica (not to other replicas)."""
     InspectTask: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.InspectTaskRequest, _admin_service_pb2.InspectTaskResponse]
+    """A task's record and what the server knows beyond it: lease, deliveries, workflow node, pending
+    follow-ups. Errors: NOT_FOUND (no task with that id), UNAVAILABLE.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]
+    """Dead letters: tasks that failed for good (state FAILURE), oldest first by finish time, while
+    their records last (the result TTL). Errors: UNAVAILABLE.
+    """
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ReplayDeadLettersRequest, _admin_service_pb2.ReplayDeadLettersResponse]
+    """Submits dead letters again as new tasks (the same call) and takes them off the list. Errors:
+    NOT_FOUND, FAILED_PRECONDITION (see task_ids), UNAVAILABLE.
+    """
     CreateSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateScheduleRequest, _admin_service_pb2.CreateScheduleResponse]
+    """Stores a periodic task; a schedule with the same name is replaced (its last_run_at is kept).
+    Errors: INVALID_ARGUMENT (a bad name or cron expression, no task, a task with an id, eta or
+    idempotency_key set), UNAVAILABLE.
+    """
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSchedulesRequest, _admin_service_pb2.ListSchedulesResponse]
+    """Every stored schedule. Errors: UNAVAILABLE."""
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteScheduleRequest, _admin_service_pb2.DeleteScheduleResponse]
+    """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
+    name), UNAVAILABLE.
+    """
     RepairTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]
     """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
     deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
@@ -95,16 +126,47 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListQueues: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListQueuesRequest, _admin_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """Every queue the broker knows of, every paused queue and every queue a live worker serves, with
+    its counts. Errors: UNAVAILABLE.
+    """
     PurgeQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeQueueRequest, _admin_service_pb2.PurgeQueueResponse]  # type: ignore[assignment]
+    """Drops a queue's ready and delayed tasks and ends them CANCELLED (error type "Purged"; their
+    follow-ups run, so nothing waits on them). Leased tasks are left alone. Errors:
+    INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     PauseQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PauseQueueRequest, _admin_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Stops handing out a queue's tasks, on every replica within a second; the queue still accepts
+    tasks. Errors: INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     ResumeQueue: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeQueueRequest, _admin_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """Hands out a paused queue's tasks again; resuming a queue that is not paused is fine. Errors:
+    INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+    """
     ListWorkers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """The workers connected to the answering server replica (not to other replicas)."""
     InspectTask: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.InspectTaskRequest, _admin_service_pb2.InspectTaskResponse]  # type: ignore[assignment]
+    """A task's record and what the server knows beyond it: lease, deliveries, workflow node, pending
+    follow-ups. Errors: NOT_FOUND (no task with that id), UNAVAILABLE.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListDeadLettersRequest, _admin_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Dead letters: tasks that failed for good (state FAILURE), oldest first by finish time, while
+    their records last (the result TTL). Errors: UNAVAILABLE.
+    """
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ReplayDeadLettersRequest, _admin_service_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
+    """Submits dead letters again as new tasks (the same call) and takes them off the list. Errors:
+    NOT_FOUND, FAILED_PRECONDITION (see task_ids), UNAVAILABLE.
+    """
     CreateSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateScheduleRequest, _admin_service_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """Stores a periodic task; a schedule with the same name is replaced (its last_run_at is kept).
+    Errors: INVALID_ARGUMENT (a bad name or cron expression, no task, a task with an id, eta or
+    idempotency_key set), UNAVAILABLE.
+    """
     ListSchedules: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSchedulesRequest, _admin_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """Every stored schedule. Errors: UNAVAILABLE."""
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteScheduleRequest, _admin_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
+    name), UNAVAILABLE.
+    """
     RepairTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]  # type: ignore[assignment]
     """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
     deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
@@ -158,77 +220,108 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ListQueuesResponse, _abc.Awaitable[_admin_service_pb2.ListQueuesResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ListQueuesResponse, _abc.Awaitable[_admin_service_pb2.ListQueuesResponse]]:
+        """Every queue the broker knows of, every paused queue and every queue a live worker serves, with
+        its counts. Errors: UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def PurgeQueue(
         self,
         request: _admin_service_pb2.PurgeQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.PurgeQueueResponse, _abc.Awaitable[_admin_service_pb2.PurgeQueueResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.PurgeQueueResponse, _abc.Awaitable[_admin_service_pb2.PurgeQueueResponse]]:
+        """Drops a queue's ready and delayed tasks and ends them CANCELLED (error type "Purged"; their
+        follow-ups run, so nothing waits on them). Leased tasks are left alone. Errors:
+        INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def PauseQueue(
         self,
         request: _admin_service_pb2.PauseQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.PauseQueueResponse, _abc.Awaitable[_admin_service_pb2.PauseQueueResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.PauseQueueResponse, _abc.Awaitable[_admin_service_pb2.PauseQueueResponse]]:
+        """Stops handing out a queue's tasks, on every replica within a second; the queue still accepts
+        tasks. Errors: INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def ResumeQueue(
         self,
         request: _admin_service_pb2.ResumeQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ResumeQueueResponse, _abc.Awaitable[_admin_service_pb2.ResumeQueueResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ResumeQueueResponse, _abc.Awaitable[_admin_service_pb2.ResumeQueueResponse]]:
+        """Hands out a paused queue's tasks again; resuming a queue that is not paused is fine. Errors:
+        INVALID_ARGUMENT (a bad queue name), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkers(
         self,
         request: _admin_service_pb2.ListWorkersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ListWorkersResponse, _abc.Awaitable[_admin_service_pb2.ListWorkersResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ListWorkersResponse, _abc.Awaitable[_admin_service_pb2.ListWorkersResponse]]:
+        """The workers connected to the answering server replica (not to other replicas)."""
 
     @_abc_1.abstractmethod
     def InspectTask(
         self,
         request: _admin_service_pb2.InspectTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.InspectTaskResponse, _abc.Awaitable[_admin_service_pb2.InspectTaskResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.InspectTaskResponse, _abc.Awaitable[_admin_service_pb2.InspectTaskResponse]]:
+        """A task's record and what the server knows beyond it: lease, deliveries, workflow node, pending
+        follow-ups. Errors: NOT_FOUND (no task with that id), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
         self,
         request: _admin_service_pb2.ListDeadLettersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.ListDeadLettersResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.ListDeadLettersResponse]]:
+        """Dead letters: tasks that failed for good (state FAILURE), oldest first by finish time, while
+        their records last (the result TTL). Errors: UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def ReplayDeadLetters(
         self,
         request: _admin_service_pb2.ReplayDeadLettersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.ReplayDeadLettersResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_admin_service_pb2.ReplayDeadLettersResponse]]:
+        """Submits dead letters again as new tasks (the same call) and takes them off the list. Errors:
+        NOT_FOUND, FAILED_PRECONDITION (see task_ids), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def CreateSchedule(
         self,
         request: _admin_service_pb2.CreateScheduleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.CreateScheduleResponse, _abc.Awaitable[_admin_service_pb2.CreateScheduleResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.CreateScheduleResponse, _abc.Awaitable[_admin_service_pb2.CreateScheduleResponse]]:
+        """Stores a periodic task; a schedule with the same name is replaced (its last_run_at is kept).
+        Errors: INVALID_ARGUMENT (a bad name or cron expression, no task, a task with an id, eta or
+        idempotency_key set), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def ListSchedules(
         self,
         request: _admin_service_pb2.ListSchedulesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.ListSchedulesResponse, _abc.Awaitable[_admin_service_pb2.ListSchedulesResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.ListSchedulesResponse, _abc.Awaitable[_admin_service_pb2.ListSchedulesResponse]]:
+        """Every stored schedule. Errors: UNAVAILABLE."""
 
     @_abc_1.abstractmethod
     def DeleteSchedule(
         self,
         request: _admin_service_pb2.DeleteScheduleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_admin_service_pb2.DeleteScheduleResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_admin_service_pb2.DeleteScheduleResponse]]:
+        """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
+        name), UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def RepairTasks(

@@ -28,6 +28,7 @@ class _TaskState:
 class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TASK_STATE_UNSPECIFIED: _TaskState.ValueType  # 0
+    """Not a state; never stored (an unset filter or field)."""
     TASK_STATE_PENDING: _TaskState.ValueType  # 1
     """Accepted and stored; waiting in a queue (or for its ETA, or for a workflow step)."""
     TASK_STATE_RECEIVED: _TaskState.ValueType  # 2
@@ -37,8 +38,13 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_RETRY: _TaskState.ValueType  # 4
     """An attempt failed; another is scheduled."""
     TASK_STATE_SUCCESS: _TaskState.ValueType  # 5
+    """Terminal: the worker reported a result (TaskResult.result, unless the task ignores it)."""
     TASK_STATE_FAILURE: _TaskState.ValueType  # 6
+    """Terminal: the last attempt failed (or the task was rejected, or its workers kept dying);
+    TaskResult.error says why.
+    """
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 7
+    """Terminal: cancelled (Cancel, a purge, a cancelled workflow) before it ended otherwise."""
     TASK_STATE_EXPIRED: _TaskState.ValueType  # 8
     """Not started by its Signature's expires_at (a retry due past it included): it never ran,
     or never ran again. Terminal, and a failure for workflows and on_error callbacks.
@@ -48,6 +54,7 @@ class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is where a task is in its life."""
 
 TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
+"""Not a state; never stored (an unset filter or field)."""
 TASK_STATE_PENDING: TaskState.ValueType  # 1
 """Accepted and stored; waiting in a queue (or for its ETA, or for a workflow step)."""
 TASK_STATE_RECEIVED: TaskState.ValueType  # 2
@@ -57,8 +64,13 @@ TASK_STATE_STARTED: TaskState.ValueType  # 3
 TASK_STATE_RETRY: TaskState.ValueType  # 4
 """An attempt failed; another is scheduled."""
 TASK_STATE_SUCCESS: TaskState.ValueType  # 5
+"""Terminal: the worker reported a result (TaskResult.result, unless the task ignores it)."""
 TASK_STATE_FAILURE: TaskState.ValueType  # 6
+"""Terminal: the last attempt failed (or the task was rejected, or its workers kept dying);
+TaskResult.error says why.
+"""
 TASK_STATE_CANCELLED: TaskState.ValueType  # 7
+"""Terminal: cancelled (Cancel, a purge, a cancelled workflow) before it ended otherwise."""
 TASK_STATE_EXPIRED: TaskState.ValueType  # 8
 """Not started by its Signature's expires_at (a retry due past it included): it never ran,
 or never ran again. Terminal, and a failure for workflows and on_error callbacks.
@@ -77,7 +89,9 @@ class TaskError(_message.Message):
     type: _builtins.str
     """Exception class or error kind, e.g. "ValueError" or "UnknownTask"."""
     message: _builtins.str
+    """Human-readable message of the error."""
     traceback: _builtins.str
+    """The worker's stack trace as text, when it has one; may be empty."""
     def __init__(
         self,
         *,
@@ -105,10 +119,15 @@ class Transition(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
+    """The state the task moved to."""
     attempt: _builtins.int
+    """The attempt count at the change (TaskResult.attempts; 0 before the first delivery)."""
     worker_id: _builtins.str
+    """The worker that held the attempt; empty for changes the server made on its own."""
     @_builtins.property
-    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it moved (for STARTED and outcomes reported with times: the worker's clock)."""
+
     @_builtins.property
     def error(self) -> Global___TaskError:
         """Set on RETRY and FAILURE."""
@@ -152,9 +171,13 @@ class TaskResult(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id (Signature.id)."""
     name: _builtins.str
+    """The task name (Signature.name)."""
     queue: _builtins.str
+    """The queue the task was published to."""
     state: Global___TaskState.ValueType
+    """Where the task is now."""
     attempts: _builtins.int
     """Attempts started so far."""
     worker_id: _builtins.str
@@ -170,11 +193,17 @@ class TaskResult(_message.Message):
         """Set on FAILURE (the last attempt's error), and on CANCELLED and EXPIRED with the reason."""
 
     @_builtins.property
-    def submitted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def submitted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the server accepted the task."""
+
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the latest attempt started running (unset until one does)."""
+
     @_builtins.property
-    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """When the task reached its terminal state (unset until then)."""
+
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transition]:
         """Every state change, oldest first."""
@@ -226,10 +255,15 @@ class TaskEvent(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task that changed."""
     state: Global___TaskState.ValueType
+    """The state it moved to."""
     workflow_id: _builtins.str
+    """The task's workflow; empty for a task submitted on its own."""
     @_builtins.property
-    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it moved."""
+
     @_builtins.property
     def result(self) -> Global___TaskResult:
         """The task's record when the event was read; it may already be ahead of this event (a

@@ -28,6 +28,7 @@ class _BackoffKind:
 class _BackoffKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackoffKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BACKOFF_KIND_UNSPECIFIED: _BackoffKind.ValueType  # 0
+    """Not set: exponential."""
     BACKOFF_KIND_EXPONENTIAL: _BackoffKind.ValueType  # 1
     """initial * 2^(attempt-1), capped at max."""
     BACKOFF_KIND_FIBONACCI: _BackoffKind.ValueType  # 2
@@ -39,6 +40,7 @@ class BackoffKind(_BackoffKind, metaclass=_BackoffKindEnumTypeWrapper):
     """BackoffKind is how the delay between attempts grows."""
 
 BACKOFF_KIND_UNSPECIFIED: BackoffKind.ValueType  # 0
+"""Not set: exponential."""
 BACKOFF_KIND_EXPONENTIAL: BackoffKind.ValueType  # 1
 """initial * 2^(attempt-1), capped at max."""
 BACKOFF_KIND_FIBONACCI: BackoffKind.ValueType  # 2
@@ -63,10 +65,15 @@ class Value(_message.Message):
     BYTES_VALUE_FIELD_NUMBER: _builtins.int
     JSON_VALUE_FIELD_NUMBER: _builtins.int
     int_value: _builtins.int
+    """A 64-bit integer."""
     double_value: _builtins.float
+    """A 64-bit float."""
     string_value: _builtins.str
+    """A UTF-8 string."""
     bool_value: _builtins.bool
+    """A boolean."""
     bytes_value: _builtins.bytes
+    """Raw bytes (inside a json_value, bytes are written as {"$bytes": "<base64>"})."""
     json_value: _builtins.str
     """UTF-8 JSON text of a list, an object or null."""
     def __init__(
@@ -103,12 +110,17 @@ class RetryPolicy(_message.Message):
     max_attempts: _builtins.int
     """Total attempts including the first; 0 or 1 means no retry."""
     backoff: Global___BackoffKind.ValueType
+    """How the delay grows (exponential when unset)."""
     jitter: _builtins.float
     """Fraction of the delay (0..1) added or removed at random."""
     @_builtins.property
-    def initial(self) -> _duration_pb2.Duration: ...
+    def initial(self) -> _duration_pb2.Duration:
+        """The first retry's delay (1 s when unset)."""
+
     @_builtins.property
-    def max(self) -> _duration_pb2.Duration: ...
+    def max(self) -> _duration_pb2.Duration:
+        """The longest delay (1 h when unset)."""
+
     def __init__(
         self,
         *,
@@ -230,14 +242,19 @@ class Signature(_message.Message):
     again. Both must be set for the limit to apply: a key with concurrency_limit 0 runs freely.
     """
     concurrency_limit: _builtins.int
+    """How many tasks with this concurrency_key may run at once; 0: no limit."""
     ignore_result: _builtins.bool
     """The worker's return value is not stored: the task ends SUCCESS without a result, and
     reading its result is refused by the SDKs (its state can still be waited for).
     """
     @_builtins.property
-    def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]:
+        """Positional arguments."""
+
     @_builtins.property
-    def kwargs(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
+    def kwargs(self) -> _containers.MessageMap[_builtins.str, Global___Value]:
+        """Keyword (named) arguments."""
+
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form headers; carries the W3C `traceparent` and `tracestate`."""
@@ -251,7 +268,9 @@ class Signature(_message.Message):
         """Delay from submission before the task may run."""
 
     @_builtins.property
-    def retry(self) -> Global___RetryPolicy: ...
+    def retry(self) -> Global___RetryPolicy:
+        """When and how often a failed attempt runs again; unset: no retry on failure."""
+
     @_builtins.property
     def time_limit(self) -> _duration_pb2.Duration:
         """Hard limit for one attempt; the worker stops the task past it."""

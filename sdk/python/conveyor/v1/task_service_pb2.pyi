@@ -7,6 +7,7 @@ from collections import abc as _abc
 from conveyor.v1 import result_pb2 as _result_pb2
 from conveyor.v1 import task_pb2 as _task_pb2
 from conveyor.v1 import workflow_pb2 as _workflow_pb2
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -25,6 +26,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class SessionRequest(_message.Message):
+    """SessionRequest is one call on a Session stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -54,9 +57,15 @@ class SessionRequest(_message.Message):
     call_id: _builtins.int
     """Chosen by the client, unique among its calls in flight on this stream."""
     @_builtins.property
-    def submit(self) -> Global___SubmitRequest: ...
+    def submit(self) -> Global___SubmitRequest:
+        """A Submit call."""
+
     @_builtins.property
-    def get_result(self) -> Global___GetResultRequest: ...
+    def get_result(self) -> Global___GetResultRequest:
+        """A GetResult call (its wait applies to this call only; other calls on the stream go on
+        meanwhile).
+        """
+
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context of the caller (traceparent, tracestate), as metadata carries it for unary calls."""
@@ -81,6 +90,8 @@ Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
 
 @_typing.final
 class SessionResponse(_message.Message):
+    """SessionResponse answers one SessionRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CALL_ID_FIELD_NUMBER: _builtins.int
@@ -88,10 +99,15 @@ class SessionResponse(_message.Message):
     GET_RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     call_id: _builtins.int
+    """The call_id of the request this answers."""
     @_builtins.property
-    def submit(self) -> Global___SubmitResponse: ...
+    def submit(self) -> Global___SubmitResponse:
+        """Answer to a submit."""
+
     @_builtins.property
-    def get_result(self) -> Global___GetResultResponse: ...
+    def get_result(self) -> Global___GetResultResponse:
+        """Answer to a get_result."""
+
     @_builtins.property
     def error(self) -> Global___CallError:
         """The call failed as the unary call would have, with that gRPC status."""
@@ -123,20 +139,31 @@ class CallError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
+    """The gRPC status code as a number, e.g. 3 for INVALID_ARGUMENT."""
     message: _builtins.str
+    """The status message."""
     retry_after_ms: _builtins.int
     """When to retry, as a unary call's `retry-after-ms` trailer (and RetryInfo) says; 0: no hint."""
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """The details a unary call's google.rpc.Status carries (its `grpc-status-details-bin`
+        trailer): a google.rpc.ErrorInfo always, BadRequest for INVALID_ARGUMENT, RetryInfo with a
+        retry hint. See docs/errors.md.
+        """
+
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         retry_after_ms: _builtins.int = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,6 +171,8 @@ Global___CallError: _TypeAlias = CallError  # noqa: Y015
 
 @_typing.final
 class SubmitRequest(_message.Message):
+    """SubmitRequest submits one task or one workflow."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
@@ -158,9 +187,13 @@ class SubmitRequest(_message.Message):
     is refused in every mode.)
     """
     @_builtins.property
-    def task(self) -> _task_pb2.Signature: ...
+    def task(self) -> _task_pb2.Signature:
+        """A single task."""
+
     @_builtins.property
-    def workflow(self) -> _workflow_pb2.Workflow: ...
+    def workflow(self) -> _workflow_pb2.Workflow:
+        """A canvas (chain, group, chord, map), or a task wrapped in a Workflow."""
+
     @_builtins.property
     def options(self) -> Global___CanvasOptions:
         """Options for the whole task or workflow, as Celery's canvas.apply_async(args, kwargs, **options)."""
@@ -240,7 +273,9 @@ class CanvasOptions(_message.Message):
         """
 
     @_builtins.property
-    def countdown(self) -> _duration_pb2.Duration: ...
+    def countdown(self) -> _duration_pb2.Duration:
+        """Delay from submission before the submission starts (see eta)."""
+
     def __init__(
         self,
         *,
@@ -261,6 +296,8 @@ Global___CanvasOptions: _TypeAlias = CanvasOptions  # noqa: Y015
 
 @_typing.final
 class SubmitResponse(_message.Message):
+    """SubmitResponse names what a submission created."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -294,11 +331,15 @@ Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
 
 @_typing.final
 class SubmitBatchRequest(_message.Message):
+    """SubmitBatchRequest holds many submissions, accepted together or not at all."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitRequest]: ...
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitRequest]:
+        """The submissions, each as a Submit call would take it."""
+
     def __init__(
         self,
         *,
@@ -314,11 +355,15 @@ Global___SubmitBatchRequest: _TypeAlias = SubmitBatchRequest  # noqa: Y015
 
 @_typing.final
 class SubmitBatchResponse(_message.Message):
+    """SubmitBatchResponse answers a SubmitBatchRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitResponse]: ...
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitResponse]:
+        """One response per request, in request order."""
+
     def __init__(
         self,
         *,
@@ -334,6 +379,8 @@ Global___SubmitBatchResponse: _TypeAlias = SubmitBatchResponse  # noqa: Y015
 
 @_typing.final
 class GetResultRequest(_message.Message):
+    """GetResultRequest reads one task's or workflow's result."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -363,11 +410,15 @@ Global___GetResultRequest: _TypeAlias = GetResultRequest  # noqa: Y015
 
 @_typing.final
 class GetResultResponse(_message.Message):
+    """GetResultResponse carries the task's record."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def result(self) -> _result_pb2.TaskResult: ...
+    def result(self) -> _result_pb2.TaskResult:
+        """The task's record as it is when answered: terminal, or the latest state when the wait ran out."""
+
     def __init__(
         self,
         *,
@@ -383,6 +434,8 @@ Global___GetResultResponse: _TypeAlias = GetResultResponse  # noqa: Y015
 
 @_typing.final
 class WatchResultsRequest(_message.Message):
+    """WatchResultsRequest says which tasks to watch: task_ids, a workflow_id, or both."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_IDS_FIELD_NUMBER: _builtins.int
@@ -395,7 +448,9 @@ class WatchResultsRequest(_message.Message):
     until_done: _builtins.bool
     """End the stream when every watched task is terminal (default true when unset)."""
     @_builtins.property
-    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Watch these tasks."""
+
     def __init__(
         self,
         *,
@@ -415,11 +470,15 @@ Global___WatchResultsRequest: _TypeAlias = WatchResultsRequest  # noqa: Y015
 
 @_typing.final
 class WatchResultsResponse(_message.Message):
+    """WatchResultsResponse is one event of the watch stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> _result_pb2.TaskEvent: ...
+    def event(self) -> _result_pb2.TaskEvent:
+        """One state change of one watched task."""
+
     def __init__(
         self,
         *,
@@ -435,6 +494,8 @@ Global___WatchResultsResponse: _TypeAlias = WatchResultsResponse  # noqa: Y015
 
 @_typing.final
 class CancelRequest(_message.Message):
+    """CancelRequest names the task or workflow to cancel."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -455,6 +516,8 @@ Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
 
 @_typing.final
 class CancelResponse(_message.Message):
+    """CancelResponse lists what the cancel stopped."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CANCELLED_TASK_IDS_FIELD_NUMBER: _builtins.int
@@ -477,10 +540,13 @@ Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
 
 @_typing.final
 class GetWorkflowRequest(_message.Message):
+    """GetWorkflowRequest names a workflow."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
+    """The workflow's id (SubmitResponse.workflow_id)."""
     def __init__(
         self,
         *,
@@ -506,8 +572,9 @@ class WorkflowNode(_message.Message):
     CHILDREN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """The node's id within its workflow's plan (e.g. "n0" for the root)."""
     kind: _builtins.str
-    """"task", "chain", "group" or "chord"."""
+    """"task", "chain", "group", "chord" or "map"."""
     state: _result_pb2.TaskState.ValueType
     """Aggregate state: the worst or latest of the children."""
     @_builtins.property
@@ -515,7 +582,11 @@ class WorkflowNode(_message.Message):
         """Set on task nodes."""
 
     @_builtins.property
-    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowNode]: ...
+    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowNode]:
+        """A canvas node's children in order: chain steps, group members, or a chord's header group then
+        its callback.
+        """
+
     def __init__(
         self,
         *,
@@ -535,16 +606,21 @@ Global___WorkflowNode: _TypeAlias = WorkflowNode  # noqa: Y015
 
 @_typing.final
 class GetWorkflowResponse(_message.Message):
+    """GetWorkflowResponse is a workflow's tree."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     ROOT_FIELD_NUMBER: _builtins.int
     RESULT_TASK_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
+    """The workflow's id."""
     result_task_id: _builtins.str
     """Task whose result is the workflow's result."""
     @_builtins.property
-    def root(self) -> Global___WorkflowNode: ...
+    def root(self) -> Global___WorkflowNode:
+        """The workflow's top node (the submitted canvas)."""
+
     def __init__(
         self,
         *,

@@ -30,7 +30,9 @@ class _Outcome:
 class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OUTCOME_UNSPECIFIED: _Outcome.ValueType  # 0
+    """Not set: the server treats it as OUTCOME_FAILURE; always set one."""
     OUTCOME_SUCCESS: _Outcome.ValueType  # 1
+    """The task returned TaskOutcome.result."""
     OUTCOME_FAILURE: _Outcome.ValueType  # 2
     """Failed; the server retries per the task's RetryPolicy."""
     OUTCOME_RETRY: _Outcome.ValueType  # 3
@@ -51,7 +53,9 @@ class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome is what one attempt ended with."""
 
 OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
+"""Not set: the server treats it as OUTCOME_FAILURE; always set one."""
 OUTCOME_SUCCESS: Outcome.ValueType  # 1
+"""The task returned TaskOutcome.result."""
 OUTCOME_FAILURE: Outcome.ValueType  # 2
 """Failed; the server retries per the task's RetryPolicy."""
 OUTCOME_RETRY: Outcome.ValueType  # 3
@@ -76,7 +80,9 @@ class _AckStatus:
 class _AckStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AckStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ACK_STATUS_UNSPECIFIED: _AckStatus.ValueType  # 0
+    """Not set; never sent."""
     ACK_STATUS_ACCEPTED: _AckStatus.ValueType  # 1
+    """The result was recorded."""
     ACK_STATUS_STALE_LEASE: _AckStatus.ValueType  # 2
     """The lease was no longer the task's current one; the result was refused."""
     ACK_STATUS_ALREADY_DONE: _AckStatus.ValueType  # 3
@@ -86,7 +92,9 @@ class AckStatus(_AckStatus, metaclass=_AckStatusEnumTypeWrapper):
     """AckStatus says what became of a reported result."""
 
 ACK_STATUS_UNSPECIFIED: AckStatus.ValueType  # 0
+"""Not set; never sent."""
 ACK_STATUS_ACCEPTED: AckStatus.ValueType  # 1
+"""The result was recorded."""
 ACK_STATUS_STALE_LEASE: AckStatus.ValueType  # 2
 """The lease was no longer the task's current one; the result was refused."""
 ACK_STATUS_ALREADY_DONE: AckStatus.ValueType  # 3
@@ -108,21 +116,37 @@ class ConnectRequest(_message.Message):
     REJECT_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hello(self) -> Global___Hello: ...
+    def hello(self) -> Global___Hello:
+        """Opens the session; first, and only once."""
+
     @_builtins.property
-    def credit(self) -> Global___Credit: ...
+    def credit(self) -> Global___Credit:
+        """Changes the worker's window."""
+
     @_builtins.property
-    def started(self) -> Global___Started: ...
+    def started(self) -> Global___Started:
+        """Attempts that began running."""
+
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """Liveness; extends every lease the worker holds."""
+
     @_builtins.property
-    def progress(self) -> Global___Progress: ...
+    def progress(self) -> Global___Progress:
+        """Progress of running tasks."""
+
     @_builtins.property
-    def results(self) -> Global___Results: ...
+    def results(self) -> Global___Results:
+        """Finished attempts; each is answered by a ResultAck."""
+
     @_builtins.property
-    def reject(self) -> Global___Reject: ...
+    def reject(self) -> Global___Reject:
+        """Tasks handed back unrun."""
+
     @_builtins.property
-    def goodbye(self) -> Global___Goodbye: ...
+    def goodbye(self) -> Global___Goodbye:
+        """The worker is draining."""
+
     def __init__(
         self,
         *,
@@ -157,15 +181,25 @@ class ConnectResponse(_message.Message):
     ACKS_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def welcome(self) -> Global___Welcome: ...
+    def welcome(self) -> Global___Welcome:
+        """Answers Hello; the first message from the server."""
+
     @_builtins.property
-    def assignments(self) -> Global___Assignments: ...
+    def assignments(self) -> Global___Assignments:
+        """Tasks to run."""
+
     @_builtins.property
-    def cancel(self) -> Global___CancelTasks: ...
+    def cancel(self) -> Global___CancelTasks:
+        """Tasks to stop."""
+
     @_builtins.property
-    def acks(self) -> Global___ResultAcks: ...
+    def acks(self) -> Global___ResultAcks:
+        """What became of reported results."""
+
     @_builtins.property
-    def drain(self) -> Global___Drain: ...
+    def drain(self) -> Global___Drain:
+        """Asks the worker to drain and say Goodbye."""
+
     def __init__(
         self,
         *,
@@ -206,10 +240,13 @@ class Hello(_message.Message):
     language: _builtins.str
     """e.g. "python", "node"."""
     sdk_version: _builtins.str
+    """Version of the worker's SDK; informational."""
     max_in_flight: _builtins.int
     """Most unresolved tasks the worker holds at once (its window); at least 1."""
     hostname: _builtins.str
+    """Host the worker runs on, shown to operators (ListWorkers)."""
     pid: _builtins.int
+    """The worker's process id; informational."""
     max_receive_bytes: _builtins.int
     """Largest message the worker accepts, in bytes (its channel's max receive size). The server
     never sends it a larger one: it splits Assignments batches to fit. 0: gRPC's default, 4 MiB.
@@ -266,8 +303,13 @@ class Welcome(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
+    """The worker's id: Hello.worker_id, or the one the server assigned."""
     max_message_bytes: _builtins.int
+    """Largest message the server accepts, in bytes: keep each ConnectRequest (a Results batch, say)
+    below it.
+    """
     server_id: _builtins.str
+    """The server replica serving this stream."""
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """Send a Heartbeat at least this often."""
@@ -301,6 +343,7 @@ class Credit(_message.Message):
 
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
+    """The new window; values below 1 count as 1."""
     def __init__(
         self,
         *,
@@ -322,7 +365,9 @@ class Started(_message.Message):
 
     TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]: ...
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
+        """The attempts, by lease."""
+
     def __init__(
         self,
         *,
@@ -345,7 +390,9 @@ class LeaseRef(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id (Assignment.task.id)."""
     lease_token: _builtins.str
+    """The attempt's lease token (Assignment.lease_token)."""
     def __init__(
         self,
         *,
@@ -385,7 +432,9 @@ class Progress(_message.Message):
 
     ITEMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProgressItem]: ...
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProgressItem]:
+        """One item per task; the latest value of a task replaces its earlier one."""
+
     def __init__(
         self,
         *,
@@ -401,15 +450,21 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class ProgressItem(_message.Message):
+    """ProgressItem is the progress of one running attempt."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id."""
     lease_token: _builtins.str
+    """The attempt's lease token; progress under a stale lease is ignored."""
     @_builtins.property
-    def progress(self) -> _task_pb2.Value: ...
+    def progress(self) -> _task_pb2.Value:
+        """Any value; stored as TaskResult.progress."""
+
     def __init__(
         self,
         *,
@@ -427,6 +482,8 @@ Global___ProgressItem: _TypeAlias = ProgressItem  # noqa: Y015
 
 @_typing.final
 class TaskOutcome(_message.Message):
+    """TaskOutcome is how one attempt ended."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -438,14 +495,25 @@ class TaskOutcome(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id."""
     lease_token: _builtins.str
+    """The attempt's lease token; a stale one gets ACK_STATUS_STALE_LEASE."""
     outcome: Global___Outcome.ValueType
+    """How the attempt ended."""
     @_builtins.property
-    def result(self) -> _task_pb2.Value: ...
+    def result(self) -> _task_pb2.Value:
+        """With OUTCOME_SUCCESS: the task's return value (unset: null)."""
+
     @_builtins.property
-    def error(self) -> _result_pb2.TaskError: ...
+    def error(self) -> _result_pb2.TaskError:
+        """With OUTCOME_FAILURE, OUTCOME_REJECTED or OUTCOME_RETRY: the error (its type, message and
+        traceback).
+        """
+
     @_builtins.property
-    def retry_delay(self) -> _duration_pb2.Duration: ...
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """With OUTCOME_RETRY: how long to wait before the next attempt (unset: the retry policy's delay)."""
+
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the attempt began and ended on the worker. A worker that finishes a task before it
@@ -453,7 +521,9 @@ class TaskOutcome(_message.Message):
         """
 
     @_builtins.property
-    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt ended on the worker (unset: when the server received the outcome)."""
+
     def __init__(
         self,
         *,
@@ -482,7 +552,9 @@ class Results(_message.Message):
 
     OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskOutcome]: ...
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskOutcome]:
+        """The outcomes; the server acks each in a ResultAcks."""
+
     def __init__(
         self,
         *,
@@ -506,7 +578,9 @@ class Reject(_message.Message):
 
     TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedTask]: ...
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedTask]:
+        """The tasks handed back."""
+
     def __init__(
         self,
         *,
@@ -522,14 +596,19 @@ Global___Reject: _TypeAlias = Reject  # noqa: Y015
 
 @_typing.final
 class RejectedTask(_message.Message):
+    """RejectedTask is one task a worker hands back unrun."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id."""
     lease_token: _builtins.str
+    """The attempt's lease token; a stale one is ignored."""
     reason: _builtins.str
+    """Why, for people (e.g. "unknown task: add")."""
     def __init__(
         self,
         *,
@@ -577,16 +656,24 @@ class Assignment(_message.Message):
     attempt: _builtins.int
     """1 for the first attempt."""
     lease_token: _builtins.str
+    """Names this attempt's lease: every report about the task (Started, Progress, TaskOutcome,
+    RejectedTask) carries it.
+    """
     workflow_id: _builtins.str
+    """The task's workflow; empty for a task submitted on its own."""
     deliveries: _builtins.int
     """Deliveries of this attempt to a worker so far, this one included (1 on the first); a task
     whose workers keep dying without an outcome is failed after max_deliveries. 0 when the
     server does not count them.
     """
     @_builtins.property
-    def task(self) -> _task_pb2.Signature: ...
+    def task(self) -> _task_pb2.Signature:
+        """The call to run: name, args, kwargs, headers, limits."""
+
     @_builtins.property
-    def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the lease runs out unless heartbeats extend it."""
+
     def __init__(
         self,
         *,
@@ -607,11 +694,15 @@ Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
 
 @_typing.final
 class Assignments(_message.Message):
+    """Assignments is a batch of tasks for the worker, never more than its window allows."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]: ...
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """The tasks."""
+
     def __init__(
         self,
         *,
@@ -633,7 +724,9 @@ class CancelTasks(_message.Message):
 
     TASK_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tasks to stop; report OUTCOME_CANCELLED for each one stopped."""
+
     def __init__(
         self,
         *,
@@ -649,14 +742,21 @@ Global___CancelTasks: _TypeAlias = CancelTasks  # noqa: Y015
 
 @_typing.final
 class ResultAck(_message.Message):
+    """ResultAck answers one TaskOutcome; until it arrives, keep the outcome and resend it after a
+    reconnect.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """The task's id, as in the outcome."""
     lease_token: _builtins.str
+    """The lease token, as in the outcome."""
     status: Global___AckStatus.ValueType
+    """What became of the outcome."""
     def __init__(
         self,
         *,
@@ -674,11 +774,15 @@ Global___ResultAck: _TypeAlias = ResultAck  # noqa: Y015
 
 @_typing.final
 class ResultAcks(_message.Message):
+    """ResultAcks answers Results."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]: ...
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
+        """One ack per reported outcome."""
+
     def __init__(
         self,
         *,
@@ -700,6 +804,7 @@ class Drain(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """Why, for people (e.g. "no heartbeat within the lease")."""
     def __init__(
         self,
         *,

@@ -49,7 +49,12 @@ class WorkerServiceServicer:
     """
 
     def Connect(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One session of one worker (docs/worker-protocol.md is the full contract): the worker sends
+        Hello first and the server answers Welcome, then Assignments flow within the worker's window
+        and results flow back and are acked. Errors: FAILED_PRECONDITION (a first message that is not
+        Hello), INVALID_ARGUMENT (a second Hello, a bad Hello), PERMISSION_DENIED (a queue the token
+        may not serve), UNAUTHENTICATED, UNAVAILABLE (reconnect with backoff).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

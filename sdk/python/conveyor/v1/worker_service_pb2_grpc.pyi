@@ -36,6 +36,12 @@ class WorkerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_worker_service_pb2.ConnectRequest, _worker_service_pb2.ConnectResponse]
+    """One session of one worker (docs/worker-protocol.md is the full contract): the worker sends
+    Hello first and the server answers Welcome, then Assignments flow within the worker's window
+    and results flow back and are acked. Errors: FAILED_PRECONDITION (a first message that is not
+    Hello), INVALID_ARGUMENT (a second Hello, a bad Hello), PERMISSION_DENIED (a queue the token
+    may not serve), UNAUTHENTICATED, UNAVAILABLE (reconnect with backoff).
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -45,6 +51,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_worker_service_pb2.ConnectRequest, _worker_service_pb2.ConnectResponse]  # type: ignore[assignment]
+    """One session of one worker (docs/worker-protocol.md is the full contract): the worker sends
+    Hello first and the server answers Welcome, then Assignments flow within the worker's window
+    and results flow back and are acked. Errors: FAILED_PRECONDITION (a first message that is not
+    Hello), INVALID_ARGUMENT (a second Hello, a bad Hello), PERMISSION_DENIED (a queue the token
+    may not serve), UNAUTHENTICATED, UNAVAILABLE (reconnect with backoff).
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkerService carries all traffic between a worker and the server on one stream:
@@ -56,6 +68,12 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_worker_service_pb2.ConnectRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_worker_service_pb2.ConnectResponse], _abc.AsyncIterator[_worker_service_pb2.ConnectResponse]]: ...
+    ) -> _typing.Union[_abc.Iterator[_worker_service_pb2.ConnectResponse], _abc.AsyncIterator[_worker_service_pb2.ConnectResponse]]:
+        """One session of one worker (docs/worker-protocol.md is the full contract): the worker sends
+        Hello first and the server answers Welcome, then Assignments flow within the worker's window
+        and results flow back and are acked. Errors: FAILED_PRECONDITION (a first message that is not
+        Hello), INVALID_ARGUMENT (a second Hello, a bad Hello), PERMISSION_DENIED (a queue the token
+        may not serve), UNAUTHENTICATED, UNAVAILABLE (reconnect with backoff).
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

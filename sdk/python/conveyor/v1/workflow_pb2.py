@@ -25,21 +25,24 @@ _sym_db = _symbol_database.Default()
 from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/workflow.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\"\xa9\x01\n\x08Workflow\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12#\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.ChainH\x00\x12#\n\x05group\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.GroupH\x00\x12#\n\x05\x63hord\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.ChordH\x00\x42\x06\n\x04kind\"\x83\x01\n\x05\x43hain\x12$\n\x05steps\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\xb6\x01\n\x05Group\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12/\n\x0fon_member_error\x18\x04 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x8d\x01\n\x05\x43hord\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Group\x12\'\n\x08\x63\x61llback\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x37\n\x0e\x66\x61ilure_policy\x18\x03 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy*|\n\x12\x43hordFailurePolicy\x12$\n CHORD_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HORD_FAILURE_POLICY_FAIL\x10\x01\x12!\n\x1d\x43HORD_FAILURE_POLICY_CONTINUE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/workflow.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\"\xca\x01\n\x08Workflow\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12#\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.ChainH\x00\x12#\n\x05group\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.GroupH\x00\x12#\n\x05\x63hord\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.ChordH\x00\x12\x1f\n\x03map\x18\x05 \x01(\x0b\x32\x10.conveyor.v1.MapH\x00\x42\x06\n\x04kind\"\x83\x01\n\x05\x43hain\x12$\n\x05steps\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\xb6\x01\n\x05Group\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\x12(\n\x08on_error\x18\x02 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12*\n\non_success\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12/\n\x0fon_member_error\x18\x04 \x03(\x0b\x32\x16.conveyor.v1.Signature\"\x8d\x01\n\x05\x43hord\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Group\x12\'\n\x08\x63\x61llback\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x37\n\x0e\x66\x61ilure_policy\x18\x03 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy\"\x80\x01\n\x03Map\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.conveyor.v1.Value\x12\x0c\n\x04star\x18\x03 \x01(\x08\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0e\n\x06nested\x18\x05 \x01(\x08*|\n\x12\x43hordFailurePolicy\x12$\n CHORD_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HORD_FAILURE_POLICY_FAIL\x10\x01\x12!\n\x1d\x43HORD_FAILURE_POLICY_CONTINUE\x10\x02\x42\x61\n\x0f\x64\x65v.conveyor.v1P\x01Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\xaa\x02\x0b\x43onveyor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.workflow_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_CHORDFAILUREPOLICY']._serialized_start=702
-  _globals['_CHORDFAILUREPOLICY']._serialized_end=826
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.conveyor.v1P\001Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\252\002\013Conveyor.V1'
+  _globals['_CHORDFAILUREPOLICY']._serialized_start=866
+  _globals['_CHORDFAILUREPOLICY']._serialized_end=990
   _globals['_WORKFLOW']._serialized_start=68
-  _globals['_WORKFLOW']._serialized_end=237
-  _globals['_CHAIN']._serialized_start=240
-  _globals['_CHAIN']._serialized_end=371
-  _globals['_GROUP']._serialized_start=374
-  _globals['_GROUP']._serialized_end=556
-  _globals['_CHORD']._serialized_start=559
-  _globals['_CHORD']._serialized_end=700
+  _globals['_WORKFLOW']._serialized_end=270
+  _globals['_CHAIN']._serialized_start=273
+  _globals['_CHAIN']._serialized_end=404
+  _globals['_GROUP']._serialized_start=407
+  _globals['_GROUP']._serialized_end=589
+  _globals['_CHORD']._serialized_start=592
+  _globals['_CHORD']._serialized_end=733
+  _globals['_MAP']._serialized_start=736
+  _globals['_MAP']._serialized_end=864
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,7 @@ class _ChordFailurePolicy:
 class _ChordFailurePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChordFailurePolicy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CHORD_FAILURE_POLICY_UNSPECIFIED: _ChordFailurePolicy.ValueType  # 0
+    """Not set: FAIL."""
     CHORD_FAILURE_POLICY_FAIL: _ChordFailurePolicy.ValueType  # 1
     """The callback is marked FAILURE with the member errors (the default)."""
     CHORD_FAILURE_POLICY_CONTINUE: _ChordFailurePolicy.ValueType  # 2
@@ -36,6 +37,7 @@ class ChordFailurePolicy(_ChordFailurePolicy, metaclass=_ChordFailurePolicyEnumT
     """ChordFailurePolicy is what a chord does when a member fails."""
 
 CHORD_FAILURE_POLICY_UNSPECIFIED: ChordFailurePolicy.ValueType  # 0
+"""Not set: FAIL."""
 CHORD_FAILURE_POLICY_FAIL: ChordFailurePolicy.ValueType  # 1
 """The callback is marked FAILURE with the member errors (the default)."""
 CHORD_FAILURE_POLICY_CONTINUE: ChordFailurePolicy.ValueType  # 2
@@ -52,14 +54,27 @@ class Workflow(_message.Message):
     CHAIN_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     CHORD_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def task(self) -> _task_pb2.Signature: ...
+    def task(self) -> _task_pb2.Signature:
+        """A single task."""
+
     @_builtins.property
-    def chain(self) -> Global___Chain: ...
+    def chain(self) -> Global___Chain:
+        """Steps run one after another."""
+
     @_builtins.property
-    def group(self) -> Global___Group: ...
+    def group(self) -> Global___Group:
+        """Members run in parallel."""
+
     @_builtins.property
-    def chord(self) -> Global___Chord: ...
+    def chord(self) -> Global___Chord:
+        """A group followed by a callback on its results."""
+
+    @_builtins.property
+    def map(self) -> Global___Map:
+        """One call of a task per item, run in chunk tasks (map, starmap, chunks)."""
+
     def __init__(
         self,
         *,
@@ -67,12 +82,13 @@ class Workflow(_message.Message):
         chain: Global___Chain | None = ...,
         group: Global___Group | None = ...,
         chord: Global___Chord | None = ...,
+        map: Global___Map | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "chord", b"chord", "group", b"group", "kind", b"kind", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "chord", b"chord", "group", b"group", "kind", b"kind", "map", b"map", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "chord", b"chord", "group", b"group", "kind", b"kind", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "chord", b"chord", "group", b"group", "kind", b"kind", "map", b"map", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["task", "chain", "group", "chord"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["task", "chain", "group", "chord", "map"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -90,7 +106,9 @@ class Chain(_message.Message):
     ON_ERROR_FIELD_NUMBER: _builtins.int
     ON_SUCCESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]: ...
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]:
+        """The steps, in order; each may be a task or a nested canvas."""
+
     @_builtins.property
     def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
         """Run when a step fails for good; each receives the error as a JSON object whose task_id is
@@ -131,7 +149,9 @@ class Group(_message.Message):
     ON_SUCCESS_FIELD_NUMBER: _builtins.int
     ON_MEMBER_ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]: ...
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Workflow]:
+        """The members; each may be a task or a nested canvas."""
+
     @_builtins.property
     def on_error(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Signature]:
         """Run once when the group ends with a failed member, with a GroupMemberFailed error that
@@ -176,10 +196,17 @@ class Chord(_message.Message):
     CALLBACK_FIELD_NUMBER: _builtins.int
     FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     failure_policy: Global___ChordFailurePolicy.ValueType
+    """What a failed member does to the callback (FAIL when unset)."""
     @_builtins.property
-    def header(self) -> Global___Group: ...
+    def header(self) -> Global___Group:
+        """The group whose members run first."""
+
     @_builtins.property
-    def callback(self) -> Global___Workflow: ...
+    def callback(self) -> Global___Workflow:
+        """Runs once every header member has ended, with one leading arg: a json_value list of the member
+        results in member order.
+        """
+
     def __init__(
         self,
         *,
@@ -194,3 +221,52 @@ class Chord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Chord: _TypeAlias = Chord  # noqa: Y015
+
+@_typing.final
+class Map(_message.Message):
+    """Map runs one task per item (Celery's map, starmap and chunks), expanded by the server into
+    chunk tasks of `chunk_size` items each, so that no task's message holds every item. A chunk
+    task is `task` with the chunk's items as its args and the header conveyor-map ("map" or
+    "starmap"): the worker calls the task once per item, in order, and returns the list.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    STAR_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    NESTED_FIELD_NUMBER: _builtins.int
+    star: _builtins.bool
+    """Each item is the list of positional args of one call (starmap, chunks); else the only arg."""
+    chunk_size: _builtins.int
+    """Items per chunk task; 0 means 100."""
+    nested: _builtins.bool
+    """The result is one list per chunk (Celery's chunks); else one flat list, one value per item."""
+    @_builtins.property
+    def task(self) -> _task_pb2.Signature:
+        """The task to run per item: no args (the items are the args), no callbacks, idempotency_key
+        or unique_for (its chunks would share them). Its id, when set, names the chunk tasks
+        `<id>.c<chunk index>`.
+        """
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Value]:
+        """One per call, in order."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.Signature | None = ...,
+        items: _abc.Iterable[_task_pb2.Value] | None = ...,
+        star: _builtins.bool = ...,
+        chunk_size: _builtins.int = ...,
+        nested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "items", b"items", "nested", b"nested", "star", b"star", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Map: _TypeAlias = Map  # noqa: Y015

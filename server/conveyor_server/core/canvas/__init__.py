@@ -1,4 +1,4 @@
-"""Canvas primitives: one module per kind of workflow node (task, chain, group, chord), each
+"""Canvas primitives: one module per kind of workflow node (task, chain, group, chord, map), each
 holding how that kind is checked, planned, started, completed and read back.
 
 Adding a primitive: a `Kind` member (and PlanNodeKind value), a module implementing

@@ -47,6 +47,10 @@ class Checker(Protocol):
     def callbacks(self, signatures: Sequence[task_pb2.Signature], depth: int, where: str) -> None:
         """Check canvas callbacks (`where` names the list; each gets its index)."""
 
+    def planned_tasks(self, count: int, where: str) -> None:
+        """Refuse `count` tasks that a node will expand into, past max_workflow_tasks, before
+        any of them is built."""
+
 
 class Planner(Protocol):
     """Builds a WorkflowPlan (core/planner.py)."""
@@ -77,7 +81,10 @@ class Engine(Protocol):
 
     store: TaskStore
 
-    async def start(self, drive: Drive, node: PlanNode, value: task_pb2.Value | None) -> None: ...
+    async def start(
+        self, drive: Drive, node: PlanNode, value: task_pb2.Value | None, trace_links: Sequence[str] = (),
+    ) -> None:
+        """Start `node` with `value`; its entry tasks' spans link to the `trace_links` (traceparents)."""
 
     async def node_done(self, drive: Drive, node: PlanNode, outcome: NodeOutcome) -> None:
         """`node` ended: its parent moves on (or the workflow ends)."""

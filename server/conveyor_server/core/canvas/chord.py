@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from conveyor import tracing
 from conveyor.v1 import task_pb2, workflow_pb2
 
 from ..errors import InvalidArgument
@@ -54,7 +55,9 @@ class ChordPrimitive:
             return
         callback = drive.nodes[node.child_ids[CALLBACK]]
         if outcome.ok or node.failure_policy == workflow_pb2.CHORD_FAILURE_POLICY_CONTINUE:
-            await engine.start(drive, callback, outcome.value)
+            # The callback's spans link to its members' spans (the first MAX_LINKS of them).
+            links = [m.traceparent for m in outcome.members if m.traceparent][:tracing.MAX_LINKS]
+            await engine.start(drive, callback, outcome.value, links)
             return
         await engine.fail_node(drive, callback, error("ChordMemberFailed", outcome.error.message))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 
+from conveyor import tracing
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 
@@ -92,6 +93,13 @@ class GroupPrimitive:
         if not outcome.ok:
             # Before the member is counted, so that a repair of this pass fires it too.
             await engine.fire(drive, node, f"m{child.index}.err", node.on_member_error, outcome)
+        # Inside the span the member ended in (its last task's "result" span): a chord callback links to it.
+        traceparent = tracing.inject().get("traceparent", "")
+        if traceparent:
+            marked = NodeOutcome()
+            marked.CopyFrom(outcome)
+            marked.traceparent = traceparent
+            outcome = marked
         backend = engine.store.backend
         key = members_key(drive.workflow_id, node.node_id)
         count = await backend.add_member(key, str(child.index), outcome.SerializeToString(), keep=True)
@@ -105,7 +113,7 @@ class GroupPrimitive:
             member = NodeOutcome()
             member.ParseFromString(payloads[str(index)])
             members.append(member)
-        combined = combine_members(members, [first_task(drive.nodes, c) for c in node.child_ids])
+        combined = self.combine(node, members, [first_task(drive.nodes, c) for c in node.child_ids])
         if combined.ok:
             await engine.fire(drive, node, "ok", node.on_success, combined)
         else:
@@ -119,7 +127,11 @@ class GroupPrimitive:
             if outcome is None:
                 return None
             members.append(outcome)
-        return combine_members(members, [reading.first_task(c) for c in node.child_ids])
+        return self.combine(node, members, [reading.first_task(c) for c in node.child_ids])
+
+    def combine(self, node: PlanNode, members: Sequence[NodeOutcome], member_tasks: Sequence[str]) -> NodeOutcome:
+        """The node's outcome once every member ended (a map overrides this to flatten)."""
+        return combine_members(members, member_tasks)
 
     def result_child(self, node: PlanNode) -> str:
         return ""

@@ -15,6 +15,7 @@ class Kind(enum.Enum):
     CHAIN = records_pb2.PLAN_NODE_KIND_CHAIN
     GROUP = records_pb2.PLAN_NODE_KIND_GROUP
     CHORD = records_pb2.PLAN_NODE_KIND_CHORD
+    MAP = records_pb2.PLAN_NODE_KIND_MAP
 
     @property
     def label(self) -> str:
@@ -59,6 +60,8 @@ def workflow_kind(workflow: workflow_pb2.Workflow) -> Kind | None:
             return Kind.GROUP
         case "chord":
             return Kind.CHORD
+        case "map":
+            return Kind.MAP
         case None:
             return None
         case _:

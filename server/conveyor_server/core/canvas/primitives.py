@@ -9,6 +9,7 @@ from .chain import CHAIN
 from .chord import CHORD
 from .group import GROUP
 from .kinds import Kind, kind_of
+from .map import MAP
 from .task import TASK
 
 
@@ -22,6 +23,8 @@ def primitive(kind: Kind) -> Primitive:
             return GROUP
         case Kind.CHORD:
             return CHORD
+        case Kind.MAP:
+            return MAP
         case _:
             assert_never(kind)
 

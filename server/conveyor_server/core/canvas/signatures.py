@@ -16,6 +16,7 @@ _CANVAS_TYPES = frozenset({
     workflow_pb2.Chain.DESCRIPTOR.full_name,
     workflow_pb2.Group.DESCRIPTOR.full_name,
     workflow_pb2.Chord.DESCRIPTOR.full_name,
+    workflow_pb2.Map.DESCRIPTOR.full_name,
 })
 
 

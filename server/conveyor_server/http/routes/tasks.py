@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from conveyor.v1 import task_pb2, task_service_pb2
-from conveyor.values import to_value, to_value_map
+from conveyor.values import set_seconds, to_value, to_value_map
 
 from ...backends.task_index import TaskQuery
 from ...core.errors import FailedPrecondition, NotFound
@@ -69,7 +69,7 @@ def signature_from_json(body: dict[str, Any]) -> task_pb2.Signature:
     )
     countdown = params.field(body, "countdown", (int, float))
     if countdown is not None:
-        signature.countdown.FromNanoseconds(int(countdown * 1e9))
+        set_seconds(signature.countdown, countdown)
     return signature
 
 

@@ -60,6 +60,8 @@ class _PlanNodeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanNode
     """Children in parallel; the result is the list of theirs."""
     PLAN_NODE_KIND_CHORD: _PlanNodeKind.ValueType  # 4
     """A group (child 0), then a callback (child 1) with the group's list."""
+    PLAN_NODE_KIND_MAP: _PlanNodeKind.ValueType  # 5
+    """Chunk tasks (children) over a Map's items; a group whose list may be flattened."""
 
 class PlanNodeKind(_PlanNodeKind, metaclass=_PlanNodeKindEnumTypeWrapper):
     """PlanNodeKind is what a plan node is (core/canvas/ holds one module per kind)."""
@@ -74,6 +76,8 @@ PLAN_NODE_KIND_GROUP: PlanNodeKind.ValueType  # 3
 """Children in parallel; the result is the list of theirs."""
 PLAN_NODE_KIND_CHORD: PlanNodeKind.ValueType  # 4
 """A group (child 0), then a callback (child 1) with the group's list."""
+PLAN_NODE_KIND_MAP: PlanNodeKind.ValueType  # 5
+"""Chunk tasks (children) over a Map's items; a group whose list may be flattened."""
 Global___PlanNodeKind: _TypeAlias = PlanNodeKind  # noqa: Y015
 
 @_typing.final
@@ -299,6 +303,7 @@ class PlanNode(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ON_SUCCESS_FIELD_NUMBER: _builtins.int
     ON_MEMBER_ERROR_FIELD_NUMBER: _builtins.int
+    NESTED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     legacy_kind: _builtins.str
     """The kind as a name ("task", "chain", "group", "chord"): the only kind of plans stored before
@@ -312,6 +317,8 @@ class PlanNode(_message.Message):
     """Task nodes: the task id."""
     failure_policy: _workflow_pb2.ChordFailurePolicy.ValueType
     kind: Global___PlanNodeKind.ValueType
+    nested: _builtins.bool
+    """Map nodes: the result is one list per chunk (chunks); else the chunks' lists concatenated."""
     @_builtins.property
     def child_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -338,10 +345,11 @@ class PlanNode(_message.Message):
         kind: Global___PlanNodeKind.ValueType = ...,
         on_success: _abc.Iterable[_task_pb2.Signature] | None = ...,
         on_member_error: _abc.Iterable[_task_pb2.Signature] | None = ...,
+        nested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "failure_policy", b"failure_policy", "index", b"index", "kind", b"kind", "legacy_kind", b"legacy_kind", "node_id", b"node_id", "on_error", b"on_error", "on_member_error", b"on_member_error", "on_success", b"on_success", "parent_id", b"parent_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "failure_policy", b"failure_policy", "index", b"index", "kind", b"kind", "legacy_kind", b"legacy_kind", "nested", b"nested", "node_id", b"node_id", "on_error", b"on_error", "on_member_error", b"on_member_error", "on_success", b"on_success", "parent_id", b"parent_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,6 +367,7 @@ class NodeOutcome(_message.Message):
     MEMBERS_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     task_id: _builtins.str
     """A failure: the task that failed (the first failed member's, for a group), which error
@@ -367,6 +376,10 @@ class NodeOutcome(_message.Message):
     state: _result_pb2.TaskState.ValueType
     """SUCCESS, FAILURE or CANCELLED (a failure whose every cause was cancelled). Unspecified in
     outcomes stored before it existed (read `ok`).
+    """
+    traceparent: _builtins.str
+    """The W3C `traceparent` of the span in which the node ended (a group member's), which a
+    chord callback's spans link to. Empty when tracing is off.
     """
     @_builtins.property
     def value(self) -> _task_pb2.Value: ...
@@ -385,10 +398,11 @@ class NodeOutcome(_message.Message):
         members: _abc.Iterable[Global___NodeOutcome] | None = ...,
         task_id: _builtins.str = ...,
         state: _result_pb2.TaskState.ValueType = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "members", b"members", "ok", b"ok", "state", b"state", "task_id", b"task_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "members", b"members", "ok", b"ok", "state", b"state", "task_id", b"task_id", "traceparent", b"traceparent", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
