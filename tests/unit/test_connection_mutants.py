@@ -402,6 +402,28 @@ async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas
         await asyncio.wait_for(served, 10)
 
 
+async def test_a_worker_is_not_drained_while_the_server_is_slow_to_handle_its_report(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An engine outage holds one report for longer than a lease; the reports behind it wait in the stream.
+    connections = replicas.a.connections
+    connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
+    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
+    draining_after: list[bool] = []
+
+    async def slow_engine(_: object, __: W.ConnectRequest) -> None:
+        await asyncio.sleep(0.3)
+        draining_after.append(session.draining)
+
+    monkeypatch.setattr(connections, "_handle_through_outages", slow_engine)
+
+    async def reports() -> AsyncIterator[W.ConnectRequest]:
+        yield W.ConnectRequest(heartbeat=W.Heartbeat())
+
+    await asyncio.wait_for(connections.run(session, reports()), 10)
+    assert draining_after == [False]
+
+
 async def test_a_result_resent_on_a_new_session_under_the_old_sessions_unwritten_lease_is_taken(
     replicas: Replicas,
 ) -> None:

@@ -151,7 +151,15 @@ class WorkerConnections:
         try:
             async for request in requests:
                 session.last_seen = time.monotonic()
-                await self._handle_through_outages(session, request)
+                # While the server handles a report (an engine outage can hold it for seconds), the
+                # reports behind it wait in the stream: that is the server's delay, not the worker's
+                # silence, so the watchdog counts silence only from when the server reads again.
+                session.handling = True
+                try:
+                    await self._handle_through_outages(session, request)
+                finally:
+                    session.handling = False
+                    session.last_seen = time.monotonic()
         finally:
             # Shielded: when the call is cancelled again while this cleanup awaits, the leases must
             # still leave the dead session and go back to the queue after the grace.
@@ -532,7 +540,7 @@ class WorkerConnections:
         """A worker silent for a whole lease is hung: stop sending it work."""
         while not session.closed:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
-            silent = time.monotonic() - session.last_seen > self.settings.lease_seconds
+            silent = not session.handling and time.monotonic() - session.last_seen > self.settings.lease_seconds
             if silent and not session.draining:  # tell it once
                 log.warning("worker %s sent nothing for %.0f s; draining it", session.worker_id,
                             self.settings.lease_seconds)

@@ -38,6 +38,8 @@ class WorkerSession:
     draining: bool = False
     closed: bool = False
     last_seen: float = field(default_factory=time.monotonic)
+    # The server is handling one of the worker's messages (the watchdog does not count that time).
+    handling: bool = False
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task_names: frozenset[str] = field(init=False)
 
