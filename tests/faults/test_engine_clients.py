@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conveyor_server.backends._common import Backoff
 from conveyor_server.backends._watch import PollFeed, Watcher
 from conveyor_server.backends.base import Backend, Update, Versioned
 from conveyor_server.backends.memcached import MemcachedBackend
 from conveyor_server.backends.mongodb import CLIENT_TIMEOUTS_MS, MongoBackend, client_timeouts
 from conveyor_server.backends.redis import RedisBackend
+from conveyor_server.backoff import Backoff
 from conveyor_server.engine_errors import is_transient
 from tests.faults.rig import EngineProcess
 from tests.fixtures.backend_services import start_memcached, start_nx27017

@@ -8,6 +8,7 @@ worker would read.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -165,6 +166,30 @@ async def test_a_pump_whose_claim_and_hand_back_both_fail_keeps_fetching(
     pump.cancel()
     await asyncio.gather(pump, return_exceptions=True)
 
+
+
+async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_a_second(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an engine is away the pump backs off from 0.1 s up to its cap: the first retry comes
+    soon and none waits longer than the cap, so work resumes quickly after the engine returns."""
+    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    attempts: list[float] = []
+
+    async def unreachable(*args: object) -> list[Delivery]:
+        attempts.append(time.monotonic())
+        raise ConnectionError("engine away (injected)")
+
+    monkeypatch.setattr(replicas.broker, "fetch", unreachable)
+    pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+    await eventually(lambda: len(attempts) >= 6, 10.0, "six fetch attempts")
+    pump.cancel()
+    await asyncio.gather(pump, return_exceptions=True)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert gaps[0] < 0.3, f"the first retry waited {gaps[0]:.2f} s"
+    cap = connection.FETCH_RETRY_MAX_SECONDS
+    assert max(gaps) < cap + 0.2, f"a retry waited {max(gaps):.2f} s, past the cap of {cap} s"
+    assert gaps[-1] >= cap / 2 - 0.01, "the delay grows while the engine stays away"
 
 # -- messages on the stream --------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable
 from typing import Protocol
 
-from ._common import Backoff
+from ..backoff import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,9 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
+from ..backoff import Backoff
 from . import _tokens
-from ._common import Backoff, KeyedLocks, compare_and_set_per_key, split_prefix
+from ._common import KeyedLocks, compare_and_set_per_key, split_prefix
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex

@@ -34,8 +34,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from ..backoff import Backoff
 from ..redis_pool import open_redis
-from ._common import Backoff, split_prefix
+from ._common import split_prefix
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned

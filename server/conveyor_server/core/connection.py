@@ -24,6 +24,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.values import set_seconds
 
+from ..backoff import Backoff
 from ..brokers.base import Broker, Delivery
 from ..config import Settings
 from ..engine_errors import is_transient
@@ -52,6 +53,9 @@ TIME_LIMIT_GRACE_SECONDS = 5.0
 OVERSIZED_RETRY_SECONDS = 1.0
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
+# A fetch that failed is tried again after a jittered backoff from RETRY_FIRST_SECONDS up to this:
+# the cap bounds how long after the engine's return the worker waits for work again.
+FETCH_RETRY_MAX_SECONDS = 0.5
 
 
 def _duration(seconds: float) -> Duration:
@@ -243,6 +247,7 @@ class WorkerConnections:
         # holding all of it starved the worker's other queues for as long as this one was empty.
         idle = False
         turned_away = 0  # fetches in a row that brought only tasks this worker cannot run
+        failures = Backoff(RETRY_FIRST_SECONDS, FETCH_RETRY_MAX_SECONDS)
         while not session.closed:
             if turned_away:
                 await asyncio.sleep(bounce_delay(turned_away))
@@ -267,6 +272,7 @@ class WorkerConnections:
                     claim = await self.dispatcher.claim(
                         deliveries, session.worker_id, time.monotonic(), session.can_run
                     )
+                failures.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -278,7 +284,7 @@ class WorkerConnections:
                 if deliveries:  # fetched but not claimed: hand them back now, not after a whole lease
                     with contextlib.suppress(Exception):
                         await self.broker.nack(deliveries)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(failures.next())
             finally:
                 await session.settle(reserved, claim.leases if claim else [])
             idle = not deliveries
