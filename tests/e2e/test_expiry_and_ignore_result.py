@@ -9,25 +9,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from conveyor import Client, ResultIgnored, RetryPolicy, State, TaskFailed, chord, sig, state_name
-from tests.e2e.test_engines import FAST, engine_url
 from tests.support.cli import conveyor
-from tests.support.processes import (
-    SHOWN_ON_FAILURE,
-    Proc,
-    Server,
-    WorkerProc,
-    eventually,
-    log_lines,
-    settled,
-    wait_for_workers,
-)
+from tests.support.engine_cluster import Cluster, cluster_client, engine_cluster
+from tests.support.processes import eventually, settled
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,51 +24,17 @@ WAIT = 60.0
 ENGINES = ["sqlite", "redis"]
 
 
-@dataclass
-class Cluster:
-    server: Server
-    worker: WorkerProc
-    log_file: Path
-
-    @property
-    def procs(self) -> list[Proc]:
-        return [self.server, self.worker]
-
-    def lines(self, prefix: str) -> list[str]:
-        return log_lines(self.log_file, prefix)
-
-
 @pytest.fixture(scope="module", params=ENGINES)
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A server whose broker and backend are both `param`, and one worker of canvas_tasks."""
-    directory = tmp_path_factory.mktemp(f"expiry-{request.param}")
-    log_file = directory / "events.log"
-    log_file.touch()
-    broker = engine_url(request, "broker", request.param, directory)
-    backend = engine_url(request, "backend", request.param, directory)
-    started: list[Proc] = []
-    try:
-        server = Server(directory, broker, backend, env=FAST, wait=False)
-        started.append(server)
-        server.wait_ready()
-        worker = WorkerProc(directory, server.address, module="tests.e2e.canvas_tasks", concurrency=4,
-                            env={"CONVEYOR_TEST_LOG": str(log_file)})
-        started.append(worker)
-        wait_for_workers(server.address, 1)
-        yield Cluster(server, worker, log_file)
-    finally:
-        for proc in reversed(started):
-            proc.stop()
+    with engine_cluster(request, tmp_path_factory, module="tests.e2e.canvas_tasks", concurrency=4) as started:
+        yield started
 
 
 @pytest.fixture
 async def client(cluster: Cluster) -> AsyncIterator[Client]:
-    SHOWN_ON_FAILURE[:] = cluster.procs  # their logs go with a failure (tests/conftest.py)
-    try:
-        async with Client(cluster.server.address) as connected:
-            yield connected
-    finally:
-        SHOWN_ON_FAILURE.clear()
+    async with cluster_client(cluster) as connected:
+        yield connected
 
 
 def label() -> str:
