@@ -178,6 +178,28 @@ async def test_shorter_delay_first(broker: Broker, queue: str) -> None:
     assert time.monotonic() - published_at >= 1.15
 
 
+
+async def test_a_delayed_message_is_not_held_back_by_later_ones_of_higher_priority(broker: Broker, queue: str) -> None:
+    """Issue #21: RabbitMQ expires messages only at a queue's head, and a priority queue's head is
+    its highest priority, so delay queues declared as priority queues held a priority-0 message
+    behind priority-9 ones published a second after it, until those were due too."""
+    await broker.publish(queue, [OutgoingMessage("low", b"0", priority=0, delay=2.0)])
+    published_at = time.monotonic()
+    await asyncio.sleep(1.0)
+    await broker.publish(queue, [OutgoingMessage(f"high-{n}", b"9", priority=9, delay=2.0) for n in range(5)])
+
+    first = await broker.fetch(queue, 10, LEASE, wait_seconds=5)
+    arrived = time.monotonic() - published_at
+    assert ids(first) == ["low"], f"first came {ids(first)} after {arrived:.2f} s"
+    assert arrived < 2.8, f"the priority-0 message came {arrived:.2f} s after it was published, due at 2 s"
+    rest: list[Delivery] = []
+    while len(rest) < 5:
+        batch = await broker.fetch(queue, 10, LEASE, wait_seconds=5)
+        assert batch, f"only {len(rest)} of the 5 priority-9 messages came"
+        rest += batch
+    assert sorted(ids(rest)) == [f"high-{n}" for n in range(5)]
+    await broker.ack([*first, *rest])
+
 async def test_batches(broker: Broker, queue: str) -> None:
     published = messages(250)
     await broker.publish(queue, published)
@@ -640,7 +662,7 @@ async def quorum(amqp_broker_url: str) -> AsyncIterator[_QuorumRun]:
     prefix = f"{session_prefix}.qq{uuid.uuid4().hex[:6]}"
     run = _QuorumRun(_amqp_url(amqp_broker_url, prefix=prefix, queue_type="quorum"), prefix)
     yield run
-    delayed = [f"{prefix}.delay.{quantize_delay_ms(d)}" for d in run.delays]
+    delayed = [f"{prefix}.delay-fifo.{quantize_delay_ms(d)}" for d in run.delays]
     await _drop_amqp_names(amqp_broker_url, [f"{prefix}.q.{q}" for q in run.queues] + delayed, delayed)
 
 

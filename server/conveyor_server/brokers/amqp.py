@@ -4,12 +4,17 @@ messages, publisher confirms, manual ack.
 Names (prefix defaults to "conveyor"):
 - `<prefix>.q.<queue>`: the queue itself, durable; classic with `x-max-priority` 10, or
   quorum (see "Quorum queues").
-- `<prefix>.delay.<ms>`: one fanout exchange + TTL queue per delay value. Messages keep the
+- `<prefix>.delay-fifo.<ms>`: one fanout exchange + TTL queue per delay value. Messages keep the
   target queue's name as routing key, so when the TTL ends RabbitMQ dead-letters them through
   the default exchange straight into their queue. One queue per value because RabbitMQ only
-  expires a queue's head: a single queue would hold a 1 s delay behind a 1 h one. Delays are
-  rounded *up* to 3 significant digits (so a few hundred queues cover any spread of retry
-  jitter, never early); idle delay queues expire by themselves (`x-expires`).
+  expires a queue's head: a single queue would hold a 1 s delay behind a 1 h one. For the same
+  reason delay queues are plain FIFO queues, never priority queues: a priority queue's head is
+  its highest priority, so a priority-0 message would wait there behind priority-9 ones
+  published after it (their priority still orders them once they reach their task queue).
+  The name changed when the priority argument was dropped (`<prefix>.delay.<ms>` before), since
+  a queue's arguments cannot change. Delays are rounded *up* to 3 significant digits (so a few
+  hundred queues cover any spread of retry jitter, never early); idle delay queues expire by
+  themselves (`x-expires`).
 
 Leases: RabbitMQ keeps an unacked message until its channel closes, so a crashed server's
 messages come back on their own. The lease deadline is kept here: recover_expired()
@@ -519,8 +524,6 @@ class AmqpBroker:
             # at-least-once dead-lettering needs reject-publish overflow; no length limit is set.
             arguments |= {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
                           "x-overflow": "reject-publish"}
-        else:
-            arguments["x-max-priority"] = MAX_PRIORITY
         return arguments
 
     async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> int:
@@ -547,7 +550,7 @@ class AmqpBroker:
         return ready
 
     async def _delay_exchange(self, delay_ms: int) -> str:
-        name = f"{self._prefix}.delay.{delay_ms}"
+        name = f"{self._prefix}.delay-fifo.{delay_ms}"
         now = asyncio.get_running_loop().time()
         declared = self._delay_declared.get(delay_ms)
         # Redeclaring resets the idle timer of x-expires, so the queue outlives its messages.
