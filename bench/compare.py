@@ -273,13 +273,19 @@ class ConveyorRun:
         self.server: Server | None = None
         self.worker: WorkerProc | None = None
         self.ids: list[str] = []
+        # More environment for the server and the worker, and their directory (bench/limits.py
+        # runs the code of an older revision this way).
+        self.env: dict[str, str] = {}
+        self.cwd = REPO
 
     def start(self) -> None:
         engine = f"{self.url}?prefix={self.prefix}"
-        self.server = Server(self.workdir, engine, engine, env={"CONVEYOR_LOG_LEVEL": "WARNING"})
+        self.server = Server(self.workdir, engine, engine, env={"CONVEYOR_LOG_LEVEL": "WARNING", **self.env},
+                             cwd=self.cwd)
         self.worker = WorkerProc(self.workdir, self.server.address, module="bench.noop_worker",
                                  concurrency=self.args.concurrency, prefetch=self.args.conveyor_prefetch,
-                                 env={"CONVEYOR_LOG_LEVEL": "WARNING", "CONVEYOR_BENCH_POOL": self.args.pool})
+                                 env={"CONVEYOR_LOG_LEVEL": "WARNING", "CONVEYOR_BENCH_POOL": self.args.pool,
+                                      **self.env}, cwd=self.cwd)
         wait_for_workers(self.server.address, 1)
 
     def procs(self) -> dict[str, int | None]:

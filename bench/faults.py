@@ -8,12 +8,15 @@ once, and the time to resume (from the engine's return to the first task that st
     python bench/faults.py --list                           # the scenarios and what each does
     CONVEYOR_FAULTS_CODE=/tmp/head python bench/faults.py   # servers and workers from another checkout
 
-Each scenario starts its own private engines (redis-servers with AOF on and fsync always, nx-27017,
-memcached, or a SQLite file), TCP proxies, `conveyor serve` replicas and `conveyor worker` processes under a
-temporary directory (kept with --keep), runs the load with its fault, and stops everything. The columns are
-described in tests/faults/row.py; each scenario's detailed row is printed as it ends. Exits 1 when any
-scenario lost, stranded or double-fired something (the same checks the tests assert). The RabbitMQ and SQS
-brokers' own outages are tests/e2e/test_amqp_outage.py and tests/e2e/test_sqs_outage.py.
+Each scenario starts its own private engines (redis-servers with AOF on and fsync always, nx-27017, memcached,
+a RabbitMQ node on ports of its own, moto in a process of its own, or a SQLite file), TCP proxies,
+`conveyor serve` replicas and `conveyor worker` processes under a temporary directory (kept with --keep), runs the load
+with its fault, and stops everything. The columns are described in tests/faults/row.py; each scenario's
+detailed row is printed as it ends. Exits 1 when any scenario lost, stranded or double-fired something (the
+same checks the tests assert). The load printed first is the one asked for; the scenarios on a slow engine
+(nx-27017, moto) spread it out to that engine's pace (their `tune` in tests/faults/scenarios.py). sqs-10s runs
+its server with a quick repair of lost messages (its row's outage says so): moto loses its queues when it
+restarts.
 """
 
 from __future__ import annotations

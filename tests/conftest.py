@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.fixtures.broker_services",
     "tests.fixtures.backend_services",
     "tests.fixtures.rabbitmq_node",
+    "tests.fixtures.redis_cluster",
 ]
 
 

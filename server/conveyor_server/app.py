@@ -32,12 +32,13 @@ from .backends.base import Backend
 from .brokers.base import Broker
 from .config import Settings, with_data_dir
 from .core.admin import Admin
-from .core.admission import Admission
+from .core.admission import admission_for
 from .core.cancellation import Canceller
 from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
 from .core.inspection import Inspector
+from .core.lease_recovery import LeaseRecoverer
 from .core.limits import ConcurrencySlots, DispatchLimits, RateLimiter, RateLimitTable, configured_limits
 from .core.outbox import Outbox
 from .core.outcomes import OutcomeRecorder
@@ -54,7 +55,6 @@ from .core.submission import Submitter
 from .core.task_index import TaskIndexer
 from .core.task_registry import TaskRegistry
 from .core.task_schemas import SubmitChecks
-from .core.workflow import WorkflowEngine
 from .engines import open_backend, open_broker
 from .http.exposure import check_http_exposure
 from .metrics import ServerMetrics
@@ -92,6 +92,7 @@ class Core:
     reconciler: Reconciler
     repairer: Repairer
     task_registry: TaskRegistry
+    lease_recoverer: LeaseRecoverer
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -100,14 +101,14 @@ class Core:
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
-        store = TaskStore(backend)
-        indexer = TaskIndexer.for_backend(store, backend, settings.task_index)
-        if indexer.enabled:
-            store.write_hook = indexer.note
+        indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index)
+        store = TaskStore(backend, write_hook=indexer.note if indexer.enabled else None)
         index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds))
         publisher = Publisher(broker, on_published=index.note)
-        workflow = WorkflowEngine(store, publisher)
-        followups = FollowUps(store, publisher, workflow, settings.default_queue)
+        followups = FollowUps(
+            store=store, publisher=publisher, default_queue=settings.default_queue, limits=settings.limits
+        )
+        workflow = followups.workflow
         outbox = Outbox(backend)
         repairer = Repairer(store, broker, publisher, index, settings.repair_after_seconds)
         reconciler = Reconciler(
@@ -124,7 +125,8 @@ class Core:
         )
         connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses, tasks)
         submitter = Submitter(settings, store, publisher, workflow, outbox, metrics.tasks_submitted,
-                              Admission(broker, settings.queue_limits), SubmitChecks(tasks, settings.strict_tasks))
+                              admission_for(broker, settings.queue_limits, indexer),
+                              SubmitChecks(tasks, settings.strict_tasks))
         reader = ResultReader(store)
         canceller = Canceller(store, followups, outbox, connections.cancel_running)
         schedules = Schedules(backend, submitter, settings)
@@ -134,14 +136,16 @@ class Core:
             inspector=Inspector(store, reader, registry, settings.lease_seconds),
         )
         return cls(
-            settings, broker, backend, store, submitter, reader, canceller, connections, registry, admin, metrics,
-            outbox, reconciler, repairer, tasks,
+            settings=settings, broker=broker, backend=backend, store=store, submitter=submitter, reader=reader,
+            canceller=canceller, connections=connections, registry=registry, admin=admin, metrics=metrics,
+            outbox=outbox, reconciler=reconciler, repairer=repairer, task_registry=tasks,
+            lease_recoverer=LeaseRecoverer(broker, settings.recover_interval_seconds),
         )
 
     async def start(self) -> None:
         await self.broker.connect()
         await self.backend.connect()
-        self._maintenance.append(asyncio.create_task(self._recover_expired_leases()))
+        self._maintenance.append(asyncio.create_task(self.lease_recoverer.run()))
         self._maintenance.append(asyncio.create_task(self.reconciler.run(self.settings.reconcile_interval_seconds)))
         self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
         self._maintenance.append(asyncio.create_task(self.task_registry.run()))
@@ -163,17 +167,6 @@ class Core:
         self.metrics.close()
         await self.broker.close()
         await self.backend.close()
-
-    async def _recover_expired_leases(self) -> None:
-        """Brings back tasks whose holder vanished (a dead server replica, a hung worker)."""
-        while True:
-            await asyncio.sleep(self.settings.recover_interval_seconds)
-            try:
-                recovered = await self.broker.recover_expired()
-                if recovered:
-                    log.info("returned %d tasks with expired leases to their queues", recovered)
-            except Exception:
-                log.exception("recovering expired leases failed; will retry")
 
 
 class ConveyorServer:

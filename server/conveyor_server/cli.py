@@ -1,5 +1,6 @@
 """The `conveyor` command: serve, worker, submit, get, watch, cancel, and the admin commands
-queues, queue, workers, tasks, purge, pause, resume, inspect, dead, schedule, repair and config."""
+queues, queue, workers, tasks, purge, pause, resume, inspect, dead, schedule, repair and config,
+and conformance (the worker conformance kit)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from conveyor.values import from_value, seconds_of
 from conveyor.worker import DEFAULT_PREFETCH
 
 from . import cli_output as out
-from . import logs
+from . import conformance, logs
 from .app import ConveyorServer
 from .cli_workflow import is_workflow_id, workflow_json, workflow_text
 from .config import ConfigError, Settings, load_settings, with_data_dir
@@ -763,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits_commands.add_parser("list", help="every limit in force")
     limits_delete = limits_commands.add_parser("delete", help="remove a task name's stored limit")
     limits_delete.add_argument("name")
+    conformance.add_parser(commands)
     _accept_global_options_everywhere(parser)
     return parser
 
@@ -810,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _worker(args)
+        if args.command == "conformance":
+            return conformance.command(args)
         handler = {
             "serve": _serve, "submit": _submit, "get": _get, "watch": _watch, "cancel": _cancel,
             "repair": _repair, "tasks": _tasks, "limits": _limits, "config": _config,

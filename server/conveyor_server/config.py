@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,11 @@ class Limits:
     max_workflow_tasks: int = 10_000
     # Nesting of chains, groups and chords.
     max_workflow_depth: int = 32
+    # Tasks in one streamed submission (SubmitStream: a group sent in pieces), which the
+    # receiving server holds in memory until its commit.
+    max_stream_tasks: int = 200_000
+    # A SubmitStream that sends nothing for this long is ended (and nothing of it is submitted).
+    stream_idle_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class QueueLimit:
 
     # Most ready tasks the queue holds before submit answers RESOURCE_EXHAUSTED (0: no limit).
     max_depth: int = 0
+    # Longest a task may have waited in the queue, ready to run, before submit answers
+    # RESOURCE_EXHAUSTED (0: no limit).
+    max_age_seconds: float = 0.0
 
 
 ROLES = ("client", "worker", "admin", "viewer")
@@ -190,7 +199,8 @@ def _tokens(name: str, raw: Any) -> tuple[Token, ...]:
 
 
 def _queue_limits(name: str, raw: Any) -> dict[str, QueueLimit]:
-    """A mapping of queue -> {max_depth: N} (YAML), or that mapping in JSON (environment)."""
+    """A mapping of queue -> {max_depth: N, max_age_seconds: S} (YAML), or that mapping in JSON
+    (environment)."""
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -205,6 +215,9 @@ def _queue_limits(name: str, raw: Any) -> dict[str, QueueLimit]:
         limit = _apply(QueueLimit(), values, f"{name}.{queue}")
         if limit.max_depth < 0:
             raise ConfigError(f"{name}.{queue}.max_depth must be 0 (no limit) or more, got {limit.max_depth}")
+        if not 0 <= limit.max_age_seconds < math.inf:
+            raise ConfigError(f"{name}.{queue}.max_age_seconds must be 0 (no limit) or more seconds, "
+                              f"got {limit.max_age_seconds}")
         limits[str(queue)] = limit
     return limits
 

@@ -75,10 +75,13 @@ limits:
   max_args_bytes: 1048576        # encoded args + kwargs of one signature
   max_workflow_tasks: 10000      # tasks in one submission
   max_workflow_depth: 32         # nesting of chains, groups and chords
+  max_stream_tasks: 200000       # tasks in one streamed submission (a group sent in pieces)
+  stream_idle_seconds: 60        # a streamed submission silent this long is dropped
 
-# Admission limits per queue: submits past max_depth ready tasks get RESOURCE_EXHAUSTED.
+# Admission limits per queue: submits past max_depth ready tasks, or once a ready task has
+# waited over max_age_seconds, get RESOURCE_EXHAUSTED.
 queue_limits: {}
-#   emails: {max_depth: 100000}
+#   emails: {max_depth: 100000, max_age_seconds: 300}
 
 # Rate limits by task name, applied at dispatch ("<count>/s", "/m" or "/h", or a mapping).
 rate_limits: {}

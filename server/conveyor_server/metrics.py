@@ -17,6 +17,9 @@ from conveyor.values import seconds_of
 from .brokers.base import Broker
 from .core.sessions import SessionRegistry
 
+# The state key of an attempt that ended by asking to be replaced (no TaskState says it).
+REPLACED_KEY = -1
+
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
@@ -54,10 +57,13 @@ class ServerMetrics:
 
     def attempt_ended(self, record: records_pb2.TaskRecord) -> None:
         result = record.result
-        outcome = self._outcome_of.get((result.name, result.state))
+        # An attempt that asked to be replaced ends "replaced" (its task waits for the replacement).
+        key = (result.name, REPLACED_KEY if record.replaced_by and not result.HasField("finished_at") else result.state)
+        outcome = self._outcome_of.get(key)
         if outcome is None:
-            state = result_pb2.TaskState.Name(result.state).removeprefix("TASK_STATE_").lower()
-            outcome = self._outcome_of[(result.name, result.state)] = self.outcomes.labels(result.name, state)
+            state = "replaced" if key[1] == REPLACED_KEY else result_pb2.TaskState.Name(result.state)
+            state = state.removeprefix("TASK_STATE_").lower()
+            outcome = self._outcome_of[key] = self.outcomes.labels(result.name, state)
         outcome.inc()
         timings = self._timings_of.get(result.name)
         if timings is None:

@@ -8,12 +8,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .redis_cluster import is_cluster_url
+
 MAX_CONNECTIONS = 256
 # How long an operation may wait for a free connection before it fails.
 WAIT_SECONDS = 30.0
 
 
 def open_redis(url: str, **options: Any) -> aioredis.Redis:
+    if is_cluster_url(url):  # redis-py would take `cluster=1` for a connection option
+        raise ValueError(f"{url!r} is a Redis Cluster URL: open it with redis_cluster.open_redis_cluster")
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=WAIT_SECONDS, **options
     )

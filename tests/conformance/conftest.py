@@ -18,9 +18,12 @@ from conveyor_server.brokers.base import Broker
 from conveyor_server.engines import open_backend, open_broker
 
 # sqs runs on moto with receives serialised; sqs_racy without (duplicate deliveries, as real SQS
-# standard queues have); sqs_fifo and sqs_bands10 with the URL options fifo=1 and bands=10.
-BROKER_ENGINES = ["memory", "sqlite", "redis", "amqp", "sqs", "sqs_racy", "sqs_fifo", "sqs_bands10"]
-BACKEND_ENGINES = ["memory", "sqlite", "redis", "mongodb", "memcached"]
+# standard queues have); sqs_fifo and sqs_bands10 with the URL options fifo=1 and bands=10;
+# redis_cluster on a three-master Redis Cluster started on loopback (tests/fixtures/redis_cluster.py).
+BROKER_ENGINES = [
+    "memory", "sqlite", "redis", "redis_cluster", "amqp", "sqs", "sqs_racy", "sqs_fifo", "sqs_bands10",
+]
+BACKEND_ENGINES = ["memory", "sqlite", "redis", "redis_cluster", "mongodb", "memcached"]
 
 
 def _engine_url(request: pytest.FixtureRequest, fixture_name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 
-from conveyor_server.backends.base import Backend, Update, Versioned
+from conveyor_server.backends.base import MEMBER_CHUNK, Backend, Update, Versioned
 from conveyor_server.backends.memcached import MemcachedBackend
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.backends.mongodb import MongoBackend
@@ -425,6 +425,108 @@ async def test_member_counts_stay_exact_across_instances(shared_backend_url: str
         await second.close()
 
 
+async def test_a_batch_of_members_is_added_as_one_at_a_time_would_be(backend: Backend, prefix: str) -> None:
+    group = prefix + "group"
+    assert await backend.add_members(group, {}) == 0
+    assert await backend.members(group) == {}
+
+    assert await backend.add_member(group, "a", b"first-a") == 1
+    # A member already in keeps its first payload and counts once, whether added alone or in a batch.
+    assert await backend.add_members(group, {"a": b"ignored", "b": b"first-b", "c": b"first-c"}) == 3
+    assert await backend.add_members(group, {"c": b"ignored", "b": b"ignored"}) == 3
+    assert await backend.add_member(group, "b", b"ignored") == 3
+    assert await backend.add_member(group, "d", b"first-d") == 4
+    assert await backend.add_members(group, {"e": b"first-e", "d": b"ignored"}) == 5
+    assert await backend.members(group) == {name: f"first-{name}".encode() for name in "abcde"}
+
+
+async def test_a_batch_removal_forgets_its_members_and_ignores_absent_ones(backend: Backend, prefix: str) -> None:
+    group = prefix + "group"
+    await backend.remove_members(prefix + "no-such-group", ["a"])
+    assert await backend.members(prefix + "no-such-group") == {}
+    await backend.add_members(group, {name: name.encode() for name in "abcde"})
+
+    await backend.remove_members(group, ["b", "never-added", "d", "b"])
+    await backend.remove_members(group, [])
+    assert await backend.members(group) == {"a": b"a", "c": b"c", "e": b"e"}
+    # Counts stay exact: a duplicate adds nothing, a removed member comes back as a new one.
+    assert await backend.add_member(group, "a", b"again") == 3
+    assert await backend.add_members(group, {"b": b"back", "c": b"again"}) == 4
+    assert await backend.members(group) == {"a": b"a", "b": b"back", "c": b"c", "e": b"e"}
+
+    await backend.remove_members(group, ["a", "b", "c", "e"])
+    assert await backend.members(group) == {}
+    assert await backend.add_member(group, "z", b"z") == 1
+
+
+async def test_batches_larger_than_a_chunk_are_added_and_removed_whole(backend: Backend, prefix: str) -> None:
+    group = prefix + "group"
+    names = [f"task-{i:05}" for i in range(2 * MEMBER_CHUNK + 234)]
+    assert await backend.add_member(group, names[700], b"first") == 1
+
+    assert await backend.add_members(group, {name: name.encode() for name in names}) == len(names)
+    found = await backend.members(group)
+    assert sorted(found) == names
+    assert found[names[700]] == b"first"
+
+    await backend.remove_members(group, [*names[: MEMBER_CHUNK + 100], "absent"])
+    left = names[MEMBER_CHUNK + 100 :]
+    assert list(await backend.members(group)) == left
+    assert await backend.add_member(group, left[0], b"again") == len(left)
+
+
+async def test_kept_batches_outlive_the_ttl_until_an_expiring_batch(backend_url: str, prefix: str) -> None:
+    async with short_lived(backend_url) as engine:
+        group, expiring = prefix + "group", prefix + "expiring"
+        assert await engine.add_members(group, {"m1": b"p1", "m2": b"p2"}, keep=True) == 2
+        await engine.insert({expiring: b"result"})
+
+        async def expiring_gone() -> bool:
+            return not await engine.get([expiring])
+
+        assert await eventually(expiring_gone)
+        assert await engine.members(group) == {"m1": b"p1", "m2": b"p2"}
+        # A batch of members already in is a write too: the group now expires.
+        assert await engine.add_members(group, {"m2": b"ignored"}) == 2
+
+        async def group_gone() -> bool:
+            return not await engine.members(group)
+
+        assert await eventually(group_gone)
+
+
+async def test_member_counts_stay_exact_under_concurrent_batches_across_instances(
+    shared_backend_url: str, prefix: str
+) -> None:
+    first, second = open_backend(shared_backend_url), open_backend(shared_backend_url)
+    await first.connect()
+    await second.connect()
+    try:
+        group = prefix + "group"
+        names = [f"m{i:02}" for i in range(60)]
+        # Overlapping batches of 20 from both instances at once, single adds among them.
+        batches = [dict.fromkeys(names[start : start + 20], b"p") for start in range(0, 60, 10)]
+        counts = await asyncio.gather(
+            *((first, second)[i % 2].add_members(group, batch) for i, batch in enumerate(batches)),
+            *((second, first)[i % 2].add_member(group, name, b"p") for i, name in enumerate(names[::7])),
+        )
+        assert max(counts) == 60
+        assert all(1 <= count <= 60 for count in counts)
+        assert await first.add_members(group, {"m00": b"p", "extra": b"p"}) == 61
+
+        # Overlapping removals from both at once, and adds: 61 - 50 + 5.
+        await asyncio.gather(
+            first.remove_members(group, names[:40]),
+            second.remove_members(group, names[20:50]),
+            second.add_members(group, {f"n{i}": b"p" for i in range(5)}),
+        )
+        assert await second.add_member(group, "extra", b"p") == 16
+        assert sorted(await first.members(group)) == sorted([*names[50:], "extra", *(f"n{i}" for i in range(5))])
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_redis_gives_up_on_a_silent_peer(prefix: str) -> None:
     """A peer that accepts and never answers (a dead host behind a live TCP stack) fails a call
     within the socket timeout instead of hanging it, and the timeout comes from the URL."""
@@ -479,6 +581,38 @@ async def test_mongodb_counts_stay_exact_when_a_replica_dies_between_its_writes(
 
 
 # -- upgrades: groups written by the previous layout of each engine are read by the new one ----
+
+
+@pytest.mark.parametrize("order", [["m1", "m3", "m0", "m2"], ["m0", "m1", "m2", "m3"]])
+async def test_mongodb_counts_stay_exact_when_another_replica_removes_part_of_a_batch_first(
+    mongodb_backend_url: str, prefix: str, order: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch removal reads which members are in, then numbers their holes in one bulk write. Another
+    replica removing some of them in between must leave neither a lost nor a double count."""
+    engine, other = MongoBackend.from_url(mongodb_backend_url), MongoBackend.from_url(mongodb_backend_url)
+    await engine.connect()
+    await other.connect()
+    group = prefix + "group"
+    read_present = engine._present
+
+    async def then_other_removes(group: str, gen: str, names: Collection[str]) -> set[str]:
+        found = await read_present(group, gen, names)
+        monkeypatch.setattr(engine, "_present", read_present)  # once
+        await other.remove_members(group, ["m1", "m3"])
+        return found
+
+    try:
+        assert await engine.add_members(group, {f"m{i}": b"p" for i in range(6)}) == 6
+        monkeypatch.setattr(engine, "_present", then_other_removes)
+        await engine.remove_members(group, order)
+        assert await engine.members(group) == {"m4": b"p", "m5": b"p"}
+        assert await other.add_member(group, "m4", b"again") == 2
+        await other.remove_member(group, "m5")
+        assert await engine.add_member(group, "m6", b"p") == 2
+    finally:
+        await engine.expire(groups=[group])
+        await engine.close()
+        await other.close()
 
 
 async def test_sqlite_migrates_groups_of_the_old_layout(tmp_path: Path) -> None:

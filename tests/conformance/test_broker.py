@@ -441,7 +441,7 @@ async def test_redis_connections_have_socket_timeouts(redis_parts: tuple[str, st
     broker = RedisBroker.from_url(url)
     await broker.connect()
     try:
-        options = broker._redis.connection_pool.connection_kwargs
+        options = broker._redis.connection_pool.connection_kwargs  # type: ignore[union-attr]  # not a cluster
         assert options["socket_timeout"] == SOCKET_TIMEOUT_SECONDS
         assert options["socket_connect_timeout"] == SOCKET_CONNECT_TIMEOUT_SECONDS
         # The longest read this broker makes waits less than the socket timeout allows.

@@ -107,6 +107,12 @@ def test_queue_limits_come_from_the_environment_and_bad_ones_are_refused() -> No
         load_settings(environ={"CONVEYOR_QUEUE_LIMITS": '{"emails": {"max_depth": -1}}'})
     with pytest.raises(ConfigError, match="unknown setting 'depth'"):
         load_settings(environ={"CONVEYOR_QUEUE_LIMITS": '{"emails": {"depth": 1}}'})
+    aged = load_settings(environ={"CONVEYOR_QUEUE_LIMITS": '{"emails": {"max_age_seconds": 300}}'})
+    assert aged.queue_limits == {"emails": QueueLimit(max_age_seconds=300.0)}
+    with pytest.raises(ConfigError, match="max_age_seconds must be 0"):
+        load_settings(environ={"CONVEYOR_QUEUE_LIMITS": '{"emails": {"max_age_seconds": -1}}'})
+    with pytest.raises(ConfigError, match="expects float"):
+        load_settings(environ={"CONVEYOR_QUEUE_LIMITS": '{"emails": {"max_age_seconds": "5m"}}'})
 
 
 def token(name: str, role: str, queues: tuple[str, ...]) -> Token:

@@ -18,7 +18,6 @@ accepted task still reaches SUCCESS and every chord callback runs exactly once.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 from tests.faults.harness import Load, Rig, Run, Scenario, blocking, run_scenario
 from tests.faults.load import ExecutionLog
 from tests.faults.row import Row
+from tests.faults.scenarios import republished_by_repair
 from tests.fixtures.rabbitmq_node import RabbitNode
 from tests.support.processes import Proc, Server
 
@@ -47,7 +47,6 @@ LOAD = Load(tasks=1000, chords=5, members=10, task_seconds=0.1, submit_seconds=6
             stuck_after_seconds=90.0)
 # The repair of lost messages acts after 3 s without a sign of life (the rig's servers heartbeat every 0.5 s).
 QUICK_REPAIR_SECONDS = "3"
-REPAIRED = re.compile(r"repair of lost messages: republished (\d+) tasks")
 
 
 class RabbitRestart(Scenario):
@@ -197,7 +196,7 @@ async def test_a_rabbitmq_queue_deleted_mid_load_is_repaired_and_loses_nothing(
     scenario = RabbitQueueDeleted(rabbitmq_node)
     row: Row = await run_scenario(scenario, tmp_path, LOAD, procs=procs)
     assert scenario.server is not None
-    republished = sum(int(n) for n in REPAIRED.findall(scenario.server.output()))
+    republished = republished_by_repair(scenario.server.output())
     report = row.report()
     print(f"\n{scenario.description}\n{report}\nthe repair republished {republished} tasks")
 

@@ -3,7 +3,8 @@
 translated to Conveyor's SDK and run end to end (a server and a worker process) on SQLite and on
 Redis (broker and backend, with a key prefix of their own).
 
-Task replacement and priorities are left out (not built yet); map, starmap and chunks come last.
+Task replacement is in test_replace.py, priorities are left out (not built yet); map, starmap and
+chunks come last.
 Where Conveyor differs from Celery on purpose, the test says so and docs/canvas.md lists it: nested groups keep
 their nesting (Celery flattens a group that is a group's only content), a failed chain step
 cancels the steps after it, a group's error callback runs once unless `per_member=True`, and a

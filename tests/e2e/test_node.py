@@ -156,6 +156,15 @@ async def test_values_and_headers_cross_unchanged(client: Client, node_worker: N
     assert headers["traceparent"] == traceparent and headers["x-tenant"] == "acme"
 
 
+async def test_a_node_task_replaced_by_a_chain_gives_its_value_to_the_next_step(
+    client: Client, node_worker: NodeWorker
+) -> None:
+    """ctx.replace(chain(node.mul(3, 4), node.add(1))): the caller sees 13, and a chain goes on with it."""
+    assert await client.result((await client.submit(on_node("node.replace", 3, 4))).task_id, wait=30) == 13
+    submitted = await client.submit(chain(on_node("node.replace", 2, 5), on_node("node.add", 100)))
+    assert await client.result(submitted, wait=30) == 111
+
+
 async def test_node_worker_stops_gracefully(client: Client, node_worker: NodeWorker) -> None:
     submitted = await client.submit(on_node("node.sleep", 1.5))
     await states_until(client, submitted.task_id, "STARTED")

@@ -16,16 +16,13 @@ moto (in a process of its own, on a port of its own) and a Redis backend (a pref
 from __future__ import annotations
 
 import asyncio
-import importlib
 import re
 import statistics
-import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -39,14 +36,15 @@ from conveyor.v1 import (
     task_service_pb2,
     task_service_pb2_grpc,
 )
-from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, port_open, with_prefix
+from tests.faults.scenarios import republished_by_repair
+from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, with_prefix
+from tests.fixtures.moto_process import QUICK_REPAIR_ENV, MotoProcess
 from tests.support.processes import (
     RUN_ID,
     Proc,
     Server,
     WorkerProc,
     eventually,
-    free_port,
     log_lines,
     wait_for,
     wait_for_workers,
@@ -69,48 +67,7 @@ FINISH_SECONDS = 60.0
 REPAIR_SECONDS = 90.0
 # Late duplicates (a callback run twice) would show up within this long.
 SETTLE_SECONDS = 2.0
-# The server's own settings, but a quicker repair of failed publishes and of lost messages (which
-# needs heartbeats more often than every half repair_after).
-SERVER_ENV = {"CONVEYOR_RECONCILE_INTERVAL_SECONDS": "1", "CONVEYOR_REPAIR_AFTER_SECONDS": "4",
-              "CONVEYOR_HEARTBEAT_INTERVAL_SECONDS": "1"}
-REPAIRED = re.compile(r"repair of lost messages: republished (\d+) tasks")
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
-
-MOTO = ("import sys, threading; from tests.fixtures.broker_services import start_moto; "
-        "start_moto(int(sys.argv[1])); threading.Event().wait()")
-
-
-class Moto:
-    """moto's SQS (patched as the tests patch it) in a process of its own, on a port it keeps
-    across restarts. moto holds its queues in memory: a restart loses them."""
-
-    def __init__(self, log_dir: Path, procs: list[Proc]) -> None:
-        self.log_dir = log_dir
-        self.procs = procs
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: Proc | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = Proc([sys.executable, "-c", MOTO, str(self.port)], self.log_dir / f"moto-{self.starts}.log")
-        self.procs.append(self.proc)
-        wait_for(lambda: port_open(self.port) or not self.proc or not self.proc.alive(), 60, "moto listening")
-        assert self.proc.alive(), self.proc.output()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill9()
-        self.proc.stop()
-
-    def queue_names(self, prefix: str) -> list[str]:
-        boto3: Any = importlib.import_module("boto3")  # untyped
-        client = boto3.client("sqs", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        urls = client.list_queues(QueueNamePrefix=prefix).get("QueueUrls", [])
-        return sorted(str(url).rsplit("/", 1)[-1] for url in urls)
-
 
 @pytest.fixture
 def prefix(procs: list[Proc]) -> Iterator[str]:
@@ -123,14 +80,10 @@ def prefix(procs: list[Proc]) -> Iterator[str]:
 
 
 @pytest.fixture
-def moto(tmp_path: Path, procs: list[Proc]) -> Moto:
-    started = Moto(tmp_path, procs)
+def moto(tmp_path: Path, procs: list[Proc]) -> MotoProcess:
+    started = MotoProcess(tmp_path, procs)
     started.start()
     return started
-
-
-def broker_url(moto: Moto, prefix: str) -> str:
-    return f"sqs://?endpoint={moto.endpoint}&region=us-east-1&prefix={prefix}"
 
 
 class Calls:
@@ -194,11 +147,11 @@ async def all_succeed(client: Client, task_ids: list[str], seconds: float) -> No
 
 
 async def test_sqs_queues_lost_in_an_outage_are_created_again_and_work_resumes(
-    tmp_path: Path, procs: list[Proc], moto: Moto, prefix: str
+    tmp_path: Path, procs: list[Proc], moto: MotoProcess, prefix: str
 ) -> None:
     log_file = tmp_path / "events.log"
     log_file.touch()
-    server = Server(tmp_path, broker_url(moto, prefix), with_prefix(ensure_redis(), prefix), env=SERVER_ENV,
+    server = Server(tmp_path, moto.broker_url(prefix), with_prefix(ensure_redis(), prefix), env=QUICK_REPAIR_ENV,
                     wait=False)
     procs.append(server)
     server.wait_ready()
@@ -250,7 +203,7 @@ async def test_sqs_queues_lost_in_an_outage_are_created_again_and_work_resumes(
         callbacks = await states(client, callback_ids)
 
     summary = Counter(final.values())
-    republished = sum(int(n) for n in REPAIRED.findall(server.output()))
+    republished = republished_by_repair(server.output())
     collected = Counter(line.split(" ")[1] for line in log_lines(log_file, "collect "))
     runs = Counter(Counter(line.split(" ")[1] for line in log_lines(log_file, "chaos ")).values())
     print(f"outage {OUTAGE_SECONDS:.0f} s after {ran_by_then} of {TASKS} tasks ran; work resumed {resumed:.2f} s "
@@ -280,10 +233,10 @@ def worker_id(worker: WorkerProc) -> str:
 
 
 async def test_sqs_a_killed_workers_tasks_are_dispatched_again_within_seconds(
-    tmp_path: Path, procs: list[Proc], moto: Moto, prefix: str
+    tmp_path: Path, procs: list[Proc], moto: MotoProcess, prefix: str
 ) -> None:
     # The server's defaults: a 30 s lease, heartbeats every 5 s, a 2 s grace after a stream drops.
-    server = Server(tmp_path, broker_url(moto, prefix), with_prefix(ensure_redis(), prefix), wait=False)
+    server = Server(tmp_path, moto.broker_url(prefix), with_prefix(ensure_redis(), prefix), wait=False)
     procs.append(server)
     server.wait_ready()
     log_file = tmp_path / "events.log"

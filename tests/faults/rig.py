@@ -1,4 +1,5 @@
-"""What a fault scenario starts: private redis-servers, nx-27017 and memcached servers, TCP proxies,
+"""What a fault scenario starts: private redis-servers, nx-27017 and memcached servers, a private RabbitMQ node,
+a moto (SQS) process, TCP proxies,
 `conveyor serve` replicas and `conveyor worker` processes; `Rig.close()` stops all of it whatever happened.
 
 Servers run with FAST_RECOVERY (short leases and graces, tests/chaos/conftest.py). Set CONVEYOR_FAULTS_CODE to
@@ -21,6 +22,8 @@ from urllib.parse import urlsplit
 from tests.chaos.conftest import FAST_RECOVERY
 from tests.faults.load import Load
 from tests.fixtures.backend_services import Service, start_memcached, start_nx27017
+from tests.fixtures.moto_process import MotoProcess
+from tests.fixtures.rabbitmq_node import RabbitNode
 from tests.support.processes import Proc, Server, WorkerProc, wait_for_workers
 from tests.support.proxy import TcpProxy
 from tests.support.redis_server import RedisServer
@@ -113,6 +116,7 @@ class Rig:
         self.log_path.touch()
         self.redises: list[RedisServer] = []
         self.engines: list[EngineProcess] = []
+        self.brokers: list[RabbitNode | MotoProcess] = []
         self.proxies: list[TcpProxy] = []
         self.servers: list[Server] = []
         self.workers: list[WorkerProc] = []
@@ -136,6 +140,21 @@ class Rig:
         directory = self.workdir / name
         directory.mkdir()
         return self._engine(lambda port: start_memcached(log_dir=directory, port=port))
+
+    def rabbitmq_node(self, name: str) -> RabbitNode:
+        """A started private RabbitMQ node on ports of its own (never the shared one on 5672)."""
+        node = RabbitNode(self.workdir / name)
+        self.brokers.append(node)
+        return node.start()
+
+    def moto(self, name: str) -> MotoProcess:
+        """A started moto (SQS) in a process of its own, on a port it keeps across restarts."""
+        directory = self.workdir / name
+        directory.mkdir()
+        moto = MotoProcess(directory, self.procs)
+        self.brokers.append(moto)
+        moto.start()
+        return moto
 
     def _engine(self, start: Callable[[int | None], Service]) -> EngineProcess:
         engine = EngineProcess(start)
@@ -195,6 +214,9 @@ class Rig:
             redis.stop(signal.SIGKILL)
         for engine in self.engines:
             engine.close()
+        for broker in self.brokers:
+            with contextlib.suppress(Exception):
+                broker.close()
 
     def server_log_excerpt(self, limit: int = 8) -> list[str]:
         """Distinct warning/error lines of every server log (timestamps cut), most frequent first."""

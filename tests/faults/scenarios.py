@@ -16,6 +16,10 @@ touches the shared Redis or RabbitMQ, and a crash of ours cannot hurt another te
 - redis-backend-10s / mongodb-backend-10s / memcached-backend-10s: 1 server; the broker on a private Redis that
   stays up, the backend on its own engine, out for 10 s while chords complete (see BackendOutage for how each
   engine is stopped).
+- rabbitmq-10s / sqs-10s: 1 server; the broker on its own engine (a private RabbitMQ node on ports of its own, or
+  moto in a process of its own), the backend on a private Redis that stays up; the broker out for 10 s mid-load
+  (see BrokerOutage: the node stopped and started again; moto killed and restarted, its queues lost, so the servers
+  run with a quick repair of lost messages).
 - sqlite-lock: 2 replicas on the embedded default (one SQLite file, broker and backend); another connection
   holds the file's write lock (BEGIN EXCLUSIVE) for 3 s.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -36,6 +41,7 @@ import grpc
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 from tests.faults.harness import Load, Rig, Run, Scenario, blocking, outage
 from tests.faults.rig import EngineProcess
+from tests.fixtures.moto_process import QUICK_REPAIR_ENV
 from tests.support.processes import Server
 from tests.support.redis_server import RedisServer
 from tests.support.sqlite_lock import SqliteWriteLock
@@ -45,8 +51,16 @@ OUTAGE_SECONDS = 3.0
 ENGINE_OUTAGE_SECONDS = 10.0
 # The embedded default's: its file locked this long.
 SQLITE_LOCK_SECONDS = 3.0
+# What a server logs when its repair of lost messages republished tasks, and when it finds its SQS queues gone.
+REPAIRED = re.compile(r"repair of lost messages: republished (\d+) tasks")
+QUEUES_RECREATED = "creating them again"
 # How long a fault waits for its moment (so much submitted, so much run) before giving up.
 TRIGGER_SECONDS = 30.0
+
+
+def republished_by_repair(server_output: str) -> int:
+    """Tasks a server's repair of lost messages republished, from its log."""
+    return sum(int(n) for n in REPAIRED.findall(server_output))
 
 
 def _one_redis(rig: Rig) -> RedisServer:
@@ -322,6 +336,86 @@ class BackendOutage(Scenario):
         await outage(run, self.description, self.down, self.up, self.down_seconds)
 
 
+class BrokerOutage(Scenario):
+    """The broker alone is out for 10 s mid-load; the backend, a private Redis, stays up (RabbitMQ and SQS are
+    brokers only).
+
+    - rabbitmq: a private RabbitMQ node (tests/fixtures/rabbitmq_node.py: its own name, ports and epmd; the shared
+      node on 5672 is never touched) stopped gracefully, started again after 10 s on its data (durable queues and
+      persistent messages survive). Its boot takes several seconds more; the outage ends when it answers AMQP.
+    - sqs: moto in a process of its own (tests/fixtures/moto_process.py) killed and, after 10 s, started again on
+      its port. moto keeps its queues in memory, so they are gone: the server creates them again, and what they
+      held comes back through the repair of lost messages, which the server runs with QUICK_REPAIR_ENV (repair
+      after 4 s, not the default of a few lease lengths); the row's outage says so.
+    """
+
+    ENGINES = ("rabbitmq", "sqs")
+    # moto (one Python process, its receives serialised) runs some 90 ids a second here, not the 200 a second the
+    # default load submits, and what was accepted during the outage reaches it in one burst when it is back: at
+    # 100 ids a second that burst (~1,000 messages) held its first receives up 3 s. The load is spread out to half
+    # that pace (and given longer to finish), so that the run measures the outage, not moto's backlog.
+    MOTO_IDS_PER_SECOND = 50.0
+    # The node's boot (10-25 s on the machines measured) adds to the outage: submits keep retrying through it.
+    RABBITMQ_GIVE_UP_SECONDS = 90.0
+
+    def __init__(self, engine: str, down_seconds: float = ENGINE_OUTAGE_SECONDS, at_fraction: float = 0.35) -> None:
+        if engine not in self.ENGINES:
+            raise ValueError(f"broker engine: one of {self.ENGINES}, not {engine!r}")
+        self.broker = engine
+        self.down_seconds = down_seconds
+        self.at_fraction = at_fraction
+        self.name = f"{engine}-{down_seconds:.0f}s"
+        self.engine = f"{engine} broker (backend: redis)"
+        if engine == "rabbitmq":
+            self.description = f"the broker's own RabbitMQ node stopped mid-load, started again after {down_seconds} s"
+            self.outage = f"node stopped, started again after {down_seconds:.0f} s"
+        else:
+            self.description = (f"the broker's moto (SQS) killed mid-load, restarted after {down_seconds} s without "
+                                "its queues")
+            self.outage = (f"SIGKILL, restarted after {down_seconds:.0f} s, queues lost "
+                           f"(server: repair_after {QUICK_REPAIR_ENV['CONVEYOR_REPAIR_AFTER_SECONDS']} s)")
+        self.server_env: dict[str, str] = QUICK_REPAIR_ENV if engine == "sqs" else {}
+        self.down: Callable[[], object] = lambda: None
+        self.up: Callable[[], object] = lambda: None
+        self.server: Server | None = None
+
+    def republished(self) -> int:
+        """Tasks the server's repair of lost messages republished (from its log)."""
+        assert self.server is not None
+        return republished_by_repair(self.server.output())
+
+    def queues_recreated(self) -> bool:
+        assert self.server is not None
+        return QUEUES_RECREATED in self.server.output()
+
+    def tune(self, load: Load) -> Load:
+        if self.broker == "rabbitmq":
+            return dataclasses.replace(
+                load, submit_give_up_seconds=max(load.submit_give_up_seconds, self.RABBITMQ_GIVE_UP_SECONDS),
+                stuck_after_seconds=max(load.stuck_after_seconds, 60.0))
+        ids = load.tasks + load.chords * (load.members + 1)
+        return dataclasses.replace(load, submit_seconds=max(load.submit_seconds, ids / self.MOTO_IDS_PER_SECOND),
+                                   stuck_after_seconds=max(load.stuck_after_seconds, 90.0))
+
+    def setup(self, rig: Rig) -> None:
+        backend = rig.redis("backend-redis").url(prefix=rig.prefix("r"))
+        self.server = _serve_on(rig, self._broker(rig), backend, rig.load.workers, env=self.server_env)
+
+    def _broker(self, rig: Rig) -> str:
+        """Start the broker engine; set `down` and `up`; return the server's broker URL."""
+        if self.broker == "rabbitmq":
+            node = rig.rabbitmq_node("broker-rabbitmq")
+            self.down, self.up = node.stop, node.start
+            return f"{node.url}?prefix={rig.prefix('q')}"
+        moto = rig.moto("broker-moto")
+        self.down, self.up = moto.kill, moto.start
+        return moto.broker_url(rig.prefix("q"))
+
+    async def inject(self, run: Run) -> None:
+        await run.until(lambda: run.submitted_fraction >= self.at_fraction, TRIGGER_SECONDS, "load submitted")
+        await outage(run, self.description, self.down, self.up, self.down_seconds)
+
+
 class SqliteLock(Scenario):
     """The embedded default (one SQLite file, broker and backend) locked for 3 s mid-load: another connection
     holds `BEGIN EXCLUSIVE`, as a backup tool or a stray `sqlite3` shell would. Two replicas share the file, as
@@ -371,4 +465,6 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "mongodb-backend-10s": lambda: BackendOutage("mongodb"),
     "memcached-backend-10s": lambda: BackendOutage("memcached"),
     "sqlite-lock": SqliteLock,
+    "rabbitmq-10s": lambda: BrokerOutage("rabbitmq"),
+    "sqs-10s": lambda: BrokerOutage("sqs"),
 }

@@ -12,7 +12,7 @@ from conveyor_server.backends._common import split_prefix
 from tests.fixtures.broker_services import with_prefix
 
 # Engines that keep a task index; memcached cannot (tested apart).
-LISTING_ENGINES = ["memory", "sqlite", "redis", "mongodb"]
+LISTING_ENGINES = ["memory", "sqlite", "redis", "redis_cluster", "mongodb"]
 
 
 def own_prefix(url: str) -> str:

@@ -17,15 +17,17 @@ from conveyor_server.backends.base import Backend
 from conveyor_server.backends.memory_task_index import MemoryTaskIndex
 from conveyor_server.backends.task_index import IndexEntry, ListsTasks, TaskIndex, TaskQuery
 from conveyor_server.core.errors import InvalidArgument
-from conveyor_server.core.records import S, new_record, transition
+from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.store import TaskStore
 from conveyor_server.core.task_index import ListingUnsupported, TaskIndexer
 from conveyor_server.engines import open_backend
 from tests.http.conftest import own_prefix
 from tests.support.processes import eventually
 
-PENDING, STARTED, SUCCESS, FAILURE = S.TASK_STATE_PENDING, S.TASK_STATE_STARTED, S.TASK_STATE_SUCCESS, \
-    S.TASK_STATE_FAILURE
+PENDING, STARTED, SUCCESS, FAILURE = (
+    TaskStates.TASK_STATE_PENDING, TaskStates.TASK_STATE_STARTED, TaskStates.TASK_STATE_SUCCESS,
+    TaskStates.TASK_STATE_FAILURE,
+)
 BASE_US = 1_700_000_000_000_000
 
 
@@ -133,9 +135,8 @@ def record(task_id: str, queue: str, name: str, seconds: int) -> records_pb2.Tas
 
 
 async def test_the_indexer_lists_what_the_store_wrote(backend: Backend) -> None:
-    store = TaskStore(backend)
-    indexer = TaskIndexer.for_backend(store, backend)
-    store.write_hook = indexer.note
+    indexer = TaskIndexer.for_backend(backend)
+    store = TaskStore(backend, write_hook=indexer.note)
     tag = uuid.uuid4().hex[:8]
     queue = f"{tag}-q"
     await store.create([record(f"{tag}-{i}", queue, "add", 1_700_000_000 + i) for i in range(5)])
@@ -161,7 +162,7 @@ async def test_a_stale_entry_is_skipped_and_repaired(backend: Backend) -> None:
     """An index write lost (a crash between the record's write and the flush) shows the record's
     real state, and the entry is written again from it."""
     store = TaskStore(backend)
-    indexer = TaskIndexer.for_backend(store, backend)
+    indexer = TaskIndexer.for_backend(backend)
     tag = uuid.uuid4().hex[:8]
     queue = f"{tag}-q"
     await store.create([record(f"{tag}-0", queue, "add", 1_700_000_000)])
@@ -181,9 +182,8 @@ async def test_a_stale_entry_is_skipped_and_repaired(backend: Backend) -> None:
 
 
 async def test_the_indexer_flushes_by_itself(backend: Backend) -> None:
-    store = TaskStore(backend)
-    indexer = TaskIndexer.for_backend(store, backend)
-    store.write_hook = indexer.note
+    indexer = TaskIndexer.for_backend(backend)
+    store = TaskStore(backend, write_hook=indexer.note)
     flushed: list[int] = []
     indexer.on_flush.append(flushed.append)
     tag = uuid.uuid4().hex[:8]
@@ -196,7 +196,7 @@ async def test_the_indexer_flushes_by_itself(backend: Backend) -> None:
 
 async def test_bad_queries_are_invalid_arguments() -> None:
     backend = open_backend("memory://")
-    indexer = TaskIndexer.for_backend(TaskStore(backend), backend)
+    indexer = TaskIndexer.for_backend(backend)
     with pytest.raises(InvalidArgument, match="page_token"):
         await indexer.find(TaskQuery(), "not a token!")
     with pytest.raises(InvalidArgument, match="states"):
@@ -209,7 +209,7 @@ async def test_bad_queries_are_invalid_arguments() -> None:
 
 async def test_memcached_cannot_list_and_says_so(memcached_backend_url: str) -> None:
     backend = open_backend(own_prefix(memcached_backend_url))
-    indexer = TaskIndexer.for_backend(TaskStore(backend), backend)
+    indexer = TaskIndexer.for_backend(backend)
     assert not indexer.enabled
     with pytest.raises(ListingUnsupported, match="the memcached backend keeps no task index"):
         await indexer.find(TaskQuery())
@@ -240,15 +240,15 @@ class CountingIndex(MemoryTaskIndex):
 async def test_a_task_that_ends_within_the_hold_costs_one_index_write() -> None:
     """Writes of a live task wait HOLD_LIVE_SECONDS: a quick task's states reach the index as one
     entry, its last; a task still live after the hold is written as it stands."""
-    store = TaskStore(open_backend("memory://"))
+    backend = open_backend("memory://")
     index = CountingIndex(60)
-    indexer = TaskIndexer(store, index)
-    store.write_hook = indexer.note
+    indexer = TaskIndexer(backend, index)
+    store = TaskStore(backend, write_hook=indexer.note)
     written = index.written
     await store.create([record("quick", "q", "add", 1_700_000_000), record("slow", "q", "add", 1_700_000_001)])
 
     def finish(task_id: str, rec: records_pb2.TaskRecord) -> bool:
-        transition(rec, S.TASK_STATE_STARTED)
+        transition(rec, TaskStates.TASK_STATE_STARTED)
         if task_id == "quick":
             transition(rec, SUCCESS)
         return True

@@ -277,14 +277,15 @@ class Server(Proc):
 class WorkerProc(Proc):
     def __init__(self, log_dir: Path, address: str, module: str = "tests.e2e.workload",
                  queues: Sequence[str] = ("default",), concurrency: int = 4,
-                 env: dict[str, str] | None = None, name: str = "worker", prefetch: int | None = None) -> None:
+                 env: dict[str, str] | None = None, name: str = "worker", prefetch: int | None = None,
+                 cwd: Path = REPO) -> None:
         argv = [sys.executable, "-m", "conveyor_server.cli", "--address", address, "worker", module,
                 "--concurrency", str(concurrency)]
         if prefetch is not None:
             argv += ["--prefetch", str(prefetch)]
         for queue in queues:
             argv += ["--queue", queue]
-        super().__init__(argv, log_dir / f"{name}-{time.monotonic_ns()}.log", env)
+        super().__init__(argv, log_dir / f"{name}-{time.monotonic_ns()}.log", env, cwd)
 
 
 def connected_workers(address: str) -> int:

@@ -5,7 +5,7 @@ refusal, without a server (a stand-in servicer context)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -105,3 +105,17 @@ async def test_connect_refuses_a_hello_for_queues_a_and_b_with_a_token_for_queue
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "'payroll-worker' may serve queues ['a']" in str(refused.value)
     assert not core.registry.sessions, "no session was opened"
+
+
+async def test_a_session_keeps_its_tokens_queues_for_the_replacements_its_worker_asks_for() -> None:
+    """A worker may replace a task only with tasks for its token's queues (core/replacement.py)."""
+    settings = Settings(broker_url="memory://", backend_url="memory://")
+    core = Core.build(settings, MemoryBroker(), MemoryBackend())
+    servicer = WorkerServicer(core.connections, Authenticator([worker_token(("a", "b"))]))
+    stream = cast(AsyncGenerator[W.ConnectResponse, None],
+                  servicer.Connect(hello(["a"]), cast(Any, StandInContext(bearer()))))
+    welcome = await anext(stream)
+    assert welcome.WhichOneof("message") == "welcome"
+    [session] = list(core.registry.sessions.values())
+    assert session.allowed_queues == ("a", "b")
+    await stream.aclose()

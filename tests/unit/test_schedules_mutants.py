@@ -7,20 +7,20 @@ On the memory engines with an injected clock; races are scripted by a backend wr
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
 from conveyor_server.app import Core
-from conveyor_server.backends.base import Backend, Update, Versioned
+from conveyor_server.backends.base import DEFAULT_TTL_SECONDS, Backend, Update, Versioned
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
 from conveyor_server.core.errors import NotFound
 from conveyor_server.core.pauses import KEEPALIVE_MEMBER, keepalive_interval
+from conveyor_server.core.schedule_records import ScheduleRecord
 from conveyor_server.core.schedules import (
     MAX_FIRES_PER_PASS,
     RUN_ONCE,
@@ -52,6 +52,10 @@ class Interfering:
         self.claimed_inserts = 0
         self.lost_cas = 0
         self.keepalives = 0
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
+        return cls(MemoryBackend.from_url(url, ttl_seconds))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -195,9 +199,9 @@ async def test_a_record_without_a_touched_stamp_counts_as_touched_at_the_epoch(e
     created = await scheduler.create(schedule("yearly", "0 0 1 1 *"))
     key = schedule_key("yearly")
     [found] = (await engines[1].get([key])).values()
-    envelope = json.loads(found.data)
-    del envelope["touched"]
-    assert await engines[1].compare_and_set([Update(key, found.version, json.dumps(envelope).encode())]) == [True]
+    record = ScheduleRecord.FromString(found.data)
+    record.ClearField("touched_at")
+    assert await engines[1].compare_and_set([Update(key, found.version, record.SerializeToString())]) == [True]
     clock.now = keepalive  # exactly one keepalive interval after the epoch
     assert await scheduler.run_due() == []
     assert (await engines[1].get([key]))[key].version == found.version + 2

@@ -16,7 +16,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 from conveyor_server.core import confirmed
-from conveyor_server.core.workflow import WorkflowEngine, combine_members, outcome_of
+from conveyor_server.core.workflow import combine_members, outcome_of
 from tests.unit.replicas import (
     Replicas,
     W,
@@ -78,7 +78,7 @@ async def test_the_engine_starts_a_workflow_step_once_however_often_it_is_asked(
     [response] = await submit(replicas.a, chord([task(task_id="m0")], task(task_id="cb")))
     plan = await replicas.a.store.plan(response.workflow_id)
     assert plan is not None
-    engine = WorkflowEngine(replicas.b.store, replicas.b.connections.dispatcher.followups.publisher)
+    engine = replicas.b.connections.dispatcher.followups.workflow
     await asyncio.gather(engine.start_workflow(plan), engine.start_workflow(plan))
     assert replicas.broker.published["m0"] == 1, "the submit published m0; starting again sends nothing"
 
@@ -258,7 +258,7 @@ def test_combined_members_list_failures_by_index_and_task() -> None:
 async def test_a_task_of_a_workflow_whose_plan_is_gone_is_left_alone(replicas: Replicas) -> None:
     record = records_pb2.TaskRecord(node_id="n1")
     record.result.workflow_id, record.result.task_id = "wf-gone", "t1"
-    engine = WorkflowEngine(replicas.a.store, replicas.a.connections.dispatcher.followups.publisher)
+    engine = replicas.a.connections.dispatcher.followups.workflow
     await engine.on_task_terminal(record)
     assert sum(replicas.broker.published.values()) == 0
 

@@ -1,6 +1,6 @@
 """The workflow engine: the edges mutation testing found unpinned (values into nested nodes,
 failures that stop where they should, records that already ended left alone, repair passes
-through every kind of node, an engine without follow-up hooks).
+through every kind of node, an engine whose follow-up hooks do nothing).
 
 Two replicas over shared memory engines (tests/unit/replicas.py); a repair is provoked as in
 production: a follow-up's publish fails, the finished task's message comes back, and its
@@ -10,7 +10,7 @@ follow-ups run again with `repair=True`.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import pytest
 
@@ -34,7 +34,6 @@ from tests.unit.test_durability import Outage, submit, task
 from tests.unit.test_workflow_engine import WF, args, chain_of, chord_of, flow, group_of, states, step, value
 
 __all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
-S = result_pb2
 
 
 async def version(replicas: Replicas, task_id: str) -> int:
@@ -224,16 +223,32 @@ def test_a_groups_outcome_keeps_each_members_outcome_in_member_order() -> None:
     assert list(combine_members([failed, ok], ["t0", "t1"]).members) == [failed, ok]
 
 
-async def test_an_engine_without_follow_up_hooks_ends_failed_nodes_without_firing_anything(
+class NoFollowUps:
+    """Follow-up hooks that do nothing: what is left is what the engine does by itself."""
+
+    async def after_terminal(self, records: Sequence[records_pb2.TaskRecord], repair: bool = False) -> None:
+        return None
+
+    async def fire_callbacks(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    async def replacement_done(
+        self, plan: records_pb2.WorkflowPlan, outcome: records_pb2.NodeOutcome, repair: bool,
+    ) -> None:
+        return None
+
+
+async def test_an_engine_whose_follow_ups_do_nothing_ends_failed_nodes_without_firing_anything(
     replicas: Replicas,
 ) -> None:
     [chain_flow] = await submit(replicas.a, flow(chain_of(step("a"), step("b"), on_error=[task(name="alert")])))
     await submit(replicas.a, flow(chord_of([step("m0")], step("cb"))))
-    engine = WorkflowEngine(replicas.a.store, replicas.a.connections.dispatcher.followups.publisher)
+    followups = replicas.a.connections.dispatcher.followups
+    engine = WorkflowEngine(followups.store, followups.publisher, followups=NoFollowUps())
     cause = error("Boom", "failed")
 
     def fail(_: str, record: records_pb2.TaskRecord) -> bool:
-        transition(record, S.TASK_STATE_FAILURE, error=cause)
+        transition(record, result_pb2.TASK_STATE_FAILURE, error=cause)
         return True
 
     for task_id in ("a", "m0"):

@@ -4,7 +4,7 @@
 //   node workers/node/example.js --address 127.0.0.1:50051 --queue default
 const { parseArgs } = require('node:util');
 const { setTimeout: sleep } = require('node:timers/promises');
-const { Worker, Retry } = require('./lib');
+const { Worker, Retry, chain, sig } = require('./lib');
 
 const { values: opts } = parseArgs({
   options: {
@@ -40,6 +40,10 @@ worker.task('node.flaky', async (args, kwargs, ctx) => {
 });
 
 worker.task('node.fail', async ([message]) => { throw new TypeError(message || 'boom'); });
+// Replaced by node.mul(x, y) then node.add(.., 1), on this worker's queue (Celery's self.replace).
+worker.task('node.replace', async ([x, y], kwargs, ctx) => ctx.replace(
+  chain(sig('node.mul', [x, y], {}, { queue: ctx.queue }), sig('node.add', [1], {}, { queue: ctx.queue })),
+));
 
 process.on('SIGINT', () => worker.stop());
 process.on('SIGTERM', () => worker.stop());

@@ -25,6 +25,7 @@ from conveyor.errors import (
     Unavailable,
     WorkerLost,
 )
+from conveyor.replacement import replace
 from conveyor.sync import SyncClient, SyncSubmitted
 from conveyor.worker import Worker
 
@@ -61,6 +62,7 @@ __all__ = [
     "chord",
     "current_task",
     "group",
+    "replace",
     "si",
     "sig",
     "state_name",

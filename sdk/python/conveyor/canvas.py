@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
@@ -204,6 +204,11 @@ class Group:
     on_success: tuple[Sig, ...] = ()
     # Run once per failed member, as it fails, with that member's error (Celery's errbacks).
     on_member_error: tuple[Sig, ...] = ()
+    # More members, after `members`, read only when the group is submitted (group(generator)).
+    # At the root of a submit (or as a root chord's header), more than 1,000 of them stream to
+    # the server in pieces, never all held at once; fewer, or anywhere else, they are read into
+    # one message as a list's are. Read once.
+    lazy: Iterable[Canvas] | None = field(default=None, compare=False, repr=False)
 
     def link(self, callback: Sig) -> Group:
         """Run `callback` with the list of results once every member succeeded (Celery's
@@ -221,8 +226,9 @@ class Group:
         return chain(self, other)
 
     def to_proto(self) -> workflow_pb2.Group:
+        members = (*self.members, *(self.lazy or ()))  # a lazy group nested in a canvas is read whole
         return workflow_pb2.Group(
-            members=[m.to_workflow() for m in self.members], on_error=[s.to_proto() for s in self.on_error],
+            members=[m.to_workflow() for m in members], on_error=[s.to_proto() for s in self.on_error],
             on_success=[s.to_proto() for s in self.on_success],
             on_member_error=[s.to_proto() for s in self.on_member_error],
         )
@@ -315,7 +321,12 @@ def chain(*steps: Canvas | Iterable[Canvas]) -> Chain:
 
 
 def group(*members: Canvas | Iterable[Canvas]) -> Group:
-    """Members in parallel; the result is the list of member results in member order."""
+    """Members in parallel; the result is the list of member results in member order.
+
+    One generator (any iterator) is not read here: group(sig("f", i) for i in range(100_000))
+    reads it only when submitted, streaming the members to the server in pieces (see Group.lazy)."""
+    if len(members) == 1 and isinstance(members[0], Iterator):
+        return Group((), lazy=members[0])
     flat: list[Canvas] = []
     for member in members:
         if isinstance(member, Sig | Chain | Group | Chord | Map):
@@ -328,7 +339,8 @@ def group(*members: Canvas | Iterable[Canvas]) -> Group:
 def chord(
     header: Group | Iterable[Canvas], callback: Canvas, failure_policy: Literal["fail", "continue"] = "fail"
 ) -> Chord:
-    """Run `header` (a group), then `callback` once with the list of member results."""
+    """Run `header` (a group), then `callback` once with the list of member results. A generator
+    header is streamed at submit, as group(generator) is."""
     return Chord(header if isinstance(header, Group) else group(header), callback, failure_policy)
 
 

@@ -16,10 +16,11 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.canvas import DEFAULT_CHUNK_SIZE, Canvas, Sig, check_depth
+from conveyor.canvas import DEFAULT_CHUNK_SIZE, Canvas, Chord, Group, Sig, check_depth
 from conveyor.context import running_task_id
 from conveyor.errors import ConveyorError, ResultIgnored, TaskFailed, rpc_failed
 from conveyor.session import Session
+from conveyor.streaming import member_depth, opening, pieces, read_head, streamed_group
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
 from conveyor.values import from_value, set_seconds, to_value, to_value_map
@@ -367,6 +368,10 @@ class Client:
             )
         elif kwargs:
             options = canvas_options(**kwargs)
+        if isinstance(target, Group | Chord) and streamed_group(target) is not None:
+            target = read_head(target)  # a generator of one piece or less goes as a list would
+            if streamed_group(target) is not None:
+                return await self._submit_stream(target, options)
         request = with_task_ids(to_request(target))
         request.strict = self.strict_tasks
         if options is not None:
@@ -380,6 +385,44 @@ class Client:
 
             (submitted,) = await self._submit_retrying(send, [request])
         return submitted
+
+    async def _submit_stream(
+        self, target: Group | Chord, options: task_service_pb2.CanvasOptions | None
+    ) -> Submitted:
+        """Submit a canvas whose root group (or chord header) is lazy and longer than a piece
+        over SubmitStream: the members are read and sent a piece at a time. Not retried (the
+        members were read once); a failure or a cancel mid-way submits nothing. The handle lists
+        no task_ids (there may be very many): watch or read it by its workflow id."""
+        lazy = streamed_group(target)
+        assert lazy is not None and lazy.lazy is not None
+        request = with_task_ids(to_request(opening(target)))
+        request.strict = self.strict_tasks
+        if options is not None:
+            request.options.CopyFrom(options)
+        parent_id = running_task_id()
+
+        def prepare(member: workflow_pb2.Workflow) -> None:
+            for signature in _task_nodes(member):
+                _fill_id(signature, parent_id)
+
+        with tracing.span("submit stream", kind=SpanKind.CLIENT):
+            call = self._stub.SubmitStream(metadata=self._traced_metadata())
+            try:
+                await call.write(task_service_pb2.SubmitStreamRequest(open=request))
+                sent = 0
+                for piece in pieces(lazy.lazy, member_depth(target), prepare):
+                    await call.write(task_service_pb2.SubmitStreamRequest(members=piece))
+                    sent += len(piece.members)
+                commit = task_service_pb2.SubmitStreamCommit(member_count=sent)
+                await call.write(task_service_pb2.SubmitStreamRequest(commit=commit))
+                await call.done_writing()
+                response = await call
+            except grpc.aio.AioRpcError as error:
+                raise rpc_failed(error) from None
+            except BaseException:
+                call.cancel()  # the server drops what it received: nothing is submitted
+                raise
+        return Submitted(response.task_id, response.workflow_id, (), self)
 
     async def submit_batch(self, targets: Iterable[Submittable]) -> list[Submitted]:
         """Submit many in one round trip; all are accepted or none."""

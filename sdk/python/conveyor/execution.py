@@ -12,7 +12,8 @@ from typing import Any
 
 from conveyor.context import TaskContext, bind
 from conveyor.errors import Reject, Retry, TimeLimitExceeded, WorkerLost
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.replacement import Replacement
+from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
 from conveyor.v1 import worker_service_pb2 as w
 from conveyor.values import from_value, set_seconds, to_value
 
@@ -30,6 +31,8 @@ class Ending:
     result: task_pb2.Value | None = None
     error: result_pb2.TaskError | None = None
     retry_delay: float = 0.0
+    # OUTCOME_REPLACED: the canvas that runs in the task's place (conveyor.replace).
+    replacement: workflow_pb2.Workflow | None = None
 
     @property
     def runtime(self) -> float:
@@ -43,6 +46,8 @@ def task_error(exc: BaseException, kind: str | None = None) -> result_pb2.TaskEr
 
 
 def succeeded(value: Any, started_at: float) -> Ending:
+    if isinstance(value, Replacement):  # the task returned replace(canvas)
+        return Ending(w.OUTCOME_REPLACED, started_at, time.time(), replacement=value.workflow)
     try:
         result = to_value(value)
     except Exception as exc:  # an unencodable result fails the task, with the reason
@@ -90,6 +95,8 @@ def to_outcome(assignment: w.Assignment, ending: Ending) -> w.TaskOutcome:
         outcome.error.CopyFrom(ending.error)
     if ending.outcome == w.OUTCOME_RETRY:
         set_seconds(outcome.retry_delay, ending.retry_delay)
+    if ending.replacement is not None:
+        outcome.replacement.CopyFrom(ending.replacement)
     return outcome
 
 

@@ -1,6 +1,7 @@
 """The worker runtime: register tasks with @worker.task, then run() pulls them over one
-bidirectional stream and hands them to its execution pool (conveyor.pools: threads, child
-processes or the event loop), batching results, sending heartbeats and obeying cancels.
+bidirectional stream (conveyor.worker_stream, which also sends the heartbeats) and hands them to
+its execution pool (conveyor.pools: threads, child processes or the event loop), reporting
+starts and results in batches until the server acks them (conveyor.reports) and obeying cancels.
 
     worker = Worker(queues=["default"], concurrency=8)     # pool="threads" | "processes" | "async"
 
@@ -20,7 +21,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -32,11 +33,12 @@ from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, to_outcome
 from conveyor.pools.base import POOL_KINDS, Pool, PoolKind, TaskCall, make_pool
+from conveyor.reports import ResultBatcher, StartedBatcher, UnackedResults
 from conveyor.schema import task_infos
-from conveyor.tls import bearer_metadata, open_channel
+from conveyor.tls import bearer_metadata
 from conveyor.v1 import worker_service_pb2 as w
-from conveyor.v1 import worker_service_pb2_grpc
 from conveyor.values import to_value
+from conveyor.worker_stream import WorkerStream
 
 log = logging.getLogger("conveyor.worker")
 F = TypeVar("F", bound=TaskFunction)
@@ -45,11 +47,6 @@ RECONNECT_INITIAL_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 5.0
 # How long graceful shutdown waits for in-flight tasks before handing them back.
 DEFAULT_DRAIN_SECONDS = 30.0
-# Tasks still running this long after they began are reported as STARTED (in one batch);
-# quicker ones skip it, their result carries started_at instead.
-STARTED_REPORT_SECONDS = 0.02
-# While other tasks are running, a result waits this long for theirs to share its message.
-RESULT_LINGER_SECONDS = 0.002
 # Assignments held per task slot, as Celery's default prefetch multiplier: the next tasks are
 # already here when a slot frees up. 1 suits long tasks (none wait behind a busy slot).
 DEFAULT_PREFETCH = 4
@@ -104,16 +101,12 @@ class Worker:
         self._metadata = bearer_metadata(token)
         self._pool: Pool | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._unacked: dict[str, w.TaskOutcome] = {}
-        self._outbox: asyncio.Queue[w.ConnectRequest | None] | None = None
-        self._pending_results: list[w.TaskOutcome] = []
-        self._flush_scheduled = False
-        self._linger: asyncio.TimerHandle | None = None
-        self._pending_started: dict[str, w.LeaseRef] = {}
-        self._started_scheduled = False
+        self._stream: WorkerStream | None = None
+        self._unacked = UnackedResults()
+        self._results = ResultBatcher(self._send)
+        self._started = StartedBatcher(self._send)
         self._stopping: asyncio.Event | None = None
-        self._heartbeat_seconds = 5.0
-        # Set by the server's Welcome, which carries the heartbeat interval to use.
+        # The last stream's: set by the server's Welcome.
         self._welcomed = asyncio.Event()
 
     # -- registration ---------------------------------------------------------------------
@@ -209,26 +202,17 @@ class Worker:
             self._pool = None
 
     async def _session(self) -> None:
-        channel = open_channel(self.address, self._credentials,
-                               [("grpc.max_receive_message_length", self.max_receive_bytes)])
-        async with channel:
-            stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
-            self._outbox = asyncio.Queue()
-            self._welcomed = asyncio.Event()
-            self._outbox.put_nowait(w.ConnectRequest(hello=self._hello()))
-            if self._unacked:  # results from before a reconnect; the server decides if they still count
-                self._outbox.put_nowait(w.ConnectRequest(results=w.Results(outcomes=list(self._unacked.values()))))
-            call = stub.Connect(self._requests(self._outbox), metadata=self._metadata)
-            heartbeats = asyncio.create_task(self._heartbeats())
-            drainer = asyncio.create_task(self._drain_on_stop())
-            try:
-                async for message in call:
-                    self._on_message(message)
-            finally:
-                heartbeats.cancel()
-                drainer.cancel()
-                self._outbox.put_nowait(None)
-                self._outbox = None
+        stream = self._stream = WorkerStream(self.address, self._credentials, self._metadata, self.max_receive_bytes)
+        self._welcomed = stream.welcomed
+        opening = [w.ConnectRequest(hello=self._hello())]
+        if (resend := self._unacked.resend()) is not None:  # results from before a reconnect
+            opening.append(resend)
+        drainer = asyncio.create_task(self._drain_on_stop())
+        try:
+            await stream.run(opening, self._on_message)
+        finally:
+            drainer.cancel()
+            self._stream = None
 
     def _hello(self) -> w.Hello:
         return w.Hello(
@@ -238,24 +222,9 @@ class Worker:
             hostname=socket.gethostname(), pid=os.getpid(), max_receive_bytes=self.max_receive_bytes,
         )
 
-    @staticmethod
-    async def _requests(outbox: asyncio.Queue[w.ConnectRequest | None]) -> AsyncIterator[w.ConnectRequest]:
-        while True:
-            message = await outbox.get()
-            if message is None:
-                return
-            yield message
-
     def _send(self, message: w.ConnectRequest) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(message)
-
-    async def _heartbeats(self) -> None:
-        # Not before the Welcome: sleeping the default interval first could outlast a short lease.
-        await self._welcomed.wait()
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            self._send(w.ConnectRequest(heartbeat=w.Heartbeat()))
+        if self._stream is not None:
+            self._stream.send(message)
 
     async def _drain_on_stop(self) -> None:
         """On stop: Goodbye, wait for in-flight tasks (bounded), then close our side."""
@@ -272,17 +241,14 @@ class Worker:
             await asyncio.wait(list(self._running.values()), timeout=remaining)
         if self._running:
             log.warning("%d tasks did not finish in %.0f s; handing them back", len(self._running), self.drain_timeout)
-        self._flush_results()
+        self._results.flush()
         # Give the server a moment to ack the last results before our side closes.
         for _ in range(50):
             if not self._unacked:
                 break
             await asyncio.sleep(0.02)
-        self._send_close()
-
-    def _send_close(self) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
+        if self._stream is not None:
+            self._stream.close()
 
     # -- messages from the server -----------------------------------------------------------
 
@@ -292,22 +258,14 @@ class Worker:
             for assignment in message.assignments.items:
                 self._start(assignment)
         elif kind == "acks":
-            for ack in message.acks.acks:
-                held = self._unacked.get(ack.task_id)
-                if held is not None and held.lease_token == ack.lease_token:
-                    del self._unacked[ack.task_id]
-                if ack.status != w.ACK_STATUS_ACCEPTED:
-                    log.info("result of %s not recorded: %s", ack.task_id, w.AckStatus.Name(ack.status))
+            for ack in self._unacked.acked(message.acks.acks):
+                log.info("result of %s not recorded: %s", ack.task_id, w.AckStatus.Name(ack.status))
         elif kind == "cancel":
             if self._pool is not None:
                 for task_id in message.cancel.task_ids:
                     self._pool.cancel(task_id)
-        elif kind == "welcome":
-            welcome = message.welcome
-            self.worker_id = welcome.worker_id
-            interval = welcome.heartbeat_interval.seconds + welcome.heartbeat_interval.nanos / 1e9
-            self._heartbeat_seconds = max(interval, 0.05)
-            self._welcomed.set()
+        elif kind == "welcome":  # the stream has taken the heartbeat interval
+            self.worker_id = message.welcome.worker_id
             log.info("connected to %s as %s", self.address, self.worker_id)
         elif kind == "drain":
             log.info("server asked to drain: %s", message.drain.reason)
@@ -325,22 +283,9 @@ class Worker:
         context = TaskContext.of(assignment)
         loop = asyncio.get_running_loop()
         context._report = functools.partial(self._progress, loop, assignment)
-        call = TaskCall(assignment, context, function, functools.partial(self._mark_started, assignment))
+        call = TaskCall(assignment, context, function, functools.partial(self._started.started, assignment))
         worker_log.received(context)
         self._running[task.id] = asyncio.create_task(self._run_one(call))
-
-    def _mark_started(self, assignment: w.Assignment) -> None:
-        task_id = assignment.task.id
-        self._pending_started[task_id] = w.LeaseRef(task_id=task_id, lease_token=assignment.lease_token)
-        if not self._started_scheduled:
-            self._started_scheduled = True
-            asyncio.get_running_loop().call_later(STARTED_REPORT_SECONDS, self._flush_started)
-
-    def _flush_started(self) -> None:
-        self._started_scheduled = False
-        if self._pending_started:
-            self._send(w.ConnectRequest(started=w.Started(tasks=list(self._pending_started.values()))))
-            self._pending_started = {}
 
     async def _run_one(self, call: TaskCall) -> None:
         task = call.assignment.task
@@ -356,33 +301,13 @@ class Worker:
         finally:
             if self._running.get(task.id) is asyncio.current_task():
                 del self._running[task.id]
-            self._pending_started.pop(task.id, None)
+            self._started.ended(task.id)
         if ending is None:
             return  # never started (draining): it goes back to the queue when the stream closes
         worker_log.ended(call.context, ending)
         outcome = to_outcome(call.assignment, ending)
-        self._unacked[outcome.task_id] = outcome
-        self._pending_results.append(outcome)
-        loop = asyncio.get_running_loop()
-        if not self._running or len(self._pending_results) >= self.concurrency:
-            # Nothing else is about to finish, or a batch is full: send now, with whatever else
-            # finishes in this loop iteration.
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush_results)
-        elif self._linger is None:
-            # Other tasks are running: results that end within a moment share one message
-            # (and one write on the server) with this one.
-            self._linger = loop.call_later(RESULT_LINGER_SECONDS, self._flush_results)
-
-    def _flush_results(self) -> None:
-        self._flush_scheduled = False
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
-        if self._pending_results:
-            self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending_results)))
-            self._pending_results = []
+        self._unacked.hold(outcome)
+        self._results.add(outcome, others_running=bool(self._running), batch_size=self.concurrency)
 
     def _progress(self, loop: asyncio.AbstractEventLoop, assignment: w.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""

@@ -67,6 +67,11 @@ class SubmitRateLimiter:
         self.burst = max(burst, 1)
         self._buckets: dict[str, _Bucket] = {}
 
+    @property
+    def enabled(self) -> bool:
+        """False when no rate is set: callers skip counting tasks (a walk of every request)."""
+        return self.rate > 0
+
     def take(self, caller: str, tasks: int) -> None:
         """Spend `tasks` from the caller's bucket or refuse the whole submission."""
         if self.rate <= 0:

@@ -17,6 +17,7 @@ from conveyor.values import seconds_of
 from ..core.cancellation import Canceller
 from ..core.errors import InvalidArgument, PermissionDenied
 from ..core.results import ResultReader
+from ..core.streamed import receive
 from ..core.submission import Submitter
 from .auth import Authenticator
 from .ratelimit import SubmitRateLimiter, tasks_in
@@ -70,8 +71,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         client does not hold the shutdown for its whole grace."""
         self._stopping.set()
 
-    def _limit(self, context: Context, tasks: int) -> None:
-        self.limiter.take(_caller(context, self.authenticator), tasks)
+    def _limit(self, context: Context, requests: Sequence[t.SubmitRequest]) -> None:
+        if self.limiter.enabled:
+            self.limiter.take(_caller(context, self.authenticator), tasks_in(requests))
 
     async def _check_scope(self, scope: frozenset[str], task_ids: Sequence[str]) -> None:
         """A token limited to some queues may read and cancel only the tasks of those queues."""
@@ -86,7 +88,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
-        self._limit(context, tasks_in([request]))
+        self._limit(context, [request])
         return await self._submit(request, _caller_trace(context), _scope(context, self.authenticator))
 
     async def _submit(
@@ -98,13 +100,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
-        self._limit(context, tasks_in(request.requests))
+        self._limit(context, request.requests)
         caller = _caller_trace(context)
         with tracing.span("submit batch", caller, SpanKind.SERVER):
             responses = await self.submitter.submit(
                 request.requests, tracing.inject() or caller, _scope(context, self.authenticator)
             )
         return t.SubmitBatchResponse(responses=responses)
+
+    @unary
+    async def SubmitStream(
+        self, parts: AsyncIterator[t.SubmitStreamRequest], context: Context
+    ) -> t.SubmitStreamResponse:
+        limits = self.submitter.settings.limits
+        try:
+            submission = await receive(parts, limits)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no message for {limits.stream_idle_seconds:g} s (stream_idle_seconds); nothing was submitted",
+            )
+        self._limit(context, [submission.request])
+        caller = _caller_trace(context)
+        with tracing.span("submit stream", caller, SpanKind.SERVER):
+            (response,) = await self.submitter.submit(
+                [submission.request], tracing.inject() or caller, _scope(context, self.authenticator), streamed=True
+            )
+        return t.SubmitStreamResponse(
+            task_id=response.task_id, workflow_id=response.workflow_id, task_count=len(response.task_ids)
+        )
 
     @unary
     async def GetResult(self, request: t.GetResultRequest, context: Context) -> t.GetResultResponse:
@@ -134,7 +158,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def _answer(self, request: t.SessionRequest, caller: str, scope: frozenset[str]) -> t.SessionResponse:
         kind = request.WhichOneof("call")
         if kind == "submit":
-            self.limiter.take(caller, tasks_in([request.submit]))
+            if self.limiter.enabled:
+                self.limiter.take(caller, tasks_in([request.submit]))
             return t.SessionResponse(submit=await self._submit(request.submit, request.trace_context, scope))
         if kind == "get_result":
             return t.SessionResponse(get_result=await self._get_result(request.get_result, scope))

@@ -49,7 +49,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 reason="QUEUE_NOT_PERMITTED", metadata={"token": identity.name, "queue": ",".join(queues)},
             ))
         try:
-            session = self.connections.open(first.hello)
+            # A worker's replacements may use only the queues its token is limited to.
+            allowed = identity.queues if identity is not None and identity.role != "admin" else ()
+            session = self.connections.open(first.hello, allowed)
         except CoreError as exc:
             await abort(context, exc, "WorkerService.Connect")
         reader = asyncio.create_task(self.connections.run(session, requests))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .base import Update
+from .base import MEMBER_CHUNK, Update
 
 DEFAULT_PREFIX = "conveyor"
 def split_prefix(url: str, default: str = DEFAULT_PREFIX) -> tuple[str, str]:
@@ -21,6 +21,13 @@ def split_prefix(url: str, default: str = DEFAULT_PREFIX) -> tuple[str, str]:
     prefix = next((value for name, value in query if name == "prefix"), default)
     rest = urlencode([(name, value) for name, value in query if name != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix
+
+
+def member_chunks(members: Iterable[str]) -> Iterator[list[str]]:
+    """Member names in lists of at most MEMBER_CHUNK, each name once (in first-seen order)."""
+    unique = list(dict.fromkeys(members))
+    for start in range(0, len(unique), MEMBER_CHUNK):
+        yield unique[start : start + MEMBER_CHUNK]
 
 
 async def compare_and_set_per_key(

@@ -16,6 +16,11 @@ Semantics every engine must keep:
   full count, and no add ever returns more members than the group has (a chord fires on
   this). Its cost does not grow with the size of the group (except where an engine's
   docstring says so). claim() returns True to exactly one caller per key.
+- add_members() and remove_members() are add_member() and remove_member() for many members
+  in a round trip per chunk of at most MEMBER_CHUNK (so no call holds an engine long), with
+  the same per-member semantics; add_members() returns a count exact as above, taken after
+  its last add. A batch is not one atomic step: a failure may leave part of it written, and
+  since both are idempotent a retry finishes it.
 - members() reads a group in pages: ordered by member name (code point order, as Python
   sorts str), strictly after `after` ("" starts at the first member), at most `limit` (0 = all).
 - Expiry. The engine's constructor takes `ttl_seconds`. Every write sets the expiry of what it
@@ -42,9 +47,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 DEFAULT_TTL_SECONDS = 86_400.0
+# Members per engine call of add_members() and remove_members(): one Redis script, SQLite
+# transaction, MongoDB bulk write or memcached index rewrite.
+MEMBER_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,12 @@ class Update:
 @runtime_checkable
 class Backend(Protocol):
     """Async result store."""
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
+        """Build (not connect) the engine from its URL (`engines.open_backend` picks the class by the
+        URL's scheme), expiring what it stores `ttl_seconds` after a write (see Expiry above)."""
+        ...
 
     async def connect(self) -> None:
         """Open connections and create what the engine needs (tables, indexes)."""
@@ -96,12 +110,23 @@ class Backend(Protocol):
         `ttl_seconds` after this call.
         """
 
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        """add_member() for each of `members` ({member: payload}): a member's first payload wins,
+        and `keep` sets the group's expiry as there.
+
+        Returns how many distinct members the group has after the last of these adds (exact, as
+        add_member()'s count). An empty `members` writes nothing and returns 0.
+        """
+
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
         """Members of `group` with their payloads, ordered by name, strictly after `after`
         ("" = from the first), at most `limit` of them (0 = all)."""
 
     async def remove_member(self, group: str, member: str) -> None:
         """Forget one member (no-op when absent)."""
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        """Forget each of `members` (absent ones are ignored), as remove_member() does."""
 
     async def claim(self, key: str, keep: bool = False) -> bool:
         """Atomically claim `key`: True for exactly one caller, False for every other.

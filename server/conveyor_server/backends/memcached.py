@@ -14,7 +14,8 @@ every replica finds the same item.
   vanishes before its index; markers of a kept group never expire.
   The count is exact (the index is the truth, changed only by cas), but the index is one item
   rewritten by every add: an add costs O(group size) in bytes, and a group holds as many
-  names as fit in one item (about 200,000 names of 36 characters with `-I 8m`). members()
+  names as fit in one item (about 200,000 names of 36 characters with `-I 8m`). A batch
+  (add_members(), remove_members()) rewrites the index once per chunk of members. members()
   pages by sorting the names client-side and fetching only the page's markers.
 - claim `c`: `add`.
 
@@ -53,7 +54,7 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Collection, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -62,7 +63,7 @@ import aiomcache
 from aiomcache.pool import Connection, MemcachePool
 
 from . import _tokens
-from ._common import compare_and_set_per_key
+from ._common import compare_and_set_per_key, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
@@ -320,14 +321,26 @@ class MemcachedBackend:
         return False
 
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        return await self.add_members(group, {member: payload}, keep)
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        count = 0
+        for chunk in member_chunks(members):
+            count = await self._add_chunk(group, {name: members[name] for name in chunk}, keep)
+        return count
+
+    async def _add_chunk(self, group: str, members: Mapping[str, bytes], keep: bool) -> int:
+        """Add the members' markers, then their names to the index in one cas."""
         key = self._key("g", group)
+        exptime = 0 if keep else self._marker_exptime()
         for _ in range(_MAX_RACES):
             current, token = await self._safely(self._mc.gets(key))
             index = _Index() if current is None else _Index.decode(current)
             # First payload wins within this generation of the group.
-            marker = self._marker(index.generation, member)
-            await self._safely(self._mc.add(marker, payload, 0 if keep else self._marker_exptime()))
-            index.names[member] = None
+            await self._on_markers(
+                index.generation, members, lambda marker, name: self._mc.add(marker, members[name], exptime)
+            )
+            index.names.update(dict.fromkeys(members))
             if await self._write_index(key, index, token if current is not None else None, keep):
                 return len(index.names)
         raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
@@ -354,11 +367,16 @@ class MemcachedBackend:
         return stored
 
     async def _touch_markers(self, index: _Index, exptime: int) -> None:
-        names = list(index.names)
-        for start in range(0, len(names), _CHUNK):
-            chunk = names[start : start + _CHUNK]
-            touches = (self._mc.touch(self._marker(index.generation, name), exptime) for name in chunk)
-            await asyncio.gather(*(self._safely(touch) for touch in touches))
+        await self._on_markers(index.generation, index.names, lambda marker, _: self._mc.touch(marker, exptime))
+
+    async def _on_markers(
+        self, generation: str, names: Iterable[str], call: Callable[[bytes, str], Awaitable[bool]]
+    ) -> None:
+        """call(marker key, member name) for each name, _CHUNK calls at a time."""
+        listed = list(names)
+        for start in range(0, len(listed), _CHUNK):
+            chunk = listed[start : start + _CHUNK]
+            await asyncio.gather(*(self._safely(call(self._marker(generation, name), name)) for name in chunk))
 
     def _marker_exptime(self) -> int:
         # Twice the TTL, refreshed every half TTL: a marker always outlives its index.
@@ -384,17 +402,27 @@ class MemcachedBackend:
         return found
 
     async def remove_member(self, group: str, member: str) -> None:
+        await self.remove_members(group, [member])
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        for chunk in member_chunks(members):
+            await self._remove_chunk(group, chunk)
+
+    async def _remove_chunk(self, group: str, members: list[str]) -> None:
+        """Take the members' names out of the index in one cas, then delete their markers."""
         key = self._key("g", group)
         for _ in range(_MAX_RACES):
             current, token = await self._safely(self._mc.gets(key))
             if current is None or token is None:
                 return
             index = _Index.decode(current)
-            if member not in index.names:
+            gone = [member for member in members if member in index.names]
+            if not gone:
                 return
-            del index.names[member]
+            for member in gone:
+                del index.names[member]
             if await self._write_index(key, index, token, index.kept):
-                await self._safely(self._mc.delete(self._marker(index.generation, member)))
+                await self._on_markers(index.generation, gone, lambda marker, _: self._mc.delete(marker))
                 return
         raise RuntimeError(f"memcached group {group!r}: too many concurrent writers")
 

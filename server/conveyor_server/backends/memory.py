@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from ._tokens import TokenBuckets
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -33,6 +34,11 @@ class MemoryBackend:
         self._groups: dict[str, _Group] = {}
         self._claims: dict[str, float] = {}
         self._watchers: set[tuple[frozenset[str], asyncio.Queue[set[str] | None]]] = set()
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
+        """`memory://`: records in this process only, so the URL has nothing more to say."""
+        return cls(ttl_seconds)
 
     async def connect(self) -> None:
         return None
@@ -98,13 +104,19 @@ class MemoryBackend:
         return applied
 
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        return await self.add_members(group, {member: payload}, keep)
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        if not members:
+            return 0
         found = self._group(group)
         if found is None:
             found = self._groups[group] = _Group(0.0)
         found.expires = self._expires(keep)
-        if member not in found.payloads:
-            found.payloads[member] = payload
-            bisect.insort(found.names, member)
+        for member, payload in members.items():
+            if member not in found.payloads:
+                found.payloads[member] = payload
+                bisect.insort(found.names, member)
         return len(found.payloads)
 
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
@@ -116,9 +128,15 @@ class MemoryBackend:
         return {name: found.payloads[name] for name in names}
 
     async def remove_member(self, group: str, member: str) -> None:
+        await self.remove_members(group, [member])
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
         found = self._group(group)
-        if found is not None and found.payloads.pop(member, None) is not None:
-            del found.names[bisect.bisect_left(found.names, member)]
+        if found is None:
+            return
+        for member in members:
+            if found.payloads.pop(member, None) is not None:
+                del found.names[bisect.bisect_left(found.names, member)]
 
     async def claim(self, key: str, keep: bool = False) -> bool:
         if self._claims.get(key, 0.0) > time.monotonic():

@@ -27,6 +27,11 @@ insert, update) at any group size. Replicas race only for the next slot; within 
 adds (and removals) to one group take turns, so they do not race each other. A removal
 counts once `h` moves: if its replica dies in between, the member is already out of
 members() but still counted until the group's next removal or duplicate add.
+Batches take a chunk of members per round trip: add_members() inserts them at slots n + 1,
+n + 2, ... in one ordered insert_many (it stops at the first clash, so the taken slots stay
+dense) and moves `n` once; remove_members() numbers their holes h + 1, h + 2, ... the same
+way in one ordered bulk write. A member another replica removed between the read and its
+update takes no number there, and leaves no gap: that replica's hole took a number above h.
 Group documents expire by `exp` only (no TTL index): each backend sweeps expired groups and
 their members about once a minute, from its writes.
 
@@ -57,14 +62,14 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from bson import Binary
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from ..backoff import Backoff
 from . import _tokens
-from ._common import KeyedLocks, compare_and_set_per_key, split_prefix
+from ._common import KeyedLocks, compare_and_set_per_key, member_chunks, split_prefix
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex
@@ -134,6 +139,14 @@ def _dead() -> Doc:
 def _is_live(doc: Doc) -> bool:
     exp = doc.get("exp")
     return exp is None or int(exp) > _now_ms()
+
+
+def _duplicates(exc: BulkWriteError) -> list[Doc]:
+    """The write errors of a bulk write that failed on duplicate keys only; re-raises it otherwise."""
+    errors: list[Doc] = exc.details.get("writeErrors", [])
+    if exc.details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in errors):
+        raise exc
+    return errors
 
 
 class _StreamFeed:
@@ -281,10 +294,7 @@ class MongoBackend:
         try:
             await self._records.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            errors: list[Doc] = exc.details.get("writeErrors", [])
-            if exc.details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            return [keys[int(error["index"])] for error in errors]
+            return [keys[int(error["index"])] for error in _duplicates(exc)]
         return []
 
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
@@ -334,32 +344,57 @@ class MongoBackend:
     # -- groups --------------------------------------------------------------------------
 
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        async with self._locks.hold(f"add:{group}"):
-            for _ in range(_MAX_RACES):
-                doc = await self._open_group(group, keep)
-                gen, slot = doc["gen"], int(doc["n"]) + 1
-                try:
-                    new = {"g": group, "gen": gen, "m": member, "i": slot, "p": Binary(payload)}
-                    await self._members.insert_one(new)
-                except DuplicateKeyError:
-                    if await self._members.find_one({"g": group, "gen": gen, "m": member}, {"_id": 1}):
-                        # Already a member (the first payload stays): count, after moving `n`
-                        # past a slot whose adder may have died before it could.
-                        return await self._settle(group, gen, keep)
-                    await self._settle(group, gen, None)  # another replica took the slot
-                    continue
-                self._maybe_sweep()
-                settled = await self._groups.find_one_and_update(
-                    {"_id": group, "gen": gen},
-                    self._group_expiry_update(keep, {"$max": {"n": slot}}),
-                    projection={"n": 1, "h": 1},
-                    return_document=ReturnDocument.AFTER,
-                )
-                if settled is not None:
-                    return int(settled["n"]) - int(settled["h"])
-                # The group expired and was swept under us: start again in a new one.
-                await self._members.delete_many({"g": group, "gen": gen})
+        return await self.add_members(group, {member: payload}, keep)
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        count = 0
+        for chunk in member_chunks(members):
+            async with self._locks.hold(f"add:{group}"):
+                count = await self._add_chunk(group, {name: members[name] for name in chunk}, keep)
+        return count
+
+    async def _add_chunk(self, group: str, members: Mapping[str, bytes], keep: bool) -> int:
+        pending, last_gen = members, ""
+        for _ in range(_MAX_RACES):
+            doc = await self._open_group(group, keep)
+            gen: str = doc["gen"]
+            if gen != last_gen:
+                pending, last_gen = members, gen  # a new group: every member goes in (again)
+            n = int(doc["n"])
+            docs = [
+                {"g": group, "gen": gen, "m": name, "i": n + slot, "p": Binary(payload)}
+                for slot, (name, payload) in enumerate(pending.items(), 1)
+            ]
+            try:
+                await self._members.insert_many(docs, ordered=True)
+            except BulkWriteError as exc:
+                _duplicates(exc)
+                # Another replica took a slot, or a member was already in (its first payload
+                # stays): move `n` past every taken slot (ours too, and one whose adder may have
+                # died before moving it), then go on with the members still out.
+                await self._settle(group, gen, None)
+                present = await self._present(group, gen, pending)
+                pending = {name: payload for name, payload in pending.items() if name not in present}
+                if not pending:
+                    return await self._settle(group, gen, keep)
+                continue
+            self._maybe_sweep()
+            settled = await self._groups.find_one_and_update(
+                {"_id": group, "gen": gen},
+                self._group_expiry_update(keep, {"$max": {"n": n + len(docs)}}),
+                projection={"n": 1, "h": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+            if settled is not None:
+                return int(settled["n"]) - int(settled["h"])
+            # The group expired and was swept under us: start again in a new one.
+            await self._members.delete_many({"g": group, "gen": gen})
         raise RuntimeError(f"mongodb group {group!r}: too many concurrent writers")
+
+    async def _present(self, group: str, gen: str, names: Collection[str]) -> set[str]:
+        """Which of `names` are members of this generation of the group."""
+        found = self._members.find({"g": group, "gen": gen, "m": {"$in": list(names)}}, {"m": 1})
+        return {doc["m"] async for doc in found}
 
     def _group_expiry_update(self, keep: bool, update: Doc) -> Doc:
         if keep:
@@ -428,25 +463,41 @@ class MongoBackend:
         return {found["m"]: bytes(found["p"]) async for found in cursor}
 
     async def remove_member(self, group: str, member: str) -> None:
-        async with self._locks.hold(f"remove:{group}"):
-            for _ in range(_MAX_RACES):
-                doc = await self._groups.find_one({"_id": group}, {"gen": 1, "h": 1, "m": 1, "exp": 1})
-                if doc is None or not _is_live(doc):
-                    return
-                if "m" in doc:
-                    await self._migrate_group(doc)
-                    continue
-                gen, hole = doc["gen"], int(doc["h"]) + 1
-                try:
-                    turned = await self._members.update_one(
-                        {"g": group, "gen": gen, "m": member}, {"$set": {"m": hole}, "$unset": {"p": ""}}
-                    )
-                except DuplicateKeyError:
-                    await self._settle(group, gen, None)  # another replica took the hole number
-                    continue
-                if turned.matched_count:
-                    await self._groups.update_one({"_id": group, "gen": gen}, {"$max": {"h": hole}})
+        await self.remove_members(group, [member])
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        for chunk in member_chunks(members):
+            async with self._locks.hold(f"remove:{group}"):
+                await self._remove_chunk(group, chunk)
+
+    async def _remove_chunk(self, group: str, names: list[str]) -> None:
+        for _ in range(_MAX_RACES):
+            doc = await self._groups.find_one({"_id": group}, {"gen": 1, "h": 1, "m": 1, "exp": 1})
+            if doc is None or not _is_live(doc):
                 return
+            if "m" in doc:
+                await self._migrate_group(doc)
+                continue
+            gen, h = doc["gen"], int(doc["h"])
+            present = await self._present(group, gen, names)
+            holes = [
+                UpdateOne({"g": group, "gen": gen, "m": name}, {"$set": {"m": h + number}, "$unset": {"p": ""}})
+                for number, name in enumerate((name for name in names if name in present), 1)
+            ]
+            if not holes:
+                return
+            try:
+                await self._members.bulk_write(holes, ordered=True)
+            except BulkWriteError as exc:
+                _duplicates(exc)
+                # Another replica took a hole number (the updates before it ran): move `h` past
+                # every number taken, then go on with the members still in.
+                await self._settle(group, gen, None)
+                continue
+            # Every number up to h + len(holes) is taken now, also where a member had gone by its
+            # update (matching nothing): the replica that removed it took a number above h for it.
+            await self._groups.update_one({"_id": group, "gen": gen}, {"$max": {"h": h + len(holes)}})
+            return
         raise RuntimeError(f"mongodb group {group!r}: too many concurrent writers")
 
     async def _drop_group(self, group: str, gen: str) -> None:

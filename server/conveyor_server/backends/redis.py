@@ -17,6 +17,13 @@ backend serves every watch(), so a watch of 1,000 keys is one SUBSCRIBE command.
 Every connection has socket and connect timeouts (5 s; `socket_timeout` and
 `socket_connect_timeout` in the URL's query override them, in seconds), so a dead peer fails
 a call instead of hanging it; nothing is retried here, the core decides that.
+
+Redis Cluster (`redis+cluster://host:port,host:port/?prefix=...` or `redis://...?cluster=1`; see
+redis_cluster.py): a record is one key, so its updates stay in one slot with the names above;
+a batch of records runs as one script per slot (one pipelined round trip). Only the two keys of
+a group get a hash tag, `g:{g:group}` and `gi:{g:group}` (braces included), so its script runs in
+one slot; single-node deployments keep the names above. The task index keeps its keys under the tag
+`{ti:prefix}` (redis_task_index.py). Watch channels are cluster-wide PUBLISHes, read on one node.
 """
 
 from __future__ import annotations
@@ -30,13 +37,17 @@ from typing import Any, Self
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from ..backoff import Backoff
+from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
-from ._common import split_prefix
+from ._common import member_chunks, split_prefix
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -95,23 +106,26 @@ end
 return applied
 """
 
-# KEYS: group hash, group name index. ARGV: member, payload, ttl_ms (0 = keep).
-# Returns the member count (HLEN: O(1) at any group size).
-_ADD_MEMBER = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[2], 0, ARGV[1])
+# KEYS: group hash, group name index. ARGV: ttl_ms (0 = keep), then (member, payload) per
+# member, a chunk of at most MEMBER_CHUNK (the first payload of a member wins). Returns the
+# member count (HLEN: O(1) at any group size).
+_ADD_MEMBERS = """
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], 0, ARGV[i])
+  end
 end
-local ttl = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[1])
 for _, key in ipairs(KEYS) do
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
 end
 return redis.call('HLEN', KEYS[1])
 """
 
-# KEYS: group hash, group name index. ARGV: member. Returns 1 if it was a member.
-_REMOVE_MEMBER = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-return redis.call('HDEL', KEYS[1], ARGV[1])
+# KEYS: group hash, group name index. ARGV: members. Returns how many of them were members.
+_REMOVE_MEMBERS = """
+redis.call('ZREM', KEYS[2], unpack(ARGV))
+return redis.call('HDEL', KEYS[1], unpack(ARGV))
 """
 
 # KEYS: group hash, group name index. ARGV: after ('' = from the first), limit (> 0).
@@ -152,7 +166,7 @@ def _bytes(value: bytes | str) -> bytes:
 class _Subscriptions:
     """The pub/sub feed: one connection shared by every watch() of a backend, one channel per key."""
 
-    def __init__(self, client: aioredis.Redis, channel_prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, channel_prefix: str) -> None:
         self._pubsub: PubSub = client.pubsub()
         self._prefix = channel_prefix.encode()
         self._registry = Registry()
@@ -258,17 +272,19 @@ class RedisBackend:
         self._url = url
         self._prefix = prefix
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
-        self._client: aioredis.Redis | None = None
+        self._cluster = is_cluster_url(url)
+        self._client: aioredis.Redis | RedisCluster | None = None
         self._hub = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
-        """redis://host:port/db?prefix=name (default prefix "conveyor")."""
+        """redis://host:port/db?prefix=name (default prefix "conveyor"); Redis Cluster:
+        redis+cluster://host:port,host:port/?prefix=name (or cluster=1)."""
         clean, prefix = split_prefix(url)
         return cls(clean, prefix, ttl_seconds)
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
             raise RuntimeError("RedisBackend is not connected")
         return self._client
@@ -277,7 +293,10 @@ class RedisBackend:
         return f"{self._prefix}:r:{key}"
 
     def _group(self, group: str) -> list[str]:
-        """The group's keys: its hash of payloads and its index of names."""
+        """The group's keys: its hash of payloads and its index of names (one slot in a cluster)."""
+        if self._cluster:
+            # The tag is never empty (`{}` would hash the whole key), whatever the group's name.
+            return [f"{self._prefix}:g:{{g:{group}}}", f"{self._prefix}:gi:{{g:{group}}}"]
         return [f"{self._prefix}:g:{group}", f"{self._prefix}:gi:{group}"]
 
     def _claim(self, key: str) -> str:
@@ -285,13 +304,13 @@ class RedisBackend:
 
     async def connect(self) -> None:
         # The URL's query (socket_timeout=..., socket_connect_timeout=...) wins over these.
-        client = open_redis(
-            self._url,
-            health_check_interval=_HEALTH_CHECK_SECONDS,
-            socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
-            retry=Retry(NoBackoff(), 0),
-        )
+        options: dict[str, Any] = {
+            "health_check_interval": _HEALTH_CHECK_SECONDS,
+            "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+            "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        client = open_redis_cluster(self._url, **options) if self._cluster else open_redis(self._url, **options)
         try:
             await client.ping()
         except BaseException:
@@ -300,8 +319,8 @@ class RedisBackend:
         self._client = client
         self._insert = client.register_script(_INSERT)
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
-        self._add_member = client.register_script(_ADD_MEMBER)
-        self._remove_member = client.register_script(_REMOVE_MEMBER)
+        self._add_members = client.register_script(_ADD_MEMBERS)
+        self._remove_members = client.register_script(_REMOVE_MEMBERS)
         self._members = client.register_script(_MEMBERS)
 
     async def close(self) -> None:
@@ -317,14 +336,50 @@ class RedisBackend:
     def _ttl(self, keep: bool) -> int:
         return 0 if keep else self._ttl_ms
 
+    def _by_slot(self, keys: Sequence[str]) -> list[list[int]]:
+        """Positions in `keys` (record names) grouped so one script may take each group: all of
+        them on one Redis, one group per slot of their record keys (in order) in a cluster."""
+        if not self._cluster:
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key_slot(self._record(key).encode()), []).append(index)
+        return list(groups.values())
+
+    async def _run_per_slot(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Runs `script` once per (keys, args); several calls (a cluster's slots) share one
+        pipelined round trip, loading the script on a node that lost its cache (a restart)."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                # A cluster pipeline has no evalsha(); the command itself routes by its keys.
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                # Only these did not run (the others did: never run them twice); script() loads it.
+                keys, args = calls[index]
+                results[index] = await script(keys=keys, args=args)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
     async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         keys = list(records)
         existing: list[str] = []
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
-            args: list[str | int | bytes] = [self._ttl(keep), *self._script_head(), *(records[key] for key in chunk)]
-            found = await self._insert(keys=[self._record(key) for key in chunk], args=args)
-            existing.extend(chunk[int(index) - 1] for index in found)
+            groups = [[chunk[index] for index in group] for group in self._by_slot(chunk)]
+            calls = [
+                ([self._record(key) for key in group],
+                 [self._ttl(keep), *self._script_head(), *(records[key] for key in group)])
+                for group in groups
+            ]
+            for group, found in zip(groups, await self._run_per_slot(self._insert, calls), strict=True):
+                existing.extend(group[int(index) - 1] for index in found)
         return existing
 
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
@@ -344,16 +399,32 @@ class RedisBackend:
         applied: list[bool] = []
         for start in range(0, len(updates), _CHUNK):
             chunk = updates[start : start + _CHUNK]
-            args: list[str | int | bytes] = self._script_head()
-            for update in chunk:
-                args += [update.expected_version, update.data, self._ttl(update.keep)]
-            result = await self._compare_and_set(keys=[self._record(u.key) for u in chunk], args=args)
-            applied.extend(bool(flag) for flag in result)
+            # Updates of one key share a slot, so they stay in one script, in order.
+            groups = self._by_slot([update.key for update in chunk])
+            calls: list[tuple[list[str], list[Any]]] = []
+            for group in groups:
+                args: list[Any] = self._script_head()
+                for index in group:
+                    args += [chunk[index].expected_version, chunk[index].data, self._ttl(chunk[index].keep)]
+                calls.append(([self._record(chunk[index].key) for index in group], args))
+            flags = [False] * len(chunk)
+            for group, result in zip(groups, await self._run_per_slot(self._compare_and_set, calls), strict=True):
+                for index, flag in zip(group, result, strict=True):
+                    flags[index] = bool(flag)
+            applied.extend(flags)
         return applied
 
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        count = await self._add_member(keys=self._group(group), args=[member, payload, self._ttl(keep)])
-        return int(count)
+        return await self.add_members(group, {member: payload}, keep)
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        count = 0
+        for chunk in member_chunks(members):
+            args: list[str | int | bytes] = [self._ttl(keep)]
+            for member in chunk:
+                args += [member, members[member]]
+            count = int(await self._add_members(keys=self._group(group), args=args))
+        return count
 
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
         # Page by page, so no single script blocks Redis for a whole large group.
@@ -369,7 +440,11 @@ class RedisBackend:
             after = _text(names[-1])
 
     async def remove_member(self, group: str, member: str) -> None:
-        await self._remove_member(keys=self._group(group), args=[member])
+        await self.remove_members(group, [member])
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        for chunk in member_chunks(members):
+            await self._remove_members(keys=self._group(group), args=chunk)
 
     async def claim(self, key: str, keep: bool = False) -> bool:
         won = await self._redis.set(self._claim(key), b"1", nx=True, px=None if keep else self._ttl_ms)
@@ -427,4 +502,7 @@ return {granted, string.format('%.17g', wait)}
     # -- task index (listing tasks: backends/redis_task_index.py) --------------------------
 
     def task_index(self) -> RedisTaskIndex:
-        return RedisTaskIndex(lambda: self._redis, self._prefix, self._ttl_ms / 1000)
+        # In a cluster, every index key gets the hash tag {ti:prefix} (never empty): the index's
+        # scripts span them.
+        prefix = f"{{ti:{self._prefix}}}" if self._cluster else self._prefix
+        return RedisTaskIndex(lambda: self._redis, prefix, self._ttl_ms / 1000)

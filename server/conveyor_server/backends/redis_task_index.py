@@ -14,6 +14,10 @@ Retention is bounded: each write script also forgets up to TRIM_BATCH entries th
 terminal entry lives `ttl` after its last write, as its record does) and, past `max_entries`,
 the oldest ones; each find forgets what expired too. Empty sets vanish by themselves.
 
+On Redis Cluster the backend passes the prefix `{ti:prefix}` (braces included): every key of the
+index then has that hash tag, so the scripts, which build key names from the prefix, stay in one
+slot; each script call names the state hash as its one key, which routes it to that slot's master.
+
 An id prefix is looked up by HSCAN over the entries (no index of its own: one fewer sorted
 set per task; a prefix search is rare and costs milliseconds per 100,000 tasks).
 
@@ -31,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from .task_index import Cursor, Found, IndexEntry, TaskQuery, ordered
@@ -65,7 +70,7 @@ local function forget(p, id)
 end
 """
 
-# KEYS: none (names are built from the prefix: one Redis, no cluster, as the backend).
+# KEYS: the state hash, unused but for routing (names are built from the prefix).
 # ARGV: prefix, now_ms, ttl_ms, max_entries, trim_batch, and the entries as one JSON array of
 # strings, five per entry: id, state, submitted_us, queue, name (one argument, so the client
 # encodes one string per batch, not five per entry). A known entry only changes state: the
@@ -127,13 +132,14 @@ end
 return forgotten
 """
 
-# KEYS: none. ARGV: prefix, ids... Forgets them. Returns 0.
+# KEYS: the state hash (routing only). ARGV: prefix, ids... Forgets them. Returns 0.
 _DROP = _FORGET + """
 for i = 2, #ARGV do forget(ARGV[1], ARGV[i]) end
 return 0
 """
 
-# KEYS: none. ARGV: prefix, candidate set suffixes (a JSON array), oldest_first (0/1), limit, budget,
+# KEYS: the state hash (routing only).
+# ARGV: prefix, candidate set suffixes (a JSON array), oldest_first (0/1), limit, budget,
 # cursor us ('' = none), cursor id, since_us ('' = open), until_us ('' = open),
 # states (','-separated, '' = any), queue, name, now_ms, trim_batch. Forgets up to trim_batch
 # expired entries first, so a read never shows one (also when nothing was written lately).
@@ -213,7 +219,8 @@ out[1] = 1
 return out
 """
 
-# KEYS: none. ARGV: prefix, ids... Returns id, state, entry JSON of those that are in the index.
+# KEYS: the state hash (routing only).
+# ARGV: prefix, ids... Returns id, state, entry JSON of those that are in the index.
 _ENTRIES = """
 local p = ARGV[1]
 local ids = {}
@@ -246,10 +253,12 @@ def _entries(flat: Sequence[bytes | str]) -> list[IndexEntry]:
 
 
 class RedisTaskIndex:
-    def __init__(self, client: Callable[[], aioredis.Redis], prefix: str, ttl_seconds: float,
+    def __init__(self, client: Callable[[], aioredis.Redis | RedisCluster], prefix: str, ttl_seconds: float,
                  max_entries: int = MAX_ENTRIES) -> None:
         self._client = client
         self._prefix = f"{prefix}:ti:"
+        # What each script names as its key: it routes the call to the index's slot in a cluster.
+        self._route = [f"{self._prefix}st"]
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._max_entries = max_entries
         self._scripts: dict[str, AsyncScript] = {}
@@ -270,11 +279,11 @@ class RedisTaskIndex:
                 items += (e.task_id, str(e.state), str(e.submitted_us), e.queue, e.name)
             args: list[Any] = [self._prefix, int(time.time() * 1000), self._ttl_ms, self._max_entries, TRIM_BATCH,
                                json.dumps(items, separators=(",", ":"))]
-            await self._script(_WRITE)(keys=[], args=args)
+            await self._script(_WRITE)(keys=self._route, args=args)
 
     async def drop(self, task_ids: Sequence[str]) -> None:
         for start in range(0, len(task_ids), WRITE_CHUNK):
-            await self._script(_DROP)(keys=[], args=[self._prefix, *task_ids[start : start + WRITE_CHUNK]])
+            await self._script(_DROP)(keys=self._route, args=[self._prefix, *task_ids[start : start + WRITE_CHUNK]])
 
     async def find(self, query: TaskQuery) -> Found:
         if query.id_prefix:
@@ -295,7 +304,7 @@ class RedisTaskIndex:
             ",".join(str(s) for s in sorted(query.states)), query.queue, query.name,
             int(time.time() * 1000), TRIM_BATCH,
         ]
-        reply = await self._script(_FIND)(keys=[], args=args)
+        reply = await self._script(_FIND)(keys=self._route, args=args)
         more, last_id, last_us, *flat = reply
         resume = Cursor(int(_text(last_us)), _text(last_id)) if int(more) else None
         return Found(_entries(flat), resume)
@@ -304,7 +313,7 @@ class RedisTaskIndex:
         """Ids that start with the prefix: HSCAN of the entries (a few thousand per call, so Redis
         is never held for long), up to PREFIX_CANDIDATES of them; then their entries."""
         if UUID.match(query.id_prefix):
-            exact = _entries(await self._script(_ENTRIES)(keys=[], args=[self._prefix, query.id_prefix]))
+            exact = _entries(await self._script(_ENTRIES)(keys=self._route, args=[self._prefix, query.id_prefix]))
             if exact:  # no other server-made id starts with a whole one
                 return ordered([e for e in exact if query.matches(e)], query)
         client = self._client()
@@ -317,5 +326,5 @@ class RedisTaskIndex:
                 break
         if not ids:
             return Found([], None)
-        flat = await self._script(_ENTRIES)(keys=[], args=[self._prefix, *ids])
+        flat = await self._script(_ENTRIES)(keys=self._route, args=[self._prefix, *ids])
         return ordered([e for e in _entries(flat) if query.matches(e)], query)

@@ -5,7 +5,8 @@ size, expires_at) and `group_members` (grp, member, payload; primary key (grp, m
 page of a group is one index range). A kept row has expires_at = +inf, which every "live"
 filter and the sweep already treat as never. A group keeps its member count in its `groups`
 row, updated in the same transaction as the member, so add_member() costs the same at 10 or
-10 million members. A file from before `groups` existed is migrated once, at connect().
+10 million members; add_members() writes a chunk of members in one transaction (executemany).
+A file from before `groups` existed is migrated once, at connect().
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from conveyor_server.brokers.sqlite import SqliteDatabase, sqlite_path, transaction
 
 from . import _tokens
+from ._common import member_chunks
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .sqlite_task_index import SqliteTaskIndex
 
@@ -166,7 +169,7 @@ def _claim(conn: sqlite3.Connection, key: str, ttl: float, keep: bool) -> bool:
     return conn.execute(_CLAIM, {"key": key, "expires": _expires_at(now, ttl, keep), "now": now}).rowcount == 1
 
 
-def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: bytes, ttl: float, keep: bool) -> int:
+def _add_members(conn: sqlite3.Connection, group: str, members: Mapping[str, bytes], ttl: float, keep: bool) -> int:
     with transaction(conn):
         now = time.time()
         row = conn.execute("SELECT size, expires_at FROM groups WHERE grp = ?", (group,)).fetchone()
@@ -176,10 +179,10 @@ def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: byte
             conn.execute("DELETE FROM group_members WHERE grp = ?", (group,))
         elif row is not None:
             size = row[0]
-        # The first payload wins; the write still sets the group's expiry.
-        added = conn.execute(
+        # The first payload wins; the write still sets the group's expiry. rowcount sums the rows.
+        added = conn.executemany(
             "INSERT INTO group_members (grp, member, payload) VALUES (?, ?, ?) ON CONFLICT (grp, member) DO NOTHING",
-            (group, member, payload),
+            [(group, member, payload) for member, payload in members.items()],
         ).rowcount
         size += added
         conn.execute(
@@ -190,11 +193,12 @@ def _add_member(conn: sqlite3.Connection, group: str, member: str, payload: byte
         return size
 
 
-def _remove_member(conn: sqlite3.Connection, group: str, member: str) -> None:
+def _remove_members(conn: sqlite3.Connection, group: str, members: Sequence[str]) -> None:
     with transaction(conn):
-        gone = conn.execute("DELETE FROM group_members WHERE grp = ? AND member = ?", (group, member)).rowcount
+        rows = [(group, member) for member in members]
+        gone = conn.executemany("DELETE FROM group_members WHERE grp = ? AND member = ?", rows).rowcount
         if gone:
-            conn.execute("UPDATE groups SET size = size - 1 WHERE grp = ?", (group,))
+            conn.execute("UPDATE groups SET size = size - ? WHERE grp = ?", (gone, group))
 
 
 def _members(conn: sqlite3.Connection, group: str, after: str, limit: int) -> dict[str, bytes]:
@@ -264,7 +268,7 @@ class SqliteBackend:
         self._poller: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> SqliteBackend:
+    def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
         return cls(sqlite_path(url), ttl_seconds)
 
     async def connect(self) -> None:
@@ -308,15 +312,27 @@ class SqliteBackend:
         return applied
 
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        count = await self._db.run(lambda conn: _add_member(conn, group, member, payload, self._ttl, keep))
-        await self._after_write()
+        return await self.add_members(group, {member: payload}, keep)
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        count = 0
+        for names in member_chunks(members):
+            chunk = {name: members[name] for name in names}
+            count = await self._db.run(
+                functools.partial(_add_members, group=group, members=chunk, ttl=self._ttl, keep=keep)
+            )
+            await self._after_write()
         return count
 
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
         return await self._db.run(lambda conn: _members(conn, group, after, limit))
 
     async def remove_member(self, group: str, member: str) -> None:
-        await self._db.run(lambda conn: _remove_member(conn, group, member))
+        await self.remove_members(group, [member])
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        for chunk in member_chunks(members):
+            await self._db.run(functools.partial(_remove_members, group=group, members=chunk))
 
     async def claim(self, key: str, keep: bool = False) -> bool:
         won = await self._db.run(lambda conn: _claim(conn, key, self._ttl, keep))

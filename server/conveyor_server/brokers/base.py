@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,12 @@ class QueueStats:
 @runtime_checkable
 class Broker(Protocol):
     """Async queue engine."""
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Build (not connect) the engine from its URL (`engines.open_broker` picks the class by the
+        URL's scheme). Options in the query string are the engine's own; its docstring lists them."""
+        ...
 
     async def connect(self) -> None:
         """Open connections and create what the engine needs (tables, scripts)."""

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from .base import Delivery, OutgoingMessage, QueueStats
 
@@ -36,6 +37,11 @@ class MemoryBroker:
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """`memory://`: queues in this process only, so the URL has nothing more to say."""
+        return cls()
 
     async def connect(self) -> None:
         return None

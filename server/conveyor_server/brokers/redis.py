@@ -1,7 +1,7 @@
 """Redis broker (redis.asyncio): crash-safe queues with leases, priorities and delays.
 
-Layout per queue `q` (all keys share the hash tag `{prefix:q}`, so one queue lives in one
-cluster slot and every script touches one slot):
+Layout per queue `q`, keys `prefix:{q}:msg` and so on (all share the hash tag `{q}`, so one
+queue lives in one cluster slot and every script touches one slot):
 
 - `msg`     hash   id -> body
 - `meta`    hash   id -> "<priority>:<message_id>"
@@ -32,6 +32,18 @@ no command blocks on the server (no BLPOP), and the pub/sub reader waits in slic
 than the socket timeout. A Redis still loading its data after a restart answers `LOADING`,
 which redis-py raises as `BusyLoadingError`, a subclass of its `ConnectionError`: callers
 see it as the connection error it is.
+
+Redis Cluster (`redis+cluster://host:port,host:port/?prefix=...`, or `redis://...?cluster=1`;
+see redis_cluster.py) needs no other key names: the hash tag puts each queue in one slot, so
+every script still runs on one node, and single-node deployments keep their keys. What spans
+queues works key by key: a round trip of scripts is a non-transactional cluster pipeline (redis-py
+sends each node its share), the registry is one set in one slot (while its master is down, the
+calls that register a queue again, recovery and queues() can fail as transient), the first recovery SCANs
+every master, and the signals are cluster-wide PUBLISHes read on one node's connection (that
+node down: fetches fall back to the bounded poll until the listener resubscribes). A restarted
+master has an empty script cache: the NOSCRIPT reply reloads the scripts. Without replicas,
+only what a master had fsynced survives its crash: run cluster masters with `appendonly yes`
+and `appendfsync always` for the guarantee a single Redis gives with the same settings.
 """
 
 from __future__ import annotations
@@ -46,9 +58,11 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ._wakeups import Wakeups
 from .base import Delivery, OutgoingMessage, QueueStats
@@ -334,7 +348,7 @@ class RedisBroker:
         self._url = url
         self._prefix = prefix
         self._poll_seconds = poll_seconds
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -346,6 +360,7 @@ class RedisBroker:
     @classmethod
     def from_url(cls, url: str) -> Self:
         """`redis://host:port/db?prefix=NAME&poll=1.0`; other query options go to redis-py.
+        Redis Cluster: `redis+cluster://host:port,host:port/?prefix=NAME` (or `cluster=1`).
 
         `poll` bounds how long a waiting fetch sleeps without a signal (a lost pub/sub message).
         """
@@ -363,15 +378,16 @@ class RedisBroker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        client = open_redis(
-            self._url,
-            socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
-            health_check_interval=HEALTH_CHECK_SECONDS,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+            "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+            "health_check_interval": HEALTH_CHECK_SECONDS,
+        }
+        cluster = is_cluster_url(self._url)
+        client = open_redis_cluster(self._url, **options) if cluster else open_redis(self._url, **options)
         try:
-            info = await client.info("server")
-            check_version(_text(info.get("redis_version", "")))
+            for version in await _versions(client):
+                check_version(version)
         except BaseException:
             await client.aclose()
             raise
@@ -402,7 +418,7 @@ class RedisBroker:
         self._wakeups.wake_all()
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
             raise RuntimeError("RedisBroker is not connected; call connect() first")
         return self._client
@@ -424,12 +440,12 @@ class RedisBroker:
 
         `register`: queues to add to the registry set in the same round trip. The pipeline sends
         EVALSHA itself: a registered script run on a pipeline would first ask SCRIPT EXISTS, one
-        more round trip on every call."""
+        more round trip on every call (and redis-py's cluster pipeline has no evalsha())."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for queue in register:
                 pipe.sadd(self._registry, queue)
             for name, keys, args in calls:
-                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         results = results[len(register):]
         if any(isinstance(result, NoScriptError) for result in results):
@@ -627,6 +643,15 @@ class RedisBroker:
             purged += [_text(meta).partition(":")[2] for meta in metas if meta is not None]
             if int(dropped) < BATCH:
                 return purged
+
+
+async def _versions(client: aioredis.Redis | RedisCluster) -> list[str]:
+    """INFO's redis_version of the server, or of every master of a cluster."""
+    if isinstance(client, RedisCluster):
+        replies = await client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        return [_text(info.get("redis_version", "")) for info in replies.values()]
+    info = await client.info("server")
+    return [_text(info.get("redis_version", ""))]
 
 
 def _holds_messages(stats: QueueStats) -> bool:

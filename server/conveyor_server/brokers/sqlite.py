@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .base import Delivery, OutgoingMessage, QueueStats
@@ -221,7 +221,7 @@ class SqliteBroker:
         self._arrivals: dict[str, asyncio.Event] = {}
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteBroker:
+    def from_url(cls, url: str) -> Self:
         return cls(sqlite_path(url))
 
     async def connect(self) -> None:

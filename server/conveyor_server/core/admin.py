@@ -18,7 +18,7 @@ from .inspection import Inspector
 from .limits import RateLimit, RateLimitTable
 from .pauses import QueuePauses, check_queue
 from .queue_deletion import active_queue, delete_queue
-from .records import DEAD_LETTERS_GROUP, S
+from .records import DEAD_LETTERS_GROUP, TaskStates
 from .repair import Repairer, RepairReport
 from .results import ResultReader
 from .schedules import Schedules
@@ -44,7 +44,7 @@ class Admin:
         inspector: Inspector | None = None,
     ) -> None:
         self.inspector = inspector or Inspector(store, reader, registry, Settings().lease_seconds)
-        self.indexer = indexer or TaskIndexer(store, None)
+        self.indexer = indexer or TaskIndexer(store.backend, None)
         self.rate_limits = rate_limits or RateLimitTable(store.backend)
         self.tasks = tasks
         self.broker = broker
@@ -148,7 +148,7 @@ class Admin:
                     await backend.remove_member(DEAD_LETTERS_GROUP, task_id)
                     continue
                 result = loaded[task_id].record.result
-                if result.state == S.TASK_STATE_FAILURE and (not queue or member_queue.decode() == queue):
+                if result.state == TaskStates.TASK_STATE_FAILURE and (not queue or member_queue.decode() == queue):
                     found.append(result)
         found.sort(key=lambda r: (r.finished_at.seconds, r.finished_at.nanos))
         return found[: limit or DEFAULT_LIST_LIMIT]

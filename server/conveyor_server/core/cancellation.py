@@ -41,6 +41,8 @@ class Canceller:
         if plan is not None:
             cancelled = await self._end(ids, cause)
             await self.followups.workflow.finished(plan)
+            if plan.replaces_task_id:  # a replacement: the task it runs in place of ends with it
+                cancelled.update(await self._end_with_follow_ups([plan.replaces_task_id], cause))
             return list(cancelled)
         # One task (perhaps of a workflow: its workflow moves on as after any failure).
         return list(await self._end_with_follow_ups(ids, cause))
@@ -85,6 +87,12 @@ class Canceller:
             return True
 
         ended = await self.store.update(ids, end)
+        for replaced_by in [record.replaced_by for record in ended.values() if record.replaced_by]:
+            # A replaced task's replacement runs in its place: it is cancelled too.
+            replacement = await self.store.plan(replaced_by)
+            if replacement is not None:
+                ended.update(await self._end(task_ids(replacement), cause, messages_left))
+                await self.followups.workflow.finished(replacement)
         await withdraw(self.store.backend, [record for task_id, record in waiting.items() if task_id in ended])
         if running:
             await self.stop_running([t for t in dict.fromkeys(running) if t in ended])

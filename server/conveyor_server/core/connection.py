@@ -121,7 +121,8 @@ class WorkerConnections:
         self.tasks = tasks
         self._background: set[asyncio.Task[None]] = set()
 
-    def open(self, hello: w.Hello) -> WorkerSession:
+    def open(self, hello: w.Hello, allowed_queues: Sequence[str] = ()) -> WorkerSession:
+        """A session for `hello`; `allowed_queues`: those its token is limited to (empty: any)."""
         if hello.max_in_flight < 1:
             raise InvalidArgument(f"hello.max_in_flight must be at least 1, got {hello.max_in_flight}")
         for queue in hello.queues:
@@ -135,6 +136,7 @@ class WorkerConnections:
             queues=list(dict.fromkeys(hello.queues)) or [self.settings.default_queue],
             window=max(hello.max_in_flight, 1),
             connected_at=connected,
+            allowed_queues=tuple(allowed_queues),
         )
         if self.tasks is not None:
             self.tasks.joined(session)  # first: a Hello it refuses leaves nothing behind
@@ -462,7 +464,9 @@ class WorkerConnections:
                 being_recorded.append(lease)
         await _until_recorded(being_recorded)
         try:
-            recorded = await self.recorder.record(results.outcomes, session.worker_id, receipts)
+            recorded = await self.recorder.record(
+                results.outcomes, session.worker_id, receipts, allowed_queues=session.allowed_queues
+            )
         except BaseException:
             for lease in receipts.values():  # not written: a retry of this report writes it
                 lease.receipt_pending = True

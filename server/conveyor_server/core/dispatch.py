@@ -15,8 +15,10 @@ Whether a task may run is decided on a fresh read of its record, never on this p
 remembered copy: another replica may have cancelled it since. A message whose task already
 ended (a duplicate, a cancelled task, or a redelivery after the server died between recording
 a result and acking) is dropped: for ended tasks the follow-ups are first repeated
-idempotently (repair), and the message is acked only once they are done. A retry's message
-that comes back before its next attempt is due is handed back with the remaining delay.
+idempotently (repair), and the message is acked only once they are done. A replaced task
+(core/replacement.py) counts as ended: its replacement is started again (idempotently). A
+retry's message that comes back before its next attempt is due is handed back with the
+remaining delay.
 
 Deliveries are counted: a message that comes back for a task still RECEIVED or STARTED under
 an earlier lease was lost with its worker (or that worker's server) mid-run; the record notes a
@@ -55,6 +57,7 @@ from .followups import FollowUps
 from .publisher import decode_message
 from .records import FAILED_STATES, S, error, is_terminal, new_record, transition
 from .repair import replaces_stale_lease
+from .replacement import is_replaced, waits_for_replacement
 from .store import Loaded, TaskStore
 
 if TYPE_CHECKING:
@@ -131,8 +134,9 @@ class Claim:
 
 
 def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) -> bool:
-    """RECEIVED with the lease's token; False (and no change) when the task already ended."""
-    if is_terminal(record):
+    """RECEIVED with the lease's token; False (and no change) when the task already ended (or
+    was replaced)."""
+    if is_terminal(record) or is_replaced(record):
         return False
     if record.result.state in _RUNNING and record.lease_token and record.lease_token != lease.token:
         record.attempt_errors.append(error(
@@ -201,8 +205,8 @@ class Dispatcher:
         expired: dict[str, tuple[str, Delivery]] = {}
         for task_id, (delivery, message) in messages.items():
             found = records.get(task_id)
-            if found is None or is_terminal(found.record):
-                ended[task_id] = delivery
+            if found is None or is_terminal(found.record) or is_replaced(found.record):
+                ended[task_id] = delivery  # a replaced task's run is over: it waits for its replacement
                 continue
             record = found.record
             if (record.result.state in _RUNNING and record.lease_token and delivery.delivery_count <= 1
@@ -333,6 +337,7 @@ class Dispatcher:
         finished = [
             found.record for found in records.values()
             if found.record.result.state == S.TASK_STATE_SUCCESS or found.record.result.state in FAILED_STATES
+            or waits_for_replacement(found.record)  # its replacement is started again
         ]
         try:
             if finished:

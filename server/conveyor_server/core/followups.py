@@ -2,7 +2,8 @@
 
 Every step is idempotent, so the whole pass may run again (`repair=True`) after a crash or an
 engine error stopped it: the broker message of the task that ended is acked only once its
-follow-ups are done, and comes back for repair otherwise.
+follow-ups are done, and comes back for repair otherwise. A task that was replaced
+(core/replacement.py) has one follow-up of its own before it ends: starting its replacement.
 """
 
 from __future__ import annotations
@@ -12,29 +13,36 @@ from collections.abc import Mapping, Sequence
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
 
+from ..config import Limits
 from .confirmed import publish_confirmed, take_over
 from .publisher import Publisher
-from .records import FAILED_STATES, S, new_record
+from .records import FAILED_STATES, TaskStates, new_record
+from .replacement import Replacements, waits_for_replacement
 from .signatures import error_value, filled, with_leading_arg
 from .store import TaskStore
 from .workflow import WorkflowEngine
 
 
 class FollowUps:
+    """Runs the follow-ups of ended tasks. It builds the workflow engine it drives and hands it
+    itself (the engine's FollowUpHooks): each needs the other, and both are complete once built."""
+
     def __init__(
-        self, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine, default_queue: str
+        self, store: TaskStore, publisher: Publisher, default_queue: str, limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
-        self.workflow = workflow
         self.default_queue = default_queue
-        workflow.on_engine_terminal = self.after_terminal
-        workflow.fire_callbacks = self.fire_callbacks
+        self.workflow = WorkflowEngine(store, publisher, followups=self)
+        self.replacements = Replacements(store, self.workflow, default_queue, limits or Limits(), self.after_terminal)
 
     async def after_terminal(self, records: Sequence[records_pb2.TaskRecord], repair: bool = False) -> None:
         for record in records:
+            if waits_for_replacement(record):
+                await self.replacements.start(record, repair)
+                continue
             result = record.result
-            if result.state == S.TASK_STATE_SUCCESS and result.signature.on_success:
+            if result.state == TaskStates.TASK_STATE_SUCCESS and result.signature.on_success:
                 await self.fire_callbacks(
                     f"{result.task_id}.ok", list(result.signature.on_success), result.result, result.workflow_id,
                     result.signature.headers, repair,
@@ -46,6 +54,11 @@ class FollowUps:
                 )
             if record.node_id:
                 await self.workflow.on_task_terminal(record, repair)
+
+    async def replacement_done(
+        self, plan: records_pb2.WorkflowPlan, outcome: records_pb2.NodeOutcome, repair: bool,
+    ) -> None:
+        await self.replacements.finish(plan, outcome, repair)
 
     async def fire_callbacks(
         self,

@@ -39,7 +39,7 @@ class Inspector:
         response.deliveries = record.deliveries
         response.workflow_node_id = record.node_id
         response.enqueued = record.enqueued
-        if result.state in LEASED:
+        if result.state in LEASED and not record.replaced_by:  # a replaced task's lease ended with its report
             response.lease_holder = result.worker_id
             response.lease_expires_at.CopyFrom(self._lease_expiry(task_id, record))
         response.follow_ups_pending = await self._follow_ups_pending(task_id)

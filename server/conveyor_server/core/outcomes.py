@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -27,6 +27,7 @@ from .dispatch import Lease, mark_received
 from .expiry import is_expired, mark_expired
 from .followups import FollowUps
 from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
+from .replacement import Checked, is_replaced, mark_replaced, waits_for_replacement
 from .retry import attempts_allowed, next_delay, seconds
 from .routing import bounce_delay
 from .store import TaskStore
@@ -106,19 +107,21 @@ class OutcomeRecorder:
 
     async def record(
         self, outcomes: Sequence[worker_service_pb2.TaskOutcome], worker_id: str,
-        receipts: Mapping[str, Lease] | None = None,
+        receipts: Mapping[str, Lease] | None = None, allowed_queues: Collection[str] = (),
     ) -> Recorded:
         """Apply outcomes; returns the ack status per task id and the messages to hand back.
         `receipts` holds the leases whose RECEIVED is not written yet: it is written along
-        with their outcome."""
+        with their outcome. `allowed_queues`: the only queues the worker's replacements may
+        use (its token's; empty: any)."""
         by_id = {o.task_id: o for o in outcomes}
         decisions: dict[str, _Decision] = {}
         receipts = receipts or {}
+        replacements = await self.followups.replacements.prepare(outcomes, allowed_queues)
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             decision = decisions[task_id] = _Decision()
             outcome = by_id[task_id]
-            if is_terminal(record):
+            if is_terminal(record) or is_replaced(record):
                 decision.status = worker_service_pb2.ACK_STATUS_ALREADY_DONE
                 return False
             receipt = receipts.get(task_id)
@@ -132,6 +135,8 @@ class OutcomeRecorder:
             if outcome.outcome == worker_service_pb2.OUTCOME_REQUEUED:
                 decision.requeue = _requeue(record, outcome, worker_id)
                 decision.retry_delay = bounce_delay(record.requeues)
+            elif outcome.outcome == worker_service_pb2.OUTCOME_REPLACED:
+                _replace(record, outcome, replacements.get(task_id), worker_id)
             else:
                 decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
             return True
@@ -290,7 +295,7 @@ class OutcomeRecorder:
                 if result.state == S.TASK_STATE_RETRY or (decision is not None and decision.requeue):
                     recorded.requeue[task_id] = decisions[task_id].retry_delay
                     continue
-                if not is_terminal(record):
+                if not is_terminal(record) and not waits_for_replacement(record):
                     continue
                 try:
                     if result.state == S.TASK_STATE_FAILURE:
@@ -312,6 +317,18 @@ def _fail_rejected(
     record.attempt_errors.append(rejected)
     record.result.error.CopyFrom(rejected)
     transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=rejected)
+
+
+def _replace(
+    record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, checked: Checked | None,
+    worker_id: str,
+) -> None:
+    """The task asked to be replaced (core/replacement.py): its record keeps the replacement,
+    which its follow-ups start; a refused one fails the task for good, as a rejection does."""
+    refusal = mark_replaced(record, outcome, checked)
+    if refusal is not None:
+        at = outcome.finished_at if outcome.HasField("finished_at") else now()
+        _fail_rejected(record, refusal, at, worker_id)
 
 
 def _requeue(record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, worker_id: str) -> bool:

@@ -30,8 +30,9 @@ class CompiledWorkflow:
 
 def compile_workflow(workflow: workflow_pb2.Workflow, workflow_id: str, fill: Fill) -> CompiledWorkflow:
     """`fill` completes a signature (id, queue, trace headers) before it is stored."""
+    # The plan keeps no copy of `workflow` (WorkflowPlan.source): its nodes and the task records
+    # hold all that runs, and a copy would grow the plan with every map item and group member.
     compiled = CompiledWorkflow(records_pb2.WorkflowPlan(workflow_id=workflow_id))
-    compiled.plan.source.CopyFrom(workflow)
     compiled.plan.root_node_id = _Planner(compiled, fill).add(workflow, "", 0)
     return compiled
 

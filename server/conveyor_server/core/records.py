@@ -11,7 +11,7 @@ from conveyor.v1 import result_pb2, task_pb2
 from conveyor.values import timestamp_now
 
 
-class S:
+class TaskStates:
     """TaskState values as plain attributes: the generated enum wrapper resolves each
     attribute through __getattr__, which shows up in profiles of the hot path."""
 
@@ -25,6 +25,10 @@ class S:
     TASK_STATE_CANCELLED = result_pb2.TASK_STATE_CANCELLED
     TASK_STATE_EXPIRED = result_pb2.TASK_STATE_EXPIRED
     Name = staticmethod(result_pb2.TaskState.Name)
+
+
+# The old name, kept until every module imports TaskStates (issue #20); use TaskStates in new code.
+S = TaskStates
 
 
 TERMINAL_STATES = frozenset({

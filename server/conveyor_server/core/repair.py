@@ -44,6 +44,7 @@ from ..config import ConfigError, Settings
 from .publish_index import Bucket, PublishIndex
 from .publisher import Publication, Publisher
 from .records import TERMINAL_STATES, S
+from .replacement import is_replaced
 from .store import Loaded, TaskStore
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,10 @@ class Verdict:
 def judge(
     record: records_pb2.TaskRecord, at: float, after: float, lease_after: float, backoff: bool = True
 ) -> Verdict | None:
-    """Whether a task looks lost at `at`; None when it needs no watching (ended, or a workflow
-    step not started yet)."""
+    """Whether a task looks lost at `at`; None when it needs no watching (ended, replaced: its
+    message is kept until its replacement started, or a workflow step not started yet)."""
     state = record.result.state
-    if state in TERMINAL_STATES or not record.enqueued or state == S.TASK_STATE_UNSPECIFIED:
+    if state in TERMINAL_STATES or not record.enqueued or state == S.TASK_STATE_UNSPECIFIED or is_replaced(record):
         return None
     since = last_sign_of_life(record)
     due = since + (lease_after if state in _RUNNING else after)

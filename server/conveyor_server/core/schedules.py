@@ -1,9 +1,10 @@
 """Periodic tasks: cron schedules kept in the backend and fired by every replica's scheduler.
 
-Storage: one record per schedule (`schedule:<name>`, a small JSON envelope around the
-serialized `conveyor.v1.Schedule`) and the index group `schedules` (member = name). The
-backend has no delete, so a deleted schedule is a tombstone record plus its removal from the
-index. Records and the index are rewritten now and then, so they outlive the backend's TTL.
+Storage: one `ScheduleRecord` per schedule (`schedule:<name>`, core/schedule_records.py),
+written by compare-and-set (core/versioned.py), and the index group `schedules` (member =
+name). The backend has no delete, so a deleted schedule is a tombstone record plus its removal
+from the index. Records and the index are rewritten now and then, so they outlive the
+backend's TTL.
 
 Exactly once per tick, across any number of replicas: every replica looks at every due
 schedule once per `schedule_tick_seconds` and submits the tick's task with the deterministic
@@ -25,8 +26,6 @@ as usual, one task each.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import math
 import re
@@ -41,12 +40,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import admin_service_pb2, task_pb2, task_service_pb2
 
-from ..backends.base import Backend, Update
+from ..backends.base import Backend
 from ..config import Settings
+from . import schedule_records
 from .errors import AlreadyExists, CoreError, InvalidArgument, NotFound
 from .pauses import KEEPALIVE_MEMBER, keepalive_interval
+from .schedule_records import ScheduleRecord
+from .store import ConflictError
 from .submission import Submitter
 from .validation import check_signature
+from .versioned import Stored, VersionedRecords
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,6 @@ SCHEDULE_HEADER = "conveyor-schedule"
 TICK_HEADER = "conveyor-tick"
 # Most on-time ticks fired in one pass for one schedule (a seconds cron after a stall).
 MAX_FIRES_PER_PASS = 1000
-MAX_CAS_ROUNDS = 20
 
 
 def schedule_key(name: str) -> str:
@@ -153,31 +155,6 @@ def plan_ticks(
     return Plan(fire, tick, missed)
 
 
-# -- storage ------------------------------------------------------------------------------------
-
-@dataclass
-class _Stored:
-    schedule: Schedule
-    version: int
-    touched: float
-    deleted: bool
-
-
-def _encode(schedule: Schedule | None, touched: float) -> bytes:
-    if schedule is None:
-        return json.dumps({"deleted": True, "touched": touched}).encode()
-    blob = base64.b64encode(schedule.SerializeToString()).decode()
-    return json.dumps({"schedule": blob, "touched": touched}).encode()
-
-
-def _decode(data: bytes, version: int) -> _Stored:
-    envelope = json.loads(data)
-    schedule = Schedule()
-    if not envelope.get("deleted"):
-        schedule.ParseFromString(base64.b64decode(envelope["schedule"]))
-    return _Stored(schedule, version, float(envelope.get("touched", 0.0)), bool(envelope.get("deleted")))
-
-
 def _stamp(seconds: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromSeconds(seconds)
@@ -199,15 +176,28 @@ class Schedules:
         self._keepalive_seconds = keepalive_interval(settings.result_ttl_seconds)
         self._index_kept_alive_at: float | None = None
 
+    @property
+    def _records(self) -> VersionedRecords[ScheduleRecord]:
+        # Built on use, over whatever `backend` is now (tests swap it to script a crash).
+        return VersionedRecords(self.backend, schedule_records.parse)
+
     # -- operator API ------------------------------------------------------------------------
 
     async def create(self, requested: Schedule) -> Schedule:
         """Store a schedule; one with the same name is replaced (its last_run_at is kept)."""
         schedule = self._validated(requested)
-        key = schedule_key(schedule.name)
         now = self.clock()
-        if await self.backend.insert({key: _encode(schedule, now)}):
-            await self._replace(key, schedule, now)
+
+        def replacing(read: Stored[ScheduleRecord] | None) -> ScheduleRecord:
+            record = schedule_records.live(schedule, now)
+            previous = read.record if read is not None else None
+            if previous is not None and not previous.deleted and previous.schedule.HasField("last_run_at"):
+                record.schedule.last_run_at.CopyFrom(previous.schedule.last_run_at)
+            return record
+
+        written = await self._change(schedule.name, replacing)
+        assert written is not None  # `replacing` always writes
+        schedule = written.schedule
         await self.backend.add_member(SCHEDULES_GROUP, schedule.name, b"")
         log.info("schedule %s stored: %r, task %s, next run %s", schedule.name, schedule.cron,
                  schedule.task.name, schedule.next_run_at.ToJsonString())
@@ -215,24 +205,24 @@ class Schedules:
 
     async def all(self) -> list[Schedule]:
         stored = await self._load(await self._names())
-        return [stored[name].schedule for name in sorted(stored) if not stored[name].deleted]
+        return [stored[name].record.schedule for name in sorted(stored) if not stored[name].record.deleted]
 
     async def delete(self, name: str) -> None:
         """Forget a schedule; its future ticks never fire. NotFound when there is none."""
         stored = (await self._load([name])).get(name)
         indexed = name in await self._names()
-        if not indexed and (stored is None or stored.deleted):
+        if not indexed and (stored is None or stored.record.deleted):
             raise NotFound(
                 f"no schedule named {name[:80]!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name[:200]}
             )
         await self.backend.remove_member(SCHEDULES_GROUP, name)
-        for _ in range(MAX_CAS_ROUNDS):
-            if stored is None or stored.deleted:
-                break
-            update = Update(schedule_key(name), stored.version, _encode(None, self.clock()))
-            if (await self.backend.compare_and_set([update]))[0]:
-                break
-            stored = (await self._load([name])).get(name)
+
+        def burying(read: Stored[ScheduleRecord] | None) -> ScheduleRecord | None:
+            if read is None or read.record.deleted:
+                return None
+            return schedule_records.tombstone(self.clock())
+
+        await self._change(name, burying)
         log.info("schedule %s deleted", name)
 
     # -- firing -------------------------------------------------------------------------------
@@ -257,7 +247,7 @@ class Schedules:
             self._index_kept_alive_at = now
         submitted: list[str] = []
         for name, item in sorted(stored.items()):
-            if item.deleted:
+            if item.record.deleted:
                 continue
             try:
                 submitted.extend(await self._advance(item, now))
@@ -265,12 +255,12 @@ class Schedules:
                 log.exception("schedule %s: firing failed; will retry on the next pass", name)
         return submitted
 
-    async def _advance(self, item: _Stored, now: float) -> list[str]:
-        schedule = item.schedule
+    async def _advance(self, item: Stored[ScheduleRecord], now: float) -> list[str]:
+        schedule = item.record.schedule
         plan = plan_ticks(
             schedule.cron, schedule.next_run_at.seconds, now, schedule.missed_ticks or SKIP, self.grace
         )
-        stale = now - item.touched >= self._keepalive_seconds
+        stale = now - schedule_records.touched(item.record) >= self._keepalive_seconds
         if not plan.fire and plan.next_run_at == schedule.next_run_at.seconds and not stale:
             return []
         if plan.missed:
@@ -283,9 +273,7 @@ class Schedules:
         if plan.fire:
             updated.last_run_at.CopyFrom(_stamp(max(plan.fire)))
         # Losing this race is fine: another replica (or a re-created schedule) moved it on.
-        await self.backend.compare_and_set(
-            [Update(schedule_key(schedule.name), item.version, _encode(updated, now))]
-        )
+        await self._records.put(schedule_key(schedule.name), item, schedule_records.live(updated, now))
         return submitted
 
     async def _fire(self, schedule: Schedule, tick: int) -> str:
@@ -332,34 +320,18 @@ class Schedules:
         schedule.next_run_at.CopyFrom(_stamp(next_tick(cron, self.clock())))
         return schedule
 
-    async def _replace(self, key: str, schedule: Schedule, now: float) -> None:
-        for _ in range(MAX_CAS_ROUNDS):
-            found = (await self.backend.get([key])).get(key)
-            if found is None:
-                if not await self.backend.insert({key: _encode(schedule, now)}):
-                    return
-                continue
-            previous = _decode(found.data, found.version)
-            if not previous.deleted and previous.schedule.HasField("last_run_at"):
-                schedule.last_run_at.CopyFrom(previous.schedule.last_run_at)
-            if (await self.backend.compare_and_set([Update(key, found.version, _encode(schedule, now))]))[0]:
-                return
-        raise AlreadyExists(f"schedule {schedule.name!r} kept changing under concurrent writers; try again")
+    async def _change(
+        self, name: str, edit: Callable[[Stored[ScheduleRecord] | None], ScheduleRecord | None]
+    ) -> ScheduleRecord | None:
+        try:
+            return await self._records.change(schedule_key(name), edit)
+        except ConflictError:
+            raise AlreadyExists(f"schedule {name!r} kept changing under concurrent writers; try again") from None
 
     async def _names(self) -> list[str]:
         return [name for name in await self.backend.members(SCHEDULES_GROUP) if name != KEEPALIVE_MEMBER]
 
-    async def _load(self, names: list[str]) -> dict[str, _Stored]:
-        if not names:
-            return {}
-        found = await self.backend.get([schedule_key(name) for name in names])
-        loaded: dict[str, _Stored] = {}
-        for name in names:
-            record = found.get(schedule_key(name))
-            if record is None:
-                continue
-            try:
-                loaded[name] = _decode(record.data, record.version)
-            except (ValueError, KeyError):
-                log.error("schedule %s: unreadable record; ignoring it", name)
-        return loaded
+    async def _load(self, names: list[str]) -> dict[str, Stored[ScheduleRecord]]:
+        """The readable records of `names`, by name (an expired or unreadable one is left out)."""
+        found = await self._records.load([schedule_key(name) for name in names])
+        return {name: found[schedule_key(name)] for name in names if schedule_key(name) in found}

@@ -30,6 +30,8 @@ class WorkerSession:
     queues: list[str]
     window: int
     connected_at: Timestamp
+    # The queues the worker's token is limited to (empty: any); its replacements may use only these.
+    allowed_queues: tuple[str, ...] = ()
     # Messages for the worker; None marks the end of the stream.
     outbox: asyncio.Queue[worker_service_pb2.ConnectResponse | None] = field(default_factory=asyncio.Queue)
     leases: dict[str, Lease] = field(default_factory=dict)

@@ -62,9 +62,18 @@ def _parse(data: bytes) -> records_pb2.TaskRecord:
     return record
 
 
+async def load_records(backend: Backend, task_ids: Sequence[str]) -> dict[str, Loaded]:
+    """The records as the backend holds them now (TaskStore.load, for readers that hold no store)."""
+    if not task_ids:
+        return {}
+    found = await backend.get([task_key(t) for t in task_ids])
+    return {key.removeprefix("task:"): Loaded(_parse(v.data), v.version) for key, v in found.items()}
+
+
 class TaskStore:
     def __init__(
-        self, backend: Backend, recent_records: int = RECENT_RECORDS, cached_plans: int = CACHED_PLANS
+        self, backend: Backend, recent_records: int = RECENT_RECORDS, cached_plans: int = CACHED_PLANS,
+        *, write_hook: WriteListener | None = None,
     ) -> None:
         self.backend = backend
         # Plans never change once written, so every replica may cache them (the latest few).
@@ -74,7 +83,7 @@ class TaskStore:
         self._recent_limit = recent_records
         self._listeners: dict[str, list[WriteListener]] = {}
         # Called with every record this process writes (the task index: core/task_index.py).
-        self.write_hook: WriteListener | None = None
+        self.write_hook = write_hook
 
     async def create(self, records: Iterable[records_pb2.TaskRecord]) -> list[str]:
         """Insert new records; returns the task ids that already existed (left unchanged).
@@ -91,10 +100,7 @@ class TaskStore:
 
     async def load(self, task_ids: Sequence[str]) -> dict[str, Loaded]:
         """The records as the backend holds them now."""
-        if not task_ids:
-            return {}
-        found = await self.backend.get([task_key(t) for t in task_ids])
-        return {key.removeprefix("task:"): Loaded(_parse(v.data), v.version) for key, v in found.items()}
+        return await load_records(self.backend, task_ids)
 
     def remembers(self, task_id: str) -> bool:
         """True when this process wrote the record lately (an update need not read it first)."""

@@ -11,6 +11,7 @@ The entry is removed once the tasks are out.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
@@ -21,7 +22,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, task_service_pb2
 
 from ..backends.base import Update
-from ..config import Settings
+from ..config import Limits, Settings
 from .admission import Admission
 from .canvas.options import apply_options
 from .errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
@@ -73,12 +74,23 @@ class Submitter:
     async def submit(
         self, requests: Sequence[task_service_pb2.SubmitRequest], headers: Mapping[str, str] | None = None,
         queues: Collection[str] = (),
+        streamed: bool = False,
     ) -> list[task_service_pb2.SubmitResponse]:
-        """Accept the requests; `queues`, when given, are the only queues the caller may use."""
+        """Accept the requests; `queues`, when given, are the only queues the caller may use.
+        A `streamed` submission (core/streamed.py) may hold up to max_stream_tasks tasks."""
         if not requests:
             raise InvalidArgument("nothing to submit: the batch is empty")
-        prepared = [self._prepare(request, i, len(requests), headers) for i, request in enumerate(requests)]
-        self._check_total(prepared)
+        limits = self.settings.limits
+        if streamed:
+            limits = dataclasses.replace(limits, max_workflow_tasks=limits.max_stream_tasks)
+
+        def prepare() -> list[_Prepared]:
+            return [self._prepare(request, i, len(requests), headers, limits) for i, request in enumerate(requests)]
+
+        # Checking and planning 100,000s of streamed tasks takes seconds: off the event loop, so
+        # that workers' heartbeats and other calls are still served meanwhile.
+        prepared = await asyncio.to_thread(prepare) if streamed else prepare()
+        self._check_total(prepared, limits)
         if self.checks is not None:
             await self.checks.check(requests)
         await self._resolve_idempotency(prepared)
@@ -86,7 +98,7 @@ class Submitter:
         fresh = [p for p in prepared if not p.duplicate_of]
         if not fresh:
             return [p.response for p in prepared]
-        records = self._records(fresh)
+        records = await asyncio.to_thread(self._records, fresh) if streamed else self._records(fresh)
         used = {r.result.queue for r in records}
         if queues:
             used |= {q for request in requests for q in queues_named(request, self.settings.default_queue)}
@@ -154,11 +166,11 @@ class Submitter:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def _prepare(
-        self, request: task_service_pb2.SubmitRequest, index: int, total: int, headers: Mapping[str, str] | None
+        self, request: task_service_pb2.SubmitRequest, index: int, total: int, headers: Mapping[str, str] | None,
+        limits: Limits,
     ) -> _Prepared:
         where = f"requests[{index}]" if total > 1 else "request"
         target = request.WhichOneof("target")
-        limits = self.settings.limits
         if target is None:
             raise InvalidArgument(f"{where}: set task or workflow")
         apply_options(request, where)
@@ -180,12 +192,10 @@ class Submitter:
         )
         return _Prepared(response, workflow=compiled)
 
-    def _check_total(self, prepared: Sequence[_Prepared]) -> None:
+    def _check_total(self, prepared: Sequence[_Prepared], limits: Limits) -> None:
         total = sum(len(p.response.task_ids) for p in prepared)
-        if total > self.settings.limits.max_workflow_tasks:
-            raise InvalidArgument(
-                f"the submission holds {total} tasks, over the limit of {self.settings.limits.max_workflow_tasks}"
-            )
+        if total > limits.max_workflow_tasks:
+            raise InvalidArgument(f"the submission holds {total} tasks, over the limit of {limits.max_workflow_tasks}")
 
     async def _resolve_idempotency(self, prepared: Sequence[_Prepared]) -> None:
         """A task whose idempotency key was seen within the retention window is not submitted

@@ -34,7 +34,7 @@ from conveyor.v1 import result_pb2
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
 from .errors import InvalidArgument
-from .store import TaskStore
+from .store import load_records
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,19 @@ def check_query(query: TaskQuery) -> TaskQuery:
 
 
 class TaskIndexer:
-    def __init__(self, store: TaskStore, index: TaskIndex | None, unsupported: str = "") -> None:
-        self.store = store
+    """Keeps the task index (the store's write hook: build it first, then the store with
+    `write_hook=indexer.note`) and lists tasks through it, reading their records from `backend`."""
+
+    def __init__(self, backend: Backend, index: TaskIndex | None, unsupported: str = "") -> None:
+        self.backend = backend
         self.index = index
         # Why listing is off, for the UNIMPLEMENTED message (when index is None).
         self.unsupported = unsupported or "this backend cannot list tasks"
-        self._pending: dict[str, Noted] = {}
+        # Noted entries of live tasks in the order first noted (so the ones held long enough are
+        # a prefix), and of ended tasks (due at once): a flush takes what is due without
+        # scanning everything that waits.
+        self._live: dict[str, Noted] = {}
+        self._ended: dict[str, Noted] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
         self._dropped = 0
@@ -115,13 +122,13 @@ class TaskIndexer:
         self.on_flush: list[Callable[[int], None]] = []
 
     @classmethod
-    def for_backend(cls, store: TaskStore, backend: Backend, enabled: bool = True) -> TaskIndexer:
+    def for_backend(cls, backend: Backend, enabled: bool = True) -> TaskIndexer:
         if not enabled:
-            return cls(store, None, "task listing is turned off (setting task_index: false)")
+            return cls(backend, None, "task listing is turned off (setting task_index: false)")
         if isinstance(backend, ListsTasks):
-            return cls(store, backend.task_index())
+            return cls(backend, backend.task_index())
         engine = type(backend).__name__.removesuffix("Backend").lower()
-        return cls(store, None, f"the {engine} backend keeps no task index, so it cannot list tasks (SQLite, Redis, "
+        return cls(backend, None, f"the {engine} backend keeps no task index, so it cannot list tasks (SQLite, Redis, "
                                 "MongoDB and memory can; InspectTask still reads a task by its id)")
 
     @property
@@ -136,28 +143,44 @@ class TaskIndexer:
             return
         result = record.result
         task_id = result.task_id
-        held = self._pending.get(task_id)
-        if held is not None and held[0] == result.state:
+        state = result.state
+        held = self._live.get(task_id) or self._ended.get(task_id)
+        if held is not None and held[0] == state:
             return  # noted as it is (a write that did not change the state)
-        if held is None and len(self._pending) >= MAX_PENDING:
+        if held is None and len(self._live) + len(self._ended) >= MAX_PENDING:
             self._dropped += 1
             return
         stamp = result.submitted_at
         submitted_us = stamp.seconds * 1_000_000 + stamp.nanos // 1_000
         first = held[4] if held is not None else time.monotonic()
-        self._pending[task_id] = (result.state, result.queue, result.name, submitted_us, first)
+        self._keep(task_id, (state, result.queue, result.name, submitted_us, first))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
+    def _keep(self, task_id: str, noted: Noted) -> None:
+        """File the entry as ended or live (a live one keeps its place: it was first noted then)."""
+        if noted[0] in TERMINAL_STATES:
+            self._live.pop(task_id, None)
+            self._ended[task_id] = noted
+        else:
+            self._ended.pop(task_id, None)
+            self._live[task_id] = noted
+
     def _take_due(self, everything: bool) -> dict[str, Noted]:
         """The noted entries to write now: ended tasks', and live ones held long enough."""
+        due, self._ended = self._ended, {}
         if everything:
-            taken, self._pending = self._pending, {}
-            return taken
+            due.update(self._live)
+            self._live = {}
+            return due
         held_since = time.monotonic() - HOLD_LIVE_SECONDS
-        due = {t: n for t, n in self._pending.items() if n[0] in TERMINAL_STATES or n[4] <= held_since}
-        for task_id in due:
-            del self._pending[task_id]
+        held_long: list[str] = []
+        for task_id, noted in self._live.items():
+            if noted[4] > held_since:
+                break  # the rest were noted later still
+            held_long.append(task_id)
+        for task_id in held_long:
+            due[task_id] = self._live.pop(task_id)
         return due
 
     async def flush(self, everything: bool = True) -> int:
@@ -173,7 +196,8 @@ class TaskIndexer:
                 await self.index.write([IndexEntry(t, n[0], n[1], n[2], n[3]) for t, n in taken.items()])
             except BaseException:
                 for task_id, noted in taken.items():
-                    self._pending.setdefault(task_id, noted)  # a newer note wins
+                    if task_id not in self._live and task_id not in self._ended:  # a newer note wins
+                        self._keep(task_id, noted)
                 raise
         if self._dropped:
             log.warning("the task index fell behind (the backend is away?): %d updates left out", self._dropped)
@@ -185,8 +209,10 @@ class TaskIndexer:
     async def _flush_soon(self) -> None:
         delay = FLUSH_SECONDS
         try:
-            while self._pending:
-                if len(self._pending) < FLUSH_AT_ENTRIES:
+            while self._live or self._ended:
+                # Many ended entries go at once; otherwise (and after a failure) wait a tick, also
+                # when many live ones wait: they become due with time only.
+                if delay > FLUSH_SECONDS or len(self._ended) < FLUSH_AT_ENTRIES:
                     await asyncio.sleep(delay)
                 try:
                     await self.flush(everything=False)
@@ -208,7 +234,7 @@ class TaskIndexer:
         try:
             await self.flush()
         except Exception as exc:
-            log.warning("the task index lost %d updates at shutdown (%s: %s)", len(self._pending),
+            log.warning("the task index lost %d updates at shutdown (%s: %s)", len(self._live) + len(self._ended),
                         type(exc).__name__, exc)
 
     # -- reading ----------------------------------------------------------------------------
@@ -240,7 +266,7 @@ class TaskIndexer:
         """The records of `entries` that really match; the index repaired where it was wrong."""
         if not entries:
             return []
-        loaded = await self.store.load([e.task_id for e in entries])
+        loaded = await load_records(self.backend, [e.task_id for e in entries])
         matching, gone = [], []
         for entry in entries:
             found = loaded.get(entry.task_id)

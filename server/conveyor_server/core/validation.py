@@ -56,7 +56,8 @@ def _size(count: int) -> str:
 def check_signature(sig: task_pb2.Signature, limits: Limits, where: str = "task") -> int:
     """Validate a task and its callbacks (which count toward the workflow limits: the task is
     depth 1, each level of callbacks one more); returns how many tasks they make."""
-    _check_count(sig, limits, where, "the task and its callbacks")
+    if sig.on_success or sig.on_error or limits.max_workflow_tasks < 1:  # a lone task counts 1: no walk
+        _check_count(sig, limits, where, "the task and its callbacks")
     walk = _Walk(limits)
     walk.task(sig, 1, where)
     return walk.count
@@ -93,12 +94,16 @@ def _check_one(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
         )
     _check_sizes(sig, limits, where)
     _check_schedule(sig, where)
-    _check_retry(sig.retry, where)
+    if sig.HasField("retry"):
+        _check_retry(sig.retry, where)
     _check_time_limits(sig, where)
     _check_result_options(sig, where)
 
 
 def _check_sizes(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
+    whole = sig.ByteSize()
+    if whole <= limits.max_args_bytes and whole <= MAX_HEADERS_BYTES:
+        return  # the parts (args, headers) are smaller than the whole: each is within its limit
     args_bytes = sum(v.ByteSize() for v in sig.args) + sum(
         len(k) + v.ByteSize() for k, v in sig.kwargs.items()
     )
@@ -111,7 +116,6 @@ def _check_sizes(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
         raise InvalidArgument(
             f"{where}: headers are {_size(headers_bytes)}, over the {_size(MAX_HEADERS_BYTES)} limit"
         )
-    whole = sig.ByteSize()
     if whole > max_task_bytes(limits):
         raise InvalidArgument(
             f"{where}: the whole task (args, headers and callbacks) is {_size(whole)}, over the "
@@ -120,8 +124,9 @@ def _check_sizes(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
 
 
 def _check_time_limits(sig: task_pb2.Signature, where: str) -> None:
-    hard = sig.time_limit.ToTimedelta().total_seconds()
-    soft = sig.soft_time_limit.ToTimedelta().total_seconds()
+    # Unset durations are 0 (read without ToTimedelta, which is slow on every submitted task).
+    hard = sig.time_limit.ToTimedelta().total_seconds() if sig.HasField("time_limit") else 0.0
+    soft = sig.soft_time_limit.ToTimedelta().total_seconds() if sig.HasField("soft_time_limit") else 0.0
     if hard < 0:
         raise InvalidArgument(f"{where}: time_limit is negative", field=f"{where}.time_limit")
     if soft < 0:
@@ -226,8 +231,10 @@ class _Walk:
                 )
             self._ids[signature.id] = where
         _check_one(signature, self.limits, where)
-        self.callbacks(signature.on_success, depth + 1, f"{where}.on_success")
-        self.callbacks(signature.on_error, depth + 1, f"{where}.on_error")
+        if signature.on_success:
+            self.callbacks(signature.on_success, depth + 1, f"{where}.on_success")
+        if signature.on_error:
+            self.callbacks(signature.on_error, depth + 1, f"{where}.on_error")
 
     def callbacks(self, signatures: Sequence[task_pb2.Signature], depth: int, where: str) -> None:
         for i, callback in enumerate(signatures):

@@ -50,22 +50,22 @@ def due_at(record: records_pb2.TaskRecord) -> float:
 
 async def withdraw(backend: Backend, records: Iterable[records_pb2.TaskRecord]) -> None:
     """List cancelled tasks that were queued (`queued` before they were cancelled)."""
+    listed: dict[str, bytes] = {}
     for record in records:
-        payload = f"{record.result.queue}\n{due_at(record):.3f}".encode()
-        await backend.add_member(WITHDRAWN_GROUP, record.result.task_id, payload)
+        # The first listing of a task wins, as in the group itself.
+        listed.setdefault(record.result.task_id, f"{record.result.queue}\n{due_at(record):.3f}".encode())
+    await backend.add_members(WITHDRAWN_GROUP, listed)
 
 
 async def dropped(backend: Backend, task_ids: Iterable[str]) -> None:
     """Their messages are gone (acked by a dispatcher, dropped by a purge)."""
-    for task_id in dict.fromkeys(task_ids):
-        await backend.remove_member(WITHDRAWN_GROUP, task_id)
+    await backend.remove_members(WITHDRAWN_GROUP, list(dict.fromkeys(task_ids)))
 
 
 async def purged(backend: Backend, queue: str) -> None:
     """A purge dropped the queue's ready and delayed messages, those of cancelled tasks too."""
-    async for task_id, listed_queue, _ in _listed(backend):
-        if listed_queue == queue:
-            await backend.remove_member(WITHDRAWN_GROUP, task_id)
+    gone = [task_id async for task_id, listed_queue, _ in _listed(backend) if listed_queue == queue]
+    await backend.remove_members(WITHDRAWN_GROUP, gone)
 
 
 async def counts(backend: Backend, now: float | None = None) -> dict[str, Withdrawn]:

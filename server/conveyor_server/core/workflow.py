@@ -18,7 +18,8 @@ runs; when its root node ends, their result TTL starts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
@@ -27,7 +28,7 @@ from conveyor.v1 import result_pb2, task_pb2
 from .canvas import Drive, NodeOutcome, combine_members, nodes_by_id, outcome_of, primitive_of, task_ids
 from .confirmed import publish_confirmed, take_over
 from .publisher import Publisher
-from .records import S, error, is_terminal, plan_key, task_key, transition
+from .records import TaskStates, error, is_terminal, plan_key, task_key, transition
 from .signatures import with_leading_arg
 from .store import TaskStore
 
@@ -36,8 +37,24 @@ __all__ = ["WorkflowEngine", "combine_members", "outcome_of"]
 log = logging.getLogger(__name__)
 
 PlanNode = records_pb2.PlanNode
-# Runs the usual follow-ups (callbacks, workflow) of records that the engine itself ended.
-TerminalHook = Callable[[Sequence[records_pb2.TaskRecord], bool], Awaitable[None]]
+
+
+class FollowUpHooks(Protocol):
+    """What the engine asks of core/followups.py's FollowUps, which builds the engine with itself."""
+
+    async def after_terminal(self, records: Sequence[records_pb2.TaskRecord], repair: bool = False) -> None:
+        """Run the usual follow-ups (callbacks, workflow) of records that the engine itself ended."""
+
+    async def fire_callbacks(
+        self, id_prefix: str, signatures: Sequence[task_pb2.Signature], argument: task_pb2.Value | result_pb2.TaskError,
+        workflow_id: str, headers: Mapping[str, str] | None, repair: bool, *, failed_task_id: str,
+    ) -> None:
+        """Submit a node's callbacks under ids derived from `id_prefix`, once however often asked."""
+
+    async def replacement_done(
+        self, plan: records_pb2.WorkflowPlan, outcome: records_pb2.NodeOutcome, repair: bool,
+    ) -> None:
+        """A replacement workflow (core/replacement.py) ended: the task it replaces takes `outcome`."""
 
 
 class _Starts:
@@ -64,11 +81,10 @@ class _Starts:
 class WorkflowEngine:
     """canvas.base.Engine."""
 
-    def __init__(self, store: TaskStore, publisher: Publisher) -> None:
+    def __init__(self, store: TaskStore, publisher: Publisher, followups: FollowUpHooks) -> None:
         self.store = store
         self.publisher = publisher
-        self.on_engine_terminal: TerminalHook | None = None
-        self.fire_callbacks: Callable[..., Awaitable[None]] | None = None
+        self.followups = followups
 
     async def start_workflow(self, plan: records_pb2.WorkflowPlan, repair: bool = False) -> None:
         drive = Drive(plan, nodes_by_id(plan), repair)
@@ -128,6 +144,8 @@ class WorkflowEngine:
     async def node_done(self, drive: Drive, node: PlanNode, outcome: NodeOutcome) -> None:
         if not node.parent_id:
             await self.finished(drive.plan)
+            if drive.plan.replaces_task_id:  # a replacement: the task it replaces ends with it
+                await self.followups.replacement_done(drive.plan, outcome, drive.repair)
             return
         parent = drive.nodes[node.parent_id]
         await primitive_of(parent).child_done(self, drive, parent, node, outcome)
@@ -143,19 +161,19 @@ class WorkflowEngine:
             if is_terminal(record) or record.enqueued:
                 return False
             record.result.error.CopyFrom(cause)
-            transition(record, S.TASK_STATE_FAILURE, error=cause)
+            transition(record, TaskStates.TASK_STATE_FAILURE, error=cause)
             return True
 
         entry_ids = [task_id for task_id, _ in starts.tasks]
         failed = await self.store.update(entry_ids, fail)
         if drive.repair:
             for task_id, loaded in (await self.store.load(entry_ids)).items():
-                if task_id not in failed and loaded.record.result.state == S.TASK_STATE_FAILURE:
+                if task_id not in failed and loaded.record.result.state == TaskStates.TASK_STATE_FAILURE:
                     failed[task_id] = loaded.record
-        if failed and self.on_engine_terminal is not None:
-            await self.on_engine_terminal(list(failed.values()), drive.repair)
+        if failed:
+            await self.followups.after_terminal(list(failed.values()), drive.repair)
         for empty, _ in starts.finished:
-            await self.node_done(drive, empty, NodeOutcome(ok=False, error=cause, state=S.TASK_STATE_FAILURE))
+            await self.node_done(drive, empty, NodeOutcome(ok=False, error=cause, state=TaskStates.TASK_STATE_FAILURE))
 
     async def cancel_unstarted(self, task_ids_: Sequence[str], reason: str) -> None:
         cause = error("Cancelled", reason)
@@ -164,7 +182,7 @@ class WorkflowEngine:
             if is_terminal(record) or record.enqueued:
                 return False
             record.result.error.CopyFrom(cause)
-            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            transition(record, TaskStates.TASK_STATE_CANCELLED, error=cause)
             return True
 
         await self.store.update(list(task_ids_), cancel)
@@ -173,10 +191,10 @@ class WorkflowEngine:
         self, drive: Drive, node: PlanNode, suffix: str, callbacks: Sequence[task_pb2.Signature],
         outcome: NodeOutcome,
     ) -> None:
-        if not callbacks or self.fire_callbacks is None:
+        if not callbacks:
             return
         argument = outcome.value if outcome.ok else outcome.error
-        await self.fire_callbacks(
+        await self.followups.fire_callbacks(
             f"{drive.workflow_id}.{node.node_id}.{suffix}", list(callbacks), argument, drive.workflow_id,
             tracing.inject(), drive.repair, failed_task_id=outcome.task_id,
         )

@@ -12,6 +12,7 @@ const {
   toValues, toValueMap, fromValue, toDate, duration, timestamp,
 } = require('./values');
 const { injectHeaders } = require('./tracing');
+const { isLazy, opening, streamedGroup, submitStream } = require('./streaming');
 
 const TERMINAL = new Set(['SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED']);
 // GetResult waits server-side at most this long per call; longer waits loop.
@@ -69,10 +70,17 @@ function si(name, args = [], kwargs = {}, options = {}) {
 }
 
 const chain = (...steps) => ({ kind: 'chain', steps: steps.flat() });
-const group = (...members) => ({ kind: 'group', members: members.flat() });
-/** chord(group(...) or [members], callback, {failurePolicy: 'fail' | 'continue'}) */
+/**
+ * group(a, b) or group([a, b]). One generator or async iterable, group(gen), is read only at
+ * submit: at the root (or as a root chord's header) it is streamed to the server in pieces.
+ */
+function group(...members) {
+  if (members.length === 1 && isLazy(members[0])) return { kind: 'group', members: [], lazy: members[0] };
+  return { kind: 'group', members: members.flat() };
+}
+/** chord(group(...), [members] or a generator, callback, {failurePolicy: 'fail' | 'continue'}) */
 function chord(header, callback, { failurePolicy = 'fail' } = {}) {
-  const headerGroup = Array.isArray(header) ? group(header) : header;
+  const headerGroup = Array.isArray(header) || isLazy(header) ? group(header) : header;
   return { kind: 'chord', members: headerGroup.members, header: headerGroup, callback, failurePolicy };
 }
 
@@ -211,8 +219,12 @@ function callbacksOf(node) {
 }
 
 function toGroup(node) {
+  if (node.lazy && typeof node.lazy[Symbol.iterator] !== 'function') {
+    throw new TypeError('an async iterable group is streamed only as the submitted canvas or its chord header');
+  }
+  const members = node.lazy ? [...node.members, ...node.lazy] : node.members; // nested: read whole
   return {
-    members: node.members.map(toWorkflow),
+    members: members.map(toWorkflow),
     ...callbacksOf(node),
     on_member_error: (node.onMemberError || []).map(toSignature),
   };
@@ -314,8 +326,11 @@ class Client {
    * apply to the whole of it (see toCanvasOptions).
    */
   async submitWorkflow(node, options = null) {
-    const request = node.kind === 'task' ? { task: toSignature(node) } : { workflow: toWorkflow(node) };
+    const streamed = streamedGroup(node) !== null;
+    const target = streamed ? opening(node) : node;
+    const request = target.kind === 'task' ? { task: toSignature(target) } : { workflow: toWorkflow(target) };
     if (options) request.options = toCanvasOptions(options);
+    if (streamed) return submitStream(this._stub, metadataFor(this._token), node, request, toWorkflow);
     return toSubmitted(await this._unary('Submit', request));
   }
 

@@ -6,15 +6,19 @@
 //   process.on('SIGTERM', () => worker.stop());
 //   await worker.run();
 //
-// One bidirectional stream (WorkerService.Connect) carries everything: Hello/Welcome, heartbeats,
-// batched Assignments in, batched Started/Results/Reject out (whatever is ready in one event-loop
-// turn goes out as one message per kind), Cancel, ResultAck and Drain. Results stay buffered until
-// the server acks them and are sent again after a reconnect.
+// One bidirectional stream (WorkerService.Connect, lib/worker_stream.js, which also sends the
+// heartbeats) carries everything: Hello/Welcome, batched Assignments in, batched Started/Results/
+// Reject out (lib/reports.js: whatever is ready in one event-loop turn goes out as one message per
+// kind), Cancel, ResultAck and Drain. Results stay buffered until the server acks them and are sent
+// again after a reconnect.
 
 const os = require('node:os');
-const { load, metadataFor, defaultAddress, grpc } = require('./proto');
+const { load, defaultAddress, grpc } = require('./proto');
 const { toValue, fromValues, fromValueMap, timestamp, duration, durationSeconds } = require('./values');
 const tracing = require('./tracing');
+const { toWorkflow } = require('./client');
+const { ReportBatcher, UnackedResults } = require('./reports');
+const { WorkerStream } = require('./worker_stream');
 
 const SDK_VERSION = require('../package.json').version;
 
@@ -36,6 +40,16 @@ class Retry extends Error {
     this.name = 'Retry';
     this.delay = delay;
     this.reason = reason;
+  }
+}
+
+/**
+ * What ctx.replace(canvas) returns: a task that returns it is replaced by the canvas (Celery's
+ * self.replace), which runs in its place on the server; its result becomes the task's result.
+ */
+class Replacement {
+  constructor(workflow) {
+    this.workflow = workflow;
   }
 }
 
@@ -111,16 +125,11 @@ class Worker {
     this._channelOptions = options.channelOptions || {};
 
     this._stub = null;
-    this._call = null; // the live stream, or null between connections
+    this._stream = null; // the live WorkerStream, or null between connections
     this._running = new Map(); // task id -> entry
     this._waiting = []; // assignments beyond `concurrency` (only after a reconnect)
-    this._unacked = new Map(); // task id -> TaskOutcome not yet acked
-    this._pendingResults = [];
-    this._pendingStarted = [];
-    this._pendingRejects = [];
-    this._flushScheduled = false;
-    this._heartbeatTimer = null;
-    this._heartbeatSeconds = 5;
+    this._unacked = new UnackedResults();
+    this._reports = new ReportBatcher((message) => this._send(message));
     this._stopping = false;
     this._runningLoop = false;
     this._wake = null; // resolves the reconnect backoff sleep
@@ -200,7 +209,6 @@ class Worker {
         delay = Math.min(delay * 2, RECONNECT_MAX_SECONDS);
       }
     } finally {
-      this._stopHeartbeats();
       for (const entry of this._running.values()) entry.abort('shutdown', new TaskCancelled('the worker stopped'));
       this._running.clear();
       this._waiting = [];
@@ -217,7 +225,7 @@ class Worker {
     if (this._stopping) return;
     this._stopping = true;
     if (this._wake) this._wake();
-    if (this._call) this._drain(this._call).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
+    if (this._stream) this._drain(this._stream).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
   }
 
   _sleep(seconds) {
@@ -232,47 +240,20 @@ class Worker {
   }
 
   /** One stream; resolves (true when welcomed) when the server ends it, rejects when it breaks. */
-  _session() {
-    return new Promise((resolve, reject) => {
-      let welcomed = false;
-      let settled = false;
-      const call = this._stub.Connect(metadataFor(this._token));
-      const finish = (err) => {
-        if (settled) return;
-        settled = true;
-        if (this._call === call) this._call = null;
-        this._stopHeartbeats();
-        // Started/Reject for this stream's leases mean nothing to the next one; results stay in _unacked.
-        this._pendingStarted = [];
-        this._pendingRejects = [];
-        this._pendingResults = [];
-        if (err) {
-          err.welcomed = welcomed;
-          reject(err);
-        } else {
-          resolve(welcomed);
-        }
-      };
-      call.on('data', (message) => {
-        if (message.message === 'welcome') welcomed = true;
-        try {
-          this._onMessage(message);
-        } catch (err) {
-          this.log.error(`handling a ${message.message} message failed: ${err.stack || err}`);
-        }
-      });
-      call.on('error', (err) => finish(err));
-      call.on('end', () => finish(null));
-      call.on('status', (status) => { if (status.code === grpc.status.OK) finish(null); });
-
-      this._call = call;
-      this._write(call, { hello: this._hello() });
-      if (this._unacked.size) {
-        // Results from before a reconnect; the server decides whether they still count.
-        this._write(call, { results: { outcomes: [...this._unacked.values()] } });
-      }
-      if (this._stopping) this._drain(call).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
-    });
+  async _session() {
+    const stream = new WorkerStream(this._stub, this._token, this.log);
+    const opening = [{ hello: this._hello() }];
+    const resend = this._unacked.resend(); // results from before a reconnect
+    if (resend) opening.push(resend);
+    this._stream = stream;
+    const ended = stream.run(opening, (message) => this._onMessage(message));
+    if (this._stopping) this._drain(stream).catch((err) => this.log.error(`drain failed: ${err.stack || err}`));
+    try {
+      return await ended;
+    } finally {
+      if (this._stream === stream) this._stream = null;
+      this._reports.clear();
+    }
   }
 
   _hello() {
@@ -291,30 +272,12 @@ class Worker {
     };
   }
 
-  _write(call, message) {
-    try {
-      call.write(message);
-    } catch (err) {
-      this.log.warn(`could not write ${Object.keys(message)[0]}: ${err.message}`);
-    }
-  }
-
   _send(message) {
-    if (this._call) this._write(this._call, message);
+    if (this._stream) this._stream.send(message);
   }
 
-  _startHeartbeats() {
-    this._stopHeartbeats();
-    this._heartbeatTimer = setInterval(() => this._send({ heartbeat: {} }), this._heartbeatSeconds * 1000);
-  }
-
-  _stopHeartbeats() {
-    if (this._heartbeatTimer) clearInterval(this._heartbeatTimer);
-    this._heartbeatTimer = null;
-  }
-
-  async _drain(call) {
-    this._write(call, { goodbye: {} });
+  async _drain(stream) {
+    stream.send({ goodbye: {} });
     const busy = this._running.size + this._waiting.length;
     if (busy) {
       this.log.info(`draining: waiting for ${busy} tasks`);
@@ -324,12 +287,12 @@ class Worker {
         for (const entry of this._running.values()) entry.abort('shutdown', new TaskCancelled('the worker stopped'));
       }
     }
-    this._flush();
+    this._reports.flush();
     const deadline = Date.now() + ACK_WAIT_MS;
-    while (this._unacked.size && this._call === call && Date.now() < deadline) {
+    while (this._unacked.size && this._stream === stream && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
-    if (this._call === call) call.end(); // the server then ends its side and run() returns
+    if (this._stream === stream) stream.end(); // the server then ends its side and run() returns
   }
 
   _idle(timeoutMs) {
@@ -347,11 +310,9 @@ class Worker {
 
   _onMessage(message) {
     switch (message.message) {
-      case 'welcome': {
+      case 'welcome': { // the stream has taken the heartbeat interval
         const { welcome } = message;
         this.workerId = welcome.worker_id;
-        this._heartbeatSeconds = Math.max(durationSeconds(welcome.heartbeat_interval) || 5, 0.05);
-        this._startHeartbeats();
         this.log.info(`connected to ${this.address} as ${this.workerId}`,
           `(queues ${this.queues.join(',')}; tasks ${[...this.tasks.keys()].join(',')})`);
         break;
@@ -372,10 +333,8 @@ class Worker {
         }
         break;
       case 'acks':
-        for (const ack of message.acks.acks) {
-          const held = this._unacked.get(ack.task_id);
-          if (held && held.lease_token === ack.lease_token) this._unacked.delete(ack.task_id);
-          if (ack.status !== 'ACK_STATUS_ACCEPTED') this.log.info(`result of ${ack.task_id} not recorded: ${ack.status}`);
+        for (const ack of this._unacked.acked(message.acks.acks)) {
+          this.log.info(`result of ${ack.task_id} not recorded: ${ack.status}`);
         }
         break;
       case 'drain':
@@ -391,12 +350,11 @@ class Worker {
     const { task } = assignment;
     if (!this.tasks.has(task.name)) {
       const known = [...this.tasks.keys()].sort().map((n) => `'${n}'`).join(', ');
-      this._pendingRejects.push({
+      this._reports.reject({
         task_id: task.id,
         lease_token: assignment.lease_token,
         reason: `no task named '${task.name}' is registered on this worker (node; has [${known}])`,
       });
-      this._scheduleFlush();
       return;
     }
     if (this._running.size >= this.concurrency) {
@@ -440,14 +398,15 @@ class Worker {
       signal: controller.signal,
       softSignal: soft.signal,
       get cancelled() { return controller.signal.aborted; },
+      // `return ctx.replace(canvas)`: run the canvas (sig, chain, group, chord, map) in this task's place.
+      replace: (canvas) => new Replacement(toWorkflow(canvas)),
       progress: (value) => this._send({
         progress: { items: [{ task_id: task.id, lease_token: assignment.lease_token, progress: toValue(value) }] },
       }),
       worker: this,
     };
     this._running.set(task.id, entry);
-    this._pendingStarted.push({ task_id: task.id, lease_token: assignment.lease_token });
-    this._scheduleFlush();
+    this._reports.started({ task_id: task.id, lease_token: assignment.lease_token });
     this._execute(this.tasks.get(task.name), assignment, ctx, entry, controller.signal)
       .then((outcome) => this._finish(entry, outcome))
       .catch((err) => {
@@ -487,8 +446,13 @@ class Worker {
         callTask(fn, task, ctx),
         stopped,
       ]));
-      outcome.result = toValue(value);
-      outcome.outcome = 'OUTCOME_SUCCESS';
+      if (value instanceof Replacement) {
+        outcome.outcome = 'OUTCOME_REPLACED';
+        outcome.replacement = value.workflow;
+      } else {
+        outcome.result = toValue(value);
+        outcome.outcome = 'OUTCOME_SUCCESS';
+      }
     } catch (err) {
       if (entry.stoppedBy === 'shutdown') return null; // not reported: the server hands the task on
       if (entry.stoppedBy === 'request') {
@@ -525,30 +489,8 @@ class Worker {
   }
 
   _report(outcome) {
-    this._unacked.set(outcome.task_id, outcome);
-    this._pendingResults.push(outcome);
-    this._scheduleFlush();
-  }
-
-  _scheduleFlush() {
-    if (this._flushScheduled) return;
-    // Everything that becomes ready in this turn of the event loop goes out together.
-    this._flushScheduled = true;
-    setImmediate(() => this._flush());
-  }
-
-  _flush() {
-    this._flushScheduled = false;
-    const results = this._pendingResults.splice(0);
-    const started = this._pendingStarted.splice(0);
-    const rejects = this._pendingRejects.splice(0);
-    if (!this._call) return; // results stay in _unacked and go out after the reconnect
-    if (rejects.length) this._send({ reject: { tasks: rejects } });
-    // A task that already finished reports its start in its outcome (started_at).
-    const finished = new Set(results.map((o) => o.lease_token));
-    const starts = started.filter((ref) => !finished.has(ref.lease_token));
-    if (starts.length) this._send({ started: { tasks: starts } });
-    if (results.length) this._send({ results: { outcomes: results } });
+    this._unacked.hold(outcome);
+    this._reports.result(outcome);
   }
 }
 
@@ -572,4 +514,4 @@ async function callTask(fn, task, ctx) {
   return results;
 }
 
-module.exports = { Worker, Retry, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded, callTask };
+module.exports = { Worker, Retry, Replacement, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded, callTask };

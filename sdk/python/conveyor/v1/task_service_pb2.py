@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\x0eSessionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12,\n\x06submit\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.SubmitRequestH\x00\x12\x33\n\nget_result\x18\x03 \x01(\x0b\x32\x1d.conveyor.v1.GetResultRequestH\x00\x12\x44\n\rtrace_context\x18\x04 \x03(\x0b\x32-.conveyor.v1.SessionRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x63\x61ll\"\xb9\x01\n\x0fSessionResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12-\n\x06submit\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.SubmitResponseH\x00\x12\x34\n\nget_result\x18\x03 \x01(\x0b\x32\x1e.conveyor.v1.GetResultResponseH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.CallErrorH\x00\x42\x07\n\x05reply\"i\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\x12%\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x14.google.protobuf.Any\"\xa9\x01\n\rSubmitRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12)\n\x08workflow\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.WorkflowH\x00\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.conveyor.v1.CanvasOptionsB\x08\n\x06target\"\xa4\x02\n\rCanvasOptions\x12 \n\x04\x61rgs\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Value\x12\x36\n\x06kwargs\x18\x02 \x03(\x0b\x32&.conveyor.v1.CanvasOptions.KwargsEntry\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\'\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tcountdown\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x41\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value:\x02\x38\x01\"H\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x10\n\x08task_ids\x18\x03 \x03(\t\"B\n\x12SubmitBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.SubmitRequest\"E\n\x13SubmitBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.SubmitResponse\"L\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x11GetResultResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\"d\n\x13WatchResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x17\n\nuntil_done\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\r\n\x0b_until_done\"=\n\x14WatchResultsResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.TaskEvent\"\x1b\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x0e\x43\x61ncelResponse\x12\x1a\n\x12\x63\x61ncelled_task_ids\x18\x01 \x03(\t\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"\xa8\x01\n\x0cWorkflowNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x04task\x18\x03 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12+\n\x08\x63hildren\x18\x04 \x03(\x0b\x32\x19.conveyor.v1.WorkflowNode\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.conveyor.v1.TaskState\"k\n\x13GetWorkflowResponse\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\x04root\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.WorkflowNode\x12\x16\n\x0eresult_task_id\x18\x03 \x01(\t2\xa4\x04\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.conveyor.v1.SubmitRequest\x1a\x1b.conveyor.v1.SubmitResponse\x12P\n\x0bSubmitBatch\x12\x1f.conveyor.v1.SubmitBatchRequest\x1a .conveyor.v1.SubmitBatchResponse\x12J\n\tGetResult\x12\x1d.conveyor.v1.GetResultRequest\x1a\x1e.conveyor.v1.GetResultResponse\x12U\n\x0cWatchResults\x12 .conveyor.v1.WatchResultsRequest\x1a!.conveyor.v1.WatchResultsResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12P\n\x0bGetWorkflow\x12\x1f.conveyor.v1.GetWorkflowRequest\x1a .conveyor.v1.GetWorkflowResponse\x12H\n\x07Session\x12\x1b.conveyor.v1.SessionRequest\x1a\x1c.conveyor.v1.SessionResponse(\x01\x30\x01\x42\x61\n\x0f\x64\x65v.conveyor.v1P\x01Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\xaa\x02\x0b\x43onveyor.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x13SubmitStreamRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.SubmitRequestH\x00\x12\x33\n\x07members\x18\x02 \x01(\x0b\x32 .conveyor.v1.SubmitStreamMembersH\x00\x12\x31\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1f.conveyor.v1.SubmitStreamCommitH\x00\x42\x06\n\x04part\"=\n\x13SubmitStreamMembers\x12&\n\x07members\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Workflow\"*\n\x12SubmitStreamCommit\x12\x14\n\x0cmember_count\x18\x01 \x01(\x04\"P\n\x14SubmitStreamResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x12\n\ntask_count\x18\x03 \x01(\x04\"\x87\x02\n\x0eSessionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12,\n\x06submit\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.SubmitRequestH\x00\x12\x33\n\nget_result\x18\x03 \x01(\x0b\x32\x1d.conveyor.v1.GetResultRequestH\x00\x12\x44\n\rtrace_context\x18\x04 \x03(\x0b\x32-.conveyor.v1.SessionRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x63\x61ll\"\xb9\x01\n\x0fSessionResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12-\n\x06submit\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.SubmitResponseH\x00\x12\x34\n\nget_result\x18\x03 \x01(\x0b\x32\x1e.conveyor.v1.GetResultResponseH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.CallErrorH\x00\x42\x07\n\x05reply\"i\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\x12%\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x14.google.protobuf.Any\"\xa9\x01\n\rSubmitRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.SignatureH\x00\x12)\n\x08workflow\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.WorkflowH\x00\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.conveyor.v1.CanvasOptionsB\x08\n\x06target\"\xa4\x02\n\rCanvasOptions\x12 \n\x04\x61rgs\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Value\x12\x36\n\x06kwargs\x18\x02 \x03(\x0b\x32&.conveyor.v1.CanvasOptions.KwargsEntry\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\'\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tcountdown\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x41\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value:\x02\x38\x01\"H\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x10\n\x08task_ids\x18\x03 \x03(\t\"B\n\x12SubmitBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.SubmitRequest\"E\n\x13SubmitBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.conveyor.v1.SubmitResponse\"L\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x11GetResultResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\"d\n\x13WatchResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x17\n\nuntil_done\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\r\n\x0b_until_done\"=\n\x14WatchResultsResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.TaskEvent\"\x1b\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x0e\x43\x61ncelResponse\x12\x1a\n\x12\x63\x61ncelled_task_ids\x18\x01 \x03(\t\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"\xa8\x01\n\x0cWorkflowNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12%\n\x04task\x18\x03 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12+\n\x08\x63hildren\x18\x04 \x03(\x0b\x32\x19.conveyor.v1.WorkflowNode\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.conveyor.v1.TaskState\"k\n\x13GetWorkflowResponse\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\'\n\x04root\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.WorkflowNode\x12\x16\n\x0eresult_task_id\x18\x03 \x01(\t2\xfb\x04\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.conveyor.v1.SubmitRequest\x1a\x1b.conveyor.v1.SubmitResponse\x12P\n\x0bSubmitBatch\x12\x1f.conveyor.v1.SubmitBatchRequest\x1a .conveyor.v1.SubmitBatchResponse\x12J\n\tGetResult\x12\x1d.conveyor.v1.GetResultRequest\x1a\x1e.conveyor.v1.GetResultResponse\x12U\n\x0cWatchResults\x12 .conveyor.v1.WatchResultsRequest\x1a!.conveyor.v1.WatchResultsResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12P\n\x0bGetWorkflow\x12\x1f.conveyor.v1.GetWorkflowRequest\x1a .conveyor.v1.GetWorkflowResponse\x12H\n\x07Session\x12\x1b.conveyor.v1.SessionRequest\x1a\x1c.conveyor.v1.SessionResponse(\x01\x30\x01\x12U\n\x0cSubmitStream\x12 .conveyor.v1.SubmitStreamRequest\x1a!.conveyor.v1.SubmitStreamResponse(\x01\x42\x61\n\x0f\x64\x65v.conveyor.v1P\x01Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\xaa\x02\x0b\x43onveyor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,44 +42,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_CANVASOPTIONS_KWARGSENTRY']._loaded_options = None
   _globals['_CANVASOPTIONS_KWARGSENTRY']._serialized_options = b'8\001'
-  _globals['_SESSIONREQUEST']._serialized_start=218
-  _globals['_SESSIONREQUEST']._serialized_end=481
-  _globals['_SESSIONREQUEST_TRACECONTEXTENTRY']._serialized_start=422
-  _globals['_SESSIONREQUEST_TRACECONTEXTENTRY']._serialized_end=473
-  _globals['_SESSIONRESPONSE']._serialized_start=484
-  _globals['_SESSIONRESPONSE']._serialized_end=669
-  _globals['_CALLERROR']._serialized_start=671
-  _globals['_CALLERROR']._serialized_end=776
-  _globals['_SUBMITREQUEST']._serialized_start=779
-  _globals['_SUBMITREQUEST']._serialized_end=948
-  _globals['_CANVASOPTIONS']._serialized_start=951
-  _globals['_CANVASOPTIONS']._serialized_end=1243
-  _globals['_CANVASOPTIONS_KWARGSENTRY']._serialized_start=1178
-  _globals['_CANVASOPTIONS_KWARGSENTRY']._serialized_end=1243
-  _globals['_SUBMITRESPONSE']._serialized_start=1245
-  _globals['_SUBMITRESPONSE']._serialized_end=1317
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1319
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1385
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1387
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1456
-  _globals['_GETRESULTREQUEST']._serialized_start=1458
-  _globals['_GETRESULTREQUEST']._serialized_end=1534
-  _globals['_GETRESULTRESPONSE']._serialized_start=1536
-  _globals['_GETRESULTRESPONSE']._serialized_end=1596
-  _globals['_WATCHRESULTSREQUEST']._serialized_start=1598
-  _globals['_WATCHRESULTSREQUEST']._serialized_end=1698
-  _globals['_WATCHRESULTSRESPONSE']._serialized_start=1700
-  _globals['_WATCHRESULTSRESPONSE']._serialized_end=1761
-  _globals['_CANCELREQUEST']._serialized_start=1763
-  _globals['_CANCELREQUEST']._serialized_end=1790
-  _globals['_CANCELRESPONSE']._serialized_start=1792
-  _globals['_CANCELRESPONSE']._serialized_end=1836
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1838
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1879
-  _globals['_WORKFLOWNODE']._serialized_start=1882
-  _globals['_WORKFLOWNODE']._serialized_end=2050
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=2052
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=2159
-  _globals['_TASKSERVICE']._serialized_start=2162
-  _globals['_TASKSERVICE']._serialized_end=2710
+  _globals['_SUBMITSTREAMREQUEST']._serialized_start=218
+  _globals['_SUBMITSTREAMREQUEST']._serialized_end=395
+  _globals['_SUBMITSTREAMMEMBERS']._serialized_start=397
+  _globals['_SUBMITSTREAMMEMBERS']._serialized_end=458
+  _globals['_SUBMITSTREAMCOMMIT']._serialized_start=460
+  _globals['_SUBMITSTREAMCOMMIT']._serialized_end=502
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=504
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=584
+  _globals['_SESSIONREQUEST']._serialized_start=587
+  _globals['_SESSIONREQUEST']._serialized_end=850
+  _globals['_SESSIONREQUEST_TRACECONTEXTENTRY']._serialized_start=791
+  _globals['_SESSIONREQUEST_TRACECONTEXTENTRY']._serialized_end=842
+  _globals['_SESSIONRESPONSE']._serialized_start=853
+  _globals['_SESSIONRESPONSE']._serialized_end=1038
+  _globals['_CALLERROR']._serialized_start=1040
+  _globals['_CALLERROR']._serialized_end=1145
+  _globals['_SUBMITREQUEST']._serialized_start=1148
+  _globals['_SUBMITREQUEST']._serialized_end=1317
+  _globals['_CANVASOPTIONS']._serialized_start=1320
+  _globals['_CANVASOPTIONS']._serialized_end=1612
+  _globals['_CANVASOPTIONS_KWARGSENTRY']._serialized_start=1547
+  _globals['_CANVASOPTIONS_KWARGSENTRY']._serialized_end=1612
+  _globals['_SUBMITRESPONSE']._serialized_start=1614
+  _globals['_SUBMITRESPONSE']._serialized_end=1686
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1688
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1754
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1756
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1825
+  _globals['_GETRESULTREQUEST']._serialized_start=1827
+  _globals['_GETRESULTREQUEST']._serialized_end=1903
+  _globals['_GETRESULTRESPONSE']._serialized_start=1905
+  _globals['_GETRESULTRESPONSE']._serialized_end=1965
+  _globals['_WATCHRESULTSREQUEST']._serialized_start=1967
+  _globals['_WATCHRESULTSREQUEST']._serialized_end=2067
+  _globals['_WATCHRESULTSRESPONSE']._serialized_start=2069
+  _globals['_WATCHRESULTSRESPONSE']._serialized_end=2130
+  _globals['_CANCELREQUEST']._serialized_start=2132
+  _globals['_CANCELREQUEST']._serialized_end=2159
+  _globals['_CANCELRESPONSE']._serialized_start=2161
+  _globals['_CANCELRESPONSE']._serialized_end=2205
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=2207
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=2248
+  _globals['_WORKFLOWNODE']._serialized_start=2251
+  _globals['_WORKFLOWNODE']._serialized_end=2419
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=2421
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=2528
+  _globals['_TASKSERVICE']._serialized_start=2531
+  _globals['_TASKSERVICE']._serialized_end=3166
 # @@protoc_insertion_point(module_scope)

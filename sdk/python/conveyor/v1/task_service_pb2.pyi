@@ -25,6 +25,126 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SubmitStreamRequest(_message.Message):
+    """SubmitStreamRequest is one message of a SubmitStream call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> Global___SubmitRequest:
+        """The first message: a submission whose workflow is a group, or a chord; the streamed members
+        are appended to that group's members (a chord's: its header's), after those it holds.
+        """
+
+    @_builtins.property
+    def members(self) -> Global___SubmitStreamMembers:
+        """The next members, in order: at most 1,000 per message (and max_message_bytes)."""
+
+    @_builtins.property
+    def commit(self) -> Global___SubmitStreamCommit:
+        """The last message: seals the group and submits it."""
+
+    def __init__(
+        self,
+        *,
+        open: Global___SubmitRequest | None = ...,
+        members: Global___SubmitStreamMembers | None = ...,
+        commit: Global___SubmitStreamCommit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "members", b"members", "open", b"open", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "members", b"members", "open", b"open", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["open", "members", "commit"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___SubmitStreamRequest: _TypeAlias = SubmitStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitStreamMembers(_message.Message):
+    """SubmitStreamMembers is one piece of a streamed group's members."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.Workflow]:
+        """The members, each a task or a nested canvas, appended in order."""
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[_workflow_pb2.Workflow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitStreamMembers: _TypeAlias = SubmitStreamMembers  # noqa: Y015
+
+@_typing.final
+class SubmitStreamCommit(_message.Message):
+    """SubmitStreamCommit seals a streamed submission."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    member_count: _builtins.int
+    """How many members the `members` pieces carried, all together: a commit that does not match
+    what the server received is refused (nothing is submitted).
+    """
+    def __init__(
+        self,
+        *,
+        member_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_count", b"member_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitStreamCommit: _TypeAlias = SubmitStreamCommit  # noqa: Y015
+
+@_typing.final
+class SubmitStreamResponse(_message.Message):
+    """SubmitStreamResponse names what a streamed submission created."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    TASK_COUNT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The id of the task whose result is the workflow's result (a chord's callback); empty for a
+    group, whose result GetResult on workflow_id reads.
+    """
+    workflow_id: _builtins.str
+    """The workflow's id: WatchResults and GetWorkflow take it."""
+    task_count: _builtins.int
+    """How many tasks the submission created (its task ids are not listed: there may be many)."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        workflow_id: _builtins.str = ...,
+        task_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_count", b"task_count", "task_id", b"task_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitStreamResponse: _TypeAlias = SubmitStreamResponse  # noqa: Y015
+
+@_typing.final
 class SessionRequest(_message.Message):
     """SessionRequest is one call on a Session stream."""
 

@@ -70,6 +70,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.SessionRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_unary(
+                '/conveyor.v1.TaskService/SubmitStream',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.SubmitStreamRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.SubmitStreamResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -127,6 +132,19 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitStream(self, request_iterator, context):
+        """Submit one group or chord whose members come in pieces, for a group too large to build as
+        one message (a generator in the SDK): an `open` first, then `members` pieces, then a
+        `commit`. The submission is accepted, as Submit accepts one, only when the commit is
+        answered: a stream that ends or is cancelled before that stores nothing and runs nothing.
+        Errors: INVALID_ARGUMENT (messages out of order, a piece over the limit, a bad member, a
+        commit whose member_count differs from the members received), the errors of Submit, and
+        DEADLINE_EXCEEDED when no message comes for stream_idle_seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +182,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.SessionRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.SessionResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.SubmitStreamRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.SubmitStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +379,33 @@ class TaskService:
             '/conveyor.v1.TaskService/Session',
             conveyor_dot_v1_dot_task__service__pb2.SessionRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/conveyor.v1.TaskService/SubmitStream',
+            conveyor_dot_v1_dot_task__service__pb2.SubmitStreamRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.SubmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,15 @@ class TaskServiceStub:
     matched by call_id. A message on an open stream costs about half a unary call, so clients
     that submit and wait often use it; the calls mean exactly what the unary ones do.
     """
+    SubmitStream: _grpc.StreamUnaryMultiCallable[_task_service_pb2.SubmitStreamRequest, _task_service_pb2.SubmitStreamResponse]
+    """Submit one group or chord whose members come in pieces, for a group too large to build as
+    one message (a generator in the SDK): an `open` first, then `members` pieces, then a
+    `commit`. The submission is accepted, as Submit accepts one, only when the commit is
+    answered: a stream that ends or is cancelled before that stores nothing and runs nothing.
+    Errors: INVALID_ARGUMENT (messages out of order, a piece over the limit, a bad member, a
+    commit whose member_count differs from the members received), the errors of Submit, and
+    DEADLINE_EXCEEDED when no message comes for stream_idle_seconds.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -72,6 +81,15 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
     matched by call_id. A message on an open stream costs about half a unary call, so clients
     that submit and wait often use it; the calls mean exactly what the unary ones do.
+    """
+    SubmitStream: _aio.StreamUnaryMultiCallable[_task_service_pb2.SubmitStreamRequest, _task_service_pb2.SubmitStreamResponse]  # type: ignore[assignment]
+    """Submit one group or chord whose members come in pieces, for a group too large to build as
+    one message (a generator in the SDK): an `open` first, then `members` pieces, then a
+    `commit`. The submission is accepted, as Submit accepts one, only when the commit is
+    answered: a stream that ends or is cancelled before that stores nothing and runs nothing.
+    Errors: INVALID_ARGUMENT (messages out of order, a piece over the limit, a bad member, a
+    commit whose member_count differs from the members received), the errors of Submit, and
+    DEADLINE_EXCEEDED when no message comes for stream_idle_seconds.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +152,21 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """One long-lived stream carrying many Submit and GetResult calls, answered in any order and
         matched by call_id. A message on an open stream costs about half a unary call, so clients
         that submit and wait often use it; the calls mean exactly what the unary ones do.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_task_service_pb2.SubmitStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.SubmitStreamResponse, _abc.Awaitable[_task_service_pb2.SubmitStreamResponse]]:
+        """Submit one group or chord whose members come in pieces, for a group too large to build as
+        one message (a generator in the SDK): an `open` first, then `members` pieces, then a
+        `commit`. The submission is accepted, as Submit accepts one, only when the commit is
+        answered: a stream that ends or is cancelled before that stores nothing and runs nothing.
+        Errors: INVALID_ARGUMENT (messages out of order, a piece over the limit, a bad member, a
+        commit whose member_count differs from the members received), the errors of Submit, and
+        DEADLINE_EXCEEDED when no message comes for stream_idle_seconds.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from conveyor.v1 import result_pb2 as conveyor_dot_v1_dot_result__pb2
 from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
+from conveyor.v1 import workflow_pb2 as conveyor_dot_v1_dot_workflow__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12\'\n\x07started\x18\x03 \x01(\x0b\x32\x14.conveyor.v1.StartedH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x12\'\n\x07results\x18\x06 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12%\n\x06reject\x18\x07 \x01(\x0b\x32\x13.conveyor.v1.RejectH\x00\x12\'\n\x07goodbye\x18\x08 \x01(\x0b\x32\x14.conveyor.v1.GoodbyeH\x00\x42\t\n\x07message\"\xf0\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\'\n\x04\x61\x63ks\x18\x04 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"\xdc\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x15\n\rmax_in_flight\x18\x06 \x01(\x05\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x19\n\x11max_receive_bytes\x18\t \x01(\x05\x12$\n\x05tasks\x18\n \x03(\x0b\x32\x15.conveyor.v1.TaskInfo\"\xb4\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x05\x12\x11\n\tserver_id\x18\x05 \x01(\t\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\x05\"/\n\x07Started\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"0\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\x0b\n\tHeartbeat\"4\n\x08Progress\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.ProgressItem\"Z\n\x0cProgressItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.Value\"\xb6\x02\n\x0bTaskOutcome\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12%\n\x07outcome\x18\x03 \x01(\x0e\x32\x14.conveyor.v1.Outcome\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x07Results\x12*\n\x08outcomes\x18\x01 \x03(\x0b\x32\x18.conveyor.v1.TaskOutcome\"2\n\x06Reject\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.RejectedTask\"D\n\x0cRejectedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\t\n\x07Goodbye\"\xb7\x01\n\nAssignment\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blease_token\x18\x03 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x12\n\ndeliveries\x18\x06 \x01(\x05\"5\n\x0b\x41ssignments\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x1f\n\x0b\x43\x61ncelTasks\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"Y\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.AckStatus\"2\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xa2\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x12\x15\n\x11OUTCOME_CANCELLED\x10\x04\x12\x14\n\x10OUTCOME_REJECTED\x10\x05\x12\x14\n\x10OUTCOME_REQUEUED\x10\x06*y\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x41\x43K_STATUS_STALE_LEASE\x10\x02\x12\x1b\n\x17\x41\x43K_STATUS_ALREADY_DONE\x10\x03\x32Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x42\x61\n\x0f\x64\x65v.conveyor.v1P\x01Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\xaa\x02\x0b\x43onveyor.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12\'\n\x07started\x18\x03 \x01(\x0b\x32\x14.conveyor.v1.StartedH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x12\'\n\x07results\x18\x06 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12%\n\x06reject\x18\x07 \x01(\x0b\x32\x13.conveyor.v1.RejectH\x00\x12\'\n\x07goodbye\x18\x08 \x01(\x0b\x32\x14.conveyor.v1.GoodbyeH\x00\x42\t\n\x07message\"\xf0\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\'\n\x04\x61\x63ks\x18\x04 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"\xdc\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x12\n\ntask_names\x18\x05 \x03(\t\x12\x15\n\rmax_in_flight\x18\x06 \x01(\x05\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x19\n\x11max_receive_bytes\x18\t \x01(\x05\x12$\n\x05tasks\x18\n \x03(\x0b\x32\x15.conveyor.v1.TaskInfo\"\xb4\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x05\x12\x11\n\tserver_id\x18\x05 \x01(\t\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\x05\"/\n\x07Started\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"0\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\x0b\n\tHeartbeat\"4\n\x08Progress\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.ProgressItem\"Z\n\x0cProgressItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x12.conveyor.v1.Value\"\xe2\x02\n\x0bTaskOutcome\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12%\n\x07outcome\x18\x03 \x01(\x0e\x32\x14.conveyor.v1.Outcome\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0breplacement\x18\t \x01(\x0b\x32\x15.conveyor.v1.Workflow\"5\n\x07Results\x12*\n\x08outcomes\x18\x01 \x03(\x0b\x32\x18.conveyor.v1.TaskOutcome\"2\n\x06Reject\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.RejectedTask\"D\n\x0cRejectedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\t\n\x07Goodbye\"\xb7\x01\n\nAssignment\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0blease_token\x18\x03 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x12\n\ndeliveries\x18\x06 \x01(\x05\"5\n\x0b\x41ssignments\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x1f\n\x0b\x43\x61ncelTasks\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"Y\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.AckStatus\"2\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xb8\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x13\n\x0fOUTCOME_FAILURE\x10\x02\x12\x11\n\rOUTCOME_RETRY\x10\x03\x12\x15\n\x11OUTCOME_CANCELLED\x10\x04\x12\x14\n\x10OUTCOME_REJECTED\x10\x05\x12\x14\n\x10OUTCOME_REQUEUED\x10\x06\x12\x14\n\x10OUTCOME_REPLACED\x10\x07*y\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x41\x43K_STATUS_STALE_LEASE\x10\x02\x12\x1b\n\x17\x41\x43K_STATUS_ALREADY_DONE\x10\x03\x32Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x42\x61\n\x0f\x64\x65v.conveyor.v1P\x01Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\xaa\x02\x0b\x43onveyor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,52 +37,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.worker_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.conveyor.v1P\001Z>github.com/conveyor-dev/conveyor/gen/go/conveyor/v1;conveyorv1\252\002\013Conveyor.V1'
-  _globals['_OUTCOME']._serialized_start=2404
-  _globals['_OUTCOME']._serialized_end=2566
-  _globals['_ACKSTATUS']._serialized_start=2568
-  _globals['_ACKSTATUS']._serialized_end=2689
-  _globals['_CONNECTREQUEST']._serialized_start=165
-  _globals['_CONNECTREQUEST']._serialized_end=518
-  _globals['_CONNECTRESPONSE']._serialized_start=521
-  _globals['_CONNECTRESPONSE']._serialized_end=761
-  _globals['_HELLO']._serialized_start=764
-  _globals['_HELLO']._serialized_end=984
-  _globals['_WELCOME']._serialized_start=987
-  _globals['_WELCOME']._serialized_end=1167
-  _globals['_CREDIT']._serialized_start=1169
-  _globals['_CREDIT']._serialized_end=1200
-  _globals['_STARTED']._serialized_start=1202
-  _globals['_STARTED']._serialized_end=1249
-  _globals['_LEASEREF']._serialized_start=1251
-  _globals['_LEASEREF']._serialized_end=1299
-  _globals['_HEARTBEAT']._serialized_start=1301
-  _globals['_HEARTBEAT']._serialized_end=1312
-  _globals['_PROGRESS']._serialized_start=1314
-  _globals['_PROGRESS']._serialized_end=1366
-  _globals['_PROGRESSITEM']._serialized_start=1368
-  _globals['_PROGRESSITEM']._serialized_end=1458
-  _globals['_TASKOUTCOME']._serialized_start=1461
-  _globals['_TASKOUTCOME']._serialized_end=1771
-  _globals['_RESULTS']._serialized_start=1773
-  _globals['_RESULTS']._serialized_end=1826
-  _globals['_REJECT']._serialized_start=1828
-  _globals['_REJECT']._serialized_end=1878
-  _globals['_REJECTEDTASK']._serialized_start=1880
-  _globals['_REJECTEDTASK']._serialized_end=1948
-  _globals['_GOODBYE']._serialized_start=1950
-  _globals['_GOODBYE']._serialized_end=1959
-  _globals['_ASSIGNMENT']._serialized_start=1962
-  _globals['_ASSIGNMENT']._serialized_end=2145
-  _globals['_ASSIGNMENTS']._serialized_start=2147
-  _globals['_ASSIGNMENTS']._serialized_end=2200
-  _globals['_CANCELTASKS']._serialized_start=2202
-  _globals['_CANCELTASKS']._serialized_end=2233
-  _globals['_RESULTACK']._serialized_start=2235
-  _globals['_RESULTACK']._serialized_end=2324
-  _globals['_RESULTACKS']._serialized_start=2326
-  _globals['_RESULTACKS']._serialized_end=2376
-  _globals['_DRAIN']._serialized_start=2378
-  _globals['_DRAIN']._serialized_end=2401
-  _globals['_WORKERSERVICE']._serialized_start=2691
-  _globals['_WORKERSERVICE']._serialized_end=2780
+  _globals['_OUTCOME']._serialized_start=2476
+  _globals['_OUTCOME']._serialized_end=2660
+  _globals['_ACKSTATUS']._serialized_start=2662
+  _globals['_ACKSTATUS']._serialized_end=2783
+  _globals['_CONNECTREQUEST']._serialized_start=193
+  _globals['_CONNECTREQUEST']._serialized_end=546
+  _globals['_CONNECTRESPONSE']._serialized_start=549
+  _globals['_CONNECTRESPONSE']._serialized_end=789
+  _globals['_HELLO']._serialized_start=792
+  _globals['_HELLO']._serialized_end=1012
+  _globals['_WELCOME']._serialized_start=1015
+  _globals['_WELCOME']._serialized_end=1195
+  _globals['_CREDIT']._serialized_start=1197
+  _globals['_CREDIT']._serialized_end=1228
+  _globals['_STARTED']._serialized_start=1230
+  _globals['_STARTED']._serialized_end=1277
+  _globals['_LEASEREF']._serialized_start=1279
+  _globals['_LEASEREF']._serialized_end=1327
+  _globals['_HEARTBEAT']._serialized_start=1329
+  _globals['_HEARTBEAT']._serialized_end=1340
+  _globals['_PROGRESS']._serialized_start=1342
+  _globals['_PROGRESS']._serialized_end=1394
+  _globals['_PROGRESSITEM']._serialized_start=1396
+  _globals['_PROGRESSITEM']._serialized_end=1486
+  _globals['_TASKOUTCOME']._serialized_start=1489
+  _globals['_TASKOUTCOME']._serialized_end=1843
+  _globals['_RESULTS']._serialized_start=1845
+  _globals['_RESULTS']._serialized_end=1898
+  _globals['_REJECT']._serialized_start=1900
+  _globals['_REJECT']._serialized_end=1950
+  _globals['_REJECTEDTASK']._serialized_start=1952
+  _globals['_REJECTEDTASK']._serialized_end=2020
+  _globals['_GOODBYE']._serialized_start=2022
+  _globals['_GOODBYE']._serialized_end=2031
+  _globals['_ASSIGNMENT']._serialized_start=2034
+  _globals['_ASSIGNMENT']._serialized_end=2217
+  _globals['_ASSIGNMENTS']._serialized_start=2219
+  _globals['_ASSIGNMENTS']._serialized_end=2272
+  _globals['_CANCELTASKS']._serialized_start=2274
+  _globals['_CANCELTASKS']._serialized_end=2305
+  _globals['_RESULTACK']._serialized_start=2307
+  _globals['_RESULTACK']._serialized_end=2396
+  _globals['_RESULTACKS']._serialized_start=2398
+  _globals['_RESULTACKS']._serialized_end=2448
+  _globals['_DRAIN']._serialized_start=2450
+  _globals['_DRAIN']._serialized_end=2473
+  _globals['_WORKERSERVICE']._serialized_start=2785
+  _globals['_WORKERSERVICE']._serialized_end=2874
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from conveyor.v1 import result_pb2 as _result_pb2
 from conveyor.v1 import task_pb2 as _task_pb2
+from conveyor.v1 import workflow_pb2 as _workflow_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -48,6 +49,12 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     same attempt runs again later, on any worker; not a failure. A task requeued 10 times fails
     with a "Rejected" error instead of looping forever.
     """
+    OUTCOME_REPLACED: _Outcome.ValueType  # 7
+    """The task asked to be replaced (Python: `return replace(canvas)`, Node: `ctx.replace(canvas)`,
+    Celery's `self.replace`): TaskOutcome.replacement runs in its place and its result (or
+    error) becomes the task's, which stays unfinished until then. An invalid replacement (too
+    deep, too big, a task id that exists) fails the task for good with "InvalidReplacement".
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome is what one attempt ended with."""
@@ -70,6 +77,12 @@ OUTCOME_REQUEUED: Outcome.ValueType  # 6
 """The task asked to go back to its queue (Python: `raise Reject(reason, requeue=True)`): the
 same attempt runs again later, on any worker; not a failure. A task requeued 10 times fails
 with a "Rejected" error instead of looping forever.
+"""
+OUTCOME_REPLACED: Outcome.ValueType  # 7
+"""The task asked to be replaced (Python: `return replace(canvas)`, Node: `ctx.replace(canvas)`,
+Celery's `self.replace`): TaskOutcome.replacement runs in its place and its result (or
+error) becomes the task's, which stays unfinished until then. An invalid replacement (too
+deep, too big, a task id that exists) fails the task for good with "InvalidReplacement".
 """
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
@@ -494,6 +507,7 @@ class TaskOutcome(_message.Message):
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     lease_token: _builtins.str
@@ -524,6 +538,12 @@ class TaskOutcome(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When the attempt ended on the worker (unset: when the server received the outcome)."""
 
+    @_builtins.property
+    def replacement(self) -> _workflow_pb2.Workflow:
+        """With OUTCOME_REPLACED: the task, chain, group, chord or map that runs in the task's place
+        (its tasks get ids derived from the task's unless they set their own).
+        """
+
     def __init__(
         self,
         *,
@@ -535,10 +555,11 @@ class TaskOutcome(_message.Message):
         retry_delay: _duration_pb2.Duration | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        replacement: _workflow_pb2.Workflow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "replacement", b"replacement", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "lease_token", b"lease_token", "outcome", b"outcome", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "lease_token", b"lease_token", "outcome", b"outcome", "replacement", b"replacement", "result", b"result", "retry_delay", b"retry_delay", "started_at", b"started_at", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

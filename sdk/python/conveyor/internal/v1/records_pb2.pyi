@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from conveyor.v1 import admin_service_pb2 as _admin_service_pb2
 from conveyor.v1 import result_pb2 as _result_pb2
 from conveyor.v1 import task_pb2 as _task_pb2
 from conveyor.v1 import workflow_pb2 as _workflow_pb2
@@ -104,6 +105,9 @@ class TaskRecord(_message.Message):
     DELIVERIES_FIELD_NUMBER: _builtins.int
     REJECTS_FIELD_NUMBER: _builtins.int
     REQUEUES_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_DEPTH_FIELD_NUMBER: _builtins.int
+    REPLACED_BY_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
@@ -133,6 +137,10 @@ class TaskRecord(_message.Message):
     """Times the task itself asked to go back to its queue (OUTCOME_REQUEUED); past a cap it fails
     with a "Rejected" error instead of requeueing itself forever.
     """
+    replacement_depth: _builtins.int
+    """How many replacements this one is nested in (1: the task was not itself part of one)."""
+    replaced_by: _builtins.str
+    """The id of the workflow that runs the replacement; its tasks' ids derive from it."""
     @_builtins.property
     def result(self) -> _result_pb2.TaskResult: ...
     @_builtins.property
@@ -155,6 +163,13 @@ class TaskRecord(_message.Message):
         previous sign of life is older than half of repair_after (short tasks never get one).
         """
 
+    @_builtins.property
+    def replacement(self) -> _workflow_pb2.Workflow:
+        """Set when the task was replaced (OUTCOME_REPLACED): the canvas that runs in its place, as the
+        worker sent it. The task stays unfinished until that workflow (`replaced_by`,
+        core/replacement.py) ends, and then takes its outcome.
+        """
+
     def __init__(
         self,
         *,
@@ -173,10 +188,13 @@ class TaskRecord(_message.Message):
         deliveries: _builtins.int = ...,
         rejects: _builtins.int = ...,
         requeues: _builtins.int = ...,
+        replacement: _workflow_pb2.Workflow | None = ...,
+        replacement_depth: _builtins.int = ...,
+        replaced_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "replacement", b"replacement", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "requeues", b"requeues", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "replaced_by", b"replaced_by", "replacement", b"replacement", "replacement_depth", b"replacement_depth", "requeues", b"requeues", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,12 +284,22 @@ class WorkflowPlan(_message.Message):
     ROOT_NODE_ID_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    REPLACES_TASK_ID_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_DEPTH_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     root_node_id: _builtins.str
+    replaces_task_id: _builtins.str
+    """A replacement workflow: the task it runs in place of, which takes the root's outcome."""
+    replacement_depth: _builtins.int
+    """A replacement workflow: how many replacements it is nested in (1 for the first)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanNode]: ...
     @_builtins.property
-    def source(self) -> _workflow_pb2.Workflow: ...
+    def source(self) -> _workflow_pb2.Workflow:
+        """The submitted workflow, as plans stored before it was dropped hold it; no longer written
+        (it duplicated every map item and member) and never read.
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +307,12 @@ class WorkflowPlan(_message.Message):
         root_node_id: _builtins.str = ...,
         nodes: _abc.Iterable[Global___PlanNode] | None = ...,
         source: _workflow_pb2.Workflow | None = ...,
+        replaces_task_id: _builtins.str = ...,
+        replacement_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "root_node_id", b"root_node_id", "source", b"source", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "replacement_depth", b"replacement_depth", "replaces_task_id", b"replaces_task_id", "root_node_id", b"root_node_id", "source", b"source", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -513,3 +543,42 @@ class TaskRegistration(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskRegistration: _TypeAlias = TaskRegistration  # noqa: Y015
+
+@_typing.final
+class ScheduleRecord(_message.Message):
+    """ScheduleRecord is what a backend stores per schedule (`schedule:<name>`, core/schedules.py).
+    Records stored before it existed are a JSON envelope ({"schedule": <base64 Schedule>,
+    "touched": <epoch seconds>} or {"deleted": true, ...}); they are read, and rewritten as this.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    TOUCHED_AT_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """A tombstone: the schedule was deleted (the backend has no delete), and never fires."""
+    @_builtins.property
+    def schedule(self) -> _admin_service_pb2.Schedule:
+        """The schedule, with its next and last run; unset in a tombstone."""
+
+    @_builtins.property
+    def touched_at(self) -> _timestamp_pb2.Timestamp:
+        """When a replica last wrote the record: it is rewritten before the backend's TTL would
+        remove it. Unset counts as the epoch (rewritten at the next pass).
+        """
+
+    def __init__(
+        self,
+        *,
+        schedule: _admin_service_pb2.Schedule | None = ...,
+        deleted: _builtins.bool = ...,
+        touched_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "touched_at", b"touched_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "schedule", b"schedule", "touched_at", b"touched_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleRecord: _TypeAlias = ScheduleRecord  # noqa: Y015

@@ -1,0 +1,115 @@
+"""What a worker reports about its tasks, batched: STARTED reports, results, and the results the
+server has not acked yet (kept to send again after a reconnect).
+
+The Node worker keeps the same parts in workers/node/lib/reports.js: a change to how reports are
+batched or acked is made in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+from conveyor.v1 import worker_service_pb2 as w
+
+# Sends one message on the current stream (dropped between streams).
+Send = Callable[[w.ConnectRequest], None]
+
+# Tasks still running this long after they began are reported as STARTED (in one batch);
+# quicker ones skip it, their result carries started_at instead.
+STARTED_REPORT_SECONDS = 0.02
+# While other tasks are running, a result waits this long for theirs to share its message.
+RESULT_LINGER_SECONDS = 0.002
+
+
+class StartedBatcher:
+    """Reports the tasks that began in one STARTED_REPORT_SECONDS window in one Started message,
+    leaving out those that ended within it."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._pending: dict[str, w.LeaseRef] = {}
+        self._scheduled = False
+
+    def started(self, assignment: w.Assignment) -> None:
+        task_id = assignment.task.id
+        self._pending[task_id] = w.LeaseRef(task_id=task_id, lease_token=assignment.lease_token)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(STARTED_REPORT_SECONDS, self.flush)
+
+    def ended(self, task_id: str) -> None:
+        """The task ended: its result says when it started."""
+        self._pending.pop(task_id, None)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            self._send(w.ConnectRequest(started=w.Started(tasks=list(self._pending.values()))))
+            self._pending = {}
+
+
+class ResultBatcher:
+    """Sends results in Results messages, several per message when tasks end close together."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._pending: list[w.TaskOutcome] = []
+        self._flush_scheduled = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def add(self, outcome: w.TaskOutcome, *, others_running: bool, batch_size: int) -> None:
+        self._pending.append(outcome)
+        loop = asyncio.get_running_loop()
+        if not others_running or len(self._pending) >= batch_size:
+            # Nothing else is about to finish, or a batch is full: send now, with whatever else
+            # finishes in this loop iteration.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self.flush)
+        elif self._linger is None:
+            # Other tasks are running: results that end within a moment share one message
+            # (and one write on the server) with this one.
+            self._linger = loop.call_later(RESULT_LINGER_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._pending:
+            self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending)))
+            self._pending = []
+
+
+class UnackedResults:
+    """Results sent and not acked yet; after a reconnect they are sent again (the server decides
+    whether they still count)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, w.TaskOutcome] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, outcome: w.TaskOutcome) -> None:
+        self._held[outcome.task_id] = outcome
+
+    def acked(self, acks: Iterable[w.ResultAck]) -> list[w.ResultAck]:
+        """Let go of the acked results (of the lease that sent them); returns the acks that did
+        not accept their result."""
+        refused = []
+        for ack in acks:
+            held = self._held.get(ack.task_id)
+            if held is not None and held.lease_token == ack.lease_token:
+                del self._held[ack.task_id]
+            if ack.status != w.ACK_STATUS_ACCEPTED:
+                refused.append(ack)
+        return refused
+
+    def resend(self) -> w.ConnectRequest | None:
+        """The message that sends every unacked result again (None when there is none)."""
+        return w.ConnectRequest(results=w.Results(outcomes=list(self._held.values()))) if self._held else None
+
+    def clear(self) -> None:
+        self._held.clear()

@@ -1,0 +1,95 @@
+"""A minimal worker the kit itself runs on the raw protocol: it takes a task away from the worker
+under test (the stale-lease scenario) and reports a result of its own under its own lease."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2_grpc
+from conveyor.values import to_value
+
+AckStatus: TypeAlias = w.AckStatus.ValueType
+
+
+class KitWorker:
+    """Connects straight to the server (not through the proxy) with a window of one."""
+
+    def __init__(self, address: str, token: str, queue: str, task_names: list[str]) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._outbox: asyncio.Queue[w.ConnectRequest | None] = asyncio.Queue()
+        self._assignments: asyncio.Queue[w.Assignment] = asyncio.Queue()
+        self._acks: asyncio.Queue[w.ResultAck] = asyncio.Queue()
+        self._hello = w.Hello(language="conformance-kit", queues=[queue], task_names=task_names, max_in_flight=1)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._reader: asyncio.Task[None] | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
+        self.worker_id = ""
+
+    async def start(self) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
+        self._outbox.put_nowait(w.ConnectRequest(hello=self._hello))
+        call = stub.Connect(self._requests(), metadata=self._metadata)
+        first = await call.read()
+        if not isinstance(first, w.ConnectResponse) or not first.HasField("welcome"):
+            raise RuntimeError(f"the kit's own worker got no Welcome: {first}")
+        self.worker_id = first.welcome.worker_id
+        interval = first.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 1.0
+        self._reader = asyncio.create_task(self._read(call))
+        self._heartbeats = asyncio.create_task(self._beat(interval))
+
+    async def take(self, within: float) -> w.Assignment | None:
+        try:
+            return await asyncio.wait_for(self._assignments.get(), within)
+        except TimeoutError:
+            return None
+
+    async def finish(self, assignment: w.Assignment, value: object, within: float = 10.0) -> AckStatus | None:
+        """Report SUCCESS with `value`; the ack's status, None without one `within` seconds."""
+        now = time.time()
+        outcome = w.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token,
+                                outcome=w.OUTCOME_SUCCESS, result=to_value(value))
+        outcome.started_at.FromNanoseconds(int(now * 1e9))
+        outcome.finished_at.FromNanoseconds(int(now * 1e9))
+        self._outbox.put_nowait(w.ConnectRequest(results=w.Results(outcomes=[outcome])))
+        try:
+            ack = await asyncio.wait_for(self._acks.get(), within)
+        except TimeoutError:
+            return None
+        return ack.status
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(w.ConnectRequest(goodbye=w.Goodbye()))
+        self._outbox.put_nowait(None)
+        for task in (self._heartbeats, self._reader):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._heartbeats, self._reader) if t is not None), return_exceptions=True)
+        await self._channel.close()
+
+    async def _requests(self) -> AsyncIterator[w.ConnectRequest]:
+        while (message := await self._outbox.get()) is not None:
+            yield message
+
+    async def _read(self, call: grpc.aio.StreamStreamCall[w.ConnectRequest, w.ConnectResponse]) -> None:
+        # read(), not `async for`: the Welcome was read with read(), and grpc forbids mixing them.
+        while (message := await call.read()) is not grpc.aio.EOF:
+            assert isinstance(message, w.ConnectResponse)
+            if message.HasField("assignments"):
+                for item in message.assignments.items:
+                    self._outbox.put_nowait(w.ConnectRequest(started=w.Started(
+                        tasks=[w.LeaseRef(task_id=item.task.id, lease_token=item.lease_token)])))
+                    self._assignments.put_nowait(item)
+            elif message.HasField("acks"):
+                for ack in message.acks.acks:
+                    self._acks.put_nowait(ack)
+
+    async def _beat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._outbox.put_nowait(w.ConnectRequest(heartbeat=w.Heartbeat()))

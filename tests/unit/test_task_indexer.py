@@ -1,0 +1,116 @@
+"""The task indexer's batching (core/task_index.py): which noted entries a flush takes, and a
+flusher that waits for held entries instead of spinning on them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+from collections.abc import Sequence
+
+import pytest
+
+from conveyor.internal.v1 import records_pb2
+from conveyor.v1 import task_pb2
+from conveyor_server.backends.memory_task_index import MemoryTaskIndex
+from conveyor_server.backends.task_index import IndexEntry
+from conveyor_server.core import task_index
+from conveyor_server.core.records import S, new_record, transition
+from conveyor_server.core.task_index import TaskIndexer
+from conveyor_server.engines import open_backend
+
+
+class CountingIndex(MemoryTaskIndex):
+    """The memory index, recording each entry written."""
+
+    def __init__(self) -> None:
+        super().__init__(60)
+        self.written: list[tuple[str, int]] = []
+
+    async def write(self, entries: Sequence[IndexEntry]) -> None:
+        self.written.extend((e.task_id, e.state) for e in entries)
+        await super().write(entries)
+
+
+def pending(task_id: str) -> records_pb2.TaskRecord:
+    return new_record(task_pb2.Signature(id=task_id, name="add", queue="q"))
+
+
+def moved(record: records_pb2.TaskRecord, state: int) -> records_pb2.TaskRecord:
+    transition(record, state)  # type: ignore[arg-type]
+    return record
+
+
+def indexer() -> tuple[TaskIndexer, CountingIndex]:
+    index = CountingIndex()
+    return TaskIndexer(open_backend("memory://"), index), index
+
+
+async def test_a_flush_takes_ended_entries_and_live_ones_held_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(task_index, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    subject, _ = indexer()
+    held_long, quick, young = pending("held-long"), pending("quick"), pending("young")
+    subject.note(held_long)
+    clock[0] += 0.5
+    subject.note(quick)
+    clock[0] += 0.4
+    subject.note(young)
+    clock[0] += 0.3  # held-long was first noted 1.2 s ago, quick 0.7 s, young 0.3 s
+    subject.note(moved(held_long, S.TASK_STATE_STARTED))  # keeps its place: noted first long ago
+    subject.note(moved(quick, S.TASK_STATE_SUCCESS))
+    due = subject._take_due(everything=False)
+    assert {task_id: noted[0] for task_id, noted in due.items()} == {
+        "held-long": S.TASK_STATE_STARTED, "quick": S.TASK_STATE_SUCCESS,
+    }
+    assert subject._take_due(everything=False) == {}
+    assert list(subject._take_due(everything=True)) == ["young"]
+    await subject.close()
+
+
+async def test_a_live_entry_that_ends_is_due_at_once_and_written_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_index, "HOLD_LIVE_SECONDS", 60.0)
+    subject, index = indexer()
+    record = pending("t")
+    subject.note(record)
+    assert subject._take_due(everything=False) == {}
+    subject.note(moved(record, S.TASK_STATE_FAILURE))
+    assert await subject.flush(everything=False) == 1
+    assert index.written == [("t", S.TASK_STATE_FAILURE)]
+    await subject.close()
+    assert index.written == [("t", S.TASK_STATE_FAILURE)]
+
+
+async def test_many_held_entries_leave_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More live entries than FLUSH_AT_ENTRIES, none due yet: the flusher waits for them (it
+    used to call flush back to back, holding the loop until the first came due)."""
+    monkeypatch.setattr(task_index, "HOLD_LIVE_SECONDS", 3.0)
+    subject, index = indexer()
+    for i in range(task_index.FLUSH_AT_ENTRIES + 10):
+        subject.note(pending(f"t{i}"))
+    started = time.monotonic()
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - started < 1.0
+    assert index.written == []
+    await subject.close()
+    assert len(index.written) == task_index.FLUSH_AT_ENTRIES + 10
+
+
+async def test_a_failed_write_keeps_the_entries_and_a_newer_note_wins() -> None:
+    second = pending("b")
+
+    class Failing(CountingIndex):
+        async def write(self, entries: Sequence[IndexEntry]) -> None:
+            subject.note(moved(second, S.TASK_STATE_STARTED))  # noted while the write is under way
+            raise ConnectionError("away")
+
+    subject = TaskIndexer(open_backend("memory://"), Failing())
+    subject.note(moved(pending("a"), S.TASK_STATE_SUCCESS))
+    subject.note(second)
+    with pytest.raises(ConnectionError):
+        await subject.flush()
+    assert {t: n[0] for t, n in subject._ended.items()} == {"a": S.TASK_STATE_SUCCESS}
+    assert {t: n[0] for t, n in subject._live.items()} == {"b": S.TASK_STATE_STARTED}
+    subject.index = None  # nothing to write at close
+    await subject.close()
