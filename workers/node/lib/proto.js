@@ -1,5 +1,6 @@
 'use strict';
-// Loads the Conveyor schema at run time from proto/ at the repository root (no generated code).
+// Loads the Conveyor schema at run time (no generated code): from the package's own proto/ when installed,
+// else from proto/ at the repository root (CONVEYOR_PROTO_DIR overrides both).
 //
 // Options, used the same way everywhere in this package:
 //   keepCase: true  -> fields keep their proto names (task_id, lease_token), like the Python SDK;
@@ -11,9 +12,14 @@
 
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
+const fs = require('node:fs');
 const protoLoader = require('@grpc/proto-loader');
 
-const PROTO_ROOT = process.env.CONVEYOR_PROTO_DIR || path.resolve(__dirname, '..', '..', '..', 'proto');
+// An installed package carries its own copy (proto/, put there by `npm pack`'s prepack step); a
+// checkout of the repository reads the repository's.
+const PACKED_PROTO = path.resolve(__dirname, '..', 'proto');
+const PROTO_ROOT = process.env.CONVEYOR_PROTO_DIR
+  || (fs.existsSync(path.join(PACKED_PROTO, 'conveyor')) ? PACKED_PROTO : path.resolve(__dirname, '..', '..', '..', 'proto'));
 const LOADER_OPTIONS = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
 
 let cached = null;
