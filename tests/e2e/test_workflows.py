@@ -173,7 +173,9 @@ async def test_two_replicas_over_one_store_fire_a_chord_once(
     wait_for_workers(first.address, 1)
     wait_for_workers(second.address, 1)
     async with Client(first.address) as client_a, Client(second.address) as client_b:
-        submitted = await client_a.submit(chord([sig("member", i) for i in range(40)], sig("collect")))
+        # Members last 0.1 s, so one replica's worker cannot drain the queue before the other's pump looks.
+        members = [sig("member", i, seconds=0.1) for i in range(40)]
+        submitted = await client_a.submit(chord(members, sig("collect")))
         # The result is readable through either replica.
         assert await client_b.result(submitted.task_id, wait=60) == [i * i for i in range(40)]
     assert len(await settled(lambda: lines(log_file, "collect"))) == 1  # and stays so

@@ -45,9 +45,9 @@ async def echo(*args: Any, **kwargs: Any) -> Any:
 
 
 @worker.task("member")
-def member(index: int) -> int:
+def member(index: int, seconds: float = 0.01) -> int:
     _log(f"member {index} pid={os.getpid()}")
-    time.sleep(0.01)  # long enough that members spread over the workers
+    time.sleep(seconds)  # long enough that members spread over the workers
     return index * index
 
 
