@@ -62,11 +62,7 @@ async def test_the_sqlite_file_locked_for_3_s_loses_nothing(run_fault: RunFault)
     assert_rode_it_out(row)
 
 
-# sqs-10s runs in bench/faults.py only: in about half the runs at this load one chord callback stays
-# PENDING (a chord's last member ended, moto died while its follow-ups were published, and the member's
-# message was handed back into a queue that was then lost; repair does not look for ended tasks whose
-# follow-ups were never confirmed). A known server bug (docs/durability.md), not yet fixed.
-@pytest.mark.parametrize("name", ["rabbitmq-10s"])
+@pytest.mark.parametrize("name", ["rabbitmq-10s", "sqs-10s"])
 async def test_a_broker_down_10_s_mid_load_loses_nothing(run_fault: RunFault, name: str) -> None:
     scenario = SCENARIOS[name]()
     assert isinstance(scenario, BrokerOutage)

@@ -51,8 +51,11 @@ def decode_message(body: bytes) -> records_pb2.TaskMessage:
     return message
 
 
-# Told of each publish call that succeeded: its task ids by queue, and the seconds before the
-# first of them may run. Must not block: the publish index (core/publish_index.py) buffers.
+# Told of each publish call, whether it succeeded or not: its task ids by queue, and the seconds
+# before the first of them may run. A task whose publish failed is one the repair of lost
+# messages must be able to find: a claimed follow-up whose publish met an outage may have no
+# other way back (its cause's message can be lost with the queue it was handed back to).
+# Must not block: the publish index (core/publish_index.py) buffers.
 PublishListener = Callable[[Mapping[str, Sequence[str]], float], None]
 
 
@@ -79,9 +82,11 @@ class Publisher:
             )
         if not by_queue:
             return
-        await asyncio.gather(*(self._publish(q, m) for q, m in by_queue.items()))
-        if self.on_published is not None:
-            self.on_published({q: [m.message_id for m in ms] for q, ms in by_queue.items()}, earliest)
+        try:
+            await asyncio.gather(*(self._publish(q, m) for q, m in by_queue.items()))
+        finally:
+            if self.on_published is not None:
+                self.on_published({q: [m.message_id for m in ms] for q, ms in by_queue.items()}, earliest)
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         attributes: dict[str, str | int] = {
