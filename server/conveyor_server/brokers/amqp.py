@@ -860,6 +860,9 @@ class AmqpBroker:
         in_flight = sum(1 for lease in self._leases.values() if lease.queue == queue and not lease.lost)
         return QueueStats(ready=ready, delayed=len(self._delayed.not_due(queue)), in_flight=in_flight)
 
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        return None  # RabbitMQ cannot look a queued message up by id
+
     async def queues(self) -> list[str]:
         return sorted(self._known)
 

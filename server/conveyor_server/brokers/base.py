@@ -107,6 +107,10 @@ class Broker(Protocol):
     async def stats(self, queue: str) -> QueueStats:
         """Counts for one queue."""
 
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        """Of these message ids, those `queue` holds (ready, delayed or leased); None when the
+        engine cannot look messages up by id (AMQP, SQS), so the caller judges from counts."""
+
     async def queues(self) -> list[str]:
         """Names of the queues this engine knows of."""
 

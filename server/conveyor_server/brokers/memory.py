@@ -143,6 +143,13 @@ class MemoryBroker:
         self._promote_due(target, time.monotonic())
         return QueueStats(ready=len(target.ready), delayed=len(target.delayed), in_flight=len(target.leased))
 
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        target = self._queue(queue)
+        held = {entry.message_id for entry in target.ready}
+        held.update(entry.message_id for _, _, entry in target.delayed)
+        held.update(entry.message_id for entry, _ in target.leased.values())
+        return held.intersection(message_ids)
+
     async def queues(self) -> list[str]:
         return sorted(self._queues)
 

@@ -240,6 +240,16 @@ if #expired + forwarded > 0 then redis.call('PUBLISH', ARGV[1], '1') end
 return {#expired, forwarded}
 """
 
+# HOLDING -- which of these message ids the queue holds (every message's body is in the msg hash
+# while it is ready, delayed or leased). KEYS: the queue's keys. ARGV: message ids. Returns them.
+_HOLDING = """
+local held = {}
+for i = 1, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then held[#held + 1] = ARGV[i] end
+end
+return held
+"""
+
 # STATS -- forward due messages, then count.
 # KEYS: the queue's keys. ARGV: forward limit. Returns {ready, delayed, in_flight}.
 _STATS = """
@@ -284,6 +294,7 @@ _SCRIPTS = {
     "extend": _EXTEND,
     "recover": _RECOVER,
     "stats": _STATS,
+    "holding": _HOLDING,
     "purge": _PURGE,
 }
 
@@ -618,6 +629,13 @@ class RedisBroker:
     async def stats(self, queue: str) -> QueueStats:
         ready, delayed, in_flight = await self._eval("stats", self._keys(queue), [BATCH])
         return QueueStats(ready=int(ready), delayed=int(delayed), in_flight=int(in_flight))
+
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        keys = self._keys(queue)
+        calls: list[_Call] = [
+            ("holding", keys, list(message_ids[start:start + BATCH])) for start in range(0, len(message_ids), BATCH)
+        ]
+        return {_text(message_id) for found in await self._eval_many(calls) for message_id in found}
 
     async def queues(self) -> list[str]:
         members = await self._redis.smembers(self._registry)

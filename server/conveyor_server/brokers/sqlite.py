@@ -300,6 +300,12 @@ class SqliteBroker:
     async def stats(self, queue: str) -> QueueStats:
         return await self._db.run(lambda conn: _stats(conn, queue))
 
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        # One pass over the queue's rows rather than an index on ids that every publish would pay for.
+        wanted = set(message_ids)
+        sql = "SELECT id FROM messages WHERE queue = ?"
+        return await self._db.run(lambda conn: {row[0] for row in conn.execute(sql, (queue,)) if row[0] in wanted})
+
     async def queues(self) -> list[str]:
         sql = "SELECT name FROM queues ORDER BY name"
         return await self._db.run(lambda conn: [row[0] for row in conn.execute(sql)])

@@ -827,6 +827,9 @@ class SqsBroker:
         in_flight = sum(invisible for _, _, invisible in bands) - buffered
         return QueueStats(ready=ready, delayed=delay[1] + delay[2], in_flight=max(in_flight, 0))
 
+    async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
+        return None  # SQS cannot look a queued message up by id
+
     async def queues(self) -> list[str]:
         names: set[str] = set()
         head = f"{self._prefix}-"

@@ -18,13 +18,16 @@ bucket of the time they would look lost; tasks that look lost are republished wi
 message as before (a running task's copy names the stale lease it may replace); the old
 buckets are retired.
 
-Backlog safety: a queued task behind a long backlog shows no sign of life either. So a
-queue's candidates are republished only when the messages the queue holds (ready and delayed)
-are fewer than the candidates: then some messages must be missing (the copies of those that
-were not are dropped at dispatch as duplicates). Otherwise they are carried forward and
-checked again later. Repeated repairs of one task are spaced exponentially (`repairs`,
-`repaired_at`, written with compare-and-set, which also makes one of two concurrent repairs
-the one that republishes).
+Backlog safety: a queued task behind a long backlog shows no sign of life either. So a task
+that looks lost is republished only when its queue does not hold its message: brokers that
+can look messages up by id (Redis, SQLite, memory) say which candidates they hold, and those
+are carried forward. The others (AMQP, SQS) are judged from counts: when the queue holds
+(ready, delayed or leased) fewer messages than it has candidates, some messages must be
+missing, and all its candidates are republished (the copies of those that were not missing
+are dropped at dispatch as duplicates); otherwise they are carried forward and checked again
+later. Repeated repairs of one task are spaced exponentially (`repairs`, `repaired_at`,
+written with compare-and-set, which also makes one of two concurrent repairs the one that
+republishes).
 """
 
 from __future__ import annotations
@@ -237,22 +240,33 @@ class Repairer:
     ) -> RepairReport:
         found = await self._sort(list(tasks), at, after, force)
         report = RepairReport(checked=found.checked)
-        for queue, lost in found.lost.items():
-            if force or await self._held_by(queue) < len(lost):
+        for queue, candidates in found.lost.items():
+            lost = candidates if force else await self._missing(queue, candidates)
+            if lost:
                 report.repaired += await self._republish(lost, at, after, dry_run, force)
-            else:
-                report.held += len(lost)
-                found.waiting[at][queue].extend(loaded.record.result.task_id for loaded, _ in lost)
+            if len(lost) < len(candidates):
+                missing = {loaded.record.result.task_id for loaded, _ in lost}
+                held = [loaded.record.result.task_id for loaded, _ in candidates
+                        if loaded.record.result.task_id not in missing]
+                report.held += len(held)
+                found.waiting[at][queue].extend(held)
         if carry:
             report.carried = await self._carry(found.waiting, at, after)
         return report
 
-    async def _held_by(self, queue: str) -> int:
-        """Messages the queue holds that could be its candidates: ready ones, and delayed ones
-        (a task handed back by dispatch for a rate limit or a worker that knows its name waits
-        there, not only ETAs and retries)."""
+    async def _missing(
+        self, queue: str, candidates: Sequence[tuple[Loaded, Verdict]]
+    ) -> Sequence[tuple[Loaded, Verdict]]:
+        """The candidates whose messages the queue does not hold. Where the broker cannot tell,
+        all of them when it holds fewer messages than there are candidates (some must be
+        missing), none otherwise. Delayed messages count: a task handed back by dispatch for a
+        rate limit or a worker that knows its name waits there, not only ETAs and retries;
+        leased ones too: a pump may hold a task's message before dispatch marks it received."""
+        held = await self.broker.holding(queue, [loaded.record.result.task_id for loaded, _ in candidates])
+        if held is not None:
+            return [candidate for candidate in candidates if candidate[0].record.result.task_id not in held]
         stats = await self.broker.stats(queue)
-        return stats.ready + stats.delayed
+        return candidates if stats.ready + stats.delayed + stats.in_flight < len(candidates) else []
 
     async def _sort(self, task_ids: Sequence[str], at: float, after: float, force: bool) -> _Sorted:
         found = _Sorted()
