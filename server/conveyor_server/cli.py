@@ -503,7 +503,7 @@ async def _repair(args: argparse.Namespace) -> None:
         age = format_age(seconds_of(task.age))
         print(f"{task.task_id}  {task.name}  {task.queue}  {state_name(task.state)}  {age}")
     verb = "would republish" if reply.dry_run else "republished"
-    held = f", {reply.held} held back behind a backlog" if reply.held else ""
+    held = f", {reply.held} still queued" if reply.held else ""
     hint = " (--force republishes those too)" if reply.held and not args.force else ""
     print(f"{verb} {len(reply.tasks)} tasks ({reply.checked} live tasks checked{held}){hint}", flush=True)
 

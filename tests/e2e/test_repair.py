@@ -189,7 +189,7 @@ async def test_conveyor_repair_lists_then_republishes_what_a_flushed_queue_lost(
 
     backlog = await asyncio.to_thread(run_cli, server.address, "repair", "--older-than", "0s", "--dry-run")
     assert backlog.splitlines() == [
-        f"would republish 0 tasks ({queued} live tasks checked, {queued} held back behind a backlog) "
+        f"would republish 0 tasks ({queued} live tasks checked, {queued} still queued) "
         "(--force republishes those too)"
     ], "every message is still in its queue: nothing looks lost"
 

@@ -240,16 +240,6 @@ if #expired + forwarded > 0 then redis.call('PUBLISH', ARGV[1], '1') end
 return {#expired, forwarded}
 """
 
-# HOLDING -- which of these message ids the queue holds (every message's body is in the msg hash
-# while it is ready, delayed or leased). KEYS: the queue's keys. ARGV: message ids. Returns them.
-_HOLDING = """
-local held = {}
-for i = 1, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then held[#held + 1] = ARGV[i] end
-end
-return held
-"""
-
 # STATS -- forward due messages, then count.
 # KEYS: the queue's keys. ARGV: forward limit. Returns {ready, delayed, in_flight}.
 _STATS = """
@@ -294,7 +284,6 @@ _SCRIPTS = {
     "extend": _EXTEND,
     "recover": _RECOVER,
     "stats": _STATS,
-    "holding": _HOLDING,
     "purge": _PURGE,
 }
 
@@ -631,11 +620,17 @@ class RedisBroker:
         return QueueStats(ready=int(ready), delayed=int(delayed), in_flight=int(in_flight))
 
     async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
-        keys = self._keys(queue)
-        calls: list[_Call] = [
-            ("holding", keys, list(message_ids[start:start + BATCH])) for start in range(0, len(message_ids), BATCH)
-        ]
-        return {_text(message_id) for found in await self._eval_many(calls) for message_id in found}
+        # Messages are stored under a key of their own, one per publish; the meta hash maps it to
+        # "<priority>:<message_id>" while the message is ready, delayed or leased. One pass over it
+        # answers any number of ids, as SQLite's one scan of the queue does.
+        wanted = set(message_ids)
+        held: set[str] = set()
+        meta_key = _Keys.of(self._prefix, queue).all[1]
+        async for _, meta in self._redis.hscan_iter(meta_key, count=SCAN_COUNT):
+            message_id = _text(meta).partition(":")[2]
+            if message_id in wanted:
+                held.add(message_id)
+        return held
 
     async def queues(self) -> list[str]:
         members = await self._redis.smembers(self._registry)

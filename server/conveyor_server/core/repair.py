@@ -166,7 +166,7 @@ class Repaired:
 class RepairReport:
     repaired: list[Repaired] = field(default_factory=list)
     checked: int = 0
-    # Looked lost, but the messages their queue holds could still be theirs.
+    # Looked lost, but their queue still holds their messages (or as many messages, where the broker cannot tell which).
     held: int = 0
     carried: int = 0
 
@@ -214,7 +214,7 @@ class Repairer:
         if report.repaired or report.held:
             log.log(logging.WARNING if report.repaired else logging.INFO,
                     "repair of lost messages: republished %d tasks with no sign of life for %g s (%d checked, "
-                    "%d held back behind a backlog)", len(report.repaired), self.repair_after, report.checked,
+                    "%d still queued)", len(report.repaired), self.repair_after, report.checked,
                     report.held)
         return report
 

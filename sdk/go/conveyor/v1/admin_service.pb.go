@@ -1656,8 +1656,8 @@ type RepairTasksResponse struct {
 	Tasks []*RepairedTask `protobuf:"bytes,1,rep,name=tasks,proto3" json:"tasks,omitempty"`
 	// Live tasks looked at.
 	Checked int64 `protobuf:"varint,2,opt,name=checked,proto3" json:"checked,omitempty"`
-	// Looked lost but left alone: the messages their queue holds could still be theirs (a
-	// backlog; use force).
+	// Looked lost but left alone: their queue still holds their messages, or (on a broker that
+	// cannot look messages up by id) holds as many messages as there are such tasks. Use force.
 	Held int64 `protobuf:"varint,3,opt,name=held,proto3" json:"held,omitempty"`
 	// The request's dry_run: nothing was republished.
 	DryRun bool `protobuf:"varint,4,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`

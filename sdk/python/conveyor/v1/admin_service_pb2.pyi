@@ -809,8 +809,8 @@ class RepairTasksResponse(_message.Message):
     checked: _builtins.int
     """Live tasks looked at."""
     held: _builtins.int
-    """Looked lost but left alone: the messages their queue holds could still be theirs (a
-    backlog; use force).
+    """Looked lost but left alone: their queue still holds their messages, or (on a broker that
+    cannot look messages up by id) holds as many messages as there are such tasks. Use force.
     """
     dry_run: _builtins.bool
     """The request's dry_run: nothing was republished."""
