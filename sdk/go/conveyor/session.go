@@ -25,6 +25,9 @@ type session struct {
 	closeBy time.Time
 	ackWait *time.Ticker
 	closed  bool
+	// What the receiving goroutine read, once it runs: from then on it is the stream's only
+	// reader (grpc-go's Recv must not be called from two goroutines).
+	incoming chan received
 }
 
 // ackWaitTicks is nil (never ready) until the drain waits for its last acks.
@@ -58,6 +61,7 @@ func (w *Worker) runSession(ctx context.Context, client pb.WorkerServiceClient) 
 		return false, s.streamError(err)
 	}
 	incoming := make(chan received)
+	s.incoming = incoming
 	go func() {
 		for {
 			message, err := stream.Recv()
@@ -113,12 +117,24 @@ func (w *Worker) runSession(ctx context.Context, client pb.WorkerServiceClient) 
 	}
 }
 
-// streamError turns a failed Send into the stream's status (Send only says io.EOF).
+// streamError turns a failed Send into the stream's status (Send only says io.EOF; Recv
+// returns the status). Once the receiving goroutine runs, the status comes from it: a second
+// Recv beside its own would wait forever for an error the stream delivers once, and the
+// worker would neither reconnect nor stop.
 func (s *session) streamError(err error) error {
-	if errors.Is(err, io.EOF) {
-		if _, recvErr := s.stream.Recv(); recvErr != nil && !errors.Is(recvErr, io.EOF) {
-			return recvErr
+	if !errors.Is(err, io.EOF) {
+		return err
+	}
+	recvErr := error(nil)
+	if s.incoming == nil {
+		_, recvErr = s.stream.Recv()
+	} else {
+		for recvErr == nil { // what arrived before the end is of no use to a broken stream
+			recvErr = (<-s.incoming).err
 		}
+	}
+	if recvErr != nil && !errors.Is(recvErr, io.EOF) {
+		return recvErr
 	}
 	return err
 }
