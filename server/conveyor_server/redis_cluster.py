@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlunsplit
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import parse_url
+
+from .engine_urls import EngineUrl
 
 CLUSTER_SCHEME = "redis+cluster"
 MAX_IN_FLIGHT = 256
 # Connections of a node's pool beyond MAX_IN_FLIGHT: pub/sub readers borrow one each.
 PUBSUB_HEADROOM = 8
-_TRUE = {"1", "yes", "true", "on"}
 # Set while a call holds its turn, so the commands redis-py issues inside it (a pipeline's
 # retries of redirected commands) do not wait for a second one.
 _holding: ContextVar[bool] = ContextVar("conveyor_redis_cluster_turn", default=False)
@@ -35,23 +36,22 @@ _holding: ContextVar[bool] = ContextVar("conveyor_redis_cluster_turn", default=F
 
 def is_cluster_url(url: str) -> bool:
     """Whether `url` asks for Redis Cluster (the `redis+cluster` scheme or `cluster=1`)."""
-    parts = urlsplit(url)
-    if parts.scheme == CLUSTER_SCHEME:
-        return True
-    return dict(parse_qsl(parts.query)).get("cluster", "").lower() in _TRUE
+    options = EngineUrl(url)
+    return options.parts.scheme == CLUSTER_SCHEME or options.flag("cluster", False)
 
 
 def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """(seed nodes, client options) of a cluster URL; ValueError for a malformed one."""
-    parts = urlsplit(url)
+    parsed = EngineUrl(url)
+    parts = parsed.parts
     credentials, _, hosts = parts.netloc.rpartition("@")
-    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key != "cluster"]
+    query = parsed.query_without({"cluster"})
     nodes: list[tuple[str, int]] = []
     options: dict[str, Any] = {}
     for seed in hosts.split(","):
         # redis-py's own URL parser reads each seed, the credentials and the options.
         netloc = f"{credentials}@{seed}" if credentials else seed
-        options = dict(parse_url(urlunsplit(("redis", netloc, parts.path, urlencode(query), ""))))
+        options = dict(parse_url(urlunsplit(("redis", netloc, parts.path, query, ""))))
         if not options.get("host"):
             raise ValueError(f"Redis Cluster URL {url!r}: every seed needs a host (host:port,host:port)")
         nodes.append((str(options.pop("host")), int(options.pop("port", 6379))))

@@ -5,22 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..engine_urls import split_prefix
 from .base import MEMBER_CHUNK, Update
 
-DEFAULT_PREFIX = "conveyor"
-def split_prefix(url: str, default: str = DEFAULT_PREFIX) -> tuple[str, str]:
-    """Take `prefix` out of the URL's query string; returns (the URL without it, the prefix).
-
-    Client libraries must not see it: redis-py passes unknown parameters to connections and
-    pymongo rejects unknown URI options.
-    """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in query if name == "prefix"), default)
-    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
+# Re-exported for tests/http/conftest.py, which reads it from here.
+__all__ = ["KeyedLocks", "compare_and_set_per_key", "member_chunks", "split_prefix"]
 
 
 def member_chunks(members: Iterable[str]) -> Iterator[list[str]]:

@@ -57,11 +57,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self, TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
 import aiomcache
 from aiomcache.pool import Connection, MemcachePool
 
+from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from . import _tokens
 from ._common import compare_and_set_per_key, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
@@ -210,7 +210,7 @@ class MemcachedBackend:
         self,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
-        prefix: str = "conveyor",
+        prefix: str = DEFAULT_PREFIX,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         pool_size: int = 16,
         timeout: float = CALL_TIMEOUT_SECONDS,
@@ -230,15 +230,14 @@ class MemcachedBackend:
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
         """memcached://host:port?prefix=name&pool_size=16&timeout=2 (seconds)."""
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
+        options = EngineUrl(url)
         return cls(
-            parts.hostname or "127.0.0.1",
-            parts.port or DEFAULT_PORT,
-            query.get("prefix", "conveyor"),
+            options.parts.hostname or "127.0.0.1",
+            options.parts.port or DEFAULT_PORT,
+            options.prefix,
             ttl_seconds,
-            int(query.get("pool_size", "16")),
-            float(query.get("timeout", CALL_TIMEOUT_SECONDS)),
+            options.integer("pool_size", 16),
+            options.number("timeout", CALL_TIMEOUT_SECONDS),
         )
 
     @property

@@ -59,7 +59,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 from bson import Binary
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
@@ -68,8 +68,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from ..backoff import Backoff
+from ..engine_urls import DEFAULT_PREFIX, EngineUrl, split_prefix
 from . import _tokens
-from ._common import KeyedLocks, compare_and_set_per_key, member_chunks, split_prefix
+from ._common import KeyedLocks, compare_and_set_per_key, member_chunks
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex
@@ -97,7 +98,7 @@ CLIENT_TIMEOUTS_MS = {"serverSelectionTimeoutMS": 1000, "connectTimeoutMS": 5000
 
 def _collection_base(prefix: str) -> str:
     """Letters, digits and '_' only: nx-27017 cannot track changes on other names."""
-    base = re.sub(r"[^A-Za-z0-9_]", "_", prefix) or "conveyor"
+    base = re.sub(r"[^A-Za-z0-9_]", "_", prefix) or DEFAULT_PREFIX
     return base if re.match(r"[A-Za-z_]", base) else f"c{base}"
 
 
@@ -108,7 +109,7 @@ def _legacy_member_name(field: str) -> str:
 
 def client_timeouts(url: str) -> dict[str, Any]:
     """CLIENT_TIMEOUTS_MS less the options the URL sets (option names are case-insensitive)."""
-    given = {name.lower() for name, _ in parse_qsl(urlsplit(url).query)}
+    given = EngineUrl(url).given()
     return {name: ms for name, ms in CLIENT_TIMEOUTS_MS.items() if name.lower() not in given}
 
 
@@ -213,7 +214,7 @@ class _StreamFeed:
 
 
 class MongoBackend:
-    def __init__(self, url: str, prefix: str = "conveyor", ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._base = _collection_base(prefix)
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))

@@ -45,9 +45,10 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from ..backoff import Backoff
+from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
-from ._common import member_chunks, split_prefix
+from ._common import member_chunks
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -268,7 +269,7 @@ class _Subscriptions:
 
 
 class RedisBackend:
-    def __init__(self, url: str, prefix: str = "conveyor", ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._prefix = prefix
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))

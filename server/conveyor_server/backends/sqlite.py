@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
-from conveyor_server.brokers.sqlite import SqliteDatabase, sqlite_path, transaction
+from conveyor_server.sqlite_db import SqliteDatabase, sqlite_path, transaction
 
 from . import _tokens
 from ._common import member_chunks

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from conveyor_server.brokers.sqlite import SqliteDatabase, transaction
+from conveyor_server.sqlite_db import SqliteDatabase, transaction
 
 from .task_index import Found, IndexEntry, TaskQuery
 

@@ -87,7 +87,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
@@ -95,6 +95,7 @@ from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed, 
 from pamqp.commands import Basic
 
 from ..engine_errors import is_transient
+from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ._delayed import PublishedDelays
 from .base import Delivery, OutgoingMessage, QueueStats
 
@@ -102,7 +103,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_PREFIX = "conveyor"
 MAX_PRIORITY = 10
 QUEUE_TYPES = ("classic", "quorum")
 # How long a fetch keeps collecting after the last arrival: RabbitMQ pushes what is ready
@@ -324,16 +324,11 @@ class AmqpBroker:
     def from_url(cls, url: str) -> Self:
         """`amqp://user:pass@host:port/vhost?prefix=NAME&linger_ms=3&queue_type=classic|quorum`;
         other options (heartbeat, TLS files, ...) go to aiormq."""
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        options = dict(query)
-        rest = [(key, value) for key, value in query if key not in {"prefix", "linger_ms", "queue_type"}]
-        if "heartbeat" not in options:
-            rest.append(("heartbeat", str(HEARTBEAT_SECONDS)))
-        linger = float(options.get("linger_ms", LINGER_SECONDS * 1000)) / 1000
-        return cls(urlunsplit(parts._replace(query=urlencode(rest))),
-                   prefix=options.get("prefix") or DEFAULT_PREFIX, linger=linger,
-                   queue_type=options.get("queue_type") or "classic")
+        options = EngineUrl(url)
+        heartbeat = [] if "heartbeat" in options.given() else [("heartbeat", str(HEARTBEAT_SECONDS))]
+        return cls(options.without({"prefix", "linger_ms", "queue_type"}, heartbeat),
+                   prefix=options.prefix, linger=options.number("linger_ms", LINGER_SECONDS * 1000) / 1000,
+                   queue_type=options.text("queue_type", "classic"))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

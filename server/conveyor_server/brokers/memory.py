@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import heapq
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
+from ._wakeups import Wakeups, fetch_waiting
 from .base import Delivery, OutgoingMessage, QueueStats
 
 
@@ -30,13 +30,13 @@ class _Queue:
     # (due time, seq, entry)
     delayed: list[tuple[float, int, _Ready]] = field(default_factory=list)
     leased: dict[str, tuple[_Ready, float]] = field(default_factory=dict)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MemoryBroker:
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
+        self._arrivals = Wakeups()
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -59,18 +59,18 @@ class MemoryBroker:
         # Higher priority first, then publish order.
         return _Ready((-priority, next(self._seq)), message_id, body, priority, delivery_count)
 
-    def _put(self, queue: _Queue, entry: _Ready, delay: float) -> None:
+    def _put(self, name: str, queue: _Queue, entry: _Ready, delay: float) -> None:
         if delay > 0:
             heapq.heappush(queue.delayed, (time.monotonic() + delay, entry.sort_key[1], entry))
         else:
             heapq.heappush(queue.ready, entry)
         # Wake waiting fetches: a new delayed entry may be due before the time they wait for.
-        queue.arrived.set()
+        self._arrivals.wake(name)
 
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         target = self._queue(queue)
         for message in messages:
-            self._put(target, self._entry(message.message_id, message.body, message.priority, 1), message.delay)
+            self._put(queue, target, self._entry(message.message_id, message.body, message.priority, 1), message.delay)
 
     def _promote_due(self, queue: _Queue, now: float) -> None:
         while queue.delayed and queue.delayed[0][0] <= now:
@@ -86,24 +86,20 @@ class MemoryBroker:
             receipt = uuid.uuid4().hex
             queue.leased[receipt] = (entry, now + lease_seconds)
             taken.append(Delivery(entry.message_id, entry.body, name, receipt, entry.delivery_count))
-        if not queue.ready:
-            queue.arrived.clear()
         return taken
 
     async def fetch(
         self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
     ) -> list[Delivery]:
         target = self._queue(queue)
-        deadline = time.monotonic() + wait_seconds
-        while True:
+
+        async def attempt() -> tuple[list[Delivery], float]:
             taken = self._take(queue, target, max_messages, lease_seconds)
-            remaining = deadline - time.monotonic()
-            if taken or remaining <= 0:
-                return taken
-            if target.delayed:
-                remaining = min(remaining, max(target.delayed[0][0] - time.monotonic(), 0.001))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(target.arrived.wait(), remaining)
+            # Look again when the next delayed message is due.
+            due = max(target.delayed[0][0] - time.monotonic(), 0.001) if target.delayed else math.inf
+            return taken, due
+
+        return await fetch_waiting(attempt, lambda: self._arrivals.signal(queue), wait_seconds)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
@@ -115,8 +111,8 @@ class MemoryBroker:
             leased = queue.leased.pop(delivery.receipt, None)
             if leased is not None:
                 entry = leased[0]
-                self._put(queue, self._entry(entry.message_id, entry.body, entry.priority,
-                                             entry.delivery_count + 1), delay)
+                self._put(delivery.queue, queue, self._entry(entry.message_id, entry.body, entry.priority,
+                                                             entry.delivery_count + 1), delay)
 
     async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
         deadline = time.monotonic() + lease_seconds
@@ -129,12 +125,12 @@ class MemoryBroker:
     async def recover_expired(self) -> int:
         now = time.monotonic()
         recovered = 0
-        for queue in self._queues.values():
+        for name, queue in self._queues.items():
             expired = [receipt for receipt, (_, deadline) in queue.leased.items() if deadline <= now]
             for receipt in expired:
                 entry, _ = queue.leased.pop(receipt)
-                self._put(queue, self._entry(entry.message_id, entry.body, entry.priority,
-                                             entry.delivery_count + 1), 0.0)
+                self._put(name, queue, self._entry(entry.message_id, entry.body, entry.priority,
+                                                   entry.delivery_count + 1), 0.0)
                 recovered += 1
         return recovered
 

@@ -55,21 +55,20 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
-from ._wakeups import Wakeups
+from ._wakeups import Wakeups, fetch_waiting
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "conveyor"
 # Messages per publish script call: keeps each script short so Redis stays responsive.
 PUBLISH_CHUNK = 500
 # Ids moved per forwarder / recovery / purge script call, for the same reason.
@@ -364,15 +363,11 @@ class RedisBroker:
 
         `poll` bounds how long a waiting fetch sleeps without a signal (a lost pub/sub message).
         """
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        options = dict(query)
-        rest = [(key, value) for key, value in query if key not in {"prefix", "poll"}]
-        client_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        options = EngineUrl(url)
         return cls(
-            client_url,
-            prefix=options.get("prefix") or DEFAULT_PREFIX,
-            poll_seconds=float(options.get("poll", POLL_SECONDS)),
+            options.without({"prefix", "poll"}),
+            prefix=options.prefix,
+            poll_seconds=options.number("poll", POLL_SECONDS),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -527,25 +522,20 @@ class RedisBroker:
     ) -> list[Delivery]:
         if max_messages <= 0:
             return []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(wait_seconds, 0.0)
         keys = self._keys(queue)
         args = [max_messages, _ms(lease_seconds), BATCH]
-        while True:
-            signal = self._wakeups.signal(queue)
+
+        async def attempt() -> tuple[list[Delivery], float]:
             # Registered on every fetch too: a message leased here is recoverable even when the
             # registry key went missing after it was published.
             reply = (await self._eval_many([("fetch", keys, args)], register=[queue]))[0]
-            deliveries = self._deliveries(queue, reply[2:])
-            remaining = deadline - loop.time()
-            if deliveries or remaining <= 0:
-                return deliveries
-            timeout = min(remaining, self._poll_seconds)
+            look_again = self._poll_seconds
             now_ms, next_due = int(reply[0]), int(reply[1])
             if next_due >= 0:
-                timeout = min(timeout, max((next_due - now_ms) / 1000, 0.001))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signal.wait(), timeout)
+                look_again = min(look_again, max((next_due - now_ms) / 1000, 0.001))
+            return self._deliveries(queue, reply[2:]), look_again
+
+        return await fetch_waiting(attempt, lambda: self._wakeups.signal(queue), wait_seconds)
 
     @staticmethod
     def _deliveries(queue: str, flat: list[Any]) -> list[Delivery]:

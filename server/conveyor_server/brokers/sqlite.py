@@ -1,94 +1,20 @@
-"""SQLite broker: one WAL-mode file, durable across restarts, shareable by several processes.
-
-Also home of the small connection helper the SQLite backend reuses.
-"""
+"""SQLite broker: one WAL-mode file, durable across restarts, shareable by several processes."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self, TypeVar
-from urllib.parse import unquote, urlsplit
+from collections.abc import Sequence
+from typing import Any, Self
 
+from ..sqlite_db import SqliteDatabase, sqlite_path, transaction
+from ._wakeups import Wakeups, fetch_waiting
 from .base import Delivery, OutgoingMessage, QueueStats
-
-T = TypeVar("T")
 
 # How often a waiting fetch looks for work made ready by other processes; work published by
 # this process wakes it at once.
 _POLL_SECONDS = 0.03
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative/file.db` -> `relative/file.db`; `sqlite:////abs/file.db` -> `/abs/file.db`."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or len(parts.path) < 2:
-        raise ValueError(f"expected sqlite:///relative/path or sqlite:////absolute/path, got {url!r}")
-    return unquote(parts.path[1:])
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes
-    # fails with SQLITE_BUSY (without waiting) when another process wrote in between.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-class SqliteDatabase:
-    """One connection used only by one worker thread, so SQLite never blocks the event loop."""
-
-    def __init__(self, path: str, schema: str) -> None:
-        self._path = path
-        self._schema = schema
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._conn is None
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: autocommit, transactions only where we BEGIN them.
-        # timeout: wait up to 30 s for another process's write lock (busy_timeout).
-        conn = sqlite3.connect(self._path, timeout=30.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # In WAL mode NORMAL survives a process crash; only a power loss may drop the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(self._schema)
-        return conn
-
-    async def open(self) -> None:
-        if self._conn is not None:
-            return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-sqlite")
-        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError(f"SQLite database {self._path!r} is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
-
-    async def close(self) -> None:
-        conn, executor = self._conn, self._executor
-        if conn is None or executor is None:
-            return
-        self._conn = self._executor = None
-        # Work queued before close still runs: the executor is FIFO.
-        await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown()
-
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -217,8 +143,8 @@ def _delete_queue(conn: sqlite3.Connection, queue: str) -> bool:
 class SqliteBroker:
     def __init__(self, path: str) -> None:
         self._db = SqliteDatabase(path, _SCHEMA)
-        # Per queue, set (and dropped) when this process makes messages ready: wakes waiting fetches.
-        self._arrivals: dict[str, asyncio.Event] = {}
+        # Woken when this process makes messages ready in a queue: its waiting fetches look at once.
+        self._arrivals = Wakeups()
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -229,38 +155,28 @@ class SqliteBroker:
 
     async def close(self) -> None:
         await self._db.close()
-        for queue in list(self._arrivals):
-            self._announce(queue)
-
-    def _announce(self, queue: str) -> None:
-        event = self._arrivals.pop(queue, None)
-        if event is not None:
-            event.set()
+        self._arrivals.wake_all()
 
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         if not messages:
             return
         await self._db.run(lambda conn: _publish(conn, queue, messages))
         if any(m.delay <= 0 for m in messages):
-            self._announce(queue)
+            self._arrivals.wake(queue)
 
     async def fetch(
         self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
     ) -> list[Delivery]:
         if max_messages <= 0:
             return []
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            # Taken before looking, so a publish while we look still wakes the wait below.
-            arrived = self._arrivals.setdefault(queue, asyncio.Event())
+
+        async def attempt() -> tuple[list[Delivery], float]:
             taken = await self._db.run(lambda conn: _lease(conn, queue, max_messages, lease_seconds))
-            remaining = deadline - time.monotonic()
-            if taken or remaining <= 0:
-                return taken
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), min(remaining, _POLL_SECONDS))
-            if self._db.closed:
-                return []
+            return taken, _POLL_SECONDS
+
+        return await fetch_waiting(
+            attempt, lambda: self._arrivals.signal(queue), wait_seconds, stopped=lambda: self._db.closed
+        )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         keys = _receipt_keys(deliveries)
@@ -281,7 +197,7 @@ class SqliteBroker:
         await self._db.run(lambda conn: _execute_many(conn, sql, [(available_at, *key) for key in keys]))
         if delay <= 0:
             for queue in {d.queue for d in deliveries}:
-                self._announce(queue)
+                self._arrivals.wake(queue)
 
     async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
         keys = _receipt_keys(deliveries)
@@ -294,7 +210,7 @@ class SqliteBroker:
     async def recover_expired(self) -> int:
         queues = await self._db.run(_recover)
         for queue in set(queues):
-            self._announce(queue)
+            self._arrivals.wake(queue)
         return len(queues)
 
     async def stats(self, queue: str) -> QueueStats:

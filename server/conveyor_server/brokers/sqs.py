@@ -63,18 +63,18 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import aioboto3
 
 from ..engine_errors import is_transient
+from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ._delayed import PublishedDelays
-from ._wakeups import Wakeups
+from ._wakeups import Wakeups, fetch_waiting
 from .base import Delivery, OutgoingMessage, QueueDeletionUnsupported, QueueStats
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "conveyor"
 DEFAULT_REGION = "us-east-1"
 # Lowest priority of each band, highest band first.
 BAND_LAYOUTS: dict[int, tuple[int, ...]] = {1: (0,), 3: (7, 3, 0), 10: (9, 8, 7, 6, 5, 4, 3, 2, 1, 0)}
@@ -233,9 +233,9 @@ class SqsBroker:
 
     @classmethod
     def from_url(cls, url: str) -> Self:
-        parts = urlsplit(url)
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        endpoint = options.get("endpoint")
+        options = EngineUrl(url)
+        parts = options.parts
+        endpoint: str | None = options.text("endpoint", "") or None
         if endpoint is None and parts.hostname:
             endpoint = f"http://{parts.hostname}:{parts.port or 80}"
         credentials = None
@@ -245,11 +245,11 @@ class SqsBroker:
             credentials = ("testing", "testing")
         return cls(
             endpoint=endpoint,
-            region=options.get("region", DEFAULT_REGION),
-            prefix=options.get("prefix") or DEFAULT_PREFIX,
-            fifo=options.get("fifo", "0").lower() in {"1", "true", "yes"},
+            region=options.text("region", DEFAULT_REGION),
+            prefix=options.prefix,
+            fifo=options.flag("fifo", False),
             credentials=credentials,
-            bands=int(options.get("bands", "3")),
+            bands=options.integer("bands", 3),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -546,11 +546,9 @@ class SqsBroker:
     ) -> list[Delivery]:
         if max_messages <= 0:
             return []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(wait_seconds, 0.0)
         urls = await self._queue_urls(queue)
-        while True:
-            arrived = self._arrived.signal(queue)  # taken before looking, so no arrival is missed
+
+        async def attempt() -> tuple[list[Delivery], float]:
             handles = self._take_buffered(queue, max_messages)
             # While every band is long-polled, anything new reaches the buffer by itself;
             # short polls on top would only multiply requests (one per waiting fetch).
@@ -561,16 +559,13 @@ class SqsBroker:
                     self._buffer.setdefault(queue, []).extend(handles[max_messages:])
                     handles = handles[:max_messages]
             handles = await self._with_lease(handles, lease_seconds)
-            if handles:
-                return [self._delivery(queue, handle) for handle in handles]
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            self._start_polls(queue, urls, lease_seconds, remaining)
-            try:
-                await asyncio.wait_for(arrived.wait(), remaining)
-            except TimeoutError:
-                return []
+            # No looking again before a wake-up: the long polls started below bring what comes.
+            return [self._delivery(queue, handle) for handle in handles], math.inf
+
+        return await fetch_waiting(
+            attempt, lambda: self._arrived.signal(queue), wait_seconds,
+            before_wait=lambda remaining: self._start_polls(queue, urls, lease_seconds, remaining),
+        )
 
     async def _drain_and_forward(self, queue: str, urls: _Urls, want: int, lease_seconds: float) -> list[_Handle]:
         """_drain, while the delay queue is looked at for due messages (a failure there only
