@@ -40,7 +40,7 @@ from conveyor.v1 import task_pb2
 from conveyor.values import to_value
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
-from conveyor_server.core.records import S, error, new_record, transition
+from conveyor_server.core.records import TaskStates, error, new_record, transition
 from tests.support.processes import free_port
 
 BATCH = 2_000
@@ -48,8 +48,12 @@ TARGET_MS = 300.0
 NAMES = [f"task_{i}" for i in range(10)]
 QUEUES = [f"queue_{i}" for i in range(5)]
 # Ended tasks mostly, as a dashboard sees them; a few still waiting or running.
-STATES = [S.TASK_STATE_SUCCESS] * 80 + [S.TASK_STATE_FAILURE] * 10 + [S.TASK_STATE_PENDING] * 6 + \
-    [S.TASK_STATE_STARTED] * 4
+STATES = (
+    [TaskStates.TASK_STATE_SUCCESS] * 80
+    + [TaskStates.TASK_STATE_FAILURE] * 10
+    + [TaskStates.TASK_STATE_PENDING] * 6
+    + [TaskStates.TASK_STATE_STARTED] * 4
+)
 
 
 def record(now: float, rng: random.Random) -> records_pb2.TaskRecord:
@@ -60,13 +64,13 @@ def record(now: float, rng: random.Random) -> records_pb2.TaskRecord:
     stamp.FromNanoseconds(int(submitted * 1e9))
     made = new_record(signature, at=stamp)
     state = rng.choice(STATES)
-    if state != S.TASK_STATE_PENDING:
+    if state != TaskStates.TASK_STATE_PENDING:
         made.result.attempts = 1
-        transition(made, S.TASK_STATE_STARTED, at=stamp, worker_id="bench-worker")
-    if state == S.TASK_STATE_SUCCESS:
+        transition(made, TaskStates.TASK_STATE_STARTED, at=stamp, worker_id="bench-worker")
+    if state == TaskStates.TASK_STATE_SUCCESS:
         made.result.result.CopyFrom(to_value(42))
         transition(made, state, at=stamp)
-    elif state == S.TASK_STATE_FAILURE:
+    elif state == TaskStates.TASK_STATE_FAILURE:
         failed = error("ValueError", "bad input", "Traceback (most recent call last):\n  ...\nValueError: bad input")
         made.result.error.CopyFrom(failed)
         transition(made, state, at=stamp, error=failed)

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from conveyor.v1 import worker_service_pb2 as w
-from conveyor.v1 import worker_service_pb2_grpc
+from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 from conveyor.values import from_value, to_value
 
 
@@ -29,12 +28,12 @@ def _log(line: str) -> None:
 
 
 async def main(address: str, mode: str, limit: int) -> None:
-    outbox: asyncio.Queue[w.ConnectRequest] = asyncio.Queue()
-    outbox.put_nowait(w.ConnectRequest(hello=w.Hello(
+    outbox: asyncio.Queue[worker_service_pb2.ConnectRequest] = asyncio.Queue()
+    outbox.put_nowait(worker_service_pb2.ConnectRequest(hello=worker_service_pb2.Hello(
         worker_id=f"raw-{mode}-{os.getpid()}", language="python-raw", queues=["default"], max_in_flight=10,
     )))
 
-    async def requests() -> AsyncIterator[w.ConnectRequest]:
+    async def requests() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         while True:
             yield await outbox.get()
 
@@ -44,17 +43,17 @@ async def main(address: str, mode: str, limit: int) -> None:
         async for message in call:
             if message.WhichOneof("message") == "acks":
                 for ack in message.acks.acks:
-                    _log(f"ack {ack.task_id} {w.AckStatus.Name(ack.status)}")
+                    _log(f"ack {ack.task_id} {worker_service_pb2.AckStatus.Name(ack.status)}")
             if message.WhichOneof("message") != "assignments":
                 continue
             for assignment in message.assignments.items:
                 index = from_value(assignment.task.args[0])
                 _log(f"member {index} pid={os.getpid()} raw={mode}")
-                outcome = w.TaskOutcome(
+                outcome = worker_service_pb2.TaskOutcome(
                     task_id=assignment.task.id, lease_token=assignment.lease_token,
-                    outcome=w.OUTCOME_SUCCESS, result=to_value(index * index),
+                    outcome=worker_service_pb2.OUTCOME_SUCCESS, result=to_value(index * index),
                 )
-                results = w.ConnectRequest(results=w.Results(outcomes=[outcome]))
+                results = worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=[outcome]))
                 outbox.put_nowait(results)
                 if mode == "duplicate":
                     outbox.put_nowait(results)

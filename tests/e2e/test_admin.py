@@ -24,7 +24,6 @@ from tests.support.processes import (
     wait_for_workers,
 )
 
-S = result_pb2.TaskState
 # Schedulers look for due ticks five times a second, so a seconds cron is exact enough to count.
 FAST_SCHEDULER = {"CONVEYOR_SCHEDULE_TICK_SECONDS": "0.2"}
 
@@ -67,14 +66,14 @@ async def test_a_paused_queue_keeps_its_tasks_until_resumed(
     async with Client(server.address) as client:
         ids = [(await client.submit(sig("add", i, 1).set(queue="paced"))).task_id for i in range(3)]
         await asyncio.sleep(2.5)  # longer than a fetch wait and a pause refresh
-        assert await states(client, ids) == [S.TASK_STATE_PENDING] * 3
+        assert await states(client, ids) == [result_pb2.TASK_STATE_PENDING] * 3
         info = queue_info(server.address, "paced")
         assert info["paused"] is True
         assert info["ready"] == 3
 
         assert cli_json(server.address, "resume", "paced") == {}
         results = [await client.get_result(task_id, wait=20) for task_id in ids]
-        assert [r.state for r in results] == [S.TASK_STATE_SUCCESS] * 3
+        assert [r.state for r in results] == [result_pb2.TASK_STATE_SUCCESS] * 3
     assert queue_info(server.address, "paced")["paused"] is False
     # Resuming a queue that is not paused is fine.
     assert cli_json(server.address, "resume", "paced") == {}
@@ -93,9 +92,9 @@ async def test_a_pause_survives_a_server_restart(tmp_path: Path, procs: list[Pro
     async with Client(server.address) as client:
         task_id = (await client.submit(sig("mul", 6, 7).set(queue="later"))).task_id
         await asyncio.sleep(2.5)
-        assert (await client.get_result(task_id)).state == S.TASK_STATE_PENDING
+        assert (await client.get_result(task_id)).state == result_pb2.TASK_STATE_PENDING
         run_cli(server.address, "resume", "later")
-        assert (await client.get_result(task_id, wait=20)).state == S.TASK_STATE_SUCCESS
+        assert (await client.get_result(task_id, wait=20)).state == result_pb2.TASK_STATE_SUCCESS
 
 
 def test_pause_refuses_a_bad_queue_name(server: Server) -> None:

@@ -41,7 +41,6 @@ DELIBERATE = {
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # How long the accepted tasks of one test may take to end, once a worker runs them.
 DRAIN_SECONDS = 60.0
-S = result_pb2.TaskState
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED}
 
 
@@ -121,7 +120,9 @@ def assert_all_end(channel: grpc.Channel, accepted: Accepted) -> None:
     def explain(task_ids: set[str]) -> str:
         replies = [tasks.GetResult(task_service_pb2.GetResultRequest(task_id=t), timeout=10).result
                    for t in sorted(task_ids)[:5]]
-        return "; ".join(f"{r.task_id} {r.name!r} on {r.queue!r}: {S.Name(r.state)}" for r in replies)
+        return "; ".join(
+            f"{r.task_id} {r.name!r} on {r.queue!r}: {result_pb2.TaskState.Name(r.state)}" for r in replies
+        )
 
     # One worker per queue: a worker on several queues may starve some of them (its window is
     # reserved by one queue's waiting fetch at a time), which is not what this test is about.

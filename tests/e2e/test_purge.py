@@ -17,7 +17,6 @@ from tests.support.processes import Proc, Server, WorkerProc, eventually, log_li
 
 pytestmark = pytest.mark.timeout(180)
 
-S = result_pb2.TaskState
 WAIT = 30.0
 
 
@@ -29,7 +28,7 @@ async def purge(address: str, queue: str) -> int:
 
 
 def assert_purged(result: result_pb2.TaskResult, queue: str) -> None:
-    assert result.state == S.TASK_STATE_CANCELLED, result
+    assert result.state == result_pb2.TASK_STATE_CANCELLED, result
     assert result.error.type == "Purged"
     assert repr(queue) in result.error.message
     assert result.finished_at.seconds > 0
@@ -52,11 +51,11 @@ async def test_purged_tasks_end_cancelled_and_waits_on_them_return(sqlite_server
         await client.result(ready[0], wait=5)
     assert (failed.value.state, failed.value.error_type) == ("CANCELLED", "Purged")
     # Another queue is untouched, and a second purge finds nothing and changes nothing.
-    assert (await client.get_result(kept)).state == S.TASK_STATE_PENDING
+    assert (await client.get_result(kept)).state == result_pb2.TASK_STATE_PENDING
     assert await purge(sqlite_server.address, "doomed") == 0
     again = await client.get_result(ready[1])
     assert_purged(again, "doomed")
-    assert [entry.state for entry in again.history] == [S.TASK_STATE_PENDING, S.TASK_STATE_CANCELLED]
+    assert [entry.state for entry in again.history] == [result_pb2.TASK_STATE_PENDING, result_pb2.TASK_STATE_CANCELLED]
 
 
 async def test_a_chord_whose_member_was_purged_fails_its_callback(

@@ -22,8 +22,13 @@ import grpc
 import pytest
 
 from conveyor import Client, RetryPolicy, chain, group, sig, state_name
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, worker_service_pb2_grpc
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    result_pb2,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
 from conveyor.values import to_value
 from tests.support.processes import Proc, Server, WorkerProc, eventually, log_lines, run_cli, wait_for_workers
 
@@ -108,17 +113,17 @@ class RawWorker:
 
     def __init__(self, address: str, queue: str, window: int = 1, heartbeat: float = 0.0) -> None:
         self.address = address
-        self.hello = w.Hello(language="python-raw", queues=[queue], max_in_flight=window)
+        self.hello = worker_service_pb2.Hello(language="python-raw", queues=[queue], max_in_flight=window)
         self.heartbeat = heartbeat
         self.worker_id = ""
-        self._inbox: defaultdict[str, asyncio.Queue[w.ConnectResponse]] = defaultdict(asyncio.Queue)
-        self._outbox: asyncio.Queue[w.ConnectRequest | None] = asyncio.Queue()
+        self._inbox: defaultdict[str, asyncio.Queue[worker_service_pb2.ConnectResponse]] = defaultdict(asyncio.Queue)
+        self._outbox: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._channel = grpc.aio.insecure_channel(address)
 
     async def __aenter__(self) -> RawWorker:
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
-        self._outbox.put_nowait(w.ConnectRequest(hello=self.hello))
+        self._outbox.put_nowait(worker_service_pb2.ConnectRequest(hello=self.hello))
         self._call = stub.Connect(self._requests())
         self._tasks.append(asyncio.create_task(self._read()))
         self.worker_id = (await self.next("welcome")).welcome.worker_id
@@ -139,7 +144,7 @@ class RawWorker:
         self._call.cancel()
         await self._channel.close()
 
-    async def _requests(self) -> AsyncIterator[w.ConnectRequest]:
+    async def _requests(self) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         while (message := await self._outbox.get()) is not None:
             yield message
 
@@ -153,31 +158,33 @@ class RawWorker:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
-            self.send(w.ConnectRequest(heartbeat=w.Heartbeat()))
+            self.send(worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat()))
 
-    def send(self, message: w.ConnectRequest) -> None:
+    def send(self, message: worker_service_pb2.ConnectRequest) -> None:
         self._outbox.put_nowait(message)
 
-    async def next(self, kind: str, within: float = 15.0) -> w.ConnectResponse:
+    async def next(self, kind: str, within: float = 15.0) -> worker_service_pb2.ConnectResponse:
         """The next server message of one kind (welcome, assignments, acks, cancel, drain)."""
         return await asyncio.wait_for(self._inbox[kind].get(), within)
 
-    async def assignment(self, within: float = 15.0) -> w.Assignment:
+    async def assignment(self, within: float = 15.0) -> worker_service_pb2.Assignment:
         (item,) = (await self.next("assignments", within)).assignments.items
         return item
 
-    async def report(self, outcomes: Sequence[w.TaskOutcome]) -> dict[str, w.AckStatus.ValueType]:
+    async def report(
+        self, outcomes: Sequence[worker_service_pb2.TaskOutcome]
+    ) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
         """Send results in one message; returns the server's ack status per task id."""
-        self.send(w.ConnectRequest(results=w.Results(outcomes=outcomes)))
-        statuses: dict[str, w.AckStatus.ValueType] = {}
+        self.send(worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=outcomes)))
+        statuses: dict[str, worker_service_pb2.AckStatus.ValueType] = {}
         while len(statuses) < len(outcomes):
             statuses.update((ack.task_id, ack.status) for ack in (await self.next("acks")).acks.acks)
         return statuses
 
 
-def success(assignment: w.Assignment, value: object) -> w.TaskOutcome:
-    return w.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token,
-                         outcome=w.OUTCOME_SUCCESS, result=to_value(value))
+def success(assignment: worker_service_pb2.Assignment, value: object) -> worker_service_pb2.TaskOutcome:
+    return worker_service_pb2.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token,
+                         outcome=worker_service_pb2.OUTCOME_SUCCESS, result=to_value(value))
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -196,12 +203,14 @@ async def test_a_result_under_a_stale_lease_is_refused(server: Server, client: C
         # The first worker reconnects and reports what it finished under its old lease.
         async with RawWorker(server.address, "nothing-here", heartbeat=0.5) as reconnected:
             refused = await reconnected.report([success(held, 99)])
-            assert refused == {submitted.task_id: w.ACK_STATUS_STALE_LEASE}
+            assert refused == {submitted.task_id: worker_service_pb2.ACK_STATUS_STALE_LEASE}
             assert state_name((await client.get_result(submitted.task_id)).state) in {"RECEIVED", "STARTED"}
 
-            assert await second.report([success(again, 5)]) == {submitted.task_id: w.ACK_STATUS_ACCEPTED}
+            assert await second.report([success(again, 5)]) == {
+                submitted.task_id: worker_service_pb2.ACK_STATUS_ACCEPTED
+            }
             late = await reconnected.report([success(held, 99)])
-            assert late == {submitted.task_id: w.ACK_STATUS_ALREADY_DONE}
+            assert late == {submitted.task_id: worker_service_pb2.ACK_STATUS_ALREADY_DONE}
     result = await client.get_result(submitted.task_id)
     assert result.result.int_value == 5
     assert terminal_states(result) == ["SUCCESS"]
@@ -219,7 +228,9 @@ async def test_a_hung_worker_is_drained_and_its_lease_expires(
         assert result.worker_id != hung.worker_id, "the broker brought the task back for another worker"
         drain = await hung.next("drain")
         assert "heartbeat" in drain.drain.reason
-        assert await hung.report([success(held, "late")]) == {submitted.task_id: w.ACK_STATUS_ALREADY_DONE}
+        assert await hung.report([success(held, "late")]) == {
+            submitted.task_id: worker_service_pb2.ACK_STATUS_ALREADY_DONE
+        }
     assert terminal_states(await client.get_result(submitted.task_id)) == ["SUCCESS"]
 
 
@@ -232,15 +243,17 @@ async def test_the_server_fails_an_attempt_its_worker_does_not_stop(server: Serv
     async with RawWorker(server.address, "stuck", heartbeat=0.2) as stuck:
         submitted = await client.submit(sig("nap", "stuck", 60).set(queue="stuck", time_limit=0.5))
         held = await stuck.assignment()
-        stuck.send(w.ConnectRequest(started=w.Started(tasks=[
-            w.LeaseRef(task_id=held.task.id, lease_token=held.lease_token)
+        stuck.send(worker_service_pb2.ConnectRequest(started=worker_service_pb2.Started(tasks=[
+            worker_service_pb2.LeaseRef(task_id=held.task.id, lease_token=held.lease_token)
         ])))
         result = await client.get_result(submitted.task_id, wait=20)
         assert state_name(result.state) == "FAILURE"
         assert result.error.type == "TimeLimitExceeded"
         assert "did not stop it" in result.error.message
         assert submitted.task_id in (await stuck.next("cancel")).cancel.task_ids
-        assert await stuck.report([success(held, "late")]) == {submitted.task_id: w.ACK_STATUS_ALREADY_DONE}
+        assert await stuck.report([success(held, "late")]) == {
+            submitted.task_id: worker_service_pb2.ACK_STATUS_ALREADY_DONE
+        }
 
 
 async def test_the_worker_runtime_enforces_time_limits(
@@ -376,7 +389,7 @@ async def test_ten_thousand_delayed_tasks_come_due_in_batches_and_run_once(serve
             received.extend(item.task.id for item in items)
             batches.append(len(items))
             statuses = await raw.report([success(item, None) for item in items])
-            accepted += sum(status == w.ACK_STATUS_ACCEPTED for status in statuses.values())
+            accepted += sum(status == worker_service_pb2.ACK_STATUS_ACCEPTED for status in statuses.values())
     assert first_at - started >= delay - EARLY, "nothing ran before its countdown"
     assert len(received) == DELAYED_TASKS, "each delayed task was delivered exactly once"
     assert set(received) == wanted

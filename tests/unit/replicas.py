@@ -34,8 +34,6 @@ from conveyor_server.core.dispatch import Claim
 from conveyor_server.core.sessions import WorkerSession
 from tests.unit.test_durability import QUEUE, Clock, FlakyBackend, FlakyBroker, build
 
-W = worker_service_pb2
-
 
 class SharedBackend(FlakyBackend):
     """The flaky memory backend, plus meeting points, slow inserts and a count of group reads."""
@@ -137,16 +135,19 @@ async def lease_all(core: Core, worker_id: str = "w1") -> Claim:
 
 
 def outcome(
-    claim: Claim, task_id: str, kind: W.Outcome.ValueType = W.OUTCOME_SUCCESS, **fields: object
-) -> W.TaskOutcome:
+    claim: Claim,
+    task_id: str,
+    kind: worker_service_pb2.Outcome.ValueType = worker_service_pb2.OUTCOME_SUCCESS,
+    **fields: object,
+) -> worker_service_pb2.TaskOutcome:
     """The worker's report for `task_id` under the lease `claim` gave it."""
     [lease] = [lease for lease in claim.leases if lease.task_id == task_id]
-    return W.TaskOutcome(task_id=task_id, lease_token=lease.token, outcome=kind, **fields)  # type: ignore[arg-type]
+    return worker_service_pb2.TaskOutcome(task_id=task_id, lease_token=lease.token, outcome=kind, **fields)  # type: ignore[arg-type]
 
 
-def sent(session: WorkerSession) -> list[W.ConnectResponse]:
+def sent(session: WorkerSession) -> list[worker_service_pb2.ConnectResponse]:
     """Everything queued on the session's stream so far (taken off it)."""
-    messages: list[W.ConnectResponse] = []
+    messages: list[worker_service_pb2.ConnectResponse] = []
     while not session.outbox.empty():
         message = session.outbox.get_nowait()
         if message is not None:
@@ -154,23 +155,32 @@ def sent(session: WorkerSession) -> list[W.ConnectResponse]:
     return messages
 
 
-def cancels(messages: list[W.ConnectResponse]) -> list[str]:
+def cancels(messages: list[worker_service_pb2.ConnectResponse]) -> list[str]:
     return [t for m in messages if m.WhichOneof("message") == "cancel" for t in m.cancel.task_ids]
 
 
 async def run_ready(
     core: Core, fail: Collection[str] = (), results: Mapping[str, task_pb2.Value] | None = None,
     worker_id: str = "w1",
-) -> dict[str, W.Assignment]:
+) -> dict[str, worker_service_pb2.Assignment]:
     """One pass of a worker through `core`: run every ready task, failing those in `fail`
     (error type "Boom") and returning `results[task_id]` (default: the task id as a string)
     for the others; returns the assignments it got, by task id."""
     claim = await lease_all(core, worker_id)
     results = results or {}
     reports = [
-        outcome(claim, lease.task_id, W.OUTCOME_FAILURE, error=result_pb2.TaskError(type="Boom", message=lease.task_id))
-        if lease.task_id in fail else
-        outcome(claim, lease.task_id, result=results.get(lease.task_id, task_pb2.Value(string_value=lease.task_id)))
+        (
+            outcome(
+                claim,
+                lease.task_id,
+                worker_service_pb2.OUTCOME_FAILURE,
+                error=result_pb2.TaskError(type="Boom", message=lease.task_id),
+            )
+            if lease.task_id in fail
+            else outcome(
+                claim, lease.task_id, result=results.get(lease.task_id, task_pb2.Value(string_value=lease.task_id))
+            )
+        )
         for lease in claim.leases
     ]
     recorded = await core.connections.recorder.record(reports, worker_id) if reports else None
@@ -181,10 +191,10 @@ async def run_ready(
 
 async def run_all(
     core: Core, fail: Collection[str] = (), results: Mapping[str, task_pb2.Value] | None = None, rounds: int = 20,
-) -> dict[str, W.Assignment]:
+) -> dict[str, worker_service_pb2.Assignment]:
     """Run until nothing is ready (a repair may make something ready without running anything);
     every assignment handed out, by task id (the last one wins)."""
-    ran: dict[str, W.Assignment] = {}
+    ran: dict[str, worker_service_pb2.Assignment] = {}
     for _ in range(rounds):
         assignments = await run_ready(core, fail, results)
         if not assignments and not (await core.broker.stats(QUEUE)).ready:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.v1 import task_pb2
+from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor_server.app import Core
 from conveyor_server.config import Settings
 from conveyor_server.core import admin
-from tests.unit.replicas import Replicas, W, quick_repairs, replicas, run_all, run_ready
+from tests.unit.replicas import Replicas, quick_repairs, replicas, run_all, run_ready
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
@@ -18,7 +18,7 @@ __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 
 async def test_workers_are_listed_with_the_configured_server_id(replicas: Replicas) -> None:
     core = Core.build(Settings(server_id="srv-x"), broker=replicas.broker, backend=replicas.backend)
-    core.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
+    core.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
     [info] = core.admin.workers()
     assert info.server_id == "srv-x"
 
@@ -48,7 +48,12 @@ async def test_a_replay_of_one_queues_dead_letters_leaves_the_other_queues(repli
     await dispatcher.record(claim.leases, "w1", claim.read)
     [lease] = claim.leases
     await replicas.a.connections.recorder.record(
-        [W.TaskOutcome(task_id="there", lease_token=lease.token, outcome=W.OUTCOME_FAILURE)], "w1"
+        [
+            worker_service_pb2.TaskOutcome(
+                task_id="there", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_FAILURE
+            )
+        ],
+        "w1",
     )
     assert len(await replicas.a.admin.replay([], QUEUE)) == 1
     assert [r.task_id for r in await replicas.a.admin.dead_letters("", 0)] == ["there"]

@@ -22,7 +22,7 @@ from conveyor_server.config import ConfigError, QueueLimit
 from conveyor_server.core.admission import STATS_MAX_AGE_SECONDS, Admission, Recent, admission_for
 from conveyor_server.core.errors import ResourceExhausted
 from conveyor_server.core.queue_ages import MAX_PAGES, PAGE, QueueAges
-from conveyor_server.core.records import S, new_record, transition
+from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.store import TaskStore
 from conveyor_server.core.task_index import TaskIndexer
 
@@ -90,7 +90,7 @@ async def test_tasks_that_are_not_ready_or_not_waiting_do_not_count(index: Index
         waiting(queue, "later-step", enqueued=False),  # a workflow step whose turn has not come
         waiting(queue, "running"),
     )
-    await index.move("running", S.TASK_STATE_STARTED)
+    await index.move("running", TaskStates.TASK_STATE_STARTED)
     ages = QueueAges(index.indexer, Clock(SUBMITTED + 60))
     assert await ages.waited_past(queue, 10) is None
     # Once the delays are due, those tasks wait like any other, counted from when they turned ready.
@@ -99,7 +99,7 @@ async def test_tasks_that_are_not_ready_or_not_waiting_do_not_count(index: Index
 
 async def test_a_retry_counts_from_when_it_was_due(index: Index) -> None:
     record = waiting(index.queue, "retried")
-    transition(record, S.TASK_STATE_RETRY)
+    transition(record, TaskStates.TASK_STATE_RETRY)
     record.retry_at.FromSeconds(int(SUBMITTED) + 40)
     await index.add(record)
     assert await QueueAges(index.indexer, Clock(SUBMITTED + 45)).waited_past(index.queue, 10) is None
@@ -137,7 +137,7 @@ async def test_a_queue_past_its_max_age_refuses_with_a_retry_hint_until_the_task
     assert refused.value.metadata == {"queue": index.queue, "max_age_seconds": "15"}
     await admission.admit(["unlimited"])
 
-    await index.move("old", S.TASK_STATE_RECEIVED)
+    await index.move("old", TaskStates.TASK_STATE_RECEIVED)
     with pytest.raises(ResourceExhausted):  # the age read a moment ago still holds
         await admission.admit([index.queue])
     monotonic.at += STATS_MAX_AGE_SECONDS

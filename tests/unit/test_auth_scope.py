@@ -19,7 +19,6 @@ from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings, Token
 
-W = worker_service_pb2
 SECRET = "s3cret-worker"
 
 
@@ -91,8 +90,10 @@ class StandInContext:
         raise Aborted(code, details)
 
 
-async def hello(queues: list[str]) -> AsyncIterator[W.ConnectRequest]:
-    yield W.ConnectRequest(hello=W.Hello(worker_id="w1", queues=queues, max_in_flight=1))
+async def hello(queues: list[str]) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+    yield worker_service_pb2.ConnectRequest(
+        hello=worker_service_pb2.Hello(worker_id="w1", queues=queues, max_in_flight=1)
+    )
 
 
 async def test_connect_refuses_a_hello_for_queues_a_and_b_with_a_token_for_queue_a() -> None:
@@ -112,7 +113,7 @@ async def test_a_session_keeps_its_tokens_queues_for_the_replacements_its_worker
     settings = Settings(broker_url="memory://", backend_url="memory://")
     core = Core.build(settings, MemoryBroker(), MemoryBackend())
     servicer = WorkerServicer(core.connections, Authenticator([worker_token(("a", "b"))]))
-    stream = cast(AsyncGenerator[W.ConnectResponse, None],
+    stream = cast(AsyncGenerator[worker_service_pb2.ConnectResponse, None],
                   servicer.Connect(hello(["a"]), cast(Any, StandInContext(bearer()))))
     welcome = await anext(stream)
     assert welcome.WhichOneof("message") == "welcome"

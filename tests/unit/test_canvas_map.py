@@ -16,8 +16,7 @@ from conveyor.client import _task_ids, to_request, with_task_ids
 from conveyor.context import TaskContext
 from conveyor.execution import MAP_HEADER, call_sync, item_calls
 from conveyor.pools.coroutines import call_async
-from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
-from conveyor.v1 import worker_service_pb2 as W
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
 from conveyor.values import from_value, to_jsonable, to_value
 from conveyor_server.api.ratelimit import tasks_in
 from conveyor_server.app import Core
@@ -29,7 +28,6 @@ from tests.unit.test_durability import QUEUE, submit
 from tests.unit.test_task_registry import hello, refusal, strict
 
 __all__ = ["replicas"]  # the fixture used by the tests below
-S = result_pb2
 
 
 def mapped(canvas: Any) -> task_service_pb2.SubmitRequest:
@@ -46,9 +44,9 @@ def context(task: task_pb2.Signature) -> TaskContext:
 
 async def run_chunks(
     core: Core, functions: dict[str, Callable[..., Any]], fail: Collection[str] = (),
-) -> dict[str, W.Assignment]:
+) -> dict[str, worker_service_pb2.Assignment]:
     """A worker: each task runs as the SDK runs it (a chunk once per item); tasks in `fail` fail."""
-    ran: dict[str, W.Assignment] = {}
+    ran: dict[str, worker_service_pb2.Assignment] = {}
     for _ in range(20):
         claim = await lease_all(core)
         if not claim.leases:
@@ -59,7 +57,7 @@ async def run_chunks(
             ran[task.id] = claimed.assignment
             if task.id in fail:
                 error = result_pb2.TaskError(type="Boom", message=task.id)
-                reports.append(outcome(claim, task.id, W.OUTCOME_FAILURE, error=error))
+                reports.append(outcome(claim, task.id, worker_service_pb2.OUTCOME_FAILURE, error=error))
                 continue
             ending = call_sync(functions[task.name], task, context(task))
             result = {"result": ending.result} if ending.result is not None else {"error": ending.error}
@@ -94,7 +92,7 @@ async def test_a_map_runs_in_bounded_chunks_and_gives_one_result_per_item(replic
     assert sizes == {f"{template}.c0": 100, f"{template}.c1": 100, f"{template}.c2": 50}
     assert all(a.task.headers[MAP_HEADER] == "map" for a in ran.values())
     result = await whole(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_SUCCESS and result.name == "map"
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and result.name == "map"
     assert from_value(result.result) == [x * 2 for x in range(250)]
 
 
@@ -128,7 +126,7 @@ async def test_a_failed_chunk_fails_the_map_naming_it(replicas: Replicas) -> Non
     bad = f"{request.workflow.chain.steps[0].map.task.id}.c1"
     ran = await run_chunks(replicas.a, {"double": double, "total": sum}, fail={bad})
     result = await whole(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_FAILURE and result.error.type == "GroupMemberFailed"
+    assert result.state == result_pb2.TASK_STATE_FAILURE and result.error.type == "GroupMemberFailed"
     assert f"member 1 ({bad}): Boom" in result.error.message
     assert not [t for t, a in ran.items() if a.task.name == "total"], "the step after the map never ran"
 
@@ -137,7 +135,7 @@ async def test_a_starmap_item_that_is_not_a_list_fails_its_chunk_with_a_clear_er
     items = [to_value([1, 2]), to_value(3)]
     chunk = task_pb2.Signature(id="c", name="add", args=items, headers={MAP_HEADER: "starmap"})
     ending = call_sync(add, chunk, context(chunk))
-    assert ending.outcome == W.OUTCOME_FAILURE and ending.error is not None
+    assert ending.outcome == worker_service_pb2.OUTCOME_FAILURE and ending.error is not None
     assert ending.error.type == "TypeError" and "starmap item 1 is int, not a list of args" in ending.error.message
     assert item_calls(task_pb2.Signature(name="add", args=[to_value(1)])) is None, "a plain task is called once"
 
@@ -223,5 +221,5 @@ async def test_a_chunk_that_returns_no_list_fails_the_map(replicas: Replicas) ->
     [response] = await submit(replicas.a, mapped(sig("double").map([1, 2])))
     await run_all(replicas.a)  # a worker that ignores the map header: each chunk returns its task id
     result = await whole(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_FAILURE and result.error.type == "MapChunkNotList"
+    assert result.state == result_pb2.TASK_STATE_FAILURE and result.error.type == "MapChunkNotList"
     assert result.error.message == f"chunk 0 ({response.task_ids[0]}) returned str, not a list"

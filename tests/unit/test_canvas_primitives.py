@@ -31,7 +31,6 @@ from tests.unit.test_durability import submit, task
 
 __all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
 WF = workflow_pb2
-S = result_pb2
 
 
 def step(task_id: str, **fields: object) -> WF.Workflow:
@@ -168,7 +167,7 @@ async def test_an_empty_group_can_be_watched_and_read_by_its_workflow_id(replica
     ids = await replicas.a.reader.resolve_ids([], response.workflow_id)
     assert ids == [] and [e async for e in replicas.a.reader.watch(ids)] == []
     result = await whole_result(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_SUCCESS and from_value(result.result) == []
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and from_value(result.result) == []
     assert result.task_id == response.workflow_id and result.name == "group"
 
 
@@ -237,22 +236,22 @@ async def test_a_failed_chain_reads_as_the_error_of_the_step_that_failed(replica
     [response] = await submit(replicas.a, request(chain_of(step("a"), step("b"), step("c"))))
     await run_all(replicas.a, fail={"b"})
     result = await whole_result(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_FAILURE
+    assert result.state == result_pb2.TASK_STATE_FAILURE
     assert (result.error.type, result.error.message) == ("Boom", "b")
     last = await replicas.a.reader.get(response.task_id)
-    assert last.state == S.TASK_STATE_CANCELLED, "the last step itself never ran"
+    assert last.state == result_pb2.TASK_STATE_CANCELLED, "the last step itself never ran"
 
 
 async def test_a_cancelled_workflow_reads_as_cancelled(replicas: Replicas) -> None:
     [response] = await submit(replicas.a, request(group_of(step("g0"), step("g1"))))
     await replicas.a.canceller.cancel(response.workflow_id)
     result = await whole_result(replicas, response.workflow_id)
-    assert result.state == S.TASK_STATE_CANCELLED and result.error.type == "GroupMemberFailed"
+    assert result.state == result_pb2.TASK_STATE_CANCELLED and result.error.type == "GroupMemberFailed"
 
 
 async def test_a_wait_on_a_workflow_id_returns_once_its_canvas_ends(replicas: Replicas) -> None:
     [response] = await submit(replicas.a, request(chain_of(step("a"), group_of(step("b"), step("c")))))
-    assert (await whole_result(replicas, response.workflow_id)).state == S.TASK_STATE_PENDING
+    assert (await whole_result(replicas, response.workflow_id)).state == result_pb2.TASK_STATE_PENDING
     waiting = asyncio.create_task(whole_result(replicas, response.workflow_id, wait=30))
     await run_ready(replicas.a)
     await asyncio.sleep(0.05)
@@ -260,7 +259,7 @@ async def test_a_wait_on_a_workflow_id_returns_once_its_canvas_ends(replicas: Re
     await run_all(replicas.a)
     async with asyncio.timeout(10):
         result = await waiting
-    assert result.state == S.TASK_STATE_SUCCESS and from_value(result.result) == ["b", "c"]
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and from_value(result.result) == ["b", "c"]
 
 
 # -- success callbacks on canvases -----------------------------------------------------------------

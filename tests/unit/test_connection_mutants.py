@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.app import Core
 from conveyor_server.brokers.base import Delivery
 from conveyor_server.config import Settings
@@ -28,12 +28,11 @@ from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
 from tests.support.processes import eventually
-from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, sent
+from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_worker_stream import handle, holding
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 @pytest.fixture
@@ -50,7 +49,7 @@ async def loop_errors() -> AsyncIterator[list[dict[str, object]]]:
 async def test_the_welcome_names_the_server_its_message_limit_and_exact_intervals(replicas: Replicas) -> None:
     settings = Settings(server_id="srv-x", heartbeat_interval_seconds=5.0, lease_seconds=30.0)
     core = Core.build(settings, broker=replicas.broker, backend=replicas.backend)
-    session = core.connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session = core.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
     welcome = (await session.outbox.get()).welcome  # type: ignore[union-attr]
     assert welcome.server_id == "srv-x"
     assert welcome.max_message_bytes == settings.limits.max_message_bytes
@@ -63,7 +62,7 @@ async def assigned_within(replicas: Replicas, session: WorkerSession, wanted: se
     assigned: set[str] = set()
     done = asyncio.Event()
 
-    async def silent() -> AsyncIterator[W.ConnectRequest]:
+    async def silent() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         await done.wait()
         return
         yield  # an async generator
@@ -86,7 +85,9 @@ async def assigned_within(replicas: Replicas, session: WorkerSession, wanted: se
 async def two_queues(replicas: Replicas, window: int) -> WorkerSession:
     for queue in ("q1", "q2"):
         await submit(replicas.a, lone(task_pb2.Signature(name="noop", id=f"on-{queue}", queue=queue)))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=["q1", "q2"], max_in_flight=window))
+    session = replicas.a.connections.open(
+        worker_service_pb2.Hello(worker_id="w1", queues=["q1", "q2"], max_in_flight=window)
+    )
     await session.outbox.get()  # the Welcome
     return session
 
@@ -138,7 +139,7 @@ async def test_a_task_fetched_while_the_worker_left_said_goodbye_or_its_queue_pa
     replicas: Replicas, event: str
 ) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     await session.outbox.get()  # the Welcome
     happen = {"closed": session.close, "draining": session.set_draining,
               "paused": lambda: replicas.a.connections.pauses.pause(QUEUE)}[event]
@@ -149,7 +150,7 @@ async def test_a_pump_whose_claim_and_hand_back_both_fail_keeps_fetching(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claims: list[object] = []
 
     async def broken(*args: object) -> None:
@@ -173,7 +174,7 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
 ) -> None:
     """While an engine is away the pump backs off from 0.1 s up to its cap: the first retry comes
     soon and none waits longer than the cap, so work resumes quickly after the engine returns."""
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     attempts: list[float] = []
 
     async def unreachable(*args: object) -> list[Delivery]:
@@ -195,13 +196,23 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
 
 async def test_acks_name_the_lease_and_started_entries_the_worker(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1")
-    await handle(replicas, session, started=W.Started(tasks=[W.LeaseRef(task_id="t1", lease_token=tokens["t1"])]))
-    results = W.Results(outcomes=[W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)])
+    await handle(
+        replicas,
+        session,
+        started=worker_service_pb2.Started(tasks=[worker_service_pb2.LeaseRef(task_id="t1", lease_token=tokens["t1"])]),
+    )
+    results = worker_service_pb2.Results(
+        outcomes=[
+            worker_service_pb2.TaskOutcome(
+                task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+            )
+        ]
+    )
     [acks] = await handle(replicas, session, results=results)
     assert [(a.task_id, a.lease_token) for a in acks.acks.acks] == [("t1", tokens["t1"])]
     record = await replicas.a.store.get("t1")
     assert record is not None
-    [started] = [h for h in record.result.history if h.state == S.TASK_STATE_STARTED]
+    [started] = [h for h in record.result.history if h.state == result_pb2.TASK_STATE_STARTED]
     assert started.worker_id == "w1"
 
 
@@ -209,9 +220,9 @@ async def test_a_short_time_limit_is_enforced_in_the_workers_name_and_says_why(r
     session, tokens = await holding(replicas, "quick", time_limit=Duration(nanos=500_000_000))
     lease = session.leases[tokens["quick"]]
     lease.started_at = time.monotonic() - 0.5 - connection.TIME_LIMIT_GRACE_SECONDS - 1
-    await handle(replicas, session, heartbeat=W.Heartbeat())
+    await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat())
     record = await replicas.a.store.get("quick")
-    assert record is not None and record.result.state == S.TASK_STATE_FAILURE
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_FAILURE
     assert record.result.error == result_pb2.TaskError(
         type="TimeLimitExceeded", message="the attempt ran past its time limit and the worker did not stop it"
     )
@@ -225,9 +236,9 @@ async def test_an_attempt_exactly_at_its_time_limit_and_grace_is_not_failed_yet(
     now = 1_000.0
     monkeypatch.setattr(connection, "time", SimpleNamespace(monotonic=lambda: now))
     session.leases[tokens["quick"]].started_at = now - 0.5 - connection.TIME_LIMIT_GRACE_SECONDS
-    await handle(replicas, session, heartbeat=W.Heartbeat())
+    await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat())
     record = await replicas.a.store.get("quick")
-    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_RECEIVED
 
 
 async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
@@ -235,7 +246,7 @@ async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
 ) -> None:
     settings = Settings(heartbeat_interval_seconds=0.001, lease_seconds=30.0)
     core = Core.build(settings, broker=replicas.broker, backend=replicas.backend)
-    session = core.connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session = core.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
     session.last_seen = 1_000.0
     draining_at_look: list[bool] = []
 
@@ -252,7 +263,7 @@ async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
 
 
 def test_a_window_of_one_stays_one_and_a_worker_without_an_id_gets_a_short_random_one(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(max_in_flight=1))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(max_in_flight=1))
     assert session.window == 1
     assert re.fullmatch(r"worker-[0-9a-f]{12}", session.worker_id)
 
@@ -262,7 +273,7 @@ def test_a_window_of_one_stays_one_and_a_worker_without_an_id_gets_a_short_rando
 async def unreceived(replicas: Replicas, *task_ids: str) -> tuple[WorkerSession, dict[str, Lease]]:
     """A session holding fresh leases on `task_ids` whose RECEIVED is not written yet."""
     await submit(replicas.a, *(lone(task(task_id=t)) for t in task_ids))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     await session.outbox.get()  # the Welcome
     dispatcher = replicas.a.connections.dispatcher
     claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
@@ -276,14 +287,14 @@ async def test_a_delayed_receipt_is_written_from_the_records_the_claim_read(
     monkeypatch.setattr(connection, "RECEIVED_DELAY_SECONDS", 0.0)
     await submit(replicas.a, lone(task(task_id="t1")))
     connections = replicas.b.connections  # its store remembers nothing of t1
-    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claim = await connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
     await session.settle(0, claim.leases)
     replicas.backend.fail_reads = 1_000  # a read now would fail: only the claim's own read serves
     await connections._record_later(session, claim)
     replicas.backend.fail_reads = 0
     record = await replicas.a.store.get("t1")
-    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_RECEIVED
 
 
 async def test_receipts_that_cannot_be_recorded_are_cancelled_even_when_handing_them_back_fails(
@@ -308,7 +319,7 @@ async def test_the_lease_replacing_a_lost_workers_is_recorded_at_once_from_the_c
     lost = await lease_all(replicas.a, "w0")
     await settle(replicas.broker, lost.leases, {"t1": 0.0})  # its worker is lost: the message comes back
     connections = replicas.b.connections  # its store remembers nothing of t1
-    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claim = await connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
     await session.settle(0, claim.leases)
     assert claim.replacing == claim.leases
@@ -320,9 +331,11 @@ async def test_the_lease_replacing_a_lost_workers_is_recorded_at_once_from_the_c
     await connections.shutdown()
 
 
-def success(lease: Lease) -> W.Results:
-    done = W.TaskOutcome(task_id=lease.task_id, lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
-    return W.Results(outcomes=[done])
+def success(lease: Lease) -> worker_service_pb2.Results:
+    done = worker_service_pb2.TaskOutcome(
+        task_id=lease.task_id, lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
+    return worker_service_pb2.Results(outcomes=[done])
 
 
 def acked(session: WorkerSession) -> dict[str, int]:
@@ -345,7 +358,7 @@ async def test_a_result_waits_for_the_received_write_of_its_lease_in_flight(repl
     await replicas.a.connections.dispatcher.record([lease], "w1")
     lease.recorded.set_result(None)
     await asyncio.wait_for(reporting, 5)
-    assert acked(session) == {"t1": W.ACK_STATUS_ACCEPTED}
+    assert acked(session) == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
 
 
 async def test_a_result_written_with_its_receipt_is_written_with_it_again_after_a_failed_write(
@@ -357,22 +370,28 @@ async def test_a_result_written_with_its_receipt_is_written_with_it_again_after_
         await replicas.a.connections._results(session, success(leases["t1"]))
     replicas.backend.lose_cas = 0
     await replicas.a.connections._results(session, success(leases["t1"]))  # the worker's retry
-    assert acked(session) == {"t1": W.ACK_STATUS_ACCEPTED}
+    assert acked(session) == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
 
 
 async def test_a_result_with_an_unknown_lease_does_not_keep_the_next_ones_receipt_back(replicas: Replicas) -> None:
     session, leases = await unreceived(replicas, "t1")
-    unknown = W.TaskOutcome(task_id="t1", lease_token="not-a-lease", outcome=W.OUTCOME_SUCCESS)
-    results = W.Results(outcomes=[unknown, *success(leases["t1"]).outcomes])
+    unknown = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token="not-a-lease", outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
+    results = worker_service_pb2.Results(outcomes=[unknown, *success(leases["t1"]).outcomes])
     await replicas.a.connections._results(session, results)
     record = await replicas.a.store.get("t1")
-    assert record is not None and record.result.state == S.TASK_STATE_SUCCESS
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_rejection_before_the_received_write_still_hands_the_task_back(replicas: Replicas) -> None:
     session, leases = await unreceived(replicas, "t1")
-    rejected = W.RejectedTask(task_id="t1", lease_token=leases["t1"].token, reason="no task named noop")
-    await replicas.a.connections._handle(session, W.ConnectRequest(reject=W.Reject(tasks=[rejected])))
+    rejected = worker_service_pb2.RejectedTask(
+        task_id="t1", lease_token=leases["t1"].token, reason="no task named noop"
+    )
+    await replicas.a.connections._handle(
+        session, worker_service_pb2.ConnectRequest(reject=worker_service_pb2.Reject(tasks=[rejected]))
+    )
     record = await replicas.a.store.get("t1")
     assert record is not None and record.rejects == 1 and not record.lease_token
 
@@ -393,7 +412,7 @@ async def test_a_stopping_server_hands_back_the_leases_of_a_worker_that_left_and
     connections.settings = connections.settings.replace(stream_grace_seconds=3600.0)
     session, _ = await holding(replicas, "t1", "t2")
 
-    async def nothing() -> AsyncIterator[W.ConnectRequest]:
+    async def nothing() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         return
         yield  # an async generator
 
@@ -411,10 +430,10 @@ async def test_a_stopping_server_hands_back_the_leases_of_a_worker_that_left_and
 async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas: Replicas) -> None:
     connections = replicas.a.connections
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
-    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
     done = asyncio.Event()
 
-    async def silent() -> AsyncIterator[W.ConnectRequest]:
+    async def silent() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         await done.wait()
         return
         yield  # an async generator
@@ -433,17 +452,17 @@ async def test_a_worker_is_not_drained_while_the_server_is_slow_to_handle_its_re
     # An engine outage holds one report for longer than a lease; the reports behind it wait in the stream.
     connections = replicas.a.connections
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
-    session = connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
     draining_after: list[bool] = []
 
-    async def slow_engine(_: object, __: W.ConnectRequest) -> None:
+    async def slow_engine(_: object, __: worker_service_pb2.ConnectRequest) -> None:
         await asyncio.sleep(0.3)
         draining_after.append(session.draining)
 
     monkeypatch.setattr(connections, "_handle_through_outages", slow_engine)
 
-    async def reports() -> AsyncIterator[W.ConnectRequest]:
-        yield W.ConnectRequest(heartbeat=W.Heartbeat())
+    async def reports() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+        yield worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
 
     await asyncio.wait_for(connections.run(session, reports()), 10)
     assert draining_after == [False]
@@ -454,10 +473,10 @@ async def test_a_result_resent_on_a_new_session_under_the_old_sessions_unwritten
 ) -> None:
     session, leases = await unreceived(replicas, "t1")
     replicas.a.registry.remove(session)  # the stream broke; the worker reconnects
-    again = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    again = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     await again.outbox.get()  # the Welcome
     await replicas.a.connections._results(again, success(leases["t1"]))
-    assert acked(again) == {"t1": W.ACK_STATUS_ACCEPTED}
+    assert acked(again) == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
 
 
 async def test_settling_hands_a_retry_back_with_its_delay(replicas: Replicas) -> None:
@@ -468,7 +487,7 @@ async def test_settling_hands_a_retry_back_with_its_delay(replicas: Replicas) ->
     assert (stats.ready, stats.delayed) == (0, 1)
 
 
-async def pumped(replicas: Replicas, session: WorkerSession) -> W.ConnectResponse | None:
+async def pumped(replicas: Replicas, session: WorkerSession) -> worker_service_pb2.ConnectResponse | None:
     """Run one pump of `session` on QUEUE until it sent something (or a moment passed)."""
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     try:
@@ -483,7 +502,7 @@ async def pumped(replicas: Replicas, session: WorkerSession) -> W.ConnectRespons
 async def test_a_pump_acks_the_message_of_a_task_that_ended_meanwhile(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await replicas.a.canceller.cancel("t1")  # its message is still queued
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
     await session.outbox.get()  # the Welcome
     assert await pumped(replicas, session) is None, "nothing to run"
     stats = await replicas.broker.stats(QUEUE)
@@ -494,7 +513,7 @@ async def test_a_pump_that_takes_over_a_lost_workers_task_records_the_new_lease_
     await submit(replicas.a, lone(task(task_id="t1")))
     first = await lease_all(replicas.a)  # RECEIVED by a worker that is then lost
     await replicas.broker.nack([first.leases[0].delivery], 0.0)  # its message comes back
-    session = replicas.a.connections.open(W.Hello(worker_id="w2", queues=[QUEUE], max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w2", queues=[QUEUE], max_in_flight=2))
     await session.outbox.get()  # the Welcome
     message = await pumped(replicas, session)
     assert message is not None

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import time
 
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.core.dispatch import DEFAULT_MAX_DELIVERIES, Claim
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
-from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_outcomes_and_dispatch import record_of
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 async def lose(replicas: Replicas, claim: Claim) -> None:
@@ -41,8 +40,8 @@ async def test_each_delivery_is_counted_and_a_lost_one_is_noted_as_worker_lost(r
     assert record.result.attempts == 1  # a lost delivery runs the same attempt again
     assert [e.type for e in record.attempt_errors] == ["WorkerLost"]
     recorded = await replicas.a.connections.recorder.record([outcome(second, "t1")], "w2")
-    assert recorded.statuses == {"t1": W.ACK_STATUS_ACCEPTED}
-    assert (await record_of(replicas, "t1")).result.state == S.TASK_STATE_SUCCESS
+    assert recorded.statuses == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
+    assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_retry_starts_counting_deliveries_again(replicas: Replicas) -> None:
@@ -51,9 +50,9 @@ async def test_a_retry_starts_counting_deliveries_again(replicas: Replicas) -> N
     await lose(replicas, first)
     second = await redeliver(replicas, "w1")
     assert (await record_of(replicas, "t1")).deliveries == 2
-    await replicas.a.connections.recorder.record([outcome(second, "t1", W.OUTCOME_FAILURE)], "w1")
+    await replicas.a.connections.recorder.record([outcome(second, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1")
     record = await record_of(replicas, "t1")
-    assert record.result.state == S.TASK_STATE_RETRY and record.deliveries == 0
+    assert record.result.state == result_pb2.TASK_STATE_RETRY and record.deliveries == 0
 
 
 async def test_after_max_deliveries_lost_the_task_fails_for_good_once(replicas: Replicas) -> None:
@@ -66,19 +65,19 @@ async def test_after_max_deliveries_lost_the_task_fails_for_good_once(replicas: 
         claim = await redeliver(replicas, "w1")
     # t2 ends normally on this delivery; t1 is lost once more.
     recorded = await replicas.a.connections.recorder.record([outcome(claim, "t2")], "w1")
-    assert recorded.statuses == {"t2": W.ACK_STATUS_ACCEPTED}
+    assert recorded.statuses == {"t2": worker_service_pb2.ACK_STATUS_ACCEPTED}
     await replicas.broker.ack([lease.delivery for lease in claim.leases if lease.task_id == "t2"])
     await replicas.broker.nack([lease.delivery for lease in claim.leases if lease.task_id == "t1"], 0.0)
     assert (await record_of(replicas, "t1")).deliveries == DEFAULT_MAX_DELIVERIES
 
-    session = replicas.a.connections.open(W.Hello(worker_id="w9", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w9", queues=[QUEUE], max_in_flight=10))
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
     last = await replicas.a.connections.dispatcher.claim(deliveries, "w9", time.monotonic())
     assert last.claimed == [] and list(last.exhausted) == ["t1"]
     await replicas.a.connections._send_claimed(session, last)
 
     record = await record_of(replicas, "t1")
-    assert record.result.state == S.TASK_STATE_FAILURE and record.result.error.type == "WorkerLost"
+    assert record.result.state == result_pb2.TASK_STATE_FAILURE and record.result.error.type == "WorkerLost"
     assert f"max_deliveries is {DEFAULT_MAX_DELIVERIES}" in record.result.error.message
     assert [e.type for e in record.attempt_errors] == ["WorkerLost"] * DEFAULT_MAX_DELIVERIES
     assert await replicas.backend.members(DEAD_LETTERS_GROUP) == {"t1": QUEUE.encode()}
@@ -97,5 +96,5 @@ async def test_a_lost_task_that_ended_meanwhile_is_not_failed(replicas: Replicas
     await replicas.a.connections.recorder.record([outcome(claim, "t1")], "w1")
     recorded = await replicas.a.connections.recorder.give_up({"t1": token}, DEFAULT_MAX_DELIVERIES)
     assert recorded.requeue == {}
-    assert (await record_of(replicas, "t1")).result.state == S.TASK_STATE_SUCCESS
+    assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_SUCCESS
     assert not await replicas.backend.members(DEAD_LETTERS_GROUP)

@@ -13,15 +13,14 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.core import dispatch
 from conveyor_server.core.connection import settle
 from conveyor_server.core.publisher import Publication
-from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 async def test_a_record_restored_from_its_message_keeps_the_messages_workflow(replicas: Replicas) -> None:
@@ -41,7 +40,7 @@ async def test_receipts_are_written_from_the_records_the_claim_read(replicas: Re
     assert await dispatcher.record(claim.leases, "w1", claim.read) == []
     replicas.backend.fail_reads = 0
     record = await replicas.a.store.get("t1")
-    assert record is not None and record.result.state == S.TASK_STATE_RECEIVED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_RECEIVED
 
 
 def due_now(_: str, record: records_pb2.TaskRecord) -> bool:
@@ -52,7 +51,9 @@ def due_now(_: str, record: records_pb2.TaskRecord) -> bool:
 async def test_a_retry_redelivered_after_its_worker_was_lost_is_still_its_attempt(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
     first = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record([outcome(first, "t1", W.OUTCOME_FAILURE)], "w1")
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(first, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
+    )
     await settle(replicas.broker, first.leases, dict.fromkeys(recorded.requeue, 0.0))  # due at once
     await replicas.a.store.update(["t1"], due_now)
     second = await lease_all(replicas.a)
@@ -132,10 +133,12 @@ async def test_a_retry_claimed_exactly_at_its_due_time_runs(
 ) -> None:
     await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
     first = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record([outcome(first, "t1", W.OUTCOME_FAILURE)], "w1")
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(first, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
+    )
     await settle(replicas.broker, first.leases, dict.fromkeys(recorded.requeue, 0.0))  # back at once
     record = await replicas.a.store.get("t1")
-    assert record is not None and record.result.state == S.TASK_STATE_RETRY
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_RETRY
     due = Timestamp()
     due.CopyFrom(record.retry_at)
     monkeypatch.setattr(dispatch, "timestamp_now", lambda: due)  # the claim happens at the due time

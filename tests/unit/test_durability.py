@@ -32,8 +32,6 @@ from conveyor_server.core.records import plan_key, task_key
 from conveyor_server.core.schedules import Schedules
 from conveyor_server.core.store import TaskStore
 
-S = result_pb2
-W = worker_service_pb2
 QUEUE = "default"
 GRACE = 10.0
 
@@ -153,13 +151,16 @@ class Run:
     """What one pass of the in-test worker did."""
 
     leases: list[Lease]
-    acks: dict[str, W.AckStatus.ValueType]
+    acks: dict[str, worker_service_pb2.AckStatus.ValueType]
     requeued: dict[str, float]
     fetched: int = 0
 
 
 async def work(
-    core: Core, outcome: W.Outcome.ValueType = W.OUTCOME_SUCCESS, error: str = "", worker_id: str = "w1",
+    core: Core,
+    outcome: worker_service_pb2.Outcome.ValueType = worker_service_pb2.OUTCOME_SUCCESS,
+    error: str = "",
+    worker_id: str = "w1",
 ) -> Run:
     """Fetch what is ready, claim it, report `outcome` for each, and settle the messages as a
     worker stream does."""
@@ -170,7 +171,7 @@ async def work(
     if not claim.claimed:
         return Run([], {}, {}, len(deliveries))
     outcomes = [
-        W.TaskOutcome(
+        worker_service_pb2.TaskOutcome(
             task_id=c.lease.task_id, lease_token=c.lease.token, outcome=outcome,
             result=task_pb2.Value(int_value=c.lease.attempt),
             error=result_pb2.TaskError(type=error, message=error) if error else None,
@@ -197,7 +198,7 @@ async def drain(core: Core, rounds: int = 20) -> int:
 async def state(core: Core, task_id: str) -> str:
     record = await core.store.get(task_id)
     assert record is not None, f"{task_id} has no record"
-    return S.TaskState.Name(record.result.state)
+    return result_pb2.TaskState.Name(record.result.state)
 
 
 async def make_due(engines: Engines) -> None:
@@ -296,7 +297,7 @@ async def test_a_chain_step_whose_publish_fails_is_repaired_from_the_returned_me
     await submit(engines.core, chain(task(task_id="a"), task(task_id="b")))
     engines.broker.fail_publishes = 1  # publishing b fails
     run = await work(engines.core)
-    assert run.acks == {"a": W.ACK_STATUS_ACCEPTED}, "the result itself is durable"
+    assert run.acks == {"a": worker_service_pb2.ACK_STATUS_ACCEPTED}, "the result itself is durable"
     assert "a" in run.requeued, "a's message is handed back, not acked, until b is out"
     assert engines.broker.published["b"] == 0
 
@@ -403,13 +404,15 @@ async def test_a_second_copy_of_a_running_task_is_dropped_not_run(engines: Engin
 async def test_a_result_resent_for_a_retried_attempt_is_stale(engines: Engines) -> None:
     retry = task_pb2.RetryPolicy(max_attempts=3)
     await submit(engines.core, lone(task(task_id="t1", retry=retry)))
-    run = await work(engines.core, W.OUTCOME_FAILURE, "Boom")
-    assert run.acks == {"t1": W.ACK_STATUS_ACCEPTED}
+    run = await work(engines.core, worker_service_pb2.OUTCOME_FAILURE, "Boom")
+    assert run.acks == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
     assert await state(engines.core, "t1") == "TASK_STATE_RETRY"
     lease = run.leases[0]
-    resent = W.TaskOutcome(task_id="t1", lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
+    resent = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
     recorded = await engines.core.connections.recorder.record([resent], "w1")
-    assert recorded.statuses == {"t1": W.ACK_STATUS_STALE_LEASE}
+    assert recorded.statuses == {"t1": worker_service_pb2.ACK_STATUS_STALE_LEASE}
     assert await state(engines.core, "t1") == "TASK_STATE_RETRY"
 
 
@@ -426,16 +429,18 @@ async def test_a_cancelled_reply_after_the_servers_time_limit_failure_does_not_c
     recorder = engines.core.connections.recorder
     cause = result_pb2.TaskError(type="TimeLimitExceeded", message="over")
     await recorder.fail_leased([("t1", lease.token)], cause, "w1")
-    reply = W.TaskOutcome(task_id="t1", lease_token=lease.token, outcome=W.OUTCOME_CANCELLED)
+    reply = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_CANCELLED
+    )
     recorded = await recorder.record([reply], "w1")
-    assert recorded.statuses == {"t1": W.ACK_STATUS_STALE_LEASE}
+    assert recorded.statuses == {"t1": worker_service_pb2.ACK_STATUS_STALE_LEASE}
     assert await state(engines.core, "t1") == "TASK_STATE_RETRY"
 
 
 async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(engines: Engines) -> None:
     retry = task_pb2.RetryPolicy(max_attempts=2)
     await submit(engines.core, lone(task(task_id="t1", retry=retry)))
-    run = await work(engines.core, W.OUTCOME_FAILURE, "Boom")
+    run = await work(engines.core, worker_service_pb2.OUTCOME_FAILURE, "Boom")
     assert run.requeued == {"t1": pytest.approx(run.requeued["t1"])} and run.requeued["t1"] >= 0
     stats = await engines.broker.stats(QUEUE)
     assert stats.ready + stats.delayed == 1, "one message: the retry is the same message handed back"
@@ -463,7 +468,7 @@ async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() ->
     delayed = task(task_id="delayed")
     delayed.countdown.FromSeconds(3600)
     await submit(core, lone(task(task_id="done")), lone(task(task_id="retrying", retry=retry)))
-    run = await work(core, W.OUTCOME_FAILURE, "Boom")  # `done` fails for good, `retrying` will retry
+    run = await work(core, worker_service_pb2.OUTCOME_FAILURE, "Boom")  # `done` fails for good, `retrying` will retry
     assert set(run.acks) == {"done", "retrying"}
     [response] = await submit(core, chain(task(task_id="a"), task(task_id="b")))
     await submit(core, lone(task(task_id="queued")), lone(delayed))
@@ -472,7 +477,13 @@ async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() ->
     claim = await core.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
     [lease] = claim.leases
     await core.connections.recorder.record(
-        [W.TaskOutcome(task_id="a", lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)], "w1", {"a": lease}
+        [
+            worker_service_pb2.TaskOutcome(
+                task_id="a", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+            )
+        ],
+        "w1",
+        {"a": lease},
     )
     await asyncio.sleep(0.6)  # twice the TTL
     keys = [task_key(t) for t in ("done", "retrying", "queued", "delayed", "a", "b")]
@@ -503,9 +514,11 @@ async def test_a_result_whose_write_lost_and_whose_record_vanished_is_not_accept
     lease = claim.leases[0]
     engines.backend.lose_cas = 1  # the first round's write loses ...
     engines.backend.hide = {task_key("t1")}  # ... and the record is gone when read again
-    outcome = W.TaskOutcome(task_id="t1", lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
+    outcome = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
     recorded = await engines.core.connections.recorder.record([outcome], "w1")
-    assert recorded.statuses["t1"] != W.ACK_STATUS_ACCEPTED
+    assert recorded.statuses["t1"] != worker_service_pb2.ACK_STATUS_ACCEPTED
 
 
 # -- 7. a cancel through another replica is seen by dispatch ---------------------------------
@@ -559,7 +572,7 @@ async def test_the_plan_cache_keeps_only_the_latest_plans(engines: Engines) -> N
 async def test_a_claim_that_fails_on_an_engine_error_hands_its_messages_back(engines: Engines) -> None:
     await submit(engines.core, lone(task(task_id="t1")))
     engines.backend.fail_reads = 1  # the claim's read of t1's record fails once
-    session = engines.core.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=4))
+    session = engines.core.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=4))
     pump = asyncio.create_task(engines.core.connections._pump(session, QUEUE))
     try:
         # Leases last 30 s: the assignment can come this soon only if the failed claim's

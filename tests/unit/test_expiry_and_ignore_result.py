@@ -15,18 +15,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor import ResultIgnored, Sig, State, TaskFailed, value_of
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.core.dispatch import Claim
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.expiry import is_expired
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.sessions import WorkerSession
-from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas, sent
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, chord, lone, submit, task
 from tests.unit.test_outcomes_and_dispatch import record_of
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 # A retry policy whose next attempt is an hour away.
 AN_HOUR_LATER = task_pb2.RetryPolicy(max_attempts=3, backoff=task_pb2.BACKOFF_KIND_FIXED)
 AN_HOUR_LATER.initial.FromSeconds(3600)
@@ -40,7 +39,9 @@ def expiry_in(seconds: float) -> Timestamp:
 
 async def dispatch(replicas: Replicas, worker_id: str = "w9") -> tuple[Claim, WorkerSession]:
     """Fetch what is ready and hand it to a worker's stream as the server does."""
-    session = replicas.a.connections.open(W.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(
+        worker_service_pb2.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10)
+    )
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
     claim = await replicas.a.connections.dispatcher.claim(deliveries, worker_id, time.monotonic())
     await replicas.a.connections._send_claimed(session, claim)
@@ -52,7 +53,7 @@ def assigned(session: WorkerSession) -> list[str]:
 
 
 def states(record: records_pb2.TaskRecord) -> list[str]:
-    return [S.TaskState.Name(h.state).removeprefix("TASK_STATE_") for h in record.result.history]
+    return [result_pb2.TaskState.Name(h.state).removeprefix("TASK_STATE_") for h in record.result.history]
 
 
 # -- expiry at dispatch -----------------------------------------------------------------------------
@@ -89,8 +90,10 @@ async def test_a_task_before_its_expiry_runs(replicas: Replicas) -> None:
 async def test_a_retry_due_after_the_expiry_ends_expired_instead_of_waiting(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1", expires_at=expiry_in(60), retry=AN_HOUR_LATER)))
     claim = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record([outcome(claim, "t1", W.OUTCOME_FAILURE)], "w1")
-    assert recorded.statuses == {"t1": W.ACK_STATUS_ACCEPTED}
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(claim, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
+    )
+    assert recorded.statuses == {"t1": worker_service_pb2.ACK_STATUS_ACCEPTED}
     assert recorded.requeue == {}, "its message is acked, not handed back for an hour"
     record = await record_of(replicas, "t1")
     assert states(record)[-2:] == ["RETRY", "EXPIRED"] and not record.lease_token
@@ -102,9 +105,11 @@ async def test_a_retry_due_before_the_expiry_waits_for_its_next_attempt(replicas
     soon.initial.FromSeconds(1)
     await submit(replicas.a, lone(task(task_id="t1", expires_at=expiry_in(60), retry=soon)))
     claim = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record([outcome(claim, "t1", W.OUTCOME_FAILURE)], "w1")
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(claim, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
+    )
     assert recorded.requeue == {"t1": pytest.approx(1.0)}
-    assert (await record_of(replicas, "t1")).result.state == S.TASK_STATE_RETRY
+    assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_RETRY
 
 
 async def test_a_retry_that_comes_back_past_its_expiry_is_not_run_again(replicas: Replicas) -> None:
@@ -112,7 +117,9 @@ async def test_a_retry_that_comes_back_past_its_expiry_is_not_run_again(replicas
     soon.initial.FromMilliseconds(50)
     await submit(replicas.a, lone(task(task_id="t1", expires_at=expiry_in(0.5), retry=soon)))
     claim = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record([outcome(claim, "t1", W.OUTCOME_FAILURE)], "w1")
+    recorded = await replicas.a.connections.recorder.record(
+        [outcome(claim, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
+    )
     await replicas.broker.nack([lease.delivery for lease in claim.leases], recorded.requeue["t1"])
     await asyncio.sleep(0.55)  # the retry was due before the expiry, but comes up after it
     again, session = await dispatch(replicas)
@@ -129,19 +136,19 @@ async def test_a_chord_with_an_expired_member_ends(replicas: Replicas) -> None:
     assert [c.lease.task_id for c in claim.claimed] == ["a"] and list(claim.expired) == ["b"]
     await asyncio.sleep(0.05)  # RECEIVED of a is written
     await replicas.a.connections.recorder.record([outcome(claim, "a")], "w9")
-    assert (await record_of(replicas, "b")).result.state == S.TASK_STATE_EXPIRED
+    assert (await record_of(replicas, "b")).result.state == result_pb2.TASK_STATE_EXPIRED
     callback = await record_of(replicas, "cb")
-    assert callback.result.state == S.TASK_STATE_FAILURE and callback.result.error.type == "ChordMemberFailed"
+    assert callback.result.state == result_pb2.TASK_STATE_FAILURE and callback.result.error.type == "ChordMemberFailed"
     assert "Expired" in callback.result.error.message
     whole = await replicas.a.reader.get(response.workflow_id)
-    assert whole.state == S.TASK_STATE_FAILURE
+    assert whole.state == result_pb2.TASK_STATE_FAILURE
 
 
 async def test_a_lone_expired_task_reads_as_expired_through_its_workflow(replicas: Replicas) -> None:
     [response] = await submit(replicas.a, chord([task(task_id="b", expires_at=expiry_in(-1))], task(task_id="cb")))
     await dispatch(replicas)
     states_now = {t: (await record_of(replicas, t)).result.state for t in ("b", "cb")}
-    assert states_now == {"b": S.TASK_STATE_EXPIRED, "cb": S.TASK_STATE_FAILURE}
+    assert states_now == {"b": result_pb2.TASK_STATE_EXPIRED, "cb": result_pb2.TASK_STATE_FAILURE}
     assert (await replicas.a.reader.get(response.workflow_id)).error.type == "ChordMemberFailed"
 
 
@@ -150,7 +157,7 @@ def test_expiry_is_checked_against_the_clock_and_a_pending_retry() -> None:
     signature = task_pb2.Signature(name="t", expires_at=Timestamp(seconds=1_000))
     assert not is_expired(task_pb2.Signature(name="t"), record, 10**10), "no expiry: never expired"
     assert not is_expired(signature, record, 999.9) and is_expired(signature, record, 1_000)
-    record.result.state = S.TASK_STATE_RETRY
+    record.result.state = result_pb2.TASK_STATE_RETRY
     record.retry_at.FromSeconds(999)
     assert not is_expired(signature, record, 500)
     record.retry_at.FromSeconds(1_000)
@@ -166,7 +173,7 @@ async def test_an_ignored_result_ends_success_without_a_value(replicas: Replicas
     reported = outcome(claim, "t1", result=task_pb2.Value(int_value=7))
     await replicas.a.connections.recorder.record([reported], "w1")
     result = (await record_of(replicas, "t1")).result
-    assert result.state == S.TASK_STATE_SUCCESS and not result.HasField("result")
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and not result.HasField("result")
     with pytest.raises(ResultIgnored, match="t1 ignores its result"):
         value_of(result)
 
@@ -189,8 +196,8 @@ async def test_ignore_result_with_success_callbacks_or_a_bad_expiry_is_refused(r
 
 
 def test_the_sdk_knows_expired_as_a_final_failure() -> None:
-    assert State.EXPIRED.done and State(S.TASK_STATE_EXPIRED) is State.EXPIRED
-    expired = result_pb2.TaskResult(task_id="t1", state=S.TASK_STATE_EXPIRED,
+    assert State.EXPIRED.done and State(result_pb2.TASK_STATE_EXPIRED) is State.EXPIRED
+    expired = result_pb2.TaskResult(task_id="t1", state=result_pb2.TASK_STATE_EXPIRED,
                                     error=result_pb2.TaskError(type="Expired", message="too late"))
     with pytest.raises(TaskFailed, match="t1 ended EXPIRED: Expired: too late"):
         value_of(expired)

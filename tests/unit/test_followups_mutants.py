@@ -22,7 +22,6 @@ from tests.unit.test_durability import QUEUE, Outage, lone, submit, task
 from tests.unit.test_workflow_engine import chain_of, flow, step
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 T0 = 1_700_000_000
 
 

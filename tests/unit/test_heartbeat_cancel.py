@@ -4,18 +4,19 @@ the worker's stream at its next heartbeat."""
 
 from __future__ import annotations
 
+from conveyor.v1 import worker_service_pb2
 from conveyor_server.core.sessions import WorkerSession
-from tests.unit.replicas import Replicas, W, cancels, lease_all, quick_repairs, replicas, sent
+from tests.unit.replicas import Replicas, cancels, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-HEARTBEAT = W.ConnectRequest(heartbeat=W.Heartbeat())
+HEARTBEAT = worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
 
 
 async def running_on_a(replicas: Replicas, *task_ids: str) -> WorkerSession:
     """A worker session on replica A holding leases on `task_ids` (RECEIVED written)."""
     await submit(replicas.a, *(lone(task(task_id=t)) for t in task_ids))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claim = await lease_all(replicas.a)
     await session.settle(0, claim.leases)
     sent(session)  # the Welcome

@@ -41,7 +41,6 @@ from conveyor_server.core.store import TaskStore
 from tests.unit.replicas import SharedBackend
 from tests.unit.test_durability import Clock
 
-W = worker_service_pb2
 QUEUE = "default"
 
 
@@ -313,15 +312,22 @@ async def test_two_replicas_draw_on_one_bucket(engines: tuple[MemoryBroker, Coun
 # -- concurrency keys ------------------------------------------------------------------------------
 
 def open_worker(server: Server, worker_id: str = "w1") -> WorkerSession:
-    return server.core.connections.open(W.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=100))
+    return server.core.connections.open(
+        worker_service_pb2.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=100)
+    )
 
 
 async def report_success(server: Server, session: WorkerSession, claim: Claim, task_ids: Sequence[str]) -> None:
     """The worker's results for these tasks, through the stream's own handling."""
     await session.settle(0, claim.leases)
     leases = {lease.task_id: lease for lease in claim.leases}
-    outcomes = [W.TaskOutcome(task_id=t, lease_token=leases[t].token, outcome=W.OUTCOME_SUCCESS) for t in task_ids]
-    await server.core.connections._results(session, W.Results(outcomes=outcomes))
+    outcomes = [
+        worker_service_pb2.TaskOutcome(
+            task_id=t, lease_token=leases[t].token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+        )
+        for t in task_ids
+    ]
+    await server.core.connections._results(session, worker_service_pb2.Results(outcomes=outcomes))
 
 
 async def slots_held(server: Server, key: str) -> set[str]:
@@ -370,8 +376,10 @@ async def test_a_retry_frees_its_slot_and_takes_one_again_when_due(server: Serve
     assert claimed_ids(claim) == ["t0"]
     await session.settle(0, claim.leases)
     [lease] = claim.leases
-    retry = W.TaskOutcome(task_id="t0", lease_token=lease.token, outcome=W.OUTCOME_RETRY)
-    await server.core.connections._results(session, W.Results(outcomes=[retry]))
+    retry = worker_service_pb2.TaskOutcome(
+        task_id="t0", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_RETRY
+    )
+    await server.core.connections._results(session, worker_service_pb2.Results(outcomes=[retry]))
     await until(lambda: _held_is(server, "acct-1", set()))
 
 

@@ -12,16 +12,15 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.backends.base import Update
 from conveyor_server.core.connection import settle
 from conveyor_server.core.outcomes import MAX_REJECTS, OutcomeRecorder
 from conveyor_server.core.records import task_key
-from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 STARTED, FINISHED = Timestamp(seconds=1_700_000_000), Timestamp(seconds=1_700_000_005)
 
 
@@ -38,7 +37,7 @@ async def version(replicas: Replicas, task_id: str) -> int:
 def entries(record: records_pb2.TaskRecord) -> list[tuple[str, str, int, str]]:
     """The history as (state, worker, seconds, error type)."""
     return [
-        (S.TaskState.Name(h.state).removeprefix("TASK_STATE_"), h.worker_id, h.at.seconds, h.error.type)
+        (result_pb2.TaskState.Name(h.state).removeprefix("TASK_STATE_"), h.worker_id, h.at.seconds, h.error.type)
         for h in record.result.history
     ]
 
@@ -48,7 +47,9 @@ def entries(record: records_pb2.TaskRecord) -> list[tuple[str, str, int, str]]:
 async def test_each_step_of_an_attempt_names_its_worker_and_the_workers_times(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     claim = await lease_all(replicas.a, "w1")
-    await replicas.a.connections.recorder.started([W.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)], "w1")
+    await replicas.a.connections.recorder.started(
+        [worker_service_pb2.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)], "w1"
+    )
     recorder = replicas.a.connections.recorder
     await recorder.record([outcome(claim, "t1", finished_at=FINISHED)], "w1")
     record = await record_of(replicas, "t1")
@@ -63,7 +64,9 @@ async def test_a_started_time_reported_with_the_outcome_is_the_started_entrys(re
     await submit(replicas.a, lone(task(task_id="t1")))
     claim = await lease_all(replicas.a, "w1")
     boom = result_pb2.TaskError(type="Boom", message="m")
-    reported = outcome(claim, "t1", W.OUTCOME_FAILURE, error=boom, started_at=STARTED, finished_at=FINISHED)
+    reported = outcome(
+        claim, "t1", worker_service_pb2.OUTCOME_FAILURE, error=boom, started_at=STARTED, finished_at=FINISHED
+    )
     await replicas.a.connections.recorder.record([reported], "w1")
     assert entries(await record_of(replicas, "t1"))[-2:] == [
         ("STARTED", "w1", STARTED.seconds, ""), ("FAILURE", "w1", FINISHED.seconds, "Boom"),
@@ -75,7 +78,7 @@ async def test_a_retry_entry_carries_the_reported_time_and_error(replicas: Repli
     claim = await lease_all(replicas.a, "w1")
     boom = result_pb2.TaskError(type="Boom", message="m")
     await replicas.a.connections.recorder.record(
-        [outcome(claim, "t1", W.OUTCOME_FAILURE, error=boom, finished_at=FINISHED)], "w1"
+        [outcome(claim, "t1", worker_service_pb2.OUTCOME_FAILURE, error=boom, finished_at=FINISHED)], "w1"
     )
     assert entries(await record_of(replicas, "t1"))[-1] == ("RETRY", "w1", FINISHED.seconds, "Boom")
 
@@ -92,7 +95,9 @@ async def test_a_task_rejected_too_often_fails_in_the_name_of_the_last_rejecting
     await submit(replicas.a, lone(task(task_id="t1")))
     for _ in range(MAX_REJECTS):
         claim = await lease_all(replicas.a, "w1")
-        rejected = W.RejectedTask(task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop")
+        rejected = worker_service_pb2.RejectedTask(
+            task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop"
+        )
         recorded = await replicas.a.connections.recorder.reject([rejected], "w1")
         await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))  # back at once
     last = entries(await record_of(replicas, "t1"))[-1]
@@ -104,12 +109,14 @@ async def test_a_task_rejected_too_often_fails_in_the_name_of_the_last_rejecting
 async def test_a_repeated_started_report_and_stale_progress_write_nothing(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     claim = await lease_all(replicas.a, "w1")
-    ref = W.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)
+    ref = worker_service_pb2.LeaseRef(task_id="t1", lease_token=claim.leases[0].token)
     recorder = replicas.a.connections.recorder
     await recorder.started([ref], "w1")
     written = await version(replicas, "t1")
     await recorder.started([ref], "w1")
-    await recorder.progress([W.ProgressItem(task_id="t1", lease_token="stale", progress=task_pb2.Value(int_value=1))])
+    await recorder.progress(
+        [worker_service_pb2.ProgressItem(task_id="t1", lease_token="stale", progress=task_pb2.Value(int_value=1))]
+    )
     assert await version(replicas, "t1") == written
 
 
@@ -120,14 +127,18 @@ async def test_reports_for_an_ended_task_or_a_stale_lease_end_no_attempt(replica
     recorder = OutcomeRecorder(core.store, followups, lambda r: ended.append(r.result.task_id))
     await submit(core, lone(task(task_id="done")), lone(task(task_id="live")))
     claim = await lease_all(core, "w1")
-    assert (await recorder.record([outcome(claim, "done")], "w1")).statuses == {"done": W.ACK_STATUS_ACCEPTED}
+    assert (await recorder.record([outcome(claim, "done")], "w1")).statuses == {
+        "done": worker_service_pb2.ACK_STATUS_ACCEPTED
+    }
     assert ended == ["done"]
     written = await version(replicas, "done")
     again = await recorder.record([outcome(claim, "done")], "w1")
-    stale = W.TaskOutcome(task_id="live", lease_token="not-its-lease", outcome=W.OUTCOME_SUCCESS)
+    stale = worker_service_pb2.TaskOutcome(
+        task_id="live", lease_token="not-its-lease", outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
     refused = await recorder.record([stale], "w1")
-    assert again.statuses == {"done": W.ACK_STATUS_ALREADY_DONE}
-    assert refused.statuses == {"live": W.ACK_STATUS_STALE_LEASE}
+    assert again.statuses == {"done": worker_service_pb2.ACK_STATUS_ALREADY_DONE}
+    assert refused.statuses == {"live": worker_service_pb2.ACK_STATUS_STALE_LEASE}
     assert ended == ["done"], "no attempt ended with those reports"
     assert await version(replicas, "done") == written
 
@@ -139,12 +150,12 @@ async def test_a_rejection_after_the_task_ended_or_with_a_stale_lease_changes_no
     await recorder.record([outcome(claim, "done")], "w1")
     tokens = {lease.task_id: lease.token for lease in claim.leases}
     rejected = await recorder.reject([
-        W.RejectedTask(task_id="done", lease_token=tokens["done"], reason="late"),
-        W.RejectedTask(task_id="live", lease_token="stale", reason="late"),
+        worker_service_pb2.RejectedTask(task_id="done", lease_token=tokens["done"], reason="late"),
+        worker_service_pb2.RejectedTask(task_id="live", lease_token="stale", reason="late"),
     ], "w1")
     assert rejected.requeue == {}
     done = await record_of(replicas, "done")
-    assert done.result.state == S.TASK_STATE_SUCCESS and done.rejects == 0
+    assert done.result.state == result_pb2.TASK_STATE_SUCCESS and done.rejects == 0
 
 
 # -- attempts and retries ----------------------------------------------------------------------------
@@ -152,11 +163,11 @@ async def test_a_rejection_after_the_task_ended_or_with_a_stale_lease_changes_no
 async def test_a_task_allowed_one_attempt_that_asks_for_a_retry_fails_for_good(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=1))))
     claim = await lease_all(replicas.a, "w1")
-    retry = outcome(claim, "t1", W.OUTCOME_RETRY, retry_delay=Duration(seconds=0))
+    retry = outcome(claim, "t1", worker_service_pb2.OUTCOME_RETRY, retry_delay=Duration(seconds=0))
     recorded = await replicas.a.connections.recorder.record([retry], "w1")
     assert recorded.requeue == {}
     record = await record_of(replicas, "t1")
-    assert record.result.state == S.TASK_STATE_FAILURE and record.result.error.type == "MaxRetriesExceeded"
+    assert record.result.state == result_pb2.TASK_STATE_FAILURE and record.result.error.type == "MaxRetriesExceeded"
 
 
 async def test_a_retry_in_a_batch_does_not_stop_the_follow_ups_of_the_outcomes_after_it(replicas: Replicas) -> None:
@@ -164,16 +175,18 @@ async def test_a_retry_in_a_batch_does_not_stop_the_follow_ups_of_the_outcomes_a
     await submit(replicas.a, lone(task(task_id="b", on_success=[task(name="next")])))
     claim = await lease_all(replicas.a, "w1")
     recorded = await replicas.a.connections.recorder.record(
-        [outcome(claim, "a", W.OUTCOME_FAILURE), outcome(claim, "b")], "w1"
+        [outcome(claim, "a", worker_service_pb2.OUTCOME_FAILURE), outcome(claim, "b")], "w1"
     )
     assert set(recorded.requeue) == {"a"}
     assert replicas.broker.published["b.ok0"] == 1
 
 
 async def test_a_result_for_a_task_without_a_record_is_a_stale_lease(replicas: Replicas) -> None:
-    unknown = W.TaskOutcome(task_id="never-submitted", lease_token="t", outcome=W.OUTCOME_SUCCESS)
+    unknown = worker_service_pb2.TaskOutcome(
+        task_id="never-submitted", lease_token="t", outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
     recorded = await replicas.a.connections.recorder.record([unknown], "w1")
-    assert recorded.statuses == {"never-submitted": W.ACK_STATUS_STALE_LEASE}
+    assert recorded.statuses == {"never-submitted": worker_service_pb2.ACK_STATUS_STALE_LEASE}
 
 
 async def test_a_result_whose_record_vanished_after_a_lost_write_is_a_stale_lease(replicas: Replicas) -> None:
@@ -189,7 +202,7 @@ async def test_a_result_whose_record_vanished_after_a_lost_write_is_a_stale_leas
 
     backend.compare_and_set = lose_and_vanish  # type: ignore[method-assign]
     recorded = await replicas.a.connections.recorder.record([outcome(claim, "t1")], "w1")
-    assert recorded.statuses == {"t1": W.ACK_STATUS_STALE_LEASE}
+    assert recorded.statuses == {"t1": worker_service_pb2.ACK_STATUS_STALE_LEASE}
 
 
 async def test_a_task_failed_by_rejections_whose_follow_ups_fail_comes_back_for_repair(replicas: Replicas) -> None:
@@ -199,8 +212,10 @@ async def test_a_task_failed_by_rejections_whose_follow_ups_fail_comes_back_for_
         claim = await lease_all(replicas.a, "w1")
         if rejection == MAX_REJECTS:
             replicas.broker.fail_publishes = 1  # the error callback's publish
-        rejected = W.RejectedTask(task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop")
+        rejected = worker_service_pb2.RejectedTask(
+            task_id="t1", lease_token=claim.leases[0].token, reason="no task named noop"
+        )
         recorded = await recorder.reject([rejected], "w1")
         await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))
-    assert (await record_of(replicas, "t1")).result.state == S.TASK_STATE_FAILURE
+    assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_FAILURE
     assert set(recorded.requeue) == {"t1"}, "its message comes back so the follow-ups are repaired"

@@ -23,8 +23,7 @@ from conveyor.execution import Ending
 from conveyor.pools.base import Pool, PoolKind, TaskCall, make_pool
 from conveyor.pools.coroutines import SOFT_LIMIT, SoftLimited
 from conveyor.pools.processes import TERMINATE_GRACE_SECONDS, WATCH_SECONDS
-from conveyor.v1 import task_pb2
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor.values import from_value, to_value
 from tests.e2e import pool_tasks
 
@@ -35,7 +34,7 @@ SLACK = 5.0
 
 def call(name: str, *args: Any, time_limit: float = 0.0, soft_time_limit: float = 0.0,
          started: Callable[[], None] = lambda: None) -> TaskCall:
-    assignment = w.Assignment(attempt=1, lease_token="lease", deliveries=1)
+    assignment = worker_service_pb2.Assignment(attempt=1, lease_token="lease", deliveries=1)
     task = assignment.task
     task.id, task.name = f"{name}-{time.monotonic_ns()}", name
     task.args.extend(to_value(a) for a in args)
@@ -48,7 +47,7 @@ def call(name: str, *args: Any, time_limit: float = 0.0, soft_time_limit: float 
 
 def outcome(ending: Ending | None) -> str:
     assert ending is not None
-    return w.Outcome.Name(ending.outcome).removeprefix("OUTCOME_")  # type: ignore[arg-type]
+    return worker_service_pb2.Outcome.Name(ending.outcome).removeprefix("OUTCOME_")  # type: ignore[arg-type]
 
 
 def error_type(ending: Ending | None) -> str:
@@ -225,7 +224,7 @@ async def test_a_child_that_cannot_start_is_started_again_after_a_pause(
     pool = make_pool("processes", 1, {"one": module.one})
     await pool.start()
     try:
-        assignment = w.Assignment(attempt=1, task=task_pb2.Signature(id="t1", name="one"))
+        assignment = worker_service_pb2.Assignment(attempt=1, task=task_pb2.Signature(id="t1", name="one"))
         running = asyncio.create_task(pool.run(TaskCall(assignment, TaskContext.of(assignment), module.one,
                                                         lambda: None)))
         await wait_until(lambda: caplog.text.count("before it was ready") >= 2, 2 * SLACK)

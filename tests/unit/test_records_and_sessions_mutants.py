@@ -11,9 +11,6 @@ from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.records import error, new_record, transition
 from conveyor_server.core.sessions import SessionRegistry, WorkerSession
 
-S = result_pb2
-
-
 # -- records ---------------------------------------------------------------------------------------
 
 def test_an_error_keeps_its_traceback() -> None:
@@ -26,17 +23,17 @@ def test_a_new_lone_task_record_belongs_to_no_workflow_and_starts_its_history_wh
     record = new_record(task_pb2.Signature(name="n", id="t1"), at=stamp)
     assert record.result.workflow_id == ""
     assert record.result.submitted_at == stamp
-    assert [(h.state, h.at) for h in record.result.history] == [(S.TASK_STATE_PENDING, stamp)]
+    assert [(h.state, h.at) for h in record.result.history] == [(result_pb2.TASK_STATE_PENDING, stamp)]
 
 
 def test_a_transition_records_the_attempt_and_the_worker_or_no_worker() -> None:
     record = new_record(task_pb2.Signature(name="n", id="t1"))
     record.result.attempts = 2
-    transition(record, S.TASK_STATE_STARTED, worker_id="w7")
-    transition(record, S.TASK_STATE_RETRY)
+    transition(record, result_pb2.TASK_STATE_STARTED, worker_id="w7")
+    transition(record, result_pb2.TASK_STATE_RETRY)
     started, retry = record.result.history[-2:]
-    assert (started.state, started.attempt, started.worker_id) == (S.TASK_STATE_STARTED, 2, "w7")
-    assert (retry.state, retry.attempt, retry.worker_id) == (S.TASK_STATE_RETRY, 2, "")
+    assert (started.state, started.attempt, started.worker_id) == (result_pb2.TASK_STATE_STARTED, 2, "w7")
+    assert (retry.state, retry.attempt, retry.worker_id) == (result_pb2.TASK_STATE_RETRY, 2, "")
 
 
 # -- worker sessions -------------------------------------------------------------------------------

@@ -45,9 +45,7 @@ from tests.unit.test_durability import (
 
 __all__ = ["quick_repairs"]  # fixture used by the tests below
 AFTER = 60.0
-S = result_pb2
-W = worker_service_pb2
-HEARTBEAT = W.ConnectRequest(heartbeat=W.Heartbeat())
+HEARTBEAT = worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
 
 
 class CountingBackend(FlakyBackend):
@@ -119,7 +117,7 @@ async def run_everything(core: Core) -> Counter[str]:
 async def state(core: Core, task_id: str) -> str:
     record = await core.store.get(task_id)
     assert record is not None
-    return S.TaskState.Name(record.result.state)
+    return result_pb2.TaskState.Name(record.result.state)
 
 
 async def backdate(core: Core, task_id: str, seconds: float) -> None:
@@ -223,7 +221,7 @@ async def test_a_task_is_never_republished_before_its_eta(rig: Rig) -> None:
 async def test_a_retry_whose_delayed_message_was_lost_runs_its_next_attempt(rig: Rig) -> None:
     retry = task_pb2.RetryPolicy(max_attempts=3, initial=Duration(nanos=1_000_000))
     await submit(rig.core, lone(task(task_id="r1", retry=retry)))
-    failed = await work(rig.core, W.OUTCOME_FAILURE, error="Boom")
+    failed = await work(rig.core, worker_service_pb2.OUTCOME_FAILURE, error="Boom")
     assert failed.requeued.keys() == {"r1"}
     await rig.broker.purge(QUEUE)  # the retry's delayed message is lost
     assert await state(rig.core, "r1") == "TASK_STATE_RETRY"
@@ -233,7 +231,7 @@ async def test_a_retry_whose_delayed_message_was_lost_runs_its_next_attempt(rig:
     assert ids(await repair_pass(rig, 2 * AFTER)) == ["r1"]
     assert await run_everything(rig.core) == Counter({"r1": 1})
     record = await rig.core.store.get("r1")
-    assert record is not None and record.result.state == S.TASK_STATE_SUCCESS and record.result.attempts == 2
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_SUCCESS and record.result.attempts == 2
 
 
 async def test_a_lost_chords_members_are_republished_and_its_callback_fires_once(rig: Rig) -> None:
@@ -269,23 +267,23 @@ async def test_a_running_task_whose_lease_shows_no_sign_of_life_is_taken_over_by
     await backdate(rig.core, "t1", 2 * AFTER)  # and no heartbeat said w1 still runs it since
 
     report = await repair_pass(rig, 0)
-    assert ids(report) == ["t1"] and report.repaired[0].record.result.state == S.TASK_STATE_RECEIVED
+    assert ids(report) == ["t1"] and report.repaired[0].record.result.state == result_pb2.TASK_STATE_RECEIVED
     dispatcher, recorder = rig.core.connections.dispatcher, rig.core.connections.recorder
     second = await dispatcher.claim(await rig.broker.fetch(QUEUE, 10, 30.0), "w2", time.monotonic())
     assert [lease.task_id for lease in second.leases] == ["t1"] and not second.duplicates
     await dispatcher.record(second.replacing, "w2", second.read)
 
     stale = await recorder.record([outcome(first, "t1")], "w1")
-    assert stale.statuses["t1"] == W.ACK_STATUS_STALE_LEASE, "the lease the repair replaced is refused"
+    assert stale.statuses["t1"] == worker_service_pb2.ACK_STATUS_STALE_LEASE, "the lease the repair replaced is refused"
     fresh = await recorder.record([outcome(second, "t1")], "w2")
-    assert fresh.statuses["t1"] == W.ACK_STATUS_ACCEPTED
+    assert fresh.statuses["t1"] == worker_service_pb2.ACK_STATUS_ACCEPTED
     assert await state(rig.core, "t1") == "TASK_STATE_SUCCESS"
 
 
 async def running_in_a_session(rig: Rig, task_id: str) -> tuple[WorkerSession, list[Lease]]:
     """A worker session holding the lease of `task_id` (RECEIVED written)."""
     await submit(rig.core, lone(task(task_id=task_id)))
-    session = rig.core.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = rig.core.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claim = await lease_all(rig.core, "w1")
     await session.settle(0, claim.leases)
     return session, list(claim.leases)

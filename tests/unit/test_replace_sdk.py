@@ -13,7 +13,7 @@ from conveyor import chain, group, replace, sig
 from conveyor.context import TaskContext
 from conveyor.execution import Ending, to_outcome
 from conveyor.pools.base import PoolKind, TaskCall, make_pool
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 from conveyor.values import to_value
 from tests.e2e import replace_tasks
 
@@ -21,7 +21,7 @@ TASKS = dict(replace_tasks.worker.tasks)
 
 
 def call(name: str, *args: Any) -> TaskCall:
-    assignment = w.Assignment(attempt=1, lease_token="lease", deliveries=1)
+    assignment = worker_service_pb2.Assignment(attempt=1, lease_token="lease", deliveries=1)
     assignment.task.id, assignment.task.name = f"{name}-{time.monotonic_ns()}", name
     assignment.task.args.extend(to_value(a) for a in args)
     return TaskCall(assignment, TaskContext.of(assignment), TASKS[name], lambda: None)
@@ -38,9 +38,9 @@ async def test_a_task_that_returns_replace_reports_replaced_with_its_canvas(kind
         ending = await pool.run(ticket)
     finally:
         await pool.close()
-    assert isinstance(ending, Ending) and ending.outcome == w.OUTCOME_REPLACED
+    assert isinstance(ending, Ending) and ending.outcome == worker_service_pb2.OUTCOME_REPLACED
     report = to_outcome(ticket.assignment, ending)
-    assert report.outcome == w.OUTCOME_REPLACED and not report.HasField("result")
+    assert report.outcome == worker_service_pb2.OUTCOME_REPLACED and not report.HasField("result")
     replacement = report.replacement.task
     assert replacement.name == "add" and [a.int_value for a in replacement.args] == [2, 3]
 

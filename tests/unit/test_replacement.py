@@ -9,25 +9,13 @@ import json
 import time
 from collections.abc import Mapping
 
-from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2, workflow_pb2
 from conveyor_server.app import Core
 from conveyor_server.core.connection import settle
 from conveyor_server.core.replacement import Checked
-from tests.unit.test_durability import (
-    QUEUE,
-    Engines,
-    W,
-    chain,
-    chord,
-    engines,
-    lone,
-    quick_repairs,
-    submit,
-    task,
-)
+from tests.unit.test_durability import QUEUE, Engines, chain, chord, engines, lone, quick_repairs, submit, task
 
 __all__ = ["engines", "quick_repairs"]  # fixtures used by the tests below
-S = result_pb2
 
 
 def value(number: int) -> task_pb2.Value:
@@ -45,7 +33,7 @@ def as_chain(*steps: task_pb2.Signature) -> workflow_pb2.Workflow:
 async def step(
     core: Core, replace: Mapping[str, workflow_pb2.Workflow] | None = None,
     results: Mapping[str, task_pb2.Value] | None = None, fail: frozenset[str] = frozenset(),
-) -> dict[str, W.AckStatus.ValueType]:
+) -> dict[str, worker_service_pb2.AckStatus.ValueType]:
     """One pass of a worker: each ready task is replaced (`replace`), fails (`fail`) or returns
     `results[id]` (default: its first arg plus 1, or 1); returns the acks by task id."""
     replace, results = replace or {}, results or {}
@@ -55,12 +43,14 @@ async def step(
     outcomes = []
     for claimed in claim.claimed:
         task_id, token = claimed.lease.task_id, claimed.lease.token
-        report = W.TaskOutcome(task_id=task_id, lease_token=token, outcome=W.OUTCOME_SUCCESS)
+        report = worker_service_pb2.TaskOutcome(
+            task_id=task_id, lease_token=token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+        )
         if task_id in replace:
-            report.outcome = W.OUTCOME_REPLACED
+            report.outcome = worker_service_pb2.OUTCOME_REPLACED
             report.replacement.CopyFrom(replace[task_id])
         elif task_id in fail:
-            report.outcome = W.OUTCOME_FAILURE
+            report.outcome = worker_service_pb2.OUTCOME_FAILURE
             report.error.CopyFrom(result_pb2.TaskError(type="Boom", message=task_id))
         else:
             args = claimed.assignment.task.args
@@ -89,7 +79,7 @@ async def replaced_by(core: Core, task_id: str) -> str:
 
 async def state(core: Core, task_id: str) -> str:
     """The task's state as people say it: "SUCCESS", "CANCELLED", ..."""
-    return S.TaskState.Name((await record_of(core, task_id)).state).removeprefix("TASK_STATE_")
+    return result_pb2.TaskState.Name((await record_of(core, task_id)).state).removeprefix("TASK_STATE_")
 
 
 async def record_of(core: Core, task_id: str) -> result_pb2.TaskResult:
@@ -105,7 +95,7 @@ async def test_a_replaced_task_waits_for_its_replacement_and_takes_its_result(en
     core = engines.core
     await submit(core, lone(task(task_id="t")))
     acks = await step(core, replace={"t": as_chain(task(task_id="r1"), task(task_id="r2"))})
-    assert acks == {"t": W.ACK_STATUS_ACCEPTED}
+    assert acks == {"t": worker_service_pb2.ACK_STATUS_ACCEPTED}
     assert await state(core, "t") in ("RECEIVED", "STARTED"), "replaced, it waits for its replacement"
     plan = await core.store.plan(await replaced_by(core, "t"))
     assert plan is not None and plan.replaces_task_id == "t"
@@ -116,7 +106,7 @@ async def test_a_replaced_task_waits_for_its_replacement_and_takes_its_result(en
     assert await state(core, "t") != "SUCCESS"
     await step(core)  # r2 -> 2
     result = await record_of(core, "t")
-    assert result.state == S.TASK_STATE_SUCCESS
+    assert result.state == result_pb2.TASK_STATE_SUCCESS
     assert result.result.int_value == 2, "the task's result is its replacement's"
 
 
@@ -125,7 +115,7 @@ async def test_inspecting_a_replaced_task_shows_no_lease(engines: Engines) -> No
     await submit(core, lone(task(task_id="t")))
     await step(core, replace={"t": as_task(task(task_id="r"))})
     inspected = await core.admin.inspector.inspect("t")
-    assert inspected.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+    assert inspected.result.state in (result_pb2.TASK_STATE_RECEIVED, result_pb2.TASK_STATE_STARTED)
     assert not inspected.lease_holder and not inspected.HasField("lease_expires_at")
 
 
@@ -161,7 +151,7 @@ async def test_a_chord_waits_for_a_replaced_member_and_gets_its_value(engines: E
     core = engines.core
     await submit(core, chord([task(task_id="m0"), task(task_id="m1")], task(task_id="cb")))
     await step(core, replace={"m0": as_chain(task(task_id="r1", args=[value(9)]), task(task_id="r2"))})
-    assert (await record_of(core, "cb")).state == S.TASK_STATE_PENDING, "the chord waits for m0's replacement"
+    assert (await record_of(core, "cb")).state == result_pb2.TASK_STATE_PENDING, "the chord waits for m0's replacement"
     await drain(core, replace={})
     cb = await record_of(core, "cb")
     assert json.loads(cb.signature.args[0].json_value) == [11, 1], "m0 gives its replacement's value"
@@ -206,7 +196,7 @@ async def test_a_replaced_task_that_ignores_its_result_ends_without_its_replacem
     await step(core, replace={"t": as_task(task(task_id="r", args=[value(1)]))})
     await drain(core)
     t = await record_of(core, "t")
-    assert t.state == S.TASK_STATE_SUCCESS and not t.HasField("result")
+    assert t.state == result_pb2.TASK_STATE_SUCCESS and not t.HasField("result")
 
 
 # -- failures --------------------------------------------------------------------------------
@@ -218,7 +208,7 @@ async def test_a_cancelled_replacement_task_cancels_the_task_it_replaces(engines
     await step(core, replace={"t": as_task(task(task_id="r"))})
     await core.canceller.cancel("r")
     t = await record_of(core, "t")
-    assert t.state == S.TASK_STATE_CANCELLED and t.error.type == "Cancelled"
+    assert t.state == result_pb2.TASK_STATE_CANCELLED and t.error.type == "Cancelled"
 
 
 
@@ -228,7 +218,7 @@ async def test_a_failed_replacement_fails_the_task_and_runs_its_error_callbacks(
     await step(core, replace={"a": as_task(task(task_id="r"))})
     await drain(core, fail=frozenset({"r"}))
     a = await record_of(core, "a")
-    assert a.state == S.TASK_STATE_FAILURE
+    assert a.state == result_pb2.TASK_STATE_FAILURE
     assert (a.error.type, a.error.message) == ("Boom", "r"), "the replacement's error is the task's"
     assert await state(core, "b") == "CANCELLED", "the chain stops at the replaced step"
     errback = await record_of(core, "a-err")
@@ -241,9 +231,9 @@ async def test_a_replacement_that_reuses_a_task_id_fails_the_task_with_invalid_r
     core = engines.core
     await submit(core, chain(task(task_id="a"), task(task_id="b")))
     acks = await step(core, replace={"a": as_task(task(task_id="b"))})
-    assert acks == {"a": W.ACK_STATUS_ACCEPTED}
+    assert acks == {"a": worker_service_pb2.ACK_STATUS_ACCEPTED}
     a = await record_of(core, "a")
-    assert a.state == S.TASK_STATE_FAILURE
+    assert a.state == result_pb2.TASK_STATE_FAILURE
     assert a.error.type == "InvalidReplacement" and "b" in a.error.message and "already exist" in a.error.message
     record = await core.store.get("a")
     assert record is not None and not record.replaced_by, "nothing of it was planned"
@@ -281,12 +271,16 @@ async def test_a_replacement_reported_twice_is_started_once(engines: Engines) ->
     deliveries = await core.broker.fetch(QUEUE, 10, 30.0)
     claim = await core.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
     [lease] = claim.leases
-    report = W.TaskOutcome(task_id="t", lease_token=lease.token, outcome=W.OUTCOME_REPLACED,
-                           replacement=as_task(task(task_id="r")))
+    report = worker_service_pb2.TaskOutcome(
+        task_id="t",
+        lease_token=lease.token,
+        outcome=worker_service_pb2.OUTCOME_REPLACED,
+        replacement=as_task(task(task_id="r")),
+    )
     first = await core.connections.recorder.record([report], "w1", {"t": lease})
     second = await core.connections.recorder.record([report], "w1")
-    assert first.statuses == {"t": W.ACK_STATUS_ACCEPTED}
-    assert second.statuses == {"t": W.ACK_STATUS_ALREADY_DONE}
+    assert first.statuses == {"t": worker_service_pb2.ACK_STATUS_ACCEPTED}
+    assert second.statuses == {"t": worker_service_pb2.ACK_STATUS_ALREADY_DONE}
     assert engines.broker.published["r"] == 1
 
 
@@ -297,7 +291,7 @@ async def test_a_replacement_whose_start_failed_is_started_when_the_tasks_messag
     await submit(core, lone(task(task_id="t")))
     engines.broker.fail_publishes = 1  # the replacement's first task cannot be published
     acks = await step(core, replace={"t": as_task(task(task_id="r"))})
-    assert acks == {"t": W.ACK_STATUS_ACCEPTED}
+    assert acks == {"t": worker_service_pb2.ACK_STATUS_ACCEPTED}
     assert engines.broker.published["r"] == 0
     await drain(core)  # t's message came back: dispatch starts the replacement, then r runs
     assert engines.broker.published["r"] == 1
@@ -328,7 +322,7 @@ async def test_a_replacement_whose_end_was_cut_short_ends_its_task_once_on_repai
     await step(core, replace={"t": as_task(task(task_id="r"))})
     engines.broker.fail_publishes = 1  # t's callback cannot be published when r ends t
     acks = await step(core)
-    assert acks == {"r": W.ACK_STATUS_ACCEPTED}
+    assert acks == {"r": worker_service_pb2.ACK_STATUS_ACCEPTED}
     assert await state(core, "t") == "SUCCESS"
     assert engines.broker.published["t-ok"] == 0
     await drain(core)  # r's message came back: its follow-ups, t's end among them, run again
@@ -349,8 +343,18 @@ async def test_a_worker_limited_to_some_queues_may_not_replace_a_task_with_tasks
     tokens = {lease.task_id: lease.token for lease in claim.leases}
     elsewhere = task_pb2.Signature(name="noop", queue="billing")
     reports = [
-        W.TaskOutcome(task_id="t", lease_token=tokens["t"], outcome=W.OUTCOME_REPLACED, replacement=as_task(elsewhere)),
-        W.TaskOutcome(task_id="u", lease_token=tokens["u"], outcome=W.OUTCOME_REPLACED, replacement=as_task(task())),
+        worker_service_pb2.TaskOutcome(
+            task_id="t",
+            lease_token=tokens["t"],
+            outcome=worker_service_pb2.OUTCOME_REPLACED,
+            replacement=as_task(elsewhere),
+        ),
+        worker_service_pb2.TaskOutcome(
+            task_id="u",
+            lease_token=tokens["u"],
+            outcome=worker_service_pb2.OUTCOME_REPLACED,
+            replacement=as_task(task()),
+        ),
     ]
     receipts = {lease.task_id: lease for lease in claim.leases}
     await core.connections.recorder.record(reports, "w1", receipts, allowed_queues=(QUEUE,))

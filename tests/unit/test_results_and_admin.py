@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.v1 import result_pb2, task_service_pb2, workflow_pb2
+from conveyor.v1 import result_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
 from conveyor.v1.task_pb2 import Signature
 from conveyor_server.core import admin, results
 from conveyor_server.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -16,11 +16,10 @@ from conveyor_server.core.outbox import OUTBOX_GROUP
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.results import MAX_WATCHED_TASKS, _aggregate
 from conveyor_server.core.withdrawn import WITHDRAWN_GROUP
-from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, run_all, run_ready, sent
+from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, run_all, run_ready, sent
 from tests.unit.test_durability import QUEUE, Outage, chain, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 WF = workflow_pb2
 
 
@@ -37,7 +36,7 @@ async def test_an_unknown_task_is_not_found_never_pending(replicas: Replicas) ->
 async def test_a_wait_without_time_answers_with_the_state_as_it_stands(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     result = await replicas.b.reader.wait("t1", 0)
-    assert result.task_id == "t1" and result.state == S.TASK_STATE_PENDING
+    assert result.task_id == "t1" and result.state == result_pb2.TASK_STATE_PENDING
 
 
 async def test_a_wait_ends_as_soon_as_the_task_ends_here(replicas: Replicas) -> None:
@@ -46,7 +45,7 @@ async def test_a_wait_ends_as_soon_as_the_task_ends_here(replicas: Replicas) -> 
     await asyncio.sleep(0)
     await run_ready(replicas.a, results={})
     result = await asyncio.wait_for(waiting, 5)
-    assert result.state == S.TASK_STATE_SUCCESS and result.result.string_value == "t1"
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and result.result.string_value == "t1"
 
 
 async def test_a_wait_ends_when_another_replica_ends_the_task(replicas: Replicas) -> None:
@@ -55,20 +54,20 @@ async def test_a_wait_ends_when_another_replica_ends_the_task(replicas: Replicas
     await asyncio.sleep(0.05)  # past the moment it waits for a write of its own replica
     await run_ready(replicas.a)
     result = await asyncio.wait_for(waiting, 5)
-    assert result.state == S.TASK_STATE_SUCCESS
+    assert result.state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_wait_that_runs_out_answers_with_the_current_state(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     result = await replicas.a.reader.wait("t1", 0.05)
-    assert result.state == S.TASK_STATE_PENDING
+    assert result.state == result_pb2.TASK_STATE_PENDING
 
 
 async def test_a_wait_for_an_ended_task_answers_at_once(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await run_ready(replicas.a)
-    assert (await replicas.a.reader.wait("t1", 30)).state == S.TASK_STATE_SUCCESS
-    assert (await replicas.b.reader.wait("t1", 30)).state == S.TASK_STATE_SUCCESS
+    assert (await replicas.a.reader.wait("t1", 30)).state == result_pb2.TASK_STATE_SUCCESS
+    assert (await replicas.b.reader.wait("t1", 30)).state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_watch_replays_the_history_then_ends_with_the_task(replicas: Replicas) -> None:
@@ -81,7 +80,7 @@ async def test_a_watch_replays_the_history_then_ends_with_the_task(replicas: Rep
         assert ids == ["a", "b"]
         async for event in replicas.b.reader.watch(ids):
             assert event.workflow_id == response.workflow_id and event.at.seconds > 0
-            events.append((event.task_id, S.TaskState.Name(event.state)))
+            events.append((event.task_id, result_pb2.TaskState.Name(event.state)))
 
     watching = asyncio.create_task(follow())
     await asyncio.sleep(0)
@@ -122,23 +121,28 @@ async def test_a_workflow_tree_shows_each_node_with_its_state(replicas: Replicas
     tree = await replicas.b.reader.workflow(response.workflow_id)
     assert tree.workflow_id == response.workflow_id and tree.result_task_id == ""
     root = tree.root
-    assert root.kind == "chain" and root.state == S.TASK_STATE_STARTED
+    assert root.kind == "chain" and root.state == result_pb2.TASK_STATE_STARTED
     step, members = root.children
-    assert step.kind == "task" and step.task.task_id == "a" and step.state == S.TASK_STATE_SUCCESS
-    assert members.kind == "group" and members.state == S.TASK_STATE_PENDING
+    assert step.kind == "task" and step.task.task_id == "a" and step.state == result_pb2.TASK_STATE_SUCCESS
+    assert members.kind == "group" and members.state == result_pb2.TASK_STATE_PENDING
     assert [m.task.task_id for m in members.children] == ["g0", "g1"]
     with pytest.raises(NotFound):
         await replicas.a.reader.workflow("wf-nope")
 
 
 def test_a_canvas_nodes_state_is_the_worst_or_the_common_state_of_its_children() -> None:
-    assert _aggregate([]) == S.TASK_STATE_SUCCESS
-    assert _aggregate([S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED]) == S.TASK_STATE_FAILURE
-    assert _aggregate([S.TASK_STATE_SUCCESS, S.TASK_STATE_CANCELLED]) == S.TASK_STATE_CANCELLED
-    assert _aggregate([S.TASK_STATE_SUCCESS, S.TASK_STATE_SUCCESS]) == S.TASK_STATE_SUCCESS
-    assert _aggregate([S.TASK_STATE_PENDING, S.TASK_STATE_PENDING]) == S.TASK_STATE_PENDING
-    assert _aggregate([S.TASK_STATE_PENDING, S.TASK_STATE_SUCCESS]) == S.TASK_STATE_STARTED
-    assert _aggregate([S.TASK_STATE_RECEIVED]) == S.TASK_STATE_STARTED
+    assert _aggregate([]) == result_pb2.TASK_STATE_SUCCESS
+    assert (
+        _aggregate([result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED])
+        == result_pb2.TASK_STATE_FAILURE
+    )
+    assert (
+        _aggregate([result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_CANCELLED]) == result_pb2.TASK_STATE_CANCELLED
+    )
+    assert _aggregate([result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_SUCCESS]) == result_pb2.TASK_STATE_SUCCESS
+    assert _aggregate([result_pb2.TASK_STATE_PENDING, result_pb2.TASK_STATE_PENDING]) == result_pb2.TASK_STATE_PENDING
+    assert _aggregate([result_pb2.TASK_STATE_PENDING, result_pb2.TASK_STATE_SUCCESS]) == result_pb2.TASK_STATE_STARTED
+    assert _aggregate([result_pb2.TASK_STATE_RECEIVED]) == result_pb2.TASK_STATE_STARTED
 
 
 # -- operators ---------------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ async def test_a_purge_ends_the_dropped_tasks_and_moves_their_workflows_on(repli
     assert await replicas.b.admin.purge(QUEUE) == 2
     for task_id in ("t1", "a", "b"):
         record = await replicas.a.store.get(task_id)
-        assert record is not None and record.result.state == S.TASK_STATE_CANCELLED, task_id
+        assert record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED, task_id
     record = await replicas.a.store.get("t1")
     assert record is not None and record.result.error.type == "Purged"
     assert "'default'" in record.result.error.message
@@ -180,8 +184,9 @@ async def test_a_purge_ends_the_dropped_tasks_and_moves_their_workflows_on(repli
 
 
 async def test_workers_lists_the_connected_sessions(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", language="go", hostname="h1", queues=["q"],
-                                                  max_in_flight=3))
+    session = replicas.a.connections.open(
+        worker_service_pb2.Hello(worker_id="w1", language="go", hostname="h1", queues=["q"], max_in_flight=3)
+    )
     sent(session)
     replicas.a.admin.server_id = "srv-a"
     [info] = replicas.a.admin.workers()
@@ -212,7 +217,7 @@ async def test_a_replayed_dead_letter_runs_again_as_a_new_task(replicas: Replica
     assert new_id != "d1"
     assert await replicas.a.admin.dead_letters("", 0) == []
     record = await replicas.a.store.get(new_id)
-    assert record is not None and record.result.name == "noop" and record.result.state == S.TASK_STATE_PENDING
+    assert record is not None and record.result.name == "noop" and record.result.state == result_pb2.TASK_STATE_PENDING
     assert not record.result.signature.idempotency_key
     assert (await run_ready(replicas.a)).keys() == {new_id}
     assert await replicas.b.admin.replay(["d1"], "") == [new_id], "a second replay finds the first one's task"
@@ -228,19 +233,25 @@ async def test_a_purge_ends_its_tasks_in_batches_and_stops_running_ones(
     assert await replicas.a.admin.purge(QUEUE) == 3
     for i in range(3):
         record = await replicas.a.store.get(f"p{i}")
-        assert record is not None and record.result.state == S.TASK_STATE_CANCELLED
+        assert record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED
         assert record.result.history[-1].error.type == "Purged"
 
 
 async def test_ending_purged_tasks_stops_those_running_and_leaves_ended_ones(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="running")), lone(task(task_id="done")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     claim = await lease_all(replicas.a)
     await session.settle(0, claim.leases)
     sent(session)
     [done] = [lease for lease in claim.leases if lease.task_id == "done"]
     await replicas.a.connections.recorder.record(
-        [W.TaskOutcome(task_id="done", lease_token=done.token, outcome=W.OUTCOME_SUCCESS)], "w1")
+        [
+            worker_service_pb2.TaskOutcome(
+                task_id="done", lease_token=done.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+            )
+        ],
+        "w1",
+    )
     ended = await replicas.a.canceller.end_purged(["running", "done", "gone"], QUEUE)
     assert ended == ["running"]
     assert [m.cancel.task_ids for m in sent(session) if m.WhichOneof("message") == "cancel"] == [["running"]]
@@ -250,7 +261,7 @@ async def test_ending_purged_tasks_stops_those_running_and_leaves_ended_ones(rep
 
 async def test_workers_count_what_each_one_holds(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")), lone(task(task_id="t2")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     await session.settle(0, (await lease_all(replicas.a)).leases)
     [info] = replicas.a.admin.workers()
     assert info.in_flight == 2
@@ -306,7 +317,7 @@ async def test_only_active_queues_are_listed_when_asked(replicas: Replicas) -> N
     await replicas.a.admin.purge("idle")
     await replicas.a.admin.purge("served")
     await replicas.a.admin.pause("paused")
-    replicas.a.connections.open(W.Hello(worker_id="w9", queues=["served"], max_in_flight=1))
+    replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w9", queues=["served"], max_in_flight=1))
     everything = [q.name for q in await replicas.a.admin.queues()]
     assert {QUEUE, "idle", "served", "paused"} <= set(everything)
     assert [q.name for q in await replicas.a.admin.queues(active_only=True)] == ["paused", "served"]
@@ -332,7 +343,9 @@ async def test_a_queue_is_deleted_only_when_empty_or_purged_first(replicas: Repl
     assert await replicas.b.admin.delete_queue("full", force=True) == 1
     assert "full" not in [q.name for q in await replicas.a.admin.queues()]
     record = await replicas.a.store.get("q1")
-    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED, "purged, so nothing waits on it"
+    assert (
+        record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED
+    ), "purged, so nothing waits on it"
     with pytest.raises(NotFound, match="no queue named 'full'"):
         await replicas.a.admin.delete_queue("full", force=False)
     await replicas.a.admin.pause("held")
@@ -349,7 +362,7 @@ async def test_a_result_recorded_here_answers_a_wait_without_the_change_feed(
     await asyncio.sleep(0)
     await run_ready(replicas.a)
     result = await asyncio.wait_for(waiting, 5)
-    assert result.state == S.TASK_STATE_SUCCESS and result.result.string_value == "t1"
+    assert result.state == result_pb2.TASK_STATE_SUCCESS and result.result.string_value == "t1"
     assert replicas.backend.watches == 0
 
 
@@ -357,6 +370,6 @@ async def test_a_wait_answers_from_this_replicas_last_write_and_a_zero_wait_read
     await submit(replicas.a, lone(task(task_id="t1")))
     await run_ready(replicas.a)
     replicas.backend.fail_reads = 1  # any read now fails
-    assert (await replicas.a.reader.wait("t1", 30)).state == S.TASK_STATE_SUCCESS, "no read needed"
+    assert (await replicas.a.reader.wait("t1", 30)).state == result_pb2.TASK_STATE_SUCCESS, "no read needed"
     with pytest.raises(Outage):
         await replicas.a.reader.wait("t1", 0)

@@ -23,7 +23,6 @@ from tests.unit.replicas import Replicas, quick_repairs, replicas, run_ready
 from tests.unit.test_durability import chain, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 WF = workflow_pb2
 
 
@@ -39,7 +38,7 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 def succeed(_: str, record: records_pb2.TaskRecord) -> bool:
-    transition(record, S.TASK_STATE_SUCCESS)
+    transition(record, result_pb2.TASK_STATE_SUCCESS)
     return True
 
 
@@ -49,7 +48,7 @@ async def test_a_short_wait_for_a_result_recorded_here_needs_no_read(replicas: R
     await submit(replicas.a, lone(task(task_id="t1")))
     await run_ready(replicas.a)
     replicas.backend.fail_reads = 1_000
-    assert (await replicas.a.reader.wait("t1", 0.5)).state == S.TASK_STATE_SUCCESS
+    assert (await replicas.a.reader.wait("t1", 0.5)).state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_result_recorded_here_while_a_wait_begins_is_answered_without_a_read(replicas: Replicas) -> None:
@@ -59,7 +58,7 @@ async def test_a_result_recorded_here_while_a_wait_begins_is_answered_without_a_
     await replicas.a.store.update(["t1"], succeed)
     replicas.backend.fail_reads = 1_000  # before the wait runs again
     result = await asyncio.wait_for(waiting, 5)
-    assert result.state == S.TASK_STATE_SUCCESS
+    assert result.state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_result_recorded_here_while_the_wait_follows_the_feed_is_answered_without_a_read(
@@ -72,12 +71,12 @@ async def test_a_result_recorded_here_while_the_wait_follows_the_feed_is_answere
     await replicas.a.store.update(["t1"], succeed)
     replicas.backend.fail_reads = 1_000
     result = await asyncio.wait_for(waiting, 5)
-    assert result.state == S.TASK_STATE_SUCCESS
+    assert result.state == result_pb2.TASK_STATE_SUCCESS
 
 
 async def test_a_wait_that_ran_out_leaves_nothing_behind(replicas: Replicas, loop_errors: list[dict[str, Any]]) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
-    assert (await replicas.a.reader.wait("t1", 0.05)).state == S.TASK_STATE_PENDING
+    assert (await replicas.a.reader.wait("t1", 0.05)).state == result_pb2.TASK_STATE_PENDING
     await eventually(lambda: not results._DETACHED, 5.0, "the abandoned feed subscription ended")
     assert loop_errors == []
 
@@ -88,7 +87,7 @@ async def events_until_done(replicas: Replicas, ids: list[str], until_done: bool
     seen: list[tuple[str, int]] = []
     async for event in replicas.b.reader.watch(ids, until_done):
         seen.append((event.task_id, event.state))
-        if event.task_id == ids[-1] and event.state == S.TASK_STATE_SUCCESS:
+        if event.task_id == ids[-1] and event.state == result_pb2.TASK_STATE_SUCCESS:
             break
     return seen
 
@@ -102,7 +101,7 @@ async def test_a_watch_hears_of_a_change_through_the_feed_not_the_rescan(
     await eventually(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
     await run_ready(replicas.a)
     seen = await asyncio.wait_for(watching, 5)
-    assert seen[-1] == ("t1", S.TASK_STATE_SUCCESS)
+    assert seen[-1] == ("t1", result_pb2.TASK_STATE_SUCCESS)
 
 
 async def test_a_watch_rescans_when_nothing_changes(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +111,7 @@ async def test_a_watch_rescans_when_nothing_changes(replicas: Replicas, monkeypa
     await asyncio.sleep(0.05)  # several rescans without a change
     assert not watching.done()
     await run_ready(replicas.a)
-    assert (await asyncio.wait_for(watching, 5))[-1] == ("t1", S.TASK_STATE_SUCCESS)
+    assert (await asyncio.wait_for(watching, 5))[-1] == ("t1", result_pb2.TASK_STATE_SUCCESS)
 
 
 async def test_a_task_that_vanishes_mid_watch_does_not_end_the_watch_of_the_others(replicas: Replicas) -> None:
@@ -122,7 +121,11 @@ async def test_a_task_that_vanishes_mid_watch_does_not_end_the_watch_of_the_othe
     replicas.backend.hide.add("task:a")  # its result expired
     await replicas.a.store.update(["b"], succeed)
     seen = await asyncio.wait_for(watching, 5)
-    assert seen == [("a", S.TASK_STATE_PENDING), ("b", S.TASK_STATE_PENDING), ("b", S.TASK_STATE_SUCCESS)]
+    assert seen == [
+        ("a", result_pb2.TASK_STATE_PENDING),
+        ("b", result_pb2.TASK_STATE_PENDING),
+        ("b", result_pb2.TASK_STATE_SUCCESS),
+    ]
 
 
 # -- workflow trees ------------------------------------------------------------------------------

@@ -17,8 +17,7 @@ import conveyor_server
 from conveyor import FieldViolation, InvalidArgument, ResourceExhausted, TaskNotFound
 from conveyor.errors import rpc_failed
 from conveyor.session import call_error
-from conveyor.v1 import task_pb2
-from conveyor.v1 import task_service_pb2 as t
+from conveyor.v1 import task_pb2, task_service_pb2
 from conveyor_server.api import status
 from conveyor_server.api.session import _error
 from conveyor_server.config import Limits
@@ -117,7 +116,7 @@ def test_the_sdk_reads_the_same_details_from_a_session_call_error() -> None:
     ))
     assert reported is not None
     answer = _error(reported).error
-    error = rpc_failed(call_error(t.CallError.FromString(answer.SerializeToString())))
+    error = rpc_failed(call_error(task_service_pb2.CallError.FromString(answer.SerializeToString())))
     assert isinstance(error, ResourceExhausted)
     assert (error.reason, error.metadata, error.retry_after) == ("QUEUE_FULL", {"queue": "small"}, 1.0)
 

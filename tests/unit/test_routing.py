@@ -8,13 +8,12 @@ import time
 
 import pytest
 
-from conveyor.v1 import result_pb2
+from conveyor.v1 import result_pb2, worker_service_pb2
 from conveyor_server.core.routing import BOUNCE_FIRST_SECONDS, BOUNCE_MAX_SECONDS, Unroutable, bounce_delay
-from tests.unit.replicas import Replicas, W, quick_repairs, replicas, sent
+from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 def test_the_bounce_delay_doubles_per_bounce_up_to_a_cap() -> None:
@@ -37,8 +36,8 @@ def test_unroutable_tasks_are_counted_until_routed_or_forgotten() -> None:
     assert unroutable.count("q") == 0
 
 
-def hello(worker_id: str, *names: str) -> W.Hello:
-    return W.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10, task_names=list(names))
+def hello(worker_id: str, *names: str) -> worker_service_pb2.Hello:
+    return worker_service_pb2.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10, task_names=list(names))
 
 
 async def test_a_worker_is_assigned_only_the_tasks_it_registered(replicas: Replicas) -> None:
@@ -50,7 +49,7 @@ async def test_a_worker_is_assigned_only_the_tasks_it_registered(replicas: Repli
     assert [c.lease.task_id for c in claim.claimed] == ["p1"]
     assert [message.signature.name for _, message in claim.elsewhere] == ["node.mul"]
     record = await replicas.a.store.get("n1")
-    assert record is not None and record.result.state == S.TASK_STATE_PENDING and record.deliveries == 0
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_PENDING and record.deliveries == 0
 
     # No worker here registered node.mul: it waits in the queue, unroutable, and is not failed.
     await connections._pass_on(QUEUE, claim.elsewhere)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conveyor.v1 import task_pb2
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor_server.api.worker_service import _coalesce
 from conveyor_server.core.sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
@@ -17,13 +16,13 @@ __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 KIB = 1024
 
 
-def assignment(task_id: str, payload_bytes: int) -> w.Assignment:
+def assignment(task_id: str, payload_bytes: int) -> worker_service_pb2.Assignment:
     signature = task_pb2.Signature(id=task_id, name="big", args=[task_pb2.Value(bytes_value=b"x" * payload_bytes)])
-    return w.Assignment(task=signature, lease_token=task_id)
+    return worker_service_pb2.Assignment(task=signature, lease_token=task_id)
 
 
-def message_size(batch: list[w.Assignment]) -> int:
-    return w.ConnectResponse(assignments=w.Assignments(items=batch)).ByteSize()
+def message_size(batch: list[worker_service_pb2.Assignment]) -> int:
+    return worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(items=batch)).ByteSize()
 
 
 def test_batches_keep_order_and_each_fits_the_limit() -> None:
@@ -55,7 +54,9 @@ async def test_a_worker_with_a_small_limit_gets_fitting_messages_and_the_rest_go
     await submit(replicas.a, *(lone(task(task_id=f"t{i}", args=big)) for i in range(3)))
     await submit(replicas.a, lone(task(task_id="huge", args=[task_pb2.Value(bytes_value=b"x" * (700 * KIB))])))
     connections = replicas.a.connections
-    session = connections.open(w.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10, max_receive_bytes=650 * KIB))
+    session = connections.open(
+        worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10, max_receive_bytes=650 * KIB)
+    )
     sent(session)  # the Welcome
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
     claim = await connections.dispatcher.claim(deliveries, "w1", time.monotonic())
@@ -75,12 +76,12 @@ async def test_a_worker_with_a_small_limit_gets_fitting_messages_and_the_rest_go
 
 
 def test_the_stream_writer_merges_queued_assignments_only_up_to_the_limit() -> None:
-    outbox: asyncio.Queue[w.ConnectResponse | None] = asyncio.Queue()
+    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse | None] = asyncio.Queue()
     batches = [[assignment(f"t{i}", 300 * KIB)] for i in range(4)]
     for batch in batches[1:]:
-        outbox.put_nowait(w.ConnectResponse(assignments=w.Assignments(items=batch)))
-    outbox.put_nowait(w.ConnectResponse(acks=w.ResultAcks(acks=[w.ResultAck(task_id="x")])))
-    first = w.ConnectResponse(assignments=w.Assignments(items=batches[0]))
+        outbox.put_nowait(worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(items=batch)))
+    outbox.put_nowait(worker_service_pb2.ConnectResponse(acks=worker_service_pb2.ResultAcks(acks=[worker_service_pb2.ResultAck(task_id="x")])))
+    first = worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(items=batches[0]))
     merged, ended = _coalesce(first, outbox, 650 * KIB)
     assert not ended
     assert [[a.lease_token for a in m.assignments.items] for m in merged if m.HasField("assignments")] == [

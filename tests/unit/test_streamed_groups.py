@@ -20,8 +20,6 @@ from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Limits, Settings
 from conveyor_server.core.planner import compile_workflow
 
-T = task_service_pb2
-
 
 class Server:
     def __init__(self, address: str) -> None:
@@ -155,20 +153,24 @@ async def test_a_cancelled_submit_submits_nothing(server: Server) -> None:
 # -- the protocol, as any client speaks it -----------------------------------------------------
 
 
-def opening() -> T.SubmitStreamRequest:
-    return T.SubmitStreamRequest(open=T.SubmitRequest(workflow=workflow_pb2.Workflow(group=workflow_pb2.Group())))
+def opening() -> task_service_pb2.SubmitStreamRequest:
+    return task_service_pb2.SubmitStreamRequest(
+        open=task_service_pb2.SubmitRequest(workflow=workflow_pb2.Workflow(group=workflow_pb2.Group()))
+    )
 
 
-def members(ids: range) -> T.SubmitStreamRequest:
-    piece = T.SubmitStreamMembers(members=[sig("double", i).set(id=f"raw-{i}").to_workflow() for i in ids])
-    return T.SubmitStreamRequest(members=piece)
+def members(ids: range) -> task_service_pb2.SubmitStreamRequest:
+    piece = task_service_pb2.SubmitStreamMembers(
+        members=[sig("double", i).set(id=f"raw-{i}").to_workflow() for i in ids]
+    )
+    return task_service_pb2.SubmitStreamRequest(members=piece)
 
 
-def commit(count: int) -> T.SubmitStreamRequest:
-    return T.SubmitStreamRequest(commit=T.SubmitStreamCommit(member_count=count))
+def commit(count: int) -> task_service_pb2.SubmitStreamRequest:
+    return task_service_pb2.SubmitStreamRequest(commit=task_service_pb2.SubmitStreamCommit(member_count=count))
 
 
-async def refused(address: str, *parts: T.SubmitStreamRequest, end: bool = True) -> grpc.aio.AioRpcError:
+async def refused(address: str, *parts: task_service_pb2.SubmitStreamRequest, end: bool = True) -> grpc.aio.AioRpcError:
     async with grpc.aio.insecure_channel(address) as channel:
         call = task_service_pb2_grpc.TaskServiceStub(channel).SubmitStream()
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -180,18 +182,30 @@ async def refused(address: str, *parts: T.SubmitStreamRequest, end: bool = True)
         return error.value
 
 
-@pytest.mark.parametrize(("parts", "message"), [
-    ((opening(), members(range(3)), commit(4)), "member_count is 4, but 3 members were received"),
-    ((opening(), members(range(3))), "ended without a commit"),
-    ((members(range(3)), commit(3)), "first message of a stream must be an open"),
-    ((opening(), opening()), "a stream opens once"),
-    ((T.SubmitStreamRequest(open=T.SubmitRequest(task=sig("double", 1).to_proto())),), "must be a group or a chord"),
-    ((opening(), members(range(1_001))), "at most 1000 members, not 1001"),
-    ((opening(), *(members(range(i, i + 1_000)) for i in range(0, 3_000, 1_000)), members(range(3_000, 3_001))),
-     "more than 3000 tasks (max_stream_tasks"),
-])
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ((opening(), members(range(3)), commit(4)), "member_count is 4, but 3 members were received"),
+        ((opening(), members(range(3))), "ended without a commit"),
+        ((members(range(3)), commit(3)), "first message of a stream must be an open"),
+        ((opening(), opening()), "a stream opens once"),
+        (
+            (
+                task_service_pb2.SubmitStreamRequest(
+                    open=task_service_pb2.SubmitRequest(task=sig("double", 1).to_proto())
+                ),
+            ),
+            "must be a group or a chord",
+        ),
+        ((opening(), members(range(1_001))), "at most 1000 members, not 1001"),
+        (
+            (opening(), *(members(range(i, i + 1_000)) for i in range(0, 3_000, 1_000)), members(range(3_000, 3_001))),
+            "more than 3000 tasks (max_stream_tasks",
+        ),
+    ],
+)
 async def test_a_malformed_stream_is_refused_and_submits_nothing(
-    server: Server, parts: tuple[T.SubmitStreamRequest, ...], message: str
+    server: Server, parts: tuple[task_service_pb2.SubmitStreamRequest, ...], message: str
 ) -> None:
     error = await refused(server.address, *parts)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (error.details() or "")
@@ -208,7 +222,7 @@ async def test_a_silent_stream_ends_after_stream_idle_seconds(server: Server) ->
 
 async def test_a_bad_member_is_refused_at_the_commit_with_its_place(server: Server) -> None:
     too_urgent = sig("double", 1).set(priority=12).to_workflow()
-    bad = T.SubmitStreamRequest(members=T.SubmitStreamMembers(members=[too_urgent]))
+    bad = task_service_pb2.SubmitStreamRequest(members=task_service_pb2.SubmitStreamMembers(members=[too_urgent]))
     error = await refused(server.address, opening(), members(range(2)), bad, commit(3))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "group[2]" in (error.details() or "")
 

@@ -12,18 +12,17 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
 from conveyor_server.config import Limits
 from conveyor_server.core.errors import AlreadyExists, InvalidArgument, NotFound
 from conveyor_server.core.outbox import FOLLOW_UPS, OUTBOX_GROUP, PUBLISH
 from conveyor_server.core.publisher import Publication, decode_message, encode_message, scheduled_delay
 from conveyor_server.core.signatures import error_value, filled
 from conveyor_server.core.validation import check_signature, check_workflow
-from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, run_ready, sent
+from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, run_ready, sent
 from tests.unit.test_durability import GRACE, QUEUE, chain, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 WF = workflow_pb2
 
 
@@ -54,7 +53,7 @@ async def test_task_ids_must_be_unique_within_and_across_submissions(replicas: R
     with pytest.raises(AlreadyExists, match="task ids already exist: x"):
         await submit(replicas.b, chain(task(task_id="y"), task(task_id="x")))
     refused = await replicas.a.store.get("y")
-    assert refused is None or refused.result.state == S.TASK_STATE_CANCELLED, "nothing of a refused batch runs"
+    assert refused is None or refused.result.state == result_pb2.TASK_STATE_CANCELLED, "nothing of a refused batch runs"
     assert (await replicas.a.broker.stats("default")).ready == 1, "only the first x was published"
 
 
@@ -126,7 +125,7 @@ async def test_a_queued_task_cancelled_is_stored_cancelled_and_never_runs(replic
     await submit(replicas.a, lone(task(task_id="t1")))
     assert await replicas.b.canceller.cancel("t1") == ["t1"]
     record = await replicas.a.store.get("t1")
-    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED
     assert record.result.error.type == "Cancelled" and record.result.error.message == "cancelled by request (t1)"
     assert record.result.error.traceback == "" and record.result.history[-1].error.type == "Cancelled"
     assert await run_ready(replicas.a) == {}
@@ -137,7 +136,7 @@ async def test_a_queued_task_cancelled_is_stored_cancelled_and_never_runs(replic
 
 async def test_a_running_task_cancelled_gets_a_cancel_on_its_workers_stream(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")), lone(task(task_id="t2")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     claim = await lease_all(replicas.a)
     await session.settle(0, claim.leases)
     sent(session)
@@ -162,8 +161,14 @@ async def test_an_overdue_follow_up_promise_is_kept_by_one_replica(replicas: Rep
     claim = await lease_all(replicas.a)
     # b ended, but its follow-ups (none needed here, its workflow's end) were only promised.
     recorded = await replicas.a.connections.recorder.record(
-        [W.TaskOutcome(task_id="b", lease_token=claim.leases[0].token, outcome=W.OUTCOME_SUCCESS)], "w1")
-    assert recorded.statuses == {"b": W.ACK_STATUS_ACCEPTED}
+        [
+            worker_service_pb2.TaskOutcome(
+                task_id="b", lease_token=claim.leases[0].token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+            )
+        ],
+        "w1",
+    )
+    assert recorded.statuses == {"b": worker_service_pb2.ACK_STATUS_ACCEPTED}
     await replicas.a.outbox.promise(FOLLOW_UPS, ["b", "gone"], entry_id="ob-test")
     assert await replicas.a.reconciler.reconcile_once() == 0, "not overdue yet"
     replicas.clock.now += GRACE + 1

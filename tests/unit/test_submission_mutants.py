@@ -25,7 +25,6 @@ from tests.unit.replicas import Replicas, quick_repairs, replicas, short_lived
 from tests.unit.test_durability import chain, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
-S = result_pb2
 WF = workflow_pb2
 # Long enough for a background retry that should not happen to have happened.
 SETTLE_SECONDS = 0.1
@@ -140,10 +139,10 @@ async def test_the_tasks_of_a_refused_submission_end_cancelled_saying_why(replic
     with pytest.raises(AlreadyExists):
         await submit(replicas.b, lone(task(task_id="y")), lone(task(task_id="x")))
     record = await replicas.a.store.get("y")
-    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED
     why = result_pb2.TaskError(type="AlreadyExists", message="refused with its submission: task ids already exist: x")
     assert record.result.error == why
-    assert record.result.history[-1].state == S.TASK_STATE_CANCELLED and record.result.history[-1].error == why
+    assert record.result.history[-1].state == result_pb2.TASK_STATE_CANCELLED and record.result.history[-1].error == why
 
 
 class Gate(asyncio.Event):

@@ -15,7 +15,7 @@ from conveyor.v1 import task_pb2
 from conveyor_server.backends.memory_task_index import MemoryTaskIndex
 from conveyor_server.backends.task_index import IndexEntry
 from conveyor_server.core import task_index
-from conveyor_server.core.records import S, new_record, transition
+from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.task_index import TaskIndexer
 from conveyor_server.engines import open_backend
 
@@ -57,11 +57,11 @@ async def test_a_flush_takes_ended_entries_and_live_ones_held_long_enough(monkey
     clock[0] += 0.4
     subject.note(young)
     clock[0] += 0.3  # held-long was first noted 1.2 s ago, quick 0.7 s, young 0.3 s
-    subject.note(moved(held_long, S.TASK_STATE_STARTED))  # keeps its place: noted first long ago
-    subject.note(moved(quick, S.TASK_STATE_SUCCESS))
+    subject.note(moved(held_long, TaskStates.TASK_STATE_STARTED))  # keeps its place: noted first long ago
+    subject.note(moved(quick, TaskStates.TASK_STATE_SUCCESS))
     due = subject._take_due(everything=False)
     assert {task_id: noted[0] for task_id, noted in due.items()} == {
-        "held-long": S.TASK_STATE_STARTED, "quick": S.TASK_STATE_SUCCESS,
+        "held-long": TaskStates.TASK_STATE_STARTED, "quick": TaskStates.TASK_STATE_SUCCESS,
     }
     assert subject._take_due(everything=False) == {}
     assert list(subject._take_due(everything=True)) == ["young"]
@@ -74,11 +74,11 @@ async def test_a_live_entry_that_ends_is_due_at_once_and_written_once(monkeypatc
     record = pending("t")
     subject.note(record)
     assert subject._take_due(everything=False) == {}
-    subject.note(moved(record, S.TASK_STATE_FAILURE))
+    subject.note(moved(record, TaskStates.TASK_STATE_FAILURE))
     assert await subject.flush(everything=False) == 1
-    assert index.written == [("t", S.TASK_STATE_FAILURE)]
+    assert index.written == [("t", TaskStates.TASK_STATE_FAILURE)]
     await subject.close()
-    assert index.written == [("t", S.TASK_STATE_FAILURE)]
+    assert index.written == [("t", TaskStates.TASK_STATE_FAILURE)]
 
 
 async def test_many_held_entries_leave_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,15 +102,15 @@ async def test_a_failed_write_keeps_the_entries_and_a_newer_note_wins() -> None:
 
     class Failing(CountingIndex):
         async def write(self, entries: Sequence[IndexEntry]) -> None:
-            subject.note(moved(second, S.TASK_STATE_STARTED))  # noted while the write is under way
+            subject.note(moved(second, TaskStates.TASK_STATE_STARTED))  # noted while the write is under way
             raise ConnectionError("away")
 
     subject = TaskIndexer(open_backend("memory://"), Failing())
-    subject.note(moved(pending("a"), S.TASK_STATE_SUCCESS))
+    subject.note(moved(pending("a"), TaskStates.TASK_STATE_SUCCESS))
     subject.note(second)
     with pytest.raises(ConnectionError):
         await subject.flush()
-    assert {t: n[0] for t, n in subject._ended.items()} == {"a": S.TASK_STATE_SUCCESS}
-    assert {t: n[0] for t, n in subject._live.items()} == {"b": S.TASK_STATE_STARTED}
+    assert {t: n[0] for t, n in subject._ended.items()} == {"a": TaskStates.TASK_STATE_SUCCESS}
+    assert {t: n[0] for t, n in subject._live.items()} == {"b": TaskStates.TASK_STATE_STARTED}
     subject.index = None  # nothing to write at close
     await subject.close()

@@ -15,7 +15,7 @@ import pytest
 from conveyor import chain, chord, group, si, sig
 from conveyor.client import to_request
 from conveyor.schema import task_info, task_infos
-from conveyor.v1 import admin_service_pb2, task_pb2, task_service_pb2
+from conveyor.v1 import admin_service_pb2, task_pb2, task_service_pb2, worker_service_pb2
 from conveyor.values import to_value_map, to_values
 from conveyor_server.app import Core
 from conveyor_server.cli import tasks_table
@@ -24,7 +24,7 @@ from conveyor_server.core.call_schemas import call_of, compiled, mismatch
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.task_registry import REGISTRY_GROUP, STALE_AFTER_BEATS
-from tests.unit.replicas import Replicas, W, quick_repairs, replicas
+from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_durability import QUEUE, submit
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
@@ -144,11 +144,20 @@ def test_the_description_is_the_docstrings_first_line_unless_given() -> None:
 
 # -- strict submits on one replica -----------------------------------------------------------------
 
-def hello(worker_id: str = "w1", tasks: dict[str, Callable[..., Any]] | None = None, **fields: Any) -> W.Hello:
+
+def hello(
+    worker_id: str = "w1", tasks: dict[str, Callable[..., Any]] | None = None, **fields: Any
+) -> worker_service_pb2.Hello:
     """The Hello of a Python worker that registered `tasks` (default TASKS)."""
     registered = TASKS if tasks is None else tasks
-    return W.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10, task_names=sorted(registered),
-                   tasks=task_infos(registered, {}), **fields)
+    return worker_service_pb2.Hello(
+        worker_id=worker_id,
+        queues=[QUEUE],
+        max_in_flight=10,
+        task_names=sorted(registered),
+        tasks=task_infos(registered, {}),
+        **fields,
+    )
 
 
 def strict(canvas: Any) -> task_service_pb2.SubmitRequest:
@@ -163,7 +172,7 @@ async def refusal(core: Core, *requests: task_service_pb2.SubmitRequest) -> str:
     return str(refused.value)
 
 
-async def no_requests() -> AsyncIterator[W.ConnectRequest]:
+async def no_requests() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
     return
     yield
 
@@ -268,7 +277,7 @@ async def test_a_hello_whose_schema_is_not_a_json_schema_is_refused_and_register
     }
     for problem, info in cases.items():
         with pytest.raises(InvalidArgument) as refused:
-            connections.open(W.Hello(worker_id="w1", max_in_flight=1, tasks=[info]))
+            connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1, tasks=[info]))
         assert str(refused.value) == problem
     assert not replicas.a.registry.sessions
     assert await replicas.a.admin.registered_tasks() == []
@@ -278,7 +287,7 @@ async def test_names_without_a_schema_accept_any_call_and_a_call_matching_any_va
     replicas: Replicas
 ) -> None:
     core = replicas.a
-    core.connections.open(W.Hello(worker_id="raw", max_in_flight=1, task_names=["raw.echo"]))
+    core.connections.open(worker_service_pb2.Hello(worker_id="raw", max_in_flight=1, task_names=["raw.echo"]))
     assert await submit(core, strict(sig("raw.echo", "anything", at=[1])))
 
     def add_text(x: str, y: str = "") -> str:

@@ -9,13 +9,12 @@ import asyncio
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor_server.core.errors import InvalidArgument
-from tests.unit.replicas import Replicas, W, lease_all, outcome, quick_repairs, replicas
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 def unique(task_id: str, *args: int, seconds: float = 60.0, key: str = "") -> task_pb2.Signature:
@@ -42,7 +41,7 @@ async def test_the_key_is_released_when_the_task_ends(replicas: Replicas) -> Non
     claim = await lease_all(replicas.a)
     # Still running: unique.
     assert await submitted_id(replicas, unique("t2", 7)) == "t1"
-    await replicas.a.connections.recorder.record([outcome(claim, "t1", W.OUTCOME_SUCCESS)], "w1")
+    await replicas.a.connections.recorder.record([outcome(claim, "t1", worker_service_pb2.OUTCOME_SUCCESS)], "w1")
     assert await submitted_id(replicas, unique("t3", 7)) == "t3"
     assert await submitted_id(replicas, unique("t4", 7)) == "t3"
 

@@ -10,7 +10,7 @@ import pytest
 from conveyor.internal.v1 import records_pb2
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.core import withdrawn
-from conveyor_server.core.records import S
+from conveyor_server.core.records import TaskStates
 from conveyor_server.core.withdrawn import WITHDRAWN_GROUP, Withdrawn
 
 # Many more tasks than one backend call takes, so a per-task write would show in the counts.
@@ -48,7 +48,7 @@ def backend() -> CountingBackend:
 
 def queued(task_id: str, queue: str) -> records_pb2.TaskRecord:
     record = records_pb2.TaskRecord(enqueued=True)
-    record.result.task_id, record.result.queue, record.result.state = task_id, queue, S.TASK_STATE_PENDING
+    record.result.task_id, record.result.queue, record.result.state = task_id, queue, TaskStates.TASK_STATE_PENDING
     return record
 
 

@@ -6,29 +6,30 @@ from __future__ import annotations
 import asyncio
 
 from conveyor.reports import RESULT_LINGER_SECONDS, ResultBatcher, StartedBatcher, UnackedResults
-from conveyor.v1 import task_pb2
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import task_pb2, worker_service_pb2
 from tests.support.processes import eventually
 
 
-def assignment(task_id: str) -> w.Assignment:
-    return w.Assignment(task=task_pb2.Signature(id=task_id, name="t"), lease_token=f"lease-{task_id}")
+def assignment(task_id: str) -> worker_service_pb2.Assignment:
+    return worker_service_pb2.Assignment(task=task_pb2.Signature(id=task_id, name="t"), lease_token=f"lease-{task_id}")
 
 
-def outcome(task_id: str, lease: str = "") -> w.TaskOutcome:
-    return w.TaskOutcome(task_id=task_id, lease_token=lease or f"lease-{task_id}", outcome=w.OUTCOME_SUCCESS)
+def outcome(task_id: str, lease: str = "") -> worker_service_pb2.TaskOutcome:
+    return worker_service_pb2.TaskOutcome(
+        task_id=task_id, lease_token=lease or f"lease-{task_id}", outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
 
 
-def started_ids(sent: list[w.ConnectRequest]) -> list[list[str]]:
+def started_ids(sent: list[worker_service_pb2.ConnectRequest]) -> list[list[str]]:
     return [[ref.task_id for ref in message.started.tasks] for message in sent]
 
 
-def result_ids(sent: list[w.ConnectRequest]) -> list[list[str]]:
+def result_ids(sent: list[worker_service_pb2.ConnectRequest]) -> list[list[str]]:
     return [[o.task_id for o in message.results.outcomes] for message in sent]
 
 
 async def test_tasks_that_start_together_are_reported_in_one_started_message() -> None:
-    sent: list[w.ConnectRequest] = []
+    sent: list[worker_service_pb2.ConnectRequest] = []
     batcher = StartedBatcher(sent.append)
     batcher.started(assignment("a"))
     batcher.started(assignment("b"))
@@ -39,7 +40,7 @@ async def test_tasks_that_start_together_are_reported_in_one_started_message() -
 
 
 async def test_a_task_that_ends_before_its_report_is_never_reported_started() -> None:
-    sent: list[w.ConnectRequest] = []
+    sent: list[worker_service_pb2.ConnectRequest] = []
     batcher = StartedBatcher(sent.append)
     batcher.started(assignment("quick"))
     batcher.started(assignment("slow"))
@@ -53,7 +54,7 @@ async def test_a_task_that_ends_before_its_report_is_never_reported_started() ->
 
 
 async def test_a_result_with_nothing_else_running_goes_out_in_the_next_loop_iteration() -> None:
-    sent: list[w.ConnectRequest] = []
+    sent: list[worker_service_pb2.ConnectRequest] = []
     batcher = ResultBatcher(sent.append)
     batcher.add(outcome("a"), others_running=False, batch_size=8)
     batcher.add(outcome("b"), others_running=False, batch_size=8)  # ended in the same iteration
@@ -64,10 +65,10 @@ async def test_a_result_with_nothing_else_running_goes_out_in_the_next_loop_iter
 
 async def test_a_result_lingers_for_running_tasks_to_share_its_message() -> None:
     loop = asyncio.get_running_loop()
-    sent: list[w.ConnectRequest] = []
+    sent: list[worker_service_pb2.ConnectRequest] = []
     sent_at: list[float] = []
 
-    def send(message: w.ConnectRequest) -> None:
+    def send(message: worker_service_pb2.ConnectRequest) -> None:
         sent.append(message)
         sent_at.append(loop.time())
 
@@ -81,7 +82,7 @@ async def test_a_result_lingers_for_running_tasks_to_share_its_message() -> None
 
 
 async def test_a_full_batch_goes_out_without_lingering() -> None:
-    sent: list[w.ConnectRequest] = []
+    sent: list[worker_service_pb2.ConnectRequest] = []
     batcher = ResultBatcher(sent.append)
     batcher.add(outcome("a"), others_running=True, batch_size=2)
     batcher.add(outcome("b"), others_running=True, batch_size=2)
@@ -97,12 +98,18 @@ def test_an_ack_releases_only_the_result_of_its_own_lease() -> None:
     assert unacked.resend() is None
     unacked.hold(outcome("a"))
     unacked.hold(outcome("b"))
-    stale = w.ResultAck(task_id="a", lease_token="an-older-lease", status=w.ACK_STATUS_ACCEPTED)
+    stale = worker_service_pb2.ResultAck(
+        task_id="a", lease_token="an-older-lease", status=worker_service_pb2.ACK_STATUS_ACCEPTED
+    )
     assert unacked.acked([stale]) == []
     resend = unacked.resend()
     assert resend is not None
     assert result_ids([resend]) == [["a", "b"]]
-    refused = w.ResultAck(task_id="b", lease_token="lease-b", status=w.ACK_STATUS_STALE_LEASE)
-    accepted = w.ResultAck(task_id="a", lease_token="lease-a", status=w.ACK_STATUS_ACCEPTED)
+    refused = worker_service_pb2.ResultAck(
+        task_id="b", lease_token="lease-b", status=worker_service_pb2.ACK_STATUS_STALE_LEASE
+    )
+    accepted = worker_service_pb2.ResultAck(
+        task_id="a", lease_token="lease-a", status=worker_service_pb2.ACK_STATUS_ACCEPTED
+    )
     assert unacked.acked([accepted, refused]) == [refused]
     assert not unacked

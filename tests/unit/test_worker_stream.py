@@ -12,38 +12,39 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from conveyor.v1 import result_pb2, task_pb2
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.core import connection, outcomes
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.sessions import SessionRegistry, WorkerSession
 from tests.support.wait import wait_for
-from tests.unit.replicas import Replicas, W, lease_all, quick_repairs, replicas, sent
+from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
-S = result_pb2
 
 
 async def holding(replicas: Replicas, *task_ids: str, **fields: object) -> tuple[WorkerSession, dict[str, str]]:
     """A session on replica A holding leases on `task_ids` (RECEIVED written); token by task id."""
     await submit(replicas.a, *(lone(task(task_id=t, **fields)) for t in task_ids))  # type: ignore[arg-type]
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     claim = await lease_all(replicas.a)
     await session.settle(0, claim.leases)
     sent(session)  # the Welcome
     return session, {lease.task_id: lease.token for lease in claim.leases}
 
 
-async def handle(replicas: Replicas, session: WorkerSession, **message: object) -> list[W.ConnectResponse]:
-    await replicas.a.connections._handle(session, W.ConnectRequest(**message))  # type: ignore[arg-type]
+async def handle(
+    replicas: Replicas, session: WorkerSession, **message: object
+) -> list[worker_service_pb2.ConnectResponse]:
+    await replicas.a.connections._handle(session, worker_service_pb2.ConnectRequest(**message))  # type: ignore[arg-type]
     return sent(session)
 
 
 async def state(replicas: Replicas, task_id: str) -> str:
     record = await replicas.a.store.get(task_id)
     assert record is not None
-    return S.TaskState.Name(record.result.state)
+    return result_pb2.TaskState.Name(record.result.state)
 
 
 # -- opening a session --------------------------------------------------------------------------
@@ -51,29 +52,33 @@ async def state(replicas: Replicas, task_id: str) -> str:
 
 def test_a_hello_opens_a_session_and_is_welcomed(replicas: Replicas) -> None:
     connections = replicas.a.connections
-    session = connections.open(W.Hello(queues=["q1", "q1", "q2"], max_in_flight=3))
+    session = connections.open(worker_service_pb2.Hello(queues=["q1", "q1", "q2"], max_in_flight=3))
     assert session.worker_id.startswith("worker-") and session.queues == ["q1", "q2"] and session.window == 3
     assert replicas.a.registry.sessions == {id(session): session}
     [welcome] = sent(session)
     assert welcome.welcome.worker_id == session.worker_id
     assert welcome.welcome.heartbeat_interval.ToTimedelta().total_seconds() == 5.0
     assert welcome.welcome.lease_duration.ToTimedelta().total_seconds() == 30.0
-    assert connections.open(W.Hello(worker_id="w2", max_in_flight=1)).queues == ["default"]
+    assert connections.open(worker_service_pb2.Hello(worker_id="w2", max_in_flight=1)).queues == ["default"]
 
 
 @pytest.mark.parametrize("hello", [
-    W.Hello(max_in_flight=0),
-    W.Hello(max_in_flight=1, queues=[""]),
-    W.Hello(max_in_flight=1, queues=["q" * 65]),
+    worker_service_pb2.Hello(max_in_flight=0),
+    worker_service_pb2.Hello(max_in_flight=1, queues=[""]),
+    worker_service_pb2.Hello(max_in_flight=1, queues=["q" * 65]),
 ])
-def test_a_hello_without_a_window_or_with_a_bad_queue_is_refused(replicas: Replicas, hello: W.Hello) -> None:
+def test_a_hello_without_a_window_or_with_a_bad_queue_is_refused(
+    replicas: Replicas, hello: worker_service_pb2.Hello
+) -> None:
     with pytest.raises(InvalidArgument):
         replicas.a.connections.open(hello)
     assert not replicas.a.registry.sessions
 
 
 def test_a_queue_name_of_64_characters_is_fine(replicas: Replicas) -> None:
-    assert replicas.a.connections.open(W.Hello(max_in_flight=1, queues=["q" * 64])).queues == ["q" * 64]
+    assert replicas.a.connections.open(worker_service_pb2.Hello(max_in_flight=1, queues=["q" * 64])).queues == [
+        "q" * 64
+    ]
 
 
 # -- messages on the stream ----------------------------------------------------------------------
@@ -81,13 +86,19 @@ def test_a_queue_name_of_64_characters_is_fine(replicas: Replicas) -> None:
 
 async def test_results_are_recorded_acked_and_their_messages_acked(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1", "t2")
-    results = W.Results(outcomes=[
-        W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS),
-        W.TaskOutcome(task_id="t2", lease_token="not-the-lease", outcome=W.OUTCOME_SUCCESS),
-    ])
+    results = worker_service_pb2.Results(
+        outcomes=[
+            worker_service_pb2.TaskOutcome(
+                task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+            ),
+            worker_service_pb2.TaskOutcome(
+                task_id="t2", lease_token="not-the-lease", outcome=worker_service_pb2.OUTCOME_SUCCESS
+            ),
+        ]
+    )
     [acks] = await handle(replicas, session, results=results)
     assert {a.task_id: a.status for a in acks.acks.acks} == {
-        "t1": W.ACK_STATUS_ACCEPTED, "t2": W.ACK_STATUS_STALE_LEASE,
+        "t1": worker_service_pb2.ACK_STATUS_ACCEPTED, "t2": worker_service_pb2.ACK_STATUS_STALE_LEASE,
     }
     assert await state(replicas, "t1") == "TASK_STATE_SUCCESS"
     assert [lease.task_id for lease in session.leases.values()] == ["t2"]
@@ -96,17 +107,19 @@ async def test_results_are_recorded_acked_and_their_messages_acked(replicas: Rep
 
 async def test_a_result_before_the_received_write_brings_it_along(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
     claim = await replicas.a.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
     await session.settle(0, claim.leases)
     [lease] = claim.leases
     assert lease.receipt_pending
-    result = W.TaskOutcome(task_id="t1", lease_token=lease.token, outcome=W.OUTCOME_SUCCESS)
-    await handle(replicas, session, results=W.Results(outcomes=[result]))
+    result = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
+    await handle(replicas, session, results=worker_service_pb2.Results(outcomes=[result]))
     record = await replicas.a.store.get("t1")
     assert record is not None
-    assert [S.TaskState.Name(h.state) for h in record.result.history] == [
+    assert [result_pb2.TaskState.Name(h.state) for h in record.result.history] == [
         "TASK_STATE_PENDING", "TASK_STATE_RECEIVED", "TASK_STATE_SUCCESS",
     ]
     assert lease.recorded.done() and not lease.receipt_pending
@@ -115,28 +128,32 @@ async def test_a_result_before_the_received_write_brings_it_along(replicas: Repl
 async def test_a_result_for_a_task_already_done_sends_its_message_back_for_repair(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1")
     await replicas.b.canceller.cancel("t1")
-    result = W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)
-    [acks] = await handle(replicas, session, results=W.Results(outcomes=[result]))
-    assert [a.status for a in acks.acks.acks] == [W.ACK_STATUS_ALREADY_DONE]
+    result = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
+    [acks] = await handle(replicas, session, results=worker_service_pb2.Results(outcomes=[result]))
+    assert [a.status for a in acks.acks.acks] == [worker_service_pb2.ACK_STATUS_ALREADY_DONE]
     assert (await replicas.broker.stats(QUEUE)).ready == 1, "handed back at once; dispatch drops it"
 
 
 async def test_a_result_under_a_lease_of_the_workers_closed_session_is_taken(replicas: Replicas) -> None:
     old, tokens = await holding(replicas, "t1")
     replicas.a.registry.remove(old)  # the stream dropped: its leases wait out the grace
-    new = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    new = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     sent(new)
-    result = W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)
-    [acks] = await handle(replicas, new, results=W.Results(outcomes=[result]))
-    assert [a.status for a in acks.acks.acks] == [W.ACK_STATUS_ACCEPTED]
+    result = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
+    [acks] = await handle(replicas, new, results=worker_service_pb2.Results(outcomes=[result]))
+    assert [a.status for a in acks.acks.acks] == [worker_service_pb2.ACK_STATUS_ACCEPTED]
     assert replicas.a.registry.take_all_orphans() == [], "the orphan was resolved"
     assert (await replicas.broker.stats(QUEUE)).in_flight == 0
 
 
 async def test_started_marks_the_task_started_and_starts_its_clock(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1", "t2")
-    started = W.Started(tasks=[W.LeaseRef(task_id="t1", lease_token=tokens["t1"]),
-                               W.LeaseRef(task_id="t2", lease_token="stale")])
+    started = worker_service_pb2.Started(tasks=[worker_service_pb2.LeaseRef(task_id="t1", lease_token=tokens["t1"]),
+                               worker_service_pb2.LeaseRef(task_id="t2", lease_token="stale")])
     assert await handle(replicas, session, started=started) == []
     assert await state(replicas, "t1") == "TASK_STATE_STARTED"
     assert await state(replicas, "t2") == "TASK_STATE_RECEIVED"
@@ -145,16 +162,20 @@ async def test_started_marks_the_task_started_and_starts_its_clock(replicas: Rep
     lease = session.leases[tokens["t1"]]
     assert lease.started_at is not None
     first = lease.started_at
-    await handle(replicas, session, started=W.Started(tasks=[W.LeaseRef(task_id="t1", lease_token=tokens["t1"])]))
+    await handle(
+        replicas,
+        session,
+        started=worker_service_pb2.Started(tasks=[worker_service_pb2.LeaseRef(task_id="t1", lease_token=tokens["t1"])]),
+    )
     assert lease.started_at == first, "the clock starts once"
     assert await state(replicas, "t1") == "TASK_STATE_STARTED"
 
 
 async def test_progress_is_stored_under_the_live_lease_only(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1", "t2")
-    progress = W.Progress(items=[
-        W.ProgressItem(task_id="t1", lease_token=tokens["t1"], progress=task_pb2.Value(int_value=50)),
-        W.ProgressItem(task_id="t2", lease_token="stale", progress=task_pb2.Value(int_value=99)),
+    progress = worker_service_pb2.Progress(items=[
+        worker_service_pb2.ProgressItem(task_id="t1", lease_token=tokens["t1"], progress=task_pb2.Value(int_value=50)),
+        worker_service_pb2.ProgressItem(task_id="t2", lease_token="stale", progress=task_pb2.Value(int_value=99)),
     ])
     await handle(replicas, session, progress=progress)
     loaded = await replicas.a.store.load(["t1", "t2"])
@@ -164,11 +185,15 @@ async def test_progress_is_stored_under_the_live_lease_only(replicas: Replicas) 
 
 async def test_a_rejected_task_goes_back_to_its_queue_for_another_worker(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1", "t2")
-    reject = W.Reject(tasks=[W.RejectedTask(task_id="t1", lease_token=tokens["t1"], reason="no task named noop"),
-                             W.RejectedTask(task_id="t2", lease_token="stale", reason="x")])
+    reject = worker_service_pb2.Reject(
+        tasks=[
+            worker_service_pb2.RejectedTask(task_id="t1", lease_token=tokens["t1"], reason="no task named noop"),
+            worker_service_pb2.RejectedTask(task_id="t2", lease_token="stale", reason="x"),
+        ]
+    )
     await handle(replicas, session, reject=reject)
     record = await replicas.a.store.get("t1")
-    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_RECEIVED"
+    assert record is not None and result_pb2.TaskState.Name(record.result.state) == "TASK_STATE_RECEIVED"
     assert not record.lease_token and record.rejects == 1
     assert record.deliveries == 0, "a rejected delivery ran nothing: it is not counted"
     assert await state(replicas, "t2") == "TASK_STATE_RECEIVED"
@@ -186,20 +211,20 @@ async def test_a_rejected_task_goes_back_to_its_queue_for_another_worker(replica
 
 async def test_a_task_rejected_again_and_again_fails_as_unknown(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     for rejection in range(1, outcomes.MAX_REJECTS + 1):
         deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0, wait_seconds=10.0)
         claim = await replicas.a.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
         await replicas.a.connections.dispatcher.record(claim.leases, "w1", claim.read)
         await session.settle(0, claim.leases)
         token = claim.leases[0].token
-        await handle(replicas, session, reject=W.Reject(tasks=[
-            W.RejectedTask(task_id="t1", lease_token=token, reason="no task named noop")
+        await handle(replicas, session, reject=worker_service_pb2.Reject(tasks=[
+            worker_service_pb2.RejectedTask(task_id="t1", lease_token=token, reason="no task named noop")
         ]))
         rejected = await replicas.a.store.get("t1")
         assert rejected is not None and rejected.rejects == rejection
     record = await replicas.a.store.get("t1")
-    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
+    assert record is not None and result_pb2.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
     assert record.result.error.type == "UnknownTask"
     assert record.result.error.message == f"no task named noop (worker w1; rejected {outcomes.MAX_REJECTS} times)"
     stats = await replicas.broker.stats(QUEUE)
@@ -207,20 +232,20 @@ async def test_a_task_rejected_again_and_again_fails_as_unknown(replicas: Replic
 
 
 async def test_credit_resizes_the_window_and_goodbye_drains(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", max_in_flight=2))
-    await handle(replicas, session, credit=W.Credit(max_in_flight=7))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=2))
+    await handle(replicas, session, credit=worker_service_pb2.Credit(max_in_flight=7))
     assert session.window == 7 and session.free() == 7
-    await handle(replicas, session, credit=W.Credit(max_in_flight=0))
+    await handle(replicas, session, credit=worker_service_pb2.Credit(max_in_flight=0))
     assert session.window == 1
     assert not session.draining
-    await handle(replicas, session, goodbye=W.Goodbye())
+    await handle(replicas, session, goodbye=worker_service_pb2.Goodbye())
     assert session.draining
 
 
 async def test_a_second_hello_is_refused(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=2))
     with pytest.raises(InvalidArgument, match="only once"):
-        await handle(replicas, session, hello=W.Hello(max_in_flight=1))
+        await handle(replicas, session, hello=worker_service_pb2.Hello(max_in_flight=1))
 
 
 # -- engine outages -------------------------------------------------------------------------------
@@ -234,19 +259,27 @@ async def test_results_are_retried_through_an_outage_and_other_reports_skipped(
     connections = replicas.a.connections
     replicas.a.store._recent.clear()  # the report must read the record, and that read fails
     replicas.backend.fail_reads = 1
-    started = W.ConnectRequest(started=W.Started(tasks=[W.LeaseRef(task_id="t1", lease_token=tokens["t1"])]))
+    started = worker_service_pb2.ConnectRequest(
+        started=worker_service_pb2.Started(tasks=[worker_service_pb2.LeaseRef(task_id="t1", lease_token=tokens["t1"])])
+    )
     await connections._handle_through_outages(session, started)  # skipped, not raised
     assert await state(replicas, "t1") == "TASK_STATE_RECEIVED"
 
     replicas.a.store._recent.clear()
     replicas.backend.fail_reads = 10**9  # down until the engine comes back below
-    result = W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)
+    result = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+    )
     # The stream is not held up by the retries: the call returns, and a heartbeat that comes
     # meanwhile is handled (it extends the leases, so they do not lapse during an outage).
-    await connections._handle_through_outages(session, W.ConnectRequest(results=W.Results(outcomes=[result])))
+    await connections._handle_through_outages(
+        session, worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=[result]))
+    )
     extended: list[int] = []
     monkeypatch.setattr(replicas.broker, "extend", lambda deliveries, seconds: _count(extended, deliveries))
-    await connections._handle_through_outages(session, W.ConnectRequest(heartbeat=W.Heartbeat()))
+    await connections._handle_through_outages(
+        session, worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
+    )
     assert extended == [1], "the heartbeat was handled while the results waited"
     assert await state_now(replicas, "t1") == "TASK_STATE_RECEIVED"
     replicas.backend.fail_reads = 0  # the engine is back
@@ -255,7 +288,7 @@ async def test_results_are_retried_through_an_outage_and_other_reports_skipped(
         return await state(replicas, "t1") == "TASK_STATE_SUCCESS"
 
     await wait_for(recorded, 10, "the results recorded once the engine answers")
-    assert [a.status for m in sent(session) for a in m.acks.acks] == [W.ACK_STATUS_ACCEPTED]
+    assert [a.status for m in sent(session) for a in m.acks.acks] == [worker_service_pb2.ACK_STATUS_ACCEPTED]
 
 
 async def state_now(replicas: Replicas, task_id: str) -> str:
@@ -272,20 +305,24 @@ async def _count(extended: list[int], deliveries: Sequence[object]) -> None:
 
 
 async def test_a_bug_is_not_mistaken_for_an_outage(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=2))
 
     async def broken(refs: object, worker_id: str) -> None:
         raise KeyError("bug")
 
     monkeypatch.setattr(replicas.a.connections.recorder, "started", broken)
     with pytest.raises(KeyError):
-        await replicas.a.connections._handle_through_outages(session, W.ConnectRequest(started=W.Started()))
+        await replicas.a.connections._handle_through_outages(
+            session, worker_service_pb2.ConnectRequest(started=worker_service_pb2.Started())
+        )
 
 
 async def test_a_heartbeat_whose_engine_is_away_fails_quietly_for_the_caller_to_skip(replicas: Replicas) -> None:
     session, _ = await holding(replicas, "t1")
     replicas.backend.fail_reads = 1
-    await replicas.a.connections._handle_through_outages(session, W.ConnectRequest(heartbeat=W.Heartbeat()))
+    await replicas.a.connections._handle_through_outages(
+        session, worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
+    )
     assert sent(session) == []
 
 
@@ -297,11 +334,11 @@ async def test_an_attempt_past_its_time_limit_is_failed_and_the_worker_told_to_s
     now = time.monotonic()
     session.leases[tokens["slow"]].started_at = now - 10 - connection.TIME_LIMIT_GRACE_SECONDS - 1
     session.leases[tokens["fresh"]].started_at = now - 10  # within the grace
-    messages = await handle(replicas, session, heartbeat=W.Heartbeat())
+    messages = await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat())
     assert [m.cancel.task_ids for m in messages if m.WhichOneof("message") == "cancel"] == [["slow"]]
     record = await replicas.a.store.get("slow")
     assert record is not None and record.result.error.type == "TimeLimitExceeded"
-    assert S.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
+    assert result_pb2.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
     assert await state(replicas, "fresh") == "TASK_STATE_RECEIVED"
     assert await state(replicas, "unstarted") == "TASK_STATE_RECEIVED", "the clock starts at Started"
     assert sorted(lease.task_id for lease in session.leases.values()) == ["fresh", "unstarted"]
@@ -310,16 +347,16 @@ async def test_an_attempt_past_its_time_limit_is_failed_and_the_worker_told_to_s
 async def test_a_task_without_a_time_limit_runs_as_long_as_it_takes(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1")
     session.leases[tokens["t1"]].started_at = time.monotonic() - 10_000
-    assert await handle(replicas, session, heartbeat=W.Heartbeat()) == []
+    assert await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat()) == []
     assert await state(replicas, "t1") == "TASK_STATE_RECEIVED"
 
 
 # -- leaving ---------------------------------------------------------------------------------------
 
 
-async def no_more() -> AsyncIterator[W.ConnectRequest]:
+async def no_more() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
     for _ in ():
-        yield W.ConnectRequest()
+        yield worker_service_pb2.ConnectRequest()
 
 
 async def test_a_worker_that_leaves_gets_its_tasks_requeued_after_the_grace(replicas: Replicas) -> None:
@@ -345,7 +382,7 @@ async def test_a_stopping_server_hands_back_every_orphaned_lease_at_once(replica
 
 async def test_a_cancel_reaches_the_sessions_holding_the_task(replicas: Replicas) -> None:
     session, _ = await holding(replicas, "t1", "t2")
-    other = replicas.a.connections.open(W.Hello(worker_id="w2", max_in_flight=1))
+    other = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w2", max_in_flight=1))
     sent(other)
     await replicas.a.connections.cancel_running(["t2", "t9"])
     assert [m.cancel.task_ids for m in sent(session)] == [["t2"]]
@@ -371,7 +408,7 @@ async def test_a_session_reserves_within_its_window_and_remembers_its_high_water
 
 def test_the_registry_keeps_a_closed_sessions_leases_until_their_grace_ends(replicas: Replicas) -> None:
     registry = SessionRegistry()
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
     registry.add(session)
     assert registry.holding(["t1"]) == {}
     assert registry.remove(session) == [] and registry.sessions == {}
@@ -383,32 +420,45 @@ async def test_a_stream_is_served_message_by_message_until_it_ends(replicas: Rep
     session, tokens = await holding(replicas, "t1")
     session.last_seen = 0.0
 
-    async def stream() -> AsyncIterator[W.ConnectRequest]:
-        yield W.ConnectRequest(credit=W.Credit(max_in_flight=4))
-        yield W.ConnectRequest(results=W.Results(outcomes=[
-            W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS)]))
+    async def stream() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+        yield worker_service_pb2.ConnectRequest(credit=worker_service_pb2.Credit(max_in_flight=4))
+        yield worker_service_pb2.ConnectRequest(
+            results=worker_service_pb2.Results(
+                outcomes=[
+                    worker_service_pb2.TaskOutcome(
+                        task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+                    )
+                ]
+            )
+        )
 
     await connections.run(session, stream())
     assert session.window == 4 and session.last_seen > 0
-    assert [a.status for m in sent(session) for a in m.acks.acks] == [W.ACK_STATUS_ACCEPTED]
+    assert [a.status for m in sent(session) for a in m.acks.acks] == [worker_service_pb2.ACK_STATUS_ACCEPTED]
     assert await state(replicas, "t1") == "TASK_STATE_SUCCESS"
 
 
 async def test_a_result_with_an_unknown_lease_does_not_hide_the_next_one(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "t1")
-    results = W.Results(outcomes=[
-        W.TaskOutcome(task_id="t9", lease_token="unknown", outcome=W.OUTCOME_SUCCESS),
-        W.TaskOutcome(task_id="t1", lease_token=tokens["t1"], outcome=W.OUTCOME_SUCCESS),
-    ])
+    results = worker_service_pb2.Results(
+        outcomes=[
+            worker_service_pb2.TaskOutcome(
+                task_id="t9", lease_token="unknown", outcome=worker_service_pb2.OUTCOME_SUCCESS
+            ),
+            worker_service_pb2.TaskOutcome(
+                task_id="t1", lease_token=tokens["t1"], outcome=worker_service_pb2.OUTCOME_SUCCESS
+            ),
+        ]
+    )
     [acks] = await handle(replicas, session, results=results)
-    assert {a.task_id: a.status for a in acks.acks.acks}["t1"] == W.ACK_STATUS_ACCEPTED
+    assert {a.task_id: a.status for a in acks.acks.acks}["t1"] == worker_service_pb2.ACK_STATUS_ACCEPTED
     assert session.leases == {}
 
 
 async def test_a_silent_worker_is_drained_once(replicas: Replicas) -> None:
     connections = replicas.a.connections
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.0, lease_seconds=0.0)
-    session = connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
     sent(session)
     session.last_seen = time.monotonic() - 1
     watchdog = asyncio.create_task(connections._watchdog(session))
@@ -424,7 +474,7 @@ async def test_a_silent_worker_is_drained_once(replicas: Replicas) -> None:
 async def test_a_worker_heard_from_within_its_lease_is_not_drained(replicas: Replicas) -> None:
     connections = replicas.a.connections
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.0)
-    session = connections.open(W.Hello(worker_id="w1", max_in_flight=1))
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
     sent(session)
     watchdog = asyncio.create_task(connections._watchdog(session))
     for _ in range(20):
@@ -447,7 +497,7 @@ async def claimed_for(replicas: Replicas, session: WorkerSession, *task_ids: str
 
 
 async def test_receipts_are_written_for_held_leases_and_withdrawn_for_ended_tasks(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     sent(session)
     leases = await claimed_for(replicas, session, "t1", "t2")
     await replicas.b.canceller.cancel("t2")
@@ -460,7 +510,7 @@ async def test_receipts_are_written_for_held_leases_and_withdrawn_for_ended_task
 
 
 async def test_a_receipt_write_in_an_outage_is_left_to_the_result(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     sent(session)
     [lease] = await claimed_for(replicas, session, "t1")
     replicas.a.store._recent.clear()
@@ -474,7 +524,7 @@ async def test_a_receipt_write_in_an_outage_is_left_to_the_result(replicas: Repl
 async def test_a_receipt_write_that_fails_for_good_hands_the_task_back(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     sent(session)
     [lease] = await claimed_for(replicas, session, "t1")
 
@@ -488,7 +538,7 @@ async def test_a_receipt_write_that_fails_for_good_hands_the_task_back(
 
 
 async def test_claimed_tasks_are_sent_at_once_and_received_soon_after(replicas: Replicas) -> None:
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=5))
     sent(session)
     await submit(replicas.a, lone(task(task_id="t1")))
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
@@ -503,7 +553,7 @@ async def test_claimed_tasks_are_sent_at_once_and_received_soon_after(replicas: 
 
 async def test_a_pump_fills_the_window_and_stops_with_the_session(replicas: Replicas) -> None:
     await submit(replicas.a, *(lone(task(task_id=f"t{i}")) for i in range(3)))
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
     sent(session)
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     message = await asyncio.wait_for(session.outbox.get(), 5)
@@ -517,7 +567,7 @@ async def test_a_pump_fills_the_window_and_stops_with_the_session(replicas: Repl
 async def test_a_pump_of_a_paused_queue_hands_out_nothing(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await replicas.a.admin.pause(QUEUE)
-    session = replicas.a.connections.open(W.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
     sent(session)
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     for _ in range(20):
@@ -528,4 +578,3 @@ async def test_a_pump_of_a_paused_queue_hands_out_nothing(replicas: Replicas) ->
     assert message is not None and [a.task.id for a in message.assignments.items] == ["t1"]
     await session.close()
     await asyncio.wait_for(pump, 5)
-

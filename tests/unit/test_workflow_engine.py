@@ -13,25 +13,14 @@ from collections.abc import Sequence
 import pytest
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
+from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, worker_service_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 from conveyor_server.core import confirmed
 from conveyor_server.core.workflow import combine_members, outcome_of
-from tests.unit.replicas import (
-    Replicas,
-    W,
-    lease_all,
-    outcome,
-    quick_repairs,
-    replicas,
-    run_all,
-    run_ready,
-    short_lived,
-)
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas, run_all, run_ready, short_lived
 from tests.unit.test_durability import chord, submit, task
 
 __all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
-S = result_pb2
 
 
 def value(number: int) -> task_pb2.Value:
@@ -52,7 +41,9 @@ async def test_a_chord_whose_members_end_on_two_replicas_at_once_sends_its_callb
         replicas.a.connections.recorder.record([outcome(claim, "m0", result=value(10))], "w1"),
         replicas.b.connections.recorder.record([outcome(claim, "m1", result=value(11))], "w1"),
     )
-    assert first.statuses == {"m0": W.ACK_STATUS_ACCEPTED} and second.statuses == {"m1": W.ACK_STATUS_ACCEPTED}
+    assert first.statuses == {"m0": worker_service_pb2.ACK_STATUS_ACCEPTED} and second.statuses == {
+        "m1": worker_service_pb2.ACK_STATUS_ACCEPTED
+    }
     assert replicas.broker.published["cb"] == 1, "the callback is published once"
     assert replicas.backend.group_reads("grp:") == 1, "one replica claims the completion; the other stops there"
     record = await replicas.a.store.get("cb")
@@ -113,10 +104,10 @@ def chord_of(
 
 async def states(replicas: Replicas, *task_ids: str) -> dict[str, str]:
     loaded = await replicas.a.store.load(list(task_ids))
-    return {t: S.TaskState.Name(loaded[t].record.result.state) for t in task_ids if t in loaded}
+    return {t: result_pb2.TaskState.Name(loaded[t].record.result.state) for t in task_ids if t in loaded}
 
 
-def args(assignment: W.Assignment) -> list[object]:
+def args(assignment: worker_service_pb2.Assignment) -> list[object]:
     return [to_jsonable(a) for a in assignment.task.args]
 
 
@@ -180,7 +171,7 @@ async def test_a_chord_whose_member_failed_fails_its_callback_by_default(replica
     ran = await run_all(replicas.a, fail={"m1"})
     assert "cb" not in ran
     record = await replicas.a.store.get("cb")
-    assert record is not None and S.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
+    assert record is not None and result_pb2.TaskState.Name(record.result.state) == "TASK_STATE_FAILURE"
     assert record.result.error.type == "ChordMemberFailed"
     assert record.result.error.message == "member 1 (m1): Boom: m1"
     [alert] = [a for a in ran.values() if a.task.name == "cb-alert"]
@@ -239,7 +230,7 @@ async def test_a_whole_workflow_cancelled_runs_nothing_more(replicas: Replicas) 
 
 def test_a_cancelled_record_without_an_error_still_reads_as_a_cancellation() -> None:
     record = records_pb2.TaskRecord()
-    record.result.task_id, record.result.state = "t1", S.TASK_STATE_CANCELLED
+    record.result.task_id, record.result.state = "t1", result_pb2.TASK_STATE_CANCELLED
     outcome_ = outcome_of(record)
     assert not outcome_.ok and outcome_.error.type == "Cancelled" and "t1" in outcome_.error.message
     record.result.error.type = "Purged"
@@ -311,7 +302,7 @@ async def test_a_callback_cancelled_before_its_chord_failed_stays_cancelled(repl
     await replicas.a.canceller.cancel("cb")
     await run_all(replicas.a, fail={"m0"})
     record = await replicas.a.store.get("cb")
-    assert record is not None and record.result.state == S.TASK_STATE_CANCELLED
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_CANCELLED
     assert record.result.error.message == "cancelled by request (cb)"
 
 
@@ -366,7 +357,7 @@ async def test_a_failed_member_inside_a_chain_is_named_by_the_chains_first_task(
     )))
     await run_all(replicas.a, fail={"c2"})
     record = await replicas.a.store.get("cb")
-    assert record is not None and record.result.state == S.TASK_STATE_SUCCESS
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_SUCCESS
     assert json.loads(record.result.signature.args[0].json_value)[1] == {"error": {"type": "Boom", "message": "c2"}}
 
 

@@ -15,21 +15,11 @@ from collections.abc import Collection, Mapping, Sequence
 import pytest
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import result_pb2
+from conveyor.v1 import result_pb2, worker_service_pb2
 from conveyor_server.core import confirmed
 from conveyor_server.core.records import error, transition
 from conveyor_server.core.workflow import WorkflowEngine, combine_members
-from tests.unit.replicas import (
-    Replicas,
-    W,
-    lease_all,
-    outcome,
-    quick_repairs,
-    replicas,
-    run_all,
-    run_ready,
-    short_lived,
-)
+from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas, run_all, run_ready, short_lived
 from tests.unit.test_durability import Outage, submit, task
 from tests.unit.test_workflow_engine import WF, args, chain_of, chord_of, flow, group_of, states, step, value
 
@@ -40,7 +30,7 @@ async def version(replicas: Replicas, task_id: str) -> int:
     return (await replicas.a.store.load([task_id]))[task_id].version
 
 
-def alert_error(ran: dict[str, W.Assignment], name: str = "alert") -> dict[str, str]:
+def alert_error(ran: dict[str, worker_service_pb2.Assignment], name: str = "alert") -> dict[str, str]:
     [alert] = [a for a in ran.values() if a.task.name == name]
     return json.loads(alert.task.args[0].json_value)  # type: ignore[no-any-return]
 
@@ -131,7 +121,9 @@ def claims_taken_over_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.0)
 
 
-async def repaired(replicas: Replicas, first: set[str], fail: Collection[str] = ()) -> dict[str, W.Assignment]:
+async def repaired(
+    replicas: Replicas, first: set[str], fail: Collection[str] = ()
+) -> dict[str, worker_service_pb2.Assignment]:
     """Run what is ready with the first follow-up publish failing, then everything (the
     repair of the task whose follow-up was lost included); returns what ran after."""
     replicas.broker.fail_publishes = 1

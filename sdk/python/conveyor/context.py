@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.errors import SoftTimeLimitExceeded, TaskCancelled
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 from conveyor.values import seconds_of
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("conveyor_task")
@@ -40,7 +40,7 @@ class TaskContext:
     _soft_limit_due: bool = False
 
     @classmethod
-    def of(cls, assignment: w.Assignment) -> TaskContext:
+    def of(cls, assignment: worker_service_pb2.Assignment) -> TaskContext:
         task = assignment.task
         return cls(
             task_id=task.id, name=task.name, attempt=assignment.attempt, queue=task.queue,

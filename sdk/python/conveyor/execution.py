@@ -13,8 +13,7 @@ from typing import Any
 from conveyor.context import TaskContext, bind
 from conveyor.errors import Reject, Retry, TimeLimitExceeded, WorkerLost
 from conveyor.replacement import Replacement
-from conveyor.v1 import result_pb2, task_pb2, workflow_pb2
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2, workflow_pb2
 from conveyor.values import from_value, set_seconds, to_value
 
 TaskFunction = Callable[..., Any]
@@ -47,23 +46,23 @@ def task_error(exc: BaseException, kind: str | None = None) -> result_pb2.TaskEr
 
 def succeeded(value: Any, started_at: float) -> Ending:
     if isinstance(value, Replacement):  # the task returned replace(canvas)
-        return Ending(w.OUTCOME_REPLACED, started_at, time.time(), replacement=value.workflow)
+        return Ending(worker_service_pb2.OUTCOME_REPLACED, started_at, time.time(), replacement=value.workflow)
     try:
         result = to_value(value)
     except Exception as exc:  # an unencodable result fails the task, with the reason
         return ended_by(exc, started_at)
-    return Ending(w.OUTCOME_SUCCESS, started_at, time.time(), result=result)
+    return Ending(worker_service_pb2.OUTCOME_SUCCESS, started_at, time.time(), result=result)
 
 
 def ended_by(exc: BaseException, started_at: float) -> Ending:
     """The Ending of a task that raised `exc`: a retry or reject it asked for, else a failure."""
     if isinstance(exc, Retry):
-        return Ending(w.OUTCOME_RETRY, started_at, time.time(), error=task_error(exc, "Retry"),
+        return Ending(worker_service_pb2.OUTCOME_RETRY, started_at, time.time(), error=task_error(exc, "Retry"),
                       retry_delay=max(exc.delay, 0.0))
     if isinstance(exc, Reject):
-        outcome = w.OUTCOME_REQUEUED if exc.requeue else w.OUTCOME_REJECTED
+        outcome = worker_service_pb2.OUTCOME_REQUEUED if exc.requeue else worker_service_pb2.OUTCOME_REJECTED
         return Ending(outcome, started_at, time.time(), error=task_error(exc, "Rejected"))
-    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=task_error(exc))
+    return Ending(worker_service_pb2.OUTCOME_FAILURE, started_at, time.time(), error=task_error(exc))
 
 
 def _stopped_error(exc: BaseException) -> result_pb2.TaskError:
@@ -73,27 +72,29 @@ def _stopped_error(exc: BaseException) -> result_pb2.TaskError:
 
 def time_limit_exceeded(limit: float, started_at: float) -> Ending:
     error = _stopped_error(TimeLimitExceeded(f"ran longer than its time limit of {limit:g} s"))
-    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=error)
+    return Ending(worker_service_pb2.OUTCOME_FAILURE, started_at, time.time(), error=error)
 
 
 def cancelled(started_at: float | None = None) -> Ending:
     now = time.time()
-    return Ending(w.OUTCOME_CANCELLED, now if started_at is None else started_at, now)
+    return Ending(worker_service_pb2.OUTCOME_CANCELLED, now if started_at is None else started_at, now)
 
 
 def worker_lost(detail: str, started_at: float) -> Ending:
-    return Ending(w.OUTCOME_FAILURE, started_at, time.time(), error=_stopped_error(WorkerLost(detail)))
+    return Ending(worker_service_pb2.OUTCOME_FAILURE, started_at, time.time(), error=_stopped_error(WorkerLost(detail)))
 
 
-def to_outcome(assignment: w.Assignment, ending: Ending) -> w.TaskOutcome:
-    outcome = w.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=ending.outcome)  # type: ignore[arg-type]
+def to_outcome(assignment: worker_service_pb2.Assignment, ending: Ending) -> worker_service_pb2.TaskOutcome:
+    outcome = worker_service_pb2.TaskOutcome(
+        task_id=assignment.task.id, lease_token=assignment.lease_token, outcome=ending.outcome  # type: ignore[arg-type]
+    )
     set_seconds(outcome.started_at, ending.started_at)
     set_seconds(outcome.finished_at, ending.finished_at)
     if ending.result is not None:
         outcome.result.CopyFrom(ending.result)
     if ending.error is not None:
         outcome.error.CopyFrom(ending.error)
-    if ending.outcome == w.OUTCOME_RETRY:
+    if ending.outcome == worker_service_pb2.OUTCOME_RETRY:
         set_seconds(outcome.retry_delay, ending.retry_delay)
     if ending.replacement is not None:
         outcome.replacement.CopyFrom(ending.replacement)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 
 # Sends one message on the current stream (dropped between streams).
-Send = Callable[[w.ConnectRequest], None]
+Send = Callable[[worker_service_pb2.ConnectRequest], None]
 
 # Tasks still running this long after they began are reported as STARTED (in one batch);
 # quicker ones skip it, their result carries started_at instead.
@@ -28,12 +28,12 @@ class StartedBatcher:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self._pending: dict[str, w.LeaseRef] = {}
+        self._pending: dict[str, worker_service_pb2.LeaseRef] = {}
         self._scheduled = False
 
-    def started(self, assignment: w.Assignment) -> None:
+    def started(self, assignment: worker_service_pb2.Assignment) -> None:
         task_id = assignment.task.id
-        self._pending[task_id] = w.LeaseRef(task_id=task_id, lease_token=assignment.lease_token)
+        self._pending[task_id] = worker_service_pb2.LeaseRef(task_id=task_id, lease_token=assignment.lease_token)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(STARTED_REPORT_SECONDS, self.flush)
@@ -45,7 +45,7 @@ class StartedBatcher:
     def flush(self) -> None:
         self._scheduled = False
         if self._pending:
-            self._send(w.ConnectRequest(started=w.Started(tasks=list(self._pending.values()))))
+            self._send(worker_service_pb2.ConnectRequest(started=worker_service_pb2.Started(tasks=list(self._pending.values()))))
             self._pending = {}
 
 
@@ -54,11 +54,11 @@ class ResultBatcher:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self._pending: list[w.TaskOutcome] = []
+        self._pending: list[worker_service_pb2.TaskOutcome] = []
         self._flush_scheduled = False
         self._linger: asyncio.TimerHandle | None = None
 
-    def add(self, outcome: w.TaskOutcome, *, others_running: bool, batch_size: int) -> None:
+    def add(self, outcome: worker_service_pb2.TaskOutcome, *, others_running: bool, batch_size: int) -> None:
         self._pending.append(outcome)
         loop = asyncio.get_running_loop()
         if not others_running or len(self._pending) >= batch_size:
@@ -78,7 +78,7 @@ class ResultBatcher:
             self._linger.cancel()
             self._linger = None
         if self._pending:
-            self._send(w.ConnectRequest(results=w.Results(outcomes=self._pending)))
+            self._send(worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=self._pending)))
             self._pending = []
 
 
@@ -87,15 +87,15 @@ class UnackedResults:
     whether they still count)."""
 
     def __init__(self) -> None:
-        self._held: dict[str, w.TaskOutcome] = {}
+        self._held: dict[str, worker_service_pb2.TaskOutcome] = {}
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def hold(self, outcome: w.TaskOutcome) -> None:
+    def hold(self, outcome: worker_service_pb2.TaskOutcome) -> None:
         self._held[outcome.task_id] = outcome
 
-    def acked(self, acks: Iterable[w.ResultAck]) -> list[w.ResultAck]:
+    def acked(self, acks: Iterable[worker_service_pb2.ResultAck]) -> list[worker_service_pb2.ResultAck]:
         """Let go of the acked results (of the lease that sent them); returns the acks that did
         not accept their result."""
         refused = []
@@ -103,13 +103,17 @@ class UnackedResults:
             held = self._held.get(ack.task_id)
             if held is not None and held.lease_token == ack.lease_token:
                 del self._held[ack.task_id]
-            if ack.status != w.ACK_STATUS_ACCEPTED:
+            if ack.status != worker_service_pb2.ACK_STATUS_ACCEPTED:
                 refused.append(ack)
         return refused
 
-    def resend(self) -> w.ConnectRequest | None:
+    def resend(self) -> worker_service_pb2.ConnectRequest | None:
         """The message that sends every unacked result again (None when there is none)."""
-        return w.ConnectRequest(results=w.Results(outcomes=list(self._held.values()))) if self._held else None
+        return (
+            worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=list(self._held.values())))
+            if self._held
+            else None
+        )
 
     def clear(self) -> None:
         self._held.clear()

@@ -13,13 +13,12 @@ import itertools
 
 import grpc
 
-from conveyor.v1 import task_service_pb2 as t
-from conveyor.v1 import task_service_pb2_grpc
+from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 
 from .error_details import status_trailer
 
 Metadata = tuple[tuple[str, str], ...]
-Stream = grpc.aio.StreamStreamCall[t.SessionRequest, t.SessionResponse]
+Stream = grpc.aio.StreamStreamCall[task_service_pb2.SessionRequest, task_service_pb2.SessionResponse]
 
 
 def _status(code: int) -> grpc.StatusCode:
@@ -34,7 +33,7 @@ def _rpc_error(code: grpc.StatusCode, details: str | None, retry_after_ms: int =
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details)
 
 
-def call_error(error: t.CallError) -> grpc.aio.AioRpcError:
+def call_error(error: task_service_pb2.CallError) -> grpc.aio.AioRpcError:
     """The exception the unary call would have raised (its retry hint and details included)."""
     code = _status(error.code)
     if not error.details:
@@ -51,13 +50,13 @@ class Session:
         self._ids = itertools.count(1)
         self._stream: Stream | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[t.SessionResponse]] = {}
+        self._pending: dict[int, asyncio.Future[task_service_pb2.SessionResponse]] = {}
         self._writing = asyncio.Lock()
 
-    async def call(self, request: t.SessionRequest) -> t.SessionResponse:
+    async def call(self, request: task_service_pb2.SessionRequest) -> task_service_pb2.SessionResponse:
         """Send one call and wait for its answer; raises AioRpcError as the unary call would."""
         request.call_id = next(self._ids)
-        answer: asyncio.Future[t.SessionResponse] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[task_service_pb2.SessionResponse] = asyncio.get_running_loop().create_future()
         self._pending[request.call_id] = answer
         try:
             async with self._writing:

@@ -36,7 +36,7 @@ from conveyor.pools.base import POOL_KINDS, Pool, PoolKind, TaskCall, make_pool
 from conveyor.reports import ResultBatcher, StartedBatcher, UnackedResults
 from conveyor.schema import task_infos
 from conveyor.tls import bearer_metadata
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 from conveyor.values import to_value
 from conveyor.worker_stream import WorkerStream
 
@@ -204,7 +204,7 @@ class Worker:
     async def _session(self) -> None:
         stream = self._stream = WorkerStream(self.address, self._credentials, self._metadata, self.max_receive_bytes)
         self._welcomed = stream.welcomed
-        opening = [w.ConnectRequest(hello=self._hello())]
+        opening = [worker_service_pb2.ConnectRequest(hello=self._hello())]
         if (resend := self._unacked.resend()) is not None:  # results from before a reconnect
             opening.append(resend)
         drainer = asyncio.create_task(self._drain_on_stop())
@@ -214,15 +214,15 @@ class Worker:
             drainer.cancel()
             self._stream = None
 
-    def _hello(self) -> w.Hello:
-        return w.Hello(
+    def _hello(self) -> worker_service_pb2.Hello:
+        return worker_service_pb2.Hello(
             worker_id=self.worker_id, language="python", sdk_version=__version__, queues=self.queues,
             task_names=sorted(self.tasks), tasks=task_infos(self.tasks, self.descriptions),
             max_in_flight=self.max_in_flight,
             hostname=socket.gethostname(), pid=os.getpid(), max_receive_bytes=self.max_receive_bytes,
         )
 
-    def _send(self, message: w.ConnectRequest) -> None:
+    def _send(self, message: worker_service_pb2.ConnectRequest) -> None:
         if self._stream is not None:
             self._stream.send(message)
 
@@ -232,7 +232,7 @@ class Worker:
         await self._stopping.wait()
         if self._pool is not None:
             self._pool.drain()  # tasks still waiting for a slot never start: the server hands them on
-        self._send(w.ConnectRequest(goodbye=w.Goodbye()))
+        self._send(worker_service_pb2.ConnectRequest(goodbye=worker_service_pb2.Goodbye()))
         if self._running:
             log.info("draining: waiting for %d running tasks", len(self._running))
         # Assignments the server sent before it saw the goodbye start late: wait for them too.
@@ -252,14 +252,14 @@ class Worker:
 
     # -- messages from the server -----------------------------------------------------------
 
-    def _on_message(self, message: w.ConnectResponse) -> None:
+    def _on_message(self, message: worker_service_pb2.ConnectResponse) -> None:
         kind = message.WhichOneof("message")
         if kind == "assignments":
             for assignment in message.assignments.items:
                 self._start(assignment)
         elif kind == "acks":
             for ack in self._unacked.acked(message.acks.acks):
-                log.info("result of %s not recorded: %s", ack.task_id, w.AckStatus.Name(ack.status))
+                log.info("result of %s not recorded: %s", ack.task_id, worker_service_pb2.AckStatus.Name(ack.status))
         elif kind == "cancel":
             if self._pool is not None:
                 for task_id in message.cancel.task_ids:
@@ -271,13 +271,13 @@ class Worker:
             log.info("server asked to drain: %s", message.drain.reason)
             self.stop()
 
-    def _start(self, assignment: w.Assignment) -> None:
+    def _start(self, assignment: worker_service_pb2.Assignment) -> None:
         task = assignment.task
         function = self.tasks.get(task.name)
         if function is None:
             reason = f"no task named {task.name!r} is registered on this worker (python; has {sorted(self.tasks)})"
-            self._send(w.ConnectRequest(reject=w.Reject(tasks=[
-                w.RejectedTask(task_id=task.id, lease_token=assignment.lease_token, reason=reason)
+            self._send(worker_service_pb2.ConnectRequest(reject=worker_service_pb2.Reject(tasks=[
+                worker_service_pb2.RejectedTask(task_id=task.id, lease_token=assignment.lease_token, reason=reason)
             ])))
             return
         context = TaskContext.of(assignment)
@@ -309,10 +309,14 @@ class Worker:
         self._unacked.hold(outcome)
         self._results.add(outcome, others_running=bool(self._running), batch_size=self.concurrency)
 
-    def _progress(self, loop: asyncio.AbstractEventLoop, assignment: w.Assignment, value: Any) -> None:
+    def _progress(self, loop: asyncio.AbstractEventLoop, assignment: worker_service_pb2.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
-        item = w.ProgressItem(task_id=assignment.task.id, lease_token=assignment.lease_token, progress=to_value(value))
-        loop.call_soon_threadsafe(self._send, w.ConnectRequest(progress=w.Progress(items=[item])))
+        item = worker_service_pb2.ProgressItem(
+            task_id=assignment.task.id, lease_token=assignment.lease_token, progress=to_value(value)
+        )
+        loop.call_soon_threadsafe(
+            self._send, worker_service_pb2.ConnectRequest(progress=worker_service_pb2.Progress(items=[item]))
+        )
 
 
 def _checked_pool(pool: str) -> PoolKind:

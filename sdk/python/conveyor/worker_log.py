@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from conveyor.context import TaskContext
 from conveyor.execution import Ending
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 
 log = logging.getLogger("conveyor.worker")
 
@@ -38,17 +38,17 @@ def received(context: TaskContext) -> None:
 
 def ended(context: TaskContext, ending: Ending) -> None:
     name, task_id, took = context.name, context.task_id, _took(ending.runtime)
-    if ending.outcome == w.OUTCOME_SUCCESS:
+    if ending.outcome == worker_service_pb2.OUTCOME_SUCCESS:
         if log.isEnabledFor(logging.INFO):
             log.info("task %s[%s] succeeded in %s", name, task_id, took)
-    elif ending.outcome == w.OUTCOME_RETRY:
+    elif ending.outcome == worker_service_pb2.OUTCOME_RETRY:
         log.info("task %s[%s] retried in %g s: %s", name, task_id, ending.retry_delay,
                  ending.error.message if ending.error else "")
-    elif ending.outcome == w.OUTCOME_CANCELLED:
+    elif ending.outcome == worker_service_pb2.OUTCOME_CANCELLED:
         log.info("task %s[%s] cancelled after %s", name, task_id, took)
-    elif ending.outcome in (w.OUTCOME_REJECTED, w.OUTCOME_REQUEUED):
+    elif ending.outcome in (worker_service_pb2.OUTCOME_REJECTED, worker_service_pb2.OUTCOME_REQUEUED):
         # The task refused itself on purpose: no traceback.
-        action = "requeued itself" if ending.outcome == w.OUTCOME_REQUEUED else "rejected itself"
+        action = "requeued itself" if ending.outcome == worker_service_pb2.OUTCOME_REQUEUED else "rejected itself"
         log.info("task %s[%s] %s after %s: %s", name, task_id, action, took,
                  ending.error.message if ending.error else "")
     else:

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 
 from conveyor.tls import open_channel
-from conveyor.v1 import worker_service_pb2 as w
-from conveyor.v1 import worker_service_pb2_grpc
+from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 from conveyor.values import seconds_of
 
 # Until the Welcome says otherwise; no heartbeat goes out before it.
@@ -31,13 +30,17 @@ class WorkerStream:
         self._credentials = credentials
         self._metadata = metadata
         self._max_receive_bytes = max_receive_bytes
-        self._outgoing: asyncio.Queue[w.ConnectRequest | None] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self._open = False
         self._heartbeat_seconds = DEFAULT_HEARTBEAT_SECONDS
         # Set by the server's Welcome.
         self.welcomed = asyncio.Event()
 
-    async def run(self, opening: Sequence[w.ConnectRequest], on_message: Callable[[w.ConnectResponse], None]) -> None:
+    async def run(
+        self,
+        opening: Sequence[worker_service_pb2.ConnectRequest],
+        on_message: Callable[[worker_service_pb2.ConnectResponse], None],
+    ) -> None:
         """Send `opening` (Hello first), then whatever send() is given, and hand each message
         from the server to `on_message` until the server ends the stream. Raises
         grpc.aio.AioRpcError when the stream breaks."""
@@ -60,7 +63,7 @@ class WorkerStream:
                 self._open = False
                 self._outgoing.put_nowait(None)
 
-    def send(self, message: w.ConnectRequest) -> None:
+    def send(self, message: worker_service_pb2.ConnectRequest) -> None:
         """Queue a message; dropped once the stream has ended."""
         if self._open:
             self._outgoing.put_nowait(message)
@@ -70,11 +73,11 @@ class WorkerStream:
         if self._open:
             self._outgoing.put_nowait(None)
 
-    def _welcome(self, welcome: w.Welcome) -> None:
+    def _welcome(self, welcome: worker_service_pb2.Welcome) -> None:
         self._heartbeat_seconds = max(seconds_of(welcome.heartbeat_interval), MIN_HEARTBEAT_SECONDS)
         self.welcomed.set()
 
-    async def _requests(self) -> AsyncIterator[w.ConnectRequest]:
+    async def _requests(self) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         while True:
             message = await self._outgoing.get()
             if message is None:
@@ -86,4 +89,4 @@ class WorkerStream:
         await self.welcomed.wait()
         while True:
             await asyncio.sleep(self._heartbeat_seconds)
-            self.send(w.ConnectRequest(heartbeat=w.Heartbeat()))
+            self.send(worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat()))

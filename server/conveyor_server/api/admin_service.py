@@ -9,8 +9,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.v1 import admin_service_pb2 as a
-from conveyor.v1 import admin_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 from ..backends.task_index import TaskQuery
 from ..brokers.base import QueueDeletionUnsupported
@@ -30,89 +29,115 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.admin = admin
 
     @unary
-    async def ListQueues(self, request: a.ListQueuesRequest, context: Context) -> a.ListQueuesResponse:
-        return a.ListQueuesResponse(queues=await self.admin.queues(request.active_only))
+    async def ListQueues(
+        self, request: admin_service_pb2.ListQueuesRequest, context: Context
+    ) -> admin_service_pb2.ListQueuesResponse:
+        return admin_service_pb2.ListQueuesResponse(queues=await self.admin.queues(request.active_only))
 
     @unary
-    async def PurgeQueue(self, request: a.PurgeQueueRequest, context: Context) -> a.PurgeQueueResponse:
-        return a.PurgeQueueResponse(purged=await self.admin.purge(request.queue))
+    async def PurgeQueue(
+        self, request: admin_service_pb2.PurgeQueueRequest, context: Context
+    ) -> admin_service_pb2.PurgeQueueResponse:
+        return admin_service_pb2.PurgeQueueResponse(purged=await self.admin.purge(request.queue))
 
     @unary
-    async def PauseQueue(self, request: a.PauseQueueRequest, context: Context) -> a.PauseQueueResponse:
+    async def PauseQueue(
+        self, request: admin_service_pb2.PauseQueueRequest, context: Context
+    ) -> admin_service_pb2.PauseQueueResponse:
         """Stop handing out the queue's tasks (on every replica, within a second); it still accepts tasks."""
         await self.admin.pause(request.queue)
-        return a.PauseQueueResponse()
+        return admin_service_pb2.PauseQueueResponse()
 
     @unary
-    async def ResumeQueue(self, request: a.ResumeQueueRequest, context: Context) -> a.ResumeQueueResponse:
+    async def ResumeQueue(
+        self, request: admin_service_pb2.ResumeQueueRequest, context: Context
+    ) -> admin_service_pb2.ResumeQueueResponse:
         """Hand out the queue's tasks again; resuming a queue that is not paused is fine."""
         await self.admin.resume(request.queue)
-        return a.ResumeQueueResponse()
+        return admin_service_pb2.ResumeQueueResponse()
 
     @unary
-    async def CreateSchedule(self, request: a.CreateScheduleRequest, context: Context) -> a.CreateScheduleResponse:
+    async def CreateSchedule(
+        self, request: admin_service_pb2.CreateScheduleRequest, context: Context
+    ) -> admin_service_pb2.CreateScheduleResponse:
         """Store a schedule; a schedule with the same name is replaced."""
-        return a.CreateScheduleResponse(schedule=await self.admin.schedules.create(request.schedule))
+        return admin_service_pb2.CreateScheduleResponse(schedule=await self.admin.schedules.create(request.schedule))
 
     @unary
-    async def ListSchedules(self, request: a.ListSchedulesRequest, context: Context) -> a.ListSchedulesResponse:
-        return a.ListSchedulesResponse(schedules=await self.admin.schedules.all())
+    async def ListSchedules(
+        self, request: admin_service_pb2.ListSchedulesRequest, context: Context
+    ) -> admin_service_pb2.ListSchedulesResponse:
+        return admin_service_pb2.ListSchedulesResponse(schedules=await self.admin.schedules.all())
 
     @unary
-    async def DeleteSchedule(self, request: a.DeleteScheduleRequest, context: Context) -> a.DeleteScheduleResponse:
+    async def DeleteSchedule(
+        self, request: admin_service_pb2.DeleteScheduleRequest, context: Context
+    ) -> admin_service_pb2.DeleteScheduleResponse:
         await self.admin.schedules.delete(request.name)
-        return a.DeleteScheduleResponse()
+        return admin_service_pb2.DeleteScheduleResponse()
 
     @unary
-    async def ListWorkers(self, request: a.ListWorkersRequest, context: Context) -> a.ListWorkersResponse:
-        return a.ListWorkersResponse(workers=self.admin.workers())
+    async def ListWorkers(
+        self, request: admin_service_pb2.ListWorkersRequest, context: Context
+    ) -> admin_service_pb2.ListWorkersResponse:
+        return admin_service_pb2.ListWorkersResponse(workers=self.admin.workers())
 
     @unary
     async def ListRegisteredTasks(
-        self, request: a.ListRegisteredTasksRequest, context: Context
-    ) -> a.ListRegisteredTasksResponse:
+        self, request: admin_service_pb2.ListRegisteredTasksRequest, context: Context
+    ) -> admin_service_pb2.ListRegisteredTasksResponse:
         """The task registry: every task name workers registered on any replica, with its schema."""
-        return a.ListRegisteredTasksResponse(tasks=await self.admin.registered_tasks())
+        return admin_service_pb2.ListRegisteredTasksResponse(tasks=await self.admin.registered_tasks())
 
     @unary
-    async def InspectTask(self, request: a.InspectTaskRequest, context: Context) -> a.InspectTaskResponse:
+    async def InspectTask(
+        self, request: admin_service_pb2.InspectTaskRequest, context: Context
+    ) -> admin_service_pb2.InspectTaskResponse:
         return await self.admin.inspection(request.task_id)
 
     @unary
     async def ListDeadLetters(
-        self, request: a.ListDeadLettersRequest, context: Context
-    ) -> a.ListDeadLettersResponse:
-        return a.ListDeadLettersResponse(tasks=await self.admin.dead_letters(request.queue, request.limit))
+        self, request: admin_service_pb2.ListDeadLettersRequest, context: Context
+    ) -> admin_service_pb2.ListDeadLettersResponse:
+        return admin_service_pb2.ListDeadLettersResponse(
+            tasks=await self.admin.dead_letters(request.queue, request.limit)
+        )
 
     @unary
     async def ReplayDeadLetters(
-        self, request: a.ReplayDeadLettersRequest, context: Context
-    ) -> a.ReplayDeadLettersResponse:
+        self, request: admin_service_pb2.ReplayDeadLettersRequest, context: Context
+    ) -> admin_service_pb2.ReplayDeadLettersResponse:
         replayed = await self.admin.replay(list(request.task_ids), request.queue)
-        return a.ReplayDeadLettersResponse(task_ids=replayed)
+        return admin_service_pb2.ReplayDeadLettersResponse(task_ids=replayed)
 
     @unary
     async def DeleteDeadLetter(
-        self, request: a.DeleteDeadLetterRequest, context: Context
-    ) -> a.DeleteDeadLetterResponse:
+        self, request: admin_service_pb2.DeleteDeadLetterRequest, context: Context
+    ) -> admin_service_pb2.DeleteDeadLetterResponse:
         await self.admin.delete_dead_letter(request.task_id)
-        return a.DeleteDeadLetterResponse()
+        return admin_service_pb2.DeleteDeadLetterResponse()
 
     @unary
-    async def DeleteQueue(self, request: a.DeleteQueueRequest, context: Context) -> a.DeleteQueueResponse:
+    async def DeleteQueue(
+        self, request: admin_service_pb2.DeleteQueueRequest, context: Context
+    ) -> admin_service_pb2.DeleteQueueResponse:
         """Delete an empty queue; with force, purge its ready and delayed tasks first."""
         try:
             purged = await self.admin.delete_queue(request.queue, request.force)
         except QueueDeletionUnsupported as exc:
             await refuse(context, Refusal(grpc.StatusCode.UNIMPLEMENTED, str(exc), reason=UNSUPPORTED))
-        return a.DeleteQueueResponse(purged=purged)
+        return admin_service_pb2.DeleteQueueResponse(purged=purged)
 
     @unary
-    async def RepairTasks(self, request: a.RepairTasksRequest, context: Context) -> a.RepairTasksResponse:
+    async def RepairTasks(
+        self, request: admin_service_pb2.RepairTasksRequest, context: Context
+    ) -> admin_service_pb2.RepairTasksResponse:
         """Republish tasks whose messages look lost; with dry_run, only list them."""
         older_than = _seconds(request.older_than) if request.HasField("older_than") else None
         report = await self.admin.repair(older_than, request.queue, request.dry_run, request.force)
-        response = a.RepairTasksResponse(checked=report.checked, held=report.held, dry_run=request.dry_run)
+        response = admin_service_pb2.RepairTasksResponse(
+            checked=report.checked, held=report.held, dry_run=request.dry_run
+        )
         for repaired in report.repaired:
             result = repaired.record.result
             item = response.tasks.add(task_id=result.task_id, name=result.name, queue=result.queue, state=result.state)
@@ -120,34 +145,44 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return response
 
     @unary
-    async def SetRateLimit(self, request: a.SetRateLimitRequest, context: Context) -> a.SetRateLimitResponse:
+    async def SetRateLimit(
+        self, request: admin_service_pb2.SetRateLimitRequest, context: Context
+    ) -> admin_service_pb2.SetRateLimitResponse:
         """Store a rate limit on a task name; every replica applies it within a second."""
         given = request.limit
         stored = await self.admin.set_rate_limit(rate_limit(given.name, given.rate, given.burst, given.per_key))
-        return a.SetRateLimitResponse(limit=_rate_limit(stored))
+        return admin_service_pb2.SetRateLimitResponse(limit=_rate_limit(stored))
 
     @unary
-    async def ListRateLimits(self, request: a.ListRateLimitsRequest, context: Context) -> a.ListRateLimitsResponse:
-        return a.ListRateLimitsResponse(limits=[_rate_limit(limit) for limit in await self.admin.list_rate_limits()])
+    async def ListRateLimits(
+        self, request: admin_service_pb2.ListRateLimitsRequest, context: Context
+    ) -> admin_service_pb2.ListRateLimitsResponse:
+        return admin_service_pb2.ListRateLimitsResponse(
+            limits=[_rate_limit(limit) for limit in await self.admin.list_rate_limits()]
+        )
 
     @unary
     async def DeleteRateLimit(
-        self, request: a.DeleteRateLimitRequest, context: Context
-    ) -> a.DeleteRateLimitResponse:
+        self, request: admin_service_pb2.DeleteRateLimitRequest, context: Context
+    ) -> admin_service_pb2.DeleteRateLimitResponse:
         await self.admin.delete_rate_limit(request.name)
-        return a.DeleteRateLimitResponse()
+        return admin_service_pb2.DeleteRateLimitResponse()
 
     @unary
-    async def ListTasks(self, request: a.ListTasksRequest, context: Context) -> a.ListTasksResponse:
+    async def ListTasks(
+        self, request: admin_service_pb2.ListTasksRequest, context: Context
+    ) -> admin_service_pb2.ListTasksResponse:
         """A page of tasks matching the filters, through the backend's task index."""
         try:
             page = await self.admin.list_tasks(task_query(request), request.page_token)
         except ListingUnsupported as exc:
             await refuse(context, Refusal(grpc.StatusCode.UNIMPLEMENTED, str(exc), reason=UNSUPPORTED))
-        return a.ListTasksResponse(tasks=[r.result for r in page.records], next_page_token=page.next_page_token)
+        return admin_service_pb2.ListTasksResponse(
+            tasks=[r.result for r in page.records], next_page_token=page.next_page_token
+        )
 
 
-def task_query(request: a.ListTasksRequest) -> TaskQuery:
+def task_query(request: admin_service_pb2.ListTasksRequest) -> TaskQuery:
     return TaskQuery(
         states=frozenset(request.states), queue=request.queue, name=request.name, id_prefix=request.id_prefix,
         since_us=_micros(request.submitted_after) if request.HasField("submitted_after") else None,
@@ -160,8 +195,8 @@ def _micros(stamp: Timestamp) -> int:
     return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
 
-def _rate_limit(limit: RateLimit) -> a.RateLimit:
-    return a.RateLimit(name=limit.name, rate=limit.rate, burst=limit.burst, per_key=limit.per_key,
+def _rate_limit(limit: RateLimit) -> admin_service_pb2.RateLimit:
+    return admin_service_pb2.RateLimit(name=limit.name, rate=limit.rate, burst=limit.burst, per_key=limit.per_key,
                        source=limit.source.value)
 
 

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from conveyor.v1 import task_service_pb2 as t
+from conveyor.v1 import task_service_pb2
 
 from .status import INTERNAL_ERROR, Refusal, refusal
 
 log = logging.getLogger(__name__)
 
-Answer = Callable[[t.SessionRequest, str], Awaitable[t.SessionResponse]]
+Answer = Callable[[task_service_pb2.SessionRequest, str], Awaitable[task_service_pb2.SessionResponse]]
 
 
 class SessionCalls:
@@ -25,10 +25,12 @@ class SessionCalls:
         self._answer = answer
         self._caller = caller
         self._stopping = stopping
-        self._replies: asyncio.Queue[t.SessionResponse | None] = asyncio.Queue()
+        self._replies: asyncio.Queue[task_service_pb2.SessionResponse | None] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()
 
-    async def serve(self, requests: AsyncIterator[t.SessionRequest]) -> AsyncIterator[t.SessionResponse]:
+    async def serve(
+        self, requests: AsyncIterator[task_service_pb2.SessionRequest]
+    ) -> AsyncIterator[task_service_pb2.SessionResponse]:
         reader = asyncio.create_task(self._read(requests))
         stopper = asyncio.create_task(self._stop_reading_on_shutdown(reader))
         try:
@@ -46,7 +48,7 @@ class SessionCalls:
         await self._stopping.wait()
         reader.cancel()
 
-    async def _read(self, requests: AsyncIterator[t.SessionRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[task_service_pb2.SessionRequest]) -> None:
         try:
             async for request in requests:
                 call = asyncio.create_task(self._call(request))
@@ -59,7 +61,7 @@ class SessionCalls:
                 await asyncio.gather(*self._running, return_exceptions=True)
             self._replies.put_nowait(None)
 
-    async def _call(self, request: t.SessionRequest) -> None:
+    async def _call(self, request: task_service_pb2.SessionRequest) -> None:
         try:
             reply = await self._answer(request, self._caller)
         except Exception as exc:  # a refusal, an engine out of reach (UNAVAILABLE), or a bug
@@ -74,9 +76,9 @@ class SessionCalls:
         self._replies.put_nowait(reply)
 
 
-def _error(reported: Refusal) -> t.SessionResponse:
+def _error(reported: Refusal) -> task_service_pb2.SessionResponse:
     """The answer to a refused call: its status, retry hint and details, as a unary call's."""
     status = reported.status
-    return t.SessionResponse(error=t.CallError(
+    return task_service_pb2.SessionResponse(error=task_service_pb2.CallError(
         code=status.code, message=status.message, retry_after_ms=reported.retry_after_ms, details=status.details,
     ))

@@ -10,8 +10,7 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.v1 import task_service_pb2 as t
-from conveyor.v1 import task_service_pb2_grpc
+from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 from conveyor.values import seconds_of
 
 from ..core.cancellation import Canceller
@@ -71,7 +70,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         client does not hold the shutdown for its whole grace."""
         self._stopping.set()
 
-    def _limit(self, context: Context, requests: Sequence[t.SubmitRequest]) -> None:
+    def _limit(self, context: Context, requests: Sequence[task_service_pb2.SubmitRequest]) -> None:
         if self.limiter.enabled:
             self.limiter.take(_caller(context, self.authenticator), tasks_in(requests))
 
@@ -87,31 +86,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 )
 
     @unary
-    async def Submit(self, request: t.SubmitRequest, context: Context) -> t.SubmitResponse:
+    async def Submit(
+        self, request: task_service_pb2.SubmitRequest, context: Context
+    ) -> task_service_pb2.SubmitResponse:
         self._limit(context, [request])
         return await self._submit(request, _caller_trace(context), _scope(context, self.authenticator))
 
     async def _submit(
-        self, request: t.SubmitRequest, caller_trace: Mapping[str, str], scope: frozenset[str]
-    ) -> t.SubmitResponse:
+        self, request: task_service_pb2.SubmitRequest, caller_trace: Mapping[str, str], scope: frozenset[str]
+    ) -> task_service_pb2.SubmitResponse:
         with tracing.span("submit", caller_trace, SpanKind.SERVER):
             (response,) = await self.submitter.submit([request], tracing.inject() or caller_trace, scope)
         return response
 
     @unary
-    async def SubmitBatch(self, request: t.SubmitBatchRequest, context: Context) -> t.SubmitBatchResponse:
+    async def SubmitBatch(
+        self, request: task_service_pb2.SubmitBatchRequest, context: Context
+    ) -> task_service_pb2.SubmitBatchResponse:
         self._limit(context, request.requests)
         caller = _caller_trace(context)
         with tracing.span("submit batch", caller, SpanKind.SERVER):
             responses = await self.submitter.submit(
                 request.requests, tracing.inject() or caller, _scope(context, self.authenticator)
             )
-        return t.SubmitBatchResponse(responses=responses)
+        return task_service_pb2.SubmitBatchResponse(responses=responses)
 
     @unary
     async def SubmitStream(
-        self, parts: AsyncIterator[t.SubmitStreamRequest], context: Context
-    ) -> t.SubmitStreamResponse:
+        self, parts: AsyncIterator[task_service_pb2.SubmitStreamRequest], context: Context
+    ) -> task_service_pb2.SubmitStreamResponse:
         limits = self.submitter.settings.limits
         try:
             submission = await receive(parts, limits)
@@ -126,66 +129,78 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             (response,) = await self.submitter.submit(
                 [submission.request], tracing.inject() or caller, _scope(context, self.authenticator), streamed=True
             )
-        return t.SubmitStreamResponse(
+        return task_service_pb2.SubmitStreamResponse(
             task_id=response.task_id, workflow_id=response.workflow_id, task_count=len(response.task_ids)
         )
 
     @unary
-    async def GetResult(self, request: t.GetResultRequest, context: Context) -> t.GetResultResponse:
+    async def GetResult(
+        self, request: task_service_pb2.GetResultRequest, context: Context
+    ) -> task_service_pb2.GetResultResponse:
         return await self._get_result(request, _scope(context, self.authenticator))
 
-    async def _get_result(self, request: t.GetResultRequest, scope: frozenset[str]) -> t.GetResultResponse:
+    async def _get_result(
+        self, request: task_service_pb2.GetResultRequest, scope: frozenset[str]
+    ) -> task_service_pb2.GetResultResponse:
         await self._check_scope(scope, [request.task_id])
         wait = seconds_of(request.wait)
         if wait < 0:
             wait = 0.0
         result = await self.reader.wait(request.task_id, min(wait, MAX_WAIT_SECONDS))
-        return t.GetResultResponse(result=result)
+        return task_service_pb2.GetResultResponse(result=result)
 
     async def Session(
-        self, requests: AsyncIterator[t.SessionRequest], context: Context
-    ) -> AsyncIterator[t.SessionResponse]:
+        self, requests: AsyncIterator[task_service_pb2.SessionRequest], context: Context
+    ) -> AsyncIterator[task_service_pb2.SessionResponse]:
         await context.send_initial_metadata(())  # tells the client the session is accepted
         scope = _scope(context, self.authenticator)
 
-        async def answer(request: t.SessionRequest, caller: str) -> t.SessionResponse:
+        async def answer(request: task_service_pb2.SessionRequest, caller: str) -> task_service_pb2.SessionResponse:
             return await self._answer(request, caller, scope)
 
         calls = SessionCalls(answer, _caller(context, self.authenticator), self._stopping)
         async for reply in calls.serve(requests):
             yield reply
 
-    async def _answer(self, request: t.SessionRequest, caller: str, scope: frozenset[str]) -> t.SessionResponse:
+    async def _answer(
+        self, request: task_service_pb2.SessionRequest, caller: str, scope: frozenset[str]
+    ) -> task_service_pb2.SessionResponse:
         kind = request.WhichOneof("call")
         if kind == "submit":
             if self.limiter.enabled:
                 self.limiter.take(caller, tasks_in([request.submit]))
-            return t.SessionResponse(submit=await self._submit(request.submit, request.trace_context, scope))
+            return task_service_pb2.SessionResponse(
+                submit=await self._submit(request.submit, request.trace_context, scope)
+            )
         if kind == "get_result":
-            return t.SessionResponse(get_result=await self._get_result(request.get_result, scope))
+            return task_service_pb2.SessionResponse(get_result=await self._get_result(request.get_result, scope))
         raise InvalidArgument("a session request must set submit or get_result")
 
     @streaming
     async def WatchResults(
-        self, request: t.WatchResultsRequest, context: Context
-    ) -> AsyncIterator[t.WatchResultsResponse]:
+        self, request: task_service_pb2.WatchResultsRequest, context: Context
+    ) -> AsyncIterator[task_service_pb2.WatchResultsResponse]:
         ids = await self.reader.resolve_ids(request.task_ids, request.workflow_id)
         await self._check_scope(_scope(context, self.authenticator), ids)
         until_done = request.until_done if request.HasField("until_done") else True
         async for event in self.reader.watch(ids, until_done):
-            yield t.WatchResultsResponse(event=event)
+            yield task_service_pb2.WatchResultsResponse(event=event)
 
     @unary
-    async def Cancel(self, request: t.CancelRequest, context: Context) -> t.CancelResponse:
+    async def Cancel(
+        self, request: task_service_pb2.CancelRequest, context: Context
+    ) -> task_service_pb2.CancelResponse:
         scope = _scope(context, self.authenticator)
         if scope:
             workflow = request.id.startswith("wf-")
             targets = await self.reader.resolve_ids([] if workflow else [request.id], request.id if workflow else "")
             await self._check_scope(scope, targets)
-        return t.CancelResponse(cancelled_task_ids=await self.canceller.cancel(request.id))
+        return task_service_pb2.CancelResponse(cancelled_task_ids=await self.canceller.cancel(request.id))
 
     @unary
-    async def GetWorkflow(self, request: t.GetWorkflowRequest, context: Context) -> t.GetWorkflowResponse:
+    async def GetWorkflow(
+        self, request: task_service_pb2.GetWorkflowRequest, context: Context
+    ) -> task_service_pb2.GetWorkflowResponse:
         scope = _scope(context, self.authenticator)
         if scope:
             await self._check_scope(scope, await self.reader.resolve_ids([], request.workflow_id))

@@ -8,8 +8,7 @@ from typing import Any
 
 import grpc
 
-from conveyor.v1 import worker_service_pb2 as w
-from conveyor.v1 import worker_service_pb2_grpc
+from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 from ..core.connection import WorkerConnections
 from ..core.errors import CoreError
@@ -28,8 +27,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self.authenticator = authenticator or Authenticator(())
 
     async def Connect(
-        self, request_iterator: AsyncIterator[w.ConnectRequest], context: Context
-    ) -> AsyncIterator[w.ConnectResponse]:
+        self, request_iterator: AsyncIterator[worker_service_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[worker_service_pb2.ConnectResponse]:
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
@@ -78,8 +77,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
 
 def _coalesce(
-    first: w.ConnectResponse, outbox: asyncio.Queue[w.ConnectResponse | None], max_receive_bytes: int
-) -> tuple[list[w.ConnectResponse], bool]:
+    first: worker_service_pb2.ConnectResponse,
+    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse | None],
+    max_receive_bytes: int,
+) -> tuple[list[worker_service_pb2.ConnectResponse], bool]:
     """Merge queued assignments and acks into as few messages as possible (batching is
     what makes the stream fast: one write per message dominates the cost), never making an
     assignments message larger than the worker can receive. Also says whether the end of the

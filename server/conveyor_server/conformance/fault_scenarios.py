@@ -8,9 +8,9 @@ import signal
 import time
 
 from conveyor.client import state_name, value_of
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import result_pb2, worker_service_pb2
 
-from .kit import Kit, S, ScenarioFailed, call_text, shown
+from .kit import Kit, ScenarioFailed, call_text, shown
 from .kit_worker import KitWorker
 from .processes import LEASE_SECONDS, STREAM_GRACE_SECONDS
 
@@ -38,7 +38,7 @@ async def _succeeded_once(kit: Kit, task_id: str, call: str, seconds: float, why
     explains a second delivery."""
     result = await kit.finished(task_id, call, within)
     got = value_of(result)
-    if result.state != S.TASK_STATE_SUCCESS or got != seconds:
+    if result.state != result_pb2.TASK_STATE_SUCCESS or got != seconds:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} with {shown(got)} "
                              f"({result.error.type}: {result.error.message}), expected SUCCESS with {seconds:g}")
     deliveries = (await kit.inspect(task_id)).deliveries
@@ -56,7 +56,7 @@ async def cancel(kit: Kit) -> None:
     task_id, call = await _sleep_started(kit, LONG_SLEEP)
     await kit.client.cancel(task_id)
     result = await kit.finished(task_id, call, REPORT_SECONDS)
-    if result.state != S.TASK_STATE_CANCELLED:
+    if result.state != result_pb2.TASK_STATE_CANCELLED:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} after a cancel, expected CANCELLED")
 
     async def released() -> bool:
@@ -73,10 +73,10 @@ async def time_limit(kit: Kit) -> None:
     task_id = await kit.submit("conformance.sleep", LONG_SLEEP, time_limit=TIME_LIMIT)
     result = await kit.finished(task_id, call, TIME_LIMIT + SERVER_BACKSTOP_SECONDS + 10)
     took = time.monotonic() - began
-    if result.state != S.TASK_STATE_FAILURE or result.error.type != "TimeLimitExceeded":
+    if result.state != result_pb2.TASK_STATE_FAILURE or result.error.type != "TimeLimitExceeded":
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} ({result.error.type}: {result.error.message}), "
                              "expected FAILURE with TimeLimitExceeded")
-    by_server = not any(change.worker_id for change in result.history if change.state == S.TASK_STATE_FAILURE)
+    by_server = not any(change.worker_id for change in result.history if change.state == result_pb2.TASK_STATE_FAILURE)
     if by_server or took >= TIME_LIMIT + SERVER_BACKSTOP_SECONDS:
         raise ScenarioFailed(f"{call} was stopped by the server's backstop after {took:.1f} s: the worker did not "
                              "stop it at its time limit")
@@ -119,8 +119,8 @@ async def stale_lease(kit: Kit) -> None:
     finally:
         await thief.close()
     result = await kit.client.get_result(task_id)
-    got = value_of(result) if result.state == S.TASK_STATE_SUCCESS else None
-    if got != KIT_RESULT or status != w.ACK_STATUS_ACCEPTED:
+    got = value_of(result) if result.state == result_pb2.TASK_STATE_SUCCESS else None
+    if got != KIT_RESULT or status != worker_service_pb2.ACK_STATUS_ACCEPTED:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} with {shown(got)}: the worker's result under "
                              "a lease the server had taken back was recorded (expected it refused as STALE_LEASE)")
     await _still_serving(kit, "a stale lease")
@@ -132,7 +132,7 @@ async def drain(kit: Kit) -> None:
     kit.worker.signal(signal.SIGTERM)
     result = await kit.finished(task_id, call, DRAIN_SECONDS)
     got = value_of(result)
-    if result.state != S.TASK_STATE_SUCCESS or got != seconds:
+    if result.state != result_pb2.TASK_STATE_SUCCESS or got != seconds:
         raise ScenarioFailed(f"after SIGTERM, {call} ended {state_name(result.state)} with {shown(got)} "
                              f"({result.error.type}: {result.error.message}), expected the worker to finish it")
 

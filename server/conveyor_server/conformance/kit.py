@@ -20,7 +20,6 @@ from .processes import ServerProcess, Tokens, WorkerProcess
 from .proxy import LinkProxy
 
 T = TypeVar("T")
-S = result_pb2.TaskState
 POLL_SECONDS = 0.05
 
 
@@ -71,7 +70,7 @@ class Kit:
         """Run the task and return its value; ScenarioFailed unless it succeeded."""
         call = call_text(name, args)
         result = await self.finished(await self.submit(name, *args), call)
-        if result.state != S.TASK_STATE_SUCCESS:
+        if result.state != result_pb2.TASK_STATE_SUCCESS:
             raise ScenarioFailed(f"{call} ended {state_name(result.state)} "
                                  f"({result.error.type}: {result.error.message}), expected SUCCESS")
         return value_of(result)
@@ -87,7 +86,7 @@ class Kit:
             state = (await self.client.get_result(task_id)).state
             if state in TERMINAL:
                 raise ScenarioFailed(f"{call} ended {state_name(state)} before the kit saw it running")
-            return state == S.TASK_STATE_STARTED
+            return state == result_pb2.TASK_STATE_STARTED
 
         await self.until(running, within, f"{call} was not reported started within {within:g} s")
 

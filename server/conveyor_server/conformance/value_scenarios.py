@@ -6,10 +6,10 @@ import os
 
 from conveyor import RetryPolicy
 from conveyor.client import state_name, value_of
-from conveyor.v1 import admin_service_pb2
+from conveyor.v1 import admin_service_pb2, result_pb2
 from conveyor.values import from_value
 
-from .kit import Kit, S, ScenarioFailed, call_text, shown
+from .kit import Kit, ScenarioFailed, call_text, shown
 
 # The task set every worker under test implements (docs/conformance.md).
 TASK_NAMES = (
@@ -69,7 +69,7 @@ async def errors(kit: Kit) -> None:
     message = "conformance failure: ünïcødé ✓"
     call = call_text("conformance.fail", (message,))
     result = await kit.finished(await kit.submit("conformance.fail", message), call)
-    if result.state != S.TASK_STATE_FAILURE:
+    if result.state != result_pb2.TASK_STATE_FAILURE:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)}, expected FAILURE")
     if (result.error.type, result.error.message) != ("ConformanceError", message):
         raise ScenarioFailed(f"{call} failed with {result.error.type}: {shown(result.error.message)}, "
@@ -82,10 +82,10 @@ async def retries(kit: Kit) -> None:
     call = call_text("conformance.retry", (RETRY_TIMES,))
     policy = RetryPolicy(max_attempts=RETRY_TIMES + 2, backoff="fixed", initial=0.1)
     result = await kit.finished(await kit.submit("conformance.retry", RETRY_TIMES, retry=policy), call)
-    if result.state != S.TASK_STATE_SUCCESS:
+    if result.state != result_pb2.TASK_STATE_SUCCESS:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} ({result.error.type}: "
                              f"{result.error.message}) after {result.attempts} attempts, expected SUCCESS")
-    retried = sum(1 for change in result.history if change.state == S.TASK_STATE_RETRY)
+    retried = sum(1 for change in result.history if change.state == result_pb2.TASK_STATE_RETRY)
     got = value_of(result)
     if (got, result.attempts, retried) != (RETRY_TIMES + 1, RETRY_TIMES + 1, RETRY_TIMES):
         raise ScenarioFailed(f"{call} returned {shown(got)} after {result.attempts} attempts ({retried} RETRY), "
@@ -96,7 +96,7 @@ async def progress(kit: Kit) -> None:
     call = call_text("conformance.progress", (PROGRESS_STEPS,))
     result = await kit.finished(await kit.submit("conformance.progress", PROGRESS_STEPS), call)
     got, reported = value_of(result), from_value(result.progress)
-    if result.state != S.TASK_STATE_SUCCESS or got != PROGRESS_STEPS:
+    if result.state != result_pb2.TASK_STATE_SUCCESS or got != PROGRESS_STEPS:
         raise ScenarioFailed(f"{call} ended {state_name(result.state)} with {shown(got)}, "
                              f"expected SUCCESS with {PROGRESS_STEPS}")
     if reported != PROGRESS_STEPS:

@@ -12,7 +12,7 @@ from .errors import NotFound
 from .followups import FollowUps
 from .outbox import FOLLOW_UPS, Outbox
 from .planner import task_ids
-from .records import S, error, is_terminal, transition
+from .records import TaskStates, error, is_terminal, transition
 from .store import TaskStore
 from .withdrawn import queued, withdraw
 
@@ -77,13 +77,13 @@ class Canceller:
         def end(task_id: str, record: records_pb2.TaskRecord) -> bool:
             if is_terminal(record):
                 return False
-            if record.result.state in (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED):
+            if record.result.state in (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED):
                 running.append(task_id)
             if messages_left and queued(record):
                 waiting[task_id] = records_pb2.TaskRecord()
                 waiting[task_id].CopyFrom(record)  # before the transition: its due time
             record.result.error.CopyFrom(cause)
-            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            transition(record, TaskStates.TASK_STATE_CANCELLED, error=cause)
             return True
 
         ended = await self.store.update(ids, end)

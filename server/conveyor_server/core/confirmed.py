@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from conveyor.internal.v1 import records_pb2
 
 from .publisher import Publication, Publisher
-from .records import S
+from .records import TaskStates
 from .store import TaskStore
 
 # How long a claimer has to publish and confirm before repair may publish in its place.
@@ -29,7 +29,7 @@ class RepairPending(RuntimeError):
 
 def unconfirmed(record: records_pb2.TaskRecord) -> bool:
     """Claimed for publishing, possibly never published."""
-    return record.enqueued and not record.published and record.result.state == S.TASK_STATE_PENDING
+    return record.enqueued and not record.published and record.result.state == TaskStates.TASK_STATE_PENDING
 
 
 def _claimed_for(record: records_pb2.TaskRecord, at: float) -> float:
@@ -69,7 +69,7 @@ async def publish_confirmed(
     await publisher.publish([Publication(r.result.signature, 1, workflow_id) for r in records])
 
     def confirm(_: str, record: records_pb2.TaskRecord) -> bool:
-        if record.published or record.result.state != S.TASK_STATE_PENDING:
+        if record.published or record.result.state != TaskStates.TASK_STATE_PENDING:
             return False  # a task already received was evidently published
         record.published = True
         return True

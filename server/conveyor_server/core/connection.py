@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 from conveyor.values import set_seconds
 
 from ..backoff import Backoff
@@ -32,7 +32,7 @@ from .dispatch import REPAIR_RETRY_SECONDS, Claim, Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder, Recorded
 from .pauses import QueuePauses
-from .records import S, error
+from .records import TaskStates, error
 from .repair import stamp_live_leases
 from .routing import bounce_delay
 from .sessions import SessionRegistry, WorkerSession
@@ -121,7 +121,7 @@ class WorkerConnections:
         self.tasks = tasks
         self._background: set[asyncio.Task[None]] = set()
 
-    def open(self, hello: w.Hello, allowed_queues: Sequence[str] = ()) -> WorkerSession:
+    def open(self, hello: worker_service_pb2.Hello, allowed_queues: Sequence[str] = ()) -> WorkerSession:
         """A session for `hello`; `allowed_queues`: those its token is limited to (empty: any)."""
         if hello.max_in_flight < 1:
             raise InvalidArgument(f"hello.max_in_flight must be at least 1, got {hello.max_in_flight}")
@@ -141,7 +141,7 @@ class WorkerConnections:
         if self.tasks is not None:
             self.tasks.joined(session)  # first: a Hello it refuses leaves nothing behind
         self.registry.add(session)
-        session.send(w.ConnectResponse(welcome=w.Welcome(
+        session.send(worker_service_pb2.ConnectResponse(welcome=worker_service_pb2.Welcome(
             worker_id=session.worker_id,
             heartbeat_interval=_duration(self.settings.heartbeat_interval_seconds),
             lease_duration=_duration(self.settings.lease_seconds),
@@ -150,7 +150,7 @@ class WorkerConnections:
         )))
         return session
 
-    async def run(self, session: WorkerSession, requests: AsyncIterator[w.ConnectRequest]) -> None:
+    async def run(self, session: WorkerSession, requests: AsyncIterator[worker_service_pb2.ConnectRequest]) -> None:
         """Serve the session until the worker's stream ends; then hand back what it held."""
         tasks = [asyncio.create_task(self._pump(session, queue)) for queue in session.queues]
         tasks.append(asyncio.create_task(self._watchdog(session)))
@@ -182,7 +182,7 @@ class WorkerConnections:
         if leases:
             self._spawn(self._requeue_after_grace(session, leases))
 
-    async def _handle_through_outages(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+    async def _handle_through_outages(self, session: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
         """Handle one message; an engine error does not end the stream. Results are retried
         until recorded (the worker waits for their acks), in the background: the stream reads
         on meanwhile, so heartbeats keep extending the worker's leases and show it alive (a
@@ -201,7 +201,7 @@ class WorkerConnections:
                         "retrying in the background", session.worker_id, type(exc).__name__, exc)
             self._spawn(self._retry_results(session, request))
 
-    async def _retry_results(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+    async def _retry_results(self, session: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
         """Record results an engine outage refused, with backoff, while the session lasts (after
         it, the worker sends them again on its next stream)."""
         delay = RETRY_FIRST_SECONDS
@@ -220,7 +220,7 @@ class WorkerConnections:
                             session.worker_id, type(exc).__name__, exc, min(delay * 2, RETRY_MAX_SECONDS))
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
-    async def _handle(self, session: WorkerSession, request: w.ConnectRequest) -> None:
+    async def _handle(self, session: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
         kind = request.WhichOneof("message")
         if kind == "results":
             await self._results(session, request.results)
@@ -350,7 +350,7 @@ class WorkerConnections:
             if oversized:
                 await self._hand_back_oversized(session, claim, {a.lease_token for a in oversized})
             for batch in batches:
-                session.send(w.ConnectResponse(assignments=w.Assignments(items=batch)))
+                session.send(worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(items=batch)))
             await self._record_receipts(session, claim.replacing, claim.read)
             self._spawn(self._record_later(session, claim))
         try:
@@ -440,7 +440,11 @@ class WorkerConnections:
             _recorded(leases)
         self._attempts_ended(withdrawn)
         if withdrawn:
-            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])))
+            session.send(
+                worker_service_pb2.ConnectResponse(
+                    cancel=worker_service_pb2.CancelTasks(task_ids=[lease.task_id for lease in withdrawn])
+                )
+            )
 
     async def _ensure_recorded(self, session: WorkerSession, tokens: Iterable[str]) -> None:
         """Before a report is checked against the record: its lease's RECEIVED is written."""
@@ -448,7 +452,7 @@ class WorkerConnections:
         await self._record_receipts(session, [lease for lease in leases if lease.receipt_pending])
         await _until_recorded(leases)
 
-    async def _results(self, session: WorkerSession, results: w.Results) -> None:
+    async def _results(self, session: WorkerSession, results: worker_service_pb2.Results) -> None:
         # A result that comes before its lease's RECEIVED was written brings it along: one write.
         # The lease may be a closed session's, when the worker reconnected and resent it.
         receipts: dict[str, Lease] = {}
@@ -484,14 +488,22 @@ class WorkerConnections:
         # A result that finds its task ended may be a report resent after a failed write whose
         # follow-ups never ran: its message goes back through dispatch, which repairs them.
         requeue = {task_id: 0.0 for task_id, status in recorded.statuses.items()
-                   if status == w.ACK_STATUS_ALREADY_DONE}
+                   if status == worker_service_pb2.ACK_STATUS_ALREADY_DONE}
         await settle(self.broker, resolved, {**requeue, **recorded.requeue})
-        session.send(w.ConnectResponse(acks=w.ResultAcks(acks=[
-            w.ResultAck(task_id=o.task_id, lease_token=o.lease_token, status=recorded.statuses[o.task_id])
-            for o in results.outcomes
-        ])))
+        session.send(
+            worker_service_pb2.ConnectResponse(
+                acks=worker_service_pb2.ResultAcks(
+                    acks=[
+                        worker_service_pb2.ResultAck(
+                            task_id=o.task_id, lease_token=o.lease_token, status=recorded.statuses[o.task_id]
+                        )
+                        for o in results.outcomes
+                    ]
+                )
+            )
+        )
 
-    async def _reject(self, session: WorkerSession, reject: w.Reject) -> None:
+    async def _reject(self, session: WorkerSession, reject: worker_service_pb2.Reject) -> None:
         await self._ensure_recorded(session, (task.lease_token for task in reject.tasks))
         recorded = await self.recorder.reject(reject.tasks, session.worker_id)
         resolved = await session.resolve(t.lease_token for t in reject.tasks)
@@ -508,17 +520,17 @@ class WorkerConnections:
         cancelled = [
             lease.task_id for lease in leases
             if (found := loaded.get(lease.task_id)) is not None
-            and found.record.result.state == S.TASK_STATE_CANCELLED
+            and found.record.result.state == TaskStates.TASK_STATE_CANCELLED
         ]
         if cancelled:
-            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=cancelled)))
+            session.send(worker_service_pb2.ConnectResponse(cancel=worker_service_pb2.CancelTasks(task_ids=cancelled)))
         await self._enforce_time_limits(session, leases)
         # Long tasks show their lease live on the record, so the repair of lost messages leaves them be.
         await stamp_live_leases(self.store, [(lease.task_id, lease.token) for lease in leases], loaded,
                                 self.settings.repair_after_seconds)
 
     @staticmethod
-    def _clock_starts(session: WorkerSession, refs: Sequence[w.LeaseRef]) -> None:
+    def _clock_starts(session: WorkerSession, refs: Sequence[worker_service_pb2.LeaseRef]) -> None:
         now = time.monotonic()
         for ref in refs:
             lease = session.leases.get(ref.lease_token)
@@ -544,7 +556,11 @@ class WorkerConnections:
         resolved = await session.resolve(lease.token for lease in overdue)
         self._attempts_ended(resolved)
         await settle(self.broker, resolved, recorded.requeue)
-        session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=[lease.task_id for lease in overdue])))
+        session.send(
+            worker_service_pb2.ConnectResponse(
+                cancel=worker_service_pb2.CancelTasks(task_ids=[lease.task_id for lease in overdue])
+            )
+        )
 
     async def _watchdog(self, session: WorkerSession) -> None:
         """A worker silent for a whole lease is hung: stop sending it work."""
@@ -555,7 +571,11 @@ class WorkerConnections:
                 log.warning("worker %s sent nothing for %.0f s; draining it", session.worker_id,
                             self.settings.lease_seconds)
                 await session.set_draining()
-                session.send(w.ConnectResponse(drain=w.Drain(reason="no heartbeat within the lease")))
+                session.send(
+                    worker_service_pb2.ConnectResponse(
+                        drain=worker_service_pb2.Drain(reason="no heartbeat within the lease")
+                    )
+                )
 
     async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
         await asyncio.sleep(self.settings.stream_grace_seconds)
@@ -567,7 +587,7 @@ class WorkerConnections:
 
     async def cancel_running(self, task_ids: list[str]) -> None:
         for session, held in self.registry.holding(task_ids).items():
-            session.send(w.ConnectResponse(cancel=w.CancelTasks(task_ids=held)))
+            session.send(worker_service_pb2.ConnectResponse(cancel=worker_service_pb2.CancelTasks(task_ids=held)))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from conveyor.v1 import task_pb2, task_service_pb2
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .records import DEAD_LETTERS_GROUP, S
+from .records import DEAD_LETTERS_GROUP, TaskStates
 from .store import Loaded, TaskStore
 from .submission import Submitter
 
@@ -103,7 +103,7 @@ class DeadLetters:
                 f"no task with id {task_id!r} (unknown, or its record expired)",
                 reason="TASK_NOT_FOUND", metadata={"task_id": task_id},
             )
-        if record.result.state == S.TASK_STATE_FAILURE:
+        if record.result.state == TaskStates.TASK_STATE_FAILURE:
             raise FailedPrecondition(f"task {task_id!r} is not a dead letter (any more): it was replayed or deleted")
         raise FailedPrecondition(f"task {task_id!r} is {state_name(record.result.state)}, not a dead letter")
 
@@ -117,7 +117,7 @@ def _check_failed(task_id: str, found: Loaded | None) -> None:
             reason="TASK_NOT_FOUND", metadata={"task_id": task_id},
         )
     state = found.record.result.state
-    if state != S.TASK_STATE_FAILURE:
+    if state != TaskStates.TASK_STATE_FAILURE:
         raise FailedPrecondition(
             f"task {task_id!r} is {state_name(state)}, not a dead letter: only a task that failed for good can be "
             "replayed; nothing replayed"
@@ -126,6 +126,6 @@ def _check_failed(task_id: str, found: Loaded | None) -> None:
 
 def state_name(state: int) -> str:
     try:
-        return S.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]  # an int from the record
+        return TaskStates.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]  # an int from the record
     except ValueError:
         return str(state)

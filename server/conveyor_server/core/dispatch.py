@@ -55,7 +55,7 @@ from .confirmed import RepairPending
 from .expiry import is_expired
 from .followups import FollowUps
 from .publisher import decode_message
-from .records import FAILED_STATES, S, error, is_terminal, new_record, transition
+from .records import FAILED_STATES, TaskStates, error, is_terminal, new_record, transition
 from .repair import replaces_stale_lease
 from .replacement import is_replaced, waits_for_replacement
 from .store import Loaded, TaskStore
@@ -63,7 +63,7 @@ from .store import Loaded, TaskStore
 if TYPE_CHECKING:
     from .limits import DispatchLimits
 
-_RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+_RUNNING = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 # Ended tasks whose repair failed (an engine error) come back for another try after this long.
 REPAIR_RETRY_SECONDS = 2.0
 # Deliveries of one attempt that may end without an outcome before the task fails for good.
@@ -150,7 +150,7 @@ def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) 
     record.enqueued = True
     record.result.attempts = lease.attempt
     record.result.worker_id = worker_id
-    transition(record, S.TASK_STATE_RECEIVED, at=lease.dispatched_at, worker_id=worker_id)
+    transition(record, TaskStates.TASK_STATE_RECEIVED, at=lease.dispatched_at, worker_id=worker_id)
     return True
 
 
@@ -224,7 +224,7 @@ class Dispatcher:
                 expired[task_id] = (record.lease_token, delivery)
                 continue
             attempt = max(message.attempt, record.result.attempts, 1)
-            if record.result.state == S.TASK_STATE_RETRY:
+            if record.result.state == TaskStates.TASK_STATE_RETRY:
                 due = record.retry_at.seconds + record.retry_at.nanos / 1e9 - wall
                 if due > 0:
                     early.append((delivery, due))
@@ -336,7 +336,7 @@ class Dispatcher:
             await self.broker.nack([ended[task_id] for task_id in vanished])
         finished = [
             found.record for found in records.values()
-            if found.record.result.state == S.TASK_STATE_SUCCESS or found.record.result.state in FAILED_STATES
+            if found.record.result.state == TaskStates.TASK_STATE_SUCCESS or found.record.result.state in FAILED_STATES
             or waits_for_replacement(found.record)  # its replacement is started again
         ]
         try:

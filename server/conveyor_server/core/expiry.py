@@ -12,7 +12,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
 from conveyor.values import seconds_of
 
-from .records import S, error, transition
+from .records import TaskStates, error, transition
 
 
 def expiry_of(signature: task_pb2.Signature) -> float | None:
@@ -28,15 +28,15 @@ def is_expired(signature: task_pb2.Signature, record: records_pb2.TaskRecord, wa
         return False
     if wall >= expires:
         return True
-    return record.result.state == S.TASK_STATE_RETRY and seconds_of(record.retry_at) >= expires
+    return record.result.state == TaskStates.TASK_STATE_RETRY and seconds_of(record.retry_at) >= expires
 
 
 def mark_expired(record: records_pb2.TaskRecord) -> None:
     """End the record EXPIRED, with an "Expired" error naming the expiry; its lease ends too."""
     expires = record.result.signature.expires_at.ToJsonString()
-    retrying = record.result.state == S.TASK_STATE_RETRY
+    retrying = record.result.state == TaskStates.TASK_STATE_RETRY
     what = f"its retry (attempt {record.result.attempts + 1}) was due after" if retrying else "it was not started by"
     cause = error("Expired", f"task {record.result.task_id} expired: {what} its expiry {expires}")
     record.result.error.CopyFrom(cause)
     record.lease_token = ""
-    transition(record, S.TASK_STATE_EXPIRED, error=cause)
+    transition(record, TaskStates.TASK_STATE_EXPIRED, error=cause)

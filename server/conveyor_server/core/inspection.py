@@ -13,13 +13,13 @@ from conveyor.v1 import admin_service_pb2
 from conveyor.values import seconds_of
 
 from .outbox import FOLLOW_UPS, Outbox
-from .records import S
+from .records import TaskStates
 from .results import ResultReader
 from .sessions import SessionRegistry
 from .store import TaskStore
 
 # States in which a worker holds the task under a lease.
-LEASED = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+LEASED = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 
 
 class Inspector:

@@ -26,7 +26,7 @@ from ..backends.base import Backend
 from .dispatch import Lease, mark_received
 from .expiry import is_expired, mark_expired
 from .followups import FollowUps
-from .records import DEAD_LETTERS_GROUP, S, error, is_terminal, now, transition
+from .records import DEAD_LETTERS_GROUP, TaskStates, error, is_terminal, now, transition
 from .replacement import Checked, is_replaced, mark_replaced, waits_for_replacement
 from .retry import attempts_allowed, next_delay, seconds
 from .routing import bounce_delay
@@ -67,10 +67,10 @@ class Recorded:
 
 
 def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) -> bool:
-    if record.result.state != S.TASK_STATE_RECEIVED:
+    if record.result.state != TaskStates.TASK_STATE_RECEIVED:
         return False
     record.result.started_at.CopyFrom(at)
-    transition(record, S.TASK_STATE_STARTED, at=at, worker_id=worker_id)
+    transition(record, TaskStates.TASK_STATE_STARTED, at=at, worker_id=worker_id)
     return True
 
 
@@ -173,7 +173,7 @@ class OutcomeRecorder:
             cause = error("UnknownTask", f"{item.reason} (worker {worker_id}; rejected {record.rejects} times)")
             record.result.error.CopyFrom(cause)
             record.attempt_errors.append(cause)
-            transition(record, S.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
+            transition(record, TaskStates.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
             return True
 
         written = await self.store.update(list(by_id), apply)
@@ -198,7 +198,7 @@ class OutcomeRecorder:
             record.attempt_errors.append(cause)
             record.result.error.CopyFrom(cause)
             record.lease_token = ""
-            transition(record, S.TASK_STATE_FAILURE, error=cause)
+            transition(record, TaskStates.TASK_STATE_FAILURE, error=cause)
             return True
 
         written = await self.store.update(list(exhausted), apply)
@@ -243,11 +243,11 @@ class OutcomeRecorder:
         if outcome.outcome == worker_service_pb2.OUTCOME_SUCCESS:
             if not result.signature.ignore_result:  # an ignored result ends without a value
                 result.result.CopyFrom(outcome.result)
-            transition(record, S.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
+            transition(record, TaskStates.TASK_STATE_SUCCESS, at=at, worker_id=worker_id)
             return 0.0
         if outcome.outcome == worker_service_pb2.OUTCOME_CANCELLED:
             result.error.CopyFrom(error("Cancelled", "stopped by a cancel request"))
-            transition(record, S.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
+            transition(record, TaskStates.TASK_STATE_CANCELLED, at=at, worker_id=worker_id)
             return 0.0
         cause = outcome.error if outcome.HasField("error") else error("Error", "the task failed without details")
         if outcome.outcome == worker_service_pb2.OUTCOME_REJECTED:
@@ -259,7 +259,7 @@ class OutcomeRecorder:
         if outcome.outcome == worker_service_pb2.OUTCOME_RETRY and policy.max_attempts <= 0:
             allowed = DEFAULT_EXPLICIT_RETRY_ATTEMPTS
         if result.attempts < allowed:
-            transition(record, S.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
+            transition(record, TaskStates.TASK_STATE_RETRY, at=at, worker_id=worker_id, error=cause)
             # The failed attempt's lease ends here: a result it sends again is stale.
             record.lease_token = ""
             record.deliveries = 0  # the next attempt counts its own deliveries
@@ -275,7 +275,7 @@ class OutcomeRecorder:
         if outcome.outcome == worker_service_pb2.OUTCOME_RETRY:
             cause = error("MaxRetriesExceeded", f"gave up after {result.attempts} attempts: {cause.message}")
         result.error.CopyFrom(cause)
-        transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
+        transition(record, TaskStates.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
         return 0.0
 
     async def _after(
@@ -289,16 +289,16 @@ class OutcomeRecorder:
             if self.on_attempt_ended is not None:
                 self.on_attempt_ended(record)
             attributes = tracing.task_attributes("result", task_id, result.name, result.queue, result.attempts)
-            attributes["conveyor.task.state"] = S.Name(result.state)
+            attributes["conveyor.task.state"] = TaskStates.Name(result.state)
             with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
                 decision = decisions.get(task_id)
-                if result.state == S.TASK_STATE_RETRY or (decision is not None and decision.requeue):
+                if result.state == TaskStates.TASK_STATE_RETRY or (decision is not None and decision.requeue):
                     recorded.requeue[task_id] = decisions[task_id].retry_delay
                     continue
                 if not is_terminal(record) and not waits_for_replacement(record):
                     continue
                 try:
-                    if result.state == S.TASK_STATE_FAILURE:
+                    if result.state == TaskStates.TASK_STATE_FAILURE:
                         await self.backend.add_member(DEAD_LETTERS_GROUP, task_id, result.queue.encode())
                     await self.followups.after_terminal([record])
                 except Exception as exc:
@@ -316,7 +316,7 @@ def _fail_rejected(
     rejected.type = rejected.type or "Rejected"
     record.attempt_errors.append(rejected)
     record.result.error.CopyFrom(rejected)
-    transition(record, S.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=rejected)
+    transition(record, TaskStates.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=rejected)
 
 
 def _replace(

@@ -23,11 +23,11 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.values import seconds_of
 
 from ..backends.task_index import TaskQuery
-from .records import S
+from .records import TaskStates
 from .task_index import TaskIndexer
 from .withdrawn import due_at, queued
 
-WAITING_STATES = frozenset({S.TASK_STATE_PENDING, S.TASK_STATE_RETRY})
+WAITING_STATES = frozenset({TaskStates.TASK_STATE_PENDING, TaskStates.TASK_STATE_RETRY})
 PAGE = 50
 # Pages read before giving up on finding a ready task among delayed ones (the queue is admitted).
 MAX_PAGES = 3

@@ -22,7 +22,7 @@ from conveyor.internal.v1 import records_pb2
 from .followups import FollowUps
 from .outbox import FOLLOW_UPS, Outbox
 from .publisher import Publication, Publisher
-from .records import S, is_terminal
+from .records import TaskStates, is_terminal
 from .repair import Repairer
 from .store import TaskStore
 from .workflow import WorkflowEngine
@@ -89,7 +89,7 @@ class Reconciler:
             return
         pending = [
             found.record for found in loaded.values()
-            if found.record.outbox_id == entry_id and found.record.result.state == S.TASK_STATE_PENDING
+            if found.record.outbox_id == entry_id and found.record.result.state == TaskStates.TASK_STATE_PENDING
         ]
         if pending:
             await self.publisher.publish([Publication(r.result.signature) for r in pending])

@@ -27,15 +27,12 @@ class TaskStates:
     Name = staticmethod(result_pb2.TaskState.Name)
 
 
-# The old name, kept until every module imports TaskStates (issue #20); use TaskStates in new code.
-S = TaskStates
-
-
 TERMINAL_STATES = frozenset({
-    S.TASK_STATE_SUCCESS, S.TASK_STATE_FAILURE, S.TASK_STATE_CANCELLED, S.TASK_STATE_EXPIRED,
+    TaskStates.TASK_STATE_SUCCESS, TaskStates.TASK_STATE_FAILURE,
+    TaskStates.TASK_STATE_CANCELLED, TaskStates.TASK_STATE_EXPIRED,
 })
 # Terminal states that count as a failure for on_error callbacks and the task's workflow.
-FAILED_STATES = frozenset({S.TASK_STATE_FAILURE, S.TASK_STATE_EXPIRED})
+FAILED_STATES = frozenset({TaskStates.TASK_STATE_FAILURE, TaskStates.TASK_STATE_EXPIRED})
 
 
 def task_key(task_id: str) -> str:
@@ -89,7 +86,7 @@ def new_record(
     result.workflow_id = workflow_id
     result.signature.CopyFrom(signature)
     result.submitted_at.CopyFrom(stamp)
-    transition(record, S.TASK_STATE_PENDING, at=stamp)
+    transition(record, TaskStates.TASK_STATE_PENDING, at=stamp)
     return record
 
 

@@ -46,7 +46,7 @@ from ..brokers.base import Broker
 from ..config import ConfigError, Settings
 from .publish_index import Bucket, PublishIndex
 from .publisher import Publication, Publisher
-from .records import TERMINAL_STATES, S
+from .records import TERMINAL_STATES, TaskStates
 from .replacement import is_replaced
 from .store import Loaded, TaskStore
 
@@ -61,7 +61,7 @@ MAX_BUCKETS_PER_PASS = 64
 MAX_TASKS_PER_PASS = 50_000
 # Repeated repairs of one task wait repair_after, then twice that, ... up to 2**MAX_DOUBLINGS times.
 MAX_DOUBLINGS = 10
-_RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+_RUNNING = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 
 
 def with_repair_after(settings: Settings) -> Settings:
@@ -91,9 +91,9 @@ def _eta(record: records_pb2.TaskRecord) -> float:
 def last_sign_of_life(record: records_pb2.TaskRecord) -> float:
     """Epoch seconds of the latest sign that the task is being looked after."""
     state = record.result.state
-    if state == S.TASK_STATE_PENDING:
+    if state == TaskStates.TASK_STATE_PENDING:
         return max(seconds_of(record.enqueued_at), _last_change(record), _eta(record))
-    if state == S.TASK_STATE_RETRY:
+    if state == TaskStates.TASK_STATE_RETRY:
         return max(seconds_of(record.retry_at), _last_change(record))
     return max(_last_change(record), seconds_of(record.lease_renewed_at))
 
@@ -112,7 +112,12 @@ def judge(
     """Whether a task looks lost at `at`; None when it needs no watching (ended, replaced: its
     message is kept until its replacement started, or a workflow step not started yet)."""
     state = record.result.state
-    if state in TERMINAL_STATES or not record.enqueued or state == S.TASK_STATE_UNSPECIFIED or is_replaced(record):
+    if (
+        state in TERMINAL_STATES
+        or not record.enqueued
+        or state == TaskStates.TASK_STATE_UNSPECIFIED
+        or is_replaced(record)
+    ):
         return None
     since = last_sign_of_life(record)
     due = since + (lease_after if state in _RUNNING else after)
@@ -166,7 +171,7 @@ class Repaired:
 class RepairReport:
     repaired: list[Repaired] = field(default_factory=list)
     checked: int = 0
-    # Looked lost, but their queue still holds their messages (or as many messages, where the broker cannot tell which).
+    # Looked lost, but their queue still holds their messages (or as many, where the broker cannot tell which).
     held: int = 0
     carried: int = 0
 

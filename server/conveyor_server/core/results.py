@@ -14,7 +14,7 @@ from .canvas import Kind, NodeOutcome, kind_of, nodes_by_id, task_ids
 from .canvas.reading import workflow_outcome
 from .errors import InvalidArgument, NotFound
 from .planner import result_task_id
-from .records import TERMINAL_STATES, S, is_terminal, task_key
+from .records import TERMINAL_STATES, TaskStates, is_terminal, task_key
 from .store import TaskStore
 
 # A watch re-reads its tasks at least this often even without a change notification,
@@ -285,18 +285,18 @@ def _workflow_task_result(
     if submitted:
         result.submitted_at.CopyFrom(min(submitted, key=lambda at: at.ToNanoseconds()))
     if outcome is None:
-        started = any(r.state != S.TASK_STATE_PENDING for r in results)
-        result.state = S.TASK_STATE_STARTED if started else S.TASK_STATE_PENDING
+        started = any(r.state != TaskStates.TASK_STATE_PENDING for r in results)
+        result.state = TaskStates.TASK_STATE_STARTED if started else TaskStates.TASK_STATE_PENDING
         return result
     if outcome.ok:
-        result.state = S.TASK_STATE_SUCCESS
+        result.state = TaskStates.TASK_STATE_SUCCESS
         result.result.CopyFrom(outcome.value)
         final = records.get(outcome.task_id)
         if final is not None and final.result.signature.ignore_result:
             result.signature.ignore_result = True  # so that clients know the value was not kept
     else:
-        ended_as = (S.TASK_STATE_CANCELLED, S.TASK_STATE_EXPIRED)
-        result.state = outcome.state if outcome.state in ended_as else S.TASK_STATE_FAILURE
+        ended_as = (TaskStates.TASK_STATE_CANCELLED, TaskStates.TASK_STATE_EXPIRED)
+        result.state = outcome.state if outcome.state in ended_as else TaskStates.TASK_STATE_FAILURE
         result.error.CopyFrom(outcome.error)
     finished = [r.finished_at for r in results if r.HasField("finished_at")]
     if finished:
@@ -307,12 +307,12 @@ def _workflow_task_result(
 def _aggregate(states: Sequence[result_pb2.TaskState.ValueType]) -> result_pb2.TaskState.ValueType:
     """A canvas node's state: failed or cancelled if any child is, done when all are."""
     if not states:
-        return S.TASK_STATE_SUCCESS
-    for worst in (S.TASK_STATE_FAILURE, S.TASK_STATE_EXPIRED, S.TASK_STATE_CANCELLED):
+        return TaskStates.TASK_STATE_SUCCESS
+    for worst in (TaskStates.TASK_STATE_FAILURE, TaskStates.TASK_STATE_EXPIRED, TaskStates.TASK_STATE_CANCELLED):
         if worst in states:
             return worst
-    if all(state == S.TASK_STATE_SUCCESS for state in states):
-        return S.TASK_STATE_SUCCESS
-    if all(state == S.TASK_STATE_PENDING for state in states):
-        return S.TASK_STATE_PENDING
-    return S.TASK_STATE_STARTED
+    if all(state == TaskStates.TASK_STATE_SUCCESS for state in states):
+        return TaskStates.TASK_STATE_SUCCESS
+    if all(state == TaskStates.TASK_STATE_PENDING for state in states):
+        return TaskStates.TASK_STATE_PENDING
+    return TaskStates.TASK_STATE_STARTED

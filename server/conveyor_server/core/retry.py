@@ -7,7 +7,6 @@ import random
 from conveyor.v1 import task_pb2
 from conveyor.values import seconds_of
 
-B = task_pb2.BackoffKind
 DEFAULT_INITIAL_SECONDS = 1.0
 DEFAULT_MAX_SECONDS = 3600.0
 
@@ -25,10 +24,10 @@ def base_delay(policy: task_pb2.RetryPolicy, attempt: int) -> float:
     """Delay before attempt `attempt + 1`, without jitter; `attempt` counts from 1."""
     initial = seconds(policy.initial) or DEFAULT_INITIAL_SECONDS
     cap = seconds(policy.max) or DEFAULT_MAX_SECONDS
-    kind = policy.backoff or B.BACKOFF_KIND_EXPONENTIAL
-    if kind == B.BACKOFF_KIND_FIXED:
+    kind = policy.backoff or task_pb2.BACKOFF_KIND_EXPONENTIAL
+    if kind == task_pb2.BACKOFF_KIND_FIXED:
         delay = initial
-    elif kind == B.BACKOFF_KIND_FIBONACCI:
+    elif kind == task_pb2.BACKOFF_KIND_FIBONACCI:
         previous, current = 0, 1
         for _ in range(attempt - 1):
             previous, current = current, previous + current

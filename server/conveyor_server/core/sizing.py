@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 
 # What a worker that says nothing accepts: gRPC's default receive limit.
 DEFAULT_WORKER_RECEIVE_BYTES = 4 * 1024 * 1024
@@ -18,21 +18,21 @@ DEFAULT_WORKER_RECEIVE_BYTES = 4 * 1024 * 1024
 ENVELOPE_BYTES = 64
 
 
-def _encoded_item_size(assignment: w.Assignment) -> int:
+def _encoded_item_size(assignment: worker_service_pb2.Assignment) -> int:
     """Bytes one item adds to an Assignments message: tag, length prefix, body."""
     size = assignment.ByteSize()
     return 1 + (size.bit_length() + 6) // 7 + size
 
 
 def split_to_fit(
-    assignments: Sequence[w.Assignment], max_bytes: int
-) -> tuple[list[list[w.Assignment]], list[w.Assignment]]:
+    assignments: Sequence[worker_service_pb2.Assignment], max_bytes: int
+) -> tuple[list[list[worker_service_pb2.Assignment]], list[worker_service_pb2.Assignment]]:
     """Batches in order, each encoding to at most `max_bytes` (0: the gRPC default), and the
     assignments that do not fit even alone."""
     budget = (max_bytes or DEFAULT_WORKER_RECEIVE_BYTES) - ENVELOPE_BYTES
-    batches: list[list[w.Assignment]] = []
-    oversized: list[w.Assignment] = []
-    current: list[w.Assignment] = []
+    batches: list[list[worker_service_pb2.Assignment]] = []
+    oversized: list[worker_service_pb2.Assignment] = []
+    current: list[worker_service_pb2.Assignment] = []
     used = 0
     for assignment in assignments:
         size = _encoded_item_size(assignment)

@@ -29,7 +29,7 @@ from .errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailabl
 from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
 from .publisher import Publication, Publisher
-from .records import S, error, idempotency_key, is_terminal, new_record, plan_key, transition, unique_key
+from .records import TaskStates, error, idempotency_key, is_terminal, new_record, plan_key, transition, unique_key
 from .signatures import filled, queues_named
 from .store import Loaded, TaskStore
 from .task_schemas import SubmitChecks
@@ -317,10 +317,10 @@ class Submitter:
         cause = error("AlreadyExists", f"refused with its submission: task ids already exist: {existing[0]}")
 
         def abandon(_: str, record: records_pb2.TaskRecord) -> bool:
-            if record.result.state != S.TASK_STATE_PENDING:
+            if record.result.state != TaskStates.TASK_STATE_PENDING:
                 return False
             record.result.error.CopyFrom(cause)
-            transition(record, S.TASK_STATE_CANCELLED, error=cause)
+            transition(record, TaskStates.TASK_STATE_CANCELLED, error=cause)
             return True
 
         await self.store.update([r.result.task_id for r in records if r.result.task_id not in taken], abandon)

@@ -18,7 +18,7 @@ from conveyor.v1 import admin_service_pb2
 from conveyor.values import seconds_of
 
 from ..backends.base import Backend
-from .records import S
+from .records import TaskStates
 
 WITHDRAWN_GROUP = "withdrawn"
 # Members read per backend call.
@@ -35,12 +35,12 @@ class Withdrawn:
 
 def queued(record: records_pb2.TaskRecord) -> bool:
     """The task waits in its queue: published, and not handed to a worker."""
-    return record.enqueued and record.result.state in (S.TASK_STATE_PENDING, S.TASK_STATE_RETRY)
+    return record.enqueued and record.result.state in (TaskStates.TASK_STATE_PENDING, TaskStates.TASK_STATE_RETRY)
 
 
 def due_at(record: records_pb2.TaskRecord) -> float:
     """Epoch seconds when a queued task's message turns ready (0: it is ready)."""
-    if record.result.state == S.TASK_STATE_RETRY:
+    if record.result.state == TaskStates.TASK_STATE_RETRY:
         return seconds_of(record.retry_at)
     signature = record.result.signature
     if signature.HasField("countdown"):

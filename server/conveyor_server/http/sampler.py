@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from ..core.records import S
+from ..core.records import TaskStates
 
 if TYPE_CHECKING:
     from ..app import Core
@@ -109,7 +109,7 @@ class Sampler:
             return {}
         ages: dict[str, float] = {}
         for queue in queues:
-            age = await indexer.oldest_age(queue, frozenset({S.TASK_STATE_PENDING}))
+            age = await indexer.oldest_age(queue, frozenset({TaskStates.TASK_STATE_PENDING}))
             if age is not None:
                 ages[queue] = age
         return ages

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from conveyor.context import TaskContext
 from conveyor.execution import Ending, TaskFunction
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 
 PoolKind = Literal["threads", "processes", "async"]
 POOL_KINDS: tuple[PoolKind, ...] = ("threads", "processes", "async")
@@ -24,7 +24,7 @@ POOL_KINDS: tuple[PoolKind, ...] = ("threads", "processes", "async")
 class TaskCall:
     """One assignment on its way through a pool."""
 
-    assignment: w.Assignment
+    assignment: worker_service_pb2.Assignment
     context: TaskContext
     function: TaskFunction
     # Called (on the event loop) when the task starts running.

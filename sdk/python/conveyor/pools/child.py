@@ -32,7 +32,7 @@ from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.execution import Ending, TaskFunction, call_sync, ended_by
 from conveyor.pools import pipe
 from conveyor.pools.coroutines import SOFT_LIMIT, call_async
-from conveyor.v1 import worker_service_pb2 as w
+from conveyor.v1 import worker_service_pb2
 from conveyor.values import to_value
 
 # multiprocessing runs the program's main module again in each child (as __mp_main__). The fork
@@ -152,7 +152,7 @@ class Child:
                 self.exiting = True
 
     def _run(self, seq: int, data: bytes) -> None:
-        assignment = w.Assignment.FromString(data)
+        assignment = worker_service_pb2.Assignment.FromString(data)
         context = TaskContext.of(assignment)
         context._report = lambda value: self._post(("progress", seq, to_value(value)), wake_sender=True)
         soft, hard = context.soft_time_limit, context.time_limit
@@ -177,7 +177,9 @@ class Child:
             self._post(("retire", f"its memory reached {peak / 2**20:.0f} MiB, over max_memory_per_child "
                                   f"({self.max_memory / 2**20:.0f} MiB)"), wake_sender=False)
 
-    def _run_sync(self, function: TaskFunction, assignment: w.Assignment, context: TaskContext) -> Ending:
+    def _run_sync(
+        self, function: TaskFunction, assignment: worker_service_pb2.Assignment, context: TaskContext
+    ) -> Ending:
         if self.soft_limit:
             self.alarm_armed = True
             signal.setitimer(signal.ITIMER_REAL, self.soft_limit)
@@ -188,7 +190,9 @@ class Child:
             if self.soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def _run_async(self, function: TaskFunction, assignment: w.Assignment, context: TaskContext) -> Ending:
+    def _run_async(
+        self, function: TaskFunction, assignment: worker_service_pb2.Assignment, context: TaskContext
+    ) -> Ending:
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         loop, soft = self.loop, self.soft_limit

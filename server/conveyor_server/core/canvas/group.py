@@ -18,7 +18,7 @@ from conveyor import tracing
 from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 
-from ..records import S, error
+from ..records import TaskStates, error
 from .base import Checker, Drive, Engine, NodeOutcome, Planner, PlanNode, Reading, Starts
 from .tree import first_task
 
@@ -43,13 +43,13 @@ def combine_members(members: Sequence[NodeOutcome], member_tasks: Sequence[str])
             values.append({"error": {"type": member.error.type, "message": member.error.message}})
             failures.append(f"member {index} ({member_tasks[index]}): {member.error.type}: {member.error.message}")
             failed.append(member)
-    combined = NodeOutcome(ok=not failures, members=members, state=S.TASK_STATE_SUCCESS)
+    combined = NodeOutcome(ok=not failures, members=members, state=TaskStates.TASK_STATE_SUCCESS)
     combined.value.json_value = json.dumps(values)
     if failed:
         combined.error.CopyFrom(error("GroupMemberFailed", "; ".join(failures)))
         combined.task_id = failed[0].task_id
-        every_cancelled = all(member.state == S.TASK_STATE_CANCELLED for member in failed)
-        combined.state = S.TASK_STATE_CANCELLED if every_cancelled else S.TASK_STATE_FAILURE
+        every_cancelled = all(member.state == TaskStates.TASK_STATE_CANCELLED for member in failed)
+        combined.state = TaskStates.TASK_STATE_CANCELLED if every_cancelled else TaskStates.TASK_STATE_FAILURE
     return combined
 
 
@@ -81,7 +81,7 @@ class GroupPrimitive:
 
     def start(self, node: PlanNode, value: task_pb2.Value | None, starts: Starts) -> None:
         if not node.child_ids:
-            empty = NodeOutcome(ok=True, state=S.TASK_STATE_SUCCESS)
+            empty = NodeOutcome(ok=True, state=TaskStates.TASK_STATE_SUCCESS)
             empty.value.json_value = "[]"
             starts.done(node, empty)
         for child in node.child_ids:

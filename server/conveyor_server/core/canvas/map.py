@@ -19,7 +19,7 @@ from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor.values import to_jsonable
 
 from ..errors import InvalidArgument
-from ..records import S, error
+from ..records import TaskStates, error
 from .base import Checker, NodeOutcome, Planner, PlanNode
 from .group import GroupPrimitive, combine_members
 
@@ -91,7 +91,7 @@ class MapPrimitive(GroupPrimitive):
             if not isinstance(values, list):  # a worker that does not know the conveyor-map header
                 message = f"chunk {index} ({member_tasks[index]}) returned {type(values).__name__}, not a list"
                 return NodeOutcome(ok=False, error=error("MapChunkNotList", message),
-                                   task_id=member.task_id, state=S.TASK_STATE_FAILURE)
+                                   task_id=member.task_id, state=TaskStates.TASK_STATE_FAILURE)
             flat.extend(values)
         combined.value.json_value = json.dumps(flat)
         return combined

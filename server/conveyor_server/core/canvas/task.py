@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, workflow_pb2
 
-from ..records import S, error
+from ..records import TaskStates, error
 from .base import Checker, Drive, Engine, NodeOutcome, Planner, PlanNode, Reading, Starts
 from .kinds import CorruptPlan
 
@@ -15,10 +15,10 @@ from .kinds import CorruptPlan
 def outcome_of(record: records_pb2.TaskRecord) -> NodeOutcome:
     """How a task ended, as its workflow sees it (a cancelled task is a failure there)."""
     result = record.result
-    if result.state == S.TASK_STATE_SUCCESS:
+    if result.state == TaskStates.TASK_STATE_SUCCESS:
         return NodeOutcome(ok=True, value=result.result, task_id=result.task_id, state=result.state)
     cause = result.error
-    if result.state == S.TASK_STATE_CANCELLED and not result.HasField("error"):
+    if result.state == TaskStates.TASK_STATE_CANCELLED and not result.HasField("error"):
         cause = error("Cancelled", f"task {result.task_id} was cancelled")
     return NodeOutcome(ok=False, error=cause, task_id=result.task_id, state=result.state)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from conveyor.v1 import task_pb2
 
 from ...backends.base import Backend
-from ..records import S
+from ..records import TaskStates
 from ..store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ PRUNE_AFTER_SECONDS = 10.0
 # The wait of a task that found no free slot: doubled per delivery, capped, with jitter.
 WAIT_FIRST_SECONDS = 0.1
 WAIT_MAX_SECONDS = 2.0
-_RUNNING = (S.TASK_STATE_RECEIVED, S.TASK_STATE_STARTED)
+_RUNNING = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 
 
 def group_of(key: str) -> str:

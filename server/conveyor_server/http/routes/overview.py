@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...backends.task_index import TaskQuery
-from ...core.records import S
+from ...core.records import TaskStates
 from .. import convert
 from ..access import READ
 from ..context import Dashboard, dashboard, endpoint
@@ -21,7 +21,7 @@ async def recent_failures(dash: Dashboard) -> dict[str, Any]:
     indexer = dash.core.admin.indexer
     if not indexer.enabled:
         return {"tasks": None, "reason": indexer.unsupported}
-    page = await indexer.find(TaskQuery(states=frozenset({S.TASK_STATE_FAILURE}), limit=RECENT_FAILURES))
+    page = await indexer.find(TaskQuery(states=frozenset({TaskStates.TASK_STATE_FAILURE}), limit=RECENT_FAILURES))
     return {"tasks": [convert.task(r.result) for r in page.records], "reason": ""}
 
 
