@@ -1,8 +1,9 @@
-"""The watch() machinery shared by the networked backends (redis, mongodb, memcached).
+"""The watch() machinery shared by the backends.
 
 Each backend has one `WatchHub`. Every watch() gets a `Watcher`; the hub registers it with
 the backend's single `Feed`, which learns of changes its own way (Redis pub/sub, a MongoDB
-change stream, or `PollFeed`, which compares a fingerprint per key) and notifies the watchers
+change stream, `PollFeed`, which compares a fingerprint per key, or `LocalFeed`, told by the
+backend itself when every write goes through this process) and notifies the watchers
 of the keys that changed. A `Registry` maps keys to the watchers that want them.
 """
 
@@ -102,6 +103,26 @@ class Feed(Protocol):
 
     async def close(self) -> None:
         """Stop the feed's reader."""
+
+
+class LocalFeed:
+    """For a backend whose every write happens in this process: it calls changed() itself."""
+
+    def __init__(self) -> None:
+        self._registry = Registry()
+
+    def changed(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._registry.dispatch(key)
+
+    async def add(self, watcher: Watcher) -> None:
+        self._registry.add(watcher)
+
+    async def remove(self, watcher: Watcher) -> None:
+        self._registry.remove(watcher)
+
+    async def close(self) -> None:
+        return None
 
 
 # Reads a fingerprint per existing key (absent keys are left out); it changes on every write.

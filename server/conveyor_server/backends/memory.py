@@ -6,7 +6,6 @@ claims are dropped when next looked at; an expired group when next written or re
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import math
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Self
 
 from ._tokens import TokenBuckets
+from ._watch import Feed, LocalFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .memory_task_index import MemoryTaskIndex
 
@@ -33,7 +33,8 @@ class MemoryBackend:
         self._records: dict[str, tuple[Versioned, float]] = {}
         self._groups: dict[str, _Group] = {}
         self._claims: dict[str, float] = {}
-        self._watchers: set[tuple[frozenset[str], asyncio.Queue[set[str] | None]]] = set()
+        self._feed = LocalFeed()
+        self._watches = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
@@ -44,8 +45,10 @@ class MemoryBackend:
         return None
 
     async def close(self) -> None:
-        for _, queue in list(self._watchers):
-            queue.put_nowait(None)
+        await self._watches.close()
+
+    async def _open_feed(self) -> Feed:
+        return self._feed
 
     def _expires(self, keep: bool) -> float:
         return math.inf if keep else time.monotonic() + self._ttl
@@ -67,10 +70,7 @@ class MemoryBackend:
         return found
 
     def _changed(self, keys: set[str]) -> None:
-        for watched, queue in self._watchers:
-            hits = keys & watched
-            if hits:
-                queue.put_nowait(hits)
+        self._feed.changed(keys)
 
     async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         existing: list[str] = []
@@ -158,26 +158,8 @@ class MemoryBackend:
             if self._claims.get(key, 0.0) > time.monotonic():
                 self._claims[key] = expires
 
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
-        queue: asyncio.Queue[set[str] | None] = asyncio.Queue()
-        entry = (frozenset(keys), queue)
-        self._watchers.add(entry)
-        try:
-            # Everything once, now that changes are tracked: a write that raced the caller's
-            # first read is not missed (the other engines start the same way).
-            yield set(keys)
-            while True:
-                changed = await queue.get()
-                if changed is None:
-                    return
-                while not queue.empty():
-                    more = queue.get_nowait()
-                    if more is None:
-                        return
-                    changed |= more
-                yield changed
-        finally:
-            self._watchers.discard(entry)
+    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+        return self._watches.watch(keys)
 
     # -- token buckets (rate limits) ------------------------------------------------------
 
