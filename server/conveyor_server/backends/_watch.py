@@ -127,18 +127,31 @@ class LocalFeed:
 
 # Reads a fingerprint per existing key (absent keys are left out); it changes on every write.
 Fetch = Callable[[list[str]], Awaitable[dict[str, Hashable]]]
+# Whether anything may have changed since the last look (given whether wake() asked for this
+# one); False skips reading the fingerprints.
+Moved = Callable[[bool], Awaitable[bool]]
 
 
 class PollFeed:
-    """Polls a fingerprint of every watched key for all watchers of one backend."""
+    """Polls a fingerprint of every watched key for all watchers of one backend; `moved`, when
+    given, is asked first and can say that nothing changed without reading them."""
 
-    def __init__(self, fetch: Fetch, engine: str, interval: float = POLL_SECONDS) -> None:
+    def __init__(
+        self, fetch: Fetch, engine: str, interval: float = POLL_SECONDS, moved: Moved | None = None
+    ) -> None:
         self._fetch = fetch
         self._engine = engine
         self._interval = interval
+        self._moved = moved
         self._registry = Registry()
         self._seen: dict[str, Hashable] = {}
+        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def wake(self, keys: Iterable[str]) -> None:
+        """Look at once when one of `keys` is watched (the backend wrote them itself)."""
+        if any(key in self._registry.by_key for key in keys):
+            self._woken.set()
 
     async def add(self, watcher: Watcher) -> None:
         new = self._registry.add(watcher)
@@ -167,9 +180,15 @@ class PollFeed:
         backoff = Backoff()
         delay = self._interval
         while self._registry.by_key:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), delay)
+            # Cleared before looking, so a write that lands during the look is looked at again.
+            woken = self._woken.is_set()
+            self._woken.clear()
             keys = list(self._registry.by_key)
             try:
+                if self._moved is not None and not await self._moved(woken):
+                    continue
                 found = await self._fetch(keys)
             except Exception as exc:
                 delay = backoff.next()

@@ -11,21 +11,19 @@ A file from before `groups` existed is migrated once, at connect().
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Collection, Hashable, Mapping, Sequence
 from typing import Self
 
 from conveyor_server.sqlite_db import SqliteDatabase, sqlite_path, transaction
 
 from . import _tokens
 from ._common import member_chunks
+from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .sqlite_task_index import SqliteTaskIndex
 
@@ -104,10 +102,6 @@ _EXPIRE = {
 _PAGE = "SELECT member, payload FROM group_members WHERE grp = :grp {} ORDER BY member LIMIT :limit"
 _PAGE_FIRST = _PAGE.format("")
 _PAGE_AFTER = _PAGE.format("AND member > :after")
-
-# (version, expires_at): every write moves expires_at, so this also tells a re-created record apart.
-Stamp = tuple[int, float]
-
 
 def _expires_at(now: float, ttl: float, keep: bool) -> float:
     return _KEEP if keep else now + ttl
@@ -230,31 +224,16 @@ def _sweep(conn: sqlite3.Connection) -> None:
             conn.execute(sql, {"now": now})
 
 
-def _poll(
-    conn: sqlite3.Connection, keys: Collection[str], seen_version: int | None
-) -> tuple[int, dict[str, Stamp] | None]:
-    """The data version and, when it moved (or `seen_version` is None), the stamps of `keys`."""
-    # data_version changes when any *other* connection commits; our own writes kick the poller.
-    (data_version,) = conn.execute("PRAGMA data_version").fetchone()
-    if data_version == seen_version:
-        return data_version, None
+def _data_version(conn: sqlite3.Connection) -> int:
+    # It changes when any *other* connection commits; writes through this backend wake the feed.
+    (version,) = conn.execute("PRAGMA data_version").fetchone()
+    return int(version)
+
+
+def _stamps(conn: sqlite3.Connection, keys: Collection[str]) -> dict[str, Hashable]:
+    # (version, expires_at): every write moves expires_at, so this also tells a re-created record apart.
     rows = conn.execute(_STAMPS, {"keys": json.dumps(list(keys)), "now": time.time()})
-    return data_version, {key: (version, expires_at) for key, version, expires_at in rows}
-
-
-@dataclass(eq=False)
-class _Watcher:
-    keys: frozenset[str]
-    changes: asyncio.Queue[set[str] | None] = field(default_factory=asyncio.Queue)
-    # What this watcher was last told. It starts empty, so every watched key that exists when the
-    # watch starts is reported once: a write racing the start can never be missed.
-    seen: dict[str, Stamp] = field(default_factory=dict)
-
-    def report(self, stamps: Mapping[str, Stamp]) -> None:
-        changed = {key for key in self.keys if stamps.get(key) != self.seen.get(key)}
-        if changed:
-            self.seen = {key: stamps[key] for key in self.keys if key in stamps}
-            self.changes.put_nowait(changed)
+    return {key: (version, expires_at) for key, version, expires_at in rows}
 
 
 class SqliteBackend:
@@ -262,10 +241,11 @@ class SqliteBackend:
         self._db = SqliteDatabase(path, _SCHEMA)
         self._ttl = ttl_seconds
         self._next_sweep = 0.0
-        self._watchers: set[_Watcher] = set()
-        # Set by local writes to watched keys and by new watchers: the poller looks at once.
-        self._kick = asyncio.Event()
-        self._poller: asyncio.Task[None] | None = None
+        # Watches compare each key's (version, expiry) stamp, read only when another connection
+        # committed or this backend wrote a watched key.
+        self._feed = PollFeed(self._read_stamps, "sqlite", _POLL_SECONDS, moved=self._moved)
+        self._data_version: int | None = None
+        self._watches = WatchHub(self._open_feed)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> Self:
@@ -276,18 +256,23 @@ class SqliteBackend:
         await self._db.run(_migrate)
 
     async def close(self) -> None:
-        for watcher in self._watchers:
-            watcher.changes.put_nowait(None)
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._watches.close()
         await self._db.close()
 
+    async def _open_feed(self) -> Feed:
+        return self._feed
+
+    async def _read_stamps(self, keys: list[str]) -> dict[str, Hashable]:
+        return await self._db.run(functools.partial(_stamps, keys=keys))
+
+    async def _moved(self, woken: bool) -> bool:
+        version = await self._db.run(_data_version)
+        moved = woken or version != self._data_version
+        self._data_version = version
+        return moved
+
     async def _after_write(self, keys: Collection[str] = ()) -> None:
-        if any(not watcher.keys.isdisjoint(keys) for watcher in self._watchers):
-            self._kick.set()
+        self._feed.wake(keys)
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + _SWEEP_SECONDS
             await self._db.run(_sweep)
@@ -349,38 +334,8 @@ class SqliteBackend:
     async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         if self._db.closed:
             return
-        watcher = _Watcher(frozenset(keys))
-        self._watchers.add(watcher)
-        self._kick.set()
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll_loop())
-        try:
-            while True:
-                changed = await watcher.changes.get()
-                while changed is not None and not watcher.changes.empty():
-                    more = watcher.changes.get_nowait()
-                    changed = None if more is None else changed | more
-                if changed is None:
-                    return
-                yield changed
-        finally:
-            self._watchers.discard(watcher)
-
-    async def _poll_loop(self) -> None:
-        """One poller per backend serves every watch; it ends when the last watch does."""
-        data_version: int | None = None
-        while self._watchers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), _POLL_SECONDS)
-            # Cleared before reading, so a write that lands during the read is looked at again.
-            known = None if self._kick.is_set() else data_version
-            self._kick.clear()
-            watchers = list(self._watchers)
-            keys = frozenset().union(*(w.keys for w in watchers))
-            data_version, stamps = await self._db.run(functools.partial(_poll, keys=keys, seen_version=known))
-            if stamps is not None:
-                for watcher in watchers:
-                    watcher.report(stamps)
+        async for changed in self._watches.watch(keys):
+            yield changed
 
     # -- token buckets (rate limits) ------------------------------------------------------
 
