@@ -785,6 +785,41 @@ async def test_sqs_a_waiting_fetch_survives_the_loss_of_its_queues(
     assert ids(await asyncio.wait_for(waiting, 10)) == ["m0"]
 
 
+async def test_sqs_a_band_whose_receive_fails_does_not_strand_what_the_others_took(
+    sqs: SqsBroker, queue: str
+) -> None:
+    await sqs.publish(queue, [OutgoingMessage("high", b"x", priority=9)])
+    urls = sqs._urls[queue]
+    lowest = urls.bands[-1]
+    # A band URL the broker does not own: its receive fails (QueueDoesNotExist, not re-created).
+    urls.bands[-1] = lowest.rsplit("/", 1)[0] + "/not-a-conveyor-queue"
+    try:
+        fetched = await sqs.fetch(queue, 10, LEASE)
+    finally:
+        urls.bands[-1] = lowest
+    # Before: the failure was raised and "high" stayed invisible, leased to nobody, for LEASE.
+    assert ids(fetched) == ["high"]
+    await sqs.ack(fetched)
+
+
+async def test_sqs_a_slow_look_at_the_delay_queue_does_not_hold_up_ready_messages(
+    sqs: SqsBroker, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await sqs.fetch(queue, 10, LEASE) == []  # the queues exist
+
+    async def slow_forward(queue: str, urls: object) -> None:
+        await asyncio.sleep(10)  # a delay-queue receive stuck on an endpoint coming back
+
+    monkeypatch.setattr(sqs, "_forward_due", slow_forward)
+    sqs._forwarded_at.clear()
+    await sqs.publish(queue, messages(1))
+    started = time.monotonic()
+    fetched = await asyncio.wait_for(sqs.fetch(queue, 10, LEASE, wait_seconds=5), 15)
+    assert ids(fetched) == ["m0"]
+    assert time.monotonic() - started < 5  # not after the delay queue's 10 s
+    await sqs.ack(fetched)
+
+
 def _closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -29,8 +29,11 @@ purge() and close() wait for those deletes), so reporting results never waits fo
 delivery_count = ApproximateReceiveCount plus the deliveries of earlier copies (carried in an
 attribute by nack-with-delay copies).
 
-Outages. Calls have connect and read timeouts and one retry, so an unreachable endpoint fails
-them within seconds with botocore's connection errors (transient: engine_errors.py). A call
+Outages. Calls have connect and read timeouts, so an unreachable endpoint fails them within
+seconds with botocore's connection errors (transient: engine_errors.py). Receives are not
+retried by botocore: the fetch and poll loops retry them with a jittered backoff capped at half
+a second, which bounds how long after the endpoint's return work flows again; other calls get
+one retry. A receive that fails beside others that took messages does not drop those. A call
 that meets a queue that does not exist (any more: deleted, a region failover, a restarted moto)
 creates the conveyor queue's SQS queues again, as they were created, and is retried once; the
 messages that were in them are gone (the server's repair publishes their tasks again).
@@ -60,13 +63,14 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 from urllib.parse import unquote
 
 import aioboto3
 
+from ..backoff import Backoff
 from ..engine_errors import is_transient
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ._delayed import PublishedDelays
@@ -91,9 +95,16 @@ POLL_POOL = 128  # HTTP connections for long polls (each holds one for up to MAX
 # (refused at once: about one second, the retry's backoff), never hangs it.
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 10.0  # short calls; long polls wait up to MAX_WAIT on top
-ATTEMPTS = 2  # botocore "standard" retries: the first try and one retry
+# botocore "standard" retries, counted with the first try (total_max_attempts; its max_attempts
+# would count retries only): short calls get one retry, after up to a second; receives none, as
+# the fetch and poll loops retry them sooner (see _request).
+ATTEMPTS = 2
+RECEIVE_ATTEMPTS = 1
 # Handed-out leases keep at least this share of their length; shorter ones are renewed first.
 LEASE_FLOOR = 0.5
+# A failed long poll is tried again after a jittered backoff from the first delay up to the cap:
+# the cap bounds how long after the endpoint's return a poll waits to ask again.
+POLL_RETRY_FIRST, POLL_RETRY_MAX = 0.05, 0.5
 LATE_LOG_SECONDS = 30.0  # at most one "SQS answered late" warning per this long
 FORWARD_VISIBILITY = 60  # seconds a forwarder owns a delay-queue message
 FORWARD_INTERVAL = 0.1  # a busy fetcher looks at the delay queue at most this often
@@ -130,6 +141,17 @@ def _attribute(message: dict[str, Any], name: str, default: str = "") -> str:
 def _alive(handle: _Handle, now: float) -> bool:
     """Whether this process still holds the lease of `handle` (by its own clock)."""
     return not handle.settled and handle.deadline > now
+
+
+async def _received(*receives: Awaitable[tuple[list[_Handle], int]]) -> list[tuple[list[_Handle], int]]:
+    """Receives run together. One that failed counts as empty unless all failed: the messages
+    the others took are invisible now, and dropping them with the error would strand them for
+    their visibility timeout (seen when the endpoint came back and one band's call had not)."""
+    results = await asyncio.gather(*receives, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures and (len(failures) == len(results) or not isinstance(failures[0], Exception)):
+        raise failures[0]
+    return [([], 0) if isinstance(r, BaseException) else r for r in results]
 
 
 def _queue_gone(exc: Exception) -> bool:
@@ -222,6 +244,10 @@ class SqsBroker:
         # Messages a long poll received after its fetch returned: queue -> handles.
         self._buffer: dict[str, list[_Handle]] = {}
         self._polls: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._forwarding: dict[str, asyncio.Task[None]] = {}  # queue -> its look at the delay queue
+        # (queue, band) -> the pause before its next long poll after one failed: short at first,
+        # so a poll answers again soon after the endpoint returns.
+        self._poll_failures: dict[tuple[str, int], Backoff] = {}
         self._arrived = Wakeups()
         self._forwarded_at: dict[str, float] = {}
         # SQS MessageId -> handle, for messages received here whose lease may be live.
@@ -257,8 +283,8 @@ class SqsBroker:
     async def connect(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         self._client = await self._stack.enter_async_context(self._new_client(READ_TIMEOUT, POOL, ATTEMPTS))
-        # A failed long poll is not retried here: the waiting fetch polls again.
-        self._poller = await self._stack.enter_async_context(self._new_client(MAX_WAIT + READ_TIMEOUT, POLL_POOL, 1))
+        self._poller = await self._stack.enter_async_context(
+            self._new_client(MAX_WAIT + READ_TIMEOUT, POLL_POOL, RECEIVE_ATTEMPTS))
 
     def _new_client(self, read_timeout: float, pool: int, attempts: int) -> Any:
         extra: dict[str, Any] = {}
@@ -268,7 +294,7 @@ class SqsBroker:
         config_class = importlib.import_module("botocore.config").Config
         config = config_class(
             max_pool_connections=pool, connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
+            retries={"total_max_attempts": attempts, "mode": "standard"},
         )
         return aioboto3.Session().client(
             "sqs", endpoint_url=self._endpoint, region_name=self._region, config=config, **extra
@@ -276,12 +302,14 @@ class SqsBroker:
 
     async def close(self) -> None:
         await self._acked()
-        for task in self._polls.values():
+        background = [*self._polls.values(), *self._forwarding.values()]
+        for task in background:
             task.cancel()
-        for task in list(self._polls.values()):
+        for task in background:
             with contextlib.suppress(BaseException):
                 await task
         self._polls.clear()
+        self._forwarding.clear()
         self._buffer.clear()
         if self._stack is not None:
             await self._stack.aclose()
@@ -294,8 +322,8 @@ class SqsBroker:
         return self._client
 
     async def _call(self, method: str, *, poll: bool = False, **params: Any) -> Any:
-        """One SQS call (`poll`: a long poll, on its own client and outside the concurrency
-        limit, whose slots it would hold for seconds while idle). When the queue of the call
+        """One SQS call (`poll`: a long poll, outside the concurrency limit, whose slots it
+        would hold for seconds while idle). When the queue of the call
         does not exist, its conveyor queue's SQS queues are created again and the call is
         retried once."""
         started = asyncio.get_running_loop().time()
@@ -308,10 +336,16 @@ class SqsBroker:
         return await self._request(method, poll, {**params, "QueueUrl": url})
 
     async def _request(self, method: str, poll: bool, params: dict[str, Any]) -> Any:
-        if poll:
+        # Receives go to the client that does not retry: a retry would wait out botocore's
+        # delay (up to a second) after the endpoint is back, and hold up the other bands'
+        # messages in a drain until then; the fetch and poll loops retry sooner.
+        if method == "receive_message":
             if self._poller is None:
                 raise RuntimeError("SqsBroker is not connected; call connect() first")
-            return await self._poller.receive_message(**params)
+            if poll:
+                return await self._poller.receive_message(**params)
+            async with self._limit:
+                return await self._poller.receive_message(**params)
         async with self._limit:
             return await getattr(self._sqs, method)(**params)
 
@@ -368,12 +402,14 @@ class SqsBroker:
             if urls is not None:
                 log.warning("the SQS queues of %s are gone (deleted, or lost by the endpoint); creating them "
                             "again: the messages they held are lost", queue)
-            created_at = asyncio.get_running_loop().time()
             created = await asyncio.gather(
                 self._create(self._sqs_name(queue, "-d"), queue, fifo=False),
                 *(self._create(self._sqs_name(queue, self._band_suffix(band)), queue, fifo=self._fifo)
                   for band in range(len(self._bands))),
             )
+            # Stamped once they exist: a call that started while they were being created and
+            # met a missing queue finds them made, rather than creating them once more.
+            created_at = asyncio.get_running_loop().time()
             urls = self._urls[queue] = _Urls(queue, bands=list(created[1:]), delay=created[0], created_at=created_at)
             self._owners[urls.delay] = (queue, -1)
             self._owners.update((url, (queue, band)) for band, url in enumerate(urls.bands))
@@ -499,18 +535,18 @@ class SqsBroker:
         (an empty band costs a request, not a round trip), then wider rounds on the bands that
         came back full, highest first. Returns them highest band first; lower bands may give
         more than `want` (the caller keeps those for the next fetch)."""
-        first = await asyncio.gather(*(
+        first = await _received(*(
             self._receive(url, band, want, lease_seconds) for band, url in enumerate(urls.bands)
         ))
         taken = [handle for handles, _ in first for handle in handles]
         for band, url in enumerate(urls.bands):
             if first[band][1] < min(want, MAX_BATCH):
-                continue  # that band had no more
+                continue  # that band had no more (or failed)
             parallel = 2
             while len(taken) < want:
                 # Widen only while every receive comes back full.
                 counts = [len(chunk) for chunk in _chunks(range(want - len(taken)), MAX_BATCH)][:parallel]
-                rounds = await asyncio.gather(*(self._receive(url, band, count, lease_seconds) for count in counts))
+                rounds = await _received(*(self._receive(url, band, count, lease_seconds) for count in counts))
                 taken += [handle for handles, _ in rounds for handle in handles]
                 if sum(came for _, came in rounds) < sum(counts):
                     break
@@ -568,17 +604,24 @@ class SqsBroker:
         )
 
     async def _drain_and_forward(self, queue: str, urls: _Urls, want: int, lease_seconds: float) -> list[_Handle]:
-        """_drain, while the delay queue is looked at for due messages (a failure there only
-        delays them: recover_expired() and the next fetch look again)."""
-        forwarded, drained = await asyncio.gather(
-            self._forward_due(queue, urls), self._drain(urls, want, lease_seconds), return_exceptions=True,
-        )
-        if isinstance(drained, BaseException):
-            raise drained
-        if isinstance(forwarded, BaseException):
+        """_drain, while the delay queue is looked at for due messages in the background: a
+        slow or failed look there must not hold up the ready messages the drain took (what it
+        forwards wakes the waiting fetches)."""
+        running = self._forwarding.get(queue)
+        if running is None or running.done():
+            self._forwarding[queue] = asyncio.create_task(self._forward_due_quietly(queue, urls))
+        return await self._drain(urls, want, lease_seconds)
+
+    async def _forward_due_quietly(self, queue: str, urls: _Urls) -> None:
+        """_forward_due; a failure only delays the due messages: recover_expired() and the next
+        fetch look again."""
+        try:
+            await self._forward_due(queue, urls)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             log.warning("forwarding due delayed messages of %s failed (%s: %s); will retry",
-                        queue, type(forwarded).__name__, forwarded)
-        return drained
+                        queue, type(exc).__name__, exc)
 
     async def _with_lease(self, handles: list[_Handle], lease_seconds: float) -> list[_Handle]:
         """The handles to hand out, each with at least LEASE_FLOOR of the lease left (and not
@@ -635,13 +678,15 @@ class SqsBroker:
                 await self._forward(queue, urls, handles)
             elif handles:
                 self._buffer.setdefault(queue, []).extend(handles)
+            self._poll_failures.pop((queue, band), None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the waiting fetch polls again on its next round
             # An endpoint out of reach fails every poll: the fetch that waits reports that.
             log.log(logging.DEBUG if is_transient(exc) else logging.WARNING,
                     "SQS long poll of %s failed (%s: %s)", url, type(exc).__name__, exc)
-            await asyncio.sleep(0.5)
+            failures = self._poll_failures.setdefault((queue, band), Backoff(POLL_RETRY_FIRST, POLL_RETRY_MAX))
+            await asyncio.sleep(failures.next())
         # Wake waiting fetches even when empty: they look again and restart the polls.
         self._arrived.wake(queue)
 

@@ -48,9 +48,9 @@ FETCH_WAIT_SECONDS = 1.0
 RECEIVED_DELAY_SECONDS = 0.02
 # Extra time past a task's time limit before the server itself gives up on the attempt.
 TIME_LIMIT_GRACE_SECONDS = 5.0
-# Backoff while an engine is unreachable: the first retry, and the cap.
 # A task too large for the worker it was fetched for waits this long before another try.
 OVERSIZED_RETRY_SECONDS = 1.0
+# Backoff while an engine is unreachable: the first retry, and the cap.
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 # A fetch that failed is tried again after a jittered backoff from RETRY_FIRST_SECONDS up to this:

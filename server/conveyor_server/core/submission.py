@@ -22,6 +22,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, task_service_pb2
 
 from ..backends.base import Update
+from ..backoff import Backoff
 from ..config import Limits, Settings
 from .admission import Admission
 from .canvas.options import apply_options
@@ -37,9 +38,10 @@ from .validation import check_signature, check_workflow
 from .workflow import WorkflowEngine
 
 log = logging.getLogger(__name__)
-# A publish that failed is retried here with this backoff (first delay, cap) during the grace.
+# A publish that failed is retried here with a jittered backoff (first delay, cap) during the
+# grace; the cap bounds how long after the broker's return the submission goes out.
 RETRY_FIRST_SECONDS = 0.1
-RETRY_MAX_SECONDS = 2.0
+RETRY_MAX_SECONDS = 1.0
 # How long a submit waits for the holder of a key it met (one taken moments ago by another
 # submission) to be stored, before it tells its caller to retry.
 KEY_WAIT_FIRST_SECONDS = 0.01
@@ -146,13 +148,12 @@ class Submitter:
     ) -> None:
         """Retry a failed publish with backoff while the outbox grace lasts; after that the
         reconciler (on any replica) has it, as it would if this process had died."""
-        delay = RETRY_FIRST_SECONDS
+        failures = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
         deadline = time.monotonic() + self.settings.outbox_grace_seconds
-        while time.monotonic() + delay < deadline:
+        while time.monotonic() + (delay := failures.next()) < deadline:
             await asyncio.sleep(delay)
             if await self._publish(entry_id, lone, plans, repair=True):
                 return
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
