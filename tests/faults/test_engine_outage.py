@@ -31,10 +31,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 # From the engine's return to the first task that started after it.
 RESUME_SECONDS = 2.0
-# SQS (moto) after losing its queues does not meet RESUME_SECONDS today: 2.2 to 3.7 s in five quiet runs on
-# 2026-12-02, at this commit and at the one before the day's changes (1.4 s in bench/faults.py the day
-# before). Every task still runs, and the callbacks once; the time it takes is an open question of issue #22.
-SQS_LOST_QUEUES_RESUME_SECONDS = 5.0
+# SQS (moto) after losing its queues: 1.2 to 1.8 s on a quiet machine with this test's load (0.6 to 2.3 s
+# with bench/faults.py's heavier one), after the SQS broker stopped retrying receives in botocore and
+# letting a slow delay-queue look or a failed band hold up a drain (2.2 to 3.7 s before). What is left is
+# moto's own pace: restarted, it takes the republished backlog (9-12 ms of CPU a message) and the first
+# receives together, one process for all. Beside another test process in CI it needs more room.
+SQS_LOST_QUEUES_RESUME_SECONDS = 4.0
 # The suite's load, but fewer lone tasks on nx-27017 and moto, whose pace (BackendOutage.tune, BrokerOutage.tune)
 # would otherwise stretch the run past a minute; bench/faults.py runs the full load there.
 LOADS = {"mongodb": Load(tasks=400), "sqs": Load(tasks=600)}

@@ -90,7 +90,7 @@ MAX_BATCH_BYTES = 250_000  # under SendMessageBatch's 256 KiB total
 NAME_LIMIT = 80
 CONCURRENCY = 32  # parallel short calls
 POOL = 64  # HTTP connections for short calls
-POLL_POOL = 128  # HTTP connections for long polls (each holds one for up to MAX_WAIT)
+POLL_POOL = 128  # HTTP connections for receives (a long poll holds one for up to MAX_WAIT)
 # Timeouts and retries: an unreachable endpoint fails a short call within a few seconds
 # (refused at once: about one second, the retry's backoff), never hangs it.
 CONNECT_TIMEOUT = 2.0
@@ -241,6 +241,7 @@ class SqsBroker:
         # Deletes of acked messages still running (see ack()).
         self._deleting: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(CONCURRENCY)
+        self._receiving = asyncio.Semaphore(CONCURRENCY)  # short receives, beside the other calls
         # Messages a long poll received after its fetch returned: queue -> handles.
         self._buffer: dict[str, list[_Handle]] = {}
         self._polls: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -322,10 +323,9 @@ class SqsBroker:
         return self._client
 
     async def _call(self, method: str, *, poll: bool = False, **params: Any) -> Any:
-        """One SQS call (`poll`: a long poll, outside the concurrency limit, whose slots it
-        would hold for seconds while idle). When the queue of the call
-        does not exist, its conveyor queue's SQS queues are created again and the call is
-        retried once."""
+        """One SQS call (`poll`: a long poll, outside the concurrency limits, whose slots it
+        would hold for seconds while idle). When the queue of the call does not exist, its
+        conveyor queue's SQS queues are created again and the call is retried once."""
         started = asyncio.get_running_loop().time()
         try:
             return await self._request(method, poll, params)
@@ -338,13 +338,15 @@ class SqsBroker:
     async def _request(self, method: str, poll: bool, params: dict[str, Any]) -> Any:
         # Receives go to the client that does not retry: a retry would wait out botocore's
         # delay (up to a second) after the endpoint is back, and hold up the other bands'
-        # messages in a drain until then; the fetch and poll loops retry sooner.
+        # messages in a drain until then; the fetch and poll loops retry sooner. They have
+        # slots of their own: behind a backlog of sends (republished after an outage) they
+        # would wait for those before any work could flow again.
         if method == "receive_message":
             if self._poller is None:
                 raise RuntimeError("SqsBroker is not connected; call connect() first")
             if poll:
                 return await self._poller.receive_message(**params)
-            async with self._limit:
+            async with self._receiving:
                 return await self._poller.receive_message(**params)
         async with self._limit:
             return await getattr(self._sqs, method)(**params)
