@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2
 from conveyor_server.backends.memory import MemoryBackend
+from conveyor_server.brokers.base import OutgoingMessage
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import ConfigError, QueueLimit
 from conveyor_server.core.admission import STATS_MAX_AGE_SECONDS, Admission, Recent, admission_for
@@ -185,3 +186,34 @@ def test_an_age_limit_without_a_task_index_stops_the_server_at_startup() -> None
     with pytest.raises(ConfigError, match=r"max_age_seconds \(on emails\) is measured with the task index"):
         admission_for(MemoryBroker(), {"emails": QueueLimit(max_age_seconds=60)}, off)
     admission_for(MemoryBroker(), {"emails": QueueLimit(max_depth=10)}, off)  # depth needs no index
+
+
+async def test_a_queue_at_its_max_depth_refuses_with_its_reason_until_it_drains(broker: MemoryBroker) -> None:
+    monotonic = Clock(1_000.0)  # far from 0: a cached value's age is now minus when it was read
+    admission = Admission(broker, {"emails": QueueLimit(max_depth=3)}, clock=monotonic)
+    await broker.publish("emails", [OutgoingMessage(f"m{n}", b"x") for n in range(2)])
+    await broker.publish("other", [OutgoingMessage(f"o{n}", b"x") for n in range(5)])
+    await admission.admit(["emails", "other"])  # two ready of three; "other" has no limit
+
+    await broker.publish("emails", [OutgoingMessage("m2", b"x")])
+    await admission.admit(["emails"])  # the depth read a moment ago still holds
+    monotonic.at += STATS_MAX_AGE_SECONDS
+    with pytest.raises(ResourceExhausted) as refused:
+        await admission.admit(["emails"])  # exactly at the limit
+    assert str(refused.value) == "queue 'emails' holds 3 ready tasks, at its max_depth of 3; retry in 1 s"
+    assert refused.value.retry_after_seconds == 1.0
+    assert (refused.value.reason, refused.value.metadata) == ("QUEUE_FULL", {"queue": "emails", "max_depth": "3"})
+
+    await broker.ack(await broker.fetch("emails", 1, 30.0))
+    monotonic.at += STATS_MAX_AGE_SECONDS - 0.01
+    with pytest.raises(ResourceExhausted):
+        await admission.admit(["emails"])
+    monotonic.at += 0.02
+    await admission.admit(["emails"])
+
+
+def test_queues_without_a_limit_are_not_watched() -> None:
+    admission = Admission(MemoryBroker(), {"a": QueueLimit(), "b": QueueLimit(max_depth=1)})
+    assert list(admission.limits) == ["b"]
+    with pytest.raises(ValueError, match="a max_age_seconds limit needs the task index"):
+        Admission(MemoryBroker(), {"c": QueueLimit(max_age_seconds=5)})
