@@ -22,7 +22,7 @@ from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import ConfigError, QueueLimit
 from conveyor_server.core.admission import STATS_MAX_AGE_SECONDS, Admission, Recent, admission_for
 from conveyor_server.core.errors import ResourceExhausted
-from conveyor_server.core.queue_ages import MAX_PAGES, PAGE, QueueAges
+from conveyor_server.core.queue_ages import MAX_PAGES, PAGE, QueueAges, ready_at
 from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.store import TaskStore
 from conveyor_server.core.task_index import TaskIndexer
@@ -217,3 +217,23 @@ def test_queues_without_a_limit_are_not_watched() -> None:
     assert list(admission.limits) == ["b"]
     with pytest.raises(ValueError, match="a max_age_seconds limit needs the task index"):
         Admission(MemoryBroker(), {"c": QueueLimit(max_age_seconds=5)})
+
+
+async def test_a_task_that_waited_exactly_the_limit_is_not_past_it(index: Index) -> None:
+    await index.add(waiting(index.queue, "on-the-edge"))
+    assert await QueueAges(index.indexer, Clock(SUBMITTED + 30)).waited_past(index.queue, 30) is None
+    assert await QueueAges(index.indexer, Clock(SUBMITTED + 30.5)).waited_past(index.queue, 30) == pytest.approx(30.5)
+
+
+async def test_the_oldest_waiting_task_is_the_one_reported(index: Index) -> None:
+    await index.add(*(waiting(index.queue, f"t{n}", at=SUBMITTED + n) for n in range(5)))
+    assert await QueueAges(index.indexer, Clock(SUBMITTED + 100)).waited_past(index.queue, 10) == pytest.approx(100)
+
+
+def test_a_task_turns_ready_when_published_and_its_delay_is_due() -> None:
+    published_late = waiting("q", "late", at=SUBMITTED)
+    published_late.enqueued_at.FromNanoseconds(int((SUBMITTED + 7) * 1e9))
+    assert ready_at(published_late) == pytest.approx(SUBMITTED + 7)
+    never_published = waiting("q", "plain", at=SUBMITTED)
+    never_published.ClearField("enqueued_at")
+    assert ready_at(never_published) == pytest.approx(SUBMITTED)  # the submission time stands in
