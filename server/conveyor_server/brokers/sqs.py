@@ -90,7 +90,7 @@ MAX_BATCH_BYTES = 250_000  # under SendMessageBatch's 256 KiB total
 NAME_LIMIT = 80
 CONCURRENCY = 32  # parallel short calls
 POOL = 64  # HTTP connections for short calls
-POLL_POOL = 128  # HTTP connections for receives (a long poll holds one for up to MAX_WAIT)
+POLL_POOL = 128  # HTTP connections for long polls (each holds one for up to MAX_WAIT)
 # Timeouts and retries: an unreachable endpoint fails a short call within a few seconds
 # (refused at once: about one second, the retry's backoff), never hangs it.
 CONNECT_TIMEOUT = 2.0
@@ -152,6 +152,12 @@ async def _received(*receives: Awaitable[tuple[list[_Handle], int]]) -> list[tup
     if failures and (len(failures) == len(results) or not isinstance(failures[0], Exception)):
         raise failures[0]
     return [([], 0) if isinstance(r, BaseException) else r for r in results]
+
+
+def _connected(client: Any) -> Any:
+    if client is None:
+        raise RuntimeError("SqsBroker is not connected; call connect() first")
+    return client
 
 
 def _queue_gone(exc: Exception) -> bool:
@@ -233,6 +239,7 @@ class SqsBroker:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._poller: Any = None  # a client of its own for long polls (a longer read timeout)
+        self._receiver: Any = None  # and one for short receives (not retried by botocore)
         self._urls: dict[str, _Urls] = {}
         self._creating: dict[str, asyncio.Lock] = {}
         # SQS queue URL -> (conveyor queue, band or -1 for the delay queue), to create again.
@@ -286,6 +293,8 @@ class SqsBroker:
         self._client = await self._stack.enter_async_context(self._new_client(READ_TIMEOUT, POOL, ATTEMPTS))
         self._poller = await self._stack.enter_async_context(
             self._new_client(MAX_WAIT + READ_TIMEOUT, POLL_POOL, RECEIVE_ATTEMPTS))
+        self._receiver = await self._stack.enter_async_context(
+            self._new_client(READ_TIMEOUT, CONCURRENCY, RECEIVE_ATTEMPTS))
 
     def _new_client(self, read_timeout: float, pool: int, attempts: int) -> Any:
         extra: dict[str, Any] = {}
@@ -314,13 +323,11 @@ class SqsBroker:
         self._buffer.clear()
         if self._stack is not None:
             await self._stack.aclose()
-        self._stack = self._client = self._poller = None
+        self._stack = self._client = self._poller = self._receiver = None
 
     @property
     def _sqs(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("SqsBroker is not connected; call connect() first")
-        return self._client
+        return _connected(self._client)
 
     async def _call(self, method: str, *, poll: bool = False, **params: Any) -> Any:
         """One SQS call (`poll`: a long poll, outside the concurrency limits, whose slots it
@@ -336,20 +343,18 @@ class SqsBroker:
         return await self._request(method, poll, {**params, "QueueUrl": url})
 
     async def _request(self, method: str, poll: bool, params: dict[str, Any]) -> Any:
-        # Receives go to the client that does not retry: a retry would wait out botocore's
-        # delay (up to a second) after the endpoint is back, and hold up the other bands'
-        # messages in a drain until then; the fetch and poll loops retry sooner. They have
-        # slots of their own: behind a backlog of sends (republished after an outage) they
-        # would wait for those before any work could flow again.
-        if method == "receive_message":
-            if self._poller is None:
-                raise RuntimeError("SqsBroker is not connected; call connect() first")
-            if poll:
-                return await self._poller.receive_message(**params)
-            async with self._receiving:
-                return await self._poller.receive_message(**params)
-        async with self._limit:
-            return await getattr(self._sqs, method)(**params)
+        if method != "receive_message":
+            async with self._limit:
+                return await getattr(self._sqs, method)(**params)
+        # Receives go to clients that do not retry: a retry would wait out botocore's delay
+        # (up to a second) after the endpoint is back, and hold up the other bands' messages
+        # in a drain until then; the fetch and poll loops retry sooner. Short ones have slots
+        # of their own: behind a backlog of sends (republished after an outage) they would
+        # wait for those before any work could flow again.
+        if poll:
+            return await _connected(self._poller).receive_message(**params)
+        async with self._receiving:
+            return await _connected(self._receiver).receive_message(**params)
 
     async def _recreate(self, url: str, since: float, exc: Exception) -> str:
         """The URL standing for `url` once its conveyor queue's SQS queues exist again: created
