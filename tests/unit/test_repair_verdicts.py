@@ -16,8 +16,9 @@ AFTER = 60.0  # repair_after
 LEASE_AFTER = 90.0  # repair_after for a running task
 
 
-def record(state: int = TaskStates.TASK_STATE_PENDING, *, changed: float | None = None, **times: float) -> (
-        records_pb2.TaskRecord):
+def record(
+    state: int = TaskStates.TASK_STATE_PENDING, *, changed: float | None = None, **times: float
+) -> records_pb2.TaskRecord:
     """A published record in `state`; `changed`: its last transition; `times`: enqueued_at (T0 by
     default), retry_at, lease_renewed_at, repaired_at, eta, countdown (seconds)."""
     made = records_pb2.TaskRecord(enqueued=True, lease_token="lease-1")
