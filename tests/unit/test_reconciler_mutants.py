@@ -1,6 +1,7 @@
 """The reconciler: the edges mutation testing found unpinned (periods in which one replica holds
-an entry, passes that go on past an entry held elsewhere or failing, follow-ups kept as a
-repair, only a promise's own pending tasks republished, the loop).
+an entry, passes that go on past an entry held elsewhere or failing but stop at one an engine
+refuses, follow-ups kept as a repair, only a promise's own pending tasks republished, the loop
+and its quick passes during an outage).
 
 On the shared memory engines of tests/unit/replicas.py, with a reconciler built here on an
 injected clock and its own grace.
@@ -14,8 +15,10 @@ import time
 
 import pytest
 
+from conveyor.internal.v1 import records_pb2
 from conveyor_server.app import Core
 from conveyor_server.core import confirmed
+from conveyor_server.core import reconciler as reconciler_module
 from conveyor_server.core.outbox import PUBLISH
 from conveyor_server.core.reconciler import Reconciler
 from tests.support.processes import eventually
@@ -56,35 +59,93 @@ async def promise_publish(replicas: Replicas, *task_ids: str) -> list[str]:
         (4.0, 0.2, 1.2, True),  # periods are at least 1 s, here exactly 1 s
     ],
 )
-async def test_an_entry_whose_keeping_failed_is_tried_again_in_the_next_period(
+async def test_an_entry_whose_keeping_failed_is_left_to_its_holder_until_the_next_period(
     replicas: Replicas, grace: float, first: float, second: float, retried: bool
 ) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await promise_publish(replicas, "t1")
     start = period_start(max(grace / 4, 1.0))
     clock = Clock(start + first)
-    keeper = reconciler(replicas.b, grace, clock)
+    holder = reconciler(replicas.b, grace, clock)
+    other = reconciler(replicas.a, grace, clock)
     replicas.broker.fail_publishes = 1
-    assert await keeper.reconcile_once() == 0
+    assert await holder.reconcile_once() == 0
     clock.now = start + second
-    assert await keeper.reconcile_once() == (1 if retried else 0)
+    assert await other.reconcile_once() == (1 if retried else 0)
 
 
-async def test_a_pass_goes_on_past_an_entry_held_elsewhere_or_failing_and_counts_what_it_kept(
+async def test_the_holder_of_an_entry_an_engine_refused_tries_it_again_in_the_same_period(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    clock = Clock(period_start(2.0))
+    holder = reconciler(replicas.b, 8.0, clock)
+    replicas.broker.fail_publishes = 2
+    assert await holder.reconcile_once() == 0
+    assert holder.refused_passes == 1
+    clock.now += 1.0
+    assert await holder.reconcile_once() == 0
+    assert holder.refused_passes == 2
+    assert await holder.reconcile_once() == 1, "its claim for this period is its own"
+    assert holder.refused_passes == 0
+
+
+def refusing(keeper: Reconciler, refused: set[str], error: type[Exception] = Outage) -> list[str]:
+    """Make `keeper` fail to keep the entries in `refused` (with `error`); returns the entries it
+    tried, in order."""
+    tried: list[str] = []
+    keep = keeper._keep
+
+    async def recorded(entry_id: str, entry: records_pb2.OutboxEntry) -> None:
+        tried.append(entry_id)
+        if entry_id in refused:
+            raise error(f"{entry_id} refused (injected)")
+        await keep(entry_id, entry)
+
+    keeper._keep = recorded  # type: ignore[method-assign]
+    return tried
+
+
+async def test_a_pass_goes_on_past_an_entry_held_elsewhere_or_failing_for_a_reason_other_than_an_outage(
     replicas: Replicas,
 ) -> None:
     for task_id in ("t1", "t2", "t3"):
         await submit(replicas.a, lone(task(task_id=task_id)))  # one promise each
-    first, _, third = sorted(await promise_publish(replicas, "t1", "t2", "t3"))
+    entries = sorted(await promise_publish(replicas, "t1", "t2", "t3"))  # the order they are listed in
     clock = Clock(period_start(2.0))
     keeper = reconciler(replicas.b, 8.0, clock)
     period = int(clock.now // 2.0)
-    assert await replicas.backend.claim(f"reconcile:{first}:{period}")  # another replica has it
-    replicas.broker.fail_publishes = 1  # the second entry's publish fails
+    assert await replicas.backend.claim(f"reconcile:{entries[0]}:{period}")  # another replica has it
+    tried = refusing(keeper, {entries[1]}, RuntimeError)
     assert await keeper.reconcile_once() == 1
+    assert tried == entries[1:]
+    assert keeper.refused_passes == 0, "not an outage: the next pass comes after the interval"
     clock.now += 2.0
-    assert await keeper.reconcile_once() == 2  # the first (its holder died) and the second
-    assert third not in dict(await replicas.a.outbox.entries(0.0, clock.now))
+    tried.clear()
+    assert await keeper.reconcile_once() == 1  # the first (its holder died); the second fails again
+    assert tried == entries[:2]
+    assert set(dict(await replicas.a.outbox.entries(0.0, clock.now))) == {entries[1]}
+
+
+async def test_a_pass_stops_at_an_entry_an_engine_refuses_and_the_next_tries_it_after_the_others(
+    replicas: Replicas,
+) -> None:
+    for task_id in ("t1", "t2", "t3"):
+        await submit(replicas.a, lone(task(task_id=task_id)))
+    entries = sorted(await promise_publish(replicas, "t1", "t2", "t3"))  # the order they are listed in
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    tried = refusing(keeper, {entries[0]})
+    assert await keeper.reconcile_once() == 0
+    assert tried == entries[:1], "the others would be refused too"
+    tried.clear()
+    assert await keeper.reconcile_once() == 2
+    assert tried == [*entries[1:], entries[0]]
+    assert keeper.refused_passes == 2
+    tried.clear()
+    refusing(keeper, {entries[1]})  # (kept already: never tried again)
+    assert await keeper.reconcile_once() == 0
+    assert tried == [entries[0]]
 
 
 async def test_a_promise_republishes_its_own_pending_tasks_only(replicas: Replicas) -> None:
@@ -136,6 +197,29 @@ async def test_the_loop_keeps_promises_that_become_overdue_after_its_first_passe
         await eventually(lambda: passes >= 2, 10.0, "two passes with nothing overdue")
         clock.now = period_start(2.0)
         await eventually(lambda: replicas.broker.published["t1"] == published + 1, 10.0, "a later pass kept it")
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_out_soon_after_it_returns(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    published = replicas.broker.published["t1"]
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    replicas.broker.fail_publishes = 1_000_000
+    assert await keeper.reconcile_once() == 0  # the outage began
+    loop = asyncio.create_task(keeper.run(30.0))  # an interval far longer than the test
+    try:
+        await eventually(lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
+        replicas.broker.fail_publishes = 0
+        returned = time.monotonic()
+        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
+        waited = time.monotonic() - returned
+        assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
+        assert keeper.refused_passes == 0
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
