@@ -188,9 +188,39 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
     await asyncio.gather(pump, return_exceptions=True)
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     assert gaps[0] < 0.3, f"the first retry waited {gaps[0]:.2f} s"
-    cap = connection.FETCH_RETRY_MAX_SECONDS
+    cap = connection.RETRY_MAX_SECONDS
     assert max(gaps) < cap + 0.2, f"a retry waited {max(gaps):.2f} s, past the cap of {cap} s"
     assert gaps[-1] >= cap / 2 - 0.01, "the delay grows while the engine stays away"
+
+async def test_results_an_engine_refused_are_retried_after_a_short_backoff_capped_below_a_second(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results not yet recorded hold their slots in the worker's window: like a fetch, their retry
+    never waits longer than the cap, so the worker is busy again soon after the engine returns."""
+    session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    attempts: list[float] = []
+    away = True
+
+    async def handle(*args: object) -> None:
+        attempts.append(time.monotonic())
+        if away:
+            raise ConnectionError("engine away (injected)")
+
+    monkeypatch.setattr(replicas.a.connections, "_handle", handle)
+    request = worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results())
+    retrying = asyncio.create_task(replicas.a.connections._retry_results(session, request))
+    try:
+        await eventually(lambda: len(attempts) >= 6, 10.0, "six attempts")
+        away = False
+        await asyncio.wait_for(retrying, connection.RETRY_MAX_SECONDS + 0.5)
+    finally:
+        retrying.cancel()
+        await asyncio.gather(retrying, return_exceptions=True)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    cap = connection.RETRY_MAX_SECONDS
+    assert max(gaps) < min(cap + 0.2, 1.0), f"a retry waited {max(gaps):.2f} s (the cap: {cap} s)"
+    assert gaps[-1] >= cap / 2 - 0.01, "the delay grows while the engine stays away"
+
 
 # -- messages on the stream --------------------------------------------------------------------------
 

@@ -50,12 +50,11 @@ RECEIVED_DELAY_SECONDS = 0.02
 TIME_LIMIT_GRACE_SECONDS = 5.0
 # A task too large for the worker it was fetched for waits this long before another try.
 OVERSIZED_RETRY_SECONDS = 1.0
-# Backoff while an engine is unreachable: the first retry, and the cap.
+# A fetch or a results write that an engine refused is tried again after a jittered backoff from
+# the first delay up to the cap: the cap bounds how long after the engine's return the worker
+# waits for work again (results not yet recorded hold their slots in its window).
 RETRY_FIRST_SECONDS = 0.1
-RETRY_MAX_SECONDS = 2.0
-# A fetch that failed is tried again after a jittered backoff from RETRY_FIRST_SECONDS up to this:
-# the cap bounds how long after the engine's return the worker waits for work again.
-FETCH_RETRY_MAX_SECONDS = 0.5
+RETRY_MAX_SECONDS = 0.5
 
 
 def _duration(seconds: float) -> Duration:
@@ -204,9 +203,9 @@ class WorkerConnections:
     async def _retry_results(self, session: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
         """Record results an engine outage refused, with backoff, while the session lasts (after
         it, the worker sends them again on its next stream)."""
-        delay = RETRY_FIRST_SECONDS
+        failures = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
         while not session.closed:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(failures.next())
             try:
                 await self._handle(session, request)
                 return
@@ -216,9 +215,8 @@ class WorkerConnections:
                                   "reconnects and sends them again", session.worker_id)
                     session.end_outbox()
                     return
-                log.warning("worker %s: recording results failed again (%s: %s); retrying in %.1f s",
-                            session.worker_id, type(exc).__name__, exc, min(delay * 2, RETRY_MAX_SECONDS))
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
+                log.warning("worker %s: recording results failed again (%s: %s); retrying",
+                            session.worker_id, type(exc).__name__, exc)
 
     async def _handle(self, session: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
         kind = request.WhichOneof("message")
@@ -249,7 +247,7 @@ class WorkerConnections:
         # holding all of it starved the worker's other queues for as long as this one was empty.
         idle = False
         turned_away = 0  # fetches in a row that brought only tasks this worker cannot run
-        failures = Backoff(RETRY_FIRST_SECONDS, FETCH_RETRY_MAX_SECONDS)
+        failures = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
         while not session.closed:
             if turned_away:
                 await asyncio.sleep(bounce_delay(turned_away))
