@@ -9,6 +9,7 @@ their first delay set to zero, and are waited for with deadlines.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -110,6 +111,27 @@ async def test_a_workflow_whose_first_publish_failed_is_started_by_the_retry(
     assert await replicas.backend.members(OUTBOX_GROUP) == {}
     assert replicas.broker.published["b"] == 0
     assert loop_errors == [], "a finished retry leaves nothing behind to report"
+
+
+async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry's cap bounds how long after the broker's return an accepted submission goes out."""
+    monkeypatch.setattr(submission, "RETRY_FIRST_SECONDS", 0.1)  # the production backoff, not instant
+    attempts: list[float] = []
+    publish = replicas.broker.publish
+
+    async def timed(*args: Any) -> None:
+        attempts.append(time.monotonic())
+        await publish(*args)
+
+    monkeypatch.setattr(replicas.broker, "publish", timed)
+    replicas.broker.fail_publishes = 8
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await eventually(lambda: replicas.broker.published["t1"] == 1, 10.0, "the retry published it")
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert len(gaps) == 8
+    assert max(gaps) < submission.RETRY_MAX_SECONDS + 0.15 < 0.7, f"a retry waited {max(gaps):.2f} s"
 
 
 async def test_a_failed_publish_is_promised_in_the_outbox_as_a_publish_of_its_tasks(replicas: Replicas) -> None:

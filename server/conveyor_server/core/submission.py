@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # A publish that failed is retried here with a jittered backoff (first delay, cap) during the
 # grace; the cap bounds how long after the broker's return the submission goes out.
 RETRY_FIRST_SECONDS = 0.1
-RETRY_MAX_SECONDS = 1.0
+RETRY_MAX_SECONDS = 0.5
 # How long a submit waits for the holder of a key it met (one taken moments ago by another
 # submission) to be stored, before it tells its caller to retry.
 KEY_WAIT_FIRST_SECONDS = 0.01
