@@ -931,3 +931,31 @@ async def test_sqs_ack_does_not_wait_for_sqs_and_stats_see_it_done(
     await sqs.ack(fetched)  # the leases are given up: again is a no-op
     assert await sqs.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
     assert time.monotonic() - started >= 1.0
+
+
+async def test_sqs_delayed_messages_a_failed_forward_did_not_move_are_visible_again_at_once(
+    sqs: SqsBroker, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwarder receives due delay-queue messages for FORWARD_VISIBILITY (60 s); when sending them on
+    fails, they must not stay invisible that long."""
+    assert await sqs.fetch(queue, 10, LEASE) == []  # the queues exist
+    await sqs.publish(queue, [OutgoingMessage(message_id="d0", body=b"x", delay=1.0)])
+    await asyncio.sleep(1.2)  # due
+    send = sqs._send
+    failures = 0
+
+    async def refused(*args: object) -> None:
+        nonlocal failures
+        failures += 1
+        raise ConnectionError("the band queue refused the send (injected)")
+
+    monkeypatch.setattr(sqs, "_send", refused)
+    sqs._forwarded_at.clear()
+    await sqs._forward_due_quietly(queue, await sqs._queue_urls(queue))
+    assert failures == 1, "the due message was received and its forward failed"
+    monkeypatch.setattr(sqs, "_send", send)
+    started = time.monotonic()
+    fetched = await asyncio.wait_for(sqs.fetch(queue, 10, LEASE, wait_seconds=10), 20)
+    assert ids(fetched) == ["d0"]
+    assert time.monotonic() - started < 5, "not after the forwarder's visibility"
+    await sqs.ack(fetched)

@@ -564,9 +564,21 @@ class SqsBroker:
         """Moves delay-queue messages on: due ones to their band, others round the delay queue."""
         if not handles:
             return
-        await self._send(urls, [_Outgoing.of(handle) for handle in handles])
+        try:
+            await self._send(urls, [_Outgoing.of(handle) for handle in handles])
+        except Exception:
+            await self._give_back_unforwarded(handles)
+            raise
         await self._delete(handles)
         self._arrived.wake(queue)
+
+    async def _give_back_unforwarded(self, handles: Sequence[_Handle]) -> None:
+        """Delay-queue messages a failed send did not move on: visible again now, for the next look,
+        rather than after the forwarder's FORWARD_VISIBILITY. Best effort: an endpoint that refused
+        the send may refuse this too, and then they come back after that visibility."""
+        self._settle(handles)  # a receive of them again is not a second copy of a held lease
+        with contextlib.suppress(Exception):
+            await self._change_visibility(handles, 0)
 
     async def _forward_due(self, queue: str, urls: _Urls) -> None:
         """Short-polls the delay queue for due messages (at most every FORWARD_INTERVAL)."""
