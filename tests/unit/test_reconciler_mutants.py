@@ -10,6 +10,7 @@ injected clock and its own grace.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 
@@ -21,6 +22,7 @@ from conveyor_server.core import confirmed
 from conveyor_server.core import reconciler as reconciler_module
 from conveyor_server.core.outbox import PUBLISH
 from conveyor_server.core.reconciler import Reconciler
+from conveyor_server.core.repair import Repairer, RepairReport
 from tests.support.processes import eventually
 from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_durability import Clock, Outage, lone, submit, task
@@ -29,9 +31,11 @@ from tests.unit.test_workflow_engine import chain_of, flow, step
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 
 
-def reconciler(core: Core, grace: float, clock: Clock) -> Reconciler:
+def reconciler(core: Core, grace: float, clock: Clock, repairer: Repairer | None = None) -> Reconciler:
     followups = core.connections.dispatcher.followups
-    return Reconciler(core.outbox, core.store, followups.publisher, followups.workflow, followups, grace, clock=clock)
+    return Reconciler(
+        core.outbox, core.store, followups.publisher, followups.workflow, followups, grace, repairer, clock=clock
+    )
 
 
 def period_start(length: float) -> float:
@@ -220,6 +224,90 @@ async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_o
         waited = time.monotonic() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert keeper.refused_passes == 0
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+class CountingRepairer:
+    """Stands in for the repair of lost messages: counts the passes that ran it."""
+
+    def __init__(self) -> None:
+        self.runs: list[float] = []
+
+    async def repair_due(self) -> RepairReport:
+        self.runs.append(time.monotonic())
+        return RepairReport()
+
+
+async def test_the_loop_repairs_once_per_interval_even_while_an_outage_makes_its_passes_quick(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    repairer = CountingRepairer()
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)), repairer)  # type: ignore[arg-type]
+    replicas.broker.fail_publishes = 1_000_000
+    assert await keeper.reconcile_once() == 0  # the outage began
+    loop = asyncio.create_task(keeper.run(1.5))
+    try:
+        await eventually(lambda: len(repairer.runs) >= 1, 5.0, "a repair after the first pass")
+        passes_at_first_repair = keeper.refused_passes
+        await asyncio.sleep(1.0)
+        assert keeper.refused_passes > passes_at_first_repair + 1, "the passes went on quickly"
+        assert len(repairer.runs) == 1, "the repair waits for the interval, not for the next quick pass"
+        await eventually(lambda: len(repairer.runs) >= 2, 5.0, "a repair an interval later")
+        assert repairer.runs[1] - repairer.runs[0] >= 1.5 - 0.05
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_at_most_the_cap(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    reads: list[float] = []
+
+    async def unreachable(*args: object) -> list[object]:
+        reads.append(time.monotonic())
+        raise Outage("backend unreachable (injected)")
+
+    monkeypatch.setattr(replicas.b.outbox, "entries", unreachable)
+    with pytest.raises(Outage):
+        await keeper.reconcile_once()
+    keeper.refused_passes = 1  # as run() counts the pass above
+    loop = asyncio.create_task(keeper.run(30.0))
+    try:
+        await eventually(lambda: len(reads) >= 8, 10.0, "quick passes while the outbox cannot be read")
+        assert not loop.done(), "the loop goes on"
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert keeper.refused_passes >= 8
+    gaps = [later - earlier for earlier, later in itertools.pairwise(reads[1:])]
+    cap = reconciler_module.RETRY_MAX_SECONDS
+    assert max(gaps) < cap + 0.15, f"a pass waited {max(gaps):.2f} s, past the cap of {cap} s"
+
+
+async def test_while_the_engines_answer_passes_wait_the_interval(replicas: Replicas) -> None:
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
+    passes = 0
+    reconcile_once = keeper.reconcile_once
+
+    async def counted() -> int:
+        nonlocal passes
+        passes += 1
+        return await reconcile_once()
+
+    keeper.reconcile_once = counted  # type: ignore[method-assign]
+    loop = asyncio.create_task(keeper.run(0.8))
+    try:
+        await asyncio.sleep(0.6)
+        assert passes == 0, "no pass before the interval"
+        await eventually(lambda: passes >= 1, 5.0, "a pass after the interval")
+        await asyncio.sleep(0.4)
+        assert passes == 1, "the next one an interval later"
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)

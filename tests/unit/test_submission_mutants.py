@@ -9,6 +9,7 @@ their first delay set to zero, and are waited for with deadlines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -132,6 +133,24 @@ async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     assert len(gaps) == 8
     assert max(gaps) < submission.RETRY_MAX_SECONDS + 0.15 < 0.7, f"a retry waited {max(gaps):.2f} s"
+
+
+async def test_the_retry_of_a_failed_publish_gives_up_at_the_grace_and_leaves_it_to_the_reconciler(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the outbox grace the reconciler (on any replica) owns the promise: a retry going on here
+    would publish the same tasks beside it."""
+    monkeypatch.setattr(submission, "RETRY_FIRST_SECONDS", 0.1)
+    submitter = replicas.a.submitter
+    monkeypatch.setattr(submitter, "settings", dataclasses.replace(submitter.settings, outbox_grace_seconds=1.0))
+    replicas.broker.fail_publishes = 1_000_000
+    started = time.monotonic()
+    await submit(replicas.a, lone(task(task_id="t1")))
+    assert retries(), "a retry runs during the grace"
+    await eventually(lambda: not retries(), 5.0, "the retry gave up")
+    assert time.monotonic() - started < 1.0 + 0.3, "at the grace, not later"
+    assert replicas.broker.published["t1"] == 0
+    assert [entry for entry, _ in await replicas.a.outbox.entries(0.0, time.time() + 1)], "the promise is kept"
 
 
 async def test_a_failed_publish_is_promised_in_the_outbox_as_a_publish_of_its_tasks(replicas: Replicas) -> None:
