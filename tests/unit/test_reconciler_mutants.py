@@ -38,6 +38,19 @@ def reconciler(core: Core, grace: float, clock: Clock, repairer: Repairer | None
     )
 
 
+def counted_passes(keeper: Reconciler) -> list[float]:
+    """When each of `keeper`'s passes began, from now on."""
+    passes: list[float] = []
+    reconcile_once = keeper.reconcile_once
+
+    async def counted() -> int:
+        passes.append(time.monotonic())
+        return await reconcile_once()
+
+    keeper.reconcile_once = counted  # type: ignore[method-assign]
+    return passes
+
+
 def period_start(length: float) -> float:
     """The start of a period of `length` seconds well after every entry made so far."""
     return math.floor((time.time() + 100) / length) * length
@@ -187,18 +200,10 @@ async def test_the_loop_keeps_promises_that_become_overdue_after_its_first_passe
     published = replicas.broker.published["t1"]
     clock = Clock(time.time() - 3600)  # nothing is overdue yet
     keeper = reconciler(replicas.b, 8.0, clock)
-    passes = 0
-    reconcile_once = keeper.reconcile_once
-
-    async def counted() -> int:
-        nonlocal passes
-        passes += 1
-        return await reconcile_once()
-
-    keeper.reconcile_once = counted  # type: ignore[method-assign]
+    passes = counted_passes(keeper)
     loop = asyncio.create_task(keeper.run(0.01))
     try:
-        await eventually(lambda: passes >= 2, 10.0, "two passes with nothing overdue")
+        await eventually(lambda: len(passes) >= 2, 10.0, "two passes with nothing overdue")
         clock.now = period_start(2.0)
         await eventually(lambda: replicas.broker.published["t1"] == published + 1, 10.0, "a later pass kept it")
     finally:
@@ -292,22 +297,14 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
 
 async def test_while_the_engines_answer_passes_wait_the_interval(replicas: Replicas) -> None:
     keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
-    passes = 0
-    reconcile_once = keeper.reconcile_once
-
-    async def counted() -> int:
-        nonlocal passes
-        passes += 1
-        return await reconcile_once()
-
-    keeper.reconcile_once = counted  # type: ignore[method-assign]
+    passes = counted_passes(keeper)
     loop = asyncio.create_task(keeper.run(0.8))
     try:
         await asyncio.sleep(0.6)
-        assert passes == 0, "no pass before the interval"
-        await eventually(lambda: passes >= 1, 5.0, "a pass after the interval")
+        assert passes == [], "no pass before the interval"
+        await eventually(lambda: len(passes) >= 1, 5.0, "a pass after the interval")
         await asyncio.sleep(0.4)
-        assert passes == 1, "the next one an interval later"
+        assert len(passes) == 1, "the next one an interval later"
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
