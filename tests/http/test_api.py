@@ -173,7 +173,14 @@ async def test_a_browser_logs_in_with_a_cookie_and_needs_the_csrf_token(api: Api
         done = await browser.post("/api/v1/queues/default/pause", headers={"X-CSRF-Token": csrf})
         assert done.json()["paused"] is True
         await browser.post("/api/v1/queues/default/resume", headers={"X-CSRF-Token": csrf})
-        assert (await browser.delete("/api/v1/session")).status_code == 204
+        # Logging in and out are changes too: a forged login would sign the victim in as the
+        # attacker, a forged logout would end the session.
+        forged_login = await browser.post("/api/v1/session", json={"token": SECRETS["viewer"]},
+                                          headers={"Origin": "http://evil.example"})
+        assert "CSRF" in error_of(forged_login, 403)["message"]
+        assert "CSRF" in error_of(await browser.delete("/api/v1/session"), 403)["message"]
+        assert (await browser.get("/api/v1/session")).json()["identity"] == {"name": "admin-token", "role": "admin"}
+        assert (await browser.delete("/api/v1/session", headers={"X-CSRF-Token": csrf})).status_code == 204
         error_of(await browser.get("/api/v1/queues"), 401)
 
 

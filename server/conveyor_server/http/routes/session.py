@@ -8,18 +8,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...api.auth import AuthError
-from ..access import ANONYMOUS, clear_session_cookie, json_body, set_csrf_cookie, set_session_cookie
+from ..access import ANONYMOUS, check_csrf, clear_session_cookie, json_body, set_csrf_cookie, set_session_cookie
 from ..context import dashboard
 from ..errors import ApiError, response_for
 from .params import bad
 
 
 async def login(request: Request) -> Response:
-    """POST {"token": "..."}: check the token (admin or viewer) and keep it in an HttpOnly cookie."""
+    """POST {"token": "..."}: check the token (admin or viewer) and keep it in an HttpOnly cookie.
+    From a browser it needs the CSRF token like any change: a forged login would sign the victim
+    in as the attacker (the page gets the token from GET /api/v1/session first)."""
     dash = dashboard(request)
     access = dash.access
     try:
         access.check_host(request)
+        check_csrf(request)
         body = await json_body(request)
         token = body.get("token")
         if not isinstance(token, str) or not token.strip():
@@ -44,8 +47,15 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    """DELETE: forget the login cookie; a change like any other, so it needs the CSRF token."""
+    access = dashboard(request).access
+    try:
+        access.check_host(request)
+        check_csrf(request)
+    except Exception as exc:
+        return response_for(exc, "logout")
     response = Response(status_code=204)
-    clear_session_cookie(response, dashboard(request).access.secure)
+    clear_session_cookie(response, access.secure)
     return response
 
 
