@@ -1,16 +1,27 @@
-"""Small helpers shared by the networked backends."""
+"""Small helpers shared by the backends."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..engine_urls import split_prefix
 from .base import MEMBER_CHUNK, Update
 
 # Re-exported for tests/http/conftest.py, which reads it from here.
-__all__ = ["KeyedLocks", "compare_and_set_per_key", "member_chunks", "split_prefix"]
+__all__ = ["KeyedLocks", "OneMemberAdds", "compare_and_set_per_key", "member_chunks", "split_prefix"]
+
+
+class OneMemberAdds:
+    """add_member() as add_members() of one member: every engine writes members in batches,
+    and a single member is the batch of one (first payload wins, `keep` as there)."""
+
+    async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
+        raise NotImplementedError  # each backend's own
+
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        return await self.add_members(group, {member: payload}, keep)
 
 
 def member_chunks(members: Iterable[str]) -> Iterator[list[str]]:

@@ -63,7 +63,7 @@ from aiomcache.pool import Connection, MemcachePool
 
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from . import _tokens
-from ._common import compare_and_set_per_key, member_chunks
+from ._common import OneMemberAdds, compare_and_set_per_key, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
@@ -205,7 +205,7 @@ class _CasReader:
             self._streams = None
 
 
-class MemcachedBackend:
+class MemcachedBackend(OneMemberAdds):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -318,9 +318,6 @@ class MemcachedBackend:
             # Another write won the race; it bumped the version unless the record expired and
             # was inserted again, so read again instead of failing.
         return False
-
-    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        return await self.add_members(group, {member: payload}, keep)
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         count = 0

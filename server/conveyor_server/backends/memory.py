@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
+from ._common import OneMemberAdds
 from ._tokens import TokenBuckets
 from ._watch import Feed, LocalFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -27,7 +28,7 @@ class _Group:
     names: list[str] = field(default_factory=list)
 
 
-class MemoryBackend:
+class MemoryBackend(OneMemberAdds):
     def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._ttl = ttl_seconds
         self._records: dict[str, tuple[Versioned, float]] = {}
@@ -102,9 +103,6 @@ class MemoryBackend:
             applied.append(ok)
         self._changed({u.key for u, ok in zip(updates, applied, strict=True) if ok})
         return applied
-
-    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        return await self.add_members(group, {member: payload}, keep)
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         if not members:

@@ -70,7 +70,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, 
 from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl, split_prefix
 from . import _tokens
-from ._common import KeyedLocks, compare_and_set_per_key, member_chunks
+from ._common import KeyedLocks, OneMemberAdds, compare_and_set_per_key, member_chunks
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex
@@ -213,7 +213,7 @@ class _StreamFeed:
 
 
 
-class MongoBackend:
+class MongoBackend(OneMemberAdds):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._base = _collection_base(prefix)
@@ -343,9 +343,6 @@ class MongoBackend:
             self._maybe_sweep()
 
     # -- groups --------------------------------------------------------------------------
-
-    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        return await self.add_members(group, {member: payload}, keep)
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         count = 0

@@ -48,7 +48,7 @@ from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
-from ._common import member_chunks
+from ._common import OneMemberAdds, member_chunks
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -268,7 +268,7 @@ class _Subscriptions:
         self._registry.dispatch(channel[len(self._prefix) :].decode())
 
 
-class RedisBackend:
+class RedisBackend(OneMemberAdds):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._prefix = prefix
@@ -414,9 +414,6 @@ class RedisBackend:
                     flags[index] = bool(flag)
             applied.extend(flags)
         return applied
-
-    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        return await self.add_members(group, {member: payload}, keep)
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         count = 0

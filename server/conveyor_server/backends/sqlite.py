@@ -22,7 +22,7 @@ from typing import Self
 from conveyor_server.sqlite_db import SqliteDatabase, sqlite_path, transaction
 
 from . import _tokens
-from ._common import member_chunks
+from ._common import OneMemberAdds, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .sqlite_task_index import SqliteTaskIndex
@@ -236,7 +236,7 @@ def _stamps(conn: sqlite3.Connection, keys: Collection[str]) -> dict[str, Hashab
     return {key: (version, expires_at) for key, version, expires_at in rows}
 
 
-class SqliteBackend:
+class SqliteBackend(OneMemberAdds):
     def __init__(self, path: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._db = SqliteDatabase(path, _SCHEMA)
         self._ttl = ttl_seconds
@@ -295,9 +295,6 @@ class SqliteBackend:
         applied = await self._db.run(lambda conn: _compare_and_set(conn, updates, self._ttl))
         await self._after_write({u.key for u, ok in zip(updates, applied, strict=True) if ok})
         return applied
-
-    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
-        return await self.add_members(group, {member: payload}, keep)
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         count = 0
