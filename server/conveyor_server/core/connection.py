@@ -301,7 +301,7 @@ class WorkerConnections:
     async def _pass_on(self, queue: str, elsewhere: list[tuple[Delivery, records_pb2.TaskMessage]]) -> None:
         """Hand back tasks this worker cannot run, for a worker that registered their names;
         the longer one has waited for such a worker, the later it is offered again."""
-        by_delay: dict[float, list[Delivery]] = {}
+        delayed: list[tuple[Delivery, float]] = []
         for delivery, message in elsewhere:
             if self.registry.runner_for(queue, message.signature.name):
                 # At once: it wakes the fetch of the worker that can run it, while this pump
@@ -311,25 +311,24 @@ class WorkerConnections:
             else:
                 self.registry.unroutable.turned_away(queue, message.signature.id)
                 delay = round(bounce_delay(delivery.delivery_count) * random.uniform(0.5, 1.5), 3)
-            by_delay.setdefault(delay, []).append(delivery)
-        try:
-            for delay, deliveries in by_delay.items():
-                await self.broker.nack(deliveries, delay)
-        except Exception as exc:  # their leases lapse and bring them back
-            log.warning("handing back %d tasks for other workers failed: %s: %s", len(elsewhere),
-                        type(exc).__name__, exc)
+            delayed.append((delivery, delay))
+        await self._hand_back(delayed, "tasks for other workers")
 
     async def _hold_back(self, limited: list[tuple[Delivery, float]]) -> None:
         """Hand back tasks over a rate limit or without a slot of their concurrency key, each to
         be offered again after its delay (core/limits/)."""
+        await self._hand_back(limited, "tasks held by limits")
+
+    async def _hand_back(self, delayed: list[tuple[Delivery, float]], what: str) -> None:
+        """Nack each delivery with its delay, one broker call per distinct delay."""
         by_delay: dict[float, list[Delivery]] = {}
-        for delivery, delay in limited:
+        for delivery, delay in delayed:
             by_delay.setdefault(delay, []).append(delivery)
         try:
             for delay, deliveries in by_delay.items():
                 await self.broker.nack(deliveries, delay)
         except Exception as exc:  # their leases lapse and bring them back
-            log.warning("handing back %d tasks held by limits failed: %s: %s", len(limited), type(exc).__name__, exc)
+            log.warning("handing back %d %s failed: %s: %s", len(delayed), what, type(exc).__name__, exc)
 
     def _attempts_ended(self, leases: Iterable[Lease]) -> None:
         """These leases' attempts ended (or never began): free their concurrency slots, in the background."""
