@@ -158,10 +158,8 @@ def seconds(stamp: Timestamp) -> float:
 
 
 def keyed(counter: Path, key: str, limit: int, hold: float, queue: str = "") -> task_pb2.Signature:
-    signature = sig("limits.hold", str(counter), hold).set(queue=queue).to_proto()
-    signature.concurrency_key = key
-    signature.concurrency_limit = limit
-    return signature
+    held = sig("limits.hold", str(counter), hold).set(queue=queue, concurrency_key=key, concurrency_limit=limit)
+    return held.to_proto()
 
 
 def most_at_once(cluster: Cluster, task_ids: set[str], killed: dict[str, float] | None = None) -> int:

@@ -32,6 +32,16 @@ def test_sig_options_reach_the_proto() -> None:
     assert proto.kwargs["k"].json_value == "[1]"
 
 
+def test_dispatch_options_reach_the_proto() -> None:
+    proto = sig("charge", 5).set(rate_limit_key="customer-7", concurrency_key="account:7", concurrency_limit=2,
+                                 unique_for=30.0, unique_key="charge-7").to_proto()
+    assert (proto.rate_limit_key, proto.concurrency_key, proto.concurrency_limit) == ("customer-7", "account:7", 2)
+    assert (proto.unique_for.ToMilliseconds(), proto.unique_key) == (30_000, "charge-7")
+    plain = sig("charge", 5).to_proto()
+    assert (plain.rate_limit_key, plain.concurrency_key, plain.concurrency_limit) == ("", "", 0)
+    assert not plain.HasField("unique_for")
+
+
 def test_chains_flatten_like_celery() -> None:
     flow = chain(sig("a"), sig("b")) | sig("c")
     assert [s.name for s in flow.steps] == ["a", "b", "c"]  # type: ignore[union-attr]

@@ -85,11 +85,16 @@ class Sig:
     # Do not store the task's return value (it ends SUCCESS without one); result() then raises
     # ResultIgnored, while its state can still be waited for.
     ignore_result: bool = False
+    # Draw from this key's token bucket when the name's rate limit is per key (e.g. a customer id).
+    rate_limit_key: str = ""
+    # At most concurrency_limit tasks with this key run at once, across replicas (0: no limit).
+    concurrency_key: str = ""
+    concurrency_limit: int = 0
 
     def set(self, **options: Any) -> Sig:
         """A copy with options changed: queue, priority, countdown, eta, retry, time_limit,
         soft_time_limit, immutable, idempotency_key, headers, id, message_group, unique_for, unique_key,
-        expires, ignore_result."""
+        expires, ignore_result, rate_limit_key, concurrency_key, concurrency_limit."""
         return replace(self, **options)
 
     def link(self, callback: Sig) -> Sig:
@@ -109,7 +114,8 @@ class Sig:
             kwargs=to_value_map(self.kwargs), headers=self.headers, priority=self.priority,
             immutable=self.immutable, idempotency_key=self.idempotency_key, message_group=self.message_group,
             on_success=[s.to_proto() for s in self.on_success], on_error=[s.to_proto() for s in self.on_error],
-            ignore_result=self.ignore_result,
+            ignore_result=self.ignore_result, rate_limit_key=self.rate_limit_key,
+            concurrency_key=self.concurrency_key, concurrency_limit=self.concurrency_limit,
         )
         if self.expires is not None:
             signature.expires_at.CopyFrom(expires_at(self.expires))
