@@ -238,9 +238,9 @@ class TestBrokerReplicas:
         assert pids == {str(worker.pid) for worker in broker_replicas.workers}, "workers of both replicas ran tasks"
 
 
-# -- issue 6: every networked backend under two replicas ---------------------------------------------
+# -- issue 6: every networked backend (and the SQLite default, one file) under two replicas -----------
 
-@pytest.fixture(scope="class", params=NETWORKED_BACKENDS)
+@pytest.fixture(scope="class", params=["sqlite", *NETWORKED_BACKENDS])
 def backend_replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     directory = tmp_path_factory.mktemp(f"backend-{request.param}")
     # The broker is a SQLite file both replicas share: the backend is what varies.
@@ -251,7 +251,8 @@ def backend_replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 
 class TestBackendReplicas:
-    """Two replicas share a networked backend (and a broker); a worker on each replica."""
+    """Two replicas share a backend (a networked one, or the SQLite default's file) and a broker;
+    a worker on each replica."""
 
     async def test_chord_of_30_fires_once_and_a_watch_on_the_other_replica_sees_it(
         self, backend_replicas: Cluster
