@@ -1,5 +1,6 @@
-"""Issue #15 items 6 and 7, through a real gRPC server (in process on memory engines, and two
-`conveyor serve` replicas sharing Redis, each test using both): a queue past its max_depth
+"""Issue #15 items 6 and 7, through a real gRPC server (in process on memory engines, a
+`conveyor serve` on its SQLite default, and two `conveyor serve` replicas sharing Redis; each
+test runs on all three): a queue past its max_depth
 refuses submits with RESOURCE_EXHAUSTED and a RetryInfo hint (and the SDK rides it out within
 its retry budget once workers drain the queue); a client token scoped to queues submits to,
 reads and cancels only tasks of those queues."""
@@ -10,6 +11,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,9 +21,10 @@ from conveyor import Client, Worker, chain, sig
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import ConfigError, QueueLimit, Security, Settings, Token, load_settings
 from tests.e2e.conftest import StartReplicas
+from tests.support.processes import Proc, Server
 
 pytestmark = pytest.mark.timeout(120)
-ENGINES = ["memory", "redis"]
+ENGINES = ["memory", "sqlite", "redis"]
 DEPTH = 5
 SECRETS = {"payroll": "p-secret", "any": "a-secret"}
 
@@ -33,8 +36,18 @@ def settings(**changes: object) -> Settings:
 async def two_addresses(
     request: pytest.FixtureRequest, configured: Settings, env: Mapping[str, str]
 ) -> AsyncIterator[tuple[str, str]]:
-    """One in-process server on memory engines with `configured` (its address twice), or two
-    replicas sharing Redis with the same settings given as `env`."""
+    """One in-process server on memory engines with `configured` (its address twice), one
+    `conveyor serve` on the SQLite default (its address twice), or two replicas sharing Redis,
+    these with the same settings given as `env`."""
+    if request.param == "sqlite":
+        # No engine flags: the embedded SQLite default, its file in this test's folder.
+        folder: Path = request.getfixturevalue("tmp_path")
+        procs: list[Proc] = request.getfixturevalue("procs")
+        process = Server(folder, env=dict(env), cwd=folder, wait=False)
+        procs.append(process)  # stopped even if it never gets ready
+        process.wait_ready()
+        yield process.address, process.address
+        return
     if request.param == "redis":
         start: StartReplicas = request.getfixturevalue("redis_replicas")
         first, second = start(env)
@@ -139,6 +152,7 @@ async def test_a_client_token_scoped_to_queues_uses_only_those(scoped: tuple[str
     first, second = scoped
     async with Client(first, token=SECRETS["any"]) as anyone, Client(second, token=SECRETS["payroll"]) as payroll:
         other = await anyone.submit(sig("add", 1, 2))  # on "default"
+        keyed = await anyone.submit(sig("add", 1, 2).set(idempotency_key="order-42"))  # on "default"
         other_flow = await anyone.submit(chain(sig("add", 1, 2), sig("add", 3)))
         mine = await payroll.submit(sig("add", 1, 2).set(queue="payroll"))
         assert (await payroll.get_result(mine.task_id)).queue == "payroll"
@@ -149,6 +163,10 @@ async def test_a_client_token_scoped_to_queues_uses_only_those(scoped: tuple[str
         # A callback or a workflow step on another queue is refused too.
         await _denied(payroll.submit(sig("add", 1, 2).set(queue="payroll").link(sig("add", 3))))
         await _denied(payroll.submit(chain(sig("add", 1).set(queue="payroll"), sig("add", 3))))
+        # A repeat of another queue's idempotency key does not reveal that task, whatever queue it names.
+        for queue in ("default", "payroll"):
+            repeat = sig("add", 1, 2).set(queue=queue, idempotency_key="order-42")
+            assert keyed.task_id not in await _denied(payroll.submit(repeat))
         assert "is on queue 'default'" in await _denied(payroll.get_result(other.task_id))
         await _denied(payroll.cancel(other.task_id))
         await _denied(payroll.cancel(other_flow.workflow_id))

@@ -93,24 +93,17 @@ class Submitter:
         # that workers' heartbeats and other calls are still served meanwhile.
         prepared = await asyncio.to_thread(prepare) if streamed else prepare()
         self._check_total(prepared, limits)
+        named = self._check_scope(requests, prepared, queues)
         if self.checks is not None:
             await self.checks.check(requests)
-        await self._resolve_idempotency(prepared)
-        await self._resolve_unique(prepared)
+        await self._resolve_idempotency(prepared, queues)
+        await self._resolve_unique(prepared, queues)
         fresh = [p for p in prepared if not p.duplicate_of]
         if not fresh:
             return [p.response for p in prepared]
         records = await asyncio.to_thread(self._records, fresh) if streamed else self._records(fresh)
-        used = {r.result.queue for r in records}
-        if queues:
-            used |= {q for request in requests for q in queues_named(request, self.settings.default_queue)}
-        if queues and not used <= set(queues):
-            raise PermissionDenied(
-                f"this token may submit only to queues {sorted(queues)}; "
-                f"the submission uses {sorted(used - set(queues))}"
-            )
         if self.admission is not None:
-            await self.admission.admit(used)
+            await self.admission.admit({r.result.queue for r in records} | named)
         lone = [p.record for p in fresh if p.record is not None]
         plans = [p.workflow.plan for p in fresh if p.workflow is not None]
         entry_id = new_entry_id()
@@ -193,23 +186,46 @@ class Submitter:
         )
         return _Prepared(response, workflow=compiled)
 
+    def _check_scope(
+        self, requests: Sequence[task_service_pb2.SubmitRequest], prepared: Sequence[_Prepared],
+        queues: Collection[str],
+    ) -> set[str]:
+        """Refuse a submission that names a queue outside `queues` (when given), before it gets
+        any answer, a duplicate's included; returns the queues it names (none when unscoped)."""
+        if not queues:
+            return set()
+        named = {q for request in requests for q in queues_named(request, self.settings.default_queue)}
+        for item in prepared:
+            if item.record is not None:
+                named.add(item.record.result.queue)
+            elif item.workflow is not None:
+                named |= {signature.queue for signature in item.workflow.signatures.values()}
+        if not named <= set(queues):
+            raise PermissionDenied(
+                f"this token may submit only to queues {sorted(queues)}; "
+                f"the submission uses {sorted(named - set(queues))}"
+            )
+        return named
+
     def _check_total(self, prepared: Sequence[_Prepared], limits: Limits) -> None:
         total = sum(len(p.response.task_ids) for p in prepared)
         if total > limits.max_workflow_tasks:
             raise InvalidArgument(f"the submission holds {total} tasks, over the limit of {limits.max_workflow_tasks}")
 
-    async def _resolve_idempotency(self, prepared: Sequence[_Prepared]) -> None:
+    async def _resolve_idempotency(self, prepared: Sequence[_Prepared], queues: Collection[str]) -> None:
         """A task whose idempotency key was seen within the retention window is not submitted
-        again: the caller gets the first task's id. Repeats of a key within one batch count too."""
+        again: the caller gets the first task's id. Repeats of a key within one batch count too.
+        A caller limited to `queues` is refused the id of a first task on another queue."""
 
         def key_of(signature: task_pb2.Signature) -> str | None:
             return idempotency_key(signature.idempotency_key) if signature.idempotency_key else None
 
-        await self._resolve_keys(prepared, key_of, lambda holder, at: True)
+        await self._resolve_keys(prepared, key_of, lambda holder, at: True, _Scope(queues, "idempotency key"))
 
-    async def _resolve_unique(self, prepared: Sequence[_Prepared]) -> None:
+    async def _resolve_unique(self, prepared: Sequence[_Prepared], queues: Collection[str]) -> None:
         """A unique task is not submitted while another with its unique key is live (queued,
-        delayed, running) and younger than its `unique_for`: the caller gets that task's id."""
+        delayed, running) and younger than its `unique_for`: the caller gets that task's id
+        (refused, for a caller limited to `queues`, when that task is on another queue)."""
 
         def key_of(signature: task_pb2.Signature) -> str | None:
             return unique_key(signature) if signature.HasField("unique_for") else None
@@ -219,14 +235,17 @@ class Submitter:
             lasts = holder.result.signature.unique_for.ToNanoseconds() / 1e9
             return not is_terminal(holder) and at < submitted + lasts
 
-        await self._resolve_keys([p for p in prepared if not p.duplicate_of], key_of, holds)
+        await self._resolve_keys(
+            [p for p in prepared if not p.duplicate_of], key_of, holds, _Scope(queues, "unique key")
+        )
 
     async def _resolve_keys(
         self, prepared: Sequence[_Prepared], key_of: Callable[[task_pb2.Signature], str | None],
-        holds: Callable[[records_pb2.TaskRecord, float], bool],
+        holds: Callable[[records_pb2.TaskRecord, float], bool], scope: _Scope,
     ) -> None:
         """Lone tasks that name a key (`key_of`) take it, or get the id of the task holding it
-        while `holds(holder, now)`; a key whose holder no longer holds it is taken over."""
+        while `holds(holder, now)`; a key whose holder no longer holds it is taken over. A
+        holder outside `scope` is never answered: the submission is refused."""
         keyed: dict[str, _Prepared] = {}
         repeats: list[tuple[str, _Prepared]] = []
         for p in prepared:
@@ -256,9 +275,10 @@ class Submitter:
         ]
         applied = await backend.compare_and_set(takeovers) if takeovers else []
         taken = {u.key for u, ok in zip(takeovers, applied, strict=True) if ok}
-        for key, first in first_ids.items():
-            if key not in taken:
-                _same_as(keyed[key], first)
+        answered = {key: first for key, first in first_ids.items() if key not in taken}
+        scope.check(answered, stored)
+        for key, first in answered.items():
+            _same_as(keyed[key], first)
         for key, item in repeats:
             original = keyed[key]
             _same_as(item, original.duplicate_of or original.response.task_id)
@@ -329,6 +349,27 @@ class Submitter:
             await self.store.backend.expire(records=[plan_key(plan.workflow_id) for plan in plans])
         await self.outbox.remove(entry_id)
         raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The queues a caller may use (empty: any), for answers that name a task holding a key."""
+
+    queues: Collection[str]
+    kind: str  # of the keys checked: "idempotency key", "unique key"
+
+    def check(self, answered: Mapping[str, str], stored: Mapping[str, Loaded]) -> None:
+        """Refuse, without naming it, a holder (`answered`: key -> task id) on another queue:
+        its id would let the caller read a task it may not see."""
+        if not self.queues:
+            return
+        for key, first in answered.items():
+            holder = stored.get(first)
+            if holder is not None and holder.record.result.queue not in self.queues:
+                raise PermissionDenied(
+                    f"this token may submit only to queues {sorted(self.queues)}; the {self.kind} "
+                    f"{key.partition(':')[2]!r} is held by a task on another queue"
+                )
 
 
 def _key_value(task_id: str, at: float) -> bytes:
