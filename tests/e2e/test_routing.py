@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from conveyor import Client, chain, sig, state_name
+from conveyor.errors import TaskFailed
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 from tests.e2e.test_node import NodeWorker, pytestmark
 from tests.support.processes import Proc, Server, WorkerProc, eventually, free_port, run_cli, wait_for_workers
@@ -89,3 +90,17 @@ async def test_a_task_no_worker_can_run_waits_as_unroutable_then_runs(tmp_path: 
         assert await client.result(waiting.task_id, wait=30) == 42
     assert unroutable(server.address) == 0
     await eventually(lambda: metrics_line(metrics_port, gauge) == f"{gauge} 0.0", 20, "the unroutable gauge at 0")
+
+
+async def test_a_task_past_its_routing_timeout_fails_unroutable(
+    tmp_path: Path, procs: list[Proc], sqlite_server: Server, client: Client
+) -> None:
+    procs.append(WorkerProc(tmp_path, sqlite_server.address, module="tests.e2e.py_tasks", name="py-worker"))
+    wait_for_workers(sqlite_server.address, 1)
+    waiting = await client.submit(sig("node.mul", 6, 7).set(routing_timeout=1.0))
+    patient = await client.submit(sig("node.mul", 6, 7).set(routing_timeout=3600))
+    with pytest.raises(TaskFailed) as failed:
+        await client.result(waiting.task_id, wait=20)
+    assert failed.value.error_type == "Unroutable" and "'node.mul'" in failed.value.message
+    result = await client.get_result(patient.task_id)
+    assert state_name(result.state) in {"PENDING", "RECEIVED"}, "within its timeout it waits"

@@ -34,12 +34,14 @@ def test_sig_options_reach_the_proto() -> None:
 
 def test_dispatch_options_reach_the_proto() -> None:
     proto = sig("charge", 5).set(rate_limit_key="customer-7", concurrency_key="account:7", concurrency_limit=2,
-                                 unique_for=30.0, unique_key="charge-7").to_proto()
+                                 unique_for=30.0, unique_key="charge-7", routing_timeout=1.5).to_proto()
     assert (proto.rate_limit_key, proto.concurrency_key, proto.concurrency_limit) == ("customer-7", "account:7", 2)
     assert (proto.unique_for.ToMilliseconds(), proto.unique_key) == (30_000, "charge-7")
+    assert proto.routing_timeout.ToMilliseconds() == 1500
+    assert sig("charge").set(routing_timeout=0).to_proto().HasField("routing_timeout"), "0: fail at once"
     plain = sig("charge", 5).to_proto()
     assert (plain.rate_limit_key, plain.concurrency_key, plain.concurrency_limit) == ("", "", 0)
-    assert not plain.HasField("unique_for")
+    assert not plain.HasField("unique_for") and not plain.HasField("routing_timeout")
 
 
 def test_chains_flatten_like_celery() -> None:

@@ -7,9 +7,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
+from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
+from conveyor_server.core.publisher import decode_message
+from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.routing import BOUNCE_FIRST_SECONDS, BOUNCE_MAX_SECONDS, Unroutable, bounce_delay
+from conveyor_server.core.routing_timeout import past_routing_timeout, ready_at
 from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -89,3 +94,72 @@ async def test_a_worker_that_lists_no_names_or_the_right_ones_takes_the_task(rep
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
     claim = await replicas.a.connections.dispatcher.claim(deliveries, "w", time.monotonic(), session.can_run)
     assert [c.lease.task_id for c in claim.claimed] == ["n1"]
+
+
+def timeout_of(seconds: int) -> Duration:
+    return Duration(seconds=seconds)  # set even when 0: a field with presence
+
+
+async def turn_away(replicas: Replicas, worker: worker_service_pb2.Hello) -> None:
+    """A worker of replica a fetches the queue and passes on what it cannot run."""
+    connections = replicas.a.connections
+    session = connections.open(worker)
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    claim = await connections.dispatcher.claim(deliveries, worker.worker_id, time.monotonic(), session.can_run)
+    await connections._pass_on(QUEUE, claim.elsewhere)
+
+
+async def test_a_task_past_its_routing_timeout_fails_unroutable_with_its_error_callback(replicas: Replicas) -> None:
+    on_error = task(name="py.report", task_id="report")
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1", routing_timeout=timeout_of(0),
+                                       on_error=[on_error])))
+    await turn_away(replicas, hello("py", "py.add", "py.report"))
+    record = await replicas.a.store.get("n1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_FAILURE
+    assert record.result.error.type == "Unroutable"
+    assert "'node.mul'" in record.result.error.message and "routing_timeout of 0 s" in record.result.error.message
+    assert "n1" in await replicas.backend.members(DEAD_LETTERS_GROUP), "replayable once a worker has it"
+    # Its message is settled, not handed back; the error callback is what the queue holds now.
+    messages = [decode_message(d.body) for d in await replicas.broker.fetch(QUEUE, 10, 30.0)]
+    assert [m.signature.id for m in messages] == ["report"]
+
+
+async def test_a_task_within_its_routing_timeout_waits(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1", routing_timeout=timeout_of(3600))))
+    await turn_away(replicas, hello("py", "py.add"))
+    record = await replicas.a.store.get("n1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_PENDING
+    stats = await replicas.broker.stats(QUEUE)
+    assert stats.ready + stats.delayed == 1, "handed back to wait for a worker"
+
+
+async def test_a_task_a_worker_of_another_replica_registered_is_not_failed_by_its_routing_timeout(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1", routing_timeout=timeout_of(0))))
+    replicas.b.connections.open(hello("node", "node.mul"))
+    assert replicas.b.connections.tasks is not None and replicas.a.connections.tasks is not None
+    await replicas.b.connections.tasks.written()
+    await replicas.a.connections.tasks.load()
+    await turn_away(replicas, hello("py", "py.add"))
+    record = await replicas.a.store.get("n1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_PENDING
+    stats = await replicas.broker.stats(QUEUE)
+    assert stats.ready + stats.delayed == 1, "handed back for the other replica's worker"
+
+
+def test_a_task_is_ready_from_its_latest_of_enqueueing_eta_and_retry() -> None:
+    record = records_pb2.TaskRecord()
+    record.result.submitted_at.FromSeconds(100)
+    record.enqueued_at.FromSeconds(105)
+    assert ready_at(record) == 105
+    record.result.signature.eta.FromSeconds(200)
+    assert ready_at(record) == 200
+    record.retry_at.FromSeconds(300)
+    assert ready_at(record) == 200, "a retry time counts only while the task waits for its retry"
+    record.result.state = result_pb2.TASK_STATE_RETRY
+    assert ready_at(record) == 300
+    record.result.signature.routing_timeout.FromSeconds(10)
+    assert not past_routing_timeout(record, 309.9)
+    assert past_routing_timeout(record, 310.0)
+    assert not past_routing_timeout(records_pb2.TaskRecord(), 1e12), "no routing_timeout: it waits for good"

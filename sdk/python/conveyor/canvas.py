@@ -90,11 +90,14 @@ class Sig:
     # At most concurrency_limit tasks with this key run at once, across replicas (0: no limit).
     concurrency_key: str = ""
     concurrency_limit: int = 0
+    # Seconds the task may wait, once ready, for a worker that registered its name; past it
+    # it fails with Unroutable instead of waiting (None: it waits until such a worker connects).
+    routing_timeout: float | None = None
 
     def set(self, **options: Any) -> Sig:
         """A copy with options changed: queue, priority, countdown, eta, retry, time_limit,
         soft_time_limit, immutable, idempotency_key, headers, id, message_group, unique_for, unique_key,
-        expires, ignore_result, rate_limit_key, concurrency_key, concurrency_limit."""
+        expires, ignore_result, rate_limit_key, concurrency_key, concurrency_limit, routing_timeout."""
         return replace(self, **options)
 
     def link(self, callback: Sig) -> Sig:
@@ -130,6 +133,8 @@ class Sig:
             signature.time_limit.FromNanoseconds(int(self.time_limit * 1e9))
         if self.soft_time_limit is not None:
             signature.soft_time_limit.FromNanoseconds(int(self.soft_time_limit * 1e9))
+        if self.routing_timeout is not None:
+            signature.routing_timeout.FromNanoseconds(int(self.routing_timeout * 1e9))
         if self.unique_for is not None:
             signature.unique_for.FromNanoseconds(int(self.unique_for * 1e9))
             signature.unique_key = self.unique_key

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -32,9 +32,10 @@ from .dispatch import REPAIR_RETRY_SECONDS, Claim, Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder, Recorded
 from .pauses import QueuePauses
-from .records import TaskStates, error
+from .records import TaskStates, error, is_terminal
 from .repair import stamp_live_leases
 from .routing import bounce_delay
+from .routing_timeout import past_routing_timeout
 from .sessions import SessionRegistry, WorkerSession
 from .sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from .store import Loaded, TaskStore
@@ -302,6 +303,7 @@ class WorkerConnections:
         """Hand back tasks this worker cannot run, for a worker that registered their names;
         the longer one has waited for such a worker, the later it is offered again."""
         delayed: list[tuple[Delivery, float]] = []
+        nobody: list[tuple[Delivery, records_pb2.TaskMessage]] = []  # with a routing_timeout
         for delivery, message in elsewhere:
             if self.registry.runner_for(queue, message.signature.name):
                 # At once: it wakes the fetch of the worker that can run it, while this pump
@@ -311,8 +313,38 @@ class WorkerConnections:
             else:
                 self.registry.unroutable.turned_away(queue, message.signature.id)
                 delay = round(bounce_delay(delivery.delivery_count) * random.uniform(0.5, 1.5), 3)
+                if message.signature.HasField("routing_timeout"):
+                    nobody.append((delivery, message))
             delayed.append((delivery, delay))
-        await self._hand_back(delayed, "tasks for other workers")
+        timed_out = await self._past_routing_timeout(queue, nobody)
+        ending = {id(delivery) for _, delivery in timed_out.values()}
+        await self._hand_back([(d, delay) for d, delay in delayed if id(d) not in ending], "tasks for other workers")
+        if timed_out:
+            await self._end_unsent(timed_out, self.recorder.fail_unroutable, "failing unroutable tasks")
+
+    async def _past_routing_timeout(
+        self, queue: str, waiting: list[tuple[Delivery, records_pb2.TaskMessage]]
+    ) -> dict[str, tuple[str, Delivery]]:
+        """Of tasks no worker here can run, those past their routing_timeout that no live worker
+        of another replica registered either (core/routing_timeout.py), with their lease tokens."""
+        if not waiting:
+            return {}
+        try:
+            if self.tasks is not None:
+                snapshot = await self.tasks.current()
+                waiting = [(d, m) for d, m in waiting if not snapshot.runner_on(queue, m.signature.name)]
+            loaded = await self.store.load([message.signature.id for _, message in waiting])
+        except Exception as exc:  # they wait, and are looked at again when they come back
+            log.warning("checking the routing timeouts of %d tasks failed: %s: %s", len(waiting),
+                        type(exc).__name__, exc)
+            return {}
+        wall = time.time()
+        timed_out: dict[str, tuple[str, Delivery]] = {}
+        for delivery, message in waiting:
+            found = loaded.get(message.signature.id)
+            if found is not None and not is_terminal(found.record) and past_routing_timeout(found.record, wall):
+                timed_out[message.signature.id] = (found.record.lease_token, delivery)
+        return timed_out
 
     async def _hold_back(self, limited: list[tuple[Delivery, float]]) -> None:
         """Hand back tasks over a rate limit or without a slot of their concurrency key, each to
@@ -377,26 +409,24 @@ class WorkerConnections:
         """Fail for good the tasks whose deliveries were all lost, and settle their messages."""
         log.warning("failing %d tasks whose last %d deliveries were lost with their workers: %s",
                     len(exhausted), self.dispatcher.max_deliveries, ", ".join(list(exhausted)[:5]))
-        messages = {task_id: delivery for task_id, (_, delivery) in exhausted.items()}
-        try:
-            recorded = await self.recorder.give_up(
-                {task_id: token for task_id, (token, _) in exhausted.items()}, self.dispatcher.max_deliveries
-            )
-        except Exception as exc:  # they come back and are given up on then
-            log.warning("failing %d exhausted tasks: %s: %s; trying again later", len(exhausted),
-                        type(exc).__name__, exc)
-            with contextlib.suppress(Exception):
-                await self.broker.nack(list(messages.values()), REPAIR_RETRY_SECONDS)
-            return
-        await settle_messages(self.broker, messages, recorded.requeue)
+        max_deliveries = self.dispatcher.max_deliveries
+        await self._end_unsent(exhausted, lambda tokens: self.recorder.give_up(tokens, max_deliveries),
+                               "failing exhausted tasks")
 
     async def _expire(self, expired: dict[str, tuple[str, Delivery]]) -> None:
         """End EXPIRED the tasks dispatch found past their expiry, and settle their messages."""
-        messages = {task_id: delivery for task_id, (_, delivery) in expired.items()}
+        await self._end_unsent(expired, self.recorder.expire, "expiring tasks")
+
+    async def _end_unsent(
+        self, tasks: dict[str, tuple[str, Delivery]], end: Callable[[dict[str, str]], Awaitable[Recorded]], what: str
+    ) -> None:
+        """End tasks dispatch did not send (task id -> lease token, message) with `end`, and
+        settle their messages; when that fails, they come back a little later and end then."""
+        messages = {task_id: delivery for task_id, (_, delivery) in tasks.items()}
         try:
-            recorded = await self.recorder.expire({task_id: token for task_id, (token, _) in expired.items()})
-        except Exception as exc:  # they come back and expire then
-            log.warning("expiring %d tasks: %s: %s; trying again later", len(expired), type(exc).__name__, exc)
+            recorded = await end({task_id: token for task_id, (token, _) in tasks.items()})
+        except Exception as exc:
+            log.warning("%s (%d): %s: %s; trying again later", what, len(tasks), type(exc).__name__, exc)
             with contextlib.suppress(Exception):
                 await self.broker.nack(list(messages.values()), REPAIR_RETRY_SECONDS)
             return

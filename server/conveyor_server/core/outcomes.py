@@ -30,6 +30,7 @@ from .records import DEAD_LETTERS_GROUP, TaskStates, error, is_terminal, now, tr
 from .replacement import Checked, is_replaced, mark_replaced, waits_for_replacement
 from .retry import attempts_allowed, next_delay, seconds
 from .routing import bounce_delay
+from .routing_timeout import mark_unroutable
 from .store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,7 @@ class OutcomeRecorder:
         delivery of an attempt was lost with its worker: no retry, a dead letter, follow-ups as
         for any failure. A task that ended meanwhile, or got another lease, is left alone."""
 
-        def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if is_terminal(record) or record.lease_token != exhausted[task_id]:
-                return False
+        def lost(record: records_pb2.TaskRecord) -> None:
             cause = error("WorkerLost", f"gave up after {record.deliveries} deliveries of attempt "
                           f"{record.result.attempts} ended without an outcome (max_deliveries is {max_deliveries}): "
                           "the task kills or hangs its workers")
@@ -199,25 +198,34 @@ class OutcomeRecorder:
             record.result.error.CopyFrom(cause)
             record.lease_token = ""
             transition(record, TaskStates.TASK_STATE_FAILURE, error=cause)
-            return True
 
-        written = await self.store.update(list(exhausted), apply)
-        recorded = Recorded()
-        await self._after(written, {}, recorded)
-        return recorded
+        return await self._end_unsent(exhausted, lost)
 
     async def expire(self, expired: Mapping[str, str]) -> Recorded:
         """End EXPIRED the tasks (task id -> lease token their record held when dispatch found
         them past their expiry) that were not sent to a worker: follow-ups as for any failure,
         no dead letter. A task that ended meanwhile, or got another lease, is left alone."""
+        return await self._end_unsent(expired, mark_expired)
+
+    async def fail_unroutable(self, unroutable: Mapping[str, str]) -> Recorded:
+        """Fail for good the tasks (task id -> lease token their record held) that waited past
+        their routing_timeout for a worker that can run them (core/routing_timeout.py): a dead
+        letter, follow-ups as for any failure. One that ended meanwhile is left alone."""
+        return await self._end_unsent(unroutable, mark_unroutable)
+
+    async def _end_unsent(
+        self, tokens: Mapping[str, str], end: Callable[[records_pb2.TaskRecord], None]
+    ) -> Recorded:
+        """End with `end` the records of tasks dispatch did not send (task id -> the lease token
+        their record held), unless one ended meanwhile or got another lease; then follow-ups."""
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
-            if is_terminal(record) or record.lease_token != expired[task_id]:
+            if is_terminal(record) or record.lease_token != tokens[task_id]:
                 return False
-            mark_expired(record)
+            end(record)
             return True
 
-        written = await self.store.update(list(expired), apply)
+        written = await self.store.update(list(tokens), apply)
         recorded = Recorded()
         await self._after(written, {}, recorded)
         return recorded

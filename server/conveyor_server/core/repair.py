@@ -81,7 +81,8 @@ def _last_change(record: records_pb2.TaskRecord) -> float:
     return seconds_of(history[-1].at) if history else 0.0
 
 
-def _eta(record: records_pb2.TaskRecord) -> float:
+def eta_of(record: records_pb2.TaskRecord) -> float:
+    """Epoch seconds of the task's ETA (from its countdown when it has one); 0 when it has none."""
     signature = record.result.signature
     if signature.HasField("countdown"):
         return seconds_of(record.enqueued_at) + seconds_of(signature.countdown)
@@ -92,7 +93,7 @@ def last_sign_of_life(record: records_pb2.TaskRecord) -> float:
     """Epoch seconds of the latest sign that the task is being looked after."""
     state = record.result.state
     if state == TaskStates.TASK_STATE_PENDING:
-        return max(seconds_of(record.enqueued_at), _last_change(record), _eta(record))
+        return max(seconds_of(record.enqueued_at), _last_change(record), eta_of(record))
     if state == TaskStates.TASK_STATE_RETRY:
         return max(seconds_of(record.retry_at), _last_change(record))
     return max(_last_change(record), seconds_of(record.lease_renewed_at))

@@ -125,6 +125,12 @@ class Snapshot:
     # time.monotonic() of the backend read it reflects.
     loaded_at: float
 
+    def runner_on(self, queue: str, name: str) -> bool:
+        """Whether a live worker of any replica registered `name` on `queue` (a worker that
+        names no task is not registered: its own replica routes to it, see runner_for)."""
+        known = self.tasks.get(name)
+        return known is not None and any(s.live and queue in s.registration.queues for s in known.seen)
+
 
 @dataclass(eq=False)
 class _Connection:

@@ -210,6 +210,7 @@ class Signature(_message.Message):
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     IGNORE_RESULT_FIELD_NUMBER: _builtins.int
+    ROUTING_TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Assigned by the server (a UUID) when empty."""
     name: _builtins.str
@@ -303,6 +304,14 @@ class Signature(_message.Message):
         and so does a retry due after it. Checked when the task is dispatched to a worker.
         """
 
+    @_builtins.property
+    def routing_timeout(self) -> _duration_pb2.Duration:
+        """How long the task may wait for a worker that registered its name, counted from when it
+        became ready to run (its submission, ETA or retry time). Past it, while no connected worker
+        can run it, it fails for good with error type "Unroutable" (a dead letter, follow-ups as for
+        any failure) instead of waiting. Unset: it waits until such a worker connects.
+        """
+
     def __init__(
         self,
         *,
@@ -331,10 +340,11 @@ class Signature(_message.Message):
         concurrency_limit: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         ignore_result: _builtins.bool = ...,
+        routing_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "retry", b"retry", "routing_timeout", b"routing_timeout", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "ignore_result", b"ignore_result", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "retry", b"retry", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for", "unique_key", b"unique_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "countdown", b"countdown", "eta", b"eta", "expires_at", b"expires_at", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "ignore_result", b"ignore_result", "immutable", b"immutable", "kwargs", b"kwargs", "message_group", b"message_group", "name", b"name", "on_error", b"on_error", "on_success", b"on_success", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "retry", b"retry", "routing_timeout", b"routing_timeout", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit", "unique_for", b"unique_for", "unique_key", b"unique_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
