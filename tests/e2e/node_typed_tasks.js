@@ -3,18 +3,9 @@
 // A Node worker whose tasks declare a description and a call schema, for the task registry's
 // end-to-end tests (tests/e2e/test_task_registry.py):
 //   node tests/e2e/node_typed_tasks.js --address 127.0.0.1:50051 --queue default
-const path = require('node:path');
-const { parseArgs } = require('node:util');
-const { Worker } = require(path.resolve(__dirname, '..', '..', 'workers', 'node', 'lib'));
+const { workerFromArgs, serve } = require('./node_worker');
 
-const { values: opts } = parseArgs({
-  options: {
-    address: { type: 'string', default: process.env.CONVEYOR_ADDRESS || '127.0.0.1:50051' },
-    queue: { type: 'string', multiple: true, default: ['default'] },
-  },
-});
-
-const worker = new Worker({ address: opts.address, queues: opts.queue, concurrency: 4 });
+const worker = workerFromArgs();
 
 // args: a number, then an integer factor; no kwargs.
 worker.task('node.scale', async ([x, factor]) => x * factor, {
@@ -29,9 +20,4 @@ worker.task('node.scale', async ([x, factor]) => x * factor, {
 });
 worker.task('node.untyped', async (args) => args); // registered without a schema: any call
 
-process.on('SIGINT', () => worker.stop());
-process.on('SIGTERM', () => worker.stop());
-worker.run().catch((err) => {
-  console.error(err);
-  process.exitCode = 1;
-});
+serve(worker);

@@ -30,15 +30,17 @@ pytestmark = pytest.mark.skipif(
 
 
 class NodeWorker(Proc):
-    """`node workers/node/example.js` serving the given queues."""
+    """`node workers/node/example.js` (or another worker script taking the same options) serving
+    the given queues."""
 
     def __init__(self, log_dir: Path, address: str, queues: tuple[str, ...] = (NODE_QUEUE,),
-                 concurrency: int = 4) -> None:
+                 concurrency: int = 4, script: Path = NODE_DIR / "example.js",
+                 env: dict[str, str] | None = None) -> None:
         assert NODE is not None
-        argv = [NODE, str(NODE_DIR / "example.js"), "--address", address, "--concurrency", str(concurrency)]
+        argv = [NODE, str(script), "--address", address, "--concurrency", str(concurrency)]
         for queue in queues:
             argv += ["--queue", queue]
-        super().__init__(argv, log_dir / f"node-worker-{time.monotonic_ns()}.log")
+        super().__init__(argv, log_dir / f"node-worker-{time.monotonic_ns()}.log", env)
 
     def wait_for(self, text: str, timeout: float = 20.0) -> None:
         def logged() -> bool:

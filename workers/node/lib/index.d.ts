@@ -415,6 +415,21 @@ export class Retry extends Error {
   reason: string;
 }
 
+export interface RejectOptions {
+  /** Back to the queue: the same attempt runs again later (default false: the task fails for good). */
+  requeue?: boolean;
+}
+
+/**
+ * Throw inside a task to refuse it: it fails for good with a "Rejected" error, never retried; with
+ * {requeue: true} the same attempt runs again later, on any worker (10 requeues fail it "Rejected").
+ */
+export class Reject extends Error {
+  constructor(reason?: string, options?: RejectOptions);
+  reason: string;
+  requeue: boolean;
+}
+
 /** What ctx.replace() returns. */
 export class Replacement {
   constructor(workflow: Record<string, any>);

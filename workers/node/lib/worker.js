@@ -44,6 +44,21 @@ class Retry extends Error {
 }
 
 /**
+ * Throw inside a task to refuse it (Celery's Reject). By default the task fails for good with a
+ * "Rejected" error, never retried (its linkError callbacks run; it is a dead letter). With
+ * {requeue: true} it goes back to its queue and the same attempt runs again later, on any worker;
+ * not a failure, but a task requeued 10 times fails with "Rejected" (docs/canvas.md).
+ */
+class Reject extends Error {
+  constructor(reason = '', { requeue = false } = {}) {
+    super(reason || (requeue ? 'requeued by the task' : 'rejected by the task'));
+    this.name = 'Reject';
+    this.reason = reason;
+    this.requeue = Boolean(requeue);
+  }
+}
+
+/**
  * What ctx.replace(canvas) returns: a task that returns it is replaced by the canvas (Celery's
  * self.replace), which runs in its place on the server; its result becomes the task's result.
  */
@@ -84,6 +99,17 @@ function taskError(err, type) {
     return { type: type || err.name || err.constructor?.name || 'Error', message: String(err.message ?? ''), traceback: err.stack || '' };
   }
   return { type: type || 'Error', message: String(err), traceback: '' };
+}
+
+/** How an attempt that threw `err` ends: a retry or a reject it asked for, else a failure. */
+function endedBy(err) {
+  if (err instanceof Retry) {
+    return { outcome: 'OUTCOME_RETRY', error: taskError(err, 'Retry'), retry_delay: duration(err.delay) };
+  }
+  if (err instanceof Reject) {
+    return { outcome: err.requeue ? 'OUTCOME_REQUEUED' : 'OUTCOME_REJECTED', error: taskError(err, 'Rejected') };
+  }
+  return { outcome: 'OUTCOME_FAILURE', error: taskError(err) };
 }
 
 function defaultLogger() {
@@ -460,13 +486,8 @@ class Worker {
       } else if (entry.stoppedBy === 'time_limit') {
         outcome.outcome = 'OUTCOME_FAILURE';
         outcome.error = taskError(signal.reason, 'TimeLimitExceeded');
-      } else if (err instanceof Retry) {
-        outcome.outcome = 'OUTCOME_RETRY';
-        outcome.error = taskError(err, 'Retry');
-        outcome.retry_delay = duration(err.delay);
       } else {
-        outcome.outcome = 'OUTCOME_FAILURE';
-        outcome.error = taskError(err);
+        Object.assign(outcome, endedBy(err));
       }
     } finally {
       if (timer) clearTimeout(timer);
@@ -514,4 +535,6 @@ async function callTask(fn, task, ctx) {
   return results;
 }
 
-module.exports = { Worker, Retry, Replacement, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded, callTask };
+module.exports = {
+  Worker, Retry, Reject, Replacement, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded, callTask, endedBy,
+};

@@ -2,8 +2,8 @@
 // lib/index.d.ts by `npm run typecheck` (tsc --strict; nothing here runs).
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  Client, ConveyorError, Retry, TaskContext, TaskEvent, TaskFailed, Worker, chain, chord, fromValue, group,
-  link, linkError, map, si, sig, toValue,
+  Client, ConveyorError, Reject, ResultIgnored, Retry, TaskContext, TaskEvent, TaskFailed, Worker, chain, chord,
+  fromValue, group, link, linkError, map, si, sig, toValue,
 } from '../../lib';
 
 export function worker(): Worker {
@@ -19,6 +19,11 @@ export function worker(): Worker {
   w.task('node.flaky', async (args, kwargs, ctx) => {
     if (ctx.attempt < 2) throw new Retry(0.1, 'not yet');
     return ctx.attempt;
+  });
+  w.task('node.thumbnail', async ([path]: string[], kwargs, ctx) => {
+    if (!path.endsWith('.png')) throw new Reject(`not an image: ${path}`);
+    if (ctx.deliveries > 3) throw new Reject('busy', { requeue: true });
+    return path.replace(/\.png$/, '.thumb.png');
   });
   w.task('node.replace', async ([x, y], kwargs, ctx) => ctx.replace(
     chain(sig('node.mul', [x, y], {}, { queue: ctx.queue }), sig('node.add', [1], {}, { queue: ctx.queue })),
@@ -56,6 +61,21 @@ export async function submit(client: Client): Promise<number> {
     console.log(result.state, result.finishedAt, await client.cancel(submitted.workflowId), last?.state);
     client.close();
   }
+}
+
+export async function ignored(client: Client): Promise<string> {
+  const options = { expires: new Date(Date.now() + 30_000), ignoreResult: true };
+  const { taskId } = await client.submit('node.add', [1, 2], {}, options);
+  try {
+    return String(await client.result(taskId));
+  } catch (err) {
+    if (err instanceof ResultIgnored) return (await client.getResult(err.taskId, 30)).state;
+    throw err;
+  }
+}
+
+export function rejected(err: unknown): string {
+  return err instanceof Reject ? `${err.name} ${err.reason} requeue=${err.requeue}` : String(err);
 }
 
 export function refused(err: ConveyorError): string {
