@@ -609,6 +609,12 @@ async def _schedule(admin: Any, args: argparse.Namespace) -> None:
     elif args.schedule_command == "list":
         listed = await admin.ListSchedules(admin_service_pb2.ListSchedulesRequest())
         _emit(args, listed, out.schedules_table(list(listed.schedules)))
+    elif args.schedule_command == "pause":
+        paused = await admin.PauseSchedule(admin_service_pb2.PauseScheduleRequest(name=args.name))
+        _emit(args, paused, out.schedules_table([paused.schedule]))
+    elif args.schedule_command == "resume":
+        resumed = await admin.ResumeSchedule(admin_service_pb2.ResumeScheduleRequest(name=args.name))
+        _emit(args, resumed, out.schedules_table([resumed.schedule]))
     else:
         deleted = await admin.DeleteSchedule(admin_service_pb2.DeleteScheduleRequest(name=args.name))
         _emit(args, deleted, f"deleted schedule {args.name}")
@@ -714,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("example", help="print a commented config file with every setting at its default "
                                "(conveyor config example > conveyor.yaml)")
-    schedule = commands.add_parser("schedule", help="periodic tasks: add, list, delete")
+    schedule = commands.add_parser("schedule", help="periodic tasks: add, list, pause, resume, delete")
     schedule_commands = schedule.add_subparsers(dest="schedule_command", required=True)
     schedule_add = schedule_commands.add_parser(
         "add", help='add or replace a schedule: conveyor schedule add nightly "0 3 * * *" cleanup'
@@ -729,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_add.add_argument("--missed", choices=sorted(MISSED_TICKS), default="skip",
                               help="after downtime: skip missed ticks (default) or run once for them")
     schedule_commands.add_parser("list")
+    schedule_pause = schedule_commands.add_parser("pause", help="stop a schedule from firing until it is resumed")
+    schedule_pause.add_argument("name")
+    schedule_resume = schedule_commands.add_parser(
+        "resume", help="fire a paused schedule again from its next tick (ticks missed while paused do not run)")
+    schedule_resume.add_argument("name")
     schedule_delete = schedule_commands.add_parser("delete")
     schedule_delete.add_argument("name")
     dead = commands.add_parser("dead", help="dead letters: tasks that failed for good")

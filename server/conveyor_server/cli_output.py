@@ -130,8 +130,8 @@ def schedules_table(schedules: Sequence[admin_service_pb2.Schedule]) -> str:
     if not schedules:
         return "no schedules"
     rows = [("NAME", "CRON", "TASK", "NEXT RUN", "LAST RUN")]
-    rows += [(s.name, s.cron, s.task.name, timestamp(s.next_run_at) or "-", timestamp(s.last_run_at) or "-")
-             for s in schedules]
+    rows += [(s.name, s.cron, s.task.name, "paused" if s.paused else timestamp(s.next_run_at) or "-",
+              timestamp(s.last_run_at) or "-") for s in schedules]
     return table(rows)
 
 

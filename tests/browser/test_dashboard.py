@@ -9,7 +9,7 @@ import re
 from playwright.sync_api import Page, expect
 
 from conveyor import chord, sig
-from tests.browser.conftest import VIEWER_SECRET, Dashboard, log_in, screenshot
+from tests.browser.conftest import ADMIN_SECRET, VIEWER_SECRET, Dashboard, log_in, screenshot
 
 FILL = 20
 
@@ -117,3 +117,23 @@ def test_every_page_renders(page: Page, dashboard: Dashboard) -> None:
         if name == "workers":
             expect(page.get_by_test_id("workers")).to_contain_text("python")
         screenshot(page, name)
+
+
+def test_a_schedule_is_paused_and_resumed(page: Page, dashboard: Dashboard) -> None:
+    created = page.request.post(f"{dashboard.url}api/v1/schedules", headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
+                                data={"name": "hourly", "cron": "0 * * * *", "task": {"name": "add", "args": [1, 2]}})
+    assert created.status == 201, created.text()
+    log_in(page, dashboard)
+    page.goto(f"{dashboard.url}#/schedules")
+    row = page.get_by_test_id("schedule-hourly")
+    expect(row.get_by_test_id("next-runs")).to_be_visible()
+    row.get_by_test_id("pause-schedule").click()
+    expect(row.get_by_test_id("schedule-paused")).to_be_visible()
+    expect(row.get_by_test_id("next-runs")).to_be_hidden()
+    screenshot(page, "schedule-paused")
+    row.get_by_test_id("resume-schedule").click()
+    expect(row.get_by_test_id("schedule-paused")).to_be_hidden()
+    expect(row.get_by_test_id("next-runs")).to_contain_text(":00")
+    deleted = page.request.delete(f"{dashboard.url}api/v1/schedules/hourly",
+                                  headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
+    assert deleted.status == 204

@@ -173,6 +173,16 @@ def test_a_schedule_fires_once_per_tick_across_two_replicas(tmp_path: Path, proc
     assert [s["name"] for s in listed] == ["every2"]
     assert listed[0]["lastRunAt"]
 
+    # Paused through one replica, it fires on neither; resumed through the other, it fires again.
+    assert cli_json(one.address, "schedule", "pause", "every2")["schedule"]["paused"] is True
+    time.sleep(1.0)  # a pass that read the schedule just before the pause may still fire once
+    while_paused = len(fired_ticks(log, "every2"))
+    time.sleep(4.0)
+    assert len(fired_ticks(log, "every2")) == while_paused, "a paused schedule kept firing"
+    assert "paused" in run_cli(two.address, "schedule", "list").split()
+    assert not cli_json(two.address, "schedule", "resume", "every2")["schedule"].get("paused")
+    wait_for(lambda: len(fired_ticks(log, "every2")) >= while_paused + 2, 15, "ticks fired after the resume")
+
     assert cli_json(one.address, "schedule", "delete", "every2") == {}
     time.sleep(1.0)  # a pass that read the schedule just before the delete may still fire once
     after_delete = fired_ticks(log, "every2")
@@ -183,7 +193,10 @@ def test_a_schedule_fires_once_per_tick_across_two_replicas(tmp_path: Path, proc
     ticks = sorted(after_delete)
     assert len(set(ticks)) == len(ticks), f"a tick fired twice: {ticks}"
     assert all(tick % 2 == 0 for tick in ticks)
-    assert [b - a for a, b in itertools.pairwise(ticks)] == [2] * (len(ticks) - 1), f"ticks missed: {ticks}"
+    before, after = ticks[:while_paused], ticks[while_paused:]
+    for run in (before, after):  # every tick while running, none while paused
+        assert [b - a for a, b in itertools.pairwise(run)] == [2] * (len(run) - 1), f"ticks missed: {ticks}"
+    assert after[0] - before[-1] >= 6, f"ticks fired while it was paused: {ticks}"
 
 
 def test_schedule_cli_refuses_bad_input(server: Server) -> None:

@@ -184,6 +184,40 @@ async def test_fires_once_per_tick_with_two_replicas(engines: tuple[MemoryBroker
     assert stored.next_run_at.seconds == MINUTE + 300
 
 
+async def test_a_paused_schedule_does_not_fire_and_resumes_from_its_next_tick(
+    engines: tuple[MemoryBroker, Backend],
+) -> None:
+    clock = Clock(T0)
+    a, b = replica(engines, clock), replica(engines, clock)
+    await a.create(schedule("tick", missed=RUN_ONCE))
+    paused = await a.set_paused("tick", True)
+    assert paused.paused and (await b.all())[0].paused, "every replica sees it paused"
+    assert (await a.set_paused("tick", True)).paused, "pausing twice is fine"
+    for minute in range(3):  # three ticks pass while it is paused: on neither replica do they fire
+        clock.now = MINUTE + 60 * minute + 0.3
+        assert await a.run_due() == [] and await b.run_due() == []
+    # A redeploy storing the schedule again keeps it paused.
+    assert (await b.create(schedule("tick", missed=RUN_ONCE))).paused
+    resumed = await b.set_paused("tick", False)
+    assert not resumed.paused
+    assert resumed.next_run_at.seconds == MINUTE + 180, "from the next tick after now, not the ticks it missed"
+    assert await a.run_due() == [], "RUN_ONCE does not count paused ticks as missed"
+    clock.now = MINUTE + 180.3
+    assert await a.run_due() == [task_id_for("tick", MINUTE + 180)]
+    assert await ready(engines) == 1
+
+
+async def test_pausing_a_schedule_that_does_not_exist_is_not_found(engines: tuple[MemoryBroker, Backend]) -> None:
+    scheduler = replica(engines, Clock(T0))
+    for paused in (True, False):
+        with pytest.raises(NotFound, match="no schedule named 'nope'"):
+            await scheduler.set_paused("nope", paused)
+    await scheduler.create(schedule("gone"))
+    await scheduler.delete("gone")
+    with pytest.raises(NotFound):
+        await scheduler.set_paused("gone", True)
+
+
 async def test_the_fired_task_carries_the_schedule(engines: tuple[MemoryBroker, Backend]) -> None:
     clock = Clock(MINUTE + 0.2)
     scheduler = replica(engines, clock)

@@ -77,6 +77,22 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.DeleteScheduleResponse()
 
     @unary
+    async def PauseSchedule(
+        self, request: admin_service_pb2.PauseScheduleRequest, context: Context
+    ) -> admin_service_pb2.PauseScheduleResponse:
+        """Stop the schedule from firing until it is resumed."""
+        return admin_service_pb2.PauseScheduleResponse(
+            schedule=await self.admin.schedules.set_paused(request.name, True))
+
+    @unary
+    async def ResumeSchedule(
+        self, request: admin_service_pb2.ResumeScheduleRequest, context: Context
+    ) -> admin_service_pb2.ResumeScheduleResponse:
+        """Fire the schedule again from its next tick after now."""
+        return admin_service_pb2.ResumeScheduleResponse(
+            schedule=await self.admin.schedules.set_paused(request.name, False))
+
+    @unary
     async def ListWorkers(
         self, request: admin_service_pb2.ListWorkersRequest, context: Context
     ) -> admin_service_pb2.ListWorkersResponse:

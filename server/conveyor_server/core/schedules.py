@@ -155,6 +155,10 @@ def plan_ticks(
     return Plan(fire, tick, missed)
 
 
+def _not_found(name: str) -> NotFound:
+    return NotFound(f"no schedule named {name[:80]!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name[:200]})
+
+
 def _stamp(seconds: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromSeconds(seconds)
@@ -191,8 +195,11 @@ class Schedules:
         def replacing(read: Stored[ScheduleRecord] | None) -> ScheduleRecord:
             record = schedule_records.live(schedule, now)
             previous = read.record if read is not None else None
-            if previous is not None and not previous.deleted and previous.schedule.HasField("last_run_at"):
-                record.schedule.last_run_at.CopyFrom(previous.schedule.last_run_at)
+            if previous is not None and not previous.deleted:
+                if previous.schedule.HasField("last_run_at"):
+                    record.schedule.last_run_at.CopyFrom(previous.schedule.last_run_at)
+                # Paused by an operator: a redeploy that stores the schedule again does not resume it.
+                record.schedule.paused = previous.schedule.paused
             return record
 
         written = await self._change(schedule.name, replacing)
@@ -212,9 +219,7 @@ class Schedules:
         stored = (await self._load([name])).get(name)
         indexed = name in await self._names()
         if not indexed and (stored is None or stored.record.deleted):
-            raise NotFound(
-                f"no schedule named {name[:80]!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name[:200]}
-            )
+            raise _not_found(name)
         await self.backend.remove_member(SCHEDULES_GROUP, name)
 
         def burying(read: Stored[ScheduleRecord] | None) -> ScheduleRecord | None:
@@ -224,6 +229,32 @@ class Schedules:
 
         await self._change(name, burying)
         log.info("schedule %s deleted", name)
+
+    async def set_paused(self, name: str, paused: bool) -> Schedule:
+        """Pause a schedule (it does not fire) or resume it from its next tick after now, so
+        the ticks it missed while paused never fire. NotFound when there is none."""
+        now = self.clock()
+
+        unchanged: list[Schedule] = []
+
+        def pausing(read: Stored[ScheduleRecord] | None) -> ScheduleRecord | None:
+            if read is None or read.record.deleted:
+                raise _not_found(name)
+            if read.record.schedule.paused == paused:
+                unchanged[:] = [read.record.schedule]
+                return None  # already so: nothing to write
+            schedule = Schedule()
+            schedule.CopyFrom(read.record.schedule)
+            schedule.paused = paused
+            if not paused:
+                schedule.next_run_at.CopyFrom(_stamp(next_tick(schedule.cron, now)))
+            return schedule_records.live(schedule, now)
+
+        written = await self._change(name, pausing)
+        if written is None:
+            return unchanged[0]
+        log.info("schedule %s %s", name, "paused" if paused else "resumed")
+        return written.schedule
 
     # -- firing -------------------------------------------------------------------------------
 
@@ -257,6 +288,10 @@ class Schedules:
 
     async def _advance(self, item: Stored[ScheduleRecord], now: float) -> list[str]:
         schedule = item.record.schedule
+        if schedule.paused:
+            if now - schedule_records.touched(item.record) >= self._keepalive_seconds:
+                await self._records.put(schedule_key(schedule.name), item, schedule_records.live(schedule, now))
+            return []
         plan = plan_ticks(
             schedule.cron, schedule.next_run_at.seconds, now, schedule.missed_ticks or SKIP, self.grace
         )

@@ -135,6 +135,7 @@ def schedule(item: admin_service_pb2.Schedule, next_runs: Iterable[str]) -> JSON
         "next_run_at": when(item.next_run_at, item.HasField("next_run_at")),
         "last_run_at": when(item.last_run_at, item.HasField("last_run_at")),
         "next_runs": list(next_runs),
+        "paused": item.paused,
     }
 
 

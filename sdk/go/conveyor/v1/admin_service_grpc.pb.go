@@ -50,6 +50,12 @@ type AdminServiceClient interface {
 	// Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
 	// name), UNAVAILABLE.
 	DeleteSchedule(ctx context.Context, in *DeleteScheduleRequest, opts ...grpc.CallOption) (*DeleteScheduleResponse, error)
+	// Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+	// a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+	PauseSchedule(ctx context.Context, in *PauseScheduleRequest, opts ...grpc.CallOption) (*PauseScheduleResponse, error)
+	// Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+	// paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
+	ResumeSchedule(ctx context.Context, in *ResumeScheduleRequest, opts ...grpc.CallOption) (*ResumeScheduleResponse, error)
 	// Republishes accepted tasks whose broker message looks lost (the queue was flushed,
 	// deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
 	// Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
@@ -195,6 +201,24 @@ func (c *adminServiceClient) DeleteSchedule(ctx context.Context, in *DeleteSched
 	return out, nil
 }
 
+func (c *adminServiceClient) PauseSchedule(ctx context.Context, in *PauseScheduleRequest, opts ...grpc.CallOption) (*PauseScheduleResponse, error) {
+	out := new(PauseScheduleResponse)
+	err := c.cc.Invoke(ctx, "/conveyor.v1.AdminService/PauseSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ResumeSchedule(ctx context.Context, in *ResumeScheduleRequest, opts ...grpc.CallOption) (*ResumeScheduleResponse, error) {
+	out := new(ResumeScheduleResponse)
+	err := c.cc.Invoke(ctx, "/conveyor.v1.AdminService/ResumeSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) RepairTasks(ctx context.Context, in *RepairTasksRequest, opts ...grpc.CallOption) (*RepairTasksResponse, error) {
 	out := new(RepairTasksResponse)
 	err := c.cc.Invoke(ctx, "/conveyor.v1.AdminService/RepairTasks", in, out, opts...)
@@ -304,6 +328,12 @@ type AdminServiceServer interface {
 	// Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
 	// name), UNAVAILABLE.
 	DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error)
+	// Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+	// a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+	PauseSchedule(context.Context, *PauseScheduleRequest) (*PauseScheduleResponse, error)
+	// Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+	// paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
+	ResumeSchedule(context.Context, *ResumeScheduleRequest) (*ResumeScheduleResponse, error)
 	// Republishes accepted tasks whose broker message looks lost (the queue was flushed,
 	// deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
 	// Errors: INVALID_ARGUMENT (older_than unset or negative, a bad queue name), UNAVAILABLE.
@@ -379,6 +409,12 @@ func (UnimplementedAdminServiceServer) ListSchedules(context.Context, *ListSched
 }
 func (UnimplementedAdminServiceServer) DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DeleteSchedule not implemented")
+}
+func (UnimplementedAdminServiceServer) PauseSchedule(context.Context, *PauseScheduleRequest) (*PauseScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PauseSchedule not implemented")
+}
+func (UnimplementedAdminServiceServer) ResumeSchedule(context.Context, *ResumeScheduleRequest) (*ResumeScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ResumeSchedule not implemented")
 }
 func (UnimplementedAdminServiceServer) RepairTasks(context.Context, *RepairTasksRequest) (*RepairTasksResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RepairTasks not implemented")
@@ -615,6 +651,42 @@ func _AdminService_DeleteSchedule_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_PauseSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PauseScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).PauseSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/conveyor.v1.AdminService/PauseSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).PauseSchedule(ctx, req.(*PauseScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ResumeSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ResumeSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/conveyor.v1.AdminService/ResumeSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ResumeSchedule(ctx, req.(*ResumeScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_RepairTasks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RepairTasksRequest)
 	if err := dec(in); err != nil {
@@ -806,6 +878,14 @@ var _AdminService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteSchedule",
 			Handler:    _AdminService_DeleteSchedule_Handler,
+		},
+		{
+			MethodName: "PauseSchedule",
+			Handler:    _AdminService_PauseSchedule_Handler,
+		},
+		{
+			MethodName: "ResumeSchedule",
+			Handler:    _AdminService_ResumeSchedule_Handler,
 		},
 		{
 			MethodName: "RepairTasks",

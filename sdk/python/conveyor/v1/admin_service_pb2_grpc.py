@@ -90,6 +90,16 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/conveyor.v1.AdminService/PauseSchedule',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/conveyor.v1.AdminService/ResumeSchedule',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
         self.RepairTasks = channel.unary_unary(
                 '/conveyor.v1.AdminService/RepairTasks',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.RepairTasksRequest.SerializeToString,
@@ -219,6 +229,22 @@ class AdminServiceServicer:
     def DeleteSchedule(self, request, context):
         """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
         name), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+        a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+        paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -357,6 +383,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleResponse.SerializeToString,
             ),
             'RepairTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.RepairTasks,
@@ -697,6 +733,60 @@ class AdminService:
             '/conveyor.v1.AdminService/DeleteSchedule',
             conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/PauseSchedule',
+            conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ResumeSchedule',
+            conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ResumeScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,14 @@ class AdminServiceStub:
     """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
     name), UNAVAILABLE.
     """
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PauseScheduleRequest, _admin_service_pb2.PauseScheduleResponse]
+    """Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+    a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+    """
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeScheduleRequest, _admin_service_pb2.ResumeScheduleResponse]
+    """Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+    paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
+    """
     RepairTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]
     """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
     deleted or lost), as every replica's reconciler does after `repair_after_seconds`.
@@ -166,6 +174,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteScheduleRequest, _admin_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
     """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
     name), UNAVAILABLE.
+    """
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PauseScheduleRequest, _admin_service_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+    a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+    """
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeScheduleRequest, _admin_service_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+    paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
     """
     RepairTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RepairTasksRequest, _admin_service_pb2.RepairTasksResponse]  # type: ignore[assignment]
     """Republishes accepted tasks whose broker message looks lost (the queue was flushed,
@@ -321,6 +337,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_admin_service_pb2.DeleteScheduleResponse]]:
         """Forgets a schedule: its future ticks never fire. Errors: NOT_FOUND (no schedule with that
         name), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _admin_service_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.PauseScheduleResponse, _abc.Awaitable[_admin_service_pb2.PauseScheduleResponse]]:
+        """Stops a schedule from firing until it is resumed; its ticks meanwhile never fire. Pausing
+        a paused schedule is fine. Errors: NOT_FOUND (no schedule with that name), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _admin_service_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ResumeScheduleResponse, _abc.Awaitable[_admin_service_pb2.ResumeScheduleResponse]]:
+        """Lets a paused schedule fire again from its next tick after now (the ticks it missed while
+        paused are not run). Resuming a running schedule is fine. Errors: NOT_FOUND, UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
