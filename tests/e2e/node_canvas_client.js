@@ -95,6 +95,25 @@ const SCENARIOS = {
       chain: await submitted(client, flow),
     };
   },
+  // Dispatch options: a unique task submitted twice is one task; a task nobody runs fails past its
+  // routing timeout; keys reach the stored signature.
+  'dispatch-options': async (client, [label]) => {
+    const unique = { uniqueFor: 60, uniqueKey: `unique-${label}` };
+    const first = await client.submit('node.add', [5, 5], {}, unique);
+    const again = await client.submit('node.add', [5, 5], {}, unique);
+    const nobody = await client.submit('nobody.runs', [], {}, { routingTimeout: 0.5 });
+    const keyed = await client.submit('node.add', [1, 1], {}, {
+      rateLimitKey: `customer-${label}`, concurrencyKey: `account-${label}`, concurrencyLimit: 2,
+    });
+    const stored = (await client.getResult(keyed.taskId, WAIT)).raw.signature;
+    return {
+      unique: [first.taskId, again.taskId],
+      value: (await settle(client, first.taskId)).value,
+      unroutable: await settle(client, nobody.taskId),
+      keys: [stored.rate_limit_key, stored.concurrency_key, stored.concurrency_limit],
+      keyed: await settle(client, keyed.taskId),
+    };
+  },
   // Reject: fails for good, once, whatever the retry policy; in a chain, the chain fails there.
   reject: async (client, [label, errors, chained, after]) => {
     const retried = { retry: { maxAttempts: 3, backoff: 'fixed', initial: 0.1 } };

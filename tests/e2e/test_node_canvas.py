@@ -148,6 +148,21 @@ async def test_reading_an_ignored_result_from_node_throws_result_ignored(node: C
     assert report["chain"].get("value") == {"args": [None], "kwargs": {}}, f"the next step gets null: {report}"
 
 
+# -- dispatch options ----------------------------------------------------------------------------------------
+
+
+async def test_the_node_clients_dispatch_options_reach_the_server(node: Cluster) -> None:
+    name = label()
+    report = await scenario(node, "dispatch-options", name)
+    first, again = report["unique"]
+    assert first == again, "uniqueFor: the second submit got the live task's id"
+    assert report["value"] == 10
+    failed = report["unroutable"]["failed"]
+    assert (failed["state"], failed["type"]) == ("FAILURE", "Unroutable"), report
+    assert report["keys"] == [f"customer-{name}", f"account-{name}", 2]
+    assert report["keyed"] == {"value": 2}
+
+
 # -- Reject --------------------------------------------------------------------------------------------------
 
 

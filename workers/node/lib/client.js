@@ -58,7 +58,8 @@ function stateName(state) {
  * One task call. options: id, queue, priority (0-9), countdown (s), eta (Date), timeLimit (s), softTimeLimit (s),
  * retry {maxAttempts, backoff: 'exponential'|'fibonacci'|'fixed', initial, max, jitter},
  * immutable, idempotencyKey, headers, messageGroup, onSuccess [sig], onError [sig],
- * expires (s from submit, or a Date: not started by then, it ends EXPIRED), ignoreResult (its value is not stored).
+ * expires (s from submit, or a Date: not started by then, it ends EXPIRED), ignoreResult (its value is not stored),
+ * uniqueFor (s) and uniqueKey, rateLimitKey, concurrencyKey and concurrencyLimit, routingTimeout (s).
  */
 function sig(name, args = [], kwargs = {}, options = {}) {
   return { kind: 'task', name, args, kwargs, options };
@@ -161,7 +162,13 @@ function toSignature(node) {
     on_success: (o.onSuccess || []).map(toSignature),
     on_error: (o.onError || []).map(toSignature),
     ignore_result: Boolean(o.ignoreResult),
+    unique_key: o.uniqueKey || '',
+    rate_limit_key: o.rateLimitKey || '',
+    concurrency_key: o.concurrencyKey || '',
+    concurrency_limit: o.concurrencyLimit || 0,
   };
+  if (o.uniqueFor != null) signature.unique_for = duration(o.uniqueFor);
+  if (o.routingTimeout != null) signature.routing_timeout = duration(o.routingTimeout);
   if (o.expires != null) {
     signature.expires_at = timestamp(o.expires instanceof Date ? o.expires : Date.now() + o.expires * 1000);
   }

@@ -97,6 +97,17 @@ export interface SignatureOptions {
   expires?: number | Date;
   /** Its value is not stored. */
   ignoreResult?: boolean;
+  /** Seconds during which a submit of an equal task returns the live one's id instead. */
+  uniqueFor?: number;
+  /** What makes tasks equal for uniqueFor (default: name, queue and arguments). */
+  uniqueKey?: string;
+  /** The token bucket to draw from when the name's rate limit is per key (a customer id, say). */
+  rateLimitKey?: string;
+  /** At most concurrencyLimit tasks with this key run at once, across replicas. */
+  concurrencyKey?: string;
+  concurrencyLimit?: number;
+  /** Seconds a ready task may wait for a worker that registered its name; then it fails Unroutable. */
+  routingTimeout?: number;
 }
 
 export interface TaskSignature {

@@ -2,7 +2,7 @@
 // lib/index.d.ts by `npm run typecheck` (tsc --strict; nothing here runs).
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  Client, ConveyorError, Reject, ResultIgnored, Retry, TaskContext, TaskEvent, TaskFailed, Worker, chain, chord,
+  Client, ConveyorError, Reject, ResultIgnored, Retry, SignatureOptions, TaskContext, TaskEvent, TaskFailed, Worker, chain, chord,
   fromValue, group, link, linkError, map, si, sig, toValue,
 } from '../../lib';
 
@@ -88,3 +88,11 @@ function* members() {
   for (let i = 0; i < 3; i += 1) yield sig('node.add', [i, 1]);
 }
 export const streamed = group(members());
+
+export async function dispatched(client: Client, customer: string): Promise<string> {
+  const options: SignatureOptions = {
+    uniqueFor: 60, uniqueKey: `charge-${customer}`, rateLimitKey: customer,
+    concurrencyKey: `account:${customer}`, concurrencyLimit: 2, routingTimeout: 30,
+  };
+  return (await client.submit('charge', [customer], {}, options)).taskId;
+}
