@@ -465,6 +465,25 @@ def test_a_submission_counts_every_task_it_holds() -> None:
     assert tasks_in([task_service_pb2.SubmitRequest()]) == 0
 
 
+def test_a_submission_counts_the_callbacks_of_chains_groups_and_chord_headers() -> None:
+    def sigs(*names: str) -> list[task_pb2.Signature]:
+        return [task_pb2.Signature(name=name) for name in names]
+
+    header = group_of_tasks(2).workflow.group
+    header.on_success.extend(sigs("ok"))
+    header.on_error.extend(sigs("once"))
+    header.on_member_error.extend(sigs("each"))
+    grouped = task_service_pb2.SubmitRequest(workflow=workflow_pb2.Workflow(group=header))
+    assert tasks_in([grouped]) == 2 + 3
+    chord = workflow_pb2.Chord(header=header, callback=workflow_pb2.Workflow(task=task_pb2.Signature(name="sum")))
+    then = task_pb2.Signature(name="ok", on_success=sigs("then"), on_error=sigs("ok-failed"))
+    chain = workflow_pb2.Chain(steps=[workflow_pb2.Workflow(chord=chord)], on_success=[then], on_error=sigs("failed"))
+    chained = task_service_pb2.SubmitRequest(workflow=workflow_pb2.Workflow(chain=chain))
+    assert tasks_in([chained]) == (2 + 3 + 1) + 3 + 1
+    with pytest.raises(ResourceExhausted, match="5 tasks can never fit"):
+        SubmitRateLimiter(1, 4).take("web", tasks_in([grouped]))
+
+
 def test_ten_submits_of_a_large_group_no_longer_pass_a_small_rate() -> None:
     limiter = SubmitRateLimiter(5, 5)
     with pytest.raises(ResourceExhausted, match="1000 tasks can never fit"):

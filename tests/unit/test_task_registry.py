@@ -245,6 +245,45 @@ async def test_every_task_of_a_workflow_is_checked_and_a_previous_result_counts_
         assert await refusal(core, strict(canvas)) == problem
 
 
+def in_a_chord_header() -> task_service_pb2.SubmitRequest:
+    made = strict(chord([sig("add", 1)], sig("total")))
+    made.workflow.chord.header.on_member_error.add(name="nope")
+    return made
+
+
+UNKNOWN = "no worker has registered task 'nope' (a strict submit needs one)"
+
+
+@pytest.mark.parametrize("request_, problem", [
+    (strict(chain(sig("add", 1), sig("mul", 2)).link(sig("nope"))), f"request.workflow.chain.on_success[0]: {UNKNOWN}"),
+    (strict(group(sig("add", 1)).link(sig("nope"))), f"request.workflow.group.on_success[0]: {UNKNOWN}"),
+    (strict(group(sig("add", 1)).link_error(sig("nope"), per_member=True)),
+     f"request.workflow.group.on_member_error[0]: {UNKNOWN}"),
+    (strict(group(sig("add", 1)).link_error(sig("report", "ops").link(sig("nope")), per_member=True)),
+     f"request.workflow.group.on_member_error[0].on_success[0]: {UNKNOWN}"),
+    (strict(group(sig("add", 1)).link(sig("total", bonus="x"))),
+     "request.workflow.group.on_success[0].kwargs['bonus']: 'x' is not of type 'integer' (task 'total')"),
+    (in_a_chord_header(), f"request.workflow.chord.header.on_member_error[0]: {UNKNOWN}"),
+], ids=["chain.on_success", "group.on_success", "group.on_member_error", "a link of a member errback",
+        "group.on_success args", "chord.header.on_member_error"])
+async def test_a_strict_submit_checks_every_callback_list_of_a_canvas(
+    replicas: Replicas, request_: task_service_pb2.SubmitRequest, problem: str
+) -> None:
+    core = replicas.a
+    core.connections.open(hello())
+    assert await refusal(core, request_) == problem
+
+
+async def test_canvas_callbacks_are_checked_with_the_result_or_error_they_receive_as_given(
+    replicas: Replicas
+) -> None:
+    core = replicas.a
+    core.connections.open(hello())
+    assert await submit(core, strict(chain(sig("add", 1), sig("mul", 2)).link(sig("mul", 3))))
+    assert await submit(core, strict(group(sig("add", 1)).link(sig("total")).link_error(sig("report", "ops"),
+                                                                                         per_member=True)))
+
+
 async def test_a_json_value_that_is_not_json_is_refused_in_every_mode(replicas: Replicas) -> None:
     core = replicas.a
     broken = task_pb2.Signature(name="any", args=[task_pb2.Value(json_value="{not json")])
@@ -260,6 +299,38 @@ async def test_a_json_value_that_is_not_json_is_refused_in_every_mode(replicas: 
     in_a_chain.workflow.chain.steps[1].task.args.add(json_value="nul")
     assert (await refusal(core, in_a_chain)).startswith("request.workflow.chain[1].args[0]: json_value is not valid")
     assert await submit(core, to_request(sig("any", [1, {"a": None}], key={"b": [True]})))
+
+
+BROKEN = task_pb2.Value(json_value="{not json")
+
+
+def broken_at(canvas: Any, where: Callable[[task_service_pb2.SubmitRequest], None]) -> task_service_pb2.SubmitRequest:
+    made = canvas if isinstance(canvas, task_service_pb2.SubmitRequest) else to_request(canvas)
+    where(made)
+    return made
+
+
+@pytest.mark.parametrize("request_, field", [
+    (broken_at(chain(sig("a"), sig("b")).link(sig("ok")), lambda r: r.workflow.chain.on_success[0].args.append(BROKEN)),
+     "request.workflow.chain.on_success[0].args[0]"),
+    (broken_at(group(sig("a")).link(sig("ok")), lambda r: r.workflow.group.on_success[0].kwargs["k"].CopyFrom(BROKEN)),
+     "request.workflow.group.on_success[0].kwargs['k']"),
+    (broken_at(group(sig("a")).link_error(sig("each"), per_member=True),
+               lambda r: r.workflow.group.on_member_error[0].args.extend([to_values([1])[0], BROKEN])),
+     "request.workflow.group.on_member_error[0].args[1]"),
+    # Submit options are checked as given, whether they reach a task (a chain's first step) or none.
+    (broken_at(chain(sig("a"), sig("b")), lambda r: r.options.args.append(BROKEN)), "request.options.args[0]"),
+    (broken_at(task_service_pb2.SubmitRequest(task=task_pb2.Signature(name="a", immutable=True)),
+               lambda r: r.options.kwargs["k"].CopyFrom(BROKEN)),
+     "request.options.kwargs['k']"),
+    (broken_at(si("a"), lambda r: r.options.args.extend([to_values([1])[0], BROKEN])), "request.options.args[1]"),
+], ids=["chain.on_success", "group.on_success", "group.on_member_error", "options.args", "options.kwargs",
+        "options.args that reach no task"])
+async def test_a_json_value_that_is_not_json_is_refused_in_canvas_callbacks_and_submit_options(
+    replicas: Replicas, request_: task_service_pb2.SubmitRequest, field: str
+) -> None:
+    problem = await refusal(replicas.a, request_)
+    assert problem.startswith(f"{field}: json_value is not valid JSON (Expecting property name")
 
 
 async def test_a_hello_whose_schema_is_not_a_json_schema_is_refused_and_registers_nothing(

@@ -11,11 +11,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
-
-from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
+from conveyor.v1 import task_service_pb2
 
 from ..core.canvas.map import chunk_count
+from ..core.canvas.signatures import placed_signatures
 from ..core.errors import ResourceExhausted
 
 # Buckets idle this long are forgotten, so many short-lived peers cannot grow the table.
@@ -23,36 +22,13 @@ IDLE_SECONDS = 600.0
 
 
 def tasks_in(requests: Iterable[task_service_pb2.SubmitRequest]) -> int:
-    """How many tasks these submissions hold: every signature in them (link callbacks too)."""
-    count = 0
-    pending: list[Message] = list(requests)
-    while pending:  # a loop, not recursion: the request is not validated yet, so not its depth either
-        node = pending.pop()
-        if isinstance(node, task_pb2.Signature):
-            count += 1
-            pending.extend(node.on_success)
-            pending.extend(node.on_error)
-        elif isinstance(node, task_service_pb2.SubmitRequest):
-            target = node.WhichOneof("target")
-            if target is not None:
-                pending.append(getattr(node, target))
-        elif isinstance(node, workflow_pb2.Workflow):
-            kind = node.WhichOneof("kind")
-            if kind is not None:
-                pending.append(getattr(node, kind))
-        elif isinstance(node, workflow_pb2.Chain):
-            pending.extend(node.steps)
-            pending.extend(node.on_error)
-        elif isinstance(node, workflow_pb2.Group):
-            pending.extend(node.members)
-            pending.extend(node.on_error)
-        elif isinstance(node, workflow_pb2.Map):
-            count += chunk_count(node)
-        elif isinstance(node, workflow_pb2.Chord):
-            pending.append(node.header)
-            if node.HasField("callback"):
-                pending.append(node.callback)
-    return count
+    """How many tasks these submissions hold: every signature in them (callbacks and links too),
+    a map's task once per chunk."""
+    return sum(
+        1 if placed.map is None else chunk_count(placed.map)
+        for request in requests
+        for placed in placed_signatures(request)
+    )
 
 
 @dataclass(slots=True)

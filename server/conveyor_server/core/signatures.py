@@ -6,10 +6,9 @@ import json
 import uuid
 from collections.abc import Mapping
 
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-
 from conveyor.v1 import result_pb2, task_pb2
+
+from .canvas.signatures import Holder, all_signatures
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -55,17 +54,7 @@ def error_value(error: result_pb2.TaskError, task_id: str) -> task_pb2.Value:
     )
 
 
-def queues_named(message: Message, default_queue: str) -> set[str]:
+def queues_named(message: Holder, default_queue: str) -> set[str]:
     """Every queue the signatures inside `message` name, callbacks and workflow steps included
     (`default_queue` for a signature that names none)."""
-    found: set[str] = set()
-    if isinstance(message, task_pb2.Signature):
-        found.add(message.queue or default_queue)
-    for field, value in message.ListFields():
-        if field.type != FieldDescriptor.TYPE_MESSAGE or field.message_type is None:
-            continue
-        if field.message_type.GetOptions().map_entry:
-            continue  # maps of messages hold no signatures here (and would need their values)
-        for item in value if field.is_repeated else (value,):
-            found |= queues_named(item, default_queue)
-    return found
+    return {signature.queue or default_queue for signature in all_signatures(message)}

@@ -3,13 +3,14 @@
 In every mode: a json_value must hold valid JSON (strict: no NaN or Infinity), or the submit is
 refused before a worker meets it. With `strict` (per SubmitRequest, or the server-wide
 `strict_tasks` setting), every task of the submission (each step, member, callback and link of
-a workflow) must also be one that some worker registered (core/task_registry.py), called as its
-call schema says; else INVALID_ARGUMENT names the task and the field:
+a workflow, as canvas.signatures.placed_signatures finds them) must also be one that some worker
+registered (core/task_registry.py), called as its call schema says; else INVALID_ARGUMENT names
+the task and the field:
 
     request.task.args[1]: 'abc' is not of type 'integer' (task 'add')
 
 A task that receives the previous result as its first arg (a chain step after the first, a
-chord callback, an on_success or on_error link; unless immutable) is checked with that arg
+chord callback, every callback and link; unless immutable) is checked with that arg
 taken as given: it is not known at submit. When workers of one name declare different schemas
 (a rolling deploy), a call that matches any of them is accepted.
 """
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from conveyor.errors import UnencodableValue
 from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
 from conveyor.values import to_value
 
 from .call_schemas import BadJson, BadSchema, call_of, compiled, mismatch, parse_json
+from .canvas.signatures import Placed, placed_signatures
 from .errors import InvalidArgument
 from .task_registry import KnownTask, Snapshot, TaskRegistry
 
@@ -35,51 +36,18 @@ from .task_registry import KnownTask, Snapshot, TaskRegistry
 RELOAD_BEFORE_REFUSING_SECONDS = 0.05
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    signature: task_pb2.Signature
-    # Where the signature sits in the request, e.g. request.workflow.chain[1].
-    where: str
-    # It receives a previous result as its first arg.
-    leading: bool
+# A task call to check: where it sits and whether it receives a previous result as its first arg.
+Call = Placed
 
 
 def calls_of(request: task_service_pb2.SubmitRequest, where: str) -> Iterator[Call]:
-    """Every task call a (structurally valid) request holds, callbacks and links included."""
-    if request.WhichOneof("target") == "task":
-        yield from _signature_calls(request.task, f"{where}.task", leading=False)
-    elif request.WhichOneof("target") == "workflow":
-        yield from _workflow_calls(request.workflow, f"{where}.workflow", leading=False)
-
-
-def _signature_calls(signature: task_pb2.Signature, where: str, leading: bool) -> Iterator[Call]:
-    yield Call(signature, where, leading and not signature.immutable)
-    for i, link in enumerate(signature.on_success):
-        yield from _signature_calls(link, f"{where}.on_success[{i}]", leading=True)
-    for i, link in enumerate(signature.on_error):
-        yield from _signature_calls(link, f"{where}.on_error[{i}]", leading=True)
-
-
-def _workflow_calls(node: workflow_pb2.Workflow, where: str, leading: bool) -> Iterator[Call]:
-    kind = node.WhichOneof("kind")
-    if kind == "task":
-        yield from _signature_calls(node.task, where, leading)
-    elif kind == "chain":
-        for i, step in enumerate(node.chain.steps):
-            yield from _workflow_calls(step, f"{where}.chain[{i}]", leading or i > 0)
-        for i, callback in enumerate(node.chain.on_error):
-            yield from _signature_calls(callback, f"{where}.chain.on_error[{i}]", leading=True)
-    elif kind == "group":
-        for i, member in enumerate(node.group.members):
-            yield from _workflow_calls(member, f"{where}.group[{i}]", leading)
-        for i, callback in enumerate(node.group.on_error):
-            yield from _signature_calls(callback, f"{where}.group.on_error[{i}]", leading=True)
-    elif kind == "chord":
-        for i, member in enumerate(node.chord.header.members):
-            yield from _workflow_calls(member, f"{where}.chord.header[{i}]", leading)
-        yield from _workflow_calls(node.chord.callback, f"{where}.chord.callback", leading=True)
-    elif kind == "map":
-        yield from _item_calls(node.map, f"{where}.map")
+    """Every task call a (structurally valid) request holds, callbacks and links included; a
+    map's task as one call per item."""
+    for placed in placed_signatures(request, where):
+        if placed.map is None:
+            yield placed
+        else:
+            yield from _item_calls(placed.map, placed.where.removesuffix(".task"))
 
 
 def _item_calls(map_: workflow_pb2.Map, where: str) -> Iterator[Call]:
@@ -96,42 +64,19 @@ def _item_calls(map_: workflow_pb2.Map, where: str) -> Iterator[Call]:
 
 
 def all_json_valid(request: task_service_pb2.SubmitRequest) -> bool:
-    """True when every json_value in the request is valid JSON: the quick walk, which names
-    nothing (check_json_values does, for a request that fails it)."""
-    if request.WhichOneof("target") == "task":
-        return _signature_json_valid(request.task)
-    return _workflow_json_valid(request.workflow)
-
-
-def _signature_json_valid(signature: task_pb2.Signature) -> bool:
-    for value in signature.args:
-        if value.WhichOneof("kind") == "json_value" and not _is_json(value.json_value):
-            return False
-    if signature.kwargs:
-        for value in signature.kwargs.values():
+    """True when every json_value in the request is valid JSON: the quick walk, whose messages
+    name nothing (check_json_values does, for a request that fails it)."""
+    for placed in placed_signatures(request):
+        signature = placed.signature
+        values: Iterable[task_pb2.Value] = signature.args
+        if signature.kwargs:
+            values = [*values, *signature.kwargs.values()]
+        if placed.map is not None:
+            values = [*values, *placed.map.items]
+        for value in values:
             if value.WhichOneof("kind") == "json_value" and not _is_json(value.json_value):
                 return False
-    links = signature.on_success or signature.on_error
-    return not links or all(_signature_json_valid(s) for s in (*signature.on_success, *signature.on_error))
-
-
-def _workflow_json_valid(node: workflow_pb2.Workflow) -> bool:
-    kind = node.WhichOneof("kind")
-    if kind == "task":
-        return _signature_json_valid(node.task)
-    if kind == "chain":
-        steps, callbacks = node.chain.steps, node.chain.on_error
-    elif kind == "group":
-        steps, callbacks = node.group.members, node.group.on_error
-    elif kind == "chord":
-        return all(_workflow_json_valid(m) for m in node.chord.header.members) and _workflow_json_valid(
-            node.chord.callback)
-    elif kind == "map":
-        items = task_pb2.Signature(args=node.map.items)
-        return _signature_json_valid(node.map.task) and _signature_json_valid(items)
-    else:
-        return True
-    return all(_workflow_json_valid(s) for s in steps) and all(_signature_json_valid(c) for c in callbacks)
+    return True
 
 
 def _is_json(text: str) -> bool:
@@ -142,22 +87,22 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def check_json_values(call: Call) -> None:
-    """Refuse a json_value of the call that is not valid JSON, naming its field."""
-    signature = call.signature
-    for i, value in enumerate(signature.args):
+def check_json_values(args: Sequence[task_pb2.Value], kwargs: Mapping[str, task_pb2.Value], where: str) -> None:
+    """Refuse a json_value among `args` and `kwargs` that is not valid JSON, naming its field
+    (`<where>.args[1]`, `<where>.kwargs['k']`)."""
+    for i, value in enumerate(args):
         if value.WhichOneof("kind") == "json_value":
-            _check_json(value.json_value, call, f"args[{i}]")
-    for key, value in signature.kwargs.items():
+            _check_json(value.json_value, f"{where}.args[{i}]")
+    for key, value in kwargs.items():
         if value.WhichOneof("kind") == "json_value":
-            _check_json(value.json_value, call, f"kwargs[{key!r}]")
+            _check_json(value.json_value, f"{where}.kwargs[{key!r}]")
 
 
-def _check_json(text: str, call: Call, field: str) -> None:
+def _check_json(text: str, field: str) -> None:
     try:
         parse_json(text)
     except BadJson as exc:
-        raise InvalidArgument(f"{call.where}.{field}: json_value is not valid JSON ({exc})") from None
+        raise InvalidArgument(f"{field}: json_value is not valid JSON ({exc})") from None
 
 
 def call_problem(known: KnownTask, call: Call) -> str | None:
@@ -201,10 +146,10 @@ class SubmitChecks:
         strict: list[Call] = []
         for index, request in enumerate(requests):
             if not (self.strict_tasks or request.strict) and all_json_valid(request):
-                continue  # the common case, on every submit: no Call objects, no field names
+                continue  # the common case, on every submit: one quick walk, no calls listed
             calls = list(calls_of(request, f"requests[{index}]" if len(requests) > 1 else "request"))
             for call in calls:
-                check_json_values(call)
+                check_json_values(call.signature.args, call.signature.kwargs, call.where)
             if self.strict_tasks or request.strict:
                 strict.extend(calls)
         if strict:

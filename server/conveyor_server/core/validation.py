@@ -17,14 +17,12 @@ import re
 import time
 from collections.abc import Sequence
 
-from google.protobuf.message import Message
-
 from conveyor.v1 import task_pb2, workflow_pb2
 
 from ..config import Limits
 from .canvas.kinds import workflow_kind
 from .canvas.primitives import primitive
-from .canvas.signatures import all_signatures
+from .canvas.signatures import Holder, all_signatures
 from .errors import InvalidArgument
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -193,7 +191,7 @@ def check_workflow(workflow: workflow_pb2.Workflow, limits: Limits) -> int:
     return walk.count
 
 
-def _check_count(message: Message, limits: Limits, where: str, what: str) -> None:
+def _check_count(message: Holder, limits: Limits, where: str, what: str) -> None:
     """Refuse an oversized tree before validating any of it (50,000 callbacks on one task
     are not each checked first)."""
     total = sum(1 for _ in all_signatures(message))

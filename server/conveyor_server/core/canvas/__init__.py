@@ -2,8 +2,10 @@
 holding how that kind is checked, planned, started, completed and read back.
 
 Adding a primitive: a `Kind` member (and PlanNodeKind value), a module implementing
-`base.Primitive`, its case in `primitives.primitive` and `kinds.workflow_kind` (mypy reports
-both as non-exhaustive until then), and the SDK builders.
+`base.Primitive`, its case in `primitives.primitive`, `kinds.workflow_kind` and
+`signatures._parts` (mypy reports each as non-exhaustive until then), and the SDK builders. A
+new callback list goes into `signatures._parts` too: the one walk that strict submits, JSON
+checks, task counts and the submit rate limit share.
 """
 
 from .base import Drive, NodeOutcome, Nodes, Primitive

@@ -6,6 +6,8 @@ canvas.apply_async(args, kwargs, queue=..., priority=..., countdown=..., eta=...
   immutable tasks keep their own, as Celery's do.
 - queue and priority are defaults for every task and callback that sets none.
 - eta or countdown delays the first tasks that set neither, so the whole canvas starts then.
+
+A json_value among args and kwargs must be valid JSON, as in any task's (core/task_schemas.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from conveyor.v1 import task_pb2, task_service_pb2, workflow_pb2
 
 from ..errors import InvalidArgument
+from ..task_schemas import check_json_values
 from .kinds import workflow_kind
 from .primitives import primitive
 from .signatures import all_signatures
@@ -35,6 +38,8 @@ def apply_options(request: task_service_pb2.SubmitRequest, where: str) -> None:
     options = request.options
     if options.HasField("eta") and options.HasField("countdown"):
         raise InvalidArgument(f"{where}.options: set eta or countdown, not both")
+    # Checked here, as they stand: once applied they are the first tasks' (or nobody's).
+    check_json_values(options.args, options.kwargs, f"{where}.options")
     target = request.WhichOneof("target")
     if target == "task":
         first: list[task_pb2.Signature] = [request.task]
