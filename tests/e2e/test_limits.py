@@ -221,6 +221,36 @@ class TestLimitsAcrossTwoReplicas:
         ahead = max(k - burst - (at - starts[0]) * RATE for k, at in enumerate(starts, 1))
         assert ahead <= RATE * 0.5, f"starts ran {ahead:.0f} tasks ahead of the bucket (burst {burst:g}, {RATE:g}/s)"
 
+    async def test_a_per_key_limit_gives_each_key_its_own_bucket_across_replicas(
+        self, cluster: Cluster, clients: tuple[Client, Client]
+    ) -> None:
+        a, b = clients
+        first, second = cluster.servers
+        rate, per_key = 10.0, 30
+        keys = [f"customer-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+        run_cli(first.address, "limits", "set", "mul", f"{rate:g}/s", "--key-scoped")
+        try:
+            calls = [sig("mul", i, 3).set(rate_limit_key=key) for i in range(per_key) for key in keys]
+            halves = await asyncio.gather(a.submit_batch(calls[0::2]), b.submit_batch(calls[1::2]))
+            submitted = [s.task_id for half in halves for s in half]
+            reads = await finished(b, submitted)
+        finally:
+            run_cli(second.address, "limits", "delete", "mul")
+        assert {state_name(r.state) for r in reads} == {"SUCCESS"}, "none failed"
+
+        def ahead(starts: list[float]) -> float:
+            """How far the starts ran ahead of one bucket of `rate` (burst: 1 s worth)."""
+            starts = sorted(starts)
+            return max(k - rate - (at - starts[0]) * rate for k, at in enumerate(starts, 1))
+
+        by_key = {key: [seconds(r.started_at) for r in reads if r.signature.rate_limit_key == key] for key in keys}
+        assert [len(starts) for starts in by_key.values()] == [per_key, per_key]
+        for key, starts in by_key.items():
+            assert ahead(starts) <= rate * 0.5, f"key {key} ran {ahead(starts):.0f} tasks ahead of its own bucket"
+        # One bucket for both keys would hold the 60 tasks to 10/s; each key's own let them run side by side.
+        together = ahead([at for starts in by_key.values() for at in starts])
+        assert together >= rate, f"the keys shared a bucket: only {together:.0f} tasks ahead of a single one"
+
     async def test_a_concurrency_key_never_runs_more_than_its_limit(
         self, cluster: Cluster, clients: tuple[Client, Client]
     ) -> None:
