@@ -240,6 +240,7 @@ def test_an_error_reaches_an_on_error_callback_as_one_json_object() -> None:
     (task_pb2.Signature(name="n", retry=task_pb2.RetryPolicy(initial=Duration(seconds=-1))), "retry.initial is neg"),
     (task_pb2.Signature(name="n", retry=task_pb2.RetryPolicy(max=Duration(seconds=-1))), "retry.max is negative"),
     (task_pb2.Signature(name="n", time_limit=Duration(seconds=-1)), "time_limit is negative"),
+    (task_pb2.Signature(name="n", routing_timeout=Duration(nanos=-1)), "task: routing_timeout is negative"),
     (task_pb2.Signature(name="n", on_success=[task_pb2.Signature()]), r"task.on_success\[0\]: name is empty"),
     (task_pb2.Signature(name="n", on_error=[task_pb2.Signature(name="x y")]), r"task.on_error\[0\]: name"),
 ])
@@ -253,6 +254,7 @@ def test_signatures_at_the_limits_are_fine() -> None:
     check_signature(task_pb2.Signature(name="n", id="a" * 128, queue="q" * 64, priority=9), limits)
     check_signature(task_pb2.Signature(name="n", priority=0, retry=task_pb2.RetryPolicy(jitter=1.0)), limits)
     check_signature(task_pb2.Signature(name="n", countdown=Duration(seconds=0), time_limit=Duration()), limits)
+    check_signature(task_pb2.Signature(name="n", routing_timeout=Duration()), limits)  # 0: fail at once
     check_signature(task_pb2.Signature(name="n", eta=Timestamp(seconds=int(time.time()) + 86_400)), limits)
 
 

@@ -135,6 +135,8 @@ def _check_time_limits(sig: task_pb2.Signature, where: str) -> None:
         )
     if sig.HasField("unique_for") and sig.unique_for.ToTimedelta().total_seconds() <= 0:
         raise InvalidArgument(f"{where}: unique_for must be positive (it is how long the task stays unique)")
+    if sig.HasField("routing_timeout") and sig.routing_timeout.ToTimedelta().total_seconds() < 0:
+        raise InvalidArgument(f"{where}: routing_timeout is negative", field=f"{where}.routing_timeout")
     if sig.unique_key and not sig.HasField("unique_for"):
         raise InvalidArgument(f"{where}: unique_key needs unique_for (how long the task stays unique)")
 
