@@ -240,7 +240,7 @@ def test_an_error_reaches_an_on_error_callback_as_one_json_object() -> None:
     (task_pb2.Signature(name="n", retry=task_pb2.RetryPolicy(initial=Duration(seconds=-1))), "retry.initial is neg"),
     (task_pb2.Signature(name="n", retry=task_pb2.RetryPolicy(max=Duration(seconds=-1))), "retry.max is negative"),
     (task_pb2.Signature(name="n", time_limit=Duration(seconds=-1)), "time_limit is negative"),
-    (task_pb2.Signature(name="n", routing_timeout=Duration(nanos=-1)), "task: routing_timeout is negative"),
+    (task_pb2.Signature(name="n", routing_timeout=Duration(seconds=-1)), "routing_timeout is negative"),
     (task_pb2.Signature(name="n", on_success=[task_pb2.Signature()]), r"task.on_success\[0\]: name is empty"),
     (task_pb2.Signature(name="n", on_error=[task_pb2.Signature(name="x y")]), r"task.on_error\[0\]: name"),
 ])
