@@ -36,7 +36,7 @@ from conveyor.otel_env import configure_from_env
 from conveyor.pools.base import POOL_KINDS
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, task_service_pb2
-from conveyor.values import from_value, seconds_of
+from conveyor.values import from_value, seconds_of, set_seconds
 from conveyor.worker import DEFAULT_PREFETCH
 
 from . import cli_output as out
@@ -493,7 +493,7 @@ def format_age(seconds: float) -> str:
 async def _repair(args: argparse.Namespace) -> None:
     """One line per task republished (or, with --dry-run, that would be), then a summary."""
     older_than = Duration()
-    older_than.FromNanoseconds(round(args.older_than * 1e9))
+    set_seconds(older_than, args.older_than)
     request = admin_service_pb2.RepairTasksRequest(
         older_than=older_than, queue=args.queue or "", dry_run=args.dry_run, force=args.force
     )

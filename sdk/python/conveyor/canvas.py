@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import task_pb2, workflow_pb2
-from conveyor.values import to_value, to_value_map
+from conveyor.values import set_seconds, to_value, to_value_map
 
 # The server's default max_workflow_depth: a canvas nesting deeper (each chain, group or chord
 # level counts, a chord's header two, each level of callbacks one) is refused before it is built.
@@ -48,8 +48,8 @@ class RetryPolicy:
         policy = task_pb2.RetryPolicy(
             max_attempts=self.max_attempts, backoff=BACKOFF_KINDS[self.backoff], jitter=self.jitter
         )
-        policy.initial.FromNanoseconds(int(self.initial * 1e9))
-        policy.max.FromNanoseconds(int(self.max * 1e9))
+        set_seconds(policy.initial, self.initial)
+        set_seconds(policy.max, self.max)
         return policy
 
 
@@ -123,20 +123,20 @@ class Sig:
         if self.expires is not None:
             signature.expires_at.CopyFrom(expires_at(self.expires))
         if self.countdown is not None:
-            signature.countdown.FromNanoseconds(int(self.countdown * 1e9))
+            set_seconds(signature.countdown, self.countdown)
         if self.eta is not None:
             eta = self.eta if self.eta.tzinfo else self.eta.replace(tzinfo=dt.UTC)
             signature.eta.FromDatetime(eta.astimezone(dt.UTC).replace(tzinfo=None))
         if self.retry is not None:
             signature.retry.CopyFrom(self.retry.to_proto())
         if self.time_limit is not None:
-            signature.time_limit.FromNanoseconds(int(self.time_limit * 1e9))
+            set_seconds(signature.time_limit, self.time_limit)
         if self.soft_time_limit is not None:
-            signature.soft_time_limit.FromNanoseconds(int(self.soft_time_limit * 1e9))
+            set_seconds(signature.soft_time_limit, self.soft_time_limit)
         if self.routing_timeout is not None:
-            signature.routing_timeout.FromNanoseconds(int(self.routing_timeout * 1e9))
+            set_seconds(signature.routing_timeout, self.routing_timeout)
         if self.unique_for is not None:
-            signature.unique_for.FromNanoseconds(int(self.unique_for * 1e9))
+            set_seconds(signature.unique_for, self.unique_for)
             signature.unique_key = self.unique_key
         return signature
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from conveyor.values import seconds_of, set_seconds
 
 from ..backends.task_index import TaskQuery
 from ..brokers.base import QueueDeletionUnsupported
@@ -149,7 +149,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.RepairTasksRequest, context: Context
     ) -> admin_service_pb2.RepairTasksResponse:
         """Republish tasks whose messages look lost; with dry_run, only list them."""
-        older_than = _seconds(request.older_than) if request.HasField("older_than") else None
+        older_than = seconds_of(request.older_than) if request.HasField("older_than") else None
         report = await self.admin.repair(older_than, request.queue, request.dry_run, request.force)
         response = admin_service_pb2.RepairTasksResponse(
             checked=report.checked, held=report.held, dry_run=request.dry_run
@@ -157,7 +157,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         for repaired in report.repaired:
             result = repaired.record.result
             item = response.tasks.add(task_id=result.task_id, name=result.name, queue=result.queue, state=result.state)
-            item.age.FromNanoseconds(int(repaired.age * 1e9))
+            set_seconds(item.age, repaired.age)
         return response
 
     @unary
@@ -215,6 +215,3 @@ def _rate_limit(limit: RateLimit) -> admin_service_pb2.RateLimit:
     return admin_service_pb2.RateLimit(name=limit.name, rate=limit.rate, burst=limit.burst, per_key=limit.per_key,
                        source=limit.source.value)
 
-
-def _seconds(duration: Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9

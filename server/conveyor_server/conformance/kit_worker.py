@@ -11,7 +11,7 @@ from typing import TypeAlias
 import grpc
 
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
-from conveyor.values import to_value
+from conveyor.values import seconds_of, set_seconds, to_value
 
 AckStatus: TypeAlias = worker_service_pb2.AckStatus.ValueType
 
@@ -40,7 +40,7 @@ class KitWorker:
         if not isinstance(first, worker_service_pb2.ConnectResponse) or not first.HasField("welcome"):
             raise RuntimeError(f"the kit's own worker got no Welcome: {first}")
         self.worker_id = first.welcome.worker_id
-        interval = first.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 1.0
+        interval = seconds_of(first.welcome.heartbeat_interval) or 1.0
         self._reader = asyncio.create_task(self._read(call))
         self._heartbeats = asyncio.create_task(self._beat(interval))
 
@@ -57,8 +57,8 @@ class KitWorker:
         now = time.time()
         outcome = worker_service_pb2.TaskOutcome(task_id=assignment.task.id, lease_token=assignment.lease_token,
                                 outcome=worker_service_pb2.OUTCOME_SUCCESS, result=to_value(value))
-        outcome.started_at.FromNanoseconds(int(now * 1e9))
-        outcome.finished_at.FromNanoseconds(int(now * 1e9))
+        set_seconds(outcome.started_at, now)
+        set_seconds(outcome.finished_at, now)
         self._outbox.put_nowait(worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(outcomes=[outcome])))
         try:
             ack = await asyncio.wait_for(self._acks.get(), within)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from conveyor.internal.v1 import records_pb2
+from conveyor.values import seconds_of
 
 from .publisher import Publication, Publisher
 from .records import TaskStates
@@ -33,7 +34,7 @@ def unconfirmed(record: records_pb2.TaskRecord) -> bool:
 
 
 def _claimed_for(record: records_pb2.TaskRecord, at: float) -> float:
-    return at - (record.enqueued_at.seconds + record.enqueued_at.nanos / 1e9)
+    return at - seconds_of(record.enqueued_at)
 
 
 async def take_over(store: TaskStore, records: Iterable[records_pb2.TaskRecord]) -> list[records_pb2.TaskRecord]:

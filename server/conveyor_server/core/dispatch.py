@@ -47,7 +47,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
-from conveyor.values import timestamp_now
+from conveyor.values import seconds_of, timestamp_now
 
 from ..brokers.base import Broker, Delivery
 from . import withdrawn
@@ -197,7 +197,7 @@ class Dispatcher:
                 messages[task_id] = (delivery, message)
         records = await self._read(messages)
         stamp = timestamp_now()
-        wall = stamp.seconds + stamp.nanos / 1e9
+        wall = seconds_of(stamp)
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
         early: list[tuple[Delivery, float]] = []
@@ -225,7 +225,7 @@ class Dispatcher:
                 continue
             attempt = max(message.attempt, record.result.attempts, 1)
             if record.result.state == TaskStates.TASK_STATE_RETRY:
-                due = record.retry_at.seconds + record.retry_at.nanos / 1e9 - wall
+                due = seconds_of(record.retry_at) - wall
                 if due > 0:
                     early.append((delivery, due))
                     continue
@@ -254,7 +254,7 @@ class Dispatcher:
                 # The worker's execute span becomes a child of this dispatch.
                 tracing.inject(assignment.task.headers)
             claimed.append(Claimed(assignment, Lease(
-                task_id, assignment.lease_token, attempt, delivery, limit.seconds + limit.nanos / 1e9, now,
+                task_id, assignment.lease_token, attempt, delivery, seconds_of(limit), now,
                 dispatched_at=stamp,
             )))
         limited: list[tuple[Delivery, float]] = []

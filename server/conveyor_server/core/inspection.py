@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2
-from conveyor.values import seconds_of
+from conveyor.values import seconds_of, set_seconds
 
 from .outbox import FOLLOW_UPS, Outbox
 from .records import TaskStates
@@ -53,7 +53,7 @@ class Inspector:
         for session in self.registry.holding([task_id]):
             signs.append(time.time() - (time.monotonic() - session.last_seen))
         expiry = Timestamp()
-        expiry.FromNanoseconds(round((max(signs) + self.lease_seconds) * 1e9))
+        set_seconds(expiry, max(signs) + self.lease_seconds)
         return expiry
 
     async def _follow_ups_pending(self, task_id: str) -> bool:

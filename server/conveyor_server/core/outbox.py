@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TypeAlias
 
 from conveyor.internal.v1 import records_pb2
+from conveyor.values import seconds_of
 
 from ..backends.base import Backend
 from .records import now
@@ -69,7 +70,7 @@ class Outbox:
         for entry_id, payload in (await self.backend.members(OUTBOX_GROUP)).items():
             entry = records_pb2.OutboxEntry()
             entry.ParseFromString(payload)
-            created = entry.created_at.seconds + entry.created_at.nanos / 1e9
+            created = seconds_of(entry.created_at)
             if at - created >= older_than:
                 found.append((entry_id, entry))
         return found

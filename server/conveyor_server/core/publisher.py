@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
+from conveyor.values import seconds_of
 
 from ..brokers.base import Broker, OutgoingMessage
 
@@ -31,9 +32,9 @@ class Publication:
 def scheduled_delay(signature: task_pb2.Signature, now: float | None = None) -> float:
     """Seconds until the signature's eta or countdown; 0 when it has neither."""
     if signature.HasField("countdown"):
-        return max(signature.countdown.seconds + signature.countdown.nanos / 1e9, 0.0)
+        return max(seconds_of(signature.countdown), 0.0)
     if signature.HasField("eta"):
-        eta = signature.eta.seconds + signature.eta.nanos / 1e9
+        eta = seconds_of(signature.eta)
         return max(eta - (time.time() if now is None else now), 0.0)
     return 0.0
 

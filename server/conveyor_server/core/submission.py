@@ -20,6 +20,7 @@ from typing import Any
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, task_service_pb2
+from conveyor.values import seconds_of
 
 from ..backends.base import Update
 from ..backoff import Backoff
@@ -231,8 +232,8 @@ class Submitter:
             return unique_key(signature) if signature.HasField("unique_for") else None
 
         def holds(holder: records_pb2.TaskRecord, at: float) -> bool:
-            submitted = holder.result.submitted_at.seconds + holder.result.submitted_at.nanos / 1e9
-            lasts = holder.result.signature.unique_for.ToNanoseconds() / 1e9
+            submitted = seconds_of(holder.result.submitted_at)
+            lasts = seconds_of(holder.result.signature.unique_for)
             return not is_terminal(holder) and at < submitted + lasts
 
         await self._resolve_keys(

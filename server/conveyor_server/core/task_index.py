@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2
+from conveyor.values import seconds_of
 
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
@@ -288,7 +289,7 @@ class TaskIndexer:
         if not page.records:
             return None
         submitted = page.records[0].result.submitted_at
-        return max(0.0, (now or time.time()) - (submitted.seconds + submitted.nanos / 1e9))
+        return max(0.0, (now or time.time()) - seconds_of(submitted))
 
 
 async def index_drop(index: TaskIndex, task_ids: list[str]) -> None:

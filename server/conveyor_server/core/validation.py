@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from conveyor.v1 import task_pb2, workflow_pb2
+from conveyor.values import seconds_of
 
 from ..config import Limits
 from .canvas.kinds import workflow_kind
@@ -123,8 +124,8 @@ def _check_sizes(sig: task_pb2.Signature, limits: Limits, where: str) -> None:
 
 def _check_time_limits(sig: task_pb2.Signature, where: str) -> None:
     # Unset durations are 0 (read without ToTimedelta, which is slow on every submitted task).
-    hard = sig.time_limit.ToTimedelta().total_seconds() if sig.HasField("time_limit") else 0.0
-    soft = sig.soft_time_limit.ToTimedelta().total_seconds() if sig.HasField("soft_time_limit") else 0.0
+    hard = seconds_of(sig.time_limit) if sig.HasField("time_limit") else 0.0
+    soft = seconds_of(sig.soft_time_limit) if sig.HasField("soft_time_limit") else 0.0
     if hard < 0:
         raise InvalidArgument(f"{where}: time_limit is negative", field=f"{where}.time_limit")
     if soft < 0:
@@ -133,9 +134,9 @@ def _check_time_limits(sig: task_pb2.Signature, where: str) -> None:
         raise InvalidArgument(
             f"{where}: soft_time_limit ({soft:g} s) must be below time_limit ({hard:g} s), which stops the task"
         )
-    if sig.HasField("unique_for") and sig.unique_for.ToTimedelta().total_seconds() <= 0:
+    if sig.HasField("unique_for") and seconds_of(sig.unique_for) <= 0:
         raise InvalidArgument(f"{where}: unique_for must be positive (it is how long the task stays unique)")
-    if sig.HasField("routing_timeout") and sig.routing_timeout.ToTimedelta().total_seconds() < 0:
+    if sig.HasField("routing_timeout") and seconds_of(sig.routing_timeout) < 0:
         raise InvalidArgument(f"{where}: routing_timeout is negative", field=f"{where}.routing_timeout")
     if sig.unique_key and not sig.HasField("unique_for"):
         raise InvalidArgument(f"{where}: unique_key needs unique_for (how long the task stays unique)")
@@ -152,7 +153,7 @@ def _check_schedule(sig: task_pb2.Signature, where: str) -> None:
         if sig.eta.seconds <= 0:
             raise InvalidArgument(f"{where}: eta {sig.eta.seconds} is not a valid time (seconds since 1970)")
     if sig.HasField("countdown"):
-        seconds = sig.countdown.seconds + sig.countdown.nanos / 1e9
+        seconds = seconds_of(sig.countdown)
         if seconds < 0:
             raise InvalidArgument(f"{where}: countdown is negative")
         if seconds > MAX_ETA_SECONDS:
@@ -176,7 +177,7 @@ def _check_retry(retry: task_pb2.RetryPolicy, where: str) -> None:
     if not 0.0 <= retry.jitter <= 1.0:
         raise InvalidArgument(f"{where}: retry.jitter {retry.jitter} is outside 0..1")
     for name in ("initial", "max"):
-        if retry.HasField(name) and getattr(retry, name).ToTimedelta().total_seconds() < 0:
+        if retry.HasField(name) and seconds_of(getattr(retry, name)) < 0:
             raise InvalidArgument(f"{where}: retry.{name} is negative")
 
 
