@@ -25,7 +25,7 @@ from conveyor_server.http.routes import ROUTES
 from tests.support.processes import free_port
 from tests.support.wait import wait_for
 
-SECRETS = {"admin": "a-secret", "viewer": "v-secret", "client": "c-secret"}
+SECRETS = {"admin": "a-secret", "viewer": "v-secret", "client": "c-secret", "worker": "w-secret"}
 Json = dict[str, Any]
 
 

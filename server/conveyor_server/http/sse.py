@@ -48,6 +48,7 @@ async def _stream(source: Source, stopping: asyncio.Event) -> AsyncIterator[str]
 
     feeder = asyncio.create_task(run())
     stop = asyncio.create_task(stopping.wait())
+    frame: asyncio.Task[str | None] | None = None
     try:
         yield f"retry: {RETRY_MS}\n\n"
         while True:
@@ -64,10 +65,12 @@ async def _stream(source: Source, stopping: asyncio.Event) -> AsyncIterator[str]
                 return
             yield text
     finally:
-        for task in (feeder, stop):
+        # A client that leaves closes the stream while it waits for a frame: that wait goes too.
+        pending: list[asyncio.Task[Any]] = [task for task in (feeder, stop, frame) if task is not None]
+        for task in pending:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(feeder, stop, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def event_stream(source: Source, stopping: asyncio.Event) -> StreamingResponse:
