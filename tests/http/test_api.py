@@ -321,6 +321,12 @@ async def test_dead_letters_are_listed_replayed_and_deleted(api: Api) -> None:
         await state_of(api, task_id, "FAILURE")
     listed = (await api.viewer.get("/api/v1/dead-letters", params={"queue": "work"})).json()["tasks"]
     assert {t["id"] for t in listed} >= {first, second}
+    # A page at a time: the first page's token leads to the rest, and the last page has none.
+    one = (await api.viewer.get("/api/v1/dead-letters", params={"queue": "work", "limit": 1})).json()
+    rest = (await api.viewer.get("/api/v1/dead-letters", params={"queue": "work", "limit": 1000,
+                                                                  "page_token": one["next_page_token"]})).json()
+    assert [t["id"] for t in one["tasks"] + rest["tasks"]] == [t["id"] for t in listed] and not rest["next_page_token"]
+    error_of(await api.viewer.get("/api/v1/dead-letters", params={"page_token": "?"}), 400)
     replayed = (await api.admin.post("/api/v1/dead-letters/replay", json={"task_ids": [first]})).json()
     assert len(replayed["task_ids"]) == 1
     assert (await api.admin.delete(f"/api/v1/dead-letters/{second}")).status_code == 204

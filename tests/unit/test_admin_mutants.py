@@ -73,6 +73,26 @@ async def test_a_replay_of_every_dead_letter_takes_more_than_a_listings_default(
     assert await replicas.a.admin.dead_letters("", 0) == []
 
 
+async def test_dead_letters_are_paged_oldest_first_through_every_one_once(replicas: Replicas) -> None:
+    await submit(replicas.a, *(lone(task(task_id=f"p{i}")) for i in range(7)))
+    await run_all(replicas.a, fail={f"p{i}" for i in range(7)})
+    everything = [r.task_id for r in await replicas.a.admin.dead_letters("", 0)]
+    assert sorted(everything) == [f"p{i}" for i in range(7)]
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        page, token = await replicas.b.admin.dead_letter_page("", 3, token)  # the token works on any replica
+        seen += [r.task_id for r in page]
+        pages += 1
+        if not token:
+            break
+    assert (seen, pages) == (everything, 3), "oldest first, each once, the last page says it is the last"
+    assert await replicas.a.admin.dead_letter_page("", 7) == (
+        await replicas.a.admin.dead_letters("", 7), ""), "a page that holds the rest has no next token"
+    with pytest.raises(InvalidArgument, match="page_token is not one this server gave out"):
+        await replicas.a.admin.dead_letter_page("", 3, "not a token!")
+
+
 # -- resubmit, forget, run a schedule now, repair's arguments ----------------------------------------
 
 

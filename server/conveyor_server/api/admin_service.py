@@ -115,9 +115,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListDeadLetters(
         self, request: admin_service_pb2.ListDeadLettersRequest, context: Context
     ) -> admin_service_pb2.ListDeadLettersResponse:
-        return admin_service_pb2.ListDeadLettersResponse(
-            tasks=await self.admin.dead_letters(request.queue, request.limit)
-        )
+        tasks, next_page_token = await self.admin.dead_letter_page(request.queue, request.limit, request.page_token)
+        return admin_service_pb2.ListDeadLettersResponse(tasks=tasks, next_page_token=next_page_token)
 
     @unary
     async def ReplayDeadLetters(

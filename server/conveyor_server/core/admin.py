@@ -16,6 +16,7 @@ from .dead_letters import DeadLetters
 from .errors import InvalidArgument, NotFound
 from .inspection import Inspector
 from .limits import RateLimit, RateLimitTable
+from .page_tokens import decode_place, encode_place
 from .pauses import QueuePauses, check_queue
 from .queue_deletion import active_queue, delete_queue
 from .records import DEAD_LETTERS_GROUP, TaskStates
@@ -134,9 +135,17 @@ class Admin:
         return await self.inspector.inspect(task_id)
 
     async def dead_letters(self, queue: str, limit: int) -> list[result_pb2.TaskResult]:
-        """Tasks that failed for good, oldest first. The index is read a page at a time, and
-        entries whose record has expired (the result TTL) are dropped from it as they are met,
-        so the index keeps only what can still be shown."""
+        """The first `limit` dead letters (of `queue`), oldest first (see dead_letter_page)."""
+        return (await self.dead_letter_page(queue, limit))[0]
+
+    async def dead_letter_page(
+        self, queue: str, limit: int, page_token: str = ""
+    ) -> tuple[list[result_pb2.TaskResult], str]:
+        """Tasks that failed for good, oldest first (by finish time, then id), `limit` after the
+        place `page_token` names; and the token of the next page ("" after the last). The index
+        is read a page at a time, and entries whose record has expired (the result TTL) are
+        dropped from it as they are met, so the index keeps only what can still be shown."""
+        start = decode_place(page_token) if page_token else None
         backend = self.store.backend
         found: list[result_pb2.TaskResult] = []
         after = ""
@@ -150,8 +159,9 @@ class Admin:
                 result = loaded[task_id].record.result
                 if result.state == TaskStates.TASK_STATE_FAILURE and (not queue or member_queue.decode() == queue):
                     found.append(result)
-        found.sort(key=lambda r: (r.finished_at.seconds, r.finished_at.nanos))
-        return found[: limit or DEFAULT_LIST_LIMIT]
+        ordered = sorted((r for r in found if start is None or _finish_place(r) > start), key=_finish_place)
+        shown = ordered[: limit or DEFAULT_LIST_LIMIT]
+        return shown, encode_place(*_finish_place(shown[-1])) if len(ordered) > len(shown) else ""
 
     async def replay(self, task_ids: list[str], queue: str) -> list[str]:
         """Submit dead letters again as new tasks (same call) and take them off the list: those
@@ -232,3 +242,7 @@ class Admin:
         (response,) = await self.submitter.submit([task_service_pb2.SubmitRequest(task=signature)])
         return response.task_id
 
+
+def _finish_place(result: result_pb2.TaskResult) -> tuple[int, str]:
+    """A dead letter's place in the list: its finish time in microseconds, then its id."""
+    return result.finished_at.seconds * 1_000_000 + result.finished_at.nanos // 1_000, result.task_id

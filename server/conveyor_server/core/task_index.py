@@ -19,8 +19,6 @@ token is set: the engines bound each scan (Redis) and stale entries are skipped.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import logging
@@ -35,6 +33,7 @@ from conveyor.values import seconds_of
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
 from .errors import InvalidArgument
+from .page_tokens import decode_place, encode_place
 from .store import load_records
 
 log = logging.getLogger(__name__)
@@ -74,20 +73,11 @@ def entry_of(record: records_pb2.TaskRecord) -> IndexEntry:
 
 
 def encode_token(cursor: Cursor | None) -> str:
-    if cursor is None:
-        return ""
-    return base64.urlsafe_b64encode(f"{cursor.submitted_us}:{cursor.task_id}".encode()).decode().rstrip("=")
+    return "" if cursor is None else encode_place(cursor.submitted_us, cursor.task_id)
 
 
 def decode_token(token: str) -> Cursor | None:
-    if not token:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        at, _, task_id = text.partition(":")
-        return Cursor(int(at), task_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("page_token is not one this server gave out (pass next_page_token unchanged)") from None
+    return Cursor(*decode_place(token)) if token else None
 
 
 def check_query(query: TaskQuery) -> TaskQuery:

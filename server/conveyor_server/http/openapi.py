@@ -136,7 +136,7 @@ OPERATIONS: tuple[Op, ...] = (
        obj(task_id=STR, retry_of=STR), status=201),
     Op("get", "/api/v1/workflows/{workflow_id}", "A workflow as a graph of its nodes", "read", ref("Workflow")),
     Op("get", "/api/v1/dead-letters", "Tasks that failed for good, oldest first", "read",
-       obj(tasks=array(ref("Task"))), query=("queue", "limit")),
+       ref("TaskPage"), query=("queue", "limit", "page_token")),
     Op("post", "/api/v1/dead-letters/replay", "Replay the given dead letters, or all of a queue (or of all queues)",
        "change", obj(task_ids=array(STR)), obj(task_ids=array(STR), queue=STR)),
     Op("delete", "/api/v1/dead-letters/{task_id}", "Take a task off the dead letters", "change", None, status=204),

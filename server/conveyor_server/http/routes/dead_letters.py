@@ -16,10 +16,11 @@ MAX_LISTED = 10_000
 
 @endpoint(READ)
 async def list_dead_letters(request: Request) -> Response:
-    """?queue=&limit= (oldest first)."""
+    """?queue=&limit=&page_token= (oldest first; next_page_token is empty on the last page)."""
     limit = params.integer(request, "limit", 100, 1, MAX_LISTED)
-    tasks = await dashboard(request).core.admin.dead_letters(request.query_params.get("queue", "").strip(), limit)
-    return JSONResponse({"tasks": [convert.task(t) for t in tasks]})
+    tasks, token = await dashboard(request).core.admin.dead_letter_page(
+        request.query_params.get("queue", "").strip(), limit, request.query_params.get("page_token", ""))
+    return JSONResponse({"tasks": [convert.task(t) for t in tasks], "next_page_token": token})
 
 
 @endpoint(CHANGE)

@@ -102,3 +102,25 @@ export function button(label, onclick, attrs = {}) {
   el.addEventListener("click", () => onclick(el));
   return el;
 }
+
+// Paging through a list by page token: `back` returns to the previous page, `next` follows the
+// next_page_token the last page gave (shown(token) after each load). Each is [label, data-test].
+export function pager(load, back = ["← Newer", "newer"], next = ["Older →", "older"]) {
+  const backButton = h("button", { type: "button", "data-test": back[1] }, back[0]);
+  const nextButton = h("button", { type: "button", "data-test": next[1] }, next[0]);
+  const where = h("span", { class: "muted" });
+  const tokens = [""];
+  backButton.addEventListener("click", () => { tokens.pop(); load(); });
+  nextButton.addEventListener("click", () => { tokens.push(nextButton.dataset.token); load(); });
+  return {
+    buttons: [backButton, nextButton, where],
+    token: () => tokens[tokens.length - 1],
+    onFirstPage: () => tokens.length === 1,
+    shown(nextToken) {
+      nextButton.disabled = !nextToken;
+      nextButton.dataset.token = nextToken || "";
+      backButton.disabled = tokens.length === 1;
+      where.textContent = `page ${tokens.length}`;
+    },
+  };
+}

@@ -2,7 +2,9 @@
 // or replay every dead letter of a queue (after a confirmation).
 
 import { del, get, post, query } from "../api.js";
-import { act, button, confirmAction, h, notice, table, when, shortId } from "../ui.js";
+import { act, button, confirmAction, h, notice, pager, table, when, shortId } from "../ui.js";
+
+const PAGE = 100;
 
 export async function render(view, args, params) {
   const queue = params.get("queue") || "";
@@ -26,11 +28,13 @@ export async function render(view, args, params) {
     await act(b, () => post("/dead-letters/replay", { queue }), (r) => `Replayed ${r.task_ids.length} task(s)`);
     load();
   }, { class: "admin-only", "data-test": "replay-all" });
-  view.append(h("h1", {}, "Dead letters"), form, h("div", { class: "pager" }, replaySelected, replayAll), holder);
+  const pages = pager(load, ["← Older", "older"], ["Newer →", "newer"]);
+  view.append(h("h1", {}, "Dead letters"), form, h("div", { class: "pager" }, replaySelected, replayAll), holder,
+    h("div", { class: "pager" }, ...pages.buttons));
 
   async function load() {
     selected.clear();
-    const data = await get(`/dead-letters${query({ queue, limit: 500 })}`);
+    const data = await get(`/dead-letters${query({ queue, limit: PAGE, page_token: pages.token() })}`);
     holder.replaceChildren(table([
       { title: "", cell: (t) => {
         const box = h("input", { type: "checkbox", "data-test": "select" });
@@ -55,6 +59,7 @@ export async function render(view, args, params) {
         }, { class: "admin-only danger", "data-test": "delete" }),
       ] },
     ], data.tasks, { empty: "No dead letters.", rowTest: (t) => `dead-${t.id}` }));
+    pages.shown(data.next_page_token);
   }
   await load();
   return () => {};

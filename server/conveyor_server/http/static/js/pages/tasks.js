@@ -2,7 +2,7 @@
 // (newest first); the first page refreshes itself when tasks change.
 
 import { follow, get, query } from "../api.js";
-import { badge, h, table, when, shortId } from "../ui.js";
+import { badge, h, pager, table, when, shortId } from "../ui.js";
 
 const STATES = ["", "PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED", "EXPIRED"];
 
@@ -57,14 +57,11 @@ export async function render(view, args, params, session) {
     window.location.hash = `#/tasks${query(wanted)}`;
   });
   const results = h("div", { "data-test": "task-list" });
-  const newer = h("button", { type: "button", "data-test": "newer" }, "← Newer");
-  const older = h("button", { type: "button", "data-test": "older" }, "Older →");
-  const where = h("span", { class: "muted" });
-  view.append(form, results, h("div", { class: "pager" }, newer, older, where));
+  const pages = pager(load);
+  view.append(form, results, h("div", { class: "pager" }, ...pages.buttons));
 
-  const tokens = [""];
   async function load() {
-    const page = await get(`/tasks${query({ ...filters, page_size: 25, page_token: tokens[tokens.length - 1] })}`);
+    const page = await get(`/tasks${query({ ...filters, page_size: 25, page_token: pages.token() })}`);
     results.replaceChildren(table([
       { title: "Submitted", cell: (t) => when(t.submitted_at) },
       { title: "Task", cell: (t) => h("a", { href: `#/tasks/${t.id}`, class: "mono", title: t.id }, shortId(t.id)) },
@@ -75,13 +72,8 @@ export async function render(view, args, params, session) {
       { title: "Workflow", cell: (t) => (t.workflow_id ? h("a", { href: `#/workflows/${t.workflow_id}` }, "graph") : "") },
       { title: "Error", cell: (t) => (t.error ? `${t.error.type}: ${t.error.message}`.slice(0, 120) : "") },
     ], page.tasks, { empty: "No task matches.", rowTest: (t) => `task-${t.id}` }));
-    older.disabled = !page.next_page_token;
-    older.dataset.token = page.next_page_token;
-    newer.disabled = tokens.length === 1;
-    where.textContent = `page ${tokens.length}`;
+    pages.shown(page.next_page_token);
   }
-  older.addEventListener("click", () => { tokens.push(older.dataset.token); load(); });
-  newer.addEventListener("click", () => { tokens.pop(); load(); });
   await load();
-  return follow("/events/tasks", { changed: () => { if (tokens.length === 1) load().catch(() => {}); } });
+  return follow("/events/tasks", { changed: () => { if (pages.onFirstPage()) load().catch(() => {}); } });
 }
