@@ -110,30 +110,34 @@ class Core:
         )
         workflow = followups.workflow
         outbox = Outbox(backend)
-        repairer = Repairer(store, broker, publisher, index, settings.repair_after_seconds)
-        reconciler = Reconciler(
-            outbox, store, publisher, workflow, followups, settings.outbox_grace_seconds, repairer
-        )
-        recorder = OutcomeRecorder(store, followups, metrics.attempt_ended)
+        repairer = Repairer(store=store, broker=broker, publisher=publisher, index=index,
+                            repair_after=settings.repair_after_seconds)
+        reconciler = Reconciler(outbox=outbox, store=store, publisher=publisher, workflow=workflow,
+                                followups=followups, grace_seconds=settings.outbox_grace_seconds, repairer=repairer)
+        recorder = OutcomeRecorder(store=store, followups=followups, on_attempt_ended=metrics.attempt_ended)
         rate_limits = RateLimitTable(backend, configured_limits(settings.rate_limits))
         limits = DispatchLimits(rate_limits, RateLimiter(backend), ConcurrencySlots(store))
-        dispatcher = Dispatcher(store, broker, followups, settings.lease_seconds, settings.max_deliveries, limits)
+        dispatcher = Dispatcher(store=store, broker=broker, followups=followups, lease_seconds=settings.lease_seconds,
+                                max_deliveries=settings.max_deliveries, limits=limits)
         registry = SessionRegistry()
         pauses = QueuePauses(backend, settings.result_ttl_seconds)
-        tasks = TaskRegistry(
-            backend, settings.server_id, settings.heartbeat_interval_seconds, settings.task_registry_retention_seconds
-        )
-        connections = WorkerConnections(settings, broker, store, dispatcher, recorder, registry, pauses, tasks)
-        submitter = Submitter(settings, store, publisher, workflow, outbox, metrics.tasks_submitted,
-                              admission_for(broker, settings.queue_limits, indexer),
-                              SubmitChecks(tasks, settings.strict_tasks))
+        tasks = TaskRegistry(backend=backend, server_id=settings.server_id,
+                             beat_seconds=settings.heartbeat_interval_seconds,
+                             retention_seconds=settings.task_registry_retention_seconds)
+        connections = WorkerConnections(settings=settings, broker=broker, store=store, dispatcher=dispatcher,
+                                        recorder=recorder, registry=registry, pauses=pauses, tasks=tasks)
+        submitter = Submitter(settings=settings, store=store, publisher=publisher, workflow=workflow, outbox=outbox,
+                              on_submitted=metrics.tasks_submitted,
+                              admission=admission_for(broker, settings.queue_limits, indexer),
+                              checks=SubmitChecks(tasks, settings.strict_tasks))
         reader = ResultReader(store)
-        canceller = Canceller(store, followups, outbox, connections.cancel_running)
+        canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=connections.cancel_running)
         schedules = Schedules(backend, submitter, settings)
         admin = Admin(
-            broker, store, registry, reader, submitter, settings.server_id, pauses, schedules, canceller, repairer,
-            tasks, rate_limits=rate_limits, indexer=indexer,
-            inspector=Inspector(store, reader, registry, settings.lease_seconds),
+            broker=broker, store=store, registry=registry, reader=reader, submitter=submitter,
+            server_id=settings.server_id, pauses=pauses, schedules=schedules, canceller=canceller, repairer=repairer,
+            tasks=tasks, rate_limits=rate_limits, indexer=indexer,
+            inspector=Inspector(store=store, reader=reader, registry=registry, lease_seconds=settings.lease_seconds),
         )
         return cls(
             settings=settings, broker=broker, backend=backend, store=store, submitter=submitter, reader=reader,

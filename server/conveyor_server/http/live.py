@@ -87,7 +87,7 @@ def _wall(monotonic: float) -> str | None:
 
 
 class Live:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, rates: Callable[[], dict[str, float]] = dict) -> None:
         self.core = core
         self.samples = Broadcast()
         self.tasks = Broadcast()
@@ -97,7 +97,7 @@ class Live:
         self._pending_change: asyncio.TimerHandle | None = None
         self._loops: dict[str, asyncio.Task[None]] = {}
         # Submissions per second by queue (the sampler's last sample), shown in the queue table.
-        self.rates: Callable[[], dict[str, float]] = dict
+        self.rates = rates
 
     def attach(self) -> None:
         """Hook into the sampler's and the task index's notifications (see module doc)."""

@@ -67,6 +67,10 @@ class Sampler:
     def __post_init__(self) -> None:
         self.history = deque(maxlen=max(1, int(HISTORY_SECONDS / self.interval)))
 
+    def latest_submitted(self) -> dict[str, float]:
+        """Submissions per second by queue, in the last sample ({} before the first)."""
+        return self.history[-1].submitted if self.history else {}
+
     async def run(self) -> None:
         while True:
             try:

@@ -72,8 +72,7 @@ class DashboardServer:
             LOOPBACK_HOSTS | {settings.http_host.lower()}
         )
         self.sampler = Sampler(core)
-        self.live = Live(core)
-        self.live.rates = lambda: self.sampler.history[-1].submitted if self.sampler.history else {}
+        self.live = Live(core, rates=self.sampler.latest_submitted)
         self.dashboard = Dashboard(core, Access(authenticator, secure, hosts), self.sampler, self.live,
                                    settings.http_trace_url)
         self._server: _InLoopServer | None = None
