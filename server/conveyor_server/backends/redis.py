@@ -42,12 +42,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
 
 from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
+from ..redis_scripts import run_scripts
 from ._common import OneMemberAdds, member_chunks
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
@@ -353,20 +353,7 @@ class RedisBackend(OneMemberAdds):
         if len(calls) == 1:
             keys, args = calls[0]
             return [await script(keys=keys, args=args)]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                # A cluster pipeline has no evalsha(); the command itself routes by its keys.
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        for index, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                # Only these did not run (the others did: never run them twice); script() loads it.
-                keys, args = calls[index]
-                results[index] = await script(keys=keys, args=args)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
+        return await run_scripts(self._redis, [(script, keys, args) for keys, args in calls])
 
     async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         keys = list(records)

@@ -59,11 +59,11 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
+from ..redis_scripts import run_scripts
 from ._wakeups import Wakeups, fetch_waiting
 from .base import Delivery, OutgoingMessage, QueueStats
 
@@ -431,29 +431,16 @@ class RedisBroker:
         return (await self._eval_many([(name, keys, args)]))[0]
 
     async def _eval_many(self, calls: Sequence[_Call], register: Sequence[str] = ()) -> list[Any]:
-        """Runs scripts in one round trip; reloads them once if Redis lost its script cache.
+        """Runs scripts in one round trip (redis_scripts.py: a script Redis lost is loaded again).
+        `register`: queues to add to the registry set in the same round trip."""
 
-        `register`: queues to add to the registry set in the same round trip. The pipeline sends
-        EVALSHA itself: a registered script run on a pipeline would first ask SCRIPT EXISTS, one
-        more round trip on every call (and redis-py's cluster pipeline has no evalsha())."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        def registering(pipe: Any) -> int:
             for queue in register:
                 pipe.sadd(self._registry, queue)
-            for name, keys, args in calls:
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        results = results[len(register):]
-        if any(isinstance(result, NoScriptError) for result in results):
-            # Redis restarted or SCRIPT FLUSH ran; the failed scripts did not run at all.
-            await self._load_scripts()
-            for index, result in enumerate(results):
-                if isinstance(result, NoScriptError):
-                    name, keys, args = calls[index]
-                    results[index] = await self._scripts[name](keys=keys, args=args)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
+            return len(register)
+
+        scripts = [(self._scripts[name], keys, args) for name, keys, args in calls]
+        return await run_scripts(self._redis, scripts, registering)
 
     # -- naming ------------------------------------------------------------------------------
 
