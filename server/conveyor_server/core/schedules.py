@@ -183,7 +183,7 @@ class Schedules:
     @property
     def _records(self) -> VersionedRecords[ScheduleRecord]:
         # Built on use, over whatever `backend` is now (tests swap it to script a crash).
-        return VersionedRecords(self.backend, schedule_records.parse)
+        return VersionedRecords(self.backend, schedule_records.parse, ScheduleRecord.SerializeToString)
 
     # -- operator API ------------------------------------------------------------------------
 

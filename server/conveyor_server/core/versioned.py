@@ -1,4 +1,4 @@
-"""Versioned protobuf records at keys the caller names, changed only by conditional writes.
+"""Versioned records at keys the caller names, changed only by conditional writes.
 
 The write rules of the task store (core/store.py) for records that need none of its extras
 (the cache of recent writes, write listeners, the task-specific expiry): a record is inserted
@@ -13,14 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from ..backends.base import Backend, Update
 from .store import MAX_CAS_ROUNDS, ConflictError
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +32,19 @@ class Stored(Generic[M]):
 
 
 class VersionedRecords(Generic[M]):
-    """Read and conditionally write records of one message type (`parse` turns stored bytes into
-    one, raising ValueError or DecodeError when they are unreadable; records keep the backend's TTL)."""
+    """Read and conditionally write records of one type: `parse` turns stored bytes into one
+    (raising ValueError or DecodeError when they are unreadable), `serialize` back. Records keep
+    the backend's TTL, or none with `keep`; a change gives up after `rounds` lost writes."""
 
-    def __init__(self, backend: Backend, parse: Callable[[bytes], M]) -> None:
+    def __init__(
+        self, backend: Backend, parse: Callable[[bytes], M], serialize: Callable[[M], bytes], *, keep: bool = False,
+        rounds: int = MAX_CAS_ROUNDS,
+    ) -> None:
         self.backend = backend
         self._parse = parse
+        self._serialize = serialize
+        self._keep = keep
+        self._rounds = rounds
 
     async def load(self, keys: Sequence[str]) -> dict[str, Stored[M]]:
         """The readable records among `keys`; an unreadable one is logged and left out."""
@@ -54,16 +61,16 @@ class VersionedRecords(Generic[M]):
     async def put(self, key: str, read: Stored[M] | None, record: M) -> bool:
         """One conditional write of `record` over what was `read` (None: there was no record).
         False when another writer got there first."""
-        data = record.SerializeToString()
+        data = self._serialize(record)
         if read is None:
-            return not await self.backend.insert({key: data})
-        return (await self.backend.compare_and_set([Update(key, read.version, data)]))[0]
+            return not await self.backend.insert({key: data}, keep=self._keep)
+        return (await self.backend.compare_and_set([Update(key, read.version, data, self._keep)]))[0]
 
     async def change(self, key: str, edit: Callable[[Stored[M] | None], M | None]) -> M | None:
         """Read, edit and write until the write sticks. `edit` gets the record as read (None when
         there is none) and returns the record to write, or None to leave it; it may run more than
         once, and must decide from what it is given. Returns the record written (None: none)."""
-        for _ in range(MAX_CAS_ROUNDS):
+        for _ in range(self._rounds):
             read = (await self.load([key])).get(key)
             record = edit(read)
             if record is None:

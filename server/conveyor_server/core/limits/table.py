@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ...backends.base import Backend, Update
+from ...backends.base import Backend
 from ..errors import InvalidArgument, NotFound, Unavailable
+from ..store import ConflictError
+from ..versioned import VersionedRecords
 from .spec import RateLimit, Source, rate_limit
 
 log = logging.getLogger(__name__)
@@ -123,20 +125,14 @@ class RateLimitTable:
 
     async def _write(self, edit: Callable[[Stored], Stored]) -> None:
         """Apply `edit` to the stored table by compare-and-set (kept: no TTL removes it)."""
+        table = VersionedRecords(self.backend, decode, encode, keep=True, rounds=MAX_WRITE_ROUNDS)
         async with self._lock:
-            for _ in range(MAX_WRITE_ROUNDS):
-                found = (await self.backend.get([RATE_LIMITS_KEY])).get(RATE_LIMITS_KEY)
-                stored = edit(decode(found.data) if found is not None else {})
-                data = encode(stored)
-                if found is None:
-                    written = not await self.backend.insert({RATE_LIMITS_KEY: data}, keep=True)
-                else:
-                    update = Update(RATE_LIMITS_KEY, found.version, data, keep=True)
-                    written = (await self.backend.compare_and_set([update]))[0]
-                if written:
-                    self._apply(stored)
-                    return
-        raise Unavailable("the rate limits kept changing under this write; try again")
+            try:
+                stored = await table.change(RATE_LIMITS_KEY, lambda read: edit(read.record if read else {}))
+            except ConflictError:
+                raise Unavailable("the rate limits kept changing under this write; try again") from None
+        assert stored is not None  # `edit` always gives a table to write
+        self._apply(stored)
 
 
 def configured_limits(specs: Mapping[str, str | Mapping[str, Any]]) -> list[RateLimit]:
