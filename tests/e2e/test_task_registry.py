@@ -24,8 +24,8 @@ import grpc
 import pytest
 
 from conveyor import Client, chain, sig, state_name
+from conveyor.call_stream import CallStream
 from conveyor.client import to_request
-from conveyor.session import Session
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, task_pb2, task_service_pb2, task_service_pb2_grpc
 from tests.e2e.conftest import StartReplicas
 from tests.e2e.test_node import NODE, pytestmark
@@ -113,7 +113,7 @@ async def test_tasks_are_listed_and_strict_submits_refuse_unknown_names_and_bad_
     assert await refused(stub, strict(chain(sig("py.add", 1, 2), sig("node.scale", "ten")))) == (
         "request.workflow.chain[1].args[0]: 'ten' is not of type 'integer' (task 'node.scale')"
     )
-    session = Session(stub, ())
+    session = CallStream(stub, ())
     with pytest.raises(grpc.aio.AioRpcError) as on_session:
         await session.call(task_service_pb2.SessionRequest(submit=strict(sig("py.add", y="x"))))
     await session.close()

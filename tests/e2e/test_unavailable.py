@@ -139,8 +139,8 @@ class _LosesFirstAnswer:
 async def test_a_submit_whose_answer_was_lost_is_retried_and_answered_as_its_first_try(
     client: Client, monkeypatch: pytest.MonkeyPatch, target: Canvas
 ) -> None:
-    losing = _LosesFirstAnswer(client._session.call)
-    monkeypatch.setattr(client._session, "call", losing)
+    losing = _LosesFirstAnswer(client._calls.call)
+    monkeypatch.setattr(client._calls, "call", losing)
 
     submitted = await client.submit(target)
 

@@ -15,8 +15,8 @@ from grpc_status import rpc_status
 
 import conveyor_server
 from conveyor import FieldViolation, InvalidArgument, ResourceExhausted, TaskNotFound
+from conveyor.call_stream import call_error
 from conveyor.errors import rpc_failed
-from conveyor.session import call_error
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyor_server.api import status
 from conveyor_server.api.session import _error

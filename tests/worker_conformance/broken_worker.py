@@ -42,13 +42,13 @@ async def stubborn_sleep(seconds: float) -> float:
 
 
 def forget_results_on_reconnect(worker: Any) -> None:
-    session = worker._session
+    connect_once = worker._connect_once
 
-    async def forgetful_session() -> None:
+    async def forgetful_connection() -> None:
         worker._unacked.clear()  # the fault: what the server never acked is lost
-        await session()
+        await connect_once()
 
-    worker._session = forgetful_session
+    worker._connect_once = forgetful_connection
 
 
 def break_worker(worker: Any, fault: str) -> None:

@@ -16,10 +16,10 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
+from conveyor.call_stream import CallStream
 from conveyor.canvas import DEFAULT_CHUNK_SIZE, Canvas, Chord, Group, Sig, check_depth
 from conveyor.context import running_task_id
 from conveyor.errors import ConveyorError, ResultIgnored, TaskFailed, rpc_failed
-from conveyor.session import Session
 from conveyor.streaming import member_depth, opening, pieces, read_head, streamed_group
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc, workflow_pb2
@@ -339,7 +339,7 @@ class Client:
         self._channel = channel
         self._stub = task_service_pb2_grpc.TaskServiceStub(channel)
         # submit() and get_result() travel on one stream: cheaper per call than unary RPCs.
-        self._session = Session(self._stub, self._metadata)
+        self._calls = CallStream(self._stub, self._metadata)
 
     async def __aenter__(self) -> Client:
         return self
@@ -348,7 +348,7 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._calls.close()
         await self._channel.close()
 
     async def submit(self, target: Submittable | str, *args: Any, **kwargs: Any) -> Submitted:
@@ -381,7 +381,7 @@ class Client:
             call = task_service_pb2.SessionRequest(submit=request, trace_context=tracing.inject())
 
             async def send() -> list[Submitted]:
-                return [self._submitted((await self._session.call(call)).submit)]
+                return [self._submitted((await self._calls.call(call)).submit)]
 
             (submitted,) = await self._submit_retrying(send, [request])
         return submitted
@@ -478,7 +478,7 @@ class Client:
             request = task_service_pb2.GetResultRequest(task_id=task_id)
             set_seconds(request.wait, min(remaining, WAIT_SLICE_SECONDS))
             try:
-                response = (await self._session.call(task_service_pb2.SessionRequest(get_result=request))).get_result
+                response = (await self._calls.call(task_service_pb2.SessionRequest(get_result=request))).get_result
             except grpc.aio.AioRpcError as error:
                 if await retries.pause(error):
                     continue

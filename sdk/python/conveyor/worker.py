@@ -181,7 +181,7 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 try:
-                    await self._session()
+                    await self._connect_once()
                     delay = RECONNECT_INITIAL_SECONDS
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
@@ -201,7 +201,8 @@ class Worker:
             await pool.close()
             self._pool = None
 
-    async def _session(self) -> None:
+    async def _connect_once(self) -> None:
+        """One connection to the server: Hello, then tasks and results until the stream ends."""
         stream = self._stream = WorkerStream(self.address, self._credentials, self._metadata, self.max_receive_bytes)
         self._welcomed = stream.welcomed
         opening = [worker_service_pb2.ConnectRequest(hello=self._hello())]

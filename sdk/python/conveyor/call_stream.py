@@ -43,7 +43,9 @@ def call_error(error: task_service_pb2.CallError) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, error.message)
 
 
-class Session:
+class CallStream:
+    """The client's calls over one TaskService.Session stream (see the module docstring)."""
+
     def __init__(self, stub: task_service_pb2_grpc.TaskServiceAsyncStub, metadata: Metadata) -> None:
         self._stub = stub
         self._metadata = metadata
@@ -83,7 +85,7 @@ class Session:
                     await stream.code(), grpc.aio.Metadata(), trailers or grpc.aio.Metadata(), await stream.details()
                 )
             self._stream = stream
-            self._reader = asyncio.create_task(self._read(stream), name="conveyor-session")
+            self._reader = asyncio.create_task(self._read(stream), name="conveyor-call-stream")
         return stream
 
     async def _read(self, stream: Stream) -> None:
