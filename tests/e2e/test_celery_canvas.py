@@ -364,9 +364,10 @@ class TestCeleryCanvas:
     # -- canvas-wide options (Celery's apply_async(args, kwargs, **options)) -----------------------
 
     async def test_apply_async_options_apply_to_the_whole_canvas(self, canvas: Canvases) -> None:
-        """Celery's canvas.apply_async(args=..., countdown=...): args go to the first tasks (each
-        member of a group), a countdown delays the whole canvas."""
+        """Celery's canvas.apply_async(args=..., kwargs=..., countdown=...): args and kwargs go to
+        the first tasks (each member of a group), a countdown delays the whole canvas."""
         assert await canvas.run(group(sig("add", 1), sig("add", 2)), args=(10,)) == [11, 12]
+        assert await canvas.run(sig("add", 1) | sig("add", 2), kwargs={"y": 5}) == 8  # add(1, y=5), then + 2
         before = asyncio.get_running_loop().time()
         assert await canvas.run(sig("add", 1) | sig("add", 2), args=(10,), countdown=1.0) == 13
         assert asyncio.get_running_loop().time() - before >= 1.0
