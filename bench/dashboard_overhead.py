@@ -1,6 +1,8 @@
 """What the dashboard costs the task hot path when no browser is connected (issue #18: at most
 3% of bench/compare.py's throughput): the same Conveyor throughput run with the server's HTTP
-dashboard on (the default of `conveyor serve`) and off (`--http 0`), alternating.
+dashboard on (the default of `conveyor serve`) and off (`--http 0` and `task_index: false`: the
+task index exists for the dashboard's task list and ListTasks, and costs a write per state
+change), alternating.
 
     pip install -e '.[redis,bench]'
     python bench/dashboard_overhead.py                      # 4 rounds of 10,000 noop tasks, each mode
@@ -55,7 +57,7 @@ def one_run(mode: str, index: int, args: argparse.Namespace, workdir: Path) -> F
     prefix = f"convdash-{os.getpid()}-{index}"
     run = ConveyorRun(args, url, prefix, workdir)
     port = free_port() if mode == "dashboard on" else 0
-    run.env = {"CONVEYOR_HTTP_PORT": str(port)}
+    run.env = {"CONVEYOR_HTTP_PORT": str(port), "CONVEYOR_TASK_INDEX": "true" if port else "false"}
     figures = Figures("conveyor", mode)
     try:
         run.start()
