@@ -119,6 +119,7 @@ async def test_a_task_past_its_routing_timeout_fails_unroutable_with_its_error_c
     assert record.result.error.type == "Unroutable"
     assert "'node.mul'" in record.result.error.message and "routing_timeout of 0 s" in record.result.error.message
     assert "n1" in await replicas.backend.members(DEAD_LETTERS_GROUP), "replayable once a worker has it"
+    assert replicas.a.registry.unroutable.count(QUEUE) == 0, "it no longer waits for a worker"
     # Its message is settled, not handed back; the error callback is what the queue holds now.
     messages = [decode_message(d.body) for d in await replicas.broker.fetch(QUEUE, 10, 30.0)]
     assert [m.signature.id for m in messages] == ["report"]

@@ -320,6 +320,8 @@ class WorkerConnections:
         ending = {id(delivery) for _, delivery in timed_out.values()}
         await self._hand_back([(d, delay) for d, delay in delayed if id(d) not in ending], "tasks for other workers")
         if timed_out:
+            for task_id in timed_out:  # it ends now: no longer waiting for a worker
+                self.registry.unroutable.routed(queue, task_id)
             await self._end_unsent(timed_out, self.recorder.fail_unroutable, "failing unroutable tasks")
 
     async def _past_routing_timeout(
