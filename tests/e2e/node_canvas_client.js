@@ -98,7 +98,8 @@ const SCENARIOS = {
   // Dispatch options: a unique task submitted twice is one task; a task nobody runs fails past its
   // routing timeout; keys reach the stored signature.
   'dispatch-options': async (client, [label]) => {
-    const unique = { uniqueFor: 60, uniqueKey: `unique-${label}` };
+    // Held back a second, so it is surely still queued when the second submit comes.
+    const unique = { uniqueFor: 60, uniqueKey: `unique-${label}`, countdown: 1 };
     const first = await client.submit('node.add', [5, 5], {}, unique);
     const again = await client.submit('node.add', [5, 5], {}, unique);
     const nobody = await client.submit('nobody.runs', [], {}, { routingTimeout: 0.5 });
