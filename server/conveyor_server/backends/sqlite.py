@@ -102,13 +102,38 @@ _EXPIRE = {
 _PAGE = "SELECT member, payload FROM group_members WHERE grp = :grp {} ORDER BY member LIMIT :limit"
 _PAGE_FIRST = _PAGE.format("")
 _PAGE_AFTER = _PAGE.format("AND member > :after")
+# Groups: a group row holds its size and expiry; its members are rows of group_members.
+_GROUP_SIZE = "SELECT size, expires_at FROM groups WHERE grp = ?"
+_GROUP_EXPIRY = "SELECT expires_at FROM groups WHERE grp = ?"
+_CLEAR_GROUP = "DELETE FROM group_members WHERE grp = ?"
+# The first payload wins; rowcount sums the rows added.
+_ADD_MEMBER = "INSERT INTO group_members (grp, member, payload) VALUES (?, ?, ?) ON CONFLICT (grp, member) DO NOTHING"
+_PUT_GROUP = (
+    "INSERT INTO groups (grp, size, expires_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (grp) DO UPDATE SET size = excluded.size, expires_at = excluded.expires_at"
+)
+_REMOVE_MEMBER = "DELETE FROM group_members WHERE grp = ? AND member = ?"
+_SHRINK_GROUP = "UPDATE groups SET size = size - ? WHERE grp = ?"
+# Moving groups out of the old `members` table (each row carrying its group's expiry).
+_HAS_OLD_MEMBERS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'members'"
+_MOVE_OLD_GROUPS = (
+    "INSERT OR IGNORE INTO groups (grp, size, expires_at)"
+    " SELECT grp, COUNT(*), MAX(expires_at) FROM members GROUP BY grp"
+)
+_MOVE_OLD_MEMBERS = (
+    "INSERT OR IGNORE INTO group_members (grp, member, payload) SELECT grp, member, payload FROM members"
+)
+_DROP_OLD_MEMBERS = "DROP TABLE members"
+# Token buckets (take_tokens).
+_TOKEN_SWEEP = "DELETE FROM token_buckets WHERE full_at <= ?"
+_TOKEN_READ = "SELECT tokens, updated FROM token_buckets WHERE bucket = ?"
 
 def _expires_at(now: float, ttl: float, keep: bool) -> float:
     return _KEEP if keep else now + ttl
 
 
 def _has_old_members(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'members'").fetchone() is not None
+    return conn.execute(_HAS_OLD_MEMBERS).fetchone() is not None
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -118,14 +143,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         if not _has_old_members(conn):
             return  # another process migrated it first
-        conn.execute(
-            "INSERT OR IGNORE INTO groups (grp, size, expires_at)"
-            " SELECT grp, COUNT(*), MAX(expires_at) FROM members GROUP BY grp"
-        )
-        conn.execute(
-            "INSERT OR IGNORE INTO group_members (grp, member, payload) SELECT grp, member, payload FROM members"
-        )
-        conn.execute("DROP TABLE members")
+        conn.execute(_MOVE_OLD_GROUPS)
+        conn.execute(_MOVE_OLD_MEMBERS)
+        conn.execute(_DROP_OLD_MEMBERS)
 
 
 def _insert(conn: sqlite3.Connection, records: Mapping[str, bytes], ttl: float, keep: bool) -> list[str]:
@@ -166,40 +186,34 @@ def _claim(conn: sqlite3.Connection, key: str, ttl: float, keep: bool) -> bool:
 def _add_members(conn: sqlite3.Connection, group: str, members: Mapping[str, bytes], ttl: float, keep: bool) -> int:
     with transaction(conn):
         now = time.time()
-        row = conn.execute("SELECT size, expires_at FROM groups WHERE grp = ?", (group,)).fetchone()
+        row = conn.execute(_GROUP_SIZE, (group,)).fetchone()
         size = 0
         if row is not None and row[1] <= now:
             # Expired but not swept yet: it starts again empty (a one-off cost).
-            conn.execute("DELETE FROM group_members WHERE grp = ?", (group,))
+            conn.execute(_CLEAR_GROUP, (group,))
         elif row is not None:
             size = row[0]
         # The first payload wins; the write still sets the group's expiry. rowcount sums the rows.
-        added = conn.executemany(
-            "INSERT INTO group_members (grp, member, payload) VALUES (?, ?, ?) ON CONFLICT (grp, member) DO NOTHING",
-            [(group, member, payload) for member, payload in members.items()],
-        ).rowcount
+        rows = [(group, member, payload) for member, payload in members.items()]
+        added = conn.executemany(_ADD_MEMBER, rows).rowcount
         size += added
-        conn.execute(
-            "INSERT INTO groups (grp, size, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (grp) DO UPDATE SET size = excluded.size, expires_at = excluded.expires_at",
-            (group, size, _expires_at(now, ttl, keep)),
-        )
+        conn.execute(_PUT_GROUP, (group, size, _expires_at(now, ttl, keep)))
         return size
 
 
 def _remove_members(conn: sqlite3.Connection, group: str, members: Sequence[str]) -> None:
     with transaction(conn):
         rows = [(group, member) for member in members]
-        gone = conn.executemany("DELETE FROM group_members WHERE grp = ? AND member = ?", rows).rowcount
+        gone = conn.executemany(_REMOVE_MEMBER, rows).rowcount
         if gone:
-            conn.execute("UPDATE groups SET size = size - ? WHERE grp = ?", (gone, group))
+            conn.execute(_SHRINK_GROUP, (gone, group))
 
 
 def _members(conn: sqlite3.Connection, group: str, after: str, limit: int) -> dict[str, bytes]:
     # One read transaction, so the group cannot expire (and be swept) between the two reads.
     conn.execute("BEGIN")
     try:
-        row = conn.execute("SELECT expires_at FROM groups WHERE grp = ?", (group,)).fetchone()
+        row = conn.execute(_GROUP_EXPIRY, (group,)).fetchone()
         if row is None or row[0] <= time.time():
             return {}
         params = {"grp": group, "after": after, "limit": limit if limit > 0 else -1}
@@ -372,8 +386,8 @@ class SqliteBackend(OneMemberAdds):
         with transaction(conn):
             now = time.time()
             if sweep:
-                conn.execute("DELETE FROM token_buckets WHERE full_at <= ?", (now,))
-            row = conn.execute("SELECT tokens, updated FROM token_buckets WHERE bucket = ?", (bucket,)).fetchone()
+                conn.execute(_TOKEN_SWEEP, (now,))
+            row = conn.execute(_TOKEN_READ, (bucket,)).fetchone()
             tokens = burst if row is None else _tokens.refill(row[0], row[1], now, rate, burst)
             taken = _tokens.take(tokens, wanted, rate)
             conn.execute(cls._TOKEN_WRITE, (bucket, taken.left, now, now + _tokens.full_after(rate, burst)))

@@ -38,6 +38,8 @@ _UPSERT = """
 INSERT INTO task_index (task_id, submitted, state, queue, name, expires_at) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, expires_at = excluded.expires_at
 """
+_SWEEP = "DELETE FROM task_index WHERE expires_at <= ?"
+_DROP = "DELETE FROM task_index WHERE task_id = ?"
 
 
 def _where(query: TaskQuery, now: float) -> tuple[str, list[Any]]:
@@ -109,7 +111,7 @@ class SqliteTaskIndex:
             with transaction(conn):
                 conn.executemany(_UPSERT, rows)
                 if sweep:
-                    conn.execute("DELETE FROM task_index WHERE expires_at <= ?", (now,))
+                    conn.execute(_SWEEP, (now,))
 
         await self._db.run(run)
 
@@ -127,6 +129,6 @@ class SqliteTaskIndex:
         def run(conn: sqlite3.Connection) -> None:
             self._ensure(conn)
             with transaction(conn):
-                conn.executemany("DELETE FROM task_index WHERE task_id = ?", [(t,) for t in task_ids])
+                conn.executemany(_DROP, [(t,) for t in task_ids])
 
         await self._db.run(run)

@@ -67,6 +67,23 @@ SELECT
     (SELECT COUNT(*) FROM messages WHERE lease_until IS NOT NULL AND queue = :queue)
 """
 
+_ADD_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
+_PUBLISH = "INSERT INTO messages (id, queue, body, priority, available_at, delivery_count) VALUES (?, ?, ?, ?, ?, 1)"
+_PURGE_READY = "DELETE FROM messages WHERE queue = ? AND available_at IS NULL AND receipt IS NULL RETURNING id"
+_PURGE_DELAYED = "DELETE FROM messages WHERE queue = ? AND available_at IS NOT NULL RETURNING id"
+_QUEUE_HOLDS_ANY = "SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ?)"
+_DROP_QUEUE = "DELETE FROM queues WHERE name = ?"
+# A delivery is settled only under its receipt: a lease that lapsed and went to another worker is not.
+_ACK = "DELETE FROM messages WHERE seq = ? AND receipt = ?"
+_NACK = (
+    "UPDATE messages SET receipt = NULL, lease_until = NULL, available_at = ?,"
+    " delivery_count = delivery_count + 1 WHERE seq = ? AND receipt = ?"
+)
+_EXTEND = "UPDATE messages SET lease_until = ? WHERE seq = ? AND receipt = ?"
+_QUEUE_IDS = "SELECT id FROM messages WHERE queue = ?"
+_QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
+
+
 
 def _receipt_key(receipt: str) -> tuple[int, str] | None:
     seq, _, token = receipt.partition("-")
@@ -81,10 +98,9 @@ def _receipt_keys(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
 def _publish(conn: sqlite3.Connection, queue: str, messages: Sequence[OutgoingMessage]) -> None:
     with transaction(conn):
         now = time.time()
-        conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+        conn.execute(_ADD_QUEUE, (queue,))
         conn.executemany(
-            "INSERT INTO messages (id, queue, body, priority, available_at, delivery_count)"
-            " VALUES (?, ?, ?, ?, ?, 1)",
+            _PUBLISH,
             [
                 (m.message_id, queue, m.body, m.priority, now + m.delay if m.delay > 0 else None)
                 for m in messages
@@ -122,21 +138,16 @@ def _stats(conn: sqlite3.Connection, queue: str) -> QueueStats:
 
 def _purge(conn: sqlite3.Connection, queue: str) -> list[str]:
     with transaction(conn):
-        ready = conn.execute(
-            "DELETE FROM messages WHERE queue = ? AND available_at IS NULL AND receipt IS NULL RETURNING id",
-            (queue,),
-        ).fetchall()
-        delayed = conn.execute(
-            "DELETE FROM messages WHERE queue = ? AND available_at IS NOT NULL RETURNING id", (queue,)
-        ).fetchall()
+        ready = conn.execute(_PURGE_READY, (queue,)).fetchall()
+        delayed = conn.execute(_PURGE_DELAYED, (queue,)).fetchall()
     return [row[0] for row in ready + delayed]
 
 
 def _delete_queue(conn: sqlite3.Connection, queue: str) -> bool:
     with transaction(conn):
-        if conn.execute("SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ?)", (queue,)).fetchone()[0]:
+        if conn.execute(_QUEUE_HOLDS_ANY, (queue,)).fetchone()[0]:
             return False
-        conn.execute("DELETE FROM queues WHERE name = ?", (queue,))
+        conn.execute(_DROP_QUEUE, (queue,))
     return True
 
 
@@ -181,20 +192,14 @@ class SqliteBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         keys = _receipt_keys(deliveries)
         if keys:
-            await self._db.run(
-                lambda conn: _execute_many(conn, "DELETE FROM messages WHERE seq = ? AND receipt = ?", keys)
-            )
+            await self._db.run(lambda conn: _execute_many(conn, _ACK, keys))
 
     async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
         keys = _receipt_keys(deliveries)
         if not keys:
             return
-        sql = (
-            "UPDATE messages SET receipt = NULL, lease_until = NULL, available_at = ?,"
-            " delivery_count = delivery_count + 1 WHERE seq = ? AND receipt = ?"
-        )
         available_at = time.time() + delay if delay > 0 else None
-        await self._db.run(lambda conn: _execute_many(conn, sql, [(available_at, *key) for key in keys]))
+        await self._db.run(lambda conn: _execute_many(conn, _NACK, [(available_at, *key) for key in keys]))
         if delay <= 0:
             for queue in {d.queue for d in deliveries}:
                 self._arrivals.wake(queue)
@@ -203,9 +208,8 @@ class SqliteBroker:
         keys = _receipt_keys(deliveries)
         if not keys:
             return
-        sql = "UPDATE messages SET lease_until = ? WHERE seq = ? AND receipt = ?"
         until = time.time() + lease_seconds
-        await self._db.run(lambda conn: _execute_many(conn, sql, [(until, *key) for key in keys]))
+        await self._db.run(lambda conn: _execute_many(conn, _EXTEND, [(until, *key) for key in keys]))
 
     async def recover_expired(self) -> int:
         queues = await self._db.run(_recover)
@@ -219,12 +223,11 @@ class SqliteBroker:
     async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
         # One pass over the queue's rows rather than an index on ids that every publish would pay for.
         wanted = set(message_ids)
-        sql = "SELECT id FROM messages WHERE queue = ?"
-        return await self._db.run(lambda conn: {row[0] for row in conn.execute(sql, (queue,)) if row[0] in wanted})
+        return await self._db.run(
+            lambda conn: {row[0] for row in conn.execute(_QUEUE_IDS, (queue,)) if row[0] in wanted})
 
     async def queues(self) -> list[str]:
-        sql = "SELECT name FROM queues ORDER BY name"
-        return await self._db.run(lambda conn: [row[0] for row in conn.execute(sql)])
+        return await self._db.run(lambda conn: [row[0] for row in conn.execute(_QUEUE_NAMES)])
 
     async def delete_queue(self, queue: str) -> bool:
         return await self._db.run(lambda conn: _delete_queue(conn, queue))
