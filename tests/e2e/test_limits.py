@@ -247,9 +247,12 @@ class TestLimitsAcrossTwoReplicas:
         assert [len(starts) for starts in by_key.values()] == [per_key, per_key]
         for key, starts in by_key.items():
             assert ahead(starts) <= rate * 0.5, f"key {key} ran {ahead(starts):.0f} tasks ahead of its own bucket"
-        # One bucket for both keys would hold the 60 tasks to 10/s; each key's own let them run side by side.
-        together = ahead([at for starts in by_key.values() for at in starts])
-        assert together >= rate, f"the keys shared a bucket: only {together:.0f} tasks ahead of a single one"
+        # One bucket for both keys could not start the 60 tasks in less than (60 - burst) / rate = 5 s;
+        # a bucket per key lets the keys run side by side, in about 2 s.
+        every = [at for starts in by_key.values() for at in starts]
+        shared_at_least = (len(every) - rate) / rate
+        assert max(every) - min(every) < 0.8 * shared_at_least, (
+            f"the starts took {max(every) - min(every):.1f} s: as long as one bucket for both keys would")
 
     async def test_a_concurrency_key_never_runs_more_than_its_limit(
         self, cluster: Cluster, clients: tuple[Client, Client]
