@@ -196,7 +196,7 @@ def test_a_schedule_fires_once_per_tick_across_two_replicas(tmp_path: Path, proc
     before, after = ticks[:while_paused], ticks[while_paused:]
     for run in (before, after):  # every tick while running, none while paused
         assert [b - a for a, b in itertools.pairwise(run)] == [2] * (len(run) - 1), f"ticks missed: {ticks}"
-    assert after[0] - before[-1] >= 6, f"ticks fired while it was paused: {ticks}"
+    assert after[0] - before[-1] >= 4, f"ticks fired while it was paused: {ticks}"  # paused >= 4 s after settling
 
 
 def test_schedule_cli_refuses_bad_input(server: Server) -> None:
