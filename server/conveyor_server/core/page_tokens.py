@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from .errors import InvalidArgument
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def encode_place(at_us: int, key: str) -> str:
@@ -18,6 +21,8 @@ def encode_place(at_us: int, key: str) -> str:
 
 def decode_place(token: str) -> tuple[int, str]:
     try:
+        if not _BASE64URL.fullmatch(token):
+            raise ValueError("not base64url")  # base64 would skip the stray characters
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         at, _, key = text.partition(":")
         return int(at), key
