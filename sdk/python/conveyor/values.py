@@ -83,6 +83,11 @@ def seconds_of(value: Duration | Timestamp) -> float:
     return value.seconds + value.nanos / 1e9
 
 
+def micros_of(stamp: Timestamp) -> int:
+    """A Timestamp's Unix time in whole microseconds (the unit task listings and page tokens order by)."""
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
+
+
 def set_seconds(value: Duration | Timestamp, seconds: float) -> None:
     """Sets a Duration's length, or a Timestamp's Unix time, to `seconds` (truncated to the nanosecond)."""
     value.FromNanoseconds(int(seconds * 1e9))

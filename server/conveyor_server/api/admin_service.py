@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
-from conveyor.values import seconds_of, set_seconds
+from conveyor.values import micros_of, seconds_of, set_seconds
 
 from ..backends.task_index import TaskQuery
 from ..brokers.base import QueueDeletionUnsupported
@@ -200,14 +199,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 def task_query(request: admin_service_pb2.ListTasksRequest) -> TaskQuery:
     return TaskQuery(
         states=frozenset(request.states), queue=request.queue, name=request.name, id_prefix=request.id_prefix,
-        since_us=_micros(request.submitted_after) if request.HasField("submitted_after") else None,
-        until_us=_micros(request.submitted_before) if request.HasField("submitted_before") else None,
+        since_us=micros_of(request.submitted_after) if request.HasField("submitted_after") else None,
+        until_us=micros_of(request.submitted_before) if request.HasField("submitted_before") else None,
         limit=request.page_size, oldest_first=request.oldest_first,
     )
-
-
-def _micros(stamp: Timestamp) -> int:
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
 
 def _rate_limit(limit: RateLimit) -> admin_service_pb2.RateLimit:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, task_service_pb2
+from conveyor.values import micros_of
 
 from ..backends.task_index import TaskQuery
 from ..brokers.base import Broker
@@ -245,4 +246,4 @@ class Admin:
 
 def _finish_place(result: result_pb2.TaskResult) -> tuple[int, str]:
     """A dead letter's place in the list: its finish time in microseconds, then its id."""
-    return result.finished_at.seconds * 1_000_000 + result.finished_at.nanos // 1_000, result.task_id
+    return micros_of(result.finished_at), result.task_id

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2
-from conveyor.values import seconds_of
+from conveyor.values import micros_of, seconds_of
 
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
@@ -67,9 +67,7 @@ class TaskPage:
 
 def entry_of(record: records_pb2.TaskRecord) -> IndexEntry:
     result = record.result
-    stamp = result.submitted_at
-    return IndexEntry(result.task_id, result.state, result.queue, result.name,
-                      stamp.seconds * 1_000_000 + stamp.nanos // 1_000)
+    return IndexEntry(result.task_id, result.state, result.queue, result.name, micros_of(result.submitted_at))
 
 
 def encode_token(cursor: Cursor | None) -> str:
@@ -141,8 +139,7 @@ class TaskIndexer:
         if held is None and len(self._live) + len(self._ended) >= MAX_PENDING:
             self._dropped += 1
             return
-        stamp = result.submitted_at
-        submitted_us = stamp.seconds * 1_000_000 + stamp.nanos // 1_000
+        submitted_us = micros_of(result.submitted_at)
         first = held[4] if held is not None else time.monotonic()
         self._keep(task_id, (state, result.queue, result.name, submitted_us, first))
         if self._flusher is None:
