@@ -14,7 +14,7 @@ from ..config import Settings
 from . import withdrawn
 from .cancellation import Canceller
 from .dead_letters import DeadLetters
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument
 from .inspection import Inspector
 from .limits import RateLimit, RateLimitTable
 from .page_tokens import decode_place, encode_place
@@ -23,7 +23,7 @@ from .queue_deletion import active_queue, delete_queue
 from .records import DEAD_LETTERS_GROUP, TaskStates
 from .repair import Repairer, RepairReport
 from .results import ResultReader
-from .schedules import Schedules
+from .schedules import Schedules, schedule_not_found
 from .sessions import SessionRegistry
 from .store import TaskStore
 from .submission import Submitter
@@ -235,7 +235,7 @@ class Admin:
         """Submit a schedule's task once, now, outside its cron; returns the new task's id."""
         schedule = next((s for s in await self.schedules.all() if s.name == name), None)
         if schedule is None:
-            raise NotFound(f"no schedule named {name!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name})
+            raise schedule_not_found(name)
         signature = task_pb2.Signature()
         signature.CopyFrom(schedule.task)
         signature.id = ""

@@ -155,7 +155,8 @@ def plan_ticks(
     return Plan(fire, tick, missed)
 
 
-def _not_found(name: str) -> NotFound:
+def schedule_not_found(name: str) -> NotFound:
+    """The refusal for a name no schedule has (the name cut to fit the message and metadata)."""
     return NotFound(f"no schedule named {name[:80]!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule": name[:200]})
 
 
@@ -219,7 +220,7 @@ class Schedules:
         stored = (await self._load([name])).get(name)
         indexed = name in await self._names()
         if not indexed and (stored is None or stored.record.deleted):
-            raise _not_found(name)
+            raise schedule_not_found(name)
         await self.backend.remove_member(SCHEDULES_GROUP, name)
 
         def burying(read: Stored[ScheduleRecord] | None) -> ScheduleRecord | None:
@@ -239,7 +240,7 @@ class Schedules:
 
         def pausing(read: Stored[ScheduleRecord] | None) -> ScheduleRecord | None:
             if read is None or read.record.deleted:
-                raise _not_found(name)
+                raise schedule_not_found(name)
             if read.record.schedule.paused == paused:
                 unchanged[:] = [read.record.schedule]
                 return None  # already so: nothing to write
@@ -288,14 +289,14 @@ class Schedules:
 
     async def _advance(self, item: Stored[ScheduleRecord], now: float) -> list[str]:
         schedule = item.record.schedule
+        stale = now - schedule_records.touched(item.record) >= self._keepalive_seconds
         if schedule.paused:
-            if now - schedule_records.touched(item.record) >= self._keepalive_seconds:
+            if stale:  # rewritten only to outlive the backend's TTL
                 await self._records.put(schedule_key(schedule.name), item, schedule_records.live(schedule, now))
             return []
         plan = plan_ticks(
             schedule.cron, schedule.next_run_at.seconds, now, schedule.missed_ticks or SKIP, self.grace
         )
-        stale = now - schedule_records.touched(item.record) >= self._keepalive_seconds
         if not plan.fire and plan.next_run_at == schedule.next_run_at.seconds and not stale:
             return []
         if plan.missed:
