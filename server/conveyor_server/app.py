@@ -34,6 +34,7 @@ from .config import Settings, with_data_dir
 from .core.admin import Admin
 from .core.admission import admission_for
 from .core.cancellation import Canceller
+from .core.clock import SYSTEM_CLOCK, Clock
 from .core.connection import WorkerConnections
 from .core.dispatch import Dispatcher
 from .core.followups import FollowUps
@@ -96,14 +97,18 @@ class Core:
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None) -> Core:
+    def build(
+        cls, settings: Settings, broker: Broker | None = None, backend: Backend | None = None,
+        *, clock: Clock = SYSTEM_CLOCK,
+    ) -> Core:
+        """`clock`: the one every component built here reads (tests pass one they set)."""
         settings = with_repair_after(with_data_dir(settings))
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
         indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index)
         store = TaskStore(backend, write_hook=indexer.note if indexer.enabled else None)
-        index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds))
+        index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds), clock=clock.wall)
         publisher = Publisher(broker, on_published=index.note)
         followups = FollowUps(
             store=store, publisher=publisher, default_queue=settings.default_queue, limits=settings.limits
@@ -111,33 +116,37 @@ class Core:
         workflow = followups.workflow
         outbox = Outbox(backend)
         repairer = Repairer(store=store, broker=broker, publisher=publisher, index=index,
-                            repair_after=settings.repair_after_seconds)
+                            repair_after=settings.repair_after_seconds, clock=clock.wall)
         reconciler = Reconciler(outbox=outbox, store=store, publisher=publisher, workflow=workflow,
-                                followups=followups, grace_seconds=settings.outbox_grace_seconds, repairer=repairer)
-        recorder = OutcomeRecorder(store=store, followups=followups, on_attempt_ended=metrics.attempt_ended)
-        rate_limits = RateLimitTable(backend, configured_limits(settings.rate_limits))
-        limits = DispatchLimits(rate_limits, RateLimiter(backend), ConcurrencySlots(store))
+                                followups=followups, grace_seconds=settings.outbox_grace_seconds, repairer=repairer,
+                                clock=clock.wall)
+        recorder = OutcomeRecorder(store=store, followups=followups, on_attempt_ended=metrics.attempt_ended,
+                                   clock=clock)
+        rate_limits = RateLimitTable(backend, configured_limits(settings.rate_limits), clock=clock.monotonic)
+        limits = DispatchLimits(rate_limits, RateLimiter(backend, clock=clock.monotonic),
+                                ConcurrencySlots(store, clock=clock.wall))
         dispatcher = Dispatcher(store=store, broker=broker, followups=followups, lease_seconds=settings.lease_seconds,
-                                max_deliveries=settings.max_deliveries, limits=limits)
+                                max_deliveries=settings.max_deliveries, limits=limits, clock=clock)
         registry = SessionRegistry()
-        pauses = QueuePauses(backend, settings.result_ttl_seconds)
+        pauses = QueuePauses(backend, settings.result_ttl_seconds, clock=clock.monotonic)
         tasks = TaskRegistry(backend=backend, server_id=settings.server_id,
                              beat_seconds=settings.heartbeat_interval_seconds,
-                             retention_seconds=settings.task_registry_retention_seconds)
+                             retention_seconds=settings.task_registry_retention_seconds, clock=clock.wall)
         connections = WorkerConnections(settings=settings, broker=broker, store=store, dispatcher=dispatcher,
-                                        recorder=recorder, registry=registry, pauses=pauses, tasks=tasks)
+                                        recorder=recorder, registry=registry, pauses=pauses, tasks=tasks, clock=clock)
         submitter = Submitter(settings=settings, store=store, publisher=publisher, workflow=workflow, outbox=outbox,
                               on_submitted=metrics.tasks_submitted,
                               admission=admission_for(broker, settings.queue_limits, indexer),
-                              checks=SubmitChecks(tasks, settings.strict_tasks))
+                              checks=SubmitChecks(tasks, settings.strict_tasks), clock=clock)
         reader = ResultReader(store)
         canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=connections.cancel_running)
-        schedules = Schedules(backend, submitter, settings)
+        schedules = Schedules(backend, submitter, settings, clock=clock.wall)
         admin = Admin(
             broker=broker, store=store, registry=registry, reader=reader, submitter=submitter,
             server_id=settings.server_id, pauses=pauses, schedules=schedules, canceller=canceller, repairer=repairer,
             tasks=tasks, rate_limits=rate_limits, indexer=indexer,
-            inspector=Inspector(store=store, reader=reader, registry=registry, lease_seconds=settings.lease_seconds),
+            inspector=Inspector(store=store, reader=reader, registry=registry, lease_seconds=settings.lease_seconds,
+                                clock=clock),
         )
         return cls(
             settings=settings, broker=broker, backend=backend, store=store, submitter=submitter, reader=reader,

@@ -12,7 +12,6 @@ import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from conveyor_server.app import Core
 from conveyor_server.brokers.base import Delivery
 from conveyor_server.config import Settings
 from conveyor_server.core import connection
+from conveyor_server.core.clock import Clock
 from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
@@ -259,21 +259,17 @@ async def test_a_short_time_limit_is_enforced_in_the_workers_name_and_says_why(r
     assert record.result.history[-1].worker_id == "w1"
 
 
-async def test_an_attempt_exactly_at_its_time_limit_and_grace_is_not_failed_yet(
-    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_attempt_exactly_at_its_time_limit_and_grace_is_not_failed_yet(replicas: Replicas) -> None:
     session, tokens = await holding(replicas, "quick", time_limit=Duration(nanos=500_000_000))
     now = 1_000.0
-    monkeypatch.setattr(connection, "time", SimpleNamespace(monotonic=lambda: now))
+    replicas.a.connections.clock = Clock(monotonic=lambda: now)
     session.leases[tokens["quick"]].started_at = now - 0.5 - connection.TIME_LIMIT_GRACE_SECONDS
     await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat())
     record = await replicas.a.store.get("quick")
     assert record is not None and record.result.state == result_pb2.TASK_STATE_RECEIVED
 
 
-async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
-    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(replicas: Replicas) -> None:
     settings = Settings(heartbeat_interval_seconds=0.001, lease_seconds=30.0)
     core = Core.build(settings, broker=replicas.broker, backend=replicas.backend)
     session = core.connections.open(worker_service_pb2.Hello(worker_id="w1", max_in_flight=1))
@@ -284,7 +280,7 @@ async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(
         draining_at_look.append(session.draining)
         return 1_000.0 + 30.0 + (1.0 if len(draining_at_look) > 1 else 0.0)
 
-    monkeypatch.setattr(connection, "time", SimpleNamespace(monotonic=monotonic))
+    core.connections.clock = Clock(monotonic=monotonic)
     watchdog = asyncio.create_task(core.connections._watchdog(session))
     await eventually(lambda: len(draining_at_look) >= 3, 10.0, "three looks of the watchdog")
     assert draining_at_look[:3] == [False, False, True], "drained at the look after the lease, not at its exact end"

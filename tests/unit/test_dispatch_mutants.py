@@ -10,13 +10,15 @@ import logging
 import time
 
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
+from conveyor.values import seconds_of
+from conveyor_server.app import Core
 from conveyor_server.core import dispatch
 from conveyor_server.core.connection import settle
 from conveyor_server.core.publisher import Publication
+from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -128,22 +130,18 @@ async def test_a_hand_out_older_than_half_a_lease_no_longer_blocks_a_copy(replic
     assert [lease.task_id for lease in again.leases] == ["t1"]
 
 
-async def test_a_retry_claimed_exactly_at_its_due_time_runs(
-    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await submit(replicas.a, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
-    first = await lease_all(replicas.a)
-    recorded = await replicas.a.connections.recorder.record(
-        [outcome(first, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
-    )
+async def test_a_retry_claimed_exactly_at_its_due_time_runs(replicas: Replicas) -> None:
+    manual = ManualClock()
+    core = Core.build(replicas.a.settings, replicas.broker, replicas.backend, clock=manual.clock)
+    await submit(core, lone(task(task_id="t1", retry=task_pb2.RetryPolicy(max_attempts=3))))
+    first = await lease_all(core)
+    recorded = await core.connections.recorder.record([outcome(first, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1")
     await settle(replicas.broker, first.leases, dict.fromkeys(recorded.requeue, 0.0))  # back at once
-    record = await replicas.a.store.get("t1")
+    record = await core.store.get("t1")
     assert record is not None and record.result.state == result_pb2.TASK_STATE_RETRY
-    due = Timestamp()
-    due.CopyFrom(record.retry_at)
-    monkeypatch.setattr(dispatch, "timestamp_now", lambda: due)  # the claim happens at the due time
-    dispatcher = replicas.a.connections.dispatcher
-    claim = await dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    manual.wall = seconds_of(record.retry_at)  # the claim happens at the due time
+    deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    claim = await core.connections.dispatcher.claim(deliveries, "w1", manual.monotonic)
     assert ([lease.task_id for lease in claim.leases], claim.early) == (["t1"], [])
 
 

@@ -39,7 +39,7 @@ def test_a_transition_records_the_attempt_and_the_worker_or_no_worker() -> None:
 # -- worker sessions -------------------------------------------------------------------------------
 
 def session(window: int) -> WorkerSession:
-    return WorkerSession("w1", worker_service_pb2.Hello(), ["q"], window, Timestamp())
+    return WorkerSession("w1", worker_service_pb2.Hello(), ["q"], window, Timestamp(), last_seen=0.0)
 
 
 def lease(token: str) -> Lease:

@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
@@ -28,6 +26,7 @@ from ..backoff import Backoff
 from ..brokers.base import Broker, Delivery
 from ..config import Settings
 from ..engine_errors import is_transient
+from .clock import SYSTEM_CLOCK, Clock
 from .dispatch import REPAIR_RETRY_SECONDS, Claim, Dispatcher, Lease
 from .errors import InvalidArgument
 from .outcomes import OutcomeRecorder, Recorded
@@ -109,6 +108,8 @@ class WorkerConnections:
         registry: SessionRegistry,
         pauses: QueuePauses,
         tasks: TaskRegistry | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -119,6 +120,7 @@ class WorkerConnections:
         self.pauses = pauses
         # The task registry across replicas: what each worker's Hello declares.
         self.tasks = tasks
+        self.clock = clock
         self._background: set[asyncio.Task[None]] = set()
 
     def open(self, hello: worker_service_pb2.Hello, allowed_queues: Sequence[str] = ()) -> WorkerSession:
@@ -128,14 +130,13 @@ class WorkerConnections:
         for queue in hello.queues:
             if not queue or len(queue) > 64:
                 raise InvalidArgument(f"hello.queues: invalid queue name {queue[:80]!r}")
-        connected = Timestamp()
-        connected.GetCurrentTime()
         session = WorkerSession(
             worker_id=hello.worker_id or f"worker-{uuid.uuid4().hex[:12]}",
             hello=hello,
             queues=list(dict.fromkeys(hello.queues)) or [self.settings.default_queue],
             window=max(hello.max_in_flight, 1),
-            connected_at=connected,
+            connected_at=self.clock.timestamp(),
+            last_seen=self.clock.monotonic(),
             allowed_queues=tuple(allowed_queues),
         )
         if self.tasks is not None:
@@ -156,7 +157,7 @@ class WorkerConnections:
         tasks.append(asyncio.create_task(self._watchdog(session)))
         try:
             async for request in requests:
-                session.last_seen = time.monotonic()
+                session.last_seen = self.clock.monotonic()
                 # While the server handles a report (an engine outage can hold it for seconds), the
                 # reports behind it wait in the stream: that is the server's delay, not the worker's
                 # silence, so the watchdog counts silence only from when the server reads again.
@@ -165,7 +166,7 @@ class WorkerConnections:
                     await self._handle_through_outages(session, request)
                 finally:
                     session.handling = False
-                    session.last_seen = time.monotonic()
+                    session.last_seen = self.clock.monotonic()
         finally:
             # Shielded: when the call is cancelled again while this cleanup awaits, the leases must
             # still leave the dead session and go back to the queue after the grace.
@@ -271,7 +272,7 @@ class WorkerConnections:
                     deliveries = []
                 if deliveries:
                     claim = await self.dispatcher.claim(
-                        deliveries, session.worker_id, time.monotonic(), session.can_run
+                        deliveries, session.worker_id, self.clock.monotonic(), session.can_run
                     )
                 failures.reset()
             except asyncio.CancelledError:
@@ -340,7 +341,7 @@ class WorkerConnections:
             log.warning("checking the routing timeouts of %d tasks failed: %s: %s", len(waiting),
                         type(exc).__name__, exc)
             return {}
-        wall = time.time()
+        wall = self.clock.wall()
         timed_out: dict[str, tuple[str, Delivery]] = {}
         for delivery, message in waiting:
             found = loaded.get(message.signature.id)
@@ -556,11 +557,10 @@ class WorkerConnections:
         await self._enforce_time_limits(session, leases)
         # Long tasks show their lease live on the record, so the repair of lost messages leaves them be.
         await stamp_live_leases(self.store, [(lease.task_id, lease.token) for lease in leases], loaded,
-                                self.settings.repair_after_seconds)
+                                self.settings.repair_after_seconds, self.clock.wall())
 
-    @staticmethod
-    def _clock_starts(session: WorkerSession, refs: Sequence[worker_service_pb2.LeaseRef]) -> None:
-        now = time.monotonic()
+    def _clock_starts(self, session: WorkerSession, refs: Sequence[worker_service_pb2.LeaseRef]) -> None:
+        now = self.clock.monotonic()
         for ref in refs:
             lease = session.leases.get(ref.lease_token)
             if lease is not None and lease.started_at is None:
@@ -569,7 +569,7 @@ class WorkerConnections:
     async def _enforce_time_limits(self, session: WorkerSession, leases: list[Lease]) -> None:
         """Fail attempts running past their limit that the worker did not stop. The clock starts
         at the worker's Started report: before it, a prefetched task is waiting for a slot."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         overdue = [
             lease for lease in leases
             if lease.time_limit > 0 and lease.started_at is not None
@@ -595,7 +595,7 @@ class WorkerConnections:
         """A worker silent for a whole lease is hung: stop sending it work."""
         while not session.closed:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
-            silent = not session.handling and time.monotonic() - session.last_seen > self.settings.lease_seconds
+            silent = not session.handling and self.clock.monotonic() - session.last_seen > self.settings.lease_seconds
             if silent and not session.draining:  # tell it once
                 log.warning("worker %s sent nothing for %.0f s; draining it", session.worker_id,
                             self.settings.lease_seconds)

@@ -47,10 +47,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
-from conveyor.values import seconds_of, timestamp_now
+from conveyor.values import seconds_of
 
 from ..brokers.base import Broker, Delivery
 from . import withdrawn
+from .clock import SYSTEM_CLOCK, Clock
 from .confirmed import RepairPending
 from .expiry import is_expired
 from .followups import FollowUps
@@ -158,6 +159,7 @@ class Dispatcher:
     def __init__(
         self, store: TaskStore, broker: Broker, followups: FollowUps, lease_seconds: float,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES, limits: DispatchLimits | None = None,
+        *, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -165,6 +167,7 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.max_deliveries = max(max_deliveries, 1)
         self.limits = limits
+        self.clock = clock
         # Attempts this replica handed out whose lease has not ended: task id -> (attempt, when,
         # monotonic). A second copy of a task's message (a follow-up published again because its
         # confirmation failed) can be fetched before the first copy's RECEIVED is written, when
@@ -196,7 +199,7 @@ class Dispatcher:
             else:
                 messages[task_id] = (delivery, message)
         records = await self._read(messages)
-        stamp = timestamp_now()
+        stamp = self.clock.timestamp()
         wall = seconds_of(stamp)
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}

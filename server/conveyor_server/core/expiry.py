@@ -8,6 +8,8 @@ comes up, instead of waiting for a run that will never happen.
 
 from __future__ import annotations
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
 from conveyor.values import seconds_of
@@ -31,12 +33,13 @@ def is_expired(signature: task_pb2.Signature, record: records_pb2.TaskRecord, wa
     return record.result.state == TaskStates.TASK_STATE_RETRY and seconds_of(record.retry_at) >= expires
 
 
-def mark_expired(record: records_pb2.TaskRecord) -> None:
-    """End the record EXPIRED, with an "Expired" error naming the expiry; its lease ends too."""
+def mark_expired(record: records_pb2.TaskRecord, at: Timestamp | None = None) -> None:
+    """End the record EXPIRED (`at`, default now), with an "Expired" error naming the expiry; its
+    lease ends too."""
     expires = record.result.signature.expires_at.ToJsonString()
     retrying = record.result.state == TaskStates.TASK_STATE_RETRY
     what = f"its retry (attempt {record.result.attempts + 1}) was due after" if retrying else "it was not started by"
     cause = error("Expired", f"task {record.result.task_id} expired: {what} its expiry {expires}")
     record.result.error.CopyFrom(cause)
     record.lease_token = ""
-    transition(record, TaskStates.TASK_STATE_EXPIRED, error=cause)
+    transition(record, TaskStates.TASK_STATE_EXPIRED, at=at, error=cause)

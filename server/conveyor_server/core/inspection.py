@@ -4,7 +4,6 @@ workflow node, and whether its follow-ups are still owed."""
 from __future__ import annotations
 
 import math
-import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -12,6 +11,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import admin_service_pb2
 from conveyor.values import seconds_of, set_seconds
 
+from .clock import SYSTEM_CLOCK, Clock
 from .outbox import FOLLOW_UPS, Outbox
 from .records import TaskStates
 from .results import ResultReader
@@ -23,11 +23,16 @@ LEASED = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 
 
 class Inspector:
-    def __init__(self, store: TaskStore, reader: ResultReader, registry: SessionRegistry, lease_seconds: float) -> None:
+    def __init__(
+        self, store: TaskStore, reader: ResultReader, registry: SessionRegistry, lease_seconds: float,
+        *, clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.store = store
         self.reader = reader
         self.registry = registry
         self.lease_seconds = lease_seconds
+        # The connections' clock: a session's last_seen is on its monotonic clock.
+        self.clock = clock
 
     async def inspect(self, task_id: str) -> admin_service_pb2.InspectTaskResponse:
         """NotFound for an unknown id; a workflow id gives the workflow's result alone."""
@@ -51,7 +56,7 @@ class Inspector:
         signs = [seconds_of(record.lease_renewed_at)]
         signs += [seconds_of(t.at) for t in record.result.history if t.state in LEASED]
         for session in self.registry.holding([task_id]):
-            signs.append(time.time() - (time.monotonic() - session.last_seen))
+            signs.append(self.clock.wall() - (self.clock.monotonic() - session.last_seen))
         expiry = Timestamp()
         set_seconds(expiry, max(signs) + self.lease_seconds)
         return expiry

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -21,12 +20,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
+from conveyor.values import set_seconds
 
 from ..backends.base import Backend
+from .clock import SYSTEM_CLOCK, Clock
 from .dispatch import Lease, mark_received
 from .expiry import is_expired, mark_expired
 from .followups import FollowUps
-from .records import DEAD_LETTERS_GROUP, TaskStates, error, is_terminal, now, transition
+from .records import DEAD_LETTERS_GROUP, TaskStates, error, is_terminal, transition
 from .replacement import Checked, is_replaced, mark_replaced, waits_for_replacement
 from .retry import attempts_allowed, next_delay, seconds
 from .routing import bounce_delay
@@ -78,16 +79,17 @@ def mark_started(record: records_pb2.TaskRecord, at: Timestamp, worker_id: str) 
 class OutcomeRecorder:
     def __init__(
         self, store: TaskStore, followups: FollowUps,
-        on_attempt_ended: Callable[[records_pb2.TaskRecord], None] | None = None,
+        on_attempt_ended: Callable[[records_pb2.TaskRecord], None] | None = None, *, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.followups = followups
         self.on_attempt_ended = on_attempt_ended
+        self.clock = clock
         self.backend: Backend = store.backend
 
     async def started(self, refs: Sequence[worker_service_pb2.LeaseRef], worker_id: str) -> None:
         tokens = {ref.task_id: ref.lease_token for ref in refs}
-        at = now()
+        at = self.clock.timestamp()
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             return record.lease_token == tokens[task_id] and mark_started(record, at, worker_id)
@@ -134,10 +136,10 @@ class OutcomeRecorder:
             if outcome.HasField("started_at"):
                 mark_started(record, outcome.started_at, worker_id)
             if outcome.outcome == worker_service_pb2.OUTCOME_REQUEUED:
-                decision.requeue = _requeue(record, outcome, worker_id)
+                decision.requeue = _requeue(record, outcome, self._finished_at(outcome), worker_id)
                 decision.retry_delay = bounce_delay(record.requeues)
             elif outcome.outcome == worker_service_pb2.OUTCOME_REPLACED:
-                _replace(record, outcome, replacements.get(task_id), worker_id)
+                _replace(record, outcome, replacements.get(task_id), self._finished_at(outcome), worker_id)
             else:
                 decision.retry_delay = self._apply_outcome(record, outcome, worker_id)
             return True
@@ -161,6 +163,7 @@ class OutcomeRecorder:
         worker (that delivery ran nothing, so it is not counted), and fail it with UnknownTask
         once it has been rejected MAX_REJECTS times, instead of letting it bounce forever."""
         by_id = {r.task_id: r for r in rejected}
+        at = self.clock.timestamp()
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             item = by_id[task_id]
@@ -174,7 +177,7 @@ class OutcomeRecorder:
             cause = error("UnknownTask", f"{item.reason} (worker {worker_id}; rejected {record.rejects} times)")
             record.result.error.CopyFrom(cause)
             record.attempt_errors.append(cause)
-            transition(record, TaskStates.TASK_STATE_FAILURE, worker_id=worker_id, error=cause)
+            transition(record, TaskStates.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
             return True
 
         written = await self.store.update(list(by_id), apply)
@@ -190,14 +193,14 @@ class OutcomeRecorder:
         delivery of an attempt was lost with its worker: no retry, a dead letter, follow-ups as
         for any failure. A task that ended meanwhile, or got another lease, is left alone."""
 
-        def lost(record: records_pb2.TaskRecord) -> None:
+        def lost(record: records_pb2.TaskRecord, at: Timestamp) -> None:
             cause = error("WorkerLost", f"gave up after {record.deliveries} deliveries of attempt "
                           f"{record.result.attempts} ended without an outcome (max_deliveries is {max_deliveries}): "
                           "the task kills or hangs its workers")
             record.attempt_errors.append(cause)
             record.result.error.CopyFrom(cause)
             record.lease_token = ""
-            transition(record, TaskStates.TASK_STATE_FAILURE, error=cause)
+            transition(record, TaskStates.TASK_STATE_FAILURE, at=at, error=cause)
 
         return await self._end_unsent(exhausted, lost)
 
@@ -214,15 +217,17 @@ class OutcomeRecorder:
         return await self._end_unsent(unroutable, mark_unroutable)
 
     async def _end_unsent(
-        self, tokens: Mapping[str, str], end: Callable[[records_pb2.TaskRecord], None]
+        self, tokens: Mapping[str, str], end: Callable[[records_pb2.TaskRecord, Timestamp], None]
     ) -> Recorded:
-        """End with `end` the records of tasks dispatch did not send (task id -> the lease token
-        their record held), unless one ended meanwhile or got another lease; then follow-ups."""
+        """End with `end` (at the clock's time) the records of tasks dispatch did not send (task
+        id -> the lease token their record held), unless one ended meanwhile or got another
+        lease; then follow-ups."""
+        at = self.clock.timestamp()
 
         def apply(task_id: str, record: records_pb2.TaskRecord) -> bool:
             if is_terminal(record) or record.lease_token != tokens[task_id]:
                 return False
-            end(record)
+            end(record, at)
             return True
 
         written = await self.store.update(list(tokens), apply)
@@ -247,7 +252,7 @@ class OutcomeRecorder:
     ) -> float:
         """Move the record to the outcome's state; returns the retry delay when one is due."""
         result = record.result
-        at = outcome.finished_at if outcome.HasField("finished_at") else now()
+        at = self._finished_at(outcome)
         if outcome.outcome == worker_service_pb2.OUTCOME_SUCCESS:
             if not result.signature.ignore_result:  # an ignored result ends without a value
                 result.result.CopyFrom(outcome.result)
@@ -275,9 +280,10 @@ class OutcomeRecorder:
                 delay = seconds(outcome.retry_delay)
             else:
                 delay = next_delay(policy, result.attempts)
-            record.retry_at.FromNanoseconds(time.time_ns() + int(delay * 1e9))
-            if is_expired(result.signature, record, time.time()):
-                mark_expired(record)  # the next attempt would be due past its expiry: none runs
+            wall = self.clock.wall()
+            set_seconds(record.retry_at, wall + delay)
+            if is_expired(result.signature, record, wall):  # the next attempt would be due past its expiry: none runs
+                mark_expired(record, self.clock.timestamp())
                 return 0.0
             return delay
         if outcome.outcome == worker_service_pb2.OUTCOME_RETRY:
@@ -285,6 +291,10 @@ class OutcomeRecorder:
         result.error.CopyFrom(cause)
         transition(record, TaskStates.TASK_STATE_FAILURE, at=at, worker_id=worker_id, error=cause)
         return 0.0
+
+    def _finished_at(self, outcome: worker_service_pb2.TaskOutcome) -> Timestamp:
+        """When the attempt ended: as the worker says, else now."""
+        return outcome.finished_at if outcome.HasField("finished_at") else self.clock.timestamp()
 
     async def _after(
         self, written: dict[str, records_pb2.TaskRecord], decisions: dict[str, _Decision], recorded: Recorded
@@ -329,17 +339,18 @@ def _fail_rejected(
 
 def _replace(
     record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, checked: Checked | None,
-    worker_id: str,
+    at: Timestamp, worker_id: str,
 ) -> None:
     """The task asked to be replaced (core/replacement.py): its record keeps the replacement,
     which its follow-ups start; a refused one fails the task for good, as a rejection does."""
     refusal = mark_replaced(record, outcome, checked)
     if refusal is not None:
-        at = outcome.finished_at if outcome.HasField("finished_at") else now()
         _fail_rejected(record, refusal, at, worker_id)
 
 
-def _requeue(record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, worker_id: str) -> bool:
+def _requeue(
+    record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOutcome, at: Timestamp, worker_id: str
+) -> bool:
     """The task asked to go back to its queue: end its lease and hand the message back, so the
     same attempt runs again (as Celery redelivers the same message); True when it goes back.
     That delivery ended with an outcome, so it does not count toward max_deliveries. Past
@@ -351,6 +362,5 @@ def _requeue(record: records_pb2.TaskRecord, outcome: worker_service_pb2.TaskOut
         return True
     reason = outcome.error.message if outcome.HasField("error") and outcome.error.message else "requeued"
     cause = error("Rejected", f"{reason} (requeued itself {record.requeues} times; the limit is {MAX_REQUEUES})")
-    at = outcome.finished_at if outcome.HasField("finished_at") else now()
     _fail_rejected(record, cause, at, worker_id)
     return False

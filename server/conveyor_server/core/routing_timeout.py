@@ -10,6 +10,8 @@ connects in time takes it as usual, so the timeout bounds the wait; it is not an
 
 from __future__ import annotations
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from conveyor.internal.v1 import records_pb2
 from conveyor.values import seconds_of
 
@@ -33,8 +35,9 @@ def past_routing_timeout(record: records_pb2.TaskRecord, wall: float) -> bool:
     return wall - ready_at(record) >= seconds_of(signature.routing_timeout)
 
 
-def mark_unroutable(record: records_pb2.TaskRecord) -> None:
-    """End the record FAILURE with an "Unroutable" error naming the name, queue and timeout."""
+def mark_unroutable(record: records_pb2.TaskRecord, at: Timestamp | None = None) -> None:
+    """End the record FAILURE (`at`, default now) with an "Unroutable" error naming the name,
+    queue and timeout."""
     signature = record.result.signature
     cause = error("Unroutable", f"no connected worker registered task {signature.name!r} on queue "
                                 f"{signature.queue!r} within its routing_timeout of "
@@ -42,4 +45,4 @@ def mark_unroutable(record: records_pb2.TaskRecord) -> None:
     record.attempt_errors.append(cause)
     record.result.error.CopyFrom(cause)
     record.lease_token = ""
-    transition(record, TaskStates.TASK_STATE_FAILURE, error=cause)
+    transition(record, TaskStates.TASK_STATE_FAILURE, at=at, error=cause)

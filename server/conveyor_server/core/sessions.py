@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,6 +29,8 @@ class WorkerSession:
     queues: list[str]
     window: int
     connected_at: Timestamp
+    # When the worker was last heard from (monotonic, on the clock of its WorkerConnections).
+    last_seen: float
     # The queues the worker's token is limited to (empty: any); its replacements may use only these.
     allowed_queues: tuple[str, ...] = ()
     # Messages for the worker; None marks the end of the stream.
@@ -39,7 +40,6 @@ class WorkerSession:
     high_water: int = 0
     draining: bool = False
     closed: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
     # The server is handling one of the worker's messages (the watchdog does not count that time).
     handling: bool = False
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from ..backoff import Backoff
 from ..config import Limits, Settings
 from .admission import Admission
 from .canvas.options import apply_options
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from .outbox import PUBLISH, Outbox, new_entry_id
 from .planner import CompiledWorkflow, compile_workflow, new_workflow_id, result_task_id, task_ids
@@ -61,9 +61,10 @@ class Submitter:
     def __init__(
         self, settings: Settings, store: TaskStore, publisher: Publisher, workflow: WorkflowEngine,
         outbox: Outbox, on_submitted: Callable[[list[records_pb2.TaskRecord]], None] | None = None,
-        admission: Admission | None = None, checks: SubmitChecks | None = None,
+        admission: Admission | None = None, checks: SubmitChecks | None = None, *, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.admission = admission
         # Args that are JSON must be; strict submits must match the task registry.
         self.checks = checks
@@ -143,8 +144,8 @@ class Submitter:
         """Retry a failed publish with backoff while the outbox grace lasts; after that the
         reconciler (on any replica) has it, as it would if this process had died."""
         failures = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
-        deadline = time.monotonic() + self.settings.outbox_grace_seconds
-        while time.monotonic() + (delay := failures.next()) < deadline:
+        deadline = self.clock.monotonic() + self.settings.outbox_grace_seconds
+        while self.clock.monotonic() + (delay := failures.next()) < deadline:
             await asyncio.sleep(delay)
             if await self._publish(entry_id, lone, plans, repair=True):
                 return
@@ -174,7 +175,7 @@ class Submitter:
             check_signature(source, limits, f"{where}.task")
             signature = filled(source, self.settings.default_queue, inherit_headers=headers)
             response = task_service_pb2.SubmitResponse(task_id=signature.id, task_ids=[signature.id])
-            return _Prepared(response, record=new_record(signature))
+            return _Prepared(response, record=new_record(signature, at=self.clock.timestamp()))
         check_workflow(request.workflow, limits)
         workflow_id = new_workflow_id()
 
@@ -260,7 +261,7 @@ class Submitter:
         if not keyed:
             return
         backend = self.store.backend
-        at = time.time()
+        at = self.clock.wall()
         existing = set(await backend.insert({k: _key_value(p.response.task_id, at) for k, p in keyed.items()}))
         found = await backend.get(list(existing)) if existing else {}
         firsts = {key: _parse_key_value(found[key].data) for key in existing if key in found}
@@ -291,7 +292,7 @@ class Submitter:
         submission still writing its records: it gets a moment to finish, and if it does not,
         the caller is told to retry (UNAVAILABLE) rather than given an id that may never exist."""
         delay = KEY_WAIT_FIRST_SECONDS
-        deadline = time.monotonic() + KEY_WAIT_SECONDS
+        deadline = self.clock.monotonic() + KEY_WAIT_SECONDS
         while True:
             stored = await self.store.load(list(first_ids.values()))
             in_progress = [
@@ -300,7 +301,7 @@ class Submitter:
             ]
             if not in_progress:
                 return stored
-            if time.monotonic() + delay > deadline:
+            if self.clock.monotonic() + delay > deadline:
                 raise Unavailable(f"a submission with key {in_progress[0].partition(':')[2]!r} "
                                   "is being stored right now; retry")
             await asyncio.sleep(delay)
@@ -316,7 +317,8 @@ class Submitter:
                 plan = item.workflow.plan
                 nodes = {n.task_id: n.node_id for n in plan.nodes if n.task_id}
                 records.extend(
-                    new_record(sig, workflow_id=plan.workflow_id, node_id=nodes[task_id], enqueued=False)
+                    new_record(sig, workflow_id=plan.workflow_id, node_id=nodes[task_id], enqueued=False,
+                               at=self.clock.timestamp())
                     for task_id, sig in item.workflow.signatures.items()
                 )
         ids = [r.result.task_id for r in records]
@@ -342,7 +344,7 @@ class Submitter:
             if record.result.state != TaskStates.TASK_STATE_PENDING:
                 return False
             record.result.error.CopyFrom(cause)
-            transition(record, TaskStates.TASK_STATE_CANCELLED, error=cause)
+            transition(record, TaskStates.TASK_STATE_CANCELLED, at=self.clock.timestamp(), error=cause)
             return True
 
         await self.store.update([r.result.task_id for r in records if r.result.task_id not in taken], abandon)
