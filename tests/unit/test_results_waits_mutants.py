@@ -254,3 +254,56 @@ async def test_a_watch_sees_a_change_its_feed_lost_at_the_next_rescan(
     await replicas.a.store.update(["t1"], succeed)
     seen = await asyncio.wait_for(watching, 5)
     assert seen == [("t1", PENDING), ("t1", SUCCESS)]
+
+
+async def test_a_watch_over_many_tasks_rereads_only_the_tasks_that_changed(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """O(changes), not O(tasks x changes): ending 50 of 500 watched tasks one at a time reads
+    each of those again (a few times at most), never the 450 that did not change."""
+    monkeypatch.setattr(results, "RESCAN_SECONDS", 60.0)
+    ids = [f"t{n:03d}" for n in range(500)]
+    await submit(replicas.a, *(lone(task(task_id=t)) for t in ids))
+    loads = recorded_loads(replicas.b, monkeypatch)
+    seen: list[tuple[str, int]] = []
+
+    async def follow() -> None:
+        async for event in replicas.b.reader.watch(ids, until_done=False):
+            seen.append((event.task_id, event.state))
+
+    watching = asyncio.create_task(follow())
+    try:
+        await eventually(lambda: replicas.backend.watches == 1 and len(seen) == len(ids), 5.0, "the first read")
+        for task_id in ids[:50]:
+            await replicas.a.store.update([task_id], succeed)
+            ended = (task_id, SUCCESS)
+            await eventually(lambda: ended in seen, 5.0, f"{task_id} ended")  # noqa: B023 (awaited here)
+    finally:
+        watching.cancel()
+    reads = [task_id for load in loads for task_id in load]
+    assert reads.count(ids[-1]) <= 2, "an unchanged task is read once (and once more after subscribing)"
+    assert len(reads) <= 2 * len(ids) + 3 * 50, f"{len(reads)} record reads for 50 changes of 500 tasks"
+    assert all([s for t, s in seen if t == task_id] == [PENDING, SUCCESS] for task_id in ids[:50])
+
+
+async def test_a_watch_until_done_ends_when_its_last_open_task_ends_and_rescans_only_open_ones(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def quiet(_: Collection[str]) -> AsyncIterator[set[str]]:
+        await asyncio.Event().wait()  # a feed that never tells of a change: only rescans see them
+        yield set()
+
+    monkeypatch.setattr(results, "RESCAN_SECONDS", 0.01)
+    monkeypatch.setattr(replicas.backend, "watch", quiet)
+    await submit(replicas.a, lone(task(task_id="done")), lone(task(task_id="open")))
+    await replicas.a.store.update(["done"], succeed)
+    loads = recorded_loads(replicas.b, monkeypatch)
+    watching = asyncio.create_task(events_until_done(replicas, ["done", "open"]))
+    try:
+        await eventually(lambda: len(loads) >= 3, 5.0, "a few rescans")
+        assert loads[0] == ["done", "open"] and all(load == ["open"] for load in loads[1:]), loads[:5]
+        await replicas.a.store.update(["open"], succeed)
+        seen = await asyncio.wait_for(watching, 5)
+    finally:
+        watching.cancel()
+    assert seen[-1] == ("open", SUCCESS) and ("done", SUCCESS) in seen

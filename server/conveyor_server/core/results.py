@@ -170,45 +170,59 @@ class ResultReader:
 
     async def watch(self, ids: Sequence[str], until_done: bool = True) -> AsyncIterator[result_pb2.TaskEvent]:
         """Every state change of the tasks, history first; unknown ids are NOT_FOUND. Nothing to
-        watch (a workflow without tasks, such as an empty group) ends at once."""
+        watch (a workflow without tasks, such as an empty group) ends at once.
+
+        After the first read, only the records the change feed names are read again, so a
+        watch over n tasks costs O(changes), not O(n) per change (a quiet spell still reads
+        the open ones again, every RESCAN_SECONDS)."""
         if not ids:
             return
-        sent = dict.fromkeys(ids, 0)
-        changed = asyncio.Event()
-        follower = asyncio.create_task(self._follow([task_key(t) for t in ids], changed))
+        order = {task_id: place for place, task_id in enumerate(dict.fromkeys(ids))}
+        sent = dict.fromkeys(order, 0)
+        open_ids = set(order)  # not terminal yet
+        changed: set[str] = set()
+        wake = asyncio.Event()
+        follower = asyncio.create_task(self._collect_changes([task_key(t) for t in order], changed, wake))
         try:
+            stale = list(order)
             first = True
             while True:
-                changed.clear()
-                loaded = await self.store.load(list(ids))
+                loaded = await self.store.load(stale)
                 if first:
-                    missing = [t for t in ids if t not in loaded]
+                    missing = [t for t in stale if t not in loaded]
                     if missing:
                         raise NotFound(
                             f"no task with id {missing[0]!r} (unknown, or its result expired)",
                             reason="TASK_NOT_FOUND", metadata={"task_id": missing[0]},
                         )
                     first = False
-                for task_id in ids:
+                for task_id in stale:
                     found = loaded.get(task_id)
                     if found is None:
                         continue
                     for event in _new_events(found.record, sent[task_id]):
                         yield event
                     sent[task_id] = len(found.record.result.history)
-                if until_done and all(t in loaded and is_terminal(loaded[t].record) for t in ids):
+                    if is_terminal(found.record):
+                        open_ids.discard(task_id)
+                    else:
+                        open_ids.add(task_id)
+                if until_done and not open_ids:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), RESCAN_SECONDS)
+                try:
+                    await asyncio.wait_for(wake.wait(), RESCAN_SECONDS)
+                except TimeoutError:
+                    changed.update(task_key(t) for t in open_ids)  # no news for a while: read the open ones
+                # Taken and cleared together: a change noted during the next read wakes the next wait.
+                ids_changed = [key.removeprefix("task:") for key in changed]
+                changed.clear()
+                wake.clear()
+                stale = sorted((t for t in ids_changed if t in order), key=order.__getitem__)
         finally:
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
             # reader) goes on in the background: it must not hold the answer back.
             follower.cancel()
             _detach(follower)
-
-    async def _follow(self, keys: list[str], changed: asyncio.Event) -> None:
-        async for _ in self.store.backend.watch(keys):
-            changed.set()
 
     async def workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
         plan = await self.store.plan(workflow_id)
