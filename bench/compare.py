@@ -3,6 +3,7 @@
     pip install -e '.[redis,bench]'
     python bench/compare.py                                  # 10,000 tasks, 1,000 latency samples
     python bench/compare.py --tasks 2000 --systems conveyor,dramatiq
+    python bench/compare.py --matched                        # 2 worker processes x 1 slot each, peers tuned
     python bench/compare.py --systems conveyor --profile /tmp/server.svg    # py-spy on the server
     python bench/compare.py --systems conveyor --profile /tmp/server.txt    # collapsed stacks, to grep
 
@@ -23,6 +24,13 @@ Conveyor's tasks in its processes pool (8 child processes) instead of threads. P
 system's default: Conveyor and Celery hold 4 tasks per slot (a window of 32), Dramatiq 2 per
 thread; `--conveyor-prefetch 1` shows Conveyor with a window of just its 8 slots. Celery runs
 without gossip, mingle and heartbeats, as it is usually deployed; this only helps Celery.
+
+`--matched` gives every system the same worker processes and slots, 2 processes x 1 slot (one
+per core of a 2-core box), each peer tuned as its docs advise for many short tasks: Conveyor
+runs two `conveyor worker --concurrency 1` processes, Dramatiq `--processes 2 --threads 1` with
+`dramatiq_queue_prefetch` 128, Celery one worker with a prefork pool of 2 and
+`worker_prefetch_multiplier` 64. `--processes`, `--celery-prefetch` and `--dramatiq-prefetch`
+set these one by one (beside `--matched` they win). The settings are printed under the table.
 
 Measurements, in this order:
 
@@ -79,13 +87,19 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat
-from bench.peers import PREFIX_ENV, QUEUE, URL_ENV
+from bench.peers import CELERY_PREFETCH_ENV, PREFIX_ENV, QUEUE, URL_ENV
 from conveyor import Client, sig
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
 from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import REPO, Proc, Server, WorkerProc, wait_for_workers
 
 SYSTEMS = ("conveyor", "celery", "dramatiq")
+# --matched: 2 worker processes x 1 slot everywhere (the cores of this 2-core box); Celery's
+# prefork pool with a high prefetch multiplier and Dramatiq with a deep prefetch, as their docs
+# advise for many short tasks (a flag given beside --matched wins).
+MATCHED = {"processes": 2, "concurrency": 1, "celery_pool": "prefork", "celery_prefetch": 64,
+           "dramatiq_prefetch": 128}
+MATCHED_HELP = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in MATCHED.items())
 WARMUP_TASKS = 100
 # A run fails when results stop arriving for this long.
 STALL_SECONDS = 60.0
@@ -107,6 +121,8 @@ class Figures:
     cpu: dict[str, float] = field(default_factory=dict)
     # Commands the whole Redis server processed during the throughput phase (other clients count too).
     redis_commands: int = 0
+    # How the system was tuned (worker processes, slots, prefetch): printed beside the figures.
+    settings: str = ""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -269,9 +285,11 @@ class ConveyorRun:
         self.prefix = prefix
         self.workdir = workdir
         slots = f"{args.concurrency} threads" if args.pool == "threads" else f"{args.concurrency} children"
-        self.worker_desc = f"1 process, {slots}, window {args.concurrency * args.conveyor_prefetch}"
+        self.worker_desc = f"{process_count(args)}, {slots}, window {args.concurrency * args.conveyor_prefetch}"
+        self.settings = (f"{args.processes} x `conveyor worker --concurrency {args.concurrency} --prefetch "
+                         f"{args.conveyor_prefetch}` ({args.pool} pool)")
         self.server: Server | None = None
-        self.worker: WorkerProc | None = None
+        self.workers: list[WorkerProc] = []
         self.ids: list[str] = []
         # More environment for the server and the worker, and their directory (bench/limits.py
         # runs the code of an older revision this way).
@@ -282,19 +300,23 @@ class ConveyorRun:
         engine = f"{self.url}?prefix={self.prefix}"
         self.server = Server(self.workdir, engine, engine, env={"CONVEYOR_LOG_LEVEL": "WARNING", **self.env},
                              cwd=self.cwd)
-        self.worker = WorkerProc(self.workdir, self.server.address, module="bench.noop_worker",
-                                 concurrency=self.args.concurrency, prefetch=self.args.conveyor_prefetch,
-                                 env={"CONVEYOR_LOG_LEVEL": "WARNING", "CONVEYOR_BENCH_POOL": self.args.pool,
-                                      **self.env}, cwd=self.cwd)
-        wait_for_workers(self.server.address, 1)
+        self.workers = [
+            WorkerProc(self.workdir, self.server.address, module="bench.noop_worker",
+                       concurrency=self.args.concurrency, prefetch=self.args.conveyor_prefetch,
+                       env={"CONVEYOR_LOG_LEVEL": "WARNING", "CONVEYOR_BENCH_POOL": self.args.pool, **self.env},
+                       cwd=self.cwd, name=f"worker-{n}")
+            for n in range(self.args.processes)
+        ]
+        wait_for_workers(self.server.address, self.args.processes)
 
     def procs(self) -> dict[str, int | None]:
-        assert self.server and self.worker
-        return {"server": self.server.pid, "worker": self.worker.pid}
+        assert self.server and self.workers
+        workers = {f"worker-{n}" if len(self.workers) > 1 else "worker": w.pid for n, w in enumerate(self.workers)}
+        return {"server": self.server.pid, **workers}
 
     def check(self) -> None:
-        assert self.server and self.worker
-        check_alive(self.server, self.worker)
+        assert self.server and self.workers
+        check_alive(self.server, *self.workers)
 
     @property
     def address(self) -> str:
@@ -371,8 +393,8 @@ class ConveyorRun:
         return late, failed
 
     def stop(self) -> None:
-        if self.worker:
-            self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         if self.server:
             self.server.stop()
 
@@ -385,8 +407,11 @@ class CeleryRun:
         self.url = url
         self.workdir = workdir
         pool = args.celery_pool
-        self.worker_desc = (f"1 process, {args.concurrency} threads" if pool == "threads"
-                            else f"1 + {args.concurrency} processes (prefork)")
+        slots = args.processes * args.concurrency  # one Celery worker: its pool holds every slot
+        self.worker_desc = (f"1 process, {slots} threads" if pool == "threads"
+                            else f"1 + {slots} processes (prefork)")
+        self.settings = (f"`celery worker --pool {pool} --concurrency {slots}`, worker_prefetch_multiplier "
+                         f"{args.celery_prefetch}, without gossip, mingle and heartbeat")
         self.worker: Proc | None = None
         self.module: Any = None
         self.ids: list[str] = []
@@ -395,7 +420,8 @@ class CeleryRun:
         # Imported here: the module reads the URL and prefix that run_system() put in the environment.
         self.module = importlib.import_module("bench.peers.celery_app")
         argv = [sys.executable, "-m", "celery", "-A", "bench.peers.celery_app", "worker",
-                "--pool", self.args.celery_pool, "--concurrency", str(self.args.concurrency), "-Q", QUEUE,
+                "--pool", self.args.celery_pool, "--concurrency", str(self.args.processes * self.args.concurrency),
+                "-Q", QUEUE,
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"]
         self.worker = Proc(argv, self.workdir / "celery-worker.log", cwd=REPO)
 
@@ -457,7 +483,10 @@ class DramatiqRun:
         self.args = args
         self.url = url
         self.workdir = workdir
-        self.worker_desc = f"1 process, {args.concurrency} threads"
+        self.worker_desc = f"{process_count(args)}, {args.concurrency} threads"
+        prefetch = args.dramatiq_prefetch or 2 * args.concurrency
+        self.settings = (f"`dramatiq --processes {args.processes} --threads {args.concurrency}`, "
+                         f"dramatiq_queue_prefetch {prefetch}" + ("" if args.dramatiq_prefetch else " (its default)"))
         self.worker: Proc | None = None
         self.module: Any = None
         self.messages: list[Any] = []
@@ -466,8 +495,9 @@ class DramatiqRun:
         # Imported here: the module reads the URL and prefix that run_system() put in the environment.
         self.module = importlib.import_module("bench.peers.dramatiq_app")
         argv = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_app",
-                "--processes", "1", "--threads", str(self.args.concurrency), "--queues", QUEUE]
-        self.worker = Proc(argv, self.workdir / "dramatiq-worker.log", cwd=REPO)
+                "--processes", str(self.args.processes), "--threads", str(self.args.concurrency), "--queues", QUEUE]
+        env = {"dramatiq_queue_prefetch": str(self.args.dramatiq_prefetch)} if self.args.dramatiq_prefetch else None
+        self.worker = Proc(argv, self.workdir / "dramatiq-worker.log", env=env, cwd=REPO)
 
     def procs(self) -> dict[str, int | None]:
         assert self.worker
@@ -520,6 +550,10 @@ SystemClass = type[ConveyorRun] | type[CeleryRun] | type[DramatiqRun]
 CLASSES: dict[str, SystemClass] = {"conveyor": ConveyorRun, "celery": CeleryRun, "dramatiq": DramatiqRun}
 
 
+def process_count(args: argparse.Namespace) -> str:
+    return "1 process" if args.processes == 1 else f"{args.processes} processes"
+
+
 def load() -> str:
     """The 1, 5 and 15 minute load averages: other work on the machine skews every figure."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -530,8 +564,9 @@ def run_system(name: str, db: int, args: argparse.Namespace, workdir: Path, redi
     prefix = f"convbench-{os.getpid()}-{name}"
     # The peers' modules and worker processes read these (see bench/peers/__init__.py).
     os.environ[URL_ENV], os.environ[PREFIX_ENV] = url, prefix
+    os.environ[CELERY_PREFETCH_ENV] = str(args.celery_prefetch)
     system = CLASSES[name](args, url, prefix, workdir)
-    figures = Figures(name, system.worker_desc)
+    figures = Figures(name, system.worker_desc, settings=system.settings)
     print(f"{name}: redis db {db}, keys under {prefix!r}, worker: {system.worker_desc}", flush=True)
     try:
         system.start()
@@ -586,8 +621,12 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
     conveyor = by_name.get("conveyor")
     if conveyor is None:
         return
+    print("settings:")
+    for f in results:
+        print(f"  {f.system:<9} {f.settings}")
     print()
-    targets = {"celery": 5.0, "dramatiq": 1.5}
+    # Issue #21's targets: with matched resources (--matched), and at each system's best.
+    targets = {"celery": 8.0, "dramatiq": 2.0} if args.matched else {"celery": 5.0, "dramatiq": 3.0}
     for peer, target in targets.items():
         other = by_name.get(peer)
         if other is None:
@@ -599,8 +638,10 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
               f"{'met' if ratio >= target else 'NOT met'});  latency: {peer} p50 is {p50:.2f}x, "
               f"p99 {p99:.2f}x Conveyor's")
     p50, p99 = conveyor.percentile_ms(0.5), conveyor.percentile_ms(0.99)
-    print(f"Conveyor latency p50 {p50:.2f} ms (target <= 2 ms: {'met' if p50 <= 2 else 'NOT met'}), "
-          f"p99 {p99:.2f} ms (target <= 10 ms: {'met' if p99 <= 10 else 'NOT met'})")
+    print(f"Conveyor latency p50 {p50:.2f} ms (target <= 1.5 ms: {'met' if p50 <= 1.5 else 'NOT met'}), "
+          f"p99 {p99:.2f} ms (target <= 4 ms: {'met' if p99 <= 4 else 'NOT met'})")
+    commands = conveyor.redis_commands / max(conveyor.tasks, 1)
+    print(f"Conveyor Redis commands per task {commands:.1f} (target <= 15: {'met' if commands <= 15 else 'NOT met'})")
 
 
 def main() -> int:
@@ -615,7 +656,16 @@ def main() -> int:
     parser.add_argument("--db", type=int, default=10, help="Redis DB of Conveyor; Celery and Dramatiq use the next two")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per Conveyor SubmitBatch call")
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between completion checks")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes of each system (Celery: one "
+                        "worker whose pool has processes x concurrency slots)")
     parser.add_argument("--celery-pool", default="threads", choices=["threads", "prefork", "solo"])
+    parser.add_argument("--celery-prefetch", type=int, default=4,
+                        help="Celery's worker_prefetch_multiplier (its default: 4)")
+    parser.add_argument("--dramatiq-prefetch", type=int, default=0,
+                        help="dramatiq_queue_prefetch per worker process (0: its default, 2 x threads)")
+    parser.add_argument("--matched", action="store_true",
+                        help=f"every system with the same worker processes and slots, each peer tuned as its docs "
+                             f"advise for many short tasks: {MATCHED_HELP}")
     parser.add_argument("--pool", default="threads", choices=["threads", "processes"],
                         help="Conveyor's worker pool: threads, or processes (a child process per slot, as "
                              "Celery's prefork)")
@@ -623,6 +673,10 @@ def main() -> int:
                                           "server during the throughput phase")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")
     args = parser.parse_args()
+    if args.matched:
+        for option, value in MATCHED.items():
+            if getattr(args, option) == parser.get_default(option):
+                setattr(args, option, value)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = sorted(set(names) - set(SYSTEMS))
     if unknown or not names:

@@ -62,6 +62,8 @@ class Row:
     peak: int = 0
     store_queued: int = 0
     store_drained: int = 0
+    # (tasks done, server RSS KiB) at each quarter of the drain: flat, or growing per task?
+    rss_by_done: list[tuple[int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,7 +106,13 @@ async def submit(address: str, tasks: int, batch: int, parallel: int) -> tuple[i
     return accepted, sample
 
 
-async def drain(address: str, total: int, stall: float, limit: float, server: Server, worker: WorkerProc) -> None:
+async def drain(
+    address: str, total: int, stall: float, limit: float, server: Server, worker: WorkerProc,
+    rss_by_done: list[tuple[int, int]],
+) -> None:
+    """Waits until the queue is empty; reads the server's RSS into `rss_by_done` as the drain
+    passes 0, 1/4, 1/2 and 3/4 of `total` (and at the end)."""
+    checkpoints = [total * quarter // 4 for quarter in range(4)]
     async with grpc.aio.insecure_channel(address) as channel:
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         started = last_report = last_progress = time.monotonic()
@@ -112,7 +120,11 @@ async def drain(address: str, total: int, stall: float, limit: float, server: Se
         while True:
             queued, in_flight = await queue_depth(admin)
             left = queued + in_flight
+            while checkpoints and total - left >= checkpoints[0]:
+                rss_by_done.append((total - left, procstat.status_kib(server.pid, "VmRSS")))
+                checkpoints.pop(0)
             if left == 0:
+                rss_by_done.append((total, procstat.status_kib(server.pid, "VmRSS")))
                 return
             now = time.monotonic()
             if left != last_left:
@@ -190,11 +202,13 @@ def measure(engine: str, args: argparse.Namespace, workdir: Path) -> Row:
                             env={"CONVEYOR_LOG_LEVEL": "WARNING"})
         wait_for_workers(server.address, 1)
         started = time.perf_counter()
-        asyncio.run(drain(server.address, queued, args.stall, args.drain_timeout, server, worker))
+        asyncio.run(drain(server.address, queued, args.stall, args.drain_timeout, server, worker, row.rss_by_done))
         row.drain_seconds = time.perf_counter() - started
         row.rss_drained = procstat.status_kib(server.pid, "VmRSS")
         print(f"  drained in {row.drain_seconds:.1f} s ({queued / row.drain_seconds:,.0f}/s): "
               f"server RSS {mib(row.rss_drained)} MiB", flush=True)
+        print("  server RSS as the drain went: " + ", ".join(
+            f"{done:,} done {mib(rss)} MiB" for done, rss in row.rss_by_done), flush=True)
         failed = asyncio.run(check_sample(server.address, sample))
         if failed:
             raise BenchError(f"{failed} of {len(sample)} sampled tasks did not succeed")
@@ -223,6 +237,12 @@ def report(rows: list[Row]) -> None:
               f"{mib(r.rss_idle):>9} {mib(r.rss_queued):>7} {mib(r.rss_drained):>8} {mib(r.rss_settled):>8} "
               f"{mib(r.peak):>6}   {mib(r.store_queued)} / {mib(r.store_drained)} MiB")
     print("(server RSS in MiB)")
+    for r in rows:
+        if r.rss_by_done:
+            low, high = min(rss for _, rss in r.rss_by_done), max(rss for _, rss in r.rss_by_done)
+            steps = "  ".join(f"{done:,}: {mib(rss)}" for done, rss in r.rss_by_done)
+            print(f"{r.engine}: server RSS over the drain (tasks done: MiB) {steps}; spread {mib(high - low)} MiB "
+                  f"({100 * (high - low) / low:.0f}% of the lowest)")
     for r in rows:
         if r.engine == "redis":
             verdict = "met" if r.rss_queued < 150 * 1024 else "NOT met"

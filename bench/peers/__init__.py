@@ -8,6 +8,8 @@ import os
 
 URL_ENV = "CONVEYOR_BENCH_REDIS_URL"
 PREFIX_ENV = "CONVEYOR_BENCH_PREFIX"
+# Celery's worker_prefetch_multiplier (bench/compare.py --celery-prefetch; Celery's default is 4).
+CELERY_PREFETCH_ENV = "CONVEYOR_BENCH_CELERY_PREFETCH"
 # The queue every peer's noop task goes to (a Redis key under the prefix, never a shared name).
 QUEUE = "bench"
 

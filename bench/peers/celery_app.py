@@ -4,17 +4,18 @@
 
 Every key it writes (queue, bindings, results, pub/sub channels) starts with the prefix from
 CONVEYOR_BENCH_PREFIX, through kombu's and the result backend's `global_keyprefix`.
-Everything else is Celery's default: JSON, prefetch multiplier 4, ack before execution,
-results kept a day.
+The prefetch multiplier comes from CONVEYOR_BENCH_CELERY_PREFETCH (Celery's default, 4, when
+unset). Everything else is Celery's default: JSON, ack before execution, results kept a day.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
 
-from bench.peers import QUEUE, key_prefix, redis_url
+from bench.peers import CELERY_PREFETCH_ENV, QUEUE, key_prefix, redis_url
 
 URL = redis_url(11)
 PREFIX = key_prefix("celery") + ":"
@@ -26,6 +27,7 @@ app.conf.update(
     task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    worker_prefetch_multiplier=int(os.environ.get(CELERY_PREFETCH_ENV, "4")),
 )
 
 
