@@ -109,12 +109,12 @@ class Core:
         indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index)
         store = TaskStore(backend, write_hook=indexer.note if indexer.enabled else None)
         index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds), clock=clock.wall)
-        publisher = Publisher(broker, on_published=index.note)
+        publisher = Publisher(broker, on_published=index.note, clock=clock.wall)
         followups = FollowUps(
             store=store, publisher=publisher, default_queue=settings.default_queue, limits=settings.limits
         )
         workflow = followups.workflow
-        outbox = Outbox(backend)
+        outbox = Outbox(backend, clock=clock)
         repairer = Repairer(store=store, broker=broker, publisher=publisher, index=index,
                             repair_after=settings.repair_after_seconds, clock=clock.wall)
         reconciler = Reconciler(outbox=outbox, store=store, publisher=publisher, workflow=workflow,
@@ -127,7 +127,7 @@ class Core:
                                 ConcurrencySlots(store, clock=clock.wall))
         dispatcher = Dispatcher(store=store, broker=broker, followups=followups, lease_seconds=settings.lease_seconds,
                                 max_deliveries=settings.max_deliveries, limits=limits, clock=clock)
-        registry = SessionRegistry()
+        registry = SessionRegistry(clock=clock.monotonic)
         pauses = QueuePauses(backend, settings.result_ttl_seconds, clock=clock.monotonic)
         tasks = TaskRegistry(backend=backend, server_id=settings.server_id,
                              beat_seconds=settings.heartbeat_interval_seconds,
@@ -136,7 +136,7 @@ class Core:
                                         recorder=recorder, registry=registry, pauses=pauses, tasks=tasks, clock=clock)
         submitter = Submitter(settings=settings, store=store, publisher=publisher, workflow=workflow, outbox=outbox,
                               on_submitted=metrics.tasks_submitted,
-                              admission=admission_for(broker, settings.queue_limits, indexer),
+                              admission=admission_for(broker, settings.queue_limits, indexer, clock),
                               checks=SubmitChecks(tasks, settings.strict_tasks), clock=clock)
         reader = ResultReader(store)
         canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=connections.cancel_running)

@@ -1,7 +1,8 @@
 """Time as the core reads it: through the one Clock that Core.build wires into every
 component. Each test moves a ManualClock (tests/unit/clocks.py) and checks what the core did at
 that time: retry due times, expiry, dispatch and start stamps, the server's time-limit backstop,
-and how long a submit waits for a key's holder. Round clock values keep every sum exact.
+how long a submit waits for a key's holder, an eta's delay, outbox entries' age, unroutable
+counts and admission's queue ages. Round clock values keep every sum exact.
 
 On the shared memory engines of tests/unit/replicas.py.
 """
@@ -15,15 +16,22 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.app import Core
+from conveyor_server.backends.memory import MemoryBackend
+from conveyor_server.config import QueueLimit
 from conveyor_server.core import connection
-from conveyor_server.core.errors import Unavailable
+from conveyor_server.core.admission import admission_for
+from conveyor_server.core.errors import ResourceExhausted, Unavailable
+from conveyor_server.core.records import new_record
 from conveyor_server.core.sessions import WorkerSession
-from conveyor_server.core.store import Loaded
+from conveyor_server.core.store import Loaded, TaskStore
+from conveyor_server.core.task_index import TaskIndexer
 from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, cancels, lease_all, outcome, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
+from tests.unit.test_publisher_mutants import Capturing
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 
@@ -165,3 +173,52 @@ async def test_a_submit_waits_for_a_keys_holder_until_the_clock_passes_the_key_w
     assert not isinstance(first, BaseException)
     assert isinstance(second, Unavailable)
     assert looks == 2, "gave up at the first look past the wait by the clock (real time: six looks)"
+
+
+async def test_an_eta_is_held_back_by_its_distance_from_the_clocks_wall_time(replicas: Replicas) -> None:
+    manual = ManualClock()
+    broker = Capturing()
+    await broker.connect()
+    core = Core.build(replicas.a.settings, broker, replicas.backend, clock=manual.clock)
+    await submit(core, lone(task(task_id="later", eta=wall_at(manual, 60))), lone(task(task_id="due",
+                                                                                      eta=wall_at(manual, -5))))
+    assert sorted((m.message_id, m.delay) for m in broker.handed) == [("due", 0.0), ("later", 60.0)]
+    await broker.close()
+
+
+async def test_outbox_entries_are_stamped_and_aged_by_the_clock(replicas: Replicas) -> None:
+    manual = ManualClock()
+    core = on_clock(replicas, manual)
+    entry_id = await core.outbox.promise(records_pb2.OUTBOX_KIND_PUBLISH, task_ids=["t1"])
+    [(found, entry)] = await core.outbox.entries(0.0, manual.wall)
+    assert (found, entry.created_at) == (entry_id, wall_at(manual))
+    assert await core.outbox.entries(10.0, manual.wall + 5) == [], "5 s old by the clock"
+    assert [found for found, _ in await core.outbox.entries(10.0, manual.wall + 30)] == [entry_id]
+
+
+def test_tasks_turned_away_stop_counting_as_unroutable_by_the_clock(replicas: Replicas) -> None:
+    manual = ManualClock()
+    unroutable = on_clock(replicas, manual).registry.unroutable
+    unroutable.turned_away(QUEUE, "t1")
+    assert unroutable.count(QUEUE) == 1
+    manual.advance(60)
+    assert unroutable.count(QUEUE) == 0, "not turned away again for a minute by the clock: some worker took it"
+
+
+async def test_admission_measures_a_queues_wait_by_the_clock(replicas: Replicas) -> None:
+    manual = ManualClock()
+    backend = MemoryBackend()
+    await backend.connect()
+    indexer = TaskIndexer.for_backend(backend)
+    stamp = Timestamp(seconds=int(manual.wall))
+    await TaskStore(backend, write_hook=indexer.note).create(
+        [new_record(task_pb2.Signature(id="old", name="add", queue=QUEUE), at=stamp, enqueued=True)]
+    )
+    await indexer.flush()
+    admission = admission_for(replicas.broker, {QUEUE: QueueLimit(max_age_seconds=15)}, indexer, manual.clock)
+    await admission.admit([QUEUE])
+    manual.advance(20)
+    with pytest.raises(ResourceExhausted, match=r"ready for 20\.0 s"):
+        await admission.admit([QUEUE])
+    await indexer.close()
+    await backend.close()

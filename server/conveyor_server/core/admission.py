@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from ..brokers.base import Broker
 from ..config import ConfigError, QueueLimit
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import ResourceExhausted
 from .queue_ages import QueueAges
 from .task_index import TaskIndexer
@@ -122,11 +123,14 @@ class Admission:
             )
 
 
-def admission_for(broker: Broker, limits: Mapping[str, QueueLimit], indexer: TaskIndexer) -> Admission:
+def admission_for(
+    broker: Broker, limits: Mapping[str, QueueLimit], indexer: TaskIndexer, clock: Clock = SYSTEM_CLOCK
+) -> Admission:
     """The server's admission control; ConfigError when an age limit is set and the backend
     keeps no task index to measure ages with."""
     aged = sorted(queue for queue, limit in limits.items() if limit.max_age_seconds > 0)
     if aged and not indexer.enabled:
         raise ConfigError(f"queue_limits: max_age_seconds (on {', '.join(aged)}) is measured with the task index, "
                           f"but {indexer.unsupported}")
-    return Admission(broker, limits, QueueAges(indexer) if indexer.enabled else None)
+    ages = QueueAges(indexer, clock=clock.wall) if indexer.enabled else None
+    return Admission(broker, limits, ages, clock=clock.monotonic)

@@ -62,6 +62,6 @@ class Inspector:
         return expiry
 
     async def _follow_ups_pending(self, task_id: str) -> bool:
-        entries = await Outbox(self.store.backend).entries(0.0, math.inf)  # every entry, whatever its age
+        entries = await Outbox(self.store.backend, self.clock).entries(0.0, math.inf)  # every entry, whatever its age
         return any(entry.kind == FOLLOW_UPS and task_id in entry.task_ids for _, entry in entries)
 

@@ -19,7 +19,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.values import seconds_of
 
 from ..backends.base import Backend
-from .records import now
+from .clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ def new_entry_id() -> str:
 
 
 class Outbox:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, clock: Clock = SYSTEM_CLOCK) -> None:
         self.backend = backend
+        self.clock = clock
         # Confirmations are removed in the background: a confirmed entry that lingers costs
         # at most one idempotent repeat, while the caller's answer does not wait for it.
         self._removals: set[asyncio.Task[None]] = set()
@@ -45,7 +46,9 @@ class Outbox:
     ) -> str:
         """Durably record the promise; returns the entry id to confirm it with."""
         entry_id = entry_id or new_entry_id()
-        entry = records_pb2.OutboxEntry(kind=kind, task_ids=task_ids, workflow_ids=workflow_ids, created_at=now())
+        entry = records_pb2.OutboxEntry(
+            kind=kind, task_ids=task_ids, workflow_ids=workflow_ids, created_at=self.clock.timestamp()
+        )
         await self.backend.add_member(OUTBOX_GROUP, entry_id, entry.SerializeToString(), keep=True)
         return entry_id
 

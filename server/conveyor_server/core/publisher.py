@@ -61,16 +61,20 @@ PublishListener = Callable[[Mapping[str, Sequence[str]], float], None]
 
 
 class Publisher:
-    def __init__(self, broker: Broker, on_published: PublishListener | None = None) -> None:
+    def __init__(
+        self, broker: Broker, on_published: PublishListener | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.broker = broker
         self.on_published = on_published
+        # Wall seconds: an eta is a point in wall time.
+        self.clock = clock
 
     async def publish(self, publications: Sequence[Publication]) -> None:
         by_queue: dict[str, list[OutgoingMessage]] = defaultdict(list)
         earliest = float("inf")
         for publication in publications:
             signature = publication.signature
-            delay = publication.delay if publication.delay is not None else scheduled_delay(signature)
+            delay = publication.delay if publication.delay is not None else scheduled_delay(signature, self.clock())
             earliest = min(earliest, delay)
             by_queue[signature.queue].append(
                 OutgoingMessage(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -110,10 +111,10 @@ class WorkerSession:
 class SessionRegistry:
     """Sessions of this server replica, and leases of recently closed ones (their grace)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions: dict[int, WorkerSession] = {}
         self._orphans: dict[str, Lease] = {}
-        self.unroutable = Unroutable()
+        self.unroutable = Unroutable(clock)
 
     def runner_for(self, queue: str, name: str) -> bool:
         """True when a live worker of this replica on `queue` can run tasks named `name`."""
