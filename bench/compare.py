@@ -276,6 +276,16 @@ def profiled(pid: int, output: str | None, seconds_hint: str, native: bool = Fal
 
 # -- the systems --------------------------------------------------------------------------------
 
+def add_conveyor_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker options ConveyorRun reads besides --concurrency and --conveyor-prefetch
+    (bench/limits.py and bench/dashboard_overhead.py run Conveyor through it too)."""
+    parser.add_argument("--processes", type=int, default=1, help="worker processes of each system (Celery: one "
+                        "worker whose pool has processes x concurrency slots)")
+    parser.add_argument("--pool", default="threads", choices=["threads", "processes"],
+                        help="Conveyor's worker pool: threads, or processes (a child process per slot, as "
+                             "Celery's prefork)")
+
+
 class ConveyorRun:
     name = "conveyor"
 
@@ -656,8 +666,7 @@ def main() -> int:
     parser.add_argument("--db", type=int, default=10, help="Redis DB of Conveyor; Celery and Dramatiq use the next two")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per Conveyor SubmitBatch call")
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between completion checks")
-    parser.add_argument("--processes", type=int, default=1, help="worker processes of each system (Celery: one "
-                        "worker whose pool has processes x concurrency slots)")
+    add_conveyor_worker_arguments(parser)
     parser.add_argument("--celery-pool", default="threads", choices=["threads", "prefork", "solo"])
     parser.add_argument("--celery-prefetch", type=int, default=4,
                         help="Celery's worker_prefetch_multiplier (its default: 4)")
@@ -666,9 +675,6 @@ def main() -> int:
     parser.add_argument("--matched", action="store_true",
                         help=f"every system with the same worker processes and slots, each peer tuned as its docs "
                              f"advise for many short tasks: {MATCHED_HELP}")
-    parser.add_argument("--pool", default="threads", choices=["threads", "processes"],
-                        help="Conveyor's worker pool: threads, or processes (a child process per slot, as "
-                             "Celery's prefork)")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the Conveyor "
                                           "server during the throughput phase")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")

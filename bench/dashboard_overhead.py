@@ -34,7 +34,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare import WARMUP_TASKS, BenchError, ConveyorRun, Figures, cpu_meter, db_url, delete_prefix, load
+from bench.compare import (
+    WARMUP_TASKS,
+    BenchError,
+    ConveyorRun,
+    Figures,
+    add_conveyor_worker_arguments,
+    cpu_meter,
+    db_url,
+    delete_prefix,
+    load,
+)
 from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import free_port
 
@@ -85,6 +95,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="runs of each mode")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in the worker process")
     parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH, help="tasks held per slot")
+    add_conveyor_worker_arguments(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=14, help="Redis DB to use")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per SubmitBatch call")

@@ -54,7 +54,15 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat
-from bench.compare import WARMUP_TASKS, BenchError, ConveyorRun, db_url, delete_prefix, load
+from bench.compare import (
+    WARMUP_TASKS,
+    BenchError,
+    ConveyorRun,
+    add_conveyor_worker_arguments,
+    db_url,
+    delete_prefix,
+    load,
+)
 from conveyor import Client, sig
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
 from conveyor.worker import DEFAULT_PREFETCH
@@ -209,6 +217,7 @@ def parse() -> argparse.Namespace:
                         help="also measure no policy on the code of this git revision (repeatable)")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in the worker process")
     parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH, help="tasks held per slot")
+    add_conveyor_worker_arguments(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=13, help="Redis DB to use")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per SubmitBatch call")
