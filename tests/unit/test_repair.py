@@ -29,6 +29,7 @@ from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.publish_index import BUCKET_PREFIX
 from conveyor_server.core.repair import RepairReport, with_repair_after
 from conveyor_server.core.sessions import WorkerSession
+from conveyor_server.core.store import Loaded
 from tests.unit.replicas import lease_all, outcome
 from tests.unit.test_durability import (
     QUEUE,
@@ -422,3 +423,25 @@ def parsed(values: Sequence[str]) -> list[float]:
 def test_ages_are_read_in_the_units_operators_write() -> None:
     assert parsed(["90", "90s", "10m", "1h30m", "2d", "250ms", "-5m"]) == [90, 90, 600, 5400, 172800, 0.25, -300]
     assert [cli.format_age(s) for s in (5.25, 65, 3725, 90000)] == ["5.2s", "1m05s", "1h02m", "1d01h"]
+
+
+async def test_a_held_backlog_is_carried_without_its_records_being_read(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(rig.core, *(lone(task(task_id=f"t{i:02}")) for i in range(50)))
+    vanished = await rig.broker.fetch(QUEUE, 5, 30.0)
+    await rig.broker.ack(vanished)  # five messages vanish in flight; the other 45 wait in the queue
+    lost = sorted(delivery.message_id for delivery in vanished)
+    read: list[str] = []
+    load = rig.core.store.load
+
+    async def counting_load(task_ids: Sequence[str]) -> dict[str, Loaded]:
+        read.extend(task_ids)
+        return await load(task_ids)
+
+    monkeypatch.setattr(rig.core.store, "load", counting_load)
+    report = await repair_pass(rig, 2 * AFTER)
+    assert ids(report) == lost
+    assert sorted(set(read)) == lost, "only the tasks whose messages the queue lacks are read"
+    assert (report.held, report.carried, report.checked) == (45, 45, 50)
+    assert await run_everything(rig.core) == Counter({f"t{i:02}": 1 for i in range(50)})

@@ -12,22 +12,25 @@ life for `repair_after` seconds looks lost:
 
 Candidates come from the publish index (core/publish_index.py), never from a scan. Each pass
 takes the buckets that ended repair_after ago (each claimed per period, so replicas do not
-repeat each other), reads their tasks' records in batches, and then: ended tasks are done;
-tasks still waiting for their time (an ETA, a retry, a live lease) are carried into the
-bucket of the time they would look lost; tasks that look lost are republished with the same
-message as before (a running task's copy names the stale lease it may replace); the old
-buckets are retired.
+repeat each other) and, queue by queue:
+- tasks whose queue still holds their message are live: they are carried forward without
+  their records being read (brokers that can look messages up by id: Redis, SQLite, memory);
+- the others' records are read in batches: ended tasks are done; tasks still waiting for their
+  time (an ETA, a retry, a live lease) are carried into the bucket of the time they would look
+  lost; tasks that look lost are republished with the same message as before (a running
+  task's copy names the stale lease it may replace);
+and the old buckets are retired. A pass keeps task ids, never records, so a bucket of a
+million queued tasks costs the ids, not the records.
 
-Backlog safety: a queued task behind a long backlog shows no sign of life either. So a task
-that looks lost is republished only when its queue does not hold its message: brokers that
-can look messages up by id (Redis, SQLite, memory) say which candidates they hold, and those
-are carried forward. The others (AMQP, SQS) are judged from counts: when the queue holds
-(ready, delayed or leased) fewer messages than it has candidates, some messages must be
-missing, and all its candidates are republished (the copies of those that were not missing
-are dropped at dispatch as duplicates); otherwise they are carried forward and checked again
-later. Repeated repairs of one task are spaced exponentially (`repairs`, `repaired_at`,
-written with compare-and-set, which also makes one of two concurrent repairs the one that
-republishes).
+Backlog safety: a queued task behind a long backlog shows no sign of life in its record. So a
+task is republished only when its queue does not hold its message: brokers that can look
+messages up by id say which they hold (above). The others (AMQP, SQS) are judged from counts:
+when the queue holds (ready, delayed or leased) fewer messages than it has candidates, some
+messages must be missing, and all its candidates are republished (the copies of those that were
+not missing are dropped at dispatch as duplicates); otherwise they are carried forward and
+checked again later. Repeated repairs of one task are spaced exponentially (`repairs`,
+`repaired_at`, written with compare-and-set, which also makes one of two concurrent repairs the
+one that republishes).
 """
 
 from __future__ import annotations
@@ -179,12 +182,15 @@ class RepairReport:
 
 @dataclass(slots=True)
 class _Sorted:
-    """One pass's tasks, sorted by what becomes of them."""
+    """One pass's tasks, sorted by what becomes of them. Ids only, never records: a pass may
+    cover a bucket of a million queued tasks."""
 
-    lost: dict[str, list[tuple[Loaded, Verdict]]] = field(default_factory=lambda: defaultdict(list))
+    # Queue -> (task id, seconds since its last sign of life).
+    lost: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
     # Next look -> queue -> task ids.
     waiting: dict[float, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     checked: int = 0
+    held: int = 0
 
 
 class Repairer:
@@ -244,38 +250,51 @@ class Repairer:
         self, tasks: Mapping[str, str], at: float, after: float, carry: bool = False, dry_run: bool = False,
         force: bool = False,
     ) -> RepairReport:
-        found = await self._sort(list(tasks), at, after, force)
-        report = RepairReport(checked=found.checked)
-        for queue, candidates in found.lost.items():
-            lost = candidates if force else await self._missing(queue, candidates)
-            if lost:
-                report.repaired += await self._republish(lost, at, after, dry_run, force)
-            if len(lost) < len(candidates):
-                missing = {loaded.record.result.task_id for loaded, _ in lost}
-                held = [loaded.record.result.task_id for loaded, _ in candidates
-                        if loaded.record.result.task_id not in missing]
-                report.held += len(held)
-                found.waiting[at][queue].extend(held)
+        by_queue: dict[str, list[str]] = defaultdict(list)
+        for task_id, queue in tasks.items():
+            by_queue[queue].append(task_id)
+        found = _Sorted()
+        for queue, indexed in by_queue.items():
+            # A message its queue still holds is a sign of life: neither its record is read nor
+            # is it a candidate (a backlog is carried without reading it). Not when forced.
+            held = None if force else await self.broker.holding(queue, indexed)
+            unheld = indexed
+            if held:
+                found.waiting[at][queue].extend(task_id for task_id in indexed if task_id in held)
+                found.checked += len(held)
+                found.held += len(held)
+                unheld = [task_id for task_id in indexed if task_id not in held]
+            await self._sort(queue, unheld, at, after, force, found)
+            if held is None and not force:
+                await self._judge_from_counts(queue, at, found)
+        report = RepairReport(checked=found.checked, held=found.held)
+        for candidates in found.lost.values():
+            report.repaired += await self._republish(candidates, at, after, dry_run, force)
         if carry:
             report.carried = await self._carry(found.waiting, at, after)
         return report
 
-    async def _missing(
-        self, queue: str, candidates: Sequence[tuple[Loaded, Verdict]]
-    ) -> Sequence[tuple[Loaded, Verdict]]:
-        """The candidates whose messages the queue does not hold. Where the broker cannot tell,
-        all of them when it holds fewer messages than there are candidates (some must be
-        missing), none otherwise. Delayed messages count: a task handed back by dispatch for a
-        rate limit or a worker that knows its name waits there, not only ETAs and retries;
-        leased ones too: a pump may hold a task's message before dispatch marks it received."""
-        held = await self.broker.holding(queue, [loaded.record.result.task_id for loaded, _ in candidates])
-        if held is not None:
-            return [candidate for candidate in candidates if candidate[0].record.result.task_id not in held]
+    async def _judge_from_counts(self, queue: str, at: float, found: _Sorted) -> None:
+        """For a broker that cannot say which messages it holds: when the queue holds (ready,
+        delayed or leased) fewer messages than it has candidates, some must be missing and all
+        are republished (the copies of those that were not are dropped at dispatch as
+        duplicates); otherwise they are carried forward. Delayed messages count: a task handed
+        back by dispatch for a rate limit or a worker that knows its name waits there, not only
+        ETAs and retries; leased ones too: a pump may hold a task's message before dispatch
+        marks it received."""
+        candidates = found.lost.get(queue)
+        if not candidates:
+            return
         stats = await self.broker.stats(queue)
-        return candidates if stats.ready + stats.delayed + stats.in_flight < len(candidates) else []
+        if stats.ready + stats.delayed + stats.in_flight >= len(candidates):
+            found.waiting[at][queue].extend(task_id for task_id, _ in candidates)
+            found.held += len(candidates)
+            del found.lost[queue]
 
-    async def _sort(self, task_ids: Sequence[str], at: float, after: float, force: bool) -> _Sorted:
-        found = _Sorted()
+    async def _sort(
+        self, queue: str, task_ids: Sequence[str], at: float, after: float, force: bool, found: _Sorted
+    ) -> None:
+        """Reads the records of `queue`'s tasks in batches and sorts them into `found`."""
         lease_after = max(after, self.repair_after)
         for start in range(0, len(task_ids), LOAD_BATCH):
             for task_id, loaded in (await self.store.load(task_ids[start:start + LOAD_BATCH])).items():
@@ -283,21 +302,17 @@ class Repairer:
                 if verdict is None:
                     continue
                 found.checked += 1
-                queue = loaded.record.result.queue
                 if verdict.lost:
-                    found.lost[queue].append((loaded, verdict))
+                    found.lost[queue].append((task_id, verdict.age))
                 else:
                     found.waiting[verdict.due][queue].append(task_id)
-        return found
 
     async def _republish(
-        self, lost: Sequence[tuple[Loaded, Verdict]], at: float, after: float, dry_run: bool, force: bool
+        self, lost: Sequence[tuple[str, float]], at: float, after: float, dry_run: bool, force: bool
     ) -> list[Repaired]:
         """Republish what still looks lost on a fresh read; each task is taken by a
         compare-and-set of its repair count, so one of two concurrent repairs sends it."""
-        ages = {loaded.record.result.task_id: verdict.age for loaded, verdict in lost}
-        if dry_run:
-            return [Repaired(loaded.record, verdict.age) for loaded, verdict in lost]
+        ages = dict(lost)
         lease_after = max(after, self.repair_after)
 
         def take(_: str, record: records_pb2.TaskRecord) -> bool:
@@ -310,8 +325,12 @@ class Repairer:
 
         repaired: list[Repaired] = []
         for start in range(0, len(lost), LOAD_BATCH):
-            known = {loaded.record.result.task_id: loaded for loaded, _ in lost[start:start + LOAD_BATCH]}
-            taken = await self.store.update(list(known), take, known=known)
+            batch = [task_id for task_id, _ in lost[start:start + LOAD_BATCH]]
+            if dry_run:
+                loaded = await self.store.load(batch)
+                repaired += (Repaired(loaded[task_id].record, ages[task_id]) for task_id in batch if task_id in loaded)
+                continue
+            taken = await self.store.update(batch, take)
             if taken:
                 await self.publisher.publish([_publication(record) for record in taken.values()])
             repaired += (Repaired(record, ages[task_id]) for task_id, record in taken.items())
