@@ -220,12 +220,14 @@ def check_alive(*procs: Proc) -> None:
 
 @contextmanager
 def cpu_meter(figures: Figures, processes: dict[str, int | None], url: str) -> Iterator[None]:
-    """CPU seconds each process (with its children) used inside the block, the client being this process;
-    and the number of commands Redis processed meanwhile."""
-    def commands() -> int:
+    """CPU seconds each process (with its children) used inside the block, the client being this process,
+    and Redis's (as `redis`, from INFO: the whole server, so other clients count too); and the number of
+    commands Redis processed meanwhile."""
+    def redis_figures() -> tuple[int, float]:
         client = redis.Redis.from_url(url)
         try:
-            return int(client.info("stats")["total_commands_processed"])
+            cpu = client.info("cpu")
+            return int(client.info("stats")["total_commands_processed"]), cpu["used_cpu_user"] + cpu["used_cpu_sys"]
         finally:
             client.close()
 
@@ -237,10 +239,12 @@ def cpu_meter(figures: Figures, processes: dict[str, int | None], url: str) -> I
                 out[name] = procstat.cpu_seconds(pid)
         return out
 
-    before, commands_before = sample(), commands()
+    before, (commands_before, redis_before) = sample(), redis_figures()
     yield
-    after, figures.redis_commands = sample(), commands() - commands_before - 1
+    after, (commands_after, redis_after) = sample(), redis_figures()
+    figures.redis_commands = commands_after - commands_before - 2  # less the two INFO calls
     figures.cpu = {name: after[name] - before[name] for name in before if name in after}
+    figures.cpu["redis"] = redis_after - redis_before
 
 
 @contextmanager
@@ -652,6 +656,9 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
           f"p99 {p99:.2f} ms (target <= 4 ms: {'met' if p99 <= 4 else 'NOT met'})")
     commands = conveyor.redis_commands / max(conveyor.tasks, 1)
     print(f"Conveyor Redis commands per task {commands:.1f} (target <= 15: {'met' if commands <= 15 else 'NOT met'})")
+    for name in ("server", "redis"):
+        if name in conveyor.cpu:
+            print(f"Conveyor {name} CPU per task {1e6 * conveyor.cpu[name] / max(conveyor.tasks, 1):.0f} µs")
 
 
 def main() -> int:
