@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from conveyor import reports
+from conveyor.pools.base import make_pool
 from conveyor.reports import RESULT_LINGER_SECONDS, ResultBatcher, StartedBatcher, UnackedResults
 from conveyor.v1 import task_pb2, worker_service_pb2
+from conveyor.worker import Worker
 from tests.support.processes import eventually
 
 
@@ -113,3 +118,28 @@ def test_an_ack_releases_only_the_result_of_its_own_lease() -> None:
     )
     assert unacked.acked([accepted, refused]) == [refused]
     assert not unacked
+
+
+async def test_a_one_slot_worker_sends_the_results_of_its_window_in_halves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrency 1, window 4: four quick tasks end in two Results messages of two, not four of
+    one (the linger is made long, so only the batch size and "nothing else running" send)."""
+    monkeypatch.setattr(reports, "RESULT_LINGER_SECONDS", 30.0)
+    worker = Worker("127.0.0.1:1", concurrency=1, prefetch=4)
+    sent: list[worker_service_pb2.ConnectRequest] = []
+    worker._results = ResultBatcher(sent.append)
+
+    @worker.task("t")
+    def quick() -> int:
+        return 1
+
+    pool = worker._pool = make_pool("threads", 1, dict(worker.tasks))
+    await pool.start()
+    try:
+        worker._on_message(worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(
+            items=[assignment(f"t{i}") for i in range(4)]
+        )))
+        await eventually(lambda: not worker._running, 10.0, "the four tasks ended")
+        await asyncio.sleep(0)
+        assert result_ids(sent) == [["t0", "t1"], ["t2", "t3"]]
+    finally:
+        await pool.close()

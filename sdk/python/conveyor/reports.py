@@ -22,6 +22,13 @@ STARTED_REPORT_SECONDS = 0.02
 RESULT_LINGER_SECONDS = 0.002
 
 
+def result_batch_size(window: int) -> int:
+    """Results per message while other tasks of the window run or wait: half the window, so
+    the server refills the other half meanwhile. Not the slot count: at concurrency 1 that sent
+    every result alone, and each message costs the server a backend write and a follow-up pass."""
+    return max(1, window // 2)
+
+
 class StartedBatcher:
     """Reports the tasks that began in one STARTED_REPORT_SECONDS window in one Started message,
     leaving out those that ended within it."""

@@ -33,7 +33,7 @@ from conveyor.client import default_address
 from conveyor.context import TaskContext
 from conveyor.execution import TaskFunction, to_outcome
 from conveyor.pools.base import POOL_KINDS, Pool, PoolKind, TaskCall, make_pool
-from conveyor.reports import ResultBatcher, StartedBatcher, UnackedResults
+from conveyor.reports import ResultBatcher, StartedBatcher, UnackedResults, result_batch_size
 from conveyor.schema import task_infos
 from conveyor.tls import bearer_metadata
 from conveyor.v1 import worker_service_pb2
@@ -308,7 +308,7 @@ class Worker:
         worker_log.ended(call.context, ending)
         outcome = to_outcome(call.assignment, ending)
         self._unacked.hold(outcome)
-        self._results.add(outcome, others_running=bool(self._running), batch_size=self.concurrency)
+        self._results.add(outcome, others_running=bool(self._running), batch_size=result_batch_size(self.max_in_flight))
 
     def _progress(self, loop: asyncio.AbstractEventLoop, assignment: worker_service_pb2.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
