@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from conveyor import (
+    CallRetry,
     Client,
     ConveyorError,
     InvalidArgument,
@@ -146,3 +148,14 @@ async def test_sync_client_handles(address: str) -> None:
                 client.get_result("no-such-task")
 
     await asyncio.to_thread(use)
+
+
+def test_call_retries_double_from_a_tenth_of_a_second_up_to_one_second_with_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    policy = CallRetry()
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # no jitter taken off
+    assert [policy.backoff(n) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert policy.backoff(3, asked=2.5) == 2.5, "the server's hint wins when longer"
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # the most jitter takes off half
+    assert policy.backoff(10) == 0.5

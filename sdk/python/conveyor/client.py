@@ -52,12 +52,16 @@ class CallRetry:
     The n-th retry waits `initial * multiplier**n` seconds (at most `max_backoff`), less a
     random part of up to `jitter` of it, and at least what the server asked for. `max_seconds=0`
     turns retries off. (Named apart from `RetryPolicy`, which says how a failing *task* reruns.)
+
+    The cap is what a caller waits at most once the engine is back: at 1 s, work submitted
+    through an outage resumes within a second or so of the engine's return (at 5 s, up to 5 s
+    after). The jitter keeps many clients from retrying in step.
     """
 
     max_seconds: float = 30.0
     initial: float = 0.1
     multiplier: float = 2.0
-    max_backoff: float = 5.0
+    max_backoff: float = 1.0
     jitter: float = 0.5
 
     def backoff(self, retries: int, asked: float = 0.0) -> float:
