@@ -96,13 +96,13 @@ async def test_a_delayed_task_waits_in_the_broker(replicas: Replicas) -> None:
 
 
 def test_the_delay_comes_from_the_countdown_or_the_eta() -> None:
-    assert scheduled_delay(task_pb2.Signature()) == 0.0
-    assert scheduled_delay(task_pb2.Signature(countdown=Duration(seconds=5, nanos=500_000_000))) == 5.5
-    assert scheduled_delay(task_pb2.Signature(countdown=Duration(seconds=-5))) == 0.0
+    assert scheduled_delay(task_pb2.Signature(), now=990.0) == 0.0
+    assert scheduled_delay(task_pb2.Signature(countdown=Duration(seconds=5, nanos=500_000_000)), now=990.0) == 5.5
+    assert scheduled_delay(task_pb2.Signature(countdown=Duration(seconds=-5)), now=990.0) == 0.0
     eta = task_pb2.Signature(eta=Timestamp(seconds=1000, nanos=250_000_000))
     assert scheduled_delay(eta, now=990.0) == 10.25
     assert scheduled_delay(eta, now=2000.0) == 0.0
-    assert 0 < scheduled_delay(task_pb2.Signature(eta=Timestamp(seconds=int(time.time()) + 100))) <= 100
+    assert 0 < scheduled_delay(task_pb2.Signature(eta=Timestamp(seconds=int(time.time()) + 100)), time.time()) <= 100
 
 
 def test_a_message_carries_the_signature_attempt_and_workflow() -> None:

@@ -29,13 +29,14 @@ class Publication:
     repairs_lease: str = ""
 
 
-def scheduled_delay(signature: task_pb2.Signature, now: float | None = None) -> float:
-    """Seconds until the signature's eta or countdown; 0 when it has neither."""
+def scheduled_delay(signature: task_pb2.Signature, now: float) -> float:
+    """Seconds until the signature's eta (from `now`, wall seconds) or countdown; 0 when it has
+    neither."""
     if signature.HasField("countdown"):
         return max(seconds_of(signature.countdown), 0.0)
     if signature.HasField("eta"):
         eta = seconds_of(signature.eta)
-        return max(eta - (time.time() if now is None else now), 0.0)
+        return max(eta - now, 0.0)
     return 0.0
 
 
