@@ -268,6 +268,44 @@ async def test_the_loop_repairs_once_per_interval_even_while_an_outage_makes_its
         await asyncio.gather(loop, return_exceptions=True)
 
 
+class StalledRepairer:
+    """Stands in for a repair pass that waits on a slow engine until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def repair_due(self) -> RepairReport:
+        self.started.set()
+        await self.release.wait()
+        return RepairReport()
+
+
+async def test_a_repair_pass_that_waits_on_the_broker_does_not_hold_up_the_promises(replicas: Replicas) -> None:
+    # In CI, moto back from an outage took 3.5 s over one repair pass, and the outage's promises
+    # went out only after it: work resumed 4.7 s after the broker's return.
+    await submit(replicas.a, lone(task(task_id="t1")))
+    await promise_publish(replicas, "t1")
+    published = replicas.broker.published["t1"]
+    repairer = StalledRepairer()
+    keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)), repairer)  # type: ignore[arg-type]
+    replicas.broker.fail_publishes = 1_000_000
+    assert await keeper.reconcile_once() == 0  # the outage began
+    loop = asyncio.create_task(keeper.run(0.3))
+    try:
+        await asyncio.wait_for(repairer.started.wait(), 5.0)
+        replicas.broker.fail_publishes = 0
+        returned = time.monotonic()
+        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept during the repair")
+        waited = time.monotonic() - returned
+        assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
+        assert not repairer.release.is_set() and not loop.done()
+    finally:
+        repairer.release.set()
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
 async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_at_most_the_cap(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:

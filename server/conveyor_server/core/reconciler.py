@@ -11,8 +11,10 @@ RETRY_MAX_SECONDS, not the interval), so what was accepted during an outage goes
 fraction of a second of the engine's return; each such pass stops at the first entry the engine
 refuses (the rest would be refused too) and tries the entries that failed last.
 
-The repair of lost messages (core/repair.py) runs after a pass, once per interval: live tasks
-published long ago that show no sign of life are published again.
+The repair of lost messages (core/repair.py) runs once per interval in a loop of its own: live
+tasks published long ago that show no sign of life are published again. Its passes can take
+seconds on an engine that has just come back, and the promises must not wait behind them
+(replicas already repair and keep promises side by side, so running both at once is nothing new).
 """
 
 from __future__ import annotations
@@ -68,8 +70,16 @@ class Reconciler:
         self._failures = itertools.count()
 
     async def run(self, interval_seconds: float) -> None:
+        """Keep promises and repair lost messages, each in a loop of its own: a repair pass waits
+        on the broker as long as it must (hundreds of records to judge and republish on an engine
+        that has just come back), and the promises accepted during an outage must not wait for it."""
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._keep_promises(interval_seconds))
+            if self.repairer is not None:
+                loops.create_task(self._repair_lost_messages(self.repairer, interval_seconds))
+
+    async def _keep_promises(self, interval_seconds: float) -> None:
         retry = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
-        repair_at = 0.0
         while True:
             await asyncio.sleep(retry.next() if self.refused_passes else interval_seconds)
             try:
@@ -81,11 +91,13 @@ class Reconciler:
                     log.warning("reconciling the outbox failed (%s: %s); will retry", type(exc).__name__, exc)
             if not self.refused_passes:
                 retry.reset()
-            if self.repairer is None or time.monotonic() < repair_at:
-                continue
-            repair_at = time.monotonic() + interval_seconds
+
+    @staticmethod
+    async def _repair_lost_messages(repairer: Repairer, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
             try:
-                await self.repairer.repair_due()
+                await repairer.repair_due()
             except Exception as exc:
                 log.warning("repairing lost messages failed (%s: %s); will retry", type(exc).__name__, exc)
 
