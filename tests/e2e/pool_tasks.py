@@ -1,5 +1,5 @@
 """Tasks for the worker pool and limit tests (tests/e2e/test_worker_pools.py,
-test_worker_limits.py, tests/unit/test_pools.py). Module level, so that child processes of the
+test_worker_limits.py, tests/integration/test_pools.py). Module level, so that child processes of the
 processes pool can import them; `conveyor worker tests.e2e.pool_tasks` serves them all.
 
 Tasks that leave a side effect write a file (a path the test chose): the file's existence is

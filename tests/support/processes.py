@@ -3,7 +3,8 @@ to wait for something, and the registry that makes sure no process outlives the 
 
 - Waiting: `wait_for(condition, seconds, what)` polls until `condition()` is truthy and fails
   the test past its deadline; `eventually` is the same for async tests (it does not block the
-  event loop). `settled(read)` waits until a value (a count of runs) stops changing: an
+  event loop), and `until` polls it every few milliseconds for the unit tests' in-process
+  conditions. `settled(read)` waits until a value (a count of runs) stops changing: an
   "exactly once" check counts only after it, so a late duplicate is still seen. A fixed sleep
   is only right where a test checks that something does *not* happen within a window.
 - Processes: every `Proc` (and every service a fixture starts, through `track`) runs in a new
@@ -148,6 +149,17 @@ async def eventually(condition: Callable[[], object], seconds: float = 30.0, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {seconds} s")
         await asyncio.sleep(interval)
+
+
+# A condition that reads this process's memory (the unit tests' in-process cores) costs nothing
+# to check: polled this often, so that a suite of them is not paced by its polls.
+IN_MEMORY_POLL_SECONDS = 0.002
+
+
+async def until(condition: Callable[[], object], seconds: float = 30.0,
+                               what: str = "condition") -> None:
+    """`eventually` for a condition on this process's own state, polled every few milliseconds."""
+    await eventually(condition, seconds, what, IN_MEMORY_POLL_SECONDS)
 
 
 async def settled(read: Callable[[], _T], window: float = SETTLE_SECONDS, seconds: float = 60.0,

@@ -27,7 +27,7 @@ from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_worker_stream import handle, holding
@@ -128,7 +128,7 @@ async def pumping_until_handed_back(
         patch.setattr(broker, "fetch", fetch_then)
         patch.setattr(broker, "nack", nack_and_tell)
         pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
-        await eventually(lambda: nacked.is_set() or not session.outbox.empty(), 10.0, "the fetched task handled")
+        await until(lambda: nacked.is_set() or not session.outbox.empty(), 10.0, "the fetched task handled")
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
     return nacked.is_set() and session.outbox.empty()
@@ -160,7 +160,7 @@ async def test_a_pump_whose_claim_and_hand_back_both_fail_keeps_fetching(
     monkeypatch.setattr(replicas.a.connections.dispatcher, "claim", broken)
     monkeypatch.setattr(replicas.broker, "nack", broken)  # its lease lapses and brings the task back
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
-    await eventually(lambda: len(claims) == 2, 10.0, "the claim and the hand-back tried")
+    await until(lambda: len(claims) == 2, 10.0, "the claim and the hand-back tried")
     for _ in range(20):
         await asyncio.sleep(0)
     assert not pump.done(), "the pump waits and fetches again"
@@ -183,7 +183,7 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
 
     monkeypatch.setattr(replicas.broker, "fetch", unreachable)
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
-    await eventually(lambda: len(attempts) >= 6, 10.0, "six fetch attempts")
+    await until(lambda: len(attempts) >= 6, 10.0, "six fetch attempts")
     pump.cancel()
     await asyncio.gather(pump, return_exceptions=True)
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
@@ -210,7 +210,7 @@ async def test_results_an_engine_refused_are_retried_after_a_short_backoff_cappe
     request = worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results())
     retrying = asyncio.create_task(replicas.a.connections._retry_results(session, request))
     try:
-        await eventually(lambda: len(attempts) >= 6, 10.0, "six attempts")
+        await until(lambda: len(attempts) >= 6, 10.0, "six attempts")
         away = False
         await asyncio.wait_for(retrying, connection.RETRY_MAX_SECONDS + 0.5)
     finally:
@@ -282,7 +282,7 @@ async def test_a_worker_silent_for_exactly_one_lease_is_not_drained_yet(replicas
 
     core.connections.clock = Clock(monotonic=monotonic)
     watchdog = asyncio.create_task(core.connections._watchdog(session))
-    await eventually(lambda: len(draining_at_look) >= 3, 10.0, "three looks of the watchdog")
+    await until(lambda: len(draining_at_look) >= 3, 10.0, "three looks of the watchdog")
     assert draining_at_look[:3] == [False, False, True], "drained at the look after the lease, not at its exact end"
     await session.close()
     await asyncio.wait_for(watchdog, 5)
@@ -466,7 +466,7 @@ async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas
 
     served = asyncio.create_task(connections.run(session, silent()))
     try:
-        await eventually(lambda: session.draining, 10.0, "the silent worker drained")
+        await until(lambda: session.draining, 10.0, "the silent worker drained")
     finally:
         done.set()
         await asyncio.wait_for(served, 10)

@@ -9,7 +9,7 @@ import contextlib
 from conveyor_server.brokers.base import OutgoingMessage
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.core.lease_recovery import LeaseRecoverer
-from tests.support.processes import eventually
+from tests.support.processes import until
 
 LEASE_SECONDS = 0.05
 
@@ -53,7 +53,7 @@ async def test_the_loop_outlives_an_engine_error() -> None:
     await leased_message(broker)
     loop = asyncio.create_task(LeaseRecoverer(broker, interval_seconds=0.01).run())
     try:
-        await eventually(lambda: broker.recovered == 1, 5, "the expired lease back after the failed round")
+        await until(lambda: broker.recovered == 1, 5, "the expired lease back after the failed round")
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):

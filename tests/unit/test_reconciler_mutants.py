@@ -23,7 +23,7 @@ from conveyor_server.core import reconciler as reconciler_module
 from conveyor_server.core.outbox import PUBLISH
 from conveyor_server.core.reconciler import Reconciler
 from conveyor_server.core.repair import Repairer, RepairReport
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_durability import Clock, Outage, lone, submit, task
 from tests.unit.test_workflow_engine import chain_of, flow, step
@@ -203,9 +203,9 @@ async def test_the_loop_keeps_promises_that_become_overdue_after_its_first_passe
     passes = counted_passes(keeper)
     loop = asyncio.create_task(keeper.run(0.01))
     try:
-        await eventually(lambda: len(passes) >= 2, 10.0, "two passes with nothing overdue")
+        await until(lambda: len(passes) >= 2, 10.0, "two passes with nothing overdue")
         clock.now = period_start(2.0)
-        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 10.0, "a later pass kept it")
+        await until(lambda: replicas.broker.published["t1"] == published + 1, 10.0, "a later pass kept it")
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
@@ -222,10 +222,10 @@ async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_o
     assert await keeper.reconcile_once() == 0  # the outage began
     loop = asyncio.create_task(keeper.run(30.0))  # an interval far longer than the test
     try:
-        await eventually(lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
+        await until(lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
         replicas.broker.fail_publishes = 0
         returned = time.monotonic()
-        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
+        await until(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
         waited = time.monotonic() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert keeper.refused_passes == 0
@@ -256,12 +256,12 @@ async def test_the_loop_repairs_once_per_interval_even_while_an_outage_makes_its
     assert await keeper.reconcile_once() == 0  # the outage began
     loop = asyncio.create_task(keeper.run(1.5))
     try:
-        await eventually(lambda: len(repairer.runs) >= 1, 5.0, "a repair after the first pass")
+        await until(lambda: len(repairer.runs) >= 1, 5.0, "a repair after the first pass")
         passes_at_first_repair = keeper.refused_passes
         await asyncio.sleep(1.0)
         assert keeper.refused_passes > passes_at_first_repair + 1, "the passes went on quickly"
         assert len(repairer.runs) == 1, "the repair waits for the interval, not for the next quick pass"
-        await eventually(lambda: len(repairer.runs) >= 2, 5.0, "a repair an interval later")
+        await until(lambda: len(repairer.runs) >= 2, 5.0, "a repair an interval later")
         assert repairer.runs[1] - repairer.runs[0] >= 1.5 - 0.05
     finally:
         loop.cancel()
@@ -296,7 +296,7 @@ async def test_a_repair_pass_that_waits_on_the_broker_does_not_hold_up_the_promi
         await asyncio.wait_for(repairer.started.wait(), 5.0)
         replicas.broker.fail_publishes = 0
         returned = time.monotonic()
-        await eventually(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept during the repair")
+        await until(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept during the repair")
         waited = time.monotonic() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert not repairer.release.is_set() and not loop.done()
@@ -322,7 +322,7 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
     keeper.refused_passes = 1  # as run() counts the pass above
     loop = asyncio.create_task(keeper.run(30.0))
     try:
-        await eventually(lambda: len(reads) >= 8, 10.0, "quick passes while the outbox cannot be read")
+        await until(lambda: len(reads) >= 8, 10.0, "quick passes while the outbox cannot be read")
         assert not loop.done(), "the loop goes on"
     finally:
         loop.cancel()
@@ -340,7 +340,7 @@ async def test_while_the_engines_answer_passes_wait_the_interval(replicas: Repli
     try:
         await asyncio.sleep(0.6)
         assert passes == [], "no pass before the interval"
-        await eventually(lambda: len(passes) >= 1, 5.0, "a pass after the interval")
+        await until(lambda: len(passes) >= 1, 5.0, "a pass after the interval")
         await asyncio.sleep(0.4)
         assert len(passes) == 1, "the next one an interval later"
     finally:

@@ -18,7 +18,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2, workflow_pb2
 from conveyor_server.core import results
 from conveyor_server.core.records import transition
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, run_ready
 from tests.unit.test_durability import chain, lone, submit, task
 
@@ -67,7 +67,7 @@ async def test_a_result_recorded_here_while_the_wait_follows_the_feed_is_answere
     monkeypatch.setattr(results, "FEED_AFTER_SECONDS", 0.0)  # straight to following the feed too
     await submit(replicas.a, lone(task(task_id="t1")))
     waiting = asyncio.create_task(replicas.a.reader.wait("t1", 5))
-    await eventually(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the change feed")
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the change feed")
     await replicas.a.store.update(["t1"], succeed)
     replicas.backend.fail_reads = 1_000
     result = await asyncio.wait_for(waiting, 5)
@@ -77,7 +77,7 @@ async def test_a_result_recorded_here_while_the_wait_follows_the_feed_is_answere
 async def test_a_wait_that_ran_out_leaves_nothing_behind(replicas: Replicas, loop_errors: list[dict[str, Any]]) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     assert (await replicas.a.reader.wait("t1", 0.05)).state == result_pb2.TASK_STATE_PENDING
-    await eventually(lambda: not results._DETACHED, 5.0, "the abandoned feed subscription ended")
+    await until(lambda: not results._DETACHED, 5.0, "the abandoned feed subscription ended")
     assert loop_errors == []
 
 
@@ -98,7 +98,7 @@ async def test_a_watch_hears_of_a_change_through_the_feed_not_the_rescan(
     monkeypatch.setattr(results, "RESCAN_SECONDS", 60.0)
     await submit(replicas.a, lone(task(task_id="t1")))
     watching = asyncio.create_task(events_until_done(replicas, ["t1"]))
-    await eventually(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
     await run_ready(replicas.a)
     seen = await asyncio.wait_for(watching, 5)
     assert seen[-1] == ("t1", result_pb2.TASK_STATE_SUCCESS)
@@ -117,7 +117,7 @@ async def test_a_watch_rescans_when_nothing_changes(replicas: Replicas, monkeypa
 async def test_a_task_that_vanishes_mid_watch_does_not_end_the_watch_of_the_others(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="a")), lone(task(task_id="b")))
     watching = asyncio.create_task(events_until_done(replicas, ["a", "b"], until_done=False))
-    await eventually(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
     replicas.backend.hide.add("task:a")  # its result expired
     await replicas.a.store.update(["b"], succeed)
     seen = await asyncio.wait_for(watching, 5)

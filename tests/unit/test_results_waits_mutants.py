@@ -24,7 +24,7 @@ from conveyor_server.core.canvas import NodeOutcome
 from conveyor_server.core.canvas.reading import workflow_outcome
 from conveyor_server.core.records import is_terminal, transition
 from conveyor_server.core.store import Loaded
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_canvas_primitives import chain_of, group_of, request, step
 from tests.unit.test_durability import QUEUE, lone, submit, task
@@ -165,7 +165,7 @@ async def test_a_wait_on_a_workflow_that_runs_out_answers_with_its_state_as_it_s
 async def test_a_wait_of_a_second_on_a_workflow_ends_when_the_workflow_ends(replicas: Replicas) -> None:
     workflow_id = await a_group(replicas, "a", "b")
     waiting = asyncio.create_task(replicas.b.reader.wait(workflow_id, 1.0))  # a second is a wait too
-    await eventually(lambda: waiting.done() or replicas.backend.watches == 1, 5.0, "the wait follows the feed")
+    await until(lambda: waiting.done() or replicas.backend.watches == 1, 5.0, "the wait follows the feed")
     await end(replicas, "a", "b")
     assert (await asyncio.wait_for(waiting, 5)).state == SUCCESS
 
@@ -180,9 +180,9 @@ async def test_a_wait_on_a_workflow_rereads_only_running_tasks_that_changed_and_
     combines = counted_combines(monkeypatch)
     waiting = asyncio.create_task(replicas.b.reader.wait(workflow_id, 30))
     # All its tasks; those still running once subscribed, and again as the feed's first news.
-    await eventually(lambda: len(loads) == 3, 5.0, "the wait read its running tasks after subscribing")
+    await until(lambda: len(loads) == 3, 5.0, "the wait read its running tasks after subscribing")
     await end(replicas, "b")
-    await eventually(lambda: len(loads) == 4, 5.0, "the wait read the task that changed")
+    await until(lambda: len(loads) == 4, 5.0, "the wait read the task that changed")
     await end(replicas, "c")
     result = await asyncio.wait_for(waiting, 5)
     assert result.state == SUCCESS
@@ -197,9 +197,9 @@ async def test_a_wait_on_a_workflow_rescans_only_its_running_tasks_while_the_fee
     workflow_id = await a_group(replicas, "a", "b")
     loads = recorded_loads(replicas.b, monkeypatch)
     waiting = asyncio.create_task(replicas.b.reader.wait(workflow_id, 30))
-    await eventually(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the feed")
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the feed")
     await end(replicas, "a")
-    await eventually(lambda: loads[-1] == ["b"], 5.0, "a rescan of the one task still running")
+    await until(lambda: loads[-1] == ["b"], 5.0, "a rescan of the one task still running")
     await end(replicas, "b")
     assert (await asyncio.wait_for(waiting, 5)).state == SUCCESS
 
@@ -224,7 +224,7 @@ async def test_a_wait_answered_through_the_feed_reads_nothing_after_the_read_tha
 ) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     waiting = asyncio.create_task(replicas.b.reader.wait("t1", 30))
-    await eventually(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the feed")
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the wait follows the feed")
     read = replicas.b.store.load
 
     async def load(task_ids: Sequence[str]) -> dict[str, Loaded]:
@@ -250,7 +250,7 @@ async def test_a_watch_sees_a_change_its_feed_lost_at_the_next_rescan(
     await submit(replicas.a, lone(task(task_id="t1")))
     loads = recorded_loads(replicas.b, monkeypatch)
     watching = asyncio.create_task(events_until_done(replicas, ["t1"]))
-    await eventually(lambda: bool(loads), 5.0, "the watch read the task while it was pending")
+    await until(lambda: bool(loads), 5.0, "the watch read the task while it was pending")
     await replicas.a.store.update(["t1"], succeed)
     seen = await asyncio.wait_for(watching, 5)
     assert seen == [("t1", PENDING), ("t1", SUCCESS)]
@@ -273,11 +273,11 @@ async def test_a_watch_over_many_tasks_rereads_only_the_tasks_that_changed(
 
     watching = asyncio.create_task(follow())
     try:
-        await eventually(lambda: replicas.backend.watches == 1 and len(seen) == len(ids), 5.0, "the first read")
+        await until(lambda: replicas.backend.watches == 1 and len(seen) == len(ids), 5.0, "the first read")
         for task_id in ids[:50]:
             await replicas.a.store.update([task_id], succeed)
             ended = (task_id, SUCCESS)
-            await eventually(lambda: ended in seen, 5.0, f"{task_id} ended")  # noqa: B023 (awaited here)
+            await until(lambda: ended in seen, 5.0, f"{task_id} ended")  # noqa: B023 (awaited here)
     finally:
         watching.cancel()
     reads = [task_id for load in loads for task_id in load]
@@ -300,7 +300,7 @@ async def test_a_watch_until_done_ends_when_its_last_open_task_ends_and_rescans_
     loads = recorded_loads(replicas.b, monkeypatch)
     watching = asyncio.create_task(events_until_done(replicas, ["done", "open"]))
     try:
-        await eventually(lambda: len(loads) >= 3, 5.0, "a few rescans")
+        await until(lambda: len(loads) >= 3, 5.0, "a few rescans")
         assert loads[0] == ["done", "open"] and all(load == ["open"] for load in loads[1:]), loads[:5]
         await replicas.a.store.update(["open"], succeed)
         seen = await asyncio.wait_for(watching, 5)

@@ -34,7 +34,7 @@ from conveyor_server.core.schedules import (
     schedule_key,
     task_id_for,
 )
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.test_schedules import MINUTE, T0, Clock, schedule
 
 Engines = tuple[MemoryBroker, "Interfering"]
@@ -257,7 +257,7 @@ async def test_the_loop_fires_due_schedules_and_keeps_going_after_a_failed_pass(
     monkeypatch.setattr(scheduler, "run_due", first_pass_fails)
     loop = asyncio.create_task(scheduler.run())
     try:
-        await eventually(lambda: fired, 10.0, "a pass after the failed one fired the tick")
+        await until(lambda: fired, 10.0, "a pass after the failed one fired the tick")
         assert fired == [task_id_for("tick", MINUTE)]
         assert not loop.done()
     finally:

@@ -29,7 +29,7 @@ from conveyor import (
 )
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
-from tests.support.processes import eventually
+from tests.support.processes import until
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ async def address() -> AsyncIterator[str]:
     running = asyncio.create_task(worker.run())
     # Connected, so its task names are registered: a strict submit of "add" would be refused
     # before (seen when test_strict_tasks_refuses_an_unregistered_name ran first).
-    await eventually(server.core.admin.workers, what="the worker connected")
+    await until(server.core.admin.workers, what="the worker connected")
     try:
         yield f"127.0.0.1:{port}"
     finally:

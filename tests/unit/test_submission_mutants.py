@@ -22,7 +22,7 @@ from conveyor_server.core import confirmed, submission
 from conveyor_server.core.errors import AlreadyExists, InvalidArgument
 from conveyor_server.core.outbox import OUTBOX_GROUP, PUBLISH
 from conveyor_server.core.submission import Submitter
-from tests.support.processes import eventually
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, short_lived
 from tests.unit.test_durability import chain, lone, submit, task
 
@@ -106,8 +106,8 @@ async def test_a_workflow_whose_first_publish_failed_is_started_by_the_retry(
     replicas.broker.fail_publishes = 1
     await submit(replicas.a, chain(task(task_id="a"), task(task_id="b")))
     assert replicas.broker.published["a"] == 0
-    await eventually(lambda: replicas.broker.published["a"] == 1, 10.0, "the retry published the first step")
-    await eventually(lambda: not retries(), 10.0, "the retry ended")
+    await until(lambda: replicas.broker.published["a"] == 1, 10.0, "the retry published the first step")
+    await until(lambda: not retries(), 10.0, "the retry ended")
     await replicas.a.outbox.drain()
     assert await replicas.backend.members(OUTBOX_GROUP) == {}
     assert replicas.broker.published["b"] == 0
@@ -129,7 +129,7 @@ async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     monkeypatch.setattr(replicas.broker, "publish", timed)
     replicas.broker.fail_publishes = 8
     await submit(replicas.a, lone(task(task_id="t1")))
-    await eventually(lambda: replicas.broker.published["t1"] == 1, 10.0, "the retry published it")
+    await until(lambda: replicas.broker.published["t1"] == 1, 10.0, "the retry published it")
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     assert len(gaps) == 8
     assert max(gaps) < submission.RETRY_MAX_SECONDS + 0.15 < 0.7, f"a retry waited {max(gaps):.2f} s"
@@ -147,7 +147,7 @@ async def test_the_retry_of_a_failed_publish_gives_up_at_the_grace_and_leaves_it
     started = time.monotonic()
     await submit(replicas.a, lone(task(task_id="t1")))
     assert retries(), "a retry runs during the grace"
-    await eventually(lambda: not retries(), 5.0, "the retry gave up")
+    await until(lambda: not retries(), 5.0, "the retry gave up")
     assert time.monotonic() - started < 1.0 + 0.3, "at the grace, not later"
     assert replicas.broker.published["t1"] == 0
     assert [entry for entry, _ in await replicas.a.outbox.entries(0.0, time.time() + 1)], "the promise is kept"

@@ -12,7 +12,7 @@ from conveyor.pools.base import make_pool
 from conveyor.reports import RESULT_LINGER_SECONDS, ResultBatcher, StartedBatcher, UnackedResults
 from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor.worker import Worker
-from tests.support.processes import eventually
+from tests.support.processes import until
 
 
 def assignment(task_id: str) -> worker_service_pb2.Assignment:
@@ -39,7 +39,7 @@ async def test_tasks_that_start_together_are_reported_in_one_started_message() -
     batcher.started(assignment("a"))
     batcher.started(assignment("b"))
     assert sent == []
-    await eventually(lambda: sent, 5.0, "the Started batch went out")
+    await until(lambda: sent, 5.0, "the Started batch went out")
     assert started_ids(sent) == [["a", "b"]]
     assert sent[0].started.tasks[0].lease_token == "lease-a"
 
@@ -50,7 +50,7 @@ async def test_a_task_that_ends_before_its_report_is_never_reported_started() ->
     batcher.started(assignment("quick"))
     batcher.started(assignment("slow"))
     batcher.ended("quick")
-    await eventually(lambda: sent, 5.0, "the Started batch went out")
+    await until(lambda: sent, 5.0, "the Started batch went out")
     assert started_ids(sent) == [["slow"]]
     batcher.started(assignment("only"))
     batcher.ended("only")
@@ -81,7 +81,7 @@ async def test_a_result_lingers_for_running_tasks_to_share_its_message() -> None
     began = loop.time()
     batcher.add(outcome("a"), others_running=True, batch_size=8)
     batcher.add(outcome("b"), others_running=True, batch_size=8)
-    await eventually(lambda: sent, 5.0, "the lingering batch went out")
+    await until(lambda: sent, 5.0, "the lingering batch went out")
     assert sent_at[0] - began >= RESULT_LINGER_SECONDS
     assert result_ids(sent) == [["a", "b"]]
 
@@ -138,7 +138,7 @@ async def test_a_one_slot_worker_sends_the_results_of_its_window_in_halves(monke
         worker._on_message(worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(
             items=[assignment(f"t{i}") for i in range(4)]
         )))
-        await eventually(lambda: not worker._running, 10.0, "the four tasks ended")
+        await until(lambda: not worker._running, 10.0, "the four tasks ended")
         await asyncio.sleep(0)
         assert result_ids(sent) == [["t0", "t1"], ["t2", "t3"]]
     finally:
