@@ -28,6 +28,7 @@ from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
 from tests.support.processes import until
+from tests.support.wait import wait_for
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_worker_stream import handle, holding
@@ -514,7 +515,7 @@ async def test_settling_hands_a_retry_back_with_its_delay(replicas: Replicas) ->
 
 
 async def pumped(replicas: Replicas, session: WorkerSession) -> worker_service_pb2.ConnectResponse | None:
-    """Run one pump of `session` on QUEUE until it sent something (or a moment passed)."""
+    """Run one pump of `session` on QUEUE until it sent something (None if it did not within 2 s)."""
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     try:
         return await asyncio.wait_for(session.outbox.get(), 2.0)
@@ -530,9 +531,18 @@ async def test_a_pump_acks_the_message_of_a_task_that_ended_meanwhile(replicas: 
     await replicas.a.canceller.cancel("t1")  # its message is still queued
     session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=2))
     await session.outbox.get()  # the Welcome
-    assert await pumped(replicas, session) is None, "nothing to run"
-    stats = await replicas.broker.stats(QUEUE)
-    assert (stats.ready, stats.in_flight) == (0, 0), "the ended task's message is acked"
+
+    async def acked() -> bool:
+        stats = await replicas.broker.stats(QUEUE)
+        return (stats.ready, stats.in_flight) == (0, 0)
+
+    pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+    try:
+        await wait_for(acked, 5.0, "the ended task's message acked")
+        assert session.outbox.empty(), "nothing to run"
+    finally:
+        await session.close()
+        await asyncio.wait_for(pump, 5)
 
 
 async def test_a_pump_that_takes_over_a_lost_workers_task_records_the_new_lease_at_once(replicas: Replicas) -> None:
