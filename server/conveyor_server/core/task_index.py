@@ -134,14 +134,16 @@ class TaskIndexer:
         task_id = result.task_id
         state = result.state
         held = self._live.get(task_id) or self._ended.get(task_id)
-        if held is not None and held[0] == state:
-            return  # noted as it is (a write that did not change the state)
-        if held is None and len(self._live) + len(self._ended) >= MAX_PENDING:
+        if held is not None:
+            if held[0] == state:
+                return  # noted as it is (a write that did not change the state)
+            # A task's queue, name and submission time never change: only its state is read again.
+            self._keep(task_id, (state, held[1], held[2], held[3], held[4]))
+        elif len(self._live) + len(self._ended) >= MAX_PENDING:
             self._dropped += 1
             return
-        submitted_us = micros_of(result.submitted_at)
-        first = held[4] if held is not None else time.monotonic()
-        self._keep(task_id, (state, result.queue, result.name, submitted_us, first))
+        else:
+            self._keep(task_id, (state, result.queue, result.name, micros_of(result.submitted_at), time.monotonic()))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
