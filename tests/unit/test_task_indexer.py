@@ -4,6 +4,7 @@ flusher that waits for held entries instead of spinning on them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import types
 from collections.abc import Sequence
@@ -12,12 +13,14 @@ import pytest
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
+from conveyor.values import micros_of
 from conveyor_server.backends.memory_task_index import MemoryTaskIndex
 from conveyor_server.backends.task_index import IndexEntry
 from conveyor_server.core import task_index
 from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.task_index import TaskIndexer
 from conveyor_server.engines import open_backend
+from tests.support.processes import until
 
 
 class CountingIndex(MemoryTaskIndex):
@@ -113,4 +116,55 @@ async def test_a_failed_write_keeps_the_entries_and_a_newer_note_wins() -> None:
     assert {t: n[0] for t, n in subject._ended.items()} == {"a": TaskStates.TASK_STATE_SUCCESS}
     assert {t: n[0] for t, n in subject._live.items()} == {"b": TaskStates.TASK_STATE_STARTED}
     subject.index = None  # nothing to write at close
+    await subject.close()
+
+
+class EntryIndex(MemoryTaskIndex):
+    """The memory index, keeping each entry written whole."""
+
+    def __init__(self) -> None:
+        super().__init__(60)
+        self.entries: list[IndexEntry] = []
+
+    async def write(self, entries: Sequence[IndexEntry]) -> None:
+        self.entries.extend(entries)
+        await super().write(entries)
+
+
+async def test_a_state_change_keeps_the_queue_name_and_submission_time_first_noted() -> None:
+    index = EntryIndex()
+    subject = TaskIndexer(open_backend("memory://"), index)
+    record = new_record(task_pb2.Signature(id="t", name="resize", queue="images"))
+    subject.note(record)
+    subject.note(moved(record, TaskStates.TASK_STATE_STARTED))
+    subject.note(moved(record, TaskStates.TASK_STATE_SUCCESS))
+    await subject.flush()
+    assert index.entries == [IndexEntry("t", TaskStates.TASK_STATE_SUCCESS, "images", "resize",
+                                        micros_of(record.result.submitted_at))]
+    await subject.close()
+
+
+async def test_past_max_pending_new_tasks_are_left_out_and_counted_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(task_index, "MAX_PENDING", 2)
+    subject, index = indexer()
+    live, ended = pending("live"), moved(pending("ended"), TaskStates.TASK_STATE_SUCCESS)
+    subject.note(live)
+    subject.note(ended)  # one live and one ended: the cap counts both
+    subject.note(pending("late-1"))
+    subject.note(pending("late-2"))
+    subject.note(moved(live, TaskStates.TASK_STATE_STARTED))  # a task already noted is still followed
+    with caplog.at_level(logging.WARNING, logger=task_index.__name__):
+        await subject.flush()
+    assert sorted(index.written) == [("ended", TaskStates.TASK_STATE_SUCCESS), ("live", TaskStates.TASK_STATE_STARTED)]
+    assert "2 updates left out" in caplog.text
+    await subject.close()
+
+
+async def test_a_note_starts_the_background_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_index, "FLUSH_SECONDS", 0.01)
+    subject, index = indexer()
+    subject.note(moved(pending("t"), TaskStates.TASK_STATE_SUCCESS))
+    await until(lambda: index.written == [("t", TaskStates.TASK_STATE_SUCCESS)], 5.0, "written in the background")
     await subject.close()
