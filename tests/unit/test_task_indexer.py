@@ -158,7 +158,7 @@ async def test_past_max_pending_new_tasks_are_left_out_and_counted_in_a_warning(
     with caplog.at_level(logging.WARNING, logger=task_index.__name__):
         await subject.flush()
     assert sorted(index.written) == [("ended", TaskStates.TASK_STATE_SUCCESS), ("live", TaskStates.TASK_STATE_STARTED)]
-    assert "2 updates left out" in caplog.text
+    assert "away?): 2 updates left out" in caplog.text
     await subject.close()
 
 
