@@ -101,8 +101,7 @@ async def measure(args: argparse.Namespace, url: str, prefix: str) -> Cost:
         for start in range(0, args.tasks, args.batch):
             await index_tasks(indexer, client, records(start, min(args.batch, args.tasks - start), "new"), cost)
     finally:
-        if indexer._flusher is not None:  # the note() calls started one; it has nothing left to write
-            indexer._flusher.cancel()
+        await indexer.close()  # stops the background flusher the notes started (nothing is left to write)
         await backend.close()
         client.close()
     return cost
