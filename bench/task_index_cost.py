@@ -12,7 +12,10 @@ over the flushes is the engine's.
     python bench/task_index_cost.py --tasks 200000 --existing 1000000
 
 `--existing` first fills the index with that many ended tasks, so that the sorted sets are as
-deep as on a busy server. Keys go under a prefix unique to the run in `--db`, deleted after it.
+deep as on a busy server. `--ttl` sets how long an ended task stays listed: a short one (say 2 s)
+measures a steady state, where the index forgets an expired task for every task it adds (a busy
+server's, once its first `ttl` has passed), and that forgetting is counted too. Keys go under a
+prefix unique to the run in `--db`, deleted after it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Cost:
     note_seconds: float = 0.0  # this process: TaskIndexer.note() for every write
     flush_seconds: float = 0.0  # this process: building and sending the flush
     redis_seconds: float = 0.0  # Redis: the whole server's CPU during the flushes
+    listed_at_end: int = 0  # tasks still in the index after the run (the rest expired and were forgotten)
+    memory_bytes: int = 0  # Redis's used memory after the run less before it
 
     def per_task_us(self, seconds: float) -> float:
         return 1e6 * seconds / max(self.tasks, 1)
@@ -90,16 +95,19 @@ async def index_tasks(indexer: TaskIndexer, client: redis.Redis, batch: list[rec
 
 
 async def measure(args: argparse.Namespace, url: str, prefix: str) -> Cost:
-    backend = RedisBackend.from_url(f"{url}?prefix={prefix}")
+    backend = RedisBackend.from_url(f"{url}?prefix={prefix}", ttl_seconds=args.ttl)
     await backend.connect()
     indexer = TaskIndexer.for_backend(backend)
     client = redis.Redis.from_url(url)
     cost = Cost()
+    memory_before = int(client.info("memory")["used_memory"])
     try:
         for start in range(0, args.existing, args.batch):
             await index_tasks(indexer, client, records(start, min(args.batch, args.existing - start), "old"), None)
         for start in range(0, args.tasks, args.batch):
             await index_tasks(indexer, client, records(start, min(args.batch, args.tasks - start), "new"), cost)
+        cost.listed_at_end = int(client.zcard(f"{prefix}:ti:all"))
+        cost.memory_bytes = int(client.info("memory")["used_memory"]) - memory_before
     finally:
         await indexer.close()  # stops the background flusher the notes started (nothing is left to write)
         await backend.close()
@@ -116,6 +124,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--hot-path-us", type=float, default=0.0,
                         help="CPU microseconds per task of the whole hot path without the index (server, worker, "
                              "client and Redis, e.g. from bench/compare.py), to print the index's share of it")
+    parser.add_argument("--ttl", type=float, default=86_400.0,
+                        help="seconds an ended task stays in the index (a short one measures its forgetting too)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=14, help="Redis DB to use")
     return parser.parse_args()
@@ -126,13 +136,19 @@ def main() -> int:
     url = db_url(args.redis, args.db)
     prefix = f"convindex-{os.getpid()}"
     print(f"{os.cpu_count()} CPUs; load average {load()}; {args.tasks:,} tasks in flushes of {args.batch:,}, "
-          f"{args.existing:,} ended tasks indexed before; {len(STATES)} record writes noted per task", flush=True)
+          f"{args.existing:,} ended tasks indexed before; {len(STATES)} record writes noted per task; "
+          f"ended tasks listed for {args.ttl:g} s", flush=True)
     try:
         cost = asyncio.run(measure(args, url, prefix))
     finally:
         delete_prefix(url, prefix)
     note, flush, engine = (cost.per_task_us(s) for s in (cost.note_seconds, cost.flush_seconds, cost.redis_seconds))
     total = note + flush + engine
+    forgotten = args.existing + args.tasks - cost.listed_at_end
+    print(f"{forgotten:,} of the {args.existing + args.tasks:,} tasks expired and were forgotten during the run")
+    if cost.listed_at_end:
+        print(f"Redis memory: {cost.memory_bytes / cost.listed_at_end:,.0f} bytes per listed task "
+              f"({cost.memory_bytes / 2**20:,.0f} MiB for {cost.listed_at_end:,})")
     print(f"per task: note {note:.1f} us + flush {flush:.1f} us (server) + Redis {engine:.1f} us = {total:.1f} us CPU")
     if args.hot_path_us:
         share = total / args.hot_path_us
