@@ -27,6 +27,7 @@ from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
+from tests.support.loop_time import loop_now
 from tests.support.processes import until
 from tests.support.wait import wait_for
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
@@ -100,6 +101,7 @@ async def test_a_served_stream_hands_out_the_tasks_of_every_queue_it_named(repli
     assert await assigned_within(replicas, session, {"on-q1", "on-q2"}, 10.0)
 
 
+@pytest.mark.looptime  # the pump's fetch waits out its poll when the session closes
 async def test_a_worker_on_two_queues_gets_the_second_queues_task_with_a_window_below_the_batch(
     replicas: Replicas,
 ) -> None:
@@ -170,6 +172,7 @@ async def test_a_pump_whose_claim_and_hand_back_both_fail_keeps_fetching(
 
 
 
+@pytest.mark.looptime
 async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_a_second(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,7 +182,7 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
     attempts: list[float] = []
 
     async def unreachable(*args: object) -> list[Delivery]:
-        attempts.append(time.monotonic())
+        attempts.append(loop_now())
         raise ConnectionError("engine away (injected)")
 
     monkeypatch.setattr(replicas.broker, "fetch", unreachable)
@@ -193,6 +196,7 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
     assert max(gaps) < cap + 0.2, f"a retry waited {max(gaps):.2f} s, past the cap of {cap} s"
     assert gaps[-1] >= cap / 2 - 0.01, "the delay grows while the engine stays away"
 
+@pytest.mark.looptime
 async def test_results_an_engine_refused_are_retried_after_a_short_backoff_capped_below_a_second(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,7 +207,7 @@ async def test_results_an_engine_refused_are_retried_after_a_short_backoff_cappe
     away = True
 
     async def handle(*args: object) -> None:
-        attempts.append(time.monotonic())
+        attempts.append(loop_now())
         if away:
             raise ConnectionError("engine away (injected)")
 
@@ -526,6 +530,7 @@ async def pumped(replicas: Replicas, session: WorkerSession) -> worker_service_p
         await asyncio.wait_for(pump, 5)
 
 
+@pytest.mark.looptime  # the pump's fetch waits out its poll when the session closes
 async def test_a_pump_acks_the_message_of_a_task_that_ended_meanwhile(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await replicas.a.canceller.cancel("t1")  # its message is still queued
@@ -545,6 +550,7 @@ async def test_a_pump_acks_the_message_of_a_task_that_ended_meanwhile(replicas: 
         await asyncio.wait_for(pump, 5)
 
 
+@pytest.mark.looptime  # the pump's fetch waits out its poll when the session closes
 async def test_a_pump_that_takes_over_a_lost_workers_task_records_the_new_lease_at_once(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     first = await lease_all(replicas.a)  # RECEIVED by a worker that is then lost

@@ -4,7 +4,8 @@ refuses, follow-ups kept as a repair, only a promise's own pending tasks republi
 and its quick passes during an outage).
 
 On the shared memory engines of tests/unit/replicas.py, with a reconciler built here on an
-injected clock and its own grace.
+injected clock and its own grace. The tests of the loop run on looptime's fake loop clock
+(tests/support/loop_time.py): its intervals and backoffs take no real time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from conveyor_server.core import reconciler as reconciler_module
 from conveyor_server.core.outbox import PUBLISH
 from conveyor_server.core.reconciler import Reconciler
 from conveyor_server.core.repair import Repairer, RepairReport
+from tests.support.loop_time import loop_now
 from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_durability import Clock, Outage, lone, submit, task
@@ -44,7 +46,7 @@ def counted_passes(keeper: Reconciler) -> list[float]:
     reconcile_once = keeper.reconcile_once
 
     async def counted() -> int:
-        passes.append(time.monotonic())
+        passes.append(loop_now())
         return await reconcile_once()
 
     keeper.reconcile_once = counted  # type: ignore[method-assign]
@@ -194,6 +196,7 @@ async def test_follow_ups_kept_by_the_reconciler_resend_what_their_first_pass_cl
     assert sum(n for t, n in replicas.broker.published.items() if ".err" in t) == 1
 
 
+@pytest.mark.looptime
 async def test_the_loop_keeps_promises_that_become_overdue_after_its_first_passes(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await promise_publish(replicas, "t1")
@@ -211,6 +214,7 @@ async def test_the_loop_keeps_promises_that_become_overdue_after_its_first_passe
         await asyncio.gather(loop, return_exceptions=True)
 
 
+@pytest.mark.looptime
 async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_out_soon_after_it_returns(
     replicas: Replicas,
 ) -> None:
@@ -224,9 +228,9 @@ async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_o
     try:
         await until(lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
         replicas.broker.fail_publishes = 0
-        returned = time.monotonic()
+        returned = loop_now()
         await until(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
-        waited = time.monotonic() - returned
+        waited = loop_now() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert keeper.refused_passes == 0
     finally:
@@ -241,10 +245,11 @@ class CountingRepairer:
         self.runs: list[float] = []
 
     async def repair_due(self) -> RepairReport:
-        self.runs.append(time.monotonic())
+        self.runs.append(loop_now())
         return RepairReport()
 
 
+@pytest.mark.looptime
 async def test_the_loop_repairs_once_per_interval_even_while_an_outage_makes_its_passes_quick(
     replicas: Replicas,
 ) -> None:
@@ -281,6 +286,7 @@ class StalledRepairer:
         return RepairReport()
 
 
+@pytest.mark.looptime
 async def test_a_repair_pass_that_waits_on_the_broker_does_not_hold_up_the_promises(replicas: Replicas) -> None:
     # In CI, moto back from an outage took 3.5 s over one repair pass, and the outage's promises
     # went out only after it: work resumed 4.7 s after the broker's return.
@@ -295,9 +301,9 @@ async def test_a_repair_pass_that_waits_on_the_broker_does_not_hold_up_the_promi
     try:
         await asyncio.wait_for(repairer.started.wait(), 5.0)
         replicas.broker.fail_publishes = 0
-        returned = time.monotonic()
+        returned = loop_now()
         await until(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept during the repair")
-        waited = time.monotonic() - returned
+        waited = loop_now() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert not repairer.release.is_set() and not loop.done()
     finally:
@@ -306,6 +312,7 @@ async def test_a_repair_pass_that_waits_on_the_broker_does_not_hold_up_the_promi
         await asyncio.gather(loop, return_exceptions=True)
 
 
+@pytest.mark.looptime
 async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_at_most_the_cap(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,7 +320,7 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
     reads: list[float] = []
 
     async def unreachable(*args: object) -> list[object]:
-        reads.append(time.monotonic())
+        reads.append(loop_now())
         raise Outage("backend unreachable (injected)")
 
     monkeypatch.setattr(replicas.b.outbox, "entries", unreachable)
@@ -333,6 +340,7 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
     assert max(gaps) < cap + 0.15, f"a pass waited {max(gaps):.2f} s, past the cap of {cap} s"
 
 
+@pytest.mark.looptime
 async def test_while_the_engines_answer_passes_wait_the_interval(replicas: Replicas) -> None:
     keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
     passes = counted_passes(keeper)

@@ -22,6 +22,7 @@ from conveyor_server.core import confirmed, submission
 from conveyor_server.core.errors import AlreadyExists, InvalidArgument
 from conveyor_server.core.outbox import OUTBOX_GROUP, PUBLISH
 from conveyor_server.core.submission import Submitter
+from tests.support.loop_time import loop_clock, loop_now
 from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, short_lived
 from tests.unit.test_durability import chain, lone, submit, task
@@ -114,6 +115,7 @@ async def test_a_workflow_whose_first_publish_failed_is_started_by_the_retry(
     assert loop_errors == [], "a finished retry leaves nothing behind to report"
 
 
+@pytest.mark.looptime
 async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,7 +125,7 @@ async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     publish = replicas.broker.publish
 
     async def timed(*args: Any) -> None:
-        attempts.append(time.monotonic())
+        attempts.append(loop_now())
         await publish(*args)
 
     monkeypatch.setattr(replicas.broker, "publish", timed)
@@ -135,6 +137,7 @@ async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     assert max(gaps) < submission.RETRY_MAX_SECONDS + 0.15 < 0.7, f"a retry waited {max(gaps):.2f} s"
 
 
+@pytest.mark.looptime
 async def test_the_retry_of_a_failed_publish_gives_up_at_the_grace_and_leaves_it_to_the_reconciler(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,12 +146,13 @@ async def test_the_retry_of_a_failed_publish_gives_up_at_the_grace_and_leaves_it
     monkeypatch.setattr(submission, "RETRY_FIRST_SECONDS", 0.1)
     submitter = replicas.a.submitter
     monkeypatch.setattr(submitter, "settings", dataclasses.replace(submitter.settings, outbox_grace_seconds=1.0))
+    monkeypatch.setattr(submitter, "clock", loop_clock())  # its grace runs on the loop's fake time
     replicas.broker.fail_publishes = 1_000_000
-    started = time.monotonic()
+    started = loop_now()
     await submit(replicas.a, lone(task(task_id="t1")))
     assert retries(), "a retry runs during the grace"
     await until(lambda: not retries(), 5.0, "the retry gave up")
-    assert time.monotonic() - started < 1.0 + 0.3, "at the grace, not later"
+    assert loop_now() - started < 1.0 + 0.3, "at the grace, not later"
     assert replicas.broker.published["t1"] == 0
     assert [entry for entry, _ in await replicas.a.outbox.entries(0.0, time.time() + 1)], "the promise is kept"
 

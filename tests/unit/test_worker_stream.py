@@ -564,6 +564,7 @@ async def test_a_pump_fills_the_window_and_stops_with_the_session(replicas: Repl
     assert (await replicas.broker.stats(QUEUE)).ready == 1
 
 
+@pytest.mark.looptime  # the pump's fetch waits out its poll when the session closes
 async def test_a_pump_of_a_paused_queue_hands_out_nothing(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     await replicas.a.admin.pause(QUEUE)
