@@ -4,17 +4,23 @@ can run waits (counted as unroutable), it is never failed."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
+from typing import Any
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
+from conveyor_server.brokers.base import Delivery
 from conveyor_server.core.publisher import decode_message
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.routing import BOUNCE_FIRST_SECONDS, BOUNCE_MAX_SECONDS, Unroutable, bounce_delay
 from conveyor_server.core.routing_timeout import past_routing_timeout, ready_at
+from tests.support.loop_time import loop_now
+from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -164,3 +170,44 @@ def test_a_task_is_ready_from_its_latest_of_enqueueing_eta_and_retry() -> None:
     assert not past_routing_timeout(record, 309.9)
     assert past_routing_timeout(record, 310.0)
     assert not past_routing_timeout(records_pb2.TaskRecord(), 1e12), "no routing_timeout: it waits for good"
+
+
+@pytest.mark.looptime  # the pauses are asyncio sleeps: on the fake clock they take no real time
+async def test_a_pump_that_fetches_only_tasks_for_other_workers_pauses_longer_each_time(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every fetch brings only tasks another worker registered, the pump waits
+    bounce_delay(n) before its n+1-th fetch (it would otherwise spin on them); a fetch that
+    brings a task of its own ends the pauses."""
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1")))
+    connections = replicas.a.connections
+    connections.open(hello("node", "node.mul"))  # its worker can run n1: handed back at once
+    python = connections.open(hello("py", "py.add"))
+    fetches: list[tuple[float, list[str]]] = []
+    fetch = replicas.broker.fetch
+
+    async def timed(*args: Any, **kwargs: Any) -> list[Delivery]:
+        at = loop_now()
+        deliveries = await fetch(*args, **kwargs)
+        fetches.append((at, [decode_message(d.body).signature.id for d in deliveries]))
+        return deliveries
+
+    monkeypatch.setattr(replicas.broker, "fetch", timed)
+    started = loop_now()
+    pump = asyncio.create_task(connections._pump(python, QUEUE))
+    try:
+        await until(lambda: len(fetches) >= 6, 10.0, "six fetches of the node task")
+        assert fetches[0][0] - started == pytest.approx(0.0, abs=0.002), "the first fetch waits for nothing"
+        gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(fetches[:6])]
+        assert gaps == pytest.approx([bounce_delay(n) for n in range(1, 6)], abs=0.002)
+        assert all(ids == ["n1"] for _, ids in fetches[:6])
+        await submit(replicas.a, lone(task(name="py.add", task_id="p1")))
+        await until(lambda: any("p1" in ids for _, ids in fetches), 10.0, "a fetch of the python task")
+        mine = next(i for i, (_, ids) in enumerate(fetches) if "p1" in ids)
+        await until(lambda: len(fetches) >= mine + 3, 10.0, "two fetches after it")
+        after = [later[0] - earlier[0] for earlier, later in itertools.pairwise(fetches[mine : mine + 3])]
+        assert after == pytest.approx([0.0, bounce_delay(1)], abs=0.002), "the pauses begin again from the first"
+    finally:
+        await python.close()
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
