@@ -564,3 +564,29 @@ async def test_a_pump_that_takes_over_a_lost_workers_task_records_the_new_lease_
     [assignment] = message.assignments.items
     record = await replicas.a.store.get("t1")
     assert record is not None and record.lease_token == assignment.lease_token, "the lost worker's lease is stale now"
+
+
+@pytest.mark.looptime  # each fetch of the empty queue waits FETCH_WAIT_SECONDS: none on the fake clock
+@pytest.mark.parametrize(("window", "queues", "share"), [(3, 1, 3), (1, 1, 1), (5, 2, 2)])
+async def test_a_pump_asks_for_a_batch_first_and_only_its_share_of_the_window_while_its_queue_is_empty(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch, window: int, queues: int, share: int
+) -> None:
+    names = [QUEUE, "other"][:queues]
+    session = replicas.a.connections.open(
+        worker_service_pb2.Hello(worker_id="w1", queues=names, max_in_flight=window)
+    )
+    asked: list[int] = []
+    reserve = session.reserve
+
+    async def recorded(most: int) -> int:
+        asked.append(most)
+        return await reserve(most)
+
+    monkeypatch.setattr(session, "reserve", recorded)
+    pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
+    try:
+        await until(lambda: len(asked) >= 3, 10.0, "three reservations")
+    finally:
+        await session.close()
+        await asyncio.wait_for(pump, 5)
+    assert asked[:3] == [replicas.a.connections.settings.assignment_batch, share, share]
