@@ -32,6 +32,7 @@ from tests.support.processes import until
 from tests.support.wait import wait_for
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
+from tests.unit.test_replacement import as_task
 from tests.unit.test_worker_stream import handle, holding
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
@@ -590,3 +591,24 @@ async def test_a_pump_asks_for_a_batch_first_and_only_its_share_of_the_window_wh
         await session.close()
         await asyncio.wait_for(pump, 5)
     assert asked[:3] == [replicas.a.connections.settings.assignment_batch, share, share]
+
+
+async def test_a_worker_whose_token_is_limited_to_its_queues_may_not_replace_a_task_with_tasks_for_others(
+    replicas: Replicas,
+) -> None:
+    """The session's queue scope reaches the check of the replacements its results carry."""
+    await submit(replicas.a, lone(task(task_id="t1")))
+    hello = worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10)
+    session = replicas.a.connections.open(hello, allowed_queues=[QUEUE])
+    claim = await lease_all(replicas.a)
+    await session.settle(0, claim.leases)
+    sent(session)  # the Welcome
+    [lease] = claim.leases
+    billing = task_pb2.Signature(name="noop", queue="billing")
+    outcome = worker_service_pb2.TaskOutcome(
+        task_id="t1", lease_token=lease.token, outcome=worker_service_pb2.OUTCOME_REPLACED, replacement=as_task(billing)
+    )
+    await handle(replicas, session, results=worker_service_pb2.Results(outcomes=[outcome]))
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_FAILURE
+    assert record.result.error.type == "InvalidReplacement" and "['billing']" in record.result.error.message
