@@ -461,16 +461,17 @@ async def test_a_stopping_server_hands_back_the_leases_of_a_worker_that_left_and
     assert loop_errors == []
 
 
-async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas: Replicas) -> None:
+@pytest.mark.parametrize("reports_first", [0, 1], ids=["silent-from-the-start", "silent-after-a-heartbeat"])
+async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas: Replicas, reports_first: int) -> None:
     connections = replicas.a.connections
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
     session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
     done = asyncio.Event()
 
     async def silent() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+        for _ in range(reports_first):  # handled, then silence: the watchdog counts it again
+            yield worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
         await done.wait()
-        return
-        yield  # an async generator
 
     served = asyncio.create_task(connections.run(session, silent()))
     try:
