@@ -26,6 +26,7 @@ from tests.support.loop_time import loop_clock, loop_now
 from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, short_lived
 from tests.unit.test_durability import chain, lone, submit, task
+from tests.unit.test_workflow_engine import flow, group_of, step
 
 __all__ = ["quick_repairs", "replicas", "short_lived"]  # fixtures used by the tests below
 WF = workflow_pb2
@@ -224,3 +225,23 @@ async def test_the_plan_of_a_refused_workflow_expires(
     with pytest.raises(AlreadyExists):
         await submit(short_lived.a, chain(task(task_id="y"), task(task_id="x")))
     assert await short_lived.b.store.plan("wf-refused") is None
+
+
+async def test_a_streamed_submission_may_hold_up_to_max_stream_tasks_and_a_plain_one_up_to_max_workflow_tasks(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitter = replicas.a.submitter
+    limits = dataclasses.replace(submitter.settings.limits, max_workflow_tasks=3, max_stream_tasks=5)
+    monkeypatch.setattr(submitter, "settings", dataclasses.replace(submitter.settings, limits=limits))
+
+    def group(size: int, tag: str) -> task_service_pb2.SubmitRequest:
+        return flow(group_of(*(step(f"{tag}{i}") for i in range(size))))
+
+    with pytest.raises(InvalidArgument, match="4 tasks, over the limit of 3"):
+        await submitter.submit([group(4, "plain")])
+    await submitter.submit([group(5, "streamed")], streamed=True)  # planned and written off the loop
+    for i in range(5):
+        assert await replicas.a.store.get(f"streamed{i}") is not None
+    assert replicas.broker.published["streamed0"] == 1
+    with pytest.raises(InvalidArgument, match="6 tasks, over the limit of 5"):
+        await submitter.submit([group(6, "over")], streamed=True)
