@@ -29,6 +29,7 @@ from .api.reflection import enable_reflection
 from .api.task_service import TaskServicer
 from .api.worker_service import WorkerServicer
 from .backends.base import Backend
+from .background import stop_tasks
 from .brokers.base import Broker
 from .config import Settings, with_data_dir
 from .core.admin import Admin
@@ -168,9 +169,7 @@ class Core:
             ))
 
     async def stop(self) -> None:
-        for task in self._maintenance:
-            task.cancel()
-        await asyncio.gather(*self._maintenance, return_exceptions=True)
+        await stop_tasks(*self._maintenance)
         await self.connections.shutdown()
         await self.submitter.close()
         await self.outbox.drain()

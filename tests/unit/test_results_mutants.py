@@ -16,6 +16,7 @@ import pytest
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2, workflow_pb2
+from conveyor_server import background
 from conveyor_server.core import results
 from conveyor_server.core.records import transition
 from tests.support.processes import until
@@ -77,7 +78,7 @@ async def test_a_result_recorded_here_while_the_wait_follows_the_feed_is_answere
 async def test_a_wait_that_ran_out_leaves_nothing_behind(replicas: Replicas, loop_errors: list[dict[str, Any]]) -> None:
     await submit(replicas.a, lone(task(task_id="t1")))
     assert (await replicas.a.reader.wait("t1", 0.05)).state == result_pb2.TASK_STATE_PENDING
-    await until(lambda: not results._DETACHED, 5.0, "the abandoned feed subscription ended")
+    await until(lambda: not background.still_stopping(), 5.0, "the abandoned feed subscription ended")
     assert loop_errors == []
 
 

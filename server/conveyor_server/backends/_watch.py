@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable
 from typing import Protocol
 
+from ..background import stop_tasks
 from ..backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -168,10 +169,7 @@ class PollFeed:
             self._seen.pop(key, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
 
     async def _run(self) -> None:
         # While the engine is away, polls back off (and log once per attempt, not 20 times a second); a

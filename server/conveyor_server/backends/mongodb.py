@@ -67,6 +67,7 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
+from ..background import stop_tasks
 from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl, split_prefix
 from . import _tokens
@@ -175,9 +176,7 @@ class _StreamFeed:
         self._registry.remove(watcher)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_tasks(self._task)
         with contextlib.suppress(PyMongoError):
             await self._stream.close()
 
@@ -254,11 +253,8 @@ class MongoBackend(OneMemberAdds):
 
     async def close(self) -> None:
         await self._hub.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await stop_tasks(self._sweeper)
+        self._sweeper = None
         if self._client is not None:
             await self._client.close()
             self._client = None

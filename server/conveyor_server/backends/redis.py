@@ -29,7 +29,6 @@ one slot; single-node deployments keep the names above. The task index keeps its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -43,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
+from ..background import stop_tasks
 from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
@@ -223,10 +223,7 @@ class _Subscriptions:
                     log.warning("redis unsubscribe failed", exc_info=True)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await stop_tasks(self._reader)
         self._registry.close_all()
         for waits in self._pending.values():
             for wait in waits:

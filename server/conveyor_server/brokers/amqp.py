@@ -94,6 +94,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed, DeliveryError
 from pamqp.commands import Basic
 
+from ..background import stop_tasks
 from ..engine_errors import is_transient
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ._delayed import PublishedDelays
@@ -341,17 +342,13 @@ class AmqpBroker:
         # Closing the connection hands unacked messages back to RabbitMQ.
         self._opened = False
         reconnector, self._reconnector = self._reconnector, None
-        if reconnector is not None:
-            reconnector.cancel()
-            await asyncio.gather(reconnector, return_exceptions=True)
+        await stop_tasks(reconnector)
         connection, self._connection = self._connection, None
         self._channels.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), RPC_TIMEOUT_SECONDS)
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await stop_tasks(*self._background)
         self._leases.clear()
         self._declared.clear()
         self._delay_declared.clear()

@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from ..background import stop_tasks
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
@@ -398,11 +399,8 @@ class RedisBroker:
         self._listener = asyncio.create_task(self._listen(), name="conveyor-redis-signals")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await stop_tasks(self._listener)
+        self._listener = None
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()

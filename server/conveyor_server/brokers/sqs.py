@@ -70,6 +70,7 @@ from urllib.parse import unquote
 
 import aioboto3
 
+from ..background import stop_tasks
 from ..backoff import Backoff
 from ..engine_errors import is_transient
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
@@ -312,12 +313,7 @@ class SqsBroker:
 
     async def close(self) -> None:
         await self._acked()
-        background = [*self._polls.values(), *self._forwarding.values()]
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks(*self._polls.values(), *self._forwarding.values())
         self._polls.clear()
         self._forwarding.clear()
         self._buffer.clear()

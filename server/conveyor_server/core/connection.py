@@ -22,6 +22,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import worker_service_pb2
 from conveyor.values import set_seconds
 
+from ..background import stop_tasks
 from ..backoff import Backoff
 from ..brokers.base import Broker, Delivery
 from ..config import Settings
@@ -174,9 +175,7 @@ class WorkerConnections:
 
     async def _leave(self, session: WorkerSession, tasks: list[asyncio.Task[None]]) -> None:
         await session.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(*tasks)
         leases = self.registry.remove(session)
         if self.tasks is not None:
             self.tasks.left(session)
@@ -626,10 +625,7 @@ class WorkerConnections:
 
     async def shutdown(self) -> None:
         """Return every orphaned lease at once (the server is stopping)."""
-        for task in list(self._background):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await stop_tasks(*self._background)
         orphans = self.registry.take_all_orphans()
         if orphans:
             await self.broker.nack([lease.delivery for lease in orphans])

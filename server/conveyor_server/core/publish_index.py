@@ -24,7 +24,6 @@ registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from conveyor.internal.v1 import records_pb2
 
 from ..backends.base import Backend
+from ..background import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +181,7 @@ class PublishIndex:
 
     async def close(self) -> None:
         """Write what is left (best effort: the server is stopping)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(BaseException):
-                await self._flusher
+        await stop_tasks(self._flusher)
         try:
             await self.flush()
         except Exception as exc:

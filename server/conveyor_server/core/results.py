@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2
 
+from ..background import stop_in_background
 from .canvas import Kind, NodeOutcome, kind_of, nodes_by_id, task_ids
 from .canvas.reading import workflow_outcome
 from .errors import InvalidArgument, NotFound
@@ -82,8 +82,7 @@ class ResultReader:
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 # Unsubscribing from the change feed must not delay the answer.
-                elsewhere.cancel()
-                _detach(elsewhere)
+                stop_in_background(elsewhere)
         for finished in done:
             if (found := finished.result()) is not None:
                 return found
@@ -138,8 +137,7 @@ class ResultReader:
         finally:
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
             # reader) goes on in the background: it must not hold the answer back.
-            follower.cancel()
-            _detach(follower)
+            stop_in_background(follower)
 
     async def _collect_changes(self, keys: list[str], changed: set[str], wake: asyncio.Event) -> None:
         async for keys_changed in self.store.backend.watch(keys):
@@ -221,8 +219,7 @@ class ResultReader:
         finally:
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
             # reader) goes on in the background: it must not hold the answer back.
-            follower.cancel()
-            _detach(follower)
+            stop_in_background(follower)
 
     async def workflow(self, workflow_id: str) -> task_service_pb2.GetWorkflowResponse:
         plan = await self.store.plan(workflow_id)
@@ -254,20 +251,6 @@ class ResultReader:
 
 
 # Watches being cancelled in the background; held so they are not garbage-collected midway.
-_DETACHED: set[asyncio.Task[Any]] = set()
-
-
-def _detach(task: asyncio.Task[Any]) -> None:
-    _DETACHED.add(task)
-    task.add_done_callback(_finished_detached)
-
-
-def _finished_detached(task: asyncio.Task[Any]) -> None:
-    _DETACHED.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved, so a failed watch is not reported as never awaited
-
-
 def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
     copied = result_pb2.TaskResult()
     copied.CopyFrom(result)

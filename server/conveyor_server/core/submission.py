@@ -22,6 +22,7 @@ from conveyor.v1 import task_pb2, task_service_pb2
 from conveyor.values import seconds_of
 
 from ..backends.base import Update
+from ..background import stop_tasks
 from ..backoff import Backoff
 from ..config import Limits, Settings
 from .admission import Admission
@@ -157,9 +158,7 @@ class Submitter:
 
     async def close(self) -> None:
         """Stop retrying (the server is stopping): the reconciler takes over what is left."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await stop_tasks(*self._background)
 
     def _prepare(
         self, request: task_service_pb2.SubmitRequest, index: int, total: int, headers: Mapping[str, str] | None,

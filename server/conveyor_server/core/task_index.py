@@ -19,7 +19,6 @@ token is set: the engines bound each scan (Redis) and stale entries are skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -32,6 +31,7 @@ from conveyor.values import micros_of, seconds_of
 
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
+from ..background import stop_tasks
 from .errors import InvalidArgument
 from .page_tokens import decode_place, encode_place
 from .store import load_records
@@ -216,11 +216,7 @@ class TaskIndexer:
 
     async def close(self) -> None:
         """Write what is left (best effort: the server is stopping)."""
-        flusher = self._flusher
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(BaseException):
-                await flusher
+        await stop_tasks(self._flusher)
         try:
             await self.flush()
         except Exception as exc:
