@@ -4,12 +4,14 @@ must not leave a feed loop running and whoever closes it waiting forever."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
 
 from conveyor_server import background
 from conveyor_server.background import stop_in_background, stop_tasks
+from tests.support.processes import until
 
 
 class FeedLoop:
@@ -23,18 +25,16 @@ class FeedLoop:
     async def _run(self) -> None:
         while True:
             self.read = asyncio.get_running_loop().create_future()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.read, 10)
-            except TimeoutError:
-                pass
             self.reads += 1
 
     async def reading(self) -> asyncio.Future[None]:
         """The read the loop is waiting on, once it waits."""
-        while self.read is None or self.read.done():
-            await asyncio.sleep(0)
+        await until(lambda: self.read is not None and not self.read.done(), 30.0, "the loop reading")
         for _ in range(3):  # into wait_for's own wait
             await asyncio.sleep(0)
+        assert self.read is not None
         return self.read
 
 
@@ -70,8 +70,7 @@ async def test_stop_in_background_ends_such_a_loop_too_without_waiting_for_it() 
     assert background.still_stopping() == 1
     await asyncio.wait_for(asyncio.shield(asyncio.gather(feed.task, return_exceptions=True)), 30)
     assert feed.task.cancelled()
-    while background.still_stopping():
-        await asyncio.sleep(0.1)
+    await until(lambda: not background.still_stopping(), 30.0, "the stopper done")
 
 
 async def test_stop_tasks_takes_tasks_that_ended_already_or_failed_and_none() -> None:

@@ -168,3 +168,49 @@ async def test_a_note_starts_the_background_flush(monkeypatch: pytest.MonkeyPatc
     subject.note(moved(pending("t"), TaskStates.TASK_STATE_SUCCESS))
     await until(lambda: index.written == [("t", TaskStates.TASK_STATE_SUCCESS)], 5.0, "written in the background")
     await subject.close()
+
+
+class FailingIndex(CountingIndex):
+    """Refuses the first `failures` writes, as an engine that is away does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.tried_at: list[float] = []
+
+    async def write(self, entries: Sequence[IndexEntry]) -> None:
+        self.tried_at.append(asyncio.get_running_loop().time())
+        if len(self.tried_at) <= self.failures:
+            raise ConnectionError("engine away")
+        await super().write(entries)
+
+
+@pytest.mark.looptime
+async def test_a_failed_background_flush_retries_backing_off_to_its_cap_then_writes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    index = FailingIndex(failures=4)
+    subject = TaskIndexer(open_backend("memory://"), index)
+    with caplog.at_level(logging.WARNING, logger=task_index.__name__):
+        subject.note(moved(pending("t"), TaskStates.TASK_STATE_SUCCESS))
+        await until(lambda: index.written, 30.0, "written after the engine came back")
+    gaps = [round(later - earlier, 2) for earlier, later in zip(index.tried_at, index.tried_at[1:], strict=False)]
+    assert gaps == [0.5, 1.0, 2.0, 2.0]  # FLUSH_SECONDS doubled after each failure, up to RETRY_MAX_SECONDS
+    assert index.written == [("t", TaskStates.TASK_STATE_SUCCESS)]
+    assert "retrying in 0.5 s" in caplog.text and "retrying in 2.0 s" in caplog.text
+    await subject.close()
+
+
+@pytest.mark.looptime
+async def test_once_many_ended_entries_wait_the_background_flush_does_not_wait_a_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(task_index, "FLUSH_AT_ENTRIES", 3)
+    index = FailingIndex(failures=0)
+    subject = TaskIndexer(open_backend("memory://"), index)
+    started = asyncio.get_running_loop().time()
+    for n in range(3):
+        subject.note(moved(pending(f"t-{n}"), TaskStates.TASK_STATE_SUCCESS))
+    await until(lambda: len(index.written) == 3, 30.0, "the three written")
+    assert index.tried_at == [started]  # one write, before FLUSH_SECONDS passed
+    await subject.close()

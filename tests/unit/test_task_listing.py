@@ -9,6 +9,7 @@ import pytest
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2
+from conveyor_server.backends.memcached import MemcachedBackend
 from conveyor_server.backends.memory_task_index import MemoryTaskIndex
 from conveyor_server.backends.task_index import Cursor, IndexEntry, TaskQuery
 from conveyor_server.core.errors import InvalidArgument
@@ -146,3 +147,51 @@ async def test_a_backend_without_an_index_says_why_it_cannot_list() -> None:
         await indexer.find(TaskQuery())
     await indexer.close()
 
+
+
+async def test_oldest_age_counts_only_the_asked_states_and_never_goes_below_zero() -> None:
+    backend = open_backend("memory://")
+    index = MemoryTaskIndex(60)
+    indexer = TaskIndexer(backend, index)
+    records = [stored("done-long-ago", TaskStates.TASK_STATE_SUCCESS, 50),
+               stored("waiting", TaskStates.TASK_STATE_PENDING, 120),
+               stored("running", TaskStates.TASK_STATE_STARTED, 150)]
+    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in records})
+    await index.write([entry_of(r) for r in records])
+
+    waiting = frozenset({TaskStates.TASK_STATE_PENDING})
+    assert await indexer.oldest_age("q", waiting, now=200.0) == 80.0
+    assert await indexer.oldest_age("q", waiting | {TaskStates.TASK_STATE_STARTED}, now=200.0) == 80.0
+    assert await indexer.oldest_age("q", frozenset({TaskStates.TASK_STATE_STARTED}), now=200.0) == 50.0
+    assert await indexer.oldest_age("q", waiting, now=100.0) == 0.0  # a clock behind the submitter's
+    await indexer.close()
+
+
+async def test_find_reads_on_past_entries_that_no_longer_match_to_fill_the_page() -> None:
+    backend = open_backend("memory://")
+    index = MemoryTaskIndex(60)
+    indexer = TaskIndexer(backend, index)
+    ended = [stored(f"ended-{n}", TaskStates.TASK_STATE_SUCCESS, 100 + n) for n in range(3)]
+    waiting = [stored(f"waiting-{n}", TaskStates.TASK_STATE_PENDING, 110 + n) for n in range(3)]
+    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in ended + waiting})
+    # The index lost the ended tasks' last writes: it still lists them as pending, and first.
+    stale = [dataclasses.replace(entry_of(r), state=TaskStates.TASK_STATE_PENDING) for r in ended]
+    await index.write(stale + [entry_of(r) for r in waiting])
+
+    query = TaskQuery(states=frozenset({TaskStates.TASK_STATE_PENDING}), limit=2, oldest_first=True)
+    first = await indexer.find(query)
+    assert [r.result.task_id for r in first.records] == ["waiting-0", "waiting-1"]
+    rest = await indexer.find(query, first.next_page_token)
+    assert [r.result.task_id for r in rest.records] == ["waiting-2"]
+    assert rest.next_page_token == ""
+    await indexer.close()
+
+
+async def test_a_backend_that_keeps_no_index_names_itself_and_the_backends_that_can() -> None:
+    indexer = TaskIndexer.for_backend(MemcachedBackend.from_url("memcached://127.0.0.1:1"))
+    assert not indexer.enabled
+    with pytest.raises(ListingUnsupported, match=r"^the memcached backend keeps no task index, so it cannot "
+                                                  r"list tasks \(SQLite, Redis, MongoDB and memory can; "):
+        await indexer.find(TaskQuery())
+    assert TaskIndexer.for_backend(open_backend("memory://")).enabled
+    assert TaskIndexer(open_backend("memory://"), None).unsupported == "this backend cannot list tasks"
