@@ -10,13 +10,16 @@
 // heartbeats) carries everything: Hello/Welcome, batched Assignments in, batched Started/Results/
 // Reject out (lib/reports.js: whatever is ready in one event-loop turn goes out as one message per
 // kind), Cancel, ResultAck and Drain. Results stay buffered until the server acks them and are sent
-// again after a reconnect.
+// again after a reconnect. How one attempt runs and what it reports is lib/execution.js.
 
 const os = require('node:os');
 const { load, defaultAddress, grpc } = require('./proto');
-const { toValue, fromValues, fromValueMap, timestamp, duration, durationSeconds } = require('./values');
+const { timestamp } = require('./values');
 const tracing = require('./tracing');
-const { toWorkflow } = require('./client');
+const {
+  Retry, Reject, Replacement, TaskCancelled, TimeLimitExceeded, SoftTimeLimitExceeded,
+} = require('./task_errors');
+const { newEntry, taskContext, execute, callTask, endedBy } = require('./execution');
 const { ReportBatcher, UnackedResults } = require('./reports');
 const { WorkerStream } = require('./worker_stream');
 
@@ -33,84 +36,7 @@ const FATAL_CODES = new Set([
   grpc.status.UNAUTHENTICATED, grpc.status.FAILED_PRECONDITION,
 ]);
 
-/** Throw inside a task to run it again after `delay` seconds (bounded by the task's max attempts). */
-class Retry extends Error {
-  constructor(delay = 0, reason = '') {
-    super(reason || `retry requested in ${delay} s`);
-    this.name = 'Retry';
-    this.delay = delay;
-    this.reason = reason;
-  }
-}
-
-/**
- * Throw inside a task to refuse it (Celery's Reject). By default the task fails for good with a
- * "Rejected" error, never retried (its linkError callbacks run; it is a dead letter). With
- * {requeue: true} it goes back to its queue and the same attempt runs again later, on any worker;
- * not a failure, but a task requeued 10 times fails with "Rejected" (docs/canvas.md).
- */
-class Reject extends Error {
-  constructor(reason = '', { requeue = false } = {}) {
-    super(reason || (requeue ? 'requeued by the task' : 'rejected by the task'));
-    this.name = 'Reject';
-    this.reason = reason;
-    this.requeue = Boolean(requeue);
-  }
-}
-
-/**
- * What ctx.replace(canvas) returns: a task that returns it is replaced by the canvas (Celery's
- * self.replace), which runs in its place on the server; its result becomes the task's result.
- */
-class Replacement {
-  constructor(workflow) {
-    this.workflow = workflow;
-  }
-}
-
-/** The reason of ctx.signal when the server cancelled the task. */
-class TaskCancelled extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'TaskCancelled';
-  }
-}
-
-/** The reason of ctx.signal when the task ran past its time limit. */
-class TimeLimitExceeded extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'TimeLimitExceeded';
-  }
-}
-
-/** The reason of ctx.softSignal when the task ran past its soft time limit (time to clean up). */
-class SoftTimeLimitExceeded extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'SoftTimeLimitExceeded';
-  }
-}
-
 const DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024;
-
-function taskError(err, type) {
-  if (err instanceof Error) {
-    return { type: type || err.name || err.constructor?.name || 'Error', message: String(err.message ?? ''), traceback: err.stack || '' };
-  }
-  return { type: type || 'Error', message: String(err), traceback: '' };
-}
-
-/** How an attempt that threw `err` ends: a retry or a reject it asked for, else a failure. */
-function endedBy(err) {
-  if (err instanceof Retry) {
-    return { outcome: 'OUTCOME_RETRY', error: taskError(err, 'Retry'), retry_delay: duration(err.delay) };
-  }
-  if (err instanceof Reject) {
-    return { outcome: err.requeue ? 'OUTCOME_REQUEUED' : 'OUTCOME_REJECTED', error: taskError(err, 'Rejected') };
-  }
-  return { outcome: 'OUTCOME_FAILURE', error: taskError(err) };
-}
 
 function defaultLogger() {
   const quiet = ['warn', 'error'].includes(String(process.env.CONVEYOR_LOG_LEVEL || '').toLowerCase());
@@ -395,107 +321,16 @@ class Worker {
   }
 
   _start(assignment) {
-    const { task } = assignment;
-    const controller = new AbortController();
-    const soft = new AbortController();
-    const entry = {
-      soft,
-      assignment,
-      stoppedBy: null, // 'request' | 'time_limit' | 'shutdown'
-      abort(by, reason) {
-        if (entry.stoppedBy) return;
-        entry.stoppedBy = by;
-        controller.abort(reason);
-      },
-    };
-    const ctx = {
-      taskId: task.id,
-      name: task.name,
-      attempt: assignment.attempt,
-      queue: task.queue,
-      headers: { ...task.headers },
-      workflowId: assignment.workflow_id,
-      parentId: task.parent_id || '',
-      deliveries: assignment.deliveries || 0,
-      priority: task.priority || 0,
-      timeLimit: durationSeconds(task.time_limit) || null,
-      softTimeLimit: durationSeconds(task.soft_time_limit) || null,
-      leaseToken: assignment.lease_token,
-      signal: controller.signal,
-      softSignal: soft.signal,
-      get cancelled() { return controller.signal.aborted; },
-      // `return ctx.replace(canvas)`: run the canvas (sig, chain, group, chord, map) in this task's place.
-      replace: (canvas) => new Replacement(toWorkflow(canvas)),
-      progress: (value) => this._send({
-        progress: { items: [{ task_id: task.id, lease_token: assignment.lease_token, progress: toValue(value) }] },
-      }),
-      worker: this,
-    };
-    this._running.set(task.id, entry);
-    this._reports.started({ task_id: task.id, lease_token: assignment.lease_token });
-    this._execute(this.tasks.get(task.name), assignment, ctx, entry, controller.signal)
+    const entry = newEntry(assignment);
+    const ctx = taskContext(entry, this, (progress) => this._send({ progress: { items: [progress] } }));
+    this._running.set(assignment.task.id, entry);
+    this._reports.started({ task_id: assignment.task.id, lease_token: assignment.lease_token });
+    execute(this.tasks.get(assignment.task.name), entry, ctx)
       .then((outcome) => this._finish(entry, outcome))
       .catch((err) => {
-        this.log.error(`task ${task.id} broke the runtime: ${err.stack || err}`);
+        this.log.error(`task ${assignment.task.id} broke the runtime: ${err.stack || err}`);
         this._finish(entry, null);
       });
-  }
-
-  async _execute(fn, assignment, ctx, entry, signal) {
-    const { task } = assignment;
-    const outcome = { task_id: task.id, lease_token: assignment.lease_token, started_at: timestamp() };
-    const limit = durationSeconds(task.time_limit);
-    const softLimit = durationSeconds(task.soft_time_limit);
-    let timer = null;
-    let softTimer = null;
-    let onAbort = null;
-    const stopped = new Promise((_, reject) => {
-      onAbort = () => reject(signal.reason);
-      signal.addEventListener('abort', onAbort, { once: true });
-    });
-    stopped.catch(() => {});
-    try {
-      if (softLimit > 0 && !(limit > 0 && softLimit >= limit)) {
-        softTimer = setTimeout(
-          () => entry.soft.abort(new SoftTimeLimitExceeded(`ran past its soft time limit of ${softLimit} s`)),
-          softLimit * 1000,
-        );
-      }
-      if (limit > 0) {
-        timer = setTimeout(
-          () => entry.abort('time_limit', new TimeLimitExceeded(`ran longer than its time limit of ${limit} s`)),
-          limit * 1000,
-        );
-      }
-      const attributes = tracing.taskAttributes('execute', task, assignment.attempt);
-      const value = await tracing.inTaskSpan(task.name, ctx.headers, attributes, () => Promise.race([
-        callTask(fn, task, ctx),
-        stopped,
-      ]));
-      if (value instanceof Replacement) {
-        outcome.outcome = 'OUTCOME_REPLACED';
-        outcome.replacement = value.workflow;
-      } else {
-        outcome.result = toValue(value);
-        outcome.outcome = 'OUTCOME_SUCCESS';
-      }
-    } catch (err) {
-      if (entry.stoppedBy === 'shutdown') return null; // not reported: the server hands the task on
-      if (entry.stoppedBy === 'request') {
-        outcome.outcome = 'OUTCOME_CANCELLED';
-      } else if (entry.stoppedBy === 'time_limit') {
-        outcome.outcome = 'OUTCOME_FAILURE';
-        outcome.error = taskError(signal.reason, 'TimeLimitExceeded');
-      } else {
-        Object.assign(outcome, endedBy(err));
-      }
-    } finally {
-      if (timer) clearTimeout(timer);
-      if (softTimer) clearTimeout(softTimer);
-      signal.removeEventListener('abort', onAbort);
-    }
-    outcome.finished_at = timestamp();
-    return outcome;
   }
 
   _finish(entry, outcome) {
@@ -513,26 +348,6 @@ class Worker {
     this._unacked.hold(outcome);
     this._reports.result(outcome);
   }
-}
-
-// A chunk task of a map (docs/canvas.md) carries this header: "map" (each arg is one call's arg)
-// or "starmap" (each arg is one call's list of args). The task runs once per item, in order.
-const MAP_HEADER = 'conveyor-map';
-
-/** Run `fn` as the task asks: once, or once per item of a map's chunk (the result is the list). */
-async function callTask(fn, task, ctx) {
-  const args = fromValues(task.args);
-  const kwargs = fromValueMap(task.kwargs);
-  const mode = (task.headers || {})[MAP_HEADER];
-  if (mode === undefined) return fn(args, kwargs, ctx);
-  const results = [];
-  for (const [index, item] of args.entries()) {
-    if (mode === 'starmap' && !Array.isArray(item)) {
-      throw new TypeError(`starmap item ${index} is ${typeof item}, not a list of args`);
-    }
-    results.push(await fn(mode === 'starmap' ? item : [item], kwargs, ctx));
-  }
-  return results;
 }
 
 module.exports = {
