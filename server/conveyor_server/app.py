@@ -109,7 +109,8 @@ class Core:
         metrics = ServerMetrics()
         indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index)
         store = TaskStore(backend, write_hook=indexer.note if indexer.enabled else None)
-        index = PublishIndex(backend, bucket_seconds_for(settings.repair_after_seconds), clock=clock.wall)
+        index = PublishIndex(backend=backend, bucket_seconds=bucket_seconds_for(settings.repair_after_seconds),
+                             clock=clock.wall)
         publisher = Publisher(broker, on_published=index.note, clock=clock.wall)
         followups = FollowUps(
             store=store, publisher=publisher, default_queue=settings.default_queue, limits=settings.limits
@@ -123,13 +124,14 @@ class Core:
                                 clock=clock.wall)
         recorder = OutcomeRecorder(store=store, followups=followups, on_attempt_ended=metrics.attempt_ended,
                                    clock=clock)
-        rate_limits = RateLimitTable(backend, configured_limits(settings.rate_limits), clock=clock.monotonic)
-        limits = DispatchLimits(rate_limits, RateLimiter(backend, clock=clock.monotonic),
-                                ConcurrencySlots(store, clock=clock.wall))
+        rate_limits = RateLimitTable(backend=backend, configured=configured_limits(settings.rate_limits),
+                                     clock=clock.monotonic)
+        limits = DispatchLimits(table=rate_limits, rates=RateLimiter(backend=backend, clock=clock.monotonic),
+                                slots=ConcurrencySlots(store=store, clock=clock.wall))
         dispatcher = Dispatcher(store=store, broker=broker, followups=followups, lease_seconds=settings.lease_seconds,
                                 max_deliveries=settings.max_deliveries, limits=limits, clock=clock)
         registry = SessionRegistry(clock=clock.monotonic)
-        pauses = QueuePauses(backend, settings.result_ttl_seconds, clock=clock.monotonic)
+        pauses = QueuePauses(backend=backend, ttl_seconds=settings.result_ttl_seconds, clock=clock.monotonic)
         tasks = TaskRegistry(backend=backend, server_id=settings.server_id,
                              beat_seconds=settings.heartbeat_interval_seconds,
                              retention_seconds=settings.task_registry_retention_seconds, clock=clock.wall)
@@ -137,11 +139,12 @@ class Core:
                                         recorder=recorder, registry=registry, pauses=pauses, tasks=tasks, clock=clock)
         submitter = Submitter(settings=settings, store=store, publisher=publisher, workflow=workflow, outbox=outbox,
                               on_submitted=metrics.tasks_submitted,
-                              admission=admission_for(broker, settings.queue_limits, indexer, clock),
-                              checks=SubmitChecks(tasks, settings.strict_tasks), clock=clock)
+                              admission=admission_for(broker=broker, limits=settings.queue_limits, indexer=indexer,
+                                                        clock=clock),
+                              checks=SubmitChecks(registry=tasks, strict_tasks=settings.strict_tasks), clock=clock)
         reader = ResultReader(store)
         canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=connections.cancel_running)
-        schedules = Schedules(backend, submitter, settings, clock=clock.wall)
+        schedules = Schedules(backend=backend, submitter=submitter, settings=settings, clock=clock.wall)
         admin = Admin(
             broker=broker, store=store, registry=registry, reader=reader, submitter=submitter,
             server_id=settings.server_id, pauses=pauses, schedules=schedules, canceller=canceller, repairer=repairer,
@@ -153,7 +156,7 @@ class Core:
             settings=settings, broker=broker, backend=backend, store=store, submitter=submitter, reader=reader,
             canceller=canceller, connections=connections, registry=registry, admin=admin, metrics=metrics,
             outbox=outbox, reconciler=reconciler, repairer=repairer, task_registry=tasks,
-            lease_recoverer=LeaseRecoverer(broker, settings.recover_interval_seconds),
+            lease_recoverer=LeaseRecoverer(broker=broker, interval_seconds=settings.recover_interval_seconds),
         )
 
     async def start(self) -> None:
