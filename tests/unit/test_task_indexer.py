@@ -214,3 +214,94 @@ async def test_once_many_ended_entries_wait_the_background_flush_does_not_wait_a
     await until(lambda: len(index.written) == 3, 30.0, "the three written")
     assert index.tried_at == [started]  # one write, before FLUSH_SECONDS passed
     await subject.close()
+
+
+@pytest.mark.looptime
+async def test_the_background_flush_writes_ended_entries_and_leaves_live_ones_until_held_long_enough() -> None:
+    index = FailingIndex(failures=0)
+    subject = TaskIndexer(open_backend("memory://"), index)
+    subject.note(pending("live"))
+    subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
+    await until(lambda: index.written, 30.0, "the ended entry written")
+    assert index.written == [("done", TaskStates.TASK_STATE_SUCCESS)]
+    await until(lambda: len(index.written) == 2, 30.0, "the live entry written once held long enough")
+    assert index.written[1] == ("live", TaskStates.TASK_STATE_PENDING)
+    assert index.tried_at[1] - index.tried_at[0] >= task_index.HOLD_LIVE_SECONDS - task_index.FLUSH_SECONDS
+    await subject.close()
+
+
+@pytest.mark.looptime
+async def test_after_a_failed_write_the_background_flush_goes_on_for_entries_still_held() -> None:
+    index = FailingIndex(failures=1)
+    subject = TaskIndexer(open_backend("memory://"), index)
+    subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
+    subject.note(pending("live"))
+    await until(lambda: ("live", TaskStates.TASK_STATE_PENDING) in index.written, 30.0, "the live entry written")
+    await subject.close()
+
+
+async def test_an_ended_task_that_lives_again_is_filed_as_live_only() -> None:
+    subject, index = indexer()
+    record = moved(pending("t"), TaskStates.TASK_STATE_FAILURE)
+    subject.note(record)
+    subject.note(moved(record, TaskStates.TASK_STATE_PENDING))  # retried from the dashboard
+    assert await subject.flush(everything=False) == 0  # live and young: nothing is due
+    assert index.written == []
+    await subject.close()
+    assert index.written == [("t", TaskStates.TASK_STATE_PENDING)]
+
+
+async def test_a_live_entry_is_due_once_held_exactly_the_hold_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(task_index, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    subject, _ = indexer()
+    subject.note(pending("t"))
+    clock[0] += task_index.HOLD_LIVE_SECONDS
+    assert list(subject._take_due(everything=False)) == ["t"]
+    await subject.close()
+
+
+async def test_flush_counts_what_it_wrote_and_tells_its_listeners() -> None:
+    subject, _ = indexer()
+    told: list[int] = []
+    subject.on_flush.append(told.append)
+    assert await subject.flush() == 0  # nothing noted
+    subject.note(pending("a"))
+    subject.note(moved(pending("b"), TaskStates.TASK_STATE_SUCCESS))
+    assert await subject.flush() == 2
+    assert told == [2]
+    disabled = TaskIndexer(open_backend("memory://"), None)
+    disabled.note(pending("c"))
+    assert await disabled.flush() == 0
+    await subject.close()
+
+
+async def test_each_warning_counts_only_the_updates_left_out_since_the_last_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(task_index, "MAX_PENDING", 1)
+    subject, _ = indexer()
+    with caplog.at_level(logging.WARNING, logger=task_index.__name__):
+        subject.note(pending("kept-1"))
+        subject.note(pending("left-out-1"))
+        subject.note(pending("left-out-2"))
+        await subject.flush()
+        subject.note(pending("kept-2"))
+        subject.note(pending("left-out-3"))
+        await subject.flush()
+        subject.note(pending("kept-3"))
+        await subject.flush()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(": ")[-1] for w in warnings] == ["2 updates left out", "1 updates left out"]
+    await subject.close()
+
+
+async def test_close_leaves_no_flusher_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_index, "FLUSH_SECONDS", 60.0)
+    subject, index = indexer()
+    subject.note(pending("t"))
+    await asyncio.sleep(0)  # the flusher is asleep
+    await subject.close()
+    assert index.written == [("t", TaskStates.TASK_STATE_PENDING)]
+    flushers = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").endswith("_flush_soon")]
+    assert flushers == []
