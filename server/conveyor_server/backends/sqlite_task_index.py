@@ -40,6 +40,12 @@ ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, expires_at = exclude
 """
 _SWEEP = "DELETE FROM task_index WHERE expires_at <= ?"
 _DROP = "DELETE FROM task_index WHERE task_id = ?"
+# The task list: `where` is _where()'s conjunction of the query's filters (placeholders only),
+# `order` ASC or DESC; the page size is the last parameter.
+_FIND = (
+    "SELECT task_id, state, queue, name, submitted FROM task_index WHERE {where}"
+    " ORDER BY submitted {order}, task_id {order} LIMIT ?"
+)
 
 
 def _where(query: TaskQuery, now: float) -> tuple[str, list[Any]]:
@@ -70,11 +76,7 @@ def _where(query: TaskQuery, now: float) -> tuple[str, list[Any]]:
 def _find(conn: sqlite3.Connection, query: TaskQuery) -> Found:
     where, params = _where(query, time.time())
     order = "ASC" if query.oldest_first else "DESC"
-    rows = conn.execute(
-        f"SELECT task_id, state, queue, name, submitted FROM task_index WHERE {where}"
-        f" ORDER BY submitted {order}, task_id {order} LIMIT ?",
-        [*params, query.limit + 1],
-    ).fetchall()
+    rows = conn.execute(_FIND.format(where=where, order=order), [*params, query.limit + 1]).fetchall()
     entries = [IndexEntry(task_id, state, queue, name, submitted) for task_id, state, queue, name, submitted in rows]
     page = entries[: query.limit]
     return Found(page, page[-1].position if len(entries) > query.limit and page else None)
