@@ -229,6 +229,10 @@ class TestLimitsAcrossTwoReplicas:
         rate, per_key = 10.0, 30
         keys = [f"customer-{uuid.uuid4().hex[:6]}" for _ in range(2)]
         run_cli(first.address, "limits", "set", "mul", f"{rate:g}/s", "--key-scoped")
+        # The other replica applies a limit set elsewhere within its refresh (1 s); listing reads
+        # the stored table at once, so from here on it applies this one too.
+        assert re.search(r"^mul\s+10/s\s+10\s+yes\s+admin$", run_cli(second.address, "limits", "list"), re.M), \
+            "the other replica lists the stored per-key limit"
         try:
             calls = [sig("mul", i, 3).set(rate_limit_key=key) for i in range(per_key) for key in keys]
             halves = await asyncio.gather(a.submit_batch(calls[0::2]), b.submit_batch(calls[1::2]))
