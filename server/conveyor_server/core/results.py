@@ -250,7 +250,6 @@ class ResultReader:
         )
 
 
-# Watches being cancelled in the background; held so they are not garbage-collected midway.
 def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
     copied = result_pb2.TaskResult()
     copied.CopyFrom(result)

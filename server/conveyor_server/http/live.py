@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.values import set_seconds
 
+from ..background import stop_tasks
 from . import convert
 from .sampler import Sample, counter_totals
 
@@ -124,9 +125,7 @@ class Live:
             self._loops[name] = asyncio.get_running_loop().create_task(loop())
 
     async def close(self) -> None:
-        for task in self._loops.values():
-            task.cancel()
-        await asyncio.gather(*self._loops.values(), return_exceptions=True)
+        await stop_tasks(*self._loops.values())
         if self._pending_change is not None:
             self._pending_change.cancel()
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from ..api.auth import Authenticator
+from ..background import stop_tasks
 from ..config import Settings
 from ..security import is_loopback
 from .access import LOOPBACK_HOSTS, Access
@@ -124,13 +125,9 @@ class DashboardServer:
 
     async def stop(self) -> None:
         self.dashboard.stopping.set()
-        if self._sampling is not None:
-            self._sampling.cancel()
+        await stop_tasks(self._sampling)
         await self.live.close()
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._serving
-        if self._sampling is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampling
