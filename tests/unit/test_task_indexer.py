@@ -24,13 +24,19 @@ from tests.support.processes import until
 
 
 class CountingIndex(MemoryTaskIndex):
-    """The memory index, recording each entry written."""
+    """The memory index, recording each entry written and the loop time of each write tried;
+    it refuses the first `failures` writes, as an engine that is away does."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 0) -> None:
         super().__init__(60)
+        self.failures = failures
         self.written: list[tuple[str, int]] = []
+        self.tried_at: list[float] = []
 
     async def write(self, entries: Sequence[IndexEntry]) -> None:
+        self.tried_at.append(asyncio.get_running_loop().time())
+        if len(self.tried_at) <= self.failures:
+            raise ConnectionError("engine away")
         self.written.extend((e.task_id, e.state) for e in entries)
         await super().write(entries)
 
@@ -44,8 +50,8 @@ def moved(record: records_pb2.TaskRecord, state: int) -> records_pb2.TaskRecord:
     return record
 
 
-def indexer() -> tuple[TaskIndexer, CountingIndex]:
-    index = CountingIndex()
+def indexer(failures: int = 0) -> tuple[TaskIndexer, CountingIndex]:
+    index = CountingIndex(failures)
     return TaskIndexer(open_backend("memory://"), index), index
 
 
@@ -170,27 +176,11 @@ async def test_a_note_starts_the_background_flush(monkeypatch: pytest.MonkeyPatc
     await subject.close()
 
 
-class FailingIndex(CountingIndex):
-    """Refuses the first `failures` writes, as an engine that is away does."""
-
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-        self.tried_at: list[float] = []
-
-    async def write(self, entries: Sequence[IndexEntry]) -> None:
-        self.tried_at.append(asyncio.get_running_loop().time())
-        if len(self.tried_at) <= self.failures:
-            raise ConnectionError("engine away")
-        await super().write(entries)
-
-
 @pytest.mark.looptime
 async def test_a_failed_background_flush_retries_backing_off_to_its_cap_then_writes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    index = FailingIndex(failures=4)
-    subject = TaskIndexer(open_backend("memory://"), index)
+    subject, index = indexer(failures=4)
     with caplog.at_level(logging.WARNING, logger=task_index.__name__):
         subject.note(moved(pending("t"), TaskStates.TASK_STATE_SUCCESS))
         await until(lambda: index.written, 30.0, "written after the engine came back")
@@ -206,8 +196,7 @@ async def test_once_many_ended_entries_wait_the_background_flush_does_not_wait_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(task_index, "FLUSH_AT_ENTRIES", 3)
-    index = FailingIndex(failures=0)
-    subject = TaskIndexer(open_backend("memory://"), index)
+    subject, index = indexer()
     started = asyncio.get_running_loop().time()
     for n in range(3):
         subject.note(moved(pending(f"t-{n}"), TaskStates.TASK_STATE_SUCCESS))
@@ -218,8 +207,7 @@ async def test_once_many_ended_entries_wait_the_background_flush_does_not_wait_a
 
 @pytest.mark.looptime
 async def test_the_background_flush_writes_ended_entries_and_leaves_live_ones_until_held_long_enough() -> None:
-    index = FailingIndex(failures=0)
-    subject = TaskIndexer(open_backend("memory://"), index)
+    subject, index = indexer()
     subject.note(pending("live"))
     subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
     await until(lambda: index.written, 30.0, "the ended entry written")
@@ -232,8 +220,7 @@ async def test_the_background_flush_writes_ended_entries_and_leaves_live_ones_un
 
 @pytest.mark.looptime
 async def test_after_a_failed_write_the_background_flush_goes_on_for_entries_still_held() -> None:
-    index = FailingIndex(failures=1)
-    subject = TaskIndexer(open_backend("memory://"), index)
+    subject, index = indexer(failures=1)
     subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
     subject.note(pending("live"))
     await until(lambda: ("live", TaskStates.TASK_STATE_PENDING) in index.written, 30.0, "the live entry written")

@@ -94,16 +94,23 @@ def stored(task_id: str, state: int, submitted: int) -> records_pb2.TaskRecord:
     return record
 
 
-async def test_find_returns_what_the_records_say_and_repairs_the_index_it_read() -> None:
+async def listing(
+    records: list[records_pb2.TaskRecord], entries: list[IndexEntry] | None = None,
+) -> tuple[TaskIndexer, MemoryTaskIndex]:
+    """An indexer on memory engines: `records` stored, its index holding `entries` (default: theirs)."""
     backend = open_backend("memory://")
     index = MemoryTaskIndex(60)
-    indexer = TaskIndexer(backend, index)
+    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in records})
+    await index.write([entry_of(r) for r in records] if entries is None else entries)
+    return TaskIndexer(backend, index), index
+
+
+async def test_find_returns_what_the_records_say_and_repairs_the_index_it_read() -> None:
     current = stored("current", TaskStates.TASK_STATE_SUCCESS, 100)
     moved_on = stored("moved-on", TaskStates.TASK_STATE_SUCCESS, 101)  # its SUCCESS write to the index was lost
-    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in (current, moved_on)})
     stale_entry = dataclasses.replace(entry_of(moved_on), state=TaskStates.TASK_STATE_PENDING)
-    await index.write([entry_of(current), stale_entry, IndexEntry("expired", TaskStates.TASK_STATE_SUCCESS,
-                                                                  "q", "add", 102 * 1_000_000)])
+    expired = IndexEntry("expired", TaskStates.TASK_STATE_SUCCESS, "q", "add", 102 * 1_000_000)  # no record left
+    indexer, index = await listing([current, moved_on], [entry_of(current), stale_entry, expired])
 
     succeeded = await indexer.find(TaskQuery(states=frozenset({TaskStates.TASK_STATE_SUCCESS})))
     assert [r.result.task_id for r in succeeded.records] == ["current"]  # the index says moved-on is pending
@@ -120,12 +127,7 @@ async def test_find_returns_what_the_records_say_and_repairs_the_index_it_read()
 
 
 async def test_find_pages_through_with_tokens_in_submission_order() -> None:
-    backend = open_backend("memory://")
-    index = MemoryTaskIndex(60)
-    indexer = TaskIndexer(backend, index)
-    records = [stored(f"t-{n}", TaskStates.TASK_STATE_PENDING, 100 + n) for n in range(5)]
-    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in records})
-    await index.write([entry_of(r) for r in records])
+    indexer, _ = await listing([stored(f"t-{n}", TaskStates.TASK_STATE_PENDING, 100 + n) for n in range(5)])
 
     seen, token = [], ""
     for _ in range(5):
@@ -150,14 +152,9 @@ async def test_a_backend_without_an_index_says_why_it_cannot_list() -> None:
 
 
 async def test_oldest_age_counts_only_the_asked_states_and_never_goes_below_zero() -> None:
-    backend = open_backend("memory://")
-    index = MemoryTaskIndex(60)
-    indexer = TaskIndexer(backend, index)
-    records = [stored("done-long-ago", TaskStates.TASK_STATE_SUCCESS, 50),
-               stored("waiting", TaskStates.TASK_STATE_PENDING, 120),
-               stored("running", TaskStates.TASK_STATE_STARTED, 150)]
-    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in records})
-    await index.write([entry_of(r) for r in records])
+    indexer, _ = await listing([stored("done-long-ago", TaskStates.TASK_STATE_SUCCESS, 50),
+                                stored("waiting", TaskStates.TASK_STATE_PENDING, 120),
+                                stored("running", TaskStates.TASK_STATE_STARTED, 150)])
 
     waiting = frozenset({TaskStates.TASK_STATE_PENDING})
     assert await indexer.oldest_age("q", waiting, now=200.0) == 80.0
@@ -168,15 +165,11 @@ async def test_oldest_age_counts_only_the_asked_states_and_never_goes_below_zero
 
 
 async def test_find_reads_on_past_entries_that_no_longer_match_to_fill_the_page() -> None:
-    backend = open_backend("memory://")
-    index = MemoryTaskIndex(60)
-    indexer = TaskIndexer(backend, index)
     ended = [stored(f"ended-{n}", TaskStates.TASK_STATE_SUCCESS, 100 + n) for n in range(3)]
     waiting = [stored(f"waiting-{n}", TaskStates.TASK_STATE_PENDING, 110 + n) for n in range(3)]
-    await backend.insert({task_key(r.result.task_id): r.SerializeToString() for r in ended + waiting})
     # The index lost the ended tasks' last writes: it still lists them as pending, and first.
     stale = [dataclasses.replace(entry_of(r), state=TaskStates.TASK_STATE_PENDING) for r in ended]
-    await index.write(stale + [entry_of(r) for r in waiting])
+    indexer, _ = await listing(ended + waiting, stale + [entry_of(r) for r in waiting])
 
     query = TaskQuery(states=frozenset({TaskStates.TASK_STATE_PENDING}), limit=2, oldest_first=True)
     first = await indexer.find(query)
