@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,12 +25,16 @@ from conveyor_server.brokers.base import Delivery, OutgoingMessage
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
 from conveyor_server.core import confirmed, dispatch, outcomes
+from conveyor_server.core.clock import SYSTEM_CLOCK
+from conveyor_server.core.clock import Clock as CoreClock
 from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.outbox import OUTBOX_GROUP
 from conveyor_server.core.records import plan_key, task_key
 from conveyor_server.core.schedules import Schedules
 from conveyor_server.core.store import TaskStore
+from tests.support.loop_time import loop_clock
+from tests.unit.clocks import ManualClock
 
 QUEUE = "default"
 GRACE = 10.0
@@ -43,8 +47,8 @@ class Outage(ConnectionError):
 class FlakyBroker(MemoryBroker):
     """The memory broker; the next `fail_publishes` publishes raise, and publishes are counted."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock=clock)
         self.fail_publishes = 0
         self.published: Counter[str] = Counter()
 
@@ -60,8 +64,8 @@ class FlakyBackend(MemoryBackend):
     """The memory backend; the next `lose_cas` conditional writes lose as to a concurrent
     writer, the next `fail_reads` reads raise, and `hide` keys read as missing."""
 
-    def __init__(self, ttl_seconds: float = 86_400.0) -> None:
-        super().__init__(ttl_seconds)
+    def __init__(self, ttl_seconds: float = 86_400.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ttl_seconds, clock=clock)
         self.lose_cas = 0
         self.fail_reads = 0
         self.hide: set[str] = set()
@@ -96,9 +100,9 @@ class Engines:
     clock: Clock
 
 
-def build(broker: FlakyBroker, backend: FlakyBackend, clock: Clock) -> Core:
+def build(broker: FlakyBroker, backend: FlakyBackend, clock: Clock, core_clock: CoreClock = SYSTEM_CLOCK) -> Core:
     settings = Settings(broker_url="memory://", backend_url="memory://", outbox_grace_seconds=GRACE)
-    core = Core.build(settings, broker, backend)
+    core = Core.build(settings, broker, backend, clock=core_clock)
     core.reconciler.clock = clock
     return core
 
@@ -117,6 +121,24 @@ async def engines() -> AsyncIterator[Engines]:
     await broker.connect()
     await backend.connect()
     yield Engines(build(broker, backend, clock), broker, backend, clock)
+    await broker.close()
+    await backend.close()
+
+
+@pytest.fixture
+def manual() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def manual_engines(manual: ManualClock) -> AsyncIterator[Engines]:
+    """The engines with the core, the broker's delays and the backend's TTLs on `manual`: time
+    passes when the test advances it, not by waiting."""
+    monotonic = manual.clock.monotonic
+    broker, backend, clock = FlakyBroker(clock=monotonic), FlakyBackend(clock=monotonic), Clock()
+    await broker.connect()
+    await backend.connect()
+    yield Engines(build(broker, backend, clock, core_clock=manual.clock), broker, backend, clock)
     await broker.close()
     await backend.close()
 
@@ -166,7 +188,7 @@ async def work(
     worker stream does."""
     connections = core.connections
     deliveries: list[Delivery] = await core.broker.fetch(QUEUE, 100, 30.0)
-    claim = await connections.dispatcher.claim(deliveries, worker_id, time.monotonic())
+    claim = await connections.dispatcher.claim(deliveries, worker_id, connections.clock.monotonic())
     await connections.dispatcher.drop_unrunnable(claim)
     if not claim.claimed:
         return Run([], {}, {}, len(deliveries))
@@ -210,7 +232,9 @@ async def make_due(engines: Engines) -> None:
 # -- 1. accepted means it will run ------------------------------------------------------------
 
 
+@pytest.mark.looptime  # the retries' backoff and the polls below are asyncio sleeps: no real time on the fake clock
 async def test_a_submit_whose_publish_fails_is_accepted_and_published_by_its_server_soon(engines: Engines) -> None:
+    engines.core.submitter.clock = loop_clock()  # its retries' deadline on the same (fake) time
     engines.broker.fail_publishes = 2
     [response] = await submit(engines.core, lone(task(task_id="t1")))
     assert response.task_id == "t1"
@@ -364,7 +388,13 @@ async def test_two_repairs_at_once_resend_an_unconfirmed_callback_once(
 ) -> None:
     monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.2)
     members = await _chord_with_an_unconfirmed_callback(engines)
-    await asyncio.sleep(0.3)  # the claim is stale now: its claimer failed
+
+    def claimed_earlier(_: str, record: records_pb2.TaskRecord) -> bool:
+        record.enqueued_at.FromNanoseconds(record.enqueued_at.ToNanoseconds() - 300_000_000)
+        return True
+
+    # The claim is stale now (its claimer failed): claimed 0.3 s earlier, rather than waited out.
+    await engines.core.store.update(["cb"], claimed_earlier)
     followups = engines.core.connections.dispatcher.followups
     # Both members' messages came back at once (their follow-ups failed in an outage).
     outcomes_ = await asyncio.gather(
@@ -437,7 +467,10 @@ async def test_a_cancelled_reply_after_the_servers_time_limit_failure_does_not_c
     assert await state(engines.core, "t1") == "TASK_STATE_RETRY"
 
 
-async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(engines: Engines) -> None:
+async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(
+    manual_engines: Engines, manual: ManualClock
+) -> None:
+    engines = manual_engines
     retry = task_pb2.RetryPolicy(max_attempts=2)
     await submit(engines.core, lone(task(task_id="t1", retry=retry)))
     run = await work(engines.core, worker_service_pb2.OUTCOME_FAILURE, "Boom")
@@ -451,7 +484,7 @@ async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(engines:
         run = await work(engines.core)
         if run.leases:
             break
-        await asyncio.sleep(0.05)
+        manual.advance(0.05)  # the broker's delay and the retry's due time pass on the engines' clock
     assert [lease.attempt for lease in run.leases] == [2]
     assert await state(engines.core, "t1") == "TASK_STATE_SUCCESS"
 
@@ -459,11 +492,13 @@ async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(engines:
 # -- 5. the result TTL starts when a task ends --------------------------------------------------
 
 
-async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() -> None:
-    broker, backend, clock = FlakyBroker(), FlakyBackend(ttl_seconds=0.3), Clock()
+async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire(manual: ManualClock) -> None:
+    # The core, the broker and the backend's TTL on one clock the test moves.
+    broker = FlakyBroker(clock=manual.clock.monotonic)
+    backend, clock = FlakyBackend(ttl_seconds=0.3, clock=manual.clock.monotonic), Clock()
     await broker.connect()
     await backend.connect()
-    core = build(broker, backend, clock)
+    core = build(broker, backend, clock, core_clock=manual.clock)
     retry = task_pb2.RetryPolicy(max_attempts=3)
     delayed = task(task_id="delayed")
     delayed.countdown.FromSeconds(3600)
@@ -474,7 +509,7 @@ async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() ->
     await submit(core, lone(task(task_id="queued")), lone(delayed))
     # `a` runs and succeeds (b is queued now); `queued` waits behind it, never fetched.
     deliveries = [d for d in await broker.fetch(QUEUE, 10, 30.0) if d.message_id == "a"]
-    claim = await core.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
+    claim = await core.connections.dispatcher.claim(deliveries, "w1", manual.monotonic)
     [lease] = claim.leases
     await core.connections.recorder.record(
         [
@@ -485,7 +520,7 @@ async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() ->
         "w1",
         {"a": lease},
     )
-    await asyncio.sleep(0.6)  # twice the TTL
+    manual.advance(0.6)  # twice the TTL
     keys = [task_key(t) for t in ("done", "retrying", "queued", "delayed", "a", "b")]
     found = await backend.get([*keys, plan_key(response.workflow_id)])
     assert task_key("done") not in found, "a task that ended expires one TTL later"
@@ -495,7 +530,7 @@ async def test_live_records_and_plans_outlive_the_ttl_and_ended_ones_expire() ->
     assert plan_key(response.workflow_id) in found, "a running workflow's plan stays"
 
     await drain(core)  # b ends, and with it the workflow: its TTL starts
-    await asyncio.sleep(0.6)
+    manual.advance(0.6)
     found = await backend.get([task_key("a"), task_key("b"), plan_key(response.workflow_id)])
     assert found == {}, "a workflow's records and plan expire one TTL after it ends"
     await broker.close()

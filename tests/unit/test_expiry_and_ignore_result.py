@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,8 +22,9 @@ from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.expiry import is_expired
 from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.sessions import WorkerSession
-from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas, sent
-from tests.unit.test_durability import QUEUE, chord, lone, submit, task
+from tests.unit.clocks import ManualClock
+from tests.unit.replicas import Replicas, SharedBackend, lease_all, outcome, quick_repairs, replicas, sent
+from tests.unit.test_durability import QUEUE, Clock, FlakyBroker, build, chord, lone, submit, task
 from tests.unit.test_outcomes_and_dispatch import record_of
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
@@ -31,10 +33,24 @@ AN_HOUR_LATER = task_pb2.RetryPolicy(max_attempts=3, backoff=task_pb2.BACKOFF_KI
 AN_HOUR_LATER.initial.FromSeconds(3600)
 
 
-def expiry_in(seconds: float) -> Timestamp:
+def expiry_in(seconds: float, now: float | None = None) -> Timestamp:
+    """`seconds` after `now` (a wall time; the real time unless given)."""
     stamp = Timestamp()
-    stamp.FromNanoseconds(time.time_ns() + int(seconds * 1e9))
+    stamp.FromNanoseconds((time.time_ns() if now is None else round(now * 1e9)) + int(seconds * 1e9))
     return stamp
+
+
+@pytest.fixture
+async def manual_replicas() -> AsyncIterator[tuple[Replicas, ManualClock]]:
+    """Replicas whose cores and broker (its delays) read a clock the test moves."""
+    manual = ManualClock()
+    broker, backend, clock = FlakyBroker(clock=manual.clock.monotonic), SharedBackend(), Clock()
+    await broker.connect()
+    await backend.connect()
+    cores = [build(broker, backend, clock, core_clock=manual.clock) for _ in range(2)]
+    yield Replicas(cores[0], cores[1], broker, backend, clock), manual
+    await broker.close()
+    await backend.close()
 
 
 async def dispatch(replicas: Replicas, worker_id: str = "w9") -> tuple[Claim, WorkerSession]:
@@ -43,7 +59,9 @@ async def dispatch(replicas: Replicas, worker_id: str = "w9") -> tuple[Claim, Wo
         worker_service_pb2.Hello(worker_id=worker_id, queues=[QUEUE], max_in_flight=10)
     )
     deliveries = await replicas.broker.fetch(QUEUE, 10, 30.0)
-    claim = await replicas.a.connections.dispatcher.claim(deliveries, worker_id, time.monotonic())
+    claim = await replicas.a.connections.dispatcher.claim(
+        deliveries, worker_id, replicas.a.connections.clock.monotonic()
+    )
     await replicas.a.connections._send_claimed(session, claim)
     return claim, session
 
@@ -112,16 +130,19 @@ async def test_a_retry_due_before_the_expiry_waits_for_its_next_attempt(replicas
     assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_RETRY
 
 
-async def test_a_retry_that_comes_back_past_its_expiry_is_not_run_again(replicas: Replicas) -> None:
+async def test_a_retry_that_comes_back_past_its_expiry_is_not_run_again(
+    manual_replicas: tuple[Replicas, ManualClock],
+) -> None:
+    replicas, manual = manual_replicas
     soon = task_pb2.RetryPolicy(max_attempts=3, backoff=task_pb2.BACKOFF_KIND_FIXED)
     soon.initial.FromMilliseconds(50)
-    await submit(replicas.a, lone(task(task_id="t1", expires_at=expiry_in(0.5), retry=soon)))
+    await submit(replicas.a, lone(task(task_id="t1", expires_at=expiry_in(0.5, manual.wall), retry=soon)))
     claim = await lease_all(replicas.a)
     recorded = await replicas.a.connections.recorder.record(
         [outcome(claim, "t1", worker_service_pb2.OUTCOME_FAILURE)], "w1"
     )
     await replicas.broker.nack([lease.delivery for lease in claim.leases], recorded.requeue["t1"])
-    await asyncio.sleep(0.55)  # the retry was due before the expiry, but comes up after it
+    manual.advance(0.55)  # the retry was due before the expiry, but comes up after it
     again, session = await dispatch(replicas)
     assert again.claimed == [] and list(again.expired) == ["t1"] and assigned(session) == []
     record = await record_of(replicas, "t1")

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from conveyor_server.core.errors import Unavailable
 from conveyor_server.core.records import idempotency_key, task_key
+from tests.support.loop_time import loop_clock
 from tests.unit.replicas import Replicas, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
@@ -30,9 +33,11 @@ async def test_two_replicas_submitting_one_key_at_once_make_one_task(replicas: R
     assert sum(replicas.broker.published.values()) == 1
 
 
+@pytest.mark.looptime  # B's waits for A's record are asyncio sleeps: no real time on the fake clock
 async def test_a_submit_whose_record_write_is_slow_is_not_taken_over_by_a_concurrent_one(
     replicas: Replicas,
 ) -> None:
+    replicas.b.submitter.clock = loop_clock()  # and B's deadline for them on the same (fake) time
     slow_a = asyncio.Event()
     replicas.backend.hold_after_insert("idem:", slow_a)  # A's key is in; A stalls before its records
 

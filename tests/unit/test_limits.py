@@ -213,6 +213,20 @@ def server(engines: tuple[MemoryBroker, CountingBackend, Clock]) -> Server:
     return serve(broker, backend, tokens, Clock(5_000.0))
 
 
+@pytest.fixture
+async def server_on_one_clock() -> AsyncIterator[Server]:
+    """A server whose memory engines read one clock, as in one process: the buckets' refills and
+    the broker's delays both pass when the test moves `tokens`, with no waiting."""
+    tokens = Clock(1_000.0)
+    broker, backend = MemoryBroker(clock=tokens), CountingBackend()
+    backend.token_buckets = TokenBuckets(tokens)
+    await broker.connect()
+    await backend.connect()
+    yield serve(broker, backend, tokens, Clock(5_000.0))
+    await broker.close()
+    await backend.close()
+
+
 def task(name: str, task_id: str, **fields: object) -> task_service_pb2.SubmitRequest:
     return task_service_pb2.SubmitRequest(
         task=task_pb2.Signature(name=name, id=task_id, queue=QUEUE, **fields)  # type: ignore[arg-type]
@@ -267,14 +281,15 @@ async def test_tasks_over_a_rate_limit_wait_in_the_queue_each_for_its_turn(serve
     assert later.claimed == [] and [delay for _, delay in later.limited] == pytest.approx([0.6]), "after those"
 
 
-async def test_limited_tasks_run_once_their_tokens_come(server: Server) -> None:
+async def test_limited_tasks_run_once_their_tokens_come(server_on_one_clock: Server) -> None:
+    server = server_on_one_clock
     await server.core.admin.set_rate_limit(rate_limit("send", "2/s", burst=1))
     await submit(server, *(task("send", f"s{i}") for i in range(3)))
     first = await server.claim()
     await server.core.connections._hold_back(first.limited)
     assert claimed_ids(first) == ["s0"]
-    server.tokens.now += 0.5  # one token back; the broker's delays bring the tasks back
-    deliveries = await server.broker.fetch(QUEUE, 100, 30.0, wait_seconds=2.0)
+    server.tokens.now += 0.5  # one token back; the broker's delays bring the tasks back (due now: no wait)
+    deliveries = await server.broker.fetch(QUEUE, 100, 30.0)
     again = await server.core.connections.dispatcher.claim(deliveries, "w1", time.monotonic())
     assert len(again.claimed) == 1 and len(again.limited) == len(deliveries) - 1
 

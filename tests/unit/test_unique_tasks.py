@@ -11,6 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import task_pb2, worker_service_pb2
 from conveyor_server.core.errors import InvalidArgument
+from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
@@ -47,9 +48,11 @@ async def test_the_key_is_released_when_the_task_ends(replicas: Replicas) -> Non
 
 
 async def test_the_key_is_released_when_unique_for_has_passed(replicas: Replicas) -> None:
+    manual = ManualClock()
+    replicas.a.submitter.clock = manual.clock  # it stamps the holder's submit and times unique_for from it
     await submitted_id(replicas, unique("t1", 7, seconds=0.2))
     assert await submitted_id(replicas, unique("t2", 7, seconds=0.2)) == "t1"
-    await asyncio.sleep(0.25)
+    manual.advance(0.25)
     assert await submitted_id(replicas, unique("t3", 7, seconds=0.2)) == "t3"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -29,8 +29,12 @@ class _Group:
 
 
 class MemoryBackend(OneMemberAdds):
-    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(
+        self, ttl_seconds: float = DEFAULT_TTL_SECONDS, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ttl = ttl_seconds
+        # What expiry is measured on (a test passes a clock it moves).
+        self._clock = clock
         self._records: dict[str, tuple[Versioned, float]] = {}
         self._groups: dict[str, _Group] = {}
         self._claims: dict[str, float] = {}
@@ -52,20 +56,20 @@ class MemoryBackend(OneMemberAdds):
         return self._feed
 
     def _expires(self, keep: bool) -> float:
-        return math.inf if keep else time.monotonic() + self._ttl
+        return math.inf if keep else self._clock() + self._ttl
 
     def _live(self, key: str) -> Versioned | None:
         found = self._records.get(key)
         if found is None:
             return None
-        if found[1] <= time.monotonic():
+        if found[1] <= self._clock():
             del self._records[key]
             return None
         return found[0]
 
     def _group(self, group: str) -> _Group | None:
         found = self._groups.get(group)
-        if found is not None and found.expires <= time.monotonic():
+        if found is not None and found.expires <= self._clock():
             del self._groups[group]
             return None
         return found
@@ -137,7 +141,7 @@ class MemoryBackend(OneMemberAdds):
                 del found.names[bisect.bisect_left(found.names, member)]
 
     async def claim(self, key: str, keep: bool = False) -> bool:
-        if self._claims.get(key, 0.0) > time.monotonic():
+        if self._claims.get(key, 0.0) > self._clock():
             return False
         self._claims[key] = self._expires(keep)
         return True
@@ -153,7 +157,7 @@ class MemoryBackend(OneMemberAdds):
             if found is not None:
                 found.expires = expires
         for key in claims:
-            if self._claims.get(key, 0.0) > time.monotonic():
+            if self._claims.get(key, 0.0) > self._clock():
                 self._claims[key] = expires
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:

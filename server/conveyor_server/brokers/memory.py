@@ -7,7 +7,7 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -33,7 +33,9 @@ class _Queue:
 
 
 class MemoryBroker:
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        # What delays and leases are measured on (a test passes a clock it moves).
+        self._clock = clock
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
         self._arrivals = Wakeups()
@@ -61,7 +63,7 @@ class MemoryBroker:
 
     def _put(self, name: str, queue: _Queue, entry: _Ready, delay: float) -> None:
         if delay > 0:
-            heapq.heappush(queue.delayed, (time.monotonic() + delay, entry.sort_key[1], entry))
+            heapq.heappush(queue.delayed, (self._clock() + delay, entry.sort_key[1], entry))
         else:
             heapq.heappush(queue.ready, entry)
         # Wake waiting fetches: a new delayed entry may be due before the time they wait for.
@@ -78,7 +80,7 @@ class MemoryBroker:
             heapq.heappush(queue.ready, entry)
 
     def _take(self, name: str, queue: _Queue, max_messages: int, lease_seconds: float) -> list[Delivery]:
-        now = time.monotonic()
+        now = self._clock()
         self._promote_due(queue, now)
         taken: list[Delivery] = []
         while queue.ready and len(taken) < max_messages:
@@ -96,7 +98,7 @@ class MemoryBroker:
         async def attempt() -> tuple[list[Delivery], float]:
             taken = self._take(queue, target, max_messages, lease_seconds)
             # Look again when the next delayed message is due.
-            due = max(target.delayed[0][0] - time.monotonic(), 0.001) if target.delayed else math.inf
+            due = max(target.delayed[0][0] - self._clock(), 0.001) if target.delayed else math.inf
             return taken, due
 
         return await fetch_waiting(attempt, lambda: self._arrivals.signal(queue), wait_seconds)
@@ -115,7 +117,7 @@ class MemoryBroker:
                                                              entry.delivery_count + 1), delay)
 
     async def extend(self, deliveries: Sequence[Delivery], lease_seconds: float) -> None:
-        deadline = time.monotonic() + lease_seconds
+        deadline = self._clock() + lease_seconds
         for delivery in deliveries:
             queue = self._queue(delivery.queue)
             leased = queue.leased.get(delivery.receipt)
@@ -123,7 +125,7 @@ class MemoryBroker:
                 queue.leased[delivery.receipt] = (leased[0], deadline)
 
     async def recover_expired(self) -> int:
-        now = time.monotonic()
+        now = self._clock()
         recovered = 0
         for name, queue in self._queues.items():
             expired = [receipt for receipt, (_, deadline) in queue.leased.items() if deadline <= now]
@@ -136,7 +138,7 @@ class MemoryBroker:
 
     async def stats(self, queue: str) -> QueueStats:
         target = self._queue(queue)
-        self._promote_due(target, time.monotonic())
+        self._promote_due(target, self._clock())
         return QueueStats(ready=len(target.ready), delayed=len(target.delayed), in_flight=len(target.leased))
 
     async def holding(self, queue: str, message_ids: Sequence[str]) -> set[str] | None:
