@@ -107,7 +107,7 @@ class Core:
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
-        indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index)
+        indexer = TaskIndexer.for_backend(backend, enabled=settings.task_index, clock=clock)
         store = TaskStore(backend, write_hook=indexer.note if indexer.enabled else None)
         index = PublishIndex(backend=backend, bucket_seconds=bucket_seconds_for(settings.repair_after_seconds),
                              clock=clock.wall)

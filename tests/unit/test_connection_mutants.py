@@ -27,7 +27,7 @@ from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
-from tests.support.loop_time import loop_now
+from tests.support.loop_time import loop_clock, loop_now
 from tests.support.processes import until
 from tests.support.wait import wait_for
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
@@ -181,16 +181,20 @@ async def test_a_pump_retries_a_failed_fetch_after_a_short_backoff_capped_below_
     soon and none waits longer than the cap, so work resumes quickly after the engine returns."""
     session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     attempts: list[float] = []
+    twelve = asyncio.Event()
 
     async def unreachable(*args: object) -> list[Delivery]:
         attempts.append(loop_now())
+        if len(attempts) >= 12:
+            twelve.set()
         raise ConnectionError("engine away (injected)")
 
     monkeypatch.setattr(replicas.broker, "fetch", unreachable)
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     # Enough attempts that a larger cap (the default backoff's 1 s) shows: on the fake clock they
-    # take no real time, and the gaps are the delays the pump chose.
-    await until(lambda: len(attempts) >= 12, 10.0, "twelve fetch attempts")
+    # take no real time, and the gaps are the delays the pump chose. Waited for on the loop's
+    # clock (polling it would take a loop turn every few fake milliseconds).
+    await asyncio.wait_for(twelve.wait(), 600.0)
     pump.cancel()
     await asyncio.gather(pump, return_exceptions=True)
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
@@ -208,9 +212,12 @@ async def test_results_an_engine_refused_are_retried_after_a_short_backoff_cappe
     session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     attempts: list[float] = []
     away = True
+    twelve = asyncio.Event()
 
     async def handle(*args: object) -> None:
         attempts.append(loop_now())
+        if len(attempts) >= 12:
+            twelve.set()
         if away:
             raise ConnectionError("engine away (injected)")
 
@@ -218,7 +225,7 @@ async def test_results_an_engine_refused_are_retried_after_a_short_backoff_cappe
     request = worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results())
     retrying = asyncio.create_task(replicas.a.connections._retry_results(session, request))
     try:
-        await until(lambda: len(attempts) >= 12, 10.0, "twelve attempts")
+        await asyncio.wait_for(twelve.wait(), 600.0)  # on the loop's clock, as in the test above
         away = False
         await asyncio.wait_for(retrying, connection.RETRY_MAX_SECONDS + 0.5)
     finally:
@@ -481,11 +488,13 @@ async def test_a_served_worker_that_falls_silent_for_a_lease_is_drained(replicas
         await asyncio.wait_for(served, 10)
 
 
+@pytest.mark.looptime
 async def test_a_worker_is_not_drained_while_the_server_is_slow_to_handle_its_report(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An engine outage holds one report for longer than a lease; the reports behind it wait in the stream.
     connections = replicas.a.connections
+    connections.clock = loop_clock()  # the watchdog measures silence on the loop's fake time
     connections.settings = connections.settings.replace(heartbeat_interval_seconds=0.01, lease_seconds=0.05)
     session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=1))
     draining_after: list[bool] = []
@@ -578,16 +587,19 @@ async def test_a_pump_asks_for_a_batch_first_and_only_its_share_of_the_window_wh
         worker_service_pb2.Hello(worker_id="w1", queues=names, max_in_flight=window)
     )
     asked: list[int] = []
+    three = asyncio.Event()
     reserve = session.reserve
 
     async def recorded(most: int) -> int:
         asked.append(most)
+        if len(asked) >= 3:
+            three.set()
         return await reserve(most)
 
     monkeypatch.setattr(session, "reserve", recorded)
     pump = asyncio.create_task(replicas.a.connections._pump(session, QUEUE))
     try:
-        await until(lambda: len(asked) >= 3, 10.0, "three reservations")
+        await asyncio.wait_for(three.wait(), 600.0)  # on the loop's clock: polling takes a turn per fake ms
     finally:
         await session.close()
         await asyncio.wait_for(pump, 5)

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -51,6 +52,34 @@ def counted_passes(keeper: Reconciler) -> list[float]:
 
     keeper.reconcile_once = counted  # type: ignore[method-assign]
     return passes
+
+
+def after_each_pass(keeper: Reconciler) -> asyncio.Event:
+    """An event set as each of `keeper`'s passes ends (however it ended), for loop_until."""
+    ended = asyncio.Event()
+    reconcile_once = keeper.reconcile_once
+
+    async def signalled() -> int:
+        try:
+            return await reconcile_once()
+        finally:
+            ended.set()
+
+    keeper.reconcile_once = signalled  # type: ignore[method-assign]
+    return ended
+
+
+async def loop_until(changed: asyncio.Event, condition: Callable[[], object], seconds: float, what: str) -> None:
+    """Wait until `condition` holds, checked each time `changed` is set, for at most `seconds` of
+    the loop's time: under looptime no real time passes (polling would take a loop turn every few
+    fake milliseconds)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                changed.clear()
+                await changed.wait()
+    except TimeoutError:
+        raise AssertionError(f"{what} not met within {seconds} s of loop time") from None
 
 
 def period_start(length: float) -> float:
@@ -224,12 +253,13 @@ async def test_while_an_engine_refuses_passes_come_quickly_and_the_promises_go_o
     keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
     replicas.broker.fail_publishes = 1_000_000
     assert await keeper.reconcile_once() == 0  # the outage began
+    passed = after_each_pass(keeper)
     loop = asyncio.create_task(keeper.run(30.0))  # an interval far longer than the test
     try:
-        await until(lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
+        await loop_until(passed, lambda: keeper.refused_passes >= 4, 5.0, "quick passes while the broker is away")
         replicas.broker.fail_publishes = 0
         returned = loop_now()
-        await until(lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
+        await loop_until(passed, lambda: replicas.broker.published["t1"] == published + 1, 5.0, "kept once it is back")
         waited = loop_now() - returned
         assert waited < reconciler_module.RETRY_MAX_SECONDS + 0.3, f"kept {waited:.2f} s after the broker returned"
         assert keeper.refused_passes == 0
@@ -243,9 +273,11 @@ class CountingRepairer:
 
     def __init__(self) -> None:
         self.runs: list[float] = []
+        self.ran = asyncio.Event()
 
     async def repair_due(self) -> RepairReport:
         self.runs.append(loop_now())
+        self.ran.set()
         return RepairReport()
 
 
@@ -261,12 +293,12 @@ async def test_the_loop_repairs_once_per_interval_even_while_an_outage_makes_its
     assert await keeper.reconcile_once() == 0  # the outage began
     loop = asyncio.create_task(keeper.run(1.5))
     try:
-        await until(lambda: len(repairer.runs) >= 1, 5.0, "a repair after the first pass")
+        await loop_until(repairer.ran, lambda: len(repairer.runs) >= 1, 5.0, "a repair after the first pass")
         passes_at_first_repair = keeper.refused_passes
         await asyncio.sleep(1.0)
         assert keeper.refused_passes > passes_at_first_repair + 1, "the passes went on quickly"
         assert len(repairer.runs) == 1, "the repair waits for the interval, not for the next quick pass"
-        await until(lambda: len(repairer.runs) >= 2, 5.0, "a repair an interval later")
+        await loop_until(repairer.ran, lambda: len(repairer.runs) >= 2, 5.0, "a repair an interval later")
         assert repairer.runs[1] - repairer.runs[0] >= 1.5 - 0.05
     finally:
         loop.cancel()
@@ -318,9 +350,11 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
 ) -> None:
     keeper = reconciler(replicas.b, 8.0, Clock(period_start(2.0)))
     reads: list[float] = []
+    read = asyncio.Event()
 
     async def unreachable(*args: object) -> list[object]:
         reads.append(loop_now())
+        read.set()
         raise Outage("backend unreachable (injected)")
 
     monkeypatch.setattr(replicas.b.outbox, "entries", unreachable)
@@ -329,7 +363,7 @@ async def test_while_the_outbox_cannot_be_read_passes_come_quickly_and_apart_by_
     keeper.refused_passes = 1  # as run() counts the pass above
     loop = asyncio.create_task(keeper.run(30.0))
     try:
-        await until(lambda: len(reads) >= 8, 10.0, "quick passes while the outbox cannot be read")
+        await loop_until(read, lambda: len(reads) >= 8, 10.0, "quick passes while the outbox cannot be read")
         assert not loop.done(), "the loop goes on"
     finally:
         loop.cancel()

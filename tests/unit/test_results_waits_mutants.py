@@ -266,18 +266,30 @@ async def test_a_watch_over_many_tasks_rereads_only_the_tasks_that_changed(
     await submit(replicas.a, *(lone(task(task_id=t)) for t in ids))
     loads = recorded_loads(replicas.b, monkeypatch)
     seen: list[tuple[str, int]] = []
+    told = asyncio.Event()  # set at each event the watch yields
 
     async def follow() -> None:
         async for event in replicas.b.reader.watch(ids, until_done=False):
             seen.append((event.task_id, event.state))
+            told.set()
+
+    async def told_until(condition: Callable[[], object], what: str) -> None:
+        """Wait until `condition` holds, checked at each event (polling slept a few ms per change)."""
+        try:
+            async with asyncio.timeout(5.0):
+                while not condition():
+                    told.clear()
+                    await told.wait()
+        except TimeoutError:
+            raise AssertionError(f"{what} not met within 5.0 s") from None
 
     watching = asyncio.create_task(follow())
     try:
-        await until(lambda: replicas.backend.watches == 1 and len(seen) == len(ids), 5.0, "the first read")
+        await told_until(lambda: replicas.backend.watches == 1 and len(seen) == len(ids), "the first read")
         for task_id in ids[:50]:
             await replicas.a.store.update([task_id], succeed)
             ended = (task_id, SUCCESS)
-            await until(lambda: ended in seen, 5.0, f"{task_id} ended")  # noqa: B023 (awaited here)
+            await told_until(lambda: ended in seen, f"{task_id} ended")  # noqa: B023 (awaited here)
     finally:
         watching.cancel()
     reads = [task_id for load in loads for task_id in load]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +21,6 @@ from conveyor_server.core.records import DEAD_LETTERS_GROUP
 from conveyor_server.core.routing import BOUNCE_FIRST_SECONDS, BOUNCE_MAX_SECONDS, Unroutable, bounce_delay
 from conveyor_server.core.routing_timeout import past_routing_timeout, ready_at
 from tests.support.loop_time import loop_now
-from tests.support.processes import until
 from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -184,27 +184,40 @@ async def test_a_pump_that_fetches_only_tasks_for_other_workers_pauses_longer_ea
     connections.open(hello("node", "node.mul"))  # its worker can run n1: handed back at once
     python = connections.open(hello("py", "py.add"))
     fetches: list[tuple[float, list[str]]] = []
+    fetched = asyncio.Event()
     fetch = replicas.broker.fetch
 
     async def timed(*args: Any, **kwargs: Any) -> list[Delivery]:
         at = loop_now()
         deliveries = await fetch(*args, **kwargs)
         fetches.append((at, [decode_message(d.body).signature.id for d in deliveries]))
+        fetched.set()
         return deliveries
+
+    async def until_fetched(condition: Callable[[], object], what: str, seconds: float = 600.0) -> None:
+        """Wait until `condition` holds, checked after each fetch, on the loop's clock (polling
+        would take a loop turn every few fake milliseconds of the pauses)."""
+        try:
+            async with asyncio.timeout(seconds):
+                while not condition():
+                    fetched.clear()
+                    await fetched.wait()
+        except TimeoutError:
+            raise AssertionError(f"{what} not met within {seconds} s of loop time") from None
 
     monkeypatch.setattr(replicas.broker, "fetch", timed)
     started = loop_now()
     pump = asyncio.create_task(connections._pump(python, QUEUE))
     try:
-        await until(lambda: len(fetches) >= 6, 10.0, "six fetches of the node task")
+        await until_fetched(lambda: len(fetches) >= 6, "six fetches of the node task")
         assert fetches[0][0] - started == pytest.approx(0.0, abs=0.002), "the first fetch waits for nothing"
         gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(fetches[:6])]
         assert gaps == pytest.approx([bounce_delay(n) for n in range(1, 6)], abs=0.002)
         assert all(ids == ["n1"] for _, ids in fetches[:6])
         await submit(replicas.a, lone(task(name="py.add", task_id="p1")))
-        await until(lambda: any("p1" in ids for _, ids in fetches), 10.0, "a fetch of the python task")
+        await until_fetched(lambda: any("p1" in ids for _, ids in fetches), "a fetch of the python task")
         mine = next(i for i, (_, ids) in enumerate(fetches) if "p1" in ids)
-        await until(lambda: len(fetches) >= mine + 3, 10.0, "two fetches after it")
+        await until_fetched(lambda: len(fetches) >= mine + 3, "two fetches after it")
         after = [later[0] - earlier[0] for earlier, later in itertools.pairwise(fetches[mine : mine + 3])]
         assert after == pytest.approx([0.0, bounce_delay(1)], abs=0.002), "the pauses begin again from the first"
     finally:

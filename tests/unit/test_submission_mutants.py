@@ -92,6 +92,7 @@ async def test_the_hook_given_at_construction_hears_of_every_accepted_lone_task(
 
 # -- publishing, and retrying a failed publish ----------------------------------------------------
 
+@pytest.mark.looptime  # the settling sleep takes no real time; a retry, with no delay here, runs within it
 async def test_a_published_submission_is_not_published_again(
     replicas: Replicas, loop_errors: list[dict[str, Any]]
 ) -> None:
@@ -123,16 +124,20 @@ async def test_a_failed_publish_is_retried_at_most_half_a_second_apart(
     """The retry's cap bounds how long after the broker's return an accepted submission goes out."""
     monkeypatch.setattr(submission, "RETRY_FIRST_SECONDS", 0.1)  # the production backoff, not instant
     attempts: list[float] = []
+    published = asyncio.Event()
     publish = replicas.broker.publish
 
     async def timed(*args: Any) -> None:
         attempts.append(loop_now())
         await publish(*args)
+        published.set()
 
     monkeypatch.setattr(replicas.broker, "publish", timed)
     replicas.broker.fail_publishes = 8
     await submit(replicas.a, lone(task(task_id="t1")))
-    await until(lambda: replicas.broker.published["t1"] == 1, 10.0, "the retry published it")
+    # Waited for on the loop's clock: polling would take a loop turn every few fake milliseconds.
+    await asyncio.wait_for(published.wait(), 600.0)
+    assert replicas.broker.published["t1"] == 1, "the retry published it"
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     assert len(gaps) == 8
     assert max(gaps) < submission.RETRY_MAX_SECONDS + 0.15 < 0.7, f"a retry waited {max(gaps):.2f} s"
@@ -152,7 +157,8 @@ async def test_the_retry_of_a_failed_publish_gives_up_at_the_grace_and_leaves_it
     started = loop_now()
     await submit(replicas.a, lone(task(task_id="t1")))
     assert retries(), "a retry runs during the grace"
-    await until(lambda: not retries(), 5.0, "the retry gave up")
+    await asyncio.wait(retries(), timeout=5.0)  # on the loop's clock
+    assert not retries(), "the retry gave up"
     assert loop_now() - started < 1.0 + 0.3, "at the grace, not later"
     assert replicas.broker.published["t1"] == 0
     assert [entry for entry, _ in await replicas.a.outbox.entries(0.0, time.time() + 1)], "the promise is kept"
@@ -167,6 +173,7 @@ async def test_a_failed_publish_is_promised_in_the_outbox_as_a_publish_of_its_ta
     await replicas.a.submitter.close()
 
 
+@pytest.mark.looptime  # the settling sleep takes no real time; a retry left running, with no delay here, runs within it
 async def test_close_returns_once_every_retry_has_stopped(replicas: Replicas) -> None:
     replicas.broker.fail_publishes = 1_000
     await submit(replicas.a, lone(task(task_id="t1")))

@@ -1,13 +1,17 @@
 """The task indexer's batching (core/task_index.py): which noted entries a flush takes, and a
-flusher that waits for held entries instead of spinning on them."""
+flusher that waits for held entries instead of spinning on them.
+
+The indexer times how long it has held an entry on its clock: tests set it by hand (ManualClock),
+or, under @pytest.mark.looptime, give it the loop's (loop_clock()) so that its hold time passes
+with the loop's fake time, and wait for writes on the loop's time (written()).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -17,10 +21,13 @@ from conveyor.values import micros_of
 from conveyor_server.backends.memory_task_index import MemoryTaskIndex
 from conveyor_server.backends.task_index import IndexEntry
 from conveyor_server.core import task_index
+from conveyor_server.core.clock import SYSTEM_CLOCK, Clock
 from conveyor_server.core.records import TaskStates, new_record, transition
 from conveyor_server.core.task_index import TaskIndexer
 from conveyor_server.engines import open_backend
+from tests.support.loop_time import loop_clock
 from tests.support.processes import until
+from tests.unit.clocks import ManualClock
 
 
 class CountingIndex(MemoryTaskIndex):
@@ -32,9 +39,11 @@ class CountingIndex(MemoryTaskIndex):
         self.failures = failures
         self.written: list[tuple[str, int]] = []
         self.tried_at: list[float] = []
+        self.tried = asyncio.Event()  # set at each write tried (see written())
 
     async def write(self, entries: Sequence[IndexEntry]) -> None:
         self.tried_at.append(asyncio.get_running_loop().time())
+        self.tried.set()
         if len(self.tried_at) <= self.failures:
             raise ConnectionError("engine away")
         self.written.extend((e.task_id, e.state) for e in entries)
@@ -50,22 +59,33 @@ def moved(record: records_pb2.TaskRecord, state: int) -> records_pb2.TaskRecord:
     return record
 
 
-def indexer(failures: int = 0) -> tuple[TaskIndexer, CountingIndex]:
+def indexer(failures: int = 0, clock: Clock = SYSTEM_CLOCK) -> tuple[TaskIndexer, CountingIndex]:
     index = CountingIndex(failures)
-    return TaskIndexer(open_backend("memory://"), index), index
+    return TaskIndexer(open_backend("memory://"), index, clock=clock), index
 
 
-async def test_a_flush_takes_ended_entries_and_live_ones_held_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(task_index, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
-    subject, _ = indexer()
+async def written(index: CountingIndex, condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
+    """Wait (on the loop's clock: no real time under looptime) until `condition` holds, checked
+    after each write the index is asked for; AssertionError naming `what` after `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                index.tried.clear()
+                await index.tried.wait()
+    except TimeoutError:
+        raise AssertionError(f"{what} not met within {seconds} s of loop time") from None
+
+
+async def test_a_flush_takes_ended_entries_and_live_ones_held_long_enough() -> None:
+    manual = ManualClock()
+    subject, _ = indexer(clock=manual.clock)
     held_long, quick, young = pending("held-long"), pending("quick"), pending("young")
     subject.note(held_long)
-    clock[0] += 0.5
+    manual.advance(0.5)
     subject.note(quick)
-    clock[0] += 0.4
+    manual.advance(0.4)
     subject.note(young)
-    clock[0] += 0.3  # held-long was first noted 1.2 s ago, quick 0.7 s, young 0.3 s
+    manual.advance(0.3)  # held-long was first noted 1.2 s ago, quick 0.7 s, young 0.3 s
     subject.note(moved(held_long, TaskStates.TASK_STATE_STARTED))  # keeps its place: noted first long ago
     subject.note(moved(quick, TaskStates.TASK_STATE_SUCCESS))
     due = subject._take_due(everything=False)
@@ -90,9 +110,13 @@ async def test_a_live_entry_that_ends_is_due_at_once_and_written_once(monkeypatc
     assert index.written == [("t", TaskStates.TASK_STATE_FAILURE)]
 
 
+@pytest.mark.looptime
 async def test_many_held_entries_leave_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """More live entries than FLUSH_AT_ENTRIES, none due yet: the flusher waits for them (it
-    used to call flush back to back, holding the loop until the first came due)."""
+    used to call flush back to back, holding the loop until the first came due).
+
+    The test's sleeps take no real time (looptime), while the indexer holds its entries on the
+    real clock: a flusher that spins holds the loop for the real hold time, which is measured."""
     monkeypatch.setattr(task_index, "HOLD_LIVE_SECONDS", 3.0)
     subject, index = indexer()
     for i in range(task_index.FLUSH_AT_ENTRIES + 10):
@@ -180,10 +204,10 @@ async def test_a_note_starts_the_background_flush(monkeypatch: pytest.MonkeyPatc
 async def test_a_failed_background_flush_retries_backing_off_to_its_cap_then_writes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    subject, index = indexer(failures=4)
+    subject, index = indexer(failures=4, clock=loop_clock())
     with caplog.at_level(logging.WARNING, logger=task_index.__name__):
         subject.note(moved(pending("t"), TaskStates.TASK_STATE_SUCCESS))
-        await until(lambda: index.written, 30.0, "written after the engine came back")
+        await written(index, lambda: index.written, "written after the engine came back")
     gaps = [round(later - earlier, 2) for earlier, later in zip(index.tried_at, index.tried_at[1:], strict=False)]
     assert gaps == [0.5, 1.0, 2.0, 2.0]  # FLUSH_SECONDS doubled after each failure, up to RETRY_MAX_SECONDS
     assert index.written == [("t", TaskStates.TASK_STATE_SUCCESS)]
@@ -207,12 +231,12 @@ async def test_once_many_ended_entries_wait_the_background_flush_does_not_wait_a
 
 @pytest.mark.looptime
 async def test_the_background_flush_writes_ended_entries_and_leaves_live_ones_until_held_long_enough() -> None:
-    subject, index = indexer()
+    subject, index = indexer(clock=loop_clock())
     subject.note(pending("live"))
     subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
-    await until(lambda: index.written, 30.0, "the ended entry written")
+    await written(index, lambda: index.written, "the ended entry written")
     assert index.written == [("done", TaskStates.TASK_STATE_SUCCESS)]
-    await until(lambda: len(index.written) == 2, 30.0, "the live entry written once held long enough")
+    await written(index, lambda: len(index.written) == 2, "the live entry written once held long enough")
     assert index.written[1] == ("live", TaskStates.TASK_STATE_PENDING)
     assert index.tried_at[1] - index.tried_at[0] >= task_index.HOLD_LIVE_SECONDS - task_index.FLUSH_SECONDS
     await subject.close()
@@ -220,10 +244,10 @@ async def test_the_background_flush_writes_ended_entries_and_leaves_live_ones_un
 
 @pytest.mark.looptime
 async def test_after_a_failed_write_the_background_flush_goes_on_for_entries_still_held() -> None:
-    subject, index = indexer(failures=1)
+    subject, index = indexer(failures=1, clock=loop_clock())
     subject.note(moved(pending("done"), TaskStates.TASK_STATE_SUCCESS))
     subject.note(pending("live"))
-    await until(lambda: ("live", TaskStates.TASK_STATE_PENDING) in index.written, 30.0, "the live entry written")
+    await written(index, lambda: ("live", TaskStates.TASK_STATE_PENDING) in index.written, "the live entry written")
     await subject.close()
 
 
@@ -238,12 +262,11 @@ async def test_an_ended_task_that_lives_again_is_filed_as_live_only() -> None:
     assert index.written == [("t", TaskStates.TASK_STATE_PENDING)]
 
 
-async def test_a_live_entry_is_due_once_held_exactly_the_hold_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(task_index, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
-    subject, _ = indexer()
+async def test_a_live_entry_is_due_once_held_exactly_the_hold_time() -> None:
+    manual = ManualClock()
+    subject, _ = indexer(clock=manual.clock)
     subject.note(pending("t"))
-    clock[0] += task_index.HOLD_LIVE_SECONDS
+    manual.advance(task_index.HOLD_LIVE_SECONDS)
     assert list(subject._take_due(everything=False)) == ["t"]
     await subject.close()
 

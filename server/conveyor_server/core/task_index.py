@@ -32,6 +32,7 @@ from conveyor.values import micros_of, seconds_of
 from ..backends.base import Backend
 from ..backends.task_index import TERMINAL_STATES, Cursor, IndexEntry, ListsTasks, TaskIndex, TaskQuery
 from ..background import stop_tasks
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import InvalidArgument
 from .page_tokens import decode_place, encode_place
 from .store import load_records
@@ -94,9 +95,12 @@ class TaskIndexer:
     """Keeps the task index (the store's write hook: build it first, then the store with
     `write_hook=indexer.note`) and lists tasks through it, reading their records from `backend`."""
 
-    def __init__(self, backend: Backend, index: TaskIndex | None, unsupported: str = "") -> None:
+    def __init__(self, backend: Backend, index: TaskIndex | None, unsupported: str = "", *,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.backend = backend
         self.index = index
+        # Times how long a live entry has been held (its monotonic clock).
+        self.clock = clock
         # Why listing is off, for the UNIMPLEMENTED message (when index is None).
         self.unsupported = unsupported or "this backend cannot list tasks"
         # Noted entries of live tasks in the order first noted (so the ones held long enough are
@@ -111,11 +115,11 @@ class TaskIndexer:
         self.on_flush: list[Callable[[int], None]] = []
 
     @classmethod
-    def for_backend(cls, backend: Backend, enabled: bool = True) -> TaskIndexer:
+    def for_backend(cls, backend: Backend, enabled: bool = True, *, clock: Clock = SYSTEM_CLOCK) -> TaskIndexer:
         if not enabled:
             return cls(backend, None, "task listing is turned off (setting task_index: false)")
         if isinstance(backend, ListsTasks):
-            return cls(backend, backend.task_index())
+            return cls(backend, backend.task_index(), clock=clock)
         engine = type(backend).__name__.removesuffix("Backend").lower()
         return cls(backend, None, f"the {engine} backend keeps no task index, so it cannot list tasks (SQLite, Redis, "
                                 "MongoDB and memory can; InspectTask still reads a task by its id)")
@@ -143,7 +147,8 @@ class TaskIndexer:
             self._dropped += 1
             return
         else:
-            self._keep(task_id, (state, result.queue, result.name, micros_of(result.submitted_at), time.monotonic()))
+            noted_at = self.clock.monotonic()
+            self._keep(task_id, (state, result.queue, result.name, micros_of(result.submitted_at), noted_at))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -163,7 +168,7 @@ class TaskIndexer:
             due.update(self._live)
             self._live = {}
             return due
-        held_since = time.monotonic() - HOLD_LIVE_SECONDS
+        held_since = self.clock.monotonic() - HOLD_LIVE_SECONDS
         held_long: list[str] = []
         for task_id, noted in self._live.items():
             if noted[4] > held_since:
