@@ -138,7 +138,9 @@ def test_amqp_refusals_are_not_transient(exc: BaseException) -> None:
 # -- aiobotocore / botocore (SQS) ------------------------------------------------------------
 
 async def test_an_unreachable_sqs_endpoint_is_transient(closed_port: int) -> None:
-    config = botocore_config.Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2)
+    # One attempt, no retry: botocore's legacy "max_attempts" counts retries, and its one retry
+    # waited a random backoff of up to a second.
+    config = botocore_config.Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=2)
     async with aioboto3.Session().client(
         "sqs", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{closed_port}",
         aws_access_key_id="test", aws_secret_access_key="test", config=config,
@@ -190,9 +192,12 @@ def test_sqs_refusals_are_not_transient(exc: BaseException) -> None:
 
 # -- pymongo ---------------------------------------------------------------------------------
 
-def test_an_unreachable_mongodb_is_transient(closed_port: int) -> None:
+def test_an_unreachable_mongodb_is_transient(closed_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Server selection looks again every MIN_HEARTBEAT_INTERVAL (0.5 s), whatever its timeout:
+    # a shorter interval lets the selection give up after its 50 ms.
+    monkeypatch.setattr(pymongo.common, "MIN_HEARTBEAT_INTERVAL", 0.01)
     client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
-        f"mongodb://127.0.0.1:{closed_port}", serverSelectionTimeoutMS=300, connectTimeoutMS=300
+        f"mongodb://127.0.0.1:{closed_port}", serverSelectionTimeoutMS=50, connectTimeoutMS=300
     )
     try:
         with pytest.raises(mongo.ServerSelectionTimeoutError) as raised:

@@ -361,7 +361,8 @@ def test_repair_after_defaults_to_four_leases_and_must_exceed_two_heartbeats() -
 
 @pytest.fixture
 async def serving(rig: Rig) -> AsyncIterator[str]:
-    server = ConveyorServer(rig.core.settings.replace(port=0), core=rig.core)
+    # No dashboard (http_port=0): its uvicorn loop ticks every 0.1 s, so stopping it takes that long.
+    server = ConveyorServer(rig.core.settings.replace(port=0, http_port=0), core=rig.core)
     await server.start()
     yield f"127.0.0.1:{server.port}"
     await server.stop(0)

@@ -34,7 +34,8 @@ from tests.support.processes import until
 
 @pytest.fixture
 async def address() -> AsyncIterator[str]:
-    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://"))
+    # No dashboard (http_port=0): its uvicorn loop ticks every 0.1 s, so stopping it takes that long.
+    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://", http_port=0))
     port = await server.start()
     worker = Worker(f"127.0.0.1:{port}", concurrency=4)
 

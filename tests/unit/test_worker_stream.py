@@ -13,7 +13,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
-from conveyor_server.core import connection, outcomes
+from conveyor_server.core import connection, outcomes, routing
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.errors import InvalidArgument
 from conveyor_server.core.sessions import SessionRegistry, WorkerSession
@@ -209,7 +209,12 @@ async def test_a_rejected_task_goes_back_to_its_queue_for_another_worker(replica
     assert record is not None and record.deliveries == 1 and record.lease_token == claim.leases[0].token
 
 
-async def test_a_task_rejected_again_and_again_fails_as_unknown(replicas: Replicas) -> None:
+async def test_a_task_rejected_again_and_again_fails_as_unknown(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each rejection hands the task back after bounce_delay (0.05 s doubled per rejection: 0.75 s
+    # of real waiting for the broker's fetch below); here it is back at once.
+    monkeypatch.setattr(routing, "BOUNCE_FIRST_SECONDS", 0.0)
     await submit(replicas.a, lone(task(task_id="t1")))
     session = replicas.a.connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
     for rejection in range(1, outcomes.MAX_REJECTS + 1):
