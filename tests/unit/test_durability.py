@@ -84,6 +84,45 @@ class FlakyBackend(MemoryBackend):
         return {k: v for k, v in found.items() if k not in self.hide}
 
 
+class RacingBackend(FlakyBackend):
+    """The FlakyBackend, on which two repairs race to take over one claim. Once `race` names a
+    record's key, the first two writes that take its claim over (the record re-stamped, not
+    confirmed as published) interleave: the first is held, with the version it read, until the
+    second's write is in; the second, once in, is held until the first's write has been tried.
+    So the first writes over a version gone stale and reads back a takeover not yet confirmed,
+    as when two replicas repair one chord at the same moment. `raced` tells which got in."""
+
+    def __init__(self, ttl_seconds: float = 86_400.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ttl_seconds, clock=clock)
+        self.race = ""
+        self.raced: dict[str, bool] = {}
+        self._second_in = asyncio.Event()
+        self._first_tried = asyncio.Event()
+
+    def _takes_over(self, updates: Sequence[Update]) -> bool:
+        for update in updates:
+            if update.key == self.race:
+                record = records_pb2.TaskRecord.FromString(update.data)
+                return record.enqueued and not record.published
+        return False
+
+    async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
+        if len(self.raced) == 2 or not self._takes_over(updates):
+            return await super().compare_and_set(updates)
+        if "first" not in self.raced:
+            self.raced["first"] = False  # arrived: held until the second's takeover is in
+            await self._second_in.wait()
+            applied = await super().compare_and_set(updates)
+            self.raced["first"] = all(applied)
+            self._first_tried.set()
+            return applied
+        applied = await super().compare_and_set(updates)
+        self.raced["second"] = all(applied)
+        self._second_in.set()
+        await self._first_tried.wait()  # not confirmed before the first has tried its own takeover
+        return applied
+
+
 @dataclass
 class Clock:
     now: float = field(default_factory=time.time)
@@ -136,6 +175,18 @@ async def manual_engines(manual: ManualClock) -> AsyncIterator[Engines]:
     passes when the test advances it, not by waiting."""
     monotonic = manual.clock.monotonic
     broker, backend, clock = FlakyBroker(clock=monotonic), FlakyBackend(clock=monotonic), Clock()
+    await broker.connect()
+    await backend.connect()
+    yield Engines(build(broker, backend, clock, core_clock=manual.clock), broker, backend, clock)
+    await broker.close()
+    await backend.close()
+
+
+@pytest.fixture
+async def racing_engines(manual: ManualClock) -> AsyncIterator[Engines]:
+    """`manual_engines` on a RacingBackend."""
+    monotonic = manual.clock.monotonic
+    broker, backend, clock = FlakyBroker(clock=monotonic), RacingBackend(clock=monotonic), Clock()
     await broker.connect()
     await backend.connect()
     yield Engines(build(broker, backend, clock, core_clock=manual.clock), broker, backend, clock)
@@ -383,26 +434,47 @@ async def _chord_with_an_unconfirmed_callback(engines: Engines) -> list[records_
     return [found.record for found in loaded.values()]
 
 
+def _claimed_an_hour_earlier(_: str, record: records_pb2.TaskRecord) -> bool:
+    record.enqueued_at.FromNanoseconds(record.enqueued_at.ToNanoseconds() - 3600 * 1_000_000_000)
+    return True
+
+
 async def test_two_repairs_at_once_resend_an_unconfirmed_callback_once(
-    engines: Engines, monkeypatch: pytest.MonkeyPatch
+    racing_engines: Engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 0.2)
+    engines = racing_engines
+    backend = engines.backend
+    assert isinstance(backend, RacingBackend)
+    # Claims are stamped and aged on the wall clock (Timestamp.GetCurrentTime, time.time in
+    # core/confirmed.py), which the injected clocks do not reach: a claim is made stale by
+    # moving its stamp back an hour, far past a grace of a minute, so no real time counts.
+    monkeypatch.setattr(confirmed, "CLAIM_GRACE_SECONDS", 60.0)
     members = await _chord_with_an_unconfirmed_callback(engines)
-
-    def claimed_earlier(_: str, record: records_pb2.TaskRecord) -> bool:
-        record.enqueued_at.FromNanoseconds(record.enqueued_at.ToNanoseconds() - 300_000_000)
-        return True
-
-    # The claim is stale now (its claimer failed): claimed 0.3 s earlier, rather than waited out.
-    await engines.core.store.update(["cb"], claimed_earlier)
+    await engines.core.store.update(["cb"], _claimed_an_hour_earlier)  # its claimer failed long ago
     followups = engines.core.connections.dispatcher.followups
-    # Both members' messages came back at once (their follow-ups failed in an outage).
-    outcomes_ = await asyncio.gather(
-        *(followups.after_terminal([member], repair=True) for member in members), return_exceptions=True
-    )
+    backend.race = task_key("cb")
+    # Both members' messages came back at once (their follow-ups failed in an outage): both
+    # repairs read the stale claim, then race to take it over.
+    async with asyncio.timeout(10):  # a bound on a hang, never waited out when the race runs
+        outcomes_ = await asyncio.gather(
+            *(followups.after_terminal([member], repair=True) for member in members), return_exceptions=True
+        )
+    assert backend.raced == {"first": False, "second": True}, "the second took over under the first"
+    assert outcomes_ == [None, None]
+    assert engines.broker.published["cb"] == 1, "the first saw a takeover within the grace and left it"
+    record = await engines.core.store.get("cb")
+    assert record is not None and record.published, "the takeover is confirmed"
+
+    # A member's message comes back once more, long after the grace: a published callback is
+    # not sent again, however old its claim.
+    await engines.core.store.update(["cb"], _claimed_an_hour_earlier)
+    await followups.after_terminal(members[:1], repair=True)
+    assert engines.broker.published["cb"] == 1, "a confirmed callback is not sent again"
+    await drain(engines.core)
+    assert await state(engines.core, "cb") == "TASK_STATE_SUCCESS"
     assert engines.broker.published["cb"] == 1
-    # The other one saw the takeover and will look again later (its message is handed back).
-    assert all(o is None or isinstance(o, confirmed.RepairPending) for o in outcomes_)
+    stats = await engines.broker.stats(QUEUE)
+    assert stats.ready + stats.delayed == 0, "nothing is left waiting for a repair"
 
 
 async def test_repair_leaves_a_fresh_claim_to_its_claimer(
