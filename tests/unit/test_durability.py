@@ -31,6 +31,7 @@ from conveyor_server.core.connection import settle
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.outbox import OUTBOX_GROUP
 from conveyor_server.core.records import plan_key, task_key
+from conveyor_server.core.retry import DEFAULT_INITIAL_SECONDS
 from conveyor_server.core.schedules import Schedules
 from conveyor_server.core.store import TaskStore
 from tests.support.loop_time import loop_clock
@@ -546,7 +547,8 @@ async def test_a_retry_waits_in_the_broker_and_runs_as_the_next_attempt(
     retry = task_pb2.RetryPolicy(max_attempts=2)
     await submit(engines.core, lone(task(task_id="t1", retry=retry)))
     run = await work(engines.core, worker_service_pb2.OUTCOME_FAILURE, "Boom")
-    assert run.requeued == {"t1": pytest.approx(run.requeued["t1"])} and run.requeued["t1"] >= 0
+    # No jitter by default: the first retry waits the policy's default initial delay.
+    assert run.requeued == {"t1": pytest.approx(DEFAULT_INITIAL_SECONDS)}
     stats = await engines.broker.stats(QUEUE)
     assert stats.ready + stats.delayed == 1, "one message: the retry is the same message handed back"
     record = await engines.core.store.get("t1")
