@@ -1,0 +1,16 @@
+"""Routing's unroutable count (core/routing.py) at the edge of its memory: a task turned away
+exactly UNROUTABLE_MEMORY_SECONDS ago still counts; a moment later it is forgotten."""
+
+from __future__ import annotations
+
+from conveyor_server.core.routing import UNROUTABLE_MEMORY_SECONDS, Unroutable
+
+
+def test_a_task_counts_as_unroutable_for_exactly_its_memory_and_no_longer() -> None:
+    now = [100.0]
+    unroutable = Unroutable(clock=lambda: now[0])
+    unroutable.turned_away("q", "t1")
+    now[0] += UNROUTABLE_MEMORY_SECONDS
+    assert unroutable.count("q") == 1
+    now[0] += 0.5
+    assert unroutable.count("q") == 0
