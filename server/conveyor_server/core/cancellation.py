@@ -88,10 +88,12 @@ class Canceller:
 
         ended = await self.store.update(ids, end)
         for replaced_by in [record.replaced_by for record in ended.values() if record.replaced_by]:
-            # A replaced task's replacement runs in its place: it is cancelled too.
+            # A replaced task's replacement runs in its place: it is cancelled too. Its messages
+            # are its own, in its own queues: whatever dropped the replaced task's message left
+            # them (a purge of one of those queues un-lists them itself: withdrawn.purged).
             replacement = await self.store.plan(replaced_by)
             if replacement is not None:
-                ended.update(await self._end(task_ids(replacement), cause, messages_left))
+                ended.update(await self._end(task_ids(replacement), cause))
                 await self.followups.workflow.finished(replacement)
         await withdraw(self.store.backend, [record for task_id, record in waiting.items() if task_id in ended])
         if running:
