@@ -1,7 +1,8 @@
 """Operator actions: the edges mutation testing found unpinned (the server id a worker listing
-names, purged tasks ended in batches, replay of one queue's dead letters and of more than a
-listing's default size, resubmit, forgetting dead letters, running a schedule now, the checks
-of a repair by hand)."""
+names, purged tasks ended in batches, replay of one queue's dead letters, of more than a
+listing's default size, of at most 10,000 at once and of one forgotten meanwhile, resubmit,
+forgetting dead letters, running a schedule now, the checks, queue and force of a repair by
+hand, no task registry, deleting a rate limit, listing tasks)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pytest
 
 from conveyor.v1 import admin_service_pb2, result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.app import Core
+from conveyor_server.backends.task_index import TaskQuery
 from conveyor_server.config import Settings
 from conveyor_server.core import admin
+from conveyor_server.core.dead_letters import replay_id
 from conveyor_server.core.errors import InvalidArgument, NotFound
-from conveyor_server.core.records import DEAD_LETTERS_GROUP
+from conveyor_server.core.limits.spec import rate_limit
+from conveyor_server.core.records import DEAD_LETTERS_GROUP, new_record, transition
 from tests.unit.replicas import Replicas, quick_repairs, replicas, run_all, run_ready
 from tests.unit.test_durability import QUEUE, lone, submit, task
 
@@ -153,3 +157,101 @@ async def test_a_repair_by_hand_checks_its_arguments(
     with pytest.raises(InvalidArgument, match=message):
         await replicas.a.admin.repair(older_than, queue, dry_run=True, force=False)
 
+
+
+async def a_forced_dry_run(replicas: Replicas, queue: str = "", force: bool = True) -> list[str]:
+    """What a dry-run repair by hand of tasks silent for 0 s (or more) would republish."""
+    await replicas.a.repairer.index.flush()
+    report = await replicas.a.admin.repair(0.0, queue, dry_run=True, force=force)
+    return sorted(r.record.result.task_id for r in report.repaired)
+
+
+async def test_a_repair_by_hand_of_0_s_is_allowed_and_force_takes_tasks_whose_messages_are_held(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="held")))
+    assert await a_forced_dry_run(replicas, force=False) == [], "its message is in the queue: not lost"
+    assert await a_forced_dry_run(replicas) == ["held"], "forced: republished whatever the broker holds"
+
+
+async def test_a_repair_by_hand_of_one_queue_leaves_the_other_queues(replicas: Replicas) -> None:
+    elsewhere = task_pb2.Signature(name="noop", id="there", queue="other")
+    await submit(replicas.a, lone(task(task_id="here")), lone(elsewhere))
+    assert await a_forced_dry_run(replicas, queue="other") == ["there"]
+    assert await a_forced_dry_run(replicas) == ["here", "there"]
+
+
+async def test_a_repair_by_hand_without_an_age_says_exactly_what_is_missing(replicas: Replicas) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        await replicas.a.admin.repair(None, "", dry_run=True, force=False)
+    assert str(refused.value) == "older_than is required: how long a task must show no sign of life, e.g. 600s"
+
+
+async def test_a_replay_of_every_dead_letter_replays_each_listed_one_though_another_forgot_it_meanwhile(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(replicas.a, lone(task(task_id="g1")), lone(task(task_id="g2")))
+    await run_all(replicas.a, fail={"g1", "g2"})
+    listing = replicas.a.admin.dead_letters
+
+    async def listed_then_forgotten(queue: str, limit: int) -> list[result_pb2.TaskResult]:
+        found = await listing(queue, limit)
+        await replicas.b.admin.forget_dead_letters(["g1"])  # another operator, between listing and replay
+        return found
+
+    monkeypatch.setattr(replicas.a.admin, "dead_letters", listed_then_forgotten)
+    assert sorted(await replicas.a.admin.replay([], "")) == sorted([replay_id("g1"), replay_id("g2")])
+    assert await replicas.a.admin.dead_letters("", 0) == []
+
+
+async def test_a_replay_of_every_dead_letter_takes_at_most_ten_thousand_at_once(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 10_001
+    failed = []
+    for i in range(count):
+        record = new_record(task(task_id=f"x{i:05}"), enqueued=False)
+        transition(record, result_pb2.TASK_STATE_FAILURE)
+        failed.append(record)
+    await replicas.a.store.create(failed)
+    await replicas.backend.add_members(DEAD_LETTERS_GROUP, {r.result.task_id: QUEUE.encode() for r in failed})
+    taken: list[int] = []
+
+    async def replay(task_ids: list[str], checked: bool = False) -> list[str]:
+        taken.append(len(task_ids))
+        return []
+
+    monkeypatch.setattr(replicas.a.admin.dead, "replay", replay)
+    await replicas.a.admin.replay([], "")
+    assert taken == [10_000]
+
+
+async def test_without_a_task_registry_no_tasks_are_registered_and_queues_are_still_listed(
+    replicas: Replicas,
+) -> None:
+    core = replicas.a
+    bare = admin.Admin(
+        broker=core.broker, store=core.store, registry=core.registry, reader=core.reader, submitter=core.submitter,
+        server_id="s", pauses=core.admin.pauses, schedules=core.admin.schedules, canceller=core.canceller,
+        repairer=core.repairer,
+    )
+    await submit(core, lone(task(task_id="t1")))
+    assert await bare.registered_tasks() == []
+    assert [info.name for info in await bare.queues()] == [QUEUE]
+
+
+async def test_a_rate_limit_deleted_by_hand_is_gone_and_the_others_stay(replicas: Replicas) -> None:
+    await replicas.a.admin.set_rate_limit(rate_limit("charge", "20/m"))
+    await replicas.a.admin.set_rate_limit(rate_limit("send", "5/s"))
+    await replicas.a.admin.delete_rate_limit("charge")
+    assert [limit.name for limit in await replicas.b.admin.list_rate_limits()] == ["send"]
+
+
+async def test_tasks_are_listed_a_page_at_a_time_through_the_index(replicas: Replicas) -> None:
+    await submit(replicas.a, *(lone(task(task_id=f"l{i}")) for i in range(3)),
+                 lone(task_pb2.Signature(name="other", id="m0", queue=QUEUE)))
+    await replicas.a.admin.indexer.flush()
+    first = await replicas.a.admin.list_tasks(TaskQuery(name="noop", limit=2, oldest_first=True))
+    assert [r.result.task_id for r in first.records] == ["l0", "l1"] and first.next_page_token
+    rest = await replicas.a.admin.list_tasks(TaskQuery(name="noop", limit=2, oldest_first=True), first.next_page_token)
+    assert ([r.result.task_id for r in rest.records], rest.next_page_token) == (["l2"], "")

@@ -1,5 +1,6 @@
 """Records, errors and worker sessions: the edges mutation testing found unpinned (what a new
-record and a transition write, a session's reservations and high-water mark, leaving twice)."""
+record and a transition write, a unique task's key, a session's reservations and high-water
+mark, leaving twice)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.brokers.base import Delivery
 from conveyor_server.core.dispatch import Lease
-from conveyor_server.core.records import error, new_record, transition
+from conveyor_server.core.records import error, new_record, transition, unique_key
 from conveyor_server.core.sessions import SessionRegistry, WorkerSession
 
 # -- records ---------------------------------------------------------------------------------------
@@ -34,6 +35,32 @@ def test_a_transition_records_the_attempt_and_the_worker_or_no_worker() -> None:
     started, retry = record.result.history[-2:]
     assert (started.state, started.attempt, started.worker_id) == (result_pb2.TASK_STATE_STARTED, 2, "w7")
     assert (retry.state, retry.attempt, retry.worker_id) == (result_pb2.TASK_STATE_RETRY, 2, "")
+
+
+def kwargs_call(kwargs: dict[str, int], name: str = "n", queue: str = "q") -> task_pb2.Signature:
+    """A call of `name` on `queue` with one arg, its kwargs set in the order `kwargs` has them."""
+    call = task_pb2.Signature(name=name, queue=queue, args=[task_pb2.Value(int_value=1)])
+    for key, number in kwargs.items():
+        call.kwargs[key].int_value = number
+    return call
+
+
+def test_a_unique_tasks_key_does_not_depend_on_the_order_its_kwargs_were_set_in() -> None:
+    keys = [f"k{i}" for i in range(10)]
+    forward = kwargs_call(dict.fromkeys(keys, 1))
+    backward = kwargs_call(dict.fromkeys(reversed(keys), 1))
+    assert forward.SerializeToString() != backward.SerializeToString()  # the case the key must absorb
+    assert unique_key(forward) == unique_key(backward)
+
+
+def test_a_unique_tasks_key_tells_apart_calls_that_differ_only_in_name_queue_or_kwargs() -> None:
+    call = kwargs_call({"a": 1})
+    for other in (kwargs_call({"a": 1}, name="m"), kwargs_call({"a": 1}, queue="r"), kwargs_call({"a": 2}),
+                  kwargs_call({})):
+        assert unique_key(other) != unique_key(call), other
+    same = kwargs_call({"a": 1})
+    same.id, same.idempotency_key = "another-id", "another-key"  # not part of what it runs or where
+    assert unique_key(same) == unique_key(call)
 
 
 # -- worker sessions -------------------------------------------------------------------------------
