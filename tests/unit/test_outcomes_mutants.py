@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -17,6 +18,7 @@ from conveyor_server.backends.base import Update
 from conveyor_server.core.connection import settle
 from conveyor_server.core.outcomes import MAX_REJECTS, OutcomeRecorder
 from conveyor_server.core.records import task_key
+from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import lone, submit, task
 
@@ -219,3 +221,43 @@ async def test_a_task_failed_by_rejections_whose_follow_ups_fail_comes_back_for_
         await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))
     assert (await record_of(replicas, "t1")).result.state == result_pb2.TASK_STATE_FAILURE
     assert set(recorded.requeue) == {"t1"}, "its message comes back so the follow-ups are repaired"
+
+
+# -- endings the server decides are stamped with its clock -------------------------------------------
+
+def on_manual_clock(replicas: Replicas) -> tuple[OutcomeRecorder, Timestamp]:
+    """A recorder on the core's store whose clock reads a fixed time (years before the real
+    one), and that time: an ending stamped with the real time instead shows."""
+    manual = ManualClock()
+    core = replicas.a
+    recorder = OutcomeRecorder(core.store, core.connections.dispatcher.followups, clock=manual.clock)
+    return recorder, Timestamp(seconds=int(manual.wall))
+
+
+async def test_a_task_rejected_too_often_ends_at_the_time_of_the_last_rejection(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    recorder, now = on_manual_clock(replicas)
+    for _ in range(MAX_REJECTS):
+        claim = await lease_all(replicas.a, "w1")
+        rejected = worker_service_pb2.RejectedTask(task_id="t1", lease_token=claim.leases[0].token, reason="no")
+        recorded = await recorder.reject([rejected], "w1")
+        await settle(replicas.broker, claim.leases, dict.fromkeys(recorded.requeue, 0.0))
+    record = await record_of(replicas, "t1")
+    assert entries(record)[-1] == ("FAILURE", "w1", now.seconds, "UnknownTask")
+    assert record.result.finished_at == now
+
+
+@pytest.mark.parametrize("ending", ["give_up", "expire"])
+async def test_a_task_ended_without_being_sent_ends_at_the_servers_time(replicas: Replicas, ending: str) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    claim = await lease_all(replicas.a, "w1")
+    recorder, now = on_manual_clock(replicas)
+    tokens = {"t1": claim.leases[0].token}
+    if ending == "give_up":
+        await recorder.give_up(tokens, 3)
+    else:
+        await recorder.expire(tokens)
+    record = await record_of(replicas, "t1")
+    state = "FAILURE" if ending == "give_up" else "EXPIRED"
+    assert entries(record)[-1] == (state, "", now.seconds, "WorkerLost" if ending == "give_up" else "Expired")
+    assert record.result.finished_at == now

@@ -139,3 +139,36 @@ async def test_a_workflow_tree_names_its_nodes_and_the_task_whose_result_is_the_
     assert tree.result_task_id == "b"
     assert tree.root.node_id == "n0"
     assert [(c.node_id, c.task.task_id) for c in tree.root.children] == [("n1", "a"), ("n2", "b")]
+
+
+async def test_a_task_that_vanishes_as_it_changes_does_not_end_the_watch_of_the_others(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="a")), lone(task(task_id="b")))
+    watching = asyncio.create_task(events_until_done(replicas, ["a", "b"], until_done=False))
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
+
+    def succeed_and_vanish_a(task_id: str, record: records_pb2.TaskRecord) -> bool:
+        if task_id == "a":
+            replicas.backend.hide.add("task:a")  # written (the feed names it), then its result expired
+        return succeed(task_id, record)
+
+    await replicas.a.store.update(["a", "b"], succeed_and_vanish_a)  # one change naming both
+    seen = await asyncio.wait_for(watching, 5)
+    assert seen == [
+        ("a", result_pb2.TASK_STATE_PENDING),
+        ("b", result_pb2.TASK_STATE_PENDING),
+        ("b", result_pb2.TASK_STATE_SUCCESS),
+    ]
+
+
+async def test_changes_read_together_come_in_the_order_the_watch_named_the_tasks(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="a")), lone(task(task_id="b")))
+    watching = asyncio.create_task(events_until_done(replicas, ["b", "a"]))
+    await until(lambda: replicas.backend.watches == 1, 5.0, "the watch follows the feed")
+    await replicas.a.store.update(["a", "b"], succeed)  # one change naming both
+    seen = await asyncio.wait_for(watching, 5)
+    assert seen == [
+        ("b", result_pb2.TASK_STATE_PENDING),
+        ("a", result_pb2.TASK_STATE_PENDING),
+        ("b", result_pb2.TASK_STATE_SUCCESS),
+        ("a", result_pb2.TASK_STATE_SUCCESS),
+    ]

@@ -19,7 +19,8 @@ import pytest
 
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, workflow_pb2
 from conveyor_server.core import confirmed, submission
-from conveyor_server.core.errors import AlreadyExists, InvalidArgument
+from conveyor_server.core.clock import Clock
+from conveyor_server.core.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from conveyor_server.core.outbox import OUTBOX_GROUP, PUBLISH
 from conveyor_server.core.submission import Submitter
 from tests.support.loop_time import loop_clock, loop_now
@@ -252,3 +253,73 @@ async def test_a_streamed_submission_may_hold_up_to_max_stream_tasks_and_a_plain
     assert replicas.broker.published["streamed0"] == 1
     with pytest.raises(InvalidArgument, match="6 tasks, over the limit of 5"):
         await submitter.submit([group(6, "over")], streamed=True)
+
+
+# -- a key whose holder is still being stored ----------------------------------------------------
+
+WALL = 1_700_000_000.0  # the submitter's wall clock: keys are taken at times around it
+
+
+def on_loop_time() -> Clock:
+    """The submitter's clock: the wall stands at WALL; its monotonic clock is the loop's fake
+    time since the call, rounded to looptime's microsecond ticks so that sums of round delays
+    are exact."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    return Clock(wall=lambda: WALL, monotonic=lambda: round(loop.time() - start, 6))
+
+
+async def take_key(replicas: Replicas, key: str, holder: str, at: float) -> None:
+    """The key as a submission leaves it before storing its task `holder` (taken at `at`)."""
+    assert not await replicas.backend.insert({f"idem:{key}": f"{holder}\n{at:.3f}".encode()})
+
+
+def keyed(task_id: str, key: str, queue: str = "default") -> task_service_pb2.SubmitRequest:
+    return lone(task_pb2.Signature(name="charge", id=task_id, queue=queue, idempotency_key=key))
+
+
+@pytest.mark.looptime
+async def test_a_key_taken_moments_ago_is_waited_for_with_doubling_delays_then_retry_is_asked(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Round delays (0.25 then 0.5) reach the deadline (0.75) exactly: a wait that would end
+    # right at it is still made.
+    monkeypatch.setattr(submission, "KEY_WAIT_FIRST_SECONDS", 0.25)
+    monkeypatch.setattr(submission, "KEY_WAIT_SECONDS", 0.75)
+    submitter = replicas.a.submitter
+    monkeypatch.setattr(submitter, "clock", on_loop_time())
+    await take_key(replicas, "order:42", "ghost", WALL - 1.0)  # within the outbox grace: maybe still storing
+    looks: list[float] = []
+    load = replicas.a.store.load
+
+    async def timed(ids: list[str]) -> Any:
+        if "ghost" in ids:
+            looks.append(submitter.clock.monotonic())
+            assert len(looks) < 20, "the wait never ends"
+        return await load(ids)
+
+    monkeypatch.setattr(replicas.a.store, "load", timed)
+    with pytest.raises(Unavailable) as refused:
+        await submitter.submit([keyed("t2", "order:42")])
+    assert str(refused.value) == "a submission with key 'order:42' is being stored right now; retry"
+    assert looks == [0.0, 0.25, 0.75]
+    assert await replicas.a.store.get("t2") is None
+
+
+@pytest.mark.looptime
+async def test_a_key_taken_exactly_the_outbox_grace_ago_by_a_task_never_stored_is_taken_over(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitter = replicas.a.submitter
+    monkeypatch.setattr(submitter, "clock", on_loop_time())
+    await take_key(replicas, "order:42", "ghost", WALL - submitter.settings.outbox_grace_seconds)
+    [response] = await submitter.submit([keyed("t2", "order:42")])
+    assert response.task_id == "t2"
+    assert await replicas.a.store.get("t2") is not None
+
+
+async def test_a_refusal_for_a_key_held_on_another_queue_names_the_whole_key(replicas: Replicas) -> None:
+    await submit(replicas.a, keyed("t1", "order:42"))
+    with pytest.raises(PermissionDenied) as refused:
+        await replicas.b.submitter.submit([keyed("t2", "order:42", queue="payroll")], queues=["payroll"])
+    assert "the idempotency key 'order:42' is held by a task on another queue" in str(refused.value)

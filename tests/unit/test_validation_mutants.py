@@ -70,3 +70,26 @@ def test_a_signature_just_past_a_limit_is_refused(refused: task_pb2.Signature, m
 def test_a_refusal_names_where_the_bad_field_is(refused: task_pb2.Signature, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         check_signature(refused, LIMITS, "requests[2].task")
+
+
+CALLBACK = ".on_success[0]"  # where a callback of the task at `where` is
+
+
+@pytest.mark.parametrize(
+    ("where", "shown"),
+    [
+        ("w" * (160 - len(CALLBACK)), "w" * (160 - len(CALLBACK)) + CALLBACK),  # 160 characters: kept whole
+        ("a" * 60 + "m" * 11 + "z" * (90 - len(CALLBACK)), "a" * 60 + "..." + "z" * (90 - len(CALLBACK)) + CALLBACK),
+    ],
+    ids=["at-160", "at-161"],
+)
+def test_a_place_in_a_refusal_is_cut_to_its_first_60_and_last_90_characters_past_160(where: str, shown: str) -> None:
+    too_deep = sig(on_success=[sig()])
+    with pytest.raises(InvalidArgument) as refused:
+        check_signature(too_deep, Limits(max_workflow_depth=1), where)
+    assert str(refused.value).startswith(f"{shown}: callbacks nest deeper than the limit of 1")
+
+
+def test_headers_of_exactly_one_mib_are_named_in_mib() -> None:
+    with pytest.raises(InvalidArgument, match=r"^task: headers are 1 MiB, over the 64 KiB limit$"):
+        check_signature(sig(headers={"k": "x" * ((1 << 20) - 1)}), LIMITS)

@@ -17,6 +17,7 @@ import pytest
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
 from conveyor_server.core import confirmed
+from conveyor_server.core.canvas import Drive, nodes_by_id
 from conveyor_server.core.records import error, transition
 from conveyor_server.core.workflow import WorkflowEngine, combine_members
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas, run_all, run_ready, short_lived
@@ -270,3 +271,29 @@ async def test_a_repair_that_starts_a_step_itself_publishes_it_at_once(
     assert replicas.broker.published["b"] == 0
     ran = await run_all(replicas.a)
     assert set(ran) == {"b", "a.ok0"} and replicas.broker.published["b"] == 1
+
+
+class HeardFollowUps(NoFollowUps):
+    """Follow-up hooks that note which records the engine hands to `after_terminal`."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    async def after_terminal(self, records: Sequence[records_pb2.TaskRecord], repair: bool = False) -> None:
+        self.ended.extend((r.result.task_id, result_pb2.TaskState.Name(r.result.state)) for r in records)
+
+
+async def test_a_repaired_failed_node_runs_the_follow_ups_of_the_entries_that_failed_only(replicas: Replicas) -> None:
+    # A chord's callback (a group of "a" and "b") is failed by a repair pass; "a" was cancelled
+    # before: it ended otherwise, and its follow-ups are not the failure's to run.
+    [response] = await submit(replicas.a, flow(chord_of([step("m0")], group_of(step("a"), step("b")))))
+    await replicas.a.canceller.cancel("a")
+    plan = await replicas.a.store.plan(response.workflow_id)
+    assert plan is not None
+    nodes = nodes_by_id(plan)
+    callback = nodes[nodes[plan.root_node_id].child_ids[1]]
+    followups = replicas.a.connections.dispatcher.followups
+    heard = HeardFollowUps()
+    engine = WorkflowEngine(followups.store, followups.publisher, followups=heard)
+    await engine.fail_node(Drive(plan, nodes, repair=True), callback, error("ChordMemberFailed", "m0 failed"))
+    assert heard.ended == [("b", "TASK_STATE_FAILURE")]
