@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,12 +25,15 @@ from conveyor_server.config import Settings
 from conveyor_server.core import connection
 from conveyor_server.core.clock import Clock
 from conveyor_server.core.connection import settle
-from conveyor_server.core.dispatch import Lease
+from conveyor_server.core.dispatch import REPAIR_RETRY_SECONDS, Lease
+from conveyor_server.core.limits import rate_limit
+from conveyor_server.core.routing import bounce_delay
 from conveyor_server.core.sessions import WorkerSession
 from conveyor_server.core.store import ConflictError
 from tests.support.loop_time import loop_clock, loop_now
 from tests.support.processes import until
 from tests.support.wait import wait_for
+from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, lease_all, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE, lone, submit, task
 from tests.unit.test_replacement import as_task
@@ -625,3 +629,256 @@ async def test_a_worker_whose_token_is_limited_to_its_queues_may_not_replace_a_t
     record = await replicas.a.store.get("t1")
     assert record is not None and record.result.state == result_pb2.TASK_STATE_FAILURE
     assert record.result.error.type == "InvalidReplacement" and "['billing']" in record.result.error.message
+
+
+# -- tasks handed back or ended unsent ---------------------------------------------------------------
+
+def recording_nacks(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], float]]:
+    """Every hand-back to the broker from now on: (message ids, delay), in order."""
+    nacks: list[tuple[list[str], float]] = []
+    nack = replicas.broker.nack
+
+    async def recorded(deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        nacks.append(([d.message_id for d in deliveries], delay))
+        await nack(deliveries, delay)
+
+    monkeypatch.setattr(replicas.broker, "nack", recorded)
+    return nacks
+
+
+async def fetched(replicas: Replicas, task_id: str) -> dict[str, tuple[str, Delivery]]:
+    """`task_id` submitted and its message fetched, as dispatch hands tasks to end unsent."""
+    await submit(replicas.a, lone(task(task_id=task_id)))
+    [delivery] = await replicas.broker.fetch(QUEUE, 10, 30.0)
+    return {task_id: ("", delivery)}
+
+
+async def failing_end(_: object) -> None:
+    raise ConnectionError("backend away (injected)")
+
+
+async def test_tasks_whose_expiry_cannot_be_recorded_go_back_to_be_tried_again_after_the_repair_delay(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expired = await fetched(replicas, "t1")
+    monkeypatch.setattr(replicas.a.connections.recorder, "expire", failing_end)
+    nacks = recording_nacks(replicas, monkeypatch)
+    await replicas.a.connections._expire(expired)
+    # As imported at startup (the quick_repairs fixture shortens only dispatch's own retries).
+    assert nacks == [([expired["t1"][1].message_id], REPAIR_RETRY_SECONDS)]
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.in_flight, stats.ready, stats.delayed) == (0, 0, 1), "waits the repair delay, then comes back"
+
+
+async def test_an_expiry_that_cannot_be_recorded_nor_handed_back_does_not_end_the_pump(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expired = await fetched(replicas, "t1")
+    monkeypatch.setattr(replicas.a.connections.recorder, "expire", failing_end)
+
+    async def broken(*_: object) -> None:
+        raise RuntimeError("not an outage (injected)")
+
+    monkeypatch.setattr(replicas.broker, "nack", broken)  # its lease lapses and brings it back instead
+    await replicas.a.connections._expire(expired)  # raises nothing
+    stats = await replicas.broker.stats(QUEUE)
+    assert stats.in_flight == 1
+
+
+async def oversized_claim(replicas: Replicas) -> tuple[WorkerSession, Any]:
+    """A session of a worker receiving at most 64 KiB, and a claim of "lost" (a small task whose
+    first worker was lost) and "huge" (too large for this worker)."""
+    await submit(replicas.a, lone(task(task_id="lost")))
+    lost = await lease_all(replicas.a, "w0")
+    await settle(replicas.broker, lost.leases, {"lost": 0.0})  # its worker is lost: the message comes back
+    await submit(replicas.a, lone(task(task_id="huge", args=[task_pb2.Value(bytes_value=b"x" * 100_000)])))
+    connections = replicas.a.connections
+    session = connections.open(
+        worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10, max_receive_bytes=64 * 1024)
+    )
+    sent(session)  # the Welcome
+    claim = await connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", time.monotonic())
+    await session.settle(0, claim.leases)
+    assert sorted(lease.task_id for lease in claim.replacing) == ["lost"]
+    return session, claim
+
+
+async def test_a_task_too_large_for_the_worker_goes_back_after_a_second_and_is_never_received_by_it(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, claim = await oversized_claim(replicas)
+    nacks = recording_nacks(replicas, monkeypatch)
+    connections = replicas.a.connections
+    await connections._send_claimed(session, claim)
+    [huge] = [lease for lease in claim.leases if lease.task_id == "huge"]
+    assert nacks == [([huge.delivery.message_id], connection.OVERSIZED_RETRY_SECONDS)]
+    # The receipts written a moment after dispatch.
+    await asyncio.wait_for(asyncio.gather(*connections._background), 5)
+    record = await replicas.a.store.get("huge")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_PENDING and not record.lease_token
+    await connections.shutdown()
+
+
+async def test_the_lease_replacing_a_lost_workers_is_recorded_at_once_beside_a_task_too_large_for_the_worker(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "RECEIVED_DELAY_SECONDS", 3600.0)  # only what is written at once
+    session, claim = await oversized_claim(replicas)
+    connections = replicas.a.connections
+    await connections._send_claimed(session, claim)
+    [lost] = [lease for lease in claim.leases if lease.task_id == "lost"]
+    record = await replicas.a.store.get("lost")
+    assert record is not None and record.lease_token == lost.token, "the lost worker's lease is stale now"
+    huge = await replicas.a.store.get("huge")
+    assert huge is not None and not huge.lease_token
+    await connections.shutdown()
+
+
+@pytest.mark.parametrize("pick", [0.0, 1.0, 0.3456], ids=["lowest", "highest", "between"])
+async def test_a_task_no_worker_here_can_run_comes_back_after_its_bounce_delay_jittered_by_half_in_milliseconds(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch, pick: float
+) -> None:
+    """The jitter draws a factor between 0.5 and 1.5 (`pick` of the way); the delay is whole ms."""
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1")))
+    connections = replicas.a.connections
+    session = connections.open(worker_service_pb2.Hello(worker_id="py", queues=[QUEUE], max_in_flight=10,
+                                                        task_names=["py.add"]))
+    claim = await connections.dispatcher.claim(
+        await replicas.broker.fetch(QUEUE, 10, 30.0), "py", time.monotonic(), session.can_run
+    )
+    [(delivery, _)] = claim.elsewhere
+    monkeypatch.setattr(random, "uniform", lambda low, high: low + pick * (high - low))
+    nacks = recording_nacks(replicas, monkeypatch)
+    await connections._pass_on(QUEUE, claim.elsewhere)
+    expected = round(bounce_delay(delivery.delivery_count) * (0.5 + pick), 3)
+    assert nacks == [([delivery.message_id], expected)]
+    assert expected * 1000 == round(expected * 1000)
+
+
+async def test_a_task_failed_unroutable_is_not_also_handed_back(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(name="node.mul", task_id="n1", routing_timeout=Duration(seconds=0))))
+    connections = replicas.a.connections
+    session = connections.open(worker_service_pb2.Hello(worker_id="py", queues=[QUEUE], max_in_flight=10,
+                                                        task_names=["py.add"]))
+    claim = await connections.dispatcher.claim(
+        await replicas.broker.fetch(QUEUE, 10, 30.0), "py", time.monotonic(), session.can_run
+    )
+    await connections._pass_on(QUEUE, claim.elsewhere)
+    record = await replicas.a.store.get("n1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_FAILURE
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.in_flight, stats.ready, stats.delayed) == (0, 0, 0), "its message is settled, and gone"
+
+
+# -- reports during an outage, pauses, heartbeats ------------------------------------------------------
+
+@pytest.mark.looptime
+async def test_a_heartbeat_an_engine_refused_is_skipped_not_retried(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connections = replicas.a.connections
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    handled: list[str] = []
+
+    async def unreachable(_: WorkerSession, request: worker_service_pb2.ConnectRequest) -> None:
+        handled.append(str(request.WhichOneof("message")))
+        raise ConnectionError("engine away (injected)")
+
+    monkeypatch.setattr(connections, "_handle", unreachable)
+    request = worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
+    await connections._handle_through_outages(session, request)
+    await asyncio.sleep(10 * connection.RETRY_MAX_SECONDS)  # on the loop's fake clock
+    assert handled == ["heartbeat"], "the next heartbeat comes anyway"
+    await session.close()
+    await connections.shutdown()
+
+
+@pytest.mark.looptime  # a paused pump waits for a change a refresh at a time: none on the fake clock
+async def test_a_pump_of_a_paused_queue_fetches_nothing_until_the_queue_resumes(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    connections = replicas.a.connections
+    await connections.pauses.pause(QUEUE)
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    sent(session)  # the Welcome
+    fetched = asyncio.Event()
+    fetch = replicas.broker.fetch
+
+    async def told(*args: Any) -> list[Delivery]:
+        fetched.set()
+        return await fetch(*args)
+
+    monkeypatch.setattr(replicas.broker, "fetch", told)
+    pump = asyncio.create_task(connections._pump(session, QUEUE))
+    try:
+        with pytest.raises(TimeoutError):  # ten seconds on the loop's fake clock
+            await asyncio.wait_for(fetched.wait(), 10.0)
+        assert session.outbox.empty()
+        await connections.pauses.resume(QUEUE)
+        message = await asyncio.wait_for(session.outbox.get(), 10.0)
+        assert message is not None and [a.task.id for a in message.assignments.items] == ["t1"]
+    finally:
+        await session.close()
+        await asyncio.wait_for(pump, 5)
+        await connections.shutdown()
+
+
+async def test_a_heartbeat_stamps_the_lease_live_at_the_servers_wall_time(replicas: Replicas) -> None:
+    session, tokens = await holding(replicas, "t1")
+    wall = float(int(time.time()) + 3600)
+    replicas.a.connections.clock = Clock(wall=lambda: wall)
+    await handle(replicas, session, heartbeat=worker_service_pb2.Heartbeat())
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.lease_token == tokens["t1"]
+    assert record.lease_renewed_at.seconds == int(wall)
+
+
+async def test_a_lease_being_reported_on_expires_a_lease_after_the_report_arrived(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, _ = await holding(replicas, "t1")
+    manual = ManualClock(wall=float(int(time.time()) + 3600))  # later than the record's RECEIVED
+    connections = replicas.a.connections
+    connections.clock = replicas.a.admin.inspector.clock = manual.clock
+    connections.settings = connections.settings.replace(stream_grace_seconds=3600.0)
+    expiries: list[float] = []
+
+    async def slow_engine(_: WorkerSession, __: worker_service_pb2.ConnectRequest) -> None:
+        manual.advance(3.0)  # the report takes a while to handle
+        inspected = await replicas.a.admin.inspection("t1")  # what InspectTask answers
+        expiries.append(inspected.lease_expires_at.seconds + inspected.lease_expires_at.nanos / 1e9)
+
+    monkeypatch.setattr(connections, "_handle_through_outages", slow_engine)
+
+    async def reports() -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+        manual.advance(7.0)  # the worker reports a while after the lease began
+        yield worker_service_pb2.ConnectRequest(heartbeat=worker_service_pb2.Heartbeat())
+
+    arrived = manual.wall + 7.0
+    await asyncio.wait_for(connections.run(session, reports()), 10)
+    assert expiries == [arrived + connections.settings.lease_seconds]
+    await connections.shutdown()
+
+
+@pytest.mark.looptime  # the pump's fetch waits out its poll when the session closes
+async def test_a_pump_sends_what_a_rate_limit_admits_and_hands_the_rest_back_to_wait_for_its_turn(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await replicas.a.admin.set_rate_limit(rate_limit("noop", "1/h", burst=1))
+    await submit(replicas.a, lone(task(task_id="t1")), lone(task(task_id="t2")))
+    connections = replicas.a.connections
+    session = connections.open(worker_service_pb2.Hello(worker_id="w1", queues=[QUEUE], max_in_flight=10))
+    sent(session)  # the Welcome
+    nacks = recording_nacks(replicas, monkeypatch)
+    pump = asyncio.create_task(connections._pump(session, QUEUE))
+    try:
+        await until(lambda: nacks or pump.done(), 10.0, "the limited task handed back")
+        assert not pump.done(), "the pump goes on"
+        [message] = sent(session)
+        [(handed_back, delay)] = nacks
+        assert [a.task.id for a in message.assignments.items] + handed_back == ["t1", "t2"] and delay > 0
+    finally:
+        await session.close()
+        await asyncio.wait_for(pump, 5)
+        await connections.shutdown()
