@@ -153,3 +153,67 @@ async def test_a_claim_of_tasks_whose_records_exist_recreates_none(
         claim = await lease_all(replicas.a)
     assert [lease.task_id for lease in claim.leases] == ["t1"]
     assert "recreating" not in caplog.text
+
+
+# -- a lost delivery noted, and what is not one ------------------------------------------------------
+
+async def test_a_lost_delivery_is_noted_with_which_delivery_of_which_attempt_was_lost(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    first = await lease_all(replicas.a)
+    await settle(replicas.broker, first.leases, {"t1": 0.0})  # its worker is lost: the message comes back
+    await lease_all(replicas.a, "w2")
+    record = await replicas.a.store.get("t1")
+    assert record is not None
+    assert [(e.type, e.message) for e in record.attempt_errors] == [(
+        "WorkerLost",
+        "delivery 1 of attempt 1 ended without an outcome: its worker (or that worker's server) was lost mid-run",
+    )]
+
+
+async def test_a_task_a_worker_rejected_is_not_noted_as_lost_when_delivered_again(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    first = await lease_all(replicas.a)
+    [lease] = first.leases
+    rejected = worker_service_pb2.RejectedTask(task_id="t1", lease_token=lease.token, reason="unknown task: n")
+    recorded = await replicas.a.connections.recorder.reject([rejected], "w1")
+    assert list(recorded.requeue) == ["t1"]  # handed back for another worker: its lease ended, nothing ran
+    await settle(replicas.broker, first.leases, {"t1": 0.0})  # back at once
+    record = await replicas.a.store.get("t1")
+    assert record is not None and record.result.state == result_pb2.TASK_STATE_RECEIVED and not record.lease_token
+    again = await lease_all(replicas.a, "w2")
+    assert [lease.task_id for lease in again.leases] == ["t1"]
+    record = await replicas.a.store.get("t1")
+    assert record is not None and list(record.attempt_errors) == []
+
+
+# -- hand-outs this replica remembers, at the edges of half a lease ------------------------------------
+
+T0 = 1_000.0  # a monotonic time; the claims below say when they happen
+
+
+async def claim_one(dispatcher: dispatch.Dispatcher, now: float) -> dispatch.Claim:
+    """Claim the next ready message at monotonic time `now`."""
+    return await dispatcher.claim(await dispatcher.broker.fetch(QUEUE, 1, 30.0), "w1", now)
+
+
+async def test_a_copy_fetched_within_half_a_lease_of_the_hand_out_is_a_duplicate(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t1")))
+    dispatcher = replicas.a.connections.dispatcher
+    horizon = dispatcher.lease_seconds / 2
+    assert [lease.task_id for lease in (await claim_one(dispatcher, T0)).leases] == ["t1"]
+    await dispatcher.followups.publisher.publish([Publication(task(task_id="t1"), 1, "")])
+    copy = await claim_one(dispatcher, T0 + 0.8 * horizon)  # past a third of a lease, within half of one
+    assert copy.leases == [] and len(copy.duplicates) == 1
+
+
+async def test_pruning_keeps_a_hand_out_exactly_half_a_lease_old(replicas: Replicas) -> None:
+    await submit(replicas.a, lone(task(task_id="t0")), lone(task(task_id="t1")))
+    dispatcher = replicas.a.connections.dispatcher
+    horizon = dispatcher.lease_seconds / 2
+    assert [lease.task_id for lease in (await claim_one(dispatcher, T0)).leases] == ["t0"]  # pruned at T0
+    assert [lease.task_id for lease in (await claim_one(dispatcher, T0 + 1)).leases] == ["t1"]
+    await dispatcher.followups.publisher.publish([Publication(task(task_id="t1"), 1, "")])
+    # More than half a lease since the last pruning: this claim prunes, and t1's hand-out,
+    # exactly half a lease old, still holds.
+    copy = await claim_one(dispatcher, T0 + 1 + horizon)
+    assert copy.leases == [] and len(copy.duplicates) == 1

@@ -16,9 +16,11 @@ from conveyor.v1 import result_pb2
 from conveyor_server.core import confirmed
 from conveyor_server.core.confirmed import CLAIM_GRACE_SECONDS, publish_confirmed, take_over
 from conveyor_server.core.publisher import decode_message
-from conveyor_server.core.records import new_record
+from conveyor_server.core.records import new_record, transition
 from tests.unit.replicas import Replicas, quick_repairs, replicas, run_all, run_ready
 from tests.unit.test_durability import QUEUE, Outage, lone, submit, task
+from tests.unit.test_replacement import as_task
+from tests.unit.test_replacement import step as worker_pass
 from tests.unit.test_workflow_engine import chain_of, flow, step
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
@@ -113,3 +115,19 @@ async def test_confirming_a_publish_twice_writes_the_record_once(replicas: Repli
     confirmed_version = await version(replicas, "cb")
     await publish_confirmed(replicas.a.store, replicas.a.submitter.publisher, [read.record], "")
     assert await version(replicas, "cb") == confirmed_version
+
+
+# -- a batch of ended tasks --------------------------------------------------------------------
+
+async def test_a_replaced_task_in_a_repaired_batch_does_not_keep_the_tasks_after_it_from_their_callbacks(
+    replicas: Replicas,
+) -> None:
+    await submit(replicas.a, lone(task(task_id="replaced")))
+    await worker_pass(replicas.a, replace={"replaced": as_task(task(task_id="r"))})
+    replaced = await replicas.a.store.get("replaced")
+    assert replaced is not None and replaced.replaced_by, "it waits for its replacement"
+    done = new_record(task(task_id="done", on_success=[task(name="next")]))
+    transition(done, result_pb2.TASK_STATE_SUCCESS)
+    # The repair of both, in one batch (as dispatch repairs ended tasks), the replaced task first.
+    await replicas.a.connections.dispatcher.followups.after_terminal([replaced, done], repair=True)
+    assert await replicas.a.store.get("done.ok0") is not None

@@ -11,7 +11,11 @@ from collections.abc import Sequence
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.backends.base import Update
@@ -20,7 +24,7 @@ from conveyor_server.core.outcomes import MAX_REJECTS, OutcomeRecorder
 from conveyor_server.core.records import task_key
 from tests.unit.clocks import ManualClock
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
-from tests.unit.test_durability import lone, submit, task
+from tests.unit.test_durability import QUEUE, lone, submit, task
 
 __all__ = ["quick_repairs", "replicas"]  # fixtures used by the tests below
 STARTED, FINISHED = Timestamp(seconds=1_700_000_000), Timestamp(seconds=1_700_000_005)
@@ -261,3 +265,31 @@ async def test_a_task_ended_without_being_sent_ends_at_the_servers_time(replicas
     state = "FAILURE" if ending == "give_up" else "EXPIRED"
     assert entries(record)[-1] == (state, "", now.seconds, "WorkerLost" if ending == "give_up" else "Expired")
     assert record.result.finished_at == now
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """Tracing on, for this test only: the spans Conveyor makes end up in the returned exporter."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "enabled", lambda: True)
+    monkeypatch.setattr(tracing, "tracer", lambda name="conveyor": provider.get_tracer(name))
+    return exporter
+
+
+async def test_the_result_span_of_an_outcome_names_its_task_queue_attempt_and_state(
+    replicas: Replicas, spans: InMemorySpanExporter
+) -> None:
+    await submit(replicas.a, lone(task(name="add", task_id="t1")))
+    claim = await lease_all(replicas.a)
+    await replicas.a.connections.recorder.record([outcome(claim, "t1")], "w1")
+    [result] = [s for s in spans.get_finished_spans() if s.name == "result add"]
+    assert result.attributes is not None
+    assert {k: result.attributes[k] for k in (
+        "messaging.operation.name", "messaging.message.id", "conveyor.task.name", "messaging.destination.name",
+        "conveyor.attempt", "conveyor.task.state",
+    )} == {
+        "messaging.operation.name": "result", "messaging.message.id": "t1", "conveyor.task.name": "add",
+        "messaging.destination.name": QUEUE, "conveyor.attempt": 1, "conveyor.task.state": "TASK_STATE_SUCCESS",
+    }

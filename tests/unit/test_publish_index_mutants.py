@@ -93,3 +93,52 @@ async def test_close_writes_the_notes_and_leaves_no_flusher_running() -> None:
     assert await index.tasks(await index.buckets_until(100)) == {"t1": "q"}
     flushers = [t for t in asyncio.all_tasks() if "_flush_soon" in repr(t.get_coro()) and not t.done()]
     assert flushers == []
+
+
+class Registering(MemoryBackend):
+    """The memory backend, recording the bucket names written into the registry, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered: list[str] = []
+
+    async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
+        if group == REGISTRY:
+            self.registered.append(member)
+        return await super().add_member(group, member, payload, keep)
+
+
+async def test_the_registry_and_the_buckets_outlive_the_backends_ttl() -> None:
+    now = [0.0]
+    index = PublishIndex(MemoryBackend(ttl_seconds=60.0, clock=lambda: now[0]), 5, clock=lambda: 0.0)
+    await index.add(Bucket(0, 5), {"q": ["t1"]})
+    now[0] = 3_600.0  # long past the TTL: a bucket not yet repaired must still be found
+    [due] = await index.buckets_until(100)
+    assert due == Bucket(0, 5)
+    assert await index.tasks([due]) == {"t1": "q"}
+
+
+async def test_a_process_registers_a_bucket_once_while_it_remembers_it_and_forgets_the_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(publish_index, "REGISTERED_MEMORY", 2)
+    backend = Registering()
+    index = PublishIndex(backend, 5, clock=lambda: 0.0)
+    a, b, c = Bucket(0, 5), Bucket(5, 5), Bucket(10, 5)
+    for bucket in (a, b, a, c, c, b, a):  # a third bucket makes it forget the oldest, a
+        await index.add(bucket, {"q": ["t"]})
+    assert backend.registered == [a.name, b.name, c.name, a.name]
+
+
+async def test_ids_written_by_a_flush_no_longer_count_toward_the_buffer_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish_index, "FLUSH_SECONDS", 3_600.0)  # no background flush in this test
+    monkeypatch.setattr(publish_index, "MAX_BUFFERED_IDS", 2)
+    now = [0.0]
+    index = PublishIndex(MemoryBackend(), 5, clock=lambda: now[0])
+    index.note({"q": ["t1"]})
+    await index.flush()
+    now[0] = 7.0
+    index.note({"q": ["t2", "t3"]})  # exactly the bound: nothing is dropped
+    await index.flush()
+    assert await index.tasks(await index.buckets_until(100)) == {"t1": "q", "t2": "q", "t3": "q"}
+    await index.close()

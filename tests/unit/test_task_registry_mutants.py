@@ -382,3 +382,23 @@ async def test_a_strict_submit_reads_the_registry_again_only_to_refuse_on_a_snap
     monotonic.now = 1_000.0
     assert await submit(b, strict(sig("add", 1, 2))), "a call that passes does not read again"
     assert reads() == read + 1
+
+
+async def test_an_entry_names_the_replica_that_wrote_it(backend: MemoryBackend, clock: Clock) -> None:
+    await joined(registry(backend, clock, "replica-a"), session("w1", "t"))
+    [entry] = (await entries(backend)).values()
+    assert entry.server_id == "replica-a"
+
+
+async def test_a_worker_that_leaves_before_its_entry_is_written_was_last_seen_when_it_said_hello(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    a = registry(backend, clock)
+    await a.load()
+    brief = session("w1", "t")
+    a.joined(brief)  # its write is spawned, not run yet
+    clock.now += 5.0
+    a.left(brief)
+    snapshot = await a.current()  # no read: rebuilt from what A holds
+    assert snapshot.tasks["t"].listed().last_seen.seconds == int(START)
+    await a.written()

@@ -9,11 +9,11 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.v1 import task_pb2
+from conveyor.v1 import task_pb2, workflow_pb2
 from conveyor_server.config import Limits
 from conveyor_server.core import validation
 from conveyor_server.core.errors import InvalidArgument
-from conveyor_server.core.validation import MAX_ETA_SECONDS, check_signature
+from conveyor_server.core.validation import MAX_ETA_SECONDS, check_signature, check_workflow
 
 NOW = 1_700_000_000
 LIMITS = Limits(max_args_bytes=100)
@@ -93,3 +93,11 @@ def test_a_place_in_a_refusal_is_cut_to_its_first_60_and_last_90_characters_past
 def test_headers_of_exactly_one_mib_are_named_in_mib() -> None:
     with pytest.raises(InvalidArgument, match=r"^task: headers are 1 MiB, over the 64 KiB limit$"):
         check_signature(sig(headers={"k": "x" * ((1 << 20) - 1)}), LIMITS)
+
+
+def test_a_map_expanding_into_exactly_the_task_limit_is_accepted() -> None:
+    items = [task_pb2.Value(int_value=n) for n in range(3)]
+    mapped = workflow_pb2.Workflow(map=workflow_pb2.Map(task=sig(), items=items, chunk_size=1))  # 3 chunk tasks
+    assert check_workflow(mapped, Limits(max_workflow_tasks=3)) == 3
+    with pytest.raises(InvalidArgument, match=r"^workflow\.map: expands into 3 tasks, over the limit of 2"):
+        check_workflow(mapped, Limits(max_workflow_tasks=2))

@@ -13,6 +13,7 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 
 import pytest
+from opentelemetry import trace
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, worker_service_pb2
@@ -297,3 +298,21 @@ async def test_a_repaired_failed_node_runs_the_follow_ups_of_the_entries_that_fa
     engine = WorkflowEngine(followups.store, followups.publisher, followups=heard)
     await engine.fail_node(Drive(plan, nodes, repair=True), callback, error("ChordMemberFailed", "m0 failed"))
     assert heard.ended == [("b", "TASK_STATE_FAILURE")]
+
+
+TRACE_ID, SPAN_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_chains_error_callback_joins_the_trace_current_when_the_chain_failed(replicas: Replicas) -> None:
+    await submit(replicas.a, flow(chain_of(step("a"), step("b"), on_error=[task(name="alert")])))
+    claim = await lease_all(replicas.a)
+    failure = outcome(claim, "a", worker_service_pb2.OUTCOME_FAILURE, error=result_pb2.TaskError(type="Boom"))
+    # The span the failure is recorded in (in production: the failed task's "result" span).
+    context = trace.SpanContext(TRACE_ID, SPAN_ID, is_remote=False, trace_flags=trace.TraceFlags(1))
+    current = trace.NonRecordingSpan(context)
+    with trace.use_span(current):
+        await replicas.a.connections.recorder.record([failure], "w1")
+    ran = await run_all(replicas.a)
+    [alert] = [a for a in ran.values() if a.task.name == "alert"]
+    assert alert.task.headers["traceparent"] == TRACEPARENT
