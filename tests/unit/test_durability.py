@@ -170,29 +170,29 @@ def manual() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture
-async def manual_engines(manual: ManualClock) -> AsyncIterator[Engines]:
+async def engines_on(manual: ManualClock, backend_type: type[FlakyBackend]) -> AsyncIterator[Engines]:
     """The engines with the core, the broker's delays and the backend's TTLs on `manual`: time
     passes when the test advances it, not by waiting."""
     monotonic = manual.clock.monotonic
-    broker, backend, clock = FlakyBroker(clock=monotonic), FlakyBackend(clock=monotonic), Clock()
+    broker, backend, clock = FlakyBroker(clock=monotonic), backend_type(clock=monotonic), Clock()
     await broker.connect()
     await backend.connect()
     yield Engines(build(broker, backend, clock, core_clock=manual.clock), broker, backend, clock)
     await broker.close()
     await backend.close()
+
+
+@pytest.fixture
+async def manual_engines(manual: ManualClock) -> AsyncIterator[Engines]:
+    async for made in engines_on(manual, FlakyBackend):
+        yield made
 
 
 @pytest.fixture
 async def racing_engines(manual: ManualClock) -> AsyncIterator[Engines]:
     """`manual_engines` on a RacingBackend."""
-    monotonic = manual.clock.monotonic
-    broker, backend, clock = FlakyBroker(clock=monotonic), RacingBackend(clock=monotonic), Clock()
-    await broker.connect()
-    await backend.connect()
-    yield Engines(build(broker, backend, clock, core_clock=manual.clock), broker, backend, clock)
-    await broker.close()
-    await backend.close()
+    async for made in engines_on(manual, RacingBackend):
+        yield made
 
 
 def task(name: str = "noop", task_id: str = "", **kwargs: object) -> task_pb2.Signature:

@@ -83,14 +83,20 @@ def build(broker: FlakyBroker, backend: CountingBackend, config: Settings | None
     return Rig(core, broker, backend, clock)
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
-    broker, backend = FlakyBroker(), CountingBackend()
+async def rig_on(broker: FlakyBroker) -> AsyncIterator[Rig]:
+    """The rig on `broker` and a CountingBackend, connected, closed after."""
+    backend = CountingBackend()
     await broker.connect()
     await backend.connect()
     yield build(broker, backend)
     await broker.close()
     await backend.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async for made in rig_on(FlakyBroker()):
+        yield made
 
 
 async def repair_pass(rig: Rig, seconds_from_now: float) -> RepairReport:

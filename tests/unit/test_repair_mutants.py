@@ -29,11 +29,11 @@ from conveyor_server.core.publisher import decode_message
 from conveyor_server.core.records import TaskStates
 from conveyor_server.core.repair import RepairReport, eta_of, judge, last_sign_of_life, stamp_live_leases
 from conveyor_server.core.store import Loaded, TaskStore
-from tests.unit.test_durability import QUEUE, Clock, FlakyBroker, Outage, chord, lone, quick_repairs, submit, task
-from tests.unit.test_repair import AFTER, CountingBackend, CountsOnly, Rig, build, ids, repair_pass
+from tests.unit.test_durability import QUEUE, Clock, Outage, chord, lone, quick_repairs, submit, task
+from tests.unit.test_repair import AFTER, CountsOnly, Rig, ids, repair_pass, rig, rig_on
 from tests.unit.test_repair_verdicts import LEASE_AFTER, T0, record
 
-__all__ = ["quick_repairs"]  # fixture used by the tests below
+__all__ = ["quick_repairs", "rig"]  # fixtures used by the tests below
 OTHER = "other"
 
 
@@ -42,24 +42,10 @@ def elsewhere(task_id: str) -> task_pb2.Signature:
 
 
 @pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
-    broker, backend = FlakyBroker(), CountingBackend()
-    await broker.connect()
-    await backend.connect()
-    yield build(broker, backend)
-    await broker.close()
-    await backend.close()
-
-
-@pytest.fixture
 async def counts_rig() -> AsyncIterator[Rig]:
     """The rig on a broker that cannot look messages up by id (AMQP, SQS)."""
-    broker, backend = CountsOnly(), CountingBackend()
-    await broker.connect()
-    await backend.connect()
-    yield build(broker, backend)
-    await broker.close()
-    await backend.close()
+    async for made in rig_on(CountsOnly()):
+        yield made
 
 
 async def lost_at(rig: Rig, seconds_from_now: float) -> None:
