@@ -21,11 +21,14 @@ with an older copy still leased. A receipt is "<id>:<dc>": the delivery count ch
 every lease, so a stale ack/nack/extend after a re-lease matches nothing and is a no-op.
 
 Every state change is one Lua script, so several server replicas can fetch, recover and
-forward delayed messages at once without double delivery. Time comes from Redis `TIME`,
+forward delayed messages at once without double delivery. The hot scripts (publish, fetch,
+ack) work on their whole batch with variadic commands (HSET, HMGET, ZADD, ZMSCORE, ZREM,
+HDEL, RPUSH, LMPOP), so a batch of hundreds costs Redis about the commands of one message. Time comes from Redis `TIME`,
 so replicas with skewed clocks agree on leases and due times. Waiting fetches wake on a
 pub/sub signal (`prefix:signal:q`) and fall back to a bounded poll if a signal is lost.
 
-Needs Redis >= 6.2 (`LPOP key count`); connect() checks the server's version and refuses an
+Needs Redis >= 6.2 (`LPOP key count`, `ZMSCORE`), and pops across the priority lists with one
+`LMPOP` on Redis >= 7.0; connect() checks the server's version and refuses an
 older one. Every command has a socket timeout (`socket_timeout`, `socket_connect_timeout`
 in the URL override the defaults below), so a dead peer fails a call instead of hanging it;
 no command blocks on the server (no BLPOP), and the pub/sub reader waits in slices shorter
@@ -76,8 +79,10 @@ PUBLISH_CHUNK = 500
 BATCH = 1000
 # Upper bound on a waiting fetch's sleep, in case a pub/sub signal was lost.
 POLL_SECONDS = 1.0
-# LPOP with a count (fetch, purge) came in Redis 6.2.
+# LPOP with a count (fetch, purge) and ZMSCORE (ack) came in Redis 6.2.
 MIN_REDIS_VERSION = (6, 2)
+# LMPOP (one pop across the priority lists) came in Redis 7.0; older servers pop list by list.
+LMPOP_REDIS_VERSION = (7, 0)
 # A call on a dead peer fails after this long instead of hanging (URL options override them).
 SOCKET_TIMEOUT_SECONDS = 5.0
 SOCKET_CONNECT_TIMEOUT_SECONDS = 3.0
@@ -116,30 +121,64 @@ end
 local function leased(id, dc)
   return redis.call('ZSCORE', KEYS[4], id) and redis.call('HGET', KEYS[3], id) == dc
 end
+-- A batch costs a few commands, not a few per message: each command below takes a whole
+-- batch, CHUNK items per call, as unpack() is bounded by Lua's stack.
+local CHUNK = 1000
+local function each_chunk(command, key, flat, width)
+  local step = CHUNK * width
+  for s = 1, #flat, step do
+    redis.call(command, key, unpack(flat, s, math.min(s + step - 1, #flat)))
+  end
+end
+local function read_all(command, key, ids)
+  local out = {}
+  for s = 1, #ids, CHUNK do
+    local part = redis.call(command, key, unpack(ids, s, math.min(s + CHUNK - 1, #ids)))
+    for i = 1, #part do out[#out + 1] = part[i] end
+  end
+  return out
+end
 """
 
-# PUBLISH -- store messages; each is ready now or delayed by its delay_ms.
-# KEYS: the queue's keys. ARGV: channel, then (id, meta, delay_ms, body) per message.
+# PUBLISH -- store messages; each is ready now or delayed by its delay_ms. A batch of any size
+# costs two HSETs, a ZADD if any is delayed and one RPUSH per priority it holds.
+# KEYS: the queue's keys. ARGV: channel, then (id, meta, delay_ms, body) per message; meta's
+# first character is the priority.
 # Returns 0. Signals the channel when it stored anything.
 _PUBLISH = """
 local now = nil
+local bodies, metas, delayed, ready_ids = {}, {}, {}, {}
 for i = 2, #ARGV, 4 do
-  local id, delay = ARGV[i], tonumber(ARGV[i + 2])
-  redis.call('HSET', KEYS[1], id, ARGV[i + 3])
-  redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+  local id, meta, delay = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  bodies[#bodies + 1] = id
+  bodies[#bodies + 1] = ARGV[i + 3]
+  metas[#metas + 1] = id
+  metas[#metas + 1] = meta
   if delay > 0 then
     now = now or now_ms()
-    redis.call('ZADD', KEYS[5], now + delay, id)
+    delayed[#delayed + 1] = now + delay
+    delayed[#delayed + 1] = id
   else
-    ready(id)
+    local list = 6 + tonumber(string.sub(meta, 1, 1))
+    ready_ids[list] = ready_ids[list] or {}
+    table.insert(ready_ids[list], id)
   end
 end
-if #ARGV > 1 then redis.call('PUBLISH', ARGV[1], '1') end
+if #bodies == 0 then return 0 end
+each_chunk('HSET', KEYS[1], bodies, 2)
+each_chunk('HSET', KEYS[2], metas, 2)
+if #delayed > 0 then each_chunk('ZADD', KEYS[5], delayed, 2) end
+for list = 15, 6, -1 do
+  if ready_ids[list] then each_chunk('RPUSH', KEYS[list], ready_ids[list], 1) end
+end
+redis.call('PUBLISH', ARGV[1], '1')
 return 0
 """
 
 # FETCH -- forward due messages, then lease up to `max` ready ones, highest priority first.
-# KEYS: the queue's keys. ARGV: max, lease_ms, forward limit.
+# A fetch of any size costs one LMPOP per priority list it empties (Redis >= 7; else one LPOP
+# per priority), three HMGETs, an HSET and a ZADD.
+# KEYS: the queue's keys. ARGV: max, lease_ms, forward limit, "1" to pop with LMPOP.
 # Returns {now_ms, next due time in ms (-1 if none, or if anything was leased), then
 # (id, meta, dc, body) per leased message}.
 _FETCH = """
@@ -147,24 +186,44 @@ local now = now_ms()
 forward(now, tonumber(ARGV[3]))
 local want = tonumber(ARGV[1])
 local deadline = now + tonumber(ARGV[2])
+local ids = {}
+if ARGV[4] == '1' then
+  while #ids < want do
+    local got = redis.call('LMPOP', 10, KEYS[15], KEYS[14], KEYS[13], KEYS[12], KEYS[11],
+      KEYS[10], KEYS[9], KEYS[8], KEYS[7], KEYS[6], 'LEFT', 'COUNT', want - #ids)
+    if not got then break end
+    for _, id in ipairs(got[2]) do ids[#ids + 1] = id end
+  end
+else
+  for p = 9, 0, -1 do
+    if #ids >= want then break end
+    local got = redis.call('LPOP', KEYS[6 + p], want - #ids)
+    if got then for _, id in ipairs(got) do ids[#ids + 1] = id end end
+  end
+end
 local out = {now, -1}
-for p = 9, 0, -1 do
-  if want <= 0 then break end
-  local ids = redis.call('LPOP', KEYS[6 + p], want)
-  if ids then
-    for _, id in ipairs(ids) do
-      local body = redis.call('HGET', KEYS[1], id)
-      if body then
-        local dc = redis.call('HINCRBY', KEYS[3], id, 1)
-        redis.call('ZADD', KEYS[4], deadline, id)
-        local n = #out
-        out[n + 1] = id
-        out[n + 2] = redis.call('HGET', KEYS[2], id)
-        out[n + 3] = dc
-        out[n + 4] = body
-        want = want - 1
-      end
+if #ids > 0 then
+  local bodies = read_all('HMGET', KEYS[1], ids)
+  local metas = read_all('HMGET', KEYS[2], ids)
+  local counts = read_all('HMGET', KEYS[3], ids)
+  local dcs, leases = {}, {}
+  for i, id in ipairs(ids) do
+    if bodies[i] then
+      local dc = (tonumber(counts[i]) or 0) + 1
+      dcs[#dcs + 1] = id
+      dcs[#dcs + 1] = dc
+      leases[#leases + 1] = deadline
+      leases[#leases + 1] = id
+      local n = #out
+      out[n + 1] = id
+      out[n + 2] = metas[i]
+      out[n + 3] = dc
+      out[n + 4] = bodies[i]
     end
+  end
+  if #dcs > 0 then
+    each_chunk('HSET', KEYS[3], dcs, 2)
+    each_chunk('ZADD', KEYS[4], leases, 2)
   end
 end
 if #out == 2 then
@@ -174,21 +233,32 @@ end
 return out
 """
 
-# ACK -- delete the messages whose delivery still holds its lease.
+# ACK -- delete the messages whose delivery still holds its lease. A batch of any size costs
+# an HMGET, a ZMSCORE, a ZREM and three HDELs.
 # KEYS: the queue's keys. ARGV: (id, dc) pairs. Returns the number deleted.
 _ACK = """
-local n = 0
+local ids, dcs = {}, {}
 for i = 1, #ARGV, 2 do
-  local id = ARGV[i]
-  if leased(id, ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[4], id)
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    n = n + 1
+  ids[#ids + 1] = ARGV[i]
+  dcs[#dcs + 1] = ARGV[i + 1]
+end
+if #ids == 0 then return 0 end
+local counts = read_all('HMGET', KEYS[3], ids)
+local deadlines = read_all('ZMSCORE', KEYS[4], ids)
+local done, seen = {}, {}
+for i, id in ipairs(ids) do
+  if deadlines[i] and counts[i] == dcs[i] and not seen[id] then
+    seen[id] = true
+    done[#done + 1] = id
   end
 end
-return n
+if #done > 0 then
+  each_chunk('ZREM', KEYS[4], done, 1)
+  each_chunk('HDEL', KEYS[1], done, 1)
+  each_chunk('HDEL', KEYS[2], done, 1)
+  each_chunk('HDEL', KEYS[3], done, 1)
+end
+return #done
 """
 
 # NACK -- give leased messages back: ready now, or delayed by delay_ms.
@@ -352,6 +422,8 @@ class RedisBroker:
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        # Whether every server (every master of a cluster) has LMPOP.
+        self._lmpop = False
         # Whether this process looked for queues by their lease keys yet (first recovery).
         self._scanned = False
         # Waiting fetches, woken by the pub/sub signal of their queue.
@@ -382,12 +454,14 @@ class RedisBroker:
         cluster = is_cluster_url(self._url)
         client = open_redis_cluster(self._url, **options) if cluster else open_redis(self._url, **options)
         try:
-            for version in await _versions(client):
+            versions = await _versions(client)
+            for version in versions:
                 check_version(version)
         except BaseException:
             await client.aclose()
             raise
         self._client = client
+        self._lmpop = all(_version(version) >= LMPOP_REDIS_VERSION for version in versions)
         await self._load_scripts()
         self._pubsub = self._client.pubsub()
         await self._pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
@@ -508,7 +582,7 @@ class RedisBroker:
         if max_messages <= 0:
             return []
         keys = self._keys(queue)
-        args = [max_messages, _ms(lease_seconds), BATCH]
+        args = [max_messages, _ms(lease_seconds), BATCH, int(self._lmpop)]
 
         async def attempt() -> tuple[list[Delivery], float]:
             # Registered on every fetch too: a message leased here is recoverable even when the
