@@ -22,9 +22,28 @@ from .store import TaskStore
 RESCAN_SECONDS = 1.0
 MAX_WATCHED_TASKS = 10_000
 # A waiting GetResult follows the backend's change feed (other replicas' writes) only after
-# this long: most results are recorded by the server the client asked, which tells it
+# this long while most results are recorded by the server the client asked, which tells it
 # directly, and a quick task then costs no subscription at all.
 FEED_AFTER_SECONDS = 0.02
+# Once more than this share of recent waits were answered by other replicas' writes (replicas
+# behind a load balancer), waits follow the feed at once instead: they would mostly sit out
+# FEED_AFTER_SECONDS for nothing. The share is a moving average over about 1/FEED_SHARE_WEIGHT waits.
+FEED_AT_ONCE_SHARE = 0.1
+FEED_SHARE_WEIGHT = 0.05
+
+
+class FeedUse:
+    """How often this replica's waits end with a result recorded by another replica."""
+
+    def __init__(self) -> None:
+        self.share = 0.0
+
+    def answered(self, elsewhere: bool) -> None:
+        self.share += (float(elsewhere) - self.share) * FEED_SHARE_WEIGHT
+
+    def delay(self) -> float:
+        """How long a wait listens for this replica's own write before following the feed too."""
+        return 0.0 if self.share > FEED_AT_ONCE_SHARE else FEED_AFTER_SECONDS
 # A wait on a workflow gathers the changes of this long into one read of their records.
 COALESCE_SECONDS = 0.02
 
@@ -32,6 +51,7 @@ COALESCE_SECONDS = 0.02
 class ResultReader:
     def __init__(self, store: TaskStore) -> None:
         self.store = store
+        self.feed_use = FeedUse()
 
     async def get(self, task_id: str) -> result_pb2.TaskResult:
         """A task's result; for a workflow id, the whole workflow's (see workflow_result)."""
@@ -70,12 +90,15 @@ class ResultReader:
             if result.state in TERMINAL_STATES or wait_seconds <= 0:
                 return result
             deadline = loop.time() + wait_seconds
-            # Most results are recorded here within a moment: wait for that alone first (no task,
-            # no subscription), then follow the change feed too.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(FEED_AFTER_SECONDS, wait_seconds)):
-                    if (found := await asyncio.shield(written_here)) is not None:
-                        return found
+            # Results are mostly recorded here within a moment, unless other replicas record
+            # them: wait for that alone first (no task, no subscription), then follow the change
+            # feed too.
+            if (delay := self.feed_use.delay()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(delay, wait_seconds)):
+                        if (found := await asyncio.shield(written_here)) is not None:
+                            self.feed_use.answered(elsewhere=False)
+                            return found
             elsewhere = asyncio.create_task(self._terminal_result(task_id))
             try:
                 done, _ = await asyncio.wait({written_here, elsewhere}, timeout=max(deadline - loop.time(), 0),
@@ -83,8 +106,9 @@ class ResultReader:
             finally:
                 # Unsubscribing from the change feed must not delay the answer.
                 stop_in_background(elsewhere)
-        for finished in done:
+        for finished in sorted(done, key=lambda future: future is not written_here):
             if (found := finished.result()) is not None:
+                self.feed_use.answered(elsewhere=finished is not written_here)
                 return found
         return await self.get(task_id)
 
