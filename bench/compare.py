@@ -33,10 +33,10 @@ is part of it); the server CPU per task counts every replica.
 
 `--matched` gives every system the same worker processes and slots, 2 processes x 1 slot (one
 per core of a 2-core box), each peer tuned as its docs advise for many short tasks: Conveyor
-runs two `conveyor worker --concurrency 1` processes, Dramatiq `--processes 2 --threads 1` with
+runs two `conveyor worker --concurrency 1 --prefetch 64` processes, Dramatiq `--processes 2 --threads 1` with
 `dramatiq_queue_prefetch` 128, Celery one worker with a prefork pool of 2 and
-`worker_prefetch_multiplier` 64. `--processes`, `--celery-prefetch` and `--dramatiq-prefetch`
-set these one by one (beside `--matched` they win). The settings are printed under the table.
+`worker_prefetch_multiplier` 64. `--processes`, `--conveyor-prefetch`, `--celery-prefetch` and
+`--dramatiq-prefetch` set these one by one (beside `--matched` they win). The settings are printed under the table.
 
 Measurements, in this order:
 
@@ -100,11 +100,11 @@ from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import REPO, Proc, Server, WorkerProc, wait_for_workers
 
 SYSTEMS = ("conveyor", "celery", "dramatiq")
-# --matched: 2 worker processes x 1 slot everywhere (the cores of this 2-core box); Celery's
-# prefork pool with a high prefetch multiplier and Dramatiq with a deep prefetch, as their docs
-# advise for many short tasks (a flag given beside --matched wins).
-MATCHED = {"processes": 2, "concurrency": 1, "celery_pool": "prefork", "celery_prefetch": 64,
-           "dramatiq_prefetch": 128}
+# --matched: 2 worker processes x 1 slot everywhere (the cores of this 2-core box); every system
+# with a deep prefetch, as each one's docs advise for many short tasks (Conveyor's README,
+# Celery's prefetch multiplier, Dramatiq's queue prefetch); a flag given beside --matched wins.
+MATCHED = {"processes": 2, "concurrency": 1, "conveyor_prefetch": 64, "celery_pool": "prefork",
+           "celery_prefetch": 64, "dramatiq_prefetch": 128}
 MATCHED_HELP = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in MATCHED.items())
 WARMUP_TASKS = 100
 # A run fails when results stop arriving for this long.
