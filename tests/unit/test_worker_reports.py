@@ -97,6 +97,36 @@ async def test_a_full_batch_goes_out_without_lingering() -> None:
     assert len(sent) == 1
 
 
+async def test_a_result_lingers_longer_while_a_backlog_keeps_every_slot_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reports, "RESULT_LINGER_SECONDS", 0.001)
+    monkeypatch.setattr(reports, "RESULT_BACKLOG_LINGER_SECONDS", 0.2)
+    loop = asyncio.get_running_loop()
+    sent: list[worker_service_pb2.ConnectRequest] = []
+    batcher = ResultBatcher(sent.append)
+    began = loop.time()
+    batcher.add(outcome("a"), others_running=True, batch_size=8, backlog=True)
+    await asyncio.sleep(0.05)
+    assert sent == [], "held well past the short linger"
+    batcher.add(outcome("b"), others_running=True, batch_size=8, backlog=True)
+    await until(lambda: sent, 5.0, "the batch went out")
+    assert loop.time() - began >= 0.2
+    assert result_ids(sent) == [["a", "b"]]
+
+
+async def test_a_result_without_a_backlog_cuts_a_long_linger_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reports, "RESULT_BACKLOG_LINGER_SECONDS", 30.0)
+    sent: list[worker_service_pb2.ConnectRequest] = []
+    batcher = ResultBatcher(sent.append)
+    batcher.add(outcome("a"), others_running=True, batch_size=8, backlog=True)
+    batcher.add(outcome("b"), others_running=True, batch_size=8, backlog=False)  # the backlog is gone
+    await asyncio.wait_for(until(lambda: sent, 5.0, "the batch went out"), 5.0)
+    assert result_ids(sent) == [["a", "b"]]
+    batcher.add(outcome("c"), others_running=True, batch_size=8, backlog=False)
+    batcher.add(outcome("d"), others_running=True, batch_size=8, backlog=True)  # keeps the earlier deadline
+    await asyncio.wait_for(until(lambda: len(sent) == 2, 5.0, "the second batch went out"), 5.0)
+    assert result_ids(sent[1:]) == [["c", "d"]]
+
+
 def test_an_ack_releases_only_the_result_of_its_own_lease() -> None:
     unacked = UnackedResults()
     assert not unacked
@@ -120,26 +150,47 @@ def test_an_ack_releases_only_the_result_of_its_own_lease() -> None:
     assert not unacked
 
 
-async def test_a_one_slot_worker_sends_the_results_of_its_window_in_halves(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Concurrency 1, window 4: four quick tasks end in two Results messages of two, not four of
-    one (the linger is made long, so only the batch size and "nothing else running" send)."""
-    monkeypatch.setattr(reports, "RESULT_LINGER_SECONDS", 30.0)
-    worker = Worker("127.0.0.1:1", concurrency=1, prefetch=4)
-    sent: list[worker_service_pb2.ConnectRequest] = []
-    worker._results = ResultBatcher(sent.append)
+async def run_quick_tasks(worker: Worker, count: int) -> None:
+    """Run `count` quick tasks on `worker`'s thread pool, as assigned in one message."""
 
     @worker.task("t")
     def quick() -> int:
         return 1
 
-    pool = worker._pool = make_pool("threads", 1, dict(worker.tasks))
+    pool = worker._pool = make_pool("threads", worker.concurrency, dict(worker.tasks))
     await pool.start()
     try:
         worker._on_message(worker_service_pb2.ConnectResponse(assignments=worker_service_pb2.Assignments(
-            items=[assignment(f"t{i}") for i in range(4)]
+            items=[assignment(f"t{i}") for i in range(count)]
         )))
-        await until(lambda: not worker._running, 10.0, "the four tasks ended")
+        await until(lambda: not worker._running, 10.0, f"the {count} tasks ended")
         await asyncio.sleep(0)
-        assert result_ids(sent) == [["t0", "t1"], ["t2", "t3"]]
     finally:
         await pool.close()
+
+
+async def test_a_one_slot_worker_sends_the_results_of_its_window_in_halves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrency 1, window 4: four quick tasks end in two Results messages of two, not four of
+    one (the lingers are made long, so only the batch size and "nothing else running" send)."""
+    monkeypatch.setattr(reports, "RESULT_LINGER_SECONDS", 30.0)
+    monkeypatch.setattr(reports, "RESULT_BACKLOG_LINGER_SECONDS", 30.0)
+    worker = Worker("127.0.0.1:1", concurrency=1, prefetch=4)
+    sent: list[worker_service_pb2.ConnectRequest] = []
+    worker._results = ResultBatcher(sent.append)
+    await run_quick_tasks(worker, 4)
+    assert result_ids(sent) == [["t0", "t1"], ["t2", "t3"]]
+
+
+async def test_a_one_slot_worker_tells_its_batcher_of_a_backlog_while_tasks_wait_for_the_slot() -> None:
+    worker = Worker("127.0.0.1:1", concurrency=1, prefetch=4)
+    seen: list[tuple[str, bool, bool]] = []
+
+    class Spy(ResultBatcher):
+        def add(self, outcome: worker_service_pb2.TaskOutcome, *, others_running: bool, batch_size: int,
+                backlog: bool = False) -> None:
+            seen.append((outcome.task_id, others_running, backlog))
+            super().add(outcome, others_running=others_running, batch_size=batch_size, backlog=backlog)
+
+    worker._results = Spy(lambda _: None)
+    await run_quick_tasks(worker, 3)
+    assert seen == [("t0", True, True), ("t1", True, True), ("t2", False, False)]

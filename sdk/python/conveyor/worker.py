@@ -308,7 +308,8 @@ class Worker:
         worker_log.ended(call.context, ending)
         outcome = to_outcome(call.assignment, ending)
         self._unacked.hold(outcome)
-        self._results.add(outcome, others_running=bool(self._running), batch_size=result_batch_size(self.max_in_flight))
+        self._results.add(outcome, others_running=bool(self._running), batch_size=result_batch_size(self.max_in_flight),
+                          backlog=len(self._running) >= self.concurrency)
 
     def _progress(self, loop: asyncio.AbstractEventLoop, assignment: worker_service_pb2.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
