@@ -612,10 +612,7 @@ def run_system(name: str, db: int, args: argparse.Namespace, workdir: Path, redi
     print(f"{name}: redis db {db}, keys under {prefix!r}, worker: {system.worker_desc}", flush=True)
     try:
         system.start()
-        guarded(f"{name} warm-up", lambda: system.latency(WARMUP_TASKS), system.check)
-        figures.latencies = guarded(f"{name} latency", lambda: system.latency(args.latency_tasks), system.check)
-        print(f"  latency   p50 {figures.percentile_ms(0.50):.2f} ms  p99 {figures.percentile_ms(0.99):.2f} ms",
-              flush=True)
+        measure_latency(name, system, figures, args.latency_tasks)
         processes = {**system.procs(), "redis": redis_proc}
         profile_pid = processes.get("server") if args.profile else None
         with profiled(profile_pid or 0, args.profile if profile_pid else None, "the throughput phase",
@@ -635,6 +632,14 @@ def run_system(name: str, db: int, args: argparse.Namespace, workdir: Path, redi
     return figures
 
 
+def measure_latency(name: str, system: ConveyorRun | CeleryRun | DramatiqRun, figures: Figures, count: int) -> None:
+    """The warm-up (which also waits for the worker), then `count` sequential tasks' latencies."""
+    guarded(f"{name} warm-up", lambda: system.latency(WARMUP_TASKS), system.check)
+    figures.latencies = guarded(f"{name} latency", lambda: system.latency(count), system.check)
+    print(f"  latency   p50 {figures.percentile_ms(0.50):.2f} ms  p99 {figures.percentile_ms(0.99):.2f} ms",
+          flush=True)
+
+
 def guarded(what: str, action: Callable[[], list[float]], check: Callable[[], None]) -> list[float]:
     """Runs a latency loop; a worker that died turns a timeout into a clear error."""
     try:
@@ -646,19 +651,33 @@ def guarded(what: str, action: Callable[[], list[float]], check: Callable[[], No
 
 # -- report -------------------------------------------------------------------------------------
 
-def report(results: list[Figures], args: argparse.Namespace) -> None:
+def print_table(title: str, header: str, rows: list[str]) -> None:
+    """A titled table: header, a rule as wide as it, then the rows (bench/cluster.py prints one too)."""
     print()
-    print(f"{args.tasks:,} noop tasks in bulk; latency over {args.latency_tasks:,} sequential tasks; "
-          f"{args.concurrency} task slots per worker; Redis {args.redis}")
-    header = (f"{'system':<9} {'worker':<34} {'submit/s':>9} {'tasks/s':>8} {'total s':>8} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'redis cmd/task':>14}   cpu s during throughput")
+    print(title)
     print(header)
     print("-" * len(header))
-    for f in results:
-        cpu = "  ".join(f"{k} {v:.1f}" for k, v in f.cpu.items())
-        print(f"{f.system:<9} {f.worker:<34} {f.submit_rate:>9,.0f} {f.throughput:>8,.0f} {f.total_seconds:>8.2f} "
-              f"{f.percentile_ms(0.5):>7.2f} {f.percentile_ms(0.99):>7.2f} "
-              f"{f.redis_commands / max(f.tasks, 1):>14.1f}   {cpu}")
+    for row in rows:
+        print(row)
+
+
+def server_cpu_per_task_us(figures: Figures) -> float:
+    """Server CPU per task in microseconds, every replica counted."""
+    seconds = sum(value for name, value in figures.cpu.items() if name.startswith("server"))
+    return 1e6 * seconds / max(figures.tasks, 1)
+
+
+def report(results: list[Figures], args: argparse.Namespace) -> None:
+    header = (f"{'system':<9} {'worker':<34} {'submit/s':>9} {'tasks/s':>8} {'total s':>8} "
+              f"{'p50 ms':>7} {'p99 ms':>7} {'redis cmd/task':>14}   cpu s during throughput")
+    rows = [
+        f"{f.system:<9} {f.worker:<34} {f.submit_rate:>9,.0f} {f.throughput:>8,.0f} {f.total_seconds:>8.2f} "
+        f"{f.percentile_ms(0.5):>7.2f} {f.percentile_ms(0.99):>7.2f} "
+        f"{f.redis_commands / max(f.tasks, 1):>14.1f}   " + "  ".join(f"{k} {v:.1f}" for k, v in f.cpu.items())
+        for f in results
+    ]
+    print_table(f"{args.tasks:,} noop tasks in bulk; latency over {args.latency_tasks:,} sequential tasks; "
+                f"{args.concurrency} task slots per worker; Redis {args.redis}", header, rows)
     by_name = {f.system: f for f in results}
     conveyor = by_name.get("conveyor")
     if conveyor is None:
@@ -684,9 +703,9 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
           f"p99 {p99:.2f} ms (target <= 4 ms: {'met' if p99 <= 4 else 'NOT met'})")
     commands = conveyor.redis_commands / max(conveyor.tasks, 1)
     print(f"Conveyor Redis commands per task {commands:.1f} (target <= 15: {'met' if commands <= 15 else 'NOT met'})")
-    servers = sum(seconds for name, seconds in conveyor.cpu.items() if name.startswith("server"))
-    print(f"Conveyor server CPU per task {1e6 * servers / max(conveyor.tasks, 1):.0f} µs (target <= 250 µs: "
-          f"{'met' if 1e6 * servers / max(conveyor.tasks, 1) <= 250 else 'NOT met'}), every replica counted")
+    server_us = server_cpu_per_task_us(conveyor)
+    print(f"Conveyor server CPU per task {server_us:.0f} µs (target <= 250 µs: "
+          f"{'met' if server_us <= 250 else 'NOT met'}), every replica counted")
     if "redis" in conveyor.cpu:
         print(f"Conveyor redis CPU per task {1e6 * conveyor.cpu['redis'] / max(conveyor.tasks, 1):.0f} µs")
 
