@@ -60,8 +60,9 @@ CPU seconds used during the throughput phase are shown per process (client, serv
 Redis), which tells where a 2-core machine spent its time, and so are the Redis commands per
 task (commands inside Lua scripts count; other clients of the same Redis count too). The load
 average is printed first and last: on a machine that is busy with other work every figure is
-skewed. `--profile FILE` records the Conveyor server with py-spy during the throughput phase
-(`--profile-native` adds C frames, at a large cost in speed). Exits 1 on any error (a lost task,
+skewed. `--profile FILE` records the Conveyor server with py-spy during the throughput phase,
+`--profile-worker FILE` its first worker process (`--profile-native` adds C frames, at a large
+cost in speed). Exits 1 on any error (a lost task,
 a worker that died) after measuring the other systems; speed is reported, never asserted.
 """
 
@@ -615,8 +616,12 @@ def run_system(name: str, db: int, args: argparse.Namespace, workdir: Path, redi
         measure_latency(name, system, figures, args.latency_tasks)
         processes = {**system.procs(), "redis": redis_proc}
         profile_pid = processes.get("server") if args.profile else None
+        worker_pid = next((pid for key, pid in processes.items() if key.startswith("worker")), None)
+        profile_worker_pid = worker_pid if args.profile_worker and name == "conveyor" else None
         with profiled(profile_pid or 0, args.profile if profile_pid else None, "the throughput phase",
                       args.profile_native), \
+                profiled(profile_worker_pid or 0, args.profile_worker if profile_worker_pid else None,
+                         "the throughput phase", args.profile_native), \
                 cpu_meter(figures, processes, url):
             system.throughput(args.tasks, figures)
         system.verify(figures)
@@ -733,6 +738,7 @@ def main() -> int:
                              f"advise for many short tasks: {MATCHED_HELP}")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the Conveyor "
                                           "server during the throughput phase")
+    parser.add_argument("--profile-worker", help="py-spy output of the (first) Conveyor worker process, as --profile")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")
     args = parser.parse_args()
     if args.matched:

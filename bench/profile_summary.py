@@ -2,6 +2,7 @@
 
     python bench/compare.py --systems conveyor --tasks 20000 --profile /tmp/server.txt
     python bench/profile_summary.py /tmp/server.txt
+    python bench/compare.py --systems conveyor --profile-worker /tmp/worker.txt    # a worker's, likewise
 
 Reads py-spy's raw (collapsed stacks) output: one line per stack, frames joined by ';' and
 followed by a sample count. Last, the share of samples whose stack is in the dispatch-policy code
@@ -57,7 +58,7 @@ def summarize(path: Path, top: int) -> str:
         if matched:
             policy["any of them"] += samples
         for frame in set(frames):
-            if "conveyor_server/" in frame:
+            if "conveyor_server/" in frame or "(conveyor/" in frame:  # the server, or the SDK's worker
                 inclusive[frame] += samples
     if not total:
         return "no samples"
