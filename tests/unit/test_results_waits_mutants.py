@@ -319,3 +319,27 @@ async def test_a_watch_until_done_ends_when_its_last_open_task_ends_and_rescans_
     finally:
         watching.cancel()
     assert seen[-1] == ("open", SUCCESS) and ("done", SUCCESS) in seen
+
+
+async def test_a_watch_takes_a_task_this_replica_ended_from_the_store_and_never_reads_it_again(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(results, "RESCAN_SECONDS", 60.0)  # every read below comes from the feed
+    for task_id in ("here", "there"):
+        await submit(replicas.a, lone(task(task_id=task_id)))
+    loads = recorded_loads(replicas.a, monkeypatch)
+    seen: list[tuple[str, int]] = []
+
+    async def watch() -> None:
+        async for event in replicas.a.reader.watch(["here", "there"]):
+            seen.append((event.task_id, event.state))
+
+    watching = asyncio.create_task(watch())
+    await until(lambda: len(loads) == 2, 5.0, "the watch's first read, and again as the feed's first news")
+    await replicas.a.store.update(["here"], succeed)  # ended by this replica
+    await until(lambda: ("here", SUCCESS) in seen, 5.0, "the watch sent the end it was told of")
+    await replicas.b.store.update(["there"], succeed)  # ended by another: only the feed tells
+    await asyncio.wait_for(watching, 5)
+    assert loads == [["here", "there"], ["here", "there"], ["there"]], "the task ended here was never read again"
+    assert [state for task_id, state in seen if task_id == "here"][-1] == SUCCESS
+    assert ("there", SUCCESS) in seen

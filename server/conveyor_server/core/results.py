@@ -196,20 +196,32 @@ class ResultReader:
 
         After the first read, only the records the change feed names are read again, so a
         watch over n tasks costs O(changes), not O(n) per change (a quiet spell still reads
-        the open ones again, every RESCAN_SECONDS)."""
+        the open ones again, every RESCAN_SECONDS). A task this server ends is not read at
+        all after that: its terminal record comes straight from the store, and is final."""
         if not ids:
             return
         order = {task_id: place for place, task_id in enumerate(dict.fromkeys(ids))}
         sent = dict.fromkeys(order, 0)
         open_ids = set(order)  # not terminal yet
+        ended: set[str] = set()  # terminal and sent: never read again
         changed: set[str] = set()
+        ended_here: dict[str, records_pb2.TaskRecord] = {}
         wake = asyncio.Event()
+
+        def on_write(record: records_pb2.TaskRecord) -> None:
+            if is_terminal(record):
+                ended_here[record.result.task_id] = _copy_record(record)
+                wake.set()
+
         follower = asyncio.create_task(self._collect_changes([task_key(t) for t in order], changed, wake))
+        listening = contextlib.ExitStack()
+        for task_id in order:
+            listening.enter_context(self.store.on_write(task_id, on_write))
         try:
             stale = list(order)
             first = True
             while True:
-                loaded = await self.store.load(stale)
+                loaded = await self.store.load(stale) if stale else {}
                 if first:
                     missing = [t for t in stale if t not in loaded]
                     if missing:
@@ -218,15 +230,18 @@ class ResultReader:
                             reason="TASK_NOT_FOUND", metadata={"task_id": missing[0]},
                         )
                     first = False
-                for task_id in stale:
-                    found = loaded.get(task_id)
-                    if found is None:
+                fresh = [(t, found.record) for t in stale if (found := loaded.get(t)) is not None]
+                fresh += sorted(ended_here.items(), key=lambda item: order[item[0]])
+                ended_here.clear()
+                for task_id, record in fresh:
+                    if task_id in ended:
                         continue
-                    for event in _new_events(found.record, sent[task_id]):
+                    for event in _new_events(record, sent[task_id]):
                         yield event
-                    sent[task_id] = len(found.record.result.history)
-                    if is_terminal(found.record):
+                    sent[task_id] = len(record.result.history)
+                    if is_terminal(record):
                         open_ids.discard(task_id)
+                        ended.add(task_id)
                     else:
                         open_ids.add(task_id)
                 if until_done and not open_ids:
@@ -239,8 +254,10 @@ class ResultReader:
                 ids_changed = [key.removeprefix("task:") for key in changed]
                 changed.clear()
                 wake.clear()
-                stale = sorted((t for t in ids_changed if t in order), key=order.__getitem__)
+                stale = sorted((t for t in ids_changed if t in order and t not in ended and t not in ended_here),
+                               key=order.__getitem__)
         finally:
+            listening.close()
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
             # reader) goes on in the background: it must not hold the answer back.
             stop_in_background(follower)
@@ -272,6 +289,12 @@ class ResultReader:
         return task_service_pb2.GetWorkflowResponse(
             workflow_id=workflow_id, root=build(plan.root_node_id), result_task_id=result_task_id(plan)
         )
+
+
+def _copy_record(record: records_pb2.TaskRecord) -> records_pb2.TaskRecord:
+    copied = records_pb2.TaskRecord()
+    copied.CopyFrom(record)
+    return copied
 
 
 def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
