@@ -3,7 +3,10 @@
 // results the server has not acked yet (kept to send again after a reconnect).
 //
 // The Python worker keeps the same parts in sdk/python/conveyor/reports.py: a change to how
-// reports are batched or acked is made in both.
+// reports are batched or acked is made in both. One part has no counterpart here: the Python
+// worker holds a result up to 20 ms while its window keeps a backlog of prefetched tasks; this
+// worker's window is its concurrency (no prefetch), so a slot that ends waits for its refill
+// and results go out in the event-loop turn they are ready.
 
 /**
  * Whatever becomes ready in one turn of the event loop goes out together: one message per kind.
