@@ -14,7 +14,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.util._once import Once
 
 from conveyor import sig, tracing
 from conveyor.internal.v1 import records_pb2
@@ -164,13 +163,6 @@ async def test_a_chord_after_a_chain_step_gives_its_header_that_steps_result(rep
     assert [to_jsonable(a) for a in ran["h0"].task.args] == ["a"]
     assert [to_jsonable(a) for a in ran["h1"].task.args] == ["a"]
     assert [to_jsonable(a) for a in ran["cb"].task.args] == [["h0", "h1"]]
-
-
-@pytest.fixture
-def no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OpenTelemetry SDK installed (whatever another test set up is set aside)."""
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
 
 
 @pytest.fixture

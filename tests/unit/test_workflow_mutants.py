@@ -304,7 +304,9 @@ TRACE_ID, SPAN_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-async def test_a_chains_error_callback_joins_the_trace_current_when_the_chain_failed(replicas: Replicas) -> None:
+async def test_a_chains_error_callback_joins_the_trace_current_when_the_chain_failed(
+    replicas: Replicas, no_tracer: None,
+) -> None:
     await submit(replicas.a, flow(chain_of(step("a"), step("b"), on_error=[task(name="alert")])))
     claim = await lease_all(replicas.a)
     failure = outcome(claim, "a", worker_service_pb2.OUTCOME_FAILURE, error=result_pb2.TaskError(type="Boom"))

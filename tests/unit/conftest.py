@@ -1,0 +1,17 @@
+"""Fixtures the unit tests share."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.util._once import Once
+
+
+@pytest.fixture
+def no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OpenTelemetry SDK installed (whatever another test of this process set up is set aside).
+
+    Spans then carry their parent's context unchanged, so a test can predict a traceparent.
+    """
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
