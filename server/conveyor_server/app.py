@@ -34,6 +34,7 @@ from .brokers.base import Broker
 from .config import Settings, with_data_dir
 from .core.admin import Admin
 from .core.admission import admission_for
+from .core.cancel_notices import CancelNotices
 from .core.cancellation import Canceller
 from .core.clock import SYSTEM_CLOCK, Clock
 from .core.connection import WorkerConnections
@@ -94,6 +95,7 @@ class Core:
     reconciler: Reconciler
     repairer: Repairer
     task_registry: TaskRegistry
+    cancel_notices: CancelNotices
     lease_recoverer: LeaseRecoverer
     _maintenance: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -143,7 +145,8 @@ class Core:
                                                         clock=clock),
                               checks=SubmitChecks(registry=tasks, strict_tasks=settings.strict_tasks), clock=clock)
         reader = ResultReader(store)
-        canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=connections.cancel_running)
+        cancel_notices = CancelNotices(backend=backend, stop_held=connections.cancel_running, clock=clock.wall)
+        canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=cancel_notices.stop)
         schedules = Schedules(backend=backend, submitter=submitter, settings=settings, clock=clock.wall)
         admin = Admin(
             broker=broker, store=store, registry=registry, reader=reader, submitter=submitter,
@@ -155,7 +158,7 @@ class Core:
         return cls(
             settings=settings, broker=broker, backend=backend, store=store, submitter=submitter, reader=reader,
             canceller=canceller, connections=connections, registry=registry, admin=admin, metrics=metrics,
-            outbox=outbox, reconciler=reconciler, repairer=repairer, task_registry=tasks,
+            outbox=outbox, reconciler=reconciler, repairer=repairer, task_registry=tasks, cancel_notices=cancel_notices,
             lease_recoverer=LeaseRecoverer(broker=broker, interval_seconds=settings.recover_interval_seconds),
         )
 
@@ -166,6 +169,7 @@ class Core:
         self._maintenance.append(asyncio.create_task(self.reconciler.run(self.settings.reconcile_interval_seconds)))
         self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
         self._maintenance.append(asyncio.create_task(self.task_registry.run()))
+        self._maintenance.append(asyncio.create_task(self.cancel_notices.run()))
         if self.settings.metrics_port:
             self._maintenance.append(asyncio.create_task(
                 self.metrics.refresh_forever(self.broker, self.registry, METRICS_REFRESH_SECONDS)

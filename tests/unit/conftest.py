@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.util._once import Once
+
+from conveyor_server.backends.memory import MemoryBackend
 
 
 @pytest.fixture
@@ -15,3 +19,12 @@ def no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[MemoryBackend]:
+    """A connected memory backend (a test module may define its own `backend` in its place)."""
+    engine = MemoryBackend()
+    await engine.connect()
+    yield engine
+    await engine.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,13 +48,6 @@ START = 1_700_000_000.0
 def clock() -> Clock:
     return Clock(START)
 
-
-@pytest.fixture
-async def backend() -> AsyncIterator[MemoryBackend]:
-    engine = MemoryBackend()
-    await engine.connect()
-    yield engine
-    await engine.close()
 
 
 def registry(backend: MemoryBackend, clock: Clock, server_id: str = "a") -> TaskRegistry:

@@ -613,9 +613,13 @@ class WorkerConnections:
             log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
             await self.broker.nack([lease.delivery for lease in orphans])
 
-    async def cancel_running(self, task_ids: list[str]) -> None:
+    async def cancel_running(self, task_ids: list[str]) -> list[str]:
+        """Tell the workers of this replica holding any of these tasks to stop them; returns the ids held."""
+        stopped: list[str] = []
         for session, held in self.registry.holding(task_ids).items():
             session.send(worker_service_pb2.ConnectResponse(cancel=worker_service_pb2.CancelTasks(task_ids=held)))
+            stopped.extend(held)
+        return stopped
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
