@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, t
 from conveyor_server import cli
 from conveyor_server.app import ConveyorServer, Core
 from conveyor_server.config import ConfigError, Settings
-from conveyor_server.core import publish_index
+from conveyor_server.core import publish_index, repair
 from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.publish_index import BUCKET_PREFIX
 from conveyor_server.core.repair import RepairReport, with_repair_after
@@ -452,3 +453,26 @@ async def test_a_held_backlog_is_carried_without_its_records_being_read(
     assert sorted(set(read)) == lost, "only the tasks whose messages the queue lacks are read"
     assert (report.held, report.carried, report.checked) == (45, 45, 50)
     assert await run_everything(rig.core) == Counter({f"t{i:02}": 1 for i in range(50)})
+
+
+async def test_a_bucket_is_repaired_a_part_at_a_time_and_every_part_is_done_in_one_pass(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bucket may hold a million queued tasks: a pass holds one part's ids, never the bucket's.
+    monkeypatch.setattr(repair, "MAX_TASKS_PER_PASS", 3)
+    for n in range(4):  # four index members of two tasks each, all in one bucket
+        await submit(rig.core, lone(task(task_id=f"t{n}a")), lone(task(task_id=f"t{n}b")))
+        await rig.core.repairer.index.flush()
+    await rig.broker.purge(QUEUE)
+    parts: list[int] = []
+    original = rig.core.repairer._repair
+
+    async def spy(tasks: Mapping[str, str], *args: Any, **kwargs: Any) -> RepairReport:
+        parts.append(len(tasks))
+        return await original(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(rig.core.repairer, "_repair", spy)
+    report = await repair_pass(rig, 2 * AFTER)
+    assert ids(report) == sorted(f"t{n}{s}" for n in range(4) for s in "ab")
+    assert parts == [4, 4], "whole members, about MAX_TASKS_PER_PASS ids a part"
+    assert await run_everything(rig.core) == Counter({f"t{n}{s}": 1 for n in range(4) for s in "ab"})

@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
@@ -212,13 +212,25 @@ class PublishIndex:
     async def tasks(self, buckets: Sequence[Bucket]) -> dict[str, str]:
         """Task id -> queue, of every member of these buckets."""
         found: dict[str, str] = {}
+        async for part in self.task_parts(buckets, 0):
+            found.update(part)
+        return found
+
+    async def task_parts(self, buckets: Sequence[Bucket], ids: int) -> AsyncIterator[dict[str, str]]:
+        """The same, in parts of about `ids` task ids each (whole members; 0: one part), so a
+        reader of a bucket of a million tasks holds a part at a time, not the bucket."""
+        found: dict[str, str] = {}
         for bucket in buckets:
             after = ""
             while page := await self.backend.members(bucket.name, after=after, limit=PAGE):
-                for payload in page.values():
-                    found.update(decode(payload))
+                for name in sorted(page):
+                    found.update(decode(page[name]))
+                    if ids and len(found) >= ids:
+                        yield found
+                        found = {}
                 after = max(page)
-        return found
+        if found:
+            yield found
 
     async def retire(self, buckets: Sequence[Bucket]) -> None:
         """Processed: the groups start their TTL, then leave the registry (in this order, so a

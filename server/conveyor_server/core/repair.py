@@ -19,8 +19,8 @@ repeat each other) and, queue by queue:
   time (an ETA, a retry, a live lease) are carried into the bucket of the time they would look
   lost; tasks that look lost are republished with the same message as before (a running
   task's copy names the stale lease it may replace);
-and the old buckets are retired. A pass keeps task ids, never records, so a bucket of a
-million queued tasks costs the ids, not the records.
+and the old buckets are retired. A pass reads a bucket in parts of MAX_TASKS_PER_PASS ids
+and keeps task ids, never records: a bucket of a million queued tasks costs one part's ids.
 
 Backlog safety: a queued task behind a long backlog shows no sign of life in its record. So a
 task is republished only when its queue does not hold its message: brokers that can look
@@ -179,6 +179,12 @@ class RepairReport:
     held: int = 0
     carried: int = 0
 
+    def add(self, other: RepairReport) -> None:
+        self.repaired += other.repaired
+        self.checked += other.checked
+        self.held += other.held
+        self.carried += other.carried
+
 
 @dataclass(slots=True)
 class _Sorted:
@@ -210,19 +216,19 @@ class Repairer:
         took this period; they are retired once their tasks are settled."""
         at = self.clock()
         period = int(at // max(self.repair_after / 4, 1.0))
-        mine: list[Bucket] = []
-        tasks: dict[str, str] = {}
+        report, indexed = RepairReport(), 0
         for bucket in await self.index.buckets_until(at - self.repair_after, MAX_BUCKETS_PER_PASS):
-            if len(tasks) >= MAX_TASKS_PER_PASS:
+            if indexed >= MAX_TASKS_PER_PASS:
                 break
-            if await self.store.backend.claim(f"repair:{bucket.name}:{period}"):
-                mine.append(bucket)
-                tasks.update(await self.index.tasks([bucket]))
-        if not mine:
-            return RepairReport()
-        report = await self._repair(tasks, at, self.repair_after, carry=True)
-        await self.index.flush()  # the republished tasks are in the index before their old entries go
-        await self.index.retire(mine)
+            if not await self.store.backend.claim(f"repair:{bucket.name}:{period}"):
+                continue
+            # A part at a time: a bucket may hold a million queued tasks, and the pass keeps
+            # only one part's ids (and what it carries forward is written per part).
+            async for tasks in self.index.task_parts([bucket], MAX_TASKS_PER_PASS):
+                indexed += len(tasks)
+                report.add(await self._repair(tasks, at, self.repair_after, carry=True))
+            await self.index.flush()  # the republished tasks are in the index before their old entries go
+            await self.index.retire([bucket])
         if report.repaired or report.held:
             log.log(logging.WARNING if report.repaired else logging.INFO,
                     "repair of lost messages: republished %d tasks with no sign of life for %g s (%d checked, "
@@ -238,10 +244,10 @@ class Repairer:
         at = self.clock()
         # Every bucket begun by now, not only those ended `older_than` ago: a task's entry may
         # be a recent one (carried forward) though its last sign of life is old.
-        tasks = await self.index.tasks(await self.index.buckets_until(at, begun=True))
-        if queue:
-            tasks = {task_id: q for task_id, q in tasks.items() if q == queue}
-        report = await self._repair(tasks, at, older_than, dry_run=dry_run, force=force)
+        report = RepairReport()
+        async for part in self.index.task_parts(await self.index.buckets_until(at, begun=True), MAX_TASKS_PER_PASS):
+            tasks = {task_id: q for task_id, q in part.items() if q == queue} if queue else part
+            report.add(await self._repair(tasks, at, older_than, dry_run=dry_run, force=force))
         if not dry_run:
             await self.index.flush()
         return report
