@@ -95,6 +95,21 @@ async def test_insert_get_version(backend: Backend, prefix: str) -> None:
     assert await backend.get([]) == {}
 
 
+async def test_a_get_of_many_keys_answers_each_with_its_own_record(backend: Backend, prefix: str) -> None:
+    # More keys than one script call or one pipeline chunk takes, with absent ones between
+    # them: every found key must carry its own data and version, and no absent one shows up.
+    keys = [f"{prefix}many-{index}" for index in range(1_203)]
+    await backend.insert({key: key.encode() for key in keys[::2]})
+    await backend.compare_and_set([Update(key, 1, b"again-" + key.encode()) for key in keys[::6]])
+
+    found = await backend.get(keys)
+
+    assert found == {
+        key: Versioned(b"again-" + key.encode(), 2) if index % 6 == 0 else Versioned(key.encode(), 1)
+        for index, key in enumerate(keys) if index % 2 == 0
+    }
+
+
 async def test_insert_of_existing_key_leaves_it(backend: Backend, prefix: str) -> None:
     old, new = prefix + "old", prefix + "new"
     await backend.insert({old: b"original"})
