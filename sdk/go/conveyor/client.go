@@ -83,25 +83,41 @@ func (c *Client) Cancel(ctx context.Context, id string) ([]string, error) {
 // workflowID is set), until each watched task is terminal. Late watchers first get what
 // happened so far.
 func (c *Client) Watch(ctx context.Context, taskIDs []string, workflowID string) (*Watcher, error) {
-	stream, err := c.tasks.WatchResults(ctx, &pb.WatchResultsRequest{TaskIds: taskIDs, WorkflowId: workflowID})
+	stream, err := c.tasks.WatchResults(ctx, &pb.WatchResultsRequest{
+		TaskIds: taskIDs, WorkflowId: workflowID, MaxEventsPerResponse: watchEventsPerResponse,
+	})
 	if err != nil {
 		return nil, err
 	}
 	return &Watcher{stream: stream}, nil
 }
 
+// Events per watch response asked of the server: the events ready together come in one message.
+const watchEventsPerResponse = 512
+
 // Watcher reads a watch stream.
 type Watcher struct {
 	stream pb.TaskService_WatchResultsClient
+	// Events of the last response not returned yet.
+	pending []*pb.TaskEvent
 }
 
 // Next returns the next event, or io.EOF once every watched task is terminal.
 func (w *Watcher) Next() (*pb.TaskEvent, error) {
-	response, err := w.stream.Recv()
-	if err != nil {
-		return nil, err
+	for len(w.pending) == 0 {
+		response, err := w.stream.Recv()
+		if err != nil {
+			return nil, err
+		}
+		w.pending = response.Events
+		if len(w.pending) == 0 && response.Event != nil {
+			// A server that predates batches sends one event per response, in Event.
+			w.pending = []*pb.TaskEvent{response.Event}
+		}
 	}
-	return response.Event, nil
+	event := w.pending[0]
+	w.pending = w.pending[1:]
+	return event, nil
 }
 
 // AsyncResult is a submitted task or workflow.

@@ -32,6 +32,8 @@ TERMINAL = {
 }
 # GetResult waits server-side at most this long per call; longer waits loop.
 WAIT_SLICE_SECONDS = 60.0
+# Events per watch response asked of the server: the events ready together come in one message.
+WATCH_EVENTS_PER_RESPONSE = 512
 # Trailing metadata in which the server suggests how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
 UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -510,7 +512,8 @@ class Client:
         A stream that breaks is opened again; the server replays each task's history, and the
         events already given are skipped."""
         request = task_service_pb2.WatchResultsRequest(
-            task_ids=list(task_ids), workflow_id=workflow_id, until_done=until_done
+            task_ids=list(task_ids), workflow_id=workflow_id, until_done=until_done,
+            max_events_per_response=WATCH_EVENTS_PER_RESPONSE,
         )
         given: dict[str, int] = {}  # events given so far, per task (each history only grows)
         retries = _Retries(self.retry, UNAVAILABLE)
@@ -518,13 +521,14 @@ class Client:
             replayed: dict[str, int] = {}
             try:
                 async for response in self._stub.WatchResults(request, metadata=self._metadata):
-                    event = response.event
-                    replayed[event.task_id] = seen = replayed.get(event.task_id, 0) + 1
-                    if seen <= given.get(event.task_id, 0):
-                        continue
-                    given[event.task_id] = seen
-                    retries.reset()
-                    yield event
+                    # A server that predates batches sends one event per response, in `event`.
+                    for event in response.events if response.events else [response.event]:
+                        replayed[event.task_id] = seen = replayed.get(event.task_id, 0) + 1
+                        if seen <= given.get(event.task_id, 0):
+                            continue
+                        given[event.task_id] = seen
+                        retries.reset()
+                        yield event
                 return
             except grpc.aio.AioRpcError as error:
                 if not await retries.pause(error):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import result_pb2, task_service_pb2, task_service_pb2_grpc
 from conveyor.values import seconds_of
 
 from ..core.cancellation import Canceller
 from ..core.errors import InvalidArgument, PermissionDenied
 from ..core.results import ResultReader
+from ..core.sizing import chunks_within
 from ..core.streamed import receive
 from ..core.submission import Submitter
 from .auth import Authenticator
@@ -26,6 +28,10 @@ from .status import streaming, unary
 Context = grpc.aio.ServicerContext[Any, Any]
 # GetResult waits at most this long per call; clients loop for longer waits.
 MAX_WAIT_SECONDS = 300.0
+# A watch response carries at most this many events, and this many bytes of them unless one
+# event alone is larger: well under gRPC's default 4 MiB receive limit.
+MAX_EVENTS_PER_RESPONSE = 1024
+MAX_WATCH_RESPONSE_BYTES = 1024 * 1024
 
 
 def _caller_trace(context: Context) -> dict[str, str]:
@@ -34,6 +40,21 @@ def _caller_trace(context: Context) -> dict[str, str]:
         k: v for k, v in (context.invocation_metadata() or ())
         if k in tracing.TRACE_HEADERS and isinstance(v, str)
     }
+
+
+def _watch_responses(
+    events: Sequence[result_pb2.TaskEvent], per_response: int
+) -> Iterator[task_service_pb2.WatchResultsResponse]:
+    """The events in responses of up to `per_response`, each within MAX_WATCH_RESPONSE_BYTES
+    unless one event alone is larger. Sizes are checked per response, and per event only in
+    the rare response over the limit."""
+    for start in range(0, len(events), per_response):
+        response = task_service_pb2.WatchResultsResponse(events=events[start:start + per_response])
+        if response.ByteSize() <= MAX_WATCH_RESPONSE_BYTES:
+            yield response
+            continue
+        for chunk in chunks_within(response.events, per_response, MAX_WATCH_RESPONSE_BYTES):
+            yield task_service_pb2.WatchResultsResponse(events=chunk)
 
 
 def _scope(context: Context, authenticator: Authenticator) -> frozenset[str]:
@@ -183,8 +204,15 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         ids = await self.reader.resolve_ids(request.task_ids, request.workflow_id)
         await self._check_scope(_scope(context, self.authenticator), ids)
         until_done = request.until_done if request.HasField("until_done") else True
-        async for event in self.reader.watch(ids, until_done):
-            yield task_service_pb2.WatchResultsResponse(event=event)
+        per_response = min(request.max_events_per_response, MAX_EVENTS_PER_RESPONSE)
+        async with contextlib.aclosing(self.reader.watch_batches(ids, until_done)) as batches:
+            async for batch in batches:
+                if per_response <= 1:
+                    for event in batch:
+                        yield task_service_pb2.WatchResultsResponse(event=event)
+                    continue
+                for response in _watch_responses(batch, per_response):
+                    yield response
 
     @unary
     async def Cancel(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2
@@ -191,8 +191,19 @@ class ResultReader:
         return ids
 
     async def watch(self, ids: Sequence[str], until_done: bool = True) -> AsyncIterator[result_pb2.TaskEvent]:
-        """Every state change of the tasks, history first; unknown ids are NOT_FOUND. Nothing to
-        watch (a workflow without tasks, such as an empty group) ends at once.
+        """Every state change of the tasks, history first, one at a time (watch_batches)."""
+        # aclosing: a consumer that stops early ends the watch (its subscriptions) at once.
+        async with contextlib.aclosing(self.watch_batches(ids, until_done)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def watch_batches(
+        self, ids: Sequence[str], until_done: bool = True
+    ) -> AsyncGenerator[list[result_pb2.TaskEvent], None]:
+        """Every state change of the tasks, history first, in batches of the events found
+        together; unknown ids are NOT_FOUND. Nothing to watch (a workflow without tasks, such
+        as an empty group) ends at once.
 
         After the first read, only the records the change feed names are read again, so a
         watch over n tasks costs O(changes), not O(n) per change (a quiet spell still reads
@@ -233,17 +244,19 @@ class ResultReader:
                 fresh = [(t, found.record) for t in stale if (found := loaded.get(t)) is not None]
                 fresh += sorted(ended_here.items(), key=lambda item: order[item[0]])
                 ended_here.clear()
+                batch: list[result_pb2.TaskEvent] = []
                 for task_id, record in fresh:
                     if task_id in ended:
                         continue
-                    for event in _new_events(record, sent[task_id]):
-                        yield event
+                    batch += _new_events(record, sent[task_id])
                     sent[task_id] = len(record.result.history)
                     if is_terminal(record):
                         open_ids.discard(task_id)
                         ended.add(task_id)
                     else:
                         open_ids.add(task_id)
+                if batch:
+                    yield batch
                 if until_done and not open_ids:
                     return
                 try:

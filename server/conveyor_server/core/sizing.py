@@ -1,16 +1,22 @@
-"""Assignments messages that fit what a worker can receive.
+"""Messages cut to fit what the peer can receive.
 
 A worker announces its largest receivable message in Hello (`max_receive_bytes`); a batch of
 legal tasks (each under the submit limits) can still add up to more, and a message over the
 worker's limit kills its stream, so every Assignments message is cut to fit. A single task too
-large for the worker is left out, for another worker to take.
+large for the worker is left out, for another worker to take. Watch responses carry a batch of
+events each, cut by count and by size the same way (chunks_within).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from conveyor.v1 import worker_service_pb2
+
+M = TypeVar("M", bound=Message)
 
 # What a worker that says nothing accepts: gRPC's default receive limit.
 DEFAULT_WORKER_RECEIVE_BYTES = 4 * 1024 * 1024
@@ -18,9 +24,9 @@ DEFAULT_WORKER_RECEIVE_BYTES = 4 * 1024 * 1024
 ENVELOPE_BYTES = 64
 
 
-def _encoded_item_size(assignment: worker_service_pb2.Assignment) -> int:
-    """Bytes one item adds to an Assignments message: tag, length prefix, body."""
-    size = assignment.ByteSize()
+def _encoded_item_size(item: Message) -> int:
+    """Bytes one item adds to a repeated field of a message: tag, length prefix, body."""
+    size = item.ByteSize()
     return 1 + (size.bit_length() + 6) // 7 + size
 
 
@@ -47,3 +53,19 @@ def split_to_fit(
     if current:
         batches.append(current)
     return batches, oversized
+
+
+def chunks_within(items: Sequence[M], max_count: int, max_bytes: int) -> list[Sequence[M]]:
+    """`items` in order, in chunks of at most `max_count` items that encode to at most
+    `max_bytes` together; an item larger than that goes alone."""
+    chunks: list[Sequence[M]] = []
+    start, used = 0, 0
+    for index, item in enumerate(items):
+        size = _encoded_item_size(item)
+        if index > start and (index - start >= max_count or used + size > max_bytes):
+            chunks.append(items[start:index])
+            start, used = index, 0
+        used += size
+    if start < len(items):
+        chunks.append(items[start:])
+    return chunks

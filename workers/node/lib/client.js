@@ -17,6 +17,8 @@ const { isLazy, opening, streamedGroup, submitStream } = require('./streaming');
 const TERMINAL = new Set(['SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED']);
 // GetResult waits server-side at most this long per call; longer waits loop.
 const WAIT_SLICE_SECONDS = 60;
+// Events per watch response asked of the server: the events ready together come in one message.
+const WATCH_EVENTS_PER_RESPONSE = 512;
 const BACKOFF_KINDS = {
   exponential: 'BACKOFF_KIND_EXPONENTIAL', fibonacci: 'BACKOFF_KIND_FIBONACCI', fixed: 'BACKOFF_KIND_FIXED',
 };
@@ -378,10 +380,17 @@ class Client {
    * untilDone is false; leaving the loop early cancels the stream.
    */
   async* watch(taskIds = [], { workflowId = '', untilDone = true } = {}) {
-    const request = { task_ids: [...taskIds], workflow_id: workflowId, until_done: untilDone };
+    const request = {
+      task_ids: [...taskIds], workflow_id: workflowId, until_done: untilDone,
+      max_events_per_response: WATCH_EVENTS_PER_RESPONSE,
+    };
     const call = this._stub.WatchResults(request, metadataFor(this._token));
     try {
-      for await (const response of call) yield toEvent(response.event);
+      for await (const response of call) {
+        // A server that predates batches sends one event per response, in `event`.
+        const events = response.events && response.events.length ? response.events : [response.event];
+        for (const event of events) yield toEvent(event);
+      }
     } catch (error) {
       throw withErrorDetails(error);
     } finally {

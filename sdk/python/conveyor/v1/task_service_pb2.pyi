@@ -561,12 +561,18 @@ class WatchResultsRequest(_message.Message):
     TASK_IDS_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     UNTIL_DONE_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_RESPONSE_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """Watch every task of this workflow (a workflow without tasks, such as an empty group, ends
     the stream at once).
     """
     until_done: _builtins.bool
     """End the stream when every watched task is terminal (default true when unset)."""
+    max_events_per_response: _builtins.int
+    """Up to this many events per response, in `events`: events that are ready together travel
+    in one message, so a watch over many tasks costs a message per batch, not per event.
+    0 or 1 (the default): one event per response, in `event`.
+    """
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Watch these tasks."""
@@ -577,10 +583,11 @@ class WatchResultsRequest(_message.Message):
         task_ids: _abc.Iterable[_builtins.str] | None = ...,
         workflow_id: _builtins.str = ...,
         until_done: _builtins.bool | None = ...,
+        max_events_per_response: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_until_done", b"_until_done", "until_done", b"until_done"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_until_done", b"_until_done", "task_ids", b"task_ids", "until_done", b"until_done", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_until_done", b"_until_done", "max_events_per_response", b"max_events_per_response", "task_ids", b"task_ids", "until_done", b"until_done", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__until_done: _TypeAlias = _typing.Literal["until_done"]  # noqa: Y015
     _WhichOneofArgType__until_done: _TypeAlias = _typing.Literal["_until_done", b"_until_done"]  # noqa: Y015
@@ -590,23 +597,29 @@ Global___WatchResultsRequest: _TypeAlias = WatchResultsRequest  # noqa: Y015
 
 @_typing.final
 class WatchResultsResponse(_message.Message):
-    """WatchResultsResponse is one event of the watch stream."""
+    """WatchResultsResponse carries the next events of the watch stream, in order."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _result_pb2.TaskEvent:
-        """One state change of one watched task."""
+        """One state change of one watched task (when the request's max_events_per_response is 0 or 1)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_result_pb2.TaskEvent]:
+        """The next state changes, in order (when the request's max_events_per_response is above 1)."""
 
     def __init__(
         self,
         *,
         event: _result_pb2.TaskEvent | None = ...,
+        events: _abc.Iterable[_result_pb2.TaskEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
