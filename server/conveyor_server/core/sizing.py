@@ -36,36 +36,35 @@ def split_to_fit(
     """Batches in order, each encoding to at most `max_bytes` (0: the gRPC default), and the
     assignments that do not fit even alone."""
     budget = (max_bytes or DEFAULT_WORKER_RECEIVE_BYTES) - ENVELOPE_BYTES
-    batches: list[list[worker_service_pb2.Assignment]] = []
+    fitting: list[tuple[worker_service_pb2.Assignment, int]] = []
     oversized: list[worker_service_pb2.Assignment] = []
-    current: list[worker_service_pb2.Assignment] = []
-    used = 0
     for assignment in assignments:
         size = _encoded_item_size(assignment)
         if size > budget:
             oversized.append(assignment)
-            continue
-        if current and used + size > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(assignment)
-        used += size
-    if current:
-        batches.append(current)
-    return batches, oversized
+        else:
+            fitting.append((assignment, size))
+    return _cut(fitting, len(fitting), budget), oversized
 
 
-def chunks_within(items: Sequence[M], max_count: int, max_bytes: int) -> list[Sequence[M]]:
+def chunks_within(items: Sequence[M], max_count: int, max_bytes: int) -> list[list[M]]:
     """`items` in order, in chunks of at most `max_count` items that encode to at most
     `max_bytes` together; an item larger than that goes alone."""
-    chunks: list[Sequence[M]] = []
-    start, used = 0, 0
-    for index, item in enumerate(items):
-        size = _encoded_item_size(item)
-        if index > start and (index - start >= max_count or used + size > max_bytes):
-            chunks.append(items[start:index])
-            start, used = index, 0
+    return _cut([(item, _encoded_item_size(item)) for item in items], max_count, max_bytes)
+
+
+def _cut(sized: Sequence[tuple[M, int]], max_count: int, max_bytes: int) -> list[list[M]]:
+    """(item, encoded size) pairs cut in order into chunks of at most `max_count` items and
+    `max_bytes` together; an item larger than that goes alone."""
+    chunks: list[list[M]] = []
+    current: list[M] = []
+    used = 0
+    for item, size in sized:
+        if current and (len(current) >= max_count or used + size > max_bytes):
+            chunks.append(current)
+            current, used = [], 0
+        current.append(item)
         used += size
-    if start < len(items):
-        chunks.append(items[start:])
+    if current:
+        chunks.append(current)
     return chunks
