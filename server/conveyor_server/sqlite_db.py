@@ -26,6 +26,9 @@ def sqlite_path(url: str) -> str:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    if conn.in_transaction:  # nested: part of the enclosing transaction, which commits it
+        yield
+        return
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes
     # fails with SQLITE_BUSY (without waiting) when another process wrote in between.
     conn.execute("BEGIN IMMEDIATE")

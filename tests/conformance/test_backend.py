@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 
-from conveyor_server.backends.base import MEMBER_CHUNK, Backend, Update, Versioned
+from conveyor_server.backends.base import MEMBER_CHUNK, Backend, GroupMember, Update, Versioned
 from conveyor_server.backends.memcached import MemcachedBackend
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.backends.mongodb import MongoBackend
@@ -116,6 +116,37 @@ async def test_insert_of_existing_key_leaves_it(backend: Backend, prefix: str) -
 
     assert await backend.insert({old: b"replacement", new: b"fresh"}) == [old]
     assert await backend.get([old, new]) == {old: Versioned(b"original", 1), new: Versioned(b"fresh", 1)}
+
+
+async def test_insert_after_stores_the_member_and_inserts_as_insert_does(backend: Backend, prefix: str) -> None:
+    group, old, new = prefix + "outbox", prefix + "old", prefix + "new"
+    await backend.insert({old: b"original"})
+    await backend.add_member(group, "earlier", b"kept")
+
+    existing = await backend.insert_after(
+        GroupMember(group, "promise", b"payload", keep=True), {old: b"replacement", new: b"fresh"}, keep=True
+    )
+
+    assert existing == [old]
+    assert await backend.get([old, new]) == {old: Versioned(b"original", 1), new: Versioned(b"fresh", 1)}
+    assert await backend.members(group) == {"earlier": b"kept", "promise": b"payload"}
+    # The member's first payload wins, as with add_member().
+    assert await backend.insert_after(GroupMember(group, "promise", b"again"), {new: b"x"}) == [new]
+    assert await backend.members(group) == {"earlier": b"kept", "promise": b"payload"}
+    assert await backend.add_member(group, "last", b"") == 3  # the count saw the promise too
+
+
+async def test_insert_after_takes_more_records_than_one_call_holds(backend: Backend, prefix: str) -> None:
+    keys = [f"{prefix}many-{index}" for index in range(1_203)]
+    taken = keys[1::100]  # some already there, in every chunk
+    await backend.insert({key: b"taken" for key in taken})
+
+    existing = await backend.insert_after(GroupMember(prefix + "g", "m", b"p"), {key: key.encode() for key in keys})
+
+    assert sorted(existing) == sorted(taken)
+    found = await backend.get(keys)
+    assert found == {key: Versioned(b"taken" if key in taken else key.encode(), 1) for key in keys}
+    assert await backend.members(prefix + "g") == {"m": b"p"}
 
 
 async def test_compare_and_set(backend: Backend, prefix: str) -> None:
@@ -508,6 +539,26 @@ async def test_kept_batches_outlive_the_ttl_until_an_expiring_batch(backend_url:
             return not await engine.members(group)
 
         assert await eventually(group_gone)
+
+
+async def test_insert_after_gives_the_member_and_the_records_each_their_own_expiry(
+    backend_url: str, prefix: str
+) -> None:
+    async with short_lived(backend_url) as engine:
+        kept_group, expiring_group = prefix + "kept-group", prefix + "expiring-group"
+        kept, expiring = prefix + "kept", prefix + "expiring"
+        try:
+            await engine.insert_after(GroupMember(kept_group, "m", b"p", keep=True), {expiring: b"result"})
+            await engine.insert_after(GroupMember(expiring_group, "m", b"p"), {kept: b"live"}, keep=True)
+
+            async def expired() -> bool:
+                return not await engine.get([expiring]) and not await engine.members(expiring_group)
+
+            assert await eventually(expired)
+            assert await engine.get([kept]) == {kept: Versioned(b"live", 1)}
+            assert await engine.members(kept_group) == {"m": b"p"}
+        finally:
+            await engine.expire(records=[kept], groups=[kept_group])
 
 
 async def test_member_counts_stay_exact_under_concurrent_batches_across_instances(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from conveyor_server.backends.base import GroupMember
 from conveyor_server.backends.redis import RedisBackend
 from conveyor_server.brokers.base import OutgoingMessage
 from conveyor_server.brokers.redis import RedisBroker
@@ -64,5 +65,8 @@ async def test_the_backend_runs_its_scripts_after_redis_lost_them(private_redis:
         flush_scripts(private_redis)
         assert await backend.add_members("g", {"x": b"1", "y": b"2"}) == 2
         assert await backend.members("g") == {"x": b"1", "y": b"2"}
+        flush_scripts(private_redis)
+        assert await backend.insert_after(GroupMember("g", "z", b"3"), {"k2": b"x", "k3": b"v3"}) == ["k2"]
+        assert await backend.members("g") == {"x": b"1", "y": b"2", "z": b"3"}
     finally:
         await backend.close()

@@ -7,21 +7,29 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..engine_urls import split_prefix
-from .base import MEMBER_CHUNK, Update
+from .base import MEMBER_CHUNK, GroupMember, Update
 
 # Re-exported for tests/http/conftest.py, which reads it from here.
-__all__ = ["KeyedLocks", "OneMemberAdds", "compare_and_set_per_key", "member_chunks", "split_prefix"]
+__all__ = ["DerivedWrites", "KeyedLocks", "compare_and_set_per_key", "member_chunks", "split_prefix"]
 
 
-class OneMemberAdds:
-    """add_member() as add_members() of one member: every engine writes members in batches,
-    and a single member is the batch of one (first payload wins, `keep` as there)."""
+class DerivedWrites:
+    """Writes built from an engine's own: add_member() is add_members() of one member (every
+    engine writes members in batches; first payload wins, `keep` as there), and insert_after()
+    is add_member() then insert(), two round trips, for engines that cannot send both at once."""
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
         raise NotImplementedError  # each backend's own
 
+    async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        raise NotImplementedError  # each backend's own
+
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
         return await self.add_members(group, {member: payload}, keep)
+
+    async def insert_after(self, member: GroupMember, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        await self.add_member(member.group, member.name, member.payload, member.keep)
+        return await self.insert(records, keep)
 
 
 def member_chunks(members: Iterable[str]) -> Iterator[list[str]]:

@@ -74,6 +74,16 @@ class Update:
     keep: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A member to add to a group (see add_member()) along with other writes."""
+
+    group: str
+    name: str
+    payload: bytes
+    keep: bool = False
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Async result store."""
@@ -94,6 +104,13 @@ class Backend(Protocol):
         """Create records that do not exist yet, at version 1 (kept, or expiring, by `keep`).
 
         Returns the keys that already existed; those are left unchanged.
+        """
+
+    async def insert_after(self, member: GroupMember, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        """add_member() of `member`, then insert(records, keep), in one round trip where the
+        engine allows. The member is stored before any record: a failure between the two leaves
+        the member without the records, never a record without the member (an outbox promise
+        precedes what it covers). Returns what insert() returns.
         """
 
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:

@@ -63,7 +63,7 @@ from aiomcache.pool import Connection, MemcachePool
 
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from . import _tokens
-from ._common import OneMemberAdds, compare_and_set_per_key, member_chunks
+from ._common import DerivedWrites, compare_and_set_per_key, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 
@@ -205,7 +205,7 @@ class _CasReader:
             self._streams = None
 
 
-class MemcachedBackend(OneMemberAdds):
+class MemcachedBackend(DerivedWrites):
     def __init__(
         self,
         host: str = "127.0.0.1",

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequen
 from dataclasses import dataclass, field
 from typing import Self
 
-from ._common import OneMemberAdds
+from ._common import DerivedWrites
 from ._tokens import TokenBuckets
 from ._watch import Feed, LocalFeed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
@@ -28,7 +28,7 @@ class _Group:
     names: list[str] = field(default_factory=list)
 
 
-class MemoryBackend(OneMemberAdds):
+class MemoryBackend(DerivedWrites):
     def __init__(
         self, ttl_seconds: float = DEFAULT_TTL_SECONDS, *, clock: Callable[[], float] = time.monotonic
     ) -> None:

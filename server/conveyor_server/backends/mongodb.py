@@ -71,7 +71,7 @@ from ..background import stop_tasks
 from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl, split_prefix
 from . import _tokens
-from ._common import KeyedLocks, OneMemberAdds, compare_and_set_per_key, member_chunks
+from ._common import DerivedWrites, KeyedLocks, compare_and_set_per_key, member_chunks
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
 from .base import DEFAULT_TTL_SECONDS, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex
@@ -212,7 +212,7 @@ class _StreamFeed:
 
 
 
-class MongoBackend(OneMemberAdds):
+class MongoBackend(DerivedWrites):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._base = _collection_base(prefix)

@@ -48,10 +48,10 @@ from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ..redis_scripts import run_scripts
-from ._common import OneMemberAdds, member_chunks
+from ._common import DerivedWrites, member_chunks
 from ._tokens import check_bucket
 from ._watch import Feed, Registry, Watcher, WatchHub
-from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, GroupMember, Update, Versioned
 from .redis_task_index import RedisTaskIndex
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,55 @@ _PAGE = 1000
 
 # In every script, a ttl_ms of 0 means keep: the key is left without expiry (PERSIST).
 
-# KEYS: record keys. ARGV: ttl_ms (0 = keep), channel prefix, record-prefix length, data...
-# Returns the 1-based indexes of keys that already existed (left unchanged).
-_INSERT = """
-local ttl, chan, cut = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]) + 1
-local existed = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    existed[#existed + 1] = i
-  else
-    redis.call('HSET', key, 'd', ARGV[3 + i], 'v', 1)
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
-    redis.call('PUBLISH', chan .. string.sub(key, cut), '')
+# Lua functions the scripts below share. insert_records: creates KEYS[first..] at version 1
+# from ARGV[at + 1..] (one value per key), each expiring after ttl_ms (0 = keep), announced on
+# the key's channel; returns the 1-based positions (among those keys) of keys that already
+# existed, left unchanged.
+_INSERT_RECORDS_LUA = """
+local function insert_records(first, at, ttl, chan, cut)
+  local existed = {}
+  for i = first, #KEYS do
+    local key = KEYS[i]
+    if redis.call('EXISTS', key) == 1 then
+      existed[#existed + 1] = i - first + 1
+    else
+      redis.call('HSET', key, 'd', ARGV[at + i - first + 1], 'v', 1)
+      if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+      redis.call('PUBLISH', chan .. string.sub(key, cut), '')
+    end
+  end
+  return existed
+end
+"""
+
+# add_members: adds (member, payload) pairs from ARGV[at + 1..] to the group (hash, name index);
+# the first payload of a member wins; both keys expire after ttl_ms (0 = keep).
+_ADD_MEMBERS_LUA = """
+local function add_members(hash, index, at, ttl)
+  for i = at + 1, #ARGV, 2 do
+    if redis.call('HSETNX', hash, ARGV[i], ARGV[i + 1]) == 1 then
+      redis.call('ZADD', index, 0, ARGV[i])
+    end
+  end
+  for _, key in ipairs({hash, index}) do
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
   end
 end
-return existed
+"""
+
+# KEYS: record keys. ARGV: ttl_ms (0 = keep), channel prefix, record-prefix length, data...
+# Returns the 1-based indexes of keys that already existed (left unchanged).
+_INSERT = _INSERT_RECORDS_LUA + """
+return insert_records(1, 3, tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]) + 1)
+"""
+
+# KEYS: group hash, group name index, then record keys. ARGV: the member's ttl_ms, the
+# records' ttl_ms, channel prefix, record-prefix length, then data per record, then member,
+# payload. The member first, then the records, in one atomic step; returns as _INSERT.
+_INSERT_AFTER = _ADD_MEMBERS_LUA + _INSERT_RECORDS_LUA + """
+local records = #KEYS - 2
+add_members(KEYS[1], KEYS[2], 4 + records, tonumber(ARGV[1]))
+return insert_records(3, 4, tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]) + 1)
 """
 
 # KEYS: record keys. ARGV: channel prefix, record-prefix length, then
@@ -121,16 +155,8 @@ return found
 # KEYS: group hash, group name index. ARGV: ttl_ms (0 = keep), then (member, payload) per
 # member, a chunk of at most MEMBER_CHUNK (the first payload of a member wins). Returns the
 # member count (HLEN: O(1) at any group size).
-_ADD_MEMBERS = """
-for i = 2, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('ZADD', KEYS[2], 0, ARGV[i])
-  end
-end
-local ttl = tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
-end
+_ADD_MEMBERS = _ADD_MEMBERS_LUA + """
+add_members(KEYS[1], KEYS[2], 1, tonumber(ARGV[1]))
 return redis.call('HLEN', KEYS[1])
 """
 
@@ -276,7 +302,7 @@ class _Subscriptions:
         self._registry.dispatch(channel[len(self._prefix) :].decode())
 
 
-class RedisBackend(OneMemberAdds):
+class RedisBackend(DerivedWrites):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._url = url
         self._prefix = prefix
@@ -327,6 +353,7 @@ class RedisBackend(OneMemberAdds):
             raise
         self._client = client
         self._insert = client.register_script(_INSERT)
+        self._insert_after = client.register_script(_INSERT_AFTER)
         self._get = client.register_script(_GET)
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
         self._add_members = client.register_script(_ADD_MEMBERS)
@@ -377,6 +404,20 @@ class RedisBackend(OneMemberAdds):
             ]
             for group, found in zip(groups, await self._run_per_slot(self._insert, calls), strict=True):
                 existing.extend(group[int(index) - 1] for index in found)
+        return existing
+
+    async def insert_after(self, member: GroupMember, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        if self._cluster or not records:
+            # The group and the records hash to different slots: no one script may take them.
+            return await super().insert_after(member, records, keep)
+        keys = list(records)
+        first, rest = keys[:_CHUNK], keys[_CHUNK:]
+        args = [self._ttl(member.keep), self._ttl(keep), *self._script_head(), *(records[key] for key in first),
+                member.name, member.payload]
+        found = await self._insert_after(keys=[*self._group(member.group), *map(self._record, first)], args=args)
+        existing = [first[int(index) - 1] for index in found]
+        if rest:
+            existing += await self.insert({key: records[key] for key in rest}, keep)
         return existing
 
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:

@@ -22,9 +22,9 @@ from typing import Self
 from conveyor_server.sqlite_db import SqliteDatabase, sqlite_path, transaction
 
 from . import _tokens
-from ._common import OneMemberAdds, member_chunks
+from ._common import DerivedWrites, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
-from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, GroupMember, Update, Versioned
 from .sqlite_task_index import SqliteTaskIndex
 
 # How often watches look for writes by other connections (other processes, or a broker on the
@@ -250,7 +250,7 @@ def _stamps(conn: sqlite3.Connection, keys: Collection[str]) -> dict[str, Hashab
     return {key: (version, expires_at) for key, version, expires_at in rows}
 
 
-class SqliteBackend(OneMemberAdds):
+class SqliteBackend(DerivedWrites):
     def __init__(self, path: str, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self._db = SqliteDatabase(path, _SCHEMA)
         self._ttl = ttl_seconds
@@ -295,6 +295,16 @@ class SqliteBackend(OneMemberAdds):
         if not records:
             return []
         existing = await self._db.run(lambda conn: _insert(conn, records, self._ttl, keep))
+        await self._after_write(records.keys() - set(existing))
+        return existing
+
+    async def insert_after(self, member: GroupMember, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
+        def write(conn: sqlite3.Connection) -> list[str]:
+            with transaction(conn):  # one commit: the member and the records together
+                _add_members(conn, member.group, {member.name: member.payload}, self._ttl, member.keep)
+                return _insert(conn, records, self._ttl, keep)
+
+        existing = await self._db.run(write)
         await self._after_write(records.keys() - set(existing))
         return existing
 

@@ -18,7 +18,7 @@ from typing import TypeAlias
 from conveyor.internal.v1 import records_pb2
 from conveyor.values import seconds_of
 
-from ..backends.base import Backend
+from ..backends.base import Backend, GroupMember
 from .clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,21 @@ class Outbox:
         self, kind: Kind, task_ids: Sequence[str] = (), workflow_ids: Sequence[str] = (), entry_id: str = ""
     ) -> str:
         """Durably record the promise; returns the entry id to confirm it with."""
-        entry_id = entry_id or new_entry_id()
+        entry = self.entry(kind, task_ids, workflow_ids, entry_id or new_entry_id())
+        await self.write(entry)
+        return entry.name
+
+    async def write(self, entry: GroupMember) -> None:
+        """Store an entry made by entry()."""
+        await self.backend.add_member(entry.group, entry.name, entry.payload, entry.keep)
+
+    def entry(self, kind: Kind, task_ids: Sequence[str], workflow_ids: Sequence[str], entry_id: str) -> GroupMember:
+        """The promise as the outbox member to store (kept until confirmed), for a caller that
+        writes it together with what it covers (Backend.insert_after)."""
         entry = records_pb2.OutboxEntry(
             kind=kind, task_ids=task_ids, workflow_ids=workflow_ids, created_at=self.clock.timestamp()
         )
-        await self.backend.add_member(OUTBOX_GROUP, entry_id, entry.SerializeToString(), keep=True)
-        return entry_id
+        return GroupMember(OUTBOX_GROUP, entry_id, entry.SerializeToString(), keep=True)
 
     def confirm(self, entry_id: str) -> None:
         """The promised work is done: forget the entry (in the background)."""

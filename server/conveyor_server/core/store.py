@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from conveyor.internal.v1 import records_pb2
 
-from ..backends.base import Backend, Update
+from ..backends.base import Backend, GroupMember, Update
 from .records import is_terminal, plan_key, task_key
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,23 @@ class TaskStore:
         # Called with every record this process writes (the task index: core/task_index.py).
         self.write_hook = write_hook
 
-    async def create(self, records: Iterable[records_pb2.TaskRecord]) -> list[str]:
+    async def create(
+        self, records: Iterable[records_pb2.TaskRecord], after: GroupMember | None = None
+    ) -> list[str]:
         """Insert new records; returns the task ids that already existed (left unchanged).
-        New records are live (PENDING), so they do not expire."""
+        New records are live (PENDING), so they do not expire. `after`, when given, is a member
+        (an outbox promise) stored before them, in the same round trip where the engine can."""
         by_id = {r.result.task_id: r for r in records}
         encoded = {task_key(task_id): r.SerializeToString() for task_id, r in by_id.items()}
         if not encoded:
+            if after is not None:
+                await self.backend.add_member(after.group, after.name, after.payload, after.keep)
             return []
-        existing = {key.removeprefix("task:") for key in await self.backend.insert(encoded, keep=True)}
+        inserted = (
+            self.backend.insert(encoded, keep=True) if after is None
+            else self.backend.insert_after(after, encoded, keep=True)
+        )
+        existing = {key.removeprefix("task:") for key in await inserted}
         for task_id, record in by_id.items():
             if task_id not in existing:
                 self._wrote(task_id, record, encoded[task_key(task_id)], 1)

@@ -21,7 +21,7 @@ from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyor.values import seconds_of
 
-from ..backends.base import Update
+from ..backends.base import GroupMember, Update
 from ..background import stop_tasks
 from ..backoff import Backoff
 from ..config import Limits, Settings
@@ -112,10 +112,10 @@ class Submitter:
         entry_id = new_entry_id()
         for record in lone:
             record.outbox_id = entry_id
-        await self.outbox.promise(
+        promise = self.outbox.entry(
             PUBLISH, [r.result.task_id for r in lone], [plan.workflow_id for plan in plans], entry_id
         )
-        await self._write(entry_id, plans, records)
+        await self._write(promise, plans, records)
         # Accepted from here on: the records and the promise to publish them are durable.
         if not await self._publish(entry_id, lone, plans, repair=False):
             self._spawn(self._publish_later(entry_id, lone, plans))
@@ -326,14 +326,17 @@ class Submitter:
         return records
 
     async def _write(
-        self, entry_id: str, plans: Sequence[records_pb2.WorkflowPlan], records: list[records_pb2.TaskRecord]
+        self, promise: GroupMember, plans: Sequence[records_pb2.WorkflowPlan], records: list[records_pb2.TaskRecord]
     ) -> None:
-        """Store plans and records. Ids are not read first: the insert itself finds those that
+        """Store the outbox promise, then plans and records (a lone task's promise travels with
+        its record in one round trip). Ids are not read first: the insert itself finds those that
         exist (a resubmission, a clash), and then the whole submission is refused: what it did
         create ends CANCELLED, its plans expire and its outbox entry goes, so nothing runs."""
-        for plan in plans:
-            await self.store.save_plan(plan)
-        existing = await self.store.create(records)
+        if plans:
+            await self.outbox.write(promise)
+            for plan in plans:
+                await self.store.save_plan(plan)
+        existing = await self.store.create(records, after=None if plans else promise)
         if not existing:
             return
         taken = set(existing)
@@ -349,7 +352,7 @@ class Submitter:
         await self.store.update([r.result.task_id for r in records if r.result.task_id not in taken], abandon)
         if plans:
             await self.store.backend.expire(records=[plan_key(plan.workflow_id) for plan in plans])
-        await self.outbox.remove(entry_id)
+        await self.outbox.remove(promise.name)
         raise AlreadyExists(f"task ids already exist: {', '.join(existing[:5])}")
 
 
