@@ -1,0 +1,198 @@
+"""Where a lone task's submit -> result time goes at light load, beside the floors under it.
+
+    pip install -e '.[redis,bench]'
+    python bench/latency.py                    # 1,000 sequential tasks, 3,000 floor calls
+
+Three floors, each measured alone on this machine, then Conveyor:
+
+1. grpc.aio, unary: a Python grpc.aio server that answers at once (a generic handler, no
+   proto), called sequentially; wall time per call and the server's CPU per call.
+2. grpc.aio, stream: the same server echoing messages on one bidirectional stream, one at a
+   time (the Python SDK sends Submit and GetResult on such a stream, the Session).
+3. Redis: a trivial EVALSHA from redis-py's asyncio client, sequentially (wall per call).
+4. Conveyor: `submit("noop")` then `result(id, wait=30)` (bench/compare.py's latency phase)
+   on Redis, with the server's, the worker's and this client's CPU per task and the Redis
+   commands per task.
+
+A task at light load crosses the client's stream twice (Submit, then GetResult), the worker's
+stream twice (the assignment, the result) and a handful of Redis calls one after another, so
+its p50 cannot go much under the sum of those floors; the figures show how close it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import redis.asyncio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import procstat
+from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
+from bench.watch import redis_commands
+from conveyor import Client
+from conveyor.worker import DEFAULT_PREFETCH
+
+SERVICE = "bench.Echo"
+WARMUP_CALLS = 200
+
+
+# -- the grpc.aio echo server (run as a child: `python bench/latency.py --echo-server`) ----------
+
+async def serve_echo() -> None:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return request
+
+    async def stream(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream),
+    })
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+# -- floors ---------------------------------------------------------------------------------------
+
+async def timed(count: int, call: Callable[[], Awaitable[object]]) -> list[float]:
+    for _ in range(WARMUP_CALLS):
+        await call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def grpc_floors(count: int) -> list[tuple[str, list[float], float]]:
+    """(name, wall samples, server CPU seconds per call) for a unary call and a stream echo."""
+    child = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+
+        def server_cpu() -> float:
+            return procstat.cpu_seconds(child.pid, tree=False)
+
+        return asyncio.run(echoed(f"127.0.0.1:{port}", count, server_cpu))
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def echoed(address: str, count: int, server_cpu: Callable[[], float]) -> list[tuple[str, list[float], float]]:
+    rows = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{SERVICE}/Unary")
+        cpu = server_cpu()
+        samples = await timed(count, lambda: unary(b"x"))
+        rows.append(("grpc.aio unary call", samples, (server_cpu() - cpu) / (count + WARMUP_CALLS)))
+        call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(f"/{SERVICE}/Stream")()
+
+        async def echo() -> object:
+            await call.write(b"x")
+            return await call.read()
+
+        cpu = server_cpu()
+        samples = await timed(count, echo)
+        rows.append(("grpc.aio stream message echo", samples, (server_cpu() - cpu) / (count + WARMUP_CALLS)))
+        await call.done_writing()
+    return rows
+
+
+async def redis_floor(url: str, count: int) -> list[float]:
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        script = client.register_script("return 1")
+        return await timed(count, lambda: script(keys=[], args=[]))
+    finally:
+        await client.aclose()
+
+
+# -- Conveyor -------------------------------------------------------------------------------------
+
+async def conveyor_samples(address: str, count: int) -> list[float]:
+    async with Client(address) as client:
+        samples = []
+        for _ in range(WARMUP_CALLS + count):
+            started = time.perf_counter()
+            submitted = await client.submit("noop")
+            await client.result(submitted.task_id, wait=30)
+            samples.append(time.perf_counter() - started)
+        return samples[WARMUP_CALLS:]
+
+
+def ms(samples: list[float], share: float) -> float:
+    ordered = sorted(samples)
+    return 1e3 * ordered[min(int(share * len(ordered)), len(ordered) - 1)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=1_000, help="sequential Conveyor tasks")
+    parser.add_argument("--calls", type=int, default=3_000, help="sequential calls per floor")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
+    parser.add_argument("--db", type=int, default=14)
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    add_conveyor_worker_arguments(parser)
+    args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(serve_echo())
+        return 0
+    url, prefix = db_url(args.redis, args.db), f"latencybench-{os.getpid()}"
+    rows = [(name, samples, f"server {1e6 * cpu:.0f} µs CPU/call")
+            for name, samples, cpu in grpc_floors(args.calls)]
+    rows.append(("redis-py asyncio EVALSHA", asyncio.run(redis_floor(url, args.calls)), ""))
+    with tempfile.TemporaryDirectory(prefix="conveyor-latency-bench-") as temp:
+        run = ConveyorRun(args, url, prefix, Path(temp))
+        try:
+            run.start()
+            procs = run.procs()
+            server, worker = procs["server"], procs.get("worker")
+            assert server is not None and worker is not None
+            before = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
+                      redis_commands(url))
+            samples = asyncio.run(conveyor_samples(run.address, args.tasks))
+            after = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
+                     redis_commands(url))
+            run.check()
+        finally:
+            run.stop()
+            delete_prefix(url, prefix)
+    total = WARMUP_CALLS + args.tasks  # the CPU and command counts include the warm-up tasks
+    server_cpu, worker_cpu, client_cpu, commands = ((b - a) / total for a, b in zip(before, after, strict=True))
+    rows.append(("conveyor submit -> result", samples,
+                 f"server {1e6 * server_cpu:.0f}, worker {1e6 * worker_cpu:.0f}, client {1e6 * client_cpu:.0f} "
+                 f"µs CPU/task; {commands:.1f} redis cmd/task"))
+    print(f"\n{os.cpu_count()} CPUs; Redis {url}; worker: {run.settings}")
+    print(f"{'sequential':<30} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}  cost")
+    for name, values, cost in rows:
+        print(f"{name:<30} {ms(values, 0.5):>7.3f} {ms(values, 0.99):>7.3f} "
+              f"{1e3 * statistics.fmean(values):>8.3f}  {cost}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
