@@ -36,6 +36,9 @@ Semantics every engine must keep:
   and ignores keys that do not exist (or have already expired).
   Live state (queued, delayed, running, mid-workflow) is written with keep=True, so no TTL can
   remove it; a result starts its TTL when its task ends.
+- insert_after() is add_member() then insert(), each with its own semantics and expiry, the
+  member first: one step where the engine can (a Redis script, a SQLite transaction), two
+  ordered calls where it cannot (the default in _common.DerivedWrites).
 - watch() sees writes made by any process or replica sharing the engine.
 - take_tokens() is a token bucket (rate limits) shared by every process using the engine: each
   call refills the bucket for the time passed and takes whole tokens in one atomic step, so
