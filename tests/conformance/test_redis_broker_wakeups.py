@@ -27,9 +27,10 @@ async def deaf_broker(request: pytest.FixtureRequest) -> AsyncIterator[RedisBrok
     url: str = request.getfixturevalue(request.param)
     engine = RedisBroker.from_url(f"{url}{'&' if '?' in url else '?'}poll={POLL_SECONDS}")
     await engine.connect()
-    assert engine._listener is not None
-    engine._listener.cancel()
-    await asyncio.gather(engine._listener, return_exceptions=True)
+    assert engine._listeners
+    for listener in engine._listeners:
+        listener.cancel()
+    await asyncio.gather(*engine._listeners, return_exceptions=True)
     yield engine
     await engine.close()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from conveyor_server.backends.base import Update, Versioned
@@ -142,8 +143,8 @@ async def test_a_killed_master_restarted_loses_nothing_acknowledged(own_cluster:
     probe = open_redis_cluster(own_cluster.url)
     await probe.initialize()
     try:
-        # The master that carries the signals' pub/sub connection (chosen by the pattern's slot),
-        # so its restart tests the signals too.
+        # A master the broker reads signals on (it reads them on every master), so its restart
+        # tests the signals too.
         node = probe.get_node_from_key(f"{prefix}:signal:*")
         assert node is not None
         victim = own_cluster.ports.index(int(node.port))
@@ -154,7 +155,8 @@ async def test_a_killed_master_restarted_loses_nothing_acknowledged(own_cluster:
     sender = RedisBroker.from_url(f"{own_cluster.url}?prefix={prefix}")
     await broker.connect()
     await sender.connect()
-    assert broker._pubsub.get_pubsub_node().port == node.port  # the signals' master is the victim
+    # The signals are read on every master, the victim's included.
+    assert node.port in {pubsub.get_pubsub_node().port for pubsub in broker._pubsubs}
     try:
         await broker.publish(queue, [OutgoingMessage(f"m{i}", f"body{i}".encode()) for i in range(20)])
         acked = await broker.fetch(queue, 5, LEASE, wait_seconds=2)
@@ -234,3 +236,50 @@ async def test_a_killed_master_restarted_keeps_every_acknowledged_write(own_clus
     finally:
         await watching.stop()
         await backend.close()
+
+
+async def test_watch_channels_and_signals_are_read_on_the_master_that_publishes_them(
+    redis_cluster: RedisCluster,
+) -> None:
+    # A PUBLISH reaches another master's subscribers only over the cluster bus, which held about
+    # 1 in 100 for 40 ms: each record's channel must be read on the master that owns the record
+    # (its writes PUBLISH there), and the queues' signals on every master.
+    prefix = f"route{uuid.uuid4().hex[:8]}"
+    backend = RedisBackend.from_url(f"{redis_cluster.url}?prefix={prefix}")
+    broker = RedisBroker.from_url(f"{redis_cluster.url}?prefix={prefix}")
+    probe = open_redis_cluster(redis_cluster.url)
+    await backend.connect()
+    await broker.connect()
+    await probe.initialize()
+    keys = [f"task:{uuid.uuid4().hex}" for _ in range(30)]
+    watching = Watching(backend, keys)
+    try:
+        await watching.started()
+        masters = probe.get_primaries()
+        for master in masters:
+            node = aioredis.Redis(host=master.host, port=int(master.port), decode_responses=True)
+            try:
+                read_here = set(await node.pubsub_channels(f"{prefix}:w:*"))
+            finally:
+                await node.aclose()
+            owned_here = {
+                f"{prefix}:w:{key}" for key in keys
+                if _owner(probe, f"{prefix}:r:{key}") == master.name
+            }
+            assert owned_here, "30 random records leave no master without one"
+            assert read_here == owned_here
+        assert sorted(pubsub.get_pubsub_node().name for pubsub in broker._pubsubs) == sorted(m.name for m in masters)
+        for key in keys[:3]:  # and the watch still hears of writes
+            await backend.insert({key: b"v1"})
+            await watching.reports(key)
+    finally:
+        await watching.stop()
+        await probe.aclose()
+        await broker.close()
+        await backend.close()
+
+
+def _owner(client: ClusterClient, key: str) -> str:
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return str(node.name)

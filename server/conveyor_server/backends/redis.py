@@ -12,7 +12,8 @@ Writes run as Lua scripts so the version check, the write, the expiry and the PU
 one atomic step; a batch of records is one EVALSHA. A kept key has no TTL (PERSIST, or SET
 without PX); expire() is one PEXPIRE per key. One channel per key means Redis only
 delivers a change to the replicas watching that key, and one shared pub/sub connection per
-backend serves every watch(), so a watch of 1,000 keys is one SUBSCRIBE command.
+backend serves every watch(), so a watch of 1,000 keys is one SUBSCRIBE command
+(redis_subscriptions.py).
 
 Every connection has socket and connect timeouts (5 s; `socket_timeout` and
 `socket_connect_timeout` in the URL's query override them, in seconds), so a dead peer fails
@@ -23,44 +24,36 @@ redis_cluster.py): a record is one key, so its updates stay in one slot with the
 a batch of records runs as one script per slot (one pipelined round trip). Only the two keys of
 a group get a hash tag, `g:{g:group}` and `gi:{g:group}` (braces included), so its script runs in
 one slot; single-node deployments keep the names above. The task index keeps its keys under the tag
-`{ti:prefix}` (redis_task_index.py). Watch channels are cluster-wide PUBLISHes, read on one node.
+`{ti:prefix}` (redis_task_index.py). Watch channels are cluster-wide PUBLISHes, each read on the
+node that owns its record, where the write PUBLISHes it (one pub/sub connection per node).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Self
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
-from ..background import stop_tasks
-from ..backoff import Backoff
 from ..engine_urls import DEFAULT_PREFIX, split_prefix
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ..redis_scripts import run_scripts
 from ._common import DerivedWrites, member_chunks
 from ._tokens import check_bucket
-from ._watch import Feed, Registry, Watcher, WatchHub
+from ._watch import Feed, WatchHub
 from .base import DEFAULT_TTL_SECONDS, GroupMember, Update, Versioned
+from .redis_subscriptions import Subscriptions
 from .redis_task_index import RedisTaskIndex
-
-log = logging.getLogger(__name__)
 
 # Keys per EVALSHA: bounds how long one script blocks the Redis event loop.
 _CHUNK = 500
-# The pub/sub reader wakes this often so redis-py can PING: a silently dead connection
-# would otherwise block the reader forever and every watch would miss changes.
-_READ_SECONDS = 1.0
 _HEALTH_CHECK_SECONDS = 15
 # Defaults for a dead TCP peer; the URL's query can override them.
 SOCKET_TIMEOUT_SECONDS = 5.0
@@ -199,107 +192,6 @@ def _text(value: bytes | str) -> str:
 
 def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
-
-
-class _Subscriptions:
-    """The pub/sub feed: one connection shared by every watch() of a backend, one channel per key."""
-
-    def __init__(self, client: aioredis.Redis | RedisCluster, channel_prefix: str) -> None:
-        self._pubsub: PubSub = client.pubsub()
-        self._prefix = channel_prefix.encode()
-        self._registry = Registry()
-        # Futures resolved by the server's subscribe confirmation, in send order.
-        self._pending: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
-
-    def _channel(self, key: str) -> bytes:
-        return self._prefix + key.encode()
-
-    async def add(self, watcher: Watcher) -> None:
-        """Return once Redis confirms every channel, so no later PUBLISH can be missed."""
-        loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[None]] = []
-        async with self._lock:  # keeps SUBSCRIBE/UNSUBSCRIBE in the order we decided them
-            asked: dict[bytes, asyncio.Future[None]] = {}
-            for key in self._registry.add(watcher):
-                channel = self._channel(key)
-                asked[channel] = loop.create_future()
-                self._pending.setdefault(channel, []).append(asked[channel])
-            for key in watcher.keys:
-                waits.extend(self._pending.get(self._channel(key), ()))
-            if asked:
-                try:
-                    await self._pubsub.subscribe(*asked)
-                except BaseException:
-                    self._forget(watcher, asked)
-                    raise
-                if self._reader is None:
-                    self._reader = asyncio.create_task(self._read(), name="conveyor-redis-watch")
-        if waits:
-            await asyncio.gather(*(asyncio.shield(wait) for wait in waits))
-
-    def _forget(self, watcher: Watcher, asked: dict[bytes, asyncio.Future[None]]) -> None:
-        """Undo add() after a failed SUBSCRIBE."""
-        for channel, wait in asked.items():
-            waits = self._pending.get(channel, [])
-            if wait in waits:
-                waits.remove(wait)
-            if not waits:
-                self._pending.pop(channel, None)
-        self._registry.remove(watcher)
-
-    async def remove(self, watcher: Watcher) -> None:
-        async with self._lock:
-            gone = [self._channel(key) for key in self._registry.remove(watcher)]
-            if gone and self._pubsub.connection is not None:
-                try:
-                    await self._pubsub.unsubscribe(*gone)
-                except Exception:
-                    # A dead connection has no subscriptions left to drop.
-                    log.warning("redis unsubscribe failed", exc_info=True)
-
-    async def close(self) -> None:
-        await stop_tasks(self._reader)
-        self._registry.close_all()
-        for waits in self._pending.values():
-            for wait in waits:
-                if not wait.done():
-                    wait.set_result(None)  # lets a starting watch() see it is closed
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _read(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=_READ_SECONDS)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # redis-py reconnects and resubscribes on the next read; the resubscribe
-                # confirmations below then mark every key as changed.
-                delay = backoff.next()
-                log.warning("redis watch connection lost (%s); reconnecting in %.2f s", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            if message is not None:
-                self._dispatch(message)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if kind == "subscribe":
-            waits = self._pending.get(channel)
-            if waits:
-                waits.pop(0).set_result(None)
-                if not waits:
-                    del self._pending[channel]
-                return
-            # Unasked-for confirmation: a resubscribe after reconnecting; changes during
-            # the outage were not delivered, so report the key as possibly changed.
-        elif kind != "message":
-            return
-        self._registry.dispatch(channel[len(self._prefix) :].decode())
 
 
 class RedisBackend(DerivedWrites):
@@ -502,7 +394,11 @@ class RedisBackend(DerivedWrites):
             await pipe.execute()
 
     async def _open_feed(self) -> Feed:
-        return _Subscriptions(self._redis, f"{self._prefix}:w:")
+        client = self._redis
+        if isinstance(client, RedisCluster):
+            # A record's scripts PUBLISH on the node that owns the record: its channel is read there.
+            return Subscriptions(client, f"{self._prefix}:w:", lambda key: client.get_node_from_key(self._record(key)))
+        return Subscriptions(client, f"{self._prefix}:w:")
 
     def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
         return self._hub.watch(keys)

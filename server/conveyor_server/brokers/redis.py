@@ -42,9 +42,9 @@ every script still runs on one node, and single-node deployments keep their keys
 queues works key by key: a round trip of scripts is a non-transactional cluster pipeline (redis-py
 sends each node its share), the registry is one set in one slot (while its master is down, the
 calls that register a queue again, recovery and queues() can fail as transient), the first recovery SCANs
-every master, and the signals are cluster-wide PUBLISHes read on one node's connection (that
-node down: fetches fall back to the bounded poll until the listener resubscribes); a broker's
-own publishes and nacks wake its own fetches directly, since the bus may hold a signal 40 ms. A restarted
+every master, and the signals are cluster-wide PUBLISHes read on a connection to every master
+(a master down: its listener resubscribes when it is back, and the others still hear every
+signal, through the bus); a broker's own publishes and nacks wake its own fetches directly. A restarted
 master has an empty script cache: the NOSCRIPT reply reloads the scripts. Without replicas,
 only what a master had fsynced survives its crash: run cluster masters with `appendonly yes`
 and `appendfsync always` for the guarantee a single Redis gives with the same settings.
@@ -420,8 +420,9 @@ class RedisBroker:
         self._prefix = prefix
         self._poll_seconds = poll_seconds
         self._client: aioredis.Redis | RedisCluster | None = None
-        self._pubsub: Any = None
-        self._listener: asyncio.Task[None] | None = None
+        # One pub/sub connection for the signals, or one per master of a cluster (below).
+        self._pubsubs: list[Any] = []
+        self._listeners: list[asyncio.Task[None]] = []
         self._scripts: dict[str, AsyncScript] = {}
         # Whether every server (every master of a cluster) has LMPOP.
         self._lmpop = False
@@ -464,22 +465,31 @@ class RedisBroker:
         self._client = client
         self._lmpop = all(_version(version) >= LMPOP_REDIS_VERSION for version in versions)
         await self._load_scripts()
-        self._pubsub = self._client.pubsub()
-        await self._pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
-        # Wait for the confirmation, so no signal sent after connect() returns is missed.
-        while True:
-            message = await self._pubsub.get_message(timeout=5.0)
-            if message is None or message["type"] == "psubscribe":
-                break
-        self._listener = asyncio.create_task(self._listen(), name="conveyor-redis-signals")
+        # A signal PUBLISHed on a cluster master reaches the other masters' subscribers only
+        # through the cluster bus, which held about 1 in 100 for 40 ms: the signals are read on
+        # every master, so each arrives at once from the master of its queue (and again, late
+        # and harmless, from the others).
+        nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        for node in nodes:
+            pubsub = client.pubsub(node=node) if isinstance(client, RedisCluster) else client.pubsub()
+            self._pubsubs.append(pubsub)
+            await pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
+            # Wait for the confirmation, so no signal sent after connect() returns is missed.
+            while True:
+                message = await pubsub.get_message(timeout=5.0)
+                if message is None or message["type"] == "psubscribe":
+                    break
+        self._listeners = [
+            asyncio.create_task(self._listen(pubsub), name="conveyor-redis-signals") for pubsub in self._pubsubs
+        ]
 
     async def close(self) -> None:
-        await stop_tasks(self._listener)
-        self._listener = None
-        if self._pubsub is not None:
+        await stop_tasks(*self._listeners)
+        self._listeners = []
+        for pubsub in self._pubsubs:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-            self._pubsub = None
+                await pubsub.aclose()
+        self._pubsubs = []
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -540,12 +550,12 @@ class RedisBroker:
 
     # -- signals -----------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
+    async def _listen(self, pubsub: Any) -> None:
         backoff = 0.1
         while True:
             try:
                 # A bounded read, below the socket timeout: an idle connection is not an error.
-                message = await self._pubsub.get_message(
+                message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=SIGNAL_READ_SECONDS
                 )
                 backoff = 0.1
