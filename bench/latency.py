@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procstat
 from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
 from bench.watch import redis_commands
-from conveyor import Client
 from conveyor.worker import DEFAULT_PREFETCH
 
 SERVICE = "bench.Echo"
@@ -131,17 +130,6 @@ async def redis_floor(url: str, count: int) -> list[float]:
 
 # -- Conveyor -------------------------------------------------------------------------------------
 
-async def conveyor_samples(address: str, count: int) -> list[float]:
-    async with Client(address) as client:
-        samples = []
-        for _ in range(WARMUP_CALLS + count):
-            started = time.perf_counter()
-            submitted = await client.submit("noop")
-            await client.result(submitted.task_id, wait=30)
-            samples.append(time.perf_counter() - started)
-        return samples[WARMUP_CALLS:]
-
-
 def ms(samples: list[float], share: float) -> float:
     ordered = sorted(samples)
     return 1e3 * ordered[min(int(share * len(ordered)), len(ordered) - 1)]
@@ -172,17 +160,19 @@ def main() -> int:
             procs = run.procs()
             server, worker = procs["server"], procs.get("worker")
             assert server is not None and worker is not None
+            run.latency(WARMUP_CALLS)
             before = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
                       redis_commands(url))
-            samples = asyncio.run(conveyor_samples(run.address, args.tasks))
+            samples = run.latency(args.tasks)  # bench/compare.py's latency loop
             after = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
                      redis_commands(url))
             run.check()
         finally:
             run.stop()
             delete_prefix(url, prefix)
-    total = WARMUP_CALLS + args.tasks  # the CPU and command counts include the warm-up tasks
-    server_cpu, worker_cpu, client_cpu, commands = ((b - a) / total for a, b in zip(before, after, strict=True))
+    server_cpu, worker_cpu, client_cpu, commands = (
+        (b - a) / args.tasks for a, b in zip(before, after, strict=True)
+    )
     rows.append(("conveyor submit -> result", samples,
                  f"server {1e6 * server_cpu:.0f}, worker {1e6 * worker_cpu:.0f}, client {1e6 * client_cpu:.0f} "
                  f"µs CPU/task; {commands:.1f} redis cmd/task"))

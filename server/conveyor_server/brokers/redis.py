@@ -469,10 +469,11 @@ class RedisBroker:
         # through the cluster bus, which held about 1 in 100 for 40 ms: the signals are read on
         # every master, so each arrives at once from the master of its queue (and again, late
         # and harmless, from the others).
-        nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
-        for node in nodes:
-            pubsub = client.pubsub(node=node) if isinstance(client, RedisCluster) else client.pubsub()
-            self._pubsubs.append(pubsub)
+        self._pubsubs = (
+            [client.pubsub(node=node) for node in client.get_primaries()] if isinstance(client, RedisCluster)
+            else [client.pubsub()]
+        )
+        for pubsub in self._pubsubs:
             await pubsub.psubscribe(_glob_escape(self._channel_prefix) + "*")
             # Wait for the confirmation, so no signal sent after connect() returns is missed.
             while True:
