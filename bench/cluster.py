@@ -42,7 +42,6 @@ from bench.compare import (
     print_table,
     server_cpu_per_task_us,
 )
-from conveyor.worker import DEFAULT_PREFETCH
 from tests.fixtures.redis_cluster import start_redis_cluster
 from tests.support.processes import end_group, free_port, track, wait_for
 
@@ -147,7 +146,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--latency-tasks", type=int, default=1_000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH)
+    parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per SubmitBatch call")
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between drain checks")
     parser.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])

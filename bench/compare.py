@@ -22,8 +22,10 @@ threads. Conveyor's worker runs sync tasks on a pool of that many threads; Drama
 exactly one worker process. `--celery-pool prefork` gives Celery's own default instead (8 child
 processes, which on a 2-core machine mostly adds context switches), and `--pool processes` runs
 Conveyor's tasks in its processes pool (8 child processes) instead of threads. Prefetch stays at each
-system's default: Conveyor and Celery hold 4 tasks per slot (a window of 32), Dramatiq 2 per
-thread; `--conveyor-prefetch 1` shows Conveyor with a window of just its 8 slots. Celery runs
+system's default: Celery holds 4 tasks per slot (a window of 32), Dramatiq 2 per thread, and
+Conveyor's worker sizes its own window, from 4 per slot up to 64 while tasks end quickly (a
+window of 32-512); `--conveyor-prefetch 4` fixes it at Celery's, `--conveyor-prefetch 1` at just
+its 8 slots. Celery runs
 without gossip, mingle and heartbeats, as it is usually deployed; this only helps Celery.
 
 `--replicas N` runs N `conveyor serve` processes on the same Redis: worker process n connects
@@ -97,7 +99,7 @@ from bench import procstat
 from bench.peers import CELERY_PREFETCH_ENV, PREFIX_ENV, QUEUE, URL_ENV
 from conveyor import Client, sig
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
-from conveyor.worker import DEFAULT_PREFETCH
+from conveyor.window import AdaptiveWindow
 from tests.support.processes import REPO, Proc, Server, WorkerProc, wait_for_workers
 
 SYSTEMS = ("conveyor", "celery", "dramatiq")
@@ -308,9 +310,13 @@ class ConveyorRun:
         self.prefix = prefix
         self.workdir = workdir
         slots = f"{args.concurrency} threads" if args.pool == "threads" else f"{args.concurrency} children"
-        self.worker_desc = f"{process_count(args)}, {slots}, window {args.concurrency * args.conveyor_prefetch}"
-        self.settings = (f"{args.processes} x `conveyor worker --concurrency {args.concurrency} --prefetch "
-                         f"{args.conveyor_prefetch}` ({args.pool} pool)")
+        prefetch = args.conveyor_prefetch
+        window = AdaptiveWindow(args.concurrency)
+        self.worker_desc = (f"{process_count(args)}, {slots}, "
+                            + (f"window {args.concurrency * prefetch}" if prefetch else
+                               f"window {window.floor}-{window.ceiling}"))
+        self.settings = (f"{args.processes} x `conveyor worker --concurrency {args.concurrency}"
+                         + (f" --prefetch {prefetch}`" if prefetch else "` (prefetch auto)") + f" ({args.pool} pool)")
         self.replicas = getattr(args, "replicas", 1)
         if self.replicas > 1:
             self.worker_desc += f", {self.replicas} servers"
@@ -720,8 +726,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks in the throughput phase")
     parser.add_argument("--latency-tasks", type=int, default=1_000, help="sequential tasks in the latency phase")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in each system's worker process")
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH,
-                        help="tasks Conveyor's worker holds per slot (its default, as Celery's, is 4)")
+    parser.add_argument("--conveyor-prefetch", type=int,
+                        help="tasks Conveyor's worker holds per slot (default: its own, auto: 4, as Celery's, "
+                             "and up to 64 while tasks are short)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=10, help="Redis DB of Conveyor; Celery and Dramatiq use the next two")

@@ -45,7 +45,6 @@ from bench.compare import (
     delete_prefix,
     load,
 )
-from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import free_port
 
 MODES = ("dashboard on", "dashboard off")
@@ -94,7 +93,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=10_000, help="noop tasks in each run")
     parser.add_argument("--rounds", type=int, default=4, help="runs of each mode")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in the worker process")
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH, help="tasks held per slot")
+    parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     add_conveyor_worker_arguments(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=14, help="Redis DB to use")

@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procstat
 from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
 from bench.watch import redis_commands
-from conveyor.worker import DEFAULT_PREFETCH
 
 SERVICE = "bench.Echo"
 WARMUP_CALLS = 200
@@ -140,7 +139,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1_000, help="sequential Conveyor tasks")
     parser.add_argument("--calls", type=int, default=3_000, help="sequential calls per floor")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH)
+    parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--db", type=int, default=14)
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)

@@ -65,7 +65,6 @@ from bench.compare import (
 )
 from conveyor import Client, sig
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
-from conveyor.worker import DEFAULT_PREFETCH
 from tests.support.processes import REPO
 
 LIMITED = "anoop"
@@ -216,7 +215,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--baseline", action="append", default=[], metavar="REV",
                         help="also measure no policy on the code of this git revision (repeatable)")
     parser.add_argument("--concurrency", type=int, default=8, help="task slots in the worker process")
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH, help="tasks held per slot")
+    parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     add_conveyor_worker_arguments(parser)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (the DB number is --db)")
     parser.add_argument("--db", type=int, default=13, help="Redis DB to use")

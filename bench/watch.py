@@ -49,7 +49,6 @@ from bench.compare import (
 )
 from conveyor import Client, sig
 from conveyor.v1 import result_pb2
-from conveyor.worker import DEFAULT_PREFETCH
 
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED,
             result_pb2.TASK_STATE_EXPIRED}
@@ -97,7 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks per phase (a watch follows 10,000 at most)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--conveyor-prefetch", type=int, default=DEFAULT_PREFETCH)
+    parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     parser.add_argument("--batch", type=int, default=1_000, help="tasks per SubmitBatch call")
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between drain checks (queue phase)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")

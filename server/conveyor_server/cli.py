@@ -37,6 +37,7 @@ from conveyor.pools.base import POOL_KINDS
 from conveyor.tls import bearer_metadata, open_channel
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2, task_service_pb2
 from conveyor.values import from_value, seconds_of, set_seconds
+from conveyor.window import MAX_PREFETCH
 from conveyor.worker import DEFAULT_PREFETCH
 
 from . import cli_output as out
@@ -255,7 +256,7 @@ def _worker(args: argparse.Namespace) -> int:
         if worker is None:
             # A module of plain functions: register its public callables by name.
             worker = Worker(args.address, queues=args.queue or ["default"], concurrency=args.concurrency or 8,
-                            prefetch=args.prefetch or DEFAULT_PREFETCH)
+                            prefetch=args.prefetch)
             for name in getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")]):
                 function = getattr(module, name)
                 if callable(function) and getattr(function, "__module__", None) == module.__name__:
@@ -648,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     worker.add_argument("--concurrency", type=int, help="tasks run at once (default: the Worker's own, or 8)")
     worker.add_argument("--prefetch", type=int, help=f"tasks held per slot, so the next is ready when one ends "
-                        f"(default: the Worker's own, or {DEFAULT_PREFETCH}; 1 for long tasks)")
+                        f"(default: the Worker's own, or auto: {DEFAULT_PREFETCH}, up to {MAX_PREFETCH} while tasks "
+                        "are short; 1 for long tasks)")
     worker.add_argument("--pool", choices=POOL_KINDS, help="where tasks run: threads (default), processes "
                         "(a child process per slot; time limits and cancels stop any task) or async")
     worker.add_argument("--max-tasks-per-child", type=int, metavar="N",

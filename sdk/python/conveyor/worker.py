@@ -38,6 +38,7 @@ from conveyor.schema import task_infos
 from conveyor.tls import bearer_metadata
 from conveyor.v1 import worker_service_pb2
 from conveyor.values import to_value
+from conveyor.window import CHECK_SECONDS, FLOOR_PREFETCH, AdaptiveWindow
 from conveyor.worker_stream import WorkerStream
 
 log = logging.getLogger("conveyor.worker")
@@ -47,9 +48,10 @@ RECONNECT_INITIAL_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 5.0
 # How long graceful shutdown waits for in-flight tasks before handing them back.
 DEFAULT_DRAIN_SECONDS = 30.0
-# Assignments held per task slot, as Celery's default prefetch multiplier: the next tasks are
-# already here when a slot frees up. 1 suits long tasks (none wait behind a busy slot).
-DEFAULT_PREFETCH = 4
+# Assignments held per task slot at first, as Celery's default prefetch multiplier: the next
+# tasks are already here when a slot frees up. Left unset, prefetch then follows the tasks'
+# durations (conveyor.window); 1 suits long tasks (none wait behind a busy slot).
+DEFAULT_PREFETCH = FLOOR_PREFETCH
 # Largest message the worker accepts (announced in Hello; the server splits batches to fit).
 # gRPC's own default, 4 MiB, is less than a few tasks with args near the 1 MiB limit.
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
@@ -62,7 +64,7 @@ class Worker:
         *,
         queues: Sequence[str] = ("default",),
         concurrency: int = 8,
-        prefetch: int = DEFAULT_PREFETCH,
+        prefetch: int | None = None,
         max_in_flight: int | None = None,
         worker_id: str = "",
         drain_timeout: float = DEFAULT_DRAIN_SECONDS,
@@ -75,13 +77,14 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if prefetch < 1:
-            raise ValueError("prefetch must be at least 1")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError("prefetch must be at least 1 (or None: follow the tasks' durations)")
         if max_receive_bytes < 4 * 1024 * 1024:
             raise ValueError("max_receive_bytes must be at least 4 MiB (gRPC's default)")
         self.address = address or default_address()
         self.queues = list(queues)
         self.concurrency = concurrency
+        # None: the window follows the tasks' durations (conveyor.window).
         self.prefetch = prefetch
         # Where tasks run (see conveyor.pools); the child limits apply to the processes pool.
         self.pool: PoolKind = _checked_pool(pool)
@@ -91,7 +94,8 @@ class Worker:
         # The window: tasks assigned to this worker and not yet reported. Those beyond
         # `concurrency` wait here for a slot; their STARTED and time limit begin when they run.
         self._fixed_window = max_in_flight
-        self.max_in_flight = max_in_flight or concurrency * prefetch
+        self._adaptive: AdaptiveWindow | None = None
+        self.max_in_flight = self._initial_window()
         self.worker_id = worker_id
         self.drain_timeout = drain_timeout
         self.tasks: dict[str, TaskFunction] = {}
@@ -105,6 +109,10 @@ class Worker:
         self._unacked = UnackedResults()
         self._results = ResultBatcher(self._send)
         self._started = StartedBatcher(self._send)
+        # When each running task began (loop time), oldest first: a deep window ends as soon as
+        # one of them runs past the wait budget.
+        self._began: dict[str, float] = {}
+        self._window_check: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Event | None = None
         # The last stream's: set by the server's Welcome.
         self._welcomed = asyncio.Event()
@@ -147,7 +155,25 @@ class Worker:
             self.max_tasks_per_child = _positive_or_none("max_tasks_per_child", max_tasks_per_child)
         if max_memory_per_child:
             self.max_memory_per_child = _positive_or_none("max_memory_per_child", max_memory_per_child)
-        self.max_in_flight = self._fixed_window or self.concurrency * self.prefetch
+        self.max_in_flight = self._initial_window()
+
+    def _describe_window(self) -> str:
+        if self._adaptive is not None:
+            return (f"prefetch auto (window {self._adaptive.floor}-{self._adaptive.ceiling}, "
+                    "deep while tasks are short)")
+        if self._fixed_window is not None:
+            return f"window {self._fixed_window}"
+        return f"prefetch {self.prefetch} (window {self.max_in_flight})"
+
+    def _initial_window(self) -> int:
+        if self._fixed_window is not None:
+            self._adaptive = None
+            return self._fixed_window
+        if self.prefetch is not None:
+            self._adaptive = None
+            return self.concurrency * self.prefetch
+        self._adaptive = AdaptiveWindow(self.concurrency)
+        return self._adaptive.size
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -175,8 +201,8 @@ class Worker:
             max_tasks_per_child=self.max_tasks_per_child, max_memory_per_child=self.max_memory_per_child,
         )
         await pool.start()
-        worker_log.banner(__version__, self.address, self.queues, pool.describe(), self.concurrency, self.prefetch,
-                          self.max_in_flight, self.tasks)
+        worker_log.banner(__version__, self.address, self.queues, pool.describe(), self.concurrency,
+                          self._describe_window(), self.tasks)
         delay = RECONNECT_INITIAL_SECONDS
         try:
             while not self._stopping.is_set():
@@ -196,6 +222,9 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
+            if self._window_check is not None:
+                self._window_check.cancel()
+                self._window_check = None
             for task in list(self._running.values()):
                 task.cancel()
             await pool.close()
@@ -284,7 +313,7 @@ class Worker:
         context = TaskContext.of(assignment)
         loop = asyncio.get_running_loop()
         context._report = functools.partial(self._progress, loop, assignment)
-        call = TaskCall(assignment, context, function, functools.partial(self._started.started, assignment))
+        call = TaskCall(assignment, context, function, functools.partial(self._began_running, assignment))
         worker_log.received(context)
         self._running[task.id] = asyncio.create_task(self._run_one(call))
 
@@ -302,14 +331,39 @@ class Worker:
         finally:
             if self._running.get(task.id) is asyncio.current_task():
                 del self._running[task.id]
+            self._began.pop(task.id, None)
             self._started.ended(task.id)
         if ending is None:
             return  # never started (draining): it goes back to the queue when the stream closes
         worker_log.ended(call.context, ending)
         outcome = to_outcome(call.assignment, ending)
         self._unacked.hold(outcome)
+        if self._adaptive is not None:
+            self._resize_window(self._adaptive.ended(asyncio.get_running_loop().time(), self._running_since()))
         self._results.add(outcome, others_running=bool(self._running), batch_size=result_batch_size(self.max_in_flight),
                           backlog=len(self._running) >= self.concurrency)
+
+    def _began_running(self, assignment: worker_service_pb2.Assignment) -> None:
+        self._began[assignment.task.id] = asyncio.get_running_loop().time()
+        self._started.started(assignment)
+
+    def _check_window(self) -> None:
+        self._window_check = None
+        if self._adaptive is not None:
+            now = asyncio.get_running_loop().time()
+            self._resize_window(self._adaptive.check(now, self._running_since(), holding=bool(self._running)))
+
+    def _running_since(self) -> float | None:
+        """When the oldest task still running began (`_began` keeps them in that order)."""
+        return next(iter(self._began.values()), None)
+
+    def _resize_window(self, size: int | None) -> None:
+        if size is not None:
+            self.max_in_flight = size
+            self._send(worker_service_pb2.ConnectRequest(credit=worker_service_pb2.Credit(max_in_flight=size)))
+        # While the window is deep, the worker checks that it should stay so.
+        if self._adaptive is not None and self._adaptive.deep and self._window_check is None:
+            self._window_check = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._check_window)
 
     def _progress(self, loop: asyncio.AbstractEventLoop, assignment: worker_service_pb2.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""

@@ -14,11 +14,11 @@ from conveyor.v1 import worker_service_pb2
 log = logging.getLogger("conveyor.worker")
 
 
-def banner(version: str, address: str, queues: Iterable[str], pool: str, concurrency: int, prefetch: int,
-           window: int, tasks: Iterable[str]) -> None:
-    log.info("conveyor worker %s starting: server %s, queues [%s], pool %s, concurrency %d, prefetch %d "
-             "(window %d), tasks [%s]", version, address, ", ".join(queues), pool, concurrency, prefetch, window,
-             ", ".join(sorted(tasks)))
+def banner(version: str, address: str, queues: Iterable[str], pool: str, concurrency: int, window: str,
+           tasks: Iterable[str]) -> None:
+    """`window`: how many tasks the worker holds, e.g. "prefetch 4 (window 32)"."""
+    log.info("conveyor worker %s starting: server %s, queues [%s], pool %s, concurrency %d, %s, tasks [%s]",
+             version, address, ", ".join(queues), pool, concurrency, window, ", ".join(sorted(tasks)))
 
 
 def _took(seconds: float) -> str:
