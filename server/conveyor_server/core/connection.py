@@ -156,13 +156,14 @@ class WorkerConnections:
         """Serve the session until the worker's stream ends; then hand back what it held."""
         tasks = [asyncio.create_task(self._pump(session, queue)) for queue in session.queues]
         tasks.append(asyncio.create_task(self._watchdog(session)))
+        tasks.append(asyncio.create_task(self._keep_leases(session)))
         try:
             async for request in requests:
                 session.last_seen = self.clock.monotonic()
                 # While the server handles a report (an engine outage can hold it for seconds), the
                 # reports behind it wait in the stream: that is the server's delay, not the worker's
                 # silence, so the watchdog counts silence only from when the server reads again.
-                session.handling = True
+                session.handling, session.handling_since = True, session.last_seen
                 try:
                     await self._handle_through_outages(session, request)
                 finally:
@@ -604,6 +605,23 @@ class WorkerConnections:
                         drain=worker_service_pb2.Drain(reason="no heartbeat within the lease")
                     )
                 )
+
+    async def _keep_leases(self, session: WorkerSession) -> None:
+        """While the server is held up handling one of the worker's reports (an engine slow or
+        away), the heartbeats behind it wait in the stream: extend the worker's leases meanwhile,
+        as its heartbeats would. Otherwise they lapse and another worker runs its tasks again."""
+        interval = self.settings.heartbeat_interval_seconds
+        while not session.closed:
+            await asyncio.sleep(interval)
+            held_up = session.handling and self.clock.monotonic() - session.handling_since >= interval
+            if not held_up or not session.leases:
+                continue
+            try:
+                await self.broker.extend([lease.delivery for lease in session.leases.values()],
+                                         self.settings.lease_seconds)
+            except Exception as exc:  # the broker is away too: the next round tries again
+                log.warning("extending the leases of worker %s, held up behind one of its reports, failed (%s: %s)",
+                            session.worker_id, type(exc).__name__, exc)
 
     async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
         await asyncio.sleep(self.settings.stream_grace_seconds)
