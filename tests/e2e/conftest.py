@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -11,6 +13,7 @@ from conveyor import Client
 from tests.e2e.test_engines import FAST
 from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, session_prefix, with_prefix
 from tests.support.processes import Proc, Server
+from tests.support.proxy import TcpProxy
 
 # Starts two replicas with these extra environment variables (server settings); returns them.
 StartReplicas = Callable[[Mapping[str, str]], tuple[Server, Server]]
@@ -52,3 +55,21 @@ def redis_replicas(tmp_path: Path, procs: list[Proc]) -> Iterator[StartReplicas]
     for proc in reversed(procs):
         proc.stop()
     drop_redis_prefix(url, prefix)
+
+
+@pytest.fixture
+def redis_url(procs: list[Proc]) -> Iterator[str]:
+    """The shared Redis, and a key prefix that is dropped afterwards."""
+    url, prefix = os.environ.get("CONVEYOR_TEST_REDIS_URL") or ensure_redis(), session_prefix("e2e")
+    yield with_prefix(url, prefix)
+    for proc in reversed(procs):  # first, or a server still running writes keys after the drop
+        proc.stop()
+    drop_redis_prefix(url, prefix)
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy the test controls, in front of that Redis (point a URL at its address)."""
+    target = urlsplit(redis_url)
+    with TcpProxy(target.hostname or "127.0.0.1", target.port or 6379) as proxy:
+        yield proxy

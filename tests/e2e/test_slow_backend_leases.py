@@ -11,9 +11,8 @@ it; then the backend slows down for longer than a lease. Every task must run exa
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,7 +21,6 @@ import pytest
 from conveyor import Client, Worker, sig, state_name
 from conveyor_server.app import ConveyorServer
 from conveyor_server.config import Settings
-from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, session_prefix, with_prefix
 from tests.support.proxy import TcpProxy
 from tests.support.wait import wait_for
 
@@ -35,24 +33,10 @@ DELAY_SECONDS = 0.8
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    url, prefix = os.environ.get("CONVEYOR_TEST_REDIS_URL") or ensure_redis(), session_prefix("slowleases")
-    yield with_prefix(url, prefix)
-    drop_redis_prefix(url, prefix)
-
-
-@pytest.fixture
-def backend_proxy(redis_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(redis_url)
-    with TcpProxy(target.hostname or "127.0.0.1", target.port or 6379) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-async def server(tmp_path: Path, redis_url: str, backend_proxy: TcpProxy) -> AsyncIterator[ConveyorServer]:
+async def server(tmp_path: Path, redis_url: str, redis_proxy: TcpProxy) -> AsyncIterator[ConveyorServer]:
     settings = Settings(
         port=0, broker_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        backend_url=urlsplit(redis_url)._replace(netloc=backend_proxy.address).geturl(),
+        backend_url=urlsplit(redis_url)._replace(netloc=redis_proxy.address).geturl(),
         lease_seconds=LEASE_SECONDS, heartbeat_interval_seconds=0.25, recover_interval_seconds=0.25,
     )
     server = ConveyorServer(settings)
@@ -64,7 +48,7 @@ async def server(tmp_path: Path, redis_url: str, backend_proxy: TcpProxy) -> Asy
 
 
 async def test_a_slow_backend_does_not_let_a_workers_leases_lapse(
-    server: ConveyorServer, backend_proxy: TcpProxy
+    server: ConveyorServer, redis_proxy: TcpProxy
 ) -> None:
     address = f"127.0.0.1:{server.port}"
     runs: Counter[int] = Counter()
@@ -97,15 +81,15 @@ async def test_a_slow_backend_does_not_let_a_workers_leases_lapse(
                 return len(server.core.registry.sessions) == 2
             await wait_for(both_connected, 10.0, "the second worker connected")
 
-            backend_proxy.delay(DELAY_SECONDS)
+            redis_proxy.delay(DELAY_SECONDS)
             await asyncio.sleep(3 * LEASE_SECONDS)
-            backend_proxy.delay(0.0)
+            redis_proxy.delay(0.0)
 
             for item in submitted:
                 assert state_name((await client.get_result(item.task_id, wait=60)).state) == "SUCCESS"
         assert runs == Counter(range(TASKS)), "each task ran exactly once"
     finally:
-        backend_proxy.delay(0.0)
+        redis_proxy.delay(0.0)
         holder.stop()
         idle.stop()
         await asyncio.gather(*running)

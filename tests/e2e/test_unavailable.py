@@ -7,9 +7,8 @@ is retried and recognised by its client-side ids."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,29 +18,11 @@ import pytest
 from conveyor import Client, Submitted, chain, chord, group, sig
 from conveyor.canvas import Canvas
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-from tests.fixtures.broker_services import drop_redis_prefix, ensure_redis, session_prefix, with_prefix
 from tests.support.processes import Proc, Server, WorkerProc, wait_for_workers
 from tests.support.proxy import TcpProxy
 
 # The issue's bar: the SDK carries a submit through a 10 s outage without an error.
 OUTAGE_SECONDS = 10.0
-
-
-@pytest.fixture
-def redis_url(procs: list[Proc]) -> Iterator[str]:
-    """The shared Redis, and a key prefix that is dropped afterwards."""
-    url, prefix = os.environ.get("CONVEYOR_TEST_REDIS_URL") or ensure_redis(), session_prefix("un")
-    yield with_prefix(url, prefix)
-    for proc in reversed(procs):  # first, or a server still running writes keys after the drop
-        proc.stop()
-    drop_redis_prefix(url, prefix)
-
-
-@pytest.fixture
-def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(redis_url)
-    with TcpProxy(target.hostname or "127.0.0.1", target.port or 6379) as proxy:
-        yield proxy
 
 
 @pytest.fixture
