@@ -2,6 +2,7 @@
 its pool (threads by default; bench/compare.py --pool processes sets it)."""
 
 import os
+import time
 
 from conveyor import Worker
 
@@ -16,3 +17,9 @@ def noop() -> None:
 @worker.task("anoop")
 async def anoop() -> None:
     return None
+
+
+@worker.task("pause")
+def pause(seconds: float) -> None:
+    """A long task among quick ones (bench/prefetch.py)."""
+    time.sleep(seconds)
