@@ -3,13 +3,17 @@ they run long, when the worker idles or when they end slowly."""
 
 from __future__ import annotations
 
+import asyncio
+
 from conveyor.window import (
+    CHECK_SECONDS,
     IDLE_SECONDS,
     LONG_TASK_SECONDS,
     MAX_WINDOW,
     RATE_PERIOD_SECONDS,
     WAIT_BUDGET_SECONDS,
     AdaptiveWindow,
+    LiveWindow,
 )
 
 
@@ -85,3 +89,37 @@ def test_an_idle_worker_falls_back_to_the_floor() -> None:
     assert window.ended(now + 0.5, running_since=None) is None
     assert window.ended(now + 0.5 + RATE_PERIOD_SECONDS, running_since=None) is None
     assert window.size == 4
+
+
+def _deepened(start: float) -> AdaptiveWindow:
+    """A one-slot window made deep by quick tasks ending up to `start`."""
+    window = AdaptiveWindow(1)
+    _end_at_rate(window, start - 0.5, 5_000, 0.5)
+    assert window.deep
+    return window
+
+
+async def test_a_live_window_on_the_loop_falls_back_when_a_task_runs_long() -> None:
+    resized: list[int] = []
+    live = LiveWindow(_deepened(asyncio.get_running_loop().time()), resized.append, holding=lambda: True)
+    live.began("long")
+    live.ended()  # another task ends beside it: the window stays deep, and is checked from now on
+    try:
+        await asyncio.sleep(LONG_TASK_SECONDS / 2)
+        assert resized == [], "not long yet"
+        await asyncio.sleep(LONG_TASK_SECONDS / 2 + 2 * CHECK_SECONDS)
+        assert resized == [4]
+        live.left("long")
+    finally:
+        live.close()
+
+
+async def test_a_live_window_falls_back_when_the_worker_holds_nothing() -> None:
+    resized: list[int] = []
+    live = LiveWindow(_deepened(asyncio.get_running_loop().time()), resized.append, holding=lambda: False)
+    live.ended()
+    try:
+        await asyncio.sleep(IDLE_SECONDS + 2 * CHECK_SECONDS)
+        assert resized == [4]
+    finally:
+        live.close()

@@ -16,7 +16,9 @@ a burst of long tasks never finds it deep).
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 
 # The window never goes under this many tasks per slot (Celery's default prefetch multiplier),
 # nor over MAX_PREFETCH per slot and MAX_WINDOW in all (memory: each task's arguments are held).
@@ -97,3 +99,47 @@ class AdaptiveWindow:
             return None
         self.size = target
         return target
+
+
+class LiveWindow:
+    """An AdaptiveWindow on a running worker's event loop: told when tasks begin, leave their
+    slot and end, it checks every CHECK_SECONDS while deep and calls `resized` with each new
+    size (the worker then sends a Credit). `holding()` says whether the worker holds any task."""
+
+    def __init__(self, sizing: AdaptiveWindow, resized: Callable[[int], None], holding: Callable[[], bool]) -> None:
+        self.sizing = sizing
+        self._resized = resized
+        self._holding = holding
+        # When each running task began (loop time), oldest first: dicts keep insertion order.
+        self._began: dict[str, float] = {}
+        self._check: asyncio.TimerHandle | None = None
+
+    def began(self, task_id: str) -> None:
+        self._began[task_id] = asyncio.get_running_loop().time()
+
+    def left(self, task_id: str) -> None:
+        """The task no longer runs (it ended, or never started)."""
+        self._began.pop(task_id, None)
+
+    def ended(self) -> None:
+        """An attempt ended with an outcome: it counts toward the rate."""
+        self._apply(self.sizing.ended(asyncio.get_running_loop().time(), self._running_since()))
+
+    def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+
+    def _running_since(self) -> float | None:
+        return next(iter(self._began.values()), None)
+
+    def _checked(self) -> None:
+        self._check = None
+        now = asyncio.get_running_loop().time()
+        self._apply(self.sizing.check(now, self._running_since(), holding=self._holding()))
+
+    def _apply(self, size: int | None) -> None:
+        if size is not None:
+            self._resized(size)
+        if self.sizing.deep and self._check is None:
+            self._check = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._checked)

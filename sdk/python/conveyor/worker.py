@@ -38,7 +38,7 @@ from conveyor.schema import task_infos
 from conveyor.tls import bearer_metadata
 from conveyor.v1 import worker_service_pb2
 from conveyor.values import to_value
-from conveyor.window import CHECK_SECONDS, FLOOR_PREFETCH, AdaptiveWindow
+from conveyor.window import FLOOR_PREFETCH, AdaptiveWindow, LiveWindow
 from conveyor.worker_stream import WorkerStream
 
 log = logging.getLogger("conveyor.worker")
@@ -109,10 +109,8 @@ class Worker:
         self._unacked = UnackedResults()
         self._results = ResultBatcher(self._send)
         self._started = StartedBatcher(self._send)
-        # When each running task began (loop time), oldest first: a deep window ends as soon as
-        # one of them runs past the wait budget.
-        self._began: dict[str, float] = {}
-        self._window_check: asyncio.TimerHandle | None = None
+        # The window sized by the tasks (prefetch unset), while run() runs.
+        self._live_window: LiveWindow | None = None
         self._stopping: asyncio.Event | None = None
         # The last stream's: set by the server's Welcome.
         self._welcomed = asyncio.Event()
@@ -201,6 +199,8 @@ class Worker:
             max_tasks_per_child=self.max_tasks_per_child, max_memory_per_child=self.max_memory_per_child,
         )
         await pool.start()
+        if self._adaptive is not None:
+            self._live_window = LiveWindow(self._adaptive, self._resize_window, lambda: bool(self._running))
         worker_log.banner(__version__, self.address, self.queues, pool.describe(), self.concurrency,
                           self._describe_window(), self.tasks)
         delay = RECONNECT_INITIAL_SECONDS
@@ -222,9 +222,9 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
-            if self._window_check is not None:
-                self._window_check.cancel()
-                self._window_check = None
+            if self._live_window is not None:
+                self._live_window.close()
+                self._live_window = None
             for task in list(self._running.values()):
                 task.cancel()
             await pool.close()
@@ -331,39 +331,27 @@ class Worker:
         finally:
             if self._running.get(task.id) is asyncio.current_task():
                 del self._running[task.id]
-            self._began.pop(task.id, None)
+            if self._live_window is not None:
+                self._live_window.left(task.id)
             self._started.ended(task.id)
         if ending is None:
             return  # never started (draining): it goes back to the queue when the stream closes
         worker_log.ended(call.context, ending)
         outcome = to_outcome(call.assignment, ending)
         self._unacked.hold(outcome)
-        if self._adaptive is not None:
-            self._resize_window(self._adaptive.ended(asyncio.get_running_loop().time(), self._running_since()))
+        if self._live_window is not None:
+            self._live_window.ended()
         self._results.add(outcome, others_running=bool(self._running), batch_size=result_batch_size(self.max_in_flight),
                           backlog=len(self._running) >= self.concurrency)
 
     def _began_running(self, assignment: worker_service_pb2.Assignment) -> None:
-        self._began[assignment.task.id] = asyncio.get_running_loop().time()
+        if self._live_window is not None:
+            self._live_window.began(assignment.task.id)
         self._started.started(assignment)
 
-    def _check_window(self) -> None:
-        self._window_check = None
-        if self._adaptive is not None:
-            now = asyncio.get_running_loop().time()
-            self._resize_window(self._adaptive.check(now, self._running_since(), holding=bool(self._running)))
-
-    def _running_since(self) -> float | None:
-        """When the oldest task still running began (`_began` keeps them in that order)."""
-        return next(iter(self._began.values()), None)
-
-    def _resize_window(self, size: int | None) -> None:
-        if size is not None:
-            self.max_in_flight = size
-            self._send(worker_service_pb2.ConnectRequest(credit=worker_service_pb2.Credit(max_in_flight=size)))
-        # While the window is deep, the worker checks that it should stay so.
-        if self._adaptive is not None and self._adaptive.deep and self._window_check is None:
-            self._window_check = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._check_window)
+    def _resize_window(self, size: int) -> None:
+        self.max_in_flight = size
+        self._send(worker_service_pb2.ConnectRequest(credit=worker_service_pb2.Credit(max_in_flight=size)))
 
     def _progress(self, loop: asyncio.AbstractEventLoop, assignment: worker_service_pb2.Assignment, value: Any) -> None:
         """Called from the task: on the loop (async tasks) or from an executor thread (sync ones)."""
