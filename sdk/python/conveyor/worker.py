@@ -49,8 +49,8 @@ RECONNECT_MAX_SECONDS = 5.0
 # How long graceful shutdown waits for in-flight tasks before handing them back.
 DEFAULT_DRAIN_SECONDS = 30.0
 # Assignments held per task slot at first, as Celery's default prefetch multiplier: the next
-# tasks are already here when a slot frees up. Left unset, prefetch then follows the tasks'
-# durations (conveyor.window); 1 suits long tasks (none wait behind a busy slot).
+# tasks are already here when a slot frees up. Left unset, prefetch then follows the rate the
+# tasks end (conveyor.window); 1 suits long tasks (none wait behind a busy slot).
 DEFAULT_PREFETCH = FLOOR_PREFETCH
 # Largest message the worker accepts (announced in Hello; the server splits batches to fit).
 # gRPC's own default, 4 MiB, is less than a few tasks with args near the 1 MiB limit.
@@ -78,13 +78,13 @@ class Worker:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 1:
-            raise ValueError("prefetch must be at least 1 (or None: follow the tasks' durations)")
+            raise ValueError("prefetch must be at least 1 (or None: sized by the rate its tasks end)")
         if max_receive_bytes < 4 * 1024 * 1024:
             raise ValueError("max_receive_bytes must be at least 4 MiB (gRPC's default)")
         self.address = address or default_address()
         self.queues = list(queues)
         self.concurrency = concurrency
-        # None: the window follows the tasks' durations (conveyor.window).
+        # None: the window is sized by the rate its tasks end (conveyor.window).
         self.prefetch = prefetch
         # Where tasks run (see conveyor.pools); the child limits apply to the processes pool.
         self.pool: PoolKind = _checked_pool(pool)
