@@ -163,7 +163,7 @@ class WorkerConnections:
                 # While the server handles a report (an engine outage can hold it for seconds), the
                 # reports behind it wait in the stream: that is the server's delay, not the worker's
                 # silence, so the watchdog counts silence only from when the server reads again.
-                session.handling, session.handling_since = True, session.last_seen
+                session.handling = True
                 try:
                     await self._handle_through_outages(session, request)
                 finally:
@@ -545,7 +545,7 @@ class WorkerConnections:
         leases = list(session.leases.values())
         if not leases:
             return
-        await self.broker.extend([lease.delivery for lease in leases], self.settings.lease_seconds)
+        await self._extend(leases)
         loaded = await self.store.load([lease.task_id for lease in leases])
         cancelled = [
             lease.task_id for lease in leases
@@ -613,15 +613,18 @@ class WorkerConnections:
         interval = self.settings.heartbeat_interval_seconds
         while not session.closed:
             await asyncio.sleep(interval)
-            held_up = session.handling and self.clock.monotonic() - session.handling_since >= interval
+            # While a report is handled, last_seen is when it was read.
+            held_up = session.handling and self.clock.monotonic() - session.last_seen >= interval
             if not held_up or not session.leases:
                 continue
             try:
-                await self.broker.extend([lease.delivery for lease in session.leases.values()],
-                                         self.settings.lease_seconds)
+                await self._extend(list(session.leases.values()))
             except Exception as exc:  # the broker is away too: the next round tries again
                 log.warning("extending the leases of worker %s, held up behind one of its reports, failed (%s: %s)",
                             session.worker_id, type(exc).__name__, exc)
+
+    async def _extend(self, leases: list[Lease]) -> None:
+        await self.broker.extend([lease.delivery for lease in leases], self.settings.lease_seconds)
 
     async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
         await asyncio.sleep(self.settings.stream_grace_seconds)

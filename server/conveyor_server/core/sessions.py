@@ -41,10 +41,8 @@ class WorkerSession:
     high_water: int = 0
     draining: bool = False
     closed: bool = False
-    # The server is handling one of the worker's messages (the watchdog does not count that time),
-    # since this monotonic time.
+    # The server is handling one of the worker's messages (the watchdog does not count that time).
     handling: bool = False
-    handling_since: float = 0.0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task_names: frozenset[str] = field(init=False)
 
