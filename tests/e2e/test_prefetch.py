@@ -25,7 +25,7 @@ def _seconds(stamp: Timestamp) -> float:
 
 @pytest.fixture
 async def server() -> AsyncIterator[ConveyorServer]:
-    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://"))
+    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://", http_port=0))
     await server.start()
     try:
         yield server
