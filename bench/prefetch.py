@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.compare import ConveyorRun, db_url, delete_prefix
+from bench.latency import ms
 from conveyor import Client, sig
 from conveyor.values import seconds_of
 
@@ -46,11 +47,6 @@ async def run_batch(address: str, tasks: int, every: int, long_seconds: float) -
         if signature.name == "noop"
     ]
     return elapsed, waits
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
 def main() -> int:
@@ -80,8 +76,8 @@ def main() -> int:
             finally:
                 run.stop()
                 delete_prefix(url, prefix)
-        print(f"{prefetch or 'unset':<10} {args.tasks / elapsed:>8,.0f} {1000 * percentile(waits, 0.5):>18.1f} "
-              f"{1000 * percentile(waits, 0.99):>8.1f} {1000 * max(waits):>8.1f}", flush=True)
+        print(f"{prefetch or 'unset':<10} {args.tasks / elapsed:>8,.0f} {ms(waits, 0.5):>18.1f} "
+              f"{ms(waits, 0.99):>8.1f} {1000 * max(waits):>8.1f}", flush=True)
     return 0
 
 
