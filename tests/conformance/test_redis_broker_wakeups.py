@@ -65,3 +65,67 @@ async def test_a_waiting_fetch_wakes_on_its_own_brokers_nack(deaf_broker: RedisB
     ids, seconds = await fetch
     assert ids == ["m1"]
     assert seconds < WOKEN_WITHIN_SECONDS
+
+
+@pytest.fixture(params=["redis_broker_url", "redis_cluster_broker_url"], ids=["redis", "redis_cluster"])
+async def two_brokers(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBroker, RedisBroker]]:
+    """Two brokers on the same engine, as two server replicas, each hearing the signals."""
+    url: str = request.getfixturevalue(request.param)
+    brokers = [RedisBroker.from_url(f"{url}{'&' if '?' in url else '?'}poll={POLL_SECONDS}") for _ in range(2)]
+    for broker in brokers:
+        await broker.connect()
+    yield brokers[0], brokers[1]
+    for broker in brokers:
+        await broker.close()
+
+
+async def test_the_echo_of_a_brokers_own_signal_does_not_make_it_look_again_at_a_drained_queue(
+    two_brokers: tuple[RedisBroker, RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At light load every task is fetched alone; a look after it finds the queue empty. The
+    broker's own publish woke its fetch already, so the pub/sub echo of that signal must not
+    count as news, while another replica's signal must."""
+    here, other = two_brokers
+    queue = f"wake-{uuid.uuid4().hex}"
+    fetch = asyncio.create_task(woken_fetch(here, queue))
+    await asyncio.sleep(0.2)
+    await here.publish(queue, [OutgoingMessage("m1", b"body")])
+    assert (await fetch)[0] == ["m1"]  # one of the ten it asked for: the queue is drained
+    await asyncio.sleep(0.2)  # the echo of the publish's signal has come back by now
+
+    looks = 0
+    eval_many = here._eval_many
+
+    async def counting(
+        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
+    ) -> list[object]:
+        nonlocal looks
+        looks += sum(1 for name, _, _ in calls if name == "fetch")
+        return await eval_many(calls, register)
+
+    monkeypatch.setattr(here, "_eval_many", counting)
+    fetch = asyncio.create_task(woken_fetch(here, queue))
+    await asyncio.sleep(0.3)
+    assert looks == 0, "the fetch looked at a queue nothing had been published to since it drained it"
+
+    await other.publish(queue, [OutgoingMessage("m2", b"body")])
+    ids, seconds = await fetch
+    assert ids == ["m2"]
+    assert seconds < WOKEN_WITHIN_SECONDS
+    assert looks == 1
+
+
+async def test_a_fetch_waiting_on_a_drained_queue_wakes_when_this_broker_recovers_an_expired_lease(
+    deaf_broker: RedisBroker,
+) -> None:
+    queue = f"wake-{uuid.uuid4().hex}"
+    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
+    assert len(await deaf_broker.fetch(queue, 10, 0.1)) == 1  # drained, and leased for 0.1 s
+    fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.3)  # the lease has expired
+
+    assert await deaf_broker.recover_expired() == 1
+
+    ids, seconds = await fetch
+    assert ids == ["m1"]
+    assert seconds < WOKEN_WITHIN_SECONDS

@@ -1,5 +1,6 @@
 """How a fetch waits for work: one-shot wake-ups per queue, and the loop that looks, waits and
-looks again until work comes or the wait is over."""
+looks again until work comes or the wait is over; a queue a look found drained is not looked at
+again before a wake-up (or its look-again time)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        # queue -> the event taken before a look that drained it, and when to look again anyway
+        # (a delayed message coming due, a poll for what does not wake).
+        self._drained: dict[str, tuple[asyncio.Event, float]] = {}
 
     def signal(self, queue: str) -> asyncio.Event:
         event = self._events.get(queue)
@@ -36,6 +40,22 @@ class Wakeups:
     def wake_all(self) -> None:
         for queue in list(self._events):
             self.wake(queue)
+
+    def note_drained(self, queue: str, event: asyncio.Event, look_again_at: float) -> None:
+        """A look that took its `event` first found `queue` drained (it took less than it asked)."""
+        self._drained[queue] = (event, look_again_at)
+
+    def drained(self, queue: str, now: float) -> tuple[asyncio.Event, float] | None:
+        """The event and look-again time of the last look that drained `queue`, while nothing
+        has woken it since and that time has not come: looking now would find it empty."""
+        known = self._drained.get(queue)
+        if known is None:
+            return None
+        event, look_again_at = known
+        if event.is_set() or now >= look_again_at:
+            del self._drained[queue]
+            return None
+        return known
 
 
 async def fetch_waiting(
@@ -65,3 +85,37 @@ async def fetch_waiting(
             await asyncio.wait_for(arrived.wait(), min(remaining, look_again))
         if stopped():
             return []
+
+
+async def fetch_unless_drained(
+    wakeups: Wakeups,
+    queue: str,
+    want: int,
+    attempt: Attempt[T],
+    wait_seconds: float,
+    stopped: Callable[[], bool] = lambda: False,
+) -> list[T]:
+    """fetch_waiting() for up to `want` from `queue`, skipping the first look while the last one
+    drained the queue and nothing woke it since: at light load each task is fetched alone, and
+    that second look (an engine round trip) always came back empty.
+
+    Sound under fetch_waiting's own rule: whatever makes work available wakes the queue or is
+    found by the look-again time the drained look gave."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(wait_seconds, 0.0)
+    known = wakeups.drained(queue, loop.time())
+    if known is not None and wait_seconds > 0:
+        arrived, look_again_at = known
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), max(min(deadline, look_again_at) - loop.time(), 0.0))
+        if stopped():
+            return []
+
+    async def noting() -> tuple[list[T], float]:
+        taken_before = wakeups.signal(queue)  # the event fetch_waiting took just before this look
+        taken, look_again = await attempt()
+        if len(taken) < want:
+            wakeups.note_drained(queue, taken_before, loop.time() + look_again)
+        return taken, look_again
+
+    return await fetch_waiting(noting, lambda: wakeups.signal(queue), deadline - loop.time(), stopped=stopped)

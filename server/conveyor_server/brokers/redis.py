@@ -69,7 +69,7 @@ from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ..redis_scripts import run_scripts
-from ._wakeups import Wakeups, fetch_waiting
+from ._wakeups import Wakeups, fetch_unless_drained
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,13 @@ end
 
 # PUBLISH -- store messages; each is ready now or delayed by its delay_ms. A batch of any size
 # costs two HSETs, a ZADD if any is delayed and one RPUSH per priority it holds.
-# KEYS: the queue's keys. ARGV: channel, then (id, meta, delay_ms, body) per message; meta's
-# first character is the priority.
-# Returns 0. Signals the channel when it stored anything.
+# KEYS: the queue's keys. ARGV: channel, sender, then (id, meta, delay_ms, body) per message;
+# meta's first character is the priority.
+# Returns 0. Signals the channel (the sender as the payload) when it stored anything.
 _PUBLISH = """
 local now = nil
 local bodies, metas, delayed, ready_ids = {}, {}, {}, {}
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   local id, meta, delay = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   bodies[#bodies + 1] = id
   bodies[#bodies + 1] = ARGV[i + 3]
@@ -172,7 +172,7 @@ if #delayed > 0 then each_chunk('ZADD', KEYS[5], delayed, 2) end
 for list = 15, 6, -1 do
   if ready_ids[list] then each_chunk('RPUSH', KEYS[list], ready_ids[list], 1) end
 end
-redis.call('PUBLISH', ARGV[1], '1')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 0
 """
 
@@ -227,7 +227,7 @@ if #ids > 0 then
     each_chunk('ZADD', KEYS[4], leases, 2)
   end
 end
-if #out == 2 then
+if #ids < want then  -- drained: when the next delayed message is due
   local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
   if #first > 0 then out[2] = tonumber(first[2]) end
 end
@@ -263,13 +263,14 @@ return #done
 """
 
 # NACK -- give leased messages back: ready now, or delayed by delay_ms.
-# KEYS: the queue's keys. ARGV: channel, delay_ms, (id, dc) pairs.
-# Returns the number given back. Signals the channel when that is more than 0.
+# KEYS: the queue's keys. ARGV: channel, sender, delay_ms, (id, dc) pairs.
+# Returns the number given back. Signals the channel (the sender as the payload) when that is
+# more than 0.
 _NACK = """
-local delay = tonumber(ARGV[2])
+local delay = tonumber(ARGV[3])
 local now = now_ms()
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   if leased(id, ARGV[i + 1]) then
     redis.call('ZREM', KEYS[4], id)
@@ -277,7 +278,7 @@ for i = 3, #ARGV, 2 do
     n = n + 1
   end
 end
-if n > 0 then redis.call('PUBLISH', ARGV[1], '1') end
+if n > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return n
 """
 
@@ -430,6 +431,11 @@ class RedisBroker:
         self._scanned = False
         # Waiting fetches, woken by the pub/sub signal of their queue.
         self._wakeups = Wakeups()
+        # The payload of this process's signals: it wakes its own fetches as it writes
+        # (_wake_here), so the echo of its signal is not a wake-up; one would make a fetch look
+        # again at a queue it just drained.
+        self._sender = uuid.uuid4().hex
+        self._sender_bytes = self._sender.encode()
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -568,7 +574,7 @@ class RedisBroker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if message is not None and message.get("type") == "pmessage":
+            if message is not None and message.get("type") == "pmessage" and message["data"] != self._sender_bytes:
                 channel = message["channel"]
                 name = channel.decode() if isinstance(channel, bytes) else str(channel)
                 self._wakeups.wake(name[len(self._channel_prefix):])
@@ -586,7 +592,7 @@ class RedisBroker:
         keys = self._keys(queue)
         calls: list[_Call] = []
         for start in range(0, len(messages), PUBLISH_CHUNK):
-            args: list[Any] = [self._channel(queue)]
+            args: list[Any] = [self._channel(queue), self._sender]
             for message in messages[start:start + PUBLISH_CHUNK]:
                 priority = min(max(message.priority, 0), 9)
                 meta = f"{priority}:{message.message_id}"
@@ -614,7 +620,7 @@ class RedisBroker:
                 look_again = min(look_again, max((next_due - now_ms) / 1000, 0.001))
             return self._deliveries(queue, reply[2:]), look_again
 
-        return await fetch_waiting(attempt, lambda: self._wakeups.signal(queue), wait_seconds)
+        return await fetch_unless_drained(self._wakeups, queue, max_messages, attempt, wait_seconds)
 
     @staticmethod
     def _deliveries(queue: str, flat: list[Any]) -> list[Delivery]:
@@ -642,7 +648,7 @@ class RedisBroker:
     async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
         grouped = self._by_queue(deliveries)
         await self._eval_many([
-            ("nack", self._keys(queue), [self._channel(queue), _ms(delay), *pairs])
+            ("nack", self._keys(queue), [self._channel(queue), self._sender, _ms(delay), *pairs])
             for queue, pairs in grouped.items()
         ])
         for queue in grouped:
@@ -679,6 +685,9 @@ class RedisBroker:
                 ("recover", self._keys(queue), [self._channel(queue), BATCH]) for queue in pending
             ])
             recovered += sum(int(reply[0]) for reply in replies)
+            for queue, reply in zip(pending, replies, strict=True):
+                if int(reply[0]) or int(reply[1]):
+                    self._wake_here(queue)  # its fetches here may wait on a queue they drained
             # Another round only for queues that filled a whole batch.
             pending = [
                 queue for queue, reply in zip(pending, replies, strict=True)

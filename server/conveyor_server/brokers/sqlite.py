@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 from ..sqlite_db import SqliteDatabase, sqlite_path, transaction
-from ._wakeups import Wakeups, fetch_waiting
+from ._wakeups import Wakeups, fetch_unless_drained
 from .base import Delivery, OutgoingMessage, QueueStats
 
 # How often a waiting fetch looks for work made ready by other processes; work published by
@@ -185,8 +185,8 @@ class SqliteBroker:
             taken = await self._db.run(lambda conn: _lease(conn, queue, max_messages, lease_seconds))
             return taken, _POLL_SECONDS
 
-        return await fetch_waiting(
-            attempt, lambda: self._arrivals.signal(queue), wait_seconds, stopped=lambda: self._db.closed
+        return await fetch_unless_drained(
+            self._arrivals, queue, max_messages, attempt, wait_seconds, stopped=lambda: self._db.closed
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
