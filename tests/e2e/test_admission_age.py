@@ -39,7 +39,7 @@ async def aged(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         yield first.address, second.address
         return
     url = f"sqlite:///{tmp_path / 'conveyor.db'}"
-    server = ConveyorServer(Settings(port=0, broker_url=url, backend_url=url,
+    server = ConveyorServer(Settings(port=0, http_port=0, broker_url=url, backend_url=url,
                                      queue_limits={QUEUE: QueueLimit(max_age_seconds=MAX_AGE)}))
     port = await server.start()
     yield f"127.0.0.1:{port}", f"127.0.0.1:{port}"

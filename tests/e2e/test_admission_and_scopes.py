@@ -30,7 +30,7 @@ SECRETS = {"payroll": "p-secret", "any": "a-secret"}
 
 
 def settings(**changes: object) -> Settings:
-    return Settings(port=0, broker_url="memory://", backend_url="memory://").replace(**changes)
+    return Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://").replace(**changes)
 
 
 async def two_addresses(

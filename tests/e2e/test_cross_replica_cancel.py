@@ -23,8 +23,8 @@ NO_HEARTBEAT_SECONDS = 120.0
 @pytest.fixture
 async def replicas(redis_broker_url: str, redis_backend_url: str) -> AsyncIterator[tuple[str, str]]:
     broker, backend = unique_prefix(redis_broker_url), unique_prefix(redis_backend_url)
-    settings = Settings(port=0, broker_url=broker, backend_url=backend, lease_seconds=3 * NO_HEARTBEAT_SECONDS,
-                        heartbeat_interval_seconds=NO_HEARTBEAT_SECONDS)
+    settings = Settings(port=0, http_port=0, broker_url=broker, backend_url=backend,
+                        lease_seconds=3 * NO_HEARTBEAT_SECONDS, heartbeat_interval_seconds=NO_HEARTBEAT_SECONDS)
     a, b = ConveyorServer(settings), ConveyorServer(settings)
     ports = [await a.start(), await b.start()]
     try:

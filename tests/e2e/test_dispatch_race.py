@@ -18,7 +18,7 @@ from tests.support.wait import wait_for
 
 async def test_a_task_cancelled_on_another_replica_is_withdrawn_from_the_worker() -> None:
     broker, backend = MemoryBroker(), MemoryBackend()
-    settings = Settings(port=0, broker_url="memory://", backend_url="memory://")
+    settings = Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://")
     dispatching = ConveyorServer(settings, Core.build(settings, broker=broker, backend=backend))
     cancelling = ConveyorServer(settings, Core.build(settings, broker=broker, backend=backend))
     here = f"127.0.0.1:{await dispatching.start()}"

@@ -82,7 +82,7 @@ async def _states(client: Client, task_id: str) -> list[str]:
 
 
 async def test_worker_window_is_never_exceeded(tmp_path: Path, procs: list[Proc]) -> None:
-    settings = Settings(port=0, broker_url="memory://", backend_url="memory://")
+    settings = Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://")
     server = ConveyorServer(settings)
     port = await server.start()
     try:
@@ -129,7 +129,8 @@ BAD_SIGNATURES = {
 
 @pytest.fixture
 async def small_limits_server() -> object:
-    settings = Settings(port=0, broker_url="memory://", backend_url="memory://", limits=Limits(max_args_bytes=1024))
+    settings = Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://",
+                        limits=Limits(max_args_bytes=1024))
     server = ConveyorServer(settings)
     await server.start()
     yield server

@@ -11,7 +11,7 @@ from tests.support.wait import wait_for
 
 
 async def test_progress_from_sync_and_async_tasks() -> None:
-    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://"))
+    server = ConveyorServer(Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://"))
     port = await server.start()
     worker = Worker(f"127.0.0.1:{port}", concurrency=2)
     release = asyncio.Event()

@@ -49,7 +49,7 @@ RATE, BURST = 0.5, 2  # one task every 2 s after a burst of 2
 
 @pytest.fixture
 async def address() -> AsyncIterator[str]:
-    settings = Settings(port=0, broker_url="memory://", backend_url="memory://").replace(
+    settings = Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://").replace(
         security=Security(submit_rate_per_second=RATE, submit_burst=BURST)
     )
     server = ConveyorServer(settings)

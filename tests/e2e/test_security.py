@@ -32,7 +32,7 @@ def token(role: str, queues: tuple[str, ...] = ()) -> Token:
 
 
 def memory_settings(**changes: object) -> Settings:
-    return Settings(port=0, broker_url="memory://", backend_url="memory://").replace(**changes)
+    return Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://").replace(**changes)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from tests.support.processes import eventually
 
 @pytest.fixture
 async def server() -> AsyncIterator[ConveyorServer]:
-    started = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://"))
+    started = ConveyorServer(Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://"))
     await started.start()
     try:
         yield started
@@ -100,7 +100,7 @@ class WatchedBackend(MemoryBackend):
 
 
 async def test_a_call_on_a_broken_session_fails_and_the_next_one_reconnects() -> None:
-    settings = Settings(port=0, broker_url="memory://", backend_url="memory://")
+    settings = Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://")
     backend = WatchedBackend()
     first = ConveyorServer(settings, Core.build(settings, broker=MemoryBroker(), backend=backend))
     port = await first.start()

@@ -32,7 +32,7 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 @pytest.fixture
 async def address(exporter: InMemorySpanExporter) -> AsyncIterator[str]:
-    server = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://"))
+    server = ConveyorServer(Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://"))
     port = await server.start()
     worker = Worker(f"127.0.0.1:{port}", concurrency=4)
 

@@ -30,7 +30,8 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     limits = Limits(max_stream_tasks=3_000, stream_idle_seconds=1.0)
-    conveyor = ConveyorServer(Settings(port=0, broker_url="memory://", backend_url="memory://", limits=limits))
+    conveyor = ConveyorServer(Settings(port=0, http_port=0, broker_url="memory://", backend_url="memory://",
+                                       limits=limits))
     port = await conveyor.start()
     running = Server(f"127.0.0.1:{port}")
     worker = Worker(running.address, concurrency=8)
