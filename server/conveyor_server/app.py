@@ -144,7 +144,7 @@ class Core:
                               admission=admission_for(broker=broker, limits=settings.queue_limits, indexer=indexer,
                                                         clock=clock),
                               checks=SubmitChecks(registry=tasks, strict_tasks=settings.strict_tasks), clock=clock)
-        reader = ResultReader(store)
+        reader = ResultReader(store, running_here=dispatcher.running_here)
         cancel_notices = CancelNotices(backend=backend, stop_held=connections.cancel_running, clock=clock.wall)
         canceller = Canceller(store=store, followups=followups, outbox=outbox, stop_running=cancel_notices.stop)
         schedules = Schedules(backend=backend, submitter=submitter, settings=settings, clock=clock.wall)

@@ -280,6 +280,11 @@ class Dispatcher:
         held = self._handed_out.get(task_id)
         return held is not None and held[0] == attempt and now - held[1] <= horizon
 
+    def running_here(self, task_id: str) -> bool:
+        """Whether this replica handed the task out and no result, hand-back or loss ended that
+        yet (an entry a lost path never released lasts until pruned, past half a lease)."""
+        return task_id in self._handed_out
+
     def released(self, leases: Iterable[Lease]) -> None:
         """These leases ended (a result, a hand-back, a lost worker): their tasks may be handed out again."""
         for lease in leases:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2
@@ -49,8 +49,11 @@ COALESCE_SECONDS = 0.02
 
 
 class ResultReader:
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, running_here: Callable[[str], bool] = lambda task_id: False) -> None:
         self.store = store
+        # Whether a worker connected to this replica holds the task: its result is then
+        # recorded here, whatever other replicas' waits have told.
+        self.running_here = running_here
         self.feed_use = FeedUse()
 
     async def get(self, task_id: str) -> result_pb2.TaskResult:
@@ -90,14 +93,17 @@ class ResultReader:
             if result.state in TERMINAL_STATES or wait_seconds <= 0:
                 return result
             deadline = loop.time() + wait_seconds
-            # Results are mostly recorded here within a moment, unless other replicas record
-            # them: wait for that alone first (no task, no subscription), then follow the change
-            # feed too.
-            if (delay := self.feed_use.delay()) > 0:
+            # A task running here is recorded here, and a task not handed out yet mostly is too
+            # unless other replicas record them: wait for that alone first (no task, no
+            # subscription), then follow the change feed too. Only the waits for tasks not
+            # running here tell how often other replicas answer.
+            here = self.running_here(task_id)
+            if (delay := FEED_AFTER_SECONDS if here else self.feed_use.delay()) > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(delay, wait_seconds)):
                         if (found := await asyncio.shield(written_here)) is not None:
-                            self.feed_use.answered(elsewhere=False)
+                            if not here:
+                                self.feed_use.answered(elsewhere=False)
                             return found
             elsewhere = asyncio.create_task(self._terminal_result(task_id))
             try:
@@ -108,7 +114,8 @@ class ResultReader:
                 stop_in_background(elsewhere)
         for finished in sorted(done, key=lambda future: future is not written_here):
             if (found := finished.result()) is not None:
-                self.feed_use.answered(elsewhere=finished is not written_here)
+                if not here:
+                    self.feed_use.answered(elsewhere=finished is not written_here)
                 return found
         return await self.get(task_id)
 
