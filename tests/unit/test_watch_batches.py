@@ -10,6 +10,7 @@ import grpc
 from conveyor import Client, sig
 from conveyor.v1 import result_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc
 from conveyor_server.api.task_service import MAX_WATCH_RESPONSE_BYTES, _watch_responses
+from conveyor_server.core.event_spans import EventSpan
 from conveyor_server.core.sizing import chunks_within
 from tests.unit.test_sdk_client import address
 
@@ -73,6 +74,13 @@ def event(task_id: str, payload_bytes: int) -> result_pb2.TaskEvent:
     return result_pb2.TaskEvent(task_id=task_id, result=result_pb2.TaskResult(task_id=task_id, result=value))
 
 
+def span(task_id: str, payload_bytes: int) -> EventSpan:
+    """One SUCCESS transition not sent yet, of a result carrying `payload_bytes`."""
+    result = event(task_id, payload_bytes).result
+    result.history.add(state=result_pb2.TASK_STATE_SUCCESS)
+    return EventSpan(result, 0)
+
+
 def test_chunks_keep_order_and_stop_at_the_count_or_the_bytes() -> None:
     small = [event(f"s{i}", 10) for i in range(7)]
     assert [[e.task_id for e in chunk] for chunk in chunks_within(small, 3, 1 << 20)] == [
@@ -93,7 +101,7 @@ def test_an_event_larger_than_the_bytes_goes_alone_and_is_not_dropped() -> None:
 def test_a_response_over_the_byte_limit_is_cut_and_keeps_every_event_in_order() -> None:
     # Three events of 400 KiB: together over MAX_WATCH_RESPONSE_BYTES (1 MiB), so the server
     # cuts the response by size; an event alone over the limit still goes, alone.
-    events = [event(f"e{i}", 400 * 1024) for i in range(3)] + [event("huge", 2 * 1024 * 1024), event("last", 10)]
-    answers = list(_watch_responses(events, 512))
+    spans = [span(f"e{i}", 400 * 1024) for i in range(3)] + [span("huge", 2 * 1024 * 1024), span("last", 10)]
+    answers = list(_watch_responses(spans, 512))
     assert [[e.task_id for e in answer.events] for answer in answers] == [["e0", "e1"], ["e2"], ["huge"], ["last"]]
     assert all(answer.ByteSize() <= MAX_WATCH_RESPONSE_BYTES for answer in answers if len(answer.events) > 1)

@@ -11,11 +11,12 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
-from conveyor.v1 import result_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 from conveyor.values import seconds_of
 
 from ..core.cancellation import Canceller
 from ..core.errors import InvalidArgument, PermissionDenied
+from ..core.event_spans import EventSpan
 from ..core.results import ResultReader
 from ..core.sizing import chunks_within
 from ..core.streamed import receive
@@ -42,19 +43,38 @@ def _caller_trace(context: Context) -> dict[str, str]:
     }
 
 
-def _watch_responses(
-    events: Sequence[result_pb2.TaskEvent], per_response: int
+def _watch_responses(batch: Sequence[EventSpan], per_response: int) -> Iterator[task_service_pb2.WatchResultsResponse]:
+    """The batch's events, written straight into responses of up to `per_response`, each
+    within MAX_WATCH_RESPONSE_BYTES unless one event alone is larger. Sizes are checked per
+    response, and per event only in the rare response over the limit."""
+    response = task_service_pb2.WatchResultsResponse()
+    for span in batch:
+        for transition in span.transitions():
+            span.write(response.events.add(), transition)
+            if len(response.events) >= per_response:
+                yield from _within_bytes(response, per_response)
+                response = task_service_pb2.WatchResultsResponse()
+    if response.events:
+        yield from _within_bytes(response, per_response)
+
+
+def _within_bytes(
+    response: task_service_pb2.WatchResultsResponse, per_response: int
 ) -> Iterator[task_service_pb2.WatchResultsResponse]:
-    """The events in responses of up to `per_response`, each within MAX_WATCH_RESPONSE_BYTES
-    unless one event alone is larger. Sizes are checked per response, and per event only in
-    the rare response over the limit."""
-    for start in range(0, len(events), per_response):
-        response = task_service_pb2.WatchResultsResponse(events=events[start:start + per_response])
-        if response.ByteSize() <= MAX_WATCH_RESPONSE_BYTES:
+    if response.ByteSize() <= MAX_WATCH_RESPONSE_BYTES:
+        yield response
+        return
+    for chunk in chunks_within(response.events, per_response, MAX_WATCH_RESPONSE_BYTES):
+        yield task_service_pb2.WatchResultsResponse(events=chunk)
+
+
+def _single_event_responses(batch: Sequence[EventSpan]) -> Iterator[task_service_pb2.WatchResultsResponse]:
+    """One event per response, in the `event` field (a client that did not ask for batches)."""
+    for span in batch:
+        for transition in span.transitions():
+            response = task_service_pb2.WatchResultsResponse()
+            span.write(response.event, transition)
             yield response
-            continue
-        for chunk in chunks_within(response.events, per_response, MAX_WATCH_RESPONSE_BYTES):
-            yield task_service_pb2.WatchResultsResponse(events=chunk)
 
 
 def _scope(context: Context, authenticator: Authenticator) -> frozenset[str]:
@@ -208,10 +228,10 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         async with contextlib.aclosing(self.reader.watch_batches(ids, until_done)) as batches:
             async for batch in batches:
                 if per_response <= 1:
-                    for event in batch:
-                        yield task_service_pb2.WatchResultsResponse(event=event)
-                    continue
-                for response in _watch_responses(batch, per_response):
+                    responses = _single_event_responses(batch)
+                else:
+                    responses = _watch_responses(batch, per_response)
+                for response in responses:
                     yield response
 
     @unary

@@ -13,6 +13,7 @@ from ..background import stop_in_background
 from .canvas import Kind, NodeOutcome, kind_of, nodes_by_id, task_ids
 from .canvas.reading import workflow_outcome
 from .errors import InvalidArgument, NotFound
+from .event_spans import EventSpan
 from .planner import result_task_id
 from .records import TERMINAL_STATES, TaskStates, is_terminal, task_key
 from .store import TaskStore
@@ -202,15 +203,16 @@ class ResultReader:
         # aclosing: a consumer that stops early ends the watch (its subscriptions) at once.
         async with contextlib.aclosing(self.watch_batches(ids, until_done)) as batches:
             async for batch in batches:
-                for event in batch:
-                    yield event
+                for span in batch:
+                    for event in span.events():
+                        yield event
 
     async def watch_batches(
         self, ids: Sequence[str], until_done: bool = True
-    ) -> AsyncGenerator[list[result_pb2.TaskEvent], None]:
-        """Every state change of the tasks, history first, in batches of the events found
-        together; unknown ids are NOT_FOUND. Nothing to watch (a workflow without tasks, such
-        as an empty group) ends at once.
+    ) -> AsyncGenerator[list[EventSpan], None]:
+        """Every state change of the tasks, history first, in batches of the changes found
+        together (a span of new transitions per record); unknown ids are NOT_FOUND. Nothing
+        to watch (a workflow without tasks, such as an empty group) ends at once.
 
         After the first read, only the records the change feed names are read again, so a
         watch over n tasks costs O(changes), not O(n) per change (a quiet spell still reads
@@ -251,11 +253,12 @@ class ResultReader:
                 fresh = [(t, found.record) for t in stale if (found := loaded.get(t)) is not None]
                 fresh += sorted(ended_here.items(), key=lambda item: order[item[0]])
                 ended_here.clear()
-                batch: list[result_pb2.TaskEvent] = []
+                batch: list[EventSpan] = []
                 for task_id, record in fresh:
                     if task_id in ended:
                         continue
-                    batch += _new_events(record, sent[task_id])
+                    if len(record.result.history) > sent[task_id]:
+                        batch.append(EventSpan(record.result, sent[task_id]))
                     sent[task_id] = len(record.result.history)
                     if is_terminal(record):
                         open_ids.discard(task_id)
@@ -321,18 +324,6 @@ def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
     copied = result_pb2.TaskResult()
     copied.CopyFrom(result)
     return copied
-
-
-def _new_events(record: records_pb2.TaskRecord, already_sent: int) -> list[result_pb2.TaskEvent]:
-    result = record.result
-    events = []
-    for transition in result.history[already_sent:]:
-        event = result_pb2.TaskEvent(
-            task_id=result.task_id, state=transition.state, workflow_id=result.workflow_id, result=result
-        )
-        event.at.CopyFrom(transition.at)
-        events.append(event)
-    return events
 
 
 def _workflow_task_result(
