@@ -92,7 +92,9 @@ class Subscriptions:
                 self._forget(watcher, asked)
                 raise
         if waits:
-            await asyncio.gather(*(asyncio.shield(wait) for wait in waits))
+            # wait(), unlike gather(), leaves the futures (shared with other watchers) alone
+            # when this call is cancelled, with no shield per channel of a 10,000-task watch.
+            await asyncio.wait(waits)
 
     def _forget(self, watcher: Watcher, asked: dict[bytes, asyncio.Future[None]]) -> None:
         """Undo add() after a failed SUBSCRIBE (a channel subscribed on another node meanwhile
