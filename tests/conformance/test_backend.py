@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 
-from conveyor_server.backends.base import MEMBER_CHUNK, Backend, GroupMember, Update, Versioned
+from conveyor_server.backends.base import MEMBER_CHUNK, Backend, Changes, GroupMember, Update, Versioned
 from conveyor_server.backends.memcached import MemcachedBackend
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.backends.mongodb import MongoBackend
@@ -64,17 +64,23 @@ class Watching:
 
     def __init__(self, backend: Backend, keys: Collection[str]) -> None:
         self.reported: set[str] = set()
+        # The version told with each key's latest report (None: none told).
+        self.versions: dict[str, int | None] = {}
         self._changed = asyncio.Event()
         self.task = asyncio.create_task(self._consume(backend.watch(keys)))
 
-    async def _consume(self, changes: AsyncIterator[set[str]]) -> None:
+    async def _consume(self, changes: AsyncIterator[Changes]) -> None:
         async for keys in changes:
             self.reported |= keys
+            self.versions.update((key, keys.versions.get(key)) for key in keys)
             self._changed.set()
 
     async def started(self) -> None:
         # Push engines subscribe when iteration starts; give them time before the write.
         await asyncio.sleep(0.3)
+        # The first yield names every key: only what comes after it is news of a write.
+        self.reported.clear()
+        self.versions.clear()
 
     async def reports(self, key: str) -> None:
         async with asyncio.timeout(5.0):
@@ -244,6 +250,12 @@ async def test_claim_exactly_once_across_instances(shared_backend_url: str, pref
         await second.close()
 
 
+def told_version(engine: Backend, written: int) -> int | None:
+    """The version a watch of `engine` tells with an update's change: engines whose feed
+    learns it tell it (a reader holding it skips a read); the others tell none."""
+    return written if isinstance(engine, (MemoryBackend, RedisBackend)) else None
+
+
 async def test_watch_sees_writes(backend: Backend, prefix: str) -> None:
     key = prefix + "watched"
     watching = Watching(backend, [key, prefix + "quiet"])
@@ -251,8 +263,10 @@ async def test_watch_sees_writes(backend: Backend, prefix: str) -> None:
         await watching.started()
         await backend.insert({key: b"created"})
         await watching.reports(key)
+        assert watching.versions[key] is None, "a new record's version is never told"
         await backend.compare_and_set([Update(key, 1, b"updated")])
         await watching.reports(key)
+        assert watching.versions[key] == told_version(backend, 2)
     finally:
         await watching.stop()
 
@@ -269,6 +283,7 @@ async def test_watch_sees_writes_of_another_instance(shared_backend_url: str, pr
         await watching.reports(key)
         await writer.compare_and_set([Update(key, 1, b"updated")])
         await watching.reports(key)
+        assert watching.versions[key] == told_version(writer, 2)
     finally:
         await watching.stop()
         await watcher.close()

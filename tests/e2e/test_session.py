@@ -12,6 +12,7 @@ import pytest
 from conveyor import Client, Worker, sig, state_name
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from conveyor_server.app import ConveyorServer, Core
+from conveyor_server.backends.base import Changes
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.brokers.memory import MemoryBroker
 from conveyor_server.config import Settings
@@ -94,7 +95,7 @@ class WatchedBackend(MemoryBackend):
         super().__init__()
         self.watches = 0
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         self.watches += 1
         return super().watch(keys)
 

@@ -27,6 +27,7 @@ import pytest
 
 from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.app import Core
+from conveyor_server.backends.base import Changes
 from conveyor_server.backends.memory import MemoryBackend
 from conveyor_server.core import dispatch, outcomes
 from conveyor_server.core.connection import settle
@@ -77,7 +78,7 @@ class SharedBackend(FlakyBackend):
                 await gate.wait()
         return existing
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         self.watches += 1
         return super().watch(keys)
 

@@ -35,6 +35,7 @@ WF = workflow_pb2
 
 SUCCESS = result_pb2.TASK_STATE_SUCCESS
 STARTED = result_pb2.TASK_STATE_STARTED
+RECEIVED = result_pb2.TASK_STATE_RECEIVED
 PENDING = result_pb2.TASK_STATE_PENDING
 
 
@@ -321,10 +322,12 @@ async def test_a_watch_until_done_ends_when_its_last_open_task_ends_and_rescans_
     assert seen[-1] == ("open", SUCCESS) and ("done", SUCCESS) in seen
 
 
-async def test_a_watch_takes_a_task_this_replica_ended_from_the_store_and_never_reads_it_again(
+async def watched_on_a(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(results, "RESCAN_SECONDS", 60.0)  # every read below comes from the feed
+) -> tuple[asyncio.Task[None], list[list[str]], list[tuple[str, int]]]:
+    """Tasks "here" and "there" watched on replica a, once the watch made its first reads:
+    the watch, a's record reads and the events seen. Every later read comes from the feed."""
+    monkeypatch.setattr(results, "RESCAN_SECONDS", 60.0)
     for task_id in ("here", "there"):
         await submit(replicas.a, lone(task(task_id=task_id)))
     loads = recorded_loads(replicas.a, monkeypatch)
@@ -336,6 +339,13 @@ async def test_a_watch_takes_a_task_this_replica_ended_from_the_store_and_never_
 
     watching = asyncio.create_task(watch())
     await until(lambda: len(loads) == 2, 5.0, "the watch's first read, and again as the feed's first news")
+    return watching, loads, seen
+
+
+async def test_a_watch_takes_a_task_this_replica_ended_from_the_store_and_never_reads_it_again(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    watching, loads, seen = await watched_on_a(replicas, monkeypatch)
     await replicas.a.store.update(["here"], succeed)  # ended by this replica
     await until(lambda: ("here", SUCCESS) in seen, 5.0, "the watch sent the end it was told of")
     await replicas.b.store.update(["there"], succeed)  # ended by another: only the feed tells
@@ -343,3 +353,32 @@ async def test_a_watch_takes_a_task_this_replica_ended_from_the_store_and_never_
     assert loads == [["here", "there"], ["here", "there"], ["there"]], "the task ended here was never read again"
     assert [state for task_id, state in seen if task_id == "here"][-1] == SUCCESS
     assert ("there", SUCCESS) in seen
+
+
+def moved_to(state: result_pb2.TaskState.ValueType) -> Callable[[str, records_pb2.TaskRecord], bool]:
+    def mutate(_: str, record: records_pb2.TaskRecord) -> bool:
+        transition(record, state)
+        return True
+
+    return mutate
+
+
+async def test_a_watch_takes_this_replicas_writes_from_the_store_and_reads_only_the_changes_of_others(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feed tells the version each write made (the memory engine's, like Redis's): the
+    watch holds the version this replica wrote, so it reads none of its own writes again,
+    and reads a write by another replica, even one that follows a write of its own."""
+    watching, loads, seen = await watched_on_a(replicas, monkeypatch)
+    try:
+        await replicas.a.store.update(["here"], moved_to(RECEIVED))  # written here
+        await until(lambda: ("here", RECEIVED) in seen, 5.0, "the watch sent the write it was told of")
+        await replicas.b.store.update(["there"], moved_to(RECEIVED))  # written by another replica
+        await until(lambda: ("there", RECEIVED) in seen, 5.0, "the watch read the other replica's write")
+        await replicas.b.store.update(["here"], moved_to(STARTED))  # another replica, after a write here
+        await until(lambda: ("here", STARTED) in seen, 5.0, "the watch read the write that followed its own")
+        await asyncio.sleep(0.05)  # any read still to come
+    finally:
+        watching.cancel()
+    assert loads == [["here", "there"], ["here", "there"], ["there"], ["here"]], f"reads: {loads}"
+    assert seen == [("here", PENDING), ("there", PENDING), ("here", RECEIVED), ("there", RECEIVED), ("here", STARTED)]

@@ -92,13 +92,13 @@ async def test_a_lost_compare_and_set_rereads_and_applies(backend: CountingBacke
 
 async def test_listeners_hear_this_process_writes_while_registered(backend: CountingBackend) -> None:
     store = TaskStore(backend)
-    heard: list[result_pb2.TaskState.ValueType] = []
-    with store.on_write("a", lambda record: heard.append(record.result.state)):
+    heard: list[tuple[result_pb2.TaskState.ValueType, int]] = []
+    with store.on_write("a", lambda written: heard.append((written.record.result.state, written.version))):
         await store.create([_record("a")])
         await store.update(["a"], _set_state(result_pb2.TASK_STATE_SUCCESS))
         await store.update(["b"], _set_state(result_pb2.TASK_STATE_SUCCESS))  # no such record, nobody told
     await store.update(["a"], _set_state(result_pb2.TASK_STATE_FAILURE))
-    assert heard == [result_pb2.TASK_STATE_PENDING, result_pb2.TASK_STATE_SUCCESS]
+    assert heard == [(result_pb2.TASK_STATE_PENDING, 1), (result_pb2.TASK_STATE_SUCCESS, 2)]
 
 
 async def test_only_the_latest_writes_are_remembered(backend: CountingBackend) -> None:

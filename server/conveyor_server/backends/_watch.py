@@ -5,6 +5,11 @@ the backend's single `Feed`, which learns of changes its own way (Redis pub/sub,
 change stream, `PollFeed`, which compares a fingerprint per key, or `LocalFeed`, told by the
 backend itself when every write goes through this process) and notifies the watchers
 of the keys that changed. A `Registry` maps keys to the watchers that want them.
+
+A feed that learns the version a write made (Redis publishes it, the memory backend knows it)
+passes it on in `Changes.versions`: a reader that already holds that version, because this
+process wrote it, need not read the record again (issue #21: a watch re-read every task after
+each of its own replica's writes).
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Protocol
 
 from ..background import stop_tasks
 from ..backoff import Backoff
+from .base import ChangeLog, Changes
 
 log = logging.getLogger(__name__)
 
@@ -24,31 +30,31 @@ POLL_SECONDS = 0.05
 
 
 class Watcher:
-    """One watch(): changed keys accumulate in a set, so a slow consumer costs no memory."""
+    """One watch(): changed keys accumulate in a ChangeLog, so a slow consumer costs no memory."""
 
     def __init__(self, keys: frozenset[str]) -> None:
         self.keys = keys
-        self.pending: set[str] = set()
+        self.pending = ChangeLog()
         self.closed = False
         self._wake = asyncio.Event()
 
-    def notify(self, keys: Iterable[str]) -> None:
-        self.pending.update(keys)
+    def notify(self, keys: Iterable[str], version: int | None = None) -> None:
+        for key in keys:
+            self.pending.note(key, version)
         self._wake.set()
 
     def close(self) -> None:
         self.closed = True
         self._wake.set()
 
-    async def next(self) -> set[str] | None:
+    async def next(self) -> Changes | None:
         """The keys changed since the last call; None once closed and drained."""
         while not self.pending:
             if self.closed:
                 return None
             await self._wake.wait()
             self._wake.clear()
-        changed, self.pending = self.pending, set()
-        return changed
+        return self.pending.take()
 
 
 class Registry:
@@ -76,10 +82,10 @@ class Registry:
                     gone.append(key)
         return gone
 
-    def dispatch(self, key: str) -> None:
-        """Tell the watchers of `key` that it may have changed."""
+    def dispatch(self, key: str, version: int | None = None) -> None:
+        """Tell the watchers of `key` that it may have changed (to `version`, where known)."""
         for watcher in self.by_key.get(key, ()):
-            watcher.notify((key,))
+            watcher.notify((key,), version)
 
     def dispatch_all(self) -> None:
         """Tell every watcher that all its keys may have changed (after missing changes)."""
@@ -112,9 +118,10 @@ class LocalFeed:
     def __init__(self) -> None:
         self._registry = Registry()
 
-    def changed(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self._registry.dispatch(key)
+    def changed(self, versions: Mapping[str, int | None]) -> None:
+        """The keys written, each with the version the write made (None: not known)."""
+        for key, version in versions.items():
+            self._registry.dispatch(key, version)
 
     async def add(self, watcher: Watcher) -> None:
         self._registry.add(watcher)
@@ -219,7 +226,7 @@ class WatchHub:
                 self._feed = await self._open_feed()
             return self._feed
 
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    async def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         """The Backend.watch() contract: the first yield is every key, then what changed."""
         watcher = Watcher(frozenset(keys))
         self._watchers.add(watcher)
@@ -236,7 +243,7 @@ class WatchHub:
                 if watcher.closed:
                     return
                 # Anything may have changed before the feed saw this watcher.
-                yield set(watcher.keys)
+                yield Changes(watcher.keys)
             while (changed := await watcher.next()) is not None:
                 yield changed
         finally:

@@ -48,7 +48,7 @@ Semantics every engine must keep:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
@@ -85,6 +85,48 @@ class GroupMember:
     name: str
     payload: bytes
     keep: bool = False
+
+
+class Changes(frozenset[str]):
+    """Keys that may have changed. `versions` holds, for some of them, the version the latest
+    of those changes wrote; a key without one may have been written at any version."""
+
+    __slots__ = ("versions",)
+    versions: Mapping[str, int]
+
+    def __new__(cls, keys: Iterable[str] = (), versions: Mapping[str, int] | None = None) -> Changes:
+        changes = super().__new__(cls, keys)
+        changes.versions = versions or {}
+        return changes
+
+
+class ChangeLog:
+    """Changes noted since they were last taken: a key's version is kept only while every
+    change of it noted since came with one (the highest); one without makes it unknown."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._versions: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def note(self, key: str, version: int | None = None) -> None:
+        if version is None or (key in self._keys and key not in self._versions):
+            self._versions.pop(key, None)
+        else:
+            self._versions[key] = max(version, self._versions.get(key, 0))
+        self._keys.add(key)
+
+    def note_all(self, changes: Iterable[str]) -> None:
+        versions = changes.versions if isinstance(changes, Changes) else {}
+        for key in changes:
+            self.note(key, versions.get(key))
+
+    def take(self) -> Changes:
+        taken = Changes(self._keys, self._versions)
+        self._keys, self._versions = set(), {}
+        return taken
 
 
 @runtime_checkable
@@ -158,12 +200,13 @@ class Backend(Protocol):
         """Start the TTL now (`ttl_seconds` from now) for these record keys, group names and
         claim keys, kept or not. Missing ones are ignored; calling it again restarts the TTL."""
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         """Yield sets of keys (among `keys`) that may have changed since the last yield.
 
         Push where the engine can (pub/sub, change streams), polling otherwise. Spurious
-        keys are allowed; missed changes are not. Ends when the backend closes or the
-        consumer stops iterating.
+        keys are allowed; missed changes are not. Where the feed learns the version a write
+        made, the set's `versions` gives it (a version that is there is right; one that is
+        not may be anything). Ends when the backend closes or the consumer stops iterating.
         """
         ...
 

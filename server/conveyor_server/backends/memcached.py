@@ -65,7 +65,7 @@ from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from . import _tokens
 from ._common import DerivedWrites, compare_and_set_per_key, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
-from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, Changes, Update, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class MemcachedBackend(DerivedWrites):
     async def _open_feed(self) -> Feed:
         return PollFeed(self._cas_tokens, "memcached")
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         return self._hub.watch(keys)
 
     # -- token buckets (rate limits) ------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Self
 from ._common import DerivedWrites
 from ._tokens import TokenBuckets
 from ._watch import Feed, LocalFeed, WatchHub
-from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, Changes, Update, Versioned
 from .memory_task_index import MemoryTaskIndex
 
 
@@ -74,8 +74,8 @@ class MemoryBackend(DerivedWrites):
             return None
         return found
 
-    def _changed(self, keys: set[str]) -> None:
-        self._feed.changed(keys)
+    def _changed(self, versions: Mapping[str, int | None]) -> None:
+        self._feed.changed(versions)
 
     async def insert(self, records: Mapping[str, bytes], keep: bool = False) -> list[str]:
         existing: list[str] = []
@@ -85,7 +85,9 @@ class MemoryBackend(DerivedWrites):
                 existing.append(key)
             else:
                 self._records[key] = (Versioned(data, 1), expires)
-        self._changed(set(records) - set(existing))
+        # A new record's version is left unknown: one created again after it expired
+        # restarts at 1, below what a reader of the old one holds.
+        self._changed(dict.fromkeys(set(records) - set(existing)))
         return existing
 
     async def get(self, keys: Sequence[str]) -> dict[str, Versioned]:
@@ -98,14 +100,16 @@ class MemoryBackend(DerivedWrites):
 
     async def compare_and_set(self, updates: Sequence[Update]) -> list[bool]:
         applied: list[bool] = []
+        written: dict[str, int | None] = {}
         for update in updates:
             current = self._live(update.key)
             ok = current is not None and current.version == update.expected_version
             if ok and current is not None:
                 record = Versioned(update.data, current.version + 1)
                 self._records[update.key] = (record, self._expires(update.keep))
+                written[update.key] = record.version
             applied.append(ok)
-        self._changed({u.key for u, ok in zip(updates, applied, strict=True) if ok})
+        self._changed(written)
         return applied
 
     async def add_members(self, group: str, members: Mapping[str, bytes], keep: bool = False) -> int:
@@ -160,7 +164,7 @@ class MemoryBackend(DerivedWrites):
             if self._claims.get(key, 0.0) > self._clock():
                 self._claims[key] = expires
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         return self._watches.watch(keys)
 
     # -- token buckets (rate limits) ------------------------------------------------------

@@ -73,7 +73,7 @@ from ..engine_urls import DEFAULT_PREFIX, EngineUrl, split_prefix
 from . import _tokens
 from ._common import DerivedWrites, KeyedLocks, compare_and_set_per_key, member_chunks
 from ._watch import POLL_SECONDS, Feed, PollFeed, Registry, Watcher, WatchHub
-from .base import DEFAULT_TTL_SECONDS, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, Changes, Update, Versioned
 from .mongodb_task_index import MongoTaskIndex
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ class MongoBackend(DerivedWrites):
             return PollFeed(self._versions, "mongodb")
         return _StreamFeed(self._records, stream)
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         return self._hub.watch(keys)
 
     # -- token buckets (rate limits) ------------------------------------------------------

@@ -6,7 +6,9 @@ Layout, all under `{prefix}:`:
 - `gi:{group}` sorted set of the group's member names, all at score 0, so ZRANGEBYLEX pages
   through them in byte (hence code point) order; written with the hash in one script
 - `c:{key}`  chord claim, SET NX
-- channel `w:{key}` gets a PUBLISH after every successful record write.
+- channel `w:{key}` gets a PUBLISH after every successful record write: the version an update
+  wrote, or nothing for a new record (whose version a reader must not trust: a record created
+  again after it expired starts over at 1).
 
 Writes run as Lua scripts so the version check, the write, the expiry and the PUBLISH are
 one atomic step; a batch of records is one EVALSHA. A kept key has no TTL (PERSIST, or SET
@@ -48,7 +50,7 @@ from ..redis_scripts import run_scripts
 from ._common import DerivedWrites, member_chunks
 from ._tokens import check_bucket
 from ._watch import Feed, WatchHub
-from .base import DEFAULT_TTL_SECONDS, GroupMember, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, Changes, GroupMember, Update, Versioned
 from .redis_subscriptions import Subscriptions
 from .redis_task_index import RedisTaskIndex
 
@@ -122,10 +124,11 @@ local applied = {}
 for i, key in ipairs(KEYS) do
   local current = redis.call('HGET', key, 'v')
   if current and tonumber(current) == tonumber(ARGV[3 * i]) then
-    redis.call('HSET', key, 'd', ARGV[3 * i + 1], 'v', tonumber(current) + 1)
+    local version = tonumber(current) + 1
+    redis.call('HSET', key, 'd', ARGV[3 * i + 1], 'v', version)
     local ttl = tonumber(ARGV[3 * i + 2])
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
-    redis.call('PUBLISH', chan .. string.sub(key, cut), '')
+    redis.call('PUBLISH', chan .. string.sub(key, cut), version)
     applied[i] = 1
   else
     applied[i] = 0
@@ -400,7 +403,7 @@ class RedisBackend(DerivedWrites):
             return Subscriptions(client, f"{self._prefix}:w:", lambda key: client.get_node_from_key(self._record(key)))
         return Subscriptions(client, f"{self._prefix}:w:")
 
-    def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         return self._hub.watch(keys)
 
     # -- token buckets (rate limits) ------------------------------------------------------

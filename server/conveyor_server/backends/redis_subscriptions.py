@@ -159,9 +159,17 @@ class Subscriptions:
                 return
             # Unasked-for confirmation: a resubscribe after reconnecting; changes during
             # the outage were not delivered, so report the key as possibly changed.
-        elif kind != "message":
-            return
-        self._registry.dispatch(channel[len(self._prefix) :].decode())
+            self._registry.dispatch(channel[len(self._prefix) :].decode())
+        elif kind == "message":
+            self._registry.dispatch(channel[len(self._prefix) :].decode(), _version(message["data"]))
+
+
+def _version(payload: bytes | str) -> int | None:
+    """The version a write PUBLISHed (redis.py), or None where it did not say."""
+    try:
+        return int(payload) if payload else None
+    except ValueError:
+        return None
 
 
 def _grouped(channels: Iterable[bytes], subscribed_on: dict[bytes, str]) -> dict[str, list[bytes]]:

@@ -24,7 +24,7 @@ from conveyor_server.sqlite_db import SqliteDatabase, sqlite_path, transaction
 from . import _tokens
 from ._common import DerivedWrites, member_chunks
 from ._watch import Feed, PollFeed, WatchHub
-from .base import DEFAULT_TTL_SECONDS, GroupMember, Update, Versioned
+from .base import DEFAULT_TTL_SECONDS, Changes, GroupMember, Update, Versioned
 from .sqlite_task_index import SqliteTaskIndex
 
 # How often watches look for writes by other connections (other processes, or a broker on the
@@ -352,7 +352,7 @@ class SqliteBackend(DerivedWrites):
         await self._db.run(lambda conn: _expire(conn, names, self._ttl))
         await self._after_write()
 
-    async def watch(self, keys: Collection[str]) -> AsyncIterator[set[str]]:
+    async def watch(self, keys: Collection[str]) -> AsyncIterator[Changes]:
         if self._db.closed:
             return
         async for changed in self._watches.watch(keys):

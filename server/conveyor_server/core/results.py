@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from conveyor.internal.v1 import records_pb2
 from conveyor.v1 import result_pb2, task_service_pb2
 
+from ..backends.base import ChangeLog
 from ..background import stop_in_background
 from .canvas import Kind, NodeOutcome, kind_of, nodes_by_id, task_ids
 from .canvas.reading import workflow_outcome
@@ -16,7 +17,7 @@ from .errors import InvalidArgument, NotFound
 from .event_spans import EventSpan
 from .planner import result_task_id
 from .records import TERMINAL_STATES, TaskStates, is_terminal, task_key
-from .store import TaskStore
+from .store import Loaded, TaskStore
 
 # A watch re-reads its tasks at least this often even without a change notification,
 # so a lost notification can delay an event but never lose it.
@@ -82,9 +83,9 @@ class ResultReader:
         loop = asyncio.get_running_loop()
         written_here: asyncio.Future[result_pb2.TaskResult | None] = loop.create_future()
 
-        def on_write(record: records_pb2.TaskRecord) -> None:
-            if is_terminal(record) and not written_here.done():
-                written_here.set_result(_copy(record.result))
+        def on_write(written: Loaded) -> None:
+            if is_terminal(written.record) and not written_here.done():
+                written_here.set_result(_copy(written.record.result))
 
         with self.store.on_write(task_id, on_write):
             # This server's own last write of the record answers as well as a read: a terminal
@@ -140,9 +141,9 @@ class ResultReader:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         live = {t for t in ids if t not in records or not is_terminal(records[t])}
-        changed: set[str] = set()
+        changes = ChangeLog()
         wake = asyncio.Event()
-        follower = asyncio.create_task(self._collect_changes([task_key(t) for t in live], changed, wake))
+        follower = asyncio.create_task(self._collect_changes([task_key(t) for t in live], changes, wake))
         try:
             stale = set(live)  # read again once subscribed: a change may have come in between
             while True:
@@ -164,16 +165,15 @@ class ResultReader:
                     stale = set(live)  # no news for a while: read everything still running
                     continue
                 await asyncio.sleep(COALESCE_SECONDS)
-                stale = {key.removeprefix("task:") for key in changed} & live
-                changed.clear()
+                stale = {key.removeprefix("task:") for key in changes.take()} & live
         finally:
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
             # reader) goes on in the background: it must not hold the answer back.
             stop_in_background(follower)
 
-    async def _collect_changes(self, keys: list[str], changed: set[str], wake: asyncio.Event) -> None:
+    async def _collect_changes(self, keys: list[str], changes: ChangeLog, wake: asyncio.Event) -> None:
         async for keys_changed in self.store.backend.watch(keys):
-            changed.update(keys_changed)
+            changes.note_all(keys_changed)
             wake.set()
 
     async def _terminal_result(self, task_id: str) -> result_pb2.TaskResult | None:
@@ -216,24 +216,38 @@ class ResultReader:
 
         After the first read, only the records the change feed names are read again, so a
         watch over n tasks costs O(changes), not O(n) per change (a quiet spell still reads
-        the open ones again, every RESCAN_SECONDS). A task this server ends is not read at
-        all after that: its terminal record comes straight from the store, and is final."""
+        the open ones again, every RESCAN_SECONDS). A record this server writes comes straight
+        from the store, with its version: it is not read again when the feed says that is the
+        version written (nor at all once terminal, which is final)."""
         if not ids:
             return
         order = {task_id: place for place, task_id in enumerate(dict.fromkeys(ids))}
         sent = dict.fromkeys(order, 0)
+        held = dict.fromkeys(order, 0)  # the version whose history was sent (0: none yet)
         open_ids = set(order)  # not terminal yet
         ended: set[str] = set()  # terminal and sent: never read again
-        changed: set[str] = set()
-        ended_here: dict[str, records_pb2.TaskRecord] = {}
+        changes = ChangeLog()
+        written_here: dict[str, Loaded] = {}  # this server's writes, not sent yet
         wake = asyncio.Event()
 
-        def on_write(record: records_pb2.TaskRecord) -> None:
-            if is_terminal(record):
-                ended_here[record.result.task_id] = _copy_record(record)
+        def on_write(written: Loaded) -> None:
+            task_id = written.record.result.task_id
+            prior = written_here.get(task_id)
+            if task_id not in ended and (prior is None or written.version > prior.version):
+                written_here[task_id] = Loaded(_copy_record(written.record), written.version)
                 wake.set()
 
-        follower = asyncio.create_task(self._collect_changes([task_key(t) for t in order], changed, wake))
+        def needs_read(task_id: str, version: int | None) -> bool:
+            """False when what this watch holds or has in hand is as new as the change."""
+            if task_id not in order or task_id in ended:
+                return False
+            mine = written_here.get(task_id)
+            if mine is not None and is_terminal(mine.record):
+                return False
+            newest = max(held[task_id], mine.version if mine is not None else 0)
+            return version is None or version > newest
+
+        follower = asyncio.create_task(self._collect_changes([task_key(t) for t in order], changes, wake))
         listening = contextlib.ExitStack()
         for task_id in order:
             listening.enter_context(self.store.on_write(task_id, on_write))
@@ -250,13 +264,14 @@ class ResultReader:
                             reason="TASK_NOT_FOUND", metadata={"task_id": missing[0]},
                         )
                     first = False
-                fresh = [(t, found.record) for t in stale if (found := loaded.get(t)) is not None]
-                fresh += sorted(ended_here.items(), key=lambda item: order[item[0]])
-                ended_here.clear()
+                fresh = [(t, found) for t in stale if (found := loaded.get(t)) is not None]
+                fresh += sorted(written_here.items(), key=lambda item: order[item[0]])
+                written_here.clear()
                 batch: list[EventSpan] = []
-                for task_id, record in fresh:
-                    if task_id in ended:
-                        continue
+                for task_id, found in fresh:
+                    if task_id in ended or found.version <= held[task_id]:
+                        continue  # sent already, or older than what was
+                    held[task_id], record = found.version, found.record
                     if len(record.result.history) > sent[task_id]:
                         batch.append(EventSpan(record.result, sent[task_id]))
                     sent[task_id] = len(record.result.history)
@@ -272,13 +287,15 @@ class ResultReader:
                 try:
                     await asyncio.wait_for(wake.wait(), RESCAN_SECONDS)
                 except TimeoutError:
-                    changed.update(task_key(t) for t in open_ids)  # no news for a while: read the open ones
+                    for task_id in open_ids:  # no news for a while: read the open ones
+                        changes.note(task_key(task_id))
                 # Taken and cleared together: a change noted during the next read wakes the next wait.
-                ids_changed = [key.removeprefix("task:") for key in changed]
-                changed.clear()
+                taken = changes.take()
                 wake.clear()
-                stale = sorted((t for t in ids_changed if t in order and t not in ended and t not in ended_here),
-                               key=order.__getitem__)
+                stale = sorted(
+                    (t for key in taken if needs_read(t := key.removeprefix("task:"), taken.versions.get(key))),
+                    key=order.__getitem__,
+                )
         finally:
             listening.close()
             # Unsubscribing from the change feed (a round trip, and it may wait for the feed's
@@ -324,6 +341,8 @@ def _copy(result: result_pb2.TaskResult) -> result_pb2.TaskResult:
     copied = result_pb2.TaskResult()
     copied.CopyFrom(result)
     return copied
+
+
 
 
 def _workflow_task_result(

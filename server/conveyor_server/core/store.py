@@ -46,6 +46,10 @@ class Loaded:
     version: int
 
 
+# Called with each record as this process wrote it, and the version the write made; must only read it.
+OwnWriteListener = Callable[[Loaded], None]
+
+
 class ConflictError(RuntimeError):
     """A record kept changing under a conditional write."""
 
@@ -81,7 +85,7 @@ class TaskStore:
         self._plans_limit = cached_plans
         self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._recent_limit = recent_records
-        self._listeners: dict[str, list[WriteListener]] = {}
+        self._listeners: dict[str, list[OwnWriteListener]] = {}
         # Called with every record this process writes (the task index: core/task_index.py).
         self.write_hook = write_hook
 
@@ -129,14 +133,18 @@ class TaskStore:
         self._recent.move_to_end(task_id)
         if len(self._recent) > self._recent_limit:
             self._recent.popitem(last=False)
-        for listener in self._listeners.get(task_id, ()):
-            listener(record)
+        listeners = self._listeners.get(task_id)
+        if listeners:
+            written = Loaded(record, version)
+            for listener in listeners:
+                listener(written)
         if self.write_hook is not None:
             self.write_hook(record)
 
     @contextmanager
-    def on_write(self, task_id: str, listener: WriteListener) -> Iterator[None]:
-        """Call `listener` with the record each time this process writes it, while inside."""
+    def on_write(self, task_id: str, listener: OwnWriteListener) -> Iterator[None]:
+        """Call `listener` with the record and its version each time this process writes it,
+        while inside."""
         self._listeners.setdefault(task_id, []).append(listener)
         try:
             yield
