@@ -124,7 +124,8 @@ async def test_a_fetch_waiting_on_a_drained_queue_wakes_when_this_broker_recover
     fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
     await asyncio.sleep(0.3)  # the lease has expired
 
-    assert await deaf_broker.recover_expired() == 1
+    # At least this one: the session's prefix is shared, so other tests' expired leases may come too.
+    assert await deaf_broker.recover_expired() >= 1
 
     ids, seconds = await fetch
     assert ids == ["m1"]
