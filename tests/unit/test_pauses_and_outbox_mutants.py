@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import pytest
 
 from conveyor_server.backends.memory import MemoryBackend
-from conveyor_server.core.outbox import FOLLOW_UPS, PUBLISH, Outbox
+from conveyor_server.core.outbox import CONFIRM_LINGER_SECONDS, FOLLOW_UPS, PUBLISH, Outbox
 from conveyor_server.core.pauses import KEEPALIVE_MEMBER, PAUSED_QUEUES_GROUP, QueuePauses, keepalive_interval
 from tests.unit.test_schedules import Clock
 
@@ -29,6 +29,8 @@ class CountingBackend(MemoryBackend):
         self.reads = 0
         self.keepalives = 0
         self.fail_members = 0
+        self.removals: list[list[str]] = []
+        self.fail_removals = 0
 
     async def members(self, group: str, after: str = "", limit: int = 0) -> dict[str, bytes]:
         if self.fail_members:
@@ -41,6 +43,13 @@ class CountingBackend(MemoryBackend):
     async def add_member(self, group: str, member: str, payload: bytes, keep: bool = False) -> int:
         self.keepalives += member == KEEPALIVE_MEMBER
         return await super().add_member(group, member, payload, keep)
+
+    async def remove_members(self, group: str, members: Collection[str]) -> None:
+        self.removals.append(sorted(members))
+        if self.fail_removals:
+            self.fail_removals -= 1
+            raise ConnectionError("backend unreachable")
+        await super().remove_members(group, members)
 
 
 @pytest.fixture
@@ -149,4 +158,39 @@ async def test_a_confirmed_promise_goes_and_leaves_nothing_behind(
     await outbox.drain()
     assert await outbox.entries(0.0, time.time() + 1) == []
     await asyncio.sleep(0)  # the removal's done-callbacks run
+    assert loop_errors == []
+
+
+async def test_confirmations_of_a_moment_are_removed_in_one_call_without_a_drain(
+    backend: CountingBackend, loop_errors: list[dict[str, Any]]
+) -> None:
+    outbox = Outbox(backend)
+    first, second = await outbox.promise(PUBLISH, ["t1"]), await outbox.promise(PUBLISH, ["t2"])
+    later = await outbox.promise(PUBLISH, ["t3"])
+    outbox.confirm(first)
+    outbox.confirm(second)
+    assert backend.removals == [], "removals wait for the others of the moment"
+    await asyncio.sleep(CONFIRM_LINGER_SECONDS / 2)
+    assert backend.removals == []
+    await asyncio.sleep(CONFIRM_LINGER_SECONDS)
+    assert backend.removals == [sorted([first, second])], "both in one call, with no drain asked"
+    assert [entry_id for entry_id, _ in await outbox.entries(0.0, time.time() + 1)] == [later]
+    outbox.confirm(later)
+    await asyncio.sleep(CONFIRM_LINGER_SECONDS * 1.5)
+    assert backend.removals[1:] == [[later]], "a later confirmation gets a call of its own"
+    assert await outbox.entries(0.0, time.time() + 1) == []
+    assert loop_errors == []
+
+
+async def test_a_failed_removal_leaves_the_entries_for_the_reconciler(
+    backend: CountingBackend, loop_errors: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = Outbox(backend)
+    entry_id = await outbox.promise(PUBLISH, ["t1"])
+    backend.fail_removals = 1
+    outbox.confirm(entry_id)
+    await outbox.drain()
+    assert [found for found, _ in await outbox.entries(0.0, time.time() + 1)] == [entry_id]
+    assert "could not remove 1 confirmed outbox entries" in caplog.text
+    await asyncio.sleep(0)
     assert loop_errors == []

@@ -131,6 +131,7 @@ async def test_a_queued_task_cancelled_is_stored_cancelled_and_never_runs(replic
     assert await run_ready(replicas.a) == {}
     assert await replicas.a.canceller.cancel("t1") == [], "an ended task is left alone"
     await replicas.a.outbox.drain()
+    await replicas.b.outbox.drain()  # the cancel's promise was b's
     assert not await replicas.backend.members(OUTBOX_GROUP)
 
 
@@ -169,6 +170,7 @@ async def test_an_overdue_follow_up_promise_is_kept_by_one_replica(replicas: Rep
         "w1",
     )
     assert recorded.statuses == {"b": worker_service_pb2.ACK_STATUS_ACCEPTED}
+    await replicas.a.outbox.drain()  # the submit's confirmed promises are gone before the clock jumps
     await replicas.a.outbox.promise(FOLLOW_UPS, ["b", "gone"], entry_id="ob-test")
     assert await replicas.a.reconciler.reconcile_once() == 0, "not overdue yet"
     replicas.clock.now += GRACE + 1
@@ -189,6 +191,7 @@ async def test_replicas_reconciling_at_once_keep_a_promise_once(replicas: Replic
 async def test_a_promise_whose_work_fails_stays_for_a_later_pass(replicas: Replicas) -> None:
     await submit(replicas.a, lone(task(task_id="t1", on_success=[task("cb")])))
     await run_ready(replicas.a)
+    await replicas.a.outbox.drain()  # the submit's confirmed promise is gone before the clock jumps
     await replicas.a.outbox.promise(FOLLOW_UPS, ["t1"], entry_id="ob-test")
     replicas.clock.now += GRACE + 1
     replicas.backend.fail_reads = 1
