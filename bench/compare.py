@@ -395,7 +395,7 @@ class ConveyorRun:
                     submitted = await clients[n % len(clients)].submit_batch(sig("noop") for _ in range(size))
                     ids.extend(s.task_id for s in submitted)
                 submitted_at = time.perf_counter()
-                await self._drained(admin)
+                await self.drained(admin)
                 finished = time.perf_counter()
             return submitted_at - started, finished - started, ids
 
@@ -409,7 +409,7 @@ class ConveyorRun:
         if failed:
             raise BenchError(f"conveyor: {failed} of {len(self.ids)} tasks did not succeed")
 
-    async def _drained(self, admin: admin_service_pb2_grpc.AdminServiceAsyncStub) -> None:
+    async def drained(self, admin: admin_service_pb2_grpc.AdminServiceAsyncStub) -> None:
         """Every result is written before its task is acked, so an empty queue means all are stored."""
         last_left, last_progress = -1, time.monotonic()
         while True:

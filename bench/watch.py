@@ -11,7 +11,9 @@ tasks:
 1. queue: `--tasks` noop tasks in SubmitBatch calls, then the time until the queue is drained
    (compare.py's throughput phase);
 2. watch: the same number submitted the same way, and one `Client.watch(ids)` over all of them,
-   opened once they are submitted, read until every task has reported a terminal state.
+   opened once they are submitted, read until every task has reported a terminal state; the
+   queue's drain is polled meanwhile, so the last line says whether the watch kept up with the
+   queue (saw the last task end no later than the queue was drained) or fell behind it.
 
 Each phase prints tasks/s, Redis commands per task, the server's CPU per task and this
 process's (the client that submits and watches), since on a small machine every process
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,7 +51,7 @@ from bench.compare import (
     profiled,
 )
 from conveyor import Client, sig
-from conveyor.v1 import result_pb2
+from conveyor.v1 import admin_service_pb2_grpc, result_pb2
 
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED,
             result_pb2.TASK_STATE_EXPIRED}
@@ -62,14 +65,23 @@ def redis_commands(url: str) -> int:
         client.close()
 
 
-async def watched(address: str, count: int, batch: int) -> float:
-    """Submit `count` tasks, watch them all to their end; returns the seconds it took."""
-    async with Client(address) as client:
+async def watched(run: ConveyorRun, count: int, batch: int) -> tuple[float, float]:
+    """Submit `count` tasks and watch them all to their end: (seconds until the watch saw every
+    task end, seconds until the queue was drained), both from the first submit. A result is
+    stored before its task leaves the queue, so the difference is how far the watch lags."""
+    async with Client(run.address) as client, grpc.aio.insecure_channel(run.address) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         started = time.perf_counter()
         ids: list[str] = []
         for offset in range(0, count, batch):
             submitted = await client.submit_batch(sig("noop") for _ in range(min(batch, count - offset)))
             ids.extend(s.task_id for s in submitted)
+
+        async def drained() -> float:
+            await run.drained(admin)
+            return time.perf_counter() - started
+
+        queue = asyncio.create_task(drained())
         ended: set[str] = set()
         async for event in client.watch(ids):
             if event.state in TERMINAL:
@@ -78,7 +90,7 @@ async def watched(address: str, count: int, batch: int) -> float:
                 ended.add(event.task_id)
         if len(ended) != count:
             raise RuntimeError(f"the watch ended with {len(ended)} of {count} tasks finished")
-        return time.perf_counter() - started
+        return time.perf_counter() - started, await queue
 
 
 def measured(run: ConveyorRun, url: str, action: Callable[[], float]) -> tuple[float, int, float, float]:
@@ -117,9 +129,15 @@ def main() -> int:
                 return figures.total_seconds
 
             rows = [("queue (drained)", *measured(run, url, queue_phase))]
+            drained_after: list[float] = []
+
+            def watch_phase() -> float:
+                seconds, drained = asyncio.run(watched(run, args.tasks, args.batch))
+                drained_after.append(drained)
+                return seconds
+
             with profiled(run.procs()["server"] or 0, args.profile, "the watch phase"):
-                rows.append(("watch (every task ended)",
-                             *measured(run, url, lambda: asyncio.run(watched(run.address, args.tasks, args.batch)))))
+                rows.append(("watch (every task ended)", *measured(run, url, watch_phase)))
             run.check()
         finally:
             run.stop()
@@ -130,6 +148,11 @@ def main() -> int:
     for name, seconds, commands, cpu, own in rows:
         print(f"{name:<26} {args.tasks / seconds:>8,.0f} {commands / args.tasks:>15.1f} "
               f"{1e6 * cpu / args.tasks:>15.0f} {1e6 * own / args.tasks:>15.0f}")
+    watch_seconds, drained = rows[1][1], drained_after[0]
+    lag = 1e3 * (watch_seconds - drained)
+    print(f"watch phase: the queue was drained after {drained:.2f} s, the watch saw the last task end after "
+          f"{watch_seconds:.2f} s, {abs(lag):.0f} ms {'after' if lag > 0 else 'before'} the drain was seen "
+          f"(polled every {1e3 * args.poll:.0f} ms)")
     return 0
 
 
