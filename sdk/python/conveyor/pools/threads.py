@@ -11,11 +11,12 @@ processes pool for tasks that must be stopped however they are written.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 from conveyor.execution import Ending, call_sync
 from conveyor.pools.base import PoolKind
 from conveyor.pools.inprocess import InProcessPool, Job
+from conveyor.pools.slot_threads import SlotThreads
 
 
 class ThreadPool(InProcessPool):
@@ -23,25 +24,24 @@ class ThreadPool(InProcessPool):
 
     def __init__(self, concurrency: int) -> None:
         super().__init__(concurrency)
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: SlotThreads[Ending] | None = None
 
     def describe(self) -> str:
         return f"threads ({self.concurrency} threads; async tasks on the event loop)"
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
+        self._threads = SlotThreads(self.concurrency, "conveyor-task")
 
     def _submit(self, job: Job) -> asyncio.Future[Ending]:
-        assert self._executor is not None, "start() the pool first"
+        assert self._threads is not None, "start() the pool first"
         call = job.call
-        return asyncio.get_running_loop().run_in_executor(
-            self._executor, job.snapshot.run, call_sync, call.function, call.assignment.task, call.context
+        return self._threads.submit(
+            functools.partial(job.snapshot.run, call_sync, call.function, call.assignment.task, call.context)
         )
 
     async def close(self) -> None:
         await super().close()
-        if self._executor is not None:
-            # Threads still running are abandoned (they are daemon-like: the interpreter waits
-            # for them at exit only if they never return, which no pool can help).
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._threads is not None:
+            # Threads still running are abandoned: a task past the drain was handed back.
+            self._threads.close()
+            self._threads = None
