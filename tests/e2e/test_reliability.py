@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import itertools
 import json
 import signal
@@ -79,10 +80,10 @@ StartWorker = Callable[..., WorkerProc]
 def start_worker(tmp_path: Path, procs: list[Proc], server: Server, log_file: Path) -> StartWorker:
     """Starts a `tests.e2e.workload` worker process and waits until the server sees it."""
 
-    def start(queues: Sequence[str] = ("default",), concurrency: int = 4) -> WorkerProc:
+    def start(queues: Sequence[str] = ("default",), concurrency: int = 4, drain_seconds: float = 30.0) -> WorkerProc:
         connected = len(_admin_call(server.address, "ListWorkers").workers)
         worker = WorkerProc(tmp_path, server.address, queues=queues, concurrency=concurrency,
-                            env={"CONVEYOR_TEST_LOG": str(log_file)})
+                            env={"CONVEYOR_TEST_LOG": str(log_file), "CONVEYOR_TEST_DRAIN_SECONDS": str(drain_seconds)})
         procs.append(worker)
         wait_for_workers(server.address, connected + 1)
         return worker
@@ -535,3 +536,22 @@ async def test_sigterm_drains_a_worker(client: Client, start_worker: StartWorker
     assert all(line.endswith(pid) for line in log_lines(log_file, "nap-end drain-"))
     assert len(log_lines(log_file, "nap-start drain-")) == 3, "no in-flight task ran again"
     assert all(line.endswith(f"pid={fresh.pid}") for line in log_lines(log_file, "nap-start later-"))
+
+
+async def test_a_sync_task_past_the_drain_timeout_is_handed_back_and_the_worker_exits_without_it(
+    client: Client, start_worker: StartWorker, log_file: Path
+) -> None:
+    # "chaos" sleeps in a pool thread and never checks for a stop, which a thread cannot be
+    # forced to: the worker hands the task back and exits, leaving the thread behind.
+    draining = start_worker(concurrency=1, drain_seconds=0.5)
+    stuck = await client.submit(sig("chaos", 0, 120))
+    runs = functools.partial(log_lines, log_file, f"chaos {stuck.task_id} ")
+    await eventually(lambda: len(runs()) == 1, 20, "the task started")
+    signalled = time.monotonic()
+    draining.signal(signal.SIGTERM)
+    assert draining.popen.wait(20) == 0
+    assert time.monotonic() - signalled < 10, "the worker did not wait for the thread it could not stop"
+    fresh = start_worker()
+    await eventually(lambda: len(runs()) == 2, 30, "the task ran again")
+    assert runs()[0].endswith(f"pid={draining.pid}") and runs()[1].endswith(f"pid={fresh.pid}")
+    assert (await client.get_result(stuck.task_id)).state not in TERMINAL

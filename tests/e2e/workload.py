@@ -14,7 +14,10 @@ from typing import Any
 
 from conveyor import Retry, Worker, current_task
 
-worker = Worker(concurrency=int(os.environ.get("CONVEYOR_TEST_CONCURRENCY", "8")))
+worker = Worker(
+    concurrency=int(os.environ.get("CONVEYOR_TEST_CONCURRENCY", "8")),
+    drain_timeout=float(os.environ.get("CONVEYOR_TEST_DRAIN_SECONDS", "30")),
+)
 
 
 def _log(line: str) -> None:
