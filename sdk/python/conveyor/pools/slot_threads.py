@@ -3,8 +3,7 @@ loop future.
 
 A hand-over is one SimpleQueue put and, when the call returns, one call_soon_threadsafe: about
 half the CPU of `loop.run_in_executor` on a ThreadPoolExecutor, whose concurrent future, chained
-asyncio future and work item cost more than a noop task itself (60 against 105 µs a call on the
-2-core VM of docs/scaling.md). Threads start as calls need them, up to `limit`; they are daemon
+asyncio future and work item cost more than a noop task itself (`bench/handover.py`). Threads start as calls need them, up to `limit`; they are daemon
 threads, so a call that never returns does not keep the process from exiting (the worker hands
 such a task back when its drain times out).
 """
