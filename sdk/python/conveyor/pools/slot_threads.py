@@ -2,10 +2,11 @@
 loop future.
 
 A hand-over is one SimpleQueue put and, when the call returns, one call_soon_threadsafe: about
-half the CPU of `loop.run_in_executor` on a ThreadPoolExecutor, whose concurrent future, chained
-asyncio future and work item cost more than a noop task itself (`bench/handover.py`). Threads start as calls need them, up to `limit`; they are daemon
-threads, so a call that never returns does not keep the process from exiting (the worker hands
-such a task back when its drain times out).
+two thirds of the CPU of `loop.run_in_executor` on a ThreadPoolExecutor, whose concurrent future,
+chained asyncio future and work item cost more than a noop task itself (`bench/handover.py`).
+Threads start as calls need them, up to `limit`; they are daemon threads, so a call that never
+returns does not keep the process from exiting (the worker hands such a task back when its
+drain times out).
 """
 
 from __future__ import annotations
