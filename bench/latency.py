@@ -3,14 +3,17 @@
     pip install -e '.[redis,bench]'
     python bench/latency.py                    # 1,000 sequential tasks, 3,000 floor calls
 
-Three floors, each measured alone on this machine, then Conveyor:
+Three floors, each measured alone on this machine, then Conveyor's hops and a whole task:
 
 1. grpc.aio, unary: a Python grpc.aio server that answers at once (a generic handler, no
    proto), called sequentially; wall time per call and the server's CPU per call.
 2. grpc.aio, stream: the same server echoing messages on one bidirectional stream, one at a
    time (the Python SDK sends Submit and GetResult on such a stream, the Session).
 3. Redis: a trivial EVALSHA from redis-py's asyncio client, sequentially (wall per call).
-4. Conveyor: `submit("noop")` then `result(id, wait=30)` (bench/compare.py's latency phase)
+4. Conveyor, two hops alone: a submit to a queue no worker serves (the Submit's engine calls
+   and messages without the run), and `result(id)` of a task that has ended (a GetResult that
+   need not wait), each with the server's CPU per call.
+5. Conveyor: `submit("noop")` then `result(id, wait=30)` (bench/compare.py's latency phase)
    on Redis, with the server's, the worker's and this client's CPU per task and the Redis
    commands per task.
 
@@ -40,8 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procstat
 from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
 from bench.watch import redis_commands
+from conveyor import Client, sig
 
 SERVICE = "bench.Echo"
+# The queue of `conveyor submit alone`: no worker serves it (its tasks are deleted with the prefix).
+UNSERVED_QUEUE = "latency-bench-unserved"
 WARMUP_CALLS = 200
 
 
@@ -129,6 +135,26 @@ async def redis_floor(url: str, count: int) -> list[float]:
 
 # -- Conveyor -------------------------------------------------------------------------------------
 
+async def conveyor_hops(
+    address: str, count: int, server_cpu: Callable[[], float]
+) -> list[tuple[str, list[float], str]]:
+    """Two of a task's hops alone: a submit to a queue no worker serves (its calls and messages
+    without the run), and the result of a task that has ended (a GetResult that need not wait)."""
+    rows = []
+    async with Client(address) as client:
+        cpu = server_cpu()
+        submits = await timed(count, lambda: client.submit(sig("noop"), queue=UNSERVED_QUEUE))
+        rows.append(("conveyor submit alone", submits,
+                     f"server {1e6 * (server_cpu() - cpu) / (count + WARMUP_CALLS):.0f} µs CPU/call"))
+        ended = (await client.submit("noop")).task_id
+        await client.result(ended, wait=30)
+        cpu = server_cpu()
+        reads = await timed(count, lambda: client.result(ended, wait=30))
+        rows.append(("conveyor result of an ended task", reads,
+                     f"server {1e6 * (server_cpu() - cpu) / (count + WARMUP_CALLS):.0f} µs CPU/call"))
+    return rows
+
+
 def ms(samples: list[float], share: float) -> float:
     ordered = sorted(samples)
     return 1e3 * ordered[min(int(share * len(ordered)), len(ordered) - 1)]
@@ -165,6 +191,7 @@ def main() -> int:
             samples = run.latency(args.tasks)  # bench/compare.py's latency loop
             after = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
                      redis_commands(url))
+            hops = asyncio.run(conveyor_hops(run.address, args.tasks, lambda: procstat.cpu_seconds(server)))
             run.check()
         finally:
             run.stop()
@@ -172,13 +199,14 @@ def main() -> int:
     server_cpu, worker_cpu, client_cpu, commands = (
         (b - a) / args.tasks for a, b in zip(before, after, strict=True)
     )
+    rows.extend(hops)
     rows.append(("conveyor submit -> result", samples,
                  f"server {1e6 * server_cpu:.0f}, worker {1e6 * worker_cpu:.0f}, client {1e6 * client_cpu:.0f} "
                  f"µs CPU/task; {commands:.1f} redis cmd/task"))
     print(f"\n{os.cpu_count()} CPUs; Redis {url}; worker: {run.settings}")
-    print(f"{'sequential':<30} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}  cost")
+    print(f"{'sequential':<34} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}  cost")
     for name, values, cost in rows:
-        print(f"{name:<30} {ms(values, 0.5):>7.3f} {ms(values, 0.99):>7.3f} "
+        print(f"{name:<34} {ms(values, 0.5):>7.3f} {ms(values, 0.99):>7.3f} "
               f"{1e3 * statistics.fmean(values):>8.3f}  {cost}")
     return 0
 
