@@ -192,13 +192,16 @@ async def test_a_delayed_message_is_not_held_back_by_later_ones_of_higher_priori
     arrived = time.monotonic() - published_at
     assert ids(first) == ["low"], f"first came {ids(first)} after {arrived:.2f} s"
     assert arrived < 2.8, f"the priority-0 message came {arrived:.2f} s after it was published, due at 2 s"
+    await broker.ack(first)
     rest: list[Delivery] = []
     while len(rest) < 5:
         batch = await broker.fetch(queue, 10, LEASE, wait_seconds=5)
         assert batch, f"only {len(rest)} of the 5 priority-9 messages came"
+        # Acked as a consumer would: a FIFO queue hands out no more of a message group while
+        # some of it is leased, and the five may reach their band in more than one forward.
+        await broker.ack(batch)
         rest += batch
     assert sorted(ids(rest)) == [f"high-{n}" for n in range(5)]
-    await broker.ack([*first, *rest])
 
 async def test_batches(broker: Broker, queue: str) -> None:
     published = messages(250)
