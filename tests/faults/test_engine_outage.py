@@ -31,17 +31,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 # From the engine's return to the first task that started after it.
 RESUME_SECONDS = 2.0
+# moto restarted without its queues: the server creates them again, and moto's first receives
+# then answer slowly on a busy 2-core machine (one answered 3 s late in CI). Over seven runs on
+# 2026-12-06 the resume took 0.9-3.0 s, with that day's code and with the code before it alike.
+SQS_RESUME_SECONDS = 3.5
 # The suite's load, but fewer lone tasks on nx-27017 and moto, whose pace (BackendOutage.tune, BrokerOutage.tune)
 # would otherwise stretch the run past a minute; bench/faults.py runs the full load there.
 LOADS = {"mongodb": Load(tasks=400), "sqs": Load(tasks=600)}
 
 
-def assert_rode_it_out(row: Row) -> None:
+def assert_rode_it_out(row: Row, resume_seconds: float = RESUME_SECONDS) -> None:
     assert_no_loss(row)
     report = row.report()
     assert row.unexpected_client_errors() == {}, f"clients saw more than UNAVAILABLE:\n{report}"
     assert row.resume_seconds is not None, f"nothing ran after the engine came back:\n{report}"
-    assert row.resume_seconds <= RESUME_SECONDS, f"work resumed {row.resume_seconds:.2f} s after the engine:\n{report}"
+    assert row.resume_seconds <= resume_seconds, f"work resumed {row.resume_seconds:.2f} s after the engine:\n{report}"
 
 
 @pytest.mark.parametrize("engine", BackendOutage.ENGINES)
@@ -69,7 +73,7 @@ async def test_a_broker_down_10_s_mid_load_loses_nothing(run_fault: RunFault, na
     if scenario.broker == "rabbitmq" and server_script() is None:
         pytest.skip("rabbitmq-server is not installed")
     row = await run_fault(scenario, LOADS.get(scenario.broker))
-    assert_rode_it_out(row)
+    assert_rode_it_out(row, SQS_RESUME_SECONDS if scenario.broker == "sqs" else RESUME_SECONDS)
     if scenario.broker == "sqs":
         # Proved through both recoveries, or the test proved nothing about them.
         assert scenario.queues_recreated(), f"the server never created its lost queues again:\n{row.report()}"
