@@ -55,15 +55,18 @@ class SlotThreads(Generic[T]):
 
     def _serve(self) -> None:
         while (handover := self._calls.get()) is not None:
-            loop, future, call = handover
-            del handover  # hold nothing of a finished call while waiting for the next
-            try:
-                outcome = call()
-            except BaseException as error:  # the caller's future carries it, as an executor's would
-                _hand_back(loop, _set_exception, future, error)
-            else:
-                _hand_back(loop, _set_result, future, outcome)
-            del loop, future, call
+            _run(handover)
+            handover = None  # hold nothing of a finished call (its outcome included) while waiting
+
+
+def _run(handover: _Handover[T]) -> None:
+    loop, future, call = handover
+    try:
+        outcome = call()
+    except BaseException as error:  # the caller's future carries it, as an executor's would
+        _hand_back(loop, _set_exception, future, error)
+    else:
+        _hand_back(loop, _set_result, future, outcome)
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: object) -> None:
