@@ -17,6 +17,9 @@ Three floors, each measured alone on this machine, then Conveyor's hops and a wh
    on Redis, with the server's, the worker's and this client's CPU per task and the Redis
    commands per task.
 
+`--phases` also prints when each of the server's steps on a task's path began and ended, as
+the median offset from the task's Submit (bench/phases.py): which hops the time goes to.
+
 A task at light load crosses the client's stream twice (Submit, then GetResult), the worker's
 stream twice (the assignment, the result) and a handful of Redis calls one after another, so
 its p50 cannot go much under the sum of those floors; the figures show how close it is.
@@ -42,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import procstat
 from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
+from bench.phases import phases
 from bench.watch import redis_commands
 from conveyor import Client, sig
+from tests.support.processes import REPO
 
 SERVICE = "bench.Echo"
 # The queue of `conveyor submit alone`: no worker serves it (its tasks are deleted with the prefix).
@@ -168,6 +173,8 @@ def main() -> int:
     parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--db", type=int, default=14)
+    parser.add_argument("--phases", action="store_true",
+                        help="also print when the server's steps on a task's path began and ended")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     add_conveyor_worker_arguments(parser)
     args = parser.parse_args()
@@ -180,6 +187,10 @@ def main() -> int:
     rows.append(("redis-py asyncio EVALSHA", asyncio.run(redis_floor(url, args.calls)), ""))
     with tempfile.TemporaryDirectory(prefix="conveyor-latency-bench-") as temp:
         run = ConveyorRun(args, url, prefix, Path(temp))
+        notes = Path(temp) / "phases.txt"
+        if args.phases:
+            run.env = {"CONVEYOR_BENCH_PHASES": str(notes), "PYTHONPATH": os.pathsep.join(
+                [str(REPO / "bench" / "phases_hook"), str(REPO), os.environ.get("PYTHONPATH", "")])}
         try:
             run.start()
             procs = run.procs()
@@ -196,6 +207,8 @@ def main() -> int:
         finally:
             run.stop()
             delete_prefix(url, prefix)
+        # The warm-up's tasks came first, then the measured loop's, then the hops'.
+        steps = phases(notes, WARMUP_CALLS, args.tasks) if args.phases else []
     server_cpu, worker_cpu, client_cpu, commands = (
         (b - a) / args.tasks for a, b in zip(before, after, strict=True)
     )
@@ -208,6 +221,11 @@ def main() -> int:
     for name, values, cost in rows:
         print(f"{name:<34} {ms(values, 0.5):>7.3f} {ms(values, 0.99):>7.3f} "
               f"{1e3 * statistics.fmean(values):>8.3f}  {cost}")
+    if steps:
+        print(f"\nthe server's steps on a task's path, median µs after its Submit began (> began, < ended), "
+              f"over the last {args.tasks} tasks; each note costs the server about a microsecond")
+        for step, offset, count in steps:
+            print(f"{offset:>8.0f}  {step}" + (f"  ({count} tasks)" if count < args.tasks else ""))
     return 0
 
 
