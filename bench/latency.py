@@ -223,7 +223,7 @@ def main() -> int:
               f"{1e3 * statistics.fmean(values):>8.3f}  {cost}")
     if steps:
         print(f"\nthe server's steps on a task's path, median µs after its Submit began (> began, < ended), "
-              f"over the last {args.tasks} tasks; each note costs the server about a microsecond")
+              f"over the last {args.tasks} tasks; each note costs the server a few microseconds")
         for step, offset, count in steps:
             print(f"{offset:>8.0f}  {step}" + (f"  ({count} tasks)" if count < args.tasks else ""))
     return 0

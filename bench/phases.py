@@ -8,8 +8,9 @@ write and broker ack, the GetResult) so that each notes when it began and ended,
 notes to a file when the server exits. `phases()` reads them back: for a run of sequential tasks,
 the median offset of each note from its task's Submit.
 
-A bench tool, not a trace: it wraps the server's methods by name, so a renamed one fails the
-install loudly (the server does not start) instead of leaving a phase out.
+A bench tool, not a trace: it wraps the server's methods by name. A renamed one makes the
+install fail (Python reports the error in sitecustomize and starts the server unwrapped), so no
+notes are written and `phases()` says so; tests/unit/test_bench_phases.py catches a rename first.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def phases(notes_file: Path, skip: int, count: int) -> list[tuple[str, float, in
     """(note, median µs after its task's Submit began, tasks that had it) for `count` tasks of
     a sequential run, after the first `skip` Submits, in order of the medians. A note that comes
     more than once in a task is numbered: "message to the worker #2"."""
+    if not notes_file.exists():
+        raise RuntimeError(f"the server wrote no notes to {notes_file}: see its log (a wrapped step renamed?)")
     tasks: list[list[tuple[int, str]]] = []
     for line in notes_file.read_text().splitlines():
         stamp, name = line.split(" ", 1)
