@@ -93,6 +93,15 @@ async def timed(count: int, call: Callable[[], Awaitable[object]]) -> list[float
     return samples
 
 
+async def timed_with_cpu(
+    count: int, call: Callable[[], Awaitable[object]], server_cpu: Callable[[], float]
+) -> tuple[list[float], float]:
+    """timed(), and the server's CPU seconds per call over the warm-up and the timed calls."""
+    before = server_cpu()
+    samples = await timed(count, call)
+    return samples, (server_cpu() - before) / (count + WARMUP_CALLS)
+
+
 def grpc_floors(count: int) -> list[tuple[str, list[float], float]]:
     """(name, wall samples, server CPU seconds per call) for a unary call and a stream echo."""
     child = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
@@ -113,18 +122,14 @@ async def echoed(address: str, count: int, server_cpu: Callable[[], float]) -> l
     rows = []
     async with grpc.aio.insecure_channel(address) as channel:
         unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{SERVICE}/Unary")
-        cpu = server_cpu()
-        samples = await timed(count, lambda: unary(b"x"))
-        rows.append(("grpc.aio unary call", samples, (server_cpu() - cpu) / (count + WARMUP_CALLS)))
+        rows.append(("grpc.aio unary call", *await timed_with_cpu(count, lambda: unary(b"x"), server_cpu)))
         call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(f"/{SERVICE}/Stream")()
 
         async def echo() -> object:
             await call.write(b"x")
             return await call.read()
 
-        cpu = server_cpu()
-        samples = await timed(count, echo)
-        rows.append(("grpc.aio stream message echo", samples, (server_cpu() - cpu) / (count + WARMUP_CALLS)))
+        rows.append(("grpc.aio stream message echo", *await timed_with_cpu(count, echo, server_cpu)))
         await call.done_writing()
     return rows
 
@@ -147,16 +152,14 @@ async def conveyor_hops(
     without the run), and the result of a task that has ended (a GetResult that need not wait)."""
     rows = []
     async with Client(address) as client:
-        cpu = server_cpu()
-        submits = await timed(count, lambda: client.submit(sig("noop"), queue=UNSERVED_QUEUE))
-        rows.append(("conveyor submit alone", submits,
-                     f"server {1e6 * (server_cpu() - cpu) / (count + WARMUP_CALLS):.0f} µs CPU/call"))
+        submits, cpu = await timed_with_cpu(
+            count, lambda: client.submit(sig("noop"), queue=UNSERVED_QUEUE), server_cpu
+        )
+        rows.append(("conveyor submit alone", submits, f"server {1e6 * cpu:.0f} µs CPU/call"))
         ended = (await client.submit("noop")).task_id
         await client.result(ended, wait=30)
-        cpu = server_cpu()
-        reads = await timed(count, lambda: client.result(ended, wait=30))
-        rows.append(("conveyor result of an ended task", reads,
-                     f"server {1e6 * (server_cpu() - cpu) / (count + WARMUP_CALLS):.0f} µs CPU/call"))
+        reads, cpu = await timed_with_cpu(count, lambda: client.result(ended, wait=30), server_cpu)
+        rows.append(("conveyor result of an ended task", reads, f"server {1e6 * cpu:.0f} µs CPU/call"))
     return rows
 
 
@@ -189,8 +192,8 @@ def main() -> int:
         run = ConveyorRun(args, url, prefix, Path(temp))
         notes = Path(temp) / "phases.txt"
         if args.phases:
-            run.env = {"CONVEYOR_BENCH_PHASES": str(notes), "PYTHONPATH": os.pathsep.join(
-                [str(REPO / "bench" / "phases_hook"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+            paths = [str(REPO / "bench" / "phases_hook"), str(REPO), os.environ.get("PYTHONPATH", "")]
+            run.env = {"CONVEYOR_BENCH_PHASES": str(notes), "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         try:
             run.start()
             procs = run.procs()
@@ -223,7 +226,7 @@ def main() -> int:
               f"{1e3 * statistics.fmean(values):>8.3f}  {cost}")
     if steps:
         print(f"\nthe server's steps on a task's path, median µs after its Submit began (> began, < ended), "
-              f"over the last {args.tasks} tasks; each note costs the server a few microseconds")
+              f"over the {args.tasks} measured tasks; each note costs the server a few microseconds")
         for step, offset, count in steps:
             print(f"{offset:>8.0f}  {step}" + (f"  ({count} tasks)" if count < args.tasks else ""))
     return 0
