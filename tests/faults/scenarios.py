@@ -162,7 +162,7 @@ class ReplicaKill(Scenario):
     def __init__(self, down_seconds: float = 5.0, at_fraction: float = 0.4, engine: str = "redis") -> None:
         self.down_seconds = down_seconds
         self.at_fraction = at_fraction
-        self.engine = engine
+        self.store = engine
         if engine != "redis":
             self.name = f"replica-kill-{engine}"
         self.description = f"kill -9 of replica A of 2 (shared {engine}), restarted after {down_seconds} s"
@@ -171,7 +171,7 @@ class ReplicaKill(Scenario):
         self.victim: Server | None = None
 
     def setup(self, rig: Rig) -> None:
-        broker, backend = _engines(rig, self.engine)
+        broker, backend = _engines(rig, self.store)
         self.victim = _serve_on(rig, broker, backend, 1, name="replica-a")
         _serve_on(rig, broker, backend, 1, name="replica-b")
 
@@ -193,7 +193,7 @@ class WorkerKill(Scenario):
         self.every_seconds = every_seconds
         self.workers = workers
         self.max_kills = max_kills
-        self.engine = engine
+        self.store = engine
         if engine != "redis":
             self.name = f"worker-kill-{engine}"
         self.description = f"kill -9 a worker (of {workers}) every {every_seconds} s, replaced each time ({engine})"
@@ -202,7 +202,7 @@ class WorkerKill(Scenario):
         self.address = ""
 
     def setup(self, rig: Rig) -> None:
-        broker, backend = _engines(rig, self.engine)
+        broker, backend = _engines(rig, self.store)
         self.address = _serve_on(rig, broker, backend, self.workers).address
 
     async def inject(self, run: Run) -> None:
