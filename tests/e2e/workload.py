@@ -170,6 +170,19 @@ def retry_in(delay: float) -> None:
     raise Retry(delay=delay)
 
 
+@worker.task("gate")
+def gate(path: str) -> str:
+    """Logs its run, then waits (up to a minute) until the file `path` exists: the test decides when it ends."""
+    context = current_task()
+    _log(f"gate {context.task_id} attempt={context.attempt} pid={os.getpid()}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return path
+
+
 @worker.task("crash_worker")
 def crash_worker(code: int) -> None:
     """A poison task: ends the whole worker process, as a segfault or a stray os._exit would."""

@@ -42,7 +42,7 @@ from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 from tests.faults.harness import Load, Rig, Run, Scenario, blocking, outage
 from tests.faults.rig import EngineProcess
 from tests.fixtures.moto_process import QUICK_REPAIR_ENV
-from tests.support.processes import Server
+from tests.support.processes import Server, replica_target
 from tests.support.redis_server import RedisServer
 from tests.support.sqlite_lock import SqliteWriteLock
 
@@ -154,8 +154,10 @@ class EngineCut(Scenario):
 
 class ReplicaKill(Scenario):
     """d. Two replicas on one Redis, a worker on each, clients on both; replica A is kill -9ed and, like a
-    supervisor would, started again after 5 s (its worker reconnects to it). 5 s is longer than a lease
-    (FAST_RECOVERY: 3 s), so replica B has to recover what A had leased before A is back."""
+    supervisor would, started again after 5 s. 5 s is longer than a lease (FAST_RECOVERY: 3 s), so replica B has
+    to recover what A had leased before A is back. Each worker is given both replicas' addresses, its own first
+    (gRPC's address list), as docs/durability.md advises: A's worker reconnects to B at once and delivers there
+    the results A died before recording, while their lease still holds."""
 
     name = "replica-kill"
 
@@ -172,8 +174,12 @@ class ReplicaKill(Scenario):
 
     def setup(self, rig: Rig) -> None:
         broker, backend = _engines(rig, self.store)
-        self.victim = _serve_on(rig, broker, backend, 1, name="replica-a")
-        _serve_on(rig, broker, backend, 1, name="replica-b")
+        replica_a = self.victim = rig.server(broker, backend, name="replica-a")
+        replica_b = rig.server(broker, backend, name="replica-b")
+        rig.worker(replica_target(replica_a.address, replica_b.address), name="replica-a-worker-0")
+        rig.worker(replica_target(replica_b.address, replica_a.address), name="replica-b-worker-0")
+        rig.wait_for_workers(replica_a.address, 1)
+        rig.wait_for_workers(replica_b.address, 1)
 
     async def inject(self, run: Run) -> None:
         victim = self.victim

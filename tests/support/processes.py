@@ -300,6 +300,12 @@ class WorkerProc(Proc):
         super().__init__(argv, log_dir / f"{name}-{time.monotonic_ns()}.log", env, cwd)
 
 
+def replica_target(first: str, *others: str) -> str:
+    """gRPC's own address list for "host:port" addresses of replicas on loopback: a channel to it connects to
+    the first that answers, in this order (pick_first), and reconnects the same way when its stream breaks."""
+    return "ipv4:" + ",".join([first, *others])
+
+
 def connected_workers(address: str) -> int:
     """How many workers the server at `address` lists as connected."""
     with grpc.insecure_channel(address) as channel:
