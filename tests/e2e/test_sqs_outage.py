@@ -227,7 +227,7 @@ async def test_sqs_queues_lost_in_an_outage_are_created_again_and_work_resumes(
 
 
 def worker_id(worker: WorkerProc) -> str:
-    found = re.search(r"connected to \S+ as (\S+)", worker.output())
+    found = re.search(r"connected to \S+ \(replica \S+\) as (\S+)", worker.output())
     assert found, worker.output()
     return found.group(1)
 

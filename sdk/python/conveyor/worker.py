@@ -296,7 +296,9 @@ class Worker:
                     self._pool.cancel(task_id)
         elif kind == "welcome":  # the stream has taken the heartbeat interval
             self.worker_id = message.welcome.worker_id
-            log.info("connected to %s as %s", self.address, self.worker_id)
+            # With several replicas' addresses, the replica's id says which one answered.
+            log.info("connected to %s (replica %s) as %s", self.address, message.welcome.server_id or "?",
+                     self.worker_id)
         elif kind == "drain":
             log.info("server asked to drain: %s", message.drain.reason)
             self.stop()
