@@ -76,6 +76,7 @@ import contextlib
 import importlib
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -764,7 +765,9 @@ def main() -> int:
 
     results: list[Figures] = []
     errors: list[str] = []
-    print(f"{os.cpu_count()} CPUs; load average {load()}", flush=True)
+    # Every system runs on this interpreter (servers and workers are started with sys.executable).
+    print(f"{os.cpu_count()} CPUs; load average {load()}; Python {platform.python_version()} for every system",
+          flush=True)
     if os.getloadavg()[0] > 1.0:
         print("warning: the machine is already busy; every figure below is skewed by that", flush=True)
     with tempfile.TemporaryDirectory(prefix="conveyor-compare-") as tmp:
