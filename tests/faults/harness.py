@@ -233,6 +233,7 @@ async def _drive(scenario: Scenario, rig: Rig) -> Row:
         row = count(Row(scenario.name, scenario.engine, scenario.outage, recover_seconds=recover,
                         resume_seconds=_resumed(run), client_errors=clients.transient_errors.copy(),
                         notes=run.notes, fault_error=fault_error), evidence)
+        row.server_engines = rig.engine_schemes()
         write_outcomes(rig.workdir / "outcomes.csv", run.plan, evidence)
         _describe_fault_window(row, run)
         if clients.transient_errors:

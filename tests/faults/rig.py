@@ -199,6 +199,10 @@ class Rig:
     def wait_for_workers(self, address: str, count: int) -> None:
         wait_for_workers(address, count)
 
+    def engine_schemes(self) -> set[str]:
+        """The URL schemes of the brokers and backends the servers were started on: what the run really used."""
+        return {urlsplit(url).scheme for server in self.servers for url in (server.broker, server.backend) if url}
+
     def exited_by_themselves(self) -> list[str]:
         """Servers and workers that are gone although the test did not kill them (a crash, or an exit)."""
         gone = [p for p in [*self.servers, *self.workers] if not p.alive() and p.pid not in self.killed_worker_pids]

@@ -62,6 +62,8 @@ class Row:
     wall_seconds: float = 0.0
     cancelled: int = 0
     started_after_cancel: int = 0
+    # The URL schemes of the engines the servers ran on (e.g. {"sqlite"}), as started, not as labelled.
+    server_engines: set[str] = field(default_factory=set)
     # Set when the fault could not be injected (its trigger never came): the run proves nothing.
     fault_error: str = ""
     problems: dict[str, list[str]] = field(default_factory=dict)

@@ -14,4 +14,5 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 @pytest.mark.parametrize("engine", ["redis", "sqlite"])
 async def test_kill_9_of_one_of_two_replicas_loses_nothing(run_fault: RunFault, engine: str) -> None:
     row = await run_fault(ReplicaKill(engine=engine))
+    assert row.server_engines == {engine}, f"asked for {engine}, the servers ran on {row.server_engines}"
     assert_no_loss(row)

@@ -15,4 +15,5 @@ async def test_killing_a_worker_every_2_s_loses_nothing_and_runs_each_chord_call
     run_fault: RunFault, engine: str
 ) -> None:
     row = await run_fault(WorkerKill(engine=engine))
+    assert row.server_engines == {engine}, f"asked for {engine}, the servers ran on {row.server_engines}"
     assert_no_loss(row)

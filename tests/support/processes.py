@@ -245,6 +245,8 @@ class Server(Proc):
                  cwd: Path = REPO, wait: bool = True) -> None:
         # A port of our choosing is chosen again if another process takes it before we bind it.
         self._port_attempts = 1 if port else PORT_ATTEMPTS
+        # The engines it was started on (None: its default), for tests that check what a run really used.
+        self.broker, self.backend = broker, backend
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "conveyor_server.cli", "serve", "--port", str(self.port)]
