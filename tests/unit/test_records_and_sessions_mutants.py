@@ -113,3 +113,22 @@ async def test_leaving_twice_and_taking_a_lease_that_is_no_orphan_are_harmless()
     assert registry.take_orphans([lease("never-orphaned")]) == []
     assert [o.token for o in registry.take_orphans([lease("a")])] == ["a"]
     assert registry.take_orphans([lease("a")]) == []
+
+
+async def test_a_reconnected_worker_keeps_the_orphans_it_names_and_nothing_else() -> None:
+    registry = SessionRegistry()
+    before = session(window=4)
+    registry.add(before)
+    await before.reserve(3)
+    await before.settle(3, [lease("a"), lease("b"), lease("c")])
+    orphans = registry.remove(before)
+    after = session(window=4)
+    registry.add(after)
+    held = [worker_service_pb2.LeaseRef(task_id="a", lease_token="a"),
+            worker_service_pb2.LeaseRef(task_id="someone-else", lease_token="b"),  # the token of another task
+            worker_service_pb2.LeaseRef(task_id="z", lease_token="z")]  # no such orphan
+    assert [adopted.token for adopted in registry.adopt(after, held)] == ["a"]
+    assert list(after.leases) == ["a"] and after.free() == 3
+    # The grace ends: only what was not adopted goes back to the queue.
+    assert [o.token for o in registry.take_orphans(orphans)] == ["b", "c"]
+    assert registry.adopt(session(window=4), held) == []  # adopted once

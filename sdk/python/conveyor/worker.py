@@ -105,6 +105,9 @@ class Worker:
         self._metadata = bearer_metadata(token)
         self._pool: Pool | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        # The lease tokens of the tasks in _running (running or waiting for a slot), announced in
+        # the Hello after a reconnect so that the server keeps their leases with the new stream.
+        self._held: dict[str, str] = {}
         self._stream: WorkerStream | None = None
         self._unacked = UnackedResults()
         self._results = ResultBatcher(self._send)
@@ -250,6 +253,8 @@ class Worker:
             task_names=sorted(self.tasks), tasks=task_infos(self.tasks, self.descriptions),
             max_in_flight=self.max_in_flight,
             hostname=socket.gethostname(), pid=os.getpid(), max_receive_bytes=self.max_receive_bytes,
+            held=[worker_service_pb2.LeaseRef(task_id=task_id, lease_token=token)
+                  for task_id, token in self._held.items()],
         )
 
     def _send(self, message: worker_service_pb2.ConnectRequest) -> None:
@@ -317,6 +322,7 @@ class Worker:
         context._report = functools.partial(self._progress, loop, assignment)
         call = TaskCall(assignment, context, function, functools.partial(self._began_running, assignment))
         worker_log.received(context)
+        self._held[task.id] = assignment.lease_token
         self._running[task.id] = asyncio.create_task(self._run_one(call))
 
     async def _run_one(self, call: TaskCall) -> None:
@@ -333,6 +339,7 @@ class Worker:
         finally:
             if self._running.get(task.id) is asyncio.current_task():
                 del self._running[task.id]
+                del self._held[task.id]
             if self._live_window is not None:
                 self._live_window.left(task.id)
             self._started.ended(task.id)

@@ -143,6 +143,9 @@ class WorkerConnections:
         if self.tasks is not None:
             self.tasks.joined(session)  # first: a Hello it refuses leaves nothing behind
         self.registry.add(session)
+        if adopted := self.registry.adopt(session, hello.held):
+            log.info("worker %s reconnected holding %d tasks: their leases stay with it", session.worker_id,
+                     len(adopted))
         session.send(worker_service_pb2.ConnectResponse(welcome=worker_service_pb2.Welcome(
             worker_id=session.worker_id,
             heartbeat_interval=_duration(self.settings.heartbeat_interval_seconds),

@@ -134,6 +134,18 @@ class SessionRegistry:
             self._orphans[lease.token] = lease
         return leases
 
+    def adopt(self, session: WorkerSession, held: Iterable[worker_service_pb2.LeaseRef]) -> list[Lease]:
+        """Move the orphans a reconnected worker says it still holds to its new session, so they
+        are extended there and not handed back after the grace (the tasks are still running)."""
+        adopted = []
+        for ref in held:
+            lease = self._orphans.get(ref.lease_token)
+            if lease is not None and lease.task_id == ref.task_id:
+                del self._orphans[ref.lease_token]
+                session.leases[lease.token] = lease
+                adopted.append(lease)
+        return adopted
+
     def take_orphans(self, leases: Iterable[Lease]) -> list[Lease]:
         """Claim orphans that nobody resolved during the grace."""
         return [lease for lease in leases if self._orphans.pop(lease.token, None) is not None]

@@ -221,6 +221,11 @@ class Worker {
       pid: process.pid,
       // The server splits assignment batches to fit what this channel accepts.
       max_receive_bytes: this._channelOptions['grpc.max_receive_message_length'] || DEFAULT_MAX_RECEIVE_BYTES,
+      // After a reconnect: the tasks still running or waiting here, so the server keeps their leases with this
+      // stream instead of handing them out again when the old stream's grace ends.
+      held: [...this._running.values()].map((entry) => entry.assignment)
+        .concat(this._waiting)
+        .map((assignment) => ({ task_id: assignment.task.id, lease_token: assignment.lease_token })),
     };
   }
 

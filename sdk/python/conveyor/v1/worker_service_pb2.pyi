@@ -248,6 +248,7 @@ class Hello(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     MAX_RECEIVE_BYTES_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id chosen by the worker; the server assigns one when empty."""
     language: _builtins.str
@@ -282,6 +283,15 @@ class Hello(_message.Message):
         INVALID_ARGUMENT when an entry has no name, or a call_schema is not a valid JSON Schema.
         """
 
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
+        """After a reconnect: the tasks the worker still holds from its earlier stream (running, or
+        waiting for a slot) and has not reported. A replica that still keeps their leases (within
+        its stream grace) moves them to this stream: it extends them and does not hand the tasks
+        out again, however long they run. Leases it no longer keeps are ignored; their results are
+        then checked against the record as usual.
+        """
+
     def __init__(
         self,
         *,
@@ -295,10 +305,11 @@ class Hello(_message.Message):
         pid: _builtins.int = ...,
         max_receive_bytes: _builtins.int = ...,
         tasks: _abc.Iterable[_task_pb2.TaskInfo] | None = ...,
+        held: _abc.Iterable[Global___LeaseRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "language", b"language", "max_in_flight", b"max_in_flight", "max_receive_bytes", b"max_receive_bytes", "pid", b"pid", "queues", b"queues", "sdk_version", b"sdk_version", "task_names", b"task_names", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "hostname", b"hostname", "language", b"language", "max_in_flight", b"max_in_flight", "max_receive_bytes", b"max_receive_bytes", "pid", b"pid", "queues", b"queues", "sdk_version", b"sdk_version", "task_names", b"task_names", "tasks", b"tasks", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,76 @@
+"""A worker whose stream breaks while it runs a long task reconnects and names the tasks it still holds
+(Hello.held); the server moves their leases to the new stream, extends them there and does not hand the task
+out again when the old stream's grace ends. Before, every task running across a reconnect went back to its
+queue when the grace ended (2 s by default) and ran a second time.
+
+The worker (Python, and Node) reaches the server through a TCP proxy the test controls; the proxy resets the
+worker's connection while a task runs and accepts the reconnect at once. The task then runs on for two leases.
+Each delivery of a task writes a RECEIVED entry into its history: one entry means it was handed out once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from conveyor import Client, sig
+from conveyor.v1 import result_pb2
+from tests.chaos.conftest import FAST_RECOVERY
+from tests.e2e.test_node import NODE, NODE_DIR, NodeWorker
+from tests.support.processes import Proc, Server, WorkerProc, log_lines, wait_for, wait_for_workers
+from tests.support.proxy import TcpProxy
+from tests.support.wait import wait_for as wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+LEASE_SECONDS = float(FAST_RECOVERY["CONVEYOR_LEASE_SECONDS"])
+
+
+def deliveries(result: result_pb2.TaskResult) -> int:
+    return sum(1 for entry in result.history if entry.state == result_pb2.TASK_STATE_RECEIVED)
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+async def test_a_task_running_across_a_reconnect_keeps_its_lease_and_runs_once(
+    tmp_path: Path, procs: list[Proc], language: str
+) -> None:
+    if language == "node" and (NODE is None or not (NODE_DIR / "node_modules").is_dir()):
+        pytest.skip("needs `node` and workers/node/node_modules")
+    server = Server(tmp_path, env=FAST_RECOVERY, cwd=tmp_path, wait=False)
+    procs.append(server)
+    server.wait_ready()
+    executions = tmp_path / "executions.log"
+    release = tmp_path / "release"
+    with TcpProxy("127.0.0.1", server.port) as proxy:
+        worker: Proc
+        if language == "python":  # runs until the test releases it
+            worker = WorkerProc(tmp_path, proxy.address, concurrency=1, env={"CONVEYOR_TEST_LOG": str(executions)})
+            signature = sig("gate", str(release))
+        else:  # runs past the two leases below by itself
+            worker = NodeWorker(tmp_path, proxy.address, queues=("default",), concurrency=1)
+            signature = sig("node.sleep", 2 * LEASE_SECONDS + 2)
+        procs.append(worker)
+        wait_for_workers(server.address, 1)
+        async with Client(server.address) as client:
+            task_id = (await client.submit(signature)).task_id
+
+            async def started() -> bool:
+                return (await client.get_result(task_id)).state == result_pb2.TASK_STATE_STARTED
+
+            await wait_until(started, 10, "the task started")
+
+            proxy.reset()  # the worker's stream breaks; its reconnect goes through at once
+            wait_for(lambda: "reconnected holding 1 tasks" in server.output(), 10, "the server kept the lease")
+            # Past the old stream's grace and two leases: only the new stream's heartbeats kept the lease.
+            await asyncio.sleep(2 * LEASE_SECONDS)
+            running = await client.get_result(task_id)
+            assert running.state == result_pb2.TASK_STATE_STARTED, result_pb2.TaskState.Name(running.state)
+            assert deliveries(running) == 1, f"handed out again while it ran:\n{running}\n{server.output()[-3000:]}"
+
+            release.touch()
+            result = await client.get_result(task_id, wait=10)
+            assert result.state == result_pb2.TASK_STATE_SUCCESS, result_pb2.TaskState.Name(result.state)
+            assert result.attempts == 1 and deliveries(result) == 1, str(result)
+            if language == "python":
+                assert len(log_lines(executions, f"gate {task_id}")) == 1
