@@ -2,7 +2,8 @@
 
 - `echo`: conformance.echo returns its value wrapped in a list;
 - `cancel`: conformance.sleep ignores cancels and time limits (it swallows the cancellation);
-- `resend`: results not acked when the stream broke are forgotten, not sent again.
+- `resend`: results not acked when the stream broke are forgotten, not sent again;
+- `held`: the Hello after a reconnect names none of the tasks the worker still runs.
 
 The kit must fail such a worker with a message that names the fault.
 """
@@ -51,6 +52,17 @@ def forget_results_on_reconnect(worker: Any) -> None:
     worker._connect_once = forgetful_connection
 
 
+def forget_held_tasks_in_hello(worker: Any) -> None:
+    hello = worker._hello
+
+    def hello_without_held() -> Any:
+        message = hello()
+        del message.held[:]  # the fault: the server is not told which tasks still run here
+        return message
+
+    worker._hello = hello_without_held
+
+
 def break_worker(worker: Any, fault: str) -> None:
     if fault == "echo":
         worker.tasks["conformance.echo"] = wrapped_echo
@@ -58,6 +70,8 @@ def break_worker(worker: Any, fault: str) -> None:
         worker.tasks["conformance.sleep"] = stubborn_sleep
     elif fault == "resend":
         forget_results_on_reconnect(worker)
+    elif fault == "held":
+        forget_held_tasks_in_hello(worker)
     else:
         raise SystemExit(f"CONFORMANCE_BREAK={fault!r}: use echo, cancel or resend")
 

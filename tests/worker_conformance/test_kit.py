@@ -59,7 +59,7 @@ def worker_command(language: str, tmp_path: Path) -> str:
 def test_the_reference_worker_passes_every_scenario(language: str, tmp_path: Path) -> None:
     ran = conformance("--worker-cmd", worker_command(language, tmp_path))
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "conformance: passed (14 passed, 0 failed, 0 not run)" in ran.stdout
+    assert "conformance: passed (15 passed, 0 failed, 0 not run)" in ran.stdout
 
 
 def test_a_worker_whose_echo_returns_a_wrong_value_fails_with_what_it_returned() -> None:
@@ -97,3 +97,11 @@ def test_a_worker_that_forgets_unacked_results_on_reconnect_fails_reconnect_rese
     failed = row(ran.stdout, "reconnect-resend")
     assert failed.startswith("reconnect-resend FAIL")
     assert "did not send its result again after reconnecting" in failed
+
+
+def test_a_worker_whose_hello_names_no_held_task_fails_reconnect_held() -> None:
+    ran = conformance("--worker-cmd", BROKEN_WORKER, "--only", "reconnect-held", env={"CONFORMANCE_BREAK": "held"})
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    failed = row(ran.stdout, "reconnect-held")
+    assert failed.startswith("reconnect-held FAIL")
+    assert "did not name the running task in `held`" in failed

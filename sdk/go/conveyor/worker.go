@@ -226,10 +226,19 @@ func (w *Worker) hello() *pb.Hello {
 	hostname, _ := os.Hostname()
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	// After a reconnect: the tasks still running or waiting here, so the server keeps their
+	// leases with this stream instead of handing them out again when the old stream's grace ends.
+	held := make([]*pb.LeaseRef, 0, len(w.running)+len(w.waiting))
+	for _, e := range w.running {
+		held = append(held, &pb.LeaseRef{TaskId: e.assignment.Task.GetId(), LeaseToken: e.assignment.LeaseToken})
+	}
+	for _, assignment := range w.waiting {
+		held = append(held, &pb.LeaseRef{TaskId: assignment.Task.GetId(), LeaseToken: assignment.LeaseToken})
+	}
 	return &pb.Hello{
 		WorkerId: w.workerID, Language: "go", SdkVersion: SDKVersion, Queues: w.opts.Queues,
 		TaskNames: names, Tasks: infos, MaxInFlight: int32(w.opts.Concurrency * w.opts.Prefetch),
-		Hostname: hostname, Pid: int32(os.Getpid()), MaxReceiveBytes: maxReceiveBytes,
+		Hostname: hostname, Pid: int32(os.Getpid()), MaxReceiveBytes: maxReceiveBytes, Held: held,
 	}
 }
 

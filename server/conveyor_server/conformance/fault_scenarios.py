@@ -100,6 +100,16 @@ async def reconnect_resend(kit: Kit) -> None:
     await kit.connected(RECONNECT_SECONDS, f"the worker did not reconnect within {RECONNECT_SECONDS:g} s")
 
 
+async def reconnect_held(kit: Kit) -> None:
+    seconds = STREAM_GRACE_SECONDS + LEASE_SECONDS + 1.5  # runs on past the old stream's grace and a lease
+    task_id, call = await _sleep_started(kit, seconds)
+    kit.proxy.cut()  # the stream breaks while the task runs; the worker may reconnect at once
+    await kit.connected(RECONNECT_SECONDS, f"the worker did not reconnect within {RECONNECT_SECONDS:g} s")
+    await _succeeded_once(kit, task_id, call, seconds, "the worker's new Hello did not name the running task in "
+                          "`held`, so the server handed it out again when the old stream's "
+                          f"{STREAM_GRACE_SECONDS:g} s grace ended", within=seconds + 15)
+
+
 async def stale_lease(kit: Kit) -> None:
     seconds = 1.5
     task_id, call = await _sleep_started(kit, seconds)

@@ -50,6 +50,7 @@ SCENARIOS = (
     Scenario("time-limit", faults.time_limit),
     Scenario("heartbeats", faults.heartbeats),
     Scenario("reconnect-resend", faults.reconnect_resend),
+    Scenario("reconnect-held", faults.reconnect_held),
     Scenario("stale-lease", faults.stale_lease),
     Scenario("drain", faults.drain),
 )
