@@ -5,7 +5,8 @@ queue when the grace ended (2 s by default) and ran a second time.
 
 The worker (Python, and Node) reaches the server through a TCP proxy the test controls; the proxy resets the
 worker's connection while a task runs and accepts the reconnect at once. The task then runs on for two leases.
-Each delivery of a task writes a RECEIVED entry into its history: one entry means it was handed out once."""
+Each delivery of a task writes a RECEIVED entry into its history: one entry means it was handed out once.
+The last test restarts the server itself (a graceful stop, as a deploy does) while the task runs."""
 
 from __future__ import annotations
 
@@ -74,3 +75,38 @@ async def test_a_task_running_across_a_reconnect_keeps_its_lease_and_runs_once(
             assert result.attempts == 1 and deliveries(result) == 1, str(result)
             if language == "python":
                 assert len(log_lines(executions, f"gate {task_id}")) == 1
+
+
+async def test_a_task_running_while_its_server_restarts_runs_once(tmp_path: Path, procs: list[Proc]) -> None:
+    """A stopping server leaves its workers' leases in the broker: the worker reports the task to the restarted
+    server, whose record still holds the lease, and the lease's later expiry finds the task ended. (Before, a
+    stopping server handed back the leases of the worker sessions that had ended by its shutdown, and those
+    tasks ran again; whether a session had ended by then was a race, so tests/unit/test_worker_stream.py checks
+    the shutdown itself.)"""
+    lease_seconds = 10.0  # longer than the restart: the lease the stopped server left is still live
+    server = Server(tmp_path, env={**FAST_RECOVERY, "CONVEYOR_LEASE_SECONDS": str(lease_seconds)}, cwd=tmp_path,
+                    wait=False)
+    procs.append(server)
+    server.wait_ready()
+    executions = tmp_path / "executions.log"
+    release = tmp_path / "release"
+    worker = WorkerProc(tmp_path, server.address, concurrency=1, env={"CONVEYOR_TEST_LOG": str(executions)})
+    procs.append(worker)
+    wait_for_workers(server.address, 1)
+    async with Client(server.address) as client:
+        task_id = (await client.submit(sig("gate", str(release)))).task_id
+    wait_for(lambda: log_lines(executions, f"gate {task_id}"), 10, "the task started")
+
+    server.stop()  # SIGTERM: a graceful stop, as a deploy does
+    server.restart()
+    wait_for_workers(server.address, 1)
+    release.touch()
+    async with Client(server.address) as client:
+        result = await client.get_result(task_id, wait=10)
+        assert result.state == result_pb2.TASK_STATE_SUCCESS, result_pb2.TaskState.Name(result.state)
+        assert result.attempts == 1
+        # Past the lease the stopped server left: lease recovery finds the task ended and does not run it again.
+        await asyncio.sleep(lease_seconds + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]) + 1)
+        final = await client.get_result(task_id)
+        assert deliveries(final) == 1 and final.attempts == 1, str(final)
+    assert len(log_lines(executions, f"gate {task_id}")) == 1

@@ -652,8 +652,13 @@ class WorkerConnections:
         return task
 
     async def shutdown(self) -> None:
-        """Return every orphaned lease at once (the server is stopping)."""
+        """The server is stopping: its workers' leases stay with the broker, not handed back.
+
+        Their workers keep running those tasks and report them to another replica, or to this
+        one restarted (the record still holds the lease, so the result counts); handing them
+        back here made every task running during a restart or a rolling deploy run twice. A
+        lease nobody reports on expires (`lease_seconds`) and lease recovery returns its task.
+        (RabbitMQ returns a closed connection's deliveries by itself, whatever is done here.)"""
         await stop_tasks(*self._background)
-        orphans = self.registry.take_all_orphans()
-        if orphans:
-            await self.broker.nack([lease.delivery for lease in orphans])
+        if orphans := self.registry.take_all_orphans():
+            log.info("stopping: leaving %d leases to their workers' results (or to their expiry)", len(orphans))
