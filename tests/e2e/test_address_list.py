@@ -8,18 +8,16 @@ from pathlib import Path
 import pytest
 
 from conveyor import Client, sig
-from tests.e2e.test_node import NODE, NODE_DIR, NodeWorker
+from tests.e2e.test_node import ON_NODE, NodeWorker
 from tests.support.processes import Proc, Server, WorkerProc, free_port, replica_target, wait_for_workers
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("language", ["python", "node"])
+@pytest.mark.parametrize("language", ["python", ON_NODE])
 async def test_a_client_and_a_worker_given_a_dead_address_first_use_the_next(
     tmp_path: Path, procs: list[Proc], language: str
 ) -> None:
-    if language == "node" and (NODE is None or not (NODE_DIR / "node_modules").is_dir()):
-        pytest.skip("needs `node` and workers/node/node_modules")
     server = Server(tmp_path, cwd=tmp_path, wait=False)
     procs.append(server)
     server.wait_ready()

@@ -23,10 +23,12 @@ NODE_DIR = REPO / "workers" / "node"
 NODE = shutil.which("node")
 NODE_QUEUE = "node"
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (NODE_DIR / "node_modules").is_dir(),
-    reason="needs `node` on PATH and workers/node/node_modules (run `npm ci` in workers/node)",
-)
+NODE_READY = NODE is not None and (NODE_DIR / "node_modules").is_dir()
+NODE_MISSING = "needs `node` on PATH and workers/node/node_modules (run `npm ci` in workers/node)"
+# For a parameter that runs a test on the Node worker beside others.
+ON_NODE = pytest.param("node", marks=pytest.mark.skipif(not NODE_READY, reason=NODE_MISSING))
+
+pytestmark = pytest.mark.skipif(not NODE_READY, reason=NODE_MISSING)
 
 
 class NodeWorker(Proc):

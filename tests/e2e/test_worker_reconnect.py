@@ -18,7 +18,7 @@ import pytest
 from conveyor import Client, sig
 from conveyor.v1 import result_pb2
 from tests.chaos.conftest import FAST_RECOVERY
-from tests.e2e.test_node import NODE, NODE_DIR, NodeWorker
+from tests.e2e.test_node import ON_NODE, NodeWorker
 from tests.support.processes import Proc, Server, WorkerProc, log_lines, wait_for, wait_for_workers
 from tests.support.proxy import TcpProxy
 from tests.support.wait import wait_for as wait_until
@@ -32,12 +32,10 @@ def deliveries(result: result_pb2.TaskResult) -> int:
     return sum(1 for entry in result.history if entry.state == result_pb2.TASK_STATE_RECEIVED)
 
 
-@pytest.mark.parametrize("language", ["python", "node"])
+@pytest.mark.parametrize("language", ["python", ON_NODE])
 async def test_a_task_running_across_a_reconnect_keeps_its_lease_and_runs_once(
     tmp_path: Path, procs: list[Proc], language: str
 ) -> None:
-    if language == "node" and (NODE is None or not (NODE_DIR / "node_modules").is_dir()):
-        pytest.skip("needs `node` and workers/node/node_modules")
     server = Server(tmp_path, env=FAST_RECOVERY, cwd=tmp_path, wait=False)
     procs.append(server)
     server.wait_ready()
