@@ -91,17 +91,15 @@ def test_an_unknown_scenario_name_is_a_usage_error() -> None:
     assert "unknown scenario(s) nonsense" in ran.stderr
 
 
-def test_a_worker_that_forgets_unacked_results_on_reconnect_fails_reconnect_resend() -> None:
-    ran = conformance("--worker-cmd", BROKEN_WORKER, "--only", "reconnect-resend", env={"CONFORMANCE_BREAK": "resend"})
+@pytest.mark.parametrize(("fault", "scenario", "reason"), [
+    ("resend", "reconnect-resend", "did not send its result again after reconnecting"),  # forgets unacked results
+    ("held", "reconnect-held", "did not name the running task in `held`"),  # its Hello names no held task
+])
+def test_a_worker_that_breaks_a_reconnect_rule_fails_that_scenario_saying_why(
+    fault: str, scenario: str, reason: str
+) -> None:
+    ran = conformance("--worker-cmd", BROKEN_WORKER, "--only", scenario, env={"CONFORMANCE_BREAK": fault})
     assert ran.returncode == 1, ran.stdout + ran.stderr
-    failed = row(ran.stdout, "reconnect-resend")
-    assert failed.startswith("reconnect-resend FAIL")
-    assert "did not send its result again after reconnecting" in failed
-
-
-def test_a_worker_whose_hello_names_no_held_task_fails_reconnect_held() -> None:
-    ran = conformance("--worker-cmd", BROKEN_WORKER, "--only", "reconnect-held", env={"CONFORMANCE_BREAK": "held"})
-    assert ran.returncode == 1, ran.stdout + ran.stderr
-    failed = row(ran.stdout, "reconnect-held")
-    assert failed.startswith("reconnect-held FAIL")
-    assert "did not name the running task in `held`" in failed
+    failed = row(ran.stdout, scenario)
+    assert failed.startswith(f"{scenario} FAIL")
+    assert reason in failed
