@@ -119,6 +119,32 @@ async def test_extend_keeps_lease(broker: Broker, queue: str) -> None:
     assert await broker.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
 
 
+async def test_a_portable_receipt_serves_another_replica(shared_broker_url: str, queue: str) -> None:
+    """Where receipts are portable, another instance of the engine (another replica) extends and acks a
+    delivery from its queue, id, receipt and count alone, as core/takeover.py rebuilds it from a task's record."""
+    first, other = open_broker(shared_broker_url), open_broker(shared_broker_url)
+    if not first.portable_receipts():
+        pytest.skip(f"{type(first).__name__} keeps its receipts with the process that received them")
+    await first.connect()
+    await other.connect()
+    try:
+        await first.publish(queue, messages(1))
+        [delivery] = await first.fetch(queue, 10, 0.5, wait_seconds=2)
+        rebuilt = Delivery(delivery.message_id, b"", delivery.queue, delivery.receipt, delivery.delivery_count)
+
+        await other.extend([rebuilt], LEASE)
+        await asyncio.sleep(0.8)
+        await first.recover_expired()
+        await other.recover_expired()
+        assert await first.fetch(queue, 10, LEASE) == [], "the other instance's extension kept the lease"
+
+        await other.ack([rebuilt])
+        assert await first.stats(queue) == QueueStats(ready=0, delayed=0, in_flight=0)
+    finally:
+        await first.close()
+        await other.close()
+
+
 async def test_stale_receipt_is_a_noop(broker: Broker, queue: str) -> None:
     await broker.publish(queue, messages(1))
     [stale] = await broker.fetch(queue, 10, 0.3, wait_seconds=2)

@@ -331,6 +331,10 @@ class AmqpBroker:
                    prefix=options.prefix, linger=options.number("linger_ms", LINGER_SECONDS * 1000) / 1000,
                    queue_type=options.text("queue_type", "classic"))
 
+    def portable_receipts(self) -> bool:
+        """A delivery tag belongs to the channel that received it."""
+        return False
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:

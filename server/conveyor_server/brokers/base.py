@@ -67,6 +67,15 @@ class QueueStats:
 class Broker(Protocol):
     """Async queue engine."""
 
+    def portable_receipts(self) -> bool:
+        """Whether a delivery's receipt (with its queue, id and count) is all any replica needs
+        to extend, ack or nack it: true where receipts are plain keys into the shared engine
+        (Redis, SQLite, the in-process memory engine). Then a replica can take over a lease
+        another one handed out (core/takeover.py). Not AMQP (a delivery belongs to its channel)
+        nor SQS (this engine keeps each message's newest receipt handle in the process that
+        received it)."""
+        ...
+
     @classmethod
     def from_url(cls, url: str) -> Self:
         """Build (not connect) the engine from its URL (`engines.open_broker` picks the class by the

@@ -45,6 +45,10 @@ class MemoryBroker:
         """`memory://`: queues in this process only, so the URL has nothing more to say."""
         return cls()
 
+    def portable_receipts(self) -> bool:
+        """Receipts are keys of the one in-process engine, valid for any caller sharing it."""
+        return True
+
     async def connect(self) -> None:
         return None
 

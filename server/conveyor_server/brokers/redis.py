@@ -451,6 +451,10 @@ class RedisBroker:
             poll_seconds=options.number("poll", POLL_SECONDS),
         )
 
+    def portable_receipts(self) -> bool:
+        """A receipt names the message and its delivery count: any replica's scripts can act on it."""
+        return True
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:

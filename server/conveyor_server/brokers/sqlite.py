@@ -161,6 +161,10 @@ class SqliteBroker:
     def from_url(cls, url: str) -> Self:
         return cls(sqlite_path(url))
 
+    def portable_receipts(self) -> bool:
+        """A receipt is the row's seq and its lease's token, both in the shared file."""
+        return True
+
     async def connect(self) -> None:
         await self._db.open()
 

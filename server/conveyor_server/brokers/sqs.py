@@ -287,6 +287,10 @@ class SqsBroker:
             bands=options.integer("bands", 3),
         )
 
+    def portable_receipts(self) -> bool:
+        """The newest receipt handle of each message lives in the process that received it."""
+        return False
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
