@@ -131,4 +131,25 @@ async def test_a_reconnected_worker_keeps_the_orphans_it_names_and_nothing_else(
     assert list(after.leases) == ["a"] and after.free() == 3
     # The grace ends: only what was not adopted goes back to the queue.
     assert [o.token for o in registry.take_orphans(orphans)] == ["b", "c"]
-    assert registry.adopt(session(window=4), held) == []  # adopted once
+    # A stream that names it again (the worker reconnected once more before this replica saw the second
+    # stream end) takes the lease from the second: one session holds it, the latest.
+    latest = session(window=4)
+    assert [adopted.token for adopted in registry.adopt(latest, held)] == ["a"]
+    assert list(latest.leases) == ["a"] and not after.leases
+
+
+async def test_a_worker_reconnecting_before_its_old_stream_is_seen_ending_keeps_what_it_names() -> None:
+    """A connection that died without a word is still open here when the worker's new stream comes: the
+    leases it names move to the new stream (else the old stream's end would hand them back, still running)."""
+    registry = SessionRegistry()
+    before = session(window=4)
+    registry.add(before)
+    await before.reserve(2)
+    await before.settle(2, [lease("a"), lease("b")])
+    after = session(window=4)
+    registry.add(after)
+    held = [worker_service_pb2.LeaseRef(task_id="a", lease_token="a"),
+            worker_service_pb2.LeaseRef(task_id="other", lease_token="b")]  # b's token under another task id
+    assert [adopted.token for adopted in registry.adopt(after, held)] == ["a"]
+    assert list(after.leases) == ["a"] and list(before.leases) == ["b"]
+    assert [o.token for o in registry.remove(before)] == ["b"]  # only b goes back when the old stream ends

@@ -135,16 +135,29 @@ class SessionRegistry:
         return leases
 
     def adopt(self, session: WorkerSession, held: Iterable[worker_service_pb2.LeaseRef]) -> list[Lease]:
-        """Move the orphans a reconnected worker says it still holds to its new session, so they
-        are extended there and not handed back after the grace (the tasks are still running)."""
+        """Move the leases a reconnected worker says it still holds to its new session, so they
+        are extended there and not handed back after the grace (the tasks are still running):
+        orphans of its earlier stream, or leases of that stream when this replica has not seen
+        it end yet (a connection that died without a word)."""
         adopted = []
         for ref in held:
             lease = self._orphans.get(ref.lease_token)
             if lease is not None and lease.task_id == ref.task_id:
                 del self._orphans[ref.lease_token]
-                session.leases[lease.token] = lease
-                adopted.append(lease)
+            elif (lease := self._live_lease(ref, session)) is None:
+                continue
+            session.leases[lease.token] = lease
+            adopted.append(lease)
         return adopted
+
+    def _live_lease(self, ref: worker_service_pb2.LeaseRef, taker: WorkerSession) -> Lease | None:
+        """Take this lease from the other open session holding it (the worker's earlier stream)."""
+        for other in self.sessions.values():
+            lease = other.leases.get(ref.lease_token)
+            if other is not taker and lease is not None and lease.task_id == ref.task_id:
+                del other.leases[ref.lease_token]
+                return lease
+        return None
 
     def take_orphans(self, leases: Iterable[Lease]) -> list[Lease]:
         """Claim orphans that nobody resolved during the grace."""
