@@ -105,7 +105,7 @@ class Core:
         *, clock: Clock = SYSTEM_CLOCK,
     ) -> Core:
         """`clock`: the one every component built here reads (tests pass one they set)."""
-        settings = with_repair_after(with_data_dir(settings))
+        settings = with_server_id(with_repair_after(with_data_dir(settings)))
         broker = broker or open_broker(settings.broker_url)
         backend = backend or open_backend(settings.backend_url, settings.result_ttl_seconds)
         metrics = ServerMetrics()
@@ -131,7 +131,8 @@ class Core:
         limits = DispatchLimits(table=rate_limits, rates=RateLimiter(backend=backend, clock=clock.monotonic),
                                 slots=ConcurrencySlots(store=store, clock=clock.wall))
         dispatcher = Dispatcher(store=store, broker=broker, followups=followups, lease_seconds=settings.lease_seconds,
-                                max_deliveries=settings.max_deliveries, limits=limits, clock=clock)
+                                max_deliveries=settings.max_deliveries, limits=limits, clock=clock,
+                                server_id=settings.server_id)
         registry = SessionRegistry(clock=clock.monotonic)
         pauses = QueuePauses(backend=backend, ttl_seconds=settings.result_ttl_seconds, clock=clock.monotonic)
         tasks = TaskRegistry(backend=backend, server_id=settings.server_id,
@@ -188,12 +189,18 @@ class Core:
         await self.backend.close()
 
 
+def with_server_id(settings: Settings) -> Settings:
+    """Settings with a server id: the configured one, or one unique to this process."""
+    if settings.server_id:
+        return settings
+    return settings.replace(server_id=f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+
 class ConveyorServer:
     """The gRPC server around a Core: task, worker and admin services, health, reflection."""
 
     def __init__(self, settings: Settings, core: Core | None = None) -> None:
-        if not settings.server_id:
-            settings = settings.replace(server_id=f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+        settings = with_server_id(settings)
         self.settings = settings
         self.core = core or Core.build(settings)
         check_exposure(settings)

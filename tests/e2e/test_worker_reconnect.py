@@ -32,6 +32,24 @@ def deliveries(result: result_pb2.TaskResult) -> int:
     return sum(1 for entry in result.history if entry.state == result_pb2.TASK_STATE_RECEIVED)
 
 
+async def wait_started(client: Client, task_id: str) -> None:
+    async def started() -> bool:
+        return (await client.get_result(task_id)).state == result_pb2.TASK_STATE_STARTED
+
+    await wait_until(started, 10, "the task started")
+
+
+async def held_once_then_done(client: Client, task_id: str, release: Path, server: Proc) -> None:
+    """The task still runs under its one delivery; released, it ends as its first attempt, handed out once."""
+    running = await client.get_result(task_id)
+    assert running.state == result_pb2.TASK_STATE_STARTED, result_pb2.TaskState.Name(running.state)
+    assert deliveries(running) == 1, f"handed out again while it ran:\n{running}\n{server.output()[-3000:]}"
+    await asyncio.to_thread(release.touch)
+    result = await client.get_result(task_id, wait=10)
+    assert result.state == result_pb2.TASK_STATE_SUCCESS, result_pb2.TaskState.Name(result.state)
+    assert result.attempts == 1 and deliveries(result) == 1, str(result)
+
+
 @pytest.mark.parametrize("language", ["python", ON_NODE])
 async def test_a_task_running_across_a_reconnect_keeps_its_lease_and_runs_once(
     tmp_path: Path, procs: list[Proc], language: str
@@ -53,35 +71,25 @@ async def test_a_task_running_across_a_reconnect_keeps_its_lease_and_runs_once(
         wait_for_workers(server.address, 1)
         async with Client(server.address) as client:
             task_id = (await client.submit(signature)).task_id
-
-            async def started() -> bool:
-                return (await client.get_result(task_id)).state == result_pb2.TASK_STATE_STARTED
-
-            await wait_until(started, 10, "the task started")
+            await wait_started(client, task_id)
 
             proxy.reset()  # the worker's stream breaks; its reconnect goes through at once
             wait_for(lambda: "reconnected holding 1 tasks" in server.output(), 10, "the server kept the lease")
             # Past the old stream's grace and two leases: only the new stream's heartbeats kept the lease.
             await asyncio.sleep(2 * LEASE_SECONDS)
-            running = await client.get_result(task_id)
-            assert running.state == result_pb2.TASK_STATE_STARTED, result_pb2.TaskState.Name(running.state)
-            assert deliveries(running) == 1, f"handed out again while it ran:\n{running}\n{server.output()[-3000:]}"
-
-            release.touch()
-            result = await client.get_result(task_id, wait=10)
-            assert result.state == result_pb2.TASK_STATE_SUCCESS, result_pb2.TaskState.Name(result.state)
-            assert result.attempts == 1 and deliveries(result) == 1, str(result)
+            await held_once_then_done(client, task_id, release, server)
             if language == "python":
                 assert len(log_lines(executions, f"gate {task_id}")) == 1
 
 
 async def test_a_task_running_while_its_server_restarts_runs_once(tmp_path: Path, procs: list[Proc]) -> None:
-    """A stopping server leaves its workers' leases in the broker: the worker reports the task to the restarted
-    server, whose record still holds the lease, and the lease's later expiry finds the task ended. (Before, a
-    stopping server handed back the leases of the worker sessions that had ended by its shutdown, and those
-    tasks ran again; whether a session had ended by then was a race, so tests/unit/test_worker_stream.py checks
-    the shutdown itself.)"""
-    lease_seconds = 10.0  # longer than the restart: the lease the stopped server left is still live
+    """A stopping server leaves its workers' leases in the broker; the restarted server takes over the lease the
+    worker names when it reconnects (from the task's record, on the embedded SQLite engine) and extends it, so
+    the task runs on for leases after the restart and is recorded once. (Before, a stopping server handed back
+    the leases of the worker sessions that had ended by its shutdown, and those tasks ran again; whether a
+    session had ended by then was a race, so tests/unit/test_worker_stream.py checks the shutdown itself. Then,
+    the restarted server did not know the lease, and the task ran again once it lapsed.)"""
+    lease_seconds = 4.0  # longer than the restart: the lease the stopped server left is still live
     server = Server(tmp_path, env={**FAST_RECOVERY, "CONVEYOR_LEASE_SECONDS": str(lease_seconds)}, cwd=tmp_path,
                     wait=False)
     procs.append(server)
@@ -98,13 +106,9 @@ async def test_a_task_running_while_its_server_restarts_runs_once(tmp_path: Path
     server.stop()  # SIGTERM: a graceful stop, as a deploy does
     server.restart()
     wait_for_workers(server.address, 1)
-    release.touch()
+    wait_for(lambda: "holding 1 tasks another replica handed out" in server.output(), 10, "the lease was taken over")
     async with Client(server.address) as client:
-        result = await client.get_result(task_id, wait=10)
-        assert result.state == result_pb2.TASK_STATE_SUCCESS, result_pb2.TaskState.Name(result.state)
-        assert result.attempts == 1
-        # Past the lease the stopped server left: lease recovery finds the task ended and does not run it again.
-        await asyncio.sleep(lease_seconds + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]) + 1)
-        final = await client.get_result(task_id)
-        assert deliveries(final) == 1 and final.attempts == 1, str(final)
+        # Past two leases and recovery rounds: only the restarted server's extensions kept the lease.
+        await asyncio.sleep(2 * lease_seconds + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
+        await held_once_then_done(client, task_id, release, server)
     assert len(log_lines(executions, f"gate {task_id}")) == 1

@@ -1,6 +1,6 @@
 """A worker given every replica's address (gRPC's own address list, `ipv4:a,b`) delivers the result it holds
 when its replica dies to the other replica, while the task's lease still holds: the task is recorded once, as
-its first attempt, and never runs again.
+its first attempt, and never runs again. A task still running when its replica dies runs on under the other.
 
 Replica A is frozen (SIGSTOP) while its worker's task ends, so the result is sent to A and never acked; then A
 is killed. A worker that knew only A would keep the result for a server that is gone: nothing would record it,
@@ -20,6 +20,7 @@ import pytest
 from conveyor import Client, sig
 from conveyor.v1 import result_pb2
 from tests.chaos.conftest import FAST_RECOVERY
+from tests.e2e.test_worker_reconnect import held_once_then_done, wait_started
 from tests.faults.rig import code_env
 from tests.support.processes import Proc, Server, WorkerProc, log_lines, replica_target, wait_for, wait_for_workers
 from tests.support.redis_server import RedisServer
@@ -39,9 +40,9 @@ def engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield redis.url()
 
 
-async def test_a_result_its_dead_replica_never_acked_is_recorded_by_the_other_once(
-    tmp_path: Path, procs: list[Proc], engine_url: str
-) -> None:
+def start_rig(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Server, Server, WorkerProc]:
+    """Replicas A and B on one engine, and a one-slot worker given both, connected to A (logging its runs to
+    executions.log)."""
     env = {**FAST_RECOVERY, **code_env()}
     replicas = []
     for name in ("replica-a", "replica-b"):
@@ -50,16 +51,25 @@ async def test_a_result_its_dead_replica_never_acked_is_recorded_by_the_other_on
         server.wait_ready()
         replicas.append(server)
     replica_a, replica_b = replicas
-    executions = tmp_path / "executions.log"
     worker = WorkerProc(tmp_path, replica_target(replica_a.address, replica_b.address), concurrency=1,
-                        env={"CONVEYOR_TEST_LOG": str(executions), **code_env()})
+                        env={"CONVEYOR_TEST_LOG": str(tmp_path / "executions.log"), **code_env()})
     procs.append(worker)
     wait_for_workers(replica_a.address, 1)
+    return replica_a, replica_b, worker
+
+
+async def test_a_result_its_dead_replica_never_acked_is_recorded_by_the_other_once(
+    tmp_path: Path, procs: list[Proc], engine_url: str
+) -> None:
+    replica_a, replica_b, worker = start_rig(tmp_path, procs, engine_url)
+    executions = tmp_path / "executions.log"
 
     release = tmp_path / "release"
     async with Client(replica_b.address) as client:
         task_id = (await client.submit(sig("gate", str(release)))).task_id
-        wait_for(lambda: log_lines(executions, f"gate {task_id}"), 10, "the gate task started on A's worker")
+        # STARTED, so A has written the lease into the record (RECEIVED goes out a moment after the assignment:
+        # a result for a lease the record never showed is refused as stale, and the task runs again).
+        await wait_started(client, task_id)
 
         replica_a.signal(signal.SIGSTOP)  # A takes the result into its socket but never answers it
         release.touch()
@@ -83,3 +93,25 @@ async def test_a_result_its_dead_replica_never_acked_is_recorded_by_the_other_on
         assert len(runs) == 1, f"the task ran {len(runs)} times: {runs}"
         final = await client.get_result(task_id)
         assert final.attempts == 1 and final.state == result_pb2.TASK_STATE_SUCCESS
+
+
+async def test_a_task_running_when_its_replica_dies_runs_on_once_under_the_other(
+    tmp_path: Path, procs: list[Proc], engine_url: str
+) -> None:
+    """Replica A is killed while its worker runs a task longer than the lease. The worker reconnects to B and
+    names the task; B takes the lease over from the task's record and extends it, so after two leases and
+    recovery rounds the task has still been handed out once, and its result is its first attempt's. Without
+    the takeover the lease lapses and the task runs a second time."""
+    replica_a, replica_b, _ = start_rig(tmp_path, procs, engine_url)
+    executions = tmp_path / "executions.log"
+
+    release = tmp_path / "release"
+    async with Client(replica_b.address) as client:
+        task_id = (await client.submit(sig("gate", str(release)))).task_id
+        await wait_started(client, task_id)
+        replica_a.kill9()
+        wait_for(lambda: "holding 1 tasks another replica handed out" in replica_b.output(), 10,
+                 "B took the lease over")
+        await asyncio.sleep(2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
+        await held_once_then_done(client, task_id, release, replica_b)
+    assert len(log_lines(executions, f"gate {task_id}")) == 1

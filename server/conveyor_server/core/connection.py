@@ -39,6 +39,7 @@ from .routing_timeout import past_routing_timeout
 from .sessions import SessionRegistry, WorkerSession
 from .sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from .store import Loaded, TaskStore
+from .takeover import take_over, taken_over_elsewhere
 from .task_registry import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class WorkerConnections:
 
     async def run(self, session: WorkerSession, requests: AsyncIterator[worker_service_pb2.ConnectRequest]) -> None:
         """Serve the session until the worker's stream ends; then hand back what it held."""
+        await self._take_over(session)  # before the pumps fill the window these leases share
         tasks = [asyncio.create_task(self._pump(session, queue)) for queue in session.queues]
         tasks.append(asyncio.create_task(self._watchdog(session)))
         tasks.append(asyncio.create_task(self._keep_leases(session)))
@@ -176,6 +178,25 @@ class WorkerConnections:
             # Shielded: when the call is cancelled again while this cleanup awaits, the leases must
             # still leave the dead session and go back to the queue after the grace.
             await asyncio.shield(self._spawn(self._leave(session, tasks)))
+
+    async def _take_over(self, session: WorkerSession) -> None:
+        """Take over the leases the reconnected worker holds that this replica does not keep
+        (another replica, or this one before a restart, handed them out: core/takeover.py)."""
+        unknown = [ref for ref in session.hello.held if ref.lease_token not in session.leases]
+        if not unknown:
+            return
+        try:
+            leases = await take_over(self.store, self.broker, unknown, self.settings.server_id,
+                                     self.settings.lease_seconds, session.allowed_queues, clock=self.clock)
+        except Exception as exc:  # they lapse and run again, as without a takeover
+            log.warning("taking over the %d leases worker %s holds failed: %s: %s", len(unknown), session.worker_id,
+                        type(exc).__name__, exc)
+            return
+        if leases:
+            await session.settle(0, leases)
+            self.dispatcher.taken_over(leases)
+            log.info("worker %s reconnected holding %d tasks another replica handed out: their leases move here",
+                     session.worker_id, len(leases))
 
     async def _leave(self, session: WorkerSession, tasks: list[asyncio.Task[None]]) -> None:
         await session.close()
@@ -631,11 +652,31 @@ class WorkerConnections:
 
     async def _requeue_after_grace(self, session: WorkerSession, leases: list[Lease]) -> None:
         await asyncio.sleep(self.settings.stream_grace_seconds)
-        orphans = self.registry.take_orphans(leases)
-        self.dispatcher.released(orphans)
+        ended_here = self.registry.take_orphans(leases)
+        self.dispatcher.released(ended_here)
+        orphans = await self._not_taken_over(ended_here)
         if orphans:
             log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
             await self.broker.nack([lease.delivery for lease in orphans])
+
+    async def _not_taken_over(self, orphans: list[Lease]) -> list[Lease]:
+        """The orphans no other replica took over: their worker did not reconnect there (a
+        worker cut off from this replica alone goes on with its tasks on another)."""
+        if not orphans or not self.broker.portable_receipts():
+            return orphans
+        try:
+            loaded = await self.store.load([lease.task_id for lease in orphans])
+        except Exception as exc:  # handing back is what happens without a takeover
+            log.warning("checking whether %d leases were taken over failed: %s: %s", len(orphans),
+                        type(exc).__name__, exc)
+            return orphans
+        server_id = self.settings.server_id
+        moved = {lease.token for lease in orphans
+                 if (found := loaded.get(lease.task_id)) is not None
+                 and taken_over_elsewhere(found.record, lease, server_id)}
+        if moved:
+            log.info("%d leases of a worker that left were taken over by another replica", len(moved))
+        return [lease for lease in orphans if lease.token not in moved]
 
     async def cancel_running(self, task_ids: list[str]) -> list[str]:
         """Tell the workers of this replica holding any of these tasks to stop them; returns the ids held."""

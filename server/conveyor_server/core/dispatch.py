@@ -147,6 +147,7 @@ def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) 
         ))
     if record.lease_token != lease.token:
         record.deliveries += 1
+        record.ClearField("lease_delivery")  # the earlier lease's
     record.lease_token = lease.token
     record.enqueued = True
     record.result.attempts = lease.attempt
@@ -155,11 +156,22 @@ def mark_received(record: records_pb2.TaskRecord, lease: Lease, worker_id: str) 
     return True
 
 
+def stamp_delivery(record: records_pb2.TaskRecord, delivery: Delivery, holder: str) -> None:
+    """Write the lease's broker delivery into the record, with the replica that keeps it, for
+    another replica to take the lease over (core/takeover.py)."""
+    stamped = record.lease_delivery
+    stamped.queue = delivery.queue
+    stamped.message_id = delivery.message_id
+    stamped.receipt = delivery.receipt
+    stamped.delivery_count = delivery.delivery_count
+    stamped.holder = holder
+
+
 class Dispatcher:
     def __init__(
         self, store: TaskStore, broker: Broker, followups: FollowUps, lease_seconds: float,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES, limits: DispatchLimits | None = None,
-        *, clock: Clock = SYSTEM_CLOCK,
+        *, clock: Clock = SYSTEM_CLOCK, server_id: str = "",
     ) -> None:
         self.store = store
         self.broker = broker
@@ -168,6 +180,8 @@ class Dispatcher:
         self.max_deliveries = max(max_deliveries, 1)
         self.limits = limits
         self.clock = clock
+        # Written into the records of the leases this replica keeps, where others may take them over.
+        self.server_id = server_id
         # Attempts this replica handed out whose lease has not ended: task id -> (attempt, when,
         # monotonic). A second copy of a task's message (a follow-up published again because its
         # confirmation failed) can be fetched before the first copy's RECEIVED is written, when
@@ -285,6 +299,12 @@ class Dispatcher:
         yet (an entry a lost path never released lasts until pruned, past half a lease)."""
         return task_id in self._handed_out
 
+    def taken_over(self, leases: Iterable[Lease]) -> None:
+        """This replica keeps these leases now (another handed them out): their tasks are held."""
+        now = self.clock.monotonic()
+        for lease in leases:
+            self._handed_out[lease.task_id] = (lease.attempt, now)
+
     def released(self, leases: Iterable[Lease]) -> None:
         """These leases ended (a result, a hand-back, a lost worker): their tasks may be handed out again."""
         for lease in leases:
@@ -321,9 +341,17 @@ class Dispatcher:
         """Write RECEIVED for these leases; returns those withdrawn because their task ended
         meanwhile (their messages are acked). Does not resolve `recorded`."""
         by_id = {lease.task_id: lease for lease in leases}
-        written = await self.store.update_loaded(
-            list(by_id), lambda task_id, record: mark_received(record, by_id[task_id], worker_id), known=known
-        )
+        portable = self.broker.portable_receipts()
+
+        def receive(task_id: str, record: records_pb2.TaskRecord) -> bool:
+            lease = by_id[task_id]
+            if not mark_received(record, lease, worker_id):
+                return False
+            if portable:  # so that another replica can take the lease over (core/takeover.py)
+                stamp_delivery(record, lease.delivery, self.server_id)
+            return True
+
+        written = await self.store.update_loaded(list(by_id), receive, known=known)
         withdrawn = [lease for lease in leases if lease.task_id not in written]
         if withdrawn:
             await self._drop({lease.task_id: lease.delivery for lease in withdrawn}, [])

@@ -497,9 +497,11 @@ type Hello struct {
 	// INVALID_ARGUMENT when an entry has no name, or a call_schema is not a valid JSON Schema.
 	Tasks []*TaskInfo `protobuf:"bytes,10,rep,name=tasks,proto3" json:"tasks,omitempty"`
 	// After a reconnect: the tasks the worker still holds from its earlier stream (running, or
-	// waiting for a slot) and has not reported. A replica that still keeps their leases (within
-	// its stream grace) moves them to this stream: it extends them and does not hand the tasks
-	// out again, however long they run. Leases it no longer keeps are ignored; their results are
+	// waiting for a slot) and has not reported. The replica moves their leases to this stream: it
+	// extends them and does not hand the tasks out again, however long they run. It finds them
+	// among its own (the earlier stream's, within its grace) or, when that stream was another
+	// replica's (or this one's before a restart), in the task's record, on brokers whose receipts
+	// every replica can use (Redis, SQLite). Leases it cannot find are ignored; their results are
 	// then checked against the record as usual.
 	Held []*LeaseRef `protobuf:"bytes,11,rep,name=held,proto3" json:"held,omitempty"`
 }

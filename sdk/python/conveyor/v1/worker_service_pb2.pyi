@@ -286,9 +286,11 @@ class Hello(_message.Message):
     @_builtins.property
     def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
         """After a reconnect: the tasks the worker still holds from its earlier stream (running, or
-        waiting for a slot) and has not reported. A replica that still keeps their leases (within
-        its stream grace) moves them to this stream: it extends them and does not hand the tasks
-        out again, however long they run. Leases it no longer keeps are ignored; their results are
+        waiting for a slot) and has not reported. The replica moves their leases to this stream: it
+        extends them and does not hand the tasks out again, however long they run. It finds them
+        among its own (the earlier stream's, within its grace) or, when that stream was another
+        replica's (or this one's before a restart), in the task's record, on brokers whose receipts
+        every replica can use (Redis, SQLite). Leases it cannot find are ignored; their results are
         then checked against the record as usual.
         """
 

@@ -29,35 +29,37 @@ from conveyor.v1 import workflow_pb2 as conveyor_dot_v1_dot_workflow__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/internal/v1/records.proto\x12\x14\x63onveyor.internal.v1\x1a\x1f\x63onveyor/v1/admin_service.proto\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x04\n\nTaskRecord\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nqueued\x18\x04 \x01(\x08\x12.\n\x0e\x61ttempt_errors\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskError\x12\x11\n\tpublished\x18\x06 \x01(\x08\x12,\n\x08retry_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toutbox_id\x18\x08 \x01(\t\x12/\n\x0b\x65nqueued_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07repairs\x18\n \x01(\x05\x12/\n\x0brepaired_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_renewed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeliveries\x18\x14 \x01(\r\x12\x0f\n\x07rejects\x18\x15 \x01(\r\x12\x10\n\x08requeues\x18\x16 \x01(\r\x12*\n\x0breplacement\x18\x17 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x19\n\x11replacement_depth\x18\x18 \x01(\r\x12\x13\n\x0breplaced_by\x18\x19 \x01(\t\"\x95\x01\n\x0bOutboxEntry\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .conveyor.internal.v1.OutboxKind\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x14\n\x0cworkflow_ids\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x0bTaskMessage\x12)\n\tsignature\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x15\n\rrepairs_lease\x18\x04 \x01(\t\"\xc4\x01\n\x0cWorkflowPlan\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0croot_node_id\x18\x02 \x01(\t\x12-\n\x05nodes\x18\x03 \x03(\x0b\x32\x1e.conveyor.internal.v1.PlanNode\x12%\n\x06source\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x18\n\x10replaces_task_id\x18\x05 \x01(\t\x12\x19\n\x11replacement_depth\x18\x06 \x01(\r\"\xf8\x02\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blegacy_kind\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x11\n\tchild_ids\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x37\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy\x12(\n\x08on_error\x18\x08 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x30\n\x04kind\x18\t \x01(\x0e\x32\".conveyor.internal.v1.PlanNodeKind\x12*\n\non_success\x18\n \x03(\x0b\x32\x16.conveyor.v1.Signature\x12/\n\x0fon_member_error\x18\x0b \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x0e\n\x06nested\x18\x0c \x01(\x08\"\xe4\x01\n\x0bNodeOutcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x32\n\x07members\x18\x04 \x03(\x0b\x32!.conveyor.internal.v1.NodeOutcome\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"B\n\x0ePublishedTasks\x12\x30\n\x06queues\x18\x01 \x03(\x0b\x32 .conveyor.internal.v1.QueueTasks\"-\n\nQueueTasks\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"\xe6\x01\n\x10TaskRegistration\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12$\n\x05tasks\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.TaskInfo\x12\x11\n\tserver_id\x18\x07 \x01(\t\x12+\n\x07seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04gone\x18\t \x01(\x08\"z\n\x0eScheduleRecord\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12.\n\ntouched_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\nOutboxKind\x12\x1b\n\x17OUTBOX_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTBOX_KIND_PUBLISH\x10\x01\x12\x1a\n\x16OUTBOX_KIND_FOLLOW_UPS\x10\x02*\xad\x01\n\x0cPlanNodeKind\x12\x1e\n\x1aPLAN_NODE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_NODE_KIND_TASK\x10\x01\x12\x18\n\x14PLAN_NODE_KIND_CHAIN\x10\x02\x12\x18\n\x14PLAN_NODE_KIND_GROUP\x10\x03\x12\x18\n\x14PLAN_NODE_KIND_CHORD\x10\x04\x12\x16\n\x12PLAN_NODE_KIND_MAP\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/internal/v1/records.proto\x12\x14\x63onveyor.internal.v1\x1a\x1f\x63onveyor/v1/admin_service.proto\x1a\x18\x63onveyor/v1/result.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1a\x63onveyor/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x04\n\nTaskRecord\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskResult\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nqueued\x18\x04 \x01(\x08\x12.\n\x0e\x61ttempt_errors\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskError\x12\x11\n\tpublished\x18\x06 \x01(\x08\x12,\n\x08retry_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toutbox_id\x18\x08 \x01(\t\x12/\n\x0b\x65nqueued_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07repairs\x18\n \x01(\x05\x12/\n\x0brepaired_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_renewed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeliveries\x18\x14 \x01(\r\x12\x0f\n\x07rejects\x18\x15 \x01(\r\x12\x10\n\x08requeues\x18\x16 \x01(\r\x12*\n\x0breplacement\x18\x17 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x19\n\x11replacement_depth\x18\x18 \x01(\r\x12\x13\n\x0breplaced_by\x18\x19 \x01(\t\x12;\n\x0elease_delivery\x18\x1a \x01(\x0b\x32#.conveyor.internal.v1.LeaseDelivery\"k\n\rLeaseDelivery\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0f\n\x07receipt\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x04 \x01(\r\x12\x0e\n\x06holder\x18\x05 \x01(\t\"\x95\x01\n\x0bOutboxEntry\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .conveyor.internal.v1.OutboxKind\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x14\n\x0cworkflow_ids\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x0bTaskMessage\x12)\n\tsignature\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.Signature\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x15\n\rrepairs_lease\x18\x04 \x01(\t\"\xc4\x01\n\x0cWorkflowPlan\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0croot_node_id\x18\x02 \x01(\t\x12-\n\x05nodes\x18\x03 \x03(\x0b\x32\x1e.conveyor.internal.v1.PlanNode\x12%\n\x06source\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.Workflow\x12\x18\n\x10replaces_task_id\x18\x05 \x01(\t\x12\x19\n\x11replacement_depth\x18\x06 \x01(\r\"\xf8\x02\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blegacy_kind\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x11\n\tchild_ids\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x37\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0e\x32\x1f.conveyor.v1.ChordFailurePolicy\x12(\n\x08on_error\x18\x08 \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x30\n\x04kind\x18\t \x01(\x0e\x32\".conveyor.internal.v1.PlanNodeKind\x12*\n\non_success\x18\n \x03(\x0b\x32\x16.conveyor.v1.Signature\x12/\n\x0fon_member_error\x18\x0b \x03(\x0b\x32\x16.conveyor.v1.Signature\x12\x0e\n\x06nested\x18\x0c \x01(\x08\"\xe4\x01\n\x0bNodeOutcome\x12\n\n\x02ok\x18\x01 \x01(\x08\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.conveyor.v1.Value\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x32\n\x07members\x18\x04 \x03(\x0b\x32!.conveyor.internal.v1.NodeOutcome\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"B\n\x0ePublishedTasks\x12\x30\n\x06queues\x18\x01 \x03(\x0b\x32 .conveyor.internal.v1.QueueTasks\"-\n\nQueueTasks\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"\xe6\x01\n\x10TaskRegistration\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12$\n\x05tasks\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.TaskInfo\x12\x11\n\tserver_id\x18\x07 \x01(\t\x12+\n\x07seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04gone\x18\t \x01(\x08\"z\n\x0eScheduleRecord\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12.\n\ntouched_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\nOutboxKind\x12\x1b\n\x17OUTBOX_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTBOX_KIND_PUBLISH\x10\x01\x12\x1a\n\x16OUTBOX_KIND_FOLLOW_UPS\x10\x02*\xad\x01\n\x0cPlanNodeKind\x12\x1e\n\x1aPLAN_NODE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_NODE_KIND_TASK\x10\x01\x12\x18\n\x14PLAN_NODE_KIND_CHAIN\x10\x02\x12\x18\n\x14PLAN_NODE_KIND_GROUP\x10\x03\x12\x18\n\x14PLAN_NODE_KIND_CHORD\x10\x04\x12\x16\n\x12PLAN_NODE_KIND_MAP\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.internal.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTBOXKIND']._serialized_start=2316
-  _globals['_OUTBOXKIND']._serialized_end=2410
-  _globals['_PLANNODEKIND']._serialized_start=2413
-  _globals['_PLANNODEKIND']._serialized_end=2586
+  _globals['_OUTBOXKIND']._serialized_start=2486
+  _globals['_OUTBOXKIND']._serialized_end=2580
+  _globals['_PLANNODEKIND']._serialized_start=2583
+  _globals['_PLANNODEKIND']._serialized_end=2756
   _globals['_TASKRECORD']._serialized_start=205
-  _globals['_TASKRECORD']._serialized_end=762
-  _globals['_OUTBOXENTRY']._serialized_start=765
-  _globals['_OUTBOXENTRY']._serialized_end=914
-  _globals['_TASKMESSAGE']._serialized_start=916
-  _globals['_TASKMESSAGE']._serialized_end=1033
-  _globals['_WORKFLOWPLAN']._serialized_start=1036
-  _globals['_WORKFLOWPLAN']._serialized_end=1232
-  _globals['_PLANNODE']._serialized_start=1235
-  _globals['_PLANNODE']._serialized_end=1611
-  _globals['_NODEOUTCOME']._serialized_start=1614
-  _globals['_NODEOUTCOME']._serialized_end=1842
-  _globals['_PUBLISHEDTASKS']._serialized_start=1844
-  _globals['_PUBLISHEDTASKS']._serialized_end=1910
-  _globals['_QUEUETASKS']._serialized_start=1912
-  _globals['_QUEUETASKS']._serialized_end=1957
-  _globals['_TASKREGISTRATION']._serialized_start=1960
-  _globals['_TASKREGISTRATION']._serialized_end=2190
-  _globals['_SCHEDULERECORD']._serialized_start=2192
-  _globals['_SCHEDULERECORD']._serialized_end=2314
+  _globals['_TASKRECORD']._serialized_end=823
+  _globals['_LEASEDELIVERY']._serialized_start=825
+  _globals['_LEASEDELIVERY']._serialized_end=932
+  _globals['_OUTBOXENTRY']._serialized_start=935
+  _globals['_OUTBOXENTRY']._serialized_end=1084
+  _globals['_TASKMESSAGE']._serialized_start=1086
+  _globals['_TASKMESSAGE']._serialized_end=1203
+  _globals['_WORKFLOWPLAN']._serialized_start=1206
+  _globals['_WORKFLOWPLAN']._serialized_end=1402
+  _globals['_PLANNODE']._serialized_start=1405
+  _globals['_PLANNODE']._serialized_end=1781
+  _globals['_NODEOUTCOME']._serialized_start=1784
+  _globals['_NODEOUTCOME']._serialized_end=2012
+  _globals['_PUBLISHEDTASKS']._serialized_start=2014
+  _globals['_PUBLISHEDTASKS']._serialized_end=2080
+  _globals['_QUEUETASKS']._serialized_start=2082
+  _globals['_QUEUETASKS']._serialized_end=2127
+  _globals['_TASKREGISTRATION']._serialized_start=2130
+  _globals['_TASKREGISTRATION']._serialized_end=2360
+  _globals['_SCHEDULERECORD']._serialized_start=2362
+  _globals['_SCHEDULERECORD']._serialized_end=2484
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,7 @@ class TaskRecord(_message.Message):
     REPLACEMENT_FIELD_NUMBER: _builtins.int
     REPLACEMENT_DEPTH_FIELD_NUMBER: _builtins.int
     REPLACED_BY_FIELD_NUMBER: _builtins.int
+    LEASE_DELIVERY_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Lease of the current attempt; a result carrying another token is stale."""
     node_id: _builtins.str
@@ -170,6 +171,14 @@ class TaskRecord(_message.Message):
         core/replacement.py) ends, and then takes its outcome.
         """
 
+    @_builtins.property
+    def lease_delivery(self) -> Global___LeaseDelivery:
+        """RECEIVED/STARTED, on a broker whose receipts every replica can use: the broker delivery
+        that `lease_token` holds. A replica that a worker reconnects to, holding this lease
+        (Hello.held), takes it over from here: it extends, acks or nacks the delivery in the
+        place of the replica that handed it out, which may be gone (core/takeover.py).
+        """
+
     def __init__(
         self,
         *,
@@ -191,14 +200,52 @@ class TaskRecord(_message.Message):
         replacement: _workflow_pb2.Workflow | None = ...,
         replacement_depth: _builtins.int = ...,
         replaced_by: _builtins.str = ...,
+        lease_delivery: Global___LeaseDelivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "replacement", b"replacement", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "lease_delivery", b"lease_delivery", "lease_renewed_at", b"lease_renewed_at", "repaired_at", b"repaired_at", "replacement", b"replacement", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "replaced_by", b"replaced_by", "replacement", b"replacement", "replacement_depth", b"replacement_depth", "requeues", b"requeues", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_errors", b"attempt_errors", "deliveries", b"deliveries", "enqueued", b"enqueued", "enqueued_at", b"enqueued_at", "lease_delivery", b"lease_delivery", "lease_renewed_at", b"lease_renewed_at", "lease_token", b"lease_token", "node_id", b"node_id", "outbox_id", b"outbox_id", "published", b"published", "rejects", b"rejects", "repaired_at", b"repaired_at", "repairs", b"repairs", "replaced_by", b"replaced_by", "replacement", b"replacement", "replacement_depth", b"replacement_depth", "requeues", b"requeues", "result", b"result", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskRecord: _TypeAlias = TaskRecord  # noqa: Y015
+
+@_typing.final
+class LeaseDelivery(_message.Message):
+    """LeaseDelivery is a broker's handle on one leased message (brokers/base.py, Delivery)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    message_id: _builtins.str
+    receipt: _builtins.str
+    delivery_count: _builtins.int
+    holder: _builtins.str
+    """The server replica (Welcome.server_id) that keeps the lease now: the one that handed it
+    out, or the last that took it over. A replica whose worker left does not hand back a
+    lease another replica took over.
+    """
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        receipt: _builtins.str = ...,
+        delivery_count: _builtins.int = ...,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_count", b"delivery_count", "holder", b"holder", "message_id", b"message_id", "queue", b"queue", "receipt", b"receipt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseDelivery: _TypeAlias = LeaseDelivery  # noqa: Y015
 
 @_typing.final
 class OutboxEntry(_message.Message):
