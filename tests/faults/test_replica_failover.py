@@ -23,6 +23,7 @@ from tests.chaos.conftest import FAST_RECOVERY
 from tests.e2e.test_worker_reconnect import held_once_then_done, wait_started
 from tests.faults.rig import code_env
 from tests.support.processes import Proc, Server, WorkerProc, log_lines, replica_target, wait_for, wait_for_workers
+from tests.support.proxy import TcpProxy
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -40,9 +41,8 @@ def engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield redis.url()
 
 
-def start_rig(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Server, Server, WorkerProc]:
-    """Replicas A and B on one engine, and a one-slot worker given both, connected to A (logging its runs to
-    executions.log)."""
+def start_replicas(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Server, Server]:
+    """Replicas A and B on one engine."""
     env = {**FAST_RECOVERY, **code_env()}
     replicas = []
     for name in ("replica-a", "replica-b"):
@@ -50,12 +50,23 @@ def start_rig(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Serve
         procs.append(server)
         server.wait_ready()
         replicas.append(server)
-    replica_a, replica_b = replicas
-    worker = WorkerProc(tmp_path, replica_target(replica_a.address, replica_b.address), concurrency=1,
+    return replicas[0], replicas[1]
+
+
+def start_worker(tmp_path: Path, procs: list[Proc], a_address: str, replica_a: Server, replica_b: Server) -> WorkerProc:
+    """A one-slot worker given both replicas, A first (reached at `a_address`), connected to A; it logs its runs
+    to executions.log."""
+    worker = WorkerProc(tmp_path, replica_target(a_address, replica_b.address), concurrency=1,
                         env={"CONVEYOR_TEST_LOG": str(tmp_path / "executions.log"), **code_env()})
     procs.append(worker)
     wait_for_workers(replica_a.address, 1)
-    return replica_a, replica_b, worker
+    return worker
+
+
+def start_rig(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Server, Server, WorkerProc]:
+    """Replicas A and B, and a worker given both, connected to A."""
+    replica_a, replica_b = start_replicas(tmp_path, procs, engine_url)
+    return replica_a, replica_b, start_worker(tmp_path, procs, replica_a.address, replica_a, replica_b)
 
 
 async def test_a_result_its_dead_replica_never_acked_is_recorded_by_the_other_once(
@@ -115,3 +126,27 @@ async def test_a_task_running_when_its_replica_dies_runs_on_once_under_the_other
         await asyncio.sleep(2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
         await held_once_then_done(client, task_id, release, replica_b)
     assert len(log_lines(executions, f"gate {task_id}")) == 1
+
+
+async def test_a_worker_cut_off_from_its_live_replica_takes_its_task_to_the_other_and_runs_it_once(
+    tmp_path: Path, procs: list[Proc], engine_url: str
+) -> None:
+    """The worker's link to replica A is cut (A stays up and sees the stream end); the worker reconnects to B,
+    which takes the running task's lease over. When A's grace for the lost stream ends, A finds the lease taken
+    over and does not hand it back: the task runs on once. Without that check A returns the task to its queue
+    while it runs, and it runs again."""
+    replica_a, replica_b = start_replicas(tmp_path, procs, engine_url)
+    with TcpProxy("127.0.0.1", replica_a.port) as link_to_a:
+        start_worker(tmp_path, procs, link_to_a.address, replica_a, replica_b)
+        release = tmp_path / "release"
+        async with Client(replica_b.address) as client:
+            task_id = (await client.submit(sig("gate", str(release)))).task_id
+            await wait_started(client, task_id)
+            link_to_a.cut()  # A stays up; the worker can no longer reach it and moves on to B
+            wait_for(lambda: "holding 1 tasks another replica handed out" in replica_b.output(), 10,
+                     "B took the lease over")
+            wait_for(lambda: "taken over by another replica" in replica_a.output(), 10,
+                     "A saw its worker's lease taken over")
+            await asyncio.sleep(2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
+            await held_once_then_done(client, task_id, release, replica_a)
+    assert len(log_lines(tmp_path / "executions.log", f"gate {task_id}")) == 1
