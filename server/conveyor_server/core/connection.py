@@ -39,7 +39,7 @@ from .routing_timeout import past_routing_timeout
 from .sessions import SessionRegistry, WorkerSession
 from .sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from .store import Loaded, TaskStore
-from .takeover import take_over, taken_over_elsewhere
+from .takeover import not_taken_over, take_over
 from .task_registry import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -654,29 +654,10 @@ class WorkerConnections:
         await asyncio.sleep(self.settings.stream_grace_seconds)
         ended_here = self.registry.take_orphans(leases)
         self.dispatcher.released(ended_here)
-        orphans = await self._not_taken_over(ended_here)
+        orphans = await not_taken_over(self.store, self.broker, ended_here, self.settings.server_id)
         if orphans:
             log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
             await self.broker.nack([lease.delivery for lease in orphans])
-
-    async def _not_taken_over(self, orphans: list[Lease]) -> list[Lease]:
-        """The orphans no other replica took over: their worker did not reconnect there (a
-        worker cut off from this replica alone goes on with its tasks on another)."""
-        if not orphans or not self.broker.portable_receipts():
-            return orphans
-        try:
-            loaded = await self.store.load([lease.task_id for lease in orphans])
-        except Exception as exc:  # handing back is what happens without a takeover
-            log.warning("checking whether %d leases were taken over failed: %s: %s", len(orphans),
-                        type(exc).__name__, exc)
-            return orphans
-        server_id = self.settings.server_id
-        moved = {lease.token for lease in orphans
-                 if (found := loaded.get(lease.task_id)) is not None
-                 and taken_over_elsewhere(found.record, lease, server_id)}
-        if moved:
-            log.info("%d leases of a worker that left were taken over by another replica", len(moved))
-        return [lease for lease in orphans if lease.token not in moved]
 
     async def cancel_running(self, task_ids: list[str]) -> list[str]:
         """Tell the workers of this replica holding any of these tasks to stop them; returns the ids held."""

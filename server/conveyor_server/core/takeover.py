@@ -20,6 +20,7 @@ yet (handed out moments before its replica died), and any lease on AMQP or SQS.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 from conveyor.internal.v1 import records_pb2
@@ -33,6 +34,8 @@ from .limits.concurrency import is_keyed
 from .records import TaskStates
 from .replacement import is_replaced
 from .store import Loaded, TaskStore
+
+log = logging.getLogger(__name__)
 
 _RUNNING = (TaskStates.TASK_STATE_RECEIVED, TaskStates.TASK_STATE_STARTED)
 
@@ -102,3 +105,22 @@ async def take_over(
     leases = [lease_from(found.record, clock.monotonic(), clock.wall()) for found in written.values()]
     await broker.extend([lease.delivery for lease in leases], lease_seconds)
     return leases
+
+
+async def not_taken_over(store: TaskStore, broker: Broker, orphans: list[Lease], server_id: str) -> list[Lease]:
+    """The leases of a worker that left this replica that no other replica took over: the ones
+    to hand back. A worker cut off from this replica alone goes on with its tasks on another."""
+    if not orphans or not broker.portable_receipts():
+        return orphans
+    try:
+        loaded = await store.load([lease.task_id for lease in orphans])
+    except Exception as exc:  # handing back is what happens without a takeover
+        log.warning("checking whether %d leases were taken over failed: %s: %s", len(orphans),
+                    type(exc).__name__, exc)
+        return orphans
+    moved = {lease.token for lease in orphans
+             if (found := loaded.get(lease.task_id)) is not None
+             and taken_over_elsewhere(found.record, lease, server_id)}
+    if moved:
+        log.info("%d leases of a worker that left were taken over by another replica", len(moved))
+    return [lease for lease in orphans if lease.token not in moved]
