@@ -29,6 +29,8 @@ from tests.support.redis_server import RedisServer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 LEASE_SECONDS = float(FAST_RECOVERY["CONVEYOR_LEASE_SECONDS"])
+# Long enough for a lease nobody extends to lapse and lease recovery to hand its task out again.
+PAST_RECOVERY_SECONDS = 2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"])
 
 
 @pytest.fixture(params=["redis", "sqlite"])
@@ -123,7 +125,7 @@ async def test_a_task_running_when_its_replica_dies_runs_on_once_under_the_other
         replica_a.kill9()
         wait_for(lambda: "holding 1 tasks another replica handed out" in replica_b.output(), 10,
                  "B took the lease over")
-        await asyncio.sleep(2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
+        await asyncio.sleep(PAST_RECOVERY_SECONDS)
         await held_once_then_done(client, task_id, release, replica_b)
     assert len(log_lines(executions, f"gate {task_id}")) == 1
 
@@ -147,6 +149,6 @@ async def test_a_worker_cut_off_from_its_live_replica_takes_its_task_to_the_othe
                      "B took the lease over")
             wait_for(lambda: "taken over by another replica" in replica_a.output(), 10,
                      "A saw its worker's lease taken over")
-            await asyncio.sleep(2 * LEASE_SECONDS + 2 * float(FAST_RECOVERY["CONVEYOR_RECOVER_INTERVAL_SECONDS"]))
+            await asyncio.sleep(PAST_RECOVERY_SECONDS)
             await held_once_then_done(client, task_id, release, replica_a)
     assert len(log_lines(tmp_path / "executions.log", f"gate {task_id}")) == 1
