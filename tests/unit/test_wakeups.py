@@ -18,11 +18,17 @@ class Queue:
         self.items = items
         self.look_again = look_again
         self.looks = 0
+        # When set, the next look reads the queue, then waits for it to open before it answers
+        # (a look in flight, its answer on the way back).
+        self.gate: asyncio.Event | None = None
 
     async def attempt(self) -> tuple[list[int], float]:
+        gate, self.gate = self.gate, None
         self.looks += 1
         taken = list(range(min(self.items, WANT)))
         self.items -= len(taken)
+        if gate is not None:
+            await gate.wait()
         return taken, self.look_again
 
 
@@ -80,3 +86,76 @@ async def test_a_wake_during_the_look_that_drained_the_queue_is_not_missed() -> 
     await fetch(wakeups, queue)
     queue.attempt = original  # type: ignore[method-assign]
     assert await asyncio.wait_for(fetch(wakeups, queue), 0.5) == [0]
+
+
+async def waiting_fetches(wakeups: Wakeups, queue: Queue, count: int) -> list[asyncio.Task[list[int]]]:
+    """`count` fetches waiting on `queue`, drained by a first one."""
+    assert await fetch(wakeups, queue) == [0]
+    fetches = [asyncio.create_task(fetch(wakeups, queue)) for _ in range(count)]
+    await asyncio.sleep(0.05)
+    return fetches
+
+
+async def test_a_wake_for_one_task_makes_one_look_however_many_fetches_wait() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    fetches = await waiting_fetches(wakeups, queue, 6)  # one per idle worker connection
+    looks_before = queue.looks
+
+    queue.items = 1
+    wakeups.wake(QUEUE)
+    done, waiting = await asyncio.wait(fetches, timeout=0.2)
+    assert [task.result() for task in done] == [[0]]
+    assert queue.looks == looks_before + 1, "fetches woken together each looked at the queue"
+    assert len(waiting) == 5
+
+    queue.items = 1  # the others still wait, and the next wake-up is theirs
+    wakeups.wake(QUEUE)
+    done, waiting = await asyncio.wait(waiting, timeout=0.2)
+    assert [task.result() for task in done] == [[0]]
+    assert queue.looks == looks_before + 2
+    for task in waiting:
+        task.cancel()
+
+
+async def test_fetches_woken_by_more_than_one_look_takes_look_again_until_the_queue_is_drained() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    fetches = await waiting_fetches(wakeups, queue, 3)
+
+    queue.items = WANT + 2  # the first look takes all it asks for: the others look too
+    wakeups.wake(QUEUE)
+    done, waiting = await asyncio.wait(fetches, timeout=0.2)
+    assert sorted(len(task.result()) for task in done) == [2, WANT]
+    assert queue.items == 0
+    assert len(waiting) == 1
+    waiting.pop().cancel()
+
+
+async def test_a_woken_fetch_does_not_rely_on_a_look_that_began_before_its_wake() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    [woken] = await waiting_fetches(wakeups, queue, 1)
+    queue.gate = gate = asyncio.Event()
+    slow = asyncio.create_task(fetch(wakeups, queue, wait=0.0))  # a fresh fetch looks at once
+    await asyncio.sleep(0.01)  # its look read the empty queue; its answer is on the way back
+    queue.items = 1
+    wakeups.wake(QUEUE)
+    assert await asyncio.wait_for(woken, 0.5) == [0], "the woken fetch waited on a look that could not see its task"
+    gate.set()
+    assert await slow == []
+
+
+async def test_a_cancelled_fetch_does_not_end_the_look_others_joined() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    looker, *joiners = await waiting_fetches(wakeups, queue, 3)
+    queue.gate = gate = asyncio.Event()
+    queue.items = 1
+    wakeups.wake(QUEUE)
+    await asyncio.sleep(0.01)  # the first woken looks (its answer held), the others joined it
+    assert queue.looks == 2
+    joiners[-1].cancel()
+    gate.set()
+    assert await asyncio.wait_for(looker, 0.5) == [0]
+    await asyncio.sleep(0.05)
+    assert joiners[-1].cancelled()
+    assert not joiners[0].done(), "a joined fetch ended with the one that was cancelled"
+    assert queue.looks == 2, "the joined fetch looked again at a queue the look drained"
+    joiners[0].cancel()

@@ -25,6 +25,8 @@ class Wakeups:
         # queue -> the event taken before a look that drained it, and when to look again anyway
         # (a delayed message coming due, a poll for what does not wake).
         self._drained: dict[str, tuple[asyncio.Event, float]] = {}
+        # queue -> the latest look in flight: the event taken before it, and its end.
+        self._looks: dict[str, tuple[asyncio.Event, asyncio.Future[None]]] = {}
 
     def signal(self, queue: str) -> asyncio.Event:
         event = self._events.get(queue)
@@ -56,6 +58,32 @@ class Wakeups:
             del self._drained[queue]
             return None
         return known
+
+    async def look(
+        self, queue: str, taken_before: asyncio.Event, want: int, attempt: Attempt[T]
+    ) -> tuple[list[T], float]:
+        """`attempt()` for up to `want`, `taken_before` being `signal(queue)` taken just before
+        it: noted drained when it takes less, and seen by `looked_since_wake` while it runs."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        self._looks[queue] = (taken_before, ended)
+        try:
+            taken, look_again = await attempt()
+            if len(taken) < want:
+                self.note_drained(queue, taken_before, loop.time() + look_again)
+            return taken, look_again
+        finally:
+            latest = self._looks.get(queue)
+            if latest is not None and latest[1] is ended:
+                del self._looks[queue]
+            ended.set_result(None)
+
+    async def looked_since_wake(self, queue: str) -> None:
+        """Wait for the look at `queue` in flight when it began after the last wake-up of the
+        queue (the event it took is not set): it sees everything woken so far."""
+        look = self._looks.get(queue)
+        if look is not None and not look[0].is_set():
+            await asyncio.shield(look[1])  # our cancellation must not end the look's future for others
 
 
 async def fetch_waiting(
@@ -95,27 +123,42 @@ async def fetch_unless_drained(
     wait_seconds: float,
     stopped: Callable[[], bool] = lambda: False,
 ) -> list[T]:
-    """fetch_waiting() for up to `want` from `queue`, skipping the first look while the last one
-    drained the queue and nothing woke it since: at light load each task is fetched alone, and
-    that second look (an engine round trip) always came back empty.
+    """fetch_waiting() for up to `want` from `queue`, skipping a look while the last one drained
+    the queue and nothing woke it since: at light load each task is fetched alone, and that
+    second look (an engine round trip) always came back empty.
+
+    Fetches woken together do not all look: one wake-up woke every fetch waiting on the queue
+    (one per worker connection), and each looked, so a lone task cost a look per idle worker,
+    all but one empty. A woken fetch first waits for a look another fetch began after that
+    wake-up, and when that look drained the queue it goes back to waiting.
 
     Sound under fetch_waiting's own rule: whatever makes work available wakes the queue or is
-    found by the look-again time the drained look gave."""
+    found by the look-again time the drained look gave; a look that began after a wake-up sees
+    what that wake-up announced."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(wait_seconds, 0.0)
-    known = wakeups.drained(queue, loop.time())
-    if known is not None and wait_seconds > 0:
-        arrived, look_again_at = known
+    # A fresh fetch (a window refilled under load) looks at once; one that was woken joins.
+    woken = False
+    while True:
+        if woken:
+            await wakeups.looked_since_wake(queue)
+        known = wakeups.drained(queue, loop.time())
+        if known is not None and deadline > loop.time():
+            arrived, look_again_at = known
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), max(min(deadline, look_again_at) - loop.time(), 0.0))
+            if stopped():
+                return []
+            if arrived.is_set() and deadline > loop.time():
+                woken = True
+                continue
+        arrived = wakeups.signal(queue)  # taken before the look, so a wake during it is not missed
+        taken, look_again = await wakeups.look(queue, arrived, want, attempt)
+        remaining = deadline - loop.time()
+        if taken or remaining <= 0:
+            return taken
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(arrived.wait(), max(min(deadline, look_again_at) - loop.time(), 0.0))
+            await asyncio.wait_for(arrived.wait(), min(remaining, look_again))
         if stopped():
             return []
-
-    async def noting() -> tuple[list[T], float]:
-        taken_before = wakeups.signal(queue)  # the event fetch_waiting took just before this look
-        taken, look_again = await attempt()
-        if len(taken) < want:
-            wakeups.note_drained(queue, taken_before, loop.time() + look_again)
-        return taken, look_again
-
-    return await fetch_waiting(noting, lambda: wakeups.signal(queue), deadline - loop.time(), stopped=stopped)
+        woken = True
