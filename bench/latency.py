@@ -17,6 +17,8 @@ Three floors, each measured alone on this machine, then Conveyor's hops and a wh
    on Redis, with the server's, the worker's and this client's CPU per task and the Redis
    commands per task.
 
+`--profile FILE` records the server with py-spy while the sequential tasks run,
+`--profile-worker FILE` the (first) worker.
 `--phases` also prints when each of the server's steps on a task's path began and ended, as
 the median offset from the task's Submit (bench/phases.py): which hops the time goes to.
 
@@ -44,7 +46,7 @@ import redis.asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import procstat
-from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix
+from bench.compare import ConveyorRun, add_conveyor_worker_arguments, db_url, delete_prefix, profiled
 from bench.phases import phases
 from bench.watch import redis_commands
 from conveyor import Client, sig
@@ -178,6 +180,10 @@ def main() -> int:
     parser.add_argument("--db", type=int, default=14)
     parser.add_argument("--phases", action="store_true",
                         help="also print when the server's steps on a task's path began and ended")
+    parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the server "
+                        "during the sequential tasks (bench/profile_summary.py reads the .txt)")
+    parser.add_argument("--profile-worker", help="py-spy output of the (first) worker process, as --profile")
+    parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     add_conveyor_worker_arguments(parser)
     args = parser.parse_args()
@@ -197,14 +203,19 @@ def main() -> int:
         try:
             run.start()
             procs = run.procs()
-            server, worker = procs["server"], procs.get("worker")
-            assert server is not None and worker is not None
+            server = procs["server"]
+            workers = [pid for name, pid in procs.items() if name.startswith("worker") and pid is not None]
+            assert server is not None and workers
+
+            def worker_cpu() -> float:  # every worker process's (--processes)
+                return sum(procstat.cpu_seconds(pid) for pid in workers)
+
             run.latency(WARMUP_CALLS)
-            before = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
-                      redis_commands(url))
-            samples = run.latency(args.tasks)  # bench/compare.py's latency loop
-            after = (procstat.cpu_seconds(server), procstat.cpu_seconds(worker), time.process_time(),
-                     redis_commands(url))
+            before = (procstat.cpu_seconds(server), worker_cpu(), time.process_time(), redis_commands(url))
+            with profiled(server, args.profile, "the sequential tasks", args.profile_native), \
+                    profiled(workers[0], args.profile_worker, "the sequential tasks", args.profile_native):
+                samples = run.latency(args.tasks)  # bench/compare.py's latency loop
+            after = (procstat.cpu_seconds(server), worker_cpu(), time.process_time(), redis_commands(url))
             hops = asyncio.run(conveyor_hops(run.address, args.tasks, lambda: procstat.cpu_seconds(server)))
             run.check()
         finally:
@@ -212,12 +223,12 @@ def main() -> int:
             delete_prefix(url, prefix)
         # The warm-up's tasks came first, then the measured loop's, then the hops'.
         steps = phases(notes, WARMUP_CALLS, args.tasks) if args.phases else []
-    server_cpu, worker_cpu, client_cpu, commands = (
+    server_cpu, workers_cpu, client_cpu, commands = (
         (b - a) / args.tasks for a, b in zip(before, after, strict=True)
     )
     rows.extend(hops)
     rows.append(("conveyor submit -> result", samples,
-                 f"server {1e6 * server_cpu:.0f}, worker {1e6 * worker_cpu:.0f}, client {1e6 * client_cpu:.0f} "
+                 f"server {1e6 * server_cpu:.0f}, worker {1e6 * workers_cpu:.0f}, client {1e6 * client_cpu:.0f} "
                  f"µs CPU/task; {commands:.1f} redis cmd/task"))
     print(f"\n{os.cpu_count()} CPUs; Redis {url}; worker: {run.settings}")
     print(f"{'sequential':<34} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}  cost")
