@@ -123,8 +123,8 @@ async def fetch_unless_drained(
     wait_seconds: float,
     stopped: Callable[[], bool] = lambda: False,
 ) -> list[T]:
-    """fetch_waiting() for up to `want` from `queue`, skipping a look while the last one drained
-    the queue and nothing woke it since: at light load each task is fetched alone, and that
+    """fetch_waiting()'s wait for up to `want` from `queue`, skipping a look while the last one
+    drained the queue and nothing woke it since: at light load each task is fetched alone, and that
     second look (an engine round trip) always came back empty.
 
     Fetches woken together do not all look: one wake-up woke every fetch waiting on the queue
@@ -142,6 +142,8 @@ async def fetch_unless_drained(
     while True:
         if woken:
             await wakeups.looked_since_wake(queue)
+            if stopped():
+                return []
         known = wakeups.drained(queue, loop.time())
         if known is not None and deadline > loop.time():
             arrived, look_again_at = known
