@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -19,6 +19,7 @@ LEASE = 30.0
 POLL_SECONDS = 60
 WAIT_SECONDS = 10.0
 WOKEN_WITHIN_SECONDS = 2.0
+IDLE_WORKERS = 6
 
 
 @pytest.fixture(params=["redis_broker_url", "redis_cluster_broker_url"], ids=["redis", "redis_cluster"])
@@ -93,8 +94,22 @@ async def test_the_echo_of_a_brokers_own_signal_does_not_make_it_look_again_at_a
     assert (await fetch)[0] == ["m1"]  # one of the ten it asked for: the queue is drained
     await asyncio.sleep(0.2)  # the echo of the publish's signal has come back by now
 
+    looks = count_looks(here, monkeypatch)
+    fetch = asyncio.create_task(woken_fetch(here, queue))
+    await asyncio.sleep(0.3)
+    assert looks() == 0, "the fetch looked at a queue nothing had been published to since it drained it"
+
+    await other.publish(queue, [OutgoingMessage("m2", b"body")])
+    ids, seconds = await fetch
+    assert ids == ["m2"]
+    assert seconds < WOKEN_WITHIN_SECONDS
+    assert looks() == 1
+
+
+def count_looks(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many times the broker has looked at a queue (run its fetch script) from now on."""
     looks = 0
-    eval_many = here._eval_many
+    eval_many = broker._eval_many
 
     async def counting(
         calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
@@ -103,16 +118,34 @@ async def test_the_echo_of_a_brokers_own_signal_does_not_make_it_look_again_at_a
         looks += sum(1 for name, _, _ in calls if name == "fetch")
         return await eval_many(calls, register)
 
-    monkeypatch.setattr(here, "_eval_many", counting)
-    fetch = asyncio.create_task(woken_fetch(here, queue))
-    await asyncio.sleep(0.3)
-    assert looks == 0, "the fetch looked at a queue nothing had been published to since it drained it"
+    monkeypatch.setattr(broker, "_eval_many", counting)
+    return lambda: looks
 
-    await other.publish(queue, [OutgoingMessage("m2", b"body")])
-    ids, seconds = await fetch
-    assert ids == ["m2"]
-    assert seconds < WOKEN_WITHIN_SECONDS
-    assert looks == 1
+
+@pytest.mark.parametrize("publisher", ["this replica", "another replica"])
+async def test_fetches_woken_by_a_lone_message_make_one_look_between_them(
+    two_brokers: tuple[RedisBroker, RedisBroker], monkeypatch: pytest.MonkeyPatch, publisher: str
+) -> None:
+    """A server holds one waiting fetch per worker connection on a queue; one message must not
+    cost a look per idle worker (bench/latency.py --processes 6: 71 Redis commands per task)."""
+    here, other = two_brokers
+    queue = f"wake-{uuid.uuid4().hex}"
+    await here.publish(queue, [OutgoingMessage("m0", b"body")])
+    assert len(await here.fetch(queue, 10, LEASE)) == 1  # drained
+    looks = count_looks(here, monkeypatch)
+    fetches = [asyncio.create_task(woken_fetch(here, queue)) for _ in range(IDLE_WORKERS)]
+    await asyncio.sleep(0.3)
+    assert looks() == 0
+
+    await (here if publisher == "this replica" else other).publish(queue, [OutgoingMessage("m1", b"body")])
+    await asyncio.wait(fetches, timeout=WOKEN_WITHIN_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.sleep(0.2)  # the signal's echo, and any look it would start, have come and gone
+    assert [task.result()[0] for task in fetches if task.done()] == [["m1"]]
+    assert looks() == 1, f"{looks()} looks for one message among {IDLE_WORKERS} waiting fetches"
+    waiting = [task for task in fetches if not task.done()]
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 async def test_a_fetch_waiting_on_a_drained_queue_wakes_when_this_broker_recovers_an_expired_lease(
