@@ -3,7 +3,7 @@
 The bench starts the server with `bench/phases_hook` on its PYTHONPATH; that directory's
 sitecustomize calls `install()` in the `conveyor serve` process only. `install()` wraps the
 server's steps on a task's path (the Submit, its record insert and broker publish, the fetch
-that takes the task, the claim's record read, the assignment, the worker's result, its record
+that takes the task and its look at the queue, the claim's record read, the assignment, the worker's result, its record
 write and broker ack, the GetResult) so that each notes when it began and ended, and writes the
 notes to a file when the server exits. `phases()` reads them back: for a run of sequential tasks,
 the median offset of each note from its task's Submit.
@@ -36,6 +36,8 @@ WRAPPED: tuple[tuple[str, str, str, str], ...] = (
     # Redis's: bench/latency.py runs on Redis. A fetch waits for work, so the one that takes a
     # task began before it (the next one begins after the claim).
     ("conveyor_server.brokers.redis", "RedisBroker", "fetch", "broker fetch"),
+    # The look at the queue (the engine call) of a fetch woken by the publish.
+    ("conveyor_server.brokers._wakeups", "Wakeups", "look", "broker look"),
     ("conveyor_server.core.dispatch", "Dispatcher", "claim", "claim"),
     ("conveyor_server.core.dispatch", "Dispatcher", "_read", "claim's record read"),
     ("conveyor_server.core.sessions", "WorkerSession", "send", "message to the worker"),
