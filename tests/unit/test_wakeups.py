@@ -117,6 +117,19 @@ async def test_a_wake_for_one_task_makes_one_look_however_many_fetches_wait() ->
         task.cancel()
 
 
+async def test_fetches_waiting_alike_poll_with_one_look_between_them() -> None:
+    poll = 0.05
+    wakeups, queue = Wakeups(), Queue(items=1, look_again=poll)
+    fetches = await waiting_fetches(wakeups, queue, 6)
+    looks_before = queue.looks
+    await asyncio.sleep(10 * poll)
+    polls = queue.looks - looks_before
+    assert 1 <= polls <= 15, f"{polls} looks in ten poll intervals of 6 waiting fetches"
+    for task in fetches:
+        task.cancel()
+    await asyncio.gather(*fetches, return_exceptions=True)
+
+
 async def test_fetches_woken_by_more_than_one_look_takes_look_again_until_the_queue_is_drained() -> None:
     wakeups, queue = Wakeups(), Queue(items=1)
     fetches = await waiting_fetches(wakeups, queue, 3)

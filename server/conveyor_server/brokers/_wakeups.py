@@ -129,8 +129,9 @@ async def fetch_unless_drained(
 
     Fetches woken together do not all look: one wake-up woke every fetch waiting on the queue
     (one per worker connection), and each looked, so a lone task cost a look per idle worker,
-    all but one empty. A woken fetch first waits for a look another fetch began after that
-    wake-up, and when that look drained the queue it goes back to waiting.
+    all but one empty, and so did every poll. A woken fetch first waits for a look another
+    fetch began after that wake-up, and when that look drained the queue it goes back to
+    waiting.
 
     Sound under fetch_waiting's own rule: whatever makes work available wakes the queue or is
     found by the look-again time the drained look gave; a look that began after a wake-up sees
@@ -151,7 +152,9 @@ async def fetch_unless_drained(
                 await asyncio.wait_for(arrived.wait(), max(min(deadline, look_again_at) - loop.time(), 0.0))
             if stopped():
                 return []
-            if arrived.is_set() and deadline > loop.time():
+            if deadline > loop.time():
+                # Woken, or the look-again time came (a poll, a delayed message due): for every
+                # fetch waiting alike at once, so they join one look as after a wake-up.
                 woken = True
                 continue
         arrived = wakeups.signal(queue)  # taken before the look, so a wake during it is not missed
