@@ -4,6 +4,7 @@ wake-up or the look-again time that drained look gave; any other fetch looks at 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 
 from conveyor_server.brokers._wakeups import Wakeups, fetch_unless_drained
 
@@ -96,6 +97,13 @@ async def waiting_fetches(wakeups: Wakeups, queue: Queue, count: int) -> list[as
     return fetches
 
 
+async def cancelled(fetches: Collection[asyncio.Task[list[int]]]) -> None:
+    """Cancel the fetches still waiting, and let them end."""
+    for task in fetches:
+        task.cancel()
+    await asyncio.gather(*fetches, return_exceptions=True)
+
+
 async def test_a_wake_for_one_task_makes_one_look_however_many_fetches_wait() -> None:
     wakeups, queue = Wakeups(), Queue(items=1)
     fetches = await waiting_fetches(wakeups, queue, 6)  # one per idle worker connection
@@ -113,8 +121,7 @@ async def test_a_wake_for_one_task_makes_one_look_however_many_fetches_wait() ->
     done, waiting = await asyncio.wait(waiting, timeout=0.2)
     assert [task.result() for task in done] == [[0]]
     assert queue.looks == looks_before + 2
-    for task in waiting:
-        task.cancel()
+    await cancelled(waiting)
 
 
 async def test_fetches_waiting_alike_poll_with_one_look_between_them() -> None:
@@ -125,12 +132,10 @@ async def test_fetches_waiting_alike_poll_with_one_look_between_them() -> None:
     await asyncio.sleep(10 * poll)
     polls = queue.looks - looks_before
     assert 1 <= polls <= 15, f"{polls} looks in ten poll intervals of 6 waiting fetches"
-    for task in fetches:
-        task.cancel()
-    await asyncio.gather(*fetches, return_exceptions=True)
+    await cancelled(fetches)
 
 
-async def test_fetches_woken_by_more_than_one_look_takes_look_again_until_the_queue_is_drained() -> None:
+async def test_woken_fetches_look_too_when_the_first_look_takes_all_it_asked_for() -> None:
     wakeups, queue = Wakeups(), Queue(items=1)
     fetches = await waiting_fetches(wakeups, queue, 3)
 
@@ -140,7 +145,7 @@ async def test_fetches_woken_by_more_than_one_look_takes_look_again_until_the_qu
     assert sorted(len(task.result()) for task in done) == [2, WANT]
     assert queue.items == 0
     assert len(waiting) == 1
-    waiting.pop().cancel()
+    await cancelled(waiting)
 
 
 async def test_a_woken_fetch_does_not_rely_on_a_look_that_began_before_its_wake() -> None:
@@ -171,4 +176,4 @@ async def test_a_cancelled_fetch_does_not_end_the_look_others_joined() -> None:
     assert joiners[-1].cancelled()
     assert not joiners[0].done(), "a joined fetch ended with the one that was cancelled"
     assert queue.looks == 2, "the joined fetch looked again at a queue the look drained"
-    joiners[0].cancel()
+    await cancelled(joiners)
