@@ -15,9 +15,10 @@ Three floors, each measured alone on this machine, then Conveyor's hops and a wh
    need not wait), each with the server's CPU per call.
 5. Conveyor: `submit("noop")` then `result(id, wait=30)` (bench/compare.py's latency phase)
    on Redis, with the server's, the worker's and this client's CPU per task and the Redis
-   commands per task.
+   commands per task (with `--replicas` and `--processes`, every replica's and every worker's
+   CPU; a task is submitted to one replica and waited for on the next, as bench/compare.py does).
 
-`--profile FILE` records the server with py-spy while the sequential tasks run,
+`--profile FILE` records the (first) server with py-spy while the sequential tasks run,
 `--profile-worker FILE` the (first) worker.
 `--phases` also prints when each of the server's steps on a task's path began and ended, as
 the median offset from the task's Submit (bench/phases.py): which hops the time goes to.
@@ -204,18 +205,22 @@ def main() -> int:
             run.start()
             procs = run.procs()
             server = procs["server"]
+            servers = [pid for name, pid in procs.items() if name.startswith("server") and pid is not None]
             workers = [pid for name, pid in procs.items() if name.startswith("worker") and pid is not None]
             assert server is not None and workers
+
+            def servers_cpu() -> float:  # every replica's (--replicas)
+                return sum(procstat.cpu_seconds(pid) for pid in servers)
 
             def worker_cpu() -> float:  # every worker process's (--processes)
                 return sum(procstat.cpu_seconds(pid) for pid in workers)
 
             run.latency(WARMUP_CALLS)
-            before = (procstat.cpu_seconds(server), worker_cpu(), time.process_time(), redis_commands(url))
+            before = (servers_cpu(), worker_cpu(), time.process_time(), redis_commands(url))
             with profiled(server, args.profile, "the sequential tasks", args.profile_native), \
                     profiled(workers[0], args.profile_worker, "the sequential tasks", args.profile_native):
                 samples = run.latency(args.tasks)  # bench/compare.py's latency loop
-            after = (procstat.cpu_seconds(server), worker_cpu(), time.process_time(), redis_commands(url))
+            after = (servers_cpu(), worker_cpu(), time.process_time(), redis_commands(url))
             hops = asyncio.run(conveyor_hops(run.address, args.tasks, lambda: procstat.cpu_seconds(server)))
             run.check()
         finally:
