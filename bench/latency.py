@@ -212,15 +212,15 @@ def main() -> int:
             def servers_cpu() -> float:  # every replica's (--replicas)
                 return sum(procstat.cpu_seconds(pid) for pid in servers)
 
-            def worker_cpu() -> float:  # every worker process's (--processes)
+            def workers_cpu() -> float:  # every worker process's (--processes)
                 return sum(procstat.cpu_seconds(pid) for pid in workers)
 
             run.latency(WARMUP_CALLS)
-            before = (servers_cpu(), worker_cpu(), time.process_time(), redis_commands(url))
+            before = (servers_cpu(), workers_cpu(), time.process_time(), redis_commands(url))
             with profiled(server, args.profile, "the sequential tasks", args.profile_native), \
                     profiled(workers[0], args.profile_worker, "the sequential tasks", args.profile_native):
                 samples = run.latency(args.tasks)  # bench/compare.py's latency loop
-            after = (servers_cpu(), worker_cpu(), time.process_time(), redis_commands(url))
+            after = (servers_cpu(), workers_cpu(), time.process_time(), redis_commands(url))
             hops = asyncio.run(conveyor_hops(run.address, args.tasks, lambda: procstat.cpu_seconds(server)))
             run.check()
         finally:
@@ -228,12 +228,13 @@ def main() -> int:
             delete_prefix(url, prefix)
         # The warm-up's tasks came first, then the measured loop's, then the hops'.
         steps = phases(notes, WARMUP_CALLS, args.tasks) if args.phases else []
-    server_cpu, workers_cpu, client_cpu, commands = (
+    server_per_task, workers_per_task, client_per_task, commands = (
         (b - a) / args.tasks for a, b in zip(before, after, strict=True)
     )
     rows.extend(hops)
     rows.append(("conveyor submit -> result", samples,
-                 f"server {1e6 * server_cpu:.0f}, worker {1e6 * workers_cpu:.0f}, client {1e6 * client_cpu:.0f} "
+                 f"server {1e6 * server_per_task:.0f}, worker {1e6 * workers_per_task:.0f}, "
+                 f"client {1e6 * client_per_task:.0f} "
                  f"µs CPU/task; {commands:.1f} redis cmd/task"))
     print(f"\n{os.cpu_count()} CPUs; Redis {url}; worker: {run.settings}")
     print(f"{'sequential':<34} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}  cost")

@@ -3,10 +3,10 @@
 The bench starts the server with `bench/phases_hook` on its PYTHONPATH; that directory's
 sitecustomize calls `install()` in the `conveyor serve` process only. `install()` wraps the
 server's steps on a task's path (the Submit, its record insert and broker publish, the fetch
-that takes the task and its look at the queue, the claim's record read, the assignment, the worker's result, its record
-write and broker ack, the GetResult) so that each notes when it began and ended, and writes the
-notes to a file when the server exits. `phases()` reads them back: for a run of sequential tasks,
-the median offset of each note from its task's Submit.
+that takes the task and its look at the queue, the claim's record read, the assignment, the
+worker's result, its record write and broker ack, the GetResult) so that each notes when it
+began and ended, and writes the notes to a file when the server exits. `phases()` reads them
+back: for a run of sequential tasks, the median offset of each note from its task's Submit.
 
 A bench tool, not a trace: it wraps the server's methods by name. A renamed one makes the
 install fail (Python reports the error in sitecustomize and starts the server unwrapped), so no
