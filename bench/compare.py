@@ -367,12 +367,15 @@ class ConveyorRun:
     def addresses(self) -> list[str]:
         return [server.address for server in self.servers]
 
-    def latency(self, count: int) -> list[float]:
+    def latency(self, count: int, gap: float = 0.0) -> list[float]:
+        """`count` tasks one after another, each submitted `gap` seconds after the last ended."""
         async def run() -> list[float]:
             samples = []
             async with contextlib.AsyncExitStack() as stack:
                 clients = [await stack.enter_async_context(Client(address)) for address in self.addresses]
                 for n in range(count):
+                    if gap:
+                        await asyncio.sleep(gap)
                     # With replicas, a task is submitted to one and waited for on the next, as
                     # a load balancer may send the two calls; its worker may be on either.
                     submitter, waiter = clients[n % len(clients)], clients[(n + 1) % len(clients)]

@@ -176,6 +176,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1_000, help="sequential Conveyor tasks")
     parser.add_argument("--calls", type=int, default=3_000, help="sequential calls per floor")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--gap", type=float, default=0.0,
+                        help="seconds between one task's result and the next submit (sparse traffic: "
+                             "what is read again every second is then read on a task's path)")
     parser.add_argument("--conveyor-prefetch", type=int, help="tasks held per slot (default: the worker's own, auto)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--db", type=int, default=14)
@@ -219,7 +222,7 @@ def main() -> int:
             before = (servers_cpu(), workers_cpu(), time.process_time(), redis_commands(url))
             with profiled(server, args.profile, "the sequential tasks", args.profile_native), \
                     profiled(workers[0], args.profile_worker, "the sequential tasks", args.profile_native):
-                samples = run.latency(args.tasks)  # bench/compare.py's latency loop
+                samples = run.latency(args.tasks, args.gap)  # bench/compare.py's latency loop
             after = (servers_cpu(), workers_cpu(), time.process_time(), redis_commands(url))
             hops = asyncio.run(conveyor_hops(run.address, args.tasks, lambda: procstat.cpu_seconds(server)))
             run.check()
