@@ -171,6 +171,9 @@ class Core:
         self._maintenance.append(asyncio.create_task(self.admin.schedules.run()))
         self._maintenance.append(asyncio.create_task(self.task_registry.run()))
         self._maintenance.append(asyncio.create_task(self.cancel_notices.run()))
+        # Dispatch checks both on every claim: kept fresh here, a claim does not wait to read them.
+        self._maintenance.append(asyncio.create_task(self.admin.pauses.keep_fresh()))
+        self._maintenance.append(asyncio.create_task(self.admin.rate_limits.keep_fresh()))
         if self.settings.metrics_port:
             self._maintenance.append(asyncio.create_task(
                 self.metrics.refresh_forever(self.broker, self.registry, METRICS_REFRESH_SECONDS)

@@ -1,24 +1,22 @@
 """Paused queues: stored in the backend, so every replica sees them and they survive restarts.
 
 A paused queue keeps accepting tasks, but no replica hands its tasks to workers until it is
-resumed. Each replica caches the paused set and reads it again at most every
-`refresh_seconds`; a pause or resume made through this replica takes effect here at once and
-on the other replicas within one refresh.
+resumed. Each replica keeps a copy of the paused set (core/refreshed.py), read again every half
+`refresh_seconds` in the background; a pause or resume made through this replica takes effect
+here at once and on the other replicas within `refresh_seconds`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 
 from ..backends.base import Backend
 from .errors import InvalidArgument
+from .refreshed import RefreshedCopy
 from .validation import QUEUE_NAME
-
-log = logging.getLogger(__name__)
 
 PAUSED_QUEUES_GROUP = "paused-queues"
 # Backend groups live until `ttl` after their latest write; this member (never a valid queue
@@ -39,7 +37,9 @@ def check_queue(queue: str) -> None:
         raise InvalidArgument(f"invalid queue name {queue[:80]!r}: use 1-64 of [A-Za-z0-9_.-]")
 
 
-class QueuePauses:
+class QueuePauses(RefreshedCopy):
+    what = "the paused queues"
+
     def __init__(
         self,
         backend: Backend,
@@ -47,14 +47,11 @@ class QueuePauses:
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(refresh_seconds, clock)
         self.backend = backend
-        self.refresh_seconds = refresh_seconds
         self._keepalive_seconds = keepalive_interval(ttl_seconds)
-        self._clock = clock
         self._paused: frozenset[str] = frozenset()
-        self._read_at: float | None = None
         self._kept_alive_at: float | None = None
-        self._lock = asyncio.Lock()
         # Pulsed on every local pause/resume, so waiting pumps re-check at once.
         self._changed = asyncio.Event()
 
@@ -72,15 +69,7 @@ class QueuePauses:
     async def paused(self) -> frozenset[str]:
         """The paused queues, as read at most `refresh_seconds` ago (the last known set while
         the backend cannot be read)."""
-        if self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds:
-            async with self._lock:
-                # Another caller may have refreshed while this one waited for the lock.
-                if self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds:
-                    try:
-                        await self._read()
-                    except Exception:
-                        log.exception("reading the paused queues failed; keeping the last known set")
-                        self._read_at = self._clock()
+        await self._fresh()
         return self._paused
 
     async def is_paused(self, queue: str) -> bool:
@@ -106,4 +95,4 @@ class QueuePauses:
             await self.backend.add_member(PAUSED_QUEUES_GROUP, KEEPALIVE_MEMBER, b"")
             self._kept_alive_at = now
         self._paused = frozenset(m for m in members if m != KEEPALIVE_MEMBER)
-        self._read_at = now
+        self._mark_read()

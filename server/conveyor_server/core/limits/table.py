@@ -1,15 +1,15 @@
 """The rate limits in force: stored in the backend (one record, changed by compare-and-set), so
 every replica applies the same ones, plus defaults from this server's config file.
 
-Dispatch reads the limits on every claim, so they are kept in memory: read again at most every
-`refresh_seconds` (a limit set through another replica applies here within that), and at once
-after a change made through this replica. While the backend cannot be read, the last known
-limits stay in force. A stored limit wins over the config file's for the same name.
+Dispatch reads the limits on every claim, so they are kept in memory (core/refreshed.py): read
+again every half `refresh_seconds` in the background (a limit set through another replica
+applies here within `refresh_seconds`), and at once after a change made through this replica.
+While the backend cannot be read, the last known limits stay in force. A stored limit wins over
+the config file's for the same name.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -18,6 +18,7 @@ from typing import Any
 
 from ...backends.base import Backend
 from ..errors import InvalidArgument, NotFound, Unavailable
+from ..refreshed import RefreshedCopy
 from ..store import ConflictError
 from ..versioned import VersionedRecords
 from .spec import RateLimit, Source, rate_limit
@@ -50,7 +51,9 @@ def decode(data: bytes) -> Stored:
     return stored
 
 
-class RateLimitTable:
+class RateLimitTable(RefreshedCopy):
+    what = "the rate limits"
+
     def __init__(
         self,
         backend: Backend,
@@ -58,23 +61,16 @@ class RateLimitTable:
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(refresh_seconds, clock)
         self.backend = backend
-        self.refresh_seconds = refresh_seconds
-        self._clock = clock
         self._configured: Stored = {limit.name: limit for limit in configured}
         self._stored: Stored = {}
         self._current: Stored = dict(self._configured)
-        self._read_at: float | None = None
-        self._failing = False
-        self._lock = asyncio.Lock()
 
     async def current(self) -> Mapping[str, RateLimit]:
         """The limits in force by task name, as read at most `refresh_seconds` ago (the last
         known ones while the backend cannot be read). Do not change the mapping."""
-        if self._stale():
-            async with self._lock:
-                if self._stale():  # another caller may have read them while this one waited
-                    await self._refresh_or_keep()
+        await self._fresh()
         return self._current
 
     async def all(self) -> list[RateLimit]:
@@ -99,21 +95,6 @@ class RateLimitTable:
 
         await self._write(without)
 
-    def _stale(self) -> bool:
-        return self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds
-
-    async def _refresh_or_keep(self) -> None:
-        try:
-            await self._read()
-        except Exception as exc:
-            if not self._failing:
-                log.warning("reading the rate limits failed (%s: %s); keeping the last known ones",
-                            type(exc).__name__, exc)
-            self._failing = True
-            self._read_at = self._clock()
-        else:
-            self._failing = False
-
     async def _read(self) -> None:
         found = (await self.backend.get([RATE_LIMITS_KEY])).get(RATE_LIMITS_KEY)
         self._apply(decode(found.data) if found is not None else {})
@@ -121,7 +102,7 @@ class RateLimitTable:
     def _apply(self, stored: Stored) -> None:
         self._stored = stored
         self._current = {**self._configured, **stored}
-        self._read_at = self._clock()
+        self._mark_read()
 
     async def _write(self, edit: Callable[[Stored], Stored]) -> None:
         """Apply `edit` to the stored table by compare-and-set (kept: no TTL removes it)."""
