@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -76,6 +77,8 @@ log = logging.getLogger(__name__)
 
 # Messages per publish script call: keeps each script short so Redis stays responsive.
 PUBLISH_CHUNK = 500
+# Signals remembered to drop the copies a cluster's other masters deliver late (a few ms apart).
+HEARD_SIGNALS = 4096
 # Ids moved per forwarder / recovery / purge script call, for the same reason.
 BATCH = 1000
 # Upper bound on a waiting fetch's sleep, in case a pub/sub signal was lost.
@@ -436,6 +439,10 @@ class RedisBroker:
         # again at a queue it just drained.
         self._sender = uuid.uuid4().hex
         self._sender_bytes = self._sender.encode()
+        self._signal_numbers = itertools.count()
+        # The latest signals heard (a cluster delivers each once per master): a late copy of
+        # one already heard would wake the waiting fetches again, each to look at a drained queue.
+        self._heard: dict[bytes, None] = {}
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -477,8 +484,8 @@ class RedisBroker:
         await self._load_scripts()
         # A signal PUBLISHed on a cluster master reaches the other masters' subscribers only
         # through the cluster bus, which held about 1 in 100 for 40 ms: the signals are read on
-        # every master, so each arrives at once from the master of its queue (and again, late
-        # and harmless, from the others).
+        # every master, so each arrives at once from the master of its queue (and again, late,
+        # from the others: those copies are dropped, _news).
         self._pubsubs = (
             [client.pubsub(node=node) for node in client.get_primaries()] if isinstance(client, RedisCluster)
             else [client.pubsub()]
@@ -578,10 +585,28 @@ class RedisBroker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if message is not None and message.get("type") == "pmessage" and message["data"] != self._sender_bytes:
+            if message is not None and message.get("type") == "pmessage" and self._news(message["data"]):
                 channel = message["channel"]
                 name = channel.decode() if isinstance(channel, bytes) else str(channel)
                 self._wakeups.wake(name[len(self._channel_prefix):])
+
+    def _signal(self) -> str:
+        """The payload of a signal of this process's: its sender id and a number of its own."""
+        return f"{self._sender}.{next(self._signal_numbers)}"
+
+    def _news(self, payload: bytes) -> bool:
+        """Whether a signal wakes this process's fetches: not its own (_wake_here woke them) and
+        not a copy of one heard already."""
+        if payload.partition(b".")[0] == self._sender_bytes:
+            return False
+        if b"." not in payload:  # a recovery's, or a replica's of an earlier version
+            return True
+        if payload in self._heard:
+            return False
+        self._heard[payload] = None
+        if len(self._heard) > HEARD_SIGNALS:
+            del self._heard[next(iter(self._heard))]
+        return True
 
     def _wake_here(self, queue: str) -> None:
         """Wake this process's fetches on `queue` after its own write there, without waiting
@@ -596,7 +621,7 @@ class RedisBroker:
         keys = self._keys(queue)
         calls: list[_Call] = []
         for start in range(0, len(messages), PUBLISH_CHUNK):
-            args: list[Any] = [self._channel(queue), self._sender]
+            args: list[Any] = [self._channel(queue), self._signal()]
             for message in messages[start:start + PUBLISH_CHUNK]:
                 priority = min(max(message.priority, 0), 9)
                 meta = f"{priority}:{message.message_id}"
@@ -652,7 +677,7 @@ class RedisBroker:
     async def nack(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
         grouped = self._by_queue(deliveries)
         await self._eval_many([
-            ("nack", self._keys(queue), [self._channel(queue), self._sender, _ms(delay), *pairs])
+            ("nack", self._keys(queue), [self._channel(queue), self._signal(), _ms(delay), *pairs])
             for queue, pairs in grouped.items()
         ])
         for queue in grouped:
