@@ -163,3 +163,95 @@ async def test_a_fetch_waiting_on_a_drained_queue_wakes_when_this_broker_recover
     ids, seconds = await fetch
     assert ids == ["m1"]
     assert seconds < WOKEN_WITHIN_SECONDS
+
+
+def count_round_trips(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The script names of each round trip the broker makes from now on."""
+    trips: list[list[str]] = []
+    eval_many = broker._eval_many
+
+    async def recording(
+        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
+    ) -> list[object]:
+        trips.append([name for name, _, _ in calls])
+        return await eval_many(calls, register)
+
+    monkeypatch.setattr(broker, "_eval_many", recording)
+    return trips
+
+
+async def test_a_publish_fetches_for_a_fetch_waiting_here_in_its_own_round_trip(
+    deaf_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone task's publish and the look that takes it were two round trips one after another."""
+    queue = f"wake-{uuid.uuid4().hex}"
+    fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.2)  # the fetch found nothing and waits
+    trips = count_round_trips(deaf_broker, monkeypatch)
+
+    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
+
+    ids, seconds = await fetch
+    assert ids == ["m1"]
+    assert seconds < WOKEN_WITHIN_SECONDS
+    await asyncio.sleep(0.1)
+    assert trips == [["publish", "fetch"]]
+
+
+async def test_what_a_publish_fetched_for_a_fetch_that_left_meanwhile_goes_back_to_the_queue(
+    deaf_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting fetch is cancelled (its worker went away) while the publish's round trip, with
+    the look made for it, is on the way back: the message it leased must not wait out a lease."""
+    queue = f"wake-{uuid.uuid4().hex}"
+    fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.2)
+    eval_many = deaf_broker._eval_many
+
+    async def leaving_meanwhile(
+        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
+    ) -> list[object]:
+        replies = await eval_many(calls, register)
+        fetch.cancel()
+        await asyncio.sleep(0)
+        return replies
+
+    monkeypatch.setattr(deaf_broker, "_eval_many", leaving_meanwhile)
+    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
+    monkeypatch.undo()
+
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    [delivery] = await deaf_broker.fetch(queue, 10, LEASE)  # at once, not after the lease
+    assert delivery.message_id == "m1"
+
+
+async def test_a_delayed_publish_with_a_fetch_waiting_here_is_fetched_when_due(deaf_broker: RedisBroker) -> None:
+    queue = f"wake-{uuid.uuid4().hex}"
+    fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.2)
+
+    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body", delay=0.3)])
+
+    ids, seconds = await fetch
+    assert ids == ["m1"]
+    assert 0.3 <= seconds < WOKEN_WITHIN_SECONDS  # its due time, not the minute's poll
+
+
+async def test_a_fetch_not_handed_a_message_still_learns_when_a_delayed_one_of_the_publish_is_due(
+    deaf_broker: RedisBroker,
+) -> None:
+    """The first waiting fetch takes the ready message in the publish's round trip; the other
+    must still be woken to look, or it would sleep through the delayed message's due time."""
+    queue = f"wake-{uuid.uuid4().hex}"
+    first = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(woken_fetch(deaf_broker, queue))
+    await asyncio.sleep(0.2)
+
+    await deaf_broker.publish(queue, [OutgoingMessage("now", b"body"), OutgoingMessage("later", b"body", delay=0.3)])
+
+    assert (await first)[0] == ["now"]
+    ids, seconds = await second
+    assert ids == ["later"]
+    assert seconds < WOKEN_WITHIN_SECONDS

@@ -177,3 +177,60 @@ async def test_a_cancelled_fetch_does_not_end_the_look_others_joined() -> None:
     assert not joiners[0].done(), "a joined fetch ended with the one that was cancelled"
     assert queue.looks == 2, "the joined fetch looked again at a queue the look drained"
     await cancelled(joiners)
+
+
+# -- takers: a publish here fetching for a waiting fetch in its own round trip -------------------
+
+async def taking_fetch(wakeups: Wakeups, queue: Queue, args: str, wait: float = 5.0) -> list[int]:
+    return await fetch_unless_drained(wakeups, QUEUE, WANT, queue.attempt, wait, take_args=args)
+
+
+async def test_a_waiting_fetch_is_handed_what_a_publish_fetched_for_it_and_does_not_look() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    assert await taking_fetch(wakeups, queue, "first") == [0]  # drained
+    waiting = asyncio.create_task(taking_fetch(wakeups, queue, "second"))
+    await asyncio.sleep(0.05)
+    taker = wakeups.taker(QUEUE)
+    assert taker is not None and (taker.want, taker.args) == (WANT, "second")
+    assert wakeups.taker(QUEUE) is None, "one waiting fetch stood as a taker twice"
+    assert taker.hand([7])
+    assert await asyncio.wait_for(waiting, 0.5) == [7]
+    assert queue.looks == 1
+
+
+async def test_takers_are_offered_longest_waiting_first_and_a_wake_lets_the_rest_look() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    assert await taking_fetch(wakeups, queue, "drain") == [0]
+    fetches = []
+    for name in ("a", "b", "c"):
+        fetches.append(asyncio.create_task(taking_fetch(wakeups, queue, name)))
+        await asyncio.sleep(0.01)
+    first = wakeups.taker(QUEUE)
+    assert first is not None and first.args == "a"
+    first.release()  # the publish failed, or fetched nothing for it: it looks for itself
+    queue.items = 1
+    wakeups.wake(QUEUE)
+    done, waiting = await asyncio.wait(fetches, timeout=0.2)
+    assert [task.result() for task in done] == [[0]]
+    assert queue.looks == 2, "the released and the woken fetches did not share one look"
+    assert wakeups.taker(QUEUE) is not None, "fetches that went back to waiting stand as takers again"
+    await cancelled(waiting)
+
+
+async def test_a_taker_whose_fetch_has_left_refuses_what_is_handed_to_it() -> None:
+    wakeups, queue = Wakeups(), Queue(items=1)
+    assert await taking_fetch(wakeups, queue, "drain") == [0]
+    waiting = asyncio.create_task(taking_fetch(wakeups, queue, "late", wait=0.05))
+    await asyncio.sleep(0.01)
+    taker = wakeups.taker(QUEUE)  # a publish holds it while its round trip is on the way
+    assert taker is not None
+    assert await waiting == []  # the fetch's time ran out meanwhile
+    assert not taker.hand([7]), "a taker that left took messages nobody will run"
+
+    cancelled_fetch = asyncio.create_task(taking_fetch(wakeups, queue, "cancelled"))
+    await asyncio.sleep(0.01)
+    taker = wakeups.taker(QUEUE)
+    assert taker is not None
+    await cancelled([cancelled_fetch])
+    assert not taker.hand([7])
+    assert wakeups.taker(QUEUE) is None, "fetches that left still stand as takers"

@@ -1,19 +1,47 @@
 """How a fetch waits for work: one-shot wake-ups per queue, and the loop that looks, waits and
 looks again until work comes or the wait is over; a queue a look found drained is not looked at
-again before a wake-up (or its look-again time)."""
+again before a wake-up (or its look-again time). A waiting fetch may also be handed what a
+publish on this process fetched for it in the publish's own round trip (a Taker)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 # An attempt's answer: what it took, and how long the wait may last before it looks again
 # (math.inf when only a wake-up or the deadline should end the wait).
 Attempt = Callable[[], Awaitable[tuple[list[T], float]]]
+
+
+@dataclass(eq=False)
+class Taker:
+    """A fetch waiting on a queue that a publish here may fetch for in the publish's own round
+    trip: up to `want`, with the broker's own fetch arguments `args`."""
+
+    want: int
+    args: Any
+    offered: asyncio.Future[Sequence[Any] | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def hand(self, taken: Sequence[Any]) -> bool:
+        """Give the waiting fetch what was fetched for it; False when it left meanwhile (its wait
+        ran out or was cancelled): the caller must then give the messages back."""
+        if self.offered.done():
+            return False
+        self.offered.set_result(taken)
+        return True
+
+    def release(self) -> None:
+        """Give the waiting fetch back to its own wait (the publish failed, or fetched nothing
+        for it and wakes the queue next)."""
+        if not self.offered.done():
+            self.offered.set_result(None)
 
 
 class Wakeups:
@@ -27,6 +55,8 @@ class Wakeups:
         self._drained: dict[str, tuple[asyncio.Event, float]] = {}
         # queue -> the latest look in flight: the event taken before it, and its end.
         self._looks: dict[str, tuple[asyncio.Event, asyncio.Future[None]]] = {}
+        # queue -> fetches waiting there that a publish may fetch for, longest waiting first.
+        self._takers: dict[str, list[Taker]] = {}
 
     def signal(self, queue: str) -> asyncio.Event:
         event = self._events.get(queue)
@@ -38,6 +68,41 @@ class Wakeups:
         event = self._events.pop(queue, None)
         if event is not None:
             event.set()
+        for taker in self._takers.pop(queue, ()):
+            taker.release()
+
+    def taker(self, queue: str) -> Taker | None:
+        """The longest-waiting fetch on `queue` still waiting, now the caller's to `hand` what it
+        fetches for it or `release`; None when no fetch waits there."""
+        waiting = self._takers.get(queue)
+        while waiting:
+            taker = waiting.pop(0)
+            if not taker.offered.done():
+                return taker
+        return None
+
+    async def wait_or_take(
+        self, queue: str, arrived: asyncio.Event, seconds: float, want: int, args: Any
+    ) -> Sequence[Any] | None:
+        """Wait for `arrived` (a wake-up) or `seconds`, and meanwhile stand as a Taker when
+        `args` is given: what a publish handed over, or None (woken, or the time ran out)."""
+        with contextlib.suppress(TimeoutError):
+            if args is None:
+                await asyncio.wait_for(arrived.wait(), seconds)
+                return None
+            if arrived.is_set():
+                return None
+            taker = Taker(want, args)
+            self._takers.setdefault(queue, []).append(taker)
+            try:
+                # Cancelled when the time runs out: a publisher holding the taker then sees it
+                # gone and gives back what it fetched.
+                return await asyncio.wait_for(taker.offered, seconds)
+            finally:
+                waiting = self._takers.get(queue)
+                if waiting is not None and taker in waiting:
+                    waiting.remove(taker)
+        return None
 
     def wake_all(self) -> None:
         for queue in list(self._events):
@@ -122,6 +187,7 @@ async def fetch_unless_drained(
     attempt: Attempt[T],
     wait_seconds: float,
     stopped: Callable[[], bool] = lambda: False,
+    take_args: Any = None,
 ) -> list[T]:
     """fetch_waiting()'s wait for up to `want` from `queue`, skipping a look while the last one
     drained the queue and nothing woke it since: at light load each task is fetched alone, and that
@@ -135,7 +201,11 @@ async def fetch_unless_drained(
 
     Sound under fetch_waiting's own rule: whatever makes work available wakes the queue or is
     found by the look-again time the drained look gave; a look that began after a wake-up sees
-    what that wake-up announced."""
+    what that wake-up announced.
+
+    With `take_args` (the broker's fetch arguments) a waiting fetch stands as a Taker: a publish
+    on this process may fetch for it in the publish's own round trip and hand it the messages,
+    one engine call and one wake-up fewer on a lone task's path."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(wait_seconds, 0.0)
     # A fresh fetch (a window refilled under load) looks at once; one that was woken joins.
@@ -148,8 +218,10 @@ async def fetch_unless_drained(
         known = wakeups.drained(queue, loop.time())
         if known is not None and deadline > loop.time():
             arrived, look_again_at = known
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), max(min(deadline, look_again_at) - loop.time(), 0.0))
+            seconds = max(min(deadline, look_again_at) - loop.time(), 0.0)
+            handed = await wakeups.wait_or_take(queue, arrived, seconds, want, take_args)
+            if handed:
+                return list(handed)
             if stopped():
                 return []
             if deadline > loop.time():
@@ -162,8 +234,9 @@ async def fetch_unless_drained(
         remaining = deadline - loop.time()
         if taken or remaining <= 0:
             return taken
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(arrived.wait(), min(remaining, look_again))
+        handed = await wakeups.wait_or_take(queue, arrived, min(remaining, look_again), want, take_args)
+        if handed:
+            return list(handed)
         if stopped():
             return []
         woken = True
