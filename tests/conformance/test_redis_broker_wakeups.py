@@ -255,3 +255,33 @@ async def test_a_fetch_not_handed_a_message_still_learns_when_a_delayed_one_of_t
     ids, seconds = await second
     assert ids == ["later"]
     assert seconds < WOKEN_WITHIN_SECONDS
+
+
+async def test_a_publish_whose_hand_back_fails_still_succeeds_and_the_lease_brings_the_message_back(
+    deaf_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published is published: a failed hand-back of what was fetched for a fetch that left must
+    not make the publish look failed (its caller would publish the task again)."""
+    queue = f"wake-{uuid.uuid4().hex}"
+    fetch = asyncio.create_task(deaf_broker.fetch(queue, 10, 0.2, wait_seconds=WAIT_SECONDS))
+    await asyncio.sleep(0.2)
+    eval_many = deaf_broker._eval_many
+
+    async def leaving_meanwhile(
+        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
+    ) -> list[object]:
+        if any(name == "nack" for name, _, _ in calls):
+            raise ConnectionError("Redis went away")
+        replies = await eval_many(calls, register)
+        fetch.cancel()
+        await asyncio.sleep(0)
+        return replies
+
+    monkeypatch.setattr(deaf_broker, "_eval_many", leaving_meanwhile)
+    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
+    monkeypatch.undo()
+
+    await asyncio.sleep(0.3)  # the 0.2 s lease taken for the fetch that left has run out
+    assert await deaf_broker.recover_expired() >= 1
+    [delivery] = await deaf_broker.fetch(queue, 10, LEASE)
+    assert delivery.message_id == "m1"

@@ -629,7 +629,8 @@ class RedisBroker:
             calls.append(("publish", keys, args))
         # A fetch waiting here gets its look in the same round trip, right after the publish:
         # what it takes is what a look woken by this publish would have taken.
-        taker = self._wakeups.taker(queue)
+        ready = any(message.delay <= 0 for message in messages)
+        taker = self._wakeups.taker(queue) if ready else None
         if taker is not None:
             calls.append(("fetch", keys, taker.args))
         try:
@@ -652,7 +653,11 @@ class RedisBroker:
             taker.release()  # another consumer took them first: let it look (and wait) as before
             return False
         if not taker.hand(taken):
-            await self.nack(taken)
+            try:
+                await self.nack(taken)
+            except Exception as exc:  # the publish itself is done: it must not look failed
+                log.warning("handing back %d messages on %s failed (%s: %s); their leases bring them back",
+                            len(taken), queue, type(exc).__name__, exc)
             return False
         return len(taken) < taker.want
 
