@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from .base import Delivery, OutgoingMessage
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -240,3 +245,39 @@ async def fetch_unless_drained(
         if stopped():
             return []
         woken = True
+
+
+async def publish_handing_over(
+    wakeups: Wakeups,
+    queue: str,
+    messages: Sequence[OutgoingMessage],
+    publish: Callable[[Taker | None], Awaitable[Sequence[Delivery]]],
+    give_back: Callable[[Sequence[Delivery]], Awaitable[None]],
+) -> bool:
+    """Publish with a fetch waiting here, if any, as a Taker: `publish(taker)` writes the messages
+    and then, in the same engine call, fetches for the taker what a look woken by this publish
+    would have taken. Returns whether the queue still needs its wake-up: not when the taker took
+    all that was ready and nothing was delayed (waking would only bring empty looks).
+
+    A taker that left meanwhile gets nothing: `give_back` returns the messages, and a failure
+    there is logged, not raised (the publish is done; their leases bring them back)."""
+    taker = wakeups.taker(queue) if any(message.delay <= 0 for message in messages) else None
+    try:
+        taken = await publish(taker)
+    except BaseException:
+        if taker is not None:
+            taker.release()
+        raise
+    if taker is None:
+        return True
+    if not taken:
+        taker.release()  # another consumer took them first: it waits (and is woken) as before
+        return True
+    if not taker.hand(taken):
+        try:
+            await give_back(taken)
+        except Exception as exc:
+            log.warning("handing back %d messages on %s failed (%s: %s); their leases bring them back",
+                        len(taken), queue, type(exc).__name__, exc)
+        return True
+    return len(taken) == taker.want or any(message.delay > 0 for message in messages)

@@ -70,7 +70,7 @@ from ..engine_urls import DEFAULT_PREFIX, EngineUrl
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ..redis_scripts import run_scripts
-from ._wakeups import Taker, Wakeups, fetch_unless_drained
+from ._wakeups import Taker, Wakeups, fetch_unless_drained, publish_handing_over
 from .base import Delivery, OutgoingMessage, QueueStats
 
 log = logging.getLogger(__name__)
@@ -627,39 +627,16 @@ class RedisBroker:
                 meta = f"{priority}:{message.message_id}"
                 args += [uuid.uuid4().hex, meta, _ms(message.delay), message.body]
             calls.append(("publish", keys, args))
-        # A fetch waiting here gets its look in the same round trip, right after the publish:
-        # what it takes is what a look woken by this publish would have taken.
-        ready = any(message.delay <= 0 for message in messages)
-        taker = self._wakeups.taker(queue) if ready else None
-        if taker is not None:
-            calls.append(("fetch", keys, taker.args))
-        try:
-            # Registered on every publish, so a lost registry key comes back with the next one.
-            replies = await self._eval_many(calls, register=[queue])
-        except BaseException:
-            if taker is not None:
-                taker.release()
-            raise
-        drained = taker is not None and await self._hand_over(queue, taker, replies[-1])
-        if drained and all(message.delay <= 0 for message in messages):
-            return  # the taker took all there was: a wake-up would only bring empty looks
-        self._wake_here(queue)  # (a delayed message: the waiting fetches learn when it is due)
 
-    async def _hand_over(self, queue: str, taker: Taker, reply: list[Any]) -> bool:
-        """Give the taker what the publish fetched for it: True when it drained the queue (took
-        less than it wanted). A taker that left meanwhile gets nothing: the messages go back."""
-        taken = self._deliveries(queue, reply[2:])
-        if not taken:
-            taker.release()  # another consumer took them first: let it look (and wait) as before
-            return False
-        if not taker.hand(taken):
-            try:
-                await self.nack(taken)
-            except Exception as exc:  # the publish itself is done: it must not look failed
-                log.warning("handing back %d messages on %s failed (%s: %s); their leases bring them back",
-                            len(taken), queue, type(exc).__name__, exc)
-            return False
-        return len(taken) < taker.want
+        async def publish_then_take(taker: Taker | None) -> list[Delivery]:
+            # A fetch waiting here gets its look in the publish's round trip, right after it.
+            looks = [("fetch", keys, taker.args)] if taker is not None else []
+            # Registered on every publish, so a lost registry key comes back with the next one.
+            replies = await self._eval_many([*calls, *looks], register=[queue])
+            return self._deliveries(queue, replies[-1][2:]) if looks else []
+
+        if await publish_handing_over(self._wakeups, queue, messages, publish_then_take, self.nack):
+            self._wake_here(queue)  # (a delayed message among them: the waiting fetches learn when it is due)
 
     async def fetch(
         self, queue: str, max_messages: int, lease_seconds: float, wait_seconds: float = 0.0
