@@ -5,11 +5,11 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 from ..sqlite_db import SqliteDatabase, sqlite_path, transaction
-from ._wakeups import Taker, Wakeups, fetch_unless_drained, publish_handing_over
+from ._wakeups import Wakeups, fetch_unless_drained
 from .base import Delivery, OutgoingMessage, QueueStats
 
 # How often a waiting fetch looks for work made ready by other processes; work published by
@@ -175,14 +175,8 @@ class SqliteBroker:
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         if not messages:
             return
-        def publish_then_take(taker: Taker | None) -> Awaitable[list[Delivery]]:
-            def write(conn: sqlite3.Connection) -> list[Delivery]:
-                _publish(conn, queue, messages)
-                return _lease(conn, queue, *taker.args) if taker is not None else []
-            return self._db.run(write)
-
-        wake = await publish_handing_over(self._arrivals, queue, messages, publish_then_take, self.nack)
-        if wake and any(m.delay <= 0 for m in messages):
+        await self._db.run(lambda conn: _publish(conn, queue, messages))
+        if any(m.delay <= 0 for m in messages):
             self._arrivals.wake(queue)
 
     async def fetch(
@@ -196,8 +190,7 @@ class SqliteBroker:
             return taken, _POLL_SECONDS
 
         return await fetch_unless_drained(
-            self._arrivals, queue, max_messages, attempt, wait_seconds, stopped=lambda: self._db.closed,
-            take_args=(max_messages, lease_seconds),
+            self._arrivals, queue, max_messages, attempt, wait_seconds, stopped=lambda: self._db.closed
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
