@@ -1,6 +1,8 @@
 """A waiting fetch on the Redis broker wakes at once after a publish or nack made by the same
 broker, without the pub/sub signal: in a cluster that signal may cross the cluster bus, which
-held about 1 in 100 of them for 40 ms (bench/cluster.py: p99 48.6 ms before, 5.6 ms after)."""
+held about 1 in 100 of them for 40 ms (bench/cluster.py: p99 48.6 ms before, 5.6 ms after).
+Fetches woken together make one look; a publish takes the look of a fetch waiting on the same
+broker in its own round trip and hands it the messages (given back when that fetch has left)."""
 
 from __future__ import annotations
 
