@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -108,20 +109,25 @@ async def test_the_echo_of_a_brokers_own_signal_does_not_make_it_look_again_at_a
     assert looks() == 1
 
 
-def count_looks(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """How many times the broker has looked at a queue (run its fetch script) from now on."""
-    looks = 0
+def count_round_trips(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The script names of each round trip the broker makes from now on."""
+    trips: list[list[str]] = []
     eval_many = broker._eval_many
 
-    async def counting(
+    async def recording(
         calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
     ) -> list[object]:
-        nonlocal looks
-        looks += sum(1 for name, _, _ in calls if name == "fetch")
+        trips.append([name for name, _, _ in calls])
         return await eval_many(calls, register)
 
-    monkeypatch.setattr(broker, "_eval_many", counting)
-    return lambda: looks
+    monkeypatch.setattr(broker, "_eval_many", recording)
+    return trips
+
+
+def count_looks(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many times the broker has looked at a queue (run its fetch script) from now on."""
+    trips = count_round_trips(broker, monkeypatch)
+    return lambda: sum(names.count("fetch") for names in trips)
 
 
 @pytest.mark.parametrize("publisher", ["this replica", "another replica"])
@@ -167,21 +173,6 @@ async def test_a_fetch_waiting_on_a_drained_queue_wakes_when_this_broker_recover
     assert seconds < WOKEN_WITHIN_SECONDS
 
 
-def count_round_trips(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The script names of each round trip the broker makes from now on."""
-    trips: list[list[str]] = []
-    eval_many = broker._eval_many
-
-    async def recording(
-        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
-    ) -> list[object]:
-        trips.append([name for name, _, _ in calls])
-        return await eval_many(calls, register)
-
-    monkeypatch.setattr(broker, "_eval_many", recording)
-    return trips
-
-
 async def test_a_publish_fetches_for_a_fetch_waiting_here_in_its_own_round_trip(
     deaf_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,6 +191,30 @@ async def test_a_publish_fetches_for_a_fetch_waiting_here_in_its_own_round_trip(
     assert trips == [["publish", "fetch"]]
 
 
+async def publish_while_the_fetch_leaves(
+    broker: RedisBroker, queue: str, fetch: asyncio.Task[Any], monkeypatch: pytest.MonkeyPatch,
+    hand_back_fails: bool = False,
+) -> None:
+    """Publish one message while `fetch` waits, cancelling `fetch` (its worker went away) when
+    the publish's round trip, with the look made for it, is on the way back; with
+    `hand_back_fails`, the nack that gives the message back fails."""
+    eval_many = broker._eval_many
+
+    async def leaving_meanwhile(
+        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
+    ) -> list[object]:
+        if hand_back_fails and any(name == "nack" for name, _, _ in calls):
+            raise ConnectionError("Redis went away")
+        replies = await eval_many(calls, register)
+        fetch.cancel()
+        await asyncio.sleep(0)
+        return replies
+
+    monkeypatch.setattr(broker, "_eval_many", leaving_meanwhile)
+    await broker.publish(queue, [OutgoingMessage("m1", b"body")])
+    monkeypatch.undo()
+
+
 async def test_what_a_publish_fetched_for_a_fetch_that_left_meanwhile_goes_back_to_the_queue(
     deaf_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,19 +223,7 @@ async def test_what_a_publish_fetched_for_a_fetch_that_left_meanwhile_goes_back_
     queue = f"wake-{uuid.uuid4().hex}"
     fetch = asyncio.create_task(woken_fetch(deaf_broker, queue))
     await asyncio.sleep(0.2)
-    eval_many = deaf_broker._eval_many
-
-    async def leaving_meanwhile(
-        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
-    ) -> list[object]:
-        replies = await eval_many(calls, register)
-        fetch.cancel()
-        await asyncio.sleep(0)
-        return replies
-
-    monkeypatch.setattr(deaf_broker, "_eval_many", leaving_meanwhile)
-    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
-    monkeypatch.undo()
+    await publish_while_the_fetch_leaves(deaf_broker, queue, fetch, monkeypatch)
 
     with pytest.raises(asyncio.CancelledError):
         await fetch
@@ -267,21 +270,7 @@ async def test_a_publish_whose_hand_back_fails_still_succeeds_and_the_lease_brin
     queue = f"wake-{uuid.uuid4().hex}"
     fetch = asyncio.create_task(deaf_broker.fetch(queue, 10, 0.2, wait_seconds=WAIT_SECONDS))
     await asyncio.sleep(0.2)
-    eval_many = deaf_broker._eval_many
-
-    async def leaving_meanwhile(
-        calls: list[tuple[str, list[str], list[object]]], register: tuple[str, ...] = ()
-    ) -> list[object]:
-        if any(name == "nack" for name, _, _ in calls):
-            raise ConnectionError("Redis went away")
-        replies = await eval_many(calls, register)
-        fetch.cancel()
-        await asyncio.sleep(0)
-        return replies
-
-    monkeypatch.setattr(deaf_broker, "_eval_many", leaving_meanwhile)
-    await deaf_broker.publish(queue, [OutgoingMessage("m1", b"body")])
-    monkeypatch.undo()
+    await publish_while_the_fetch_leaves(deaf_broker, queue, fetch, monkeypatch, hand_back_fails=True)
 
     await asyncio.sleep(0.3)  # the 0.2 s lease taken for the fetch that left has run out
     assert await deaf_broker.recover_expired() >= 1
