@@ -77,8 +77,7 @@ class QueuePauses(RefreshedCopy):
 
     async def refresh(self) -> frozenset[str]:
         """Read the paused set now (after a local change) and wake waiting pumps."""
-        async with self._lock:
-            await self._read()
+        await self._read_now()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return self._paused

@@ -37,6 +37,12 @@ class RefreshedCopy(ABC):
             await self._read_if_older_than(self.refresh_seconds / 2)
             await asyncio.sleep(self.refresh_seconds / 2)
 
+    async def _read_now(self) -> None:
+        """Read the copy now, after whatever read is in flight (a change made here, a listing);
+        a failure is the caller's."""
+        async with self._lock:
+            await self._read()
+
     async def _fresh(self) -> None:
         """Make sure the copy was read (or a read failed) at most one refresh period ago."""
         await self._read_if_older_than(self.refresh_seconds)

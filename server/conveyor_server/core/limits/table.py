@@ -75,8 +75,7 @@ class RateLimitTable(RefreshedCopy):
 
     async def all(self) -> list[RateLimit]:
         """Every limit in force, read now, by name."""
-        async with self._lock:
-            await self._read()
+        await self._read_now()
         return sorted(self._current.values(), key=lambda limit: limit.name)
 
     async def set(self, limit: RateLimit) -> RateLimit:
