@@ -24,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import parse_url
 
 from .engine_urls import EngineUrl
+from .redis_packing import packing_in_c
 
 CLUSTER_SCHEME = "redis+cluster"
 MAX_IN_FLIGHT = 256
@@ -83,6 +84,12 @@ class WaitingRedisCluster(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._turns = _Turns()
+        # Commands packed in C (redis_packing.py): the nodes known now, and those found later
+        # (the nodes manager makes them from these same connection options).
+        packing = packing_in_c(self.connection_kwargs["connection_class"])
+        self.connection_kwargs["connection_class"] = packing
+        for node in self.startup_nodes:
+            node.connection_class = packing
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return await self._turns.run(lambda: super(WaitingRedisCluster, self).execute_command(*args, **kwargs))

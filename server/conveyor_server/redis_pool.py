@@ -9,6 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from .redis_cluster import is_cluster_url
+from .redis_packing import packing_in_c
 
 MAX_CONNECTIONS = 256
 # How long an operation may wait for a free connection before it fails.
@@ -21,4 +22,5 @@ def open_redis(url: str, **options: Any) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=WAIT_SECONDS, **options
     )
+    pool.connection_class = packing_in_c(pool.connection_class)  # from_url chose it: TCP, TLS or a socket
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
