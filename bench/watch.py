@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,7 +50,7 @@ from bench.compare import (
     profiled,
 )
 from conveyor import Client, sig
-from conveyor.v1 import admin_service_pb2_grpc, result_pb2
+from conveyor.v1 import result_pb2
 
 TERMINAL = {result_pb2.TASK_STATE_SUCCESS, result_pb2.TASK_STATE_FAILURE, result_pb2.TASK_STATE_CANCELLED,
             result_pb2.TASK_STATE_EXPIRED}
@@ -69,8 +68,7 @@ async def watched(run: ConveyorRun, count: int, batch: int) -> tuple[float, floa
     """Submit `count` tasks and watch them all to their end: (seconds until the watch saw every
     task end, seconds until the queue was drained), both from the first submit. A result is
     stored before its task leaves the queue, so the difference is how far the watch lags."""
-    async with Client(run.address) as client, grpc.aio.insecure_channel(run.address) as channel:
-        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+    async with Client(run.address) as client:
         started = time.perf_counter()
         ids: list[str] = []
         for offset in range(0, count, batch):
@@ -78,7 +76,7 @@ async def watched(run: ConveyorRun, count: int, batch: int) -> tuple[float, floa
             ids.extend(s.task_id for s in submitted)
 
         async def drained() -> float:
-            await run.drained(admin)
+            await run.drained()
             return time.perf_counter() - started
 
         queue = asyncio.create_task(drained())
