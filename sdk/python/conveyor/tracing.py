@@ -82,7 +82,8 @@ def links_from(headers: Mapping[str, str]) -> list[trace.Link]:
 
 
 # What span() gives when tracing is off: reusable, and cheaper than a generator per call.
-_NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
+# What span() gives while tracing is off (callers that check enabled() once per batch use it too).
+NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 
 
 def span(
@@ -92,7 +93,7 @@ def span(
     """A current span, child of the context in `parent_headers` (or of the current span), linked
     to the span contexts those headers list under LINKS_HEADER."""
     if not enabled():
-        return _NO_SPAN
+        return NO_SPAN
     return _recorded_span(name, parent_headers, kind, attributes)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,6 +97,21 @@ class Lease:
     started_at: float | None = None
     # The concurrency key whose slot this attempt holds (core/limits/); empty: none.
     concurrency_key: str = ""
+
+
+def lease_tokens(count: int) -> Iterator[str]:
+    """`count` lease tokens (128 random bits each, in hex) from one read of the random source."""
+    random = secrets.token_bytes(16 * count)
+    return (random[start:start + 16].hex() for start in range(0, len(random), 16))
+
+
+def _trace_dispatch(assignment: worker_service_pb2.Assignment, worker_id: str) -> None:
+    """The task's "dispatch" span; the worker's execute span becomes its child."""
+    task = assignment.task
+    attributes = tracing.task_attributes("dispatch", task.id, task.name, task.queue, assignment.attempt)
+    attributes["conveyor.worker.id"] = worker_id
+    with tracing.span(f"dispatch {task.name}", task.headers, attributes=attributes):
+        tracing.inject(task.headers)
 
 
 @dataclass(slots=True)
@@ -215,6 +230,11 @@ class Dispatcher:
         records = await self._read(messages)
         stamp = self.clock.timestamp()
         wall = seconds_of(stamp)
+        # Once per claim, not per task: each costs a system call (Python 3.11's
+        # get_running_loop asks for the pid; a token reads the system's random source).
+        loop = asyncio.get_running_loop()
+        tokens = lease_tokens(len(messages))
+        traced = tracing.enabled()
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
         early: list[tuple[Delivery, float]] = []
@@ -258,21 +278,16 @@ class Dispatcher:
             assignment = worker_service_pb2.Assignment(
                 task=message.signature,
                 attempt=attempt,
-                lease_token=secrets.token_hex(16),
+                lease_token=next(tokens),
                 workflow_id=message.workflow_id,
                 deliveries=record.deliveries + 1,  # as RECEIVED will count this one
             )
             assignment.lease_expires_at.FromSeconds(int(stamp.seconds + self.lease_seconds))
-            attributes = tracing.task_attributes(
-                "dispatch", task_id, assignment.task.name, assignment.task.queue, attempt
-            )
-            attributes["conveyor.worker.id"] = worker_id
-            with tracing.span(f"dispatch {assignment.task.name}", assignment.task.headers, attributes=attributes):
-                # The worker's execute span becomes a child of this dispatch.
-                tracing.inject(assignment.task.headers)
+            if traced:
+                _trace_dispatch(assignment, worker_id)
             claimed.append(Claimed(assignment, Lease(
                 task_id, assignment.lease_token, attempt, delivery, seconds_of(limit), now,
-                dispatched_at=stamp,
+                dispatched_at=stamp, recorded=loop.create_future(),
             )))
         limited: list[tuple[Delivery, float]] = []
         if self.limits is not None and claimed:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.trace import Span
 
 from conveyor import tracing
 from conveyor.internal.v1 import records_pb2
@@ -302,13 +304,12 @@ class OutcomeRecorder:
         """Per recorded outcome, inside its "result" span (child of the task's trace): hand a
         retry's message back with its delay, or list the dead letter and run the follow-ups.
         A follow-up that fails marks its task for repair instead of failing the report."""
+        traced = tracing.enabled()  # once, not per task (its attributes are skipped too when not)
         for task_id, record in written.items():
             result = record.result
             if self.on_attempt_ended is not None:
                 self.on_attempt_ended(record)
-            attributes = tracing.task_attributes("result", task_id, result.name, result.queue, result.attempts)
-            attributes["conveyor.task.state"] = TaskStates.Name(result.state)
-            with tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes):
+            with _result_span(task_id, result) if traced else tracing.NO_SPAN:
                 decision = decisions.get(task_id)
                 if result.state == TaskStates.TASK_STATE_RETRY or (decision is not None and decision.requeue):
                     recorded.requeue[task_id] = decisions[task_id].retry_delay
@@ -364,3 +365,10 @@ def _requeue(
     cause = error("Rejected", f"{reason} (requeued itself {record.requeues} times; the limit is {MAX_REQUEUES})")
     _fail_rejected(record, cause, at, worker_id)
     return False
+
+
+def _result_span(task_id: str, result: result_pb2.TaskResult) -> AbstractContextManager[Span]:
+    """The task's "result" span, child of its trace: the follow-ups' spans are its children."""
+    attributes = tracing.task_attributes("result", task_id, result.name, result.queue, result.attempts)
+    attributes["conveyor.task.state"] = TaskStates.Name(result.state)
+    return tracing.span(f"result {result.name}", result.signature.headers, attributes=attributes)
