@@ -16,10 +16,10 @@ from conveyor.v1 import result_pb2, task_pb2, worker_service_pb2
 from conveyor_server.brokers.base import OutgoingMessage
 from conveyor_server.core import confirmed
 from conveyor_server.core.connection import settle
-from conveyor_server.core.dispatch import lease_tokens
 from conveyor_server.core.outcomes import DEFAULT_EXPLICIT_RETRY_ATTEMPTS
 from conveyor_server.core.publisher import Publication, encode_message
 from conveyor_server.core.records import DEAD_LETTERS_GROUP, task_key
+from conveyor_server.random_ids import hex_tokens
 from tests.unit.replicas import Replicas, lease_all, outcome, quick_repairs, replicas
 from tests.unit.test_durability import QUEUE, Outage, lone, submit, task
 
@@ -266,7 +266,7 @@ async def test_an_assignment_carries_the_message_attempt_limit_and_lease(replica
 
 
 async def test_each_task_of_a_claim_gets_a_lease_token_of_its_own(replicas: Replicas) -> None:
-    """The tokens of one claim come from one read of the random source (dispatch.lease_tokens)."""
+    """The tokens of one claim come from one read of the random source (random_ids.hex_tokens)."""
     for n in range(5):
         await submit(replicas.a, lone(task(task_id=f"t{n}")))
     claim = await replicas.a.connections.dispatcher.claim(await replicas.broker.fetch(QUEUE, 10, 30.0), "w1", 1.0)
@@ -274,7 +274,7 @@ async def test_each_task_of_a_claim_gets_a_lease_token_of_its_own(replicas: Repl
     assert len(claim.claimed) == 5 and len(set(tokens)) == 5
     assert all(len(token) == 32 and int(token, 16) >= 0 for token in tokens)
     assert [c.assignment.lease_token for c in claim.claimed] == tokens
-    assert list(lease_tokens(0)) == [] and len({*lease_tokens(1000)}) == 1000
+    assert list(hex_tokens(0)) == [] and len({*hex_tokens(1000)}) == 1000
 
 
 async def test_a_claim_whose_read_fails_raises_for_the_caller_to_hand_back(replicas: Replicas) -> None:

@@ -67,6 +67,7 @@ from redis.commands.core import AsyncScript
 
 from ..background import stop_tasks
 from ..engine_urls import DEFAULT_PREFIX, EngineUrl
+from ..random_ids import hex_tokens
 from ..redis_cluster import is_cluster_url, open_redis_cluster
 from ..redis_pool import open_redis
 from ..redis_scripts import run_scripts
@@ -620,12 +621,13 @@ class RedisBroker:
     async def publish(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         keys = self._keys(queue)
         calls: list[_Call] = []
+        message_keys = hex_tokens(len(messages))
         for start in range(0, len(messages), PUBLISH_CHUNK):
             args: list[Any] = [self._channel(queue), self._signal()]
             for message in messages[start:start + PUBLISH_CHUNK]:
                 priority = min(max(message.priority, 0), 9)
                 meta = f"{priority}:{message.message_id}"
-                args += [uuid.uuid4().hex, meta, _ms(message.delay), message.body]
+                args += [next(message_keys), meta, _ms(message.delay), message.body]
             calls.append(("publish", keys, args))
 
         async def publish_then_take(taker: Taker | None) -> list[Delivery]:

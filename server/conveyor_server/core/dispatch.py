@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +49,7 @@ from conveyor.v1 import worker_service_pb2
 from conveyor.values import seconds_of
 
 from ..brokers.base import Broker, Delivery
+from ..random_ids import hex_tokens
 from . import withdrawn
 from .clock import SYSTEM_CLOCK, Clock
 from .confirmed import RepairPending
@@ -97,12 +97,6 @@ class Lease:
     started_at: float | None = None
     # The concurrency key whose slot this attempt holds (core/limits/); empty: none.
     concurrency_key: str = ""
-
-
-def lease_tokens(count: int) -> Iterator[str]:
-    """`count` lease tokens (128 random bits each, in hex) from one read of the random source."""
-    random = secrets.token_bytes(16 * count)
-    return (random[start:start + 16].hex() for start in range(0, len(random), 16))
 
 
 def _trace_dispatch(assignment: worker_service_pb2.Assignment, worker_id: str) -> None:
@@ -233,7 +227,7 @@ class Dispatcher:
         # Once per claim, not per task: each costs a system call (Python 3.11's
         # get_running_loop asks for the pid; a token reads the system's random source).
         loop = asyncio.get_running_loop()
-        tokens = lease_tokens(len(messages))
+        tokens = hex_tokens(len(messages))
         traced = tracing.enabled()
         claimed: list[Claimed] = []
         ended: dict[str, Delivery] = {}
