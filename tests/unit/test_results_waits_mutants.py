@@ -220,6 +220,34 @@ async def test_a_wait_answered_by_a_write_here_in_its_first_moment_reads_nothing
     assert replicas.backend.watches == 0
 
 
+async def test_a_wait_answered_by_a_write_here_wakes_in_the_next_loop_turn(replicas: Replicas) -> None:
+    """Before the code that recorded the result goes on (OutcomeRecorder.record yields one turn
+    for this, then acks): the waiting client is answered first."""
+    await submit(replicas.a, lone(task(task_id="t1")))
+    waiting = asyncio.create_task(replicas.a.reader.wait("t1", 5))
+    await asyncio.sleep(0)
+    await replicas.a.store.update(["t1"], succeed)
+    await asyncio.sleep(0)
+    assert waiting.done() and waiting.result().state == SUCCESS
+
+
+async def test_a_wait_whose_first_moment_passes_still_takes_a_write_here(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first wait's time runs out (the task runs nowhere here) and the wait follows the
+    change feed too; a write here after that still answers it, without the feed."""
+    async def feed_that_never_answers(task_id: str) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(replicas.a.reader, "_terminal_result", feed_that_never_answers)
+    await submit(replicas.a, lone(task(task_id="t1")))
+    waiting = asyncio.create_task(replicas.a.reader.wait("t1", 5))
+    await asyncio.sleep(results.FEED_AFTER_SECONDS * 3)
+    assert not waiting.done()
+    await replicas.a.store.update(["t1"], succeed)
+    assert (await asyncio.wait_for(waiting, 5)).state == SUCCESS
+
+
 async def test_a_wait_answered_through_the_feed_reads_nothing_after_the_read_that_saw_the_end(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -81,11 +81,13 @@ class ResultReader:
         if plan is not None:
             return await self.workflow_result(plan, wait_seconds)
         loop = asyncio.get_running_loop()
-        written_here: asyncio.Future[result_pb2.TaskResult | None] = loop.create_future()
+        # Where this server's own terminal write of the record goes (_written_within swaps in
+        # a fresh future when its time runs out).
+        written: list[asyncio.Future[result_pb2.TaskResult | None]] = [loop.create_future()]
 
-        def on_write(written: Loaded) -> None:
-            if is_terminal(written.record) and not written_here.done():
-                written_here.set_result(_copy(written.record.result))
+        def on_write(loaded: Loaded) -> None:
+            if is_terminal(loaded.record) and not written[0].done():
+                written[0].set_result(_copy(loaded.record.result))
 
         with self.store.on_write(task_id, on_write):
             # This server's own last write of the record answers as well as a read: a terminal
@@ -100,13 +102,12 @@ class ResultReader:
             # subscription), then follow the change feed too. Only the waits for tasks not
             # running here tell how often other replicas answer.
             here = self.running_here(task_id)
-            if (delay := FEED_AFTER_SECONDS if here else self.feed_use.delay()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(delay, wait_seconds)):
-                        if (found := await asyncio.shield(written_here)) is not None:
-                            if not here:
-                                self.feed_use.answered(elsewhere=False)
-                            return found
+            delay = FEED_AFTER_SECONDS if here else self.feed_use.delay()
+            if delay > 0 and (found := await _written_within(written, min(delay, wait_seconds))) is not None:
+                if not here:
+                    self.feed_use.answered(elsewhere=False)
+                return found
+            written_here = written[0]
             elsewhere = asyncio.create_task(self._terminal_result(task_id))
             try:
                 done, _ = await asyncio.wait({written_here, elsewhere}, timeout=max(deadline - loop.time(), 0),
@@ -389,3 +390,25 @@ def _aggregate(states: Sequence[result_pb2.TaskState.ValueType]) -> result_pb2.T
     if all(state == TaskStates.TASK_STATE_PENDING for state in states):
         return TaskStates.TASK_STATE_PENDING
     return TaskStates.TASK_STATE_STARTED
+
+
+async def _written_within(
+    written: list[asyncio.Future[result_pb2.TaskResult | None]], seconds: float
+) -> result_pb2.TaskResult | None:
+    """The result `written[0]` gets within `seconds`, else None (and a fresh future takes its
+    place, for the writes after). Awaited itself, the future wakes this wait in the loop turn
+    after the write; behind a shield or asyncio.wait it took a turn more, in which the code that
+    recorded the result went on to its broker ack before the waiting client was answered."""
+    first = written[0]
+    loop = asyncio.get_running_loop()
+
+    def time_up() -> None:
+        if not first.done():
+            written[0] = loop.create_future()
+            first.set_result(None)
+
+    timer = loop.call_later(seconds, time_up)
+    try:
+        return await first
+    finally:
+        timer.cancel()
