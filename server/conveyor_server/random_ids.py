@@ -15,5 +15,5 @@ TOKEN_BYTES = 16
 
 def hex_tokens(count: int) -> Iterator[str]:
     """`count` tokens of 128 random bits each, in hex (as `secrets.token_hex(16)` makes them)."""
-    random = secrets.token_bytes(TOKEN_BYTES * count)
-    return (random[start:start + TOKEN_BYTES].hex() for start in range(0, len(random), TOKEN_BYTES))
+    drawn = secrets.token_bytes(TOKEN_BYTES * count)
+    return (drawn[start:start + TOKEN_BYTES].hex() for start in range(0, len(drawn), TOKEN_BYTES))

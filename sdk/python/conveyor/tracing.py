@@ -81,8 +81,8 @@ def links_from(headers: Mapping[str, str]) -> list[trace.Link]:
     return links
 
 
-# What span() gives when tracing is off: reusable, and cheaper than a generator per call.
-# What span() gives while tracing is off (callers that check enabled() once per batch use it too).
+# What span() gives when tracing is off: reusable, and cheaper than a generator per call (callers
+# that check enabled() once for a batch use it too).
 NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 
 
