@@ -43,9 +43,12 @@ def engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield redis.url()
 
 
-def start_replicas(tmp_path: Path, procs: list[Proc], engine_url: str) -> tuple[Server, Server]:
-    """Replicas A and B on one engine."""
+def start_replicas(tmp_path: Path, procs: list[Proc], engine_url: str,
+                   grace_seconds: float | None = None) -> tuple[Server, Server]:
+    """Replicas A and B on one engine (`grace_seconds`: their stream grace, if not FAST_RECOVERY's)."""
     env = {**FAST_RECOVERY, **code_env()}
+    if grace_seconds is not None:
+        env["CONVEYOR_STREAM_GRACE_SECONDS"] = str(grace_seconds)
     replicas = []
     for name in ("replica-a", "replica-b"):
         server = Server(tmp_path, engine_url, engine_url, env=env, name=name, cwd=tmp_path, wait=False)
@@ -136,8 +139,12 @@ async def test_a_worker_cut_off_from_its_live_replica_takes_its_task_to_the_othe
     """The worker's link to replica A is cut (A stays up and sees the stream end); the worker reconnects to B,
     which takes the running task's lease over. When A's grace for the lost stream ends, A finds the lease taken
     over and does not hand it back: the task runs on once. Without that check A returns the task to its queue
-    while it runs, and it runs again."""
-    replica_a, replica_b = start_replicas(tmp_path, procs, engine_url)
+    while it runs, and it runs again.
+
+    A's grace is the default 2 s, which the worker's reconnect (0.2 s backoff, then A refused, then B) falls
+    well within; with FAST_RECOVERY's 0.5 s a slow reconnect reached B after A had handed the task back, and
+    the task rightly ran again (tests/unit/test_takeover.py covers that order)."""
+    replica_a, replica_b = start_replicas(tmp_path, procs, engine_url, grace_seconds=2.0)
     with TcpProxy("127.0.0.1", replica_a.port) as link_to_a:
         start_worker(tmp_path, procs, link_to_a.address, replica_a, replica_b)
         release = tmp_path / "release"

@@ -11,7 +11,9 @@ import pytest
 
 from conveyor.v1 import worker_service_pb2
 from conveyor_server.brokers.base import Delivery
+from conveyor_server.core.dispatch import Lease
 from conveyor_server.core.sessions import WorkerSession
+from conveyor_server.core.store import Loaded
 from tests.unit.replicas import Replicas, quick_repairs, replicas, sent
 from tests.unit.test_durability import QUEUE
 from tests.unit.test_worker_stream import holding, state
@@ -29,6 +31,12 @@ def reconnect(replicas: Replicas, held: Sequence[tuple[str, str]], queues: Seque
     session = replicas.b.connections.open(hello, allowed)
     sent(session)  # the Welcome
     return session
+
+
+async def end_grace_on_a(replicas: Replicas, on_a: WorkerSession, orphans: list[Lease]) -> None:
+    """A's grace for the worker's lost stream ends now: A hands back what no other replica took over."""
+    replicas.a.connections.settings = replicas.a.connections.settings.replace(stream_grace_seconds=0.0)
+    await replicas.a.connections._requeue_after_grace(on_a, orphans)
 
 
 @pytest.fixture
@@ -63,8 +71,7 @@ async def test_the_leases_a_worker_names_move_to_the_replica_it_reconnects_to(
     assert record is not None and record.lease_delivery.holder == replicas.b.settings.server_id
 
     # A's grace ends: it hands back what its worker did not take elsewhere, and not t1.
-    replicas.a.connections.settings = replicas.a.connections.settings.replace(stream_grace_seconds=0.0)
-    await replicas.a.connections._requeue_after_grace(on_a, orphans)
+    await end_grace_on_a(replicas, on_a, orphans)
     stats = await replicas.broker.stats(QUEUE)
     assert (stats.ready, stats.in_flight) == (2, 1), "t2 and t3 are back in the queue; t1 still runs"
 
@@ -114,3 +121,51 @@ async def test_nothing_is_taken_over_where_receipts_stay_with_their_replica(
     on_b = reconnect(replicas, [("t1", tokens["t1"])])
     await replicas.b.connections._take_over(on_b)
     assert not on_b.leases and extended == []
+
+
+async def test_a_lease_handed_back_before_its_worker_reconnects_is_not_taken_over(
+    replicas: Replicas, extended: list[str]
+) -> None:
+    """A's grace ends before the worker reaches B: A hands t1 back and withdraws it from the record, so B does
+    not keep a lease whose message is back in the queue (it would extend a dead receipt and count a lease
+    that is not there while the task is handed out again)."""
+    on_a, tokens = await holding(replicas, "t1")
+    orphans = replicas.a.registry.remove(on_a)
+    await end_grace_on_a(replicas, on_a, orphans)
+    assert (await replicas.broker.stats(QUEUE)).ready == 1, "t1 is back in the queue"
+    record = await replicas.a.store.get("t1")
+    assert record is not None and not record.HasField("lease_delivery"), "the hand-back withdrew the lease"
+
+    on_b = reconnect(replicas, [("t1", tokens["t1"])])
+    await replicas.b.connections._take_over(on_b)
+    assert not on_b.leases and extended == []
+
+
+async def test_a_takeover_written_after_a_hand_back_read_the_record_wins_over_it(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's takeover lands between A's read of the record and A's write: A's compare-and-set fails, A reads
+    again, sees the lease held by B and does not hand it back; t1 runs on, on B."""
+    on_a, tokens = await holding(replicas, "t1")
+    orphans = replicas.a.registry.remove(on_a)
+    on_b = reconnect(replicas, [("t1", tokens["t1"])])
+    store = replicas.a.connections.store
+    load = store.load
+    raced = False
+
+    async def takeover_after_read(task_ids: Sequence[str]) -> dict[str, Loaded]:
+        nonlocal raced
+        loaded = await load(task_ids)
+        if not raced:
+            raced = True
+            await replicas.b.connections._take_over(on_b)
+        return loaded
+
+    monkeypatch.setattr(store, "load", takeover_after_read)
+    monkeypatch.setattr(store, "remembered", lambda task_ids: {})  # A reads the backend, as after a restart
+    await end_grace_on_a(replicas, on_a, orphans)
+    assert raced and [lease.task_id for lease in on_b.leases.values()] == ["t1"]
+    stats = await replicas.broker.stats(QUEUE)
+    assert (stats.ready, stats.in_flight) == (0, 1), "t1 stays leased, to its worker on B"
+    record = await replicas.b.store.get("t1")
+    assert record is not None and record.lease_delivery.holder == replicas.b.settings.server_id

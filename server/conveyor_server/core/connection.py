@@ -39,7 +39,7 @@ from .routing_timeout import past_routing_timeout
 from .sessions import SessionRegistry, WorkerSession
 from .sizing import DEFAULT_WORKER_RECEIVE_BYTES, split_to_fit
 from .store import Loaded, TaskStore
-from .takeover import not_taken_over, take_over
+from .takeover import take_over, withdraw_unmoved
 from .task_registry import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -654,7 +654,7 @@ class WorkerConnections:
         await asyncio.sleep(self.settings.stream_grace_seconds)
         ended_here = self.registry.take_orphans(leases)
         self.dispatcher.released(ended_here)
-        orphans = await not_taken_over(self.store, self.broker, ended_here, self.settings.server_id)
+        orphans = await withdraw_unmoved(self.store, self.broker, ended_here, self.settings.server_id)
         if orphans:
             log.info("worker %s left; returning %d tasks to their queues", session.worker_id, len(orphans))
             await self.broker.nack([lease.delivery for lease in orphans])

@@ -11,11 +11,14 @@ the very token the worker holds (a token only the lease's worker was sent), so a
 claim a task it was not given, nor a lease that lapsed and went to another worker. Taking it
 over writes this replica as the lease's holder, so that a replica still keeping the lease as
 its own (its old stream not ended yet) does not hand it back when that stream ends; and it
-extends the delivery at once, since the lease may be close to lapsing. A stale receipt (the
+extends the delivery at once, since the lease may be close to lapsing. That replica, handing
+its leases back, withdraws them from their records the same way (compare-and-set): of a
+takeover and a hand-back, the one that writes second finds the lease gone. A stale receipt (the
 message was leased again since) matches nothing in the broker: extending it does nothing.
 
 Not found, and so lapsing and running again as before: a lease whose RECEIVED was not written
-yet (handed out moments before its replica died), and any lease on AMQP or SQS.
+yet (handed out moments before its replica died), a lease handed back before its worker
+reconnected (its replica's grace ran out), and any lease on AMQP or SQS.
 """
 
 from __future__ import annotations
@@ -107,20 +110,38 @@ async def take_over(
     return leases
 
 
-async def not_taken_over(store: TaskStore, broker: Broker, orphans: list[Lease], server_id: str) -> list[Lease]:
-    """The leases of a worker that left this replica that no other replica took over: the ones
-    to hand back. A worker cut off from this replica alone goes on with its tasks on another."""
+async def withdraw_unmoved(store: TaskStore, broker: Broker, orphans: list[Lease], server_id: str) -> list[Lease]:
+    """The leases of a worker that left this replica that no other replica took over, withdrawn
+    from their records: the ones to hand back. A worker cut off from this replica alone goes on
+    with its tasks on another.
+
+    Each lease still named by its record is taken off it by compare-and-set as it is handed back,
+    so this and a takeover (which writes the holder the same way) exclude each other: the one
+    that writes second finds the record changed. Reading the holder alone left a window where
+    both went ahead, and a worker reaching the other replica just after the grace had its lease
+    "taken over" while its task was back in the queue, to be handed out again."""
     if not orphans or not broker.portable_receipts():
         return orphans
+    by_token = {lease.token: lease for lease in orphans}
+    moved: dict[str, str] = {}  # task id -> the token of its lease another replica took over
+
+    def hand_back(task_id: str, record: records_pb2.TaskRecord) -> bool:
+        moved.pop(task_id, None)  # decided afresh on each read
+        lease = by_token.get(record.lease_token)
+        if lease is None or lease.task_id != task_id or not names_lease(record, task_id, lease.token):
+            return False  # the record names none of these leases: nothing to take off
+        if taken_over_elsewhere(record, lease, server_id):
+            moved[task_id] = lease.token
+            return False
+        record.ClearField("lease_delivery")
+        return True
+
     try:
-        loaded = await store.load([lease.task_id for lease in orphans])
+        await store.update_loaded([lease.task_id for lease in orphans], hand_back)
     except Exception as exc:  # handing back is what happens without a takeover
         log.warning("checking whether %d leases were taken over failed: %s: %s", len(orphans),
                     type(exc).__name__, exc)
         return orphans
-    moved = {lease.token for lease in orphans
-             if (found := loaded.get(lease.task_id)) is not None
-             and taken_over_elsewhere(found.record, lease, server_id)}
     if moved:
         log.info("%d leases of a worker that left were taken over by another replica", len(moved))
-    return [lease for lease in orphans if lease.token not in moved]
+    return [lease for lease in orphans if lease.token not in moved.values()]
