@@ -51,8 +51,8 @@ Measurements, in this order:
    to each result, as Celery does by default; Dramatiq: actor.send; neither has a batch call),
    then the time until every result is stored. Celery and Dramatiq write a result key only
    when a task ends, so the client polls EXISTS over the result keys in id order; Conveyor
-   writes every result before it acks the task, so the client polls queue stats until nothing
-   is ready, delayed or in flight (a ListQueues call, about 2% of the server's time). Both polls
+   writes every result before it acks the task, so the client polls the queue's stats in Redis
+   (the broker's own stats script) until nothing is ready, delayed or in flight. Both polls
    run every `--poll` seconds. Afterwards (not timed) every result is read back and must be a
    success, or the run fails.
 
@@ -98,8 +98,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat
 from bench.peers import CELERY_PREFETCH_ENV, PREFIX_ENV, QUEUE, URL_ENV
+from bench.queue_info import queue_info
 from conveyor import Client, sig
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
+from conveyor.v1 import admin_service_pb2_grpc, result_pb2
 from conveyor.window import AdaptiveWindow
 from conveyor_server.brokers.redis import RedisBroker
 from tests.support.processes import REPO, Proc, Server, WorkerProc, wait_for_workers
@@ -432,9 +433,8 @@ class ConveyorRun:
                 admin = admin_service_pb2_grpc.AdminServiceStub(channel)
 
                 async def left() -> int:
-                    queues = (await admin.ListQueues(admin_service_pb2.ListQueuesRequest())).queues
-                    stats = [q for q in queues if q.name == "default"]
-                    return stats[0].ready + stats[0].delayed + stats[0].in_flight if stats else -1
+                    info = await queue_info(admin, "default")
+                    return info.ready + info.delayed + info.in_flight if info is not None else -1
 
             last_left, last_progress = -1, time.monotonic()
             while (now_left := await left()) != 0:

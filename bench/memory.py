@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat
 from bench.compare import db_url, delete_prefix
+from bench.queue_info import queue_info
 from conveyor import Client, sig
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
+from conveyor.v1 import admin_service_pb2_grpc, result_pb2
 from tests.support.processes import Server, WorkerProc, wait_for_workers
 
 ENGINES = ("redis", "sqlite")
@@ -73,11 +74,8 @@ def mib(kib: int) -> str:
 
 async def queue_depth(admin: admin_service_pb2_grpc.AdminServiceAsyncStub) -> tuple[int, int]:
     """(ready + delayed, in flight) of the default queue."""
-    queues = (await admin.ListQueues(admin_service_pb2.ListQueuesRequest(), timeout=60)).queues
-    for queue in queues:
-        if queue.name == "default":
-            return queue.ready + queue.delayed, queue.in_flight
-    return 0, 0
+    info = await queue_info(admin, "default", rpc_timeout=60)
+    return (info.ready + info.delayed, info.in_flight) if info is not None else (0, 0)
 
 
 async def submit(address: str, tasks: int, batch: int, parallel: int) -> tuple[int, list[str]]:

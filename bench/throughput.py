@@ -20,8 +20,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.queue_info import queue_info
 from conveyor import Client, sig
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, result_pb2
+from conveyor.v1 import admin_service_pb2_grpc, result_pb2
 from tests.support.processes import Server, WorkerProc, wait_for_workers
 
 
@@ -29,9 +30,8 @@ async def drained(address: str, queue: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         while True:
-            queues = (await admin.ListQueues(admin_service_pb2.ListQueuesRequest())).queues
-            stats = [q for q in queues if q.name == queue]
-            if stats and stats[0].ready + stats[0].delayed + stats[0].in_flight == 0:
+            info = await queue_info(admin, queue)
+            if info is not None and info.ready + info.delayed + info.in_flight == 0:
                 return
             await asyncio.sleep(0.01)
 
