@@ -39,6 +39,15 @@ async def end_grace_on_a(replicas: Replicas, on_a: WorkerSession, orphans: list[
     await replicas.a.connections._requeue_after_grace(on_a, orphans)
 
 
+async def reconnect_and_take_over(
+    replicas: Replicas, held: Sequence[tuple[str, str]], queues: Sequence[str] = (QUEUE,), allowed: Sequence[str] = ()
+) -> WorkerSession:
+    """The worker's new stream on B, once B has taken over what it could of the leases it names."""
+    session = reconnect(replicas, held, queues, allowed)
+    await replicas.b.connections._take_over(session)
+    return session
+
+
 @pytest.fixture
 def extended(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The receipts the broker is asked to extend."""
@@ -60,8 +69,8 @@ async def test_the_leases_a_worker_names_move_to_the_replica_it_reconnects_to(
     receipts = {lease.task_id: lease.delivery.receipt for lease in on_a.leases.values()}
     orphans = replicas.a.registry.remove(on_a)  # A lost the worker's stream
 
-    on_b = reconnect(replicas, [("t1", tokens["t1"]), ("t2", "not-its-token"), ("t9", "no-such-task")])
-    await replicas.b.connections._take_over(on_b)
+    held = [("t1", tokens["t1"]), ("t2", "not-its-token"), ("t9", "no-such-task")]
+    on_b = await reconnect_and_take_over(replicas, held)
 
     [lease] = on_b.leases.values()
     assert (lease.task_id, lease.token, lease.delivery.receipt) == ("t1", tokens["t1"], receipts["t1"])
@@ -92,8 +101,7 @@ async def test_a_started_task_keeps_its_time_limit_clock_and_its_concurrency_slo
         tasks=[worker_service_pb2.LeaseRef(task_id="t1", lease_token=tokens["t1"])])))
     replicas.a.registry.remove(on_a)
 
-    on_b = reconnect(replicas, [("t1", tokens["t1"])])
-    await replicas.b.connections._take_over(on_b)
+    on_b = await reconnect_and_take_over(replicas, [("t1", tokens["t1"])])
     [lease] = on_b.leases.values()
     assert lease.started_at is not None, "the time limit counts from the start the record shows"
     assert lease.concurrency_key == "tenant-1", "the slot is freed when the attempt ends, on B"
@@ -102,12 +110,10 @@ async def test_a_started_task_keeps_its_time_limit_clock_and_its_concurrency_slo
 async def test_an_ended_task_or_a_queue_the_token_may_not_serve_is_not_taken_over(replicas: Replicas) -> None:
     _, tokens = await holding(replicas, "t1", "t2")
     await replicas.b.canceller.cancel("t1")
-    on_b = reconnect(replicas, [("t1", tokens["t1"])])
-    await replicas.b.connections._take_over(on_b)
+    on_b = await reconnect_and_take_over(replicas, [("t1", tokens["t1"])])
     assert not on_b.leases
 
-    limited = reconnect(replicas, [("t2", tokens["t2"])], queues=["other"], allowed=["other"])
-    await replicas.b.connections._take_over(limited)
+    limited = await reconnect_and_take_over(replicas, [("t2", tokens["t2"])], queues=["other"], allowed=["other"])
     assert not limited.leases
 
 
@@ -118,8 +124,7 @@ async def test_nothing_is_taken_over_where_receipts_stay_with_their_replica(
     _, tokens = await holding(replicas, "t1")
     record = await replicas.a.store.get("t1")
     assert record is not None and not record.HasField("lease_delivery"), "no receipt is written where none helps"
-    on_b = reconnect(replicas, [("t1", tokens["t1"])])
-    await replicas.b.connections._take_over(on_b)
+    on_b = await reconnect_and_take_over(replicas, [("t1", tokens["t1"])])
     assert not on_b.leases and extended == []
 
 
@@ -136,8 +141,7 @@ async def test_a_lease_handed_back_before_its_worker_reconnects_is_not_taken_ove
     record = await replicas.a.store.get("t1")
     assert record is not None and not record.HasField("lease_delivery"), "the hand-back withdrew the lease"
 
-    on_b = reconnect(replicas, [("t1", tokens["t1"])])
-    await replicas.b.connections._take_over(on_b)
+    on_b = await reconnect_and_take_over(replicas, [("t1", tokens["t1"])])
     assert not on_b.leases and extended == []
 
 
