@@ -147,7 +147,9 @@ def outcome(
 
 
 def sent(session: WorkerSession) -> list[worker_service_pb2.ConnectResponse]:
-    """Everything queued on the session's stream so far (taken off it)."""
+    """Everything queued on the session's stream so far (taken off it), acks still lingering
+    included."""
+    session.send_acks()
     messages: list[worker_service_pb2.ConnectResponse] = []
     while not session.outbox.empty():
         message = session.outbox.get_nowait()

@@ -385,6 +385,7 @@ def success(lease: Lease) -> worker_service_pb2.Results:
 
 def acked(session: WorkerSession) -> dict[str, int]:
     statuses: dict[str, int] = {}
+    session.send_acks()
     while not session.outbox.empty():
         message = session.outbox.get_nowait()
         if message is not None:

@@ -544,17 +544,10 @@ class WorkerConnections:
         requeue = {task_id: 0.0 for task_id, status in recorded.statuses.items()
                    if status == worker_service_pb2.ACK_STATUS_ALREADY_DONE}
         await settle(self.broker, resolved, {**requeue, **recorded.requeue})
-        session.send(
-            worker_service_pb2.ConnectResponse(
-                acks=worker_service_pb2.ResultAcks(
-                    acks=[
-                        worker_service_pb2.ResultAck(
-                            task_id=o.task_id, lease_token=o.lease_token, status=recorded.statuses[o.task_id]
-                        )
-                        for o in results.outcomes
-                    ]
-                )
-            )
+        statuses = recorded.statuses
+        session.ack(
+            worker_service_pb2.ResultAck(task_id=o.task_id, lease_token=o.lease_token, status=statuses[o.task_id])
+            for o in results.outcomes
         )
 
     async def _reject(self, session: WorkerSession, reject: worker_service_pb2.Reject) -> None:

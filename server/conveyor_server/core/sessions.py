@@ -22,6 +22,12 @@ from .routing import Unroutable
 
 log = logging.getLogger(__name__)
 
+# A result's ack waits this long for the acks of other results to share its message: at light
+# load each result had a ResultAcks message of its own, and reading it was about a sixth of the
+# Python worker's CPU per task (bench/latency.py). Nothing waits for an ack but the worker's copy
+# of the result (kept to send again after a reconnect) and the end of its drain.
+ACK_LINGER_SECONDS = 0.01
+
 
 @dataclass(eq=False)
 class WorkerSession:
@@ -45,6 +51,9 @@ class WorkerSession:
     handling: bool = False
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task_names: frozenset[str] = field(init=False)
+    # Acks not sent yet (ack()), and the timer that sends them.
+    _acks: list[worker_service_pb2.ResultAck] = field(default_factory=list, init=False, repr=False)
+    _acks_due: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     @property
     def in_flight(self) -> int:
@@ -103,8 +112,25 @@ class WorkerSession:
     def send(self, message: worker_service_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
 
+    def ack(self, acks: Iterable[worker_service_pb2.ResultAck]) -> None:
+        """Send these acks within ACK_LINGER_SECONDS, in one message with the others due by then."""
+        self._acks.extend(acks)
+        if self._acks_due is None and self._acks:
+            self._acks_due = asyncio.get_running_loop().call_later(ACK_LINGER_SECONDS, self.send_acks)
+
+    def send_acks(self) -> None:
+        """Send the lingering acks now."""
+        if self._acks_due is not None:
+            self._acks_due.cancel()
+            self._acks_due = None
+        if self._acks:
+            self.send(worker_service_pb2.ConnectResponse(acks=worker_service_pb2.ResultAcks(acks=self._acks)))
+            self._acks = []
+
     def end_outbox(self) -> None:
-        """No more messages: the stream's writer sends what is queued, then finishes."""
+        """No more messages: the stream's writer sends what is queued (acks still lingering
+        included), then finishes."""
+        self.send_acks()
         self.outbox.put_nowait(None)
 
 
