@@ -4,6 +4,7 @@
     python bench/compare.py                                  # 10,000 tasks, 1,000 latency samples
     python bench/compare.py --tasks 2000 --systems conveyor,dramatiq
     python bench/compare.py --matched                        # 2 worker processes x 1 slot each, peers tuned
+    python bench/compare.py --matched --rounds 3             # three rounds in rotated order, then medians
     python bench/compare.py --systems conveyor --replicas 2 --processes 2    # two server replicas
     python bench/compare.py --systems conveyor --profile /tmp/server.svg    # py-spy on the server
     python bench/compare.py --systems conveyor --profile /tmp/server.txt    # collapsed stacks, to grep
@@ -56,6 +57,12 @@ Measurements, in this order:
    run every `--poll` seconds. Afterwards (not timed) every result is read back and must be a
    success, or the run fails.
 
+`--rounds N` runs every system N times, each round in a rotated order (round 1: conveyor,
+celery, dramatiq; round 2: celery, dramatiq, conveyor; ...), prints each round's table, then
+each system's medians and the median of the per-round ratios against the targets. On a VM
+whose speed drifts by a third within a minute, one round can favour whichever system ran in a
+fast spell; the medians over rotated rounds do not depend on the order.
+
 Keys: each system gets its own Redis DB (`--db`, `--db`+1, `--db`+2) and its keys start with
 a prefix unique to this run; on exit exactly the keys under those prefixes are deleted.
 CPU seconds used during the throughput phase are shown per process (client, server, worker,
@@ -79,6 +86,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -699,6 +707,33 @@ def server_cpu_per_task_us(figures: Figures) -> float:
     return 1e6 * seconds / max(figures.tasks, 1)
 
 
+def throughput_targets(args: argparse.Namespace) -> dict[str, float]:
+    """Issue #21's targets for Conveyor's throughput over each peer's: with matched resources
+    (--matched), and at each system's best."""
+    return {"celery": 8.0, "dramatiq": 2.0} if args.matched else {"celery": 5.0, "dramatiq": 3.0}
+
+
+def report_rounds(rounds: list[list[Figures]], args: argparse.Namespace) -> None:
+    """Each system's medians over the rounds, and the median of the per-round throughput ratios."""
+    by_round = [{f.system: f for f in results} for results in rounds]
+    systems = [name for name in SYSTEMS if any(name in figures for figures in by_round)]
+    print(f"\nmedians over {len(rounds)} rounds, each in a rotated order:")
+    for name in systems:
+        runs = [figures[name] for figures in by_round if name in figures]
+        rates = ", ".join(f"{f.throughput:,.0f}" for f in runs)
+        print(f"  {name:<9} tasks/s {statistics.median(f.throughput for f in runs):>7,.0f} ({rates}); "
+              f"p50 {statistics.median(f.percentile_ms(0.5) for f in runs):.2f} ms, "
+              f"p99 {statistics.median(f.percentile_ms(0.99) for f in runs):.2f} ms")
+    for peer, target in throughput_targets(args).items():
+        ratios = [figures["conveyor"].throughput / figures[peer].throughput
+                  for figures in by_round if "conveyor" in figures and peer in figures]
+        if ratios:
+            ratio = statistics.median(ratios)
+            print(f"Conveyor/{peer.capitalize():<8} throughput {ratio:5.2f}x median "
+                  f"({', '.join(f'{r:.2f}' for r in ratios)}; target >= {target}x: "
+                  f"{'met' if ratio >= target else 'NOT met'})")
+
+
 def report(results: list[Figures], args: argparse.Namespace) -> None:
     header = (f"{'system':<9} {'worker':<34} {'submit/s':>9} {'tasks/s':>8} {'total s':>8} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'redis cmd/task':>14}   cpu s during throughput")
@@ -718,9 +753,7 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
     for f in results:
         print(f"  {f.system:<9} {f.settings}")
     print()
-    # Issue #21's targets: with matched resources (--matched), and at each system's best.
-    targets = {"celery": 8.0, "dramatiq": 2.0} if args.matched else {"celery": 5.0, "dramatiq": 3.0}
-    for peer, target in targets.items():
+    for peer, target in throughput_targets(args).items():
         other = by_name.get(peer)
         if other is None:
             continue
@@ -764,6 +797,9 @@ def main() -> int:
     parser.add_argument("--matched", action="store_true",
                         help=f"every system with the same worker processes and slots, each peer tuned as its docs "
                              f"advise for many short tasks: {MATCHED_HELP}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every system this many times, each round in a rotated order, then print "
+                             "the medians (the machine's speed drifts during a run)")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the Conveyor "
                                           "server during the throughput phase")
     parser.add_argument("--profile-worker", help="py-spy output of the (first) Conveyor worker process, as --profile")
@@ -783,7 +819,9 @@ def main() -> int:
         print(f"compare: Redis at {args.redis} does not answer: {exc}", file=sys.stderr)
         return 1
 
-    results: list[Figures] = []
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    rounds: list[list[Figures]] = []
     errors: list[str] = []
     # Every system runs on this interpreter (servers and workers are started with sys.executable).
     print(f"{os.cpu_count()} CPUs; load average {load()}; Python {platform.python_version()} for every system",
@@ -791,16 +829,26 @@ def main() -> int:
     if os.getloadavg()[0] > 1.0:
         print("warning: the machine is already busy; every figure below is skewed by that", flush=True)
     with tempfile.TemporaryDirectory(prefix="conveyor-compare-") as tmp:
-        for name in names:
-            db = args.db + SYSTEMS.index(name)
-            try:
-                results.append(run_system(name, db, args, Path(tmp), redis_proc))
-            except Exception as exc:
-                if not isinstance(exc, BenchError):
-                    traceback.print_exc()
-                errors.append(f"{name}: {exc}")
-                print(f"  ERROR {name}: {exc}", file=sys.stderr, flush=True)
-    report(results, args)
+        for number in range(args.rounds):
+            # Rotated, so that no system always runs first (or last) in the machine's drift.
+            order = names[number % len(names):] + names[:number % len(names)]
+            if args.rounds > 1:
+                print(f"\nround {number + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+            results: list[Figures] = []
+            for name in order:
+                db = args.db + SYSTEMS.index(name)
+                try:
+                    results.append(run_system(name, db, args, Path(tmp), redis_proc))
+                except Exception as exc:
+                    if not isinstance(exc, BenchError):
+                        traceback.print_exc()
+                    errors.append(f"{name}: {exc}")
+                    print(f"  ERROR {name}: {exc}", file=sys.stderr, flush=True)
+            results.sort(key=lambda f: names.index(f.system))
+            rounds.append(results)
+            report(results, args)
+    if args.rounds > 1:
+        report_rounds(rounds, args)
     print(f"load average at the end {load()}")
     for error in errors:
         print(f"compare: {error}", file=sys.stderr)
