@@ -323,3 +323,41 @@ async def test_a_refusal_for_a_key_held_on_another_queue_names_the_whole_key(rep
     with pytest.raises(PermissionDenied) as refused:
         await replicas.b.submitter.submit([keyed("t2", "order:42", queue="payroll")], queues=["payroll"])
     assert "the idempotency key 'order:42' is held by a task on another queue" in str(refused.value)
+
+
+# -- sharing the event loop -----------------------------------------------------------------------
+
+async def test_a_large_batch_is_prepared_in_slices_with_the_loop_serving_others_between(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SubmitBatch of 1,000 held the event loop while every request was checked and planned,
+    and the workers' windows ran dry meanwhile: other coroutines run between slices."""
+    submitter = replicas.a.submitter
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []  # the other coroutine's turns when each request was prepared
+    prepare = submitter._prepare
+
+    def counting(*args: Any) -> Any:
+        seen.append(turns)
+        return prepare(*args)
+
+    monkeypatch.setattr(submitter, "_prepare", counting)
+    slice_ = submission.PREPARE_SLICE
+    other = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    try:
+        await submitter.submit([lone(task(task_id=f"t{n}")) for n in range(2 * slice_ + 1)])
+    finally:
+        other.cancel()
+    assert len(seen) == 2 * slice_ + 1
+    # Within a slice nothing else ran; between two slices the other coroutine did.
+    assert len(set(seen[:slice_])) == 1 and len(set(seen[slice_:2 * slice_])) == 1
+    assert seen[0] < seen[slice_] < seen[2 * slice_]
+    assert await replicas.a.store.get(f"t{2 * slice_}") is not None

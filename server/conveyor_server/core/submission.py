@@ -48,6 +48,10 @@ RETRY_MAX_SECONDS = 0.5
 # submission) to be stored, before it tells its caller to retry.
 KEY_WAIT_FIRST_SECONDS = 0.01
 KEY_WAIT_SECONDS = 0.5
+# A batch is checked and planned this many requests at a time, the event loop serving other
+# calls between slices: a SubmitBatch of 1,000 held the loop for tens of milliseconds in one go,
+# long enough for the workers' windows to run dry while a client submitted.
+PREPARE_SLICE = 100
 
 
 @dataclass
@@ -89,12 +93,18 @@ class Submitter:
         if streamed:
             limits = dataclasses.replace(limits, max_workflow_tasks=limits.max_stream_tasks)
 
-        def prepare() -> list[_Prepared]:
-            return [self._prepare(request, i, len(requests), headers, limits) for i, request in enumerate(requests)]
+        def prepare(start: int = 0, stop: int = len(requests)) -> list[_Prepared]:
+            return [self._prepare(requests[i], i, len(requests), headers, limits) for i in range(start, stop)]
 
-        # Checking and planning 100,000s of streamed tasks takes seconds: off the event loop, so
-        # that workers' heartbeats and other calls are still served meanwhile.
-        prepared = await asyncio.to_thread(prepare) if streamed else prepare()
+        if streamed:
+            # Checking and planning 100,000s of streamed tasks takes seconds: off the event loop,
+            # so that workers' heartbeats and other calls are still served meanwhile.
+            prepared = await asyncio.to_thread(prepare)
+        else:
+            prepared = prepare(0, min(PREPARE_SLICE, len(requests)))
+            for start in range(PREPARE_SLICE, len(requests), PREPARE_SLICE):
+                await asyncio.sleep(0)
+                prepared += prepare(start, min(start + PREPARE_SLICE, len(requests)))
         self._check_total(prepared, limits)
         named = self._check_scope(requests, prepared, queues)
         if self.checks is not None:
