@@ -94,6 +94,7 @@ class Submitter:
             limits = dataclasses.replace(limits, max_workflow_tasks=limits.max_stream_tasks)
 
         def prepare(start: int = 0, stop: int = len(requests)) -> list[_Prepared]:
+            stop = min(stop, len(requests))
             return [self._prepare(requests[i], i, len(requests), headers, limits) for i in range(start, stop)]
 
         if streamed:
@@ -101,10 +102,11 @@ class Submitter:
             # so that workers' heartbeats and other calls are still served meanwhile.
             prepared = await asyncio.to_thread(prepare)
         else:
-            prepared = prepare(0, min(PREPARE_SLICE, len(requests)))
-            for start in range(PREPARE_SLICE, len(requests), PREPARE_SLICE):
-                await asyncio.sleep(0)
-                prepared += prepare(start, min(start + PREPARE_SLICE, len(requests)))
+            prepared = []
+            for start in range(0, len(requests), PREPARE_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                prepared += prepare(start, start + PREPARE_SLICE)
         self._check_total(prepared, limits)
         named = self._check_scope(requests, prepared, queues)
         if self.checks is not None:
