@@ -269,32 +269,39 @@ def cpu_meter(figures: Figures, processes: dict[str, int | None], url: str) -> I
 
 @contextmanager
 def profiled(pid: int, output: str | None, seconds_hint: str, native: bool = False) -> Iterator[None]:
-    """Run py-spy record on `pid` for the duration of the block (when an output path is given)."""
+    """Run py-spy record on `pid` for the duration of the block (when an output path is given);
+    an output ending in .data records with Linux perf instead (every thread, the CPU clock:
+    bench/perf_summary.py reads it)."""
     if not output:
         yield
         return
-    fmt = "speedscope" if output.endswith(".json") else "raw" if output.endswith(".txt") else "flamegraph"
-    beside = Path(sys.executable).with_name("py-spy")
-    exe = str(beside) if beside.exists() else shutil.which("py-spy")
-    if exe is None:
-        raise BenchError("--profile needs py-spy (pip install -e '.[bench]')")
-    spy = subprocess.Popen(
-        [exe, "record", "--pid", str(pid), "--rate", "200", "--format", fmt, "--output", output,
-         *(["--native"] if native else ["--nonblocking"])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    time.sleep(1.0)  # py-spy attaches
-    if spy.poll() is not None:
-        stderr = spy.stderr.read().decode() if spy.stderr else ""
-        raise BenchError(f"py-spy exited with {spy.returncode}: {stderr}")
+    if output.endswith(".data"):
+        exe = shutil.which("perf")
+        if exe is None:
+            raise BenchError("a .data profile needs Linux perf (apt-get install linux-perf)")
+        argv = [exe, "record", "--event", "cpu-clock", "--freq", "999", "--call-graph", "fp", "--pid", str(pid),
+                "--output", output]
+    else:
+        fmt = "speedscope" if output.endswith(".json") else "raw" if output.endswith(".txt") else "flamegraph"
+        beside = Path(sys.executable).with_name("py-spy")
+        exe = str(beside) if beside.exists() else shutil.which("py-spy")
+        if exe is None:
+            raise BenchError("--profile needs py-spy (pip install -e '.[bench]')")
+        argv = [exe, "record", "--pid", str(pid), "--rate", "200", "--format", fmt, "--output", output,
+                *(["--native"] if native else ["--nonblocking"])]
+    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # the recorder attaches
+    if recorder.poll() is not None:
+        stderr = recorder.stderr.read().decode() if recorder.stderr else ""
+        raise BenchError(f"{Path(exe).name} exited with {recorder.returncode}: {stderr}")
     try:
         yield
     finally:
-        spy.send_signal(signal.SIGINT)
+        recorder.send_signal(signal.SIGINT)
         try:
-            spy.wait(60)
+            recorder.wait(60)
         except subprocess.TimeoutExpired:
-            spy.kill()
+            recorder.kill()
         print(f"  profile of pid {pid} during {seconds_hint} written to {output}", flush=True)
 
 
@@ -801,7 +808,8 @@ def main() -> int:
                         help="run every system this many times, each round in a rotated order, then print "
                              "the medians (the machine's speed drifts during a run)")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the Conveyor "
-                                          "server during the throughput phase")
+                                          "server during the throughput phase, or a Linux perf recording (.data: "
+                                          "CPU by library and thread, bench/perf_summary.py)")
     parser.add_argument("--profile-worker", help="py-spy output of the (first) Conveyor worker process, as --profile")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")
     args = parser.parse_args()

@@ -19,7 +19,9 @@ Three floors, each measured alone on this machine, then Conveyor's hops and a wh
    CPU; a task is submitted to one replica and waited for on the next, as bench/compare.py does).
 
 `--profile FILE` records the (first) server with py-spy while the sequential tasks run,
-`--profile-worker FILE` the (first) worker.
+`--profile-worker FILE` the (first) worker; a FILE ending in .data records with Linux perf
+instead, whose CPU clock counts only time on a CPU, the kernel's and every thread's included
+(bench/perf_summary.py).
 `--phases` also prints when each of the server's steps on a task's path began and ended, as
 the median offset from the task's Submit (bench/phases.py): which hops the time goes to.
 
@@ -185,7 +187,8 @@ def main() -> int:
     parser.add_argument("--phases", action="store_true",
                         help="also print when the server's steps on a task's path began and ended")
     parser.add_argument("--profile", help="py-spy output (.svg, .txt raw, .json speedscope) of the server "
-                        "during the sequential tasks (bench/profile_summary.py reads the .txt)")
+                        "during the sequential tasks (bench/profile_summary.py reads the .txt), or a Linux perf "
+                        "recording (.data: CPU by library and thread, bench/perf_summary.py reads it)")
     parser.add_argument("--profile-worker", help="py-spy output of the (first) worker process, as --profile")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: show C frames (gRPC core)")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
