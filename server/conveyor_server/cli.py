@@ -48,6 +48,7 @@ from .config import ConfigError, Settings, load_settings, with_data_dir
 from .config_example import EXAMPLE as CONFIG_EXAMPLE
 from .engine_errors import transient_cause
 from .engines import EngineError
+from .gc_freeze import freeze_startup_objects
 from .telemetry import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ async def _serve(args: argparse.Namespace) -> None:
             raise
         log.debug("startup failed", exc_info=exc)
         raise known from exc
+    frozen = freeze_startup_objects()
+    log.debug("%d objects built at startup are exempt from garbage collection", frozen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
