@@ -29,7 +29,8 @@ def test_objects_alive_at_startup_are_frozen_and_later_ones_are_not() -> None:
     frozen = freeze_startup_objects()
     built_later: list[object] = [object()]
 
-    assert frozen == gc.get_freeze_count() > 0
+    # Not compared with get_freeze_count() now: a frozen object freed meanwhile leaves the count.
+    assert frozen > 0
     assert not tracked(built_at_startup)
     assert tracked(built_later)
 
