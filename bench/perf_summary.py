@@ -31,8 +31,7 @@ GROUPS = (
     ("[kernel", "kernel (system calls, TCP, switches)"),
     ("cygrpc", "gRPC core"),
     ("_message", "protobuf (upb)"),
-    ("uvloop", "event loop (uvloop)"),
-    ("loop.cpython", "event loop (uvloop)"),
+    ("loop.cpython", "event loop (uvloop)"),  # perf names a library by its file: uvloop's is loop.cpython-*.so
     ("_asyncio", "asyncio (C)"),
     ("hiredis", "hiredis"),
     ("libc.so", "libc"),
